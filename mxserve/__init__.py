@@ -1,0 +1,3 @@
+"""mxserve: mixed-precision MoE serving (MxMoE, online)."""
+
+__version__ = "0.1.0"

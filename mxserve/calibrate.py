@@ -1,0 +1,195 @@
+"""Calibration: per-block quantization sensitivity and routing frequency.
+
+Only the tokens routed to an expert change when one of its blocks is
+quantized, so each (expert, block, scheme) is measured on that expert's tokens
+alone: its MLP is re-run with one block quantized and the weighted output
+change is recorded (see profile.py for the metric). An expert that receives
+fewer than ``min_tokens`` tokens on the calibration text is measured on its
+highest-affinity tokens instead (weighted by their router probability; at
+least twice the hidden size, so GPTQ cannot fit them exactly), so
+every expert has an error estimate for traffic that does route to it later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mxserve.data import calibration_windows
+from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView, model_type, moe_layers
+from mxserve.models.loading import load_model, load_tokenizer
+from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
+from mxserve.quant.gptq import hessian
+from mxserve.quant.qlinear import check_method, quantize_linear
+from mxserve.schemes import Scheme
+
+
+@torch.no_grad()
+def capture_moe_inputs(
+    model: nn.Module, views: list[MoELayerView], windows: torch.Tensor, batch: int = 8, progress: bool = True
+) -> list[torch.Tensor]:
+    """Inputs [T, H] (fp32, CPU) of every MoE block over the calibration windows."""
+    store: list[list[torch.Tensor]] = [[] for _ in views]
+
+    def hook(i):
+        return lambda _m, args: store[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+    handles = [v.module.register_forward_pre_hook(hook(i)) for i, v in enumerate(views)]
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, windows.shape[0], batch), desc="capture", disable=not progress, leave=False):
+            model(input_ids=windows[i : i + batch].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(s) for s in store]
+
+
+@dataclass
+class ExpertInputs:
+    x: torch.Tensor  # [n, H] tokens the expert is measured on
+    w: torch.Tensor  # [n, 1] weight of the expert's output for each token
+    routed: int  # tokens actually routed to it
+
+
+@torch.no_grad()
+def expert_inputs(view: MoELayerView, x: torch.Tensor, min_tokens: int) -> list[ExpertInputs]:
+    """Per (virtual) expert: the tokens it is measured on, and their output weights."""
+    logits, weights, ids = view.router(x)
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights = weights.float()
+    # Fewer tokens than inputs would let GPTQ fit them exactly and hide its error.
+    min_tokens = min(max(min_tokens, 2 * x.shape[1]), x.shape[0])
+    out = []
+    for e in range(view.n_routed):
+        mask = ids == e
+        tok = mask.any(dim=1).nonzero().squeeze(1)
+        w = (weights * mask).sum(dim=1)[tok]
+        routed = tok.numel()
+        if routed < min_tokens:
+            affinity = probs[:, e].clone()
+            affinity[tok] = -1.0
+            extra = torch.topk(affinity, min(min_tokens - routed, x.shape[0] - routed)).indices
+            tok = torch.cat([tok, extra])
+            w = torch.cat([w, probs[extra, e]])
+        out.append(ExpertInputs(x[tok], w.unsqueeze(1), routed))
+    n_shared = len(view.experts()) - view.n_routed
+    if n_shared:
+        scale = view.shared_scale(x)
+        w = torch.ones(x.shape[0], 1) if scale is None else scale.float()
+        out += [ExpertInputs(x, w, x.shape[0]) for _ in range(n_shared)]
+    return out
+
+
+def block_hessians(ew: ExpertWeights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GPTQ Hessians of the expert's blocks: gate/up see x, down sees SiLU(gate)*up."""
+    h_in = hessian(x)
+    a = nn.functional.silu(x @ ew.gate.float().T) * (x @ ew.up.float().T)
+    return {"gate": h_in, "up": h_in, "down": hessian(a)}
+
+
+@torch.no_grad()
+def measure_expert(
+    ew: ExpertWeights,
+    inp: ExpertInputs,
+    schemes: list[Scheme],
+    method: str,
+    hadamard_seed: int,
+    max_eval_tokens: int,
+    gen: torch.Generator,
+) -> dict[str, dict[str, float]]:
+    """err[block][scheme]: mean ||w_t (y'_t - y_t)||^2 with only that block quantized."""
+    w = {b: ew.block(b).float() for b in BLOCKS}
+    hess = block_hessians(ew, inp.x) if method != "rtn" else {b: None for b in BLOCKS}
+    n = inp.x.shape[0]
+    sel = torch.randperm(n, generator=gen)[:max_eval_tokens] if n > max_eval_tokens else slice(None)
+    xs, ws = inp.x[sel], inp.w[sel]
+    g, u = xs @ w["gate"].T, xs @ w["up"].T
+    a = nn.functional.silu(g) * u
+    y = a @ w["down"].T
+    err: dict[str, dict[str, float]] = {b: {} for b in BLOCKS}
+    for s in schemes:
+        for b in BLOCKS:
+            if not s.supports(w[b].shape[1]):
+                continue
+            q = quantize_linear(w[b], s, method, hess[b], hadamard_seed)
+            if b == "gate":
+                y2 = (nn.functional.silu(q.forward(xs)) * u) @ w["down"].T
+            elif b == "up":
+                y2 = (nn.functional.silu(g) * q.forward(xs)) @ w["down"].T
+            else:
+                y2 = q.forward(a)
+            err[b][s.name] = float((((y2 - y) * ws) ** 2).sum(dim=1).mean())
+    return err
+
+
+@torch.no_grad()
+def calibrate_layer(
+    view: MoELayerView,
+    x: torch.Tensor,
+    schemes: list[Scheme],
+    method: str,
+    hadamard_seed: int,
+    min_tokens: int,
+    max_eval_tokens: int,
+    seed: int,
+) -> LayerStats:
+    gen = torch.Generator().manual_seed(seed + view.index)
+    experts = view.experts()
+    inputs = expert_inputs(view, x, min_tokens)
+    sel = torch.randperm(x.shape[0], generator=gen)[:max_eval_tokens]
+    y = view.module(x[sel].unsqueeze(0).to(next(view.module.parameters()).dtype)).float()
+    energy = float((y**2).sum(dim=-1).mean())
+    stats = []
+    for e, (ew, inp) in enumerate(zip(experts, inputs)):
+        err = measure_expert(ew, inp, schemes, method, hadamard_seed, max_eval_tokens, gen)
+        stats.append(
+            ExpertStats(
+                expert=e,
+                shared=ew.shared,
+                shapes=ew.shapes(),
+                freq=1.0 if ew.shared else inp.routed / x.shape[0],
+                routed_tokens=inp.routed,
+                calib_tokens=inp.x.shape[0],
+                err=err,
+            )
+        )
+    return LayerStats(view.index, view.n_routed, view.top_k, energy, stats)
+
+
+def calibrate(
+    model_path: str,
+    data: list[str],
+    schemes: list[Scheme],
+    method: str = "rtn",
+    nsamples: int = 128,
+    seq_len: int = 512,
+    min_tokens: int = 128,
+    max_eval_tokens: int = 4096,
+    seed: int = 0,
+    hadamard_seed: int = 0,
+    progress: bool = True,
+) -> CalibrationProfile:
+    """Measure a model's calibration profile on the given text files."""
+    check_method(method)
+    model = load_model(model_path)
+    tok = load_tokenizer(model_path)
+    views = moe_layers(model)
+    windows = calibration_windows(data, tok, nsamples, seq_len, seed)
+    xs = capture_moe_inputs(model, views, windows, progress=progress)
+    prof = CalibrationProfile(
+        model=model_path,
+        model_type=model_type(model),
+        method=method,
+        schemes=[s.name for s in schemes],
+        tokens=int(windows.numel()),
+        seq_len=seq_len,
+        data=list(data),
+        hadamard_seed=hadamard_seed,
+    )
+    for view, x in tqdm(list(zip(views, xs)), desc=f"calibrate ({method})", disable=not progress):
+        prof.layers.append(calibrate_layer(view, x, schemes, method, hadamard_seed, min_tokens, max_eval_tokens, seed))
+    return prof

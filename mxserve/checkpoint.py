@@ -1,0 +1,238 @@
+"""Quantizing a model by a plan, and the quantized checkpoint on disk.
+
+A quantized checkpoint is a directory:
+
+- ``config.json``: the model's config plus
+  ``"quantization_config": {"quant_method": "mxmoe", "version": 1, "plan": "mxmoe_plan.json"}``;
+- ``mxmoe_plan.json``: the plan (plan.py), which says each block's scheme and
+  the method (a ``gptq-had`` checkpoint stores non-bf16 blocks rotated);
+- ``model.safetensors``: every non-expert tensor under its usual name, and per
+  MoE layer L and (virtual) expert e the packed blocks
+  ``model.layers.L.mlp.mx.e.{gate_up,down}.{qweight,scales,zeros}``;
+- the tokenizer files.
+
+Weights are read with safetensors only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs
+from mxserve.data import calibration_windows
+from mxserve.errors import MxServeError
+from mxserve.models.adapters import MoELayerView, decoder_layers, model_type, moe_layers
+from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
+from mxserve.plan import Plan
+from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linear
+from mxserve.runtime.moe_layer import MxMoELayer, QuantizedExpert
+from mxserve.schemes import Scheme
+
+PLAN_FILE = "mxmoe_plan.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def rotation_seed(method: str, scheme: Scheme, seed: int) -> int | None:
+    """gptq-had stores every quantized block rotated; bf16 blocks never are."""
+    return seed if method == "gptq-had" and scheme.family != "none" else None
+
+
+def layout(views: list[MoELayerView]) -> list[tuple[int, list[bool]]]:
+    """[(layer index, [is shared] per expert)] for building uniform plans."""
+    return [(v.index, [ew.shared for ew in v.experts()]) for v in views]
+
+
+def _check_plan_fits(plan: Plan, views: list[MoELayerView]) -> None:
+    planned = {lay.layer for lay in plan.layers}
+    actual = {v.index for v in views}
+    if planned != actual:
+        raise MxServeError(f"plan covers MoE layers {sorted(planned)}, the model has {sorted(actual)}")
+    for v in views:
+        n = len(v.experts())
+        if len(plan.layer(v.index).experts) != n:
+            raise MxServeError(
+                f"plan was made for another model: layer {v.index} has {n} experts, the plan "
+                f"{len(plan.layer(v.index).experts)}"
+            )
+
+
+@torch.no_grad()
+def quantize_layers(
+    model: nn.Module,
+    plan: Plan,
+    data: list[str] | None = None,
+    tokenizer=None,
+    nsamples: int = 128,
+    seq_len: int = 512,
+    min_tokens: int = 128,
+    progress: bool = True,
+) -> list[list[QuantizedExpert]]:
+    """Quantize every expert block by the plan (GPTQ methods need calibration ``data``)."""
+    method = check_method(plan.method)
+    views = moe_layers(model)
+    _check_plan_fits(plan, views)
+    xs = None
+    if method != "rtn":
+        data = data or plan.data
+        if not data:
+            raise MxServeError(f"method {method} needs calibration text: pass --data (or --calib-data)")
+        windows = calibration_windows(data, tokenizer, nsamples, seq_len)
+        xs = capture_moe_inputs(model, views, windows, progress=progress)
+    out = []
+    for pos, view in enumerate(tqdm(views, desc=f"quantize ({method})", disable=not progress)):
+        lp = plan.layer(view.index)
+        inputs = expert_inputs(view, xs[pos], min_tokens) if xs is not None else None
+        experts = []
+        for e, ew in enumerate(view.experts()):
+            ep = lp.experts[e]
+            hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
+            s_gu, s_d = ep.scheme("gate"), ep.scheme("down")
+            gate_up = torch.cat([ew.gate, ew.up]).float()
+            experts.append(
+                QuantizedExpert(
+                    quantize_linear(gate_up, s_gu, method, hess.get("gate"), plan.hadamard_seed),
+                    quantize_linear(ew.down.float(), s_d, method, hess.get("down"), plan.hadamard_seed),
+                    ew.shared,
+                )
+            )
+        out.append(experts)
+    return out
+
+
+def install_layers(model: nn.Module, qlayers: list[list[QuantizedExpert]]) -> list[MxMoELayer]:
+    """Replace the model's MoE blocks by runtime layers holding ``qlayers``."""
+    layers = decoder_layers(model)
+    installed = []
+    for view, experts in zip(moe_layers(model), qlayers):
+        mx = MxMoELayer(view, experts)
+        layers[view.index].mlp = mx
+        installed.append(mx)
+    return installed
+
+
+def runtime_layers(model: nn.Module) -> list[MxMoELayer]:
+    return [m for m in model.modules() if isinstance(m, MxMoELayer)]
+
+
+def _prefix(layer: int, expert: int, block: str) -> str:
+    return f"model.layers.{layer}.mlp.mx.{expert}.{block}."
+
+
+def _source_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    return getattr(torch, name, torch.bfloat16)
+
+
+def write_checkpoint(model: nn.Module, plan: Plan, out_dir: str, source: str, tokenizer) -> None:
+    """Write a model whose MoE blocks are runtime layers as a quantized checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = read_config(source) if os.path.isdir(source) else model.config.to_dict()
+    dtype = _source_dtype(cfg)
+    state: dict[str, torch.Tensor] = {}
+    embed = model.get_input_embeddings().weight
+    for name, t in model.state_dict().items():
+        if name.endswith("lm_head.weight") and t.data_ptr() == embed.data_ptr():
+            continue  # tied to the embedding: stored once
+        state[name] = t.to(dtype) if t.is_floating_point() else t
+    for mx in runtime_layers(model):
+        for e, qe in enumerate(mx.experts_q):
+            state.update(qe.gate_up.tensors(_prefix(mx.layer_index, e, "gate_up")))
+            state.update(qe.down.tensors(_prefix(mx.layer_index, e, "down")))
+    state = {k: v.contiguous() for k, v in state.items()}
+    tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
+    plan.save(os.path.join(out_dir, PLAN_FILE))
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "plan": PLAN_FILE}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tokenizer.save_pretrained(out_dir)
+    gen = os.path.join(source, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen) as src, open(os.path.join(out_dir, "generation_config.json"), "w") as dst:
+            dst.write(src.read())
+
+
+def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Plan]:
+    """Build the model of a quantized checkpoint with runtime layers in place of its MoE blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = read_config(path)
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise MxServeError(f"{path} is not an mxmoe checkpoint (no quantization_config.quant_method=mxmoe)")
+    if qc.get("version") != FORMAT_VERSION:
+        raise MxServeError(f"{path}: checkpoint format version {qc.get('version')!r} is not supported")
+    plan = Plan.load(os.path.join(path, qc.get("plan", PLAN_FILE)))
+    try:
+        tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise MxServeError(f"cannot read {os.path.join(path, WEIGHTS_FILE)}: {e}") from None
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours, not one transformers knows
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    views = moe_layers(model)
+    _check_plan_fits(plan, views)
+    qlayers = []
+    for view in views:
+        lp = plan.layer(view.index)
+        experts = []
+        for e, ew in enumerate(view.experts()):
+            ep = lp.experts[e]
+            (i, h), s_gu, s_d = ew.gate.shape, ep.scheme("gate"), ep.scheme("down")
+            experts.append(
+                QuantizedExpert(
+                    QuantizedLinear.from_tensors(
+                        s_gu,
+                        2 * i,
+                        h,
+                        tensors,
+                        _prefix(view.index, e, "gate_up"),
+                        rotation_seed(plan.method, s_gu, plan.hadamard_seed),
+                    ),
+                    QuantizedLinear.from_tensors(
+                        s_d,
+                        h,
+                        i,
+                        tensors,
+                        _prefix(view.index, e, "down"),
+                        rotation_seed(plan.method, s_d, plan.hadamard_seed),
+                    ),
+                    ew.shared,
+                )
+            )
+        qlayers.append(experts)
+    install_layers(model, qlayers)
+    rest = {k: v for k, v in tensors.items() if ".mlp.mx." not in k}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise MxServeError(
+            f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval(), plan
+
+
+def quantize_to_dir(
+    model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128, progress: bool = True
+) -> None:
+    """The `mxserve quantize` pipeline: load, quantize by the plan, write."""
+    from mxserve.models.loading import load_model
+
+    model = load_model(model_path)
+    if plan.model_type != model_type(model):
+        raise MxServeError(f"plan is for a {plan.model_type} model, {model_path} is {model_type(model)}")
+    tok = load_tokenizer(model_path)
+    install_layers(model, quantize_layers(model, plan, data, tok, nsamples=nsamples, progress=progress))
+    write_checkpoint(model, plan, out_dir, model_path, tok)

@@ -1,0 +1,229 @@
+"""`mxserve` command line: calibrate, plan, quantize, eval.
+
+Every user error prints one line ``mxserve: error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mxserve.errors import MxServeError
+
+METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from mxserve.calibrate import calibrate
+    from mxserve.schemes import parse_schemes
+
+    schemes = parse_schemes(a.schemes)
+    prof = calibrate(
+        a.model,
+        a.data,
+        schemes,
+        a.method,
+        nsamples=a.nsamples,
+        seq_len=a.seq_len,
+        seed=a.seed,
+        hadamard_seed=a.hadamard_seed,
+        progress=not a.quiet,
+    )
+    prof.save(a.out)
+    n_exp = sum(len(lay.experts) for lay in prof.layers)
+    print(
+        f"wrote {a.out}: {len(prof.layers)} MoE layers, {n_exp} experts, {len(schemes)} schemes, "
+        f"{prof.tokens} tokens, method {prof.method}"
+    )
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    from mxserve.costmodel import cost_model
+    from mxserve.planner import solve_plan
+    from mxserve.profile import CalibrationProfile
+    from mxserve.schemes import parse_budget, parse_schemes
+
+    budget = parse_budget(a.budget)
+    prof = CalibrationProfile.load(a.profile)
+    schemes = None
+    if a.schemes:
+        schemes = [s.name for s in parse_schemes(a.schemes)]
+        unknown = [s for s in schemes if s not in prof.schemes]
+        if unknown:
+            raise MxServeError(f"schemes {unknown} were not calibrated in {a.profile} (it has {prof.schemes})")
+    res = solve_plan(
+        prof,
+        budget,
+        r=a.r,
+        tokens=a.tokens,
+        granularity=a.granularity,
+        cost=cost_model(a.kernel_profile),
+        points=a.points,
+        time_limit=a.time_limit,
+        schemes=schemes,
+    )
+    for w in res.warnings:
+        print(f"mxserve: warning: {w}", file=sys.stderr)
+    res.plan.save(a.out)
+    print(
+        f"L/T frontier ({a.granularity} budget {budget:g} bits, {a.tokens} tokens per forward; "
+        f"L = relative output error, T = modelled expert GEMM time):"
+    )
+    print(f"  {'#':>2} {'L':>12} {'T (ms)':>10} {'avg bits':>9}")
+    for j, (lv, tv, bits) in enumerate(res.frontier):
+        mark = " <- plan" if j == res.chosen else ""
+        print(f"  {j:>2} {lv:12.5g} {tv * 1e3:10.4f} {bits:9.3f}{mark}")
+    s = res.plan.summary
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in s["schemes"].items())
+    print(f"plan: avg bits {s['avg_bits']:.3f}, L {s['L']:.5g}, T {s['T'] * 1e3:.4f} ms (r={a.r:g}); {shares}")
+    print(f"solved in {res.seconds:.2f} s; wrote {a.out}")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from mxserve.checkpoint import quantize_to_dir
+    from mxserve.plan import Plan
+
+    plan = Plan.load(a.plan)
+    quantize_to_dir(a.model, plan, a.out, data=a.data, nsamples=a.nsamples, progress=not a.quiet)
+    print(f"wrote {a.out}: {plan.method} checkpoint, avg bits {plan.summary.get('avg_bits', plan.budget_bits):.3f}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import torch
+
+    from mxserve.checkpoint import install_layers, layout, load_quantized, quantize_layers
+    from mxserve.evaluate import perplexity
+    from mxserve.models.adapters import model_type, moe_layers
+    from mxserve.models.loading import is_quantized_checkpoint, load_model, load_tokenizer
+    from mxserve.plan import Plan
+    from mxserve.schemes import get_scheme
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.uniform and a.plan:
+        raise MxServeError("give --uniform or --plan, not both")
+    for path in a.data:
+        if not os.path.isfile(path):
+            raise MxServeError(f"data file {path} does not exist")
+    tok = load_tokenizer(a.model)
+    if is_quantized_checkpoint(a.model):
+        if a.uniform or a.plan:
+            raise MxServeError(f"{a.model} is already quantized; --uniform/--plan take an unquantized model")
+        model, plan = load_quantized(a.model)
+        desc = f"mxmoe {plan.method} {plan.summary.get('avg_bits', plan.budget_bits):.3f}bit"
+    else:
+        model = load_model(a.model)
+        desc = "bf16"
+        plan = None
+        if a.uniform:
+            scheme = get_scheme(a.uniform)
+            plan = Plan.uniform(
+                a.model, model_type(model), layout(moe_layers(model)), scheme, a.method, data=a.calib_data
+            )
+            desc = f"uniform {scheme.name} {a.method}"
+        elif a.plan:
+            plan = Plan.load(a.plan)
+            desc = f"plan {a.plan} {plan.method} {plan.summary.get('avg_bits', plan.budget_bits):.3f}bit"
+        if plan is not None:
+            install_layers(model, quantize_layers(model, plan, a.calib_data, tok, progress=not a.quiet))
+    for path in a.data:
+        ppl, n = perplexity(model, tok, path, ctx=a.ctx, max_tokens=a.max_tokens, progress=not a.quiet)
+        print(f"{os.path.basename(path)}\tppl {ppl:.3f}\t{desc}\t({n} tokens, ctx {a.ctx}, stride {a.ctx})", flush=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mxserve", description="Mixed-precision MoE quantization and serving (MxMoE).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("calibrate", help="measure per-block quantization sensitivity and routing frequency")
+    c.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    c.add_argument("--data", required=True, nargs="+", help="calibration text file(s)")
+    c.add_argument("--schemes", help="comma-separated candidate schemes (default: all canonical)")
+    c.add_argument("--method", default="gptq-had", choices=METHOD_CHOICES)
+    c.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--hadamard-seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, help="profile file to write (JSON)")
+    c.set_defaults(func=cmd_calibrate)
+
+    pl = sub.add_parser("plan", help="solve the precision allocation under a bit budget")
+    pl.add_argument("--profile", required=True, help="calibration profile from `mxserve calibrate`")
+    pl.add_argument("--budget", required=True, help="average bits per expert weight: 4bit, 3.25bit or 3.25")
+    pl.add_argument("--r", type=float, default=1.0, help="accuracy weight: 1 accuracy only, 0 latency only")
+    pl.add_argument("--tokens", type=int, default=64, help="tokens per forward pass for the latency term")
+    pl.add_argument(
+        "--granularity",
+        default="layer",
+        choices=("layer", "model"),
+        help="budget per layer (as the paper) or over the whole model",
+    )
+    pl.add_argument("--kernel-profile", help="measured kernel profile from `mxserve profile` (default: roofline)")
+    pl.add_argument("--schemes", help="restrict to these calibrated schemes (comma-separated)")
+    pl.add_argument("--points", type=int, default=6, help="points of the L/T frontier to explore")
+    pl.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds, in all")
+    pl.add_argument("--out", required=True, help="plan file to write (JSON)")
+    pl.set_defaults(func=cmd_plan)
+
+    q = sub.add_parser("quantize", help="write a quantized checkpoint following a plan")
+    q.add_argument("--model", required=True)
+    q.add_argument("--plan", required=True)
+    q.add_argument("--data", nargs="+", help="calibration text for GPTQ (default: the plan's)")
+    q.add_argument("--nsamples", type=_positive_int, default=128)
+    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--out", required=True, help="output directory")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity on held-out text")
+    e.add_argument("--model", required=True, help="model directory / id, or a quantized checkpoint")
+    e.add_argument("--data", required=True, nargs="+")
+    e.add_argument("--uniform", help="quantize every expert block with this scheme first")
+    e.add_argument("--plan", help="quantize by this plan in memory first")
+    e.add_argument("--method", default="rtn", choices=METHOD_CHOICES, help="quantizer for --uniform")
+    e.add_argument("--calib-data", nargs="+", help="calibration text for GPTQ methods")
+    e.add_argument("--ctx", type=_positive_int, default=512, help="window length (stride = window)")
+    e.add_argument("--max-tokens", type=_positive_int, default=32768, help="tokens scored per file")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_transformers()
+    try:
+        args.func(args)
+    except MxServeError as e:
+        print(f"mxserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Where the experts and the router live in each supported architecture.
+
+transformers 5 stores every supported model's routed experts the same way
+(``mlp.experts.gate_up_proj`` [E, 2I, H] with gate rows first, ``down_proj``
+[E, H, I]) behind a router module ``mlp.gate`` that returns
+(logits, top-k weights, top-k ids). What differs is the shared expert, which
+an :class:`ArchSpec` names. The router module itself is reused, so routing
+(softmax/normalisation, DeepSeek's group-limited top-k and scaling) is exactly
+the model's own.
+
+Shared experts are experts that receive every token. One whose intermediate
+size is a multiple of the routed one is split into routed-sized slices
+(SiLU(gate)*up is elementwise over the intermediate dimension and down sums
+over it, so the slices add up to the whole); then every expert of a layer has
+the same shape, which is what a grouped GEMM wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mxserve.errors import MxServeError
+
+BLOCKS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    shared: str | None = None  # attribute of the MoE block holding the shared MLP
+    shared_gate: str | None = None  # attribute of a Linear(H, 1) whose sigmoid scales it
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "qwen2_moe": ArchSpec(shared="shared_expert", shared_gate="shared_expert_gate"),
+    "qwen3_moe": ArchSpec(),
+    "mixtral": ArchSpec(),
+    "olmoe": ArchSpec(),
+    "deepseek_v2": ArchSpec(shared="shared_experts"),
+}
+
+
+def supported_text() -> str:
+    return "Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), OLMoE (olmoe), DeepSeek-V2 (deepseek_v2)"
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    if model_type not in ARCHS:
+        raise MxServeError(f"unsupported architecture {model_type!r}; supported: {supported_text()}")
+    return ARCHS[model_type]
+
+
+@dataclass
+class ExpertWeights:
+    """The three linear blocks of one (possibly virtual) expert, as [out, in] tensors."""
+
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    shared: bool = False
+
+    def block(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {b: list(self.block(b).shape) for b in BLOCKS}
+
+
+def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SiLU(x gate^T) * (x up^T) down^T, the expert MLP of every supported model."""
+    return nn.functional.linear(nn.functional.silu(nn.functional.linear(x, gate)) * nn.functional.linear(x, up), down)
+
+
+class MoELayerView:
+    """One MoE block of a model: its router, experts and shared experts."""
+
+    def __init__(self, index: int, module: nn.Module, spec: ArchSpec):
+        self.index = index
+        self.module = module
+        self.spec = spec
+        self.router: nn.Module = module.gate
+        self.n_routed: int = module.experts.gate_up_proj.shape[0]
+        self.top_k: int = int(self.router.top_k)
+        self.shared_mlp: nn.Module | None = getattr(module, spec.shared) if spec.shared else None
+        self.shared_gate: nn.Module | None = getattr(module, spec.shared_gate) if spec.shared_gate else None
+
+    @property
+    def hidden(self) -> int:
+        return self.module.experts.gate_up_proj.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.module.experts.down_proj.shape[2]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (weights [T, k], ids [T, k]) for tokens x [T, H], by the model's own router."""
+        _, weights, ids = self.router(x)
+        return weights, ids
+
+    def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token factor [T, 1] on the shared experts' output (None: 1)."""
+        if self.shared_gate is None:
+            return None
+        return torch.sigmoid(self.shared_gate(x))
+
+    def experts(self) -> list[ExpertWeights]:
+        """Routed experts 0..E-1, then the shared-expert slices."""
+        ex = self.module.experts
+        i = self.intermediate
+        out = [
+            ExpertWeights(ex.gate_up_proj[e, :i], ex.gate_up_proj[e, i:], ex.down_proj[e]) for e in range(self.n_routed)
+        ]
+        if self.shared_mlp is not None:
+            m = self.shared_mlp
+            s = m.gate_proj.weight.shape[0]
+            step = i if s % i == 0 else s
+            for j in range(0, s, step):
+                out.append(
+                    ExpertWeights(
+                        m.gate_proj.weight[j : j + step],
+                        m.up_proj.weight[j : j + step],
+                        m.down_proj.weight[:, j : j + step],
+                        shared=True,
+                    )
+                )
+        return out
+
+    def n_shared(self) -> int:
+        return len(self.experts()) - self.n_routed
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(model.config, "model_type", "?")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise MxServeError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+def moe_layers(model: nn.Module) -> list[MoELayerView]:
+    """Every MoE block of a supported model; a clear error for anything else."""
+    mt = model_type(model)
+    spec = arch_spec(mt)
+    views = []
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(mlp, "gate"):
+            views.append(MoELayerView(i, mlp, spec))
+    if not views:
+        raise MxServeError(f"model ({mt}) has no MoE layer; supported: {supported_text()}")
+    return views

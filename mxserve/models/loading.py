@@ -1,0 +1,64 @@
+"""Loading Hugging Face MoE checkpoints (a local directory or a hub id) on the CPU or GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from mxserve.errors import MxServeError
+from mxserve.models.adapters import arch_spec, moe_layers
+
+QUANT_METHOD = "mxmoe"
+
+
+def read_config(path: str) -> dict:
+    """config.json of a local model directory as a dict (MxServeError if absent or corrupt)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise MxServeError(f"{path}: no config.json here; --model takes a model directory or a Hugging Face id")
+    try:
+        with open(cfg_file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise MxServeError(f"{cfg_file}: cannot read config ({e})") from None
+
+
+def is_quantized_checkpoint(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    qc = read_config(path).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path):
+        read_config(path)  # a directory that is no model is named as such, not as a tokenizer problem
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MxServeError(f"cannot load tokenizer of {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A supported MoE model in eval mode; unsupported or non-MoE models are a clear error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if os.path.isdir(path):
+        read_config(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MxServeError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+    arch_spec(config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise MxServeError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    moe_layers(model)  # fail early on a model without MoE blocks
+    return model

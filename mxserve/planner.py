@@ -1,0 +1,282 @@
+"""The MxMoE allocation as an integer program (PuLP + HiGHS, CBC as fallback).
+
+Variables x[u, s] = 1 when unit u uses scheme s, where a unit is the fused
+gate+up block or the down block of one expert (gate and up are tied). Per
+scope (one layer, or the whole model):
+
+    sum_s x[u, s] = 1                                         for every unit
+    sum_{u,s} bits(s, K_u) * params_u * x[u, s] <= budget * sum_u params_u
+    L = sum x[u, s] * freq_e * err[u, s] / out_energy_layer    (accuracy)
+    T = sum x[u, s] * time(s, N_u, K_u, tokens * freq_e)        (latency)
+
+The paper minimises r*log L + (1-r)*log T with Gurobi's log constraints. A
+linear solver takes another route: an epsilon-constraint frontier. Solve
+min T, then min L subject to T <= tau for taus from min T up to the T of the
+accuracy-optimal plan; every solution is a Pareto point, and the plan is the
+point with the lowest r*log L + (1-r)*log T (r = 1: accuracy only; r = 0:
+latency only, ties broken by accuracy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time as _time
+from dataclasses import dataclass
+
+import pulp
+
+from mxserve.costmodel import CostModel, RooflineCostModel
+from mxserve.errors import MxServeError
+from mxserve.plan import ExpertPlan, LayerPlan, Plan
+from mxserve.profile import CalibrationProfile, LayerStats
+from mxserve.schemes import get_scheme
+
+GRANULARITIES = ("layer", "model")
+
+
+@dataclass
+class Unit:
+    layer_pos: int
+    expert: int
+    shared: bool
+    block: str  # "gate_up" or "down"
+    params: int
+    options: dict[str, tuple[float, float, float]]  # scheme -> (bits per weight, loss, seconds)
+
+
+@dataclass
+class FrontierPoint:
+    L: float
+    T: float
+    bits: float
+    choice: dict[int, str]  # unit index -> scheme
+
+
+def layer_units(
+    stats: LayerStats,
+    layer_pos: int,
+    schemes: list[str],
+    tokens: int,
+    cost: CostModel,
+    freq: list[float] | None = None,
+) -> list[Unit]:
+    """The planning units of one layer; ``freq`` overrides the calibration frequencies."""
+    units = []
+    energy = max(stats.out_energy, 1e-30)
+    for e in stats.experts:
+        f = 1.0 if e.shared else (e.freq if freq is None else freq[e.expert])
+        m = tokens * f
+        for block, parts in (("gate_up", ("gate", "up")), ("down", ("down",))):
+            n = sum(e.shapes[p][0] for p in parts)
+            k = e.shapes[parts[0]][1]
+            opts = {}
+            for s in schemes:
+                if all(s in e.err[p] for p in parts):
+                    sc = get_scheme(s)
+                    loss = f * sum(e.err[p][s] for p in parts) / energy
+                    opts[s] = (sc.bits_per_weight(k), loss, cost.time(sc, n, k, m))
+            if not opts:
+                raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits")
+            units.append(Unit(layer_pos, e.expert, e.shared, block, n * k, opts))
+    return units
+
+
+def _solver(time_limit: float):
+    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+        return pulp.HiGHS(msg=False, timeLimit=time_limit)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints a banner on stdout from C++ even with msg off; keep stdout for our output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class _Scope:
+    """One integer program over a set of units, re-solved with different objectives."""
+
+    def __init__(self, units: list[Unit], budget: float, time_limit: float):
+        self.units = units
+        self.total_params = sum(u.params for u in units)
+        self.budget = budget
+        self.time_limit = time_limit
+        self.warnings: list[str] = []
+        min_bits = sum(min(o[0] for o in u.options.values()) * u.params for u in units) / self.total_params
+        if budget < min_bits - 1e-9:
+            raise MxServeError(
+                f"budget {budget:g} bits is infeasible: the cheapest candidate schemes average "
+                f"{min_bits:.4g} bits (scale/zero overhead included)"
+            )
+        # Normalise both terms to O(1) so the solver's tolerances mean the same at any scale.
+        self.l_scale = max(sum(max(o[1] for o in u.options.values()) for u in units), 1e-30)
+        self.t_scale = max(sum(max(o[2] for o in u.options.values()) for u in units), 1e-30)
+
+    def solve(self, objective: str, t_cap: float | None = None, l_cap: float | None = None) -> FrontierPoint:
+        prob = pulp.LpProblem("mxmoe", pulp.LpMinimize)
+        x = {
+            (i, s): prob.add_variable(f"x_{i}_{j}", 0, 1, cat="Binary")
+            for i, u in enumerate(self.units)
+            for j, s in enumerate(u.options)
+        }
+        lterm = pulp.lpSum(
+            x[i, s] * (o[1] / self.l_scale) for i, u in enumerate(self.units) for s, o in u.options.items()
+        )
+        tterm = pulp.lpSum(
+            x[i, s] * (o[2] / self.t_scale) for i, u in enumerate(self.units) for s, o in u.options.items()
+        )
+        prob += lterm if objective == "L" else tterm
+        for i, u in enumerate(self.units):
+            prob += pulp.lpSum(x[i, s] for s in u.options) == 1
+        prob += pulp.lpSum(
+            x[i, s] * (o[0] * u.params) for i, u in enumerate(self.units) for s, o in u.options.items()
+        ) <= self.budget * self.total_params * (1 + 1e-9)
+        if t_cap is not None:
+            prob += tterm <= t_cap / self.t_scale * (1 + 1e-7) + 1e-12
+        if l_cap is not None:
+            prob += lterm <= l_cap / self.l_scale * (1 + 1e-7) + 1e-12
+        with _quiet_stdout():
+            prob.solve(_solver(self.time_limit))
+        if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            self.warnings.append("solver time limit reached: using the best plan found, which may not be optimal")
+        elif prob.sol_status != pulp.LpSolutionOptimal:
+            raise MxServeError(f"the solver found no plan ({pulp.LpStatus[prob.status]}); try a larger --time-limit")
+        choice = {}
+        for i, u in enumerate(self.units):
+            choice[i] = max(u.options, key=lambda s, i=i: x[i, s].value() or 0.0)
+        return self.point(choice)
+
+    def point(self, choice: dict[int, str]) -> FrontierPoint:
+        lv = sum(self.units[i].options[s][1] for i, s in choice.items())
+        tv = sum(self.units[i].options[s][2] for i, s in choice.items())
+        bits = sum(self.units[i].options[s][0] * self.units[i].params for i, s in choice.items()) / self.total_params
+        return FrontierPoint(lv, tv, bits, choice)
+
+    def frontier(self, points: int) -> list[FrontierPoint]:
+        """``points`` Pareto points from the fastest plan (first) to the most accurate (last).
+
+        Where the fastest plan is also the most accurate, the points coincide.
+        """
+        acc = self.solve("L")
+        fast = self.solve("T")
+        fast = self.solve("L", t_cap=fast.T)  # the most accurate of the fastest plans
+        out = [fast]
+        for j in range(1, points - 1):
+            tau = fast.T + (acc.T - fast.T) * j / (points - 1)
+            out.append(self.solve("L", t_cap=tau) if acc.T > fast.T * (1 + 1e-6) else acc)
+        return out + [acc]
+
+
+def score(p: FrontierPoint, r: float) -> float:
+    return r * math.log(max(p.L, 1e-30)) + (1 - r) * math.log(max(p.T, 1e-30))
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    frontier: list[tuple[float, float, float]]  # (L, T, avg bits) per explored point, model level
+    chosen: int | None  # frontier index of the plan (None when layers chose different points)
+    seconds: float
+    warnings: list[str]
+
+
+def solve_plan(
+    profile: CalibrationProfile,
+    budget: float,
+    r: float = 1.0,
+    tokens: int = 64,
+    granularity: str = "layer",
+    cost: CostModel | None = None,
+    points: int = 6,
+    time_limit: float = 60.0,
+    freqs: list[list[float]] | None = None,
+    schemes: list[str] | None = None,
+) -> PlanResult:
+    """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``)."""
+    if not 0.0 <= r <= 1.0:
+        raise MxServeError(f"--r must be within [0, 1], got {r}")
+    if granularity not in GRANULARITIES:
+        raise MxServeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if points < 2:
+        raise MxServeError(f"--points must be at least 2, got {points}")
+    if tokens < 1:
+        raise MxServeError(f"--tokens must be at least 1, got {tokens}")
+    t0 = _time.perf_counter()
+    cost = cost or RooflineCostModel()
+    schemes = schemes or profile.schemes
+    units = [
+        layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos])
+        for pos, st in enumerate(profile.layers)
+    ]
+    n_scopes = len(units) if granularity == "layer" else 1
+    per_solve = max(1.0, time_limit / max(1, n_scopes * (points + 2)))
+    scopes = (
+        [_Scope(u, budget, per_solve) for u in units]
+        if granularity == "layer"
+        else [_Scope([x for u in units for x in u], budget, per_solve)]
+    )
+    fronts = [sc.frontier(points) for sc in scopes]
+    picks = [min(range(points), key=lambda j, f=f: score(f[j], r)) for f in fronts]
+    total_params = sum(sc.total_params for sc in scopes)
+    frontier = [
+        (
+            sum(f[j].L for f in fronts),
+            sum(f[j].T for f in fronts),
+            sum(f[j].bits * sc.total_params for f, sc in zip(fronts, scopes)) / total_params,
+        )
+        for j in range(points)
+    ]
+    plan = _to_plan(profile, budget, r, tokens, granularity, scopes, [f[j] for f, j in zip(fronts, picks)])
+    chosen = picks[0] if len(set(picks)) == 1 else None
+    warns = sorted({w for sc in scopes for w in sc.warnings})
+    return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
+
+
+def _to_plan(profile, budget, r, tokens, granularity, scopes: list[_Scope], chosen: list[FrontierPoint]) -> Plan:
+    picked: dict[tuple[int, int], dict[str, str]] = {}
+    for sc, pt in zip(scopes, chosen):
+        for i, s in pt.choice.items():
+            u = sc.units[i]
+            picked.setdefault((u.layer_pos, u.expert), {})[u.block] = s
+    layers = []
+    for pos, st in enumerate(profile.layers):
+        experts = []
+        for e in st.experts:
+            c = picked[(pos, e.expert)]
+            experts.append(ExpertPlan(e.expert, e.shared, c["gate_up"], c["gate_up"], c["down"]))
+        layers.append(LayerPlan(st.layer, experts))
+    total = sum(sc.total_params for sc in scopes)
+    share: dict[str, float] = {}
+    for sc, pt in zip(scopes, chosen):
+        for i, s in pt.choice.items():
+            share[s] = share.get(s, 0.0) + sc.units[i].params / total
+    summary = {
+        "avg_bits": sum(pt.bits * sc.total_params for sc, pt in zip(scopes, chosen)) / total,
+        "L": sum(pt.L for pt in chosen),
+        "T": sum(pt.T for pt in chosen),
+        "schemes": dict(sorted(share.items(), key=lambda kv: -kv[1])),
+    }
+    return Plan(
+        model=profile.model,
+        model_type=profile.model_type,
+        method=profile.method,
+        hadamard_seed=profile.hadamard_seed,
+        budget_bits=budget,
+        r=r,
+        tokens=tokens,
+        granularity=granularity,
+        layers=layers,
+        summary=summary,
+        data=list(profile.data),
+    )

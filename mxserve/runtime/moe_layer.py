@@ -1,0 +1,86 @@
+"""The MoE runtime layer: one layer's experts in their planned schemes.
+
+It replaces a model's sparse MoE block and keeps the model's own router (and
+shared-expert gate) under their original attribute names, so checkpoints keep
+the model's tensor names. Both engines use this one layer; the device decides
+the path (Triton kernels on CUDA once available, the torch reference
+elsewhere). It counts routed tokens per expert for router_stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mxkernels.reference import moe_reference
+from mxserve.models.adapters import MoELayerView
+from mxserve.quant.qlinear import QuantizedLinear
+from router_stats import ExpertCounter
+
+
+@dataclass
+class QuantizedExpert:
+    gate_up: QuantizedLinear  # [2I, H], gate rows first
+    down: QuantizedLinear  # [H, I]
+    shared: bool = False
+
+    def linears(self) -> tuple[QuantizedLinear, QuantizedLinear]:
+        return self.gate_up, self.down
+
+    def scheme_names(self) -> tuple[str, str]:
+        return self.gate_up.scheme.name, self.down.scheme.name
+
+
+class MxMoELayer(nn.Module):
+    def __init__(self, view: MoELayerView, experts: list[QuantizedExpert]):
+        super().__init__()
+        self.layer_index = view.index
+        self.n_routed = view.n_routed
+        self.gate = view.router
+        self.shared_gate_name = view.spec.shared_gate
+        if self.shared_gate_name:
+            setattr(self, self.shared_gate_name, view.shared_gate)
+        self.experts_q = experts
+        self.counter = ExpertCounter(self.n_routed)
+        self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._dense_key: tuple | None = None
+
+    def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.shared_gate_name:
+            return None
+        return torch.sigmoid(getattr(self, self.shared_gate_name)(x))
+
+    def dense_weights(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Dequantized weights for the reference path, made once per dtype/device."""
+        key = (dtype, device)
+        if self._dense is None or self._dense_key != key:
+            self._dense = [
+                (e.gate_up.dequantize(dtype).to(device), e.down.dequantize(dtype).to(device)) for e in self.experts_q
+            ]
+            self._dense_key = key
+        return self._dense
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, topk_weights, topk_ids = self.gate(x)
+        if self.counter.counts.device != x.device:
+            self.counter.to(x.device)
+        self.counter.record(topk_ids)
+        out = moe_reference(
+            x,
+            topk_ids,
+            topk_weights,
+            [e.linears() for e in self.experts_q],
+            self.dense_weights(x.dtype, x.device),
+            self.n_routed,
+            self.shared_scale(x),
+        )
+        return out.reshape(shape)
+
+    def set_experts(self, experts: list[QuantizedExpert]) -> None:
+        """Swap in experts in other schemes (same layer, same shapes)."""
+        self.experts_q = experts
+        self._dense = None

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random models of every supported architecture, and ../shared paths.
+
+No test downloads anything: tiny models are built from transformers configs and
+saved with the reference model's tokenizer; the reference model and data come
+from ../shared beside the checkout.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REFMOE = SHARED / "models" / "refmoe-25m"
+DATA = SHARED / "data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2")
+
+
+def tiny_config(arch: str):
+    """A 2-3 layer model with 8 experts, hidden 128 (so group-128 schemes apply), vocab of refmoe."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=8192,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        num_hidden_layers=2,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **common,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=256,
+            num_experts=8,
+            norm_topk_prob=False,
+        )
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=128, num_experts=8, norm_topk_prob=True
+        )
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=8)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=128, num_experts=8)
+    if arch == "deepseek_v2":
+        c = dict(common, num_hidden_layers=3, num_key_value_heads=4)
+        return tf.DeepseekV2Config(
+            **c,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=32,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+        )
+    raise ValueError(arch)
+
+
+def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    # Larger router weights than the default init give skewed, input-dependent routing.
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)
+    model.to(torch.bfloat16).save_pretrained(path)
+    for f in TOKENIZER_FILES:
+        shutil.copy(REFMOE / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert DATA.is_dir(), f"tests need ../shared beside the checkout ({DATA} is missing)"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    assert REFMOE.is_dir(), f"tests need the reference model's tokenizer at {REFMOE}"
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: build_tiny(a, root / a) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory, shared_data) -> Path:
+    """A small calibration file (both domains) so tiny-model tests stay fast."""
+    text = (shared_data / "shakespeare-calib.txt").read_text()[:40000] + (shared_data / "python-calib.txt").read_text()[
+        :40000
+    ]
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory, shared_data) -> Path:
+    p = tmp_path_factory.mktemp("data") / "dev.txt"
+    p.write_text((shared_data / "shakespeare-dev.txt").read_text()[:20000])
+    return p

@@ -1,0 +1,193 @@
+"""Bad input gives one line on stderr and exit code 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import build_tiny
+from mxserve.cli import main
+
+
+def run_err(capsys, *args) -> str:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse rejects a flag
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    return err
+
+
+def one_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mxserve: error:"), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_models, calib_text, tmp_path_factory):
+    p = tmp_path_factory.mktemp("prof") / "p.json"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tiny_models["olmoe"]),
+                "--data",
+                str(calib_text),
+                "--method",
+                "rtn",
+                "--schemes",
+                "bf16,w4a16g128,w2a16g128",
+                "--nsamples",
+                "4",
+                "--seq-len",
+                "128",
+                "--quiet",
+                "--out",
+                str(p),
+            ]
+        )
+        == 0
+    )
+    return p
+
+
+def test_unknown_scheme(capsys, tiny_models, calib_text, tmp_path):
+    err = run_err(
+        capsys,
+        "calibrate",
+        "--model",
+        tiny_models["olmoe"],
+        "--data",
+        calib_text,
+        "--schemes",
+        "w5a16",
+        "--out",
+        tmp_path / "p.json",
+    )
+    assert "unknown scheme 'w5a16'" in one_line(err)
+
+
+def test_unknown_uniform_scheme(capsys, tiny_models, eval_text):
+    assert "unknown scheme" in one_line(
+        run_err(capsys, "eval", "--model", tiny_models["olmoe"], "--data", eval_text, "--uniform", "int4")
+    )
+
+
+def test_bad_budget_string(capsys, profile, tmp_path):
+    assert "bad budget 'fourbit'" in one_line(
+        run_err(capsys, "plan", "--profile", profile, "--budget", "fourbit", "--out", tmp_path / "x.json")
+    )
+
+
+def test_infeasible_budget(capsys, profile, tmp_path):
+    err = one_line(run_err(capsys, "plan", "--profile", profile, "--budget", "2bit", "--out", tmp_path / "x.json"))
+    assert "infeasible" in err and "2.25" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_budget_above_bf16(capsys, profile, tmp_path):
+    assert "above bf16" in one_line(
+        run_err(capsys, "plan", "--profile", profile, "--budget", "17bit", "--out", tmp_path / "x.json")
+    )
+
+
+def test_missing_profile(capsys, tmp_path):
+    err = one_line(
+        run_err(capsys, "plan", "--profile", tmp_path / "none.json", "--budget", "4", "--out", tmp_path / "x.json")
+    )
+    assert "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "other", "version": 1}', "not a calibration profile"),
+        ('{"format": "mxmoe-calibration", "version": 1}', "corrupt"),
+        ('{"format": "mxmoe-calibration", "version": 9}', "version 9"),
+    ],
+)
+def test_corrupt_profile(capsys, tmp_path, content, expect):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert expect in one_line(run_err(capsys, "plan", "--profile", bad, "--budget", "4", "--out", tmp_path / "x"))
+
+
+def test_missing_and_corrupt_plan(capsys, tiny_models, tmp_path):
+    err = one_line(
+        run_err(
+            capsys, "quantize", "--model", tiny_models["olmoe"], "--plan", tmp_path / "no.json", "--out", tmp_path / "q"
+        )
+    )
+    assert "does not exist" in err
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "mxmoe-plan", "version": 1, "layers": [{"layer": 0}]}')
+    assert "corrupt" in one_line(
+        run_err(capsys, "quantize", "--model", tiny_models["olmoe"], "--plan", bad, "--out", tmp_path / "q")
+    )
+
+
+def test_plan_for_another_model(capsys, profile, tiny_models, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--profile", str(profile), "--budget", "4", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    err = one_line(
+        run_err(capsys, "quantize", "--model", tiny_models["mixtral"], "--plan", plan, "--out", tmp_path / "q")
+    )
+    assert "olmoe" in err and "mixtral" in err
+
+
+def test_non_moe_model(capsys, tmp_path, calib_text):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "llama")
+    err = one_line(
+        run_err(capsys, "calibrate", "--model", tmp_path / "llama", "--data", calib_text, "--out", tmp_path / "p.json")
+    )
+    assert "llama" in err and "Qwen2-MoE" in err and "Mixtral" in err
+
+
+def test_moe_architecture_without_moe_layers(capsys, tmp_path, calib_text):
+    path = build_tiny("qwen2_moe", tmp_path / "dense")
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["mlp_only_layers"] = [0, 1]  # every layer dense
+    (path / "config.json").write_text(json.dumps(cfg))
+    err = one_line(run_err(capsys, "calibrate", "--model", path, "--data", calib_text, "--out", tmp_path / "p"))
+    assert "no MoE layer" in err
+
+
+def test_missing_model_and_data(capsys, tiny_models, tmp_path, eval_text):
+    assert "no config.json" in one_line(run_err(capsys, "eval", "--model", tmp_path, "--data", eval_text))
+    assert "does not exist" in one_line(
+        run_err(capsys, "eval", "--model", tiny_models["olmoe"], "--data", tmp_path / "missing.txt")
+    )
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mxserve.cli",
+            "plan",
+            "--profile",
+            str(tmp_path / "x.json"),
+            "--budget",
+            "4",
+            "--out",
+            str(tmp_path / "y.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("mxserve: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,118 @@
+"""The integer program on synthetic profiles whose optimum is known."""
+
+import pytest
+
+from mxserve.costmodel import KernelProfile, MeasuredCostModel, ProfileEntry, RooflineCostModel
+from mxserve.errors import MxServeError
+from mxserve.planner import solve_plan
+from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
+from mxserve.schemes import get_scheme
+
+SCHEMES = ["bf16", "w8a16", "w4a16g128", "w3a16g128", "w2a16g128"]
+
+
+def synthetic_profile(freqs=(0.9, 0.5, 0.3, 0.2, 0.1), layers=2, h=256, i=128) -> CalibrationProfile:
+    """Error halves per extra bit; frequent experts matter more (loss = freq * err)."""
+    base = {"bf16": 0.0, "w8a16": 0.001, "w4a16g128": 0.02, "w3a16g128": 0.08, "w2a16g128": 0.32}
+    lays = []
+    for li in range(layers):
+        experts = [
+            ExpertStats(
+                expert=e,
+                shared=False,
+                shapes={"gate": [i, h], "up": [i, h], "down": [h, i]},
+                freq=f,
+                routed_tokens=int(f * 1000),
+                calib_tokens=int(f * 1000),
+                err={b: dict(base) for b in ("gate", "up", "down")},
+            )
+            for e, f in enumerate(freqs)
+        ]
+        lays.append(LayerStats(layer=li, n_routed=len(freqs), top_k=2, out_energy=1.0 + li, experts=experts))
+    return CalibrationProfile("m", "qwen3_moe", "rtn", SCHEMES, 1000, 128, [], 0, lays)
+
+
+def avg_bits(plan, prof):
+    bits = params = 0.0
+    for lay, st in zip(plan.layers, prof.layers):
+        for ep, es in zip(lay.experts, st.experts):
+            for b in ("gate", "up", "down"):
+                n, k = es.shapes[b]
+                bits += get_scheme(getattr(ep, b)).bits_per_weight(k) * n * k
+                params += n * k
+    return bits / params
+
+
+@pytest.mark.parametrize("budget", [2.25, 2.75, 3.25, 4.25, 6.0])
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_budget_and_tying(budget, granularity):
+    prof = synthetic_profile()
+    res = solve_plan(prof, budget, granularity=granularity)
+    assert avg_bits(res.plan, prof) <= budget + 1e-9
+    assert res.plan.summary["avg_bits"] == pytest.approx(avg_bits(res.plan, prof))
+    for lay in res.plan.layers:
+        for e in lay.experts:
+            assert e.gate == e.up
+
+
+def test_frequent_experts_get_more_bits():
+    prof = synthetic_profile()
+    plan = solve_plan(prof, 3.25).plan
+    bits = [get_scheme(e.down).bits_per_weight() for e in plan.layers[0].experts]
+    assert bits == sorted(bits, reverse=True) and bits[0] > bits[-1]
+
+
+def test_reweighting_by_observed_frequencies_moves_bits():
+    prof = synthetic_profile()
+    flipped = [[0.1, 0.2, 0.3, 0.5, 0.9]] * 2
+    plan = solve_plan(prof, 3.25, freqs=flipped).plan
+    bits = [get_scheme(e.down).bits_per_weight() for e in plan.layers[0].experts]
+    assert bits == sorted(bits) and bits[0] < bits[-1]
+
+
+def test_r_trades_accuracy_for_latency():
+    prof = synthetic_profile()
+    # latency-only with a big bf16 advantage in the cost model: fewer bits do not always mean faster
+    acc = solve_plan(prof, 6.0, r=1.0, tokens=4096)
+    fast = solve_plan(prof, 6.0, r=0.0, tokens=4096)
+    assert acc.plan.summary["L"] <= fast.plan.summary["L"]
+    assert fast.plan.summary["T"] <= acc.plan.summary["T"]
+    lts = [(lv, tv) for lv, tv, _ in acc.frontier]
+    assert lts[0][1] <= lts[-1][1] and lts[0][0] >= lts[-1][0]  # fastest first, most accurate last
+
+
+def test_layer_mode_meets_budget_in_every_layer():
+    prof = synthetic_profile()
+    prof.layers[1].out_energy = 1000.0  # layer 1 is insensitive: model mode starves it, layer mode cannot
+    layer = solve_plan(prof, 3.25, granularity="layer").plan
+    model = solve_plan(prof, 3.25, granularity="model").plan
+    one = CalibrationProfile(prof.model, prof.model_type, prof.method, prof.schemes, 0, 0, [], 0, [prof.layers[1]])
+    from mxserve.plan import Plan
+
+    sub = Plan.from_json({**model.to_json(), "layers": [model.to_json()["layers"][1]]})
+    assert avg_bits(sub, one) < 3.0
+    sub = Plan.from_json({**layer.to_json(), "layers": [layer.to_json()["layers"][1]]})
+    assert avg_bits(sub, one) > 3.0
+
+
+def test_infeasible_and_bad_arguments():
+    prof = synthetic_profile()
+    with pytest.raises(MxServeError, match="infeasible"):
+        solve_plan(prof, 2.0)
+    with pytest.raises(MxServeError, match="--r"):
+        solve_plan(prof, 4.0, r=1.5)
+    with pytest.raises(MxServeError, match="granularity"):
+        solve_plan(prof, 4.0, granularity="expert")
+
+
+def test_measured_cost_model_interpolates():
+    prof = KernelProfile(
+        "test", [ProfileEntry("w4a16g128", 256, 128, t, s) for t, s in [(1, 1e-5), (16, 1e-5), (256, 5e-5)]]
+    )
+    cm = MeasuredCostModel(prof)
+    s = get_scheme("w4a16g128")
+    assert cm.time(s, 256, 128, 0) == 0
+    assert cm.time(s, 256, 128, 8) == pytest.approx(1e-5)
+    assert cm.time(s, 256, 128, 136) == pytest.approx(3e-5)
+    assert cm.time(s, 256, 128, 512) == pytest.approx(1e-4)
+    assert cm.time(get_scheme("bf16"), 256, 128, 8) == RooflineCostModel().time(get_scheme("bf16"), 256, 128, 8)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from mxserve.errors import MxServeError
+from mxserve.quant import hadamard
+from mxserve.quant.families import quantize_activation
+from mxserve.quant.gptq import hessian
+from mxserve.quant.packing import pack, packed_words, unpack
+from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
+from mxserve.schemes import CANONICAL, get_scheme
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_pack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (7, 256), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (7, packed_words(256, bits)) == (7, 256 * bits // 32)
+    assert torch.equal(unpack(packed, bits, 256), codes)
+
+
+def test_pack_extremes_use_all_bits():
+    codes = torch.full((2, 32), 15, dtype=torch.uint8)
+    assert torch.equal(pack(codes, 4), torch.full((2, 4), -1, dtype=torch.int32))  # 0xFFFFFFFF
+
+
+def _correlated_inputs(n=4096, k=256, seed=0):
+    """Inputs with correlated channels and outliers, where GPTQ's error feedback matters."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, k // 8, generator=g)
+    x = base.repeat_interleave(8, dim=1) + 0.3 * torch.randn(n, k, generator=g)
+    x[:, :4] *= 8
+    return x
+
+
+@pytest.mark.parametrize("name", ["w4a16g128", "w3a16g128", "w2a16g128", "w8a16", "w4a4", "w8a8fp8"])
+def test_gptq_beats_rtn_on_calibration_inputs(name):
+    scheme = get_scheme(name)
+    x = _correlated_inputs()
+    w = torch.randn(192, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    h = hessian(x)
+    y = x @ w.T
+    err = {}
+    for method in ("rtn", "gptq", "gptq-had"):
+        q = quantize_linear(w, scheme, method, h, hadamard_seed=3)
+        err[method] = ((q.forward(x) - y) ** 2).mean().item()
+    assert err["gptq"] < err["rtn"], err
+    assert err["gptq-had"] < err["rtn"], err
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+@pytest.mark.parametrize("method", ["rtn", "gptq-had"])
+def test_tensors_round_trip(name, method):
+    scheme = get_scheme(name)
+    x = torch.randn(64, 128)
+    w = torch.randn(96, 128) * 0.1
+    q = quantize_linear(w, scheme, method, hessian(x), hadamard_seed=5)
+    q2 = QuantizedLinear.from_tensors(scheme, 96, 128, q.tensors("p."), "p.", q.hadamard_seed)
+    assert torch.equal(q.forward(x), q2.forward(x))
+    rel = ((q.forward(x) - x @ w.T).norm() / (x @ w.T).norm()).item()
+    assert rel < {"bf16": 1e-2, "w8a16": 2e-2, "w8a8fp8": 0.1, "w1a16g128": 1.5}.get(name, 0.9)
+    if scheme.family == "int":
+        assert q.qweight.shape == (96, 128 * scheme.w_bits // 32)
+
+
+def test_bf16_is_lossless_for_bf16_weights():
+    w = (torch.randn(64, 128) * 0.1).to(torch.bfloat16).float()
+    q = quantize_linear(w, get_scheme("bf16"), "gptq-had", hessian(torch.randn(32, 128)))
+    assert q.hadamard_seed is None
+    assert torch.equal(q.dequantize(), w)
+
+
+def test_dequantize_is_on_grid_with_bf16_params():
+    w = torch.randn(8, 256)
+    q = quantize_linear(w, get_scheme("w4a16g128"), "rtn")
+    codes = q.codes().float()
+    assert codes.max() <= 15 and codes.min() >= 0
+    assert q.scales.dtype == torch.bfloat16 and q.scales.shape == (8, 2)
+    deq = q.dequantize()
+    s = q.scales.float().repeat_interleave(128, 1)
+    z = q.zeros.float().repeat_interleave(128, 1)
+    assert torch.allclose(deq, (codes - z) * s)
+
+
+def test_unsupported_k_is_clear_error():
+    with pytest.raises(MxServeError, match="K=192"):
+        quantize_linear(torch.randn(8, 192), get_scheme("w4a16g128"), "rtn")
+
+
+def test_gptq_needs_hessian():
+    with pytest.raises(MxServeError, match="Hessian"):
+        quantize_linear(torch.randn(8, 128), get_scheme("w4a16g128"), "gptq")
+
+
+@pytest.mark.parametrize("k", [256, 192, 7])
+def test_hadamard_rotation_is_orthogonal(k):
+    r = hadamard.rotate(torch.eye(k, dtype=torch.float64), seed=11)
+    assert torch.allclose(r @ r.T, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    h = torch.randn(k, k, dtype=torch.float64)
+    h = h @ h.T
+    assert torch.allclose(hadamard.rotate_hessian(h, 11), r.T @ h @ r, atol=1e-9)
+
+
+def test_activation_quantization_is_per_token():
+    x = torch.tensor([[1.0, -0.4, 0.3, 0.0], [100.0, -40.0, 30.0, 0.0]])
+    x4 = quantize_activation(x, get_scheme("w4a4"))
+    assert torch.allclose(x4[1] / 100, x4[0], atol=1e-6)  # same grid relative to each token's max
+    assert quantize_activation(x, get_scheme("w4a16g128")) is x
+    x8 = quantize_activation(x, get_scheme("w8a8fp8"))
+    assert torch.allclose(x8, x, rtol=0.07)
