@@ -1,4 +1,4 @@
-"""`mxserve` command line: calibrate, plan, quantize, eval.
+"""`mxserve` command line: calibrate, plan, quantize, profile, eval.
 
 Every user error prints one line ``mxserve: error: ...`` and exits with code 2.
 """
@@ -142,6 +142,39 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"{os.path.basename(path)}\tppl {ppl:.3f}\t{desc}\t({n} tokens, ctx {a.ctx}, stride {a.ctx})", flush=True)
 
 
+def cmd_profile(a: argparse.Namespace) -> None:
+    import torch
+
+    from mxkernels.profile import random_expert_weights, time_expert_gemm
+    from mxkernels.shapes import MODEL_SHAPES, gemm_shapes
+    from mxserve.costmodel import KernelProfile, ProfileEntry
+    from mxserve.schemes import parse_schemes
+
+    if not torch.cuda.is_available():
+        raise MxServeError("mxserve profile measures GPU kernels and needs a CUDA device (none found)")
+    unknown = [m for m in a.models if m not in MODEL_SHAPES]
+    if unknown:
+        raise MxServeError(f"unknown model shapes {unknown}; known: {', '.join(MODEL_SHAPES)}")
+    schemes = parse_schemes(a.schemes)
+    prof = KernelProfile(device=torch.cuda.get_device_name(), meta={"models": a.models, "n_experts": a.experts})
+    shapes = gemm_shapes(a.models)
+    for n, k in shapes:
+        for s in schemes:
+            if not s.supports(k):
+                continue
+            lin = random_expert_weights(n, k, a.experts, s, "cuda")
+            for t in a.tokens:
+                sec = time_expert_gemm(s, n, k, t, a.experts, linears=lin)
+                prof.entries.append(ProfileEntry(s.name, n, k, t, sec))
+            print(
+                f"{s.name:>10} N={n:<6} K={k:<6} "
+                + " ".join(f"{e.tokens}:{e.seconds * 1e6:.1f}us" for e in prof.entries[-len(a.tokens) :]),
+                flush=True,
+            )
+    prof.save(a.out)
+    print(f"wrote {a.out}: {len(prof.entries)} measurements on {prof.device}")
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -195,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
+
+    pr = sub.add_parser("profile", help="measure the mixed-precision kernels on this GPU for the cost model")
+    pr.add_argument(
+        "--models",
+        nargs="+",
+        default=["qwen1.5-moe-a2.7b", "deepseek-v2-lite", "mixtral-8x7b", "qwen3-30b-a3b"],
+        help="expert shapes to measure",
+    )
+    pr.add_argument("--schemes", help="comma-separated schemes (default: all canonical)")
+    pr.add_argument("--tokens", nargs="+", type=_positive_int, default=[1, 4, 16, 64, 256, 1024, 4096, 8192])
+    pr.add_argument("--experts", type=_positive_int, default=8, help="experts per launch (time is per expert)")
+    pr.add_argument("--out", required=True, help="kernel profile to write (JSON)")
+    pr.set_defaults(func=cmd_profile)
 
     e = sub.add_parser("eval", help="perplexity on held-out text")
     e.add_argument("--model", required=True, help="model directory / id, or a quantized checkpoint")

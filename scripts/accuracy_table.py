@@ -67,11 +67,13 @@ def main() -> None:
                 args += ["--calib-data", *CALIB]
             out, _ = sh(args)
             cmd = f"mxserve eval --model {{M}} --uniform {scheme} --method {method} --data {{DEV}}"
-            record(f"uniform {method} {scheme}", bits, [cmd + (" --calib-data {CALIB}" if method != "rtn" else "")],
-                   out)
+            record(
+                f"uniform {method} {scheme}", bits, [cmd + (" --calib-data {CALIB}" if method != "rtn" else "")], out
+            )
     prof = runs / f"refmoe-{a.method}.json"
-    _, cal_s = sh(["calibrate", "--model", MODEL, "--data", *CALIB, "--method", a.method, "--quiet",
-                   "--out", str(prof)])
+    _, cal_s = sh(
+        ["calibrate", "--model", MODEL, "--data", *CALIB, "--method", a.method, "--quiet", "--out", str(prof)]
+    )
     for b in a.budgets:
         plan = runs / f"plan-{b}.json"
         ckpt = runs / f"refmoe-mx{b}"
@@ -80,23 +82,41 @@ def main() -> None:
         out, _ = sh(["eval", "--model", str(ckpt), "--data", *DEV, "--quiet"])
         summary = json.loads(plan.read_text())["summary"]
         solve = float(re.search(r"solved in ([0-9.]+) s", pout).group(1))
-        record(f"MxMoE {b}bit (r=1)", summary["avg_bits"], [
-            f"mxserve calibrate --model {{M}} --data {{CALIB}} --method {a.method} --out {prof.name}",
-            f"mxserve plan --profile {prof.name} --budget {b}bit --r 1 --out {plan.name}",
-            f"mxserve quantize --model {{M}} --plan {plan.name} --out {ckpt.name}",
-            f"mxserve eval --model {ckpt.name} --data {{DEV}}",
-        ], out, schemes=summary["schemes"], solve_seconds=solve, plan_command_seconds=round(plan_s, 2))
+        record(
+            f"MxMoE {b}bit (r=1)",
+            summary["avg_bits"],
+            [
+                f"mxserve calibrate --model {{M}} --data {{CALIB}} --method {a.method} --out {prof.name}",
+                f"mxserve plan --profile {prof.name} --budget {b}bit --r 1 --out {plan.name}",
+                f"mxserve quantize --model {{M}} --plan {plan.name} --out {ckpt.name}",
+                f"mxserve eval --model {ckpt.name} --data {{DEV}}",
+            ],
+            out,
+            schemes=summary["schemes"],
+            solve_seconds=solve,
+            plan_command_seconds=round(plan_s, 2),
+        )
     results = ROOT / "results"
     results.mkdir(exist_ok=True)
-    meta = {"model": MODEL, "dev": DEV, "calib": CALIB, "eval": "ctx 512, stride 512, first 32768 tokens per file",
-            "calibrate_seconds": round(cal_s, 1), "rows": rows}
+    meta = {
+        "model": MODEL,
+        "dev": DEV,
+        "calib": CALIB,
+        "eval": "ctx 512, stride 512, first 32768 tokens per file",
+        "calibrate_seconds": round(cal_s, 1),
+        "rows": rows,
+    }
     (results / "accuracy-refmoe.json").write_text(json.dumps(meta, indent=1) + "\n")
-    lines = ["| config | avg bits | Shakespeare ppl | Python ppl | schemes (share of expert weights) |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        "| config | avg bits | Shakespeare ppl | Python ppl | schemes (share of expert weights) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         sch = ", ".join(f"{k} {v:.0%}" for k, v in r.get("schemes", {}).items())
-        lines.append(f"| {r['config']} | {r['bits']:.3f} | {r['ppl'].get('shakespeare', float('nan')):.2f} | "
-                     f"{r['ppl'].get('python', float('nan')):.2f} | {sch} |")
+        lines.append(
+            f"| {r['config']} | {r['bits']:.3f} | {r['ppl'].get('shakespeare', float('nan')):.2f} | "
+            f"{r['ppl'].get('python', float('nan')):.2f} | {sch} |"
+        )
     (results / "accuracy-refmoe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

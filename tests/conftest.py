@@ -7,14 +7,20 @@ from ../shared beside the checkout.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before
+# triton.jit decorates them, i.e. before any test imports mxkernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("MXSERVE_SHARED", ROOT.parent / "shared"))  # the GPU machine gets a copy
 REFMOE = SHARED / "models" / "refmoe-25m"
 DATA = SHARED / "data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

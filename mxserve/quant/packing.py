@@ -42,7 +42,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per_word = 32 // p
         plane = (c >> shift) & ((1 << p) - 1)
         plane = plane.view(n, k // per_word, per_word)
-        offsets = torch.arange(per_word, dtype=torch.int64) * p
+        offsets = torch.arange(per_word, dtype=torch.int64, device=codes.device) * p
         words = (plane << offsets).sum(dim=-1)  # disjoint bit ranges: sum == or
         out.append(words)
         shift += p

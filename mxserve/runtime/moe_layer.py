@@ -3,8 +3,8 @@
 It replaces a model's sparse MoE block and keeps the model's own router (and
 shared-expert gate) under their original attribute names, so checkpoints keep
 the model's tensor names. Both engines use this one layer; the device decides
-the path (Triton kernels on CUDA once available, the torch reference
-elsewhere). It counts routed tokens per expert for router_stats.
+the path: the mixed-precision Triton kernels on CUDA, the torch reference
+(dequantize + matmul) elsewhere. It counts routed tokens per expert for router_stats.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mxkernels.arena import build_arena
+from mxkernels.moe import mx_moe_forward
 from mxkernels.reference import moe_reference
 from mxserve.models.adapters import MoELayerView
 from mxserve.quant.qlinear import QuantizedLinear
@@ -46,6 +48,7 @@ class MxMoELayer(nn.Module):
         self.counter = ExpertCounter(self.n_routed)
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense_key: tuple | None = None
+        self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
 
     def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.shared_gate_name:
@@ -69,6 +72,10 @@ class MxMoELayer(nn.Module):
         if self.counter.counts.device != x.device:
             self.counter.to(x.device)
         self.counter.record(topk_ids)
+        if x.is_cuda:
+            gate_up, down = self.arenas(x.device)
+            out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, self.shared_scale(x))
+            return out.to(hidden_states.dtype).reshape(shape)
         out = moe_reference(
             x,
             topk_ids,
@@ -80,7 +87,17 @@ class MxMoELayer(nn.Module):
         )
         return out.reshape(shape)
 
+    def arenas(self, device: torch.device):
+        """The layer's packed weights for the Triton kernels, on ``device``."""
+        if self._arenas is None or self._arenas[0].meta.device != device:
+            self._arenas = (
+                build_arena([e.gate_up for e in self.experts_q]).to(device),
+                build_arena([e.down for e in self.experts_q]).to(device),
+            )
+        return self._arenas
+
     def set_experts(self, experts: list[QuantizedExpert]) -> None:
         """Swap in experts in other schemes (same layer, same shapes)."""
         self.experts_q = experts
         self._dense = None
+        self._arenas = None

@@ -1,0 +1,317 @@
+"""MoE-layer forward time on the GPU: mxserve's mixed-precision kernel vs baselines, one run.
+
+For each model's expert shapes, routing (skewed: Zipf prior over experts;
+uniform) and token count, times the whole expert computation of one layer
+(both GEMMs, routing weights, top-k sum; shared experts as extra experts):
+
+- torch bf16: the per-expert loop transformers runs (eager);
+- sglang bf16 / w4a16 (int4, group 128) / fp8 w8a8 (per-channel): SGLang's
+  Triton fused_moe (``fused_experts_impl``), same routing;
+- ours bf16 / w4a16g128 / w8a8fp8 (uniform) and ours mixed: the plan that
+  gives the more frequent half of the experts (and the shared ones) w4a16g128
+  and the rest w2a16g128 (3.25 average bits when the halves are equal).
+
+Ceilings (copy bandwidth, bf16 and fp8 matmul rate) are measured in the same
+run. Writes moe_layer.json and moe_layer.md into --out.
+
+    python3 benchmarks/moe_layer.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mxkernels.arena import build_arena  # noqa: E402
+from mxkernels.moe import extend_routing, mx_moe_forward  # noqa: E402
+from mxkernels.shapes import MODEL_SHAPES, TOKEN_COUNTS  # noqa: E402
+from mxserve.quant.qlinear import QuantizedLinear, quantize_linear  # noqa: E402
+from mxserve.schemes import get_scheme  # noqa: E402
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
+
+
+def ceilings(dev) -> dict:
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device=dev).normal_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    m = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t_mm = bench(lambda: m @ m)
+    res = {"copy_GBps": 2 * n * 2 / t / 1e9, "bf16_TFLOPs": 2 * 8192**3 / t_mm / 1e12}
+    try:
+        f = m.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=dev)
+        t8 = bench(lambda: torch._scaled_mm(f, f.T, one, one, out_dtype=torch.bfloat16))
+        res["fp8_TFLOPs"] = 2 * 8192**3 / t8 / 1e12
+    except Exception as e:  # noqa: BLE001 - a missing fp8 path is reported, not fatal
+        res["fp8_error"] = str(e)[:200]
+    return res
+
+
+def routing(t: int, e: int, k: int, skewed: bool, gen, dev):
+    logits = torch.randn(t, e, generator=gen, device=dev)
+    if skewed:  # Zipf(1) prior: expert of rank r is exp(-log r) as likely
+        logits = (
+            logits
+            + (-torch.log(torch.arange(1, e + 1, device=dev, dtype=torch.float32)))[
+                torch.randperm(e, generator=gen, device=dev)
+            ]
+        )
+    w, ids = torch.topk(torch.softmax(logits, -1), k)
+    return ids, w
+
+
+def sglang_impl():
+    try:
+        from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts_impl
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        # fused_moe reads a few global server settings; outside a server they must be set once.
+        set_global_server_args_for_scheduler(ServerArgs(model_path="none"))
+        return fused_experts_impl, None
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+def run_model(name: str, tokens, dev, gen, sgl, results: list) -> None:
+    m = MODEL_SHAPES[name]
+    h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
+    ne = e + s
+    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    bf16 = get_scheme("bf16")
+
+    def arenas(schemes: list[str]):
+        lg = [
+            QuantizedLinear(bf16, 2 * i, h, gu[x])
+            if sc == "bf16"
+            else quantize_linear(gu[x].float(), get_scheme(sc), "rtn")
+            for x, sc in enumerate(schemes)
+        ]
+        ld = [
+            QuantizedLinear(bf16, h, i, dn[x])
+            if sc == "bf16"
+            else quantize_linear(dn[x].float(), get_scheme(sc), "rtn")
+            for x, sc in enumerate(schemes)
+        ]
+        ag, ad = build_arena(lg), build_arena(ld)
+        bits = sum(
+            get_scheme(sc).bits_per_weight(kk) * nn * kk for sc in schemes for nn, kk in ((2 * i, h), (h, i))
+        ) / (len(schemes) * 3 * i * h)
+        return ag.to(dev), ad.to(dev), bits
+
+    variants = {f"ours {sc}": arenas([sc] * ne) for sc in ("bf16", "w4a16g128", "w8a8fp8")}
+    sgl_w = {}
+    if sgl is not None:
+        sgl_w["bf16"] = (gu.contiguous(), dn.contiguous())
+        sgl_w["int4"] = (
+            torch.randint(0, 255, (ne, 2 * i, h // 2), dtype=torch.uint8, device=dev),
+            torch.randint(0, 255, (ne, h, i // 2), dtype=torch.uint8, device=dev),
+            torch.rand(ne, 2 * i, h // 128, device=dev, dtype=torch.bfloat16) * 0.01,
+            torch.rand(ne, h, i // 128, device=dev, dtype=torch.bfloat16) * 0.01,
+        )
+        sgl_w["fp8"] = (
+            gu.to(torch.float8_e4m3fn),
+            dn.to(torch.float8_e4m3fn),
+            torch.full((ne, 2 * i, 1), 0.01, device=dev),
+            torch.full((ne, h, 1), 0.01, device=dev),
+        )
+    for skewed in (True, False):
+        # The mixed plan follows this routing's expert popularity (what the planner would do).
+        probe_ids, _ = routing(4096, e, k, skewed, torch.Generator(device=dev).manual_seed(7), dev)
+        order = torch.bincount(probe_ids.reshape(-1), minlength=e).argsort(descending=True).tolist()
+        plan = ["w2a16g128"] * ne
+        for x in order[: e // 2] + list(range(e, ne)):
+            plan[x] = "w4a16g128"
+        variants["ours mixed"] = arenas(plan)
+        for t in tokens:
+            x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=gen)
+            ids, w = routing(t, e, k, skewed, gen, dev)
+            ide, we = extend_routing(ids, w, ne, e, None)
+            rows = ide.numel()
+            active = torch.unique(ide).numel()
+            flops = 6.0 * rows * i * h
+            act_bytes = t * h * 2 + rows * i * 4 + rows * h * 8
+
+            def record(variant: str, sec: float, w_bytes: float, bits: float | None) -> None:
+                results.append(
+                    {
+                        "model": name,
+                        "routing": "skewed" if skewed else "uniform",
+                        "tokens": t,
+                        "variant": variant,
+                        "seconds": sec,
+                        "avg_bits": bits,
+                        "GBps": (w_bytes * active / ne + act_bytes) / sec / 1e9,
+                        "TFLOPs": flops / sec / 1e12,
+                    }
+                )
+
+            for vname, (ag, ad, bits) in variants.items():
+                sec = bench(lambda ag=ag, ad=ad: mx_moe_forward(x, ide, we, ag, ad, ne))
+                record(vname, sec, ag.nbytes() + ad.nbytes(), bits)
+            if t <= 1024 or e <= 16:  # the eager loop at 8192 tokens x 128 experts only adds minutes
+
+                def torch_loop():
+                    out = torch.zeros(t, h, device=dev, dtype=torch.float32)
+                    for ex in torch.unique(ide).tolist():
+                        tok, pos = torch.where(ide == ex)
+                        g, u = (x[tok] @ gu[ex].T).chunk(2, -1)
+                        out.index_add_(
+                            0, tok, ((torch.nn.functional.silu(g) * u) @ dn[ex].T).float() * we[tok, pos, None]
+                        )
+                    return out
+
+                record("torch bf16", bench(torch_loop), (gu.numel() + dn.numel()) * 2, 16.0)
+            if sgl is not None:
+                ids32 = ide.to(torch.int32)
+                calls = {
+                    "sglang bf16": (lambda: sgl(x, *sgl_w["bf16"], we, ids32), 16.0),
+                    "sglang w4a16": (
+                        lambda: sgl(
+                            x,
+                            sgl_w["int4"][0],
+                            sgl_w["int4"][1],
+                            we,
+                            ids32,
+                            use_int4_w4a16=True,
+                            w1_scale=sgl_w["int4"][2],
+                            w2_scale=sgl_w["int4"][3],
+                            block_shape=[0, 128],
+                        ),
+                        4.125,
+                    ),
+                    "sglang fp8 w8a8": (
+                        lambda: sgl(
+                            x,
+                            sgl_w["fp8"][0],
+                            sgl_w["fp8"][1],
+                            we,
+                            ids32,
+                            use_fp8_w8a8=True,
+                            per_channel_quant=True,
+                            w1_scale=sgl_w["fp8"][2],
+                            w2_scale=sgl_w["fp8"][3],
+                        ),
+                        8.0,
+                    ),
+                }
+                for vname, (fn, bits) in calls.items():
+                    try:
+                        sec = bench(fn)
+                    except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
+                        print(f"{vname} failed: {err}", file=sys.stderr)
+                        continue
+                    record(vname, sec, ne * 3 * i * h * bits / 8, bits)
+            print(
+                f"{name} {'skewed' if skewed else 'uniform'} T={t}: "
+                + ", ".join(
+                    f"{r['variant']} {r['seconds'] * 1e6:.0f}us"
+                    for r in results
+                    if r["model"] == name and r["tokens"] == t and r["routing"] == ("skewed" if skewed else "uniform")
+                ),
+                flush=True,
+            )
+
+
+def markdown(results: list, meta: dict) -> str:
+    lines = [
+        f"Device: {meta['device']}. Ceilings measured in the same run: copy {meta['ceilings']['copy_GBps']:.0f} "
+        f"GB/s, bf16 matmul {meta['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s, fp8 matmul "
+        f"{meta['ceilings'].get('fp8_TFLOPs', float('nan')):.0f} TFLOP/s.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    cols = [
+        "torch bf16",
+        "sglang bf16",
+        "sglang w4a16",
+        "sglang fp8 w8a8",
+        "ours bf16",
+        "ours w4a16g128",
+        "ours w8a8fp8",
+        "ours mixed",
+    ]
+    for model in MODEL_SHAPES:
+        for rt in ("skewed", "uniform"):
+            rows = [r for r in results if r["model"] == model and r["routing"] == rt]
+            if not rows:
+                continue
+            mixed_bits = next((r["avg_bits"] for r in rows if r["variant"] == "ours mixed"), float("nan"))
+            lines += [
+                f"### {model}, {rt} routing (time in us; mixed = {mixed_bits:.2f} avg bits)",
+                "",
+                "| tokens | " + " | ".join(cols) + " | mixed vs best bf16 | w4 ours/sglang | fp8 vs best bf16 "
+                "| mixed GB/s | fp8 TFLOP/s |",
+                "|---:|" + "---:|" * (len(cols) + 5),
+            ]
+            for t in sorted({r["tokens"] for r in rows}):
+                by = {r["variant"]: r for r in rows if r["tokens"] == t}
+                cell = [f"{by[c]['seconds'] * 1e6:.0f}" if c in by else "-" for c in cols]
+                bf = min((by[c]["seconds"] for c in ("torch bf16", "sglang bf16") if c in by), default=math.nan)
+                mx = by.get("ours mixed", {}).get("seconds", math.nan)
+                w4 = by.get("ours w4a16g128", {}).get("seconds", math.nan)
+                sw4 = by.get("sglang w4a16", {}).get("seconds", math.nan)
+                f8 = by.get("ours w8a8fp8", {}).get("seconds", math.nan)
+                lines.append(
+                    f"| {t} | " + " | ".join(cell) + f" | {bf / mx:.2f}x | {w4 / sw4:.2f} | {bf / f8:.2f}x"
+                    f" | {by.get('ours mixed', {}).get('GBps', math.nan):.0f}"
+                    f" | {by.get('ours w8a8fp8', {}).get('TFLOPs', math.nan):.0f} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--models", nargs="+", default=list(MODEL_SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKEN_COUNTS))
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    os.makedirs(a.out, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": "python3 benchmarks/moe_layer.py " + " ".join(sys.argv[1:]),
+        "ceilings": ceilings(dev),
+    }
+    import triton
+
+    meta["triton"] = triton.__version__
+    sgl, sgl_err = sglang_impl()
+    meta["sglang"] = sgl_err or __import__("sglang").__version__
+    print(json.dumps(meta), flush=True)
+    results: list = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    t0 = time.time()
+    for model in a.models:
+        run_model(model, a.tokens, dev, gen, sgl, results)
+        torch.cuda.empty_cache()
+        with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    meta["seconds"] = time.time() - t0
+    with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    md = markdown(results, meta)
+    with open(os.path.join(a.out, "moe_layer.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Measuring the kernels for the planner's cost model (GPU only).
+
+The cost model wants the time of one expert's GEMM for a scheme, shape (N, K)
+and token count. Launch overhead is shared by every expert of a launch, so a
+measurement runs ``n_experts`` experts of one scheme with ``tokens`` tokens
+each in one launch and divides by ``n_experts``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxkernels.arena import build_arena
+from mxkernels.moe import _gemm, align, pick_tiles
+
+
+def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: int = 0) -> list:
+    """Random weights of one scheme (RTN), quantized on ``device``."""
+    from mxserve.quant.qlinear import quantize_linear
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [
+        quantize_linear(torch.randn(n, k, generator=g, device=device) * 0.02, scheme, "rtn") for _ in range(n_experts)
+    ]
+
+
+def time_expert_gemm(
+    scheme, n: int, k: int, tokens: int, n_experts: int = 8, device: str = "cuda", linears: list | None = None
+) -> float:
+    """Median seconds of one expert's [tokens, K] x [K, N] GEMM in ``scheme`` (down-GEMM path)."""
+    import triton.testing
+
+    arena = build_arena(linears or random_expert_weights(n, k, n_experts, scheme, device)).to(device)
+    e = arena.n_experts
+    ids = torch.arange(e, device=device).repeat_interleave(tokens)
+    rows = ids.numel()
+    tiles = pick_tiles(rows, e, arena.min_group)
+    sorted_ids, block_expert, npp = align(ids, e, tiles[0])
+    a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    out = torch.empty(rows, n, device=device, dtype=torch.float32)
+    w = torch.ones(rows, device=device)
+
+    def run():
+        _gemm(a, arena, out, sorted_ids, block_expert, npp, w, rows, 1, False, tiles)
+
+    ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+    return ms * 1e-3 / e

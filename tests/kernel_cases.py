@@ -1,0 +1,107 @@
+"""Kernel-vs-reference checks shared by the interpreter tests (CPU) and the GPU tests."""
+
+from __future__ import annotations
+
+import torch
+
+from mxkernels.arena import build_arena
+from mxkernels.moe import extend_routing, moe_gemms, mx_moe_forward
+from mxkernels.reference import moe_reference
+from mxserve.quant.families import quantize_activation
+from mxserve.quant.gptq import hessian
+from mxserve.quant.hadamard import rotate
+from mxserve.quant.qlinear import quantize_linear
+from mxserve.runtime.moe_layer import QuantizedExpert
+from mxserve.schemes import get_scheme
+
+POISON = float("nan")
+
+
+def make_experts(names: list[str], h: int, i: int, n_experts: int, n_shared: int, method: str, gen, device):
+    """Experts cycling through ``names`` (gate/up and down offset, so blocks differ within an expert)."""
+    experts = []
+    x = torch.randn(256, h, generator=gen)
+    for e in range(n_experts + n_shared):
+        gu = torch.randn(2 * i, h, generator=gen) * 0.05
+        d = torch.randn(h, i, generator=gen) * 0.05
+        s1, s2 = get_scheme(names[e % len(names)]), get_scheme(names[(e + 2) % len(names)])
+        hh = hessian(x) if method != "rtn" else None
+        hd = hessian(torch.randn(256, i, generator=gen)) if method != "rtn" else None
+        experts.append(
+            QuantizedExpert(
+                quantize_linear(gu, s1, method, hh, 1), quantize_linear(d, s2, method, hd, 1), e >= n_experts
+            )
+        )
+    return experts
+
+
+def route(t: int, n_experts: int, k: int, gen, skew: bool = True):
+    """Top-k routing; with skew, only half the experts ever get tokens (some get none)."""
+    logits = torch.randn(t, n_experts, generator=gen)
+    if skew:
+        logits[:, n_experts // 2 :] -= 100.0
+    w, ids = torch.topk(torch.softmax(logits, -1), k)
+    return ids, w
+
+
+def _as_kernel(ql, xin: torch.Tensor) -> torch.Tensor:
+    """The reference block on what the kernel reads: the rotated input copy is kept in bf16."""
+    if ql.hadamard_seed is not None:
+        xin = rotate(xin, ql.hadamard_seed).to(torch.bfloat16).float()
+    return torch.nn.functional.linear(quantize_activation(xin, ql.scheme), ql.dequantize())
+
+
+def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn") -> dict[str, float]:
+    """Per scheme: relative error of each GEMM of the kernel against the reference on the same inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(names, h, i, n_experts, n_shared, method, gen, device)
+    gu = build_arena([e.gate_up for e in experts]).to(device)
+    dn = build_arena([e.down for e in experts]).to(device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    ids, w = route(t, n_experts, k, gen)
+    scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
+    ids, w = extend_routing(ids, w, len(experts), n_experts, scale)
+    inter, out = moe_gemms(x.to(device), ids.to(device), w.to(device), gu, dn, poison=True)
+    inter, out = inter.float().cpu(), out.cpu()
+    slots = ids.shape[1]
+    err: dict[str, list[torch.Tensor]] = {}
+    for r, e in enumerate(ids.reshape(-1).tolist()):
+        ex = experts[e]
+        g, u = _as_kernel(ex.gate_up, x[r // slots].float()[None]).chunk(2, -1)
+        ref_i = torch.nn.functional.silu(g) * u
+        ref_o = w.reshape(-1)[r] * _as_kernel(ex.down, inter[r].float()[None])
+        err.setdefault(ex.gate_up.scheme.name + "/gate_up", []).append(
+            torch.stack([(inter[r] - ref_i[0]).norm(), ref_i.norm()])
+        )
+        err.setdefault(ex.down.scheme.name + "/down", []).append(
+            torch.stack([(out[r] - ref_o[0]).norm(), ref_o.norm()])
+        )
+    assert torch.isfinite(inter).all() and torch.isfinite(out).all()
+    res = {}
+    for key, pairs in err.items():
+        p = torch.stack(pairs)
+        res[key] = (p[:, 0].norm() / p[:, 1].norm()).item()
+    return res
+
+
+def layer_error(names, t, h, i, n_experts, n_shared, k, device, seed) -> float:
+    """Relative error of the whole layer (one launch per GEMM) against the bf16 torch reference."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(names, h, i, n_experts, n_shared, "rtn", gen, device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    ids, w = route(t, n_experts, k, gen)
+    scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
+    dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
+    ref = moe_reference(x.float(), ids, w, [e.linears() for e in experts], dense, n_experts, scale)
+    out = mx_moe_forward(
+        x.to(device),
+        ids.to(device),
+        w.to(device),
+        build_arena([e.gate_up for e in experts]).to(device),
+        build_arena([e.down for e in experts]).to(device),
+        n_experts,
+        scale.to(device),
+    )
+    out = out.float().cpu()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
