@@ -118,8 +118,6 @@ def _mm_wonly(
     ngroups = K // group
     for k0 in range(0, K, BK):
         a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
-        kk = k0 + offs_k
-        m = (kk[:, None] < K) & mask_n[None, :]
         q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK)
         # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
         g = cols * ngroups + k0 // group

@@ -1,4 +1,4 @@
-"""`mxserve` command line: calibrate, plan, quantize, profile, eval.
+"""`mxserve` command line: launch, calibrate, plan, quantize, profile, eval.
 
 Every user error prints one line ``mxserve: error: ...`` and exits with code 2.
 """
@@ -175,6 +175,26 @@ def cmd_profile(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: {len(prof.entries)} measurements on {prof.device}")
 
 
+def cmd_launch(a: argparse.Namespace) -> None:
+    from mxserve.launch import LaunchSettings, pick_engine, resolve_checkpoint, serve
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    pick_engine(a.engine)
+    if a.tp > 1:
+        raise MxServeError("--tp > 1 needs the SGLang engine, which is not in this version yet")
+    ckpt = resolve_checkpoint(LaunchSettings(
+        model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
+        calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
+        progress=not a.quiet,
+    ))
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    serve(ckpt, a.host, a.port, name, a.api_key or os.environ.get("MXSERVE_API_KEY"), a.max_model_len,
+          a.default_max_tokens)
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -188,6 +208,29 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mxserve", description="Mixed-precision MoE quantization and serving (MxMoE).")
     sub = p.add_subparsers(dest="command", required=True)
+
+    la = sub.add_parser("launch", help="quantize to a budget (or plan) and serve an OpenAI-compatible API")
+    la.add_argument("--model", required=True, help="model directory, Hugging Face id, or an mxmoe checkpoint")
+    la.add_argument("--budget", help="average bits per expert weight: 4bit, 3.25bit or 3.25")
+    la.add_argument("--plan", help="a plan from `mxserve plan` (instead of --budget)")
+    la.add_argument("--calib-data", nargs="+", help="calibration text (default: built-in stdlib source text)")
+    la.add_argument("--method", default="gptq-had", choices=METHOD_CHOICES)
+    la.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration windows of 512 tokens")
+    la.add_argument("--r", type=float, default=1.0, help="planner accuracy weight (1 accuracy only, 0 latency)")
+    la.add_argument("--plan-tokens", type=_positive_int, default=64, help="tokens per forward the plan targets")
+    la.add_argument("--kernel-profile", help="measured kernel profile for the planner's latency term")
+    la.add_argument("--engine", choices=("embedded", "sglang"), help="default: embedded")
+    la.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    la.add_argument("--port", type=int, default=8000)
+    la.add_argument("--api-key", help="require this bearer token (or set MXSERVE_API_KEY)")
+    la.add_argument("--served-model-name", help="model name in the API (default: the model's folder name)")
+    la.add_argument("--max-model-len", "--context-length", type=_positive_int, dest="max_model_len",
+                    help="context length (default: the model's max_position_embeddings)")
+    la.add_argument("--default-max-tokens", type=_positive_int, default=256)
+    la.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size (SGLang engine only)")
+    la.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    la.add_argument("--quiet", action="store_true")
+    la.set_defaults(func=cmd_launch)
 
     c = sub.add_parser("calibrate", help="measure per-block quantization sensitivity and routing frequency")
     c.add_argument("--model", required=True, help="model directory or Hugging Face id")

@@ -1,0 +1,176 @@
+"""`mxserve launch`: resolve a plan, quantize (cached), and serve.
+
+The plan comes from ``--plan``, or from ``--budget``: calibrate on
+``--calib-data`` (else on a built-in text), then solve. Calibration profiles
+and quantized checkpoints are cached under ``$MXSERVE_CACHE`` (default
+``~/.cache/mxserve``), keyed by the model's files and every setting that
+changes them, so a second launch with the same settings starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from mxserve.errors import MxServeError
+from mxserve.models.loading import is_quantized_checkpoint
+
+# Standard-library modules whose source makes the built-in calibration text: present on
+# every machine, real code and English docstrings. json, email and http are left out
+# because they are the Python dev set of ../shared/data.
+_BUILTIN_MODULES = ("argparse", "dataclasses", "functools", "textwrap", "pathlib", "string", "calendar",
+                    "fractions", "shlex", "difflib")
+
+
+def cache_root() -> str:
+    return os.environ.get("MXSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mxserve")
+
+
+def builtin_calibration_text() -> str:
+    """Path of the built-in calibration text (written to the cache once)."""
+    import importlib
+
+    path = os.path.join(cache_root(), "builtin-calib.txt")
+    if not os.path.isfile(path):
+        os.makedirs(cache_root(), exist_ok=True)
+        parts = [inspect.getsource(importlib.import_module(m)) for m in _BUILTIN_MODULES]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n<|endoftext|>\n".join(parts))
+        os.replace(tmp, path)
+    return path
+
+
+def _fingerprint(model: str) -> str:
+    """What identifies a model's weights: its config and the size/mtime of its weight files."""
+    if not os.path.isdir(model):
+        return model
+    h = hashlib.sha256(os.path.abspath(model).encode())
+    for name in sorted(os.listdir(model)):
+        if name.endswith((".json", ".safetensors")):
+            st = os.stat(os.path.join(model, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LaunchSettings:
+    model: str
+    budget: str | None = None
+    plan: str | None = None
+    calib_data: list[str] | None = None
+    method: str = "gptq-had"
+    calib_samples: int = 64
+    r: float = 1.0
+    tokens: int = 64
+    kernel_profile: str | None = None
+    progress: bool = True
+
+
+def log(msg: str) -> None:
+    print(f"mxserve: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(s: LaunchSettings) -> str:
+    """Directory of the quantized checkpoint to serve, making (and caching) it when needed."""
+    from mxserve.calibrate import calibrate
+    from mxserve.checkpoint import quantize_to_dir
+    from mxserve.costmodel import cost_model
+    from mxserve.plan import Plan
+    from mxserve.planner import solve_plan
+    from mxserve.profile import CalibrationProfile
+    from mxserve.schemes import parse_budget, parse_schemes
+
+    if is_quantized_checkpoint(s.model):
+        if s.budget or s.plan:
+            log(f"{s.model} is already quantized; --budget/--plan are ignored")
+        return s.model
+    fp = _fingerprint(s.model)
+    if s.plan:
+        plan = Plan.load(s.plan)
+    else:
+        if not s.budget:
+            raise MxServeError("give --budget (e.g. 4bit) or --plan")
+        budget = parse_budget(s.budget)
+        data = s.calib_data or [builtin_calibration_text()]
+        for d in data:
+            if not os.path.isfile(d):
+                raise MxServeError(f"calibration file {d} does not exist")
+        data_ids = [(os.path.abspath(d), os.path.getsize(d), os.stat(d).st_mtime_ns) for d in data]
+        prof_path = os.path.join(cache_root(), f"calib-{_key(fp, data_ids, s.method, s.calib_samples)}.json")
+        if os.path.isfile(prof_path):
+            log(f"calibration profile from cache: {prof_path}")
+            prof = CalibrationProfile.load(prof_path)
+        else:
+            log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens) ...")
+            prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
+                             progress=s.progress)
+            prof.save(prof_path)
+        res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile))
+        plan = res.plan
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in plan.summary["schemes"].items())
+        log(f"plan: {plan.summary['avg_bits']:.3f} avg bits (budget {budget:g}) in {res.seconds:.1f} s: {shares}")
+    out = os.path.join(cache_root(), f"ckpt-{_key(fp, plan.to_json())}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        log(f"quantized checkpoint from cache: {out}")
+        return out
+    log(f"quantizing to {out} ...")
+    quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress)
+    return out
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise MxServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def pick_engine(requested: str | None) -> str:
+    has_cuda = torch.cuda.is_available()
+    if requested == "sglang":
+        raise MxServeError("the SGLang engine is not in this version yet; use --engine embedded "
+                           "(it runs the same mixed-precision kernels on CUDA)")
+    if requested is None and has_cuda:
+        log("CUDA found; serving with the embedded engine (SGLang engine not in this version yet)")
+    return "embedded"
+
+
+def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
+          max_model_len: int | None, default_max_tokens: int) -> None:
+    import uvicorn
+
+    from mxserve.checkpoint import load_quantized
+    from mxserve.engines.embedded import EmbeddedEngine
+    from mxserve.models.loading import load_tokenizer
+    from mxserve.server.api import create_app
+
+    _check_port(host, port)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, plan = load_quantized(ckpt, dtype=dtype, device=device)
+    tok = load_tokenizer(ckpt)
+    limit = getattr(model.config, "max_position_embeddings", 2048)
+    if max_model_len is not None and max_model_len > limit:
+        raise MxServeError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
+    engine = EmbeddedEngine(model, tok, max_model_len or limit)
+    app = create_app(engine, served_model_name, api_key, default_max_tokens)
+    log(f"serving {served_model_name} ({plan.summary.get('avg_bits', plan.budget_bits):.2f} avg bits, {device}) "
+        f"on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.shutdown()

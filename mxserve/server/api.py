@@ -1,0 +1,282 @@
+"""OpenAI-compatible HTTP API over the embedded engine (FastAPI).
+
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both with
+``stream``), /health, /metrics. Errors use OpenAI's JSON shape
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; a bad
+request never takes the server down. With an API key set, every /v1 route and
+/metrics need ``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, Field, field_validator
+
+from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
+from router_stats.prometheus import RoutingCollector
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(default=None)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("max_tokens must be at least 1")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if not 0 <= v <= 2:
+            raise ValueError("temperature must be within [0, 2]")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v):
+        if not 0 < v <= 1:
+            raise ValueError("top_p must be within (0, 1]")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | None = None,
+               default_max_tokens: int = 256) -> FastAPI:
+    app = FastAPI(title="mxserve", version="0.1.0")
+    registry = CollectorRegistry()
+    registry.register(RoutingCollector(engine.layers))
+    requests_total = Counter("mxserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                             registry=registry)
+    tokens_total = Counter("mxserve_generated_tokens", "Generated tokens", registry=registry)
+    tok = engine.tokenizer
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key and (path.startswith("/v1") or path == "/metrics"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {api_key}"):
+                requests_total.labels(path, "401").inc()
+                return error_response(401, "invalid or missing API key", "authentication_error",
+                                      code="invalid_api_key")
+        response = await call_next(request)
+        requests_total.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def _api_error(_req, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON")
+        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error_response(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "mxserve", "max_model_len": engine.max_model_len}]}
+
+    def check(req: _Sampling, prompt_ids: list[int]) -> SamplingParams:
+        if req.model != served_model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{served_model_name!r}", param="model", code="model_not_found")
+        max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(prompt_ids) + max_tokens > engine.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; the "
+                                f"request has {len(prompt_ids)} prompt tokens and asks for {max_tokens} more",
+                           param="max_tokens", code="context_length_exceeded")
+        if any(t < 0 or t >= len(tok) for t in prompt_ids):
+            raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed)
+
+    def run(prompt_ids: list[int], params: SamplingParams) -> tuple[str, str, int]:
+        ids, reason = [], "length"
+        for item in engine.generate(prompt_ids, params):
+            if isinstance(item, str):
+                reason = item
+            else:
+                ids.append(item)
+        tokens_total.inc(len(ids))
+        return _trim(tok.decode(ids, skip_special_tokens=True), params.stop), reason, len(ids)
+
+    async def stream(prompt_ids, params, make_chunk) -> AsyncIterator[str]:
+        """SSE chunks; the engine runs in a thread and hands tokens over through a queue."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def produce():
+            try:
+                for item in engine.generate(prompt_ids, params):
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+            except BaseException as e:  # noqa: BLE001
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+        threading.Thread(target=produce, daemon=True).start()
+        ids: list[int] = []
+        sent = ""
+        reason = "length"
+        yield _sse(make_chunk(None, None, first=True))
+        while True:
+            item = await q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                yield _sse({"error": {"message": str(item), "type": "server_error"}})
+                break
+            if isinstance(item, str):
+                reason = item
+                continue
+            ids.append(item)
+            text = _trim(tok.decode(ids, skip_special_tokens=True), params.stop)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            delta, sent = text[len(sent):], text
+            if delta:
+                yield _sse(make_chunk(delta, None))
+        tokens_total.inc(len(ids))
+        yield _sse(make_chunk(None, reason))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompt_ids = req.prompt if isinstance(req.prompt, list) else tok(req.prompt, add_special_tokens=False)[
+            "input_ids"]
+        params = check(req, prompt_ids)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, reason, first=False):
+            return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+
+        if req.stream:
+            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk)), media_type="text/event-stream")
+        text, reason, n = await asyncio.to_thread(run, prompt_ids, params)
+        body = chunk(text, reason)
+        body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": n,
+                         "total_tokens": len(prompt_ids) + n}
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        try:
+            prompt_ids = tok.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+        except Exception as e:  # noqa: BLE001 - a template that rejects the messages is the caller's error
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        if isinstance(prompt_ids, dict):
+            prompt_ids = prompt_ids["input_ids"]
+        params = check(req, list(prompt_ids))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, reason, first=False):
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+        if req.stream:
+            return StreamingResponse(stream(list(prompt_ids), params, chunk), media_type="text/event-stream")
+        text, reason, n = await asyncio.to_thread(run, list(prompt_ids), params)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n,
+                          "total_tokens": len(prompt_ids) + n}}
+
+    return app
+
+
+def _trim(text: str, stop: list[str]) -> str:
+    for s in stop:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _skip_first(gen: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Completions streams have no role chunk: drop the first one."""
+    first = True
+    async for item in gen:
+        if first:
+            first = False
+            continue
+        yield item
+
+
+def iter_sse(lines: Iterator[str]) -> Iterator[dict]:
+    """Parse an SSE body (tests and clients without the openai package)."""
+    for line in lines:
+        if line.startswith("data: ") and line.strip() != "data: [DONE]":
+            yield json.loads(line[6:])

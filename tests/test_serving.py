@@ -1,0 +1,180 @@
+"""Serving: `mxserve launch` with the embedded engine, through the official openai client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import REFMOE
+from mxserve.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The README's main job, on refmoe-25m at 4 bits (RTN and few samples to keep CI fast)."""
+    port = free_port()
+    env = dict(os.environ, MXSERVE_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mxserve.cli", "launch", "--model", str(REFMOE), "--budget", "4bit",
+             "--method", "rtn", "--calib-samples", "8", "--port", str(port), "--quiet"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not come up: {log.read_text()}")
+    yield base, log
+    proc.terminate()
+    assert proc.wait(timeout=30) is not None  # clean shutdown on SIGTERM
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_completion_and_streamed_chat(server):
+    base, log = server
+    c = client(base)
+    assert [m.id for m in c.models.list().data] == ["refmoe-25m"]
+    r = c.completions.create(model="refmoe-25m", prompt="def main():", max_tokens=12, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    chunks = list(c.chat.completions.create(model="refmoe-25m", max_tokens=10, stream=True, temperature=0,
+                                            messages=[{"role": "user", "content": "Speak, Hamlet."}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    full = c.chat.completions.create(model="refmoe-25m", max_tokens=10, temperature=0,
+                                     messages=[{"role": "user", "content": "Speak, Hamlet."}])
+    assert full.choices[0].message.content == text  # streaming and not streaming agree (greedy)
+    assert "serving refmoe-25m" in log.read_text()
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ('{"model": "refmoe-25m", "prompt": "hi"', 400, "not valid JSON"),
+    ('{"model": "gpt-4", "prompt": "hi"}', 404, "does not exist"),
+    ('{"model": "refmoe-25m", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ('{"model": "refmoe-25m", "prompt": "' + "to be " * 2000 + '", "max_tokens": 4}', 400, "context length"),
+    ('{"model": "refmoe-25m"}', 400, "prompt"),
+    ('{"model": "refmoe-25m", "prompt": "hi", "temperature": 9}', 400, "temperature"),
+])
+def test_bad_requests_get_4xx_and_server_keeps_serving(server, body, status, needle):
+    base, _ = server
+    r = httpx.post(base + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"]
+    ok = client(base).completions.create(model="refmoe-25m", prompt="x", max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_metrics_export_routing_and_precision(server):
+    base, _ = server
+    client(base).completions.create(model="refmoe-25m", prompt="Enter Macbeth.", max_tokens=3)
+    text = httpx.get(base + "/metrics").text
+    counts = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith('mxserve_expert_tokens_total{expert=') and 'layer="0"' in line]
+    assert len(counts) == 16 and sum(counts) > 0
+    assert 'mxserve_expert_block_scheme{block="gate_up",expert="16"' in text  # shared-expert slice
+    assert "mxserve_expert_block_bits" in text and "mxserve_requests_total" in text
+
+
+@torch.no_grad()
+def test_greedy_bf16_plan_equals_transformers():
+    from mxserve.checkpoint import install_layers, layout, quantize_layers
+    from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
+    from mxserve.models.adapters import moe_layers
+    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.plan import Plan
+    from mxserve.schemes import get_scheme
+
+    tok = load_tokenizer(str(REFMOE))
+    prompts = ["def fibonacci(n):", "KING HENRY. Once more unto the breach", "import os\nimport sys\n"]
+    ref_model = load_model(str(REFMOE))
+    expected = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        out = ref_model.generate(ids, max_new_tokens=16, do_sample=False)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    model = load_model(str(REFMOE))
+    plan = Plan.uniform("refmoe", "qwen2_moe", layout(moe_layers(model)), get_scheme("bf16"), "rtn")
+    install_layers(model, quantize_layers(model, plan, progress=False))
+    engine = EmbeddedEngine(model, tok, 2048)
+    try:
+        for p, exp in zip(prompts, expected):
+            got = [t for t in engine.generate(tok(p)["input_ids"], SamplingParams(16, temperature=0))
+                   if isinstance(t, int)]
+            assert got == exp[: len(got)] and (len(got) == 16 or exp[len(got)] in engine.eos_ids)
+    finally:
+        engine.shutdown()
+
+
+def test_api_key_is_enforced():
+    from fastapi.testclient import TestClient
+
+    from mxserve.engines.embedded import EmbeddedEngine
+    from mxserve.models.loading import load_tokenizer
+    from mxserve.server.api import create_app
+
+    class _Stub(torch.nn.Module):  # the API's auth needs no model run
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = type("G", (), {"eos_token_id": 0})()
+
+    engine = EmbeddedEngine(_Stub(), load_tokenizer(str(REFMOE)), 64)
+    try:
+        app = TestClient(create_app(engine, "m", api_key="s3cret"))
+        assert app.get("/v1/models").status_code == 401
+        assert app.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert app.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert app.get("/metrics").status_code == 401
+        assert app.get("/health").status_code == 200
+    finally:
+        engine.shutdown()
+
+
+def test_launch_cache_and_errors(tmp_path, monkeypatch, capsys, tiny_models, calib_text):
+    from mxserve.launch import LaunchSettings, resolve_checkpoint
+
+    monkeypatch.setenv("MXSERVE_CACHE", str(tmp_path))
+    s = LaunchSettings(model=str(tiny_models["olmoe"]), budget="3bit", calib_data=[str(calib_text)], method="rtn",
+                       calib_samples=4, progress=False)
+    first = resolve_checkpoint(s)
+    assert "calibrating" in capsys.readouterr().err
+    assert resolve_checkpoint(s) == first
+    err = capsys.readouterr().err
+    assert "profile from cache" in err and "checkpoint from cache" in err
+    for args, needle in [([], "--budget"), (["--budget", "4bit", "--engine", "sglang"], "SGLang"),
+                         (["--budget", "4bit", "--tp", "2"], "--tp")]:
+        assert main(["launch", "--model", str(tiny_models["olmoe"]), *args]) == 2
+        assert needle in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["launch", "--model", first, "--port", str(port)]) == 2
+        assert "cannot listen" in capsys.readouterr().err
