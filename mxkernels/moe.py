@@ -21,7 +21,8 @@ def align(flat_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor
     """
     n = flat_ids.numel()
     dev = flat_ids.device
-    counts = torch.bincount(flat_ids, minlength=n_experts)
+    # index_add_, not bincount: bincount syncs with the host on CUDA, which breaks graph capture
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).index_add_(0, flat_ids, torch.ones_like(flat_ids))
     padded = (counts + bm - 1) // bm * bm
     ends = torch.cumsum(padded, 0)
     starts = ends - padded

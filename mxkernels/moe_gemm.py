@@ -155,7 +155,7 @@ def _mm_fp8(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    a_s = _row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK) / 448.0
+    a_s = tl.div_rn(_row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK), 448.0)  # exact, as torch
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, K, BK):
@@ -196,7 +196,7 @@ def _mm_wa_int(
     BK: tl.constexpr,
 ):
     QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
-    a_s = _row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK) / QPOS
+    a_s = tl.div_rn(_row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK), QPOS * 1.0)  # no reciprocal
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, K, BK):

@@ -20,7 +20,9 @@ class ExpertCounter:
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Add one forward pass's routing decisions ([T, k] expert ids)."""
-        self.counts += torch.bincount(topk_ids.reshape(-1), minlength=self.n_experts)[: self.n_experts]
+        ids = topk_ids.reshape(-1).to(torch.int64)
+        # index_add_ rather than bincount, which synchronises with the host on CUDA
+        self.counts.index_add_(0, ids, torch.ones_like(ids))
         self.tokens += topk_ids.shape[0]
 
     def snapshot(self, reset: bool = False) -> tuple[list[int], int]:
