@@ -56,8 +56,14 @@ class Arena:
 
     def to(self, device) -> Arena:
         moved = {f: getattr(self, f).to(device) for f in ("meta", "wi", "wb", "wf", "sc", "zp")}
-        return Arena(self.n, self.k, codes_mask=self.codes_mask, rotation_seed=self.rotation_seed,
-                     min_group=self.min_group, **moved)
+        return Arena(
+            self.n,
+            self.k,
+            codes_mask=self.codes_mask,
+            rotation_seed=self.rotation_seed,
+            min_group=self.min_group,
+            **moved,
+        )
 
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in ("wi", "wb", "wf", "sc", "zp"))
@@ -74,24 +80,28 @@ def build_arena(linears: list) -> Arena:
     seeds = {ql.hadamard_seed for ql in linears if ql.hadamard_seed is not None}
     if len(seeds) > 1:
         raise ValueError("experts of one layer must share one rotation seed")
+
+    def put(name: str, parts: list, t: torch.Tensor) -> int:
+        """Append ``t`` (flattened, padded to 16 elements) to buffer ``name``; return its offset.
+        The padding keeps every offset a multiple of 16, which the kernel relies on for wide loads."""
+        off = sizes[name]
+        flat = t.reshape(-1)
+        pad = -flat.numel() % 16
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        parts.append(flat)
+        sizes[name] += flat.numel()
+        return off
+
     for ql in linears:
         if (ql.n, ql.k) != (n, k):
             raise ValueError(f"expert shapes differ: {(ql.n, ql.k)} vs {(n, k)}")
         code = kernel_code(ql.scheme)
         mask |= 1 << code
-        store = {CODE_BF16: ("wb", wb), CODE_FP8: ("wf", wf)}.get(code, ("wi", wi))
-        w_off = sizes[store[0]]
-        store[1].append(ql.qweight.reshape(-1))
-        sizes[store[0]] += ql.qweight.numel()
-        s_off = z_off = 0
-        if ql.scales is not None:
-            s_off = sizes["sc"]
-            sc.append(ql.scales.reshape(-1))
-            sizes["sc"] += ql.scales.numel()
-        if ql.zeros is not None:
-            z_off = sizes["zp"]
-            zp.append(ql.zeros.reshape(-1))
-            sizes["zp"] += ql.zeros.numel()
+        name, parts = {CODE_BF16: ("wb", wb), CODE_FP8: ("wf", wf)}.get(code, ("wi", wi))
+        w_off = put(name, parts, ql.qweight)
+        s_off = put("sc", sc, ql.scales) if ql.scales is not None else 0
+        z_off = put("zp", zp, ql.zeros) if ql.zeros is not None else 0
         group = ql.scheme.group or k
         if ql.scheme.family == "int":
             min_group = min(min_group, group)
@@ -110,5 +120,6 @@ def build_arena(linears: list) -> Arena:
         cat(sc, torch.bfloat16),
         cat(zp, torch.bfloat16),
         mask,
-        seeds.pop() if seeds else None, min_group,
+        seeds.pop() if seeds else None,
+        min_group,
     )

@@ -63,14 +63,24 @@ def _rotated_input(a: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, int]:
     return both, a.numel()
 
 
+# kernel codes whose activations are quantized per token (fp8, int8 MMA): they need row amax
+_ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
+
+
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up, tiles):
     bm, bn, bk, warps = tiles
     a_all, rot_off = _rotated_input(a, arena)
+    if arena.codes_mask & _ACT_QUANT_CODES:
+        amax = a_all.abs().amax(dim=-1).float()  # one pass; the kernels quantize in registers
+    else:
+        amax = torch.ones(1, device=a.device)
     n = arena.n // 2 if gate_up else arena.n
     grid = (block_expert.numel(), (n + bn - 1) // bn)
     mx_moe_gemm_kernel[grid](
         a_all,
         rot_off,
+        amax,
+        a.shape[0],
         a.stride(0),
         out,
         out.stride(0),

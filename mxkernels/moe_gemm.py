@@ -47,8 +47,11 @@ def _plane(wi_ptr, base, cols, k0, row_words, col0, mask_n, P: tl.constexpr, BK:
     """Codes of one bit plane of width P for a [BK, BN] tile: each word loaded once, split in registers."""
     PER: tl.constexpr = 32 // P
     wk = k0 // PER + tl.arange(0, BK // PER)
-    words = tl.load(wi_ptr + base + cols[None, :] * row_words + col0 + wk[:, None],
-                    mask=mask_n[None, :] & (wk[:, None] < row_words), other=0)  # [BK/PER, BN]
+    words = tl.load(
+        wi_ptr + base + cols[None, :] * row_words + col0 + wk[:, None],
+        mask=mask_n[None, :] & (wk[:, None] < row_words),
+        other=0,
+    )  # [BK/PER, BN]
     shifts = tl.arange(0, PER) * P
     q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [BK/PER, PER, BN]
     return tl.reshape(q, (BK, q.shape[2]))
@@ -129,17 +132,15 @@ def _mm_wonly(
 
 
 @triton.jit
-def _row_amax(a_ptr, rows, mask_m, stride_am, K, BM: tl.constexpr, BK: tl.constexpr):
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    offs_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-    return tl.maximum(amax, 1e-8)
+def _row_amax(amax_ptr, rows, mask_m):
+    """Per-row |a| max, computed once per launch (moe.py): the quantization to fp8/int8 itself
+    happens here in registers, but an in-program amax pass would re-read A for every N tile."""
+    return tl.maximum(tl.load(amax_ptr + rows, mask=mask_m, other=1.0), 1e-8)
 
 
 @triton.jit
 def _mm_fp8(
+    amax_ptr,
     a_ptr,
     rows,
     mask_m,
@@ -155,7 +156,7 @@ def _mm_fp8(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    a_s = tl.div_rn(_row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK), 448.0)  # exact, as torch
+    a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), 448.0)  # exact division, as torch
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, K, BK):
@@ -179,6 +180,7 @@ def _round_half_even(v):
 
 @triton.jit
 def _mm_wa_int(
+    amax_ptr,
     a_ptr,
     rows,
     mask_m,
@@ -196,7 +198,7 @@ def _mm_wa_int(
     BK: tl.constexpr,
 ):
     QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
-    a_s = tl.div_rn(_row_amax(a_ptr, rows, mask_m, stride_am, K, BM, BK), QPOS * 1.0)  # no reciprocal
+    a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), QPOS * 1.0)  # no inexact reciprocal
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, K, BK):
@@ -222,6 +224,7 @@ def _expert_tile(
     wf_ptr,
     sc_ptr,
     zp_ptr,
+    amax_ptr,
     w_off,
     s_off,
     z_off,
@@ -356,16 +359,18 @@ def _expert_tile(
             )
     if CODES & 64:
         if code == 6:
-            acc = _mm_fp8(a_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, BM, BN, BK)
+            acc = _mm_fp8(
+                amax_ptr, a_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, BM, BN, BK
+            )
     if CODES & 128:
         if code == 7:
             acc = _mm_wa_int(
-                a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 4, BM, BN, BK
+                amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 4, BM, BN, BK
             )
     if CODES & 256:
         if code == 8:
             acc = _mm_wa_int(
-                a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 8, BM, BN, BK
+                amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 8, BM, BN, BK
             )
     return acc
 
@@ -374,6 +379,8 @@ def _expert_tile(
 def mx_moe_gemm_kernel(
     a_ptr,
     a_rot_off,
+    amax_ptr,
+    amax_rot_rows,
     stride_am,
     out_ptr,
     stride_om,
@@ -410,11 +417,14 @@ def mx_moe_gemm_kernel(
     mask_n = cols < N
     meta = meta_ptr + expert * 6
     code = tl.load(meta).to(tl.int32)
-    w_off = tl.load(meta + 1)
-    s_off = tl.load(meta + 2)
-    z_off = tl.load(meta + 3)
+    # arena offsets are multiples of 16 elements (build_arena pads): say so, or loads stay scalar
+    w_off = tl.multiple_of(tl.load(meta + 1), 16)
+    s_off = tl.multiple_of(tl.load(meta + 2), 16)
+    z_off = tl.multiple_of(tl.load(meta + 3), 16)
     group = tl.load(meta + 4).to(tl.int32)
-    a_base = a_ptr + tl.load(meta + 5) * a_rot_off  # rotated input copy for rotated experts
+    rot = tl.load(meta + 5)  # 1: the expert reads the Hadamard-rotated copy of its input
+    a_base = a_ptr + tl.multiple_of(rot * a_rot_off, 16)
+    amax_base = amax_ptr + rot * amax_rot_rows
     if GATE_UP:
         # rows [0, N) of the expert's fused weight are gate, [N, 2N) up; offsets count rows via cols
         g = _expert_tile(
@@ -428,6 +438,7 @@ def mx_moe_gemm_kernel(
             wf_ptr,
             sc_ptr,
             zp_ptr,
+            amax_base,
             w_off,
             s_off,
             z_off,
@@ -452,6 +463,7 @@ def mx_moe_gemm_kernel(
             wf_ptr,
             sc_ptr,
             zp_ptr,
+            amax_base,
             w_off,
             s_off,
             z_off,
@@ -478,6 +490,7 @@ def mx_moe_gemm_kernel(
             wf_ptr,
             sc_ptr,
             zp_ptr,
+            amax_base,
             w_off,
             s_off,
             z_off,

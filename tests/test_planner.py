@@ -1,5 +1,7 @@
 """The integer program on synthetic profiles whose optimum is known."""
 
+from pathlib import Path
+
 import pytest
 
 from mxserve.costmodel import KernelProfile, MeasuredCostModel, ProfileEntry, RooflineCostModel
@@ -116,3 +118,37 @@ def test_measured_cost_model_interpolates():
     assert cm.time(s, 256, 128, 136) == pytest.approx(3e-5)
     assert cm.time(s, 256, 128, 512) == pytest.approx(1e-4)
     assert cm.time(get_scheme("bf16"), 256, 128, 8) == RooflineCostModel().time(get_scheme("bf16"), 256, 128, 8)
+
+
+H100_PROFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h100-kernel-profile.json"
+
+
+def qwen15_profile() -> CalibrationProfile:
+    """Calibration-like profile at Qwen1.5-MoE's expert shapes (the kernel profile measured them)."""
+    err = {"bf16": 0.0, "w8a16": 1e-5, "w8a8fp8": 3e-4, "w4a16g128": 2e-3, "w3a16g128": 8e-3,
+           "w2a16g128": 4e-2, "w1a16g128": 0.3, "w4a4": 1e-2}
+    experts = [
+        ExpertStats(expert=e, shared=False, shapes={"gate": [1408, 2048], "up": [1408, 2048], "down": [2048, 1408]},
+                    freq=f, routed_tokens=100, calib_tokens=100, err={b: dict(err) for b in ("gate", "up", "down")})
+        for e, f in enumerate([0.9, 0.7, 0.5, 0.3, 0.2, 0.15, 0.15, 0.1])
+    ]
+    layer = LayerStats(layer=0, n_routed=8, top_k=3, out_energy=1.0, experts=experts)
+    return CalibrationProfile("m", "qwen2_moe", "rtn", list(err), 1000, 512, [], 0, [layer])
+
+
+def test_measured_profile_changes_plan_with_batch_size():
+    """Memory-bound (8 tokens) and compute-bound (8192 tokens) forwards get different plans.
+
+    In the measured profile w8a16 is slower than w4a16g128 at 8 tokens (more bytes) and faster
+    at 8192 (cheaper dequantization); a latency-leaning r (0.1) lets that show in the plan.
+    """
+    from mxserve.costmodel import cost_model
+
+    cost = cost_model(str(H100_PROFILE))
+    prof = qwen15_profile()
+    small = solve_plan(prof, 8.0, r=0.1, tokens=8, cost=cost).plan
+    large = solve_plan(prof, 8.0, r=0.1, tokens=8192, cost=cost).plan
+    pick = [(e.gate, e.down) for e in small.layers[0].experts]
+    pick_large = [(e.gate, e.down) for e in large.layers[0].experts]
+    assert pick != pick_large, pick
+    assert small.summary["avg_bits"] <= 8.0 + 1e-9 and large.summary["avg_bits"] <= 8.0 + 1e-9
