@@ -116,11 +116,15 @@ def cmd_eval(a: argparse.Namespace) -> None:
     for path in a.data:
         if not os.path.isfile(path):
             raise MxServeError(f"data file {path} does not exist")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise MxServeError("--device cuda: no CUDA device found")
+    # On CUDA the model runs in bf16 and its MoE layers use the Triton kernels; on the CPU, fp32 reference.
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     tok = load_tokenizer(a.model)
     if is_quantized_checkpoint(a.model):
         if a.uniform or a.plan:
             raise MxServeError(f"{a.model} is already quantized; --uniform/--plan take an unquantized model")
-        model, plan = load_quantized(a.model)
+        model, plan = load_quantized(a.model, dtype=dtype, device=a.device)
         desc = f"mxmoe {plan.method} {plan.summary.get('avg_bits', plan.budget_bits):.3f}bit"
     else:
         model = load_model(a.model)
@@ -137,6 +141,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
             desc = f"plan {a.plan} {plan.method} {plan.summary.get('avg_bits', plan.budget_bits):.3f}bit"
         if plan is not None:
             install_layers(model, quantize_layers(model, plan, a.calib_data, tok, progress=not a.quiet))
+        model.to(a.device, dtype)
+    if a.device == "cuda":
+        desc += " [cuda bf16]"
     for path in a.data:
         ppl, n = perplexity(model, tok, path, ctx=a.ctx, max_tokens=a.max_tokens, progress=not a.quiet)
         print(f"{os.path.basename(path)}\tppl {ppl:.3f}\t{desc}\t({n} tokens, ctx {a.ctx}, stride {a.ctx})", flush=True)
@@ -295,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=_positive_int, default=512, help="window length (stride = window)")
     e.add_argument("--max-tokens", type=_positive_int, default=32768, help="tokens scored per file")
     e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: bf16 with the Triton kernels; cpu: fp32 torch reference")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     return p
