@@ -242,121 +242,12 @@ def _expert_tile(
     if CODES & 1:
         if code == 0:
             acc = _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, mask_n, K, BM, BN, BK, F32)
-    if CODES & 2:
-        if code == 1:
-            acc = _mm_wonly(
-                a_ptr,
-                rows,
-                mask_m,
-                stride_am,
-                wi_ptr,
-                sc_ptr,
-                zp_ptr,
-                w_off,
-                s_off,
-                z_off,
-                group,
-                cols,
-                mask_n,
-                K,
-                1,
-                BM,
-                BN,
-                BK,
-                F32,
-            )
-    if CODES & 4:
-        if code == 2:
-            acc = _mm_wonly(
-                a_ptr,
-                rows,
-                mask_m,
-                stride_am,
-                wi_ptr,
-                sc_ptr,
-                zp_ptr,
-                w_off,
-                s_off,
-                z_off,
-                group,
-                cols,
-                mask_n,
-                K,
-                2,
-                BM,
-                BN,
-                BK,
-                F32,
-            )
-    if CODES & 8:
-        if code == 3:
-            acc = _mm_wonly(
-                a_ptr,
-                rows,
-                mask_m,
-                stride_am,
-                wi_ptr,
-                sc_ptr,
-                zp_ptr,
-                w_off,
-                s_off,
-                z_off,
-                group,
-                cols,
-                mask_n,
-                K,
-                3,
-                BM,
-                BN,
-                BK,
-                F32,
-            )
-    if CODES & 16:
-        if code == 4:
-            acc = _mm_wonly(
-                a_ptr,
-                rows,
-                mask_m,
-                stride_am,
-                wi_ptr,
-                sc_ptr,
-                zp_ptr,
-                w_off,
-                s_off,
-                z_off,
-                group,
-                cols,
-                mask_n,
-                K,
-                4,
-                BM,
-                BN,
-                BK,
-                F32,
-            )
-    if CODES & 32:
-        if code == 5:
-            acc = _mm_wonly(
-                a_ptr,
-                rows,
-                mask_m,
-                stride_am,
-                wi_ptr,
-                sc_ptr,
-                zp_ptr,
-                w_off,
-                s_off,
-                z_off,
-                group,
-                cols,
-                mask_n,
-                K,
-                8,
-                BM,
-                BN,
-                BK,
-                F32,
-            )
+    # weight-only integer codes 1..5 are 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
+    for c in tl.static_range(1, 6):
+        if CODES & (1 << c):
+            if code == c:
+                acc = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
+                                group, cols, mask_n, K, c + 3 * (c == 5), BM, BN, BK, F32)  # fmt: skip
     if CODES & 64:
         if code == 6:
             acc = _mm_fp8(
@@ -425,86 +316,14 @@ def mx_moe_gemm_kernel(
     rot = tl.load(meta + 5)  # 1: the expert reads the Hadamard-rotated copy of its input
     a_base = a_ptr + tl.multiple_of(rot * a_rot_off, 16)
     amax_base = amax_ptr + rot * amax_rot_rows
+    # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up
+    res = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_base,
+                       w_off, s_off, z_off, group, cols, mask_n, K, CODES, BM, BN, BK, F32)  # fmt: skip
     if GATE_UP:
-        # rows [0, N) of the expert's fused weight are gate, [N, 2N) up; offsets count rows via cols
-        g = _expert_tile(
-            code,
-            a_base,
-            rows,
-            mask_m,
-            stride_am,
-            wi_ptr,
-            wb_ptr,
-            wf_ptr,
-            sc_ptr,
-            zp_ptr,
-            amax_base,
-            w_off,
-            s_off,
-            z_off,
-            group,
-            cols,
-            mask_n,
-            K,
-            CODES,
-            BM,
-            BN,
-            BK,
-            F32,
-        )
-        u = _expert_tile(
-            code,
-            a_base,
-            rows,
-            mask_m,
-            stride_am,
-            wi_ptr,
-            wb_ptr,
-            wf_ptr,
-            sc_ptr,
-            zp_ptr,
-            amax_base,
-            w_off,
-            s_off,
-            z_off,
-            group,
-            cols + N,
-            mask_n,
-            K,
-            CODES,
-            BM,
-            BN,
-            BK,
-            F32,
-        )
-        res = g / (1.0 + tl.exp(-g)) * u
+        up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_base,
+                          w_off, s_off, z_off, group, cols + N, mask_n, K, CODES, BM, BN, BK, F32)  # fmt: skip
+        res = res / (1.0 + tl.exp(-res)) * up  # SiLU(gate) * up
     else:
-        res = _expert_tile(
-            code,
-            a_base,
-            rows,
-            mask_m,
-            stride_am,
-            wi_ptr,
-            wb_ptr,
-            wf_ptr,
-            sc_ptr,
-            zp_ptr,
-            amax_base,
-            w_off,
-            s_off,
-            z_off,
-            group,
-            cols,
-            mask_n,
-            K,
-            CODES,
-            BM,
-            BN,
-            BK,
-            F32,
-        )
-        rw = tl.load(route_w_ptr + ids, mask=mask_m, other=0.0)
-        res = res * rw[:, None]
+        res = res * tl.load(route_w_ptr + ids, mask=mask_m, other=0.0)[:, None]
     out = out_ptr + ids[:, None] * stride_om + cols[None, :]
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
