@@ -144,3 +144,25 @@ def test_uniform_eval(tiny_models, calib_text, eval_text, capsys):
         ppl[scheme] = float(line.split("ppl ")[1].split()[0])
     assert ppl["bf16"] == pytest.approx(base, rel=1e-5)
     assert ppl["w2a16g128"] != pytest.approx(base, rel=1e-4)
+
+
+def test_refmoe_plans_respect_budget_and_tying(tmp_path, shared_data, capsys):
+    """The reference model's profile: every budget's plan stays within budget, gate == up."""
+    from conftest import REFMOE
+
+    prof_path = tmp_path / "refmoe.json"
+    assert run("calibrate", "--model", REFMOE, "--data", shared_data / "shakespeare-calib.txt",
+               shared_data / "python-calib.txt", "--method", "rtn", "--nsamples", 8, "--quiet",
+               "--out", prof_path) == 0
+    prof = CalibrationProfile.load(str(prof_path))
+    assert len(prof.layers) == 6 and len(prof.layers[0].experts) == 18  # 16 routed + 2 shared slices
+    for budget, granularity in (("2.25", "layer"), ("3.25", "layer"), ("4.25", "model")):
+        out = tmp_path / f"plan-{budget}.json"
+        assert run("plan", "--profile", prof_path, "--budget", budget, "--granularity", granularity,
+                   "--out", out) == 0
+        plan = Plan.load(str(out))
+        if granularity == "layer":
+            check_plan(plan, prof, float(budget))
+        assert plan.summary["avg_bits"] <= float(budget) + 1e-9
+        assert all(e.gate == e.up for lay in plan.layers for e in lay.experts)
+    capsys.readouterr()

@@ -45,14 +45,14 @@ class EmbeddedEngine:
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._loop, name="mxserve-engine", daemon=True)
-        self._worker.start()
         self.lock = threading.Lock()  # held while the model runs (plan swaps take it too)
         # transformers renamed past_key_values to cache (5.2x); take whichever this version has
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._loop, name="mxserve-engine", daemon=True)
+        self._worker.start()  # last: the worker reads everything above
 
     # -- public API -------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int | str]:

@@ -18,9 +18,17 @@ def block_size(k: int) -> int:
     return k & -k
 
 
-def random_signs(k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return torch.randint(0, 2, (k,), generator=g).to(torch.float32) * 2 - 1
+_SIGNS: dict[tuple, torch.Tensor] = {}
+
+
+def random_signs(k: int, seed: int, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """The rotation's ±1 diagonal; cached per device so a forward pass copies nothing to the GPU."""
+    key = (k, seed, str(device), dtype)
+    if key not in _SIGNS:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        signs = torch.randint(0, 2, (k,), generator=g).to(torch.float32) * 2 - 1
+        _SIGNS[key] = signs.to(device=device, dtype=dtype)
+    return _SIGNS[key]
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +48,7 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     """x @ R over the last dimension (works for activations and for weight rows)."""
     k = x.shape[-1]
     b = block_size(k)
-    signs = random_signs(k, seed).to(device=x.device, dtype=x.dtype)
+    signs = random_signs(k, seed, x.device, x.dtype)
     y = (x * signs).reshape(*x.shape[:-1], k // b, b)
     return fwht(y).reshape(x.shape)
 

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -273,10 +273,3 @@ async def _skip_first(gen: AsyncIterator[str]) -> AsyncIterator[str]:
             first = False
             continue
         yield item
-
-
-def iter_sse(lines: Iterator[str]) -> Iterator[dict]:
-    """Parse an SSE body (tests and clients without the openai package)."""
-    for line in lines:
-        if line.startswith("data: ") and line.strip() != "data: [DONE]":
-            yield json.loads(line[6:])
