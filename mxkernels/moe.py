@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from mxkernels.arena import Arena
+from mxkernels.arena import CODE_FP8, Arena
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def align(flat_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,10 +72,13 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up, tiles):
     bm, bn, bk, warps = tiles
     a_all, rot_off = _rotated_input(a, arena)
+    amax = torch.ones(1, device=a.device)
+    a8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=a.device)
     if arena.codes_mask & _ACT_QUANT_CODES:
-        amax = a_all.abs().amax(dim=-1).float()  # one pass; the kernels quantize in registers
-    else:
-        amax = torch.ones(1, device=a.device)
+        amax = a_all.abs().amax(dim=-1).float()  # per-token scales, one pass
+    if arena.codes_mask & (1 << CODE_FP8):
+        # per-token fp8 activations, once per launch; the same ops as the reference's fake quant
+        a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
     n = arena.n // 2 if gate_up else arena.n
     grid = (block_expert.numel(), (n + bn - 1) // bn)
     mx_moe_gemm_kernel[grid](
@@ -81,6 +86,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         rot_off,
         amax,
         a.shape[0],
+        a8,
         a.stride(0),
         out,
         out.stride(0),

@@ -7,10 +7,11 @@ expert's kernel code (arena.py) picks the inner loop at run time:
 - bf16: plain bf16 MMA;
 - weight-only int (1/2/3/4/8 bits, any group): codes are unpacked from their
   bit planes and dequantized to bf16 in registers, then bf16 MMA;
-- w8a8 fp8: a first pass over K finds each row's amax; the second quantizes
-  the activations to fp8 e4m3 per token in registers and runs fp8 MMA;
-- w4a4 / w8a8 int: the same with symmetric integer activations on int8 MMA
-  (Hopper has no int4 MMA; int4 values ride in int8).
+- w8a8 fp8: activations arrive quantized per token to fp8 e4m3 (one pass per
+  launch, moe.py) and run on fp8 MMA with the per-token and per-channel scales;
+- w4a4 / w8a8 int: activations are quantized per token to symmetric integers in
+  registers (row amax computed once per launch) and run on int8 MMA (Hopper has
+  no int4 MMA; int4 values ride in int8).
 
 Branches of codes absent from the layer are pruned at compile time (CODES).
 With GATE_UP the program computes the gate and the up tile of the same
@@ -141,7 +142,7 @@ def _row_amax(amax_ptr, rows, mask_m):
 @triton.jit
 def _mm_fp8(
     amax_ptr,
-    a_ptr,
+    a8_ptr,
     rows,
     mask_m,
     stride_am,
@@ -160,8 +161,9 @@ def _mm_fp8(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     for k0 in range(0, K, BK):
-        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32)
-        aq = tl.div_rn(a, a_s[:, None]).to(tl.float8e4nv)  # IEEE division, as torch
+        # A was quantized to fp8 per token once per launch (moe.py): loaded like the weights,
+        # asynchronously, instead of being converted in registers for every N tile
+        aq = _load_a(a8_ptr, rows, offs_k, k0, mask_m, stride_am, K)
         kk = k0 + offs_k
         m = (kk[:, None] < K) & mask_n[None, :]
         w = tl.load(wf_ptr + w_off + cols[None, :] * K + kk[:, None], mask=m, other=0.0)
@@ -225,6 +227,7 @@ def _expert_tile(
     sc_ptr,
     zp_ptr,
     amax_ptr,
+    a8_ptr,
     w_off,
     s_off,
     z_off,
@@ -251,7 +254,7 @@ def _expert_tile(
     if CODES & 64:
         if code == 6:
             acc = _mm_fp8(
-                amax_ptr, a_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, BM, BN, BK
+                amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, BM, BN, BK
             )
     if CODES & 128:
         if code == 7:
@@ -272,6 +275,7 @@ def mx_moe_gemm_kernel(
     a_rot_off,
     amax_ptr,
     amax_rot_rows,
+    a8_ptr,
     stride_am,
     out_ptr,
     stride_om,
@@ -316,12 +320,15 @@ def mx_moe_gemm_kernel(
     rot = tl.load(meta + 5)  # 1: the expert reads the Hadamard-rotated copy of its input
     a_base = a_ptr + tl.multiple_of(rot * a_rot_off, 16)
     amax_base = amax_ptr + rot * amax_rot_rows
+    a8_base = a8_ptr + tl.multiple_of(rot * a_rot_off, 16)
     # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up
-    res = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_base,
-                       w_off, s_off, z_off, group, cols, mask_n, K, CODES, BM, BN, BK, F32)  # fmt: skip
+    res = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
+                       amax_base, a8_base, w_off, s_off, z_off, group, cols, mask_n, K,
+                       CODES, BM, BN, BK, F32)  # fmt: skip
     if GATE_UP:
-        up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_base,
-                          w_off, s_off, z_off, group, cols + N, mask_n, K, CODES, BM, BN, BK, F32)  # fmt: skip
+        up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
+                          amax_base, a8_base, w_off, s_off, z_off, group, cols + N, mask_n, K,
+                          CODES, BM, BN, BK, F32)  # fmt: skip
         res = res / (1.0 + tl.exp(-res)) * up  # SiLU(gate) * up
     else:
         res = res * tl.load(route_w_ptr + ids, mask=mask_m, other=0.0)[:, None]
