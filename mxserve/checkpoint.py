@@ -8,7 +8,12 @@ A quantized checkpoint is a directory:
   the method (a ``gptq-had`` checkpoint stores non-bf16 blocks rotated);
 - ``model.safetensors``: every non-expert tensor under its usual name, and per
   MoE layer L and (virtual) expert e the packed blocks
-  ``model.layers.L.mlp.mx.e.{gate_up,down}.{qweight,scales,zeros}``;
+  ``model.layers.L.mlp.experts.mx{e}_{gate_up,down}_{qweight,scales,zeros}``,
+  plus the shared-expert gate (if any) as ``model.layers.L.mlp.experts.mx_shared_gate``.
+  These flat names under ``mlp.experts`` are parameters of SGLang's FusedMoE
+  layer (its ``experts``), so SGLang's own weight loading reads this file too;
+  the shared gate lives there because the SGLang engine runs shared experts
+  inside the same kernel launch as the routed ones;
 - the tokenizer files.
 
 Weights are read with safetensors only (never pickle).
@@ -37,7 +42,9 @@ from mxserve.schemes import Scheme
 
 PLAN_FILE = "mxmoe_plan.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: expert tensors under mlp.experts (v1: mlp.mx)
+SHARED_GATE = "mx_shared_gate"
+GATE_UP, DOWN = "gate_up", "down"
 
 
 def rotation_seed(method: str, scheme: Scheme, seed: int) -> int | None:
@@ -122,8 +129,51 @@ def runtime_layers(model: nn.Module) -> list[MxMoELayer]:
     return [m for m in model.modules() if isinstance(m, MxMoELayer)]
 
 
+def expert_param(expert: int, block: str) -> str:
+    """Name prefix of one packed block inside the MoE block's ``experts``."""
+    return f"mx{expert}_{block}_"
+
+
 def _prefix(layer: int, expert: int, block: str) -> str:
-    return f"model.layers.{layer}.mlp.mx.{expert}.{block}."
+    return f"model.layers.{layer}.mlp.experts.{expert_param(expert, block)}"
+
+
+def _shared_gate_names(layer: int, attr: str) -> tuple[str, str]:
+    """(name in the model, name in the checkpoint) of a layer's shared-expert gate."""
+    return f"model.layers.{layer}.mlp.{attr}.weight", f"model.layers.{layer}.mlp.experts.{SHARED_GATE}"
+
+
+def read_experts(
+    tensors: dict[str, torch.Tensor],
+    plan: Plan,
+    layer: int,
+    hidden: int,
+    prefix: str = "",
+) -> list[QuantizedExpert]:
+    """A layer's packed experts from ``tensors`` named ``prefix + expert_param(e, block) + kind``.
+
+    Shapes come from the stored tensors (the plan gives the schemes) and are
+    validated against ``hidden``; both engines load through here.
+    """
+    experts = []
+    for ep in plan.layer(layer).experts:
+        s_gu, s_d = ep.scheme("gate"), ep.scheme("down")
+        gu_name = prefix + expert_param(ep.expert, GATE_UP)
+        if gu_name + "qweight" not in tensors:
+            raise MxServeError(f"checkpoint lacks tensor {gu_name}qweight (layer {layer})")
+        two_i = tensors[gu_name + "qweight"].shape[0]
+        seed_gu = rotation_seed(plan.method, s_gu, plan.hadamard_seed)
+        seed_d = rotation_seed(plan.method, s_d, plan.hadamard_seed)
+        experts.append(
+            QuantizedExpert(
+                QuantizedLinear.from_tensors(s_gu, two_i, hidden, tensors, gu_name, seed_gu),
+                QuantizedLinear.from_tensors(
+                    s_d, hidden, two_i // 2, tensors, prefix + expert_param(ep.expert, DOWN), seed_d
+                ),
+                ep.shared,
+            )
+        )
+    return experts
 
 
 def _source_dtype(cfg: dict) -> torch.dtype:
@@ -137,15 +187,18 @@ def write_checkpoint(model: nn.Module, plan: Plan, out_dir: str, source: str, to
     cfg = read_config(source) if os.path.isdir(source) else model.config.to_dict()
     dtype = _source_dtype(cfg)
     state: dict[str, torch.Tensor] = {}
-    embed = model.get_input_embeddings().weight
+    # lm_head.weight is stored even when tied to the embedding: SGLang's Qwen2-MoE
+    # does not tie them and would otherwise serve an uninitialised head.
     for name, t in model.state_dict().items():
-        if name.endswith("lm_head.weight") and t.data_ptr() == embed.data_ptr():
-            continue  # tied to the embedding: stored once
-        state[name] = t.to(dtype) if t.is_floating_point() else t
+        t = t.to(dtype) if t.is_floating_point() else t
+        state[name] = t.clone() if name.endswith("lm_head.weight") else t  # own storage: safetensors refuses shared
     for mx in runtime_layers(model):
         for e, qe in enumerate(mx.experts_q):
-            state.update(qe.gate_up.tensors(_prefix(mx.layer_index, e, "gate_up")))
-            state.update(qe.down.tensors(_prefix(mx.layer_index, e, "down")))
+            state.update(qe.gate_up.tensors(_prefix(mx.layer_index, e, GATE_UP)))
+            state.update(qe.down.tensors(_prefix(mx.layer_index, e, DOWN)))
+        if mx.shared_gate_name:
+            ours, stored = _shared_gate_names(mx.layer_index, mx.shared_gate_name)
+            state[stored] = state.pop(ours)
     state = {k: v.contiguous() for k, v in state.items()}
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "quant_method": QUANT_METHOD})
@@ -170,7 +223,10 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
     if qc.get("quant_method") != QUANT_METHOD:
         raise MxServeError(f"{path} is not an mxmoe checkpoint (no quantization_config.quant_method=mxmoe)")
     if qc.get("version") != FORMAT_VERSION:
-        raise MxServeError(f"{path}: checkpoint format version {qc.get('version')!r} is not supported")
+        raise MxServeError(
+            f"{path}: checkpoint format version {qc.get('version')!r} is not supported (this mxserve reads "
+            f"version {FORMAT_VERSION}); quantize the model again"
+        )
     plan = Plan.load(os.path.join(path, qc.get("plan", PLAN_FILE)))
     try:
         tensors = load_file(os.path.join(path, WEIGHTS_FILE))
@@ -184,35 +240,17 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
     _check_plan_fits(plan, views)
     qlayers = []
     for view in views:
-        lp = plan.layer(view.index)
-        experts = []
-        for e, ew in enumerate(view.experts()):
-            ep = lp.experts[e]
-            (i, h), s_gu, s_d = ew.gate.shape, ep.scheme("gate"), ep.scheme("down")
-            experts.append(
-                QuantizedExpert(
-                    QuantizedLinear.from_tensors(
-                        s_gu,
-                        2 * i,
-                        h,
-                        tensors,
-                        _prefix(view.index, e, "gate_up"),
-                        rotation_seed(plan.method, s_gu, plan.hadamard_seed),
-                    ),
-                    QuantizedLinear.from_tensors(
-                        s_d,
-                        h,
-                        i,
-                        tensors,
-                        _prefix(view.index, e, "down"),
-                        rotation_seed(plan.method, s_d, plan.hadamard_seed),
-                    ),
-                    ew.shared,
-                )
-            )
+        experts = read_experts(tensors, plan, view.index, view.hidden, f"model.layers.{view.index}.mlp.experts.")
+        for qe, ew in zip(experts, view.experts()):
+            if qe.gate_up.n != 2 * ew.gate.shape[0]:
+                raise MxServeError(f"{path}: layer {view.index} expert sizes do not match the config")
         qlayers.append(experts)
-    install_layers(model, qlayers)
-    rest = {k: v for k, v in tensors.items() if ".mlp.mx." not in k}
+    for mx in install_layers(model, qlayers):
+        if mx.shared_gate_name:
+            ours, stored = _shared_gate_names(mx.layer_index, mx.shared_gate_name)
+            if stored in tensors:
+                tensors[ours] = tensors.pop(stored)
+    rest = {k: v for k, v in tensors.items() if ".mlp.experts.mx" not in k}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:

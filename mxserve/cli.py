@@ -183,23 +183,28 @@ def cmd_profile(a: argparse.Namespace) -> None:
 
 
 def cmd_launch(a: argparse.Namespace) -> None:
-    from mxserve.launch import LaunchSettings, pick_engine, resolve_checkpoint, serve
+    import shlex
+
+    from mxserve.launch import LaunchSettings, pick_engine, resolve_checkpoint, serve, serve_sglang
 
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    pick_engine(a.engine)
-    if a.tp > 1:
-        raise MxServeError("--tp > 1 needs the SGLang engine, which is not in this version yet")
+    engine = pick_engine(a.engine, a.tp)
+    extra = shlex.split(a.sglang_args or "")
+    if extra and engine != "sglang":
+        raise MxServeError("--sglang-args is for the SGLang engine")
     ckpt = resolve_checkpoint(LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
         progress=not a.quiet,
     ))
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    serve(ckpt, a.host, a.port, name, a.api_key or os.environ.get("MXSERVE_API_KEY"), a.max_model_len,
-          a.default_max_tokens)
+    api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
+    if engine == "sglang":
+        sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra))
+    serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens)
 
 
 def _positive_int(text: str) -> int:
@@ -226,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--r", type=float, default=1.0, help="planner accuracy weight (1 accuracy only, 0 latency)")
     la.add_argument("--plan-tokens", type=_positive_int, default=64, help="tokens per forward the plan targets")
     la.add_argument("--kernel-profile", help="measured kernel profile for the planner's latency term")
-    la.add_argument("--engine", choices=("embedded", "sglang"), help="default: embedded")
+    la.add_argument("--engine", choices=("embedded", "sglang"),
+                    help="default: sglang when a CUDA GPU and sglang are present, else embedded")
     la.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     la.add_argument("--port", type=int, default=8000)
     la.add_argument("--api-key", help="require this bearer token (or set MXSERVE_API_KEY)")
@@ -234,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--max-model-len", "--context-length", type=_positive_int, dest="max_model_len",
                     help="context length (default: the model's max_position_embeddings)")
     la.add_argument("--default-max-tokens", type=_positive_int, default=256)
-    la.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size (SGLang engine only)")
+    la.add_argument("--tp", "--tp-size", type=_positive_int, default=1, dest="tp",
+                    help="tensor parallel size (SGLang engine only)")
+    la.add_argument("--sglang-args", help='more sglang.launch_server arguments, e.g. "--attention-backend triton"')
     la.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     la.add_argument("--quiet", action="store_true")
     la.set_defaults(func=cmd_launch)

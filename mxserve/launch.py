@@ -84,18 +84,18 @@ def log(msg: str) -> None:
 
 def resolve_checkpoint(s: LaunchSettings) -> str:
     """Directory of the quantized checkpoint to serve, making (and caching) it when needed."""
+    if is_quantized_checkpoint(s.model):
+        if s.budget or s.plan:
+            log(f"{s.model} is already quantized; --budget/--plan are ignored")
+        return s.model
     from mxserve.calibrate import calibrate
-    from mxserve.checkpoint import quantize_to_dir
+    from mxserve.checkpoint import FORMAT_VERSION, quantize_to_dir
     from mxserve.costmodel import cost_model
     from mxserve.plan import Plan
     from mxserve.planner import solve_plan
     from mxserve.profile import CalibrationProfile
     from mxserve.schemes import parse_budget, parse_schemes
 
-    if is_quantized_checkpoint(s.model):
-        if s.budget or s.plan:
-            log(f"{s.model} is already quantized; --budget/--plan are ignored")
-        return s.model
     fp = _fingerprint(s.model)
     if s.plan:
         plan = Plan.load(s.plan)
@@ -121,7 +121,7 @@ def resolve_checkpoint(s: LaunchSettings) -> str:
         plan = res.plan
         shares = ", ".join(f"{k} {v:.0%}" for k, v in plan.summary["schemes"].items())
         log(f"plan: {plan.summary['avg_bits']:.3f} avg bits (budget {budget:g}) in {res.seconds:.1f} s: {shares}")
-    out = os.path.join(cache_root(), f"ckpt-{_key(fp, plan.to_json())}")
+    out = os.path.join(cache_root(), f"ckpt-{_key(fp, plan.to_json(), FORMAT_VERSION)}")
     if os.path.isfile(os.path.join(out, "config.json")):
         log(f"quantized checkpoint from cache: {out}")
         return out
@@ -139,14 +139,38 @@ def _check_port(host: str, port: int) -> None:
             raise MxServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def pick_engine(requested: str | None) -> str:
+def pick_engine(requested: str | None, tp: int = 1) -> str:
+    """The engine to serve with: SGLang by default when CUDA and sglang are there, else embedded."""
+    import importlib.util
+
+    from mxserve.engines.sglang_launch import check_sglang
+
     has_cuda = torch.cuda.is_available()
     if requested == "sglang":
-        raise MxServeError("the SGLang engine is not in this version yet; use --engine embedded "
-                           "(it runs the same mixed-precision kernels on CUDA)")
-    if requested is None and has_cuda:
-        log("CUDA found; serving with the embedded engine (SGLang engine not in this version yet)")
+        if not has_cuda:
+            raise MxServeError("--engine sglang needs a CUDA GPU; --engine embedded serves on the CPU")
+        check_sglang()
+        return "sglang"
+    if requested is None:
+        if has_cuda and importlib.util.find_spec("sglang") is not None:
+            check_sglang()
+            return "sglang"
+        if has_cuda:
+            log("CUDA found but not sglang: serving with the embedded engine (pip install 'mxserve[sglang]')")
+    if tp > 1:
+        raise MxServeError("--tp > 1 needs the SGLang engine (--engine sglang)")
     return "embedded"
+
+
+def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
+                 max_model_len: int | None, tp: int, extra: list[str]) -> int:
+    """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code."""
+    from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command
+
+    _check_port(host, port)
+    cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra)
+    log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt})")
+    return run_sglang(cmd, plugin_env(cache_root()))
 
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,

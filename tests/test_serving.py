@@ -168,7 +168,7 @@ def test_launch_cache_and_errors(tmp_path, monkeypatch, capsys, tiny_models, cal
     assert resolve_checkpoint(s) == first
     err = capsys.readouterr().err
     assert "profile from cache" in err and "checkpoint from cache" in err
-    for args, needle in [([], "--budget"), (["--budget", "4bit", "--engine", "sglang"], "SGLang"),
+    for args, needle in [([], "--budget"), (["--budget", "4bit", "--engine", "sglang"], "CUDA GPU"),
                          (["--budget", "4bit", "--tp", "2"], "--tp")]:
         assert main(["launch", "--model", str(tiny_models["olmoe"]), *args]) == 2
         assert needle in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The MoE runtime layer: one layer's experts in their planned schemes.
 
-It replaces a model's sparse MoE block and keeps the model's own router (and
-shared-expert gate) under their original attribute names, so checkpoints keep
-the model's tensor names. Both engines use this one layer; the device decides
+:class:`MixedExperts` holds the experts and runs them; :class:`MxMoELayer`
+replaces a transformers sparse MoE block with it, keeping the model's own
+router (and shared-expert gate) under their original attribute names, and the
+SGLang engine's FusedMoE method wraps the same class. The device decides
 the path: the mixed-precision Triton kernels on CUDA, the torch reference
 (dequantize + matmul) elsewhere. It counts routed tokens per expert for router_stats.
 """
@@ -35,25 +36,47 @@ class QuantizedExpert:
         return self.gate_up.scheme.name, self.down.scheme.name
 
 
-class MxMoELayer(nn.Module):
-    def __init__(self, view: MoELayerView, experts: list[QuantizedExpert]):
-        super().__init__()
-        self.layer_index = view.index
-        self.n_routed = view.n_routed
-        self.gate = view.router
-        self.shared_gate_name = view.spec.shared_gate
-        if self.shared_gate_name:
-            setattr(self, self.shared_gate_name, view.shared_gate)
+class MixedExperts:
+    """One layer's experts in their planned schemes and the math on them; engines wrap it.
+
+    The embedded engine wraps it in :class:`MxMoELayer` (a transformers MoE block),
+    the SGLang engine in its FusedMoE quantization method; both call :meth:`forward`
+    with the router's top-k, so the kernels, the reference and the routing counts
+    live here once.
+    """
+
+    def __init__(self, layer_index: int, n_routed: int, experts: list[QuantizedExpert]):
+        self.layer_index = layer_index
+        self.n_routed = n_routed
         self.experts_q = experts
-        self.counter = ExpertCounter(self.n_routed)
+        self.counter = ExpertCounter(n_routed)
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
 
-    def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.shared_gate_name:
-            return None
-        return torch.sigmoid(getattr(self, self.shared_gate_name)(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        shared_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MoE output [T, H] for tokens x [T, H] routed to ``topk_ids`` [T, k]."""
+        if self.counter.counts.device != x.device:
+            self.counter.to(x.device)
+        self.counter.record(topk_ids)
+        if x.is_cuda:
+            gate_up, down = self.arenas(x.device)
+            return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale).to(x.dtype)
+        return moe_reference(
+            x,
+            topk_ids,
+            topk_weights,
+            [e.linears() for e in self.experts_q],
+            self.dense_weights(x.dtype, x.device),
+            self.n_routed,
+            shared_scale,
+        )
 
     def dense_weights(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Dequantized weights for the reference path, made once per dtype/device."""
@@ -64,28 +87,6 @@ class MxMoELayer(nn.Module):
             ]
             self._dense_key = key
         return self._dense
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_ids = self.gate(x)
-        if self.counter.counts.device != x.device:
-            self.counter.to(x.device)
-        self.counter.record(topk_ids)
-        if x.is_cuda:
-            gate_up, down = self.arenas(x.device)
-            out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, self.shared_scale(x))
-            return out.to(hidden_states.dtype).reshape(shape)
-        out = moe_reference(
-            x,
-            topk_ids,
-            topk_weights,
-            [e.linears() for e in self.experts_q],
-            self.dense_weights(x.dtype, x.device),
-            self.n_routed,
-            self.shared_scale(x),
-        )
-        return out.reshape(shape)
 
     def arenas(self, device: torch.device):
         """The layer's packed weights for the Triton kernels, on ``device``."""
@@ -101,3 +102,41 @@ class MxMoELayer(nn.Module):
         self.experts_q = experts
         self._dense = None
         self._arenas = None
+
+
+class MxMoELayer(nn.Module):
+    """A transformers MoE block on :class:`MixedExperts`, with the model's own router."""
+
+    def __init__(self, view: MoELayerView, experts: list[QuantizedExpert]):
+        super().__init__()
+        self.gate = view.router
+        self.shared_gate_name = view.spec.shared_gate
+        if self.shared_gate_name:
+            setattr(self, self.shared_gate_name, view.shared_gate)
+        self.mx = MixedExperts(view.index, view.n_routed, experts)
+
+    @property
+    def layer_index(self) -> int:
+        return self.mx.layer_index
+
+    @property
+    def experts_q(self) -> list[QuantizedExpert]:
+        return self.mx.experts_q
+
+    @property
+    def counter(self) -> ExpertCounter:
+        return self.mx.counter
+
+    def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.shared_gate_name:
+            return None
+        return torch.sigmoid(getattr(self, self.shared_gate_name)(x))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, topk_weights, topk_ids = self.gate(x)
+        return self.mx.forward(x, topk_ids, topk_weights, self.shared_scale(x)).reshape(shape)
+
+    def set_experts(self, experts: list[QuantizedExpert]) -> None:
+        self.mx.set_experts(experts)

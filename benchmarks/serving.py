@@ -1,0 +1,248 @@
+"""Serving benchmark: plain SGLang against mxserve on SGLang, one server at a time, same prompts.
+
+For each server: start it, wait for /health, get greedy completions of fixed
+prompts through the official ``openai`` client (the equality check), then
+measure output throughput at each concurrency with ``ignore_eos`` so every
+request generates exactly ``--max-tokens`` tokens. Servers:
+
+- ``sglang-bf16``: ``sglang.launch_server`` on ``--model``;
+- ``sglang-<q>`` for each ``--sglang-quant q``: SGLang's own uniform quantization;
+- ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``.
+
+``--equal a:b`` asserts (and records) that servers a and b gave the same greedy text.
+
+    python3 benchmarks/serving.py --model M --ckpt 4bit=C4 --ckpt bf16plan=CB --sglang-quant fp8 \\
+        --equal mxserve-bf16plan:sglang-bf16 --out $OUT/serving-refmoe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the lent GPU's SGLang bundle was seen working with (../shared/device/README.md)
+DEFAULT_SGLANG_ARGS = "--attention-backend triton --sampling-backend pytorch --grammar-backend none"
+
+
+def free_port() -> int:
+    """A free port below 55536: SGLang also listens on port + 10000."""
+    for port in range(30000 + os.getpid() % 1000, 55536, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def prompts_from(paths: list[str], n: int, chars: int = 300) -> list[str]:
+    """``n`` prompts: consecutive chunks of the given text files, alternating between them."""
+    texts = [open(p).read() for p in paths]
+    out = []
+    for i in range(n):
+        t = texts[i % len(texts)]
+        start = (i // len(texts)) * 4 * chars
+        out.append(t[start : start + chars])
+    return out
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("server did not become healthy")
+
+
+def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    req = urllib.request.Request(
+        base + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)
+
+
+def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int) -> dict:
+    jobs = [prompts[i % len(prompts)] for i in range(n)]
+
+    def one(p: str) -> tuple[int, float]:
+        t = time.perf_counter()
+        r = complete(base, model, p, max_tokens, ignore_eos=True)
+        return r["usage"]["completion_tokens"], time.perf_counter() - t
+
+    complete(base, model, jobs[0], 8, ignore_eos=True)  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as ex:
+        res = list(ex.map(one, jobs))
+    wall = time.perf_counter() - t0
+    toks = sum(r[0] for r in res)
+    return {
+        "concurrency": conc,
+        "requests": n,
+        "output_tokens": toks,
+        "seconds": round(wall, 3),
+        "output_tok_per_s": round(toks / wall, 1),
+        "mean_latency_s": round(sum(r[1] for r in res) / n, 3),
+    }
+
+
+def openai_check(base: str, model: str) -> dict:
+    """A completion and a streamed chat completion through the official client."""
+    import openai
+
+    c = openai.OpenAI(base_url=base + "/v1", api_key=os.environ.get("MXSERVE_API_KEY", "none"), max_retries=0)
+    comp = c.completions.create(model=model, prompt="To be, or not to be", max_tokens=16, temperature=0)
+    chunks = c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=16, stream=True
+    )
+    chat = "".join((ch.choices[0].delta.content or "") for ch in chunks if ch.choices)
+    return {"completion": comp.choices[0].text, "streamed_chat": chat}
+
+
+def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_dir: str) -> dict:
+    base = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(log_dir, f"{name}.log")
+    rec: dict = {"name": name, "command": shlex.join(cmd)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            rec["startup_s"] = round(wait_healthy(base, proc, a.startup_timeout), 1)
+            print(f"[{name}] healthy after {rec['startup_s']} s", flush=True)
+            rec["openai"] = openai_check(base, name)
+            rec["greedy"] = [
+                complete(base, name, p, a.greedy_tokens, ignore_eos=False)["choices"][0]["text"] for p in prompts
+            ]
+            rec["throughput"] = []
+            for conc in a.concurrency:
+                r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
+                print(f"[{name}] {r}", flush=True)
+                rec["throughput"].append(r)
+        except Exception as e:  # record and go on to the next server
+            rec["error"] = f"{type(e).__name__}: {e}"
+            print(f"[{name}] FAILED: {rec['error']}", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+    with open(log_path) as f:
+        rec["log_tail"] = f.read()[-3000:] if "error" in rec else ""
+    return rec
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        f"# Serving throughput: {res['tag']}",
+        "",
+        f"Device: {res['device']}. Command: `{res['command']}`",
+        "",
+        f"Output tokens per second, {res['max_tokens']} tokens per request (ignore_eos), greedy.",
+        "",
+        "| server | startup s | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
+        "|---|---|" + "---|" * len(res["concurrency"]),
+    ]
+    for s in res["servers"]:
+        if "error" in s:
+            lines.append(f"| {s['name']} | failed: {s['error'][:80]} |" + " |" * len(res["concurrency"]))
+            continue
+        tp = {r["concurrency"]: r["output_tok_per_s"] for r in s["throughput"]}
+        lines.append(
+            f"| {s['name']} | {s['startup_s']} | " + " | ".join(str(tp.get(c, "")) for c in res["concurrency"]) + " |"
+        )
+    for eq in res["equal"]:
+        lines.append("")
+        lines.append(f"Greedy equality {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the bf16 model plain SGLang serves")
+    ap.add_argument("--ckpt", action="append", default=[], help="NAME=DIR of an mxserve checkpoint")
+    ap.add_argument("--sglang-quant", action="append", default=[], help="SGLang --quantization to compare")
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--equal", action="append", default=[], help="A:B servers whose greedy text must match")
+    ap.add_argument("--prompts", nargs="+", default=[], help="text files to cut prompts from")
+    ap.add_argument("--n-prompts", type=int, default=8)
+    ap.add_argument("--greedy-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
+    ap.add_argument("--startup-timeout", type=float, default=420)
+    ap.add_argument("--tag", default="refmoe-25m")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    import torch
+
+    os.makedirs(a.out, exist_ok=True)
+    prompts = (
+        prompts_from(a.prompts, a.n_prompts) if a.prompts else [f"Once upon a time {i}" for i in range(a.n_prompts)]
+    )
+    extra = shlex.split(a.sglang_args)
+    py = sys.executable
+    servers = []
+    if not a.skip_bf16:
+        servers.append(("sglang-bf16", [py, "-m", "sglang.launch_server", "--model-path", a.model, *extra]))
+    for q in a.sglang_quant:
+        servers.append((f"sglang-{q}", [py, "-m", "sglang.launch_server", "--model-path", a.model,
+                                        "--quantization", q, *extra]))  # fmt: skip
+    for spec in a.ckpt:
+        name, path = spec.split("=", 1)
+        servers.append((f"mxserve-{name}", [py, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--model", path,
+                                            "--sglang-args", a.sglang_args]))  # fmt: skip
+    res = {
+        "tag": a.tag,
+        "device": torch.cuda.get_device_name(),
+        "command": shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "max_tokens": a.max_tokens,
+        "concurrency": a.concurrency,
+        "prompts": prompts,
+        "servers": [],
+        "equal": [],
+    }
+    for name, cmd in servers:
+        port = free_port()
+        cmd = [*cmd, "--port", str(port), "--served-model-name", name]
+        res["servers"].append(run_server(name, cmd, port, a, prompts, a.out))
+        with open(os.path.join(a.out, "serving.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    by = {s["name"]: s for s in res["servers"]}
+    ok = True
+    for spec in a.equal:
+        x, y = spec.split(":")
+        gx, gy = by.get(x, {}).get("greedy"), by.get(y, {}).get("greedy")
+        same = sum(p == q for p, q in zip(gx or [], gy or []))
+        res["equal"].append({"a": x, "b": y, "same": same, "total": len(prompts)})
+        ok &= gx is not None and same == len(prompts)
+    with open(os.path.join(a.out, "serving.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(a.out, "serving.md"), "w") as f:
+        f.write(markdown(res))
+    print(markdown(res))
+    return 0 if ok and all("error" not in s for s in res["servers"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

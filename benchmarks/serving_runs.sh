@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The serving runs behind benchmarks/results/serving-*.{json,md}, on the lent GPU
+# (SGLang from the bundle of ../shared/device: bash .bundle/install.sh first).
+#
+#   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
+#   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
+#
+# Each quantizes the mxserve checkpoints from the committed plans (benchmarks/plans),
+# then runs benchmarks/serving.py: plain SGLang bf16, SGLang's own fp8, and mxserve
+# on SGLang, one server after another with the same prompts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=$1 out=$2
+work=${WORK:-/tmp/mxserve-serving}
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+py=python3
+args="${SGLANG_ARGS:---attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.6}"
+
+if [ "$what" = qwen15 ]; then
+  m=$work/qwen15-4l
+  [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b-4layers.json \
+    --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
+  for b in 4bit 3.25bit; do
+    [ -f "$work/q15-$b/config.json" ] || $py -m mxserve.cli quantize --model "$m" \
+      --plan benchmarks/plans/qwen15-4l-$b.json --out "$work/q15-$b" --quiet &
+  done
+  wait
+  $py benchmarks/serving.py --model "$m" --ckpt 4bit="$work/q15-4bit" --ckpt 3.25bit="$work/q15-3.25bit" \
+    --sglang-quant fp8 --max-tokens 64 --sglang-args "$args" --tag "Qwen1.5-MoE-A2.7B layers, 4 of 24, random weights" \
+    --out "$out"
+elif [ "$what" = refmoe ]; then
+  src=$3 data=$4
+  # sglang 0.5.15's Qwen2-MoE does not tie lm_head to the embedding; refmoe-25m ties
+  # them, so plain SGLang gets a copy with lm_head.weight written out.
+  model=$work/refmoe-untied
+  [ -f "$model/config.json" ] || $py - "$src" "$model" <<'PY'
+import json, os, shutil, sys
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:]
+os.makedirs(dst, exist_ok=True)
+for f in os.listdir(src):
+    if f not in ("model.safetensors", "config.json"):
+        shutil.copy(os.path.join(src, f), dst)
+t = load_file(os.path.join(src, "model.safetensors"))
+t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+save_file(t, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+cfg = json.load(open(os.path.join(src, "config.json")))
+cfg["tie_word_embeddings"] = False
+json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
+PY
+  for b in bf16 4bit 3.25bit; do
+    [ -f "$work/ref-$b/config.json" ] || $py -m mxserve.cli quantize --model "$src" \
+      --plan benchmarks/plans/refmoe-$b.json --data "$data"/*-calib.txt --out "$work/ref-$b" --quiet &
+  done
+  wait
+  $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" --ckpt 4bit="$work/ref-4bit" \
+    --ckpt 3.25bit="$work/ref-3.25bit" --sglang-quant fp8 --equal mxserve-bf16plan:sglang-bf16 \
+    --prompts "$data"/*-dev.txt --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
+else
+  echo "usage: $0 qwen15|refmoe OUT [MODEL DATA]" >&2
+  exit 2
+fi

@@ -1,0 +1,165 @@
+"""Starting SGLang's HTTP server on an mxserve checkpoint.
+
+The server is SGLang's own ``sglang.launch_server`` in a child process; what
+mxserve adds is in its arguments and environment:
+
+- the ``mxmoe`` plugin made visible to every SGLang process: through the
+  entry point pip installed, or, when mxserve runs from a source tree, through
+  a small ``*.dist-info`` folder put on ``PYTHONPATH`` (SGLang finds plugins
+  with ``importlib.metadata``, in each process it starts);
+- ``--json-model-override-args`` with the plan's absolute path and, for models
+  with a shared expert, ``shared_expert_intermediate_size: 0`` (the shared
+  expert runs inside the mixed-precision MoE launch instead).
+
+Supported SGLang: 0.5.15 <= version < 0.6 (the plugin group and FusedMoE
+method API it uses appeared in 0.5.x).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from mxserve.errors import MxServeError
+from mxserve.models.loading import QUANT_METHOD, read_config
+
+PLUGIN_GROUP = "sglang.srt.plugins"
+PLUGIN_NAME = "mxmoe"
+PLUGIN_TARGET = "mxserve.engines.sglang_plugin:register"
+SUPPORTED = ((0, 5, 15), (0, 6))
+GRPC_PORT_OFFSET = 10000  # sglang 0.5.15 derives a gRPC port from --port and rejects it above 65535
+# Model types whose SGLang implementation holds the experts in FusedMoE under
+# mlp.experts, with the transformers tensor names elsewhere (checked on the GPU: qwen2_moe).
+MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_sglang() -> str:
+    """SGLang's version, or a clear error when it is missing or outside the supported range."""
+    if importlib.util.find_spec("sglang") is None:
+        raise MxServeError(
+            "--engine sglang needs SGLang (pip install 'mxserve[sglang]'; on an air-gapped GPU host see the "
+            "README's GPU section); --engine embedded serves without it"
+        )
+    try:
+        version = importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        import sglang
+
+        version = getattr(sglang, "__version__", "0")
+    lo, hi = SUPPORTED
+    if not lo <= _version_tuple(version) < hi:
+        raise MxServeError(f"sglang {version} is not supported; mxserve needs sglang >=0.5.15,<0.6")
+    return version
+
+
+def _plugin_installed() -> bool:
+    return any(
+        ep.name == PLUGIN_NAME and ep.value == PLUGIN_TARGET
+        for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)
+    )
+
+
+def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for SGLang's processes, in which they find and can import the plugin."""
+    env = dict(os.environ if env is None else env)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not _plugin_installed():
+        dist = os.path.join(state_dir, "sglang-plugin", "mxserve_sglang_plugin-1.0.dist-info")
+        os.makedirs(dist, exist_ok=True)
+        with open(os.path.join(dist, "METADATA"), "w") as f:
+            f.write("Metadata-Version: 2.1\nName: mxserve-sglang-plugin\nVersion: 1.0\n")
+        with open(os.path.join(dist, "entry_points.txt"), "w") as f:
+            f.write(f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n")
+        paths = [os.path.dirname(dist)] + paths
+    if src not in paths:
+        paths.append(src)  # mxserve itself importable in the children, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    allowed = env.get("SGLANG_PLUGINS")
+    if allowed and PLUGIN_NAME not in allowed.split(","):
+        env["SGLANG_PLUGINS"] = allowed + "," + PLUGIN_NAME  # a whitelist would otherwise skip us
+    return env
+
+
+def model_overrides(ckpt: str) -> dict:
+    """What SGLang must read differently from the checkpoint's config.json."""
+    cfg = read_config(ckpt)
+    qc = dict(cfg.get("quantization_config") or {})
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise MxServeError(f"{ckpt} is not an mxmoe checkpoint")
+    mt = cfg.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise MxServeError(
+            f"the SGLang engine serves {', '.join(MODEL_TYPES)} models; {mt} runs on --engine embedded"
+        )
+    qc["plan"] = os.path.abspath(os.path.join(ckpt, qc.get("plan", "mxmoe_plan.json")))
+    out: dict = {"quantization_config": qc}
+    if cfg.get("shared_expert_intermediate_size"):
+        out["shared_expert_intermediate_size"] = 0
+    return out
+
+
+def sglang_command(
+    ckpt: str,
+    host: str,
+    port: int,
+    served_model_name: str,
+    api_key: str | None = None,
+    context_length: int | None = None,
+    tp: int = 1,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The ``sglang.launch_server`` command line for a checkpoint."""
+    if tp > 1:
+        raise MxServeError(
+            "--tp > 1: the mxmoe method runs every expert whole on one GPU; tensor-parallel experts are not "
+            "supported yet"
+        )
+    if port + GRPC_PORT_OFFSET > 65535:
+        raise MxServeError(f"--port {port}: SGLang also listens on port + {GRPC_PORT_OFFSET}; use a port below "
+                           f"{65536 - GRPC_PORT_OFFSET}")
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", os.path.abspath(ckpt),
+        "--host", host,
+        "--port", str(port),
+        "--tp-size", str(tp),
+        "--served-model-name", served_model_name,
+        "--json-model-override-args", json.dumps(model_overrides(ckpt)),
+        "--enable-metrics",
+    ]  # fmt: skip
+    if api_key:
+        cmd += ["--api-key", api_key]
+    if context_length:
+        cmd += ["--context-length", str(context_length)]
+    return cmd + list(extra or [])
+
+
+def run_sglang(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the server until it exits; SIGINT/SIGTERM are passed on so it shuts down cleanly."""
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            proc.kill()

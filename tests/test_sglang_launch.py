@@ -1,0 +1,107 @@
+"""The SGLang engine's launcher on the CPU: plugin discovery, the server command, clear errors.
+
+The plugin itself runs inside SGLang on a GPU: tests/test_sglang_gpu.py.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mxserve.checkpoint import PLAN_FILE, layout, quantize_to_dir
+from mxserve.engines import sglang_launch
+from mxserve.errors import MxServeError
+from mxserve.models.adapters import moe_layers
+from mxserve.models.loading import load_model
+from mxserve.plan import Plan
+from mxserve.schemes import get_scheme
+
+PROBE = """
+import importlib.util, json
+from importlib.metadata import entry_points
+eps = [(e.name, e.value) for e in entry_points(group="sglang.srt.plugins")]
+try:
+    spec = importlib.util.find_spec("mxserve.engines.sglang_plugin")
+except ModuleNotFoundError:
+    spec = None
+print(json.dumps({"eps": eps, "plugin_module": spec is not None}))
+"""
+
+
+def _probe(env: dict, cwd) -> dict:
+    out = subprocess.run([sys.executable, "-S", "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_plugin_visible_from_a_source_tree(tmp_path, monkeypatch):
+    """Not pip-installed: a dist-info on PYTHONPATH lets SGLang's processes find the plugin.
+
+    ``python -S`` leaves site-packages out, so only what plugin_env adds is seen.
+    """
+    monkeypatch.setattr(sglang_launch, "_plugin_installed", lambda: False)
+    env = sglang_launch.plugin_env(str(tmp_path), {"PATH": os.environ["PATH"], "SGLANG_PLUGINS": "other"})
+    got = _probe(env, tmp_path)
+    assert ["mxmoe", "mxserve.engines.sglang_plugin:register"] in got["eps"]
+    assert got["plugin_module"]
+    assert env["SGLANG_PLUGINS"] == "other,mxmoe"
+    bare = _probe({"PATH": os.environ["PATH"]}, tmp_path)
+    assert bare["eps"] == [] and not bare["plugin_module"]
+
+
+def test_plugin_entry_point_installed():
+    """pip install (here: editable) declares the entry point; then no dist-info is written."""
+    assert sglang_launch._plugin_installed()
+
+
+@pytest.fixture(scope="module")
+def qwen2_ckpt(tiny_models, tmp_path_factory) -> str:
+    model = load_model(str(tiny_models["qwen2_moe"]))
+    plan = Plan.uniform("m", "qwen2_moe", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
+    out = str(tmp_path_factory.mktemp("ckpt"))
+    quantize_to_dir(str(tiny_models["qwen2_moe"]), plan, out, progress=False)
+    return out
+
+
+def test_sglang_command(qwen2_ckpt):
+    cmd = sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 8123, "tiny", api_key="k", context_length=512,
+                                       extra=["--attention-backend", "triton"])
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    args = {flag: cmd[i + 1] for i, flag in enumerate(cmd[:-1]) if flag.startswith("--")}
+    assert args["--model-path"] == os.path.abspath(qwen2_ckpt)
+    assert args["--host"] == "127.0.0.1" and args["--port"] == "8123" and args["--api-key"] == "k"
+    assert args["--context-length"] == "512" and args["--served-model-name"] == "tiny"
+    assert cmd[-2:] == ["--attention-backend", "triton"] and "--enable-metrics" in cmd
+    over = json.loads(args["--json-model-override-args"])
+    assert over["shared_expert_intermediate_size"] == 0  # the shared expert runs in the MoE launch
+    qc = over["quantization_config"]
+    assert qc["quant_method"] == "mxmoe" and qc["plan"] == os.path.join(os.path.abspath(qwen2_ckpt), PLAN_FILE)
+    assert os.path.isfile(qc["plan"])
+
+
+def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
+    with pytest.raises(MxServeError, match="tensor-parallel"):
+        sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 1, "m", tp=2)
+    model = load_model(str(tiny_models["olmoe"]))
+    plan = Plan.uniform("m", "olmoe", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
+    quantize_to_dir(str(tiny_models["olmoe"]), plan, str(tmp_path), progress=False)
+    with pytest.raises(MxServeError, match="embedded"):
+        sglang_launch.sglang_command(str(tmp_path), "127.0.0.1", 1, "m")
+    with pytest.raises(MxServeError, match="not an mxmoe checkpoint"):
+        sglang_launch.sglang_command(str(tiny_models["qwen2_moe"]), "127.0.0.1", 1, "m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed here")
+def test_missing_sglang_is_a_clear_error():
+    with pytest.raises(MxServeError, match="pip install 'mxserve\\[sglang\\]'"):
+        sglang_launch.check_sglang()
+
+
+def test_version_range():
+    v = sglang_launch._version_tuple
+    lo, hi = sglang_launch.SUPPORTED
+    assert lo <= v("0.5.15") < hi and lo <= v("0.5.20.post1") < hi
+    assert not lo <= v("0.5.9") < hi and not lo <= v("0.6.0") < hi
