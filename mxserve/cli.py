@@ -193,6 +193,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     engine = pick_engine(a.engine, a.tp)
     extra = shlex.split(a.sglang_args or "")
+    if engine == "sglang" and a.max_running_requests:
+        extra += ["--max-running-requests", str(a.max_running_requests)]
     if extra and engine != "sglang":
         raise MxServeError("--sglang-args is for the SGLang engine")
     ckpt = resolve_checkpoint(LaunchSettings(
@@ -204,7 +206,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     if engine == "sglang":
         sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra))
-    serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens)
+    serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16)
 
 
 def _positive_int(text: str) -> int:
@@ -240,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--max-model-len", "--context-length", type=_positive_int, dest="max_model_len",
                     help="context length (default: the model's max_position_embeddings)")
     la.add_argument("--default-max-tokens", type=_positive_int, default=256)
+    la.add_argument("--max-running-requests", type=_positive_int,
+                    help="requests decoded together (embedded default 16; SGLang's own default otherwise)")
     la.add_argument("--tp", "--tp-size", type=_positive_int, default=1, dest="tp",
                     help="tensor parallel size (SGLang engine only)")
     la.add_argument("--sglang-args", help='more sglang.launch_server arguments, e.g. "--attention-backend triton"')

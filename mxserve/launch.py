@@ -174,7 +174,7 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
 
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
-          max_model_len: int | None, default_max_tokens: int) -> None:
+          max_model_len: int | None, default_max_tokens: int, max_running_requests: int = 16) -> None:
     import uvicorn
 
     from mxserve.checkpoint import load_quantized
@@ -190,7 +190,7 @@ def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str 
     limit = getattr(model.config, "max_position_embeddings", 2048)
     if max_model_len is not None and max_model_len > limit:
         raise MxServeError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
-    engine = EmbeddedEngine(model, tok, max_model_len or limit)
+    engine = EmbeddedEngine(model, tok, max_model_len or limit, max_running_requests)
     app = create_app(engine, served_model_name, api_key, default_max_tokens)
     log(f"serving {served_model_name} ({plan.summary.get('avg_bits', plan.budget_bits):.2f} avg bits, {device}) "
         f"on http://{host}:{port}/v1")

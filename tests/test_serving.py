@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -123,11 +124,31 @@ def test_greedy_bf16_plan_equals_transformers():
     plan = Plan.uniform("refmoe", "qwen2_moe", layout(moe_layers(model)), get_scheme("bf16"), "rtn")
     install_layers(model, quantize_layers(model, plan, progress=False))
     engine = EmbeddedEngine(model, tok, 2048)
-    try:
-        for p, exp in zip(prompts, expected):
-            got = [t for t in engine.generate(tok(p)["input_ids"], SamplingParams(16, temperature=0))
-                   if isinstance(t, int)]
+
+    def run(p: str) -> list[int]:
+        stream = engine.generate(tok(p)["input_ids"], SamplingParams(16, temperature=0))
+        return [t for t in stream if isinstance(t, int)]
+
+    def check(outputs: list[list[int]]) -> None:
+        for got, exp in zip(outputs, expected):
             assert got == exp[: len(got)] and (len(got) == 16 or exp[len(got)] in engine.eos_ids)
+
+    try:
+        check([run(p) for p in prompts])  # one at a time
+        assert engine.peak_running == 1
+        def abandon(p: str) -> list[int]:  # a client that goes away after two tokens
+            stream = engine.generate(tok(p)["input_ids"], SamplingParams(64, temperature=0))
+            first = [next(stream), next(stream)]
+            stream.close()
+            return first
+
+        with ThreadPoolExecutor(len(prompts) * 2 + 1) as ex:  # together: continuous batching, left-padded cache
+            left = ex.submit(abandon, "Once upon a midnight dreary, while I pondered, weak and weary")
+            outs = list(ex.map(run, prompts * 2))
+            assert len(left.result()) == 2
+        check(outs[: len(prompts)])
+        check(outs[len(prompts) :])
+        assert engine.peak_running >= 2
     finally:
         engine.shutdown()
 

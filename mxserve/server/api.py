@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
@@ -99,6 +99,8 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     requests_total = Counter("mxserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                              registry=registry)
     tokens_total = Counter("mxserve_generated_tokens", "Generated tokens", registry=registry)
+    running = Gauge("mxserve_running_requests", "Requests in the decode batch", registry=registry)
+    running.set_function(lambda: engine.running)
     tok = engine.tokenizer
 
     @app.middleware("http")
