@@ -191,3 +191,26 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("mxserve: error:") and "Traceback" not in proc.stderr
+
+
+def test_old_checkpoint_format(capsys, tiny_models, tmp_path, calib_text):
+    """A checkpoint of another format version says so and how to fix it."""
+    import json
+
+    from mxserve.checkpoint import layout, quantize_to_dir
+    from mxserve.models.adapters import moe_layers
+    from mxserve.models.loading import load_model
+    from mxserve.plan import Plan
+    from mxserve.schemes import get_scheme
+
+    ckpt = tmp_path / "q"
+    model = load_model(str(tiny_models["olmoe"]))
+    quantize_to_dir(str(tiny_models["olmoe"]),
+                    Plan.uniform("m", "olmoe", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn"),
+                    str(ckpt), progress=False)
+    capsys.readouterr()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["version"] = 1
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    err = one_line(run_err(capsys, "eval", "--model", ckpt, "--data", calib_text))
+    assert "format version 1" in err and "quantize the model again" in err

@@ -199,3 +199,17 @@ def test_launch_cache_and_errors(tmp_path, monkeypatch, capsys, tiny_models, cal
         port = busy.getsockname()[1]
         assert main(["launch", "--model", first, "--port", str(port)]) == 2
         assert "cannot listen" in capsys.readouterr().err
+
+
+def test_concurrent_requests_are_batched(server):
+    """Eight clients at once: each gets what it would get alone (greedy), through one decode batch."""
+    base, _ = server
+    c = client(base)
+    prompts = ["def main():", "ROMEO. But soft,"] * 4
+    alone = {p: c.completions.create(model="refmoe-25m", prompt=p, max_tokens=12, temperature=0).choices[0].text
+             for p in set(prompts)}
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(lambda p: c.completions.create(model="refmoe-25m", prompt=p, max_tokens=12,
+                                                         temperature=0).choices[0].text, prompts))
+    assert got == [alone[p] for p in prompts]
+    assert "mxserve_running_requests 0.0" in httpx.get(base + "/metrics").text

@@ -173,11 +173,19 @@ class EmbeddedEngine:
                     for row in batch.rows:
                         row.req.out.put(("abort",))
                     return
-                self._admit(req, batch)
+                try:
+                    self._admit(req, batch)
+                except BaseException as e:  # noqa: BLE001 - this request gets the error, the engine lives on
+                    req.out.put(e)
                 if self._can_batch is False:
                     break  # this model's cache cannot be stacked: one request at a time
             if batch.rows:
-                self._step(batch)
+                try:
+                    self._step(batch)
+                except BaseException as e:  # noqa: BLE001 - the running requests get the error
+                    for r in batch.rows:
+                        r.req.out.put(e)
+                    batch.keep([])
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, cache, **kw) -> torch.Tensor:
@@ -194,11 +202,7 @@ class EmbeddedEngine:
             gen.manual_seed(req.params.seed)
         row = _Running(req, gen, [], len(req.prompt_ids))
         cache = DynamicCache()
-        try:
-            logits = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache)
-        except BaseException as e:  # noqa: BLE001 - this request gets the error, the engine lives on
-            req.out.put(e)
-            return
+        logits = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache)
         if self._can_batch is None:
             self._can_batch = _batchable(cache)
         if not self._emit(row, logits[0]):
@@ -215,13 +219,7 @@ class EmbeddedEngine:
         pos = torch.tensor([[r.pos] for r in batch.rows], device=self.device)
         ones = torch.ones(len(batch.rows), 1, dtype=torch.long, device=self.device)
         batch.mask = torch.cat([batch.mask, ones], dim=1)
-        try:
-            logits = self._forward(ids, batch.cache, attention_mask=batch.mask, position_ids=pos)
-        except BaseException as e:  # noqa: BLE001 - the running requests get the error, the engine lives on
-            for r in batch.rows:
-                r.req.out.put(e)
-            batch.keep([])
-            return
+        logits = self._forward(ids, batch.cache, attention_mask=batch.mask, position_ids=pos)
         alive = []
         for i, r in enumerate(batch.rows):
             r.pos += 1
