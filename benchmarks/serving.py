@@ -70,10 +70,12 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError("server did not become healthy")
 
 
-def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
+def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool, logprobs: int = 0) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if ignore_eos:
         body["ignore_eos"] = True
+    if logprobs:
+        body["logprobs"] = logprobs
     req = urllib.request.Request(
         base + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -105,6 +107,33 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
     }
 
 
+def top2_margins(lp: dict | None) -> list[float] | None:
+    """Per generated token, log p(top 1) - log p(top 2): how near a tie each greedy choice was."""
+    if not lp or not lp.get("top_logprobs"):
+        return None
+    out = []
+    for top in lp["top_logprobs"]:
+        vals = sorted((v for v in (top or {}).values() if v is not None), reverse=True)
+        out.append(round(vals[0] - vals[1], 4) if len(vals) > 1 else None)
+    return out
+
+
+def first_difference(x: str, y: str) -> int:
+    return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+
+
+def token_at(tokens: list[str] | None, char: int) -> int | None:
+    """Index of the generated token that holds character ``char`` of the text."""
+    if not tokens:
+        return None
+    end = 0
+    for i, t in enumerate(tokens):
+        end += len(t or "")
+        if end > char:
+            return i
+    return len(tokens) - 1
+
+
 def openai_check(base: str, model: str) -> dict:
     """A completion and a streamed chat completion through the official client."""
     import openai
@@ -128,9 +157,10 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             rec["startup_s"] = round(wait_healthy(base, proc, a.startup_timeout), 1)
             print(f"[{name}] healthy after {rec['startup_s']} s", flush=True)
             rec["openai"] = openai_check(base, name)
-            rec["greedy"] = [
-                complete(base, name, p, a.greedy_tokens, ignore_eos=False)["choices"][0]["text"] for p in prompts
-            ]
+            greedy = [complete(base, name, p, a.greedy_tokens, False, logprobs=2)["choices"][0] for p in prompts]
+            rec["greedy"] = [c["text"] for c in greedy]
+            rec["greedy_margins"] = [top2_margins(c.get("logprobs")) for c in greedy]
+            rec["greedy_tokens"] = [(c.get("logprobs") or {}).get("tokens") for c in greedy]
             rec["throughput"] = []
             for conc in a.concurrency:
                 r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
@@ -172,6 +202,10 @@ def markdown(res: dict) -> str:
     for eq in res["equal"]:
         lines.append("")
         lines.append(f"Greedy equality {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical.")
+        for d in eq.get("differences", []):
+            m = d.get("b_margin_there")
+            near = "" if m is None else f" (token {d['token']}; {eq['b']}'s top-1 minus top-2 log-prob there: {m:.4f})"
+            lines.append(f"- prompt {d['prompt']}: texts part at character {d['char']}{near}")
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +268,18 @@ def main() -> int:
         x, y = spec.split(":")
         gx, gy = by.get(x, {}).get("greedy"), by.get(y, {}).get("greedy")
         same = sum(p == q for p, q in zip(gx or [], gy or []))
-        res["equal"].append({"a": x, "b": y, "same": same, "total": len(prompts)})
+        # where two greedy texts part, how close to a tie the reference (b) was at its last
+        # few tokens: a margin near 0 means bf16 rounding may pick either token
+        parts = []
+        for i, (p, q) in enumerate(zip(gx or [], gy or [])):
+            if p != q:
+                char = first_difference(p, q)
+                margins = (by[y].get("greedy_margins") or [None] * len(gy))[i]
+                tokens = (by[y].get("greedy_tokens") or [None] * len(gy))[i]
+                at = token_at(tokens, char)
+                margin = margins[at] if margins and at is not None and at < len(margins) else None
+                parts.append({"prompt": i, "char": char, "token": at, "b_margin_there": margin})
+        res["equal"].append({"a": x, "b": y, "same": same, "total": len(prompts), "differences": parts})
         ok &= gx is not None and same == len(prompts)
     with open(os.path.join(a.out, "serving.json"), "w") as f:
         json.dump(res, f, indent=1)
