@@ -12,7 +12,9 @@ mxserve adds is in its arguments and environment:
   expert runs inside the mixed-precision MoE launch instead).
 
 Supported SGLang: 0.5.15 <= version < 0.6 (the plugin group and FusedMoE
-method API it uses appeared in 0.5.x).
+method API it uses appeared in 0.5.x). Run on the GPU with 0.5.15; the parts it
+relies on (plugin loading before argument parsing, FusedMoEMethodBase, the
+standard dispatcher's apply/combine) read the same in 0.5.23's source.
 """
 
 from __future__ import annotations
