@@ -197,6 +197,11 @@ def cmd_launch(a: argparse.Namespace) -> None:
         extra += ["--max-running-requests", str(a.max_running_requests)]
     if extra and engine != "sglang":
         raise MxServeError("--sglang-args is for the SGLang engine")
+    if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
+        from mxserve.engines.sglang_launch import check_model_type
+        from mxserve.models.loading import read_config
+
+        check_model_type(read_config(a.model).get("model_type"))  # before any calibration
     ckpt = resolve_checkpoint(LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,

@@ -96,17 +96,20 @@ def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
+def check_model_type(model_type: str | None) -> None:
+    if model_type not in MODEL_TYPES:
+        raise MxServeError(
+            f"the SGLang engine serves {', '.join(MODEL_TYPES)} models; {model_type} runs on --engine embedded"
+        )
+
+
 def model_overrides(ckpt: str) -> dict:
     """What SGLang must read differently from the checkpoint's config.json."""
     cfg = read_config(ckpt)
     qc = dict(cfg.get("quantization_config") or {})
     if qc.get("quant_method") != QUANT_METHOD:
         raise MxServeError(f"{ckpt} is not an mxmoe checkpoint")
-    mt = cfg.get("model_type")
-    if mt not in MODEL_TYPES:
-        raise MxServeError(
-            f"the SGLang engine serves {', '.join(MODEL_TYPES)} models; {mt} runs on --engine embedded"
-        )
+    check_model_type(cfg.get("model_type"))
     qc["plan"] = os.path.abspath(os.path.join(ckpt, qc.get("plan", "mxmoe_plan.json")))
     out: dict = {"quantization_config": qc}
     if cfg.get("shared_expert_intermediate_size"):
