@@ -146,17 +146,16 @@ def pick_engine(requested: str | None, tp: int = 1) -> str:
     from mxserve.engines.sglang_launch import check_sglang
 
     has_cuda = torch.cuda.is_available()
-    if requested == "sglang":
-        if not has_cuda:
-            raise MxServeError("--engine sglang needs a CUDA GPU; --engine embedded serves on the CPU")
+    if requested == "sglang" and not has_cuda:
+        raise MxServeError("--engine sglang needs a CUDA GPU; --engine embedded serves on the CPU")
+    if requested == "sglang" or (requested is None and has_cuda and importlib.util.find_spec("sglang")):
         check_sglang()
+        if tp > 1:  # said before any calibration
+            raise MxServeError("--tp > 1: the mxmoe method runs every expert whole on one GPU; tensor-parallel "
+                               "experts are not supported yet")
         return "sglang"
-    if requested is None:
-        if has_cuda and importlib.util.find_spec("sglang") is not None:
-            check_sglang()
-            return "sglang"
-        if has_cuda:
-            log("CUDA found but not sglang: serving with the embedded engine (pip install 'mxserve[sglang]')")
+    if requested is None and has_cuda:
+        log("CUDA found but not sglang: serving with the embedded engine (pip install 'mxserve[sglang]')")
     if tp > 1:
         raise MxServeError("--tp > 1 needs the SGLang engine (--engine sglang)")
     return "embedded"
