@@ -154,7 +154,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list) -> None:
         for t in tokens:
             x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=gen)
             ids, w = routing(t, e, k, skewed, gen, dev)
-            ide, we = extend_routing(ids, w, ne, e, None)
+            ide, we = extend_routing(ids, w, ne, e)
             rows = ide.numel()
             active = torch.unique(ide).numel()
             flops = 6.0 * rows * i * h

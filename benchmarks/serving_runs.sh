@@ -56,7 +56,7 @@ PY
   wait
   $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" --ckpt 4bit="$work/ref-4bit" \
     --ckpt 3.25bit="$work/ref-3.25bit" --sglang-quant fp8 --equal mxserve-bf16plan:sglang-bf16 \
-    --prompts "$data"/*-dev.txt --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
+    --prompts "$data"/*-dev.txt --n-prompts 16 --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
 else
   echo "usage: $0 qwen15|refmoe OUT [MODEL DATA]" >&2
   exit 2

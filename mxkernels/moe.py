@@ -1,8 +1,14 @@
 """Launching the mixed-precision MoE layer: routing alignment, two grouped GEMMs, the top-k sum.
 
 Shared experts are experts that receive every token: they are appended to each
-token's top-k as extra slots (ids n_routed.., weight = the shared gate or 1),
-so one launch per GEMM covers routed and shared experts alike.
+token's top-k as extra slots (ids n_routed.., weight 1), so one launch per GEMM
+covers routed and shared experts alike; the shared gate scales their sum after.
+
+Rounding follows the unfused bf16 pipeline SGLang runs for an unquantized MoE
+(fused_moe: gate/up to bf16, SiLU(gate) * up to bf16, each slot's weighted down
+output to bf16, routed slots summed once; shared MLP to bf16, then one fp32
+``routed + sigmoid(gate) * shared``), so an all-bf16 plan reproduces SGLang's
+numbers up to the order of fp32 sums inside the GEMMs.
 """
 
 from __future__ import annotations
@@ -115,13 +121,9 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
 
 
 def extend_routing(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    n_experts: int,
-    n_routed: int,
-    shared_scale: torch.Tensor | None,
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the shared experts to every token's top-k: ids [T, slots] int64, weights fp32."""
+    """Append the shared experts to every token's top-k, weight 1: ids [T, slots] int64, weights fp32."""
     t = topk_ids.shape[0]
     ids = topk_ids.to(torch.int64)
     w = topk_weights.to(torch.float32)
@@ -129,8 +131,7 @@ def extend_routing(
     if n_shared:
         dev = ids.device
         ids = torch.cat([ids, torch.arange(n_routed, n_experts, device=dev).expand(t, n_shared)], dim=1)
-        sw = torch.ones(t, 1, device=dev) if shared_scale is None else shared_scale.float().reshape(t, 1)
-        w = torch.cat([w, sw.expand(t, n_shared)], dim=1)
+        w = torch.cat([w, torch.ones(t, n_shared, device=dev)], dim=1)
     return ids, w
 
 
@@ -138,7 +139,7 @@ def moe_gemms(
     x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate_up: Arena, down: Arena, poison: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for routing ``ids``/``w`` [T, slots]; returns the intermediate
-    [T*slots, I] (bf16) and the weighted expert outputs [T*slots, H] (fp32), row = token*slots + slot.
+    [T*slots, I] and the weighted expert outputs [T*slots, H], both bf16, row = token*slots + slot.
     ``poison`` fills the outputs with NaN first (tests: every element must be written)."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
     slots = ids.shape[1]
@@ -148,7 +149,7 @@ def moe_gemms(
     sorted_ids, block_expert, num_post_pad = align(flat, gate_up.n_experts, tiles[0])
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=x.device)
     _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, tiles)
-    out = alloc(rows, down.n, dtype=torch.float32, device=x.device)
+    out = alloc(rows, down.n, dtype=torch.bfloat16, device=x.device)
     _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w.reshape(-1).contiguous(), rows, 1, False, tiles)
     return inter, out
 
@@ -162,8 +163,16 @@ def mx_moe_forward(
     n_routed: int,
     shared_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MoE output [T, H] (bf16) for x [T, H] with the layer's packed experts."""
+    """MoE output [T, H] (bf16) for x [T, H] with the layer's packed experts; ``shared_scale``
+    [T, 1] scales the shared experts' sum (Qwen2-MoE's sigmoid gate; fp32 as SGLang computes it)."""
     t, h = x.shape
-    ids, w = extend_routing(topk_ids, topk_weights, gate_up.n_experts, n_routed, shared_scale)
+    k = topk_ids.shape[1]
+    ids, w = extend_routing(topk_ids, topk_weights, gate_up.n_experts, n_routed)
     _, out = moe_gemms(x.to(torch.bfloat16).contiguous(), ids, w, gate_up, down)
-    return out.view(t, ids.shape[1], h).sum(dim=1).to(torch.bfloat16)
+    out = out.view(t, ids.shape[1], h)
+    y = out[:, :k].float().sum(dim=1)
+    if ids.shape[1] > k:
+        shared = out[:, k:].float().sum(dim=1)
+        y = y.to(torch.bfloat16).float()  # the routed sum is a bf16 tensor before the shared add
+        y = y + (shared if shared_scale is None else shared_scale.float().reshape(t, 1) * shared)
+    return y.to(torch.bfloat16)

@@ -38,6 +38,17 @@ def _dot_bf16(a, w, F32: tl.constexpr):
 
 
 @triton.jit
+def _bf16(x, F32: tl.constexpr):
+    """x rounded to bf16 (to nearest even). Triton's CPU interpreter truncates fp32 -> bf16
+    (seen with triton 3.9), so under it the rounding is done on the bits first."""
+    if F32:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
 def _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K):
     kk = k0 + offs_k
     return tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
@@ -127,7 +138,7 @@ def _mm_wonly(
         g = cols * ngroups + k0 // group
         s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
-        w = ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(tl.bfloat16)
+        w = _bf16((q.to(tl.float32) - z[None, :]) * s[None, :], F32)
         acc += _dot_bf16(a, w, F32)
     return acc
 
@@ -329,8 +340,11 @@ def mx_moe_gemm_kernel(
         up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                           amax_base, a8_base, w_off, s_off, z_off, group, cols + N, mask_n, K,
                           CODES, BM, BN, BK, F32)  # fmt: skip
+        # gate and up are rounded to bf16 first, as an unfused gate_up GEMM stores them (moe.py)
+        res = _bf16(res, F32).to(tl.float32)
+        up = _bf16(up, F32).to(tl.float32)
         res = res / (1.0 + tl.exp(-res)) * up  # SiLU(gate) * up
     else:
         res = res * tl.load(route_w_ptr + ids, mask=mask_m, other=0.0)[:, None]
     out = out_ptr + ids[:, None] * stride_om + cols[None, :]
-    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out, _bf16(res, F32), mask=mask_m[:, None] & mask_n[None, :])  # both outputs are bf16

@@ -59,16 +59,15 @@ def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rt
     dn = build_arena([e.down for e in experts]).to(device)
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
     ids, w = route(t, n_experts, k, gen)
-    scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
-    ids, w = extend_routing(ids, w, len(experts), n_experts, scale)
+    ids, w = extend_routing(ids, w, len(experts), n_experts)
     inter, out = moe_gemms(x.to(device), ids.to(device), w.to(device), gu, dn, poison=True)
-    inter, out = inter.float().cpu(), out.cpu()
+    inter, out = inter.float().cpu(), out.float().cpu()
     slots = ids.shape[1]
     err: dict[str, list[torch.Tensor]] = {}
     for r, e in enumerate(ids.reshape(-1).tolist()):
         ex = experts[e]
-        g, u = _as_kernel(ex.gate_up, x[r // slots].float()[None]).chunk(2, -1)
-        ref_i = torch.nn.functional.silu(g) * u
+        g, u = _as_kernel(ex.gate_up, x[r // slots].float()[None]).to(torch.bfloat16).float().chunk(2, -1)
+        ref_i = torch.nn.functional.silu(g) * u  # gate and up are bf16 before the product, as in the kernel
         ref_o = w.reshape(-1)[r] * _as_kernel(ex.down, inter[r].float()[None])
         err.setdefault(ex.gate_up.scheme.name + "/gate_up", []).append(
             torch.stack([(inter[r] - ref_i[0]).norm(), ref_i.norm()])
@@ -105,3 +104,46 @@ def layer_error(names, t, h, i, n_experts, n_shared, k, device, seed) -> float:
     out = out.float().cpu()
     assert torch.isfinite(out).all()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def unfused_bf16_layer(x, ids, w, dense, n_routed: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """An MoE layer as SGLang runs it unquantized, rounding to bf16 where its separate kernels store:
+    gate/up, SiLU(gate) * up, each slot's weighted down output, the routed sum, and the final
+    ``routed + sigmoid(gate) * shared`` (fp32 math between the stores)."""
+
+    def mlp(xr: torch.Tensor, e: int) -> torch.Tensor:
+        wgu, wd = dense[e]
+        g, u = (xr.float() @ wgu.float().t()).to(torch.bfloat16).float().chunk(2, -1)
+        return ((g / (1 + torch.exp(-g)) * u).to(torch.bfloat16).float() @ wd.float().t()).float()
+
+    t = x.shape[0]
+    rows = [(mlp(x[r : r + 1], e) * w[r, j]).to(torch.bfloat16)[0] for r in range(t) for j, e in enumerate(ids[r])]
+    slots = torch.stack(rows).view(t, ids.shape[1], -1)
+    y = slots.float().sum(1).to(torch.bfloat16)
+    if len(dense) > n_routed:
+        shared = sum(mlp(x, e).to(torch.bfloat16).float() for e in range(n_routed, len(dense)))
+        y = (y.float() + (shared if scale is None else scale.float() * shared)).to(torch.bfloat16)
+    return y
+
+
+def bf16_layer_agreement(t, h, i, n_experts, n_shared, k, device, seed) -> tuple[float, float]:
+    """All-bf16 experts: (share of output elements bit-identical to :func:`unfused_bf16_layer`,
+    largest difference in bf16 ulps of the value)."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(["bf16"], h, i, n_experts, n_shared, "rtn", gen, device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    ids, w = route(t, n_experts, k, gen)
+    scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
+    dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
+    ref = unfused_bf16_layer(x, ids, w, dense, n_experts, scale)
+    out = mx_moe_forward(
+        x.to(device),
+        ids.to(device),
+        w.to(device),
+        build_arena([e.gate_up for e in experts]).to(device),
+        build_arena([e.down for e in experts]).to(device),
+        n_experts,
+        scale.to(device),
+    ).cpu()
+    ulp = ref.float().abs().clamp(min=1e-6) * 2.0**-7  # bf16 keeps 8 significant bits
+    return (out == ref).float().mean().item(), ((out.float() - ref.float()).abs() / ulp).max().item()

@@ -1,22 +1,18 @@
 """The mixed-precision grouped GEMM against the torch reference, under Triton's CPU interpreter.
 
-Tolerances: the kernel feeds bf16 activations and stores the intermediate in
-bf16, so weight-only schemes land near 1e-2 (METHOD.md's bf16 range). fp8 is
-checked loosely here because Triton's interpreter emulates fp8 conversion and
-fp8 dot imprecisely (seen: 4% error on a bare fp8 dot); the GPU test holds fp8
-to the bf16 bound on real tensor cores.
+Tolerances: the kernel feeds bf16 activations and stores the intermediate and
+outputs in bf16, so the schemes land at a few 1e-3 (METHOD.md's bf16 range).
 """
 
 import pytest
 import torch
-from kernel_cases import gemm_errors, layer_error
+from kernel_cases import bf16_layer_agreement, gemm_errors, layer_error
 
 ALL = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16", "w8a8fp8", "w4a4", "w8a8"]
 SMALL_GROUPS = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
 
 
-def bound(key: str) -> float:
-    return 0.12 if key.startswith("w8a8fp8") else 2e-2
+BOUND = 1e-2
 
 
 @pytest.mark.parametrize(
@@ -30,24 +26,24 @@ def test_gemms_all_schemes_mixed(t, h, i, n_exp, n_shared, k):
     errs = gemm_errors(ALL, t, h, i, n_exp, n_shared, k, "cpu", seed=t)
     assert errs, "no expert received a token"
     for key, e in errs.items():
-        assert e < bound(key), (key, e)
+        assert e < BOUND, (key, e)
 
 
 def test_gemms_non_multiple_shapes_small_groups():
     # I = 96 and H = 160 are not multiples of the 64/128 tiles; 70 rows are not a multiple of BM
     errs = gemm_errors(SMALL_GROUPS, 35, 160, 96, 8, 1, 2, "cpu", seed=3)
     for key, e in errs.items():
-        assert e < bound(key), (key, e)
+        assert e < BOUND, (key, e)
 
 
 def test_gemms_with_rotation():
     errs = gemm_errors(["bf16", "w4a16g128", "w4a4"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had")
     for key, e in errs.items():
-        assert e < bound(key), (key, e)
+        assert e < BOUND, (key, e)
 
 
 def test_whole_layer_weight_only_mix():
-    assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a16"], 12, 128, 128, 8, 2, 2, "cpu", seed=1) < 2e-2
+    assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a16"], 12, 128, 128, 8, 2, 2, "cpu", seed=1) < BOUND
 
 
 def test_alignment_pads_per_expert():
@@ -61,3 +57,12 @@ def test_alignment_pads_per_expert():
         for r in b:
             assert r == len(ids) or ids[r].item() == e
     assert sorted(r for r in sorted_ids.tolist() if r < len(ids)) == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("t,h,i,n_exp,n_shared,k", [(12, 128, 128, 8, 1, 2), (9, 128, 96, 6, 0, 4)])
+def test_bf16_layer_rounds_like_unfused_sglang(t, h, i, n_exp, n_shared, k):
+    # An all-bf16 plan must give what SGLang's own unquantized MoE gives (greedy equality of
+    # the two servers depends on it): the same bf16 stores, so equal bits but for fp32 sum order.
+    same, worst_ulps = bf16_layer_agreement(t, h, i, n_exp, n_shared, k, "cpu", seed=1)
+    assert same > 0.99, same
+    assert worst_ulps <= 4, worst_ulps

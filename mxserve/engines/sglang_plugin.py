@@ -164,5 +164,6 @@ class MxMoEMethod(FusedMoEMethodBase):
         valid = topk_ids >= 0
         topk_ids = torch.where(valid, topk_ids, 0)
         topk_weights = torch.where(valid, topk_weights, 0)
-        scale = None if layer.mx_gate is None else torch.sigmoid(x @ layer.mx_gate.t())
+        # the shared gate in fp32, as SGLang's fused_gate_sigmoid_mul_add computes it
+        scale = None if layer.mx_gate is None else torch.sigmoid(x.float() @ layer.mx_gate.float().t())
         return StandardCombineInput(hidden_states=layer.mx.forward(x, topk_ids, topk_weights, scale))
