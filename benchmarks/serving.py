@@ -1,15 +1,18 @@
 """Serving benchmark: plain SGLang against mxserve on SGLang, one server at a time, same prompts.
 
 For each server: start it, wait for /health, get greedy completions of fixed
-prompts through the official ``openai`` client (the equality check), then
-measure output throughput at each concurrency with ``ignore_eos`` so every
+prompts (the equality check) one at a time and then all at once (the server's
+own consistency: batching changes its kernels' shapes and so its bf16 sums),
+check the official ``openai`` client, then measure output throughput at each concurrency with ``ignore_eos`` so every
 request generates exactly ``--max-tokens`` tokens. Servers:
 
 - ``sglang-bf16``: ``sglang.launch_server`` on ``--model``;
 - ``sglang-<q>`` for each ``--sglang-quant q``: SGLang's own uniform quantization;
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``.
 
-``--equal a:b`` asserts (and records) that servers a and b gave the same greedy text.
+``--equal a:b`` asserts (and records) that servers a and b gave the same greedy text
+(prompts sent one at a time). Where two texts part, the report gives b's top-1 minus
+top-2 log-prob at that token: a near tie that one bf16 ulp of the logits can flip.
 
     python3 benchmarks/serving.py --model M --ckpt 4bit=C4 --ckpt bf16plan=CB --sglang-quant fp8 \\
         --equal mxserve-bf16plan:sglang-bf16 --out $OUT/serving-refmoe
@@ -134,6 +137,20 @@ def token_at(tokens: list[str] | None, char: int) -> int | None:
     return len(tokens) - 1
 
 
+def compare_greedy(gx: list[str], ref: dict, key: str = "greedy") -> dict:
+    """How many texts of ``gx`` equal ``ref[key]``; where they part, ``ref``'s top-2 margin there."""
+    gy = ref.get(key) or []
+    parts = []
+    for i, (p, q) in enumerate(zip(gx, gy)):
+        if p != q:
+            char = first_difference(p, q)
+            margins = (ref.get("greedy_margins") or [None] * len(gy))[i]
+            at = token_at((ref.get("greedy_tokens") or [None] * len(gy))[i], char)
+            margin = margins[at] if margins and at is not None and at < len(margins) else None
+            parts.append({"prompt": i, "char": char, "token": at, "b_margin_there": margin})
+    return {"same": sum(p == q for p, q in zip(gx, gy)), "total": len(gy), "differences": parts}
+
+
 def openai_check(base: str, model: str) -> dict:
     """A completion and a streamed chat completion through the official client."""
     import openai
@@ -161,6 +178,9 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             rec["greedy"] = [c["text"] for c in greedy]
             rec["greedy_margins"] = [top2_margins(c.get("logprobs")) for c in greedy]
             rec["greedy_tokens"] = [(c.get("logprobs") or {}).get("tokens") for c in greedy]
+            with ThreadPoolExecutor(len(prompts)) as ex:
+                batched = list(ex.map(lambda p: complete(base, name, p, a.greedy_tokens, False)["choices"][0], prompts))
+            rec["greedy_batched"] = [c["text"] for c in batched]
             rec["throughput"] = []
             for conc in a.concurrency:
                 r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
@@ -199,13 +219,19 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {s['name']} | {s['startup_s']} | " + " | ".join(str(tp.get(c, "")) for c in res["concurrency"]) + " |"
         )
-    for eq in res["equal"]:
-        lines.append("")
-        lines.append(f"Greedy equality {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical.")
+    def parts(eq: dict, b: str) -> None:
         for d in eq.get("differences", []):
             m = d.get("b_margin_there")
-            near = "" if m is None else f" (token {d['token']}; {eq['b']}'s top-1 minus top-2 log-prob there: {m:.4f})"
+            near = "" if m is None else f" (token {d['token']}; {b}'s top-1 minus top-2 log-prob there: {m:.4f})"
             lines.append(f"- prompt {d['prompt']}: texts part at character {d['char']}{near}")
+
+    for eq in res["equal"]:
+        lines += ["", f"Greedy equality {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical."]
+        parts(eq, eq["b"])
+    for name, eq in res.get("self", {}).items():
+        lines += ["", f"{name}, its own greedy texts all prompts at once vs one at a time: "
+                      f"{eq['same']} of {eq['total']} identical."]  # fmt: skip
+        parts(eq, name)
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +281,7 @@ def main() -> int:
         "prompts": prompts,
         "servers": [],
         "equal": [],
+        "self": {},
     }
     for name, cmd in servers:
         port = free_port()
@@ -266,21 +293,11 @@ def main() -> int:
     ok = True
     for spec in a.equal:
         x, y = spec.split(":")
-        gx, gy = by.get(x, {}).get("greedy"), by.get(y, {}).get("greedy")
-        same = sum(p == q for p, q in zip(gx or [], gy or []))
-        # where two greedy texts part, how close to a tie the reference (b) was at its last
-        # few tokens: a margin near 0 means bf16 rounding may pick either token
-        parts = []
-        for i, (p, q) in enumerate(zip(gx or [], gy or [])):
-            if p != q:
-                char = first_difference(p, q)
-                margins = (by[y].get("greedy_margins") or [None] * len(gy))[i]
-                tokens = (by[y].get("greedy_tokens") or [None] * len(gy))[i]
-                at = token_at(tokens, char)
-                margin = margins[at] if margins and at is not None and at < len(margins) else None
-                parts.append({"prompt": i, "char": char, "token": at, "b_margin_there": margin})
-        res["equal"].append({"a": x, "b": y, "same": same, "total": len(prompts), "differences": parts})
-        ok &= gx is not None and same == len(prompts)
+        gx = by.get(x, {}).get("greedy")
+        eq = compare_greedy(gx or [], by.get(y, {}))
+        res["equal"].append({"a": x, "b": y, **eq})
+        ok &= gx is not None and eq["same"] == len(prompts)
+    res["self"] = {s["name"]: compare_greedy(s["greedy_batched"], s) for s in res["servers"] if "greedy_batched" in s}
     with open(os.path.join(a.out, "serving.json"), "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(a.out, "serving.md"), "w") as f:

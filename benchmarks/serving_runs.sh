@@ -4,6 +4,7 @@
 #
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
+#   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
 #
 # Each quantizes the mxserve checkpoints from the committed plans (benchmarks/plans),
 # then runs benchmarks/serving.py: plain SGLang bf16, SGLang's own fp8, and mxserve
@@ -29,7 +30,7 @@ if [ "$what" = qwen15 ]; then
   $py benchmarks/serving.py --model "$m" --ckpt 4bit="$work/q15-4bit" --ckpt 3.25bit="$work/q15-3.25bit" \
     --sglang-quant fp8 --max-tokens 64 --sglang-args "$args" --tag "Qwen1.5-MoE-A2.7B layers, 4 of 24, random weights" \
     --out "$out"
-elif [ "$what" = refmoe ]; then
+elif [ "$what" = refmoe ] || [ "$what" = refmoe-greedy ]; then
   src=$3 data=$4
   # sglang 0.5.15's Qwen2-MoE does not tie lm_head to the embedding; refmoe-25m ties
   # them, so plain SGLang gets a copy with lm_head.weight written out.
@@ -49,15 +50,17 @@ cfg = json.load(open(os.path.join(src, "config.json")))
 cfg["tie_word_embeddings"] = False
 json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
 PY
-  for b in bf16 4bit 3.25bit; do
+  plans="bf16 4bit 3.25bit" more="--ckpt 4bit=$work/ref-4bit --ckpt 3.25bit=$work/ref-3.25bit --sglang-quant fp8"
+  [ "$what" = refmoe ] || plans=bf16 more=""
+  for b in $plans; do
     [ -f "$work/ref-$b/config.json" ] || $py -m mxserve.cli quantize --model "$src" \
       --plan benchmarks/plans/refmoe-$b.json --data "$data"/*-calib.txt --out "$work/ref-$b" --quiet &
   done
   wait
-  $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" --ckpt 4bit="$work/ref-4bit" \
-    --ckpt 3.25bit="$work/ref-3.25bit" --sglang-quant fp8 --equal mxserve-bf16plan:sglang-bf16 \
+  # shellcheck disable=SC2086
+  $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" $more --equal mxserve-bf16plan:sglang-bf16 \
     --prompts "$data"/*-dev.txt --n-prompts 16 --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
 else
-  echo "usage: $0 qwen15|refmoe OUT [MODEL DATA]" >&2
+  echo "usage: $0 qwen15|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2
   exit 2
 fi

@@ -17,6 +17,11 @@ def test_margins_and_where_texts_part():
     assert serving.first_difference("abc", "abcd") == 3
     assert serving.token_at(lp["tokens"], 3) == 1 and serving.token_at(lp["tokens"], 0) == 0
     assert serving.token_at(None, 3) is None
+    ref = {"greedy": ["abcdef", "xyz"], "greedy_margins": [[1.0, 0.0625, 2.0], None]}
+    ref["greedy_tokens"] = [lp["tokens"], None]
+    eq = serving.compare_greedy(["abcXef", "xyz"], ref)
+    assert eq["same"] == 1 and eq["total"] == 2
+    assert eq["differences"] == [{"prompt": 0, "char": 3, "token": 1, "b_margin_there": 0.0625}]
 
 
 def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
@@ -41,8 +46,12 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     rec = serving.run_server("x", cmd, port, Args, ["hello world", "def f(x):"], str(tmp_path))
     assert "error" not in rec, rec.get("log_tail")
     assert len(rec["greedy"]) == 2 and rec["startup_s"] > 0
+    # the embedded engine batches the two prompts, and must still give each what it gives alone
+    assert rec["greedy_batched"] == rec["greedy"]
+    assert serving.compare_greedy(rec["greedy_batched"], rec)["same"] == 2
     assert [r["concurrency"] for r in rec["throughput"]] == [1, 4]
     assert all(r["output_tokens"] > 0 for r in rec["throughput"])
+    own = {"x": serving.compare_greedy(["a", "hello"], rec)}
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 6, "concurrency": [1, 4],
-                              "servers": [rec], "equal": []})
-    assert "| x |" in table
+                              "servers": [rec], "equal": [], "self": own})
+    assert "| x |" in table and "0 of 2 identical" in table
