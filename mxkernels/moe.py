@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from mxkernels.arena import CODE_FP8, Arena
+from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -169,10 +170,5 @@ def mx_moe_forward(
     k = topk_ids.shape[1]
     ids, w = extend_routing(topk_ids, topk_weights, gate_up.n_experts, n_routed)
     _, out = moe_gemms(x.to(torch.bfloat16).contiguous(), ids, w, gate_up, down)
-    out = out.view(t, ids.shape[1], h)
-    y = out[:, :k].float().sum(dim=1)
-    if ids.shape[1] > k:
-        shared = out[:, k:].float().sum(dim=1)
-        y = y.to(torch.bfloat16).float()  # the routed sum is a bf16 tensor before the shared add
-        y = y + (shared if shared_scale is None else shared_scale.float().reshape(t, 1) * shared)
-    return y.to(torch.bfloat16)
+    scale = None if shared_scale is None or ids.shape[1] == k else shared_scale.float().reshape(t).contiguous()
+    return combine(out.view(t, ids.shape[1], h), k, scale)

@@ -1,0 +1,59 @@
+"""The top-k sum after the down GEMM, in one launch: each token's slot outputs into its row.
+
+It rounds as SGLang's unquantized MoE does (moe.py): the routed slots are summed in
+fp32 and stored as bf16; with shared experts that bf16 sum then gets
+``scale * shared`` added in fp32 and is rounded once more. One pass over the bf16
+slot outputs, instead of torch ops that each read or write the [T, slots, H] tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mxkernels.moe_gemm import INTERPRET, _bf16
+
+
+@triton.jit
+def moe_combine_kernel(
+    out_ptr,
+    y_ptr,
+    scale_ptr,
+    H,
+    K: tl.constexpr,
+    SLOTS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BH: tl.constexpr,
+    F32: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    mask = cols < H
+    row = out_ptr + t * SLOTS * H + cols
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for s in tl.static_range(K):
+        acc += tl.load(row + s * H, mask=mask, other=0.0).to(tl.float32)
+    if SLOTS > K:
+        shared = tl.zeros((BH,), dtype=tl.float32)
+        for s in tl.static_range(K, SLOTS):
+            shared += tl.load(row + s * H, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            shared = shared * tl.load(scale_ptr + t)
+        acc = _bf16(acc, F32).to(tl.float32) + shared  # the routed sum is bf16 before the shared add
+    tl.store(y_ptr + t * H + cols, _bf16(acc, F32), mask=mask)
+
+
+def combine(out: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """y [T, H] bf16 from slot outputs ``out`` [T, slots, H] bf16 (the first ``k`` routed,
+    the rest shared, scaled by ``scale`` [T] fp32 when given)."""
+    t, slots, h = out.shape
+    y = torch.empty(t, h, dtype=torch.bfloat16, device=out.device)
+    if t == 0:
+        return y
+    bh = min(1024, triton.next_power_of_2(h))
+    s = scale if scale is not None else y  # an unread placeholder pointer
+    moe_combine_kernel[(t, triton.cdiv(h, bh))](
+        out, y, s, h, K=k, SLOTS=slots, HAS_SCALE=scale is not None, BH=bh, F32=INTERPRET
+    )
+    return y
