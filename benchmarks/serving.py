@@ -1,10 +1,11 @@
 """Serving benchmark: plain SGLang against mxserve on SGLang, one server at a time, same prompts.
 
-For each server: start it, wait for /health, get greedy completions of fixed
-prompts (the equality check) one at a time and then all at once (the server's
-own consistency: batching changes its kernels' shapes and so its bf16 sums),
-check the official ``openai`` client, then measure output throughput at each concurrency with ``ignore_eos`` so every
-request generates exactly ``--max-tokens`` tokens. Servers:
+For each server: start it, wait for /health, check the official ``openai``
+client, get greedy completions of fixed prompts (the equality check) one at a
+time and then all at once (the server's own consistency: batching changes its
+kernels' shapes and so its bf16 sums), then measure output throughput at each
+concurrency with ``ignore_eos`` so every request generates exactly
+``--max-tokens`` tokens. Servers:
 
 - ``sglang-bf16``: ``sglang.launch_server`` on ``--model``;
 - ``sglang-<q>`` for each ``--sglang-quant q``: SGLang's own uniform quantization;
