@@ -83,27 +83,27 @@ def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rt
     return res
 
 
-def layer_error(names, t, h, i, n_experts, n_shared, k, device, seed) -> float:
-    """Relative error of the whole layer (one launch per GEMM) against the bf16 torch reference."""
+def _layer_case(names, t, h, i, n_experts, n_shared, k, device, seed):
+    """A random layer run by the kernels: (its experts, x, ids, w, shared scale, output on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
     experts = make_experts(names, h, i, n_experts, n_shared, "rtn", gen, device)
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
     ids, w = route(t, n_experts, k, gen)
     scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    out = mx_moe_forward(
+        x.to(device), ids.to(device), w.to(device), gu.to(device), dn.to(device), n_experts, scale.to(device)
+    ).cpu()
+    assert torch.isfinite(out.float()).all()
+    return experts, x, ids, w, scale, out
+
+
+def layer_error(names, t, h, i, n_experts, n_shared, k, device, seed) -> float:
+    """Relative error of the whole layer (one launch per GEMM) against the bf16 torch reference."""
+    experts, x, ids, w, scale, out = _layer_case(names, t, h, i, n_experts, n_shared, k, device, seed)
     dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
     ref = moe_reference(x.float(), ids, w, [e.linears() for e in experts], dense, n_experts, scale)
-    out = mx_moe_forward(
-        x.to(device),
-        ids.to(device),
-        w.to(device),
-        build_arena([e.gate_up for e in experts]).to(device),
-        build_arena([e.down for e in experts]).to(device),
-        n_experts,
-        scale.to(device),
-    )
-    out = out.float().cpu()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
+    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 def unfused_bf16_layer(x, ids, w, dense, n_routed: int, scale: torch.Tensor | None) -> torch.Tensor:
@@ -129,21 +129,8 @@ def unfused_bf16_layer(x, ids, w, dense, n_routed: int, scale: torch.Tensor | No
 def bf16_layer_agreement(t, h, i, n_experts, n_shared, k, device, seed) -> tuple[float, float]:
     """All-bf16 experts: (share of output elements bit-identical to :func:`unfused_bf16_layer`,
     largest difference in bf16 ulps of the value)."""
-    gen = torch.Generator().manual_seed(seed)
-    experts = make_experts(["bf16"], h, i, n_experts, n_shared, "rtn", gen, device)
-    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
-    ids, w = route(t, n_experts, k, gen)
-    scale = torch.sigmoid(torch.randn(t, 1, generator=gen))
+    experts, x, ids, w, scale, out = _layer_case(["bf16"], t, h, i, n_experts, n_shared, k, device, seed)
     dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
     ref = unfused_bf16_layer(x, ids, w, dense, n_experts, scale)
-    out = mx_moe_forward(
-        x.to(device),
-        ids.to(device),
-        w.to(device),
-        build_arena([e.gate_up for e in experts]).to(device),
-        build_arena([e.down for e in experts]).to(device),
-        n_experts,
-        scale.to(device),
-    ).cpu()
     ulp = ref.float().abs().clamp(min=1e-6) * 2.0**-7  # bf16 keeps 8 significant bits
     return (out == ref).float().mean().item(), ((out.float() - ref.float()).abs() / ulp).max().item()
