@@ -58,7 +58,10 @@ PY
   done
   wait
   # shellcheck disable=SC2086
-  $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" $more --equal mxserve-bf16plan:sglang-bf16 \
+  # bf16plan runs wholly-bf16 layers as SGLang does (the default); bf16kernel sends them through mxserve's kernel
+  $py benchmarks/serving.py --model "$model" --ckpt bf16plan="$work/ref-bf16" --ckpt bf16kernel="$work/ref-bf16" \
+    --launch-args "bf16kernel=--bf16-layers kernel" $more --equal mxserve-bf16plan:sglang-bf16 \
+    --compare mxserve-bf16kernel:sglang-bf16 \
     --prompts "$data"/*-dev.txt --n-prompts 16 --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
 else
   echo "usage: $0 qwen15|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2

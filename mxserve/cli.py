@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
 
 METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
@@ -197,6 +198,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         extra += ["--max-running-requests", str(a.max_running_requests)]
     if extra and engine != "sglang":
         raise MxServeError("--sglang-args is for the SGLang engine")
+    if a.bf16_layers and engine != "sglang":
+        raise MxServeError("--bf16-layers is for the SGLang engine")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
         from mxserve.models.loading import read_config
@@ -210,7 +213,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     if engine == "sglang":
-        sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra))
+        sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
+                              a.bf16_layers or "sglang"))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16)
 
 
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests decoded together (embedded default 16; SGLang's own default otherwise)")
     la.add_argument("--tp", "--tp-size", type=_positive_int, default=1, dest="tp",
                     help="tensor parallel size (SGLang engine only)")
+    la.add_argument("--bf16-layers", choices=BF16_LAYERS,
+                    help="SGLang engine: layers the plan leaves wholly in bf16 run SGLang's own fused MoE "
+                         "(sglang, the default: plain SGLang's numbers) or mxserve's kernel (kernel)")
     la.add_argument("--sglang-args", help='more sglang.launch_server arguments, e.g. "--attention-backend triton"')
     la.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     la.add_argument("--quiet", action="store_true")

@@ -162,12 +162,12 @@ def pick_engine(requested: str | None, tp: int = 1) -> str:
 
 
 def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
-                 max_model_len: int | None, tp: int, extra: list[str]) -> int:
+                 max_model_len: int | None, tp: int, extra: list[str], bf16_layers: str = "sglang") -> int:
     """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code."""
     from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command
 
     _check_port(host, port)
-    cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra)
+    cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra, bf16_layers)
     log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt})")
     return run_sglang(cmd, plugin_env(cache_root()))
 

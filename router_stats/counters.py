@@ -19,11 +19,12 @@ class ExpertCounter:
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
 
     def record(self, topk_ids: torch.Tensor) -> None:
-        """Add one forward pass's routing decisions ([T, k] expert ids)."""
+        """Add one forward pass's routing decisions ([T, k] expert ids; -1 marks a padded slot)."""
         ids = topk_ids.reshape(-1).to(torch.int64)
+        valid = (ids >= 0).to(torch.int64)
         # index_add_ rather than bincount, which synchronises with the host on CUDA
-        self.counts.index_add_(0, ids, torch.ones_like(ids))
-        self.tokens += topk_ids.shape[0]
+        self.counts.index_add_(0, ids.clamp(min=0), valid)
+        self.tokens += (topk_ids >= 0).any(dim=-1).sum()
 
     def snapshot(self, reset: bool = False) -> tuple[list[int], int]:
         """(counts per expert, tokens) on the host; optionally start a new window."""

@@ -82,11 +82,15 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
+def build_tiny(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny model of ``arch`` saved at ``path``; ``overrides`` change its config."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    config = tiny_config(arch)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger router weights than the default init give skewed, input-dependent routing.
     for name, p in model.named_parameters():
         if name.endswith("mlp.gate.weight"):

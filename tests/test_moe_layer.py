@@ -5,7 +5,7 @@ import torch
 
 from conftest import ARCHS
 from mxserve.checkpoint import install_layers, layout, quantize_layers
-from mxserve.models.adapters import moe_layers
+from mxserve.models.adapters import join_shared, moe_layers
 from mxserve.models.loading import load_model
 from mxserve.plan import Plan
 from mxserve.schemes import get_scheme
@@ -45,6 +45,37 @@ def test_shared_expert_slices_add_up(arch, tiny_models):
         whole = view.shared_mlp(x)
         parts = sum(expert_mlp(x, e.gate, e.up, e.down) for e in experts[view.n_routed :])
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_slices_join_back_into_the_model_mlp(tiny_models):
+    """The SGLang engine runs a bf16 shared expert as one MLP again: the joined slices are its weights."""
+    model = load_model(str(tiny_models["qwen2_moe"]))
+    views = moe_layers(model)
+    view = views[0]
+    plan = Plan.uniform("m", "qwen2_moe", layout(views), get_scheme("bf16"), "rtn")
+    slices = [qe for qe in quantize_layers(model, plan, progress=False)[0] if qe.shared]
+    assert len(slices) == 2
+    gate_up, down = join_shared([qe.gate_up.qweight for qe in slices], [qe.down.qweight for qe in slices])
+    m = view.shared_mlp
+    torch.testing.assert_close(gate_up.float(), torch.cat([m.gate_proj.weight, m.up_proj.weight]).bfloat16().float())
+    torch.testing.assert_close(down.float(), m.down_proj.weight.bfloat16().float())
+
+
+def test_padded_slots_route_and_count_nowhere(tiny_models):
+    """SGLang marks a padded token's top-k with -1: no expert output, no count."""
+    model = load_model(str(tiny_models["olmoe"]))
+    views = moe_layers(model)
+    view = views[0]
+    plan = Plan.uniform("m", "olmoe", layout(views), get_scheme("bf16"), "rtn")
+    mx = install_layers(model, quantize_layers(model, plan, progress=False))[0].mx
+    x = _hidden(view, n=4)[0]
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [-1, -1]])
+    w = torch.full((4, 2), 0.5)
+    with torch.no_grad():
+        out = mx.forward(x, ids, w)
+    counts, tokens = mx.counter.snapshot()
+    assert tokens == 3 and counts[:4] == [1, 2, 2, 1] and sum(counts) == 6
+    assert out[3].abs().max() == 0 and out[:3].abs().amax(dim=-1).min() > 0
 
 
 def test_mixed_plan_changes_output_boundedly(tiny_models):

@@ -190,7 +190,8 @@ def test_launch_cache_and_errors(tmp_path, monkeypatch, capsys, tiny_models, cal
     err = capsys.readouterr().err
     assert "profile from cache" in err and "checkpoint from cache" in err
     for args, needle in [([], "--budget"), (["--budget", "4bit", "--engine", "sglang"], "CUDA GPU"),
-                         (["--budget", "4bit", "--tp", "2"], "--tp")]:
+                         (["--budget", "4bit", "--tp", "2"], "--tp"),
+                         (["--budget", "4bit", "--engine", "embedded", "--bf16-layers", "kernel"], "SGLang engine")]:
         assert main(["launch", "--model", str(tiny_models["olmoe"]), *args]) == 2
         assert needle in capsys.readouterr().err
     with socket.socket() as busy:

@@ -80,6 +80,10 @@ def test_sglang_command(qwen2_ckpt):
     qc = over["quantization_config"]
     assert qc["quant_method"] == "mxmoe" and qc["plan"] == os.path.join(os.path.abspath(qwen2_ckpt), PLAN_FILE)
     assert os.path.isfile(qc["plan"])
+    assert qc["bf16_layers"] == "sglang"  # wholly-bf16 layers run SGLang's own MoE unless asked
+    kernel = sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 8123, "tiny", bf16_layers="kernel")
+    over = json.loads(kernel[kernel.index("--json-model-override-args") + 1])
+    assert over["quantization_config"]["bf16_layers"] == "kernel"
 
 
 def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
@@ -90,6 +94,8 @@ def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
     quantize_to_dir(str(tiny_models["olmoe"]), plan, str(tmp_path), progress=False)
     with pytest.raises(MxServeError, match="embedded"):
         sglang_launch.sglang_command(str(tmp_path), "127.0.0.1", 1, "m")
+    with pytest.raises(MxServeError, match="--bf16-layers"):
+        sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 1, "m", bf16_layers="fast")
     with pytest.raises(MxServeError, match="not an mxmoe checkpoint"):
         sglang_launch.sglang_command(str(tiny_models["qwen2_moe"]), "127.0.0.1", 1, "m")
 

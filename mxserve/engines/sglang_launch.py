@@ -7,9 +7,10 @@ mxserve adds is in its arguments and environment:
   entry point pip installed, or, when mxserve runs from a source tree, through
   a small ``*.dist-info`` folder put on ``PYTHONPATH`` (SGLang finds plugins
   with ``importlib.metadata``, in each process it starts);
-- ``--json-model-override-args`` with the plan's absolute path and, for models
-  with a shared expert, ``shared_expert_intermediate_size: 0`` (the shared
-  expert runs inside the mixed-precision MoE launch instead).
+- ``--json-model-override-args`` with the plan's absolute path, how layers the
+  plan leaves wholly in bf16 run (``bf16_layers``, see sglang_plugin) and, for
+  models with a shared expert, ``shared_expert_intermediate_size: 0`` (the
+  shared expert runs inside the MoE layer's method instead).
 
 Supported SGLang: 0.5.15 <= version < 0.6 (the plugin group and FusedMoE
 method API it uses appeared in 0.5.x). Run on the GPU with 0.5.15; the parts it
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 
+from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
 from mxserve.models.loading import QUANT_METHOD, read_config
 
@@ -103,14 +105,17 @@ def check_model_type(model_type: str | None) -> None:
         )
 
 
-def model_overrides(ckpt: str) -> dict:
+def model_overrides(ckpt: str, bf16_layers: str = "sglang") -> dict:
     """What SGLang must read differently from the checkpoint's config.json."""
     cfg = read_config(ckpt)
     qc = dict(cfg.get("quantization_config") or {})
     if qc.get("quant_method") != QUANT_METHOD:
         raise MxServeError(f"{ckpt} is not an mxmoe checkpoint")
     check_model_type(cfg.get("model_type"))
+    if bf16_layers not in BF16_LAYERS:
+        raise MxServeError(f"--bf16-layers {bf16_layers}: one of {', '.join(BF16_LAYERS)}")
     qc["plan"] = os.path.abspath(os.path.join(ckpt, qc.get("plan", "mxmoe_plan.json")))
+    qc["bf16_layers"] = bf16_layers
     out: dict = {"quantization_config": qc}
     if cfg.get("shared_expert_intermediate_size"):
         out["shared_expert_intermediate_size"] = 0
@@ -126,6 +131,7 @@ def sglang_command(
     context_length: int | None = None,
     tp: int = 1,
     extra: list[str] | None = None,
+    bf16_layers: str = "sglang",
 ) -> list[str]:
     """The ``sglang.launch_server`` command line for a checkpoint."""
     if tp > 1:
@@ -143,7 +149,7 @@ def sglang_command(
         "--port", str(port),
         "--tp-size", str(tp),
         "--served-model-name", served_model_name,
-        "--json-model-override-args", json.dumps(model_overrides(ckpt)),
+        "--json-model-override-args", json.dumps(model_overrides(ckpt, bf16_layers)),
         "--enable-metrics",
     ]  # fmt: skip
     if api_key:

@@ -16,6 +16,16 @@ Shared experts run in that launch as experts that receive every token, so the
 launcher tells SGLang the model has no separate shared MLP
 (``shared_expert_intermediate_size: 0``). Attention, norms, router and LM head
 stay SGLang's own unquantized layers.
+
+A layer the plan leaves wholly in bf16 (every block of every expert, shared
+ones included) has nothing to gain from a mixed-precision kernel. By default
+(``bf16_layers: sglang`` in the quantization config) it runs the way SGLang
+runs an unquantized Qwen2-MoE layer, as SGLang's own quantization methods hand
+their skipped layers to ``UnquantizedFusedMoEMethod``: SGLang's fused MoE for
+the routed experts; its unquantized linears, ``SiluAndMul`` and
+``fused_gate_sigmoid_mul_add`` for the shared expert. An all-bf16 plan then
+computes exactly what plain SGLang computes. ``bf16_layers: kernel`` sends such
+layers through the mixed-precision kernel as well (to measure that kernel).
 """
 
 from __future__ import annotations
@@ -31,9 +41,11 @@ import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig, QuantizeMethodBase
 
 from mxserve.checkpoint import DOWN, FORMAT_VERSION, GATE_UP, SHARED_GATE, expert_param, read_experts
+from mxserve.engines import BF16_LAYERS
+from mxserve.models.adapters import join_shared
 from mxserve.models.loading import QUANT_METHOD
-from mxserve.plan import Plan
-from mxserve.runtime.moe_layer import MixedExperts
+from mxserve.plan import LayerPlan, Plan
+from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
 
 _KINDS = ("qweight", "scales", "zeros")  # what QuantizedLinear.tensors() may name
 
@@ -48,9 +60,12 @@ def register() -> None:
 class MxMoEConfig(QuantizationConfig):
     """Reads ``quantization_config`` of an mxserve checkpoint: the plan says each block's scheme."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, bf16_layers: str = "sglang"):
         super().__init__()
+        if bf16_layers not in BF16_LAYERS:
+            raise ValueError(f"mxmoe: bf16_layers is {bf16_layers!r}; one of {', '.join(BF16_LAYERS)}")
         self.plan = plan
+        self.bf16_layers = bf16_layers
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -78,7 +93,7 @@ class MxMoEConfig(QuantizationConfig):
                 "mxmoe: quantization_config.plan must be an absolute path here; start the server with "
                 "`mxserve launch --engine sglang`, which sets it"
             )
-        return cls(Plan.load(path))
+        return cls(Plan.load(path), config.get("bf16_layers", "sglang"))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from sglang.srt.layers.linear import LinearBase
@@ -86,7 +101,7 @@ class MxMoEConfig(QuantizationConfig):
         from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
         if isinstance(layer, FusedMoE):
-            return MxMoEMethod(self.plan)
+            return MxMoEMethod(self.plan, self.bf16_layers == "sglang")
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()
         return None
@@ -95,17 +110,26 @@ class MxMoEConfig(QuantizationConfig):
         return []
 
 
+def _wholly_bf16(layer_plan: LayerPlan) -> bool:
+    return all(ep.scheme(block).family == "none" for ep in layer_plan.experts for block in ("gate", "up", "down"))
+
+
 class MxMoEMethod(FusedMoEMethodBase):
     """One FusedMoE layer's experts in their planned schemes.
 
     The packed tensors differ in shape per scheme and are only known once read,
     so each is registered as an empty placeholder whose loader keeps the tensor
     it is given; :meth:`process_weights_after_loading` builds the experts from them.
+    With ``sglang_for_bf16`` a wholly-bf16 layer runs SGLang's unquantized method
+    (``self.unquant``) on weights copied from those tensors.
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, sglang_for_bf16: bool = True):
         super().__init__()
         self.plan = plan
+        self.sglang_for_bf16 = sglang_for_bf16
+        self.unquant = None  # SGLang's UnquantizedFusedMoEMethod, for a wholly-bf16 layer
+        self.shared_mlp = None
 
     def create_weights(
         self,
@@ -126,6 +150,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             )
         layer.mx_hidden = hidden_size
         layer.mx_loaded = {}
+        layer.mx_has_shared = routed < len(layer_plan.experts)
 
         def keep(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
             layer.mx_loaded[param.mx_name] = loaded_weight
@@ -141,9 +166,25 @@ class MxMoEMethod(FusedMoEMethodBase):
             p.mx_name = name
             p.weight_loader = keep
             layer.register_parameter(name, p)
+        if self.sglang_for_bf16 and _wholly_bf16(layer_plan):
+            from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+            # built as FusedMoE builds it for a layer without quantization
+            self.unquant = UnquantizedFusedMoEMethod(
+                layer.use_triton_kernels, layer.use_flashinfer_trtllm_moe, layer.use_deep_gemm
+            )
+            self.unquant.create_weights(
+                layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
+            )
 
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config) -> None:
         self.moe_runner_config = moe_runner_config
+        if self.unquant is not None:
+            if layer.mx_has_shared:
+                # as SGLang's Qwen2-MoE block: its shared-expert gate reads the hidden states after the experts
+                moe_runner_config.inplace = False
+            self.unquant.create_moe_runner(layer, moe_runner_config)
+            self.runner = self.unquant.runner
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         loaded = layer.mx_loaded
@@ -152,7 +193,22 @@ class MxMoEMethod(FusedMoEMethodBase):
         gate = loaded.get(SHARED_GATE)
         layer.mx_gate = None if gate is None else gate.to(device, torch.bfloat16)  # not a Parameter name
         layer.mx = MixedExperts(layer.layer_id, layer.num_experts, experts)
-        layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
+        if self.unquant is not None:
+            routed = [e for e in experts if not e.shared]
+            # bf16 blocks store the plain weight [N, K]; gate_up holds gate rows, then up rows
+            gate_up = torch.stack([e.gate_up.qweight for e in routed])
+            if self.unquant.load_up_proj_weight_first:  # FlashInfer CUTLASS wants up first
+                gate_up = torch.cat(gate_up.chunk(2, dim=1)[::-1], dim=1)
+            _copy_weight(layer.w13_weight, gate_up)
+            _copy_weight(layer.w2_weight, torch.stack([e.down.qweight for e in routed]))
+            self.unquant.process_weights_after_loading(layer)
+            shared = [e for e in experts if e.shared]
+            if shared:
+                self.shared_mlp = _SharedMLP(shared, device)
+                if layer.mx_gate is not None:
+                    layer.mx_gate = layer.mx_gate.reshape(-1).contiguous()  # [H], as the fused gate op takes it
+        else:
+            layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
         layer.mx_loaded = {}
 
     def apply(self, layer: torch.nn.Module, dispatch_output) -> Any:
@@ -160,10 +216,54 @@ class MxMoEMethod(FusedMoEMethodBase):
 
         x = dispatch_output.hidden_states
         topk_weights, topk_ids = dispatch_output.topk_output[:2]
-        # SGLang marks padded tokens' slots with -1: route them nowhere (weight 0)
-        valid = topk_ids >= 0
-        topk_ids = torch.where(valid, topk_ids, 0)
-        topk_weights = torch.where(valid, topk_weights, 0)
+        if self.unquant is not None:
+            return self._apply_unquantized(layer, dispatch_output, x, topk_ids)
         # the shared gate in fp32, as SGLang's fused_gate_sigmoid_mul_add computes it
         scale = None if layer.mx_gate is None else torch.sigmoid(x.float() @ layer.mx_gate.float().t())
         return StandardCombineInput(hidden_states=layer.mx.forward(x, topk_ids, topk_weights, scale))
+
+    def _apply_unquantized(
+        self, layer: torch.nn.Module, dispatch_output, x: torch.Tensor, topk_ids: torch.Tensor
+    ) -> Any:
+        """SGLang's Qwen2-MoE block, op for op: shared MLP, routed experts, fused sigmoid-gate add."""
+        from sglang.srt.layers.elementwise import fused_gate_sigmoid_mul_add
+
+        layer.mx.record(topk_ids)
+        shared = None if self.shared_mlp is None else self.shared_mlp(x)
+        out = self.unquant.apply(layer, dispatch_output)
+        if shared is not None and layer.mx_gate is not None:
+            fused_gate_sigmoid_mul_add(x, layer.mx_gate, shared, out.hidden_states)
+        elif shared is not None:
+            out.hidden_states.add_(shared)
+        return out
+
+
+def _copy_weight(param: torch.nn.Parameter, w: torch.Tensor) -> None:
+    """Experts' weights [E, N, K] into SGLang's parameter, which the triton_kernels backend holds as [E, K, N]."""
+    param.data.copy_(w if param.shape == w.shape else w.transpose(1, 2))
+
+
+class _SharedMLP:
+    """A bf16 shared expert on SGLang's own layers: its unquantized linear method and SiluAndMul.
+
+    The plan holds the shared MLP as slices of the routed experts' width; they
+    are joined back into the one MLP SGLang runs.
+    """
+
+    def __init__(self, slices: list[QuantizedExpert], device: torch.device):
+        from sglang.srt.layers.activation import SiluAndMul
+        from sglang.srt.layers.linear import ReplicatedLinear
+
+        gate_up, down = join_shared([e.gate_up.qweight for e in slices], [e.down.qweight for e in slices])
+
+        def linear(w: torch.Tensor) -> ReplicatedLinear:
+            with torch.device(device):
+                lin = ReplicatedLinear(w.shape[1], w.shape[0], bias=False, params_dtype=torch.bfloat16)
+            lin.weight.data.copy_(w)
+            lin.quant_method.process_weights_after_loading(lin)
+            return lin
+
+        self.gate_up, self.down, self.act = linear(gate_up), linear(down), SiluAndMul()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate_up(x)[0]))[0]

@@ -68,6 +68,13 @@ class ExpertWeights:
         return {b: list(self.block(b).shape) for b in BLOCKS}
 
 
+def join_shared(gate_ups: list[torch.Tensor], downs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one shared MLP that :meth:`MoELayerView.experts` sliced: from each slice's gate_up
+    [2i, H] (gate rows first) and down [H, i], the whole gate_up [2S, H] and down [H, S]."""
+    halves = [w.chunk(2) for w in gate_ups]
+    return torch.cat([g for g, _ in halves] + [u for _, u in halves]), torch.cat(downs, dim=1)
+
+
 def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """SiLU(x gate^T) * (x up^T) down^T, the expert MLP of every supported model."""
     return nn.functional.linear(nn.functional.silu(nn.functional.linear(x, gate)) * nn.functional.linear(x, up), down)

@@ -61,10 +61,12 @@ class MixedExperts:
         topk_weights: torch.Tensor,
         shared_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MoE output [T, H] for tokens x [T, H] routed to ``topk_ids`` [T, k]."""
-        if self.counter.counts.device != x.device:
-            self.counter.to(x.device)
-        self.counter.record(topk_ids)
+        """MoE output [T, H] for tokens x [T, H] routed to ``topk_ids`` [T, k]; an id of -1
+        (SGLang's mark for a padded token's slot) routes nowhere."""
+        self.record(topk_ids)
+        valid = topk_ids >= 0
+        topk_ids = torch.where(valid, topk_ids, 0)
+        topk_weights = torch.where(valid, topk_weights, 0)
         if x.is_cuda:
             gate_up, down = self.arenas(x.device)
             return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale).to(x.dtype)
@@ -77,6 +79,12 @@ class MixedExperts:
             self.n_routed,
             shared_scale,
         )
+
+    def record(self, topk_ids: torch.Tensor) -> None:
+        """Count one forward pass's routing (the engine may run the math elsewhere)."""
+        if self.counter.counts.device != topk_ids.device:
+            self.counter.to(topk_ids.device)
+        self.counter.record(topk_ids)
 
     def dense_weights(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Dequantized weights for the reference path, made once per dtype/device."""
