@@ -1,4 +1,4 @@
-"""`mxserve` command line: launch, calibrate, plan, quantize, profile, eval.
+"""`mxserve` command line: launch, calibrate, plan, quantize, profile, eval, stats.
 
 Every user error prints one line ``mxserve: error: ...`` and exits with code 2.
 """
@@ -89,6 +89,23 @@ def cmd_plan(a: argparse.Namespace) -> None:
     shares = ", ".join(f"{k} {v:.0%}" for k, v in s["schemes"].items())
     print(f"plan: avg bits {s['avg_bits']:.3f}, L {s['L']:.5g}, T {s['T'] * 1e3:.4f} ms (r={a.r:g}); {shares}")
     print(f"solved in {res.seconds:.2f} s; wrote {a.out}")
+    if a.plot:
+        from mxserve.plots import plot_plan
+
+        plot_plan(res.plan, res.frontier, res.chosen, a.plot)
+        print(f"wrote {a.plot}")
+
+
+def cmd_stats(a: argparse.Namespace) -> None:
+    from mxserve.served_stats import fetch, render
+
+    st = fetch(a.url, a.api_key or os.environ.get("MXSERVE_API_KEY"))
+    print(render(st, a.window, a.top))
+    if a.plot:
+        from mxserve.plots import plot_served
+
+        plot_served(st, a.plot, a.window)
+        print(f"wrote {a.plot}")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
@@ -187,6 +204,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     import shlex
 
     from mxserve.launch import LaunchSettings, pick_engine, resolve_checkpoint, serve, serve_sglang
+    from mxserve.server.settings import StatsSettings
 
     if a.threads:
         import torch
@@ -212,10 +230,12 @@ def cmd_launch(a: argparse.Namespace) -> None:
     ))
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
+    stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)
     if engine == "sglang":
         sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
-                              a.bf16_layers or "sglang"))
-    serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16)
+                              a.bf16_layers or "sglang", stats))
+    serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
+          stats)
 
 
 def _positive_int(text: str) -> int:
@@ -225,6 +245,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return v
 
 
@@ -259,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SGLang engine: layers the plan leaves wholly in bf16 run SGLang's own fused MoE "
                          "(sglang, the default: plain SGLang's numbers) or mxserve's kernel (kernel)")
     la.add_argument("--sglang-args", help='more sglang.launch_server arguments, e.g. "--attention-backend triton"')
+    la.add_argument("--stats-interval", type=_positive_float, default=1.0,
+                    help="seconds between folds of the routing counters into metrics (default 1)")
+    la.add_argument("--stats-window", type=_positive_float, default=60.0,
+                    help="sliding window of the load shares, seconds (default 60)")
+    la.add_argument("--stats-halflife", type=_positive_float, default=30.0,
+                    help="half-life of the EWMA load shares, seconds (default 30)")
     la.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     la.add_argument("--quiet", action="store_true")
     la.set_defaults(func=cmd_launch)
@@ -292,7 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--points", type=int, default=6, help="points of the L/T frontier to explore")
     pl.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds, in all")
     pl.add_argument("--out", required=True, help="plan file to write (JSON)")
+    pl.add_argument("--plot", help="also draw the precision map and the L/T frontier to this PNG")
     pl.set_defaults(func=cmd_plan)
+
+    stt = sub.add_parser("stats", help="a running server's expert load and precision map, from its /metrics")
+    stt.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
+    stt.add_argument("--api-key", help="the server's API key (or MXSERVE_API_KEY)")
+    stt.add_argument("--window", default="sliding", choices=("sliding", "ewma"), help="which load share to show")
+    stt.add_argument("--top", type=_positive_int, default=4, help="busiest experts shown per layer")
+    stt.add_argument("--plot", help="also draw the served precision map and load shares to this PNG")
+    stt.set_defaults(func=cmd_stats)
 
     q = sub.add_parser("quantize", help="write a quantized checkpoint following a plan")
     q.add_argument("--model", required=True)

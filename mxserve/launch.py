@@ -162,18 +162,21 @@ def pick_engine(requested: str | None, tp: int = 1) -> str:
 
 
 def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
-                 max_model_len: int | None, tp: int, extra: list[str], bf16_layers: str = "sglang") -> int:
+                 max_model_len: int | None, tp: int, extra: list[str], bf16_layers: str = "sglang",
+                 stats_settings=None) -> int:
     """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code."""
-    from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command
+    from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command, stats_env
 
     _check_port(host, port)
     cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra, bf16_layers)
-    log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt})")
-    return run_sglang(cmd, plugin_env(cache_root()))
+    log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt}); "
+        f"mxserve's series on http://{host}:{port}/metrics")
+    return run_sglang(cmd, stats_env(plugin_env(cache_root()), stats_settings))
 
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
-          max_model_len: int | None, default_max_tokens: int, max_running_requests: int = 16) -> None:
+          max_model_len: int | None, default_max_tokens: int, max_running_requests: int = 16,
+          stats_settings=None) -> None:
     import uvicorn
 
     from mxserve.checkpoint import load_quantized
@@ -190,7 +193,7 @@ def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str 
     if max_model_len is not None and max_model_len > limit:
         raise MxServeError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
     engine = EmbeddedEngine(model, tok, max_model_len or limit, max_running_requests)
-    app = create_app(engine, served_model_name, api_key, default_max_tokens)
+    app = create_app(engine, served_model_name, api_key, default_max_tokens, plan, stats_settings)
     log(f"serving {served_model_name} ({plan.summary.get('avg_bits', plan.budget_bits):.2f} avg bits, {device}) "
         f"on http://{host}:{port}/v1")
     try:

@@ -1,5 +1,21 @@
-"""Routing statistics: how many tokens each expert receives, counted on the device."""
+"""Routing statistics: device counters, windows folded on the host, Prometheus series.
 
-from router_stats.counters import ExpertCounter
+Nothing here imports prometheus_client at import time (see metrics.py).
+"""
 
-__all__ = ["ExpertCounter"]
+from router_stats.counters import CounterSnapshot, ExpertCounter
+from router_stats.metrics import MxMetrics, Precision, precision_of
+from router_stats.service import RouterStats, process_stats
+from router_stats.windows import RoutingStats, RoutingWindows
+
+__all__ = [
+    "CounterSnapshot",
+    "ExpertCounter",
+    "MxMetrics",
+    "Precision",
+    "RouterStats",
+    "RoutingStats",
+    "RoutingWindows",
+    "precision_of",
+    "process_stats",
+]

@@ -1,40 +1,83 @@
-"""Per-layer expert counters.
+"""Per-layer expert counters, on the model's device.
 
-Counting is a bincount added into a preallocated tensor on the model's device:
-no host synchronisation per forward pass. Readers call :meth:`snapshot`, which
-copies to the host, when they need the numbers (a metrics scrape, a re-plan).
+Counting is an index_add_ into a preallocated tensor on the model's device: no
+host synchronisation per forward pass, and the ops are captured by CUDA graphs
+(SGLang replays them with the decode step). On a GPU each forward also copies
+the counts, asynchronously, into a pinned host mirror, so a reader thread gets
+them without any CUDA call of its own: a synchronising copy from another
+thread would break SGLang's CUDA-graph capture, which forbids such calls from
+every thread while it runs. Counts are cumulative; the window logic
+(windows.py) works on differences of snapshots.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+# Upper bounds of the tokens-per-forward histogram (Prometheus ``le`` buckets; +Inf after).
+FORWARD_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass
+class CounterSnapshot:
+    """Cumulative counts of one layer since the counter was made."""
+
+    counts: list[int]  # tokens routed to each routed expert
+    tokens: int  # tokens through the layer
+    forwards: int  # forward passes with at least one token
+    forward_hist: list[int]  # forward passes per tokens bucket (FORWARD_TOKEN_BUCKETS, then +Inf)
 
 
 class ExpertCounter:
-    """Tokens routed to each of ``n_experts`` experts of one MoE layer, since the last reset."""
+    """Tokens routed to each of ``n_experts`` experts of one MoE layer, and tokens per forward."""
 
     def __init__(self, n_experts: int, device: torch.device | str = "cpu"):
         self.n_experts = n_experts
-        self.counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
-        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        # one buffer, so a snapshot is one copy: [counts (E), tokens, forwards, histogram (B + 1)]
+        self.buf = torch.zeros(n_experts + 2 + len(FORWARD_TOKEN_BUCKETS) + 1, dtype=torch.int64, device=device)
+        self.bounds = torch.tensor(FORWARD_TOKEN_BUCKETS, dtype=torch.int64, device=device)
+        self.host = self._mirror()
+
+    def _mirror(self) -> torch.Tensor:
+        if self.buf.device.type != "cuda":
+            return self.buf  # already on the host
+        return torch.zeros(self.buf.shape, dtype=self.buf.dtype, pin_memory=True)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.buf[: self.n_experts]
+
+    @property
+    def device(self) -> torch.device:
+        return self.buf.device
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Add one forward pass's routing decisions ([T, k] expert ids; -1 marks a padded slot)."""
+        e = self.n_experts
         ids = topk_ids.reshape(-1).to(torch.int64)
         valid = (ids >= 0).to(torch.int64)
         # index_add_ rather than bincount, which synchronises with the host on CUDA
-        self.counts.index_add_(0, ids.clamp(min=0), valid)
-        self.tokens += (topk_ids >= 0).any(dim=-1).sum()
+        self.buf.index_add_(0, ids.clamp(min=0), valid)
+        n = (topk_ids >= 0).any(dim=-1).sum().to(torch.int64)
+        ran = (n > 0).to(torch.int64)
+        bucket = torch.bucketize(n, self.bounds)  # first bound >= n, as Prometheus' le
+        at = torch.stack([torch.full_like(bucket, e), torch.full_like(bucket, e + 1), e + 2 + bucket])
+        self.buf.index_add_(0, at, torch.stack([n, ran, ran]))
+        if self.host is not self.buf:
+            self.host.copy_(self.buf, non_blocking=True)
 
-    def snapshot(self, reset: bool = False) -> tuple[list[int], int]:
-        """(counts per expert, tokens) on the host; optionally start a new window."""
-        counts, tokens = self.counts.tolist(), int(self.tokens.item())
-        if reset:
-            self.counts.zero_()
-            self.tokens.zero_()
-        return counts, tokens
+    def snapshot(self) -> CounterSnapshot:
+        """The counts as of the last forward whose copy has landed (no CUDA call)."""
+        v = self.host.tolist()
+        e = self.n_experts
+        return CounterSnapshot(v[:e], v[e], v[e + 1], v[e + 2 :])
 
     def to(self, device: torch.device | str) -> ExpertCounter:
-        self.counts = self.counts.to(device)
-        self.tokens = self.tokens.to(device)
+        self.buf = self.buf.to(device)
+        self.bounds = self.bounds.to(device)
+        self.host = self._mirror()
+        if self.host is not self.buf:
+            self.host.copy_(self.buf)
         return self

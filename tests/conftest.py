@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +134,50 @@ def eval_text(tmp_path_factory, shared_data) -> Path:
     p = tmp_path_factory.mktemp("data") / "dev.txt"
     p.write_text((shared_data / "shakespeare-dev.txt").read_text()[:20000])
     return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mxserve_cache(tmp_path_factory) -> Path:
+    """One cache for every server the tests start: the same launch settings quantize once."""
+    return tmp_path_factory.mktemp("mxserve-cache")
+
+
+def start_server(args: list[str], cache: Path, log: Path, timeout: float = 300):
+    """`mxserve launch ARGS` on a free port; returns (process, base URL) once /health answers."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, MXSERVE_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mxserve.cli", "launch", *args, "--port", str(port), "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"server did not come up: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def served_refmoe(mxserve_cache, tmp_path_factory):
+    """refmoe-25m at 4 bits on the embedded engine, router_stats folding every 0.2 s (3 s window)."""
+    log = tmp_path_factory.mktemp("log") / "served-refmoe.log"
+    proc, base = start_server(["--model", str(REFMOE), "--budget", "4bit", "--method", "rtn", "--calib-samples", "8",
+                               "--stats-interval", "0.2", "--stats-window", "3", "--stats-halflife", "2"],
+                              mxserve_cache, log)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -28,8 +28,9 @@ def test_bf16_runtime_layer_equals_original(arch, tiny_models):
     with torch.no_grad():
         for mx, x, y in zip(layers, inputs, expected):
             torch.testing.assert_close(mx(x), y)
-            counts, tokens = mx.counter.snapshot()
-            assert tokens == 64 and sum(counts) == 64 * views[0].top_k
+            snap = mx.counter.snapshot()
+            assert snap.tokens == 64 and sum(snap.counts) == 64 * views[0].top_k
+            assert snap.forwards == 1 and snap.forward_hist[6] == 1  # 64 tokens: the le=64 bucket
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
@@ -73,8 +74,8 @@ def test_padded_slots_route_and_count_nowhere(tiny_models):
     w = torch.full((4, 2), 0.5)
     with torch.no_grad():
         out = mx.forward(x, ids, w)
-    counts, tokens = mx.counter.snapshot()
-    assert tokens == 3 and counts[:4] == [1, 2, 2, 1] and sum(counts) == 6
+    snap = mx.counter.snapshot()
+    assert snap.tokens == 3 and snap.counts[:4] == [1, 2, 2, 1] and sum(snap.counts) == 6
     assert out[3].abs().max() == 0 and out[:3].abs().amax(dim=-1).min() > 0
 
 

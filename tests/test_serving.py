@@ -2,9 +2,6 @@
 
 import os
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,42 +9,18 @@ import openai
 import pytest
 import torch
 
-from conftest import REFMOE
+from conftest import REFMOE, start_server
 from mxserve.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, mxserve_cache):
     """The README's main job, on refmoe-25m at 4 bits (RTN and few samples to keep CI fast)."""
-    port = free_port()
-    env = dict(os.environ, MXSERVE_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1")
     log = tmp_path_factory.mktemp("log") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mxserve.cli", "launch", "--model", str(REFMOE), "--budget", "4bit",
-             "--method", "rtn", "--calib-samples", "8", "--port", str(port), "--quiet"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not come up: {log.read_text()}")
+    proc, base = start_server(["--model", str(REFMOE), "--budget", "4bit", "--method", "rtn", "--calib-samples", "8"],
+                              mxserve_cache, log, timeout=240)
     yield base, log
     proc.terminate()
     assert proc.wait(timeout=30) is not None  # clean shutdown on SIGTERM

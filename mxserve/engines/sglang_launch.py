@@ -98,6 +98,15 @@ def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
+def stats_env(env: dict[str, str], settings=None) -> dict[str, str]:
+    """router_stats' settings for the plugin in SGLang's scheduler (router_stats.service.process_stats)."""
+    if settings is not None:
+        env["MXSERVE_STATS_INTERVAL"] = str(settings.interval)
+        env["MXSERVE_STATS_WINDOW"] = str(settings.window)
+        env["MXSERVE_STATS_HALFLIFE"] = str(settings.halflife)
+    return env
+
+
 def check_model_type(model_type: str | None) -> None:
     if model_type not in MODEL_TYPES:
         raise MxServeError(

@@ -9,6 +9,12 @@ visible when mxserve runs from a source tree), and :func:`register` adds
 ``quant_method: mxmoe`` then loads with :class:`MxMoEConfig`; no SGLang file
 is patched.
 
+Routing counts and the precision of every block reach SGLang's own
+``/metrics``: each layer is attached to the scheduler process's RouterStats
+(router_stats.service), which writes prometheus_client's multiprocess files
+that SGLang's metrics endpoint reads (``--enable-metrics``, set by
+``mxserve launch``); the series are the embedded engine's.
+
 Only the MoE experts are ours: FusedMoE gets :class:`MxMoEMethod`, which
 holds the layer's :class:`~mxserve.runtime.moe_layer.MixedExperts` (the same
 class the embedded engine runs) and calls the mixed-precision kernels.
@@ -46,6 +52,7 @@ from mxserve.models.adapters import join_shared
 from mxserve.models.loading import QUANT_METHOD
 from mxserve.plan import LayerPlan, Plan
 from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
+from router_stats import process_stats
 
 _KINDS = ("qweight", "scales", "zeros")  # what QuantizedLinear.tensors() may name
 
@@ -193,6 +200,8 @@ class MxMoEMethod(FusedMoEMethodBase):
         gate = loaded.get(SHARED_GATE)
         layer.mx_gate = None if gate is None else gate.to(device, torch.bfloat16)  # not a Parameter name
         layer.mx = MixedExperts(layer.layer_id, layer.num_experts, experts)
+        layer.mx.counter.to(device)  # on the GPU before SGLang captures CUDA graphs, which then count
+        process_stats(layer.mx, self.plan.budget_bits, self.plan.method)  # export through SGLang's /metrics
         if self.unquant is not None:
             routed = [e for e in experts if not e.shared]
             # bf16 blocks store the plain weight [N, K]; gate_up holds gate rows, then up rows

@@ -50,6 +50,7 @@ class MixedExperts:
         self.n_routed = n_routed
         self.experts_q = experts
         self.counter = ExpertCounter(n_routed)
+        self.version = 0  # bumped by every swap: readers (router_stats) see a new precision
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
@@ -82,7 +83,7 @@ class MixedExperts:
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""
-        if self.counter.counts.device != topk_ids.device:
+        if self.counter.device != topk_ids.device:
             self.counter.to(topk_ids.device)
         self.counter.record(topk_ids)
 
@@ -110,6 +111,7 @@ class MixedExperts:
         self.experts_q = experts
         self._dense = None
         self._arenas = None
+        self.version += 1
 
 
 class MxMoELayer(nn.Module):
@@ -134,6 +136,10 @@ class MxMoELayer(nn.Module):
     @property
     def counter(self) -> ExpertCounter:
         return self.mx.counter
+
+    @property
+    def version(self) -> int:
+        return self.mx.version
 
     def shared_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.shared_gate_name:

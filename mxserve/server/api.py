@@ -1,15 +1,17 @@
 """OpenAI-compatible HTTP API over the embedded engine (FastAPI).
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both with
-``stream``), /health, /metrics. Errors use OpenAI's JSON shape
-``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; a bad
-request never takes the server down. With an API key set, every /v1 route and
-/metrics need ``Authorization: Bearer <key>``.
+``stream``), /health, /metrics (router_stats' series and the server's own),
+and the admin routes /mxserve/plan and /mxserve/stats. Errors use OpenAI's
+JSON shape ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
+status; a bad request never takes the server down. With an API key set, every
+/v1 and /mxserve route and /metrics need ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -20,11 +22,16 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
-from router_stats.prometheus import RoutingCollector
+from mxserve.plan import Plan
+from mxserve.server.settings import StatsSettings
+from router_stats import MxMetrics, RouterStats
+
+PROTECTED = ("/v1", "/mxserve", "/metrics")  # what needs the API key when one is set
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class APIError(Exception):
@@ -92,12 +99,29 @@ class ChatRequest(_Sampling):
 
 
 def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 256) -> FastAPI:
-    app = FastAPI(title="mxserve", version="0.1.0")
+               default_max_tokens: int = 256, plan: Plan | None = None,
+               stats_settings: StatsSettings | None = None) -> FastAPI:
+    st = stats_settings or StatsSettings()
     registry = CollectorRegistry()
-    registry.register(RoutingCollector(engine.layers))
+    served = {"plan": plan}
+    stats = RouterStats(lambda: [m.mx for m in engine.layers()], MxMetrics(registry),
+                        lambda: (served["plan"].budget_bits, served["plan"].method) if served["plan"] else (0.0, ""),
+                        interval=st.interval, window=st.window, halflife=st.halflife)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        stats.fold()  # the precision series exist before the first scrape
+        stats.start()
+        yield
+        stats.stop()
+
+    app = FastAPI(title="mxserve", version="0.1.0", lifespan=lifespan)
+    app.state.stats = stats
+    app.state.served = served
     requests_total = Counter("mxserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                              registry=registry)
+    latency = Histogram("mxserve_request_duration_seconds", "Time to complete a generation request",
+                        ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
     tokens_total = Counter("mxserve_generated_tokens", "Generated tokens", registry=registry)
     running = Gauge("mxserve_running_requests", "Requests in the decode batch", registry=registry)
     running.set_function(lambda: engine.running)
@@ -106,7 +130,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
         path = request.url.path
-        if api_key and (path.startswith("/v1") or path == "/metrics"):
+        if api_key and path.startswith(PROTECTED):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given, f"Bearer {api_key}"):
                 requests_total.labels(path, "401").inc()
@@ -138,6 +162,23 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/mxserve/plan")
+    async def get_plan():
+        """The plan served now: every block's scheme (JSON form of plan.py)."""
+        if served["plan"] is None:
+            raise APIError(404, "this server was started without a plan", code="no_plan")
+        return served["plan"].to_json()
+
+    @app.get("/mxserve/stats")
+    async def get_stats():
+        """Windowed routing statistics (router_stats) and the precision served now."""
+        latest = await asyncio.to_thread(stats.latest)
+        p = stats.precision()
+        return {"routing": latest.to_json(),
+                "precision": {"plan_id": p.plan_id, "avg_bits": p.avg_bits, "budget_bits": p.budget_bits,
+                              "method": p.method,
+                              "blocks": [[b.layer, b.expert, b.block, b.scheme] for b in p.blocks]}}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
@@ -159,7 +200,8 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed)
 
-    def run(prompt_ids: list[int], params: SamplingParams) -> tuple[str, str, int]:
+    def run(prompt_ids: list[int], params: SamplingParams, endpoint: str) -> tuple[str, str, int]:
+        t0 = time.perf_counter()
         ids, reason = [], "length"
         for item in engine.generate(prompt_ids, params):
             if isinstance(item, str):
@@ -167,10 +209,12 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
             else:
                 ids.append(item)
         tokens_total.inc(len(ids))
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
         return _trim(tok.decode(ids, skip_special_tokens=True), params.stop), reason, len(ids)
 
-    async def stream(prompt_ids, params, make_chunk) -> AsyncIterator[str]:
+    async def stream(prompt_ids, params, make_chunk, endpoint: str) -> AsyncIterator[str]:
         """SSE chunks; the engine runs in a thread and hands tokens over through a queue."""
+        t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -205,6 +249,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
             if delta:
                 yield _sse(make_chunk(delta, None))
         tokens_total.inc(len(ids))
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
         yield _sse(make_chunk(None, reason))
         yield "data: [DONE]\n\n"
 
@@ -220,8 +265,9 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
 
         if req.stream:
-            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk)), media_type="text/event-stream")
-        text, reason, n = await asyncio.to_thread(run, prompt_ids, params)
+            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk, "/v1/completions")),
+                                     media_type="text/event-stream")
+        text, reason, n = await asyncio.to_thread(run, prompt_ids, params, "/v1/completions")
         body = chunk(text, reason)
         body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": n,
                          "total_tokens": len(prompt_ids) + n}
@@ -245,8 +291,9 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
         if req.stream:
-            return StreamingResponse(stream(list(prompt_ids), params, chunk), media_type="text/event-stream")
-        text, reason, n = await asyncio.to_thread(run, list(prompt_ids), params)
+            return StreamingResponse(stream(list(prompt_ids), params, chunk, "/v1/chat/completions"),
+                                     media_type="text/event-stream")
+        text, reason, n = await asyncio.to_thread(run, list(prompt_ids), params, "/v1/chat/completions")
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n,

@@ -1,0 +1,150 @@
+"""router_stats: device counters, windows, and the Prometheus series in both exposition modes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router_stats import CounterSnapshot, ExpertCounter, MxMetrics, RouterStats, RoutingWindows
+from router_stats.counters import FORWARD_TOKEN_BUCKETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def samples(text: str) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_counter_counts_tokens_slots_and_forward_sizes():
+    c = ExpertCounter(4)
+    c.record(torch.tensor([[0, 1], [1, 2], [-1, -1]]))  # 2 tokens, one padded row
+    c.record(torch.tensor([[3, 3]] * 5))
+    c.record(torch.full((3, 2), -1))  # an all-padding forward counts nothing
+    s = c.snapshot()
+    assert s.counts == [1, 2, 1, 10] and s.tokens == 7 and s.forwards == 2
+    # 2 tokens fall in le=2, 5 tokens in le=8
+    assert s.forward_hist[FORWARD_TOKEN_BUCKETS.index(2)] == 1
+    assert s.forward_hist[FORWARD_TOKEN_BUCKETS.index(8)] == 1 and sum(s.forward_hist) == 2
+
+
+def snap(counts, tokens, forwards=1):
+    return CounterSnapshot(list(counts), tokens, forwards, [])
+
+
+def test_sliding_window_forgets_and_ewma_follows():
+    w = RoutingWindows(window=10, halflife=5)
+    st = w.fold(0.0, {0: snap([0, 0], 0, 0)})
+    assert st.layers[0].window_share == [0.5, 0.5]  # no traffic yet: an even spread
+    st = w.fold(1.0, {0: snap([90, 10], 50, 5)})
+    assert st.layers[0].window_share == [0.9, 0.1]
+    assert st.layers[0].window_freq == [90 / 50, 10 / 50] and st.tokens_per_forward_window == 10
+    # 20 s later only expert 1 got traffic: the window holds only that, the EWMA mostly
+    st = w.fold(21.0, {0: snap([90, 110], 100, 10)})
+    assert st.layers[0].window_share == [0.0, 1.0]
+    ewma = st.layers[0].ewma_share
+    assert 0.9 < ewma[1] < 1.0 and abs(sum(ewma) - 1) < 1e-9
+    # no traffic for a while: shares stay what the last traffic said
+    st = w.fold(60.0, {0: snap([90, 110], 100, 10)})
+    assert st.layers[0].window_share == [0.0, 1.0] and st.layers[0].ewma_share == pytest.approx(ewma)
+    # a read that lags the device's copy never makes counts go back
+    st = w.fold(61.0, {0: snap([89, 110], 99, 10)})
+    assert st.layers[0].cumulative == [90, 110]
+
+
+class _Layer:
+    """What RouterStats reads of a runtime layer."""
+
+    def __init__(self, index, counter, experts_q):
+        self.layer_index, self.counter, self.experts_q, self.version = index, counter, experts_q, 0
+
+
+def _experts(schemes):
+    from mxserve.quant.qlinear import quantize_linear
+    from mxserve.runtime.moe_layer import QuantizedExpert
+    from mxserve.schemes import get_scheme
+
+    torch.manual_seed(0)
+    return [QuantizedExpert(quantize_linear(torch.randn(256, 128), get_scheme(a)),
+                            quantize_linear(torch.randn(128, 128), get_scheme(b))) for a, b in schemes]
+
+
+def test_metrics_export_counts_shares_histogram_and_precision():
+    reg = CollectorRegistry()
+    counter = ExpertCounter(2)
+    layer = _Layer(3, counter, _experts([("w4a16g128", "w2a16g128"), ("bf16", "w8a8fp8")]))
+    rs = RouterStats(lambda: [layer], MxMetrics(reg), lambda: (6.0, "rtn"), window=5, halflife=5)
+    counter.record(torch.tensor([[0, 1], [0, 1], [0, 0]]))
+    rs.fold()
+    s = samples(generate_latest(reg).decode())
+    assert s[("mxserve_expert_routed_tokens_total", (("expert", "0"), ("layer", "3")))] == 4
+    assert s[("mxserve_layer_tokens_total", (("layer", "3"),))] == 3
+    assert s[("mxserve_expert_load_share", (("expert", "0"), ("layer", "3"), ("window", "sliding")))] == 4 / 6
+    assert s[("mxserve_forward_tokens_bucket", (("le", "4.0"),))] == 1
+    assert s[("mxserve_forward_tokens_sum", ())] == 3
+    assert s[("mxserve_expert_block_bits", (("block", "gate_up"), ("expert", "0"), ("layer", "3")))] == 4.25
+    key = ("mxserve_expert_block_scheme", (("block", "down"), ("expert", "1"), ("layer", "3"), ("scheme", "w8a8fp8")))
+    assert s[key] == 1
+    assert s[("mxserve_plan_budget_bits", ())] == 6.0
+    assert s[("mxserve_replans_total", (("outcome", "failed"),))] == 0
+    # a swap: the new scheme is 1, the old one 0, a new plan id
+    old_id = rs.precision().plan_id
+    layer.experts_q = _experts([("w4a16g128", "w2a16g128"), ("bf16", "w4a16g128")])
+    layer.version += 1
+    counter.record(torch.tensor([[1, 1]]))
+    rs.fold()
+    s = samples(generate_latest(reg).decode())
+    assert s[key] == 0
+    assert s[key[:1] + ((key[1][:3]) + (("scheme", "w4a16g128"),),)] == 1
+    assert s[("mxserve_expert_routed_tokens_total", (("expert", "1"), ("layer", "3")))] == 4
+    assert s[("mxserve_plan_info", (("method", "rtn"), ("plan_id", old_id)))] == 0
+    assert s[("mxserve_plan_info", (("method", "rtn"), ("plan_id", rs.precision().plan_id)))] == 1
+
+
+_MULTIPROC_CHILD = """
+import sys, torch
+from router_stats import ExpertCounter, process_stats
+class L:
+    def __init__(s, i, c, q): s.layer_index, s.counter, s.experts_q, s.version = i, c, q, 0
+sys.path.insert(0, sys.argv[1])
+from test_router_stats import _experts
+c = ExpertCounter(2)
+rs = process_stats(L(0, c, _experts([("w3a16g128", "bf16"), ("w1a16g128", "w8a16")])), 3.25, "gptq-had")
+c.record(torch.tensor([[0, 1], [1, 1]]))
+rs.fold()
+"""
+
+
+def test_multiprocess_export_reaches_another_process(tmp_path):
+    """SGLang's path: a scheduler process writes, the HTTP process's MultiProcessCollector reads."""
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp), PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", _MULTIPROC_CHILD, os.path.join(ROOT, "tests")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    code = ("from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+            "reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)\n"
+            "print(generate_latest(reg).decode())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = samples(r.stdout)
+    assert s[("mxserve_expert_routed_tokens_total", (("expert", "1"), ("layer", "0")))] == 3
+    assert s[("mxserve_expert_load_share", (("expert", "1"), ("layer", "0"), ("window", "ewma")))] == 0.75
+    assert s[("mxserve_expert_block_scheme",
+              (("block", "gate_up"), ("expert", "1"), ("layer", "0"), ("scheme", "w1a16g128")))] == 1
+    assert s[("mxserve_forward_tokens_count", ())] == 1
+    assert not any("pid" in dict(k[1]) for k in s)  # gauges are 'mostrecent': no per-process series
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_bad_windows_are_refused(bad):
+    with pytest.raises(ValueError):
+        RoutingWindows(window=bad)
