@@ -73,6 +73,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         points=a.points,
         time_limit=a.time_limit,
         schemes=schemes,
+        solver=a.solver,
     )
     for w in res.warnings:
         print(f"mxserve: warning: {w}", file=sys.stderr)
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--kernel-profile", help="measured kernel profile from `mxserve profile` (default: roofline)")
     pl.add_argument("--schemes", help="restrict to these calibrated schemes (comma-separated)")
     pl.add_argument("--points", type=int, default=6, help="points of the L/T frontier to explore")
+    pl.add_argument("--solver", default="auto", choices=("auto", "ilp", "greedy"),
+                    help="auto: certified greedy knapsack per layer, the ILP where it is not proven within 1%% "
+                         "(and for --granularity model); ilp: the integer program throughout")
     pl.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds, in all")
     pl.add_argument("--out", required=True, help="plan file to write (JSON)")
     pl.add_argument("--plot", help="also draw the precision map and the L/T frontier to this PNG")

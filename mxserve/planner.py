@@ -26,15 +26,19 @@ import sys
 import time as _time
 from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
 from mxserve.costmodel import CostModel, RooflineCostModel
 from mxserve.errors import MxServeError
+from mxserve.mckp import solve_mckp
 from mxserve.plan import ExpertPlan, LayerPlan, Plan
 from mxserve.profile import CalibrationProfile, LayerStats
 from mxserve.schemes import get_scheme
 
 GRANULARITIES = ("layer", "model")
+SOLVERS = ("auto", "ilp", "greedy")
+GAP_TOLERANCE = 1e-2  # "auto": a layer whose greedy plan is not proven within 1% of optimal goes to the ILP
 
 
 @dataclass
@@ -178,6 +182,36 @@ class _Scope:
         return out + [acc]
 
 
+    def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(scheme names, weights [U, S] in bits, L and T terms [U, S]); inf where a unit lacks a scheme."""
+        names = sorted({s for u in self.units for s in u.options})
+        shape = (len(self.units), len(names))
+        w, lv, tv = np.full(shape, np.inf), np.full(shape, np.inf), np.full(shape, np.inf)
+        for i, u in enumerate(self.units):
+            for s, (bits, loss, sec) in u.options.items():
+                j = names.index(s)
+                w[i, j], lv[i, j], tv[i, j] = bits * u.params, loss / self.l_scale, sec / self.t_scale
+        return names, w, lv, tv
+
+    def greedy_frontier(self, points: int, exact_at_r1: bool) -> list[FrontierPoint]:
+        """Like :meth:`frontier`, by the certified greedy knapsack (mckp.py) over L + mu * T for
+        ``points`` values of mu, fastest first. With ``exact_at_r1`` the most accurate point
+        is re-solved by the ILP when the greedy one is not proven within GAP_TOLERANCE."""
+        names, w, lv, tv = self.arrays()
+        cap = self.budget * self.total_params * (1 + 1e-9)
+        mus = [None] + list(np.geomspace(30.0, 0.01, max(points - 2, 0))) + [0.0]
+        out = []
+        for mu in mus[:points] if points >= 2 else [0.0]:
+            # mu None: latency first, accuracy to break ties; 0: accuracy only (latency breaks ties)
+            cost = tv + 1e-6 * lv if mu is None else lv + (mu if mu > 0 else 1e-9) * tv
+            res = solve_mckp(w, np.where(np.isfinite(w), cost, np.inf), cap)
+            if mu == 0.0 and exact_at_r1 and res.gap > GAP_TOLERANCE:
+                out.append(self.solve("L"))
+                continue
+            out.append(self.point({i: names[j] for i, j in enumerate(res.choice)}))
+        return out
+
+
 def score(p: FrontierPoint, r: float) -> float:
     return r * math.log(max(p.L, 1e-30)) + (1 - r) * math.log(max(p.T, 1e-30))
 
@@ -202,8 +236,17 @@ def solve_plan(
     time_limit: float = 60.0,
     freqs: list[list[float]] | None = None,
     schemes: list[str] | None = None,
+    solver: str = "auto",
 ) -> PlanResult:
-    """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``)."""
+    """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``).
+
+    ``solver``: "ilp" runs the integer program for every frontier point; "greedy"
+    the certified greedy knapsack (mckp.py, per-layer budgets only); "auto" the
+    greedy one, with the ILP for a layer whose accuracy-optimal point is not
+    proven within GAP_TOLERANCE of optimal (and the ILP for a whole-model budget).
+    """
+    if solver not in SOLVERS:
+        raise MxServeError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not 0.0 <= r <= 1.0:
         raise MxServeError(f"--r must be within [0, 1], got {r}")
     if granularity not in GRANULARITIES:
@@ -226,7 +269,10 @@ def solve_plan(
         if granularity == "layer"
         else [_Scope([x for u in units for x in u], budget, per_solve)]
     )
-    fronts = [sc.frontier(points) for sc in scopes]
+    if solver == "ilp" or granularity == "model":
+        fronts = [sc.frontier(points) for sc in scopes]
+    else:
+        fronts = [sc.greedy_frontier(points, exact_at_r1=solver == "auto") for sc in scopes]
     picks = [min(range(points), key=lambda j, f=f: score(f[j], r)) for f in fronts]
     total_params = sum(sc.total_params for sc in scopes)
     frontier = [

@@ -146,6 +146,11 @@ def test_api_key_is_enforced():
         assert app.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert app.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert app.get("/metrics").status_code == 401
+        assert app.get("/mxserve/plan").status_code == 401 and app.get("/mxserve/stats").status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        r = app.get("/mxserve/plan", headers=key)  # a server started without a plan
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_plan"
+        assert app.get("/mxserve/stats", headers=key).json()["routing"]["layers"] == []
         assert app.get("/health").status_code == 200
     finally:
         engine.shutdown()
