@@ -273,7 +273,8 @@ def solve_plan(
         fronts = [sc.frontier(points) for sc in scopes]
     else:
         fronts = [sc.greedy_frontier(points, exact_at_r1=solver == "auto") for sc in scopes]
-    picks = [min(range(points), key=lambda j, f=f: score(f[j], r)) for f in fronts]
+    # ties (points that coincide) go to the most accurate point, so equal layers report one choice
+    picks = [min(range(points), key=lambda j, f=f: (score(f[j], r), -j)) for f in fronts]
     total_params = sum(sc.total_params for sc in scopes)
     frontier = [
         (

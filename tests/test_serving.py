@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -68,9 +69,14 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, body, status, nee
 def test_metrics_export_routing_and_precision(server):
     base, _ = server
     client(base).completions.create(model="refmoe-25m", prompt="Enter Macbeth.", max_tokens=3)
-    text = httpx.get(base + "/metrics").text
-    counts = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith('mxserve_expert_tokens_total{expert=') and 'layer="0"' in line]
+    deadline = time.time() + 10
+    while True:  # counts reach /metrics at the next fold (--stats-interval, 1 s by default)
+        text = httpx.get(base + "/metrics").text
+        counts = [float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith('mxserve_expert_routed_tokens_total{expert=') and 'layer="0"' in line]
+        if sum(counts) > 0 or time.time() > deadline:
+            break
+        time.sleep(0.3)
     assert len(counts) == 16 and sum(counts) > 0
     assert 'mxserve_expert_block_scheme{block="gate_up",expert="16"' in text  # shared-expert slice
     assert "mxserve_expert_block_bits" in text and "mxserve_requests_total" in text
