@@ -72,6 +72,48 @@ def _check_plan_fits(plan: Plan, views: list[MoELayerView]) -> None:
 
 
 @torch.no_grad()
+def layer_blocks(
+    model: nn.Module,
+    method: str,
+    data: list[str] | None,
+    tokenizer=None,
+    nsamples: int = 128,
+    seq_len: int = 512,
+    min_tokens: int = 128,
+    progress: bool = True,
+):
+    """Per MoE layer: (view, [(expert weights, fused gate_up fp32, down fp32, Hessians)]).
+
+    Everything a block's quantization depends on besides its scheme: the offline
+    quantizer (:func:`quantize_layers`) and the precision ladder (online/ladder.py)
+    both quantize from here, so a ladder block is the tensor a checkpoint holds.
+    """
+    views = moe_layers(model)
+    xs = None
+    if method != "rtn":
+        if not data:
+            raise MxServeError(f"method {method} needs calibration text: pass --data (or --calib-data)")
+        windows = calibration_windows(data, tokenizer, nsamples, seq_len)
+        xs = capture_moe_inputs(model, views, windows, progress=progress)
+    for pos, view in enumerate(tqdm(views, desc=f"quantize ({method})", disable=not progress)):
+        inputs = expert_inputs(view, xs[pos], min_tokens) if xs is not None else None
+        blocks = []
+        for e, ew in enumerate(view.experts()):
+            hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
+            blocks.append((ew, torch.cat([ew.gate, ew.up]).float(), ew.down.float(), hess))
+        yield view, blocks
+
+
+def quantize_expert(block: tuple, s_gu: Scheme, s_d: Scheme, method: str, hadamard_seed: int) -> QuantizedExpert:
+    """One expert's blocks (an item of :func:`layer_blocks`) in the given schemes."""
+    ew, gate_up, down, hess = block
+    return QuantizedExpert(
+        quantize_linear(gate_up, s_gu, method, hess.get("gate"), hadamard_seed),
+        quantize_linear(down, s_d, method, hess.get("down"), hadamard_seed),
+        ew.shared,
+    )
+
+
 def quantize_layers(
     model: nn.Module,
     plan: Plan,
@@ -84,33 +126,13 @@ def quantize_layers(
 ) -> list[list[QuantizedExpert]]:
     """Quantize every expert block by the plan (GPTQ methods need calibration ``data``)."""
     method = check_method(plan.method)
-    views = moe_layers(model)
-    _check_plan_fits(plan, views)
-    xs = None
-    if method != "rtn":
-        data = data or plan.data
-        if not data:
-            raise MxServeError(f"method {method} needs calibration text: pass --data (or --calib-data)")
-        windows = calibration_windows(data, tokenizer, nsamples, seq_len)
-        xs = capture_moe_inputs(model, views, windows, progress=progress)
+    _check_plan_fits(plan, moe_layers(model))
     out = []
-    for pos, view in enumerate(tqdm(views, desc=f"quantize ({method})", disable=not progress)):
+    for view, blocks in layer_blocks(model, method, data or plan.data, tokenizer, nsamples, seq_len, min_tokens,
+                                     progress):
         lp = plan.layer(view.index)
-        inputs = expert_inputs(view, xs[pos], min_tokens) if xs is not None else None
-        experts = []
-        for e, ew in enumerate(view.experts()):
-            ep = lp.experts[e]
-            hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
-            s_gu, s_d = ep.scheme("gate"), ep.scheme("down")
-            gate_up = torch.cat([ew.gate, ew.up]).float()
-            experts.append(
-                QuantizedExpert(
-                    quantize_linear(gate_up, s_gu, method, hess.get("gate"), plan.hadamard_seed),
-                    quantize_linear(ew.down.float(), s_d, method, hess.get("down"), plan.hadamard_seed),
-                    ew.shared,
-                )
-            )
-        out.append(experts)
+        out.append([quantize_expert(b, lp.experts[e].scheme("gate"), lp.experts[e].scheme("down"), method,
+                                    plan.hadamard_seed) for e, b in enumerate(blocks)])
     return out
 
 

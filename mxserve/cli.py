@@ -204,7 +204,8 @@ def cmd_profile(a: argparse.Namespace) -> None:
 def cmd_launch(a: argparse.Namespace) -> None:
     import shlex
 
-    from mxserve.launch import LaunchSettings, pick_engine, resolve_checkpoint, serve, serve_sglang
+    from mxserve.launch import LaunchSettings, pick_engine, resolve, resolve_online, serve, serve_sglang
+    from mxserve.online.controller import ReplanSettings
     from mxserve.server.settings import StatsSettings
 
     if a.threads:
@@ -224,11 +225,20 @@ def cmd_launch(a: argparse.Namespace) -> None:
         from mxserve.models.loading import read_config
 
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
-    ckpt = resolve_checkpoint(LaunchSettings(
+    replan = a.replan_interval is not None
+    if replan and engine == "sglang":
+        raise MxServeError("--replan-interval: re-planning runs on the embedded engine only in this version")
+    settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
         progress=not a.quiet,
-    ))
+    )
+    if replan and (a.plan or not a.budget):
+        raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
+    res = resolve(settings)
+    ckpt = res.ckpt
+    online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin, a.replan_min_interval)) \
+        if replan else None
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)
@@ -236,7 +246,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
         sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
                               a.bf16_layers or "sglang", stats))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
-          stats)
+          stats, online)
 
 
 def _positive_int(text: str) -> int:
@@ -256,6 +266,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return v
 
 
@@ -296,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sliding window of the load shares, seconds (default 60)")
     la.add_argument("--stats-halflife", type=_positive_float, default=30.0,
                     help="half-life of the EWMA load shares, seconds (default 30)")
+    la.add_argument("--replan-interval", type=_nonnegative_float,
+                    help="re-plan for the observed traffic every this many seconds (0: only on POST /mxserve/replan);"
+                         " builds the precision ladder at launch. Off by default")
+    la.add_argument("--replan-margin", type=_nonnegative_float, default=0.02,
+                    help="relative gain of L^r*T^(1-r) a new plan needs to be swapped in (default 0.02)")
+    la.add_argument("--replan-min-interval", type=_nonnegative_float, default=60.0,
+                    help="seconds after a swap before the next automatic one (default 60)")
     la.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     la.add_argument("--quiet", action="store_true")
     la.set_defaults(func=cmd_launch)

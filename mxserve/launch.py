@@ -82,12 +82,24 @@ def log(msg: str) -> None:
     print(f"mxserve: {msg}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class Resolved:
+    ckpt: str
+    profile: object | None = None  # the calibration profile, when the plan was solved from one
+    budget: float | None = None
+
+
 def resolve_checkpoint(s: LaunchSettings) -> str:
     """Directory of the quantized checkpoint to serve, making (and caching) it when needed."""
+    return resolve(s).ckpt
+
+
+def resolve(s: LaunchSettings) -> Resolved:
+    """The checkpoint to serve, with the profile and budget it was planned from (for re-planning)."""
     if is_quantized_checkpoint(s.model):
         if s.budget or s.plan:
             log(f"{s.model} is already quantized; --budget/--plan are ignored")
-        return s.model
+        return Resolved(s.model)
     from mxserve.calibrate import calibrate
     from mxserve.checkpoint import FORMAT_VERSION, quantize_to_dir
     from mxserve.costmodel import cost_model
@@ -97,6 +109,7 @@ def resolve_checkpoint(s: LaunchSettings) -> str:
     from mxserve.schemes import parse_budget, parse_schemes
 
     fp = _fingerprint(s.model)
+    prof = budget = None
     if s.plan:
         plan = Plan.load(s.plan)
     else:
@@ -124,10 +137,36 @@ def resolve_checkpoint(s: LaunchSettings) -> str:
     out = os.path.join(cache_root(), f"ckpt-{_key(fp, plan.to_json(), FORMAT_VERSION)}")
     if os.path.isfile(os.path.join(out, "config.json")):
         log(f"quantized checkpoint from cache: {out}")
-        return out
+        return Resolved(out, prof, budget)
     log(f"quantizing to {out} ...")
     quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress)
-    return out
+    return Resolved(out, prof, budget)
+
+
+def resolve_online(s: LaunchSettings, res: Resolved, settings):
+    """What re-planning needs: the profile, and the precision ladder (built once, cached beside the checkpoints)."""
+    import time
+
+    from mxserve.costmodel import cost_model
+    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.online.ladder import META_FILE, Ladder, build_ladder
+    from mxserve.online.setup import OnlineSetup
+
+    if res.profile is None:
+        raise MxServeError("re-planning needs the calibration profile: launch an unquantized model with --budget "
+                           "(not --plan or a quantized checkpoint)")
+    prof = res.profile
+    key = _key(_fingerprint(s.model), prof.data, prof.method, prof.schemes, prof.hadamard_seed, s.calib_samples)
+    path = os.path.join(cache_root(), f"ladder-{key}")
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        log(f"precision ladder from cache: {path}")
+    else:
+        log(f"building the precision ladder ({len(prof.schemes)} schemes per block) in {path} ...")
+        t0 = time.perf_counter()
+        build_ladder(load_model(s.model), path, prof.schemes, prof.method, prof.data, load_tokenizer(s.model),
+                     s.calib_samples, prof.hadamard_seed, progress=s.progress)
+        log(f"ladder built in {time.perf_counter() - t0:.1f} s, {Ladder(path).nbytes() / 2**20:.1f} MiB")
+    return OnlineSetup(prof, res.budget, s.r, cost_model(s.kernel_profile), path, settings, s.tokens)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -176,7 +215,7 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
           max_model_len: int | None, default_max_tokens: int, max_running_requests: int = 16,
-          stats_settings=None) -> None:
+          stats_settings=None, online=None) -> None:
     import uvicorn
 
     from mxserve.checkpoint import load_quantized
@@ -185,6 +224,13 @@ def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str 
     from mxserve.server.api import create_app
 
     _check_port(host, port)
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mxserve: %(message)s"))
+    for name in ("mxserve",):  # the controller and the stats thread log under mxserve.*
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, plan = load_quantized(ckpt, dtype=dtype, device=device)
@@ -193,7 +239,7 @@ def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str 
     if max_model_len is not None and max_model_len > limit:
         raise MxServeError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
     engine = EmbeddedEngine(model, tok, max_model_len or limit, max_running_requests)
-    app = create_app(engine, served_model_name, api_key, default_max_tokens, plan, stats_settings)
+    app = create_app(engine, served_model_name, api_key, default_max_tokens, plan, stats_settings, online)
     log(f"serving {served_model_name} ({plan.summary.get('avg_bits', plan.budget_bits):.2f} avg bits, {device}) "
         f"on http://{host}:{port}/v1")
     try:

@@ -212,6 +212,22 @@ class _Scope:
         return out
 
 
+def plan_terms(
+    profile: CalibrationProfile, plan: Plan, tokens: int, cost: CostModel, freqs: list[list[float]] | None = None
+) -> tuple[float, float]:
+    """(L, T) of an existing plan under a routing distribution and batch size, as the planner counts them."""
+    lv = tv = 0.0
+    schemes = sorted(plan.scheme_names())
+    for pos, st in enumerate(profile.layers):
+        lp = plan.layer(st.layer)
+        for u in layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos]):
+            ep = lp.experts[u.expert]
+            _, loss, sec = u.options[ep.gate if u.block == "gate_up" else ep.down]
+            lv += loss
+            tv += sec
+    return lv, tv
+
+
 def score(p: FrontierPoint, r: float) -> float:
     return r * math.log(max(p.L, 1e-30)) + (1 - r) * math.log(max(p.T, 1e-30))
 

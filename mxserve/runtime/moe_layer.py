@@ -108,9 +108,28 @@ class MixedExperts:
 
     def set_experts(self, experts: list[QuantizedExpert]) -> None:
         """Swap in experts in other schemes (same layer, same shapes)."""
-        self.experts_q = experts
-        self._dense = None
-        self._arenas = None
+        self.commit(self.prepare(experts))
+
+    def staged(self) -> tuple:
+        """What this layer runs now, in the form :meth:`commit` takes (to put it back)."""
+        return self.experts_q, self._dense, self._dense_key, self._arenas
+
+    def prepare(self, experts: list[QuantizedExpert]) -> tuple:
+        """Everything a forward needs for ``experts``, made now (off the serving path): the
+        dequantized weights or packed arenas this layer already uses, for the same dtype/device."""
+        dense = key = arenas = None
+        if self._dense_key is not None:
+            dtype, device = key = self._dense_key
+            dense = [(e.gate_up.dequantize(dtype).to(device), e.down.dequantize(dtype).to(device)) for e in experts]
+        if self._arenas is not None:
+            device = self._arenas[0].meta.device
+            arenas = (build_arena([e.gate_up for e in experts]).to(device),
+                      build_arena([e.down for e in experts]).to(device))
+        return experts, dense, key, arenas
+
+    def commit(self, staged: tuple) -> None:
+        """Switch to a prepared state: a few reference assignments, done between forward passes."""
+        self.experts_q, self._dense, self._dense_key, self._arenas = staged
         self.version += 1
 
 

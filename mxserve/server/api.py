@@ -26,6 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, field_validator
 
 from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
+from mxserve.errors import MxServeError
+from mxserve.online.swap import PlanRejected
 from mxserve.plan import Plan
 from mxserve.server.settings import StatsSettings
 from router_stats import MxMetrics, RouterStats
@@ -41,13 +43,33 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every 4xx of this server."""
+
+    error: ErrorDetail
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI ``responses`` for the error statuses a route returns."""
+    text = {400: "Invalid request", 401: "Missing or wrong API key (when the server has one)",
+            404: "Unknown model or resource", 409: "Not available on this server", 422: "Does not fit the model"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
     return JSONResponse(status_code=status,
                         content={"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 class _Sampling(BaseModel):
-    model: str
+    model: str = Field(description="the served model's name (GET /v1/models)")
     max_tokens: int | None = Field(default=None)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -98,26 +120,59 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class ReplanRequest(BaseModel):
+    force: bool = Field(default=True, description="apply a different plan even if not better by the margin or "
+                                                  "sooner than the minimum interval")
+
+
 def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | None = None,
                default_max_tokens: int = 256, plan: Plan | None = None,
-               stats_settings: StatsSettings | None = None) -> FastAPI:
+               stats_settings: StatsSettings | None = None, online=None) -> FastAPI:
+    """The app; ``online`` (mxserve.online.setup.OnlineSetup) adds re-planning and plan uploads."""
     st = stats_settings or StatsSettings()
     registry = CollectorRegistry()
     served = {"plan": plan}
-    stats = RouterStats(lambda: [m.mx for m in engine.layers()], MxMetrics(registry),
-                        lambda: (served["plan"].budget_bits, served["plan"].method) if served["plan"] else (0.0, ""),
+    metrics = MxMetrics(registry)
+
+    def plan_meta():
+        p = controller.plan if controller is not None else served["plan"]
+        return (p.budget_bits, p.method) if p is not None else (0.0, "")
+
+    stats = RouterStats(lambda: [m.mx for m in engine.layers()], metrics, plan_meta,
                         interval=st.interval, window=st.window, halflife=st.halflife)
+    controller = online.controller(plan, [m.mx for m in engine.layers()], engine.lock, stats, metrics) \
+        if online is not None else None
+
+    def current_plan() -> Plan | None:
+        return controller.plan if controller is not None else served["plan"]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         stats.fold()  # the precision series exist before the first scrape
         stats.start()
+        if controller is not None:
+            controller.start()
         yield
+        if controller is not None:
+            controller.stop()
         stats.stop()
 
     app = FastAPI(title="mxserve", version="0.1.0", lifespan=lifespan)
+
+    def openapi() -> dict:
+        """FastAPI's schema, plus the served model's name as the one valid ``model``."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for name in ("CompletionRequest", "ChatRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [served_model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.state.stats = stats
-    app.state.served = served
+    app.state.controller = controller
     requests_total = Counter("mxserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                              registry=registry)
     latency = Histogram("mxserve_request_duration_seconds", "Time to complete a generation request",
@@ -158,18 +213,46 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_errors(401))
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/mxserve/plan")
+    @app.get("/mxserve/plan", responses=_errors(401, 404))
     async def get_plan():
         """The plan served now: every block's scheme (JSON form of plan.py)."""
-        if served["plan"] is None:
+        p = current_plan()
+        if p is None:
             raise APIError(404, "this server was started without a plan", code="no_plan")
-        return served["plan"].to_json()
+        return p.to_json()
 
-    @app.get("/mxserve/stats")
+    def need_controller():
+        if controller is None:
+            raise APIError(409, "re-planning is not enabled on this server: launch an unquantized model with "
+                                "--budget and --replan-interval (0 for on-demand only)", code="replan_disabled")
+        return controller
+
+    @app.post("/mxserve/replan", responses=_errors(400, 401, 409))
+    async def post_replan(req: ReplanRequest | None = None):
+        """Re-solve for the observed traffic now and swap if the plan changes (see the controller)."""
+        c = need_controller()
+        out = await asyncio.to_thread(c.replan, True if req is None else req.force)
+        return out.to_json()
+
+    @app.post("/mxserve/plan", responses=_errors(400, 401, 409, 422))
+    async def post_plan(body: dict):
+        """Apply an uploaded plan (plan.py's JSON form) after validating it against the model and budget."""
+        c = need_controller()
+        try:
+            new = Plan.from_json(body)
+        except (KeyError, TypeError, ValueError, MxServeError) as e:
+            raise APIError(400, f"not a valid mxmoe plan: {e}", param="plan", code="invalid_plan") from None
+        try:
+            out = await asyncio.to_thread(c.upload, new)
+        except PlanRejected as e:
+            raise APIError(422, str(e), param="plan", code="plan_rejected") from None
+        return out.to_json()
+
+    @app.get("/mxserve/stats", responses=_errors(401))
     async def get_stats():
         """Windowed routing statistics (router_stats) and the precision served now."""
         latest = await asyncio.to_thread(stats.latest)
@@ -179,7 +262,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                               "method": p.method,
                               "blocks": [[b.layer, b.expert, b.block, b.scheme] for b in p.blocks]}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "mxserve", "max_model_len": engine.max_model_len}]}
@@ -253,7 +336,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         yield _sse(make_chunk(None, reason))
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_errors(400, 401, 404))
     async def completions(req: CompletionRequest):
         prompt_ids = req.prompt if isinstance(req.prompt, list) else tok(req.prompt, add_special_tokens=False)[
             "input_ids"]
@@ -273,7 +356,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                          "total_tokens": len(prompt_ids) + n}
         return body
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404))
     async def chat(req: ChatRequest):
         try:
             prompt_ids = tok.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
