@@ -100,8 +100,22 @@ def sglang_impl():
         return None, f"{type(e).__name__}: {e}"[:300]
 
 
-def run_model(name: str, tokens, dev, gen, sgl, results: list) -> None:
-    m = MODEL_SHAPES[name]
+def parse_shape(text: str) -> tuple[str, dict[str, int]]:
+    """``NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S]`` (shared: routed-sized shared slices)."""
+    name, _, spec = text.partition(":")
+    usage = f"bad --shape {text!r}: want NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S]"
+    try:
+        m = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
+    m.setdefault("shared", 0)
+    if not name or set(m) != {"hidden", "inter", "experts", "top_k", "shared"}:
+        raise argparse.ArgumentTypeError(usage)
+    return name, m
+
+
+def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None) -> None:
+    m = (shapes or MODEL_SHAPES)[name]
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
     gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
@@ -262,7 +276,7 @@ def markdown(results: list, meta: dict) -> str:
         "ours w8a8fp8",
         "ours mixed",
     ]
-    for model in MODEL_SHAPES:
+    for model in dict.fromkeys(r["model"] for r in results):
         for rt in ("skewed", "uniform"):
             rows = [r for r in results if r["model"] == model and r["routing"] == rt]
             if not rows:
@@ -297,7 +311,14 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--models", nargs="+", default=list(MODEL_SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKEN_COUNTS))
+    ap.add_argument("--shape", action="append", type=parse_shape, default=[],
+                    help="another expert shape, NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S]; repeatable "
+                         "(with --shape only, the listed models are skipped unless named in --models)")
     a = ap.parse_args()
+    shapes = dict(MODEL_SHAPES) | dict(a.shape)
+    if a.shape and "--models" not in sys.argv:
+        a.models = []
+    a.models += [n for n, _ in a.shape]
     dev = torch.device("cuda")
     os.makedirs(a.out, exist_ok=True)
     meta = {
@@ -316,7 +337,7 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.time()
     for model in a.models:
-        run_model(model, a.tokens, dev, gen, sgl, results)
+        run_model(model, a.tokens, dev, gen, sgl, results, shapes)
         torch.cuda.empty_cache()
         with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -55,3 +55,19 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 6, "concurrency": [1, 4],
                               "servers": [rec], "equal": [], "self": own})
     assert "| x |" in table and "0 of 2 identical" in table
+
+
+def test_moe_layer_benchmark_takes_any_expert_shape():
+    import argparse
+
+    import pytest
+
+    import moe_layer
+
+    name, m = moe_layer.parse_shape("mine:hidden=3072,inter=1024,experts=32,top_k=4,shared=1")
+    assert name == "mine" and m == {"hidden": 3072, "inter": 1024, "experts": 32, "top_k": 4, "shared": 1}
+    assert moe_layer.parse_shape("x:hidden=8,inter=8,experts=2,top_k=1")[1]["shared"] == 0
+    for bad in ("nohidden:inter=8,experts=2,top_k=1", "x:hidden=8,inter=a,experts=2,top_k=1", ":hidden=8",
+                "x:hidden=8,inter=8,experts=2,top_k=1,extra=3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            moe_layer.parse_shape(bad)

@@ -48,6 +48,8 @@ def test_plugin_visible_from_a_source_tree(tmp_path, monkeypatch):
     assert ["mxmoe", "mxserve.engines.sglang_plugin:register"] in got["eps"]
     assert got["plugin_module"]
     assert env["SGLANG_PLUGINS"] == "other,mxmoe"
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton")  # compiled kernels kept in mxserve's cache
+    assert sglang_launch.plugin_env(str(tmp_path), {"TRITON_CACHE_DIR": "/mine"})["TRITON_CACHE_DIR"] == "/mine"
     bare = _probe({"PATH": os.environ["PATH"]}, tmp_path)
     assert bare["eps"] == [] and not bare["plugin_module"]
 

@@ -92,6 +92,8 @@ def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, s
     if src not in paths:
         paths.append(src)  # mxserve itself importable in the children, installed or not
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # Triton's compiled kernels live in mxserve's cache, so the next launch (and a cache volume) reuses them
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(state_dir, "triton"))
     allowed = env.get("SGLANG_PLUGINS")
     if allowed and PLUGIN_NAME not in allowed.split(","):
         env["SGLANG_PLUGINS"] = allowed + "," + PLUGIN_NAME  # a whitelist would otherwise skip us
