@@ -14,6 +14,7 @@ Hadamard-rotated. Offsets count elements of the buffer they index.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,15 @@ class Arena:
     codes_mask: int  # bit c set when some expert uses code c (prunes kernel branches)
     rotation_seed: int | None  # seed of the input rotation, when some expert is rotated
     min_group: int = 1 << 30  # smallest group of a grouped integer scheme (bounds the K tile)
+    raw: torch.Tensor | None = None  # a slab's byte buffer, which every typed buffer views (build_slab)
 
     @property
     def n_experts(self) -> int:
         return self.meta.shape[0]
 
     def to(self, device) -> Arena:
+        if self.raw is not None:
+            raise ValueError("a slab is built on its device (build_slab), not moved")
         moved = {f: getattr(self, f).to(device) for f in ("meta", "wi", "wb", "wf", "sc", "zp")}
         return Arena(
             self.n,
@@ -66,6 +70,8 @@ class Arena:
         )
 
     def nbytes(self) -> int:
+        if self.raw is not None:
+            return self.raw.numel()
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in ("wi", "wb", "wf", "sc", "zp"))
 
 
@@ -123,3 +129,67 @@ def build_arena(linears: list) -> Arena:
         seeds.pop() if seeds else None,
         min_group,
     )
+
+
+# -- fixed-capacity layer slabs (in-place swaps under CUDA graphs) ------------------------------------
+
+SLAB_ALIGN = 64  # bytes: every typed offset stays a multiple of 16 elements for the kernel's wide loads
+_BUFFERS = (("wi", torch.int32), ("wb", torch.bfloat16), ("wf", torch.float8_e4m3fn), ("sc", torch.bfloat16),
+            ("zp", torch.bfloat16))
+
+
+def slab_capacity(budget_bits: float, linears: list) -> int:
+    """Bytes a layer slab needs for any plan within ``budget_bits`` per weight: the budget's bytes
+    (bits per weight count scales and zeros) plus alignment padding for every tensor."""
+    params = sum(ql.n * ql.k for ql in linears)
+    return (math.ceil(budget_bits * params / 8) + 3 * SLAB_ALIGN * (len(linears) + 1)) // SLAB_ALIGN * SLAB_ALIGN
+
+
+def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotation_seed: int | None,
+               min_group: int, device=None) -> tuple[Arena, Arena]:
+    """A layer's two arenas as typed views over one byte buffer of fixed ``capacity``.
+
+    Every plan of the layer within its budget fits the same buffer, the kernel
+    variant compiled for ``codes_mask`` (all candidate schemes) runs any of them,
+    and ``min_group``/``rotation_seed`` are the candidates', not the plan's: so
+    :func:`copy_slab` can replace the weights in place and CUDA graphs captured
+    over the buffer stay valid. Raises ValueError when the plan does not fit.
+    """
+    raw = torch.zeros(capacity, dtype=torch.uint8, device=device)
+    views = {name: raw.view(dtype) for name, dtype in _BUFFERS}
+    used = 0
+    arenas = []
+    for linears in (gate_up, down):
+        n, k = linears[0].n, linears[0].k
+        meta = []
+        for ql in linears:
+            code = kernel_code(ql.scheme)
+            if not codes_mask & (1 << code):
+                raise ValueError(f"scheme {ql.scheme.name} is not among the slab's compiled kernel codes")
+            offs = []
+            for t, name in ((ql.qweight, {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi")), (ql.scales, "sc"),
+                            (ql.zeros, "zp")):
+                if t is None:
+                    offs.append(0)
+                    continue
+                b = t.reshape(-1).contiguous().view(torch.uint8)
+                if used + b.numel() > capacity:
+                    raise ValueError(f"the plan needs more than the slab's {capacity} bytes")
+                raw[used:used + b.numel()].copy_(b)
+                offs.append(used // views[name].element_size())
+                used += -(-b.numel() // SLAB_ALIGN) * SLAB_ALIGN
+            meta.append([code, *offs, ql.scheme.group or k, int(ql.hadamard_seed is not None)])
+        arenas.append(Arena(n, k, torch.tensor(meta, dtype=torch.int64, device=device), *views.values(),
+                            codes_mask, rotation_seed, min_group, raw=raw))
+    return arenas[0], arenas[1]
+
+
+def copy_slab(dst: tuple[Arena, Arena], src: tuple[Arena, Arena]) -> None:
+    """Write ``src``'s weights into ``dst``'s buffers in place (same capacity, same kernel variant)."""
+    if dst[0].raw is None or src[0].raw is None or dst[0].raw.numel() != src[0].raw.numel():
+        raise ValueError("both sides must be slabs of one capacity")
+    if dst[0].codes_mask != src[0].codes_mask or dst[0].rotation_seed != src[0].rotation_seed:
+        raise ValueError("slabs compiled for different kernel codes or rotations")
+    dst[0].raw.copy_(src[0].raw)
+    for d, s in zip(dst, src):
+        d.meta.copy_(s.meta)

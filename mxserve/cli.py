@@ -6,6 +6,7 @@ Every user error prints one line ``mxserve: error: ...`` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -95,6 +96,16 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
         plot_plan(res.plan, res.frontier, res.chosen, a.plot)
         print(f"wrote {a.plot}")
+
+
+def cmd_swap(a: argparse.Namespace) -> None:
+    from mxserve.engines.sglang_swap import swap_plan
+    from mxserve.plan import Plan
+
+    out = swap_plan(a.url, Plan.load(a.plan), a.api_key or os.environ.get("MXSERVE_API_KEY"))
+    print(json.dumps(out))
+    if out["outcome"] != "applied":
+        raise MxServeError(f"the server kept plan {out['plan_id']}; see its log for why")
 
 
 def cmd_stats(a: argparse.Namespace) -> None:
@@ -226,8 +237,9 @@ def cmd_launch(a: argparse.Namespace) -> None:
 
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
     replan = a.replan_interval is not None
-    if replan and engine == "sglang":
-        raise MxServeError("--replan-interval: re-planning runs on the embedded engine only in this version")
+    if replan and engine == "sglang" and a.replan_interval > 0:
+        raise MxServeError("automatic re-planning runs on the embedded engine only in this version; on SGLang, "
+                           "--replan-interval 0 builds the ladder and `mxserve swap` applies plans")
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
@@ -244,7 +256,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)
     if engine == "sglang":
         sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
-                              a.bf16_layers or "sglang", stats))
+                              a.bf16_layers or "sglang", stats, online.ladder_path if online else None))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
           stats, online)
 
@@ -361,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="plan file to write (JSON)")
     pl.add_argument("--plot", help="also draw the precision map and the L/T frontier to this PNG")
     pl.set_defaults(func=cmd_plan)
+
+    sw = sub.add_parser("swap", help="apply a plan to a running SGLang-engine server (launched with "
+                                     "--replan-interval 0), in place, without dropping requests")
+    sw.add_argument("--url", default="http://127.0.0.1:8000")
+    sw.add_argument("--plan", required=True, help="a plan for the served model and budget (JSON)")
+    sw.add_argument("--api-key", help="the server's API key (or MXSERVE_API_KEY)")
+    sw.set_defaults(func=cmd_swap)
 
     stt = sub.add_parser("stats", help="a running server's expert load and precision map, from its /metrics")
     stt.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")

@@ -202,15 +202,22 @@ def pick_engine(requested: str | None, tp: int = 1) -> str:
 
 def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
                  max_model_len: int | None, tp: int, extra: list[str], bf16_layers: str = "sglang",
-                 stats_settings=None) -> int:
-    """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code."""
+                 stats_settings=None, ladder: str | None = None) -> int:
+    """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code.
+    With ``ladder`` (a precision ladder's path), plans can be swapped in (engines/sglang_swap.py)."""
     from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command, stats_env
+    from mxserve.engines.sglang_swap import LADDER_ENV, LOADER
 
     _check_port(host, port)
+    if ladder:
+        extra = list(extra) + ["--custom-weight-loader", LOADER]
     cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra, bf16_layers)
     log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt}); "
         f"mxserve's series on http://{host}:{port}/metrics")
-    return run_sglang(cmd, stats_env(plugin_env(cache_root()), stats_settings))
+    env = stats_env(plugin_env(cache_root()), stats_settings)
+    if ladder:
+        env[LADDER_ENV] = os.path.abspath(ladder)
+    return run_sglang(cmd, env)
 
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,

@@ -111,6 +111,11 @@ _process_layers: dict[int, object] = {}
 _process_plan: list = [0.0, ""]
 
 
+def process_metrics() -> MxMetrics | None:
+    """This process's metrics, when it exports (see :func:`process_stats`)."""
+    return _process.metrics if _process is not None else None
+
+
 def process_stats(layer, budget_bits: float, method: str) -> RouterStats | None:
     """Attach a runtime layer to this process's RouterStats (SGLang's scheduler).
 

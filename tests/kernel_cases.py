@@ -134,3 +134,35 @@ def bf16_layer_agreement(t, h, i, n_experts, n_shared, k, device, seed) -> tuple
     ref = unfused_bf16_layer(x, ids, w, dense, n_experts, scale)
     ulp = ref.float().abs().clamp(min=1e-6) * 2.0**-7  # bf16 keeps 8 significant bits
     return (out == ref).float().mean().item(), ((out.float() - ref.float()).abs() / ulp).max().item()
+
+
+def slab_swap_case(device, seed: int = 0) -> tuple[float, float]:
+    """A layer on a fixed-capacity slab compiled for every scheme: its output against the plain arenas,
+    before and after the slab is overwritten in place with another plan. Returns both max differences."""
+    from mxkernels.arena import build_slab, copy_slab, kernel_code, slab_capacity
+
+    gen = torch.Generator().manual_seed(seed)
+    cands = ["bf16", "w8a16", "w8a8fp8", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w4a4"]
+    plan_a = make_experts(["w4a16g128", "w2a16g128", "w3a16g128"], 128, 128, 6, 1, "rtn", gen, device)
+    plan_b = make_experts(["w1a16g128", "w8a16", "w4a4", "w4a16g128"], 128, 128, 6, 1, "rtn", gen, device)
+    codes = 0
+    for s in cands:
+        codes |= 1 << kernel_code(get_scheme(s))
+    linears = [ql for e in plan_a for ql in e.linears()]
+    cap = slab_capacity(4.25, linears)
+    x = torch.randn(11, 128, generator=gen).to(torch.bfloat16).to(device)
+    ids, w = route(11, 6, 2, gen)
+    ids, w = ids.to(device), w.to(device)
+
+    def plain(experts):
+        gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+        return mx_moe_forward(x, ids, w, gu.to(device), dn.to(device), 6).float().cpu()
+
+    def slab(experts):
+        return build_slab([e.gate_up for e in experts], [e.down for e in experts], cap, codes, None, 128, device)
+
+    served = slab(plan_a)
+    before = mx_moe_forward(x, ids, w, *served, 6).float().cpu()
+    copy_slab(served, slab(plan_b))  # same buffers, new weights
+    after = mx_moe_forward(x, ids, w, *served, 6).float().cpu()
+    return (before - plain(plan_a)).abs().max().item(), (after - plain(plan_b)).abs().max().item()

@@ -60,9 +60,8 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
 def test_moe_layer_benchmark_takes_any_expert_shape():
     import argparse
 
-    import pytest
-
     import moe_layer
+    import pytest
 
     name, m = moe_layer.parse_shape("mine:hidden=3072,inter=1024,experts=32,top_k=4,shared=1")
     assert name == "mine" and m == {"hidden": 3072, "inter": 1024, "experts": 32, "top_k": 4, "shared": 1}

@@ -66,3 +66,20 @@ def test_bf16_layer_rounds_like_unfused_sglang(t, h, i, n_exp, n_shared, k):
     same, worst_ulps = bf16_layer_agreement(t, h, i, n_exp, n_shared, k, "cpu", seed=1)
     assert same > 0.99, same
     assert worst_ulps <= 4, worst_ulps
+
+
+def test_slab_runs_any_plan_and_swaps_in_place():
+    from kernel_cases import slab_swap_case
+
+    before, after = slab_swap_case("cpu")
+    assert before == 0 and after == 0  # the same kernel math as plain arenas, bit for bit
+
+
+def test_slab_refuses_a_plan_over_its_capacity():
+    from mxkernels.arena import build_slab
+    from mxserve.quant.qlinear import quantize_linear
+    from mxserve.schemes import get_scheme
+
+    ql = quantize_linear(torch.randn(128, 128), get_scheme("bf16"))
+    with pytest.raises(ValueError, match="more than"):
+        build_slab([ql], [ql], 1024, 1, None, 128)

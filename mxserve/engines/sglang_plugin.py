@@ -47,7 +47,7 @@ import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig, QuantizeMethodBase
 
 from mxserve.checkpoint import DOWN, FORMAT_VERSION, GATE_UP, SHARED_GATE, expert_param, read_experts
-from mxserve.engines import BF16_LAYERS
+from mxserve.engines import BF16_LAYERS, sglang_swap
 from mxserve.models.adapters import join_shared
 from mxserve.models.loading import QUANT_METHOD
 from mxserve.plan import LayerPlan, Plan
@@ -173,7 +173,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             p.mx_name = name
             p.weight_loader = keep
             layer.register_parameter(name, p)
-        if self.sglang_for_bf16 and _wholly_bf16(layer_plan):
+        if self.sglang_for_bf16 and _wholly_bf16(layer_plan) and sglang_swap.ladder() is None:
             from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
             # built as FusedMoE builds it for a layer without quantization
@@ -202,6 +202,11 @@ class MxMoEMethod(FusedMoEMethodBase):
         layer.mx = MixedExperts(layer.layer_id, layer.num_experts, experts)
         layer.mx.counter.to(device)  # on the GPU before SGLang captures CUDA graphs, which then count
         process_stats(layer.mx, self.plan.budget_bits, self.plan.method)  # export through SGLang's /metrics
+        lad = sglang_swap.ladder()
+        if lad is not None:  # re-planning on: a fixed slab, so swaps copy in place under CUDA graphs
+            seed = self.plan.hadamard_seed if self.plan.method == "gptq-had" else None
+            layer.mx.fix_capacity(self.plan.budget_bits, lad.schemes, seed)
+            sglang_swap.register_layer(layer.mx, self.plan)
         if self.unquant is not None:
             routed = [e for e in experts if not e.shared]
             # bf16 blocks store the plain weight [N, K]; gate_up holds gate rows, then up rows

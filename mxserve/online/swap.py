@@ -126,6 +126,16 @@ class PlanSwapper:
         return report
 
 
+def plan_id(plan: Plan) -> str:
+    """The id router_stats exports for a served plan (mxserve_plan_info), computed from the plan itself."""
+    from router_stats.metrics import BlockPrecision, Precision
+
+    blocks = [BlockPrecision(lay.layer, ep.expert, block, scheme, 0.0, 0)
+              for lay in sorted(plan.layers, key=lambda x: x.layer) for ep in lay.experts
+              for block, scheme in (("gate_up", ep.gate), ("down", ep.down))]
+    return Precision(blocks, plan.budget_bits, plan.method).plan_id
+
+
 def _schemes(plan: Plan, layer: int) -> list[tuple[str, str]]:
     return [(e.gate, e.down) for e in plan.layer(layer).experts]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mxkernels.arena import build_arena
+from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_code, slab_capacity
 from mxkernels.moe import mx_moe_forward
 from mxkernels.reference import moe_reference
 from mxserve.models.adapters import MoELayerView
@@ -54,6 +54,7 @@ class MixedExperts:
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
+        self._slab: tuple | None = None  # (capacity, codes, rotation seed, min group): see fix_capacity
 
     def forward(
         self,
@@ -100,11 +101,29 @@ class MixedExperts:
     def arenas(self, device: torch.device):
         """The layer's packed weights for the Triton kernels, on ``device``."""
         if self._arenas is None or self._arenas[0].meta.device != device:
-            self._arenas = (
-                build_arena([e.gate_up for e in self.experts_q]).to(device),
-                build_arena([e.down for e in self.experts_q]).to(device),
-            )
+            self._arenas = self._pack(self.experts_q, device)
         return self._arenas
+
+    def _pack(self, experts: list[QuantizedExpert], device) -> tuple:
+        if self._slab is not None:
+            cap, codes, seed, group = self._slab
+            return build_slab([e.gate_up for e in experts], [e.down for e in experts], cap, codes, seed, group, device)
+        return build_arena([e.gate_up for e in experts]).to(device), build_arena([e.down for e in experts]).to(device)
+
+    def fix_capacity(self, budget_bits: float, schemes: list[str], rotation_seed: int | None) -> None:
+        """Pack into one fixed-size slab that any plan within ``budget_bits`` over ``schemes`` fits, with a
+        kernel variant for all of them: then a swap is an in-place copy and CUDA graphs captured over the
+        slab stay valid (SGLang). Call before the arenas are first built."""
+        from mxserve.schemes import get_scheme
+
+        sch = [get_scheme(s) for s in schemes]
+        codes = 0
+        for sc in sch:
+            codes |= 1 << kernel_code(sc)
+        groups = [sc.group for sc in sch if sc.family == "int" and sc.group]
+        linears = [ql for e in self.experts_q for ql in e.linears()]
+        self._slab = (slab_capacity(budget_bits, linears), codes, rotation_seed, min(groups, default=1 << 30))
+        self._arenas = None
 
     def set_experts(self, experts: list[QuantizedExpert]) -> None:
         """Swap in experts in other schemes (same layer, same shapes)."""
@@ -112,6 +131,8 @@ class MixedExperts:
 
     def staged(self) -> tuple:
         """What this layer runs now, in the form :meth:`commit` takes (to put it back)."""
+        if self._slab is not None and self._arenas is not None:
+            return self.prepare(self.experts_q)  # a slab is overwritten in place: keep a copy
         return self.experts_q, self._dense, self._dense_key, self._arenas
 
     def prepare(self, experts: list[QuantizedExpert]) -> tuple:
@@ -122,14 +143,18 @@ class MixedExperts:
             dtype, device = key = self._dense_key
             dense = [(e.gate_up.dequantize(dtype).to(device), e.down.dequantize(dtype).to(device)) for e in experts]
         if self._arenas is not None:
-            device = self._arenas[0].meta.device
-            arenas = (build_arena([e.gate_up for e in experts]).to(device),
-                      build_arena([e.down for e in experts]).to(device))
+            # a slab is staged on the host: the swap copies it in, and the GPU never holds two plans
+            arenas = self._pack(experts, "cpu" if self._slab is not None else self._arenas[0].meta.device)
         return experts, dense, key, arenas
 
     def commit(self, staged: tuple) -> None:
-        """Switch to a prepared state: a few reference assignments, done between forward passes."""
-        self.experts_q, self._dense, self._dense_key, self._arenas = staged
+        """Switch to a prepared state between forward passes: reference assignments, or, for a slab,
+        an in-place copy into the buffers the kernels (and captured CUDA graphs) read."""
+        experts, dense, key, arenas = staged
+        if self._slab is not None and self._arenas is not None and arenas is not None:
+            copy_slab(self._arenas, arenas)
+            arenas = self._arenas
+        self.experts_q, self._dense, self._dense_key, self._arenas = experts, dense, key, arenas
         self.version += 1
 
 

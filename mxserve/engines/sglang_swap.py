@@ -1,0 +1,145 @@
+"""Plan swaps inside SGLang, through SGLang's own weight-update endpoints (nothing patched).
+
+The channel: the caller pauses generation in place (``/pause_generation``,
+mode ``in_place``: running requests stay in the scheduler with their KV cache,
+new ones wait), sends the plan as a one-tensor "weight update" to
+``/update_weights_from_tensor`` with ``load_format`` naming :func:`apply_plan`
+(registered with ``--custom-weight-loader`` by ``mxserve launch``), then
+continues generation. :func:`apply_plan` runs in the scheduler process,
+between forward passes: it reads the new blocks from the precision ladder
+(``MXSERVE_LADDER``), stages them on the host, and copies each layer in place
+into its fixed-capacity slab (mxkernels.arena.build_slab), so the CUDA graphs
+SGLang captured stay valid. Each layer's copy is fenced by device syncs.
+
+SGLang would take an exception there for a crash, so :func:`apply_plan`
+never raises: a failure puts back the layers already switched, is logged and
+counted (``mxserve_replans_total{outcome="swap_failed"}``), and the caller
+learns the outcome from ``mxserve_plan_info`` (the plan id of what is served).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+
+import torch
+
+from mxserve.online.ladder import Ladder
+from mxserve.online.swap import PlanSwapper, plan_id, validate_plan
+from mxserve.plan import Plan
+
+log = logging.getLogger("mxserve.online")
+PLAN_TENSOR = "mxserve.plan"
+LOADER = "mxserve.engines.sglang_swap.apply_plan"
+LADDER_ENV = "MXSERVE_LADDER"
+
+_served: dict = {}  # this scheduler's layers, plan and budget (set by the plugin)
+
+
+def register_layer(mx, plan: Plan) -> None:
+    """Called by the plugin for each MoE layer it builds (in the scheduler process)."""
+    _served.setdefault("layers", {})[mx.layer_index] = mx
+    _served["plan"] = plan
+
+
+def ladder() -> Ladder | None:
+    path = os.environ.get(LADDER_ENV)
+    if not path:
+        return None
+    if _served.get("ladder") is None:
+        _served["ladder"] = Ladder(path)
+    return _served["ladder"]
+
+
+class _DeviceFence:
+    """Holds a layer's swap between forward passes: every queued kernel finishes before and after."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        return False
+
+
+def apply_plan(model, named_tensors) -> None:
+    """SGLang custom weight loader: apply the plan carried by the ``mxserve.plan`` tensor (see module doc)."""
+    from router_stats.service import process_metrics
+
+    metrics = process_metrics()
+    try:
+        data = dict(named_tensors)[PLAN_TENSOR]
+        plan = Plan.from_json(json.loads(bytes(data.cpu().to(torch.uint8).tolist()).decode()))
+        layers = list(_served["layers"].values())
+        lad = ladder()
+        if lad is None:
+            raise RuntimeError(f"re-planning is off in this server ({LADDER_ENV} unset)")
+        current = _served["plan"]
+        validate_plan(plan, layers, lad, current.budget_bits, plan.granularity)
+        hidden = {m.layer_index: m.experts_q[0].gate_up.k for m in layers}
+        report = PlanSwapper(lambda: layers, lad, _DeviceFence(), hidden).apply(current, plan)
+    except Exception as e:  # noqa: BLE001 - an exception here would take SGLang's scheduler down
+        log.error("mxserve: plan swap failed, the previous plan keeps serving: %s", e)
+        if metrics is not None:
+            metrics.replans.labels("swap_failed").inc()
+        return
+    _served["plan"] = plan
+    if metrics is not None:
+        metrics.plan_changes.inc()
+        metrics.replans.labels("applied").inc()
+        metrics.swap_seconds.observe(report.seconds)
+        for held in report.layer_hold_seconds:
+            metrics.swap_layer_seconds.observe(held)
+    log.warning("mxserve: plan %s applied in %.3f s (%d layers, longest hold %.1f ms)", plan_id(plan),
+                report.seconds, report.layers_changed, 1e3 * max(report.layer_hold_seconds, default=0.0))
+
+
+# -- the caller's side ---------------------------------------------------------------------------------
+
+
+def swap_plan(base_url: str, plan: Plan, api_key: str | None = None, timeout: float = 300.0) -> dict:
+    """Apply ``plan`` to a running `mxserve launch --engine sglang` server; returns what happened.
+
+    Outcome "applied" when the server's /metrics then report the plan's id, else "swap_failed".
+    """
+    import httpx
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # a CUDA tensor travels by CUDA IPC, the path SGLang's own weight updates take
+    monkey_patch_torch_reductions()
+    payload = torch.tensor(list(json.dumps(plan.to_json()).encode()), dtype=torch.uint8, device="cuda")
+    blob = MultiprocessingSerializer.serialize([(PLAN_TENSOR, payload)])
+    body = {"serialized_named_tensors": [base64.b64encode(blob).decode()], "load_format": LOADER,
+            "flush_cache": False}
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=base_url, headers=headers, timeout=timeout) as c:
+        c.post("/pause_generation", json={"mode": "in_place"}).raise_for_status()
+        try:
+            r = c.post("/update_weights_from_tensor", json=body)
+        finally:
+            c.post("/continue_generation", json={"torch_empty_cache": False}).raise_for_status()
+        paused = time.perf_counter() - t0
+        want = plan_id(plan)
+        served = None
+        for _ in range(50):  # the precision series follow at the next router_stats fold
+            served = _served_plan_id(c.get("/metrics").text)
+            if served == want:
+                break
+            time.sleep(0.2)
+    return {"outcome": "applied" if served == want else "swap_failed", "plan_id": served, "wanted": want,
+            "paused_seconds": paused, "update_status": r.status_code}
+
+
+def _served_plan_id(metrics_text: str) -> str | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(metrics_text):
+        for s in fam.samples:
+            if s.name == "mxserve_plan_info" and s.value == 1:
+                return s.labels["plan_id"]
+    return None
