@@ -1,6 +1,7 @@
 """Plan swaps on the SGLang engine under load (CUDA graphs on): stall per layer, failed requests.
 
-    python3 benchmarks/swap_stall.py prepare --work /tmp/swap --tokenizer DIR   # model, plans, ladder
+    python3 benchmarks/swap_stall.py plans --work WORK                           # where pulp is (the CPU host)
+    python3 benchmarks/swap_stall.py prepare --work /tmp/swap --tokenizer DIR   # model, checkpoint, ladder
     python3 benchmarks/swap_stall.py run --work /tmp/swap --out OUT              # serve, load, swap, measure
 
 prepare: a random-weight model with Qwen1.5-MoE-A2.7B's expert shapes (2 of its 24
@@ -32,41 +33,48 @@ SCHEMES = ["w4a16g128", "w3a16g128", "w2a16g128"]
 SGLANG_ARGS = "--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.6"
 
 
-def prepare(work: str, tokenizer: str) -> None:
-    from mxserve.checkpoint import quantize_to_dir
-    from mxserve.models.loading import load_model, load_tokenizer
-    from mxserve.online.ladder import build_ladder
+def _config(work: str) -> str:
+    cfg = json.load(open(os.path.join(ROOT, "benchmarks", "configs", "qwen1.5-moe-a2.7b-4layers.json")))
+    cfg["num_hidden_layers"] = 2
+    path = os.path.join(work, "config.json")
+    json.dump(cfg, open(path, "w"))
+    return path
+
+
+def plans(work: str) -> None:
+    """The three plans (needs the planner's solver)."""
     from mxserve.planner import solve_plan
     from mxserve.profile import CalibrationProfile
 
     os.makedirs(work, exist_ok=True)
-    cfg = json.load(open(os.path.join(ROOT, "benchmarks", "configs", "qwen1.5-moe-a2.7b-4layers.json")))
-    cfg["num_hidden_layers"] = 2
-    cfg_path = os.path.join(work, "config.json")
-    json.dump(cfg, open(cfg_path, "w"))
-    model = os.path.join(work, "model")
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "random_model.py"), "--config", cfg_path,
-                    "--tokenizer", tokenizer, "--out", model], check=True)
     prof_path = os.path.join(work, "profile.json")
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_profile.py"), "--config", cfg_path,
-                    "--out", prof_path], check=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_profile.py"), "--config",
+                    _config(work), "--out", prof_path], check=True)
     prof = CalibrationProfile.load(prof_path)
     rng = random.Random(0)
-    plans = []
     for j in range(3):
         freqs = None
         if j:
             freqs = []
             for lay in prof.layers:
                 f = [e.freq for e in lay.experts if not e.shared]
-                f = f[::-1] if j == 1 else rng.sample(f, len(f))
-                freqs.append(f)
+                freqs.append(f[::-1] if j == 1 else rng.sample(f, len(f)))
         plan = solve_plan(prof, 3.25, tokens=64, freqs=freqs, schemes=SCHEMES).plan
-        plan.model = model
         plan.save(os.path.join(work, f"plan{j + 1}.json"))
-        plans.append(plan)
+
+
+def prepare(work: str, tokenizer: str) -> None:
+    """The random model, the first plan's checkpoint and the ladder (where the GPU is; no solver needed)."""
+    from mxserve.checkpoint import quantize_to_dir
+    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.online.ladder import build_ladder
+    from mxserve.plan import Plan
+
+    model = os.path.join(work, "model")
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "random_model.py"), "--config", _config(work),
+                    "--tokenizer", tokenizer, "--out", model], check=True)
     t0 = time.time()
-    quantize_to_dir(model, plans[0], os.path.join(work, "ckpt"), progress=False)
+    quantize_to_dir(model, Plan.load(os.path.join(work, "plan1.json")), os.path.join(work, "ckpt"), progress=False)
     t1 = time.time()
     build_ladder(load_model(model), os.path.join(work, "ladder"), SCHEMES, "rtn", None, load_tokenizer(model), 0,
                  progress=False)
@@ -181,12 +189,14 @@ def _holds(log: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=("prepare", "run"))
+    ap.add_argument("stage", choices=("plans", "prepare", "run"))
     ap.add_argument("--work", required=True)
     ap.add_argument("--tokenizer")
     ap.add_argument("--out")
     a = ap.parse_args()
-    if a.stage == "prepare":
+    if a.stage == "plans":
+        plans(a.work)
+    elif a.stage == "prepare":
         prepare(a.work, a.tokenizer)
     else:
         run(a.work, a.out)

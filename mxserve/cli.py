@@ -98,6 +98,28 @@ def cmd_plan(a: argparse.Namespace) -> None:
         print(f"wrote {a.plot}")
 
 
+def start_sglang_controller(online, ckpt: str, a: argparse.Namespace, api_key: str | None) -> None:
+    """The admin routes and the re-planner for the SGLang engine, in this process (engines/sglang_admin.py)."""
+    from mxserve.engines.sglang_admin import SGLangStats, SGLangSwapper, start_admin_server
+    from mxserve.launch import _check_port, log
+    from mxserve.models.loading import read_config
+    from mxserve.online.controller import Controller
+    from mxserve.online.ladder import Ladder
+    from mxserve.plan import Plan
+
+    plan = Plan.load(os.path.join(ckpt, "mxmoe_plan.json"))
+    base = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}"
+    stats = SGLangStats(base, api_key, online.profile, online.budget, plan.method)
+    swapper = SGLangSwapper(base, api_key, Ladder(online.ladder_path), read_config(ckpt)["hidden_size"])
+    controller = Controller(online.profile, plan, online.budget, online.r, online.cost, stats, swapper, None,
+                            online.settings, online.default_tokens)
+    port = a.admin_port or a.port + 1
+    _check_port(a.host, port)
+    start_admin_server(a.host, port, controller, stats, api_key)
+    controller.start()
+    log(f"admin routes (/mxserve/plan, /mxserve/replan, /mxserve/stats) on http://{a.host}:{port}")
+
+
 def cmd_swap(a: argparse.Namespace) -> None:
     from mxserve.engines.sglang_swap import swap_plan
     from mxserve.plan import Plan
@@ -237,9 +259,6 @@ def cmd_launch(a: argparse.Namespace) -> None:
 
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
     replan = a.replan_interval is not None
-    if replan and engine == "sglang" and a.replan_interval > 0:
-        raise MxServeError("automatic re-planning runs on the embedded engine only in this version; on SGLang, "
-                           "--replan-interval 0 builds the ladder and `mxserve swap` applies plans")
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
@@ -254,6 +273,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)
+    if engine == "sglang" and online is not None:
+        start_sglang_controller(online, ckpt, a, api_key)
     if engine == "sglang":
         sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
                               a.bf16_layers or "sglang", stats, online.ladder_path if online else None))
@@ -331,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--replan-interval", type=_nonnegative_float,
                     help="re-plan for the observed traffic every this many seconds (0: only on POST /mxserve/replan);"
                          " builds the precision ladder at launch. Off by default")
+    la.add_argument("--admin-port", type=int,
+                    help="SGLang engine: port of the admin routes (default: --port + 1; the embedded engine serves "
+                         "them on its own port)")
     la.add_argument("--replan-margin", type=_nonnegative_float, default=0.02,
                     help="relative gain of L^r*T^(1-r) a new plan needs to be swapped in (default 0.02)")
     la.add_argument("--replan-min-interval", type=_nonnegative_float, default=60.0,

@@ -50,3 +50,13 @@ def test_bf16_layer_rounds_like_unfused_sglang_real_shapes():
     same, worst_ulps = bf16_layer_agreement(64, 2048, 1408, 16, 1, 4, "cuda", seed=2)
     print(f"bit-identical share {same:.5f}, worst {worst_ulps:.1f} ulps")
     assert same > 0.97, same
+
+
+@pytest.mark.gpu
+def test_slab_runs_any_plan_and_swaps_in_place_cuda():
+    """The fixed-capacity slab SGLang swaps into: same outputs as plain arenas, before and after an in-place swap."""
+    from kernel_cases import slab_swap_case
+
+    before, after = slab_swap_case("cuda")
+    print(f"max difference to plain arenas: before {before}, after {after}")
+    assert before == 0 and after == 0

@@ -356,3 +356,48 @@ def test_fuzz_the_served_api_from_its_schema(tiny_models, calib_text, mxserve_ca
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -- the SGLang engine's controller adapters, against the same series from a real server ------------
+
+
+def test_sglang_stats_reads_router_stats_series(served_refmoe):
+    """SGLangStats reads the series SGLang's /metrics carries; the embedded server exports the same ones."""
+    from mxserve.engines.sglang_admin import SGLangStats
+    from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
+
+    httpx.post(served_refmoe + "/v1/completions", timeout=120,
+               json={"model": "refmoe-25m", "prompt": "Enter the ghost.", "max_tokens": 4})
+    time.sleep(0.5)
+    routed = [ExpertStats(e, False, {}, 0.1, 0, 0, {}) for e in range(16)]
+    prof = CalibrationProfile("m", "qwen2_moe", "rtn", [], 0, 0, [], 0,
+                              [LayerStats(li, 16, 2, 1.0, routed) for li in range(6)])
+    st = SGLangStats(served_refmoe, None, prof, 4.0, "rtn")
+    fold = st.fold()
+    served = httpx.get(served_refmoe + "/mxserve/stats", timeout=30).json()
+    assert st.precision().plan_id == served["precision"]["plan_id"]
+    for got in fold.layers:
+        assert sum(got.ewma_freq) == pytest.approx(2.0, abs=1e-6)  # top-2: frequencies sum to k
+        assert got.tokens > 0 and sum(got.cumulative) == 2 * got.tokens
+
+
+def test_sglang_swapper_validates_plans_from_the_ladder(tiny_online):
+    from mxserve.engines.sglang_admin import SGLangSwapper
+    from mxserve.online.ladder import Ladder
+    from mxserve.online.swap import PlanRejected, validate_plan
+    from mxserve.plan import Plan
+
+    client, app, root = tiny_online
+    plan = Plan.from_json(client.get("/mxserve/plan").json())
+    swapper = SGLangSwapper("http://127.0.0.1:9", None, Ladder(str(root / "ladder")), 128)
+    stand_ins = swapper.layers()
+    served = app.state.controller.swapper.layers()
+    assert [(m.layer_index, [(q.gate_up.n, q.gate_up.k, q.down.n, q.down.k, q.shared) for q in m.experts_q])
+            for m in stand_ins] == [(m.layer_index, [(q.gate_up.n, q.gate_up.k, q.down.n, q.down.k, q.shared)
+                                                     for q in m.experts_q]) for m in served]
+    validate_plan(plan, stand_ins, swapper.ladder, BUDGET)
+    over = json.loads(json.dumps(plan.to_json()))
+    for ep in over["layers"][0]["experts"]:
+        ep["gate"] = ep["up"] = ep["down"] = "bf16"
+    with pytest.raises(PlanRejected):
+        validate_plan(Plan.from_json(over), stand_ins, swapper.ladder, BUDGET)

@@ -81,6 +81,12 @@ class Controller:
     def plan_id(self) -> str:
         return self.stats.precision().plan_id
 
+    def plan_id_or_none(self) -> str:
+        try:
+            return self.plan_id()
+        except MxServeError:
+            return ""
+
     def _count(self, outcome: Outcome) -> Outcome:
         if self.metrics is not None:
             self.metrics.replans.labels(outcome.outcome).inc()
@@ -122,7 +128,10 @@ class Controller:
     def replan(self, force: bool = False) -> Outcome:
         """Re-solve now; swap if the new plan is better by the margin (or ``force``) and not too soon."""
         with self._lock:
-            freqs, tokens = self.observed()
+            try:
+                freqs, tokens = self.observed()
+            except MxServeError as e:  # the statistics could not be read (the engine not up yet, say)
+                return self._count(Outcome("failed", self.plan_id_or_none(), f"routing statistics: {e}"))
             if freqs is None:
                 return self._count(Outcome("kept", self.plan_id(), "no traffic observed yet"))
             t0 = time.perf_counter()

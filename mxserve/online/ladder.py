@@ -144,5 +144,13 @@ class Ladder:
             ))
         return out
 
+    def gate_up_rows(self, layer: int, expert: int) -> int:
+        """Rows of an expert's fused gate/up block (2 x its width), read from the file's header."""
+        for s in self.schemes:
+            name = _name(layer, s, expert, GATE_UP) + "qweight"
+            if name in self._names:
+                return self._file.get_slice(name).get_shape()[0]
+        raise MxServeError(f"the ladder has no layer {layer} expert {expert}")
+
     def nbytes(self) -> int:
         return os.path.getsize(os.path.join(self.path, TENSOR_FILE))

@@ -20,52 +20,19 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
-from mxserve.errors import MxServeError
-from mxserve.online.swap import PlanRejected
 from mxserve.plan import Plan
+from mxserve.server.admin import add_admin_routes
+from mxserve.server.http_errors import APIError, _errors, error_response, install_error_handlers
 from mxserve.server.settings import StatsSettings
 from router_stats import MxMetrics, RouterStats
 
 PROTECTED = ("/v1", "/mxserve", "/metrics")  # what needs the API key when one is set
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """OpenAI's error shape: every 4xx of this server."""
-
-    error: ErrorDetail
-
-
-def _errors(*codes: int) -> dict:
-    """OpenAPI ``responses`` for the error statuses a route returns."""
-    text = {400: "Invalid request", 401: "Missing or wrong API key (when the server has one)",
-            404: "Unknown model or resource", 409: "Not available on this server", 422: "Does not fit the model"}
-    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 class _Sampling(BaseModel):
@@ -120,9 +87,6 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-class ReplanRequest(BaseModel):
-    force: bool = Field(default=True, description="apply a different plan even if not better by the margin or "
-                                                  "sooner than the minimum interval")
 
 
 def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | None = None,
@@ -195,19 +159,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         requests_total.labels(path, str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(APIError)
-    async def _api_error(_req, exc: APIError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_req, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON")
-        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return error_response(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -217,50 +169,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/mxserve/plan", responses=_errors(401, 404))
-    async def get_plan():
-        """The plan served now: every block's scheme (JSON form of plan.py)."""
-        p = current_plan()
-        if p is None:
-            raise APIError(404, "this server was started without a plan", code="no_plan")
-        return p.to_json()
-
-    def need_controller():
-        if controller is None:
-            raise APIError(409, "re-planning is not enabled on this server: launch an unquantized model with "
-                                "--budget and --replan-interval (0 for on-demand only)", code="replan_disabled")
-        return controller
-
-    @app.post("/mxserve/replan", responses=_errors(400, 401, 409))
-    async def post_replan(req: ReplanRequest | None = None):
-        """Re-solve for the observed traffic now and swap if the plan changes (see the controller)."""
-        c = need_controller()
-        out = await asyncio.to_thread(c.replan, True if req is None else req.force)
-        return out.to_json()
-
-    @app.post("/mxserve/plan", responses=_errors(400, 401, 409, 422))
-    async def post_plan(body: dict):
-        """Apply an uploaded plan (plan.py's JSON form) after validating it against the model and budget."""
-        c = need_controller()
-        try:
-            new = Plan.from_json(body)
-        except (KeyError, TypeError, ValueError, MxServeError) as e:
-            raise APIError(400, f"not a valid mxmoe plan: {e}", param="plan", code="invalid_plan") from None
-        try:
-            out = await asyncio.to_thread(c.upload, new)
-        except PlanRejected as e:
-            raise APIError(422, str(e), param="plan", code="plan_rejected") from None
-        return out.to_json()
-
-    @app.get("/mxserve/stats", responses=_errors(401))
-    async def get_stats():
-        """Windowed routing statistics (router_stats) and the precision served now."""
-        latest = await asyncio.to_thread(stats.latest)
-        p = stats.precision()
-        return {"routing": latest.to_json(),
-                "precision": {"plan_id": p.plan_id, "avg_bits": p.avg_bits, "budget_bits": p.budget_bits,
-                              "method": p.method,
-                              "blocks": [[b.layer, b.expert, b.block, b.scheme] for b in p.blocks]}}
+    add_admin_routes(app, current_plan, lambda: controller, stats)
 
     @app.get("/v1/models", responses=_errors(401))
     async def models():
