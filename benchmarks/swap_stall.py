@@ -166,6 +166,7 @@ def run(work: str, out: str, port: int = 30000) -> None:
     md = ["# Plan swaps on the SGLang engine under load (CUDA graphs on)", "",
           "Random weights with Qwen1.5-MoE-A2.7B's expert shapes (2 layers, 60 experts + 4 shared slices, "
           "hidden 2048, width 1408), 3.25-bit plans over w2/w3/w4 g128.", "",
+          "    python3 benchmarks/swap_stall.py plans --work WORK",
           "    python3 benchmarks/swap_stall.py prepare --work WORK --tokenizer TOKENIZER_DIR",
           "    python3 benchmarks/swap_stall.py run --work WORK --out OUT", "",
           f"- startup to /health: {doc['startup_seconds']} s",
