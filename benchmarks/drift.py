@@ -25,6 +25,7 @@ import sys
 import time
 
 import httpx
+from procs import stop, wait_up
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,20 +104,11 @@ def main() -> int:
            "--replan-interval", "2", "--replan-min-interval", "5", "--replan-margin", "0.01",
            "--stats-window", "10", "--stats-halflife", "5", "--quiet"]
     log = open(os.path.join(a.out, "server.log"), "w")
-    t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{a.port}"
     doc: dict = {"command": "python3 benchmarks/drift.py " + " ".join(sys.argv[1:]), "launch": " ".join(cmd[2:])}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(open(os.path.join(a.out, "server.log")).read()[-3000:])
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        doc["startup_seconds"] = round(time.time() - t0, 1)
+        doc["startup_seconds"] = round(wait_up(base + "/health", proc, os.path.join(a.out, "server.log")), 1)
         plans = {"static (Shakespeare calibration)": httpx.get(base + "/mxserve/plan").json()}
         phases = []
         for name, path, key in (("Shakespeare", shake, None), ("Python", python, "re-planned for Python"),
@@ -128,8 +120,7 @@ def main() -> int:
             if key:
                 plans[key] = httpx.get(base + "/mxserve/plan").json()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
     ladder = next(os.path.join(cache, d) for d in os.listdir(cache) if d.startswith("ladder-"))
     dev = {d: os.path.join(a.data, f"{d}-dev.txt") for d in ("shakespeare", "python")}
     rows = []

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from procs import stop, wait_up
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,30 +66,11 @@ def prompts(data: str, n: int) -> list[str]:
 
 def start(args: list[str], port: int, log: str, timeout: float = 600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    f = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "mxserve.cli", "launch", *args, "--port", str(port),
-                             "--stats-interval", "0.5"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                             "--stats-interval", "0.5"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; log {log}:\n" + open(log).read()[-3000:])
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base, time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"server not healthy in {timeout} s; log {log}")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return proc, base, wait_up(base + "/health", proc, log, timeout)
 
 
 def run_prompts(base: str, model: str, texts: list[str]) -> int:

@@ -21,6 +21,7 @@ import threading
 import time
 
 import httpx
+from procs import stop, wait_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,20 +33,6 @@ CONFIG = {
     "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 1024, "vocab_size": 8192,
     "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "dtype": "bfloat16",
 }
-
-
-def wait(url: str, proc, log: str, timeout: float = 500) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit("launch exited:\n" + open(log).read()[-4000:])
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"{url} not up in {timeout} s")
 
 
 def rotated(plan: dict, shift: int) -> dict:
@@ -82,12 +69,12 @@ def main() -> int:
     base, admin = "http://127.0.0.1:30000", "http://127.0.0.1:30001"
     doc: dict = {"command": "python3 benchmarks/sglang_online.py --tokenizer DIR --out OUT", "launch": cmd[2:]}
     try:
-        wait(base + "/health", proc, log)
-        wait(admin + "/mxserve/plan", proc, log)
-        stop, results = threading.Event(), []
+        wait_up(base + "/health", proc, log)
+        wait_up(admin + "/mxserve/plan", proc, log)
+        halt, results = threading.Event(), []
 
         def client(i: int) -> None:
-            while not stop.is_set():
+            while not halt.is_set():
                 body = {"model": "m", "prompt": f"def f{i}(x):", "max_tokens": 48, "stream": True,
                         "ignore_eos": True}
                 try:
@@ -124,16 +111,12 @@ def main() -> int:
         steps.append({"stats_plan_id": stats["precision"]["plan_id"],
                       "served_plan_id": plan_id(Plan.from_json(httpx.get(admin + "/mxserve/plan").json()))})
         time.sleep(3)
-        stop.set()
+        halt.set()
         for t in threads:
             t.join()
         doc.update({"steps": steps, "requests": len(results), "failed": results.count(False)})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     json.dump(doc, open(os.path.join(a.out, "sglang-online.json"), "w"), indent=1)
     print(json.dumps(doc, indent=1))
     return 0

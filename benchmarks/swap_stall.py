@@ -100,6 +100,7 @@ def _stream(base: str, i: int, stop: threading.Event, results: list) -> None:
 
 def run(work: str, out: str, port: int = 30000) -> None:
     import httpx
+    from procs import stop, wait_up
     from prometheus_client.parser import text_string_to_metric_families
 
     from mxserve.engines.sglang_swap import swap_plan
@@ -113,22 +114,12 @@ def run(work: str, out: str, port: int = 30000) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
-    t0 = time.time()
     doc: dict = {"command": "python3 benchmarks/swap_stall.py run --work WORK --out OUT"}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit("server exited:\n" + open(os.path.join(out, "server.log")).read()[-4000:])
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        doc["startup_seconds"] = round(time.time() - t0, 1)
+        doc["startup_seconds"] = round(wait_up(base + "/health", proc, os.path.join(out, "server.log")), 1)
         plans = [Plan.load(os.path.join(work, f"plan{j}.json")) for j in (1, 2, 3, 1)]
-        stop, results = threading.Event(), []
-        workers = [threading.Thread(target=_stream, args=(base, i, stop, results)) for i in range(32)]
+        halt, results = threading.Event(), []
+        workers = [threading.Thread(target=_stream, args=(base, i, halt, results)) for i in range(32)]
         for w in workers:
             w.start()
         time.sleep(10)
@@ -139,7 +130,7 @@ def run(work: str, out: str, port: int = 30000) -> None:
             s["at"] = t
             swaps.append(s)
             time.sleep(6)
-        stop.set()
+        halt.set()
         for w in workers:
             w.join()
         hold = {}
@@ -148,11 +139,7 @@ def run(work: str, out: str, port: int = 30000) -> None:
                 if smp.name.startswith("mxserve_swap_layer_seconds") or smp.name.startswith("mxserve_swap_seconds"):
                     hold[smp.name + json.dumps(smp.labels, sort_keys=True)] = smp.value
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     holds_ms = [float(x) for x in _holds(os.path.join(out, "server.log"))]
     doc.update({
         "requests": len(results), "failed": sum(not ok for ok, _, _ in results),

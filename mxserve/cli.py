@@ -292,24 +292,22 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str, allow_zero: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if not (0 <= v if allow_zero else 0 < v) or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds {'>= 0' if allow_zero else '> 0'}, got {text}")
     return v
+
+
+def _positive_float(text: str) -> float:
+    return _seconds(text, allow_zero=False)
 
 
 def _nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
+    return _seconds(text, allow_zero=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,3 +181,20 @@ def served_refmoe(mxserve_cache, tmp_path_factory):
     yield base
     proc.terminate()
     proc.wait(timeout=30)
+
+
+class _StubModel(torch.nn.Module):
+    """A model the HTTP layer can hold without running (auth, admin and error paths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.generation_config = type("G", (), {"eos_token_id": 0})()
+
+
+def stub_engine():
+    """An EmbeddedEngine over a model that never runs, with refmoe's tokenizer; call .shutdown() after."""
+    from mxserve.engines.embedded import EmbeddedEngine
+    from mxserve.models.loading import load_tokenizer
+
+    return EmbeddedEngine(_StubModel(), load_tokenizer(str(REFMOE)), 64)

@@ -200,17 +200,10 @@ def test_solver_failure_keeps_the_plan_and_is_counted(tiny_online, caplog):
 def test_replan_without_a_controller_is_409():
     from fastapi.testclient import TestClient
 
-    from mxserve.engines.embedded import EmbeddedEngine
-    from mxserve.models.loading import load_tokenizer
+    from conftest import stub_engine
     from mxserve.server.api import create_app
 
-    class _Stub(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.generation_config = type("G", (), {"eos_token_id": 0})()
-
-    engine = EmbeddedEngine(_Stub(), load_tokenizer(str(REFMOE)), 64)
+    engine = stub_engine()
     try:
         client = TestClient(create_app(engine, "m"))
         assert client.post("/mxserve/replan").status_code == 409

@@ -135,17 +135,10 @@ def test_greedy_bf16_plan_equals_transformers():
 def test_api_key_is_enforced():
     from fastapi.testclient import TestClient
 
-    from mxserve.engines.embedded import EmbeddedEngine
-    from mxserve.models.loading import load_tokenizer
+    from conftest import stub_engine
     from mxserve.server.api import create_app
 
-    class _Stub(torch.nn.Module):  # the API's auth needs no model run
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.generation_config = type("G", (), {"eos_token_id": 0})()
-
-    engine = EmbeddedEngine(_Stub(), load_tokenizer(str(REFMOE)), 64)
+    engine = stub_engine()
     try:
         app = TestClient(create_app(engine, "m", api_key="s3cret"))
         assert app.get("/v1/models").status_code == 401

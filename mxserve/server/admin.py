@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from mxserve.errors import MxServeError
 from mxserve.online.swap import PlanRejected
 from mxserve.plan import Plan
-from mxserve.server.http_errors import APIError, _errors
+from mxserve.server.http_errors import APIError, error_responses
 
 
 class ReplanRequest(BaseModel):
@@ -29,7 +29,7 @@ class ReplanRequest(BaseModel):
 def add_admin_routes(app: FastAPI, current_plan: Callable, controller: Callable, stats) -> None:
     """``current_plan()`` is the plan served now (or None); ``controller()`` the re-planner (or None)."""
 
-    @app.get("/mxserve/plan", responses=_errors(401, 404))
+    @app.get("/mxserve/plan", responses=error_responses(401, 404))
     async def get_plan():
         """The plan served now: every block's scheme (JSON form of plan.py)."""
         p = current_plan()
@@ -44,14 +44,14 @@ def add_admin_routes(app: FastAPI, current_plan: Callable, controller: Callable,
                                 "--budget and --replan-interval (0 for on-demand only)", code="replan_disabled")
         return c
 
-    @app.post("/mxserve/replan", responses=_errors(400, 401, 409))
+    @app.post("/mxserve/replan", responses=error_responses(400, 401, 409))
     async def post_replan(req: ReplanRequest | None = None):
         """Re-solve for the observed traffic now and swap if the plan changes (see the controller)."""
         c = need_controller()
         out = await asyncio.to_thread(c.replan, True if req is None else req.force)
         return out.to_json()
 
-    @app.post("/mxserve/plan", responses=_errors(400, 401, 409, 422))
+    @app.post("/mxserve/plan", responses=error_responses(400, 401, 409, 422))
     async def post_plan(body: dict):
         """Apply an uploaded plan (plan.py's JSON form) after validating it against the model and budget."""
         c = need_controller()
@@ -65,7 +65,7 @@ def add_admin_routes(app: FastAPI, current_plan: Callable, controller: Callable,
             raise APIError(422, str(e), param="plan", code="plan_rejected") from None
         return out.to_json()
 
-    @app.get("/mxserve/stats", responses=_errors(401))
+    @app.get("/mxserve/stats", responses=error_responses(401))
     async def get_stats():
         """Windowed routing statistics (router_stats) and the precision served now."""
         latest = await asyncio.to_thread(stats.latest)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, field_validator
 from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
 from mxserve.plan import Plan
 from mxserve.server.admin import add_admin_routes
-from mxserve.server.http_errors import APIError, _errors, error_response, install_error_handlers
+from mxserve.server.http_errors import APIError, error_response, error_responses, install_error_handlers
 from mxserve.server.settings import StatsSettings
 from router_stats import MxMetrics, RouterStats
 
@@ -95,20 +95,19 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     """The app; ``online`` (mxserve.online.setup.OnlineSetup) adds re-planning and plan uploads."""
     st = stats_settings or StatsSettings()
     registry = CollectorRegistry()
-    served = {"plan": plan}
     metrics = MxMetrics(registry)
 
-    def plan_meta():
-        p = controller.plan if controller is not None else served["plan"]
+    def current_plan() -> Plan | None:
+        return controller.plan if controller is not None else plan
+
+    def plan_meta() -> tuple[float, str]:
+        p = current_plan()
         return (p.budget_bits, p.method) if p is not None else (0.0, "")
 
     stats = RouterStats(lambda: [m.mx for m in engine.layers()], metrics, plan_meta,
                         interval=st.interval, window=st.window, halflife=st.halflife)
     controller = online.controller(plan, [m.mx for m in engine.layers()], engine.lock, stats, metrics) \
         if online is not None else None
-
-    def current_plan() -> Plan | None:
-        return controller.plan if controller is not None else served["plan"]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -165,13 +164,13 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics", responses=_errors(401))
+    @app.get("/metrics", responses=error_responses(401))
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     add_admin_routes(app, current_plan, lambda: controller, stats)
 
-    @app.get("/v1/models", responses=_errors(401))
+    @app.get("/v1/models", responses=error_responses(401))
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "mxserve", "max_model_len": engine.max_model_len}]}
@@ -245,7 +244,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         yield _sse(make_chunk(None, reason))
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions", responses=_errors(400, 401, 404))
+    @app.post("/v1/completions", responses=error_responses(400, 401, 404))
     async def completions(req: CompletionRequest):
         prompt_ids = req.prompt if isinstance(req.prompt, list) else tok(req.prompt, add_special_tokens=False)[
             "input_ids"]
@@ -265,7 +264,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                          "total_tokens": len(prompt_ids) + n}
         return body
 
-    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404))
+    @app.post("/v1/chat/completions", responses=error_responses(400, 401, 404))
     async def chat(req: ChatRequest):
         try:
             prompt_ids = tok.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,

@@ -28,7 +28,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _errors(*codes: int) -> dict:
+def error_responses(*codes: int) -> dict:
     """OpenAPI ``responses`` for the error statuses a route returns."""
     text = {400: "Invalid request", 401: "Missing or wrong API key (when the server has one)",
             404: "Unknown model or resource", 409: "Not available on this server", 422: "Does not fit the model"}

@@ -1,0 +1,32 @@
+"""Starting and stopping the servers the benchmarks measure (child processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+
+def wait_up(url: str, proc: subprocess.Popen, log: str, timeout: float = 600) -> float:
+    """Seconds until ``url`` answers below 500; exits with the log's tail if the process dies or time runs out."""
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited; {log}:\n" + open(log).read()[-4000:])
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit(f"{url} not up in {timeout} s; log {log}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
