@@ -7,9 +7,12 @@ uniform) and token count, times the whole expert computation of one layer
 - torch bf16: the per-expert loop transformers runs (eager);
 - sglang bf16 / w4a16 (int4, group 128) / fp8 w8a8 (per-channel): SGLang's
   Triton fused_moe (``fused_experts_impl``), same routing;
+- marlin w4a16g128: SGLang's Marlin MoE (``fused_marlin_moe``), 4-bit codes with zero points
+  and group-128 scales (uint4), the strongest 4-bit peer;
 - ours bf16 / w4a16g128 / w8a8fp8 (uniform) and ours mixed: the plan that
   gives the more frequent half of the experts (and the shared ones) w4a16g128
-  and the rest w2a16g128 (3.25 average bits when the halves are equal).
+  and the rest w2a16g128 (3.25 average bits when the halves are equal); up to 64 tokens
+  also in the prefill layout (moe.py's Tiles), to show what the decode layout buys.
 
 Times are CUDA-graph replays (device time, as a serving engine's decode loop
 sees it); eager times with Python launch overhead are kept in the JSON. The
@@ -33,8 +36,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mxkernels.align import extend_routing  # noqa: E402
 from mxkernels.arena import build_arena  # noqa: E402
-from mxkernels.moe import extend_routing, mx_moe_forward  # noqa: E402
+from mxkernels.moe import expected_active, multiprocessors, mx_moe_forward, pick_tiles  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES, TOKEN_COUNTS  # noqa: E402
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear  # noqa: E402
 from mxserve.schemes import get_scheme  # noqa: E402
@@ -100,6 +104,51 @@ def sglang_impl():
         return None, f"{type(e).__name__}: {e}"[:300]
 
 
+def marlin_impl():
+    """SGLang's Marlin MoE (``fused_marlin_moe``, JIT-built with the device's nvcc on first use).
+
+    Importing it standalone pulls in ``flashinfer.comm``, which needs ``cuda.tile`` (absent on the
+    lent image); Marlin does not use it, so a stub module stands in when the import fails."""
+    name = "sglang.srt.layers.moe.fused_moe_triton.fused_marlin_moe"
+    try:
+        return __import__(name, fromlist=["fused_marlin_moe"]).fused_marlin_moe, None
+    except ImportError as first:
+        import types
+
+        def placeholder(attr: str):
+            if attr.startswith("__"):  # module protocol (__file__, __path__...): absent, as for a real module
+                raise AttributeError(attr)
+            return type(attr, (), {})  # any other name: an inert placeholder class
+
+        stub = types.ModuleType("flashinfer.comm")
+        stub.__getattr__ = placeholder
+        sys.modules["flashinfer.comm"] = stub
+        try:
+            return __import__(name, fromlist=["fused_marlin_moe"]).fused_marlin_moe, f"stubbed: {first}"[:300]
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            return None, f"{type(e).__name__}: {e}"[:300]
+
+
+def marlin_weights(ne: int, h: int, i: int, dev) -> tuple:
+    """Random 4-bit weights in Marlin's MoE layout, asymmetric (uint4 with zero points, group 128):
+    w1 [E, H/16, 2*2I], w2 [E, I/16, 2H] int32, scales [E, K/128, N] bf16, zeros [E, K/128, N/8]
+    int32. Random codes time like real ones; the scales stay small so no value overflows."""
+
+    def rnd(*shape):
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=dev)
+
+    def scales(*shape):
+        return torch.rand(*shape, device=dev, dtype=torch.bfloat16) * 1e-3
+
+    return (rnd(ne, h // 16, 4 * i), rnd(ne, i // 16, 2 * h), scales(ne, h // 128, 2 * i), scales(ne, i // 128, h),
+            {"w1_zeros": rnd(ne, h // 128, 2 * i // 8), "w2_zeros": rnd(ne, i // 128, h // 8)})  # fmt: skip
+
+
+def marlin_bytes(mw: tuple) -> int:
+    tensors = [*mw[:4], *mw[4].values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def parse_shape(text: str) -> tuple[str, dict[str, int]]:
     """``NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S]`` (shared: routed-sized shared slices)."""
     name, _, spec = text.partition(":")
@@ -114,32 +163,59 @@ def parse_shape(text: str) -> tuple[str, dict[str, int]]:
     return name, m
 
 
-def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None) -> None:
+def layer_arenas(gu: torch.Tensor, dn: torch.Tensor, schemes: list[str]):
+    """Both arenas of a layer whose expert x runs ``schemes[x]`` (RTN), and the average bits."""
+    bf16 = get_scheme("bf16")
+    ne, i2, h = gu.shape
+    i = i2 // 2
+
+    def block(w: torch.Tensor, sc: str):
+        if sc == "bf16":
+            return QuantizedLinear(bf16, w.shape[0], w.shape[1], w)
+        return quantize_linear(w.float(), get_scheme(sc), "rtn")
+
+    ag = build_arena([block(gu[x], sc) for x, sc in enumerate(schemes)])
+    ad = build_arena([block(dn[x], sc) for x, sc in enumerate(schemes)])
+    bits = sum(
+        get_scheme(sc).bits_per_weight(kk) * nn * kk for sc in schemes for nn, kk in ((2 * i, h), (h, i))
+    ) / (len(schemes) * 3 * i * h)
+    return ag.to(gu.device), ad.to(gu.device), bits
+
+
+def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
+    """The planner's shape of a 3.25-bit plan for this routing: the more popular half of the routed
+    experts (and the shared ones) w4a16g128, the rest w2a16g128."""
+    probe_ids, _ = routing(4096, e, k, skewed, torch.Generator(device=dev).manual_seed(7), dev)
+    order = torch.bincount(probe_ids.reshape(-1), minlength=e).argsort(descending=True).tolist()
+    plan = ["w2a16g128"] * ne
+    for x in order[: e // 2] + list(range(e, ne)):
+        plan[x] = "w4a16g128"
+    return plan
+
+
+# the launch layout before the decode path (weights on the MMA's N side, no split, per-weight
+# dequantization), kept as a variant so one run shows what the decode layout buys
+PREFILL_LAYOUT = {"swap": False, "scale_after": False, "split": 1, "maxnreg": None}
+# other decode layouts of the mixed layer, timed beside the picked one (JSON only)
+DECODE_VARIANTS = {
+    "no register cap": {"maxnreg": None},
+    "4 stages": {"stages": 4},
+    "BN 128, 8 warps": {"bn": 128, "warps": 8, "maxnreg": None},
+    "BK 128": {"bk": 128},
+    "split x2": "double",
+}
+DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
+
+
+def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None) -> None:
     m = (shapes or MODEL_SHAPES)[name]
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
     gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
     dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    bf16 = get_scheme("bf16")
 
     def arenas(schemes: list[str]):
-        lg = [
-            QuantizedLinear(bf16, 2 * i, h, gu[x])
-            if sc == "bf16"
-            else quantize_linear(gu[x].float(), get_scheme(sc), "rtn")
-            for x, sc in enumerate(schemes)
-        ]
-        ld = [
-            QuantizedLinear(bf16, h, i, dn[x])
-            if sc == "bf16"
-            else quantize_linear(dn[x].float(), get_scheme(sc), "rtn")
-            for x, sc in enumerate(schemes)
-        ]
-        ag, ad = build_arena(lg), build_arena(ld)
-        bits = sum(
-            get_scheme(sc).bits_per_weight(kk) * nn * kk for sc in schemes for nn, kk in ((2 * i, h), (h, i))
-        ) / (len(schemes) * 3 * i * h)
-        return ag.to(dev), ad.to(dev), bits
+        return layer_arenas(gu, dn, schemes)
 
     variants = {f"ours {sc}": arenas([sc] * ne) for sc in ("bf16", "w4a16g128", "w8a8fp8")}
     sgl_w = {}
@@ -157,14 +233,10 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
             torch.full((ne, 2 * i, 1), 0.01, device=dev),
             torch.full((ne, h, 1), 0.01, device=dev),
         )
+    mw = marlin_weights(ne, h, i, dev) if marlin is not None else None
     for skewed in (True, False):
         # The mixed plan follows this routing's expert popularity (what the planner would do).
-        probe_ids, _ = routing(4096, e, k, skewed, torch.Generator(device=dev).manual_seed(7), dev)
-        order = torch.bincount(probe_ids.reshape(-1), minlength=e).argsort(descending=True).tolist()
-        plan = ["w2a16g128"] * ne
-        for x in order[: e // 2] + list(range(e, ne)):
-            plan[x] = "w4a16g128"
-        variants["ours mixed"] = arenas(plan)
+        variants["ours mixed"] = arenas(mixed_plan(e, ne, k, skewed, dev))
         for t in tokens:
             x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=gen)
             ids, w = routing(t, e, k, skewed, gen, dev)
@@ -190,8 +262,26 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 )
 
             for vname, (ag, ad, bits) in variants.items():
-                fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ide, we, ag, ad, ne)  # noqa: E731
+                fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e)  # noqa: E731
                 record(vname, bench_graph(fn), ag.nbytes() + ad.nbytes(), bits, bench(fn))
+                if t <= DECODE_TOKENS and vname != "ours bf16":
+                    fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
+                    record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
+                if t <= DECODE_TOKENS and vname == "ours mixed":
+                    for label, ov in DECODE_VARIANTS.items():
+                        if ov == "double":
+                            ov = {"split": 2 * pick_tiles(t * (k + s), expected_active(e, s, t * k), 128, i, h,
+                                                          ag.codes_mask, multiprocessors(dev)).split}  # fmt: skip
+                        fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
+                        record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
+            if mw is not None:
+                logits = torch.zeros(t, ne, device=dev)  # read for its shape only
+                ids32 = ide.to(torch.int32)
+                fn = lambda: marlin(x, *mw[:4], logits, we, ids32, num_bits=4, **mw[4])  # noqa: E731
+                try:
+                    record("marlin w4a16g128", bench_graph(fn), marlin_bytes(mw), 4 + 20 / 128, bench(fn))
+                except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
+                    print(f"marlin failed: {str(err)[:300]}", file=sys.stderr)
             if t <= 1024 or e <= 16:  # the eager loop at 8192 tokens x 128 experts only adds minutes
 
                 def torch_loop():
@@ -271,10 +361,12 @@ def markdown(results: list, meta: dict) -> str:
         "sglang bf16",
         "sglang w4a16",
         "sglang fp8 w8a8",
+        "marlin w4a16g128",
         "ours bf16",
         "ours w4a16g128",
         "ours w8a8fp8",
         "ours mixed",
+        "ours mixed (prefill layout)",
     ]
     for model in dict.fromkeys(r["model"] for r in results):
         for rt in ("skewed", "uniform"):
@@ -285,24 +377,38 @@ def markdown(results: list, meta: dict) -> str:
             lines += [
                 f"### {model}, {rt} routing (time in us; mixed = {mixed_bits:.2f} avg bits)",
                 "",
-                "| tokens | " + " | ".join(cols) + " | mixed vs best bf16 | w4 ours/sglang | fp8 vs best bf16 "
-                "| mixed GB/s | fp8 TFLOP/s |",
+                "| tokens | " + " | ".join(cols) + " | mixed speedup vs marlin | mixed vs best bf16 "
+                "| fp8 ours/sglang | mixed GB/s | marlin GB/s |",
                 "|---:|" + "---:|" * (len(cols) + 5),
             ]
             for t in sorted({r["tokens"] for r in rows}):
                 by = {r["variant"]: r for r in rows if r["tokens"] == t}
                 cell = [f"{by[c]['seconds'] * 1e6:.0f}" if c in by else "-" for c in cols]
-                bf = min((by[c]["seconds"] for c in ("torch bf16", "sglang bf16") if c in by), default=math.nan)
-                mx = by.get("ours mixed", {}).get("seconds", math.nan)
-                w4 = by.get("ours w4a16g128", {}).get("seconds", math.nan)
-                sw4 = by.get("sglang w4a16", {}).get("seconds", math.nan)
-                f8 = by.get("ours w8a8fp8", {}).get("seconds", math.nan)
+                sec = {c: by.get(c, {}).get("seconds", math.nan) for c in cols}
+                bf = min((sec[c] for c in ("torch bf16", "sglang bf16") if c in by), default=math.nan)
+                mx = sec["ours mixed"]
                 lines.append(
-                    f"| {t} | " + " | ".join(cell) + f" | {bf / mx:.2f}x | {w4 / sw4:.2f} | {bf / f8:.2f}x"
+                    f"| {t} | " + " | ".join(cell) + f" | {sec['marlin w4a16g128'] / mx:.2f}x | {bf / mx:.2f}x"
+                    f" | {sec['ours w8a8fp8'] / sec['sglang fp8 w8a8']:.2f}"
                     f" | {by.get('ours mixed', {}).get('GBps', math.nan):.0f}"
-                    f" | {by.get('ours w8a8fp8', {}).get('TFLOPs', math.nan):.0f} |"
+                    f" | {by.get('marlin w4a16g128', {}).get('GBps', math.nan):.0f} |"
                 )
             lines.append("")
+            labels = ["ours mixed", "ours mixed (prefill layout)"] + [f"ours mixed ({v})" for v in DECODE_VARIANTS]
+            dec = [r for r in rows if r["variant"] in labels[1:]]
+            if dec:
+                lines += [
+                    f"Decode layouts of the mixed layer ({model}, {rt}; us):",
+                    "",
+                    "| tokens | " + " | ".join(v.removeprefix("ours mixed").strip(" ()") or "picked" for v in labels)
+                    + " |",
+                    "|---:|" + "---:|" * len(labels),
+                ]
+                for t in sorted({r["tokens"] for r in dec}):
+                    by = {r["variant"]: r["seconds"] for r in rows if r["tokens"] == t}
+                    lines.append(f"| {t} | " + " | ".join(f"{by[v] * 1e6:.0f}" if v in by else "-" for v in labels)
+                                 + " |")  # fmt: skip
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -314,7 +420,34 @@ def main() -> None:
     ap.add_argument("--shape", action="append", type=parse_shape, default=[],
                     help="another expert shape, NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S]; repeatable "
                          "(with --shape only, the listed models are skipped unless named in --models)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine the moe_layer.json of several invocations (one machine) into --out")
+    ap.add_argument("--warm-marlin", action="store_true",
+                    help="only build SGLang's Marlin MoE (its JIT takes minutes on first use) and exit")
     a = ap.parse_args()
+    if a.merge:
+        runs = [json.load(open(p)) for p in a.merge]
+        meta = dict(runs[0]["meta"], command=" ; ".join(r["meta"]["command"] for r in runs),
+                    ceilings_per_run=[r["meta"]["ceilings"] for r in runs])  # fmt: skip
+        results = [x for r in runs for x in r["results"]]
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        with open(os.path.join(a.out, "moe_layer.md"), "w") as f:
+            f.write(markdown(results, meta))
+        return
+    if a.warm_marlin:
+        t0 = time.time()
+        sglang_impl()
+        marlin, how = marlin_impl()
+        dev = torch.device("cuda")
+        ids, w = routing(4, 8, 2, False, torch.Generator(device=dev).manual_seed(0), dev)
+        mw = marlin_weights(8, 256, 256, dev)
+        x = torch.randn(4, 256, device=dev, dtype=torch.bfloat16)
+        marlin(x, *mw[:4], torch.zeros(4, 8, device=dev), w, ids.to(torch.int32), num_bits=4, **mw[4])
+        torch.cuda.synchronize()
+        print(f"marlin built and ran in {time.time() - t0:.0f} s ({how})")
+        return
     shapes = dict(MODEL_SHAPES) | dict(a.shape)
     if a.shape and "--models" not in sys.argv:
         a.models = []
@@ -332,12 +465,13 @@ def main() -> None:
     meta["triton"] = triton.__version__
     sgl, sgl_err = sglang_impl()
     meta["sglang"] = sgl_err or __import__("sglang").__version__
+    marlin, meta["marlin"] = marlin_impl() if sgl is not None else (None, "no sglang")
     print(json.dumps(meta), flush=True)
     results: list = []
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.time()
     for model in a.models:
-        run_model(model, a.tokens, dev, gen, sgl, results, shapes)
+        run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin)
         torch.cuda.empty_cache()
         with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

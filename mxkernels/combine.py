@@ -2,8 +2,9 @@
 
 It rounds as SGLang's unquantized MoE does (moe.py): the routed slots are summed in
 fp32 and stored as bf16; with shared experts that bf16 sum then gets
-``scale * shared`` added in fp32 and is rounded once more. One pass over the bf16
-slot outputs, instead of torch ops that each read or write the [T, slots, H] tensor.
+``scale * shared`` added in fp32 and is rounded once more. One pass over the slot
+outputs (bf16, or the fp32 partial sums of a split-K down GEMM, added here too),
+instead of torch ops that each read or write the [T, slots, H] tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def moe_combine_kernel(
     y_ptr,
     scale_ptr,
     H,
+    split_stride,
+    SPLIT: tl.constexpr,
     K: tl.constexpr,
     SLOTS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -32,12 +35,14 @@ def moe_combine_kernel(
     mask = cols < H
     row = out_ptr + t * SLOTS * H + cols
     acc = tl.zeros((BH,), dtype=tl.float32)
-    for s in tl.static_range(K):
-        acc += tl.load(row + s * H, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(SPLIT):
+        for s in tl.static_range(K):
+            acc += tl.load(row + p * split_stride + s * H, mask=mask, other=0.0).to(tl.float32)
     if SLOTS > K:
         shared = tl.zeros((BH,), dtype=tl.float32)
-        for s in tl.static_range(K, SLOTS):
-            shared += tl.load(row + s * H, mask=mask, other=0.0).to(tl.float32)
+        for p in tl.static_range(SPLIT):
+            for s in tl.static_range(K, SLOTS):
+                shared += tl.load(row + p * split_stride + s * H, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             shared = shared * tl.load(scale_ptr + t)
         acc = _bf16(acc, F32).to(tl.float32) + shared  # the routed sum is bf16 before the shared add
@@ -45,15 +50,15 @@ def moe_combine_kernel(
 
 
 def combine(out: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
-    """y [T, H] bf16 from slot outputs ``out`` [T, slots, H] bf16 (the first ``k`` routed,
-    the rest shared, scaled by ``scale`` [T] fp32 when given)."""
-    t, slots, h = out.shape
+    """y [T, H] bf16 from slot outputs ``out`` [S, T, slots, H] (S partial sums over K; bf16 or
+    fp32; the first ``k`` slots routed, the rest shared, scaled by ``scale`` [T] fp32 when given)."""
+    split, t, slots, h = out.shape
     y = torch.empty(t, h, dtype=torch.bfloat16, device=out.device)
     if t == 0:
         return y
     bh = min(1024, triton.next_power_of_2(h))
     s = scale if scale is not None else y  # an unread placeholder pointer
     moe_combine_kernel[(t, triton.cdiv(h, bh))](
-        out, y, s, h, K=k, SLOTS=slots, HAS_SCALE=scale is not None, BH=bh, F32=INTERPRET
+        out, y, s, h, out.stride(0), SPLIT=split, K=k, SLOTS=slots, HAS_SCALE=scale is not None, BH=bh, F32=INTERPRET
     )
     return y

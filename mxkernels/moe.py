@@ -13,53 +13,79 @@ numbers up to the order of fp32 sums inside the GEMMs.
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
 
+import torch
+import triton
+
+from mxkernels.align import route
 from mxkernels.arena import CODE_FP8, Arena
 from mxkernels.combine import combine
-from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel
+from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def align(flat_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) rows by expert, each expert padded to a multiple of ``bm``; no host sync.
+@dataclass(frozen=True)
+class Tiles:
+    """One GEMM launch's configuration (moe_gemm.py says what SPLIT, SWAP and SCALE_AFTER do)."""
 
-    Returns sorted_ids [cap] (row index, or len(flat_ids) for padding), block_expert
-    [cap / bm] and num_post_pad [1], with cap = n + E * (bm - 1) rounded up to bm.
-    """
-    n = flat_ids.numel()
-    dev = flat_ids.device
-    # index_add_, not bincount: bincount syncs with the host on CUDA, which breaks graph capture
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).index_add_(0, flat_ids, torch.ones_like(flat_ids))
-    padded = (counts + bm - 1) // bm * bm
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.argsort(flat_ids, stable=True)
-    e_sorted = flat_ids[order]
-    first = torch.cumsum(counts, 0) - counts
-    pos = starts[e_sorted] + torch.arange(n, device=dev) - first[e_sorted]
-    cap = (n + n_experts * (bm - 1) + bm - 1) // bm * bm
-    sorted_ids = torch.full((cap,), n, dtype=torch.int64, device=dev)
-    sorted_ids[pos] = order
-    block_starts = torch.arange(0, cap, bm, device=dev)
-    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp(max=n_experts - 1)
-    return sorted_ids, block_expert, ends[-1:].clone()
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int = 3
+    split: int = 1
+    swap: bool = False
+    scale_after: bool = False
+    maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
 
 
-def pick_tiles(rows: int, n_experts: int = 1, min_group: int = 128) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps) by the mean rows per expert; BK never exceeds the smallest group
-    of the layer, so one K tile of a grouped scheme has one scale and zero per column."""
+DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
+WAVES = 4  # decode: split K until about this many programs per multiprocessor
+
+
+@functools.lru_cache(maxsize=8)
+def multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small GPU, so tests reach the split-K path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def expected_active(n_routed: int, n_shared: int, routed_rows: int) -> float:
+    """Experts that receive rows, expected under uniform routing (the launch cannot read the
+    routing without a host sync, which CUDA graphs forbid): the shared ones and the distinct
+    routed experts among ``routed_rows`` picks."""
+    return n_shared + n_routed * (1 - (1 - 1 / max(n_routed, 1)) ** routed_rows)
+
+
+def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, codes_mask: int, sms: int,
+               **override) -> Tiles:
+    """Tiles for ``rows`` (token, slot) rows over ``n_experts`` active experts of a GEMM with ``n``
+    output columns per program row and depth ``k`` on a GPU of ``sms`` multiprocessors. BK never
+    exceeds the smallest group of the layer, so one K tile of a grouped scheme has one scale and
+    zero per column. ``override`` replaces fields (benchmarks compare variants with it)."""
     per_expert = rows / max(n_experts, 1)
-    if per_expert <= 16:
-        bm, bn, bk, warps = 16, 64, 128, 4
+    if per_expert <= DECODE_ROWS and codes_mask != 1:
+        # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
+        # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's
+        blocks = max(1.0, min(rows, n_experts))
+        bk = max(32, min(64, min_group))  # 64 beat 128 at 1 to 64 tokens (moe_layer.md)
+        work = blocks * -(-n // 64)
+        split = max(1, min(-(-k // bk), 8, math.ceil(WAVES * sms / work)))
+        # 128 registers: 4 programs per SM instead of 3, without spills (sm_90 SASS)
+        tiles = Tiles(16, 64, bk, 4, 3, split, True, True, 128)
     elif per_expert <= 128:
-        bm, bn, bk, warps = 32, 64, 128, 4
+        tiles = Tiles(32, 64, 128, 4)
     elif per_expert <= 512:
-        bm, bn, bk, warps = 64, 128, 64, 4
+        tiles = Tiles(64, 128, 64, 4)
     else:
-        bm, bn, bk, warps = 128, 128, 64, 8
-    return bm, bn, max(32, min(bk, min_group)), warps
+        tiles = Tiles(128, 128, 64, 8)
+    tiles = dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))
+    return dataclasses.replace(tiles, **override) if override else tiles
 
 
 def _rotated_input(a: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, int]:
@@ -76,8 +102,10 @@ def _rotated_input(a: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, int]:
 _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 
-def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up, tiles):
-    bm, bn, bk, warps = tiles
+def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
+          tiles: Tiles) -> None:
+    """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
+    (gate | up side by side for gate_up) when ``tiles.split`` > 1."""
     a_all, rot_off = _rotated_input(a, arena)
     amax = torch.ones(1, device=a.device)
     a8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=a.device)
@@ -87,7 +115,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         # per-token fp8 activations, once per launch; the same ops as the reference's fake quant
         a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
     n = arena.n // 2 if gate_up else arena.n
-    grid = (block_expert.numel(), (n + bn - 1) // bn)
+    grid = (block_expert.numel(), triton.cdiv(n, tiles.bn), tiles.split)
     mx_moe_gemm_kernel[grid](
         a_all,
         rot_off,
@@ -96,7 +124,8 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         a8,
         a.stride(0),
         out,
-        out.stride(0),
+        out.stride(-2),
+        out.stride(0) if tiles.split > 1 else 0,
         sorted_ids,
         block_expert,
         num_post_pad,
@@ -113,45 +142,59 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         a_div,
         GATE_UP=gate_up,
         CODES=arena.codes_mask,
-        BM=bm,
-        BN=bn,
-        BK=bk,
+        BM=tiles.bm,
+        BN=tiles.bn,
+        BK=tiles.bk,
+        SPLIT=tiles.split,
+        SWAP=tiles.swap,
+        SCALE_AFTER=tiles.scale_after,
         F32=INTERPRET,
-        num_warps=warps,
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
+        **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),
     )
 
 
-def extend_routing(
-    topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the shared experts to every token's top-k, weight 1: ids [T, slots] int64, weights fp32."""
-    t = topk_ids.shape[0]
-    ids = topk_ids.to(torch.int64)
-    w = topk_weights.to(torch.float32)
-    n_shared = n_experts - n_routed
-    if n_shared:
-        dev = ids.device
-        ids = torch.cat([ids, torch.arange(n_routed, n_experts, device=dev).expand(t, n_shared)], dim=1)
-        w = torch.cat([w, torch.ones(t, n_shared, device=dev)], dim=1)
-    return ids, w
-
-
 def moe_gemms(
-    x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, gate_up: Arena, down: Arena, poison: bool = False
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: Arena,
+    down: Arena,
+    n_routed: int,
+    poison: bool = False,
+    **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two grouped GEMMs for routing ``ids``/``w`` [T, slots]; returns the intermediate
-    [T*slots, I] and the weighted expert outputs [T*slots, H], both bf16, row = token*slots + slot.
-    ``poison`` fills the outputs with NaN first (tests: every element must be written)."""
+    """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
+    every token). Returns the intermediate [T*slots, I] bf16 and the weighted expert outputs
+    [S, T*slots, H], row = token*slots + slot: S = 1 bf16, or S fp32 partial sums over K
+    (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
+    be written); ``override`` replaces fields of the picked tiles."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
-    slots = ids.shape[1]
-    flat = ids.reshape(-1)
-    rows = flat.numel()
-    tiles = pick_tiles(rows, min(gate_up.n_experts, rows), min(gate_up.min_group, down.min_group))
-    sorted_ids, block_expert, num_post_pad = align(flat, gate_up.n_experts, tiles[0])
-    inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=x.device)
-    _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, tiles)
-    out = alloc(rows, down.n, dtype=torch.bfloat16, device=x.device)
-    _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w.reshape(-1).contiguous(), rows, 1, False, tiles)
+    n_experts = gate_up.n_experts
+    slots = topk_ids.shape[1] + n_experts - n_routed
+    rows = topk_ids.shape[0] * slots
+    dev = x.device
+    active = expected_active(n_routed, n_experts - n_routed, topk_ids.numel())
+    min_group = min(gate_up.min_group, down.min_group)
+    codes = gate_up.codes_mask | down.codes_mask
+    sms = multiprocessors(dev)
+    t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
+    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
+    sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)
+    inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
+    if t_gu.split > 1:
+        ws = alloc(t_gu.split, rows, gate_up.n, dtype=torch.float32, device=dev)
+        _gemm(x, gate_up, ws, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, t_gu)
+        block = min(1024, triton.next_power_of_2(gate_up.n // 2))
+        silu_mul_kernel[(rows, triton.cdiv(gate_up.n // 2, block))](
+            ws, inter, rows, gate_up.n // 2, SPLIT=t_gu.split, BLOCK=block, F32=INTERPRET
+        )
+    else:
+        _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, t_gu)
+    dtype = torch.float32 if t_dn.split > 1 else torch.bfloat16
+    out = alloc(t_dn.split, rows, down.n, dtype=dtype, device=dev)
+    _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w, rows, 1, False, t_dn)
     return inter, out
 
 
@@ -163,12 +206,13 @@ def mx_moe_forward(
     down: Arena,
     n_routed: int,
     shared_scale: torch.Tensor | None = None,
+    **override,
 ) -> torch.Tensor:
     """MoE output [T, H] (bf16) for x [T, H] with the layer's packed experts; ``shared_scale``
     [T, 1] scales the shared experts' sum (Qwen2-MoE's sigmoid gate; fp32 as SGLang computes it)."""
     t, h = x.shape
     k = topk_ids.shape[1]
-    ids, w = extend_routing(topk_ids, topk_weights, gate_up.n_experts, n_routed)
-    _, out = moe_gemms(x.to(torch.bfloat16).contiguous(), ids, w, gate_up, down)
-    scale = None if shared_scale is None or ids.shape[1] == k else shared_scale.float().reshape(t).contiguous()
-    return combine(out.view(t, ids.shape[1], h), k, scale)
+    slots = k + gate_up.n_experts - n_routed
+    _, out = moe_gemms(x.to(torch.bfloat16).contiguous(), topk_ids, topk_weights, gate_up, down, n_routed, **override)
+    scale = None if shared_scale is None or slots == k else shared_scale.float().reshape(t).contiguous()
+    return combine(out.view(out.shape[0], t, slots, h), k, scale)

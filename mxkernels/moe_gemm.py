@@ -1,21 +1,37 @@
 """Mixed-precision grouped GEMM for MoE layers (Triton), all experts in one launch.
 
 One program computes a [BM, BN] tile for the BM (token, slot) rows of one
-expert (rows were sorted by expert and padded to BM by :func:`align`). The
-expert's kernel code (arena.py) picks the inner loop at run time:
+expert (rows were sorted by expert and padded to BM by :func:`align`), over
+its share of K. The expert's kernel code (arena.py) picks the inner loop at
+run time:
 
 - bf16: plain bf16 MMA;
 - weight-only int (1/2/3/4/8 bits, any group): codes are unpacked from their
-  bit planes and dequantized to bf16 in registers, then bf16 MMA;
+  bit planes and turned into bf16 by a bit trick (OR a code below 128 into the
+  mantissa of 128.0 gives exactly 128 + code, no int-to-float conversion); the
+  zero point and the bias of 128 are removed and the group scale applied
+  either per weight before the MMA (prefill) or once per output after a K
+  tile's MMA (decode: ``a.(q - z)s = s(a.q - z sum(a))``, for few rows far
+  fewer operations than dequantizing every weight);
 - w8a8 fp8: activations arrive quantized per token to fp8 e4m3 (one pass per
   launch, moe.py) and run on fp8 MMA with the per-token and per-channel scales;
 - w4a4 / w8a8 int: activations are quantized per token to symmetric integers in
   registers (row amax computed once per launch) and run on int8 MMA (Hopper has
   no int4 MMA; int4 values ride in int8).
 
+Layouts, chosen per launch by moe.py:
+
+- SWAP puts the weights on the MMA's M side and the few token rows on its N
+  side (the MMA's M is 64 per warpgroup on Hopper; a decode block has 16 rows
+  or fewer), so tiles are [BN, BM] and every helper takes the orientation;
+- SPLIT > 1 splits K over programs (grid axis 2) when too few (expert, N tile)
+  pairs would fill the GPU; each program stores an fp32 partial sum and the
+  SiLU (gate/up) or the top-k sum (down) adds the partials after (moe.py).
+
 Branches of codes absent from the layer are pruned at compile time (CODES).
-With GATE_UP the program computes the gate and the up tile of the same
-columns and stores SiLU(gate) * up; otherwise it scales by the routing weight.
+With GATE_UP and no split the program computes the gate and the up tile of the
+same columns and stores SiLU(gate) * up; otherwise it scales by the routing
+weight.
 """
 
 from __future__ import annotations
@@ -30,11 +46,45 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Helpers taking the orientation have one return each: Triton's compiler (unlike its
+# interpreter) refuses returns of different shapes even on a compile-time branch.
+
+
 @triton.jit
-def _dot_bf16(a, w, F32: tl.constexpr):
+def _dot(a, w, SWAP: tl.constexpr, F32: tl.constexpr):
+    """a [BM, BK] activations, w the weight tile ([BN, BK] with SWAP, else [BK, BN]): the
+    product [BN, BM] with SWAP, else [BM, BN]."""
     if F32:
-        return tl.dot(a.to(tl.float32), w.to(tl.float32))
-    return tl.dot(a, w)
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    if SWAP:
+        r = tl.dot(w, tl.trans(a))
+    else:
+        r = tl.dot(a, w)
+    return r
+
+
+@triton.jit
+def _nk(n, k, SWAP: tl.constexpr):
+    """Column and depth indices broadcast to the weight tile's orientation (see _dot)."""
+    return tl.expand_dims(n, 1 if SWAP else 0), tl.expand_dims(k, 0 if SWAP else 1)
+
+
+@triton.jit
+def _per_n(v, SWAP: tl.constexpr):
+    """A per-output-column vector [BN] broadcast over the tile."""
+    return tl.expand_dims(v, 1 if SWAP else 0)
+
+
+@triton.jit
+def _per_m(v, SWAP: tl.constexpr):
+    """A per-row vector [BM] broadcast over the tile."""
+    return tl.expand_dims(v, 0 if SWAP else 1)
+
+
+@triton.jit
+def _zeros(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, DT: tl.constexpr):
+    return tl.zeros((BN if SWAP else BM, BM if SWAP else BN), dtype=DT)
 
 
 @triton.jit
@@ -55,92 +105,114 @@ def _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K):
 
 
 @triton.jit
-def _plane(wi_ptr, base, cols, k0, row_words, col0, mask_n, P: tl.constexpr, BK: tl.constexpr):
-    """Codes of one bit plane of width P for a [BK, BN] tile: each word loaded once, split in registers."""
-    PER: tl.constexpr = 32 // P
-    wk = k0 // PER + tl.arange(0, BK // PER)
-    words = tl.load(
-        wi_ptr + base + cols[None, :] * row_words + col0 + wk[:, None],
-        mask=mask_n[None, :] & (wk[:, None] < row_words),
-        other=0,
-    )  # [BK/PER, BN]
-    shifts = tl.arange(0, PER) * P
-    q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)  # [BK/PER, PER, BN]
-    return tl.reshape(q, (BK, q.shape[2]))
+def _load_w(w_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr):
+    """A tile of a dense (bf16 or fp8) weight stored [N, K], oriented as _dot takes it."""
+    n, kk = _nk(cols, k0 + offs_k, SWAP)
+    mn, _ = _nk(mask_n, offs_k, SWAP)
+    return tl.load(w_ptr + w_off + n * K + kk, mask=mn & (kk < K), other=0.0)
 
 
 @triton.jit
-def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr):
-    if BITS == 3:
-        q = _plane(wi_ptr, w_off, cols, k0, K * 3 // 32, 0, mask_n, 2, BK)
-        q = q | (_plane(wi_ptr, w_off + K * 2 // 32, cols, k0, K * 3 // 32, 0, mask_n, 1, BK) << 2)
-    else:
-        q = _plane(wi_ptr, w_off, cols, k0, K * BITS // 32, 0, mask_n, BITS, BK)
+def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    """Codes of one bit plane of width P, oriented as _dot takes the weights: each word loaded
+    once (K-contiguous) and split in registers."""
+    PER: tl.constexpr = 32 // P
+    wk = k0 // PER + tl.arange(0, BK // PER)
+    n, k = _nk(cols, wk, SWAP)
+    mn, _ = _nk(mask_n, wk, SWAP)
+    words = tl.load(wi_ptr + base + n * row_words + k, mask=mn & (k < row_words), other=0)
+    if SWAP:
+        # [BN, BK/PER] words -> [BN, BK]: halve the field width at each level, low half first,
+        # the halves joined on a new innermost axis; flattened, that is K order again, and every
+        # code stays in the thread that loaded its word (a shifts tensor over a new axis would
+        # spread the codes over threads and cost a shuffle through shared memory per code)
+        q = words
+        LEVELS: tl.constexpr = 5 - (P >= 2) - (P >= 4) - (P >= 8)  # 32 bits down to P
+        for level in tl.static_range(LEVELS):
+            q = tl.join(q & ((1 << (16 >> level)) - 1), (q >> (16 >> level)) & ((1 << (16 >> level)) - 1))
+        q = tl.reshape(q, (words.shape[0], BK))
+    else:  # [BK/PER, BN] words -> [BK/PER, PER, BN] codes
+        shifts = tl.arange(0, PER) * P
+        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)
+        q = tl.reshape(q, (BK, words.shape[1]))
     return q
 
 
 @triton.jit
-def _mm_bf16(
-    a_ptr,
-    rows,
-    mask_m,
-    stride_am,
-    wb_ptr,
-    w_off,
-    cols,
-    mask_n,
-    K,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    F32: tl.constexpr,
-):
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    offs_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
-        kk = k0 + offs_k
-        m = (kk[:, None] < K) & mask_n[None, :]
-        w = tl.load(wb_ptr + w_off + cols[None, :] * K + kk[:, None], mask=m, other=0.0)
-        acc += _dot_bf16(a, w, F32)
-    return acc
+def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    if BITS == 3:
+        q = _plane(wi_ptr, w_off, cols, k0, K * 3 // 32, mask_n, 2, BK, SWAP)
+        q = q | (_plane(wi_ptr, w_off + K * 2 // 32, cols, k0, K * 3 // 32, mask_n, 1, BK, SWAP) << 2)
+    else:
+        q = _plane(wi_ptr, w_off, cols, k0, K * BITS // 32, mask_n, BITS, BK, SWAP)
+    return q
+
+
+# Each branch loops over its K tiles once. With PAIR (gate/up) it computes the columns ``cols``
+# and ``cols + n_up`` in the same loop: one A load and one loop's latency chain for both,
+# and twice the weight bytes in flight per iteration (decode is bound by that latency).
 
 
 @triton.jit
-def _mm_wonly(
-    a_ptr,
-    rows,
-    mask_m,
-    stride_am,
-    wi_ptr,
-    sc_ptr,
-    zp_ptr,
-    w_off,
-    s_off,
-    z_off,
-    group,
-    cols,
-    mask_n,
-    K,
-    BITS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    F32: tl.constexpr,
-):
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+def _bf16_step(a, wb_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr, F32: tl.constexpr):
+    return _dot(a, _load_w(wb_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP), SWAP, F32)
+
+
+@triton.jit
+def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, k_lo, k_hi, K,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, PAIR: tl.constexpr,
+             F32: tl.constexpr):  # fmt: skip
+    acc = _zeros(BM, BN, SWAP, tl.float32)
+    acc2 = _zeros(BM, BN, SWAP, tl.float32)
+    offs_k = tl.arange(0, BK)
+    for k0 in range(k_lo, k_hi, BK):
+        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
+        acc += _bf16_step(a, wb_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP, F32)
+        if PAIR:
+            acc2 += _bf16_step(a, wb_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, SWAP, F32)
+    return acc, acc2
+
+
+@triton.jit
+def _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0, K,
+                BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                F32: tl.constexpr):  # fmt: skip
+    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP)
+    # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
+    g = cols * ngroups + k0 // group
+    s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
+    if SCALE_AFTER:
+        # (the interpreter converts int32 to bf16 wrongly, seen with triton 3.9: via fp32)
+        if BITS == 8:
+            wq = q.to(tl.float32).to(tl.bfloat16)  # exact: 8 significant bits
+        else:
+            wq = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q, exactly
+            z = z + 128.0
+        # zero points are integers and the codes exact, so only fp32 sums round here
+        r = (_dot(a, wq, SWAP, F32) - _per_n(z, SWAP) * _per_m(asum, SWAP)) * _per_n(s, SWAP)
+    else:
+        r = _dot(a, _bf16((q.to(tl.float32) - _per_n(z, SWAP)) * _per_n(s, SWAP), F32), SWAP, F32)
+    return r
+
+
+@triton.jit
+def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, n_up,
+              mask_n, k_lo, k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr):  # fmt: skip
+    acc = _zeros(BM, BN, SWAP, tl.float32)
+    acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
     ngroups = K // group
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
-        q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK)
-        # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
-        g = cols * ngroups + k0 // group
-        s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
-        w = _bf16((q.to(tl.float32) - z[None, :]) * s[None, :], F32)
-        acc += _dot_bf16(a, w, F32)
-    return acc
+        asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
+        acc += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0,
+                           K, BITS, BK, SWAP, SCALE_AFTER, F32)  # fmt: skip
+        if PAIR:
+            acc2 += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols + n_up,
+                                mask_n, k0, K, BITS, BK, SWAP, SCALE_AFTER, F32)  # fmt: skip
+    return acc, acc2
 
 
 @triton.jit
@@ -151,36 +223,30 @@ def _row_amax(amax_ptr, rows, mask_m):
 
 
 @triton.jit
-def _mm_fp8(
-    amax_ptr,
-    a8_ptr,
-    rows,
-    mask_m,
-    stride_am,
-    wf_ptr,
-    sc_ptr,
-    w_off,
-    s_off,
-    cols,
-    mask_n,
-    K,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _fp8_step(aq, wf_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr):
+    return _dot(aq, _load_w(wf_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP), SWAP, False)
+
+
+@triton.jit
+def _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up, mask_n, k_lo,
+            k_hi, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+            PAIR: tl.constexpr):  # fmt: skip
     a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), 448.0)  # exact division, as torch
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _zeros(BM, BN, SWAP, tl.float32)
+    acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         # A was quantized to fp8 per token once per launch (moe.py): loaded like the weights,
         # asynchronously, instead of being converted in registers for every N tile
         aq = _load_a(a8_ptr, rows, offs_k, k0, mask_m, stride_am, K)
-        kk = k0 + offs_k
-        m = (kk[:, None] < K) & mask_n[None, :]
-        w = tl.load(wf_ptr + w_off + cols[None, :] * K + kk[:, None], mask=m, other=0.0)
-        acc += tl.dot(aq, w)
+        acc += _fp8_step(aq, wf_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP)
+        if PAIR:
+            acc2 += _fp8_step(aq, wf_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, SWAP)
     ws = tl.load(sc_ptr + s_off + cols, mask=mask_n, other=0.0).to(tl.float32)
-    return acc * a_s[:, None] * ws[None, :]
+    ws2 = ws
+    if PAIR:
+        ws2 = tl.load(sc_ptr + s_off + cols + n_up, mask=mask_n, other=0.0).to(tl.float32)
+    return acc * _per_m(a_s, SWAP) * _per_n(ws, SWAP), acc2 * _per_m(a_s, SWAP) * _per_n(ws2, SWAP)
 
 
 @triton.jit
@@ -192,92 +258,66 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _mm_wa_int(
-    amax_ptr,
-    a_ptr,
-    rows,
-    mask_m,
-    stride_am,
-    wi_ptr,
-    sc_ptr,
-    w_off,
-    s_off,
-    cols,
-    mask_n,
-    K,
-    BITS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS: tl.constexpr, BK: tl.constexpr,
+                 SWAP: tl.constexpr):  # fmt: skip
     QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
-    a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), QPOS * 1.0)  # no inexact reciprocal
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    offs_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32)
-        aq = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(a, a_s[:, None])), -QPOS - 1.0), QPOS * 1.0).to(tl.int8)
-        q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK)
-        kk = k0 + offs_k
-        w = tl.where((kk[:, None] < K) & mask_n[None, :], q - (QPOS + 1), 0).to(tl.int8)
-        acc += tl.dot(aq, w)
-    ws = tl.load(sc_ptr + s_off + cols, mask=mask_n, other=0.0).to(tl.float32)
-    return acc.to(tl.float32) * a_s[:, None] * ws[None, :]
+    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP)
+    mn, kk = _nk(mask_n, k0 + offs_k, SWAP)
+    return _dot(aq, tl.where(mn & (kk < K), q - (QPOS + 1), 0).to(tl.int8), SWAP, False)
 
 
 @triton.jit
-def _expert_tile(
-    code,
-    a_ptr,
-    rows,
-    mask_m,
-    stride_am,
-    wi_ptr,
-    wb_ptr,
-    wf_ptr,
-    sc_ptr,
-    zp_ptr,
-    amax_ptr,
-    a8_ptr,
-    w_off,
-    s_off,
-    z_off,
-    group,
-    cols,
-    mask_n,
-    K,
-    CODES: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    F32: tl.constexpr,
-):
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+def _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, n_up, mask_n, k_lo,
+               k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               SWAP: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+    QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
+    a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), QPOS * 1.0)  # no inexact reciprocal
+    acc = _zeros(BM, BN, SWAP, tl.int32)
+    acc2 = _zeros(BM, BN, SWAP, tl.int32)
+    offs_k = tl.arange(0, BK)
+    for k0 in range(k_lo, k_hi, BK):
+        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32)
+        aq = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(a, a_s[:, None])), -QPOS - 1.0), QPOS * 1.0).to(tl.int8)
+        acc += _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS, BK, SWAP)
+        if PAIR:
+            acc2 += _wa_int_step(aq, wi_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, BITS, BK, SWAP)
+    ws = tl.load(sc_ptr + s_off + cols, mask=mask_n, other=0.0).to(tl.float32)
+    ws2 = ws
+    if PAIR:
+        ws2 = tl.load(sc_ptr + s_off + cols + n_up, mask=mask_n, other=0.0).to(tl.float32)
+    scale = _per_m(a_s, SWAP)
+    return acc.to(tl.float32) * scale * _per_n(ws, SWAP), acc2.to(tl.float32) * scale * _per_n(ws2, SWAP)
+
+
+@triton.jit
+def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_ptr, a8_ptr,
+                 w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, CODES: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+                 SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr):  # fmt: skip
+    """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
+    acc = _zeros(BM, BN, SWAP, tl.float32)
+    acc2 = _zeros(BM, BN, SWAP, tl.float32)
     if CODES & 1:
         if code == 0:
-            acc = _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, mask_n, K, BM, BN, BK, F32)
+            acc, acc2 = _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, k_lo, k_hi, K,
+                                 BM, BN, BK, SWAP, PAIR, F32)  # fmt: skip
     # weight-only integer codes 1..5 are 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
     for c in tl.static_range(1, 6):
         if CODES & (1 << c):
             if code == c:
-                acc = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
-                                group, cols, mask_n, K, c + 3 * (c == 5), BM, BN, BK, F32)  # fmt: skip
+                acc, acc2 = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
+                                      group, cols, n_up, mask_n, k_lo, k_hi, K, c + 3 * (c == 5), BM, BN, BK, SWAP,
+                                      SCALE_AFTER, PAIR, F32)  # fmt: skip
     if CODES & 64:
         if code == 6:
-            acc = _mm_fp8(
-                amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, BM, BN, BK
-            )
-    if CODES & 128:
-        if code == 7:
-            acc = _mm_wa_int(
-                amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 4, BM, BN, BK
-            )
-    if CODES & 256:
-        if code == 8:
-            acc = _mm_wa_int(
-                amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, mask_n, K, 8, BM, BN, BK
-            )
-    return acc
+            acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
+                                mask_n, k_lo, k_hi, K, BM, BN, BK, SWAP, PAIR)  # fmt: skip
+    for bits in tl.static_range(4, 9, 4):  # w4a4 (code 7), w8a8 int (code 8)
+        if CODES & (1 << (6 + bits // 4)):
+            if code == 6 + bits // 4:
+                acc, acc2 = _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols,
+                                       n_up, mask_n, k_lo, k_hi, K, bits, BM, BN, BK, SWAP, PAIR)  # fmt: skip
+    return acc, acc2
 
 
 @triton.jit
@@ -290,6 +330,7 @@ def mx_moe_gemm_kernel(
     stride_am,
     out_ptr,
     stride_om,
+    split_stride,
     sorted_ids_ptr,
     block_expert_ptr,
     num_post_pad_ptr,
@@ -309,6 +350,9 @@ def mx_moe_gemm_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SWAP: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
     F32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -321,6 +365,10 @@ def mx_moe_gemm_kernel(
     rows = tl.where(mask_m, ids // a_div, 0)
     cols = pid_n * BN + tl.arange(0, BN)
     mask_n = cols < N
+    # this program's share of K: whole BK tiles, so a tile still has one quantization group
+    k_per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
+    k_lo = tl.program_id(2) * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
     meta = meta_ptr + expert * 6
     code = tl.load(meta).to(tl.int32)
     # arena offsets are multiples of 16 elements (build_arena pads): say so, or loads stay scalar
@@ -332,19 +380,44 @@ def mx_moe_gemm_kernel(
     a_base = a_ptr + tl.multiple_of(rot * a_rot_off, 16)
     amax_base = amax_ptr + rot * amax_rot_rows
     a8_base = a8_ptr + tl.multiple_of(rot * a_rot_off, 16)
-    # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up
-    res = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
-                       amax_base, a8_base, w_off, s_off, z_off, group, cols, mask_n, K,
-                       CODES, BM, BN, BK, F32)  # fmt: skip
+    # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up: one loop for both
+    res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
+                           amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K,
+                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32)  # fmt: skip
+    mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
+    out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:
-        up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
-                          amax_base, a8_base, w_off, s_off, z_off, group, cols + N, mask_n, K,
-                          CODES, BM, BN, BK, F32)  # fmt: skip
-        # gate and up are rounded to bf16 first, as an unfused gate_up GEMM stores them (moe.py)
-        res = _bf16(res, F32).to(tl.float32)
-        up = _bf16(up, F32).to(tl.float32)
-        res = res / (1.0 + tl.exp(-res)) * up  # SiLU(gate) * up
+        if SPLIT > 1:
+            # fp32 partial sums of gate and up side by side; the SiLU comes after the sum (moe.py)
+            tl.store(out, res, mask=mask)
+            tl.store(out + N, up, mask=mask)
+        else:
+            # gate and up are rounded to bf16 first, as an unfused gate_up GEMM stores them (moe.py)
+            res = _bf16(res, F32).to(tl.float32)
+            up = _bf16(up, F32).to(tl.float32)
+            res = res / (1.0 + tl.exp(-res)) * up  # SiLU(gate) * up
+            tl.store(out, _bf16(res, F32), mask=mask)
     else:
-        res = res * tl.load(route_w_ptr + ids, mask=mask_m, other=0.0)[:, None]
-    out = out_ptr + ids[:, None] * stride_om + cols[None, :]
-    tl.store(out, _bf16(res, F32), mask=mask_m[:, None] & mask_n[None, :])  # both outputs are bf16
+        res = res * _per_m(tl.load(route_w_ptr + ids, mask=mask_m, other=0.0), SWAP)
+        if SPLIT > 1:
+            tl.store(out, res, mask=mask)  # fp32 partial; the top-k sum adds the partials
+        else:
+            tl.store(out, _bf16(res, F32), mask=mask)
+
+
+@triton.jit
+def silu_mul_kernel(ws_ptr, out_ptr, rows, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, F32: tl.constexpr):
+    """inter [rows, N] = SiLU(gate) * up from SPLIT fp32 partials [SPLIT, rows, 2N] of gate | up,
+    rounded as the unsplit kernel rounds (gate and up to bf16 first)."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        base = ws_ptr + (s * rows + r) * 2 * N
+        g += tl.load(base + cols, mask=mask, other=0.0)
+        u += tl.load(base + N + cols, mask=mask, other=0.0)
+    g = _bf16(g, F32).to(tl.float32)
+    u = _bf16(u, F32).to(tl.float32)
+    tl.store(out_ptr + r * N + cols, _bf16(g / (1.0 + tl.exp(-g)) * u, F32), mask=mask)

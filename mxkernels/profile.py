@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from mxkernels.align import route
 from mxkernels.arena import build_arena
-from mxkernels.moe import _gemm, align, pick_tiles
+from mxkernels.moe import _gemm, multiprocessors, pick_tiles
 
 
 def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: int = 0) -> list:
@@ -34,11 +35,10 @@ def time_expert_gemm(
     e = arena.n_experts
     ids = torch.arange(e, device=device).repeat_interleave(tokens)
     rows = ids.numel()
-    tiles = pick_tiles(rows, e, arena.min_group)
-    sorted_ids, block_expert, npp = align(ids, e, tiles[0])
+    tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(torch.device(device)))
+    sorted_ids, block_expert, npp, w = route(ids[:, None], torch.ones(rows, 1, device=device), e, e, tiles.bm)
     a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-    out = torch.empty(rows, n, device=device, dtype=torch.float32)
-    w = torch.ones(rows, device=device)
+    out = torch.empty(tiles.split, rows, n, device=device, dtype=torch.float32 if tiles.split > 1 else torch.bfloat16)
 
     def run():
         _gemm(a, arena, out, sorted_ids, block_expert, npp, w, rows, 1, False, tiles)

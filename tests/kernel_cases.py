@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from mxkernels.align import extend_routing
 from mxkernels.arena import build_arena
-from mxkernels.moe import extend_routing, moe_gemms, mx_moe_forward
+from mxkernels.moe import moe_gemms, mx_moe_forward
 from mxkernels.reference import moe_reference
 from mxserve.quant.families import quantize_activation
 from mxserve.quant.gptq import hessian
@@ -15,6 +16,16 @@ from mxserve.runtime.moe_layer import QuantizedExpert
 from mxserve.schemes import get_scheme
 
 POISON = float("nan")
+
+# launch layouts (moe.Tiles fields) that every scheme must compute right in, whatever pick_tiles picks
+LAYOUTS = {
+    "prefill": dict(swap=False, scale_after=False, split=1),
+    "swapped": dict(swap=True, scale_after=False, split=1),
+    "decode": dict(swap=True, scale_after=True, split=2),
+    # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)
+    "split-uneven": dict(swap=True, scale_after=True, split=3, bk=32),
+    "split-unswapped": dict(swap=False, scale_after=True, split=4, bk=32),
+}
 
 
 def make_experts(names: list[str], h: int, i: int, n_experts: int, n_shared: int, method: str, gen, device):
@@ -51,17 +62,20 @@ def _as_kernel(ql, xin: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(quantize_activation(xin, ql.scheme), ql.dequantize())
 
 
-def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn") -> dict[str, float]:
-    """Per scheme: relative error of each GEMM of the kernel against the reference on the same inputs."""
+def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn", **tiles) -> dict[str, float]:
+    """Per scheme: relative error of each GEMM of the kernel against the reference on the same inputs
+    (``tiles`` overrides fields of the launch's tiles: moe.Tiles)."""
     gen = torch.Generator().manual_seed(seed)
     experts = make_experts(names, h, i, n_experts, n_shared, method, gen, device)
     gu = build_arena([e.gate_up for e in experts]).to(device)
     dn = build_arena([e.down for e in experts]).to(device)
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
-    ids, w = route(t, n_experts, k, gen)
-    ids, w = extend_routing(ids, w, len(experts), n_experts)
-    inter, out = moe_gemms(x.to(device), ids.to(device), w.to(device), gu, dn, poison=True)
-    inter, out = inter.float().cpu(), out.float().cpu()
+    topk_ids, topk_w = route(t, n_experts, k, gen)
+    x, topk_ids, topk_w = x.to(device), topk_ids.to(device), topk_w.to(device)
+    inter, out = moe_gemms(x, topk_ids, topk_w, gu, dn, n_experts, poison=True, **tiles)
+    x, topk_ids, topk_w = x.cpu(), topk_ids.cpu(), topk_w.cpu()
+    ids, w = extend_routing(topk_ids, topk_w, len(experts), n_experts)
+    inter, out = inter.float().cpu(), out.float().sum(0).cpu()  # the split-K partials summed
     slots = ids.shape[1]
     err: dict[str, list[torch.Tensor]] = {}
     for r, e in enumerate(ids.reshape(-1).tolist()):

@@ -6,7 +6,7 @@ outputs in bf16, so the schemes land at a few 1e-3 (METHOD.md's bf16 range).
 
 import pytest
 import torch
-from kernel_cases import bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
 
 ALL = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16", "w8a8fp8", "w4a4", "w8a8"]
 SMALL_GROUPS = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
@@ -29,6 +29,25 @@ def test_gemms_all_schemes_mixed(t, h, i, n_exp, n_shared, k):
         assert e < BOUND, (key, e)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemms_every_layout_every_scheme(layout):
+    # 18 routed experts, of which the skewed routing feeds the first 9: every scheme gets rows
+    errs = gemm_errors(ALL, 24, 128, 128, 18, 1, 2, "cpu", seed=11, **LAYOUTS[layout])
+    assert {key.split("/")[0] for key in errs} == set(ALL), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+def test_decode_launch_splits_k_when_few_experts_are_active():
+    from mxkernels.moe import pick_tiles
+
+    one_token = pick_tiles(8, 8, 128, 1408, 2048, 0b10000, 132)  # an H100
+    assert one_token.swap and one_token.scale_after and one_token.split > 1
+    assert pick_tiles(8, 8, 128, 1408, 2048, 0b1, 132).split == 1  # all-bf16 keeps SGLang's rounding
+    prefill = pick_tiles(4096, 60, 128, 1408, 2048, 0b10000, 132)
+    assert not prefill.swap and prefill.split == 1
+
+
 def test_gemms_non_multiple_shapes_small_groups():
     # I = 96 and H = 160 are not multiples of the 64/128 tiles; 70 rows are not a multiple of BM
     errs = gemm_errors(SMALL_GROUPS, 35, 160, 96, 8, 1, 2, "cpu", seed=3)
@@ -46,17 +65,41 @@ def test_whole_layer_weight_only_mix():
     assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a16"], 12, 128, 128, 8, 2, 2, "cpu", seed=1) < BOUND
 
 
-def test_alignment_pads_per_expert():
-    from mxkernels.moe import align
-
-    ids = torch.tensor([3, 0, 3, 3, 1, 0, 3])
-    sorted_ids, block_expert, npp = align(ids, 5, 2)
-    assert npp.item() == 2 + 2 + 4  # experts 0, 1, 3 padded to blocks of 2; 2 and 4 empty
-    blocks = sorted_ids[: npp.item()].view(-1, 2)
+def _check_alignment(sorted_ids, block_expert, npp, flat, bm):
+    n = len(flat)
+    counts = torch.bincount(flat, minlength=len(block_expert))
+    assert npp.item() == sum((c + bm - 1) // bm * bm for c in counts.tolist())
+    blocks = sorted_ids[: npp.item()].view(-1, bm)
     for b, e in zip(blocks.tolist(), block_expert.tolist()):
         for r in b:
-            assert r == len(ids) or ids[r].item() == e
-    assert sorted(r for r in sorted_ids.tolist() if r < len(ids)) == list(range(len(ids)))
+            assert r == n or flat[r].item() == e  # a block serves one expert; padding reads row n
+    assert sorted(r for r in sorted_ids.tolist() if r < n) == list(range(n))  # every row exactly once
+    assert (sorted_ids[npp.item() :] == n).all()
+
+
+def test_alignment_pads_per_expert():
+    from mxkernels.align import sort_rows
+
+    ids = torch.tensor([3, 0, 3, 3, 1, 0, 3])
+    sorted_ids, block_expert, npp = sort_rows(ids, 5, 2)
+    assert npp.item() == 2 + 2 + 4  # experts 0, 1, 3 padded to blocks of 2; 2 and 4 empty
+    _check_alignment(sorted_ids, block_expert, npp, ids, 2)
+
+
+@pytest.mark.parametrize(
+    "t,k,routed,shared,bm", [(7, 1, 5, 0, 2), (9, 2, 6, 2, 4), (40, 4, 60, 4, 16), (1, 8, 8, 0, 16)]
+)
+def test_alignment_kernel_places_every_row_once(t, k, routed, shared, bm):
+    # the one-launch kernel: shared experts appended to every token, the routing weights beside
+    from mxkernels.align import extend_routing, route
+
+    gen = torch.Generator().manual_seed(t)
+    topk_ids = torch.stack([torch.randperm(routed, generator=gen)[:k] for _ in range(t)]).to(torch.int32)
+    topk_w = torch.rand(t, k, generator=gen)
+    sorted_ids, block_expert, npp, w = route(topk_ids, topk_w, routed + shared, routed, bm)
+    ids, w_ref = extend_routing(topk_ids, topk_w, routed + shared, routed)
+    _check_alignment(sorted_ids, block_expert, npp, ids.reshape(-1), bm)
+    assert torch.equal(w, w_ref.reshape(-1))
 
 
 @pytest.mark.parametrize("t,h,i,n_exp,n_shared,k", [(12, 128, 128, 8, 1, 2), (9, 128, 96, 6, 0, 4)])

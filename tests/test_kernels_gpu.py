@@ -7,7 +7,7 @@ operands (1e-3..1e-2), fp8 included now that it runs on tensor cores.
 
 import pytest
 import torch
-from kernel_cases import bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -20,6 +20,23 @@ def test_gemms_real_shapes_all_schemes(t):
     errs = gemm_errors(ALL, t, 2048, 1408, 16, 2, 4, "cuda", seed=t)
     for key, e in errs.items():
         assert e < 2e-2, (key, e)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemms_real_shapes_every_layout(layout):
+    # 18 routed experts of which the skewed routing feeds 9 (the rest stay empty), 2 shared
+    errs = gemm_errors(ALL, 24, 2048, 1408, 18, 2, 4, "cuda", seed=5, **LAYOUTS[layout])
+    assert {key.split("/")[0] for key in errs} == set(ALL), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, layout, e)
+
+
+@pytest.mark.parametrize("layout", ["decode", "split-uneven"])
+def test_gemms_odd_sizes_decode_layouts(layout):
+    # H = 160, I = 96: not multiples of the tiles; groups of 32
+    names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
+    for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cuda", seed=3, **LAYOUTS[layout]).items():
+        assert e < 2e-2, (key, layout, e)
 
 
 def test_whole_layer_real_shapes():

@@ -1,0 +1,84 @@
+"""Where one MoE layer's time goes on the GPU: a kernel-by-kernel table, or a loop for ncu.
+
+Runs moe_layer.py's layer (same expert shapes, routing and mixed plan) for one
+token count and prints each CUDA kernel's device time per forward (torch
+profiler), so launch-bound small kernels and the GEMMs show apart. With
+``--loop`` it only runs the forward (under ``ncu``, to read what the GEMM
+kernels wait on):
+
+    python3 benchmarks/profile_layer.py --model qwen1.5-moe-a2.7b --tokens 16
+    ncu --kernel-name regex:mx_moe --launch-skip 10 --launch-count 2 --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis --section WarpStateStats \\
+        python3 benchmarks/profile_layer.py --model qwen1.5-moe-a2.7b --tokens 16 --loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from moe_layer import PREFILL_LAYOUT, layer_arenas, mixed_plan, routing  # noqa: E402
+
+from mxkernels.moe import mx_moe_forward  # noqa: E402
+from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen1.5-moe-a2.7b", choices=list(MODEL_SHAPES))
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--scheme", default="mixed", help="mixed, or one scheme for every expert")
+    ap.add_argument("--layout", choices=("auto", "prefill"), default="auto")
+    ap.add_argument("--uniform", action="store_true", help="uniform routing (default: skewed)")
+    ap.add_argument("--loop", action="store_true", help="only run the forward 30 times (for ncu)")
+    a = ap.parse_args()
+    m = MODEL_SHAPES[a.model]
+    h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
+    ne = e + s
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    plan = mixed_plan(e, ne, k, not a.uniform, dev) if a.scheme == "mixed" else [a.scheme] * ne
+    ag, ad, bits = layer_arenas(gu, dn, plan)
+    x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
+    ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
+    override = PREFILL_LAYOUT if a.layout == "prefill" else {}
+
+    def fwd():
+        return mx_moe_forward(x, ids, w, ag, ad, e, **override)
+
+    for _ in range(3):
+        fwd()
+    torch.cuda.synchronize()
+    if a.loop:
+        for _ in range(30):
+            fwd()
+        torch.cuda.synchronize()
+        return
+    reps = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fwd()
+        torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name[:70]
+            n, t = rows.get(name, (0, 0.0))
+            rows[name] = (n + 1, t + ev.device_time_total)
+    total = sum(t for _, t in rows.values()) / reps
+    print(f"{a.model} T={a.tokens} {a.scheme} ({bits:.2f} bits) layout={a.layout}: {total:.1f} us of kernels per "
+          f"forward, {sum(n for n, _ in rows.values()) / reps:.0f} kernels")
+    for name, (n, t) in sorted(rows.items(), key=lambda r: -r[1][1]):
+        print(f"  {t / reps:8.1f} us  x{n / reps:4.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()

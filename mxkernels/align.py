@@ -1,0 +1,130 @@
+"""Routing alignment for the grouped GEMMs: (token, slot) rows sorted by expert, in one launch.
+
+Each expert's rows are padded to a multiple of BM (the GEMM's row tile), so a
+program of the GEMM serves exactly one expert. Shared experts are extra slots
+appended to every token's top-k (ids n_routed.., weight 1); the same launch
+writes the per-row routing weights. At decode the torch version of this took
+about 20 small kernels (some 40 us per layer on an H100, more than the GEMMs
+at 1 token); this is one single-program kernel: a histogram pass, a prefix
+sum, and a placement pass where an atomic cursor per expert hands out slots
+(so rows keep no order within an expert, which no row's result depends on).
+One program walks all rows, so large prefill batches keep the torch version.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_MAX_ROWS = 4096  # above this one program is slower than torch's parallel sort
+
+
+@triton.jit
+def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, EP: tl.constexpr):
+    """Expert and routing weight of rows ``r`` (row = token * SLOTS + slot); EP - 1 past the end."""
+    t = r // SLOTS
+    j = r % SLOTS
+    valid = r < n
+    routed = valid & (j < K)
+    e = tl.load(ids_ptr + t * K + j, mask=routed, other=0).to(tl.int32)
+    w = tl.load(w_ptr + t * K + j, mask=routed, other=1.0).to(tl.float32)
+    e = tl.where(routed, e, n_routed + j - K)
+    return tl.where(valid, e, EP - 1), w
+
+
+@triton.jit
+def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
+                     cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr):  # fmt: skip
+    bins = tl.arange(0, EP)
+    counts = tl.zeros((EP,), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        r = c0 + tl.arange(0, CHUNK)
+        e, w = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP)
+        tl.store(w_out_ptr + r, w, mask=r < n)
+        counts += tl.histogram(e, EP)
+    counts = tl.where(bins < E, counts, 0)  # the last bin also counted the rows past the end
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + bins, ends - padded)
+    tl.store(npp_ptr, tl.sum(padded, 0))
+    for c0 in range(0, cap, CHUNK):
+        p = c0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + p, n, mask=p < cap)  # padding rows read as n (past the end)
+    for b0 in range(0, cap // BM, BCHUNK):
+        b = b0 + tl.arange(0, BCHUNK)
+        be = tl.sum(((ends[None, :] <= b[:, None] * BM) & (bins[None, :] < E)).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.minimum(be, E - 1), mask=b < cap // BM)
+    tl.debug_barrier()  # cursors and the padding fill are in place before any row is
+    for c0 in range(0, n, CHUNK):
+        r = c0 + tl.arange(0, CHUNK)
+        e, _ = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP)
+        pos = tl.atomic_add(cursor_ptr + e, 1, mask=r < n)
+        tl.store(sorted_ptr + pos, r, mask=r < n)
+
+
+def capacity(rows: int, n_experts: int, bm: int) -> int:
+    """Length of sorted_ids: every expert's rows padded to bm, rounded up to bm."""
+    return (rows + n_experts * (bm - 1) + bm - 1) // bm * bm
+
+
+def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int, bm: int):
+    """(sorted_ids [cap] int64 (row index, or rows for padding), block_expert [cap / bm] int64,
+    num_post_pad [1], weights [rows] fp32) for top-k routing [T, k] with shared experts
+    ``n_routed..n_experts`` appended to every token; row = token * slots + slot. No host sync."""
+    t, k = topk_ids.shape
+    slots = k + n_experts - n_routed
+    rows = t * slots
+    dev = topk_ids.device
+    if rows > KERNEL_MAX_ROWS:
+        ids, w = extend_routing(topk_ids, topk_weights, n_experts, n_routed)
+        return (*sort_rows(ids.reshape(-1), n_experts, bm), w.reshape(-1))
+    cap = capacity(rows, n_experts, bm)
+    sorted_ids = torch.empty(cap, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(cap // bm, dtype=torch.int64, device=dev)
+    npp = torch.empty(1, dtype=torch.int64, device=dev)
+    w = torch.empty(rows, dtype=torch.float32, device=dev)
+    ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
+    cursor = torch.empty(ep, dtype=torch.int32, device=dev)
+    moe_align_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), sorted_ids, block_expert, npp, w,
+                           cursor, rows, n_routed, cap, K=k, SLOTS=slots, E=n_experts, EP=ep, BM=bm,
+                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 16))), BCHUNK=64,
+                           num_warps=8)  # fmt: skip
+    return sorted_ids, block_expert, npp, w
+
+
+def extend_routing(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the shared experts to every token's top-k, weight 1: ids [T, slots] int64, weights fp32."""
+    t = topk_ids.shape[0]
+    ids = topk_ids.to(torch.int64)
+    w = topk_weights.to(torch.float32)
+    n_shared = n_experts - n_routed
+    if n_shared:
+        dev = ids.device
+        ids = torch.cat([ids, torch.arange(n_routed, n_experts, device=dev).expand(t, n_shared)], dim=1)
+        w = torch.cat([w, torch.ones(t, n_shared, device=dev)], dim=1)
+    return ids, w
+
+
+def sort_rows(flat_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch version (large batches): rows sorted by expert (stable), each expert padded to bm."""
+    n = flat_ids.numel()
+    dev = flat_ids.device
+    # index_add_, not bincount: bincount syncs with the host on CUDA, which breaks graph capture
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).index_add_(0, flat_ids, torch.ones_like(flat_ids))
+    padded = (counts + bm - 1) // bm * bm
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.argsort(flat_ids, stable=True)
+    e_sorted = flat_ids[order]
+    first = torch.cumsum(counts, 0) - counts
+    pos = starts[e_sorted] + torch.arange(n, device=dev) - first[e_sorted]
+    cap = capacity(n, n_experts, bm)
+    sorted_ids = torch.full((cap,), n, dtype=torch.int64, device=dev)
+    sorted_ids[pos] = order
+    block_starts = torch.arange(0, cap, bm, device=dev)
+    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp(max=n_experts - 1)
+    return sorted_ids, block_expert, ends[-1:].clone()
