@@ -68,7 +68,7 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
     output columns per program row and depth ``k`` on a GPU of ``sms`` multiprocessors. BK never
     exceeds the smallest group of the layer, so one K tile of a grouped scheme has one scale and
     zero per column. ``override`` replaces fields (benchmarks compare variants with it)."""
-    per_expert = rows / max(n_experts, 1)
+    per_expert = rows / max(round(n_experts), 1)  # 8 experts that all get tokens: 7.9999 expected
     if per_expert <= DECODE_ROWS and codes_mask != 1:
         # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
         # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's

@@ -234,6 +234,31 @@ def cmd_profile(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: {len(prof.entries)} measurements on {prof.device}")
 
 
+def check_served_memory(a: argparse.Namespace) -> None:
+    """Too little free GPU memory for the weights of the plan, said before calibrating for it."""
+    import torch
+
+    from mxserve.models.loading import is_quantized_checkpoint
+    from mxserve.plan import Plan
+    from mxserve.preflight import check_gpu_memory, served_bytes
+    from mxserve.schemes import parse_budget
+
+    if not os.path.isdir(a.model):
+        return  # a hub id: its size is known once downloaded
+    if is_quantized_checkpoint(a.model):
+        bits, what = None, a.model
+    elif a.plan:
+        plan = Plan.load(a.plan)
+        bits = plan.summary.get("avg_bits", plan.budget_bits)
+        what = f"{a.model} with plan {a.plan}"
+    elif a.budget:
+        bits = parse_budget(a.budget)
+        what = f"{a.model} at {bits:g} bits"
+    else:
+        return
+    check_gpu_memory(served_bytes(a.model, bits), torch.cuda.mem_get_info()[0], what)
+
+
 def cmd_launch(a: argparse.Namespace) -> None:
     import shlex
 
@@ -258,6 +283,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         from mxserve.models.loading import read_config
 
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
+    if engine == "sglang":
+        check_served_memory(a)
     replan = a.replan_interval is not None
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,

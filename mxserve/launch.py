@@ -96,10 +96,14 @@ def resolve_checkpoint(s: LaunchSettings) -> str:
 
 def resolve(s: LaunchSettings) -> Resolved:
     """The checkpoint to serve, with the profile and budget it was planned from (for re-planning)."""
+    from mxserve.preflight import check_architecture, check_budget, check_model_path
+
+    check_model_path(s.model)
     if is_quantized_checkpoint(s.model):
         if s.budget or s.plan:
             log(f"{s.model} is already quantized; --budget/--plan are ignored")
         return Resolved(s.model)
+    check_architecture(s.model)
     from mxserve.calibrate import calibrate
     from mxserve.checkpoint import FORMAT_VERSION, quantize_to_dir
     from mxserve.costmodel import cost_model
@@ -116,6 +120,7 @@ def resolve(s: LaunchSettings) -> Resolved:
         if not s.budget:
             raise MxServeError("give --budget (e.g. 4bit) or --plan")
         budget = parse_budget(s.budget)
+        check_budget(budget, parse_schemes(None))  # before minutes of calibration for nothing
         data = s.calib_data or [builtin_calibration_text()]
         for d in data:
             if not os.path.isfile(d):

@@ -214,3 +214,58 @@ def test_old_checkpoint_format(capsys, tiny_models, tmp_path, calib_text):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     err = one_line(run_err(capsys, "eval", "--model", ckpt, "--data", calib_text))
     assert "format version 1" in err and "quantize the model again" in err
+
+
+# -- start-up errors of `mxserve launch`: one line, exit 2, before any long work ----------------
+
+
+def launch_err(capsys, monkeypatch, tmp_path, *args) -> str:
+    import time
+
+    monkeypatch.setenv("MXSERVE_CACHE", str(tmp_path / "cache"))  # nothing cached to lean on
+    t0 = time.monotonic()
+    err = one_line(run_err(capsys, "launch", "--engine", "embedded", "--port", "0", *args))
+    assert time.monotonic() - t0 < 5, "a start-up error must come before any long work"
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("calib-*")), "it calibrated"
+    return err
+
+
+def test_launch_impossible_budget(capsys, monkeypatch, tiny_models, tmp_path):
+    err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "0.5bit")
+    assert "0.5 bits" in err and "cheapest" in err and "w1a16g128" in err
+
+
+@pytest.mark.parametrize("path", ["{tmp}/no-such-model", "./no-such-model", "~/no/such/model"])
+def test_launch_local_path_that_does_not_exist(capsys, monkeypatch, tmp_path, path):
+    err = launch_err(capsys, monkeypatch, tmp_path, "--model", path.format(tmp=tmp_path), "--budget", "4bit")
+    assert "does not exist" in err and "repo" not in err.lower()
+
+
+def test_launch_unsupported_architecture(capsys, monkeypatch, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "llama")
+    err = launch_err(capsys, monkeypatch, tmp_path, "--model", tmp_path / "llama", "--budget", "4bit")
+    assert "unsupported architecture 'llama'" in err
+
+
+def test_served_memory_estimate_and_refusal(tiny_models):
+    from mxserve.errors import MxServeError
+    from mxserve.models.loading import load_model
+    from mxserve.preflight import check_gpu_memory, served_bytes, weight_params
+
+    path = str(tiny_models["qwen2_moe"])
+    model = load_model(path)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".shared_expert." in n)
+    total = sum(p.numel() for p in model.parameters())
+    tied = model.config.tie_word_embeddings * model.get_output_embeddings().weight.numel()
+    assert weight_params(path) == (experts, total - experts + tied)  # headers only, no weights read
+    need = served_bytes(path, 3.25)
+    assert need == int(experts * 3.25 / 8 + (total - experts + tied) * 2)
+    check_gpu_memory(need, 2 * need, "m")  # fits
+    with pytest.raises(MxServeError, match="needs about .* GiB of weights and the GPU has"):
+        check_gpu_memory(need, need, "m")  # no room for the KV cache

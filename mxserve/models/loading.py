@@ -10,6 +10,7 @@ from torch import nn
 
 from mxserve.errors import MxServeError
 from mxserve.models.adapters import arch_spec, moe_layers
+from mxserve.preflight import check_model_path
 
 QUANT_METHOD = "mxmoe"
 
@@ -36,6 +37,7 @@ def is_quantized_checkpoint(path: str) -> bool:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    check_model_path(path)
     if os.path.isdir(path):
         read_config(path)  # a directory that is no model is named as such, not as a tokenizer problem
     try:
@@ -48,6 +50,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """A supported MoE model in eval mode; unsupported or non-MoE models are a clear error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_model_path(path)
     if os.path.isdir(path):
         read_config(path)
     try:
