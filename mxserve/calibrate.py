@@ -79,7 +79,7 @@ def expert_inputs(view: MoELayerView, x: torch.Tensor, min_tokens: int) -> list[
     n_shared = len(view.experts()) - view.n_routed
     if n_shared:
         scale = view.shared_scale(x)
-        w = torch.ones(x.shape[0], 1) if scale is None else scale.float()
+        w = torch.ones(x.shape[0], 1, device=x.device) if scale is None else scale.float()
         out += [ExpertInputs(x, w, x.shape[0]) for _ in range(n_shared)]
     return out
 
@@ -137,7 +137,8 @@ def calibrate_layer(
     max_eval_tokens: int,
     seed: int,
 ) -> LayerStats:
-    gen = torch.Generator().manual_seed(seed + view.index)
+    gen = torch.Generator().manual_seed(seed + view.index)  # on the CPU: the same draws on any device
+    x = x.to(next(view.module.parameters()).device)
     experts = view.experts()
     inputs = expert_inputs(view, x, min_tokens)
     sel = torch.randperm(x.shape[0], generator=gen)[:max_eval_tokens]
@@ -172,10 +173,12 @@ def calibrate(
     seed: int = 0,
     hadamard_seed: int = 0,
     progress: bool = True,
+    device: str = "cpu",
 ) -> CalibrationProfile:
-    """Measure a model's calibration profile on the given text files."""
+    """Measure a model's calibration profile on the given text files; on ``device`` (the model
+    in fp32 there, the captured inputs on the CPU and one layer's at a time on the device)."""
     check_method(method)
-    model = load_model(model_path)
+    model = load_model(model_path, device=device)
     tok = load_tokenizer(model_path)
     views = moe_layers(model)
     windows = calibration_windows(data, tok, nsamples, seq_len, seed)

@@ -96,7 +96,8 @@ def layer_blocks(
         windows = calibration_windows(data, tokenizer, nsamples, seq_len)
         xs = capture_moe_inputs(model, views, windows, progress=progress)
     for pos, view in enumerate(tqdm(views, desc=f"quantize ({method})", disable=not progress)):
-        inputs = expert_inputs(view, xs[pos], min_tokens) if xs is not None else None
+        dev = next(view.module.parameters()).device  # captured inputs wait on the CPU, one layer at a time here
+        inputs = expert_inputs(view, xs[pos].to(dev), min_tokens) if xs is not None else None
         blocks = []
         for e, ew in enumerate(view.experts()):
             hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
@@ -108,8 +109,8 @@ def quantize_expert(block: tuple, s_gu: Scheme, s_d: Scheme, method: str, hadama
     """One expert's blocks (an item of :func:`layer_blocks`) in the given schemes."""
     ew, gate_up, down, hess = block
     return QuantizedExpert(
-        quantize_linear(gate_up, s_gu, method, hess.get("gate"), hadamard_seed),
-        quantize_linear(down, s_d, method, hess.get("down"), hadamard_seed),
+        quantize_linear(gate_up, s_gu, method, hess.get("gate"), hadamard_seed).to("cpu"),
+        quantize_linear(down, s_d, method, hess.get("down"), hadamard_seed).to("cpu"),
         ew.shared,
     )
 
@@ -284,15 +285,15 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
     return model.to(device).eval(), plan
 
 
-def quantize_to_dir(
-    model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128, progress: bool = True
-) -> None:
-    """The `mxserve quantize` pipeline: load, quantize by the plan, write."""
+def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128,
+                    progress: bool = True, device: str = "cpu") -> None:  # fmt: skip
+    """The `mxserve quantize` pipeline: load, quantize by the plan (on ``device``), write."""
     from mxserve.models.loading import load_model
 
-    model = load_model(model_path)
+    model = load_model(model_path, device=device)
     if plan.model_type != model_type(model):
         raise MxServeError(f"plan is for a {plan.model_type} model, {model_path} is {model_type(model)}")
     tok = load_tokenizer(model_path)
-    install_layers(model, quantize_layers(model, plan, data, tok, nsamples=nsamples, progress=progress))
+    qlayers = quantize_layers(model, plan, data, tok, nsamples=nsamples, progress=progress)  # blocks on the CPU
+    install_layers(model.to("cpu"), qlayers)
     write_checkpoint(model, plan, out_dir, model_path, tok)

@@ -41,6 +41,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
         seed=a.seed,
         hadamard_seed=a.hadamard_seed,
         progress=not a.quiet,
+        device=work_device(a.device),
     )
     prof.save(a.out)
     n_exp = sum(len(lay.experts) for lay in prof.layers)
@@ -147,7 +148,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from mxserve.plan import Plan
 
     plan = Plan.load(a.plan)
-    quantize_to_dir(a.model, plan, a.out, data=a.data, nsamples=a.nsamples, progress=not a.quiet)
+    quantize_to_dir(a.model, plan, a.out, data=a.data, nsamples=a.nsamples, progress=not a.quiet,
+                    device=work_device(a.device))
     print(f"wrote {a.out}: {plan.method} checkpoint, avg bits {plan.summary.get('avg_bits', plan.budget_bits):.3f}")
 
 
@@ -289,7 +291,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
-        progress=not a.quiet,
+        progress=not a.quiet, device=work_device(a.device),
     )
     if replan and (a.plan or not a.budget):
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
@@ -307,6 +309,20 @@ def cmd_launch(a: argparse.Namespace) -> None:
                               a.bf16_layers or "sglang", stats, online.ladder_path if online else None))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
           stats, online)
+
+
+def work_device(text: str) -> str:
+    """--device of calibration and quantization: 'auto' is the GPU when there is one."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and not torch.cuda.is_available():
+        raise MxServeError("--device cuda: no CUDA GPU here (--device cpu, or auto)")
+    return text
+
+
+DEVICE_HELP = "where calibration and quantization run: auto (the GPU when there is one), cpu or cuda"
 
 
 def _positive_int(text: str) -> int:
@@ -348,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--calib-data", nargs="+", help="calibration text (default: built-in stdlib source text)")
     la.add_argument("--method", default="gptq-had", choices=METHOD_CHOICES)
     la.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration windows of 512 tokens")
+    la.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     la.add_argument("--r", type=float, default=1.0, help="planner accuracy weight (1 accuracy only, 0 latency)")
     la.add_argument("--plan-tokens", type=_positive_int, default=64, help="tokens per forward the plan targets")
     la.add_argument("--kernel-profile", help="measured kernel profile for the planner's latency term")
@@ -397,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--hadamard-seed", type=int, default=0)
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="profile file to write (JSON)")
     c.set_defaults(func=cmd_calibrate)
@@ -443,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", required=True)
     q.add_argument("--data", nargs="+", help="calibration text for GPTQ (default: the plan's)")
     q.add_argument("--nsamples", type=_positive_int, default=128)
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)

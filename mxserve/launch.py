@@ -76,6 +76,7 @@ class LaunchSettings:
     tokens: int = 64
     kernel_profile: str | None = None
     progress: bool = True
+    device: str = "cpu"  # where calibration and quantization run
 
 
 def log(msg: str) -> None:
@@ -131,9 +132,9 @@ def resolve(s: LaunchSettings) -> Resolved:
             log(f"calibration profile from cache: {prof_path}")
             prof = CalibrationProfile.load(prof_path)
         else:
-            log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens) ...")
+            log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens, on {s.device}) ...")
             prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
-                             progress=s.progress)
+                             progress=s.progress, device=s.device)
             prof.save(prof_path)
         res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile))
         plan = res.plan
@@ -144,7 +145,7 @@ def resolve(s: LaunchSettings) -> Resolved:
         log(f"quantized checkpoint from cache: {out}")
         return Resolved(out, prof, budget)
     log(f"quantizing to {out} ...")
-    quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress)
+    quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress, device=s.device)
     return Resolved(out, prof, budget)
 
 

@@ -34,7 +34,7 @@ def gptq(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(h))
-    h += damp * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.eye(k, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     g = family.group_size(k)
@@ -43,8 +43,8 @@ def gptq(
     scales = zeros = None
     if family.scheme.family != "none":
         s0, z0 = family.fit(w)
-        scales = torch.empty(n, ngroups) if s0 is not None else None
-        zeros = torch.empty(n, ngroups) if z0 is not None else None
+        scales = torch.empty(n, ngroups, device=w.device) if s0 is not None else None
+        zeros = torch.empty(n, ngroups, device=w.device) if z0 is not None else None
         if g == k:  # per-channel: fit once on the whole row
             scales, zeros = s0, z0
     q_all = torch.zeros_like(w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class QuantizedLinear:
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     hadamard_seed: int | None = None
+
+    def to(self, device) -> QuantizedLinear:
+        """The same block with its tensors on ``device``."""
+        move = {f: getattr(self, f) for f in ("qweight", "scales", "zeros")}
+        return dataclasses.replace(self, **{f: None if t is None else t.to(device) for f, t in move.items()})
 
     def codes(self) -> torch.Tensor:
         if self.scheme.family == "int":
