@@ -1,0 +1,1 @@
+"""Multi-GPU layouts of the mixed-precision experts: expert and tensor parallel sharding."""

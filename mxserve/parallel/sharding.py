@@ -1,0 +1,132 @@
+"""How one layer's mixed-precision experts split over the ranks of SGLang's parallel groups.
+
+Expert parallel (EP): each rank holds whole routed experts, a contiguous range as
+SGLang assigns them, each in its own scheme; the shared experts are on every rank
+and run on rank 0 only (their output is added once in the all-reduce). The plan's
+budget must hold per rank too, or one GPU holds more bytes than the plan promised.
+
+Tensor parallel (TP): each expert's gate and up are split by output rows, down by
+input columns; the ranks' partial outputs add up in SGLang's all-reduce. A row split
+keeps every scheme (rows are independent). A column split of down must keep whole
+quantization groups and whole packed words on each rank, and cannot carry an input
+transform that spans all columns: the Hadamard rotation (gptq-had) and the per-token
+activation scale of w8a8fp8 / w4a4 / w8a8 (one amax over the whole row). Those are
+refused with the reason, before any weight moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mxserve.errors import MxServeError
+from mxserve.quant.packing import planes
+from mxserve.quant.qlinear import QuantizedLinear
+from mxserve.runtime.moe_layer import QuantizedExpert
+
+
+def ep_range(n_routed: int, ep_size: int, rank: int) -> range:
+    """The routed experts rank ``rank`` holds (contiguous, as SGLang's expert parallel assigns)."""
+    if n_routed % ep_size:
+        raise MxServeError(f"--ep {ep_size}: {n_routed} routed experts do not split evenly over {ep_size} ranks")
+    per = n_routed // ep_size
+    return range(rank * per, (rank + 1) * per)
+
+
+def ep_rank_bits(experts: list[QuantizedExpert], n_routed: int, ep_size: int) -> list[float]:
+    """Average bits per weight of each rank's experts (its routed range plus the shared ones)."""
+    shared = experts[n_routed:]
+    out = []
+    for rank in range(ep_size):
+        mine = [experts[i] for i in ep_range(n_routed, ep_size, rank)] + shared
+        bits = params = 0.0
+        for e in mine:
+            for ql in e.linears():
+                bits += ql.scheme.bits_per_weight(ql.k) * ql.n * ql.k
+                params += ql.n * ql.k
+        out.append(bits / params)
+    return out
+
+
+def check_ep_budget(experts: list[QuantizedExpert], n_routed: int, ep_size: int, budget: float,
+                    layer: int = 0) -> None:  # fmt: skip
+    """Every rank's experts within ``budget`` bits per weight (1e-6 slack for float sums)."""
+    for rank, bits in enumerate(ep_rank_bits(experts, n_routed, ep_size)):
+        if bits > budget + 1e-6:
+            raise MxServeError(f"layer {layer}: rank {rank} of --ep {ep_size} would hold {bits:.3f} bits per weight, "
+                               f"over the {budget:g}-bit budget (the plan meets it only on average)")  # fmt: skip
+
+
+def tp_refusal(ql: QuantizedLinear, tp: int) -> str | None:
+    """Why ``ql`` (a down block) cannot be split ``tp`` ways by input columns, or None."""
+    if ql.k % tp:
+        return f"{ql.k} columns do not split {tp} ways"
+    part = ql.k // tp
+    s = ql.scheme
+    if ql.hadamard_seed is not None:
+        return "its input is Hadamard-rotated over all columns (gptq-had); quantize with gptq or rtn for TP"
+    if s.a_bits < 16:
+        return f"{s.name} quantizes activations with one scale over the whole row"
+    if s.family == "int":
+        if s.group is not None and part % s.group:
+            return f"{part} columns per rank are not whole groups of {s.group}"
+        for p in planes(s.w_bits):
+            if part * p % 32:
+                return f"{part} columns per rank are not whole 32-bit words of {p}-bit codes"
+    return None
+
+
+def check_tp(experts: list[QuantizedExpert], tp: int, layer: int = 0) -> None:
+    """Refuse a layer whose blocks cannot be split ``tp`` ways, naming the block and the reason."""
+    for e, qe in enumerate(experts):
+        inter = qe.gate_up.n // 2
+        for name, ql, why in (("gate_up", qe.gate_up, f"{inter} rows do not split {tp} ways" if inter % tp else None),
+                              ("down", qe.down, tp_refusal(qe.down, tp))):
+            if why:
+                raise MxServeError(f"--tp {tp}: layer {layer} expert {e} {name} ({ql.scheme.name}) cannot be split: "
+                                   f"{why}")  # fmt: skip
+
+
+def _rows(ql: QuantizedLinear, parts: list[slice]) -> QuantizedLinear:
+    import torch
+
+    def take(t):
+        return None if t is None else torch.cat([t[p] for p in parts])
+
+    n = sum(p.stop - p.start for p in parts)
+    return dataclasses.replace(ql, n=n, qweight=take(ql.qweight), scales=take(ql.scales), zeros=take(ql.zeros))
+
+
+def _cols(ql: QuantizedLinear, tp: int, rank: int) -> QuantizedLinear:
+    import torch
+
+    k = ql.k // tp
+    s = ql.scheme
+    if s.family == "int":  # each bit plane's words of this rank's columns, planes kept in order
+        words, start = [], 0
+        for p in planes(s.w_bits):
+            per = ql.k * p // 32
+            words.append(ql.qweight[:, start + rank * per // tp : start + (rank + 1) * per // tp])
+            start += per
+        qweight = torch.cat(words, dim=1)
+    else:
+        qweight = ql.qweight[:, rank * k : (rank + 1) * k]
+
+    def groups(t):
+        if t is None or t.shape[1] == 1:  # per-channel: one scale per row holds for any columns
+            return t
+        g = t.shape[1] // tp
+        return t[:, rank * g : (rank + 1) * g]
+
+    return dataclasses.replace(ql, k=k, qweight=qweight.contiguous(), scales=groups(ql.scales),
+                               zeros=groups(ql.zeros))  # fmt: skip
+
+
+def tp_shard(expert: QuantizedExpert, tp: int, rank: int) -> QuantizedExpert:
+    """Rank ``rank``'s part of an expert: its slice of the gate rows and of the up rows (the fused
+    block keeps gate first), and the matching input columns of down."""
+    check_tp([expert], tp)
+    inter = expert.gate_up.n // 2
+    per = inter // tp
+    gate = slice(rank * per, (rank + 1) * per)
+    up = slice(inter + rank * per, inter + (rank + 1) * per)
+    return QuantizedExpert(_rows(expert.gate_up, [gate, up]), _cols(expert.down, tp, rank), expert.shared)

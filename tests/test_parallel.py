@@ -1,0 +1,103 @@
+"""Expert- and tensor-parallel sharding of a mixed-precision layer (CPU: ranks simulated, their
+outputs added as SGLang's all-reduce adds them)."""
+
+import pytest
+import torch
+
+from mxkernels.reference import moe_reference
+from mxserve.errors import MxServeError
+from mxserve.parallel.sharding import check_ep_budget, check_tp, ep_range, ep_rank_bits, tp_shard
+from mxserve.quant.gptq import hessian
+from mxserve.quant.qlinear import quantize_linear
+from mxserve.runtime.moe_layer import QuantizedExpert
+from mxserve.schemes import get_scheme
+
+H, INTER, ROUTED, SHARED, K = 256, 256, 8, 1, 2
+# weight-only schemes of every bit width and group size, and bf16: all split by columns at TP 2
+SPLITTABLE = ["w4a16g128", "w3a16g128", "w2a16g32", "w1a16g128", "w8a16", "bf16"]
+
+
+def layer(gate_up_schemes, down_schemes, method="rtn", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, H, generator=gen)
+    experts = []
+    for e in range(ROUTED + SHARED):
+        gu = torch.randn(2 * INTER, H, generator=gen) * 0.05
+        d = torch.randn(H, INTER, generator=gen) * 0.05
+        s1 = get_scheme(gate_up_schemes[e % len(gate_up_schemes)])
+        s2 = get_scheme(down_schemes[e % len(down_schemes)])
+        h1 = hessian(x) if method != "rtn" else None
+        h2 = hessian(torch.randn(128, INTER, generator=gen)) if method != "rtn" else None
+        experts.append(QuantizedExpert(quantize_linear(gu, s1, method, h1, 0), quantize_linear(d, s2, method, h2, 0),
+                                       e >= ROUTED))  # fmt: skip
+    return experts
+
+
+def forward(experts, x, ids, w, scale):
+    return moe_reference(x, ids, w, [e.linears() for e in experts],
+                         [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts], ROUTED, scale)  # fmt: skip
+
+
+def inputs(seed=1, t=24):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, H, generator=gen)
+    w, ids = torch.topk(torch.softmax(torch.randn(t, ROUTED, generator=gen), -1), K)
+    return x, ids, w, torch.sigmoid(torch.randn(t, 1, generator=gen))
+
+
+@pytest.mark.parametrize("tp,group", [(2, 128), (4, 32)])  # 128 and 64 columns of down per rank
+def test_tensor_parallel_shards_add_up_to_the_whole_layer(tp, group):
+    schemes = [s.replace("g128", f"g{group}").replace("g32", f"g{group}") for s in SPLITTABLE]
+    experts = layer(schemes, list(reversed(schemes)))
+    x, ids, w, scale = inputs()
+    whole = forward(experts, x, ids, w, scale)
+    ranks = [forward([tp_shard(e, tp, r) for e in experts], x, ids, w, scale) for r in range(tp)]
+    gate_up, down = tp_shard(experts[0], tp, 0).linears()
+    assert (gate_up.n, gate_up.k, down.n, down.k) == (2 * INTER // tp, H, H, INTER // tp)
+    total = torch.stack(ranks).sum(0)  # the all-reduce
+    assert ((total - whole).norm() / whole.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "down,tp,why",
+    [
+        ("w4a4", 2, "activations"),
+        ("w8a8fp8", 2, "activations"),
+        ("w4a16g128", 4, "whole groups of 128"),  # 64 columns per rank
+        ("w1a16", 16, "32-bit words of 1-bit codes"),  # 16 columns per rank, per-channel scales
+    ],
+)
+def test_tensor_parallel_refuses_what_cannot_split(down, tp, why):
+    experts = layer(["w4a16g128"], [down])
+    with pytest.raises(MxServeError, match=why):
+        check_tp(experts, tp)
+    check_tp(layer(["w4a16g128"], ["w4a16g128"]), 2)  # the same layer in a splittable scheme passes
+
+
+def test_tensor_parallel_refuses_rotated_down_blocks():
+    experts = layer(["w4a16g128"], ["w4a16g128"], method="gptq-had")
+    with pytest.raises(MxServeError, match="Hadamard"):
+        check_tp(experts, 2)
+
+
+def test_expert_parallel_ranks_add_up_and_budget_holds_per_rank():
+    plan = ["w4a16g128"] * 4 + ["w2a16g128"] * 4 + ["w4a16g128"]  # routed 0-3 at 4 bits, 4-7 at 2, shared 4
+    experts = layer(plan, plan)
+    x, ids, w, scale = inputs(seed=3)
+    whole = forward(experts, x, ids, w, scale)
+    parts = []
+    for rank in range(2):
+        mine = torch.isin(ids, torch.tensor(list(ep_range(ROUTED, 2, rank))))
+        out = forward(experts, x, ids, w * mine, scale)  # other ranks' experts get no weight here
+        if rank:  # the shared expert runs on rank 0 only
+            out = out - forward(experts, x, ids, torch.zeros_like(w), scale)
+        parts.append(out)
+    assert ((torch.stack(parts).sum(0) - whole).norm() / whole.norm()).item() < 1e-5
+    bits = ep_rank_bits(experts, ROUTED, 2)
+    assert bits[0] > 4 > bits[1] > 2
+    total = sum(bits) / 2
+    check_ep_budget(experts, ROUTED, 2, bits[0])  # the tighter rank's bits: fits
+    with pytest.raises(MxServeError, match="rank 0 of --ep 2 would hold"):
+        check_ep_budget(experts, ROUTED, 2, total + 0.01)  # fits on average, not on rank 0
+    with pytest.raises(MxServeError, match="do not split evenly"):
+        ep_range(ROUTED, 3, 0)
