@@ -23,7 +23,7 @@ from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView, model_t
 from mxserve.models.loading import load_model, load_tokenizer
 from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
 from mxserve.quant.gptq import hessian
-from mxserve.quant.qlinear import check_method, quantize_linear
+from mxserve.quant.qlinear import check_method, quantize_linears
 from mxserve.schemes import Scheme
 
 
@@ -92,38 +92,46 @@ def block_hessians(ew: ExpertWeights, x: torch.Tensor) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def measure_expert(
-    ew: ExpertWeights,
-    inp: ExpertInputs,
+def measure_experts(
+    experts: list[ExpertWeights],
+    inputs: list[ExpertInputs],
     schemes: list[Scheme],
     method: str,
     hadamard_seed: int,
     max_eval_tokens: int,
     gen: torch.Generator,
-) -> dict[str, dict[str, float]]:
-    """err[block][scheme]: mean ||w_t (y'_t - y_t)||^2 with only that block quantized."""
-    w = {b: ew.block(b).float() for b in BLOCKS}
-    hess = block_hessians(ew, inp.x) if method != "rtn" else {b: None for b in BLOCKS}
-    n = inp.x.shape[0]
-    sel = torch.randperm(n, generator=gen)[:max_eval_tokens] if n > max_eval_tokens else slice(None)
-    xs, ws = inp.x[sel], inp.w[sel]
-    g, u = xs @ w["gate"].T, xs @ w["up"].T
-    a = nn.functional.silu(g) * u
-    y = a @ w["down"].T
-    err: dict[str, dict[str, float]] = {b: {} for b in BLOCKS}
+) -> list[dict[str, dict[str, float]]]:
+    """Per expert, err[block][scheme]: mean ||w_t (y'_t - y_t)||^2 with only that block quantized.
+
+    Each (scheme, block) is quantized for all experts of the layer at once (their blocks share
+    a shape): GPTQ's column loop then runs once per layer instead of once per expert."""
+    prep = []
+    for ew, inp in zip(experts, inputs):
+        w = {b: ew.block(b).float() for b in BLOCKS}
+        hess = block_hessians(ew, inp.x) if method != "rtn" else {b: None for b in BLOCKS}
+        n = inp.x.shape[0]
+        sel = torch.randperm(n, generator=gen)[:max_eval_tokens] if n > max_eval_tokens else slice(None)
+        xs, ws = inp.x[sel], inp.w[sel]
+        g, u = xs @ w["gate"].T, xs @ w["up"].T
+        a = nn.functional.silu(g) * u
+        prep.append((w, hess, xs, ws, g, u, a, a @ w["down"].T))
+    errs: list[dict[str, dict[str, float]]] = [{b: {} for b in BLOCKS} for _ in experts]
     for s in schemes:
         for b in BLOCKS:
-            if not s.supports(w[b].shape[1]):
+            idx = [i for i, p in enumerate(prep) if s.supports(p[0][b].shape[1])]
+            if not idx:
                 continue
-            q = quantize_linear(w[b], s, method, hess[b], hadamard_seed)
-            if b == "gate":
-                y2 = (nn.functional.silu(q.forward(xs)) * u) @ w["down"].T
-            elif b == "up":
-                y2 = (nn.functional.silu(g) * q.forward(xs)) @ w["down"].T
-            else:
-                y2 = q.forward(a)
-            err[b][s.name] = float((((y2 - y) * ws) ** 2).sum(dim=1).mean())
-    return err
+            qs = quantize_linears([prep[i][0][b] for i in idx], s, method, [prep[i][1][b] for i in idx], hadamard_seed)
+            for i, q in zip(idx, qs):
+                w, _, xs, ws, g, u, a, y = prep[i]
+                if b == "gate":
+                    y2 = (nn.functional.silu(q.forward(xs)) * u) @ w["down"].T
+                elif b == "up":
+                    y2 = (nn.functional.silu(g) * q.forward(xs)) @ w["down"].T
+                else:
+                    y2 = q.forward(a)
+                errs[i][b][s.name] = float((((y2 - y) * ws) ** 2).sum(dim=1).mean())
+    return errs
 
 
 @torch.no_grad()
@@ -145,8 +153,8 @@ def calibrate_layer(
     y = view.module(x[sel].unsqueeze(0).to(next(view.module.parameters()).dtype)).float()
     energy = float((y**2).sum(dim=-1).mean())
     stats = []
-    for e, (ew, inp) in enumerate(zip(experts, inputs)):
-        err = measure_expert(ew, inp, schemes, method, hadamard_seed, max_eval_tokens, gen)
+    errs = measure_experts(experts, inputs, schemes, method, hadamard_seed, max_eval_tokens, gen)
+    for e, (ew, inp, err) in enumerate(zip(experts, inputs, errs)):
         stats.append(
             ExpertStats(
                 expert=e,

@@ -36,7 +36,7 @@ from mxserve.errors import MxServeError
 from mxserve.models.adapters import MoELayerView, decoder_layers, model_type, moe_layers
 from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
 from mxserve.plan import Plan
-from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linear
+from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linears
 from mxserve.runtime.moe_layer import MxMoELayer, QuantizedExpert
 from mxserve.schemes import Scheme
 
@@ -105,14 +105,19 @@ def layer_blocks(
         yield view, blocks
 
 
-def quantize_expert(block: tuple, s_gu: Scheme, s_d: Scheme, method: str, hadamard_seed: int) -> QuantizedExpert:
-    """One expert's blocks (an item of :func:`layer_blocks`) in the given schemes."""
-    ew, gate_up, down, hess = block
-    return QuantizedExpert(
-        quantize_linear(gate_up, s_gu, method, hess.get("gate"), hadamard_seed).to("cpu"),
-        quantize_linear(down, s_d, method, hess.get("down"), hadamard_seed).to("cpu"),
-        ew.shared,
-    )
+def quantize_experts(blocks: list[tuple], s_gu: list[Scheme], s_d: list[Scheme], method: str,
+                     hadamard_seed: int) -> list[QuantizedExpert]:  # fmt: skip
+    """Experts' blocks (items of :func:`layer_blocks`) in the given schemes, returned on the CPU;
+    the blocks that share a scheme are quantized as one batch (quantize_linears)."""
+    out: list[list] = [[None, None] for _ in blocks]
+    for pos, schemes, hess_key in ((1, s_gu, "gate"), (2, s_d, "down")):
+        for s in dict.fromkeys(schemes):
+            idx = [i for i, x in enumerate(schemes) if x == s]
+            qs = quantize_linears([blocks[i][pos] for i in idx], s, method, [blocks[i][3].get(hess_key) for i in idx],
+                                  hadamard_seed)  # fmt: skip
+            for i, q in zip(idx, qs):
+                out[i][pos - 1] = q.to("cpu")
+    return [QuantizedExpert(gu, d, b[0].shared) for (gu, d), b in zip(out, blocks)]
 
 
 def quantize_layers(
@@ -132,8 +137,10 @@ def quantize_layers(
     for view, blocks in layer_blocks(model, method, data or plan.data, tokenizer, nsamples, seq_len, min_tokens,
                                      progress):
         lp = plan.layer(view.index)
-        out.append([quantize_expert(b, lp.experts[e].scheme("gate"), lp.experts[e].scheme("down"), method,
-                                    plan.hadamard_seed) for e, b in enumerate(blocks)])
+        experts = range(len(blocks))
+        out.append(quantize_experts(blocks, [lp.experts[e].scheme("gate") for e in experts],
+                                    [lp.experts[e].scheme("down") for e in experts], method,
+                                    plan.hadamard_seed))  # fmt: skip
     return out
 
 

@@ -109,3 +109,22 @@ def test_activation_quantization_is_per_token():
     assert quantize_activation(x, get_scheme("w4a16g128")) is x
     x8 = quantize_activation(x, get_scheme("w8a8fp8"))
     assert torch.allclose(x8, x, rtol=0.07)
+
+
+@pytest.mark.parametrize("name", ["w4a16g128", "w3a16g32", "w1a16g128", "w8a16", "w8a8fp8", "w4a4"])
+def test_gptq_batched_over_experts_equals_one_at_a_time(name):
+    # a layer's experts are quantized as one batch (calibration, checkpoints, the ladder)
+    from mxserve.quant.families import family_for
+    from mxserve.quant.gptq import gptq
+
+    gen = torch.Generator().manual_seed(1)
+    fam = family_for(get_scheme(name))
+    w = torch.randn(4, 32, 256, generator=gen)
+    h = torch.stack([hessian(torch.randn(300, 256, generator=gen)) for _ in range(4)])
+    h[2, 5, :] = 0  # a dead input in one expert only
+    h[2, :, 5] = 0
+    batched = gptq(w, h, fam)
+    for i in range(4):
+        single = gptq(w[i], h[i], fam)
+        for b, s in zip(batched, single):
+            assert (b is None and s is None) or torch.equal(b[i], s)

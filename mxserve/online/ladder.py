@@ -2,7 +2,7 @@
 
 A swap to a new plan is then a read, not a quantization: no calibration pass
 and no GPTQ at swap time. Blocks are quantized by the same code as the offline
-quantizer (checkpoint.layer_blocks / quantize_expert, same calibration windows
+quantizer (checkpoint.layer_blocks / quantize_experts, same calibration windows
 and Hessians), so a block read from the ladder is the tensor `mxserve quantize`
 writes for that scheme. The file is memory-mapped: a swap reads only the
 blocks whose scheme changes.
@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mxserve.checkpoint import DOWN, GATE_UP, expert_param, layer_blocks, quantize_expert, rotation_seed
+from mxserve.checkpoint import DOWN, GATE_UP, expert_param, layer_blocks, quantize_experts, rotation_seed
 from mxserve.errors import MxServeError
 from mxserve.jsonio import corrupt, read_versioned, write_json
 from mxserve.models.adapters import model_type
@@ -80,11 +80,10 @@ def build_ladder(model, out_dir: str, schemes: list[str], method: str, data: lis
     layers = []
     for view, blocks in layer_blocks(model, method, data, tokenizer, nsamples, progress=progress):
         layers.append({"layer": view.index, "shared": [b[0].shared for b in blocks]})
-        for e, b in enumerate(blocks):
-            for s in sch:
-                if not s.supports(b[1].shape[1]) or not s.supports(b[2].shape[1]):
-                    continue
-                qe = quantize_expert(b, s, s, method, hadamard_seed)
+        for s in sch:
+            idx = [e for e, b in enumerate(blocks) if s.supports(b[1].shape[1]) and s.supports(b[2].shape[1])]
+            qes = quantize_experts([blocks[e] for e in idx], [s] * len(idx), [s] * len(idx), method, hadamard_seed)
+            for e, qe in zip(idx, qes):
                 tensors.update(qe.gate_up.tensors(_name(view.index, s.name, e, GATE_UP)))
                 tensors.update(qe.down.tensors(_name(view.index, s.name, e, DOWN)))
     meta = LadderMeta(model_type(model), method, hadamard_seed, [s.name for s in sch], list(data or []), nsamples,

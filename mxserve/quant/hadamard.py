@@ -55,4 +55,4 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def rotate_hessian(h: torch.Tensor, seed: int) -> torch.Tensor:
     """R^T H R, the Hessian of rotated inputs, from the Hessian of the originals."""
-    return rotate(rotate(h, seed).T.contiguous(), seed).T.contiguous()
+    return rotate(rotate(h, seed).transpose(-1, -2).contiguous(), seed).transpose(-1, -2).contiguous()

@@ -120,37 +120,45 @@ def quantize_linear(
 
     bf16 is stored unrotated whatever the method: there is nothing to spread.
     """
+    return quantize_linears([w], scheme, method, [h], hadamard_seed)[0]
+
+
+def quantize_linears(
+    ws: list[torch.Tensor],
+    scheme: Scheme,
+    method: str = "rtn",
+    hs: list[torch.Tensor | None] | None = None,
+    hadamard_seed: int = 0,
+) -> list[QuantizedLinear]:
+    """:func:`quantize_linear` for blocks of one shape in one scheme (a layer's experts), as one
+    batch: GPTQ runs its column loop once for all of them (gptq.py), with the same results."""
     check_method(method)
-    n, k = w.shape
+    n, k = ws[0].shape
     if not scheme.supports(k):
         raise MxServeError(f"scheme {scheme.name} cannot quantize a block with K={k}")
     fam = family_for(scheme)
     seed = None
-    w = w.detach().to(torch.float32)
+    w = torch.stack([x.detach().to(torch.float32) for x in ws])
     if scheme.family == "none":
-        return QuantizedLinear(scheme, n, k, w.to(torch.bfloat16))
+        return [QuantizedLinear(scheme, n, k, x.to(torch.bfloat16)) for x in w]
+    hs = hs if hs is not None else [None] * len(ws)
+    if method != "rtn" and any(h is None for h in hs):
+        raise MxServeError(f"method {method} needs calibration inputs (a Hessian)")
+    h = torch.stack(hs) if method != "rtn" else None
     if method == "gptq-had":
         seed = hadamard_seed
         w = hadamard.rotate(w, seed)
-        if h is not None:
-            h = hadamard.rotate_hessian(h, seed)
+        h = hadamard.rotate_hessian(h, seed)
     if method == "rtn":
-        scales, zeros = fam.fit(w)
-        codes = fam.encode(w, scales, zeros)
+        scales, zeros = fam.fit(w.view(-1, k))
+        codes = fam.encode(w.view(-1, k), scales, zeros)
+        codes, scales, zeros = (None if t is None else t.view(len(ws), n, -1) for t in (codes, scales, zeros))
     else:
-        if h is None:
-            raise MxServeError(f"method {method} needs calibration inputs (a Hessian)")
         codes, scales, zeros = gptq(w, h, fam)
-    if scheme.family == "int":
-        qweight = pack(codes, scheme.w_bits)
-    else:
-        qweight = codes
-    return QuantizedLinear(
-        scheme,
-        n,
-        k,
-        qweight,
-        None if scales is None else scales.to(torch.bfloat16),
-        None if zeros is None else zeros.to(torch.bfloat16),
-        seed,
-    )
+    out = []
+    for i in range(len(ws)):
+        qweight = pack(codes[i], scheme.w_bits) if scheme.family == "int" else codes[i]
+        out.append(QuantizedLinear(scheme, n, k, qweight,
+                                   None if scales is None else scales[i].to(torch.bfloat16),
+                                   None if zeros is None else zeros[i].to(torch.bfloat16), seed))  # fmt: skip
+    return out
