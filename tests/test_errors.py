@@ -269,3 +269,20 @@ def test_served_memory_estimate_and_refusal(tiny_models):
     check_gpu_memory(need, 2 * need, "m")  # fits
     with pytest.raises(MxServeError, match="needs about .* GiB of weights and the GPU has"):
         check_gpu_memory(need, need, "m")  # no room for the KV cache
+
+
+def test_hub_ids_are_not_taken_for_missing_paths():
+    from mxserve.errors import MxServeError
+    from mxserve.preflight import check_model_path
+
+    for repo_id in ("Qwen/Qwen1.5-MoE-A2.7B", "mistralai/Mixtral-8x7B-v0.1", "gpt2"):
+        check_model_path(repo_id)  # left to the hub (offline here), not refused as a path
+    with pytest.raises(MxServeError, match="is a file"):
+        check_model_path(__file__)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu(capsys, tiny_models, calib_text, tmp_path):
+    err = one_line(run_err(capsys, "calibrate", "--model", tiny_models["olmoe"], "--data", calib_text, "--device",
+                           "cuda", "--out", tmp_path / "p.json"))  # fmt: skip
+    assert "no CUDA GPU" in err
