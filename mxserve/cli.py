@@ -76,6 +76,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         time_limit=a.time_limit,
         schemes=schemes,
         solver=a.solver,
+        ep=a.ep,
     )
     for w in res.warnings:
         print(f"mxserve: warning: {w}", file=sys.stderr)
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: certified greedy knapsack per layer, the ILP where it is not proven within 1%% "
                          "(and for --granularity model); ilp: the integer program throughout")
     pl.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds, in all")
+    pl.add_argument("--ep", type=_positive_int, default=1,
+                    help="plan for N expert-parallel ranks: the budget holds on every rank's experts of a layer")
     pl.add_argument("--out", required=True, help="plan file to write (JSON)")
     pl.add_argument("--plot", help="also draw the precision map and the L/T frontier to this PNG")
     pl.set_defaults(func=cmd_plan)

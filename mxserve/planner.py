@@ -212,6 +212,19 @@ class _Scope:
         return out
 
 
+def _rank_groups(units: list[Unit], n_routed: int, ep: int) -> list[list[Unit]]:
+    """A layer's units as budget scopes: all of them, or with ``ep`` ranks the shared experts and
+    each rank's contiguous range of routed experts (SGLang's expert-parallel assignment)."""
+    if ep == 1:
+        return [units]
+    if n_routed % ep:
+        raise MxServeError(f"--ep {ep}: {n_routed} routed experts do not split evenly over {ep} ranks")
+    per = n_routed // ep
+    groups = [[u for u in units if u.shared]] + [[u for u in units if not u.shared and u.expert // per == r]
+                                                 for r in range(ep)]  # fmt: skip
+    return [g for g in groups if g]
+
+
 def plan_terms(
     profile: CalibrationProfile, plan: Plan, tokens: int, cost: CostModel, freqs: list[list[float]] | None = None
 ) -> tuple[float, float]:
@@ -253,6 +266,7 @@ def solve_plan(
     freqs: list[list[float]] | None = None,
     schemes: list[str] | None = None,
     solver: str = "auto",
+    ep: int = 1,
 ) -> PlanResult:
     """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``).
 
@@ -260,6 +274,10 @@ def solve_plan(
     the certified greedy knapsack (mckp.py, per-layer budgets only); "auto" the
     greedy one, with the ILP for a layer whose accuracy-optimal point is not
     proven within GAP_TOLERANCE of optimal (and the ILP for a whole-model budget).
+
+    ``ep`` > 1 plans for expert parallel serving: the budget then holds for each rank's
+    routed experts of a layer and for the shared experts (on every rank) separately, so
+    every GPU's share, and the total, stay within it (per-layer budgets only).
     """
     if solver not in SOLVERS:
         raise MxServeError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -271,6 +289,8 @@ def solve_plan(
         raise MxServeError(f"--points must be at least 2, got {points}")
     if tokens < 1:
         raise MxServeError(f"--tokens must be at least 1, got {tokens}")
+    if ep > 1 and granularity != "layer":
+        raise MxServeError("--ep plans need per-layer budgets (--granularity layer)")
     t0 = _time.perf_counter()
     cost = cost or RooflineCostModel()
     schemes = schemes or profile.schemes
@@ -278,13 +298,13 @@ def solve_plan(
         layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos])
         for pos, st in enumerate(profile.layers)
     ]
-    n_scopes = len(units) if granularity == "layer" else 1
-    per_solve = max(1.0, time_limit / max(1, n_scopes * (points + 2)))
-    scopes = (
-        [_Scope(u, budget, per_solve) for u in units]
+    groups = (
+        [g for u, st in zip(units, profile.layers) for g in _rank_groups(u, st.n_routed, ep)]
         if granularity == "layer"
-        else [_Scope([x for u in units for x in u], budget, per_solve)]
+        else [[x for u in units for x in u]]
     )
+    per_solve = max(1.0, time_limit / max(1, len(groups) * (points + 2)))
+    scopes = [_Scope(g, budget, per_solve) for g in groups]
     if solver == "ilp" or granularity == "model":
         fronts = [sc.frontier(points) for sc in scopes]
     else:
@@ -301,6 +321,8 @@ def solve_plan(
         for j in range(points)
     ]
     plan = _to_plan(profile, budget, r, tokens, granularity, scopes, [f[j] for f, j in zip(fronts, picks)])
+    if ep > 1:
+        plan.summary["ep"] = ep
     chosen = picks[0] if len(set(picks)) == 1 else None
     warns = sorted({w for sc in scopes for w in sc.warnings})
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)

@@ -101,3 +101,44 @@ def test_expert_parallel_ranks_add_up_and_budget_holds_per_rank():
         check_ep_budget(experts, ROUTED, 2, total + 0.01)  # fits on average, not on rank 0
     with pytest.raises(MxServeError, match="do not split evenly"):
         ep_range(ROUTED, 3, 0)
+
+
+def _rank_bits(plan, prof, ep):
+    """Per (layer, rank): average bits of the rank's routed experts and the shared ones."""
+    out = []
+    for lay, st in zip(plan.layers, prof.layers):
+        per = st.n_routed // ep
+        for rank in range(ep):
+            bits = params = 0.0
+            for xp, xs in zip(lay.experts, st.experts):
+                if not xs.shared and xs.expert // per != rank:
+                    continue
+                for block in ("gate", "up", "down"):
+                    n, k = xs.shapes[block]
+                    bits += xp.scheme(block).bits_per_weight(k) * n * k
+                    params += n * k
+            out.append(bits / params)
+    return out
+
+
+def test_expert_parallel_plan_keeps_the_budget_on_every_rank(capsys, tmp_path):
+    from test_planner import synthetic_profile
+
+    from mxserve.cli import main
+    from mxserve.plan import Plan
+    from mxserve.planner import solve_plan
+
+    prof = synthetic_profile(freqs=(0.9, 0.8, 0.1, 0.05))  # the popular experts all land on rank 0
+    plain = solve_plan(prof, 4.25).plan
+    assert max(_rank_bits(plain, prof, 2)) > 4.25 + 1e-6  # the average plan overloads rank 0
+    ep = solve_plan(prof, 4.25, ep=2).plan
+    assert max(_rank_bits(ep, prof, 2)) <= 4.25 + 1e-6 and ep.summary["ep"] == 2
+    assert ep.summary["avg_bits"] <= 4.25 + 1e-6
+    # the CLI: same plan from `mxserve plan --ep 2`, and an uneven split is a clear error
+    prof.save(tmp_path / "p.json")
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--budget", "4.25", "--ep", "2",
+                 "--out", str(tmp_path / "plan.json")]) == 0  # fmt: skip
+    assert Plan.load(str(tmp_path / "plan.json")).to_json()["layers"] == ep.to_json()["layers"]
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--budget", "4.25", "--ep", "3",
+                 "--out", str(tmp_path / "x.json")]) == 2  # fmt: skip
+    assert "do not split evenly over 3 ranks" in capsys.readouterr().err
