@@ -32,6 +32,7 @@ import pulp
 from mxserve.costmodel import CostModel, RooflineCostModel
 from mxserve.errors import MxServeError
 from mxserve.mckp import solve_mckp
+from mxserve.parallel.ranks import ep_range
 from mxserve.plan import ExpertPlan, LayerPlan, Plan
 from mxserve.profile import CalibrationProfile, LayerStats
 from mxserve.schemes import get_scheme
@@ -217,11 +218,9 @@ def _rank_groups(units: list[Unit], n_routed: int, ep: int) -> list[list[Unit]]:
     each rank's contiguous range of routed experts (SGLang's expert-parallel assignment)."""
     if ep == 1:
         return [units]
-    if n_routed % ep:
-        raise MxServeError(f"--ep {ep}: {n_routed} routed experts do not split evenly over {ep} ranks")
-    per = n_routed // ep
-    groups = [[u for u in units if u.shared]] + [[u for u in units if not u.shared and u.expert // per == r]
-                                                 for r in range(ep)]  # fmt: skip
+    ranks = [ep_range(n_routed, ep, r) for r in range(ep)]
+    groups = [[u for u in units if u.shared]] + [[u for u in units if not u.shared and u.expert in mine]
+                                                 for mine in ranks]  # fmt: skip
     return [g for g in groups if g]
 
 

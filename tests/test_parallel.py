@@ -6,7 +6,8 @@ import torch
 
 from mxkernels.reference import moe_reference
 from mxserve.errors import MxServeError
-from mxserve.parallel.sharding import check_ep_budget, check_tp, ep_range, ep_rank_bits, tp_shard
+from mxserve.parallel.ranks import ep_range
+from mxserve.parallel.sharding import check_ep_budget, check_tp, ep_rank_bits, tp_shard
 from mxserve.quant.gptq import hessian
 from mxserve.quant.qlinear import quantize_linear
 from mxserve.runtime.moe_layer import QuantizedExpert

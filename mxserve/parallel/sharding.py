@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from mxserve.errors import MxServeError
+from mxserve.parallel.ranks import ep_range
 from mxserve.quant.packing import planes
 from mxserve.quant.qlinear import QuantizedLinear
 from mxserve.runtime.moe_layer import QuantizedExpert
-
-
-def ep_range(n_routed: int, ep_size: int, rank: int) -> range:
-    """The routed experts rank ``rank`` holds (contiguous, as SGLang's expert parallel assigns)."""
-    if n_routed % ep_size:
-        raise MxServeError(f"--ep {ep_size}: {n_routed} routed experts do not split evenly over {ep_size} ranks")
-    per = n_routed // ep_size
-    return range(rank * per, (rank + 1) * per)
 
 
 def ep_rank_bits(experts: list[QuantizedExpert], n_routed: int, ep_size: int) -> list[float]:
@@ -87,8 +82,6 @@ def check_tp(experts: list[QuantizedExpert], tp: int, layer: int = 0) -> None:
 
 
 def _rows(ql: QuantizedLinear, parts: list[slice]) -> QuantizedLinear:
-    import torch
-
     def take(t):
         return None if t is None else torch.cat([t[p] for p in parts])
 
@@ -97,8 +90,6 @@ def _rows(ql: QuantizedLinear, parts: list[slice]) -> QuantizedLinear:
 
 
 def _cols(ql: QuantizedLinear, tp: int, rank: int) -> QuantizedLinear:
-    import torch
-
     k = ql.k // tp
     s = ql.scheme
     if s.family == "int":  # each bit plane's words of this rank's columns, planes kept in order
