@@ -19,8 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mxserve.data import calibration_windows
-from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView, model_type, moe_layers
-from mxserve.models.loading import load_model, load_tokenizer
+from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView
+from mxserve.models.layerwise import LayerwiseModel, release_device_memory
+from mxserve.models.loading import load_tokenizer
 from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
 from mxserve.quant.gptq import hessian
 from mxserve.quant.qlinear import check_method, quantize_linears
@@ -183,17 +184,16 @@ def calibrate(
     progress: bool = True,
     device: str = "cpu",
 ) -> CalibrationProfile:
-    """Measure a model's calibration profile on the given text files; on ``device`` (the model
-    in fp32 there, the captured inputs on the CPU and one layer's at a time on the device)."""
+    """Measure a model's calibration profile on the given text files, one decoder layer at a
+    time on ``device`` (models/layerwise.py: fp32, weights read from safetensors as needed)."""
     check_method(method)
-    model = load_model(model_path, device=device)
+    run = LayerwiseModel(model_path, device)
     tok = load_tokenizer(model_path)
-    views = moe_layers(model)
     windows = calibration_windows(data, tok, nsamples, seq_len, seed)
-    xs = capture_moe_inputs(model, views, windows, progress=progress)
+    hidden = run.embed(windows)
     prof = CalibrationProfile(
         model=model_path,
-        model_type=model_type(model),
+        model_type=run.model_type,
         method=method,
         schemes=[s.name for s in schemes],
         tokens=int(windows.numel()),
@@ -201,6 +201,15 @@ def calibrate(
         data=list(data),
         hadamard_seed=hadamard_seed,
     )
-    for view, x in tqdm(list(zip(views, xs)), desc=f"calibrate ({method})", disable=not progress):
-        prof.layers.append(calibrate_layer(view, x, schemes, method, hadamard_seed, min_tokens, max_eval_tokens, seed))
+    last = run.moe_views[-1].index
+    for i in tqdm(range(last + 1), desc=f"calibrate ({method})", unit="layer", disable=not progress):
+        layer = run.layer(i)
+        view = run.view(i, layer)
+        x = run.advance(i, layer, hidden, capture=view.module if view else None)
+        if view is not None:
+            prof.layers.append(calibrate_layer(view, x, schemes, method, hadamard_seed, min_tokens, max_eval_tokens,
+                                               seed))  # fmt: skip
+        del layer, x
+    del hidden
+    release_device_memory()
     return prof

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs
 from mxserve.data import calibration_windows
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import MoELayerView, decoder_layers, model_type, moe_layers
+from mxserve.models.adapters import MoELayerView, decoder_layers, moe_layers
+from mxserve.models.layerwise import LayerwiseModel, release_device_memory
 from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
 from mxserve.plan import Plan
 from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linears
@@ -84,25 +85,36 @@ def layer_blocks(
 ):
     """Per MoE layer: (view, [(expert weights, fused gate_up fp32, down fp32, Hessians)]).
 
-    Everything a block's quantization depends on besides its scheme: the offline
-    quantizer (:func:`quantize_layers`) and the precision ladder (online/ladder.py)
-    both quantize from here, so a ladder block is the tensor a checkpoint holds.
+    Everything a block's quantization depends on besides its scheme, for a model loaded
+    whole (the precision ladder of a served model, :func:`quantize_layers`). The layerwise
+    quantizer (:func:`quantize_to_dir`) builds its blocks by the same :func:`expert_blocks`,
+    so a ladder block is the tensor a checkpoint holds.
     """
     views = moe_layers(model)
     xs = None
     if method != "rtn":
-        if not data:
-            raise MxServeError(f"method {method} needs calibration text: pass --data (or --calib-data)")
-        windows = calibration_windows(data, tokenizer, nsamples, seq_len)
+        windows = calibration_windows(_need_data(method, data), tokenizer, nsamples, seq_len)
         xs = capture_moe_inputs(model, views, windows, progress=progress)
     for pos, view in enumerate(tqdm(views, desc=f"quantize ({method})", disable=not progress)):
         dev = next(view.module.parameters()).device  # captured inputs wait on the CPU, one layer at a time here
-        inputs = expert_inputs(view, xs[pos].to(dev), min_tokens) if xs is not None else None
-        blocks = []
-        for e, ew in enumerate(view.experts()):
-            hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
-            blocks.append((ew, torch.cat([ew.gate, ew.up]).float(), ew.down.float(), hess))
-        yield view, blocks
+        yield view, expert_blocks(view, xs[pos].to(dev) if xs is not None else None, min_tokens)
+
+
+def _need_data(method: str, data: list[str] | None) -> list[str]:
+    if not data:
+        raise MxServeError(f"method {method} needs calibration text: pass --data (or --calib-data)")
+    return data
+
+
+def expert_blocks(view: MoELayerView, x: torch.Tensor | None, min_tokens: int) -> list[tuple]:
+    """[(expert weights, fused gate_up fp32, down fp32, GPTQ Hessians)] of one MoE layer whose
+    block inputs are ``x`` [T, H] (None: RTN, no Hessians)."""
+    inputs = expert_inputs(view, x, min_tokens) if x is not None else None
+    blocks = []
+    for e, ew in enumerate(view.experts()):
+        hess = block_hessians(ew, inputs[e].x) if inputs is not None else {}
+        blocks.append((ew, torch.cat([ew.gate, ew.up]).float(), ew.down.float(), hess))
+    return blocks
 
 
 def quantize_experts(blocks: list[tuple], s_gu: list[Scheme], s_d: list[Scheme], method: str,
@@ -136,12 +148,16 @@ def quantize_layers(
     out = []
     for view, blocks in layer_blocks(model, method, data or plan.data, tokenizer, nsamples, seq_len, min_tokens,
                                      progress):
-        lp = plan.layer(view.index)
-        experts = range(len(blocks))
-        out.append(quantize_experts(blocks, [lp.experts[e].scheme("gate") for e in experts],
-                                    [lp.experts[e].scheme("down") for e in experts], method,
-                                    plan.hadamard_seed))  # fmt: skip
+        out.append(quantize_by_plan(blocks, plan, view.index))
     return out
+
+
+def quantize_by_plan(blocks: list[tuple], plan: Plan, layer: int) -> list[QuantizedExpert]:
+    """One layer's experts (items of :func:`expert_blocks`) in the plan's schemes."""
+    lp = plan.layer(layer)
+    s_gu = [lp.experts[e].scheme("gate") for e in range(len(blocks))]
+    s_d = [lp.experts[e].scheme("down") for e in range(len(blocks))]
+    return quantize_experts(blocks, s_gu, s_d, plan.method, plan.hadamard_seed)
 
 
 def install_layers(model: nn.Module, qlayers: list[list[QuantizedExpert]]) -> list[MxMoELayer]:
@@ -211,30 +227,35 @@ def _source_dtype(cfg: dict) -> torch.dtype:
     return getattr(torch, name, torch.bfloat16)
 
 
-def write_checkpoint(model: nn.Module, plan: Plan, out_dir: str, source: str, tokenizer) -> None:
-    """Write a model whose MoE blocks are runtime layers as a quantized checkpoint."""
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = read_config(source) if os.path.isdir(source) else model.config.to_dict()
-    dtype = _source_dtype(cfg)
-    state: dict[str, torch.Tensor] = {}
-    # lm_head.weight is stored even when tied to the embedding: SGLang's Qwen2-MoE
-    # does not tie them and would otherwise serve an uninitialised head.
-    for name, t in model.state_dict().items():
-        t = t.to(dtype) if t.is_floating_point() else t
-        state[name] = t.clone() if name.endswith("lm_head.weight") else t  # own storage: safetensors refuses shared
-    for mx in runtime_layers(model):
+def layer_tensors(index: int, layer: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of decoder layer ``index`` (on the CPU): its own in ``dtype``, and
+    where its MoE block is a runtime layer, the packed experts and the shared-expert gate."""
+    state = {
+        f"model.layers.{index}.{k}": (t.to(dtype) if t.is_floating_point() else t).cpu()
+        for k, t in layer.state_dict().items()
+    }
+    mx = getattr(layer, "mlp", None)
+    if isinstance(mx, MxMoELayer):
         for e, qe in enumerate(mx.experts_q):
-            state.update(qe.gate_up.tensors(_prefix(mx.layer_index, e, GATE_UP)))
-            state.update(qe.down.tensors(_prefix(mx.layer_index, e, DOWN)))
+            state.update(qe.gate_up.tensors(_prefix(index, e, GATE_UP)))
+            state.update(qe.down.tensors(_prefix(index, e, DOWN)))
         if mx.shared_gate_name:
-            ours, stored = _shared_gate_names(mx.layer_index, mx.shared_gate_name)
+            ours, stored = _shared_gate_names(index, mx.shared_gate_name)
             state[stored] = state.pop(ours)
+    return state
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], plan: Plan, out_dir: str, cfg: dict, source: str,
+                     tokenizer) -> None:  # fmt: skip
+    """Write a quantized checkpoint: ``state`` (layer_tensors of every layer, the rest of the
+    model), the plan, the source ``cfg`` with our quantization_config, tokenizer and generation config."""
+    os.makedirs(out_dir, exist_ok=True)
     state = {k: v.contiguous() for k, v in state.items()}
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "quant_method": QUANT_METHOD})
     os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
     plan.save(os.path.join(out_dir, PLAN_FILE))
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "plan": PLAN_FILE}
+    cfg = dict(cfg, quantization_config={"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "plan": PLAN_FILE})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     tokenizer.save_pretrained(out_dir)
@@ -293,14 +314,34 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128,
-                    progress: bool = True, device: str = "cpu") -> None:  # fmt: skip
-    """The `mxserve quantize` pipeline: load, quantize by the plan (on ``device``), write."""
-    from mxserve.models.loading import load_model
-
-    model = load_model(model_path, device=device)
-    if plan.model_type != model_type(model):
-        raise MxServeError(f"plan is for a {plan.model_type} model, {model_path} is {model_type(model)}")
+                    progress: bool = True, device: str = "cpu", seq_len: int = 512,
+                    min_tokens: int = 128) -> None:  # fmt: skip
+    """The `mxserve quantize` pipeline, one decoder layer at a time on ``device``
+    (models/layerwise.py): each layer is read from safetensors, run on the calibration
+    windows to give GPTQ its inputs, its experts quantized by the plan, and its tensors kept
+    on the CPU for the checkpoint."""
+    run = LayerwiseModel(model_path, device)
+    if plan.model_type != run.model_type:
+        raise MxServeError(f"plan is for a {plan.model_type} model, {model_path} is {run.model_type}")
+    _check_plan_fits(plan, run.moe_views)
+    method = check_method(plan.method)
     tok = load_tokenizer(model_path)
-    qlayers = quantize_layers(model, plan, data, tok, nsamples=nsamples, progress=progress)  # blocks on the CPU
-    install_layers(model.to("cpu"), qlayers)
-    write_checkpoint(model, plan, out_dir, model_path, tok)
+    hidden = None
+    if method != "rtn":
+        hidden = run.embed(calibration_windows(_need_data(method, data or plan.data), tok, nsamples, seq_len))
+    cfg = read_config(run.path)
+    dtype = _source_dtype(cfg)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in run.outer_state().items()}
+    for i in tqdm(range(run.n_layers), desc=f"quantize ({method})", unit="layer", disable=not progress):
+        layer = run.layer(i)
+        view = run.view(i, layer)
+        x = None
+        if hidden is not None:
+            x = run.advance(i, layer, hidden, capture=view.module if view else None)
+        if view is not None:
+            layer.mlp = MxMoELayer(view, quantize_by_plan(expert_blocks(view, x, min_tokens), plan, i))
+        state.update(layer_tensors(i, layer, dtype))
+        del layer, x
+    del hidden
+    release_device_memory()
+    write_checkpoint(state, plan, out_dir, cfg, run.path, tok)

@@ -28,21 +28,23 @@ def _quiet_transformers() -> None:
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from mxserve.calibrate import calibrate
+    from mxserve.phases import phase
     from mxserve.schemes import parse_schemes
 
     schemes = parse_schemes(a.schemes)
-    prof = calibrate(
-        a.model,
-        a.data,
-        schemes,
-        a.method,
-        nsamples=a.nsamples,
-        seq_len=a.seq_len,
-        seed=a.seed,
-        hadamard_seed=a.hadamard_seed,
-        progress=not a.quiet,
-        device=work_device(a.device),
-    )
+    with phase("calibrate"):  # one line even with --quiet: the numbers a real-size run is planned by
+        prof = calibrate(
+            a.model,
+            a.data,
+            schemes,
+            a.method,
+            nsamples=a.nsamples,
+            seq_len=a.seq_len,
+            seed=a.seed,
+            hadamard_seed=a.hadamard_seed,
+            progress=not a.quiet,
+            device=work_device(a.device),
+        )
     prof.save(a.out)
     n_exp = sum(len(lay.experts) for lay in prof.layers)
     print(
@@ -146,11 +148,13 @@ def cmd_stats(a: argparse.Namespace) -> None:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from mxserve.checkpoint import quantize_to_dir
+    from mxserve.phases import phase
     from mxserve.plan import Plan
 
     plan = Plan.load(a.plan)
-    quantize_to_dir(a.model, plan, a.out, data=a.data, nsamples=a.nsamples, progress=not a.quiet,
-                    device=work_device(a.device))
+    with phase("quantize"):
+        quantize_to_dir(a.model, plan, a.out, data=a.data, nsamples=a.nsamples, progress=not a.quiet,
+                        device=work_device(a.device))  # fmt: skip
     print(f"wrote {a.out}: {plan.method} checkpoint, avg bits {plan.summary.get('avg_bits', plan.budget_bits):.3f}")
 
 

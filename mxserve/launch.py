@@ -108,6 +108,7 @@ def resolve(s: LaunchSettings) -> Resolved:
     from mxserve.calibrate import calibrate
     from mxserve.checkpoint import FORMAT_VERSION, quantize_to_dir
     from mxserve.costmodel import cost_model
+    from mxserve.phases import phase
     from mxserve.plan import Plan
     from mxserve.planner import solve_plan
     from mxserve.profile import CalibrationProfile
@@ -133,8 +134,9 @@ def resolve(s: LaunchSettings) -> Resolved:
             prof = CalibrationProfile.load(prof_path)
         else:
             log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens, on {s.device}) ...")
-            prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
-                             progress=s.progress, device=s.device)
+            with phase("calibrate", log=log):
+                prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
+                                 progress=s.progress, device=s.device)  # fmt: skip
             prof.save(prof_path)
         res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile))
         plan = res.plan
@@ -145,7 +147,8 @@ def resolve(s: LaunchSettings) -> Resolved:
         log(f"quantized checkpoint from cache: {out}")
         return Resolved(out, prof, budget)
     log(f"quantizing to {out} ...")
-    quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress, device=s.device)
+    with phase("quantize", log=log):
+        quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress, device=s.device)
     return Resolved(out, prof, budget)
 
 

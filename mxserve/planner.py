@@ -40,6 +40,17 @@ from mxserve.schemes import get_scheme
 GRANULARITIES = ("layer", "model")
 SOLVERS = ("auto", "ilp", "greedy")
 GAP_TOLERANCE = 1e-2  # "auto": a layer whose greedy plan is not proven within 1% of optimal goes to the ILP
+# A block's loss is an estimate from a sample of calibration tokens, good to a few percent;
+# its digits beyond the third are float noise (CPU vs GPU, thread counts), which could flip
+# near-tied choices. Rounded, the same model gives the same plan on any device.
+LOSS_DIGITS = 3
+
+
+def significant(v: float, digits: int = LOSS_DIGITS) -> float:
+    """``v`` rounded to ``digits`` significant digits."""
+    if v == 0 or not math.isfinite(v):
+        return v
+    return round(v, digits - 1 - math.floor(math.log10(abs(v))))
 
 
 @dataclass
@@ -81,7 +92,7 @@ def layer_units(
             for s in schemes:
                 if all(s in e.err[p] for p in parts):
                     sc = get_scheme(s)
-                    loss = f * sum(e.err[p][s] for p in parts) / energy
+                    loss = significant(f * sum(e.err[p][s] for p in parts) / energy)
                     opts[s] = (sc.bits_per_weight(k), loss, cost.time(sc, n, k, m))
             if not opts:
                 raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits")

@@ -150,16 +150,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def layer_view(index: int, layer: nn.Module, spec: ArchSpec) -> MoELayerView | None:
+    """The MoE block of one decoder layer (None for a dense layer)."""
+    mlp = getattr(layer, "mlp", None)
+    experts = getattr(mlp, "experts", None)
+    if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(mlp, "gate"):
+        return MoELayerView(index, mlp, spec)
+    return None
+
+
 def moe_layers(model: nn.Module) -> list[MoELayerView]:
     """Every MoE block of a supported model; a clear error for anything else."""
     mt = model_type(model)
     spec = arch_spec(mt)
-    views = []
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        experts = getattr(mlp, "experts", None)
-        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(mlp, "gate"):
-            views.append(MoELayerView(i, mlp, spec))
+    views = [v for i, layer in enumerate(decoder_layers(model)) if (v := layer_view(i, layer, spec)) is not None]
     if not views:
         raise MxServeError(f"model ({mt}) has no MoE layer; supported: {supported_text()}")
     return views

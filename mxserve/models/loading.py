@@ -46,9 +46,9 @@ def load_tokenizer(path: str):
         raise MxServeError(f"cannot load tokenizer of {path}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A supported MoE model in eval mode; unsupported or non-MoE models are a clear error."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(path: str):
+    """The transformers config of a supported model (MxServeError for a missing or unsupported one)."""
+    from transformers import AutoConfig
 
     check_model_path(path)
     if os.path.isdir(path):
@@ -58,6 +58,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     except (OSError, ValueError) as e:
         raise MxServeError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
     arch_spec(config.model_type)
+    return config
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A supported MoE model in eval mode; unsupported or non-MoE models are a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    load_config(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:

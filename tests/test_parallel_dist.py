@@ -1,0 +1,68 @@
+"""Expert parallel over real process groups (torch.distributed, gloo on the CPU, 2 ranks): the
+layer's output, routing counts and the plan check, each against one process holding everything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_parallel import ROUTED, SHARED, inputs, layer
+
+from mxserve.errors import MxServeError
+from mxserve.parallel.collective import (
+    check_same_plan,
+    ep_local,
+    ep_moe_forward,
+    gather_ep_counts,
+    plan_digest,
+    reduce_counts,
+)
+from mxserve.plan import Plan
+from mxserve.runtime.moe_layer import MixedExperts
+from mxserve.schemes import get_scheme
+
+WORLD = 2
+
+
+def _rank(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        experts = layer(["w4a16g128", "w2a16g64", "w8a16", "bf16"], ["w3a16g128", "w4a16g128", "w1a16g128"])
+        x, ids, w, scale = inputs(seed=5, t=40)
+        whole = MixedExperts(0, ROUTED, experts)
+        ref = whole.forward(x, ids, w, scale)
+
+        local = ep_local(experts, ROUTED, rank, WORLD)
+        out = ep_moe_forward(local, x, ids, w, ROUTED, scale)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        # each rank counted only its own experts; gathered, they are the whole layer's counts
+        per = ROUTED // WORLD
+        assert torch.equal(gather_ep_counts(local.counter.counts, per), whole.counter.counts[:ROUTED].long())
+
+        # ranks that see different tokens: the summed counts are those of all tokens in one place
+        mine = MixedExperts(0, ROUTED, experts)
+        mine.record(ids[rank::WORLD])
+        both = MixedExperts(0, ROUTED, experts)
+        both.record(ids)
+        assert torch.equal(reduce_counts(mine.counter.counts), both.counter.counts.long())
+
+        lay = [(0, [False] * ROUTED + [True] * SHARED)]
+        plan = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq")
+        assert check_same_plan(plan) == plan_digest(plan)
+        if rank == 1:
+            plan.layers[0].experts[3].down = "w2a16g128"
+        try:
+            check_same_plan(plan)
+        except MxServeError as e:
+            assert "ranks [1] differ from rank 0" in str(e)
+        else:
+            raise AssertionError("a plan that differs on rank 1 was accepted")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_expert_parallel_over_two_processes(tmp_path):
+    mp.spawn(_rank, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
