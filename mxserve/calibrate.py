@@ -115,7 +115,7 @@ def measure_experts(
         xs, ws = inp.x[sel], inp.w[sel]
         g, u = xs @ w["gate"].T, xs @ w["up"].T
         a = nn.functional.silu(g) * u
-        prep.append((w, hess, xs, ws, g, u, a, a @ w["down"].T))
+        prep.append((w, hess, xs, ws, g, u, a, a @ w["down"].T, {}, {}))  # + rotations of xs and of a, by seed
     errs: list[dict[str, dict[str, float]]] = [{b: {} for b in BLOCKS} for _ in experts]
     for s in schemes:
         for b in BLOCKS:
@@ -124,13 +124,13 @@ def measure_experts(
                 continue
             qs = quantize_linears([prep[i][0][b] for i in idx], s, method, [prep[i][1][b] for i in idx], hadamard_seed)
             for i, q in zip(idx, qs):
-                w, _, xs, ws, g, u, a, y = prep[i]
+                w, _, xs, ws, g, u, a, y, xs_rot, a_rot = prep[i]
                 if b == "gate":
-                    y2 = (nn.functional.silu(q.forward(xs)) * u) @ w["down"].T
+                    y2 = (nn.functional.silu(q.forward(xs, rotated=xs_rot)) * u) @ w["down"].T
                 elif b == "up":
-                    y2 = (nn.functional.silu(g) * q.forward(xs)) @ w["down"].T
+                    y2 = (nn.functional.silu(g) * q.forward(xs, rotated=xs_rot)) @ w["down"].T
                 else:
-                    y2 = q.forward(a)
+                    y2 = q.forward(a, rotated=a_rot)
                 errs[i][b][s.name] = float((((y2 - y) * ws) ** 2).sum(dim=1).mean())
     return errs
 

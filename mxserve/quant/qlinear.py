@@ -58,15 +58,23 @@ class QuantizedLinear:
         z = None if self.zeros is None else self.zeros.float()
         return fam.decode(self.codes(), s, z).to(dtype)
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the kernel does to activations before the MMA: rotate, then quantize."""
+    def prepare_input(self, x: torch.Tensor, rotated: dict | None = None) -> torch.Tensor:
+        """What the kernel does to activations before the MMA: rotate, then quantize.
+
+        ``rotated`` caches x's rotation by seed, for callers that apply many blocks (say
+        every scheme of one block, in calibration) to one input."""
         if self.hadamard_seed is not None:
-            x = hadamard.rotate(x, self.hadamard_seed)
+            if rotated is None:
+                x = hadamard.rotate(x, self.hadamard_seed)
+            else:
+                if self.hadamard_seed not in rotated:
+                    rotated[self.hadamard_seed] = hadamard.rotate(x, self.hadamard_seed)
+                x = rotated[self.hadamard_seed]
         return quantize_activation(x, self.scheme)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, rotated: dict | None = None) -> torch.Tensor:
         w = self.dequantize(x.dtype) if weight is None else weight
-        return torch.nn.functional.linear(self.prepare_input(x), w)
+        return torch.nn.functional.linear(self.prepare_input(x, rotated), w)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
