@@ -25,6 +25,7 @@ from mxkernels.align import route
 from mxkernels.arena import CODE_FP8, Arena
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
+from mxkernels.tile_table import codes_class, tile_table
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -84,8 +85,8 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         tiles = Tiles(64, 128, 64, 4)
     else:
         tiles = Tiles(128, 128, 64, 8)
-    tiles = dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))
-    return dataclasses.replace(tiles, **override) if override else tiles
+    tiles = dataclasses.replace(tiles, **override) if override else tiles
+    return dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))  # one scale per K tile
 
 
 def _rotated_input(a: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, int]:
@@ -179,6 +180,10 @@ def moe_gemms(
     min_group = min(gate_up.min_group, down.min_group)
     codes = gate_up.codes_mask | down.codes_mask
     sms = multiprocessors(dev)
+    if rows / max(round(active), 1) > DECODE_ROWS:  # a tuned prefill entry (tile_table.py), if any
+        table = tile_table(dev)
+        tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
+        override = {**(tuned or {}), **override}
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
     sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)

@@ -4,6 +4,8 @@ Tolerances: the kernel feeds bf16 activations and stores the intermediate and
 outputs in bf16, so the schemes land at a few 1e-3 (METHOD.md's bf16 range).
 """
 
+import json
+
 import pytest
 import torch
 from kernel_cases import LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
@@ -126,3 +128,32 @@ def test_slab_refuses_a_plan_over_its_capacity():
     ql = quantize_linear(torch.randn(128, 128), get_scheme("bf16"))
     with pytest.raises(ValueError, match="more than"):
         build_slab([ql], [ql], 1024, 1, None, 128)
+
+
+def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path):
+    """A committed tile table's entry (tile_table.py) replaces the rules' tiles for its layer shape,
+    scheme class and rows-per-expert bucket, and the layer still computes right with it."""
+    import mxkernels.moe as moe
+    from mxkernels.tile_table import TileEntry, TileTable, codes_class
+
+    names = ["w4a16g128", "w2a16g32", "w8a16", "bf16"]
+    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2}
+    entries = [TileEntry(128, 128, "weight-only", 64, tuned), TileEntry(128, 128, "fp8", 64, {"bm": 16})]
+    TileTable("test", entries).save(str(tmp_path / "t.json"))
+    table = TileTable.from_json(json.loads((tmp_path / "t.json").read_text()))  # through its JSON form
+    assert table.lookup(128, 128, "weight-only", 40) == tuned  # 40 rows per expert: bucket 64
+    assert table.lookup(128, 128, "weight-only", 500) == tuned  # the nearest bucket tuned
+    assert table.lookup(128, 128, None, 40) is None and table.lookup(256, 128, "weight-only", 40) is None
+    assert codes_class(0b1) is None and codes_class(0b10001) == "weight-only" and codes_class(1 << 6) == "fp8"
+    with pytest.raises(ValueError, match="version"):
+        TileTable.from_json({"version": 0, "gpu": "x", "entries": []})
+
+    seen = []
+    gemm = moe._gemm
+    monkeypatch.setattr(moe, "tile_table", lambda dev: table)
+    monkeypatch.setattr(moe, "_gemm", lambda *a: (seen.append(a[-1]), gemm(*a))[1])
+    # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
+    errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
+    assert {(t.bm, t.bn, t.bk, t.stages) for t in seen} == {(64, 32, 32, 2)}
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
