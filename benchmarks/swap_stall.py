@@ -66,7 +66,7 @@ def plans(work: str) -> None:
 def prepare(work: str, tokenizer: str) -> None:
     """The random model, the first plan's checkpoint and the ladder (where the GPU is; no solver needed)."""
     from mxserve.checkpoint import quantize_to_dir
-    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.models.loading import load_tokenizer
     from mxserve.online.ladder import build_ladder
     from mxserve.plan import Plan
 
@@ -76,7 +76,7 @@ def prepare(work: str, tokenizer: str) -> None:
     t0 = time.time()
     quantize_to_dir(model, Plan.load(os.path.join(work, "plan1.json")), os.path.join(work, "ckpt"), progress=False)
     t1 = time.time()
-    build_ladder(load_model(model), os.path.join(work, "ladder"), SCHEMES, "rtn", None, load_tokenizer(model), 0,
+    build_ladder(model, os.path.join(work, "ladder"), SCHEMES, "rtn", None, load_tokenizer(model), 0,
                  progress=False)
     print(json.dumps({"quantize_s": round(t1 - t0, 1), "ladder_s": round(time.time() - t1, 1),
                       "ladder_bytes": os.path.getsize(os.path.join(work, "ladder", "ladder.safetensors"))}))

@@ -6,7 +6,8 @@ A quantized checkpoint is a directory:
   ``"quantization_config": {"quant_method": "mxmoe", "version": 1, "plan": "mxmoe_plan.json"}``;
 - ``mxmoe_plan.json``: the plan (plan.py), which says each block's scheme and
   the method (a ``gptq-had`` checkpoint stores non-bf16 blocks rotated);
-- ``model.safetensors``: every non-expert tensor under its usual name, and per
+- ``model.safetensors``: every non-expert tensor under its usual name (the MoE block as the
+  source checkpoint and SGLang name it: Mixtral's ``block_sparse_moe``, else ``mlp``), and per
   MoE layer L and (virtual) expert e the packed blocks
   ``model.layers.L.mlp.experts.mx{e}_{gate_up,down}_{qweight,scales,zeros}``,
   plus the shared-expert gate (if any) as ``model.layers.L.mlp.experts.mx_shared_gate``.
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs
 from mxserve.data import calibration_windows
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import MoELayerView, decoder_layers, moe_layers
+from mxserve.models.adapters import MoELayerView, decoder_layers, module_name, moe_layers, stored_name
 from mxserve.models.layerwise import LayerwiseModel, release_device_memory
 from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
 from mxserve.plan import Plan
@@ -86,9 +87,9 @@ def layer_blocks(
     """Per MoE layer: (view, [(expert weights, fused gate_up fp32, down fp32, Hessians)]).
 
     Everything a block's quantization depends on besides its scheme, for a model loaded
-    whole (the precision ladder of a served model, :func:`quantize_layers`). The layerwise
-    quantizer (:func:`quantize_to_dir`) builds its blocks by the same :func:`expert_blocks`,
-    so a ladder block is the tensor a checkpoint holds.
+    whole (:func:`quantize_layers`: `mxserve eval --plan`, tests). Checkpoints and the
+    precision ladder go one layer at a time (:func:`layerwise_blocks`) through the same
+    :func:`expert_blocks`, so a ladder block is the tensor a checkpoint holds.
     """
     views = moe_layers(model)
     xs = None
@@ -280,7 +281,7 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
         )
     plan = Plan.load(os.path.join(path, qc.get("plan", PLAN_FILE)))
     try:
-        tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+        tensors = {module_name(k): v for k, v in load_file(os.path.join(path, WEIGHTS_FILE)).items()}
     except (OSError, SafetensorError) as e:
         raise MxServeError(f"cannot read {os.path.join(path, WEIGHTS_FILE)}: {e}") from None
     config = AutoConfig.from_pretrained(path)
@@ -313,6 +314,26 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32, device: str = 
     return model.to(device).eval(), plan
 
 
+def layerwise_blocks(run: LayerwiseModel, method: str, data: list[str] | None, tokenizer, nsamples: int = 128,
+                     seq_len: int = 512, min_tokens: int = 128, progress: bool = True, desc: str = "quantize"):
+    """Per decoder layer of ``run``, one at a time on its device: (index, layer module, MoE view
+    or None, :func:`expert_blocks` or None). GPTQ methods run the calibration windows through
+    each layer (unquantized) first, for the blocks' Hessians."""
+    hidden = None
+    if method != "rtn":
+        hidden = run.embed(calibration_windows(_need_data(method, data), tokenizer, nsamples, seq_len))
+    for i in tqdm(range(run.n_layers), desc=f"{desc} ({method})", unit="layer", disable=not progress):
+        layer = run.layer(i)
+        view = run.view(i, layer)
+        x = None
+        if hidden is not None:
+            x = run.advance(i, layer, hidden, capture=view.module if view else None)
+        yield i, layer, view, (expert_blocks(view, x, min_tokens) if view is not None else None)
+        del layer, x
+    del hidden
+    release_device_memory()
+
+
 def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128,
                     progress: bool = True, device: str = "cpu", seq_len: int = 512,
                     min_tokens: int = 128) -> None:  # fmt: skip
@@ -326,22 +347,12 @@ def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] |
     _check_plan_fits(plan, run.moe_views)
     method = check_method(plan.method)
     tok = load_tokenizer(model_path)
-    hidden = None
-    if method != "rtn":
-        hidden = run.embed(calibration_windows(_need_data(method, data or plan.data), tok, nsamples, seq_len))
     cfg = read_config(run.path)
     dtype = _source_dtype(cfg)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in run.outer_state().items()}
-    for i in tqdm(range(run.n_layers), desc=f"quantize ({method})", unit="layer", disable=not progress):
-        layer = run.layer(i)
-        view = run.view(i, layer)
-        x = None
-        if hidden is not None:
-            x = run.advance(i, layer, hidden, capture=view.module if view else None)
+    for i, layer, view, blocks in layerwise_blocks(run, method, data or plan.data, tok, nsamples, seq_len,
+                                                   min_tokens, progress):  # fmt: skip
         if view is not None:
-            layer.mlp = MxMoELayer(view, quantize_by_plan(expert_blocks(view, x, min_tokens), plan, i))
-        state.update(layer_tensors(i, layer, dtype))
-        del layer, x
-    del hidden
-    release_device_memory()
+            layer.mlp = MxMoELayer(view, quantize_by_plan(blocks, plan, i))
+        state.update({stored_name(k, run.spec): v for k, v in layer_tensors(i, layer, dtype).items()})
     write_checkpoint(state, plan, out_dir, cfg, run.path, tok)

@@ -157,7 +157,7 @@ def resolve_online(s: LaunchSettings, res: Resolved, settings):
     import time
 
     from mxserve.costmodel import cost_model
-    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.models.loading import load_tokenizer
     from mxserve.online.ladder import META_FILE, Ladder, build_ladder
     from mxserve.online.setup import OnlineSetup
 
@@ -172,8 +172,8 @@ def resolve_online(s: LaunchSettings, res: Resolved, settings):
     else:
         log(f"building the precision ladder ({len(prof.schemes)} schemes per block) in {path} ...")
         t0 = time.perf_counter()
-        build_ladder(load_model(s.model), path, prof.schemes, prof.method, prof.data, load_tokenizer(s.model),
-                     s.calib_samples, prof.hadamard_seed, progress=s.progress)
+        build_ladder(s.model, path, prof.schemes, prof.method, prof.data, load_tokenizer(s.model),
+                     s.calib_samples, prof.hadamard_seed, progress=s.progress, device=s.device)  # fmt: skip
         log(f"ladder built in {time.perf_counter() - t0:.1f} s, {Ladder(path).nbytes() / 2**20:.1f} MiB")
     return OnlineSetup(prof, res.budget, s.r, cost_model(s.kernel_profile), path, settings, s.tokens)
 

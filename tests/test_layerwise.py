@@ -12,7 +12,7 @@ from conftest import ARCHS
 from mxserve.calibrate import capture_moe_inputs
 from mxserve.checkpoint import DOWN, GATE_UP, WEIGHTS_FILE, _prefix, layout, quantize_layers, quantize_to_dir
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import moe_layers
+from mxserve.models.adapters import arch_spec, moe_layers, stored_name
 from mxserve.models.layerwise import LayerwiseModel
 from mxserve.models.loading import load_model, load_tokenizer
 from mxserve.plan import Plan
@@ -63,11 +63,15 @@ def test_layerwise_checkpoint_holds_whole_model_blocks(tiny_models, calib_text, 
     stored = load_file(str(out / WEIGHTS_FILE))
     model = load_model(path)
     whole = quantize_layers(model, plan, [str(calib_text)], load_tokenizer(path), nsamples=4, progress=False)
+    spec = arch_spec(arch)
     for view, experts in zip(moe_layers(model), whole):
         for e, qe in enumerate(experts):
             for block, q in ((GATE_UP, qe.gate_up), (DOWN, qe.down)):
                 for name, t in q.tensors(_prefix(view.index, e, block)).items():
-                    assert torch.equal(stored[name], t), name
+                    assert torch.equal(stored[stored_name(name, spec)], t), name
+    # the MoE block under the source checkpoint's (and SGLang's) name: Mixtral's block_sparse_moe
+    blocks = {k.split(".")[3] for k in stored if k.startswith("model.layers.1.") and ".experts." in k}
+    assert blocks == {"block_sparse_moe" if arch == "mixtral" else "mlp"}
     source = load_file(f"{path}/model.safetensors")
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.o_proj.weight"):
         assert torch.equal(stored[name], source[name]), name

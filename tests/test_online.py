@@ -28,7 +28,7 @@ def tiny_online(tiny_models, calib_text, tmp_path_factory):
     from mxserve.checkpoint import load_quantized, quantize_to_dir
     from mxserve.costmodel import RooflineCostModel
     from mxserve.engines.embedded import EmbeddedEngine
-    from mxserve.models.loading import load_model, load_tokenizer
+    from mxserve.models.loading import load_tokenizer
     from mxserve.online.controller import ReplanSettings
     from mxserve.online.ladder import build_ladder
     from mxserve.online.setup import OnlineSetup
@@ -42,7 +42,7 @@ def tiny_online(tiny_models, calib_text, tmp_path_factory):
     plan = solve_plan(prof, BUDGET).plan
     quantize_to_dir(model_path, plan, str(root / "ckpt"), nsamples=4, progress=False)
     tok = load_tokenizer(model_path)
-    build_ladder(load_model(model_path), str(root / "ladder"), prof.schemes, "rtn", prof.data, tok, 4,
+    build_ladder(model_path, str(root / "ladder"), prof.schemes, "rtn", prof.data, tok, 4,
                  progress=False)
     model, served = load_quantized(str(root / "ckpt"))
     engine = EmbeddedEngine(model, tok, 256)
@@ -104,7 +104,8 @@ def test_ladder_blocks_are_the_offline_quantizer_s(tiny_models, calib_text, tmp_
             e.gate = e.up = names[i % len(names)]
             e.down = names[(i + 3) % len(names)]
     offline = quantize_layers(model, plan, tokenizer=tok, nsamples=4, progress=False)
-    build_ladder(model, str(tmp_path / "ladder"), names, "gptq-had", [str(calib_text)], tok, 4, progress=False)
+    build_ladder(str(tiny_models["qwen2_moe"]), str(tmp_path / "ladder"), names, "gptq-had", [str(calib_text)], tok, 4,
+                 progress=False)  # layer by layer, against the whole-model quantizer
     ladder = Ladder(str(tmp_path / "ladder"))
     for lay, experts in zip(plan.layers, offline):
         for got, want in zip(ladder.experts(lay, views[0].hidden), experts):

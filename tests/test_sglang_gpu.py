@@ -37,8 +37,18 @@ SGLANG_ARGS = os.environ.get(
 MIX = ("w4a16g128", "w3a16g128", "w8a8fp8", "bf16", "w2a16g128", "w8a16", "w4a4", "w1a16g128")
 
 
+def sglang_tiny(arch: str, tmp_path) -> str:
+    """A tiny model SGLang serves: head_dim 64 (with 32, SGLang 0.5.15 takes a fallback rope that
+    fails in CUDA-graph capture)."""
+    if arch == "qwen2_moe":
+        return str(build_tiny(arch, tmp_path / "src"))
+    if arch == "qwen3_moe":
+        return str(build_tiny(arch, tmp_path / "src", head_dim=64))
+    return str(build_tiny(arch, tmp_path / "src", num_attention_heads=2, num_key_value_heads=2))
+
+
 def mixed_plan(model) -> Plan:
-    plan = Plan.uniform("tiny", "qwen2_moe", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
+    plan = Plan.uniform("tiny", model.config.model_type, layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
     for lay in plan.layers:
         for ep in lay.experts:
             ep.gate = ep.up = MIX[(ep.expert + lay.layer) % len(MIX)]
@@ -75,10 +85,11 @@ def mxserve_cmd(ckpt: str, port: int, name: str) -> list[str]:
             "--served-model-name", name, "--sglang-args", SGLANG_ARGS]  # fmt: skip
 
 
-def test_sglang_engine_serves_mixed_checkpoint(tiny_models, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "mixtral"])
+def test_sglang_engine_serves_mixed_checkpoint(arch, tmp_path):
     import openai
 
-    src = str(tiny_models["qwen2_moe"])
+    src = sglang_tiny(arch, tmp_path)
     plan = mixed_plan(load_model(src))
     assert len(plan.scheme_names()) == len(MIX)
     ckpt = str(tmp_path / "ckpt")
@@ -122,12 +133,10 @@ def greedy_texts(base: str, name: str, batched: bool) -> list[str]:
         return list(ex.map(one, PROMPTS))
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
-def test_all_bf16_plan_matches_plain_sglang(arch, tiny_models, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"])
+def test_all_bf16_plan_matches_plain_sglang(arch, tmp_path):
     """An all-bf16 plan serves plain SGLang's greedy text, prompts one at a time and all at once."""
-    src = str(tiny_models[arch])
-    if arch == "qwen3_moe":  # head_dim 32 sends SGLang 0.5.15 to a fallback rope that fails in graph capture
-        src = str(build_tiny(arch, tmp_path / "qwen3-hd64", head_dim=64))
+    src = sglang_tiny(arch, tmp_path)
     plan = Plan.uniform("tiny", arch, layout(moe_layers(load_model(src))), get_scheme("bf16"), "rtn")
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, plan, ckpt, progress=False)

@@ -91,9 +91,9 @@ def test_sglang_command(qwen2_ckpt):
 def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
     with pytest.raises(MxServeError, match="tensor-parallel"):
         sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 1, "m", tp=2)
-    model = load_model(str(tiny_models["olmoe"]))
-    plan = Plan.uniform("m", "olmoe", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
-    quantize_to_dir(str(tiny_models["olmoe"]), plan, str(tmp_path), progress=False)
+    model = load_model(str(tiny_models["deepseek_v2"]))
+    plan = Plan.uniform("m", "deepseek_v2", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
+    quantize_to_dir(str(tiny_models["deepseek_v2"]), plan, str(tmp_path), progress=False)
     with pytest.raises(MxServeError, match="embedded"):
         sglang_launch.sglang_command(str(tmp_path), "127.0.0.1", 1, "m")
     with pytest.raises(MxServeError, match="--bf16-layers"):

@@ -37,9 +37,11 @@ PLUGIN_NAME = "mxmoe"
 PLUGIN_TARGET = "mxserve.engines.sglang_plugin:register"
 SUPPORTED = ((0, 5, 15), (0, 6))
 GRPC_PORT_OFFSET = 10000  # sglang 0.5.15 derives a gRPC port from --port and rejects it above 65535
-# Model types whose SGLang implementation holds the experts in FusedMoE under
-# mlp.experts, with the transformers tensor names elsewhere (checked on the GPU: qwen2_moe).
-MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+# Model types whose SGLang implementation holds the experts in one FusedMoE per layer under
+# the checkpoint's MoE block name (ArchSpec.stored_block), with the transformers tensor names
+# elsewhere. Run on the GPU: qwen2_moe, qwen3_moe. olmoe and mixtral load the same way in
+# SGLang's source; tests/test_sglang_gpu.py covers them and has not run on a GPU yet.
+MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import MoELayerView, arch_spec, decoder_layers, layer_view, moe_layers
+from mxserve.models.adapters import MoELayerView, arch_spec, decoder_layers, layer_view, module_name, moe_layers
 from mxserve.models.loading import load_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,7 +97,7 @@ def layer_state(tensors: CheckpointTensors, index: int, device: torch.device | s
         if m:
             experts.setdefault(int(m[1]), {})[_ROLE[m[2]]] = tensors.get(name, device)
         else:
-            state[local.replace("block_sparse_moe.", "mlp.", 1)] = tensors.get(name, device)
+            state[module_name(name)[len(prefix) :]] = tensors.get(name, device)
     if experts:
         ids = sorted(experts)
         if ids != list(range(len(ids))) or any(len(experts[e]) != 3 for e in ids):

@@ -2,8 +2,8 @@
 
 A swap to a new plan is then a read, not a quantization: no calibration pass
 and no GPTQ at swap time. Blocks are quantized by the same code as the offline
-quantizer (checkpoint.layer_blocks / quantize_experts, same calibration windows
-and Hessians), so a block read from the ladder is the tensor `mxserve quantize`
+quantizer (checkpoint.layerwise_blocks / quantize_experts, same calibration
+windows and Hessians, one decoder layer at a time), so a block read from the ladder is the tensor `mxserve quantize`
 writes for that scheme. The file is memory-mapped: a swap reads only the
 blocks whose scheme changes.
 
@@ -28,10 +28,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mxserve.checkpoint import DOWN, GATE_UP, expert_param, layer_blocks, quantize_experts, rotation_seed
+from mxserve.checkpoint import DOWN, GATE_UP, expert_param, layerwise_blocks, quantize_experts, rotation_seed
 from mxserve.errors import MxServeError
 from mxserve.jsonio import corrupt, read_versioned, write_json
-from mxserve.models.adapters import model_type
+from mxserve.models.layerwise import LayerwiseModel
 from mxserve.plan import LayerPlan
 from mxserve.quant.qlinear import QuantizedLinear, check_method
 from mxserve.runtime.moe_layer import QuantizedExpert
@@ -71,22 +71,26 @@ def _name(layer: int, scheme: str, expert: int, block: str) -> str:
     return f"{layer}/{scheme}/{expert_param(expert, block)}"
 
 
-def build_ladder(model, out_dir: str, schemes: list[str], method: str, data: list[str] | None, tokenizer,
-                 nsamples: int, hadamard_seed: int = 0, progress: bool = True) -> LadderMeta:
-    """Quantize every block of ``model`` in every scheme into ``out_dir`` (written atomically)."""
+def build_ladder(model_path: str, out_dir: str, schemes: list[str], method: str, data: list[str] | None, tokenizer,
+                 nsamples: int, hadamard_seed: int = 0, progress: bool = True, device: str = "cpu") -> LadderMeta:
+    """Quantize every block of the model at ``model_path`` in every scheme into ``out_dir``
+    (written atomically), one decoder layer at a time on ``device`` as `mxserve quantize` does."""
     check_method(method)
     sch = [get_scheme(s) for s in schemes]
+    run = LayerwiseModel(model_path, device)
     tensors: dict[str, torch.Tensor] = {}
     layers = []
-    for view, blocks in layer_blocks(model, method, data, tokenizer, nsamples, progress=progress):
-        layers.append({"layer": view.index, "shared": [b[0].shared for b in blocks]})
+    for i, _, _, blocks in layerwise_blocks(run, method, data, tokenizer, nsamples, progress=progress, desc="ladder"):
+        if blocks is None:
+            continue
+        layers.append({"layer": i, "shared": [b[0].shared for b in blocks]})
         for s in sch:
             idx = [e for e, b in enumerate(blocks) if s.supports(b[1].shape[1]) and s.supports(b[2].shape[1])]
             qes = quantize_experts([blocks[e] for e in idx], [s] * len(idx), [s] * len(idx), method, hadamard_seed)
             for e, qe in zip(idx, qes):
-                tensors.update(qe.gate_up.tensors(_name(view.index, s.name, e, GATE_UP)))
-                tensors.update(qe.down.tensors(_name(view.index, s.name, e, DOWN)))
-    meta = LadderMeta(model_type(model), method, hadamard_seed, [s.name for s in sch], list(data or []), nsamples,
+                tensors.update(qe.gate_up.tensors(_name(i, s.name, e, GATE_UP)))
+                tensors.update(qe.down.tensors(_name(i, s.name, e, DOWN)))
+    meta = LadderMeta(run.model_type, method, hadamard_seed, [s.name for s in sch], list(data or []), nsamples,
                       layers)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, TENSOR_FILE + ".tmp")
