@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mxserve.data import calibration_windows
 from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView
-from mxserve.models.layerwise import LayerwiseModel, release_device_memory
+from mxserve.models.layerwise import LayerwiseModel, release_memory
 from mxserve.models.loading import load_tokenizer
 from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
 from mxserve.quant.gptq import hessian
@@ -203,13 +203,14 @@ def calibrate(
     )
     last = run.moe_views[-1].index
     for i in tqdm(range(last + 1), desc=f"calibrate ({method})", unit="layer", disable=not progress):
+        release_memory()  # the previous layer is gone before the next loads
         layer = run.layer(i)
         view = run.view(i, layer)
         x = run.advance(i, layer, hidden, capture=view.module if view else None)
         if view is not None:
             prof.layers.append(calibrate_layer(view, x, schemes, method, hadamard_seed, min_tokens, max_eval_tokens,
                                                seed))  # fmt: skip
-        del layer, x
+        del layer, view, x
     del hidden
-    release_device_memory()
+    release_memory()
     return prof

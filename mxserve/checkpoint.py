@@ -35,7 +35,7 @@ from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs
 from mxserve.data import calibration_windows
 from mxserve.errors import MxServeError
 from mxserve.models.adapters import MoELayerView, decoder_layers, module_name, moe_layers, stored_name
-from mxserve.models.layerwise import LayerwiseModel, release_device_memory
+from mxserve.models.layerwise import LayerwiseModel, release_memory
 from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
 from mxserve.plan import Plan
 from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linears
@@ -323,15 +323,16 @@ def layerwise_blocks(run: LayerwiseModel, method: str, data: list[str] | None, t
     if method != "rtn":
         hidden = run.embed(calibration_windows(_need_data(method, data), tokenizer, nsamples, seq_len))
     for i in tqdm(range(run.n_layers), desc=f"{desc} ({method})", unit="layer", disable=not progress):
+        release_memory()  # the previous layer is gone (callers drop what they were given) before the next loads
         layer = run.layer(i)
         view = run.view(i, layer)
         x = None
         if hidden is not None:
             x = run.advance(i, layer, hidden, capture=view.module if view else None)
         yield i, layer, view, (expert_blocks(view, x, min_tokens) if view is not None else None)
-        del layer, x
+        del layer, view, x
     del hidden
-    release_device_memory()
+    release_memory()
 
 
 def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] | None = None, nsamples: int = 128,
@@ -355,4 +356,5 @@ def quantize_to_dir(model_path: str, plan: Plan, out_dir: str, data: list[str] |
         if view is not None:
             layer.mlp = MxMoELayer(view, quantize_by_plan(blocks, plan, i))
         state.update({stored_name(k, run.spec): v for k, v in layer_tensors(i, layer, dtype).items()})
+        del layer, view, blocks  # before the next layer loads: one layer in memory at a time
     write_checkpoint(state, plan, out_dir, cfg, run.path, tok)

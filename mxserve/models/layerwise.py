@@ -17,6 +17,9 @@ computed exactly as in the whole model.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
+import gc
 import glob
 import json
 import os
@@ -78,6 +81,10 @@ class CheckpointTensors:
     def names(self, prefix: str) -> list[str]:
         return [k for k in self.file_of if k.startswith(prefix)]
 
+    def release(self) -> None:
+        """Close the files: their memory maps hold the pages read so far (resident memory)."""
+        self._open.clear()
+
     def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The tensor, read straight onto ``device`` (no host copy on the way to a GPU)."""
         key = (self.file_of[name], str(device))
@@ -108,11 +115,27 @@ def layer_state(tensors: CheckpointTensors, index: int, device: torch.device | s
     return state
 
 
-def release_device_memory() -> None:
-    """Hand torch's cached GPU blocks back: a server started next (SGLang sizes its KV cache
-    from the free memory) must not find them held by a finished calibration."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system between layers.
+
+    GPU: torch's cached blocks, or a server started next (SGLang sizes its KV cache from the
+    free memory) finds them held. Host: glibc keeps freed tensors below its mmap threshold
+    (32 MB, so a layer's per-expert copies) in its heaps; without a trim the process grew by
+    about 1.6 GB per Qwen1.5-sized layer quantized on the CPU."""
+    gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class _Stop(Exception):
@@ -143,7 +166,7 @@ class LayerwiseModel:
         self.path = local_checkpoint(path)
         self.spec = arch_spec(self.config.model_type)
         self.device = torch.device(device)
-        self.tensors = CheckpointTensors(path)
+        self.tensors = CheckpointTensors(self.path)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.moe_views = moe_layers(self.skeleton)  # on meta tensors: shapes only; no MoE layer is an error here
@@ -195,6 +218,7 @@ class LayerwiseModel:
         """Decoder layer ``index`` on the device with the checkpoint's weights (fp32)."""
         layer = copy.deepcopy(decoder_layers(self.skeleton)[index]).to_empty(device=self.device)
         missing, unexpected = layer.load_state_dict(layer_state(self.tensors, index, self.device), strict=False)
+        self.tensors.release()
         if missing or unexpected:
             raise MxServeError(
                 f"{self.path}: layer {index} weights do not match its config "

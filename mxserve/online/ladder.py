@@ -3,9 +3,9 @@
 A swap to a new plan is then a read, not a quantization: no calibration pass
 and no GPTQ at swap time. Blocks are quantized by the same code as the offline
 quantizer (checkpoint.layerwise_blocks / quantize_experts, same calibration
-windows and Hessians, one decoder layer at a time), so a block read from the ladder is the tensor `mxserve quantize`
-writes for that scheme. The file is memory-mapped: a swap reads only the
-blocks whose scheme changes.
+windows and Hessians, one decoder layer at a time), so a block read from the
+ladder is the tensor `mxserve quantize` writes for that scheme. The file is
+memory-mapped: a swap reads only the blocks whose scheme changes.
 
 On disk, a directory (format v1)::
 
@@ -90,6 +90,7 @@ def build_ladder(model_path: str, out_dir: str, schemes: list[str], method: str,
             for e, qe in zip(idx, qes):
                 tensors.update(qe.gate_up.tensors(_name(i, s.name, e, GATE_UP)))
                 tensors.update(qe.down.tensors(_name(i, s.name, e, DOWN)))
+        del blocks  # before the next layer loads
     meta = LadderMeta(run.model_type, method, hadamard_seed, [s.name for s in sch], list(data or []), nsamples,
                       layers)
     os.makedirs(out_dir, exist_ok=True)
