@@ -66,25 +66,35 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--cache", help="mxserve cache to use (default: a new empty one). A run cut off after its "
+                    "calibration is resumed by running again with the same --cache and --out: the launch takes the "
+                    "cached profile and the table keeps the first run's calibrate line")  # fmt: skip
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     port = free_port()
-    cache = tempfile.mkdtemp(prefix="mxserve-cache-")  # empty: every phase runs
+    cache = a.cache or tempfile.mkdtemp(prefix="mxserve-cache-")  # empty: every phase runs
+    os.makedirs(cache, exist_ok=True)
     log = os.path.join(a.out, "launch.log")
+    start = os.path.getsize(log) if os.path.isfile(log) else 0  # this run's part of an appended log
     cmd = [sys.executable, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--device", "cuda", "--model", a.model,
            "--budget", a.budget, "--method", a.method, "--calib-samples", str(a.calib_samples),
            "--sglang-args", a.sglang_args, "--port", str(port)]  # fmt: skip
     env = dict(os.environ, MXSERVE_CACHE=cache, PYTHONUNBUFFERED="1")
     t0 = time.time()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def this_run() -> str:
+        with open(log) as f:
+            f.seek(start)
+            return f.read()
     peaks = {"gpu": 0, "host": 0, "serve_start": None}
     done = threading.Event()
 
     def sample() -> None:  # once quantization is over: nvidia-smi and the process tree
         while not done.wait(1.0):
-            if peaks["serve_start"] is None and "phase quantize" in open(log).read():
+            if peaks["serve_start"] is None and "phase quantize" in this_run():
                 peaks["serve_start"] = time.time()
             if peaks["serve_start"] is not None:
                 peaks["gpu"] = max(peaks["gpu"], gpu_used())
@@ -114,10 +124,11 @@ def main() -> None:
                  "peak_gpu_gib": round(peaks["gpu"] / GIB, 2),
                  "peak_host_gib": round(peaks["host"] / GIB, 2)})  # fmt: skip
     result = {"command": shlex.join(cmd), "model": a.model, "ready_seconds": round(ready, 1), "phases": rows,
-              "answers": answers}  # fmt: skip
+              "resumed": start > 0, "answers": answers}  # fmt: skip
     with open(os.path.join(a.out, "launch_phases.json"), "w") as f:
         json.dump(result, f, indent=2)
-    md = [f"`{result['command']}` (empty mxserve cache): /health after {ready:.0f} s.", "",
+    how = "resumed from the cached calibration of an earlier run" if start else "empty mxserve cache"
+    md = [f"`{result['command']}` ({how}): /health after {ready:.0f} s.", "",
           "| phase | seconds | peak GPU GiB | peak host GiB |", "|---|---:|---:|---:|"]  # fmt: skip
     md += [f"| {r['phase']} | {r['seconds']} | {r['peak_gpu_gib']} | {r['peak_host_gib']} |" for r in rows]
     with open(os.path.join(a.out, "launch_phases.md"), "w") as f:
