@@ -6,7 +6,8 @@ memory: the hidden states of the calibration windows stay on the device
 between layers (tokens x hidden x 4 bytes, 0.5 GB for 128 windows of 512
 tokens at hidden 2048), and one layer's weights at a time are read from the
 safetensors files onto the device, run, and dropped. A model larger than the
-GPU (or than host memory) calibrates and quantizes.
+GPU calibrates and quantizes; host memory holds only the quantized result
+(the checkpoint being written), not the model.
 
 The layers are transformers' own modules, built on the meta device and filled
 from the checkpoint; what the model's forward passes to each layer (causal
