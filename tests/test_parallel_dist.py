@@ -17,6 +17,8 @@ from mxserve.parallel.collective import (
     gather_ep_counts,
     plan_digest,
     reduce_counts,
+    tp_local,
+    tp_moe_forward,
 )
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import MixedExperts
@@ -33,6 +35,12 @@ def _rank(rank: int, store: str) -> None:
         x, ids, w, scale = inputs(seed=5, t=40)
         whole = MixedExperts(0, ROUTED, experts)
         ref = whole.forward(x, ids, w, scale)
+
+        # tensor parallel: each rank holds a slice of every expert (down: 128 of 256 columns, whole groups)
+        sliced = tp_local(experts, ROUTED, rank, WORLD)
+        out = tp_moe_forward(sliced, x, ids, w, scale)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        assert torch.equal(sliced.counter.counts, whole.counter.counts)  # same tokens, same routing: no reduction
 
         local = ep_local(experts, ROUTED, rank, WORLD)
         out = ep_moe_forward(local, x, ids, w, ROUTED, scale)

@@ -11,6 +11,9 @@ without one (a single process) every function is the identity.
   the plan; on a mismatch every rank refuses and names the ranks that differ.
 - Expert parallel: each rank runs its own routed experts (and rank 0 the shared
   ones) over all tokens; the partial outputs add up to the layer's output.
+- Tensor parallel: each rank runs its slice of every expert (sharding.tp_shard);
+  the partial outputs add up. Every rank sees all tokens and all routing, so the
+  counts of any one rank are the layer's: nothing to reduce.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.distributed as dist
 
 from mxserve.errors import MxServeError
 from mxserve.parallel.ranks import ep_range
+from mxserve.parallel.sharding import check_tp, tp_shard
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
 
@@ -105,3 +109,16 @@ def ep_moe_forward(local: MixedExperts, x: torch.Tensor, topk_ids: torch.Tensor,
     rank = dist.get_rank(group) if size > 1 else 0
     ids = ep_local_ids(topk_ids, n_routed, rank, size)
     return all_reduce_sum(local.forward(x, ids, topk_weights, shared_scale if rank == 0 else None), group)
+
+
+def tp_local(experts: list[QuantizedExpert], n_routed: int, rank: int, tp_size: int, layer: int = 0) -> MixedExperts:
+    """What rank ``rank`` of a tensor-parallel group holds: its slice of every expert (refused,
+    naming the block, where a scheme cannot be split ``tp_size`` ways)."""
+    check_tp(experts, tp_size, layer)
+    return MixedExperts(layer, n_routed, [tp_shard(e, tp_size, rank) for e in experts])
+
+
+def tp_moe_forward(local: MixedExperts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   shared_scale: torch.Tensor | None = None, group=None) -> torch.Tensor:  # fmt: skip
+    """The layer's output on every rank of a tensor-parallel group: the sum of the ranks' slices."""
+    return all_reduce_sum(local.forward(x, topk_ids, topk_weights, shared_scale), group)
