@@ -1,67 +1,155 @@
-"""How many kernel variants a served layer makes Triton compile (CPU; no GPU needed).
+"""How many kernel variants serving a plan makes Triton compile, and what they cost (CPU; no GPU).
 
-Distinct launch tiles over SGLang's decode batch sizes and a ladder of prefill token counts,
-per model shape, and the distinct per-layer kernel code sets of a plan:
+Lists the variants with mxserve.runtime.precompile (the real launch path over SGLang's decode batch
+sizes and a ladder of prefill token counts, each launch recorded as its compile key for sm_90, tiles
+for an H100's 132 multiprocessors), in three settings:
 
-    python3 benchmarks/compile_variants.py --plan benchmarks/plans/refmoe-3.25bit.json
+- ``per-layer``: each layer compiles its own code set, every integer specialized (before the
+  cold-start levers);
+- ``model codes``: every layer compiles the model-wide code set (Arena.extra_codes);
+- ``levers``: model codes and the batch-dependent integers unspecialized (as served now).
+
+``--compile`` then compiles every variant of each setting for sm_90 on this machine (Triton's cache
+off, one process; ``--workers N`` as `mxserve launch` does) and reports the seconds, and the
+registers and spills of the GEMM variants (cuobjdump), so the levers' cost in registers shows
+before any GPU time:
+
+    python3 benchmarks/compile_variants.py --plan benchmarks/plans/refmoe-3.25bit.json \\
+        --shape refmoe-25m:hidden=256,inter=256,experts=16,top_k=2,shared=2 --compile --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mxkernels.arena import CODE_BF16, CODE_FP8, CODE_WA_INT, CODE_WONLY  # noqa: E402
-from mxkernels.moe import expected_active, pick_tiles  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from benchmarks.moe_layer import parse_shape  # noqa: E402
 from mxserve.plan import Plan  # noqa: E402
-from mxserve.schemes import get_scheme  # noqa: E402
+from mxserve.runtime.moe_layer import plan_kernel_codes  # noqa: E402
+from mxserve.runtime.precompile import (  # noqa: E402
+    DECODE_BATCHES,
+    KERNELS,
+    PREFILL_TOKENS,
+    compile_variants,
+    plan_layers,
+    record_variants,
+)
 
-SHAPES = {"refmoe-25m": (16, 2, 2, 256, 256), "qwen1.5-moe-a2.7b": (60, 4, 4, 2048, 1408)}  # E, k, shared, H, I
-DECODE_BS = [1, 2, 4, 8, *range(16, 257, 8)]
-PREFILL = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
-           *range(1280, 4097, 256), *range(4608, 8193, 512)]  # fmt: skip
-
-
-def tiles(e: int, k: int, s: int, h: int, i: int, tokens: list[int], sms: int = 132) -> set:
-    out = set()
-    for t in tokens:
-        rows, act = t * (k + s), expected_active(e, s, t * k)
-        for n, kk in ((i, h), (h, i)):
-            out.add(pick_tiles(rows, act, 128, n, kk, 0b10000, sms))
-    return out
+SETTINGS = ("per-layer", "model codes", "levers")
+TARGET = GPUTarget("cuda", 90, 32)  # the H100/H200
+SMS = 132
 
 
-def code(name: str) -> int:
-    sc = get_scheme(name)
-    if sc.family == "none":
-        return CODE_BF16
-    if name == "w8a8fp8":
-        return CODE_FP8
-    return CODE_WA_INT[sc.w_bits] if sc.a_bits < 16 else CODE_WONLY[sc.w_bits]
+def usage(cubin: bytes) -> tuple[int, int] | None:
+    """(registers per thread, local-memory bytes: spills) of a cubin's kernel."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def mask(schemes) -> int:
-    out = 0
-    for name in schemes:
-        out |= 1 << code(name)
+def compiled(rec, workers: int) -> dict:
+    """Compile every recorded variant; seconds per kernel, GEMM registers/spills (decode, prefill)."""
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # time the compile, not Triton's on-disk cache
+    variants = rec.all()
+    t0 = time.perf_counter()
+    results = compile_variants(variants, TARGET, workers)
+    out = {"wall_seconds": round(time.perf_counter() - t0, 2)}
+    for name in KERNELS:
+        mine = [(v, r) for v, r in zip(variants, results) if v.kernel == name]
+        if not mine:
+            continue
+        secs = [r[0] for _, r in mine]
+        out[name] = {"variants": len(mine), "seconds": round(sum(secs), 2), "max_seconds": round(max(secs), 2)}
+        if name == "gemm":
+            for part in ("decode", "prefill"):
+                regs = [usage(r[1]) for v, r in mine if v.decode == (part == "decode")]
+                regs = [u for u in regs if u]
+                if regs:
+                    out[name][part] = {"max_regs": max(r for r, _ in regs), "spilling": sum(s > 0 for _, s in regs)}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plan", action="append", default=[])
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--shape", required=True, type=parse_shape,
+                    help="NAME:hidden=H,inter=I,experts=E,top_k=K[,shared=S] (the plan's model)")  # fmt: skip
+    ap.add_argument("--compile", action="store_true", help="compile every variant for sm_90 here and time it")
+    ap.add_argument("--workers", type=int, default=1, help="compile processes (default 1: the serial cost)")
+    ap.add_argument("--out", help="folder for compile_variants_NAME.json / .md")
     a = ap.parse_args()
-    for name, shape in SHAPES.items():
-        d, p = tiles(*shape, DECODE_BS), tiles(*shape, PREFILL)
-        print(f"{name}: distinct tiles {len(d)} decode ({len(DECODE_BS)} batch sizes), {len(p)} prefill "
-              f"({len(PREFILL)} token counts), {len(d | p)} together")  # fmt: skip
-    for path in a.plan:
-        plan = Plan.load(path)
-        sets = {(mask(e.gate for e in lay.experts), mask(e.down for e in lay.experts)) for lay in plan.layers}
-        print(f"{path}: {len(plan.layers)} layers, {len(sets)} distinct (gate_up, down) code sets")
+    plan = Plan.load(a.plan)
+    name, shape = a.shape
+    views = [SimpleNamespace(index=lay.layer, hidden=shape["hidden"], intermediate=shape["inter"],
+                             n_routed=shape["experts"], top_k=shape["top_k"]) for lay in plan.layers]  # fmt: skip
+    layers = plan_layers(plan, views)
+    rows = []
+    for setting in SETTINGS:
+        codes = 0 if setting == "per-layer" else plan_kernel_codes(plan)
+        row = {"setting": setting}
+        for part, tokens in (("decode", DECODE_BATCHES), ("all", DECODE_BATCHES + PREFILL_TOKENS)):
+            rec = record_variants(layers, tokens, TARGET, SMS, codes, specialize_all=setting != "levers")
+            row[part] = rec.count()
+        if a.compile:
+            row["compile"] = compiled(rec, a.workers)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = {"plan": a.plan, "shape": {name: shape}, "layers": len(plan.layers), "decode_batch_sizes": DECODE_BATCHES,
+            "prefill_token_counts": PREFILL_TOKENS, "triton": triton.__version__, "target": "sm_90",
+            "workers": a.workers, "cpus": os.cpu_count(),
+            "command": "python3 benchmarks/compile_variants.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        stem = os.path.join(a.out, f"compile_variants_{name}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list) -> str:
+    kernels = list(KERNELS)
+    lines = [f"Kernel variants Triton compiles to serve {meta['plan']} ({meta['layers']} layers, "
+             f"{list(meta['shape'])[0]}), Triton {meta['triton']}, {meta['target']}.", "", f"    {meta['command']}", "",
+             "| setting | " + " | ".join(f"{k} decode / all" for k in kernels) + " | total all |",
+             "|---|" + "---:|" * (len(kernels) + 1)]  # fmt: skip
+    for r in rows:
+        cells = [f"{r['decode'].get(k, 0)} / {r['all'].get(k, 0)}" for k in kernels]
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + f" | {sum(r['all'].values())} |")
+    if any("compile" in r for r in rows):
+        lines += ["", f"Compiling every variant (decode and prefill) for sm_90 on this machine ({meta['cpus']} CPUs, "
+                  f"{meta['workers']} compile processes, Triton's cache off); GEMM registers per thread and variants "
+                  "spilling to local memory:", "",
+                  "| setting | variants | wall seconds | compile seconds (sum) | slowest | GEMM decode: max registers, "
+                  "spilling | GEMM prefill: max registers, spilling |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            c = r["compile"]
+            per = [v for k, v in c.items() if k in KERNELS]
+            g = c.get("gemm", {})
+            regs = [f"{g[p]['max_regs']}, {g[p]['spilling']}" if p in g else "" for p in ("decode", "prefill")]
+            lines.append(f"| {r['setting']} | {sum(v['variants'] for v in per)} | {c['wall_seconds']:.1f} | "
+                         f"{sum(v['seconds'] for v in per):.1f} | {max(v['max_seconds'] for v in per):.2f} | "
+                         f"{regs[0]} | {regs[1]} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

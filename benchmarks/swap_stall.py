@@ -109,7 +109,8 @@ def run(work: str, out: str, port: int = 30000) -> None:
     os.makedirs(out, exist_ok=True)
     code = ("import shlex, sys; from mxserve.launch import serve_sglang; from mxserve.server.settings import "
             f"StatsSettings; sys.exit(serve_sglang({os.path.join(work, 'ckpt')!r}, '127.0.0.1', {port}, 'm', None, "
-            f"None, 1, shlex.split({SGLANG_ARGS!r}), 'kernel', StatsSettings(), {os.path.join(work, 'ladder')!r}))")
+            f"None, (1, 1), shlex.split({SGLANG_ARGS!r}), 'kernel', StatsSettings(), "
+            f"{os.path.join(work, 'ladder')!r}))")
     log = open(os.path.join(out, "server.log"), "w")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))

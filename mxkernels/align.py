@@ -33,7 +33,7 @@ def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, 
     return tl.where(valid, e, EP - 1), w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
 def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
                      cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
                      BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr):  # fmt: skip
@@ -87,9 +87,11 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_
     w = torch.empty(rows, dtype=torch.float32, device=dev)
     ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
     cursor = torch.empty(ep, dtype=torch.int32, device=dev)
+    # CHUNK at least 256: 8 warps hold 256 lanes whatever the tensor, so smaller chunks cost the
+    # same time and only add compiled variants
     moe_align_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), sorted_ids, block_expert, npp, w,
                            cursor, rows, n_routed, cap, K=k, SLOTS=slots, E=n_experts, EP=ep, BM=bm,
-                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 16))), BCHUNK=64,
+                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))), BCHUNK=64,
                            num_warps=8)  # fmt: skip
     return sorted_ids, block_expert, npp, w
 

@@ -37,6 +37,14 @@ def kernel_code(scheme) -> int:
     return CODE_WONLY[scheme.w_bits]
 
 
+def kernel_codes(schemes) -> int:
+    """The code mask (bit c for kernel code c) of a set of schemes."""
+    mask = 0
+    for sc in schemes:
+        mask |= 1 << kernel_code(sc)
+    return mask
+
+
 @dataclass
 class Arena:
     n: int  # output rows per expert (2I for gate/up, H for down)
@@ -51,6 +59,14 @@ class Arena:
     rotation_seed: int | None  # seed of the input rotation, when some expert is rotated
     min_group: int = 1 << 30  # smallest group of a grouped integer scheme (bounds the K tile)
     raw: torch.Tensor | None = None  # a slab's byte buffer, which every typed buffer views (build_slab)
+    # branches compiled in beyond the layer's own codes: the model-wide set, so that every layer
+    # of a model launches the same kernel variant (one compile per tile config, not per layer)
+    extra_codes: int = 0
+
+    @property
+    def kernel_mask(self) -> int:
+        """The CODES the kernel is compiled with."""
+        return self.codes_mask | self.extra_codes
 
     @property
     def n_experts(self) -> int:
@@ -66,6 +82,7 @@ class Arena:
             codes_mask=self.codes_mask,
             rotation_seed=self.rotation_seed,
             min_group=self.min_group,
+            extra_codes=self.extra_codes,
             **moved,
         )
 
@@ -75,8 +92,9 @@ class Arena:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in ("wi", "wb", "wf", "sc", "zp"))
 
 
-def build_arena(linears: list) -> Arena:
-    """Pack QuantizedLinear blocks of equal shape (one per expert) into one arena."""
+def build_arena(linears: list, extra_codes: int = 0) -> Arena:
+    """Pack QuantizedLinear blocks of equal shape (one per expert) into one arena; the kernel
+    also compiles the branches of ``extra_codes`` (Arena.extra_codes)."""
     n, k = linears[0].n, linears[0].k
     wi, wb, wf, sc, zp = [], [], [], [], []
     sizes = dict.fromkeys(("wi", "wb", "wf", "sc", "zp"), 0)
@@ -128,6 +146,7 @@ def build_arena(linears: list) -> Arena:
         mask,
         seeds.pop() if seeds else None,
         min_group,
+        extra_codes=extra_codes & ~mask,
     )
 
 

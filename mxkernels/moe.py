@@ -32,7 +32,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @dataclass(frozen=True)
 class Tiles:
-    """One GEMM launch's configuration (moe_gemm.py says what SPLIT, SWAP and SCALE_AFTER do)."""
+    """One GEMM launch's configuration (moe_gemm.py says what split, SWAP and SCALE_AFTER do)."""
 
     bm: int
     bn: int
@@ -141,12 +141,13 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         arena.k,
         num_valid,
         a_div,
+        tiles.split,
         GATE_UP=gate_up,
-        CODES=arena.codes_mask,
+        CODES=arena.kernel_mask,
         BM=tiles.bm,
         BN=tiles.bn,
         BK=tiles.bk,
-        SPLIT=tiles.split,
+        PARTIAL=tiles.split > 1,
         SWAP=tiles.swap,
         SCALE_AFTER=tiles.scale_after,
         F32=INTERPRET,

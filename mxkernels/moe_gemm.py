@@ -24,9 +24,11 @@ Layouts, chosen per launch by moe.py:
 - SWAP puts the weights on the MMA's M side and the few token rows on its N
   side (the MMA's M is 64 per warpgroup on Hopper; a decode block has 16 rows
   or fewer), so tiles are [BN, BM] and every helper takes the orientation;
-- SPLIT > 1 splits K over programs (grid axis 2) when too few (expert, N tile)
-  pairs would fill the GPU; each program stores an fp32 partial sum and the
-  SiLU (gate/up) or the top-k sum (down) adds the partials after (moe.py).
+- a split > 1 splits K over programs (grid axis 2) when too few (expert, N tile)
+  pairs would fill the GPU; each program stores an fp32 partial sum (PARTIAL) and
+  the SiLU (gate/up) or the top-k sum (down) adds the partials after (moe.py).
+  The split count is a run-time argument: it follows the batch size, and as a
+  constexpr it made one compile per value.
 
 Branches of codes absent from the layer are pruned at compile time (CODES).
 With GATE_UP and no split the program computes the gate and the up tile of the
@@ -320,7 +322,11 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
     return acc, acc2
 
 
-@triton.jit
+# The batch-dependent integers are not specialized: each of their equal-to-1 / divisible-by-16
+# states would be one more compile (cold start, CUDA-graph capture over many batch sizes), and
+# none of them feeds a vectorized address (num_valid is compared, amax_rot_rows offsets scalar
+# loads, split sizes the K range).
+@triton.jit(do_not_specialize=["amax_rot_rows", "num_valid", "split"])
 def mx_moe_gemm_kernel(
     a_ptr,
     a_rot_off,
@@ -345,12 +351,13 @@ def mx_moe_gemm_kernel(
     K,
     num_valid,
     a_div,
+    split,
     GATE_UP: tl.constexpr,
     CODES: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PARTIAL: tl.constexpr,
     SWAP: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     F32: tl.constexpr,
@@ -366,7 +373,7 @@ def mx_moe_gemm_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     mask_n = cols < N
     # this program's share of K: whole BK tiles, so a tile still has one quantization group
-    k_per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
+    k_per = tl.cdiv(tl.cdiv(K, BK), split) * BK
     k_lo = tl.program_id(2) * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
     meta = meta_ptr + expert * 6
@@ -387,7 +394,7 @@ def mx_moe_gemm_kernel(
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:
-        if SPLIT > 1:
+        if PARTIAL:
             # fp32 partial sums of gate and up side by side; the SiLU comes after the sum (moe.py)
             tl.store(out, res, mask=mask)
             tl.store(out + N, up, mask=mask)
@@ -399,13 +406,13 @@ def mx_moe_gemm_kernel(
             tl.store(out, _bf16(res, F32), mask=mask)
     else:
         res = res * _per_m(tl.load(route_w_ptr + ids, mask=mask_m, other=0.0), SWAP)
-        if SPLIT > 1:
+        if PARTIAL:
             tl.store(out, res, mask=mask)  # fp32 partial; the top-k sum adds the partials
         else:
             tl.store(out, _bf16(res, F32), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # batch-dependent; only offsets rows of 2N (see above)
 def silu_mul_kernel(ws_ptr, out_ptr, rows, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, F32: tl.constexpr):
     """inter [rows, N] = SiLU(gate) * up from SPLIT fp32 partials [SPLIT, rows, 2N] of gate | up,
     rounded as the unsplit kernel rounds (gate and up to bf16 first)."""

@@ -39,7 +39,7 @@ from mxserve.models.layerwise import LayerwiseModel, release_memory
 from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
 from mxserve.plan import Plan
 from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linears
-from mxserve.runtime.moe_layer import MxMoELayer, QuantizedExpert
+from mxserve.runtime.moe_layer import MxMoELayer, QuantizedExpert, model_kernel_codes
 from mxserve.schemes import Scheme
 
 PLAN_FILE = "mxmoe_plan.json"
@@ -165,8 +165,9 @@ def install_layers(model: nn.Module, qlayers: list[list[QuantizedExpert]]) -> li
     """Replace the model's MoE blocks by runtime layers holding ``qlayers``."""
     layers = decoder_layers(model)
     installed = []
+    codes = model_kernel_codes(qlayers)  # every layer compiles one kernel variant (Arena.extra_codes)
     for view, experts in zip(moe_layers(model), qlayers):
-        mx = MxMoELayer(view, experts)
+        mx = MxMoELayer(view, experts, codes)
         layers[view.index].mlp = mx
         installed.append(mx)
     return installed

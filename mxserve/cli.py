@@ -263,13 +263,23 @@ def check_served_memory(a: argparse.Namespace) -> None:
         what = f"{a.model} at {bits:g} bits"
     else:
         return
-    check_gpu_memory(served_bytes(a.model, bits), torch.cuda.mem_get_info()[0], what)
+    # tensor/expert parallel: each of the --tp GPUs holds about 1/tp of the weights
+    check_gpu_memory(served_bytes(a.model, bits) // a.tp, torch.cuda.mem_get_info()[0],
+                     what + (f" over {a.tp} GPUs" if a.tp > 1 else ""))  # fmt: skip
 
 
 def cmd_launch(a: argparse.Namespace) -> None:
     import shlex
 
-    from mxserve.launch import LaunchSettings, pick_engine, resolve, resolve_online, serve, serve_sglang
+    from mxserve.launch import (
+        LaunchSettings,
+        parallel_method,
+        pick_engine,
+        resolve,
+        resolve_online,
+        serve,
+        serve_sglang,
+    )
     from mxserve.online.controller import ReplanSettings
     from mxserve.server.settings import StatsSettings
 
@@ -277,7 +287,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    engine = pick_engine(a.engine, a.tp)
+    engine = pick_engine(a.engine, a.tp, a.ep)
+    method = parallel_method(a.method, a.tp)
     extra = shlex.split(a.sglang_args or "")
     if engine == "sglang" and a.max_running_requests:
         extra += ["--max-running-requests", str(a.max_running_requests)]
@@ -294,15 +305,16 @@ def cmd_launch(a: argparse.Namespace) -> None:
         check_served_memory(a)
     replan = a.replan_interval is not None
     settings = LaunchSettings(
-        model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=a.method,
+        model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
-        progress=not a.quiet, device=work_device(a.device),
+        progress=not a.quiet, device=work_device(a.device), tp=a.tp, ep=a.ep,
     )
     if replan and (a.plan or not a.budget):
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
     res = resolve(settings)
     ckpt = res.ckpt
-    online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin, a.replan_min_interval)) \
+    online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin, a.replan_min_interval,
+                                                          tp=a.tp, ep=a.ep)) \
         if replan else None
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
@@ -310,7 +322,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     if engine == "sglang" and online is not None:
         start_sglang_controller(online, ckpt, a, api_key)
     if engine == "sglang":
-        sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.tp, extra,
+        sys.exit(serve_sglang(ckpt, a.host, a.port, name, api_key, a.max_model_len, (a.tp, a.ep), extra,
                               a.bf16_layers or "sglang", stats, online.ladder_path if online else None))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
           stats, online)
@@ -367,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--budget", help="average bits per expert weight: 4bit, 3.25bit or 3.25")
     la.add_argument("--plan", help="a plan from `mxserve plan` (instead of --budget)")
     la.add_argument("--calib-data", nargs="+", help="calibration text (default: built-in stdlib source text)")
-    la.add_argument("--method", default="gptq-had", choices=METHOD_CHOICES)
+    la.add_argument("--method", choices=METHOD_CHOICES,
+                    help="quantizer (default gptq-had; gptq with --tp > 1, whose column split no rotation survives)")
     la.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration windows of 512 tokens")
     la.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     la.add_argument("--r", type=float, default=1.0, help="planner accuracy weight (1 accuracy only, 0 latency)")
@@ -385,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--max-running-requests", type=_positive_int,
                     help="requests decoded together (embedded default 16; SGLang's own default otherwise)")
     la.add_argument("--tp", "--tp-size", type=_positive_int, default=1, dest="tp",
-                    help="tensor parallel size (SGLang engine only)")
+                    help="tensor parallel size: GPUs over which each expert is split (SGLang engine only)")
+    la.add_argument("--ep", "--ep-size", type=_positive_int, default=1, dest="ep",
+                    help="expert parallel size: each of this many GPUs holds whole experts, and the plan's budget "
+                         "holds on each (SGLang engine only; at most --tp)")
     la.add_argument("--bf16-layers", choices=BF16_LAYERS,
                     help="SGLang engine: layers the plan leaves wholly in bf16 run SGLang's own fused MoE "
                          "(sglang, the default: plain SGLang's numbers) or mxserve's kernel (kernel)")

@@ -77,6 +77,8 @@ class LaunchSettings:
     kernel_profile: str | None = None
     progress: bool = True
     device: str = "cpu"  # where calibration and quantization run
+    tp: int = 1  # SGLang's tensor-parallel size: the planner keeps to schemes whose down blocks split
+    ep: int = 1  # SGLang's expert-parallel size: the budget holds on every rank
 
 
 def log(msg: str) -> None:
@@ -138,7 +140,7 @@ def resolve(s: LaunchSettings) -> Resolved:
                 prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
                                  progress=s.progress, device=s.device)  # fmt: skip
             prof.save(prof_path)
-        res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile))
+        res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile), ep=s.ep, tp=s.tp)
         plan = res.plan
         shares = ", ".join(f"{k} {v:.0%}" for k, v in plan.summary["schemes"].items())
         log(f"plan: {plan.summary['avg_bits']:.3f} avg bits (budget {budget:g}) in {res.seconds:.1f} s: {shares}")
@@ -187,8 +189,9 @@ def _check_port(host: str, port: int) -> None:
             raise MxServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def pick_engine(requested: str | None, tp: int = 1) -> str:
-    """The engine to serve with: SGLang by default when CUDA and sglang are there, else embedded."""
+def pick_engine(requested: str | None, tp: int = 1, ep: int = 1) -> str:
+    """The engine to serve with: SGLang by default when CUDA and sglang are there, else embedded.
+    Parallel sizes are checked here, before any calibration."""
     import importlib.util
 
     from mxserve.engines.sglang_launch import check_sglang
@@ -198,19 +201,41 @@ def pick_engine(requested: str | None, tp: int = 1) -> str:
         raise MxServeError("--engine sglang needs a CUDA GPU; --engine embedded serves on the CPU")
     if requested == "sglang" or (requested is None and has_cuda and importlib.util.find_spec("sglang")):
         check_sglang()
-        if tp > 1:  # said before any calibration
-            raise MxServeError("--tp > 1: the mxmoe method runs every expert whole on one GPU; tensor-parallel "
-                               "experts are not supported yet")
+        check_parallel(tp, ep, torch.cuda.device_count())
         return "sglang"
     if requested is None and has_cuda:
         log("CUDA found but not sglang: serving with the embedded engine (pip install 'mxserve[sglang]')")
-    if tp > 1:
-        raise MxServeError("--tp > 1 needs the SGLang engine (--engine sglang)")
+    if tp > 1 or ep > 1:
+        raise MxServeError("--tp/--ep > 1 need the SGLang engine (--engine sglang) on as many GPUs")
     return "embedded"
 
 
+def check_parallel(tp: int, ep: int, gpus: int) -> None:
+    """SGLang's layout: the expert-parallel group lies within the tensor-parallel one (the MoE
+    layer's ranks are ep x moe_tp = tp), one GPU per rank."""
+    if ep > tp or tp % ep:
+        raise MxServeError(f"--ep {ep} must divide --tp {tp}: SGLang runs the MoE experts over the --tp GPUs, "
+                           "--ep of them each holding whole experts (e.g. --tp 2 --ep 2)")
+    if tp > gpus:
+        raise MxServeError(f"--tp {tp} needs {tp} GPUs; this machine has {gpus}")
+
+
+def parallel_method(method: str | None, tp: int) -> str:
+    """The quantizer: gptq-had unless given; gptq with --tp > 1, because tensor parallel splits
+    every down block's input columns over GPUs and the rotation mixes all of them."""
+    if tp > 1 and method == "gptq-had":
+        raise MxServeError("--tp > 1 splits each down block's input columns over GPUs, and gptq-had rotates them "
+                           "all together: use --method gptq or rtn (or --ep for whole experts per GPU)")
+    if method:
+        return method
+    if tp > 1:
+        log("--tp > 1: quantizing with gptq (gptq-had's rotation spans the columns the split separates)")
+        return "gptq"
+    return "gptq-had"
+
+
 def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
-                 max_model_len: int | None, tp: int, extra: list[str], bf16_layers: str = "sglang",
+                 max_model_len: int | None, parallel: tuple[int, int], extra: list[str], bf16_layers: str = "sglang",
                  stats_settings=None, ladder: str | None = None) -> int:
     """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code.
     With ``ladder`` (a precision ladder's path), plans can be swapped in (engines/sglang_swap.py)."""
@@ -220,13 +245,44 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
     _check_port(host, port)
     if ladder:
         extra = list(extra) + ["--custom-weight-loader", LOADER]
-    cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, tp, extra, bf16_layers)
+    cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, parallel, extra, bf16_layers)
     log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt}); "
         f"mxserve's series on http://{host}:{port}/metrics")
     env = stats_env(plugin_env(cache_root()), stats_settings)
     if ladder:
         env[LADDER_ENV] = os.path.abspath(ladder)
+    precompile_kernels(ckpt, bf16_layers, ladder, parallel, env["TRITON_CACHE_DIR"])
     return run_sglang(cmd, env)
+
+
+def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel: tuple[int, int],
+                       triton_cache: str) -> None:  # fmt: skip
+    """Compile the kernel variants the server will launch into its Triton cache, in parallel, before
+    SGLang starts (runtime/precompile.py): CUDA-graph capture then finds them compiled. Only a speed-up:
+    a failure is logged and serving goes on (SGLang then compiles what it meets)."""
+    from mxserve.checkpoint import PLAN_FILE
+    from mxserve.models.layerwise import LayerwiseModel
+    from mxserve.online.ladder import Ladder
+    from mxserve.phases import phase
+    from mxserve.plan import Plan
+    from mxserve.runtime.moe_layer import plan_kernel_codes
+    from mxserve.runtime.precompile import precompile
+
+    old = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = triton_cache  # the spawned compilers inherit it
+    try:
+        with phase("precompile", log=log):
+            plan = Plan.load(os.path.join(ckpt, PLAN_FILE))
+            codes = plan_kernel_codes(plan, Ladder(ladder).schemes if ladder else None)
+            precompile(plan, LayerwiseModel(ckpt).moe_views, bf16_layers == "sglang" and not ladder, codes,
+                       *parallel, log=log)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a speed-up only; SGLang compiles on demand
+        log(f"precompiling the kernels failed ({type(e).__name__}: {e}); SGLang will compile them as it meets them")
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old
 
 
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,

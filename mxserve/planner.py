@@ -32,7 +32,7 @@ import pulp
 from mxserve.costmodel import CostModel, RooflineCostModel
 from mxserve.errors import MxServeError
 from mxserve.mckp import solve_mckp
-from mxserve.parallel.ranks import ep_range
+from mxserve.parallel.ranks import column_split_refusal, ep_range
 from mxserve.plan import ExpertPlan, LayerPlan, Plan
 from mxserve.profile import CalibrationProfile, LayerStats
 from mxserve.schemes import get_scheme
@@ -78,8 +78,12 @@ def layer_units(
     tokens: int,
     cost: CostModel,
     freq: list[float] | None = None,
+    tp: int = 1,
+    rotated: bool = False,
 ) -> list[Unit]:
-    """The planning units of one layer; ``freq`` overrides the calibration frequencies."""
+    """The planning units of one layer; ``freq`` overrides the calibration frequencies. With ``tp``
+    > 1 a down block keeps only the schemes whose input columns split ``tp`` ways (``rotated``:
+    the method rotates every non-bf16 block's input, which no column split keeps)."""
     units = []
     energy = max(stats.out_energy, 1e-30)
     for e in stats.experts:
@@ -90,12 +94,15 @@ def layer_units(
             k = e.shapes[parts[0]][1]
             opts = {}
             for s in schemes:
+                sc = get_scheme(s)
+                if block == "down" and tp > 1 and column_split_refusal(sc, k, tp, rotated):
+                    continue
                 if all(s in e.err[p] for p in parts):
-                    sc = get_scheme(s)
                     loss = significant(f * sum(e.err[p][s] for p in parts) / energy)
                     opts[s] = (sc.bits_per_weight(k), loss, cost.time(sc, n, k, m))
             if not opts:
-                raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits")
+                raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits"
+                                   + (f" a {tp}-way tensor-parallel split" if tp > 1 else ""))
             units.append(Unit(layer_pos, e.expert, e.shared, block, n * k, opts))
     return units
 
@@ -277,6 +284,7 @@ def solve_plan(
     schemes: list[str] | None = None,
     solver: str = "auto",
     ep: int = 1,
+    tp: int = 1,
 ) -> PlanResult:
     """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``).
 
@@ -287,7 +295,8 @@ def solve_plan(
 
     ``ep`` > 1 plans for expert parallel serving: the budget then holds for each rank's
     routed experts of a layer and for the shared experts (on every rank) separately, so
-    every GPU's share, and the total, stay within it (per-layer budgets only).
+    every GPU's share, and the total, stay within it (per-layer budgets only). ``tp`` > 1 keeps
+    to schemes every down block can be split with (parallel/ranks.column_split_refusal).
     """
     if solver not in SOLVERS:
         raise MxServeError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -305,7 +314,8 @@ def solve_plan(
     cost = cost or RooflineCostModel()
     schemes = schemes or profile.schemes
     units = [
-        layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos])
+        layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos], tp,
+                    profile.method == "gptq-had")  # fmt: skip
         for pos, st in enumerate(profile.layers)
     ]
     groups = (
@@ -333,6 +343,8 @@ def solve_plan(
     plan = _to_plan(profile, budget, r, tokens, granularity, scopes, [f[j] for f, j in zip(fronts, picks)])
     if ep > 1:
         plan.summary["ep"] = ep
+    if tp > 1:
+        plan.summary["tp"] = tp
     chosen = picks[0] if len(set(picks)) == 1 else None
     warns = sorted({w for sc in scopes for w in sc.warnings})
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)

@@ -253,6 +253,32 @@ def test_launch_unsupported_architecture(capsys, monkeypatch, tmp_path):
     assert "unsupported architecture 'llama'" in err
 
 
+@pytest.mark.parametrize("args,expect", [
+    (["--tp", "2"], "need the SGLang engine"),
+    (["--ep", "2"], "need the SGLang engine"),
+])  # fmt: skip
+def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args, expect):
+    err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "4bit", *args)
+    assert expect in err
+
+
+def test_parallel_layout_and_method_checks():
+    from mxserve.errors import MxServeError
+    from mxserve.launch import check_parallel, parallel_method
+
+    check_parallel(4, 2, 4)  # 2 expert-parallel groups of 2 tensor-parallel ranks
+    with pytest.raises(MxServeError, match="--ep 4 must divide --tp 2"):
+        check_parallel(2, 4, 8)
+    with pytest.raises(MxServeError, match="--ep 2 must divide --tp 3"):
+        check_parallel(3, 2, 8)
+    with pytest.raises(MxServeError, match="--tp 2 needs 2 GPUs; this machine has 1"):
+        check_parallel(2, 1, 1)
+    assert parallel_method(None, 1) == "gptq-had" and parallel_method(None, 2) == "gptq"
+    assert parallel_method("rtn", 2) == "rtn"
+    with pytest.raises(MxServeError, match="use --method gptq or rtn"):
+        parallel_method("gptq-had", 2)
+
+
 def test_served_memory_estimate_and_refusal(tiny_models):
     from mxserve.errors import MxServeError
     from mxserve.models.loading import load_model

@@ -63,6 +63,29 @@ def test_gemms_with_rotation():
         assert e < BOUND, (key, e)
 
 
+@pytest.mark.parametrize("layout", ["prefill", "decode"])
+def test_model_wide_codes_compute_what_the_layers_own_codes_compute(layout):
+    """A layer compiled with the whole model's kernel codes (Arena.extra_codes, one variant per
+    model) gives the same output bits: the other codes' branches are never taken."""
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena, kernel_codes
+    from mxkernels.moe import moe_gemms
+    from mxserve.schemes import get_scheme
+
+    gen = torch.Generator().manual_seed(3)
+    experts = make_experts(["bf16", "w4a16g128", "w2a16g128"], 128, 128, 6, 1, "rtn", gen, "cpu")
+    x = torch.randn(7, 128, generator=gen).to(torch.bfloat16)
+    ids, w = route(7, 6, 2, gen)
+    every = kernel_codes(get_scheme(s) for s in ALL)
+    outs = []
+    for extra in (0, every):
+        gu, dn = (build_arena(list(blocks), extra) for blocks in zip(*(e.linears() for e in experts)))
+        assert gu.kernel_mask == (every if extra else gu.codes_mask) and gu.codes_mask != every
+        outs.append(moe_gemms(x, ids, w, gu, dn, 6, **LAYOUTS[layout]))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_whole_layer_weight_only_mix():
     assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a16"], 12, 128, 128, 8, 2, 2, "cpu", seed=1) < BOUND
 

@@ -395,3 +395,65 @@ def test_sglang_swapper_validates_plans_from_the_ladder(tiny_online):
         ep["gate"] = ep["up"] = ep["down"] = "bf16"
     with pytest.raises(PlanRejected):
         validate_plan(Plan.from_json(over), stand_ins, swapper.ladder, BUDGET)
+
+
+def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
+    """One of two expert-parallel ranks of an SGLang server, set up as the plugin sets it up,
+    receiving a plan (rank ``corrupt_on`` gets a truncated copy)."""
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+
+    from mxserve.checkpoint import load_quantized, runtime_layers
+    from mxserve.engines import sglang_swap
+    from mxserve.parallel.sharding import rank_experts
+    from mxserve.parallel.stats import WholeLayer
+    from mxserve.plan import Plan
+    from mxserve.runtime.moe_layer import MixedExperts
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        os.environ[sglang_swap.LADDER_ENV] = os.path.join(root, "ladder")
+        sglang_swap._DeviceFence = contextlib.nullcontext  # CPU: nothing queued on a device
+        sglang_swap._rank_group = lambda ranks: None  # the default group: these two processes
+        model, plan = load_quantized(os.path.join(root, "ckpt"))
+        served = {}
+        for m in runtime_layers(model):
+            n = m.mx.n_routed
+            local, n_local = rank_experts(m.experts_q, n, m.layer_index, rank, 2)
+            served[m.layer_index] = MixedExperts(m.layer_index, n_local, local)
+            sglang_swap.register_layer(served[m.layer_index], plan, WholeLayer(m.layer_index, n, m.experts_q),
+                                       (rank, 2, 0, 1))  # fmt: skip
+        # a new plan at the same bits: two routed experts of the first layer trade schemes
+        new = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+        experts = new.layers[0].experts
+        b = next(i for i, e in enumerate(experts) if not e.shared and e.gate != experts[0].gate)
+        for f in ("gate", "up", "down"):
+            va, vb = getattr(experts[0], f), getattr(experts[b], f)
+            setattr(experts[0], f, vb)
+            setattr(experts[b], f, va)
+        payload = json.dumps(new.to_json()).encode()
+        if rank == corrupt_on:
+            payload = payload[:-5]
+        sglang_swap.apply_plan(None, [(sglang_swap.PLAN_TENSOR, torch.tensor(list(payload), dtype=torch.uint8))])
+        want = plan if corrupt_on >= 0 else new  # all ranks or none
+        assert sglang_swap._served["plan"].to_json() == want.to_json()
+        lay = want.layers[0]
+        per = sum(not e.shared for e in lay.experts) // 2
+        mine = served[lay.layer].experts_q[:per]
+        assert [q.gate_up.scheme.name for q in mine] == [e.gate for e in lay.experts[rank * per : (rank + 1) * per]]
+        view = sglang_swap._served["whole"][lay.layer]
+        assert [q.down.scheme.name for q in view.experts_q] == [e.down for e in lay.experts]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("corrupt_on", [-1, 1])
+def test_sglang_plan_swap_on_two_expert_parallel_ranks(tiny_online, tmp_path, corrupt_on):
+    """apply_plan as each rank of an --ep 2 SGLang server runs it (two gloo processes, CPU): every
+    rank swaps its own experts, or, when one rank cannot read the plan, none does."""
+    import torch.multiprocessing as mp
+
+    _, _, root = tiny_online
+    mp.spawn(_swap_rank, args=(str(tmp_path / "store"), str(root), corrupt_on), nprocs=2, join=True)

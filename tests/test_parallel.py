@@ -6,11 +6,12 @@ import torch
 
 from mxkernels.reference import moe_reference
 from mxserve.errors import MxServeError
+from mxserve.parallel.collective import ep_local_ids
 from mxserve.parallel.ranks import ep_range
-from mxserve.parallel.sharding import check_ep_budget, check_tp, ep_rank_bits, tp_shard
+from mxserve.parallel.sharding import check_ep_budget, check_tp, ep_rank_bits, rank_experts, tp_shard
 from mxserve.quant.gptq import hessian
 from mxserve.quant.qlinear import quantize_linear
-from mxserve.runtime.moe_layer import QuantizedExpert
+from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
 from mxserve.schemes import get_scheme
 
 H, INTER, ROUTED, SHARED, K = 256, 256, 8, 1, 2
@@ -143,3 +144,78 @@ def test_expert_parallel_plan_keeps_the_budget_on_every_rank(capsys, tmp_path):
     assert main(["plan", "--profile", str(tmp_path / "p.json"), "--budget", "4.25", "--ep", "3",
                  "--out", str(tmp_path / "x.json")]) == 2  # fmt: skip
     assert "do not split evenly over 3 ranks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ep,tp", [(2, 1), (1, 2), (2, 2)])
+def test_each_rank_of_sglang_moe_groups_adds_up_to_the_layer(ep, tp):
+    """What the SGLang method runs on each of ep x tp ranks (router ids mapped to the rank's experts,
+    -1 elsewhere, as SGLang's dispatcher maps them) sums to the whole layer."""
+    schemes = ["w4a16g128", "w2a16g32", "bf16", "w8a16"]
+    experts = layer(schemes, list(reversed(schemes)))
+    x, ids, w, scale = inputs(seed=5)
+    whole = forward(experts, x, ids, w, scale)
+    parts = []
+    for er in range(ep):
+        for tr in range(tp):
+            local, n_local = rank_experts(experts, ROUTED, 0, er, ep, tr, tp)
+            assert n_local == ROUTED // ep and len(local) == n_local + (SHARED if er == 0 else 0)
+            assert local[0].down.k == INTER // tp
+            parts.append(MixedExperts(0, n_local, local).forward(x, ep_local_ids(ids, ROUTED, er, ep), w, scale))
+    assert ((torch.stack(parts).sum(0) - whole).norm() / whole.norm()).item() < 1e-5
+
+
+def test_rank_experts_refuses_the_whole_layer_on_every_rank():
+    experts = layer(["w4a16g128"], ["w4a16g128"] * (ROUTED - 1) + ["w8a8fp8", "w4a16g128"])  # expert 7's down
+    for er in range(2):  # rank 0 does not hold expert 7, and refuses all the same
+        with pytest.raises(MxServeError, match="expert 7 down"):
+            rank_experts(experts, ROUTED, 0, er, 2, 0, 2)
+
+
+def test_tensor_parallel_plan_keeps_to_splittable_down_schemes():
+    import dataclasses
+
+    from test_planner import synthetic_profile
+
+    from mxserve.planner import solve_plan
+
+    prof = synthetic_profile()  # down blocks of 128 columns: 64 per rank at --tp 2, not whole groups of 128
+    plain = solve_plan(prof, 4.25).plan
+    assert any(ep.down.endswith("g128") for lay in plain.layers for ep in lay.experts)
+    tp = solve_plan(prof, 4.25, tp=2).plan
+    downs = {ep.down for lay in tp.layers for ep in lay.experts}
+    assert downs <= {"bf16", "w8a16"} and tp.summary["tp"] == 2 and tp.summary["avg_bits"] <= 4.25 + 1e-6
+    assert any(ep.gate.endswith("g128") for lay in tp.layers for ep in lay.experts)  # rows split: any scheme
+    rotated = dataclasses.replace(prof, method="gptq-had")  # no rotated down block splits: bf16 only
+    with pytest.raises(MxServeError, match="infeasible"):
+        solve_plan(rotated, 4.25, tp=2)
+
+
+def test_one_rank_counts_the_routers_global_ids_for_the_whole_layer():
+    """Over several GPUs the exporting rank counts the router's ids before SGLang's dispatcher maps
+    them to its own experts, and reports every block of the layer, as one GPU would."""
+    from types import SimpleNamespace
+
+    from mxserve.parallel.stats import CountingDispatcher, WholeLayer
+    from router_stats.metrics import precision_of
+
+    experts = layer(["w4a16g128", "w2a16g128", "bf16"], ["w3a16g128"])
+    x, ids, w, _ = inputs(seed=7)
+    ids[:3] = -1  # padded rows (CUDA-graph padding) count nowhere
+
+    class Standard:  # SGLang's StandardDispatcher under --ep 2, on rank 1: ids mapped to its experts
+        name = "standard"
+
+        def dispatch(self, hidden_states, topk_output):
+            return SimpleNamespace(hidden_states=hidden_states,
+                                   topk_ids=ep_local_ids(topk_output.topk_ids, ROUTED, 1, 2))
+
+    view = WholeLayer(3, ROUTED, experts)
+    dispatcher = CountingDispatcher(Standard(), view.counter)
+    out = dispatcher.dispatch(hidden_states=x, topk_output=SimpleNamespace(topk_ids=ids))
+    assert dispatcher.name == "standard" and (out.topk_ids < ROUTED // 2).all()  # the rank's own view
+    snap = view.counter.snapshot()
+    valid = ids[ids >= 0]
+    assert snap.counts == torch.bincount(valid, minlength=ROUTED).tolist()
+    whole = MixedExperts(3, ROUTED, experts)
+    assert precision_of([view], 4.0, "rtn") == precision_of([whole], 4.0, "rtn")
+    assert all(ql.qweight.numel() == 0 for e in view.experts_q for ql in e.linears())  # no weights held

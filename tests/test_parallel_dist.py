@@ -17,6 +17,7 @@ from mxserve.parallel.collective import (
     gather_ep_counts,
     plan_digest,
     reduce_counts,
+    swap_on_every_rank,
     tp_local,
     tp_moe_forward,
 )
@@ -74,3 +75,48 @@ def _rank(rank: int, store: str) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_expert_parallel_over_two_processes(tmp_path):
     mp.spawn(_rank, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
+
+
+def _swap_rank(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        lay = [(0, [False] * ROUTED + [True] * SHARED)]
+        plan = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq")
+        log: list[str] = []
+
+        def apply(p, fail=False):
+            log.append("apply")
+            if fail:
+                raise RuntimeError("out of memory")
+            return "report"
+
+        def undo(p):
+            log.append("undo")
+
+        # the same plan on both ranks: applied on both
+        assert swap_on_every_rank(lambda: plan, apply, undo) == (plan, "report") and log == ["apply"]
+
+        # rank 1 cannot read its copy: both refuse, neither applies
+        log.clear()
+
+        def read():
+            if rank == 1:
+                raise ValueError("bad JSON")
+            return plan
+
+        with pytest.raises(MxServeError, match="differ"):
+            swap_on_every_rank(read, apply, undo)
+        assert log == []
+
+        # rank 1 fails while applying: rank 0 puts its previous plan back, both report it
+        log.clear()
+        with pytest.raises(MxServeError, match="previous plan serves on every rank"):
+            swap_on_every_rank(lambda: plan, lambda p: apply(p, fail=rank == 1), undo)
+        assert log == (["apply", "undo"] if rank == 0 else ["apply"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_a_plan_swap_happens_on_every_rank_or_on_none(tmp_path):
+    mp.spawn(_swap_rank, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)

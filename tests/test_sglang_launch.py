@@ -88,9 +88,12 @@ def test_sglang_command(qwen2_ckpt):
     assert over["quantization_config"]["bf16_layers"] == "kernel"
 
 
+def test_sglang_command_parallel(qwen2_ckpt):
+    cmd = sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 8123, "tiny", parallel=(4, 2))
+    assert cmd[cmd.index("--tp-size") + 1] == "4" and cmd[cmd.index("--ep-size") + 1] == "2"
+
+
 def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
-    with pytest.raises(MxServeError, match="tensor-parallel"):
-        sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 1, "m", tp=2)
     model = load_model(str(tiny_models["deepseek_v2"]))
     plan = Plan.uniform("m", "deepseek_v2", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
     quantize_to_dir(str(tiny_models["deepseek_v2"]), plan, str(tmp_path), progress=False)

@@ -142,16 +142,12 @@ def sglang_command(
     served_model_name: str,
     api_key: str | None = None,
     context_length: int | None = None,
-    tp: int = 1,
+    parallel: tuple[int, int] = (1, 1),
     extra: list[str] | None = None,
     bf16_layers: str = "sglang",
 ) -> list[str]:
-    """The ``sglang.launch_server`` command line for a checkpoint."""
-    if tp > 1:
-        raise MxServeError(
-            "--tp > 1: the mxmoe method runs every expert whole on one GPU; tensor-parallel experts are not "
-            "supported yet"
-        )
+    """The ``sglang.launch_server`` command line for a checkpoint; ``parallel`` is (tp, ep)."""
+    tp, ep = parallel
     if port + GRPC_PORT_OFFSET > 65535:
         raise MxServeError(f"--port {port}: SGLang also listens on port + {GRPC_PORT_OFFSET}; use a port below "
                            f"{65536 - GRPC_PORT_OFFSET}")
@@ -161,6 +157,7 @@ def sglang_command(
         "--host", host,
         "--port", str(port),
         "--tp-size", str(tp),
+        "--ep-size", str(ep),
         "--served-model-name", served_model_name,
         "--json-model-override-args", json.dumps(model_overrides(ckpt, bf16_layers)),
         "--enable-metrics",

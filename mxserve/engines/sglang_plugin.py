@@ -15,6 +15,11 @@ Routing counts and the precision of every block reach SGLang's own
 that SGLang's metrics endpoint reads (``--enable-metrics``, set by
 ``mxserve launch``); the series are the embedded engine's.
 
+Over several GPUs (SGLang's tensor and expert parallel) every rank reads the
+whole layer and keeps its part (parallel/sharding.rank_experts); SGLang's
+all-reduce adds the ranks' outputs. Rank 0 of the layer's MoE group exports the
+whole layer's statistics (parallel/stats.py).
+
 Only the MoE experts are ours: FusedMoE gets :class:`MxMoEMethod`, which
 holds the layer's :class:`~mxserve.runtime.moe_layer.MixedExperts` (the same
 class the embedded engine runs) and calls the mixed-precision kernels.
@@ -50,8 +55,10 @@ from mxserve.checkpoint import DOWN, FORMAT_VERSION, GATE_UP, SHARED_GATE, exper
 from mxserve.engines import BF16_LAYERS, sglang_swap
 from mxserve.models.adapters import join_shared
 from mxserve.models.loading import QUANT_METHOD
+from mxserve.parallel.sharding import rank_experts
+from mxserve.parallel.stats import CountingDispatcher, WholeLayer
 from mxserve.plan import LayerPlan, Plan
-from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
+from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert, plan_kernel_codes
 from router_stats import process_stats
 
 _KINDS = ("qweight", "scales", "zeros")  # what QuantizedLinear.tensors() may name
@@ -147,14 +154,11 @@ class MxMoEMethod(FusedMoEMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        if layer.moe_tp_size > 1 or layer.moe_ep_size > 1:
-            raise ValueError("mxmoe runs each expert whole on one GPU: tensor/expert parallel MoE is not supported")
         layer_plan = self.plan.layer(layer.layer_id)
         routed = sum(not ep.shared for ep in layer_plan.experts)
-        if routed != num_experts:
-            raise ValueError(
-                f"mxmoe plan has {routed} routed experts in layer {layer.layer_id}, the model {num_experts}"
-            )
+        if routed != num_experts * layer.moe_ep_size:  # SGLang passes this rank's routed experts
+            raise ValueError(f"mxmoe plan has {routed} routed experts in layer {layer.layer_id}, the model "
+                             f"{num_experts * layer.moe_ep_size}")  # fmt: skip
         layer.mx_hidden = hidden_size
         layer.mx_loaded = {}
         layer.mx_has_shared = routed < len(layer_plan.experts)
@@ -195,18 +199,33 @@ class MxMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         loaded = layer.mx_loaded
-        experts = read_experts(loaded, self.plan, layer.layer_id, layer.mx_hidden)
+        whole = read_experts(loaded, self.plan, layer.layer_id, layer.mx_hidden)
+        n_routed = sum(not e.shared for e in whole)
+        # every rank reads the whole layer and keeps its part: its experts (EP), its slice of each (TP)
+        experts, n_local = rank_experts(whole, n_routed, layer.layer_id, layer.moe_ep_rank, layer.moe_ep_size,
+                                        layer.moe_tp_rank, layer.moe_tp_size)  # fmt: skip
         device = torch.device("cuda", torch.cuda.current_device())
         gate = loaded.get(SHARED_GATE)
         layer.mx_gate = None if gate is None else gate.to(device, torch.bfloat16)  # not a Parameter name
-        layer.mx = MixedExperts(layer.layer_id, layer.num_experts, experts)
+        layer.mx = MixedExperts(layer.layer_id, n_local, experts, plan_kernel_codes(self.plan))  # one variant/model
         layer.mx.counter.to(device)  # on the GPU before SGLang captures CUDA graphs, which then count
-        process_stats(layer.mx, self.plan.budget_bits, self.plan.method)  # export through SGLang's /metrics
+        ranks = (layer.moe_ep_rank, layer.moe_ep_size, layer.moe_tp_rank, layer.moe_tp_size)
+        view = None
+        if ranks[1] == ranks[3] == 1:
+            process_stats(layer.mx, self.plan.budget_bits, self.plan.method)  # export through SGLang's /metrics
+        else:
+            # over several GPUs the whole layer's blocks (for swaps), and one rank exports for the
+            # layer, counting the router's global ids as they enter SGLang's dispatcher (parallel/stats.py)
+            view = WholeLayer(layer.layer_id, n_routed, whole)
+            if layer.moe_ep_rank == layer.moe_tp_rank == 0:
+                view.counter.to(device)
+                layer.dispatcher = CountingDispatcher(layer.dispatcher, view.counter)
+                process_stats(view, self.plan.budget_bits, self.plan.method)
         lad = sglang_swap.ladder()
         if lad is not None:  # re-planning on: a fixed slab, so swaps copy in place under CUDA graphs
             seed = self.plan.hadamard_seed if self.plan.method == "gptq-had" else None
             layer.mx.fix_capacity(self.plan.budget_bits, lad.schemes, seed)
-            sglang_swap.register_layer(layer.mx, self.plan)
+            sglang_swap.register_layer(layer.mx, self.plan, view, ranks if view is not None else None)
         if self.unquant is not None:
             routed = [e for e in experts if not e.shared]
             # bf16 blocks store the plain weight [N, K]; gate_up holds gate rows, then up rows

@@ -40,6 +40,8 @@ class ReplanSettings:
     margin: float = 0.02  # relative gain of L^r * T^(1-r) needed to swap
     min_interval: float = 60.0  # seconds since the last swap before another automatic one
     time_limit: float = 10.0  # solver time limit, seconds
+    tp: int = 1  # the serving layout new plans must fit: SGLang's tensor- and expert-parallel sizes
+    ep: int = 1
 
 
 @dataclass
@@ -137,7 +139,8 @@ class Controller:
             t0 = time.perf_counter()
             try:
                 res = self.solve(self.profile, self.budget, r=self.r, tokens=tokens, cost=self.cost, freqs=freqs,
-                                 schemes=self.swapper.ladder.schemes, time_limit=self.settings.time_limit)
+                                 schemes=self.swapper.ladder.schemes, time_limit=self.settings.time_limit,
+                                 tp=self.settings.tp, ep=self.settings.ep)
                 new = res.plan
                 new.data = list(self.plan.data)
                 validate_plan(new, self.swapper.layers(), self.swapper.ladder, self.budget, new.granularity)

@@ -86,11 +86,14 @@ def validate_plan(plan: Plan, layers: list, ladder: Ladder, budget: float, granu
 class PlanSwapper:
     """Applies plans to the runtime layers of one serving process."""
 
-    def __init__(self, layers: Callable[[], list], ladder: Ladder, lock, hidden: dict[int, int]):
+    def __init__(self, layers: Callable[[], list], ladder: Ladder, lock, hidden: dict[int, int],
+                 local: Callable[[int, list], list] | None = None):  # fmt: skip
         self._layers = layers  # runtime layers (MixedExperts): layer_index, experts_q, prepare/commit
         self.ladder = ladder
         self.lock = lock  # held by the engine around every forward pass
         self.hidden = hidden  # layer index -> hidden size
+        # (layer index, the layer's experts) -> what this process runs of them (one GPU of several)
+        self.local = local
         self.fault: FaultHook | None = None
 
     def layers(self) -> list:
@@ -107,6 +110,8 @@ class PlanSwapper:
             staged = []
             for m in changed:
                 experts = self.ladder.experts(plan.layer(m.layer_index), self.hidden[m.layer_index])
+                if self.local is not None:
+                    experts = self.local(m.layer_index, experts)
                 staged.append((m, m.prepare(experts)))
             for m, new in staged:
                 if self.fault is not None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from mxserve.errors import MxServeError
 from mxserve.parallel.ranks import ep_range
-from mxserve.parallel.sharding import check_tp, tp_shard
+from mxserve.parallel.sharding import rank_experts
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert
 
@@ -64,25 +65,15 @@ def plan_digest(plan: Plan) -> str:
 def check_same_plan(plan: Plan, group=None) -> str:
     """The plan's digest when every rank holds the same plan; MxServeError on every rank otherwise."""
     digest = plan_digest(plan)
-    n = _group_size(group)
-    if n == 1:
-        return digest
-    seen: list[str | None] = [None] * n
-    dist.all_gather_object(seen, digest, group=group)
-    if len(set(seen)) > 1:
-        first = seen[0]
-        odd = [r for r, d in enumerate(seen) if d != first]
-        raise MxServeError(f"plans differ across ranks (ranks {odd} differ from rank 0: "
-                           f"{seen[odd[0]][:12]} vs {first[:12]}); nothing applied")  # fmt: skip
+    _same_digest(digest, group)
     return digest
 
 
 def ep_local(experts: list[QuantizedExpert], n_routed: int, rank: int, ep_size: int) -> MixedExperts:
     """What rank ``rank`` holds: its routed experts (renumbered from 0), and on rank 0 the shared
     ones, whose output must be added once."""
-    mine = ep_range(n_routed, ep_size, rank)
-    local = experts[mine.start : mine.stop] + (experts[n_routed:] if rank == 0 else [])
-    return MixedExperts(0, len(mine), local)
+    local, n_local = rank_experts(experts, n_routed, ep_rank=rank, ep_size=ep_size)
+    return MixedExperts(0, n_local, local)
 
 
 def ep_local_ids(topk_ids: torch.Tensor, n_routed: int, rank: int, ep_size: int) -> torch.Tensor:
@@ -114,11 +105,67 @@ def ep_moe_forward(local: MixedExperts, x: torch.Tensor, topk_ids: torch.Tensor,
 def tp_local(experts: list[QuantizedExpert], n_routed: int, rank: int, tp_size: int, layer: int = 0) -> MixedExperts:
     """What rank ``rank`` of a tensor-parallel group holds: its slice of every expert (refused,
     naming the block, where a scheme cannot be split ``tp_size`` ways)."""
-    check_tp(experts, tp_size, layer)
-    return MixedExperts(layer, n_routed, [tp_shard(e, tp_size, rank) for e in experts])
+    local, _ = rank_experts(experts, n_routed, layer, tp_rank=rank, tp_size=tp_size)
+    return MixedExperts(layer, n_routed, local)
 
 
 def tp_moe_forward(local: MixedExperts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    shared_scale: torch.Tensor | None = None, group=None) -> torch.Tensor:  # fmt: skip
     """The layer's output on every rank of a tensor-parallel group: the sum of the ranks' slices."""
     return all_reduce_sum(local.forward(x, topk_ids, topk_weights, shared_scale), group)
+
+
+def all_ranks(ok: bool, group=None) -> bool:
+    """True when ``ok`` holds on every rank (each rank must call it)."""
+    if _group_size(group) == 1:
+        return ok
+    seen: list[bool | None] = [None] * _group_size(group)
+    dist.all_gather_object(seen, bool(ok), group=group)
+    return all(seen)
+
+
+def swap_on_every_rank(read: Callable[[], Plan], apply: Callable[[Plan], object], undo: Callable[[Plan], None],
+                       group=None) -> tuple[Plan, object]:  # fmt: skip
+    """Swap in a plan on every rank of ``group``, all or none; each rank calls it at the same point.
+
+    1. Each rank reads and checks its copy (``read``). Every rank then reaches the digest exchange,
+       whatever failed, since a rank that returned early would leave the others waiting forever.
+       A rank that could not read the plan, or a plan that differs, makes every rank refuse
+       before anything changes.
+    2. Each rank applies it (``apply``, which leaves the rank as it was when it raises).
+    3. The ranks compare outcomes: if any rank failed, the ranks that succeeded put their previous
+       plan back (``undo`` with the plan they applied), so the ranks never serve different plans.
+
+    Returns (plan, what ``apply`` returned); raises MxServeError on every rank when nothing changed.
+    """
+    plan, error = None, None
+    try:
+        plan = read()
+        digest = plan_digest(plan)
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        error, digest = e, f"unreadable on this rank: {e}"
+    _same_digest(digest, group)  # a rank that failed differs from those that did not
+    if error is not None:  # every rank failed alike
+        raise MxServeError(f"the plan could not be read: {error}") from error
+    try:
+        result, failure = apply(plan), None
+    except Exception as e:  # noqa: BLE001 - the other ranks must learn of it
+        result, failure = None, e
+    if not all_ranks(failure is None, group):
+        if failure is None:
+            undo(plan)
+        raise MxServeError(f"the swap failed on {'this rank' if failure else 'another rank'}"
+                           + (f": {failure}" if failure else "") + "; the previous plan serves on every rank")
+    return plan, result
+
+
+def _same_digest(digest: str, group=None) -> None:
+    n = _group_size(group)
+    if n == 1:
+        return
+    seen: list[str | None] = [None] * n
+    dist.all_gather_object(seen, digest, group=group)
+    if len(set(seen)) > 1:
+        odd = [r for r, d in enumerate(seen) if d != seen[0]]
+        raise MxServeError(f"plans differ across ranks (ranks {odd} differ from rank 0: {str(seen[odd[0]])[:60]} vs "
+                           f"{str(seen[0])[:60]}); nothing applied")  # fmt: skip

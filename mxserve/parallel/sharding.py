@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from mxserve.errors import MxServeError
-from mxserve.parallel.ranks import ep_range
+from mxserve.parallel.ranks import column_split_refusal, ep_range
 from mxserve.quant.packing import planes
 from mxserve.quant.qlinear import QuantizedLinear
 from mxserve.runtime.moe_layer import QuantizedExpert
@@ -53,21 +53,7 @@ def check_ep_budget(experts: list[QuantizedExpert], n_routed: int, ep_size: int,
 
 def tp_refusal(ql: QuantizedLinear, tp: int) -> str | None:
     """Why ``ql`` (a down block) cannot be split ``tp`` ways by input columns, or None."""
-    if ql.k % tp:
-        return f"{ql.k} columns do not split {tp} ways"
-    part = ql.k // tp
-    s = ql.scheme
-    if ql.hadamard_seed is not None:
-        return "its input is Hadamard-rotated over all columns (gptq-had); quantize with gptq or rtn for TP"
-    if s.a_bits < 16:
-        return f"{s.name} quantizes activations with one scale over the whole row"
-    if s.family == "int":
-        if s.group is not None and part % s.group:
-            return f"{part} columns per rank are not whole groups of {s.group}"
-        for p in planes(s.w_bits):
-            if part * p % 32:
-                return f"{part} columns per rank are not whole 32-bit words of {p}-bit codes"
-    return None
+    return column_split_refusal(ql.scheme, ql.k, tp, ql.hadamard_seed is not None)
 
 
 def check_tp(experts: list[QuantizedExpert], tp: int, layer: int = 0) -> None:
@@ -121,3 +107,20 @@ def tp_shard(expert: QuantizedExpert, tp: int, rank: int) -> QuantizedExpert:
     gate = slice(rank * per, (rank + 1) * per)
     up = slice(inter + rank * per, inter + (rank + 1) * per)
     return QuantizedExpert(_rows(expert.gate_up, [gate, up]), _cols(expert.down, tp, rank), expert.shared)
+
+
+def rank_experts(experts: list[QuantizedExpert], n_routed: int, layer: int = 0, ep_rank: int = 0, ep_size: int = 1,
+                 tp_rank: int = 0, tp_size: int = 1) -> tuple[list[QuantizedExpert], int]:  # fmt: skip
+    """What one rank of SGLang's MoE groups runs, and how many of those are routed experts.
+
+    Expert parallel picks the rank's routed experts (renumbered from 0, as SGLang's dispatcher
+    maps the router's ids) and, on EP rank 0 only, the shared ones, whose output the all-reduce
+    must add once; tensor parallel then takes the rank's slice of each. The ranks' outputs add
+    up to the layer's. A layer with a block that cannot be split is refused on every rank alike."""
+    if tp_size > 1:
+        check_tp(experts, tp_size, layer)
+    mine = ep_range(n_routed, ep_size, ep_rank)
+    local = experts[mine.start : mine.stop] + (experts[n_routed:] if ep_rank == 0 else [])
+    if tp_size > 1:
+        local = [tp_shard(e, tp_size, tp_rank) for e in local]
+    return local, len(mine)

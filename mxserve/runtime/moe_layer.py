@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_code, slab_capacity
+from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_codes, slab_capacity
 from mxkernels.moe import mx_moe_forward
 from mxkernels.reference import moe_reference
 from mxserve.models.adapters import MoELayerView
@@ -45,10 +45,11 @@ class MixedExperts:
     live here once.
     """
 
-    def __init__(self, layer_index: int, n_routed: int, experts: list[QuantizedExpert]):
+    def __init__(self, layer_index: int, n_routed: int, experts: list[QuantizedExpert], model_codes: int = 0):
         self.layer_index = layer_index
         self.n_routed = n_routed
         self.experts_q = experts
+        self.model_codes = model_codes  # kernel codes of the whole model (Arena.extra_codes): one variant
         self.counter = ExpertCounter(n_routed)
         self.version = 0  # bumped by every swap: readers (router_stats) see a new precision
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -108,7 +109,8 @@ class MixedExperts:
         if self._slab is not None:
             cap, codes, seed, group = self._slab
             return build_slab([e.gate_up for e in experts], [e.down for e in experts], cap, codes, seed, group, device)
-        return build_arena([e.gate_up for e in experts]).to(device), build_arena([e.down for e in experts]).to(device)
+        return tuple(build_arena(list(blocks), self.model_codes).to(device)
+                     for blocks in zip(*(e.linears() for e in experts)))
 
     def fix_capacity(self, budget_bits: float, schemes: list[str], rotation_seed: int | None) -> None:
         """Pack into one fixed-size slab that any plan within ``budget_bits`` over ``schemes`` fits, with a
@@ -117,9 +119,7 @@ class MixedExperts:
         from mxserve.schemes import get_scheme
 
         sch = [get_scheme(s) for s in schemes]
-        codes = 0
-        for sc in sch:
-            codes |= 1 << kernel_code(sc)
+        codes = kernel_codes(sch)
         groups = [sc.group for sc in sch if sc.family == "int" and sc.group]
         linears = [ql for e in self.experts_q for ql in e.linears()]
         self._slab = (slab_capacity(budget_bits, linears), codes, rotation_seed, min(groups, default=1 << 30))
@@ -161,13 +161,13 @@ class MixedExperts:
 class MxMoELayer(nn.Module):
     """A transformers MoE block on :class:`MixedExperts`, with the model's own router."""
 
-    def __init__(self, view: MoELayerView, experts: list[QuantizedExpert]):
+    def __init__(self, view: MoELayerView, experts: list[QuantizedExpert], model_codes: int = 0):
         super().__init__()
         self.gate = view.router
         self.shared_gate_name = view.spec.shared_gate
         if self.shared_gate_name:
             setattr(self, self.shared_gate_name, view.shared_gate)
-        self.mx = MixedExperts(view.index, view.n_routed, experts)
+        self.mx = MixedExperts(view.index, view.n_routed, experts, model_codes)
 
     @property
     def layer_index(self) -> int:
@@ -198,3 +198,15 @@ class MxMoELayer(nn.Module):
 
     def set_experts(self, experts: list[QuantizedExpert]) -> None:
         self.mx.set_experts(experts)
+
+
+def model_kernel_codes(qlayers: list[list[QuantizedExpert]]) -> int:
+    """The kernel codes of every block of a model (MixedExperts' ``model_codes``)."""
+    return kernel_codes(ql.scheme for layer in qlayers for e in layer for ql in e.linears())
+
+
+def plan_kernel_codes(plan, extra_schemes: list[str] | None = None) -> int:
+    """The kernel codes of every scheme a plan uses (and of ``extra_schemes``: a ladder's candidates)."""
+    from mxserve.schemes import get_scheme
+
+    return kernel_codes(get_scheme(s) for s in sorted(plan.scheme_names() | set(extra_schemes or ())))

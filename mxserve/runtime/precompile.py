@@ -1,0 +1,221 @@
+"""Compile the MoE kernels a served plan will launch, once, up front, in parallel.
+
+SGLang captures CUDA graphs over its decode batch sizes right after loading, and
+every capture that meets a new kernel variant waits for Triton to compile it, one
+at a time. Instead, :func:`record_variants` lists the variants the plan's layers
+will launch: it runs the real launch path (mxkernels.moe) on stand-in tensors of
+the layers' shapes and schemes, over SGLang's decode batch sizes and a ladder of
+prefill token counts, with each kernel's launch replaced by a record of its compile
+key (what Triton's cache is indexed by: constexprs, options, argument types and
+their divisibility). :func:`compile_variants` then compiles them in a process pool
+into Triton's on-disk cache (``TRITON_CACHE_DIR``: mxserve's cache under `mxserve
+launch`), where the serving processes find them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from unittest import mock
+
+import torch
+
+from mxkernels import align, combine, moe, moe_gemm
+from mxkernels.arena import build_arena
+from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
+from mxserve.schemes import get_scheme
+
+KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
+           "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel}  # fmt: skip
+DECODE_BATCHES = [1, 2, 4, 8, *range(16, 257, 8)]  # SGLang's default CUDA-graph batch sizes
+PREFILL_TOKENS = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
+                  *range(1280, 4097, 256), *range(4608, 8193, 512)]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKernels:
+    """What decides a layer's kernel variants: its shape and the schemes of its blocks."""
+
+    hidden: int
+    inter: int
+    n_routed: int
+    top_k: int
+    gate_up: tuple[str, ...]  # scheme per expert (routed, then shared)
+    down: tuple[str, ...]
+    rotated: bool = False  # gptq-had: the non-bf16 experts read a rotated copy of the input
+
+
+@dataclasses.dataclass
+class Variant:
+    kernel: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+    @property
+    def decode(self) -> bool:
+        """A decode-layout GEMM (weights on the MMA's M side)."""
+        return bool(self.constexprs.get((self.names().index("SWAP"),), False))
+
+    def names(self) -> list[str]:
+        return list(self.signature)
+
+
+class Recorder:
+    """Stands in for the launches of the mxkernels kernels: keeps one :class:`Variant` per compile key."""
+
+    def __init__(self, target, specialize_all: bool = False):
+        from triton.compiler import make_backend
+
+        self.target = target
+        self.backend = make_backend(target)
+        self.specialize_all = specialize_all  # as before do_not_specialize: every integer specialized
+        self.variants: dict[str, dict[str, Variant]] = defaultdict(dict)
+
+    def _run(self, name: str, kern):
+        from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+        params = [_specialized(p) for p in kern.params] if self.specialize_all else kern.params
+        binder = create_function_from_signature(kern.signature, params, self.backend)
+
+        def run(*args, grid, warmup, **kwargs):
+            from triton import knobs
+
+            # as JITFunction.run completes the options, so the key (and Triton's cache entry) is the same
+            kwargs["debug"] = kwargs.get("debug", kern.debug) or knobs.runtime.debug
+            bound, spec, opts = binder(*args, **kwargs)
+            key = compute_cache_key({}, spec, opts)
+            if key not in self.variants[name]:
+                options, signature, constexprs, attrs = kern._pack_args(self.backend, kwargs, bound, spec, opts)
+                self.variants[name][key] = Variant(name, signature, constexprs, attrs, options.__dict__)
+
+        return run
+
+    def patches(self) -> list:
+        return [mock.patch.object(k, "run", self._run(name, k)) for name, k in KERNELS.items()]
+
+    def count(self) -> dict[str, int]:
+        return {name: len(v) for name, v in self.variants.items()}
+
+    def all(self) -> list[Variant]:
+        return [v for per in self.variants.values() for v in per.values()]
+
+
+def _specialized(p):
+    q = object.__new__(type(p))
+    q.__dict__.update(p.__dict__)
+    q.do_not_specialize = False
+    return q
+
+
+def _stand_in(scheme: str, n: int, k: int, cache: dict) -> QuantizedLinear:
+    """A block of this scheme and shape (random weights; one per scheme and shape, shared by the
+    experts, since a recorded launch reads no weight)."""
+    if (scheme, n, k) not in cache:
+        sc = get_scheme(scheme)
+        w = torch.randn(n, k) * 0.02
+        cache[scheme, n, k] = QuantizedLinear(sc, n, k, w.bfloat16()) if sc.family == "none" else \
+            quantize_linear(w, sc, "rtn")  # fmt: skip
+    return cache[scheme, n, k]
+
+
+def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], target, sms: int, model_codes: int = 0,
+                    table=None, specialize_all: bool = False) -> Recorder:  # fmt: skip
+    """The kernel variants that serving ``layers`` launches at these token counts on a GPU of
+    ``sms`` multiprocessors (``table``: its tile table) for ``target``."""
+    rec = Recorder(target, specialize_all)
+    tokens = list(tokens)
+    cache: dict = {}
+    patches = [*rec.patches(), mock.patch.object(moe, "multiprocessors", lambda dev: sms),
+               mock.patch.object(moe, "tile_table", lambda dev: table)]  # fmt: skip
+    for p in patches:
+        p.start()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for lay in dict.fromkeys(layers):  # equal layers launch equal variants
+            h, i, e, k = lay.hidden, lay.inter, lay.n_routed, lay.top_k
+            gu = build_arena([_stand_in(s, 2 * i, h, cache) for s in lay.gate_up], model_codes)
+            dn = build_arena([_stand_in(s, h, i, cache) for s in lay.down], model_codes)
+            if lay.rotated:
+                gu.rotation_seed = dn.rotation_seed = 0
+            shared = len(lay.gate_up) > e
+            for t in tokens:
+                ids = torch.randint(0, e, (t, k), generator=gen)
+                w = torch.rand(t, k, generator=gen)
+                moe.mx_moe_forward(torch.randn(t, h).bfloat16(), ids, w, gu, dn, e,
+                                   torch.rand(t, 1) if shared else None)  # fmt: skip
+    finally:
+        for p in patches:
+            p.stop()
+    return rec
+
+
+def _compile(v: Variant, target) -> tuple[float, bytes]:
+    import triton
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    c = triton.compile(ASTSource(KERNELS[v.kernel], v.signature, v.constexprs, v.attrs), target=target,
+                       options=v.options)  # fmt: skip
+    return time.perf_counter() - t0, c.asm["cubin"]
+
+
+def compile_variants(variants: list[Variant], target, workers: int | None = None) -> list[tuple[float, bytes]]:
+    """Compile ``variants`` (into Triton's cache), ``workers`` at a time; (seconds, cubin) each."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(variants)))
+    if workers == 1:
+        return [_compile(v, target) for v in variants]
+    # spawned workers: a forked copy of a process that touched CUDA must not use it
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_compile, variants, [target] * len(variants)))
+
+
+def plan_layers(plan, views, tp: int = 1, ep: int = 1) -> list[LayerKernels]:
+    """What each rank launches for each layer of ``plan`` (``views``: the model's MoE layers): with
+    ``ep`` its routed experts (and on rank 0 the shared ones), with ``tp`` a slice of each."""
+    from mxserve.parallel.ranks import ep_range
+
+    out = []
+    for view in views:
+        lp = plan.layer(view.index)
+        for rank in range(ep):
+            mine = ep_range(view.n_routed, ep, rank)
+            experts = lp.experts[mine.start : mine.stop] + (lp.experts[view.n_routed :] if rank == 0 else [])
+            gate_up = tuple(x.gate for x in experts)
+            down = tuple(x.down for x in experts)
+            rotated = plan.method == "gptq-had" and any(get_scheme(s).family != "none" for s in gate_up + down)
+            out.append(LayerKernels(view.hidden, view.intermediate // tp, len(mine), view.top_k, gate_up, down,
+                                    rotated))  # fmt: skip
+    return out
+
+
+def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep: int = 1, log=print) -> int:
+    """Compile, for this machine's GPU, every kernel variant that serving ``plan`` launches (the
+    kernel built for ``codes``, MixedExperts' model codes); returns how many. ``skip_bf16_layers``:
+    wholly-bf16 layers run SGLang's own MoE."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from mxkernels.tile_table import tile_table
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability(dev)
+    target = GPUTarget("cuda", major * 10 + minor, 32)
+    layers = [lay for lay in plan_layers(plan, views, tp, ep)
+              if not (skip_bf16_layers and all(get_scheme(s).family == "none" for s in lay.gate_up + lay.down))]
+    if not layers:
+        return 0
+    t0 = time.perf_counter()
+    rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
+                          tile_table(dev))  # fmt: skip
+    variants = rec.all()
+    compile_variants(variants, target)
+    log(f"compiled {len(variants)} kernel variants in {time.perf_counter() - t0:.1f} s "
+        f"(Triton {triton.__version__}, sm_{target.arch})")  # fmt: skip
+    return len(variants)

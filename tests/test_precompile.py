@@ -1,0 +1,105 @@
+"""Kernel variants listed and compiled before SGLang starts (runtime/precompile.py).
+
+Triton's interpreter, which the other CPU tests run under, has no compile keys: the recording and
+compiling run in a subprocess with Triton's compiler, for sm_90 (no GPU needed to compile).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from mxserve.plan import Plan
+from mxserve.runtime.precompile import plan_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = ROOT / "benchmarks" / "plans" / "refmoe-3.25bit.json"  # 6 layers, 16 routed + 2 shared, mixed schemes
+
+SCRIPT = r"""
+import json, os, sys
+from types import SimpleNamespace
+from triton.backends.compiler import GPUTarget
+from mxserve.plan import Plan
+from mxserve.runtime.moe_layer import plan_kernel_codes
+from mxserve.runtime.precompile import DECODE_BATCHES, compile_variants, plan_layers, record_variants
+
+plan = Plan.load(sys.argv[1])
+views = [SimpleNamespace(index=x.layer, hidden=256, intermediate=256, n_routed=16, top_k=2) for x in plan.layers]
+layers = plan_layers(plan, views)
+target = GPUTarget("cuda", 90, 32)
+out = {}
+for name, codes, every_int in (("per-layer", 0, True), ("levers", plan_kernel_codes(plan), False)):
+    for scope, lays in (("all", layers), ("first", layers[:1])):
+        rec = record_variants(lays, DECODE_BATCHES, target, 132, codes, specialize_all=every_int)
+        out[f"{name}/{scope}"] = rec.count()
+cheap = [v for v in record_variants(layers[:1], [1], target, 132).all() if v.kernel in ("align", "combine")]
+# two processes (as `mxserve launch` compiles), then again in this one: Triton's cache, nothing new
+cache = os.environ["TRITON_CACHE_DIR"]
+out["variants"] = len(cheap)
+out["entries"] = []
+for workers in (2, 1):
+    compile_variants(cheap, target, workers)
+    out["entries"].append(sorted(os.listdir(cache)))
+print(json.dumps(out))
+"""
+
+
+def test_one_kernel_variant_set_per_model_and_the_cache_serves_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(PLAN)], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    # with the model-wide code set and no batch-dependent specialization, the GEMM variants of six
+    # layers over every decode batch size are those of one layer; before, the layers multiplied them
+    assert out["levers/all"]["gemm"] == out["levers/first"]["gemm"]
+    assert out["per-layer/all"]["gemm"] > out["per-layer/first"]["gemm"]
+    assert out["levers/all"]["gemm"] < out["per-layer/all"]["gemm"]
+    assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
+    first, second = out["entries"]
+    assert len(first) >= out["variants"] >= 2  # one cache entry (at least) per compiled variant
+    assert second == first, "the same variants compiled again must come from Triton's cache"
+
+
+def test_plan_layers_per_rank():
+    plan = Plan.load(str(PLAN))
+    views = [SimpleNamespace(index=x.layer, hidden=256, intermediate=256, n_routed=16, top_k=2) for x in plan.layers]
+    whole = plan_layers(plan, views)
+    assert len(whole) == len(plan.layers) and len(whole[0].gate_up) == 18 and whole[0].inter == 256
+    assert whole[0].rotated == (plan.method == "gptq-had")
+    ranks = plan_layers(plan, views, tp=2, ep=2)
+    assert len(ranks) == 2 * len(plan.layers)
+    r0, r1 = ranks[:2]
+    assert (r0.inter, r0.n_routed, len(r0.gate_up), len(r1.gate_up)) == (128, 8, 10, 8)  # shared on rank 0
+    lay = plan.layers[0]
+    assert r1.down == tuple(x.down for x in lay.experts[8:16])
+
+
+def test_launch_goes_on_when_precompiling_fails(tmp_path, capsys, tiny_models):
+    from mxserve.launch import precompile_kernels
+
+    precompile_kernels(str(tiny_models["qwen2_moe"]), "sglang", None, (1, 1), str(tmp_path / "triton"))
+    assert "precompiling the kernels failed" in capsys.readouterr().err
+    assert "TRITON_CACHE_DIR" not in os.environ or os.environ["TRITON_CACHE_DIR"] != str(tmp_path / "triton")
+
+
+def test_layer_shapes_read_from_a_quantized_checkpoint(tiny_models, tmp_path):
+    """What `mxserve launch` precompiles for: the served checkpoint's plan over its MoE layers,
+    read from its config alone (meta tensors), equal to the source model's layers."""
+    from mxserve.checkpoint import PLAN_FILE, layout, quantize_to_dir
+    from mxserve.models.adapters import moe_layers
+    from mxserve.models.layerwise import LayerwiseModel
+    from mxserve.models.loading import load_model
+    from mxserve.schemes import get_scheme
+
+    model = load_model(str(tiny_models["qwen2_moe"]))
+    views = moe_layers(model)
+    plan = Plan.uniform("m", "qwen2_moe", layout(views), get_scheme("w4a16g128"), "rtn")
+    quantize_to_dir(str(tiny_models["qwen2_moe"]), plan, str(tmp_path), progress=False)
+    served = plan_layers(Plan.load(str(tmp_path / PLAN_FILE)), LayerwiseModel(str(tmp_path)).moe_views)
+    assert [(x.hidden, x.inter, x.n_routed, x.top_k, len(x.gate_up)) for x in served] == \
+        [(v.hidden, v.intermediate, v.n_routed, v.top_k, v.n_routed + v.n_shared()) for v in views]  # fmt: skip
+    assert {s for x in served for s in x.gate_up + x.down} == {"w4a16g128"}
