@@ -1,0 +1,133 @@
+"""Cold start: time to /health of `mxserve launch --engine sglang` against plain SGLang, one run.
+
+The acceptance of issue 10 (item 5): with an empty Triton cache mxserve's launch takes at most
+1.2x plain SGLang's time to /health, and a second launch at most 1.1x. Four launches, in this
+order, each timed from process start to /health and then checked with one chat completion:
+
+- ``plain-cold``: plain SGLang on the source model (bf16), an empty Triton cache;
+- ``mx-cold``: `mxserve launch --engine sglang` on the quantized checkpoint, with an empty
+  mxserve cache, so an empty Triton cache (the kernels are precompiled, then SGLang starts);
+- ``mx-warm``: the same again, the cache now full;
+- ``plain-warm``: plain SGLang again, on its now full Triton cache.
+
+For mxserve's runs the Triton cache entries are counted when SGLang starts (after the
+precompile phase) and at /health: entries added in between are kernels SGLang compiled
+itself, which precompiling missed. The checkpoint is made first (`mxserve quantize`, the
+plan's schemes on the model's weights), so calibration is not part of either launch.
+
+    python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer .tok --out /tmp/m
+    python3 benchmarks/cold_start.py --model /tmp/m --plan benchmarks/plans/refmoe-3.25bit.json --out $OUT/cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.procs import stop, wait_up  # noqa: E402
+from benchmarks.serving import DEFAULT_SGLANG_ARGS, free_port  # noqa: E402
+
+RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm")
+
+
+def entries(path: str) -> int:
+    return len(os.listdir(path)) if os.path.isdir(path) else 0
+
+
+def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: str, timeout: float) -> dict:
+    """Start one server, time it to /health, check a completion, stop it."""
+    import httpx
+
+    log = os.path.join(out, f"{name}.log")
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    at_start = None
+    try:
+        if name.startswith("mx"):  # SGLang starts once the precompile phase is logged
+            while at_start is None and proc.poll() is None and time.time() - t0 < timeout:
+                text = open(log).read()
+                if "phase precompile" in text or "precompiling the kernels failed" in text:
+                    at_start = entries(triton)
+                time.sleep(0.5)
+        wait_up(f"http://127.0.0.1:{port}/health", proc, log, timeout)
+        ready = time.time() - t0
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                       json={"model": "m", "messages": [{"role": "user", "content": "def f(x):"}], "max_tokens": 8,
+                             "temperature": 0})  # fmt: skip
+        r.raise_for_status()
+    finally:
+        stop(proc)
+    row = {"run": name, "seconds_to_health": round(ready, 1), "command": shlex.join(cmd)}
+    if at_start is not None:
+        row.update(triton_entries_at_sglang_start=at_start, triton_entries_at_health=entries(triton))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the source model (plain SGLang serves it)")
+    ap.add_argument("--plan", required=True, help="the plan mxserve serves it with")
+    ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)} (in this order)")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    runs = [r for r in a.runs.split(",") if r]
+    if unknown := set(runs) - set(RUNS):
+        raise SystemExit(f"unknown runs {sorted(unknown)}; known: {', '.join(RUNS)}")
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="cold-start-")
+    ckpt, mx_cache, plain_triton = (os.path.join(work, d) for d in ("ckpt", "mxserve-cache", "plain-triton"))
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "MXSERVE_CACHE")}
+    t0 = time.time()
+    from mxserve.launch import builtin_calibration_text
+
+    # GPTQ's calibration text: the built-in one (the plan's own files are on the machine that made it)
+    quantize = [sys.executable, "-m", "mxserve.cli", "quantize", "--model", a.model, "--plan", a.plan, "--device",
+                "cuda", "--data", builtin_calibration_text(), "--nsamples", "16", "--quiet", "--out", ckpt]  # fmt: skip
+    subprocess.run(quantize, check=True, env=base)
+    rows = [{"run": "quantize (not part of a launch)", "seconds": round(time.time() - t0, 1)}]
+    for name in runs:
+        port = free_port()
+        if name.startswith("plain"):
+            cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", a.model, "--port", str(port),
+                   "--served-model-name", "m", *shlex.split(a.sglang_args)]  # fmt: skip
+            env, triton = dict(base, TRITON_CACHE_DIR=plain_triton), plain_triton
+        else:
+            cmd = [sys.executable, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--model", ckpt,
+                   "--served-model-name", "m", "--port", str(port), "--sglang-args", a.sglang_args]  # fmt: skip
+            env, triton = dict(base, MXSERVE_CACHE=mx_cache), os.path.join(mx_cache, "triton")
+        rows.append(launch(name, cmd, env, port, a.out, triton, a.timeout))
+        print(json.dumps(rows[-1]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    secs = {r["run"]: r["seconds_to_health"] for r in rows if "seconds_to_health" in r}
+    pairs = (("mx-cold", "plain-cold"), ("mx-warm", "plain-warm"))
+    ratios = {f"{m} / {p}": round(secs[m] / secs[p], 2) for m, p in pairs if m in secs and p in secs}
+    result = {"model": a.model, "plan": a.plan, "sglang_args": a.sglang_args, "rows": rows, "ratios": ratios,
+              "command": "python3 benchmarks/cold_start.py " + shlex.join(sys.argv[1:])}  # fmt: skip
+    with open(os.path.join(a.out, "cold_start.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = [f"`{result['command']}`", "", "| run | seconds to /health | Triton entries at SGLang start | at /health |",
+          "|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows[1:]:
+        md.append(f"| {r['run']} | {r['seconds_to_health']} | {r.get('triton_entries_at_sglang_start', '')} | "
+                  f"{r.get('triton_entries_at_health', '')} |")  # fmt: skip
+    md += ["", f"Quantize first: {rows[0]['seconds']} s. Ratios: " +
+           (", ".join(f"{k} = {v}" for k, v in ratios.items()) or "none")]  # fmt: skip
+    with open(os.path.join(a.out, "cold_start.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
