@@ -79,6 +79,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         schemes=schemes,
         solver=a.solver,
         ep=a.ep,
+        tp=a.tp,
     )
     for w in res.warnings:
         print(f"mxserve: warning: {w}", file=sys.stderr)
@@ -265,7 +266,23 @@ def check_served_memory(a: argparse.Namespace) -> None:
         return
     # tensor/expert parallel: each of the --tp GPUs holds about 1/tp of the weights
     check_gpu_memory(served_bytes(a.model, bits) // a.tp, torch.cuda.mem_get_info()[0],
-                     what + (f" over {a.tp} GPUs" if a.tp > 1 else ""))  # fmt: skip
+                     what + (f" per GPU of {a.tp}" if a.tp > 1 else ""))  # fmt: skip
+
+
+def check_given_plan_layout(a: argparse.Namespace, split: int) -> None:
+    """A plan made elsewhere (--plan, or a quantized checkpoint's) that the GPUs cannot serve, said
+    before any quantization; a plan launch solves is made for the layout."""
+    from mxserve.checkpoint import PLAN_FILE
+    from mxserve.models.layerwise import LayerwiseModel
+    from mxserve.models.loading import is_quantized_checkpoint
+    from mxserve.parallel.sharding import check_plan_layout
+    from mxserve.plan import Plan
+
+    if not os.path.isdir(a.model):
+        return  # a hub id: its shapes are known once downloaded
+    path = a.plan or (os.path.join(a.model, PLAN_FILE) if is_quantized_checkpoint(a.model) else None)
+    if path:
+        check_plan_layout(Plan.load(path), LayerwiseModel(a.model).moe_views, split, a.ep)
 
 
 def cmd_launch(a: argparse.Namespace) -> None:
@@ -273,6 +290,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
 
     from mxserve.launch import (
         LaunchSettings,
+        moe_split,
         parallel_method,
         pick_engine,
         resolve,
@@ -287,8 +305,10 @@ def cmd_launch(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
+    a.tp = a.tp or a.ep  # --ep alone: that many GPUs, all expert parallel
     engine = pick_engine(a.engine, a.tp, a.ep)
-    method = parallel_method(a.method, a.tp)
+    split = moe_split(a.tp, a.ep)  # ways each expert is split over GPUs
+    method = parallel_method(a.method, split)
     extra = shlex.split(a.sglang_args or "")
     if engine == "sglang" and a.max_running_requests:
         extra += ["--max-running-requests", str(a.max_running_requests)]
@@ -303,18 +323,20 @@ def cmd_launch(a: argparse.Namespace) -> None:
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
     if engine == "sglang":
         check_served_memory(a)
+    if engine == "sglang" and a.tp > 1:
+        check_given_plan_layout(a, split)
     replan = a.replan_interval is not None
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
-        progress=not a.quiet, device=work_device(a.device), tp=a.tp, ep=a.ep,
+        progress=not a.quiet, device=work_device(a.device), tp=split, ep=a.ep,
     )
     if replan and (a.plan or not a.budget):
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
     res = resolve(settings)
     ckpt = res.ckpt
     online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin, a.replan_min_interval,
-                                                          tp=a.tp, ep=a.ep)) \
+                                                          tp=split, ep=a.ep)) \
         if replan else None
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
@@ -397,11 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--default-max-tokens", type=_positive_int, default=256)
     la.add_argument("--max-running-requests", type=_positive_int,
                     help="requests decoded together (embedded default 16; SGLang's own default otherwise)")
-    la.add_argument("--tp", "--tp-size", type=_positive_int, default=1, dest="tp",
-                    help="tensor parallel size: GPUs over which each expert is split (SGLang engine only)")
+    la.add_argument("--tp", "--tp-size", type=_positive_int, dest="tp",
+                    help="GPUs to serve on (SGLang's tensor parallel size; default 1, or --ep): without --ep each "
+                         "expert is split over them")
     la.add_argument("--ep", "--ep-size", type=_positive_int, default=1, dest="ep",
-                    help="expert parallel size: each of this many GPUs holds whole experts, and the plan's budget "
-                         "holds on each (SGLang engine only; at most --tp)")
+                    help="expert parallel size: the GPUs form this many groups, each holding whole experts, and the "
+                         "plan's budget holds on each (SGLang engine only; divides --tp)")
     la.add_argument("--bf16-layers", choices=BF16_LAYERS,
                     help="SGLang engine: layers the plan leaves wholly in bf16 run SGLang's own fused MoE "
                          "(sglang, the default: plain SGLang's numbers) or mxserve's kernel (kernel)")
@@ -460,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds, in all")
     pl.add_argument("--ep", type=_positive_int, default=1,
                     help="plan for N expert-parallel ranks: the budget holds on every rank's experts of a layer")
+    pl.add_argument("--tp", type=_positive_int, default=1,
+                    help="plan for experts split N ways over GPUs (`launch --tp` / `--ep`): down blocks keep to "
+                         "schemes whose columns split into whole groups")
     pl.add_argument("--out", required=True, help="plan file to write (JSON)")
     pl.add_argument("--plot", help="also draw the precision map and the L/T frontier to this PNG")
     pl.set_defaults(func=cmd_plan)

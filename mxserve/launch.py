@@ -21,6 +21,7 @@ import torch
 
 from mxserve.errors import MxServeError
 from mxserve.models.loading import is_quantized_checkpoint
+from mxserve.parallel.ranks import moe_split
 
 # Standard-library modules whose source makes the built-in calibration text: present on
 # every machine, real code and English docstrings. json, email and http are left out
@@ -77,8 +78,8 @@ class LaunchSettings:
     kernel_profile: str | None = None
     progress: bool = True
     device: str = "cpu"  # where calibration and quantization run
-    tp: int = 1  # SGLang's tensor-parallel size: the planner keeps to schemes whose down blocks split
-    ep: int = 1  # SGLang's expert-parallel size: the budget holds on every rank
+    tp: int = 1  # ways each expert is split over GPUs (parallel.ranks.moe_split): down blocks must split so
+    ep: int = 1  # SGLang's expert-parallel size: the budget holds on every group's experts
 
 
 def log(msg: str) -> None:
@@ -220,16 +221,18 @@ def check_parallel(tp: int, ep: int, gpus: int) -> None:
         raise MxServeError(f"--tp {tp} needs {tp} GPUs; this machine has {gpus}")
 
 
-def parallel_method(method: str | None, tp: int) -> str:
-    """The quantizer: gptq-had unless given; gptq with --tp > 1, because tensor parallel splits
-    every down block's input columns over GPUs and the rotation mixes all of them."""
-    if tp > 1 and method == "gptq-had":
-        raise MxServeError("--tp > 1 splits each down block's input columns over GPUs, and gptq-had rotates them "
-                           "all together: use --method gptq or rtn (or --ep for whole experts per GPU)")
+def parallel_method(method: str | None, split: int) -> str:
+    """The quantizer: gptq-had unless given; gptq when experts are split over GPUs (``split`` > 1,
+    parallel.ranks.moe_split), because the split cuts every down block's input columns and the
+    rotation mixes all of them."""
+    if split > 1 and method == "gptq-had":
+        raise MxServeError("--tp without --ep splits each down block's input columns over GPUs, and gptq-had rotates "
+                           "them all together: use --method gptq or rtn, or --ep for whole experts per GPU")
     if method:
         return method
-    if tp > 1:
-        log("--tp > 1: quantizing with gptq (gptq-had's rotation spans the columns the split separates)")
+    if split > 1:
+        log("experts split over GPUs: quantizing with gptq (gptq-had's rotation spans the columns the split "
+            "separates)")
         return "gptq"
     return "gptq-had"
 
@@ -274,8 +277,9 @@ def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel
         with phase("precompile", log=log):
             plan = Plan.load(os.path.join(ckpt, PLAN_FILE))
             codes = plan_kernel_codes(plan, Ladder(ladder).schemes if ladder else None)
+            tp, ep = parallel
             precompile(plan, LayerwiseModel(ckpt).moe_views, bf16_layers == "sglang" and not ladder, codes,
-                       *parallel, log=log)  # fmt: skip
+                       moe_split(tp, ep), ep, log=log)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a speed-up only; SGLang compiles on demand
         log(f"precompiling the kernels failed ({type(e).__name__}: {e}); SGLang will compile them as it meets them")
     finally:

@@ -171,7 +171,7 @@ def test_rank_experts_refuses_the_whole_layer_on_every_rank():
             rank_experts(experts, ROUTED, 0, er, 2, 0, 2)
 
 
-def test_tensor_parallel_plan_keeps_to_splittable_down_schemes():
+def test_tensor_parallel_plan_keeps_to_splittable_down_schemes(tmp_path):
     import dataclasses
 
     from test_planner import synthetic_profile
@@ -188,6 +188,13 @@ def test_tensor_parallel_plan_keeps_to_splittable_down_schemes():
     rotated = dataclasses.replace(prof, method="gptq-had")  # no rotated down block splits: bf16 only
     with pytest.raises(MxServeError, match="infeasible"):
         solve_plan(rotated, 4.25, tp=2)
+    from mxserve.cli import main
+    from mxserve.plan import Plan
+
+    prof.save(tmp_path / "p.json")  # the same from `mxserve plan --tp 2`
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--budget", "4.25", "--tp", "2",
+                 "--out", str(tmp_path / "plan.json")]) == 0  # fmt: skip
+    assert Plan.load(str(tmp_path / "plan.json")).to_json()["layers"] == tp.to_json()["layers"]
 
 
 def test_one_rank_counts_the_routers_global_ids_for_the_whole_layer():
@@ -219,3 +226,47 @@ def test_one_rank_counts_the_routers_global_ids_for_the_whole_layer():
     whole = MixedExperts(3, ROUTED, experts)
     assert precision_of([view], 4.0, "rtn") == precision_of([whole], 4.0, "rtn")
     assert all(ql.qweight.numel() == 0 for e in view.experts_q for ql in e.linears())  # no weights held
+
+
+def test_a_plan_the_gpus_cannot_serve_is_refused_before_serving():
+    """`mxserve launch --tp/--ep` checks a plan made elsewhere (--plan, a quantized checkpoint)
+    against the layout from the model's shapes alone, naming the layer and block."""
+    from types import SimpleNamespace
+
+    from mxserve.parallel.sharding import check_plan_layout
+    from mxserve.plan import Plan
+
+    lay = [(0, [False] * ROUTED + [True] * SHARED)]
+    views = [SimpleNamespace(index=0, hidden=H, intermediate=INTER, n_routed=ROUTED)]
+    plan = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq")
+    check_plan_layout(plan, views, 2, 1)  # 128 columns of down per rank: whole groups
+    check_plan_layout(plan, views, 1, 2)
+    with pytest.raises(MxServeError, match="layer 0 expert 0 down .* whole groups of 128"):
+        check_plan_layout(plan, views, 4, 1)  # 64 columns per rank
+    rotated = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq-had")
+    with pytest.raises(MxServeError, match="Hadamard"):
+        check_plan_layout(rotated, views, 2, 1)
+    check_plan_layout(rotated, views, 1, 2)  # whole experts per GPU keep the rotation
+    skewed = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq")
+    skewed.budget_bits = 3.25
+    for ep in skewed.layers[0].experts[ROUTED // 2 : ROUTED]:
+        ep.gate = ep.up = ep.down = "w2a16g128"  # rank 1 at 2 bits, rank 0 (and the shared) at 4
+    with pytest.raises(MxServeError, match="rank 0 of --ep 2 would hold 4.250 bits"):
+        check_plan_layout(skewed, views, 1, 2)
+
+
+def test_launch_checks_a_quantized_checkpoints_plan_against_the_gpus(tiny_models, tmp_path):
+    from argparse import Namespace
+
+    from mxserve.checkpoint import layout, quantize_to_dir
+    from mxserve.cli import check_given_plan_layout
+    from mxserve.models.adapters import moe_layers
+    from mxserve.models.loading import load_model
+    from mxserve.plan import Plan
+
+    src = str(tiny_models["qwen2_moe"])  # down blocks of 128 columns
+    plan = Plan.uniform("m", "qwen2_moe", layout(moe_layers(load_model(src))), get_scheme("w4a16g128"), "rtn")
+    quantize_to_dir(src, plan, str(tmp_path), progress=False)
+    check_given_plan_layout(Namespace(model=str(tmp_path), plan=None, ep=2), 1)  # whole experts per GPU
+    with pytest.raises(MxServeError, match="64 columns per rank are not whole groups of 128"):
+        check_given_plan_layout(Namespace(model=str(tmp_path), plan=None, ep=1), 2)

@@ -1,4 +1,4 @@
-"""`mxserve launch --tp 2` and `--tp 2 --ep 2` on two GPUs: issue 14's acceptance on a tiny model.
+"""`mxserve launch --tp 2` and `--ep 2` on two GPUs: issue 14's acceptance on a tiny model.
 
 Needs 2 CUDA GPUs and sglang (on a lent 2-GPU machine: the bundle of ../shared/device); skipped
 otherwise. The tiny Qwen2-MoE has 256 columns of down per expert, so 128 per rank at TP 2: whole
@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
-LAYOUTS = [["--tp", "2"], ["--tp", "2", "--ep", "2"]]
+LAYOUTS = [["--tp", "2"], ["--ep", "2"]]  # experts split over both GPUs; whole experts on each
 
 
 def tiny(tmp_path) -> str:

@@ -7,6 +7,12 @@ from __future__ import annotations
 from mxserve.errors import MxServeError
 
 
+def moe_split(tp: int, ep: int) -> int:
+    """Ways SGLang splits each expert: its MoE layers run over the ``tp`` GPUs, as ``ep`` groups
+    that each hold whole experts, each expert split over the tp / ep GPUs of its group."""
+    return tp // ep
+
+
 def ep_range(n_routed: int, ep_size: int, rank: int) -> range:
     """The routed experts rank ``rank`` holds (contiguous, as SGLang's expert parallel assigns)."""
     if n_routed % ep_size:

@@ -124,3 +124,30 @@ def rank_experts(experts: list[QuantizedExpert], n_routed: int, layer: int = 0, 
     if tp_size > 1:
         local = [tp_shard(e, tp_size, tp_rank) for e in local]
     return local, len(mine)
+
+
+def plan_experts(plan, view) -> list[QuantizedExpert]:
+    """One layer of ``plan`` as blocks without weights (scheme and shape: what the checks read),
+    ``view`` giving the layer's index and shapes (a MoELayerView)."""
+    from mxserve.schemes import get_scheme
+
+    seed = plan.hadamard_seed if plan.method == "gptq-had" else None
+
+    def block(name: str, n: int, k: int) -> QuantizedLinear:
+        sc = get_scheme(name)
+        return QuantizedLinear(sc, n, k, torch.empty(0), hadamard_seed=None if sc.family == "none" else seed)
+
+    h, i = view.hidden, view.intermediate
+    return [QuantizedExpert(block(ep.gate, 2 * i, h), block(ep.down, h, i), ep.shared)
+            for ep in plan.layer(view.index).experts]  # fmt: skip
+
+
+def check_plan_layout(plan, views, split: int, ep: int) -> None:
+    """Refuse, before the server starts, a plan its GPUs cannot serve: experts split ``split`` ways
+    (parallel.ranks.moe_split) and ``ep`` groups of whole experts, the budget holding on each."""
+    for view in views:
+        experts = plan_experts(plan, view)
+        if split > 1:
+            check_tp(experts, split, view.index)
+        if ep > 1:
+            check_ep_budget(experts, view.n_routed, ep, plan.budget_bits, view.index)
