@@ -446,6 +446,7 @@ def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
         view = sglang_swap._served["whole"][lay.layer]
         assert [q.down.scheme.name for q in view.experts_q] == [e.down for e in lay.experts]
     finally:
+        dist.barrier()  # neither rank tears the group down while the other still uses it
         dist.destroy_process_group()
 
 

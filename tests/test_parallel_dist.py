@@ -114,6 +114,7 @@ def _swap_rank(rank: int, store: str) -> None:
             swap_on_every_rank(lambda: plan, lambda p: apply(p, fail=rank == 1), undo)
         assert log == (["apply", "undo"] if rank == 0 else ["apply"])
     finally:
+        dist.barrier()  # neither rank tears the group down while the other still uses it
         dist.destroy_process_group()
 
 

@@ -47,7 +47,7 @@ class LayerKernels:
     top_k: int
     gate_up: tuple[str, ...]  # scheme per expert (routed, then shared)
     down: tuple[str, ...]
-    rotated: bool = False  # gptq-had: the non-bf16 experts read a rotated copy of the input
+    rotated: bool = False  # gptq-had: the non-bf16 blocks read a rotated copy of their input
 
 
 @dataclasses.dataclass
@@ -142,8 +142,9 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
             h, i, e, k = lay.hidden, lay.inter, lay.n_routed, lay.top_k
             gu = build_arena([_stand_in(s, 2 * i, h, cache) for s in lay.gate_up], model_codes)
             dn = build_arena([_stand_in(s, h, i, cache) for s in lay.down], model_codes)
-            if lay.rotated:
-                gu.rotation_seed = dn.rotation_seed = 0
+            for arena, names in ((gu, lay.gate_up), (dn, lay.down)):
+                if lay.rotated and any(get_scheme(s).family != "none" for s in names):
+                    arena.rotation_seed = 0  # as build_arena sets it from rotated blocks
             shared = len(lay.gate_up) > e
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
@@ -189,9 +190,8 @@ def plan_layers(plan, views, tp: int = 1, ep: int = 1) -> list[LayerKernels]:
             experts = lp.experts[mine.start : mine.stop] + (lp.experts[view.n_routed :] if rank == 0 else [])
             gate_up = tuple(x.gate for x in experts)
             down = tuple(x.down for x in experts)
-            rotated = plan.method == "gptq-had" and any(get_scheme(s).family != "none" for s in gate_up + down)
             out.append(LayerKernels(view.hidden, view.intermediate // tp, len(mine), view.top_k, gate_up, down,
-                                    rotated))  # fmt: skip
+                                    plan.method == "gptq-had"))  # fmt: skip
     return out
 
 
