@@ -55,8 +55,7 @@ def main() -> None:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
+    from triton_stub import compile_only_launches  # benchmarks/, on the path as this script's folder
 
     from mxkernels import moe
     from mxkernels.arena import build_arena, kernel_code
@@ -68,23 +67,6 @@ def main() -> None:
     shape = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
     h, i, e, k = shape["hidden"], shape["inter"], shape["experts"], shape["top_k"]
     target = GPUTarget("cuda", 90, 32)
-
-    class Driver:  # what JITFunction.run asks of a GPU driver
-        def get_current_target(self):
-            return target
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(Driver())
-    run = JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
-
     plan = Plan.load(a.plan)
     blocks: dict = {}
 
@@ -103,7 +85,7 @@ def main() -> None:
     extra = {"extra_codes": model_codes} if "extra_codes" in inspect.signature(build_arena).parameters else {}
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    with mock.patch.object(JITFunction, "run", compile_only), mock.patch.object(moe, "multiprocessors", lambda d: 132):
+    with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132):
         for lay in plan.layers:
             gu = build_arena([block(x.gate, 2 * i, h) for x in lay.experts], **extra)
             dn = build_arena([block(x.down, h, i) for x in lay.experts], **extra)

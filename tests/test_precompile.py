@@ -23,8 +23,7 @@ from types import SimpleNamespace
 from unittest import mock
 import torch
 from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
+from triton_stub import compile_only_launches
 from mxkernels import moe
 from mxkernels.arena import build_arena
 from mxserve.plan import Plan
@@ -47,32 +46,11 @@ pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
 os.environ["TRITON_CACHE_DIR"] = pre
 variants = record_variants(layers[:1], [2], target, 132, codes).all()
 compile_variants(variants, target, 2)
-# ... and what Triton's own launch path (JITFunction.run) compiles into another, for the same layer:
-# a stand-in driver answers what run() asks a GPU driver, and each launch only compiles (warmup)
+# ... and what Triton's own launch path (JITFunction.run, compile-only launches) compiles into
+# another, for the same layer
 os.environ["TRITON_CACHE_DIR"] = jit
-
-
-class Driver:
-    def get_current_target(self):
-        return target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-driver.set_active(Driver())
-run = JITFunction.run
-
-
-def compile_only(self, *args, grid, warmup, **kwargs):
-    return run(self, *args, grid=grid, warmup=True, **kwargs)
-
-
 lay = layers[0]
-with mock.patch.object(JITFunction, "run", compile_only), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
+with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
         mock.patch.object(moe, "tile_table", lambda dev: None):
     blocks = {}
     gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
@@ -89,7 +67,7 @@ print(json.dumps(out))
 
 def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT))
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]))
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(PLAN)], capture_output=True, text=True, env=env,
                          timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
