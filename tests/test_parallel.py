@@ -226,6 +226,9 @@ def test_one_rank_counts_the_routers_global_ids_for_the_whole_layer():
     whole = MixedExperts(3, ROUTED, experts)
     assert precision_of([view], 4.0, "rtn") == precision_of([whole], 4.0, "rtn")
     assert all(ql.qweight.numel() == 0 for e in view.experts_q for ql in e.linears())  # no weights held
+    whole.counting = False  # what the plugin sets on every rank: its own ids are not the layer's
+    whole.forward(x, ids, w)
+    assert sum(whole.counter.snapshot().counts) == 0
 
 
 def test_a_plan_the_gpus_cannot_serve_is_refused_before_serving():

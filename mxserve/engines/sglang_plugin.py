@@ -217,6 +217,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             # over several GPUs the whole layer's blocks (for swaps), and one rank exports for the
             # layer, counting the router's global ids as they enter SGLang's dispatcher (parallel/stats.py)
             view = WholeLayer(layer.layer_id, n_routed, whole)
+            layer.mx.counting = False  # this rank's own ids are not the layer's
             if layer.moe_ep_rank == layer.moe_tp_rank == 0:
                 view.counter.to(device)
                 layer.dispatcher = CountingDispatcher(layer.dispatcher, view.counter)

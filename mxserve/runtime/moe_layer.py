@@ -52,6 +52,8 @@ class MixedExperts:
         self.model_codes = model_codes  # kernel codes of the whole model (Arena.extra_codes): one variant
         self.counter = ExpertCounter(n_routed)
         self.version = 0  # bumped by every swap: readers (router_stats) see a new precision
+        # off where the routing is counted elsewhere (one GPU of several: parallel/stats.py)
+        self.counting = True
         self._dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
@@ -85,6 +87,8 @@ class MixedExperts:
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""
+        if not self.counting:
+            return
         if self.counter.device != topk_ids.device:
             self.counter.to(topk_ids.device)
         self.counter.record(topk_ids)
