@@ -195,14 +195,19 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 # the launch layout before the decode path (weights on the MMA's N side, no split, per-weight
 # dequantization), kept as a variant so one run shows what the decode layout buys
-PREFILL_LAYOUT = {"swap": False, "scale_after": False, "split": 1, "maxnreg": None}
-# other decode layouts of the mixed layer, timed beside the picked one (JSON only)
+PREFILL_LAYOUT = {"swap": False, "scale_after": False, "split": 1, "maxnreg": None, "fma": False}
+# other decode layouts of the mixed layer, timed beside the picked one (JSON only): CUDA-core
+# products (one row per program) and the MMA decode layout, each forced, and MMA variants
 DECODE_VARIANTS = {
-    "no register cap": {"maxnreg": None},
-    "4 stages": {"stages": 4},
-    "BN 128, 8 warps": {"bn": 128, "warps": 8, "maxnreg": None},
-    "BK 128": {"bk": 128},
-    "split x2": "double",
+    "CUDA-core": {"fma": True},
+    "CUDA-core, BN 32": {"fma": True, "bn": 32},
+    "CUDA-core, 8 warps": {"fma": True, "warps": 8},
+    "MMA": {"fma": False},
+    "MMA, no register cap": {"fma": False, "maxnreg": None},
+    "MMA, 4 stages": {"fma": False, "stages": 4},
+    "MMA, BN 128, 8 warps": {"fma": False, "bn": 128, "warps": 8, "maxnreg": None},
+    "MMA, BK 128": {"fma": False, "bk": 128},
+    "MMA, split x2": "double",
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 
@@ -270,8 +275,9 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 if t <= DECODE_TOKENS and vname == "ours mixed":
                     for label, ov in DECODE_VARIANTS.items():
                         if ov == "double":
-                            ov = {"split": 2 * pick_tiles(t * (k + s), expected_active(e, s, t * k), 128, i, h,
-                                                          ag.codes_mask, multiprocessors(dev)).split}  # fmt: skip
+                            ov = {"fma": False, "split": 2 * pick_tiles(t * (k + s), expected_active(e, s, t * k), 128,
+                                                                        i, h, ag.codes_mask, multiprocessors(dev),
+                                                                        fma=False).split}  # fmt: skip
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
                         record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
             if mw is not None:
@@ -422,6 +428,7 @@ def main() -> None:
                          "(with --shape only, the listed models are skipped unless named in --models)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine the moe_layer.json of several invocations (one machine) into --out")
+    ap.add_argument("--no-marlin", action="store_true", help="leave SGLang's Marlin MoE out (its JIT build)")
     ap.add_argument("--warm-marlin", action="store_true",
                     help="only build SGLang's Marlin MoE (its JIT takes minutes on first use) and exit")
     a = ap.parse_args()
@@ -465,7 +472,7 @@ def main() -> None:
     meta["triton"] = triton.__version__
     sgl, sgl_err = sglang_impl()
     meta["sglang"] = sgl_err or __import__("sglang").__version__
-    marlin, meta["marlin"] = marlin_impl() if sgl is not None else (None, "no sglang")
+    marlin, meta["marlin"] = marlin_impl() if sgl is not None and not a.no_marlin else (None, "left out")
     print(json.dumps(meta), flush=True)
     results: list = []
     gen = torch.Generator(device=dev).manual_seed(0)

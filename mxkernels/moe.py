@@ -43,9 +43,14 @@ class Tiles:
     swap: bool = False
     scale_after: bool = False
     maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
+    fma: bool = False  # with swap: CUDA-core products instead of the MMA (moe_gemm._dot)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
+# rows per expert (expected under uniform routing) up to which decode takes CUDA-core products, one
+# row per program: on the H200 they won at 1 and 2 tokens on every benchmarked shape and lost from
+# 1.5 to 1.7 under skewed routing (benchmarks/results/moe_layer_h200.md, "Decode layouts")
+FMA_ROWS = 1.4
 WAVES = 4  # decode: split K until about this many programs per multiprocessor
 
 
@@ -70,7 +75,15 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
     exceeds the smallest group of the layer, so one K tile of a grouped scheme has one scale and
     zero per column. ``override`` replaces fields (benchmarks compare variants with it)."""
     per_expert = rows / max(round(n_experts), 1)  # 8 experts that all get tokens: 7.9999 expected
-    if per_expert <= DECODE_ROWS and codes_mask != 1:
+    fma = override.get("fma", per_expert <= FMA_ROWS and override.get("swap", True))
+    if fma and codes_mask != 1:
+        # a row per program, products on CUDA cores: no MMA operand layout to reach through shared
+        # memory; an expert's weights are read once per row (the others hit L2)
+        bk = max(32, min(128, min_group))
+        work = rows * -(-n // 64)
+        split = max(1, min(-(-k // bk), 8, math.ceil(WAVES * sms / work)))
+        tiles = Tiles(1, 64, bk, 4, 3, split, True, True, fma=True)
+    elif per_expert <= DECODE_ROWS and codes_mask != 1:
         # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
         # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's
         blocks = max(1.0, min(rows, n_experts))
@@ -148,9 +161,10 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         BN=tiles.bn,
         BK=tiles.bk,
         PARTIAL=tiles.split > 1,
-        SWAP=tiles.swap,
+        SWAP=2 if tiles.fma else int(tiles.swap),  # moe_gemm.FMA
         SCALE_AFTER=tiles.scale_after,
         F32=INTERPRET,
+        K128=arena.k % 128 == 0,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),

@@ -24,6 +24,10 @@ Layouts, chosen per launch by moe.py:
 - SWAP puts the weights on the MMA's M side and the few token rows on its N
   side (the MMA's M is 64 per warpgroup on Hopper; a decode block has 16 rows
   or fewer), so tiles are [BN, BM] and every helper takes the orientation;
+- SWAP == FMA keeps that orientation for one row per program (about one row per
+  expert: decode at 1 or 2 tokens) and multiplies on CUDA cores, each weight by the
+  activation where it was loaded, summed along K: no MMA operand layout, so the
+  dequantized tile never goes through shared memory;
 - a split > 1 splits K over programs (grid axis 2) when too few (expert, N tile)
   pairs would fill the GPU; each program stores an fp32 partial sum (PARTIAL) and
   the SiLU (gate/up) or the top-k sum (down) adds the partials after (moe.py).
@@ -48,6 +52,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# SWAP values: weights on the MMA's N side (0) or its M side (1), or on the M side with
+# CUDA-core products instead of the MMA (FMA, decode with few rows per expert).
+FMA: tl.constexpr = tl.constexpr(2)
+
 # Helpers taking the orientation have one return each: Triton's compiler (unlike its
 # interpreter) refuses returns of different shapes even on a compile-time branch.
 
@@ -55,14 +63,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _dot(a, w, SWAP: tl.constexpr, F32: tl.constexpr):
     """a [BM, BK] activations, w the weight tile ([BN, BK] with SWAP, else [BK, BN]): the
-    product [BN, BM] with SWAP, else [BM, BN]."""
-    if F32:
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
-    if SWAP:
-        r = tl.dot(w, tl.trans(a))
+    product [BN, BM] with SWAP, else [BM, BN]. SWAP == FMA takes CUDA-core products: for a
+    few rows the MMA's operand layout costs more (the dequantized tile's round trip through
+    shared memory) than multiplying each weight by each row where it was loaded."""
+    if SWAP == FMA:  # one row (BM == 1): a [1, BK] broadcast over the tile, reduced along K
+        tl.static_assert(a.shape[0] == 1, "CUDA-core products take one row per program")
+        if w.dtype == tl.int8:  # integer activations: exact int32 sums, as the int8 MMA
+            r = tl.sum(w.to(tl.int32) * a.to(tl.int32), axis=1, keep_dims=True)
+        else:
+            r = tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1, keep_dims=True)
     else:
-        r = tl.dot(a, w)
+        if F32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP:
+            r = tl.dot(w, tl.trans(a))
+        else:
+            r = tl.dot(a, w)
     return r
 
 
@@ -115,14 +132,19 @@ def _load_w(w_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+           K128: tl.constexpr):  # fmt: skip
     """Codes of one bit plane of width P, oriented as _dot takes the weights: each word loaded
-    once (K-contiguous) and split in registers."""
+    once (K-contiguous) and split in registers. With K128 (K % 128 == 0, so K tiles never pass
+    K) the load needs no K mask and its rows start at 16-byte multiples: 16-byte loads."""
     PER: tl.constexpr = 32 // P
     wk = k0 // PER + tl.arange(0, BK // PER)
     n, k = _nk(cols, wk, SWAP)
     mn, _ = _nk(mask_n, wk, SWAP)
-    words = tl.load(wi_ptr + base + n * row_words + k, mask=mn & (k < row_words), other=0)
+    if K128:
+        words = tl.load(wi_ptr + base + n * row_words + k, mask=mn, other=0)
+    else:
+        words = tl.load(wi_ptr + base + n * row_words + k, mask=mn & (k < row_words), other=0)
     if SWAP:
         # [BN, BK/PER] words -> [BN, BK]: halve the field width at each level, low half first,
         # the halves joined on a new innermost axis; flattened, that is K order again, and every
@@ -141,12 +163,21 @@ def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
-    if BITS == 3:
-        q = _plane(wi_ptr, w_off, cols, k0, K * 3 // 32, mask_n, 2, BK, SWAP)
-        q = q | (_plane(wi_ptr, w_off + K * 2 // 32, cols, k0, K * 3 // 32, mask_n, 1, BK, SWAP) << 2)
+def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+               K128: tl.constexpr):  # fmt: skip
+    # words per packed row (K * BITS / 32; 3 bits: a 2-bit plane then a 1-bit plane per row), written
+    # with K128 so that the compiler sees multiples of 4 words
+    if K128:
+        row_words = K // 128 * (4 * BITS)
+        plane1 = K // 128 * 8
     else:
-        q = _plane(wi_ptr, w_off, cols, k0, K * BITS // 32, mask_n, BITS, BK, SWAP)
+        row_words = K * BITS // 32
+        plane1 = K * 2 // 32
+    if BITS == 3:
+        q = _plane(wi_ptr, w_off, cols, k0, row_words, mask_n, 2, BK, SWAP, K128)
+        q = q | (_plane(wi_ptr, w_off + plane1, cols, k0, row_words, mask_n, 1, BK, SWAP, K128) << 2)
+    else:
+        q = _plane(wi_ptr, w_off, cols, k0, row_words, mask_n, BITS, BK, SWAP, K128)
     return q
 
 
@@ -178,15 +209,22 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 @triton.jit
 def _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0, K,
                 BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                F32: tl.constexpr):  # fmt: skip
-    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP)
+                F32: tl.constexpr, K128: tl.constexpr):  # fmt: skip
+    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
     g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
     if SCALE_AFTER:
         # (the interpreter converts int32 to bf16 wrongly, seen with triton 3.9: via fp32)
-        if BITS == 8:
+        if SWAP == FMA:  # fp32 operands: the code ORed into the mantissa of 2^7 (2^8 for 8 bits)
+            if BITS == 8:
+                wq = ((q << 15) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + q, exactly
+                z = z + 256.0
+            else:
+                wq = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q, exactly
+                z = z + 128.0
+        elif BITS == 8:
             wq = q.to(tl.float32).to(tl.bfloat16)  # exact: 8 significant bits
         else:
             wq = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q, exactly
@@ -201,7 +239,8 @@ def _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, g
 @triton.jit
 def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, n_up,
               mask_n, k_lo, k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr):  # fmt: skip
+              SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr,
+              K128: tl.constexpr):  # fmt: skip
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
@@ -210,10 +249,10 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
         a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
         asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
         acc += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0,
-                           K, BITS, BK, SWAP, SCALE_AFTER, F32)  # fmt: skip
+                           K, BITS, BK, SWAP, SCALE_AFTER, F32, K128)  # fmt: skip
         if PAIR:
             acc2 += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols + n_up,
-                                mask_n, k0, K, BITS, BK, SWAP, SCALE_AFTER, F32)  # fmt: skip
+                                mask_n, k0, K, BITS, BK, SWAP, SCALE_AFTER, F32, K128)  # fmt: skip
     return acc, acc2
 
 
@@ -261,9 +300,9 @@ def _round_half_even(v):
 
 @triton.jit
 def _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS: tl.constexpr, BK: tl.constexpr,
-                 SWAP: tl.constexpr):  # fmt: skip
+                 SWAP: tl.constexpr, K128: tl.constexpr):  # fmt: skip
     QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
-    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP)
+    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
     mn, kk = _nk(mask_n, k0 + offs_k, SWAP)
     return _dot(aq, tl.where(mn & (kk < K), q - (QPOS + 1), 0).to(tl.int8), SWAP, False)
 
@@ -271,7 +310,7 @@ def _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS: tl.conste
 @triton.jit
 def _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols, n_up, mask_n, k_lo,
                k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               SWAP: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+               SWAP: tl.constexpr, PAIR: tl.constexpr, K128: tl.constexpr):  # fmt: skip
     QPOS: tl.constexpr = (1 << (BITS - 1)) - 1
     a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), QPOS * 1.0)  # no inexact reciprocal
     acc = _zeros(BM, BN, SWAP, tl.int32)
@@ -280,9 +319,9 @@ def _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, 
     for k0 in range(k_lo, k_hi, BK):
         a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32)
         aq = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(a, a_s[:, None])), -QPOS - 1.0), QPOS * 1.0).to(tl.int8)
-        acc += _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS, BK, SWAP)
+        acc += _wa_int_step(aq, wi_ptr, w_off, cols, mask_n, offs_k, k0, K, BITS, BK, SWAP, K128)
         if PAIR:
-            acc2 += _wa_int_step(aq, wi_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, BITS, BK, SWAP)
+            acc2 += _wa_int_step(aq, wi_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, BITS, BK, SWAP, K128)
     ws = tl.load(sc_ptr + s_off + cols, mask=mask_n, other=0.0).to(tl.float32)
     ws2 = ws
     if PAIR:
@@ -295,7 +334,7 @@ def _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, 
 def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_ptr, a8_ptr,
                  w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, CODES: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-                 SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr):  # fmt: skip
+                 SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr):  # fmt: skip
     """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
@@ -309,7 +348,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
             if code == c:
                 acc, acc2 = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
                                       group, cols, n_up, mask_n, k_lo, k_hi, K, c + 3 * (c == 5), BM, BN, BK, SWAP,
-                                      SCALE_AFTER, PAIR, F32)  # fmt: skip
+                                      SCALE_AFTER, PAIR, F32, K128)  # fmt: skip
     if CODES & 64:
         if code == 6:
             acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
@@ -318,7 +357,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
         if CODES & (1 << (6 + bits // 4)):
             if code == 6 + bits // 4:
                 acc, acc2 = _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, s_off, cols,
-                                       n_up, mask_n, k_lo, k_hi, K, bits, BM, BN, BK, SWAP, PAIR)  # fmt: skip
+                                       n_up, mask_n, k_lo, k_hi, K, bits, BM, BN, BK, SWAP, PAIR, K128)  # fmt: skip
     return acc, acc2
 
 
@@ -361,7 +400,10 @@ def mx_moe_gemm_kernel(
     SWAP: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     F32: tl.constexpr,
+    K128: tl.constexpr = False,
 ):
+    if K128:  # K % 128 == 0: packed rows are whole 16-byte words, so code loads can be 16 bytes wide
+        K = tl.multiple_of(K, 128)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BM >= tl.load(num_post_pad_ptr):
@@ -390,7 +432,7 @@ def mx_moe_gemm_kernel(
     # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up: one loop for both
     res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K,
-                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32)  # fmt: skip
+                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:

@@ -25,6 +25,9 @@ LAYOUTS = {
     # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)
     "split-uneven": dict(swap=True, scale_after=True, split=3, bk=32),
     "split-unswapped": dict(swap=False, scale_after=True, split=4, bk=32),
+    # CUDA-core products (decode: a row per program), unsplit and split
+    "fma": dict(swap=True, scale_after=True, fma=True, bm=1, split=1),
+    "fma-split": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32),
 }
 
 

@@ -45,6 +45,10 @@ def test_decode_launch_splits_k_when_few_experts_are_active():
 
     one_token = pick_tiles(8, 8, 128, 1408, 2048, 0b10000, 132)  # an H100
     assert one_token.swap and one_token.scale_after and one_token.split > 1
+    assert one_token.fma and one_token.bm == 1  # one row per expert: CUDA-core products
+    sixteen = pick_tiles(128, 44, 128, 1408, 2048, 0b10000, 132)  # Qwen1.5 at 16 tokens: about 3 rows
+    assert sixteen.swap and not sixteen.fma and sixteen.bm == 16
+    assert not pick_tiles(8, 8, 128, 1408, 2048, 0b10000, 132, swap=False).fma  # the prefill layout
     assert pick_tiles(8, 8, 128, 1408, 2048, 0b1, 132).split == 1  # all-bf16 keeps SGLang's rounding
     prefill = pick_tiles(4096, 60, 128, 1408, 2048, 0b10000, 132)
     assert not prefill.swap and prefill.split == 1

@@ -31,7 +31,7 @@ def test_gemms_real_shapes_every_layout(layout):
         assert e < 2e-2, (key, layout, e)
 
 
-@pytest.mark.parametrize("layout", ["decode", "split-uneven"])
+@pytest.mark.parametrize("layout", ["decode", "split-uneven", "fma", "fma-split"])
 def test_gemms_odd_sizes_decode_layouts(layout):
     # H = 160, I = 96: not multiples of the tiles; groups of 32
     names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
