@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Prepare, on this CPU machine, what a call on the lent GPU carries (all git-ignored):
+#   .bundle  SGLang 0.5.15 for the device image (../shared/device/build-sglang-bundle.sh), ~46 MB
+#   .shr     the reference model's tokenizer files, for tests (MXSERVE_SHARED=$PWD/.shr), <1 MB
+#   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB
+# A call carries at most 64 MiB: .bundle with .shr and .pydeps fits; refmoe-25m itself does not.
+# On the device:  bash .bundle/install.sh && export PYTHONPATH=/tmp/site:$PWD/.pydeps MXSERVE_SHARED=$PWD/.shr
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${MXSERVE_SHARED:-../shared}
+
+[ -f .bundle/install.sh ] || bash "$shared/device/build-sglang-bundle.sh" .bundle
+
+mkdir -p .shr/models/refmoe-25m
+for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
+    cp "$shared/models/refmoe-25m/$f" .shr/models/refmoe-25m/
+done
+
+if [ ! -d .pydeps/pulp ]; then
+    spec() { .venv/bin/python - "$1" <<'EOF'
+import re, sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d for d in deps if re.match(sys.argv[1] + r"\b", d)))
+EOF
+    }
+    tmp=$(mktemp -d)
+    .venv/bin/pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$tmp" "$(spec pulp)" "$(spec highspy)"
+    mkdir -p .pydeps
+    for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" .pydeps; done
+    rm -rf "$tmp" .pydeps/pulp/solverdir .pydeps/pulp/tests  # mxserve solves with HiGHS
+fi
+
+du -sh .bundle .shr .pydeps
