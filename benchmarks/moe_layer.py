@@ -202,6 +202,7 @@ DECODE_VARIANTS = {
     "CUDA-core": {"fma": True},
     "CUDA-core, BN 32": {"fma": True, "bn": 32},
     "CUDA-core, 8 warps": {"fma": True, "warps": 8},
+    "CUDA-core, prefetch": {"fma": True, "prefetch": True},
     "MMA": {"fma": False},
     "MMA, no register cap": {"fma": False, "maxnreg": None},
     "MMA, 4 stages": {"fma": False, "stages": 4},

@@ -44,6 +44,7 @@ class Tiles:
     scale_after: bool = False
     maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
     fma: bool = False  # with swap: CUDA-core products instead of the MMA (moe_gemm._dot)
+    prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -165,6 +166,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         SCALE_AFTER=tiles.scale_after,
         F32=INTERPRET,
         K128=arena.k % 128 == 0,
+        PREFETCH=tiles.prefetch,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),

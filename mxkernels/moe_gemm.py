@@ -132,11 +132,11 @@ def _load_w(w_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-           K128: tl.constexpr):  # fmt: skip
-    """Codes of one bit plane of width P, oriented as _dot takes the weights: each word loaded
-    once (K-contiguous) and split in registers. With K128 (K % 128 == 0, so K tiles never pass
-    K) the load needs no K mask and its rows start at 16-byte multiples: 16-byte loads."""
+def _plane_words(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+                 K128: tl.constexpr):  # fmt: skip
+    """The packed words of one bit plane of width P for a K tile, each loaded once (K-contiguous).
+    With K128 (K % 128 == 0, so K tiles never pass K) the load needs no K mask and its rows start
+    at 16-byte multiples: 16-byte loads."""
     PER: tl.constexpr = 32 // P
     wk = k0 // PER + tl.arange(0, BK // PER)
     n, k = _nk(cols, wk, SWAP)
@@ -145,6 +145,13 @@ def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.co
         words = tl.load(wi_ptr + base + n * row_words + k, mask=mn, other=0)
     else:
         words = tl.load(wi_ptr + base + n * row_words + k, mask=mn & (k < row_words), other=0)
+    return words
+
+
+@triton.jit
+def _plane_codes(words, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    """A plane's words split into codes in registers, oriented as _dot takes the weights."""
+    PER: tl.constexpr = 32 // P
     if SWAP:
         # [BN, BK/PER] words -> [BN, BK]: halve the field width at each level, low half first,
         # the halves joined on a new innermost axis; flattened, that is K order again, and every
@@ -163,8 +170,9 @@ def _plane(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+def _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
                K128: tl.constexpr):  # fmt: skip
+    """A K tile's packed words: (plane, plane) for one plane, (2-bit plane, 1-bit plane) for 3 bits."""
     # words per packed row (K * BITS / 32; 3 bits: a 2-bit plane then a 1-bit plane per row), written
     # with K128 so that the compiler sees multiples of 4 words
     if K128:
@@ -174,11 +182,28 @@ def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.co
         row_words = K * BITS // 32
         plane1 = K * 2 // 32
     if BITS == 3:
-        q = _plane(wi_ptr, w_off, cols, k0, row_words, mask_n, 2, BK, SWAP, K128)
-        q = q | (_plane(wi_ptr, w_off + plane1, cols, k0, row_words, mask_n, 1, BK, SWAP, K128) << 2)
+        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, 2, BK, SWAP, K128)
+        lo = _plane_words(wi_ptr, w_off + plane1, cols, k0, row_words, mask_n, 1, BK, SWAP, K128)
     else:
-        q = _plane(wi_ptr, w_off, cols, k0, row_words, mask_n, BITS, BK, SWAP, K128)
+        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, BITS, BK, SWAP, K128)
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _int_unpack(hi, lo, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    if BITS == 3:
+        q = _plane_codes(hi, 2, BK, SWAP) | (_plane_codes(lo, 1, BK, SWAP) << 2)
+    else:
+        q = _plane_codes(hi, BITS, BK, SWAP)
     return q
+
+
+@triton.jit
+def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+               K128: tl.constexpr):  # fmt: skip
+    hi, lo = _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
+    return _int_unpack(hi, lo, BITS, BK, SWAP)
 
 
 # Each branch loops over its K tiles once. With PAIR (gate/up) it computes the columns ``cols``
@@ -207,10 +232,9 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 
 
 @triton.jit
-def _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0, K,
-                BITS: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                F32: tl.constexpr, K128: tl.constexpr):  # fmt: skip
-    q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
+def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS: tl.constexpr,
+                SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr):  # fmt: skip
+    """A K tile's product from its codes ``q``."""
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
     g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -240,19 +264,45 @@ def _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, g
 def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, n_up,
               mask_n, k_lo, k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr,
-              K128: tl.constexpr):  # fmt: skip
+              K128: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
     ngroups = K // group
-    for k0 in range(k_lo, k_hi, BK):
-        a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
-        asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
-        acc += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols, mask_n, k0,
-                           K, BITS, BK, SWAP, SCALE_AFTER, F32, K128)  # fmt: skip
+    if PREFETCH:
+        # the next K tile's words and activations are loaded before this tile's products, so
+        # their latency hides behind the arithmetic (Triton pipelines only loads that feed an MMA)
+        k1 = tl.where(k_lo < k_hi, k_lo, 0)  # an empty split loads tile 0 (in bounds) and uses nothing
+        a = _load_a(a_ptr, rows, offs_k, k1, mask_m, stride_am, K)
+        g_hi, g_lo = _int_words(wi_ptr, w_off, cols, k1, K, mask_n, BITS, BK, SWAP, K128)
+        u_hi, u_lo = g_hi, g_lo
         if PAIR:
-            acc2 += _wonly_step(a, asum, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, ngroups, group, cols + n_up,
-                                mask_n, k0, K, BITS, BK, SWAP, SCALE_AFTER, F32, K128)  # fmt: skip
+            u_hi, u_lo = _int_words(wi_ptr, w_off, cols + n_up, k1, K, mask_n, BITS, BK, SWAP, K128)
+        for k0 in range(k_lo, k_hi, BK):
+            nk = tl.where(k0 + BK < k_hi, k0 + BK, k0)  # the last tile loads itself again (in cache)
+            a_next = _load_a(a_ptr, rows, offs_k, nk, mask_m, stride_am, K)
+            g_hi2, g_lo2 = _int_words(wi_ptr, w_off, cols, nk, K, mask_n, BITS, BK, SWAP, K128)
+            u_hi2, u_lo2 = g_hi2, g_lo2
+            if PAIR:
+                u_hi2, u_lo2 = _int_words(wi_ptr, w_off, cols + n_up, nk, K, mask_n, BITS, BK, SWAP, K128)
+            asum = tl.sum(a.to(tl.float32), axis=1)
+            acc += _wonly_step(a, asum, _int_unpack(g_hi, g_lo, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off, z_off,
+                               ngroups, group, cols, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
+            if PAIR:
+                acc2 += _wonly_step(a, asum, _int_unpack(u_hi, u_lo, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off, z_off,
+                                    ngroups, group, cols + n_up, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
+            a, g_hi, g_lo, u_hi, u_lo = a_next, g_hi2, g_lo2, u_hi2, u_lo2
+    else:
+        for k0 in range(k_lo, k_hi, BK):
+            a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
+            asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
+            q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
+            acc += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS,
+                               SWAP, SCALE_AFTER, F32)  # fmt: skip
+            if PAIR:
+                q = _int_codes(wi_ptr, w_off, cols + n_up, k0, K, mask_n, BITS, BK, SWAP, K128)
+                acc2 += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols + n_up, mask_n,
+                                    k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
     return acc, acc2
 
 
@@ -334,7 +384,8 @@ def _mm_wa_int(amax_ptr, a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, w_off, 
 def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr, amax_ptr, a8_ptr,
                  w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, CODES: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-                 SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr):  # fmt: skip
+                 SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr,
+                 PREFETCH: tl.constexpr):  # fmt: skip
     """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
@@ -348,7 +399,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
             if code == c:
                 acc, acc2 = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
                                       group, cols, n_up, mask_n, k_lo, k_hi, K, c + 3 * (c == 5), BM, BN, BK, SWAP,
-                                      SCALE_AFTER, PAIR, F32, K128)  # fmt: skip
+                                      SCALE_AFTER, PAIR, F32, K128, PREFETCH)  # fmt: skip
     if CODES & 64:
         if code == 6:
             acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
@@ -401,6 +452,7 @@ def mx_moe_gemm_kernel(
     SCALE_AFTER: tl.constexpr,
     F32: tl.constexpr,
     K128: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,  # weight-only codes: load the next K tile first (CUDA-core path)
 ):
     if K128:  # K % 128 == 0: packed rows are whole 16-byte words, so code loads can be 16 bytes wide
         K = tl.multiple_of(K, 128)
@@ -432,7 +484,7 @@ def mx_moe_gemm_kernel(
     # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up: one loop for both
     res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K,
-                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128)  # fmt: skip
+                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:

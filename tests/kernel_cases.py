@@ -28,6 +28,8 @@ LAYOUTS = {
     # CUDA-core products (decode: a row per program), unsplit and split
     "fma": dict(swap=True, scale_after=True, fma=True, bm=1, split=1),
     "fma-split": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32),
+    # the next K tile loaded before this one's products; split 3 over 4 tiles leaves a split empty
+    "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
 }
 
 
