@@ -280,7 +280,10 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                                                                         i, h, ag.codes_mask, multiprocessors(dev),
                                                                         fma=False).split}  # fmt: skip
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
-                        record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
+                        try:
+                            record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
+                        except Exception as err:  # noqa: BLE001 - an experimental layout must not lose the run
+                            print(f"{vname} ({label}) failed: {str(err)[:300]}", file=sys.stderr)
             if mw is not None:
                 logits = torch.zeros(t, ne, device=dev)  # read for its shape only
                 ids32 = ide.to(torch.int32)
