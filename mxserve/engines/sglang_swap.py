@@ -129,7 +129,10 @@ def _local(whole: dict, ranks: tuple | None):
 
 
 def _rank_group(ranks: tuple | None):
-    """SGLang's CPU (gloo) group of the tensor-parallel ranks, which hold the MoE layers' parts."""
+    """SGLang's CPU (gloo) group of the tensor-parallel ranks, which hold the MoE layers' parts.
+    Every TP rank runs the weight-update handler for the same request (SGLang 0.5.15 indexes
+    ``serialized_named_tensors[tp_rank]`` and barriers on this group after it), so a collective
+    here meets all ranks."""
     if ranks is None:
         return None
     from sglang.srt.distributed.parallel_state import get_tp_group
