@@ -204,6 +204,7 @@ DECODE_VARIANTS = {
     "CUDA-core, 8 warps": {"fma": True, "warps": 8},
     "CUDA-core, prefetch": {"fma": True, "prefetch": True},
     "MMA": {"fma": False},
+    "MMA in registers (Gluon)": {"fma": False, "gluon": True, "scale_after": False, "maxnreg": None},
     "MMA, no register cap": {"fma": False, "maxnreg": None},
     "MMA, 4 stages": {"fma": False, "stages": 4},
     "MMA, BN 128, 8 warps": {"fma": False, "bn": 128, "warps": 8, "maxnreg": None},

@@ -45,6 +45,7 @@ class Tiles:
     maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
     fma: bool = False  # with swap: CUDA-core products instead of the MMA (moe_gemm._dot)
     prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
+    gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -131,6 +132,10 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
     n = arena.n // 2 if gate_up else arena.n
     grid = (block_expert.numel(), triton.cdiv(n, tiles.bn), tiles.split)
+    if tiles.gluon:
+        _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div,
+                    gate_up, tiles, n, grid)  # fmt: skip
+        return
     mx_moe_gemm_kernel[grid](
         a_all,
         rot_off,
@@ -171,6 +176,25 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),
     )
+
+
+def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
+                a_div, gate_up, tiles: Tiles, n: int, grid) -> None:  # fmt: skip
+    """_gemm on the Gluon kernel (experimental: bf16 and weight-only experts, on a GPU)."""
+    from mxkernels.moe_gemm_gluon import WARPS, mx_moe_gemm_gluon_kernel
+
+    if INTERPRET or arena.kernel_mask & ~GLUON_CODES or not tiles.swap or tiles.bn != 16 * WARPS:
+        raise ValueError("the Gluon kernel runs bf16 and weight-only experts on a GPU, weights on the MMA's M side, "
+                         f"BN {16 * WARPS}")
+    mx_moe_gemm_gluon_kernel[grid](
+        a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
+        block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
+        num_valid, a_div, tiles.split, GATE_UP=gate_up, CODES=arena.kernel_mask, BM=tiles.bm, BN=tiles.bn,
+        BK=tiles.bk, PARTIAL=tiles.split > 1, num_warps=WARPS,
+    )  # fmt: skip
+
+
+GLUON_CODES = (1 << 6) - 1  # kernel codes the Gluon kernel has: bf16 and weight-only 1 to 8 bits
 
 
 def moe_gemms(

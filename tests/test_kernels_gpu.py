@@ -39,6 +39,26 @@ def test_gemms_odd_sizes_decode_layouts(layout):
         assert e < 2e-2, (key, layout, e)
 
 
+WEIGHT_ONLY = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16"]
+GLUON = {"swap": True, "scale_after": False, "fma": False, "gluon": True, "maxnreg": None}
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_gluon_kernel_real_shapes(split):
+    # the experimental Gluon kernel (weights into MMA registers): the schemes it runs, mixed
+    errs = gemm_errors(WEIGHT_ONLY, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, **GLUON)
+    assert {key.split("/")[0] for key in errs} == set(WEIGHT_ONLY), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, split, e)
+
+
+def test_gluon_kernel_odd_sizes():
+    # H = 160, I = 96: K not a multiple of 128 and N not of BN; groups of 32
+    names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16"]
+    for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cuda", seed=3, bk=32, split=2, **GLUON).items():
+        assert e < 2e-2, (key, e)
+
+
 def test_whole_layer_real_shapes():
     assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a8fp8"], 200, 2048, 1408, 16, 2, 4, "cuda", 1) < 3e-2
 
