@@ -178,6 +178,9 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     )
 
 
+GLUON_CODES = (1 << 6) - 1  # kernel codes the Gluon kernel has: bf16 and weight-only 1 to 8 bits
+
+
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int, grid) -> None:  # fmt: skip
     """_gemm on the Gluon kernel (experimental: bf16 and weight-only experts, on a GPU)."""
@@ -193,8 +196,6 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         BK=tiles.bk, PARTIAL=tiles.split > 1, num_warps=WARPS,
     )  # fmt: skip
 
-
-GLUON_CODES = (1 << 6) - 1  # kernel codes the Gluon kernel has: bf16 and weight-only 1 to 8 bits
 
 
 def moe_gemms(

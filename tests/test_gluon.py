@@ -2,7 +2,7 @@
 
 Triton's interpreter does not run Gluon, so here the kernel is compiled for sm_90 and its SASS
 is read: the point of the kernel is that the weights reach the MMA without shared memory. Its
-results are checked on the GPU (tests/test_kernels_gpu.py, layout "gluon").
+results are checked on the GPU (tests/test_kernels_gpu.py, test_gluon_kernel_*).
 """
 
 import os
