@@ -403,7 +403,7 @@ def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
     import contextlib
     import os
 
-    import torch.distributed as dist
+    from gloo_ranks import gloo_rank
 
     from mxserve.checkpoint import load_quantized, runtime_layers
     from mxserve.engines import sglang_swap
@@ -412,8 +412,7 @@ def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
     from mxserve.plan import Plan
     from mxserve.runtime.moe_layer import MixedExperts
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_rank(store, rank, 2):
         os.environ[sglang_swap.LADDER_ENV] = os.path.join(root, "ladder")
         sglang_swap._DeviceFence = contextlib.nullcontext  # CPU: nothing queued on a device
         sglang_swap._rank_group = lambda ranks: None  # the default group: these two processes
@@ -445,9 +444,6 @@ def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
         assert [q.gate_up.scheme.name for q in mine] == [e.gate for e in lay.experts[rank * per : (rank + 1) * per]]
         view = sglang_swap._served["whole"][lay.layer]
         assert [q.down.scheme.name for q in view.experts_q] == [e.down for e in lay.experts]
-    finally:
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("corrupt_on", [-1, 1])

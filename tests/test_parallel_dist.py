@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_ranks import gloo_rank
 from test_parallel import ROUTED, SHARED, inputs, layer
 
 from mxserve.errors import MxServeError
@@ -29,8 +30,7 @@ WORLD = 2
 
 
 def _rank(rank: int, store: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(store, rank, WORLD):
         torch.set_num_threads(1)
         experts = layer(["w4a16g128", "w2a16g64", "w8a16", "bf16"], ["w3a16g128", "w4a16g128", "w1a16g128"])
         x, ids, w, scale = inputs(seed=5, t=40)
@@ -68,8 +68,6 @@ def _rank(rank: int, store: str) -> None:
             assert "ranks [1] differ from rank 0" in str(e)
         else:
             raise AssertionError("a plan that differs on rank 1 was accepted")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
@@ -78,8 +76,7 @@ def test_expert_parallel_over_two_processes(tmp_path):
 
 
 def _swap_rank(rank: int, store: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(store, rank, WORLD):
         lay = [(0, [False] * ROUTED + [True] * SHARED)]
         plan = Plan.uniform("m", "qwen2_moe", lay, get_scheme("w4a16g128"), "gptq")
         log: list[str] = []
@@ -113,9 +110,6 @@ def _swap_rank(rank: int, store: str) -> None:
         with pytest.raises(MxServeError, match="previous plan serves on every rank"):
             swap_on_every_rank(lambda: plan, lambda p: apply(p, fail=rank == 1), undo)
         assert log == (["apply", "undo"] if rank == 0 else ["apply"])
-    finally:
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
