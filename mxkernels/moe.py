@@ -181,15 +181,23 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
 GLUON_CODES = (1 << 6) - 1  # kernel codes the Gluon kernel has: bf16 and weight-only 1 to 8 bits
 
 
+def _gluon_kernel():
+    if INTERPRET:
+        raise ValueError("the Gluon kernel runs on a GPU: Triton's interpreter does not run Gluon")
+    from mxkernels.moe_gemm_gluon import mx_moe_gemm_gluon_kernel
+
+    return mx_moe_gemm_gluon_kernel
+
+
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int, grid) -> None:  # fmt: skip
-    """_gemm on the Gluon kernel (experimental: bf16 and weight-only experts, on a GPU)."""
-    from mxkernels.moe_gemm_gluon import WARPS, mx_moe_gemm_gluon_kernel
+    """_gemm on the Gluon kernel (experimental: bf16 and weight-only experts)."""
+    from mxkernels.moe_gemm_gluon import WARPS
 
-    if INTERPRET or arena.kernel_mask & ~GLUON_CODES or not tiles.swap or tiles.bn != 16 * WARPS:
-        raise ValueError("the Gluon kernel runs bf16 and weight-only experts on a GPU, weights on the MMA's M side, "
-                         f"BN {16 * WARPS}")
-    mx_moe_gemm_gluon_kernel[grid](
+    if arena.kernel_mask & ~GLUON_CODES or not tiles.swap or tiles.bn != 16 * WARPS:
+        raise ValueError(f"the Gluon kernel runs bf16 and weight-only experts, weights on the MMA's M side, BN "
+                         f"{16 * WARPS}")
+    _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, GATE_UP=gate_up, CODES=arena.kernel_mask, BM=tiles.bm, BN=tiles.bn,

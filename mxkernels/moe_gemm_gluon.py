@@ -51,13 +51,13 @@ def _wonly_tile(wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, mask_n
     ngroups = K // group
     z = gl.load(zp_ptr + z_off + cols * ngroups + g, mask=mask_n, other=0.0).to(gl.float32)
     s = gl.load(sc_ptr + s_off + cols_o * ngroups + g, mask=mask_no, other=0.0).to(gl.float32)
-    # codes and zero points are integers below 256: their difference is exact in bf16. Below 128 a
-    # code ORed into the mantissa of 128.0 is 128 + code (no int-to-float conversion)
+    # a code ORed into the mantissa of 2^7 (2^8 for 8 bits) is 2^7 + code in fp32: no int-to-float
+    # conversion. Codes and zero points are integers below 256, so (code - zero) is exact in bf16
     if BITS == 8:
-        w = (q.to(gl.float32) - z[:, None]).to(gl.bfloat16)
+        w = ((q << 15) | 0x43800000).to(gl.float32, bitcast=True) - (z + 256.0)[:, None]
     else:
-        w = (q | 0x4300).to(gl.int16).to(gl.bfloat16, bitcast=True) - (z + 128.0).to(gl.bfloat16)[:, None]
-    return w, s
+        w = ((q << 16) | 0x43000000).to(gl.float32, bitcast=True) - (z + 128.0)[:, None]
+    return w.to(gl.bfloat16), s
 
 
 @gluon.jit

@@ -31,6 +31,9 @@ LAYOUTS = {
     # the next K tile loaded before this one's products; split 3 over 4 tiles leaves a split empty
     "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
 }
+# the experimental Gluon kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs
+GLUON = dict(swap=True, scale_after=False, fma=False, gluon=True, maxnreg=None)
+WEIGHT_ONLY = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16"]
 
 
 def make_experts(names: list[str], h: int, i: int, n_experts: int, n_shared: int, method: str, gen, device):

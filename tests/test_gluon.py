@@ -1,8 +1,9 @@
 """The experimental Gluon decode kernel (mxkernels/moe_gemm_gluon.py) on a machine without a GPU.
 
-Triton's interpreter does not run Gluon, so here the kernel is compiled for sm_90 and its SASS
-is read: the point of the kernel is that the weights reach the MMA without shared memory. Its
-results are checked on the GPU (tests/test_kernels_gpu.py, test_gluon_kernel_*).
+Triton's interpreter does not run Gluon. So here the kernel is compiled for sm_90 and its SASS is
+read (the point of the kernel is that the weights reach the MMA without shared memory), and its
+source runs in the interpreter with the layouts dropped (tests/gluon_shim.py), which checks its
+arithmetic, indexing and masks. Its results on the GPU: tests/test_kernels_gpu.py, test_gluon_*.
 """
 
 import os
@@ -10,6 +11,7 @@ import re
 import subprocess
 
 import pytest
+from kernel_cases import GLUON, WEIGHT_ONLY, gemm_errors
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
@@ -53,9 +55,43 @@ def test_gluon_kernel_feeds_the_mma_from_registers(gate_up):
         assert not re.search(rf"\b{op}\b", sass), op
 
 
-def test_gluon_kernel_is_refused_where_it_cannot_run():
-    from kernel_cases import gemm_errors
+BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)
 
-    # the interpreter runs these tests: Gluon cannot run there, and fp8 experts have no Gluon path
-    with pytest.raises(ValueError, match="Gluon"):
-        gemm_errors(["w4a16g128", "w8a8fp8"], 4, 128, 128, 4, 0, 2, "cpu", seed=0, swap=True, gluon=True, split=1)
+
+@pytest.fixture
+def interpreted_gluon(monkeypatch):
+    """The Gluon kernel's source, its layouts dropped, run by the interpreter in place of the GPU."""
+    from gluon_shim import interpreted_kernel
+
+    from mxkernels import moe
+
+    kernel = interpreted_kernel()
+    monkeypatch.setattr(moe, "_gluon_kernel", lambda: kernel)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split):
+    # every scheme the kernel has, mixed; 18 routed experts, half of them empty; split 3 over K 128 in
+    # BK 32 tiles leaves one split empty
+    errs = gemm_errors(WEIGHT_ONLY, 24, 128, 128, 18, 1, 2, "cpu", seed=11, bk=32, split=split, **GLUON)
+    assert {key.split("/")[0] for key in errs} == set(WEIGHT_ONLY), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+def test_gluon_kernel_arithmetic_odd_sizes(interpreted_gluon):
+    # H = 160, I = 96: K not a multiple of the tiles, N not of BN; groups of 32
+    names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16"]
+    for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cpu", seed=3, bk=32, split=2, **GLUON).items():
+        assert e < BOUND, (key, e)
+
+
+def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):
+    from mxkernels import moe
+
+    with pytest.raises(ValueError, match="bf16 and weight-only"):  # fp8 experts have no Gluon path
+        gemm_errors(["w4a16g128", "w8a8fp8"], 4, 128, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)
+    monkeypatch.undo()  # the real kernel again: Triton's interpreter does not run Gluon
+    assert moe.INTERPRET
+    with pytest.raises(ValueError, match="interpreter"):
+        gemm_errors(["w4a16g128"], 4, 128, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)

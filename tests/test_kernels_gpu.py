@@ -7,7 +7,7 @@ operands (1e-3..1e-2), fp8 included now that it runs on tensor cores.
 
 import pytest
 import torch
-from kernel_cases import LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import GLUON, LAYOUTS, WEIGHT_ONLY, bf16_layer_agreement, gemm_errors, layer_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -37,10 +37,6 @@ def test_gemms_odd_sizes_decode_layouts(layout):
     names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
     for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cuda", seed=3, **LAYOUTS[layout]).items():
         assert e < 2e-2, (key, layout, e)
-
-
-WEIGHT_ONLY = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16"]
-GLUON = {"swap": True, "scale_after": False, "fma": False, "gluon": True, "maxnreg": None}
 
 
 @pytest.mark.parametrize("split", [1, 3])

@@ -1,0 +1,77 @@
+"""The Gluon kernel's source run by Triton's interpreter, its layouts dropped (tests only).
+
+Layouts decide where values live, not what they are, so with every layout removed the kernel's
+arithmetic, indexing and masking run in the interpreter like any Triton kernel. What this cannot
+check (the layouts themselves, the compiled code) is left to tests/test_gluon.py (sm_90 SASS) and
+the GPU tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+
+
+class _Layout:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+
+def _drop_layout(f):
+    def call(*args, layout=None, **kwargs):
+        return f(*args, **kwargs)
+
+    return call
+
+
+class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.language
+    constexpr = tl.constexpr
+    float32, bfloat16, int16, int32, int64 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64
+    NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = _Layout
+    arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
+    zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
+    load = staticmethod(lambda *a, **k: tl.load(*a, **k))
+    store = staticmethod(lambda *a, **k: tl.store(*a, **k))
+    where = staticmethod(lambda *a, **k: tl.where(*a, **k))
+    exp = staticmethod(lambda *a, **k: tl.exp(*a, **k))
+    program_id = staticmethod(lambda *a, **k: tl.program_id(*a, **k))
+    cdiv = staticmethod(lambda *a, **k: tl.cdiv(*a, **k))
+    minimum = staticmethod(lambda *a, **k: tl.minimum(*a, **k))
+
+
+class gluon:  # noqa: N801 - stands in for triton.experimental.gluon
+    jit = staticmethod(triton.jit)
+
+
+def mma_v2(a, b, acc):
+    # fp32 operands: the interpreter mis-computes bf16 tl.dot (moe_gemm.py)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+
+def interpreted_kernel():
+    """mx_moe_gemm_gluon_kernel from the module's own source, with this file's stand-ins imported."""
+    import mxkernels.moe_gemm_gluon as real
+
+    src = inspect.getsource(real)
+    for line in ("from triton.experimental import gluon\n", "from triton.experimental.gluon import language as gl\n",
+                 "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n"):  # fmt: skip
+        assert line in src, line
+        src = src.replace(line, "")
+    src = src.replace("from __future__ import annotations\n",
+                      "from __future__ import annotations\nimport triton.language as tl  # noqa\n"
+                      "from gluon_shim import gl, gluon, mma_v2  # noqa\n")  # fmt: skip
+    # the interpreter knows constexpr parameters and static loops by these names
+    src = src.replace("gl.constexpr", "tl.constexpr").replace("gl.static_range", "tl.static_range")
+    path = Path(tempfile.mkdtemp()) / "moe_gemm_gluon_interpreted.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod.mx_moe_gemm_gluon_kernel
