@@ -86,6 +86,15 @@ def test_gluon_kernel_arithmetic_odd_sizes(interpreted_gluon):
         assert e < BOUND, (key, e)
 
 
+def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
+    # gptq-had: the quantized experts read the Hadamard-rotated copy of their input, bf16 ones the plain one
+    errs = gemm_errors(["bf16", "w4a16g128", "w2a16g128"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had",
+                       bk=32, split=2, **GLUON)  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == {"bf16", "w4a16g128", "w2a16g128"}, errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
 def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):
     from mxkernels import moe
 
