@@ -70,6 +70,7 @@ def main() -> None:
     plan = Plan.load(a.plan)
     blocks: dict = {}
 
+    # as runtime/precompile._stand_in, written out here: --tree checkouts predate that module
     def block(scheme: str, n: int, kk: int):
         if (scheme, n, kk) not in blocks:
             sc = get_scheme(scheme)
