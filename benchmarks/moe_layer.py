@@ -196,21 +196,21 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 # the launch layout before the decode path (weights on the MMA's N side, no split, per-weight
 # dequantization), kept as a variant so one run shows what the decode layout buys
 PREFILL_LAYOUT = {"swap": False, "scale_after": False, "split": 1, "maxnreg": None, "fma": False}
-# other decode layouts of the mixed layer, timed beside the picked one (JSON only): CUDA-core
-# products (one row per program) and the MMA decode layout, each forced, and MMA variants
-DECODE_VARIANTS = {
-    "CUDA-core": {"fma": True},
-    "CUDA-core, BN 32": {"fma": True, "bn": 32},
-    "CUDA-core, 8 warps": {"fma": True, "warps": 8},
-    "CUDA-core, prefetch": {"fma": True, "prefetch": True},
-    "MMA": {"fma": False},
-    "MMA in registers (Gluon)": {"fma": False, "gluon": True, "scale_after": False, "maxnreg": None},
-    "MMA, no register cap": {"fma": False, "maxnreg": None},
-    "MMA, 4 stages": {"fma": False, "stages": 4},
-    "MMA, BN 128, 8 warps": {"fma": False, "bn": 128, "warps": 8, "maxnreg": None},
-    "MMA, BK 128": {"fma": False, "bk": 128},
+# other decode layouts of the mixed layer, timed beside the picked one: CUDA-core products (one
+# row per program), the Triton MMA decode layout and the Gluon kernel, each forced, and variants
+DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.json
+    "CUDA-core, no prefetch": {"fma": True, "prefetch": False},
+    "CUDA-core": {"fma": True, "prefetch": True},
+    "MMA": {"fma": False, "gluon": False},
     "MMA, split x2": "double",
+    "Gluon, BM 16": {"fma": False, "gluon": True, "maxnreg": None, "bm": 16},
+    "Gluon, BM 8": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8},
+    "Gluon, BM 8, unsplit": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "split": 1},
+    "Gluon, BM 8, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8},
+    "Gluon, BM 8, BN 128": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 128},
 }
+# the uniform 4-bit layer, Marlin's format, on the Gluon kernel too: the same bytes as Marlin reads
+GLUON_VARIANTS = {label: ov for label, ov in DECODE_VARIANTS.items() if "Gluon" in label}
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 
 
@@ -274,12 +274,13 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 if t <= DECODE_TOKENS and vname != "ours bf16":
                     fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
                     record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
-                if t <= DECODE_TOKENS and vname == "ours mixed":
-                    for label, ov in DECODE_VARIANTS.items():
+                layouts = {"ours mixed": DECODE_VARIANTS, "ours w4a16g128": GLUON_VARIANTS}.get(vname, {})
+                if t <= DECODE_TOKENS:
+                    for label, ov in layouts.items():
                         if ov == "double":
-                            ov = {"fma": False, "split": 2 * pick_tiles(t * (k + s), expected_active(e, s, t * k), 128,
-                                                                        i, h, ag.codes_mask, multiprocessors(dev),
-                                                                        fma=False).split}  # fmt: skip
+                            split = pick_tiles(t * (k + s), expected_active(e, s, t * k), 128, i, h, ag.codes_mask,
+                                               multiprocessors(dev), fma=False).split  # fmt: skip
+                            ov = {"fma": False, "gluon": False, "split": 2 * split}
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
                         try:
                             record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)

@@ -45,7 +45,8 @@ class Tiles:
     maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
     fma: bool = False  # with swap: CUDA-core products instead of the MMA (moe_gemm._dot)
     prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
-    gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py)
+    gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
+    # its own BK, and BN 64 unless bn asks for 128)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -54,6 +55,11 @@ DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
 # 1.5 to 1.7 under skewed routing (benchmarks/results/moe_layer_h200.md, "Decode layouts")
 FMA_ROWS = 1.4
 WAVES = 4  # decode: split K until about this many programs per multiprocessor
+# decode on the Gluon kernel where a layer's schemes allow (moe_gemm_gluon.eligible), above this many
+# rows per expert: on the H200 it took 0.55 to 0.8x the Triton MMA layout's time and beat the CUDA-core
+# products from 2 tokens on (1.2 to 1.4 rows), tied at 1.06 and lost at one row (benchmarks/README.md)
+GLUON_DECODE = True
+GLUON_ROWS = 1.1
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,7 +90,8 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         bk = max(32, min(128, min_group))
         work = rows * -(-n // 64)
         split = max(1, min(-(-k // bk), 8, math.ceil(WAVES * sms / work)))
-        tiles = Tiles(1, 64, bk, 4, 3, split, True, True, fma=True)
+        # the next K tile's loads first: never slower on the H200 (results/moe_layer_h200.md)
+        tiles = Tiles(1, 64, bk, 4, 3, split, True, True, fma=True, prefetch=True)
     elif per_expert <= DECODE_ROWS and codes_mask != 1:
         # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
         # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's
@@ -134,7 +141,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     grid = (block_expert.numel(), triton.cdiv(n, tiles.bn), tiles.split)
     if tiles.gluon:
         _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div,
-                    gate_up, tiles, n, grid)  # fmt: skip
+                    gate_up, tiles, n)  # fmt: skip
         return
     mx_moe_gemm_kernel[grid](
         a_all,
@@ -178,9 +185,6 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     )
 
 
-GLUON_CODES = (1 << 6) - 1  # kernel codes the Gluon kernel has: bf16 and weight-only 1 to 8 bits
-
-
 def _gluon_kernel():
     if INTERPRET:
         raise ValueError("the Gluon kernel runs on a GPU: Triton's interpreter does not run Gluon")
@@ -190,20 +194,50 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int, grid) -> None:  # fmt: skip
-    """_gemm on the Gluon kernel (experimental: bf16 and weight-only experts)."""
-    from mxkernels.moe_gemm_gluon import WARPS
+                a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
+    """_gemm on the Gluon kernel (experimental: bf16 and weight-only 1, 2 and 4-bit experts)."""
+    from mxkernels.moe_gemm_gluon import BN, MAGIC, WARPS, eligible
 
-    if arena.kernel_mask & ~GLUON_CODES or not tiles.swap or tiles.bn != 16 * WARPS:
-        raise ValueError(f"the Gluon kernel runs bf16 and weight-only experts, weights on the MMA's M side, BN "
-                         f"{16 * WARPS}")
+    bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN
+    if not eligible(arena.kernel_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
+        raise ValueError("the Gluon kernel runs bf16 and weight-only 1, 2 and 4-bit experts with groups of whole "
+                         "128s, K a multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
+    grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
-        num_valid, a_div, tiles.split, GATE_UP=gate_up, CODES=arena.kernel_mask, BM=tiles.bm, BN=tiles.bn,
-        BK=tiles.bk, PARTIAL=tiles.split > 1, num_warps=WARPS,
+        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=arena.kernel_mask, BN=bn, BM=tiles.bm,
+        PARTIAL=tiles.split > 1, num_warps=WARPS, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
 
+
+@functools.lru_cache(maxsize=8)
+def _runs_gluon(dev: torch.device) -> bool:
+    """A GPU with bf16 mma.sync (Ampere on) outside Triton's interpreter, which does not run Gluon."""
+    return dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
+def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict) -> bool:
+    """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS to DECODE_ROWS
+    rows per expert, for layers whose both arenas it runs (the alignment's block is shared by the
+    two GEMMs) and that are not all bf16 (those keep SGLang's rounding: pick_tiles), unless
+    ``override`` asks for another layout."""
+    from mxkernels.moe_gemm_gluon import eligible
+
+    return (GLUON_DECODE and _runs_gluon(dev) and GLUON_ROWS < per_expert <= DECODE_ROWS
+            and override.get("swap", True) and not override.get("fma") and "gluon" not in override
+            and (gate_up.codes_mask | down.codes_mask) != 1
+            and all(eligible(a.kernel_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
+
+
+def _as_gluon(tiles: Tiles, per_expert: float, k: int, override: dict) -> Tiles:
+    """The decode tiles on the Gluon kernel: 8 rows per block up to 8 rows per expert (H200,
+    results/moe_layer_h200.md), and no more K splits than its 128-deep tiles."""
+    from mxkernels.moe_gemm_gluon import BK
+
+    bm = override.get("bm", 8 if per_expert <= 8 else 16)
+    return dataclasses.replace(tiles, gluon=True, bm=bm, split=min(tiles.split, max(1, k // BK)),
+                               maxnreg=override.get("maxnreg"))
 
 
 def moe_gemms(
@@ -234,8 +268,14 @@ def moe_gemms(
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
+    per_expert = rows / max(round(active), 1)
+    gluon = _gluon_decode(dev, per_expert, gate_up, down, override)
+    if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
+        override = {"fma": False, **override}
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
+    if gluon:
+        t_gu, t_dn = _as_gluon(t_gu, per_expert, gate_up.k, override), _as_gluon(t_dn, per_expert, down.k, override)
     sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     if t_gu.split > 1:

@@ -3,20 +3,28 @@
 Triton gives no say over the register layout of a dot operand, so the Triton
 kernel's dequantized weight tile goes through shared memory to reach the MMA,
 which bounds it at 2 to 64 tokens (benchmarks/README.md, ncu). Gluon, Triton's
-layout-explicit dialect, lets a tensor be *born* in the operand layout: here
-every weight element is loaded from its packed word by the thread whose
-``mma.sync`` fragment holds it, split and turned into bf16 in that register,
-and multiplied without shared memory (checked in the sm_90 SASS by
-``tests/test_gluon.py``).
+layout-explicit dialect, lets a tensor be *born* in the operand layout.
 
-Same arguments, grid and results as :func:`mxkernels.moe_gemm.mx_moe_gemm_kernel`
-with SWAP (weights on the MMA's M side, the tokens on N) for layers whose experts
-are bf16 or weight-only integers; the launcher (moe.py, ``Tiles.gluon``) takes
-it only for those, on a GPU (Triton's interpreter does not run Gluon). Codes are
-read as packed (no shuffled layout yet): the words a fragment needs are
-re-read by the threads that share them, from L1. Per K tile the codes minus the
-zero point are exact in bf16 (integers below 256), so the group scale is applied
-once to the tile's MMA result.
+The packed codes need no new layout, because the order of K inside a tile is
+free as long as weights and activations agree on it. Of a 128-deep K tile each
+of the 4 lanes of an ``mma.sync`` m16n8k16 row group takes 32 consecutive k
+(one 16-byte load per row at 4 bits), and the kernel assigns those k to the
+MMA's k slots in the order the codes unpack in: codes t and t + 16/b of a
+word (16 bits apart) fill both halves of one register at once, ``((w >> bt) &
+mask) | 0x43004300`` giving two bf16 128 + q (one instruction per code in the
+sm_90 SASS). The activations are loaded as 32 consecutive k per lane too and
+renamed into the same order: the reshapes and permutes below only rename
+registers (``convert_layout(..., assert_trivial=True)`` proves it at compile
+time), so nothing passes through shared memory.
+
+As in the Triton kernel's decode layout the zero point and scale come after
+the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
+of a tile of ones. A tile never spans two quantization groups, so experts need
+groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
+next tile's codes, scales and activations are loaded before this tile's
+products (loop-carried registers). Same arguments, grid and results as
+:func:`mxkernels.moe_gemm.mx_moe_gemm_kernel` with SWAP, for layers whose
+experts are bf16 or weight-only 1, 2 or 4 bits.
 """
 
 from __future__ import annotations
@@ -25,69 +33,182 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-WARPS = 4  # the MMA layout below: 4 warps along the weight rows (BN = 64, 16 rows per warp)
+WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
+BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
+BK = 128  # 4 lanes x 32 consecutive k
+KERNEL_CODES = 0b10111  # kernel codes it runs: bf16 (0) and weight-only 1, 2 and 4 bits (arena.CODE_WONLY)
+# 128.0 in both bf16 halves: ORed onto two codes 16 bits apart, two bf16 128 + code. Passed as an
+# argument, not a constant, so that it sits in a register and the AND and the OR fuse into one LOP3
+MAGIC = 0x43004300
 _WARPS = gl.constexpr(WARPS)
+_BK = gl.constexpr(BK)
+
+
+def eligible(kernel_mask: int, k: int, min_group: int) -> bool:
+    """Whether a layer's arena can run on this kernel: its codes, and whole groups per K tile."""
+    return not kernel_mask & ~KERNEL_CODES and k % BK == 0 and min_group % BK == 0
+
+
+@gluon.constexpr_function
+def _powers(n, at, rank):
+    """Bases 1, 2, 4 .. n / 2 along dimension ``at`` of a rank-``rank`` tensor."""
+    out, b = [], 1
+    while b < n:
+        out.append([b if d == at else 0 for d in range(rank)])
+        b *= 2
+    return out
+
+
+@gluon.constexpr_function
+def _weight_lanes(bits, bn):
+    """[bn, 4, width]: lane (g, c) of warp w holds rows 16w + g and 16w + g + 8 (+ 16 WARPS for a
+    second MMA tile: the rows of the MMA's A operand) and the whole chunk c: ``width`` 4-byte
+    words of codes, or 32 bf16."""
+    width = 32 if bits == 16 else bits
+    regs = _powers(width, 2, 3) + [[8, 0, 0]] + [[16 * WARPS * t[0], 0, 0] for t in _powers(bn // (16 * WARPS), 0, 3)]
+    warps = [[16 * w[0], 0, 0] for w in _powers(WARPS, 0, 3)]
+    return gl.DistributedLinearLayout(regs, [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warps, [],
+                                      [bn, 4, width])  # fmt: skip
+
+
+@gluon.constexpr_function
+def _pair_stride(bits):
+    """How far apart in a lane's chunk the two k of one register are (``_codes``)."""
+    return 1 if bits == 16 else 16 // bits
+
+
+@gluon.constexpr_function
+def _lane_tokens(bm):
+    """[4, 32, bm]: lane (g, c) holds tokens g (and g + 8) and the 32 k of chunk c, in every warp:
+    the B operand's lanes."""
+    regs = _powers(32, 1, 3) + [[0, 0, 8 * b[2]] for b in _powers(bm // 8, 2, 3)]
+    warps = [[0, 0, 0] for _ in _powers(WARPS, 0, 3)]
+    return gl.DistributedLinearLayout(regs, [[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warps, [],
+                                      [4, 32, bm])  # fmt: skip
 
 
 @gluon.jit
-def _plane(wi_ptr, base, cols, mask_n, kc, K, row_words, P: gl.constexpr):
-    """Codes of one bit plane of width P for the K indices ``kc``, each element from its word."""
-    PER: gl.constexpr = 32 // P
-    words = gl.load(wi_ptr + base + cols[:, None] * row_words + kc[None, :] // PER,
-                    mask=mask_n[:, None] & (kc[None, :] < K), other=0)  # fmt: skip
-    return (words >> ((kc[None, :] % PER) * P)) & ((1 << P) - 1)
+def _k_order(x):
+    """[R, 4 (c), 8 (s), 2 (h), 2 (p)] -> [R, 128]: the MMA's k = 16 s + 8 h + 2 c + p."""
+    x = gl.permute(x, [0, 2, 3, 1, 4])
+    return gl.reshape(x, [x.shape[0], 128])
 
 
 @gluon.jit
-def _wonly_tile(wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, mask_n, cols_o, mask_no, kc, k0, K,
-                BITS: gl.constexpr):  # fmt: skip
-    """(codes - zero) as bf16 in the A-operand layout, and the tile's scale per row (MMA layout)."""
-    if BITS == 3:
-        q = _plane(wi_ptr, w_off, cols, mask_n, kc, K, K * 3 // 32, 2)
-        q = q | (_plane(wi_ptr, w_off + K * 2 // 32, cols, mask_n, kc, K, K * 3 // 32, 1) << 2)
+def _chunk_order(x, PS: gl.constexpr):
+    """[R, 4, 32] with j the k inside a lane's chunk -> [R, 128] in MMA order, where the pair
+    (p) of a register is j and j + PS: j = (u // PS) 2 PS + p PS + u % PS, u = 2 s + h."""
+    x = gl.reshape(x, [x.shape[0], 4, 16 // PS, 2, PS])
+    x = gl.permute(x, [0, 1, 2, 4, 3])
+    return _k_order(gl.reshape(x, [x.shape[0], 4, 8, 2, 2]))
+
+
+@gluon.jit
+def _pairs(w, magic, B: gl.constexpr, T: gl.constexpr, N: gl.constexpr, STEP: gl.constexpr):
+    """Codes T, T + STEP, .. (N of them) of each word, each with its partner 16 bits up, as two
+    bf16 128 + code in an int32: [..., 2, .., 2], the last dimension the lowest bit of the index."""
+    if N == 1:
+        return ((w >> (T * B)) & (((1 << B) - 1) * 0x10001)) | magic
     else:
-        q = _plane(wi_ptr, w_off, cols, mask_n, kc, K, K * BITS // 32, BITS)
-    g = k0 // group  # BK never exceeds the smallest group (pick_tiles): one group per tile
-    ngroups = K // group
-    z = gl.load(zp_ptr + z_off + cols * ngroups + g, mask=mask_n, other=0.0).to(gl.float32)
-    s = gl.load(sc_ptr + s_off + cols_o * ngroups + g, mask=mask_no, other=0.0).to(gl.float32)
-    # a code ORed into the mantissa of 2^7 (2^8 for 8 bits) is 2^7 + code in fp32: no int-to-float
-    # conversion. Codes and zero points are integers below 256, so (code - zero) is exact in bf16
-    if BITS == 8:
-        w = ((q << 15) | 0x43800000).to(gl.float32, bitcast=True) - (z + 256.0)[:, None]
-    else:
-        w = ((q << 16) | 0x43000000).to(gl.float32, bitcast=True) - (z + 128.0)[:, None]
-    return w.to(gl.bfloat16), s
+        return gl.join(_pairs(w, magic, B, T, N // 2, 2 * STEP), _pairs(w, magic, B, T + STEP, N // 2, 2 * STEP))
 
 
 @gluon.jit
-def _tile_product(code, a, wi_ptr, wb_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, mask_n, cols_o,
-                  mask_no, kc, k0, K, CODES: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-    """One K tile's [BN, BM] product for the expert's kernel code (bf16 or weight-only)."""
-    r = gl.zeros([cols.shape[0], a.shape[1]], gl.float32, layout=MMA)
-    if CODES & 1:
-        if code == 0:
-            w = gl.load(wb_ptr + w_off + cols[:, None] * K + kc[None, :],
-                        mask=mask_n[:, None] & (kc[None, :] < K), other=0.0)  # fmt: skip
-            r = mma_v2(w, a, r)
-    for c in gl.static_range(1, 6):  # weight-only 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
-        if CODES & (1 << c):
-            if code == c:
-                w, s = _wonly_tile(wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, mask_n, cols_o, mask_no,
-                                   kc, k0, K, c + 3 * (c == 5))  # fmt: skip
-                r = mma_v2(w, a, r) * s[:, None]
-    return r
+def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr):
+    """[BN, 4, B] words of b-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout,
+    k in the order of ``_chunk_order(.., 16 // B)``."""
+    q = _pairs(words, magic, B, 0, 16 // B, 1)
+    q = gl.join(q.to(gl.int16), (q >> 16).to(gl.int16)).to(gl.bfloat16, bitcast=True)
+    q = gl.reshape(q, [words.shape[0], 4, 8, 2, 2])
+    return gl.convert_layout(_k_order(q), A_OP, assert_trivial=True)
 
 
-@gluon.jit(do_not_specialize=["num_valid", "split"])
+@gluon.jit
+def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
+          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
+          MMA: gl.constexpr):  # fmt: skip
+    """Loads of one K tile (codes or bf16 weights, scale and zero point per row, activations):
+    everything the products need, so the next tile's can be in flight during these. Rows
+    ``rb + r0 ..`` of the expert; past N (a partial tile) they read row N - 1, whose results are
+    never stored, so no load needs a mask."""
+    WL: gl.constexpr = _weight_lanes(BITS, BN)
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))[None, :, None]
+    r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL))), N - 1)[:, None, None]
+    if BITS == 16:
+        j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
+        w = gl.load(wb_ptr + r * K + k0 + c * 32 + j)
+        s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
+        z = s
+    else:
+        i = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
+        w = gl.load(wi_ptr + r * (K // 32 * BITS) + k0 // 32 * BITS + c * BITS + i)
+        s_rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
+        g = s_rows * (K // group) + k0 // group
+        s = gl.load(sc_ptr + g).to(gl.float32)
+        z = gl.load(zp_ptr + g).to(gl.float32) + 128.0
+    XL: gl.constexpr = _lane_tokens(BM)
+    ca = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))[:, None, None]
+    ja = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
+    a = gl.load(a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja)
+    a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), _pair_stride(BITS)), [1, 0])
+    return w, s, z, gl.convert_layout(a, B_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _product(w, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
+    """One tile's [BN, BM] fp32 result: W.a for bf16, s (Q.a - (z + 128) sum(a)) for codes."""
+    r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
+    if BITS == 16:
+        wq = gl.convert_layout(_chunk_order(w, 1), A_OP, assert_trivial=True)
+        return mma_v2(wq, a, r)
+    else:
+        asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
+        return (mma_v2(_codes(w, magic, BITS, A_OP), a, r) - z[:, None] * asum) * s[:, None]
+
+
+@gluon.jit
+def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+            BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
+            B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+    """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP)."""
+    ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
+    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    # an empty split still loads one valid tile (unused), so no load needs a mask
+    k0 = gl.minimum(k_lo, K - _BK)
+    w, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group, BITS, BN,
+                       BM, B_OP, MMA)  # fmt: skip
+    w2, s2, z2 = w, s, z
+    if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
+        w2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K, group,
+                              BITS, BN, BM, B_OP, MMA)  # fmt: skip
+    for k0 in range(k_lo, k_hi, _BK):
+        kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
+        wn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K, group,
+                               BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        w2n, s2n, z2n = wn, sn, zn
+        if GATE_UP:
+            w2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, kn, K,
+                                      group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        acc += _product(w, s, z, a, ones, magic, BITS, A_OP, MMA)
+        if GATE_UP:
+            acc2 += _product(w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
+        w, s, z, a, w2, s2, z2 = wn, sn, zn, an, w2n, s2n, z2n
+    return acc, acc2
+
+
+@gluon.jit(do_not_specialize=["num_valid", "split", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, N, K, num_valid, a_div, split, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-                             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                             PARTIAL: gl.constexpr):  # fmt: skip
+                             zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
+                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
+    # eligible(): K is a multiple of 128, and the activations are contiguous rows of K. Said, so that
+    # a lane's chunk loads 16 bytes at a time
+    K = gl.multiple_of(K, 128)
+    stride_am = gl.multiple_of(stride_am, 128)
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     if pid_m * BM >= gl.load(num_post_pad_ptr):
@@ -95,38 +216,32 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     expert = gl.load(block_expert_ptr + pid_m)
     meta = meta_ptr + expert * 6
     code = gl.load(meta).to(gl.int32)
-    w_off = gl.load(meta + 1)
-    s_off = gl.load(meta + 2)
-    z_off = gl.load(meta + 3)
+    # arena offsets are multiples of 16 elements (build_arena pads)
+    w_off = gl.multiple_of(gl.load(meta + 1), 16)
+    s_off = gl.multiple_of(gl.load(meta + 2), 16)
+    z_off = gl.multiple_of(gl.load(meta + 3), 16)
     group = gl.load(meta + 4).to(gl.int32)
-    a_base = a_ptr + gl.load(meta + 5) * a_rot_off  # the Hadamard-rotated copy, for rotated experts
-    # the same row and column indices in each layout that uses them
-    ids_b = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, B_OP)))
-    rows = gl.where(ids_b < num_valid, ids_b // a_div, 0)
-    mask_m = ids_b < num_valid
-    cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_OP))
-    mask_n = cols < N
-    cols_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    mask_no = cols_o < N
-    kk = gl.arange(0, BK, layout=gl.SliceLayout(0, A_OP))
-    kb = gl.arange(0, BK, layout=gl.SliceLayout(1, B_OP))
-    k_per = gl.cdiv(gl.cdiv(K, BK), split) * BK  # whole BK tiles: a tile keeps one quantization group
+    # the Hadamard-rotated copy, for rotated experts
+    a_base = a_ptr + gl.multiple_of(gl.load(meta + 5) * a_rot_off, 128)
+    # padding token slots read token 0: their results are never stored
+    rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    XL: gl.constexpr = _lane_tokens(BM)
+    ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
+    toks = gl.where(ids_x < num_valid, ids_x // a_div, 0)
+    k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
     k_lo = gl.program_id(2) * k_per
     k_hi = gl.minimum(K, k_lo + k_per)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    for k0 in range(k_lo, k_hi, BK):
-        a = gl.load(a_base + rows[None, :] * stride_am + (k0 + kb)[:, None],
-                    mask=mask_m[None, :] & ((k0 + kb)[:, None] < K), other=0.0)  # fmt: skip
-        acc += _tile_product(code, a, wi_ptr, wb_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, mask_n,
-                             cols_o, mask_no, k0 + kk, k0, K, CODES, MMA)  # fmt: skip
-        if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same A tile
-            acc2 += _tile_product(code, a, wi_ptr, wb_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols + N,
-                                  mask_n, cols_o + N, mask_no, k0 + kk, k0, K, CODES, MMA)  # fmt: skip
+    for c in gl.static_range(0, 5):  # bf16 (code 0) and weight-only 1, 2 and 4 bits
+        if (CODES >> c) & 1 and c != 3:  # w3 (two planes) is not here: eligible()
+            if code == c:
+                acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                    pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic, c + 16 * (c == 0),
+                                    BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
-    mask_mo = ids < num_valid
-    mask = mask_no[:, None] & mask_mo[None, :]
-    out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + cols_o[:, None]
+    mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
+    out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]
     if GATE_UP:
         if PARTIAL:
             gl.store(out, acc, mask=mask)
@@ -137,7 +252,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             u = acc2.to(gl.bfloat16).to(gl.float32)
             gl.store(out, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16), mask=mask)
     else:
-        res = acc * gl.load(route_w_ptr + ids, mask=mask_mo, other=0.0)[None, :]
+        res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
         if PARTIAL:
             gl.store(out, res, mask=mask)
         else:

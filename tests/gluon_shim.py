@@ -33,9 +33,11 @@ def _drop_layout(f):
 class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.language
     constexpr = tl.constexpr
     float32, bfloat16, int16, int32, int64 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64
-    NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = _Layout
+    NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
     zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
+    full = staticmethod(_drop_layout(lambda *a, **k: tl.full(*a, **k)))
+    convert_layout = staticmethod(lambda x, layout, assert_trivial=False: x)
     load = staticmethod(lambda *a, **k: tl.load(*a, **k))
     store = staticmethod(lambda *a, **k: tl.store(*a, **k))
     where = staticmethod(lambda *a, **k: tl.where(*a, **k))
@@ -43,10 +45,15 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     program_id = staticmethod(lambda *a, **k: tl.program_id(*a, **k))
     cdiv = staticmethod(lambda *a, **k: tl.cdiv(*a, **k))
     minimum = staticmethod(lambda *a, **k: tl.minimum(*a, **k))
+    multiple_of = staticmethod(lambda *a, **k: tl.multiple_of(*a, **k))
+    join = staticmethod(lambda *a, **k: tl.join(*a, **k))
+    permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
+    reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
 
 
 class gluon:  # noqa: N801 - stands in for triton.experimental.gluon
     jit = staticmethod(triton.jit)
+    constexpr_function = staticmethod(triton.constexpr_function)
 
 
 def mma_v2(a, b, acc):

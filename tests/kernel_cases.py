@@ -26,14 +26,15 @@ LAYOUTS = {
     "split-uneven": dict(swap=True, scale_after=True, split=3, bk=32),
     "split-unswapped": dict(swap=False, scale_after=True, split=4, bk=32),
     # CUDA-core products (decode: a row per program), unsplit and split
-    "fma": dict(swap=True, scale_after=True, fma=True, bm=1, split=1),
-    "fma-split": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32),
+    "fma": dict(swap=True, scale_after=True, fma=True, bm=1, split=1, prefetch=False),
+    "fma-split": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=False),
     # the next K tile loaded before this one's products; split 3 over 4 tiles leaves a split empty
     "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
 }
-# the experimental Gluon kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs
+# the experimental Gluon kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs: groups of whole
+# 128s (w4a16, w2a16: one group per row)
 GLUON = dict(swap=True, scale_after=False, fma=False, gluon=True, maxnreg=None)
-WEIGHT_ONLY = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16"]
+GLUON_SCHEMES = ["bf16", "w4a16g128", "w2a16g128", "w1a16g128", "w4a16", "w2a16"]
 
 
 def make_experts(names: list[str], h: int, i: int, n_experts: int, n_shared: int, method: str, gen, device):

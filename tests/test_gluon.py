@@ -11,7 +11,7 @@ import re
 import subprocess
 
 import pytest
-from kernel_cases import GLUON, WEIGHT_ONLY, gemm_errors
+from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
@@ -29,10 +29,11 @@ def _sass(gate_up: bool) -> str:
 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # bf16, w2 and w4 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b10101, "BM": 16, "BN": 64, "BK": 64, "PARTIAL": not gate_up}
+    consts = {"GATE_UP": gate_up, "CODES": 0b10101, "BN": 64, "BM": 16, "PARTIAL": not gate_up}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
+    aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
-                         {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in POINTERS})
+                         {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
     cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}).asm["cubin"]
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
@@ -50,9 +51,13 @@ def _sass(gate_up: bool) -> str:
 def test_gluon_kernel_feeds_the_mma_from_registers(gate_up):
     sass = _sass(gate_up)
     assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", sass), "no bf16 mma.sync in the kernel"
-    # no shared-memory traffic at all: the weight (and token) tiles are loaded into MMA fragments
+    # no shared-memory traffic at all: codes and activations are loaded into MMA fragments
     for op in ("LDS", "STS", "LDSM", "LDGSTS"):
         assert not re.search(rf"\b{op}\b", sass), op
+    # a lane's 32 k of a row (codes) or of a token (activations) arrive 16 bytes at a time: no
+    # load of one code word or one activation
+    assert len(re.findall(r"\bLDG\.E\.128\b", sass)) >= 8
+    assert not re.search(r"\bLDG\.E\.U16\b.*\bR\d+\.64\+0x", sass), "activations loaded one by one"
 
 
 BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)
@@ -70,26 +75,20 @@ def interpreted_gluon(monkeypatch):
 
 
 @pytest.mark.parametrize("split", [1, 3])
-def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split):
-    # every scheme the kernel has, mixed; 18 routed experts, half of them empty; split 3 over K 128 in
-    # BK 32 tiles leaves one split empty
-    errs = gemm_errors(WEIGHT_ONLY, 24, 128, 128, 18, 1, 2, "cpu", seed=11, bk=32, split=split, **GLUON)
-    assert {key.split("/")[0] for key in errs} == set(WEIGHT_ONLY), errs.keys()
+@pytest.mark.parametrize("bm, bn", [(16, 64), (8, 64), (8, 128)])
+def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn):
+    # every scheme the kernel has, mixed; 18 routed experts, half of them empty. H = I = 256: two K tiles
+    # of each GEMM, so split 3 leaves one split empty
+    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn, **GLUON)
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
-        assert e < BOUND, (key, e)
-
-
-def test_gluon_kernel_arithmetic_odd_sizes(interpreted_gluon):
-    # H = 160, I = 96: K not a multiple of the tiles, N not of BN; groups of 32
-    names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16"]
-    for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cpu", seed=3, bk=32, split=2, **GLUON).items():
         assert e < BOUND, (key, e)
 
 
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
     # gptq-had: the quantized experts read the Hadamard-rotated copy of their input, bf16 ones the plain one
     errs = gemm_errors(["bf16", "w4a16g128", "w2a16g128"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had",
-                       bk=32, split=2, **GLUON)  # fmt: skip
+                       split=2, **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == {"bf16", "w4a16g128", "w2a16g128"}, errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
@@ -98,9 +97,49 @@ def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
 def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):
     from mxkernels import moe
 
-    with pytest.raises(ValueError, match="bf16 and weight-only"):  # fp8 experts have no Gluon path
-        gemm_errors(["w4a16g128", "w8a8fp8"], 4, 128, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)
+    # fp8 and 3-bit experts have no Gluon path; groups of 32 would put 4 groups in one K tile; K = 160
+    # is not a whole number of tiles
+    for names, h in ((["w4a16g128", "w8a8fp8"], 128), (["w3a16g128"], 128), (["w4a16g32"], 128), (["bf16"], 160)):
+        with pytest.raises(ValueError, match="1, 2 and 4-bit experts with groups of whole 128s"):
+            gemm_errors(names, 4, h, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)
     monkeypatch.undo()  # the real kernel again: Triton's interpreter does not run Gluon
     assert moe.INTERPRET
     with pytest.raises(ValueError, match="interpreter"):
         gemm_errors(["w4a16g128"], 4, 128, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)
+
+
+def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mxkernels import moe
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not moe._runs_gluon(cpu)
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: dev.type == "cuda")  # as on an sm_80+ GPU
+
+    def arena(mask, k, group=128):
+        return SimpleNamespace(kernel_mask=mask, codes_mask=mask, k=k, min_group=group)
+
+    w4, w4_down = arena(0b10000, 2048), arena(0b10101, 1408)
+    assert moe._gluon_decode(cuda, 3.0, w4, w4_down, {})  # Qwen1.5 at 16 tokens: about 3 rows per expert
+    assert moe._gluon_decode(cuda, 1.39, w4, w4_down, {})  # and at 2 tokens
+    assert not moe._gluon_decode(cpu, 3.0, w4, w4_down, {})  # Triton's interpreter does not run Gluon
+    assert not moe._gluon_decode(cuda, 1.0, w4, w4_down, {})  # one row: CUDA-core products
+    assert not moe._gluon_decode(cuda, 40.0, w4, w4_down, {})  # prefill
+    # both GEMMs or neither (they share the block): not with a 3-bit expert or groups of 32
+    assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b11000, 1408), {})
+    assert not moe._gluon_decode(cuda, 3.0, arena(0b10000, 2048, 32), w4_down, {})
+    assert not moe._gluon_decode(cuda, 3.0, arena(0b1, 2048), arena(0b1, 1408), {})  # all bf16: SGLang's rounding
+    for forced in ({"fma": True}, {"swap": False}, {"gluon": False}, {"gluon": True}):
+        assert not moe._gluon_decode(cuda, 3.0, w4, w4_down, forced), forced
+    monkeypatch.setattr(moe, "GLUON_DECODE", False)
+    assert not moe._gluon_decode(cuda, 3.0, w4, w4_down, {})
+    # 8 rows per block up to 8 rows per expert, and no more splits than 128-deep K tiles
+    decode = moe.pick_tiles(128, 44, 128, 1408, 2048, 0b10000, 132, fma=False)
+    assert moe._as_gluon(decode, 2.9, 2048, {}).bm == 8
+    assert moe._as_gluon(decode, 12.0, 2048, {}).bm == 16
+    assert moe._as_gluon(decode, 2.9, 2048, {"bm": 16}).bm == 16
+    many = moe.pick_tiles(8, 2, 128, 1408, 2048, 0b10000, 132, fma=False)
+    assert many.split == 8 and moe._as_gluon(many, 4.0, 256, {}).split == 2

@@ -7,7 +7,7 @@ operands (1e-3..1e-2), fp8 included now that it runs on tensor cores.
 
 import pytest
 import torch
-from kernel_cases import GLUON, LAYOUTS, WEIGHT_ONLY, bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import GLUON, GLUON_SCHEMES, LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,19 +40,45 @@ def test_gemms_odd_sizes_decode_layouts(layout):
 
 
 @pytest.mark.parametrize("split", [1, 3])
-def test_gluon_kernel_real_shapes(split):
-    # the experimental Gluon kernel (weights into MMA registers): the schemes it runs, mixed
-    errs = gemm_errors(WEIGHT_ONLY, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, **GLUON)
-    assert {key.split("/")[0] for key in errs} == set(WEIGHT_ONLY), errs.keys()
+@pytest.mark.parametrize("bm, bn", [(16, 64), (8, 64), (8, 128)])
+def test_gluon_kernel_real_shapes(split, bm, bn):
+    # the Gluon kernel (weights into MMA registers): the schemes it runs, mixed; BN 128: two MMA tiles per warp
+    errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, bm=bm, bn=bn,
+                       **GLUON)  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < 2e-2, (key, split, e)
 
 
-def test_gluon_kernel_odd_sizes():
-    # H = 160, I = 96: K not a multiple of 128 and N not of BN; groups of 32
-    names = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16"]
-    for key, e in gemm_errors(names, 35, 160, 96, 8, 1, 2, "cuda", seed=3, bk=32, split=2, **GLUON).items():
+def test_gluon_kernel_rotated_inputs_and_one_token():
+    # gptq-had experts read the rotated copy; one token per launch, as at decode
+    names = ["bf16", "w4a16g128", "w2a16g128"]
+    for t in (1, 5):
+        errs = gemm_errors(names, t, 1024, 512, 8, 1, 2, "cuda", seed=t, method="gptq-had", split=2, bm=8, **GLUON)
+        assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
+        for key, e in errs.items():
+            assert e < 2e-2, (key, t, e)
+
+
+def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
+    from mxkernels import moe
+
+    blocks = []
+    real = moe._gemm_gluon
+
+    def spy(*args):
+        blocks.append(args[-2].bm)  # the launch's Tiles
+        return real(*args)
+
+    monkeypatch.setattr(moe, "_gemm_gluon", spy)
+    # about 7 rows per active expert: the decode layout, 8 rows per block
+    errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)
+    assert blocks == [8, 8]
+    for key, e in errs.items():
         assert e < 2e-2, (key, e)
+    blocks.clear()
+    gemm_errors(["w4a16g128", "w3a16g128"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)  # w3: the Triton kernel
+    assert blocks == []
 
 
 def test_whole_layer_real_shapes():

@@ -28,7 +28,8 @@ from mxkernels import moe
 from mxkernels.arena import build_arena
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import plan_kernel_codes
-from mxserve.runtime.precompile import DECODE_BATCHES, _stand_in, compile_variants, plan_layers, record_variants
+from mxserve.runtime.precompile import (DECODE_BATCHES, KERNELS, LayerKernels, _stand_in, compile_variants,
+                                        plan_layers, record_variants)
 
 plan = Plan.load(sys.argv[1])
 views = [SimpleNamespace(index=x.layer, hidden=256, intermediate=256, n_routed=16, top_k=2) for x in plan.layers]
@@ -41,26 +42,35 @@ for name, model_codes, every_int in (("per-layer", 0, True), ("levers", codes, F
         rec = record_variants(lays, DECODE_BATCHES, target, 132, model_codes, specialize_all=every_int)
         out[f"{name}/{scope}"] = rec.count()
 
-# precompiled (two processes, as `mxserve launch` does) into one cache ...
-pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
-os.environ["TRITON_CACHE_DIR"] = pre
-variants = record_variants(layers[:1], [2], target, 132, codes).all()
-compile_variants(variants, target, 2)
-# ... and what Triton's own launch path (JITFunction.run, compile-only launches) compiles into
-# another, for the same layer
-os.environ["TRITON_CACHE_DIR"] = jit
-lay = layers[0]
-with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
-        mock.patch.object(moe, "tile_table", lambda dev: None):
-    blocks = {}
-    gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
-    dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
-    for arena, names in ((gu, lay.gate_up), (dn, lay.down)):
-        arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
-    moe.mx_moe_forward(torch.randn(2, 256).bfloat16(), torch.randint(0, 16, (2, 2)), torch.rand(2, 2), gu, dn, 16,
-                       torch.rand(2, 1))
-out["variants"] = len(variants)
-out["entries"] = [sorted(os.listdir(d)) for d in (pre, jit)]
+def compare(lay, t, codes):
+    # precompiled (two processes, as `mxserve launch` does) into one cache ...
+    pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
+    os.environ["TRITON_CACHE_DIR"] = pre
+    variants = record_variants([lay], [t], target, 132, codes).all()
+    compile_variants(variants, target, 2)
+    # ... and what Triton's own launch path (JITFunction.run, compile-only launches) compiles into
+    # another, for the same layer, as on an sm_90 GPU
+    os.environ["TRITON_CACHE_DIR"] = jit
+    for kernel in KERNELS.values():  # what an earlier case's launches compiled is in memory, not in this cache
+        kernel.device_caches.clear()
+    with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
+            mock.patch.object(moe, "tile_table", lambda dev: None), \
+            mock.patch.object(moe, "_runs_gluon", lambda d: True):
+        blocks = {}
+        gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
+        dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
+        for arena, names in ((gu, lay.gate_up), (dn, lay.down)):
+            arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
+        moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
+                           16, torch.rand(t, 1))
+    return {"variants": len(variants), "kernels": sorted({v.kernel for v in variants}),
+            "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
+
+
+out["plan"] = compare(layers[0], 2, codes)
+# a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches
+both = ("w4a16g128", "w2a16g128") * 9
+out["gluon"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
 print(json.dumps(out))
 """
 
@@ -79,10 +89,13 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["gemm"] < out["per-layer/all"]["gemm"]
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
-    # every kernel it launches already compiled
-    precompiled, launched = out["entries"]
-    assert len(precompiled) >= out["variants"] >= 3
-    assert launched == precompiled
+    # every kernel it launches already compiled, the Gluon kernel's included
+    for case in ("plan", "gluon"):
+        precompiled, launched = out[case]["entries"]
+        assert len(precompiled) >= out[case]["variants"] >= 3, case
+        assert launched == precompiled, case
+    assert "gemm_gluon" not in out["plan"]["kernels"]  # 3- and 8-bit experts: the Triton kernel
+    assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
 
 
 def test_plan_layers_per_rank():

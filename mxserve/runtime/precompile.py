@@ -25,13 +25,14 @@ from unittest import mock
 
 import torch
 
-from mxkernels import align, combine, moe, moe_gemm
+from mxkernels import align, combine, moe, moe_gemm, moe_gemm_gluon
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import get_scheme
 
 KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
-           "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel}  # fmt: skip
+           "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel,
+           "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel}  # fmt: skip
 DECODE_BATCHES = [1, 2, 4, 8, *range(16, 257, 8)]  # SGLang's default CUDA-graph batch sizes
 PREFILL_TOKENS = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
                   *range(1280, 4097, 256), *range(4608, 8193, 512)]  # fmt: skip
@@ -60,8 +61,10 @@ class Variant:
 
     @property
     def decode(self) -> bool:
-        """A decode-layout GEMM (weights on the MMA's M side)."""
-        return bool(self.constexprs.get((self.names().index("SWAP"),), False))
+        """A decode-layout GEMM (weights on the MMA's M side; the Gluon kernel has no other)."""
+        if self.kernel == "gemm_gluon":
+            return True
+        return "SWAP" in self.signature and bool(self.constexprs.get((self.names().index("SWAP"),), False))
 
     def names(self) -> list[str]:
         return list(self.signature)
@@ -132,8 +135,12 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
     rec = Recorder(target, specialize_all)
     tokens = list(tokens)
     cache: dict = {}
+    # the launch path as on that GPU: its multiprocessors, its tile table, and the Gluon kernel's
+    # decode launches (recorded like the others, not run)
     patches = [*rec.patches(), mock.patch.object(moe, "multiprocessors", lambda dev: sms),
-               mock.patch.object(moe, "tile_table", lambda dev: table)]  # fmt: skip
+               mock.patch.object(moe, "tile_table", lambda dev: table),
+               mock.patch.object(moe, "_runs_gluon", lambda dev: target.arch >= 80),
+               mock.patch.object(moe, "_gluon_kernel", lambda: moe_gemm_gluon.mx_moe_gemm_gluon_kernel)]  # fmt: skip
     for p in patches:
         p.start()
     try:
@@ -160,9 +167,11 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
 def _compile(v: Variant, target) -> tuple[float, bytes]:
     import triton
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     t0 = time.perf_counter()
-    c = triton.compile(ASTSource(KERNELS[v.kernel], v.signature, v.constexprs, v.attrs), target=target,
+    source = GluonASTSource if v.kernel == "gemm_gluon" else ASTSource  # as each kernel's own launch builds it
+    c = triton.compile(source(KERNELS[v.kernel], v.signature, v.constexprs, v.attrs), target=target,
                        options=v.options)  # fmt: skip
     return time.perf_counter() - t0, c.asm["cubin"]
 
