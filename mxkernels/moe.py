@@ -130,8 +130,10 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when ``tiles.split`` > 1."""
     a_all, rot_off = _rotated_input(a, arena)
-    amax = torch.ones(1, device=a.device)
-    a8 = torch.zeros(1, dtype=torch.float8_e4m3fn, device=a.device)
+    # placeholders, read only by the branches of codes that quantize activations: empty, since a
+    # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
+    amax = torch.empty(1, device=a.device)
+    a8 = torch.empty(1, dtype=torch.float8_e4m3fn, device=a.device)
     if arena.codes_mask & _ACT_QUANT_CODES:
         amax = a_all.abs().amax(dim=-1).float()  # per-token scales, one pass
     if arena.codes_mask & (1 << CODE_FP8):
@@ -202,6 +204,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     if not eligible(arena.kernel_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
         raise ValueError("the Gluon kernel runs bf16 and weight-only 1, 2 and 4-bit experts with groups of whole "
                          "128s, K a multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
+    if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
+        a_all = a_all.contiguous()
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
