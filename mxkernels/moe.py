@@ -197,10 +197,10 @@ def _gluon_kernel():
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
-    """_gemm on the Gluon kernel (experimental: bf16 and weight-only 1, 2 and 4-bit experts)."""
+    """_gemm on the Gluon kernel (bf16 and weight-only 1, 2 and 4-bit experts, groups of whole 128s)."""
     from mxkernels.moe_gemm_gluon import BN, MAGIC, WARPS, eligible
 
-    bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN
+    bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
     if not eligible(arena.kernel_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
         raise ValueError("the Gluon kernel runs bf16 and weight-only 1, 2 and 4-bit experts with groups of whole "
                          "128s, K a multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
@@ -236,7 +236,7 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
 
 def _as_gluon(tiles: Tiles, per_expert: float, k: int, override: dict) -> Tiles:
     """The decode tiles on the Gluon kernel: 8 rows per block up to 8 rows per expert (H200,
-    results/moe_layer_h200.md), and no more K splits than its 128-deep tiles."""
+    results/moe_layer_h200_gluon.md), and no more K splits than its 128-deep tiles."""
     from mxkernels.moe_gemm_gluon import BK
 
     bm = override.get("bm", 8 if per_expert <= 8 else 16)

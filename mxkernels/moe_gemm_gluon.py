@@ -1,4 +1,4 @@
-"""The decode grouped GEMM with weights loaded straight into MMA registers (Gluon), experimental.
+"""The decode grouped GEMM with weights loaded straight into MMA registers (Gluon).
 
 Triton gives no say over the register layout of a dot operand, so the Triton
 kernel's dequantized weight tile goes through shared memory to reach the MMA,
@@ -22,9 +22,10 @@ the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
 of a tile of ones. A tile never spans two quantization groups, so experts need
 groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
 next tile's codes, scales and activations are loaded before this tile's
-products (loop-carried registers). Same arguments, grid and results as
-:func:`mxkernels.moe_gemm.mx_moe_gemm_kernel` with SWAP, for layers whose
-experts are bf16 or weight-only 1, 2 or 4 bits.
+products (loop-carried registers). Same grid, routing arguments and results
+as :func:`mxkernels.moe_gemm.mx_moe_gemm_kernel` with SWAP, for layers whose
+experts are bf16 or weight-only 1, 2 or 4 bits (the launch takes it for
+decode where a layer allows: mxkernels/moe.py, ``_gluon_decode``).
 """
 
 from __future__ import annotations

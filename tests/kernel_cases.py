@@ -31,7 +31,7 @@ LAYOUTS = {
     # the next K tile loaded before this one's products; split 3 over 4 tiles leaves a split empty
     "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
 }
-# the experimental Gluon kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs: groups of whole
+# the Gluon decode kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs: groups of whole
 # 128s (w4a16, w2a16: one group per row)
 GLUON = dict(swap=True, scale_after=False, fma=False, gluon=True, maxnreg=None)
 GLUON_SCHEMES = ["bf16", "w4a16g128", "w2a16g128", "w1a16g128", "w4a16", "w2a16"]

@@ -1,4 +1,4 @@
-"""The experimental Gluon decode kernel (mxkernels/moe_gemm_gluon.py) on a machine without a GPU.
+"""The Gluon decode kernel (mxkernels/moe_gemm_gluon.py) on a machine without a GPU.
 
 Triton's interpreter does not run Gluon. So here the kernel is compiled for sm_90 and its SASS is
 read (the point of the kernel is that the weights reach the MMA without shared memory), and its
