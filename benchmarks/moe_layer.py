@@ -208,6 +208,8 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, BM 8, unsplit": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "split": 1},
     "Gluon, BM 8, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8},
     "Gluon, BM 8, BN 128": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 128},
+    "Gluon, BM 8, ring 3": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "ring": 3},
+    "Gluon, BM 8, ring 4": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "ring": 4},
 }
 # the uniform 4-bit layer, Marlin's format, on the Gluon kernel too: the same bytes as Marlin reads
 GLUON_VARIANTS = {label: ov for label, ov in DECODE_VARIANTS.items() if "Gluon" in label}

@@ -32,7 +32,10 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+# cp.async from global to shared memory: async_load from Triton 3.7 on, which removed the older name
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
@@ -70,6 +73,17 @@ def _weight_lanes(bits, bn):
     warps = [[16 * w[0], 0, 0] for w in _powers(WARPS, 0, 3)]
     return gl.DistributedLinearLayout(regs, [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warps, [],
                                       [bn, 4, width])  # fmt: skip
+
+
+@gluon.constexpr_function
+def _weight_dtype(bits):
+    return gl.bfloat16 if bits == 16 else gl.int32
+
+
+@gluon.constexpr_function
+def _ring_shape(stages, bits, bn):
+    """The weight ring of _expert_ring: ``stages`` tiles in the lanes' layout."""
+    return [stages, bn, 4, 32 if bits == 16 else bits]
 
 
 @gluon.constexpr_function
@@ -125,34 +139,53 @@ def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr):
 
 
 @gluon.jit
-def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
-          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
-          MMA: gl.constexpr):  # fmt: skip
-    """Loads of one K tile (codes or bf16 weights, scale and zero point per row, activations):
-    everything the products need, so the next tile's can be in flight during these. Rows
-    ``rb + r0 ..`` of the expert; past N (a partial tile) they read row N - 1, whose results are
-    never stored, so no load needs a mask."""
+def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr):
+    """One K tile's codes (or bf16 weights) of rows ``rb + r0 ..``, in the lanes' layout. Rows past
+    N (a partial tile) read row N - 1, whose results are never stored, so no load needs a mask."""
     WL: gl.constexpr = _weight_lanes(BITS, BN)
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))[None, :, None]
     r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL))), N - 1)[:, None, None]
     if BITS == 16:
         j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
-        w = gl.load(wb_ptr + r * K + k0 + c * 32 + j)
-        s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
-        z = s
+        return wb_ptr + r * K + k0 + c * 32 + j
     else:
         i = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
-        w = gl.load(wi_ptr + r * (K // 32 * BITS) + k0 // 32 * BITS + c * BITS + i)
-        s_rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
-        g = s_rows * (K // group) + k0 // group
-        s = gl.load(sc_ptr + g).to(gl.float32)
-        z = gl.load(zp_ptr + g).to(gl.float32) + 128.0
+        return wi_ptr + r * (K // 32 * BITS) + k0 // 32 * BITS + c * BITS + i
+
+
+@gluon.jit
+def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.constexpr, MMA: gl.constexpr):
+    """One K tile's scale and zero point + 128 per row (1 and 0 for bf16)."""
+    if BITS == 16:
+        s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
+        return s, s
+    else:
+        rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
+        g = rows * (K // group) + k0 // group
+        return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + 128.0
+
+
+@gluon.jit
+def _acts(a_base, toks, stride_am, k0, BITS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr):
+    """One K tile's activations of the block's tokens, in the B operand's layout and the k order
+    of the codes of BITS."""
     XL: gl.constexpr = _lane_tokens(BM)
     ca = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))[:, None, None]
     ja = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
     a = gl.load(a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja)
     a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), _pair_stride(BITS)), [1, 0])
-    return w, s, z, gl.convert_layout(a, B_OP, assert_trivial=True)
+    return gl.convert_layout(a, B_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
+          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
+          MMA: gl.constexpr):  # fmt: skip
+    """Loads of one K tile (weights, scales, activations): everything the products need, so the
+    next tile's can be in flight during these."""
+    w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
+    s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
+    return w, s, z, _acts(a_base, toks, stride_am, k0, BITS, BM, B_OP)
 
 
 @gluon.jit
@@ -171,7 +204,8 @@ def _product(w, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MM
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-    """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP)."""
+    """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
+    tile's loads in registers while this tile's products run."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -197,12 +231,71 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
         w, s, z, a, w2, s2, z2 = wn, sn, zn, an, w2n, s2n, z2n
     return acc, acc2
 
+@gluon.jit
+def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+                 BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, RING: gl.constexpr,
+                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+    """_expert with the weights RING - 1 tiles ahead, in flight in shared memory (cp.async), as
+    Marlin keeps its bytes in flight, where registers would cost occupancy. Each lane copies and
+    reads back only its own bytes, so the ring needs no barrier; a slot is refilled one iteration
+    after it was read, whose values the products have used by then. Scales and activations (L1
+    and L2 hits after the first tile) stay one tile ahead in registers."""
+    WL: gl.constexpr = _weight_lanes(BITS, BN)
+    SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # a slot: a lane's words contiguous
+    ring = gl.allocate_shared_memory(_weight_dtype(BITS), _ring_shape(RING, BITS, BN), SL)
+    ring2 = ring
+    if GATE_UP:
+        ring2 = gl.allocate_shared_memory(_weight_dtype(BITS), _ring_shape(RING, BITS, BN), SL)
+    ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
+    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    k_end = gl.minimum(k_hi, K) - _BK  # past it the ring loads the last tile again (unused)
+    if k_end < k_lo:  # an empty split: one valid tile, unused
+        k_end = K - _BK
+    for t in gl.static_range(RING - 1):
+        kt = gl.minimum(k_lo + t * _BK, k_end)
+        _async_load(ring.index(t), _weight_ptrs(wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN))
+        if GATE_UP:
+            _async_load(ring2.index(t), _weight_ptrs(wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN))
+        async_copy.commit_group()
+    k0 = gl.minimum(k_lo, k_end)
+    s, z = _scales(sc_ptr, zp_ptr, 0, r0, N, k0, K, group, BITS, BN, MMA)
+    s2, z2 = s, z
+    if GATE_UP:
+        s2, z2 = _scales(sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN, MMA)
+    a = _acts(a_base, toks, stride_am, k0, BITS, BM, B_OP)
+    for k0 in range(k_lo, k_hi, _BK):
+        i = (k0 - k_lo) // _BK
+        async_copy.wait_group(RING - 2)  # this tile's copies (group i) have landed
+        w = ring.index(i % RING).load(WL)
+        w2 = w
+        if GATE_UP:
+            w2 = ring2.index(i % RING).load(WL)
+        kt = gl.minimum(k0 + (RING - 1) * _BK, k_end)
+        _async_load(ring.index((i + RING - 1) % RING), _weight_ptrs(wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN))
+        if GATE_UP:
+            _async_load(ring2.index((i + RING - 1) % RING), _weight_ptrs(wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN))
+        async_copy.commit_group()
+        kn = gl.minimum(k0 + _BK, k_end)
+        sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN, MMA)
+        s2n, z2n = sn, zn
+        if GATE_UP:
+            s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
+        an = _acts(a_base, toks, stride_am, kn, BITS, BM, B_OP)
+        acc += _product(w, s, z, a, ones, magic, BITS, A_OP, MMA)
+        if GATE_UP:
+            acc2 += _product(w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
+        s, z, s2, z2, a = sn, zn, s2n, z2n, an
+    async_copy.wait_group(0)  # nothing in flight into a ring that is about to be freed
+    return acc, acc2
+
 
 @gluon.jit(do_not_specialize=["num_valid", "split", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
+                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
+                             RING: gl.constexpr = 0):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -237,9 +330,14 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     for c in gl.static_range(0, 5):  # bf16 (code 0) and weight-only 1, 2 and 4 bits
         if (CODES >> c) & 1 and c != 3:  # w3 (two planes) is not here: eligible()
             if code == c:
-                acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                    pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic, c + 16 * (c == 0),
-                                    BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
+                if RING > 1:
+                    acc, acc2 = _expert_ring(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                             pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+                                             c + 16 * (c == 0), BN, BM, GATE_UP, RING, A_OP, B_OP, MMA)  # fmt: skip
+                else:
+                    acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                        pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+                                        c + 16 * (c == 0), BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
     out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]

@@ -20,7 +20,7 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
 
 
-def _sass(gate_up: bool) -> str:
+def _sass(gate_up: bool, ring: int = 0) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -29,7 +29,7 @@ def _sass(gate_up: bool) -> str:
 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # bf16, w2 and w4 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b10101, "BN": 64, "BM": 16, "PARTIAL": not gate_up}
+    consts = {"GATE_UP": gate_up, "CODES": 0b10101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "RING": ring}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -38,7 +38,7 @@ def _sass(gate_up: bool) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{int(gate_up)}.cubin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{int(gate_up)}_{ring}.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
     try:
@@ -60,6 +60,19 @@ def test_gluon_kernel_feeds_the_mma_from_registers(gate_up):
     assert not re.search(r"\bLDG\.E\.U16\b.*\bR\d+\.64\+0x", sass), "activations loaded one by one"
 
 
+@pytest.mark.parametrize("gate_up", [True, False])
+def test_gluon_kernel_ring_keeps_weights_in_flight_through_shared_memory(gate_up):
+    sass = _sass(gate_up, ring=4)
+    assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", sass)
+    # the code words: 16-byte async copies into the ring and 16-byte reads of a lane's own bytes back;
+    # nothing is converted through shared memory (no register stores, no ldmatrix)
+    assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", sass), "no 16-byte cp.async"
+    assert re.search(r"\bLDS\.128\b", sass), "no 16-byte read back from the ring"
+    for op in ("STS", "LDSM"):
+        assert not re.search(rf"\b{op}\b", sass), op
+    assert re.search(r"\bDEPBAR\b|\bLDGDEPBAR\b", sass), "no wait on the copy groups"
+
+
 BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)
 
 
@@ -75,12 +88,24 @@ def interpreted_gluon(monkeypatch):
 
 
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("bm, bn", [(16, 64), (8, 64), (8, 128)])
-def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn):
+@pytest.mark.parametrize("bm, bn, ring", [(16, 64, 0), (8, 64, 0), (8, 128, 0), (8, 64, 3)])
+def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn, ring):
     # every scheme the kernel has, mixed; 18 routed experts, half of them empty. H = I = 256: two K tiles
-    # of each GEMM, so split 3 leaves one split empty
-    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn, **GLUON)
+    # of each GEMM, so split 3 leaves one split empty; a ring of 3 slots over 2 tiles refills past the end
+    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn, ring=ring,
+                       **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+@pytest.mark.parametrize("ring", [2, 3])
+def test_gluon_kernel_ring_wraps_around_in_the_interpreter(interpreted_gluon, ring):
+    # the weights through a cp.async ring: K 512 (gate/up) and 384 (down) are 4 and 3 tiles, so the
+    # slots are read and refilled around the ring, and its last refills run past the end
+    names = ["w4a16g128", "w2a16g128", "bf16"]
+    errs = gemm_errors(names, 12, 512, 384, 6, 1, 2, "cpu", seed=4, split=1, bm=8, ring=ring, **GLUON)
+    assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 

@@ -40,10 +40,11 @@ def test_gemms_odd_sizes_decode_layouts(layout):
 
 
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("bm, bn", [(16, 64), (8, 64), (8, 128)])
-def test_gluon_kernel_real_shapes(split, bm, bn):
-    # the Gluon kernel (weights into MMA registers): the schemes it runs, mixed; BN 128: two MMA tiles per warp
-    errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, bm=bm, bn=bn,
+@pytest.mark.parametrize("bm, bn, ring", [(16, 64, 0), (8, 64, 0), (8, 128, 0), (8, 64, 4)])
+def test_gluon_kernel_real_shapes(split, bm, bn, ring):
+    # the Gluon kernel (weights into MMA registers): the schemes it runs, mixed; BN 128: two MMA tiles per
+    # warp; ring 4: the weights through a cp.async ring in shared memory
+    errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, bm=bm, bn=bn, ring=ring,
                        **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
