@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,10 @@ DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
 FMA_ROWS = 1.4
 WAVES = 4  # decode: split K until about this many programs per multiprocessor
 # decode on the Gluon kernel where a layer's schemes allow (moe_gemm_gluon.eligible), above this many
-# rows per expert: on the H200 it took 0.55 to 0.8x the Triton MMA layout's time and beat the CUDA-core
-# products from 2 tokens on (1.2 to 1.4 rows), tied at 1.06 and lost at one row (benchmarks/README.md)
-GLUON_DECODE = True
+# rows per expert: on the H200 it took 0.5 to 0.7x the Triton MMA layout's time and beat the CUDA-core
+# products from 2 tokens on (1.2 to 1.4 rows), tied at 1.06 and lost at one row (benchmarks/README.md).
+# MXSERVE_GLUON=0 keeps every layer on the Triton kernel
+GLUON_DECODE = os.environ.get("MXSERVE_GLUON", "1") != "0"
 GLUON_ROWS = 1.1
 
 
