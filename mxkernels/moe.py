@@ -200,20 +200,23 @@ def _gluon_kernel():
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
-    """_gemm on the Gluon kernel (bf16 and weight-only 1, 2 and 4-bit experts, groups of whole 128s)."""
-    from mxkernels.moe_gemm_gluon import BN, MAGIC, WARPS, eligible
+    """_gemm on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). It compiles
+    the branches of the arena's extra codes that it has (one variant per model, as the Triton
+    kernel) and needs none of the others: no expert of the arena uses them."""
+    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, WARPS, eligible
 
     bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
-    if not eligible(arena.kernel_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
-        raise ValueError("the Gluon kernel runs bf16 and weight-only 1, 2 and 4-bit experts with groups of whole "
-                         "128s, K a multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
+    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
+        raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
+                         "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
-        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=arena.kernel_mask, BN=bn, BM=tiles.bm,
+        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=arena.kernel_mask & KERNEL_CODES, BN=bn,
+        BM=tiles.bm,
         PARTIAL=tiles.split > 1, RING=tiles.ring, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
@@ -227,15 +230,17 @@ def _runs_gluon(dev: torch.device) -> bool:
 
 def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict) -> bool:
     """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS to DECODE_ROWS
-    rows per expert, for layers whose both arenas it runs (the alignment's block is shared by the
-    two GEMMs) and that are not all bf16 (those keep SGLang's rounding: pick_tiles), unless
-    ``override`` asks for another layout."""
-    from mxkernels.moe_gemm_gluon import eligible
+    rows per expert, for layers whose both arenas' experts (a slab's: every candidate) it runs (the
+    alignment's block is shared by the two GEMMs) and that are not all bf16 (those keep SGLang's
+    rounding: pick_tiles), unless ``override`` asks for another layout. Only the schemes timed on a
+    GPU (MEASURED_CODES): 3- and 8-bit experts run on it when asked (``gluon=True``), not by
+    default yet."""
+    from mxkernels.moe_gemm_gluon import MEASURED_CODES, eligible
 
     return (GLUON_DECODE and _runs_gluon(dev) and GLUON_ROWS < per_expert <= DECODE_ROWS
             and override.get("swap", True) and not override.get("fma") and "gluon" not in override
             and (gate_up.codes_mask | down.codes_mask) != 1
-            and all(eligible(a.kernel_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
+            and all(eligible(a.codes_mask, a.k, a.min_group, MEASURED_CODES) for a in (gate_up, down)))  # fmt: skip
 
 
 def _as_gluon(tiles: Tiles, per_expert: float, k: int, override: dict) -> Tiles:

@@ -40,7 +40,9 @@ _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_g
 WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
 BK = 128  # 4 lanes x 32 consecutive k
-KERNEL_CODES = 0b10111  # kernel codes it runs: bf16 (0) and weight-only 1, 2 and 4 bits (arena.CODE_WONLY)
+KERNEL_CODES = 0b111111  # kernel codes it runs: bf16 (0) and weight-only 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
+# those the H200 runs timed (bf16, 1, 2 and 4 bits): the launch takes the kernel by default only for these
+MEASURED_CODES = 0b10111
 # 128.0 in both bf16 halves: ORed onto two codes 16 bits apart, two bf16 128 + code. Passed as an
 # argument, not a constant, so that it sits in a register and the AND and the OR fuse into one LOP3
 MAGIC = 0x43004300
@@ -48,9 +50,10 @@ _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 
 
-def eligible(kernel_mask: int, k: int, min_group: int) -> bool:
-    """Whether a layer's arena can run on this kernel: its codes, and whole groups per K tile."""
-    return not kernel_mask & ~KERNEL_CODES and k % BK == 0 and min_group % BK == 0
+def eligible(kernel_mask: int, k: int, min_group: int, codes: int = KERNEL_CODES) -> bool:
+    """Whether a layer's arena can run on this kernel (with only ``codes``): its codes, and whole
+    groups per K tile."""
+    return not kernel_mask & ~codes and k % BK == 0 and min_group % BK == 0
 
 
 @gluon.constexpr_function
@@ -119,61 +122,71 @@ def _chunk_order(x, PS: gl.constexpr):
 
 
 @gluon.jit
-def _pairs(w, magic, B: gl.constexpr, T: gl.constexpr, N: gl.constexpr, STEP: gl.constexpr):
-    """Codes T, T + STEP, .. (N of them) of each word, each with its partner 16 bits up, as two
-    bf16 128 + code in an int32: [..., 2, .., 2], the last dimension the lowest bit of the index."""
+def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.constexpr, N: gl.constexpr,
+           STEP: gl.constexpr):  # fmt: skip
+    """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word, each
+    with its partner 16 bits up, as two bf16 128 + field in an int32: [..., 2, .., 2], the last
+    dimension the lowest bit of the index."""
     if N == 1:
-        return ((w >> (T * B)) & (((1 << B) - 1) * 0x10001)) | magic
+        return ((w >> (T * B + OFF)) & (((1 << M) - 1) * 0x10001)) | magic
     else:
-        return gl.join(_pairs(w, magic, B, T, N // 2, 2 * STEP), _pairs(w, magic, B, T + STEP, N // 2, 2 * STEP))
+        return gl.join(_pairs(w, magic, B, M, OFF, T, N // 2, 2 * STEP),
+                       _pairs(w, magic, B, M, OFF, T + STEP, N // 2, 2 * STEP))  # fmt: skip
 
 
 @gluon.jit
-def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr):
-    """[BN, 4, B] words of b-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout,
-    k in the order of ``_chunk_order(.., 16 // B)``."""
-    q = _pairs(words, magic, B, 0, 16 // B, 1)
+def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0):
+    """[BN, 4, B] words of B-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout, k in
+    the order of ``_chunk_order(.., 16 // B)``; with M, 128 + the M-bit field at bit OFF of each code."""
+    q = _pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1)
     q = gl.join(q.to(gl.int16), (q >> 16).to(gl.int16)).to(gl.bfloat16, bitcast=True)
     q = gl.reshape(q, [words.shape[0], 4, 8, 2, 2])
     return gl.convert_layout(_k_order(q), A_OP, assert_trivial=True)
 
 
 @gluon.jit
-def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr):
-    """One K tile's codes (or bf16 weights) of rows ``rb + r0 ..``, in the lanes' layout. Rows past
-    N (a partial tile) read row N - 1, whose results are never stored, so no load needs a mask."""
-    WL: gl.constexpr = _weight_lanes(BITS, BN)
+def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, P: gl.constexpr = 0,
+                 LOW: gl.constexpr = 0):  # fmt: skip
+    """One K tile's bf16 weights, or codes of one bit plane (P bits wide, LOW bits below it, whose
+    planes come first in a row; P 0: the whole code), of rows ``rb + r0 ..``, in the lanes' layout.
+    Rows past N (a partial tile) read row N - 1, whose results are never stored, so no load needs
+    a mask."""
+    WL: gl.constexpr = _weight_lanes(BITS if P == 0 else P, BN)
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))[None, :, None]
     r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL))), N - 1)[:, None, None]
     if BITS == 16:
         j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
         return wb_ptr + r * K + k0 + c * 32 + j
     else:
-        i = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
-        return wi_ptr + r * (K // 32 * BITS) + k0 // 32 * BITS + c * BITS + i
+        W: gl.constexpr = BITS if P == 0 else P
+        i = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
+        return wi_ptr + r * (K // 32 * BITS) + K // 32 * LOW + k0 // 32 * W + c * W + i
 
 
 @gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.constexpr, MMA: gl.constexpr):
-    """One K tile's scale and zero point + 128 per row (1 and 0 for bf16)."""
+    """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
+    (``_product``): 1 and 0 for bf16."""
     if BITS == 16:
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         return s, s
     else:
         rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
         g = rows * (K // group) + k0 // group
-        return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + 128.0
+        # 8 bits: 16 (128 + hi) + (128 + lo); 3 bits: (128 + low plane) + 4 (128 + high plane)
+        offset: gl.constexpr = 2176.0 if BITS == 8 else (640.0 if BITS == 3 else 128.0)
+        return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
 
 
 @gluon.jit
-def _acts(a_base, toks, stride_am, k0, BITS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr):
+def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr):
     """One K tile's activations of the block's tokens, in the B operand's layout and the k order
-    of the codes of BITS."""
+    of ``_chunk_order(.., PS)``."""
     XL: gl.constexpr = _lane_tokens(BM)
     ca = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))[:, None, None]
     ja = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
     a = gl.load(a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja)
-    a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), _pair_stride(BITS)), [1, 0])
+    a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), PS), [1, 0])
     return gl.convert_layout(a, B_OP, assert_trivial=True)
 
 
@@ -182,22 +195,39 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
           MMA: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
-    next tile's can be in flight during these."""
-    w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
+    next tile's can be in flight during these. 3 bits: the two planes, and the activations in the
+    k order of each (wx, ax); otherwise wx and ax are w and a."""
+    if BITS == 3:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
+        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
+        a = _acts(a_base, toks, stride_am, k0, 8, BM, B_OP)
+        ax = _acts(a_base, toks, stride_am, k0, 16, BM, B_OP)
+    else:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
+        wx = w
+        a = _acts(a_base, toks, stride_am, k0, _pair_stride(BITS), BM, B_OP)
+        ax = a
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
-    return w, s, z, _acts(a_base, toks, stride_am, k0, BITS, BM, B_OP)
+    return w, wx, s, z, a, ax
 
 
 @gluon.jit
-def _product(w, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
-    """One tile's [BN, BM] fp32 result: W.a for bf16, s (Q.a - (z + 128) sum(a)) for codes."""
+def _product(w, wx, s, z, a, ax, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
+    """One tile's [BN, BM] fp32 result: W.a for bf16, s (Q.a - z sum(a)) for codes, Q the codes as
+    the MMA gets them and z the zero point plus their offset (``_scales``)."""
     r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
     if BITS == 16:
         wq = gl.convert_layout(_chunk_order(w, 1), A_OP, assert_trivial=True)
         return mma_v2(wq, a, r)
     else:
         asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
-        return (mma_v2(_codes(w, magic, BITS, A_OP), a, r) - z[:, None] * asum) * s[:, None]
+        if BITS == 8:  # 128 + code does not fit bf16's 8 bits: the high and the low nibble apart
+            q = mma_v2(_codes(w, magic, 8, A_OP, 4, 4), a, r) * 16.0 + mma_v2(_codes(w, magic, 8, A_OP, 4, 0), a, r)
+        elif BITS == 3:  # the 2-bit and the 1-bit plane, each in its own k order
+            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(_codes(wx, magic, 1, A_OP), ax, r) * 4.0
+        else:
+            q = mma_v2(_codes(w, magic, BITS, A_OP), a, r)
+        return (q - z[:, None] * asum) * s[:, None]
 
 
 @gluon.jit
@@ -211,31 +241,31 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
-    w, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group, BITS, BN,
-                       BM, B_OP, MMA)  # fmt: skip
-    w2, s2, z2 = w, s, z
+    w, wx, s, z, a, ax = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
+                               BITS, BN, BM, B_OP, MMA)  # fmt: skip
+    w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
-        w2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K, group,
-                              BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        w2, wx2, s2, z2, a, ax = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
+                                       group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        wn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K, group,
-                               BITS, BN, BM, B_OP, MMA)  # fmt: skip
-        w2n, s2n, z2n = wn, sn, zn
+        wn, wxn, sn, zn, an, axn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
+                                         group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
-            w2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, kn, K,
-                                      group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
-        acc += _product(w, s, z, a, ones, magic, BITS, A_OP, MMA)
+            w2n, wx2n, s2n, z2n, an, axn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
+                                                 kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        acc += _product(w, wx, s, z, a, ax, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
-            acc2 += _product(w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
-        w, s, z, a, w2, s2, z2 = wn, sn, zn, an, w2n, s2n, z2n
+            acc2 += _product(w2, wx2, s2, z2, a, ax, ones, magic, BITS, A_OP, MMA)
+        w, wx, s, z, a, ax, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, axn, w2n, wx2n, s2n, z2n
     return acc, acc2
 
 @gluon.jit
 def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
                  BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, RING: gl.constexpr,
                  A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-    """_expert with the weights RING - 1 tiles ahead, in flight in shared memory (cp.async), as
+    """_expert (not for 3 bits) with the weights RING - 1 tiles ahead, in flight in shared memory (cp.async), as
     Marlin keeps its bytes in flight, where registers would cost occupancy. Each lane copies and
     reads back only its own bytes, so the ring needs no barrier; a slot is refilled one iteration
     after it was read, whose values the products have used by then. Scales and activations (L1
@@ -263,7 +293,7 @@ def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N,
     s2, z2 = s, z
     if GATE_UP:
         s2, z2 = _scales(sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN, MMA)
-    a = _acts(a_base, toks, stride_am, k0, BITS, BM, B_OP)
+    a = _acts(a_base, toks, stride_am, k0, _pair_stride(BITS), BM, B_OP)
     for k0 in range(k_lo, k_hi, _BK):
         i = (k0 - k_lo) // _BK
         async_copy.wait_group(RING - 2)  # this tile's copies (group i) have landed
@@ -281,10 +311,10 @@ def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N,
         s2n, z2n = sn, zn
         if GATE_UP:
             s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
-        an = _acts(a_base, toks, stride_am, kn, BITS, BM, B_OP)
-        acc += _product(w, s, z, a, ones, magic, BITS, A_OP, MMA)
+        an = _acts(a_base, toks, stride_am, kn, _pair_stride(BITS), BM, B_OP)
+        acc += _product(w, w, s, z, a, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
-            acc2 += _product(w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
+            acc2 += _product(w2, w2, s2, z2, a, a, ones, magic, BITS, A_OP, MMA)
         s, z, s2, z2, a = sn, zn, s2n, z2n, an
     async_copy.wait_group(0)  # nothing in flight into a ring that is about to be freed
     return acc, acc2
@@ -327,17 +357,19 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     k_hi = gl.minimum(K, k_lo + k_per)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    for c in gl.static_range(0, 5):  # bf16 (code 0) and weight-only 1, 2 and 4 bits
-        if (CODES >> c) & 1 and c != 3:  # w3 (two planes) is not here: eligible()
+    for c in gl.static_range(0, 6):  # bf16 (code 0) and weight-only 1, 2, 3, 4 and 8 bits (code 5)
+        if (CODES >> c) & 1:
             if code == c:
-                if RING > 1:
+                if RING > 1 and c != 3:
                     acc, acc2 = _expert_ring(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                              pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                             c + 16 * (c == 0), BN, BM, GATE_UP, RING, A_OP, B_OP, MMA)  # fmt: skip
+                                             c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, RING, A_OP, B_OP,
+                                             MMA)  # fmt: skip
                 else:
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                        c + 16 * (c == 0), BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
+                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP,
+                                        MMA)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
     out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]

@@ -32,9 +32,9 @@ LAYOUTS = {
     "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
 }
 # the Gluon decode kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs: groups of whole
-# 128s (w4a16, w2a16: one group per row)
+# 128s (w8a16, w4a16, w2a16: one group per row)
 GLUON = dict(swap=True, scale_after=False, fma=False, gluon=True, maxnreg=None)
-GLUON_SCHEMES = ["bf16", "w4a16g128", "w2a16g128", "w1a16g128", "w4a16", "w2a16"]
+GLUON_SCHEMES = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16", "w4a16", "w2a16"]
 
 
 def make_experts(names: list[str], h: int, i: int, n_experts: int, n_shared: int, method: str, gen, device):
@@ -71,13 +71,15 @@ def _as_kernel(ql, xin: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(quantize_activation(xin, ql.scheme), ql.dequantize())
 
 
-def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn", **tiles) -> dict[str, float]:
+def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn", extra_codes=0,
+                **tiles) -> dict[str, float]:  # fmt: skip
     """Per scheme: relative error of each GEMM of the kernel against the reference on the same inputs
-    (``tiles`` overrides fields of the launch's tiles: moe.Tiles)."""
+    (``tiles`` overrides fields of the launch's tiles: moe.Tiles; ``extra_codes``: the arenas' too,
+    as a model's code set adds them)."""
     gen = torch.Generator().manual_seed(seed)
     experts = make_experts(names, h, i, n_experts, n_shared, method, gen, device)
-    gu = build_arena([e.gate_up for e in experts]).to(device)
-    dn = build_arena([e.down for e in experts]).to(device)
+    gu = build_arena([e.gate_up for e in experts], extra_codes).to(device)
+    dn = build_arena([e.down for e in experts], extra_codes).to(device)
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
     topk_ids, topk_w = route(t, n_experts, k, gen)
     x, topk_ids, topk_w = x.to(device), topk_ids.to(device), topk_w.to(device)

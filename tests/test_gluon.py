@@ -28,8 +28,8 @@ def _sass(gate_up: bool, ring: int = 0) -> str:
     from mxkernels.moe_gemm_gluon import WARPS, mx_moe_gemm_gluon_kernel
 
     params = mx_moe_gemm_gluon_kernel.arg_names
-    # bf16, w2 and w4 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b10101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "RING": ring}
+    # bf16, w2, w3, w4 and w8 experts
+    consts = {"GATE_UP": gate_up, "CODES": 0b111101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "RING": ring}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -110,6 +110,17 @@ def test_gluon_kernel_ring_wraps_around_in_the_interpreter(interpreted_gluon, ri
         assert e < BOUND, (key, e)
 
 
+def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interpreted_gluon):
+    # the model's code set (every layer's kernel compiles it) has fp8 and w4a4, which the Gluon kernel
+    # has no branch for; this layer's experts are all ones it runs
+    names = ["w4a16g128", "w2a16g128"]
+    errs = gemm_errors(names, 9, 256, 256, 6, 1, 2, "cpu", seed=2, extra_codes=(1 << 6) | (1 << 7), split=1,
+                       **GLUON)  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
     # gptq-had: the quantized experts read the Hadamard-rotated copy of their input, bf16 ones the plain one
     errs = gemm_errors(["bf16", "w4a16g128", "w2a16g128"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had",
@@ -122,10 +133,10 @@ def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
 def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):
     from mxkernels import moe
 
-    # fp8 and 3-bit experts have no Gluon path; groups of 32 would put 4 groups in one K tile; K = 160
-    # is not a whole number of tiles
-    for names, h in ((["w4a16g128", "w8a8fp8"], 128), (["w3a16g128"], 128), (["w4a16g32"], 128), (["bf16"], 160)):
-        with pytest.raises(ValueError, match="1, 2 and 4-bit experts with groups of whole 128s"):
+    # fp8 and int8-activation experts have no Gluon path; groups of 32 would put 4 groups in one K tile;
+    # K = 160 is not a whole number of tiles
+    for names, h in ((["w4a16g128", "w8a8fp8"], 128), (["w4a4"], 128), (["w4a16g32"], 128), (["bf16"], 160)):
+        with pytest.raises(ValueError, match="weight-only experts with groups of whole 128s"):
             gemm_errors(names, 4, h, 128, 4, 0, 2, "cpu", seed=0, split=1, **GLUON)
     monkeypatch.undo()  # the real kernel again: Triton's interpreter does not run Gluon
     assert moe.INTERPRET
@@ -144,17 +155,21 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert not moe._runs_gluon(cpu)
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: dev.type == "cuda")  # as on an sm_80+ GPU
 
-    def arena(mask, k, group=128):
-        return SimpleNamespace(kernel_mask=mask, codes_mask=mask, k=k, min_group=group)
+    def arena(mask, k, group=128, model=0):
+        return SimpleNamespace(kernel_mask=mask | model, codes_mask=mask, k=k, min_group=group)
 
     w4, w4_down = arena(0b10000, 2048), arena(0b10101, 1408)
     assert moe._gluon_decode(cuda, 3.0, w4, w4_down, {})  # Qwen1.5 at 16 tokens: about 3 rows per expert
     assert moe._gluon_decode(cuda, 1.39, w4, w4_down, {})  # and at 2 tokens
+    # the model's code set (fp8 elsewhere) is not the layer's: its experts decide
+    assert moe._gluon_decode(cuda, 3.0, arena(0b10000, 2048, model=1 << 6), arena(0b10100, 1408, model=1 << 6), {})
     assert not moe._gluon_decode(cpu, 3.0, w4, w4_down, {})  # Triton's interpreter does not run Gluon
     assert not moe._gluon_decode(cuda, 1.0, w4, w4_down, {})  # one row: CUDA-core products
     assert not moe._gluon_decode(cuda, 40.0, w4, w4_down, {})  # prefill
-    # both GEMMs or neither (they share the block): not with a 3-bit expert or groups of 32
+    # both GEMMs or neither (they share the block): not with a 3-bit (or 8-bit) expert, not yet timed
+    # on a GPU, or groups of 32
     assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b11000, 1408), {})
+    assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b110000, 1408), {})
     assert not moe._gluon_decode(cuda, 3.0, arena(0b10000, 2048, 32), w4_down, {})
     assert not moe._gluon_decode(cuda, 3.0, arena(0b1, 2048), arena(0b1, 1408), {})  # all bf16: SGLang's rounding
     for forced in ({"fma": True}, {"swap": False}, {"gluon": False}, {"gluon": True}):
