@@ -50,10 +50,10 @@ _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 
 
-def eligible(kernel_mask: int, k: int, min_group: int, codes: int = KERNEL_CODES) -> bool:
-    """Whether a layer's arena can run on this kernel (with only ``codes``): its codes, and whole
-    groups per K tile."""
-    return not kernel_mask & ~codes and k % BK == 0 and min_group % BK == 0
+def eligible(codes_mask: int, k: int, min_group: int, codes: int = KERNEL_CODES) -> bool:
+    """Whether an arena can run on this kernel (with only ``codes``): the codes its experts use (a
+    slab's: its candidates'), and whole groups per K tile."""
+    return not codes_mask & ~codes and k % BK == 0 and min_group % BK == 0
 
 
 @gluon.constexpr_function
