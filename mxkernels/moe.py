@@ -202,8 +202,9 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                 a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
     """_gemm on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). It compiles
     the branches of the arena's extra codes that it has (one variant per model, as the Triton
-    kernel) and needs none of the others: no expert of the arena uses them."""
-    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, WARPS, eligible
+    kernel) and needs none of the others: no expert of the arena uses them. A layer of timed codes
+    only (MEASURED_CODES) leaves out the untimed branches too, whose registers it would hold."""
+    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, MEASURED_CODES, WARPS, eligible
 
     bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
     if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
@@ -211,12 +212,14 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
+    codes = arena.kernel_mask & KERNEL_CODES
+    if not arena.codes_mask & ~MEASURED_CODES:
+        codes &= MEASURED_CODES
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
-        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=arena.kernel_mask & KERNEL_CODES, BN=bn,
-        BM=tiles.bm,
+        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
         PARTIAL=tiles.split > 1, RING=tiles.ring, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
