@@ -19,13 +19,14 @@ time), so nothing passes through shared memory.
 
 As in the Triton kernel's decode layout the zero point and scale come after
 the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
-of a tile of ones. A tile never spans two quantization groups, so experts need
+of a tile of ones (3 bits: its two planes in two MMAs; 8 bits: its two nibbles,
+since 128 + code does not fit bf16). A tile never spans two quantization groups, so experts need
 groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
 next tile's codes, scales and activations are loaded before this tile's
 products (loop-carried registers). Same grid, routing arguments and results
 as :func:`mxkernels.moe_gemm.mx_moe_gemm_kernel` with SWAP, for layers whose
-experts are bf16 or weight-only 1, 2 or 4 bits (the launch takes it for
-decode where a layer allows: mxkernels/moe.py, ``_gluon_decode``).
+experts are bf16 or weight-only (the launch takes it for decode where a
+layer's schemes were timed on a GPU: mxkernels/moe.py, ``_gluon_decode``).
 """
 
 from __future__ import annotations
@@ -261,14 +262,16 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
         w, wx, s, z, a, ax, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, axn, w2n, wx2n, s2n, z2n
     return acc, acc2
 
+
 @gluon.jit
 def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
                  BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, RING: gl.constexpr,
                  A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
     """_expert (not for 3 bits) with the weights RING - 1 tiles ahead, in flight in shared memory (cp.async), as
     Marlin keeps its bytes in flight, where registers would cost occupancy. Each lane copies and
-    reads back only its own bytes, so the ring needs no barrier; a slot is refilled one iteration
-    after it was read, whose values the products have used by then. Scales and activations (L1
+    reads back only its own bytes, so the ring needs no barrier of its own (Triton still adds two
+    per tile); a slot is refilled one iteration after it was read, whose values the products have
+    used by then. Scales and activations (L1
     and L2 hits after the first tile) stay one tile ahead in registers."""
     WL: gl.constexpr = _weight_lanes(BITS, BN)
     SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # a slot: a lane's words contiguous
@@ -338,6 +341,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     if pid_m * BM >= gl.load(num_post_pad_ptr):
         return
     expert = gl.load(block_expert_ptr + pid_m)
+    # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
+    # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
+    # compile of this kernel in tests/test_gluon.py cannot call
     meta = meta_ptr + expert * 6
     code = gl.load(meta).to(gl.int32)
     # arena offsets are multiples of 16 elements (build_arena pads)
