@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -193,6 +194,31 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
     return plan
 
 
+def tiered_plan(e: int, ne: int, k: int, skewed: bool, dev, tiers: list[tuple[str, int]]) -> list[str]:
+    """A plan by popularity tiers, ``[(scheme, weight), ...]`` most popular first: the routed experts
+    in order of popularity take the schemes in proportion to the weights, the shared ones the first."""
+    probe_ids, _ = routing(4096, e, k, skewed, torch.Generator(device=dev).manual_seed(7), dev)
+    order = torch.bincount(probe_ids.reshape(-1), minlength=e).argsort(descending=True).tolist()
+    total = sum(w for _, w in tiers)
+    plan = [tiers[0][0]] * ne
+    bounds = [round(e * sum(w for _, w in tiers[: j + 1]) / total) for j in range(len(tiers))]
+    for rank, x in enumerate(order):
+        plan[x] = tiers[next(j for j, b in enumerate(bounds) if rank < b)][0]
+    return plan
+
+
+def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
+    """``LABEL=SCHEME:WEIGHT,SCHEME:WEIGHT,...`` (most popular first) for --plan."""
+    try:
+        label, spec = text.split("=", 1)
+        tiers = [(sc, int(w)) for sc, w in (part.split(":") for part in spec.split(","))]
+        for sc, _ in tiers:
+            get_scheme(sc)
+    except (ValueError, KeyError) as err:
+        raise argparse.ArgumentTypeError(f"--plan LABEL=SCHEME:WEIGHT,...: {err}") from None
+    return label, tiers
+
+
 # the launch layout before the decode path (weights on the MMA's N side, no split, per-weight
 # dequantization), kept as a variant so one run shows what the decode layout buys
 PREFILL_LAYOUT = {"swap": False, "scale_after": False, "split": 1, "maxnreg": None, "fma": False}
@@ -211,12 +237,14 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, BM 8, ring 3": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "ring": 3},
     "Gluon, BM 8, ring 4": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "ring": 4},
 }
-# the uniform 4-bit layer, Marlin's format, on the Gluon kernel too: the same bytes as Marlin reads
-GLUON_VARIANTS = {label: ov for label, ov in DECODE_VARIANTS.items() if "Gluon" in label}
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 
 
-def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None) -> None:
+def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None,
+              plans: dict | None = None, layouts: dict | None = None, ours_only: bool = False) -> None:
+    """``plans``: more tiered plans (label -> tiers), timed with ``layouts`` (default DECODE_VARIANTS)
+    and the Triton MMA layout; ``ours_only`` leaves out the baselines and the prefill layout."""
+    layouts = DECODE_VARIANTS if layouts is None else layouts
     m = (shapes or MODEL_SHAPES)[name]
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
@@ -246,6 +274,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
     for skewed in (True, False):
         # The mixed plan follows this routing's expert popularity (what the planner would do).
         variants["ours mixed"] = arenas(mixed_plan(e, ne, k, skewed, dev))
+        for label, tiers in (plans or {}).items():
+            variants[f"ours {label}"] = arenas(tiered_plan(e, ne, k, skewed, dev, tiers))
         for t in tokens:
             x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=gen)
             ids, w = routing(t, e, k, skewed, gen, dev)
@@ -273,12 +303,14 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
             for vname, (ag, ad, bits) in variants.items():
                 fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e)  # noqa: E731
                 record(vname, bench_graph(fn), ag.nbytes() + ad.nbytes(), bits, bench(fn))
-                if t <= DECODE_TOKENS and vname != "ours bf16":
+                if t <= DECODE_TOKENS and vname != "ours bf16" and not ours_only:
                     fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
                     record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
-                layouts = {"ours mixed": DECODE_VARIANTS, "ours w4a16g128": GLUON_VARIANTS}.get(vname, {})
+                gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb}
+                extra = {"MMA": DECODE_VARIANTS["MMA"]} | gluon if vname.removeprefix("ours ") in (plans or {}) else {}
+                timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
                 if t <= DECODE_TOKENS:
-                    for label, ov in layouts.items():
+                    for label, ov in timed.items():
                         if ov == "double":
                             split = pick_tiles(t * (k + s), expected_active(e, s, t * k), 128, i, h, ag.codes_mask,
                                                multiprocessors(dev), fma=False).split  # fmt: skip
@@ -296,7 +328,9 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     record("marlin w4a16g128", bench_graph(fn), marlin_bytes(mw), 4 + 20 / 128, bench(fn))
                 except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
                     print(f"marlin failed: {str(err)[:300]}", file=sys.stderr)
-            if t <= 1024 or e <= 16:  # the eager loop at 8192 tokens x 128 experts only adds minutes
+            if ours_only:
+                pass
+            elif t <= 1024 or e <= 16:  # the eager loop at 8192 tokens x 128 experts only adds minutes
 
                 def torch_loop():
                     out = torch.zeros(t, h, device=dev, dtype=torch.float32)
@@ -310,7 +344,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
 
                 # data-dependent loop (host syncs): no graph; this is what eager transformers pays
                 record("torch bf16", bench(torch_loop), (gu.numel() + dn.numel()) * 2, 16.0)
-            if sgl is not None:
+            if sgl is not None and not ours_only:
                 ids32 = ide.to(torch.int32)
                 calls = {
                     "sglang bf16": (lambda: sgl(x, *sgl_w["bf16"], we, ids32), 16.0),
@@ -408,17 +442,19 @@ def markdown(results: list, meta: dict) -> str:
                     f" | {by.get('marlin w4a16g128', {}).get('GBps', math.nan):.0f} |"
                 )
             lines.append("")
-            labels = ["ours mixed", "ours mixed (prefill layout)"] + [f"ours mixed ({v})" for v in DECODE_VARIANTS]
-            dec = [r for r in rows if r["variant"] in labels[1:]]
-            if dec:
+            # every layer timed in more than one layout: the picked one first, then each forced layout
+            bases = dict.fromkeys(r["variant"].split(" (")[0] for r in rows if r["variant"].endswith(")"))
+            for base in bases:
+                forced = dict.fromkeys(r["variant"] for r in rows if r["variant"].startswith(base + " ("))
+                labels = [base, *forced]
+                bits = next((r["avg_bits"] for r in rows if r["variant"] == base), math.nan)
                 lines += [
-                    f"Decode layouts of the mixed layer ({model}, {rt}; us):",
+                    f"Layouts of {base} ({model}, {rt}, {bits:.2f} avg bits; us):",
                     "",
-                    "| tokens | " + " | ".join(v.removeprefix("ours mixed").strip(" ()") or "picked" for v in labels)
-                    + " |",
+                    "| tokens | " + " | ".join(v.removeprefix(base).strip(" ()") or "picked" for v in labels) + " |",
                     "|---:|" + "---:|" * len(labels),
                 ]
-                for t in sorted({r["tokens"] for r in dec}):
+                for t in sorted({r["tokens"] for r in rows if r["variant"] in forced}):
                     by = {r["variant"]: r["seconds"] for r in rows if r["tokens"] == t}
                     lines.append(f"| {t} | " + " | ".join(f"{by[v] * 1e6:.0f}" if v in by else "-" for v in labels)
                                  + " |")  # fmt: skip
@@ -437,6 +473,12 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine the moe_layer.json of several invocations (one machine) into --out")
     ap.add_argument("--no-marlin", action="store_true", help="leave SGLang's Marlin MoE out (its JIT build)")
+    ap.add_argument("--plan", action="append", type=parse_plan, default=[],
+                    help="another layer to time, LABEL=SCHEME:WEIGHT,... by popularity tiers, most popular first "
+                         "(e.g. w3=w3a16g128:1); timed in the MMA and Gluon layouts; repeatable")
+    ap.add_argument("--layouts", default="", help="regex: time only the decode layouts whose label matches")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="leave out every baseline and the prefill layout (for comparing our own layouts)")
     ap.add_argument("--warm-marlin", action="store_true",
                     help="only build SGLang's Marlin MoE (its JIT takes minutes on first use) and exit")
     a = ap.parse_args()
@@ -486,7 +528,8 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.time()
     for model in a.models:
-        run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin)
+        layouts = {lb: ov for lb, ov in DECODE_VARIANTS.items() if re.search(a.layouts, lb)}
+        run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin, dict(a.plan), layouts, a.ours_only)
         torch.cuda.empty_cache()
         with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
