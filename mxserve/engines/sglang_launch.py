@@ -39,9 +39,11 @@ SUPPORTED = ((0, 5, 15), (0, 6))
 GRPC_PORT_OFFSET = 10000  # sglang 0.5.15 derives a gRPC port from --port and rejects it above 65535
 # Model types whose SGLang implementation holds the experts in one FusedMoE per layer under
 # the checkpoint's MoE block name (ArchSpec.stored_block), with the transformers tensor names
-# elsewhere. Run on the GPU: qwen2_moe, qwen3_moe. olmoe and mixtral load the same way in
-# SGLang's source; tests/test_sglang_gpu.py covers them and has not run on a GPU yet.
-MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+# elsewhere (tests/test_sglang_gpu.py runs each). The shared experts of qwen2_moe and
+# deepseek_v2 run in the method's launch, so SGLang is told the model has none (model_overrides).
+MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2")
+# config keys that size the separate shared MLP SGLang would build beside the experts
+SHARED_MLP_KEYS = ("shared_expert_intermediate_size", "n_shared_experts")
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -130,8 +132,9 @@ def model_overrides(ckpt: str, bf16_layers: str = "sglang") -> dict:
     qc["plan"] = os.path.abspath(os.path.join(ckpt, qc.get("plan", "mxmoe_plan.json")))
     qc["bf16_layers"] = bf16_layers
     out: dict = {"quantization_config": qc}
-    if cfg.get("shared_expert_intermediate_size"):
-        out["shared_expert_intermediate_size"] = 0
+    for key in SHARED_MLP_KEYS:
+        if cfg.get(key):
+            out[key] = 0
     return out
 
 

@@ -25,8 +25,11 @@ holds the layer's :class:`~mxserve.runtime.moe_layer.MixedExperts` (the same
 class the embedded engine runs) and calls the mixed-precision kernels.
 Shared experts run in that launch as experts that receive every token, so the
 launcher tells SGLang the model has no separate shared MLP
-(``shared_expert_intermediate_size: 0``). Attention, norms, router and LM head
-stay SGLang's own unquantized layers.
+(``shared_expert_intermediate_size: 0`` for Qwen2-MoE, ``n_shared_experts: 0``
+for DeepSeek-V2). Attention, norms, router and LM head stay SGLang's own
+unquantized layers. A routed scaling factor (DeepSeek-V2) is applied where
+SGLang's own fused MoE applies it: to the routed experts' sum, not the shared
+experts' output.
 
 A layer the plan leaves wholly in bf16 (every block of every expert, shared
 ones included) has nothing to gain from a mixed-precision kernel. By default
@@ -254,6 +257,9 @@ class MxMoEMethod(FusedMoEMethodBase):
             return self._apply_unquantized(layer, dispatch_output, x, topk_ids)
         # the shared gate in fp32, as SGLang's fused_gate_sigmoid_mul_add computes it
         scale = None if layer.mx_gate is None else torch.sigmoid(x.float() @ layer.mx_gate.float().t())
+        factor = self.moe_runner_config.routed_scaling_factor
+        if factor is not None and factor != 1.0:  # SGLang's runner scales the routed sum; the topk left it to us
+            topk_weights = topk_weights * factor
         return StandardCombineInput(hidden_states=layer.mx.forward(x, topk_ids, topk_weights, scale))
 
     def _apply_unquantized(
