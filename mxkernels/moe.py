@@ -201,10 +201,9 @@ def _gluon_kernel():
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
     """_gemm on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). It compiles
-    the branches of the arena's extra codes that it has (one variant per model, as the Triton
-    kernel) and needs none of the others: no expert of the arena uses them. A layer of timed codes
-    only (MEASURED_CODES) leaves out the untimed branches too, whose registers it would hold."""
-    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, MEASURED_CODES, WARPS, eligible
+    the branches of the arena's extra codes that it has (gluon_codes: one variant per model, as the
+    Triton kernel) and needs none of the others: no expert of the arena uses them."""
+    from mxkernels.moe_gemm_gluon import BN, MAGIC, WARPS, eligible
 
     bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
     if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
@@ -212,9 +211,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
-    codes = arena.kernel_mask & KERNEL_CODES
-    if not arena.codes_mask & ~MEASURED_CODES:
-        codes &= MEASURED_CODES
+    codes = gluon_codes(arena)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
@@ -231,28 +228,36 @@ def _runs_gluon(dev: torch.device) -> bool:
     return dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev) >= (8, 0)
 
 
+def gluon_codes(arena: Arena) -> int:
+    """The kernel codes whose branches the Gluon kernel compiles for ``arena``: those of the model's
+    code set (one variant per model) that it runs."""
+    from mxkernels.moe_gemm_gluon import KERNEL_CODES
+
+    return arena.kernel_mask & KERNEL_CODES
+
+
 def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict) -> bool:
     """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS to DECODE_ROWS
     rows per expert, for layers whose both arenas' experts (a slab's: every candidate) it runs (the
     alignment's block is shared by the two GEMMs) and that are not all bf16 (those keep SGLang's
-    rounding: pick_tiles), unless ``override`` asks for another layout. Only the schemes timed on a
-    GPU (MEASURED_CODES): 3- and 8-bit experts run on it when asked (``gluon=True``), not by
-    default yet."""
-    from mxkernels.moe_gemm_gluon import MEASURED_CODES, eligible
+    rounding: pick_tiles), unless ``override`` asks for another layout."""
+    from mxkernels.moe_gemm_gluon import eligible
 
     return (GLUON_DECODE and _runs_gluon(dev) and GLUON_ROWS < per_expert <= DECODE_ROWS
             and override.get("swap", True) and not override.get("fma") and "gluon" not in override
             and (gate_up.codes_mask | down.codes_mask) != 1
-            and all(eligible(a.codes_mask, a.k, a.min_group, MEASURED_CODES) for a in (gate_up, down)))  # fmt: skip
+            and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
-def _as_gluon(tiles: Tiles, per_expert: float, k: int, override: dict) -> Tiles:
-    """The decode tiles on the Gluon kernel: 8 rows per block up to 8 rows per expert (H200,
-    results/moe_layer_h200_gluon.md), and no more K splits than its 128-deep tiles."""
-    from mxkernels.moe_gemm_gluon import BK
+def _as_gluon(tiles: Tiles, per_expert: float, arena: Arena, override: dict) -> Tiles:
+    """The decode tiles on the Gluon kernel: 8 rows per block up to 8 rows per expert, two MMA tiles
+    of rows per warp for narrow code sets (H200, results/moe_layer_h200_layouts.md), and no more K
+    splits than its 128-deep tiles."""
+    from mxkernels.moe_gemm_gluon import BK, BN, NARROW_CODES
 
     bm = override.get("bm", 8 if per_expert <= 8 else 16)
-    return dataclasses.replace(tiles, gluon=True, bm=bm, split=min(tiles.split, max(1, k // BK)),
+    bn = override.get("bn", BN if gluon_codes(arena) & ~NARROW_CODES else 2 * BN)
+    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=min(tiles.split, max(1, arena.k // BK)),
                                maxnreg=override.get("maxnreg"))
 
 
@@ -291,7 +296,7 @@ def moe_gemms(
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
     if gluon:
-        t_gu, t_dn = _as_gluon(t_gu, per_expert, gate_up.k, override), _as_gluon(t_dn, per_expert, down.k, override)
+        t_gu, t_dn = _as_gluon(t_gu, per_expert, gate_up, override), _as_gluon(t_dn, per_expert, down, override)
     sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     if t_gu.split > 1:

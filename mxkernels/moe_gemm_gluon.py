@@ -42,8 +42,11 @@ WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
 BK = 128  # 4 lanes x 32 consecutive k
 KERNEL_CODES = 0b111111  # kernel codes it runs: bf16 (0) and weight-only 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
-# those the H200 runs timed (bf16, 1, 2 and 4 bits): the launch takes the kernel by default only for these
-MEASURED_CODES = 0b10111
+# Code sets within 1, 2 and 4 bits compile to 87 registers (gate/up, sm_90); with bf16, 3 or 8 bits
+# the kernel holds 150 or more. Only the narrow ones gain from two MMA tiles of rows per warp
+# (BN 128): on the H200 they run 5 to 10% faster at 16 and 64 tokens, the wide ones slower
+# (results/moe_layer_h200_layouts.md).
+NARROW_CODES = 0b10110
 # 128.0 in both bf16 halves: ORed onto two codes 16 bits apart, two bf16 128 + code. Passed as an
 # argument, not a constant, so that it sits in a register and the AND and the OR fuse into one LOP3
 MAGIC = 0x43004300
@@ -51,10 +54,10 @@ _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 
 
-def eligible(codes_mask: int, k: int, min_group: int, codes: int = KERNEL_CODES) -> bool:
-    """Whether an arena can run on this kernel (with only ``codes``): the codes its experts use (a
-    slab's: its candidates'), and whole groups per K tile."""
-    return not codes_mask & ~codes and k % BK == 0 and min_group % BK == 0
+def eligible(codes_mask: int, k: int, min_group: int) -> bool:
+    """Whether an arena can run on this kernel: the codes its experts use (a slab's: its
+    candidates'), and whole groups per K tile."""
+    return not codes_mask & ~KERNEL_CODES and k % BK == 0 and min_group % BK == 0
 
 
 @gluon.constexpr_function

@@ -166,11 +166,12 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert not moe._gluon_decode(cpu, 3.0, w4, w4_down, {})  # Triton's interpreter does not run Gluon
     assert not moe._gluon_decode(cuda, 1.0, w4, w4_down, {})  # one row: CUDA-core products
     assert not moe._gluon_decode(cuda, 40.0, w4, w4_down, {})  # prefill
-    # both GEMMs or neither (they share the block): not with a 3-bit (or 8-bit) expert, not yet timed
-    # on a GPU, or groups of 32
-    assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b11000, 1408), {})
-    assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b110000, 1408), {})
+    # 3- and 8-bit experts too; both GEMMs or neither (they share the block): not with groups of 32
+    # or an fp8 expert
+    assert moe._gluon_decode(cuda, 3.0, w4, arena(0b11000, 1408), {})
+    assert moe._gluon_decode(cuda, 3.0, w4, arena(0b110000, 1408), {})
     assert not moe._gluon_decode(cuda, 3.0, arena(0b10000, 2048, 32), w4_down, {})
+    assert not moe._gluon_decode(cuda, 3.0, w4, arena(0b10000 | 1 << 6, 1408), {})
     assert not moe._gluon_decode(cuda, 3.0, arena(0b1, 2048), arena(0b1, 1408), {})  # all bf16: SGLang's rounding
     for forced in ({"fma": True}, {"swap": False}, {"gluon": False}, {"gluon": True}):
         assert not moe._gluon_decode(cuda, 3.0, w4, w4_down, forced), forced
@@ -178,8 +179,13 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert not moe._gluon_decode(cuda, 3.0, w4, w4_down, {})
     # 8 rows per block up to 8 rows per expert, and no more splits than 128-deep K tiles
     decode = moe.pick_tiles(128, 44, 128, 1408, 2048, 0b10000, 132, fma=False)
-    assert moe._as_gluon(decode, 2.9, 2048, {}).bm == 8
-    assert moe._as_gluon(decode, 12.0, 2048, {}).bm == 16
-    assert moe._as_gluon(decode, 2.9, 2048, {"bm": 16}).bm == 16
+    assert moe._as_gluon(decode, 2.9, w4, {}).bm == 8
+    assert moe._as_gluon(decode, 12.0, w4, {}).bm == 16
+    assert moe._as_gluon(decode, 2.9, w4, {"bm": 16}).bm == 16
     many = moe.pick_tiles(8, 2, 128, 1408, 2048, 0b10000, 132, fma=False)
-    assert many.split == 8 and moe._as_gluon(many, 4.0, 256, {}).split == 2
+    assert many.split == 8 and moe._as_gluon(many, 4.0, arena(0b10000, 256), {}).split == 2
+    # two MMA tiles of rows per warp where the model's code set is within 1, 2 and 4 bits
+    assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048, model=0b10), {}).bn == 128
+    for wide in (0b1, 0b1000, 0b100000):  # bf16, 3 or 8 bits anywhere in the model: one
+        assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048, model=wide), {}).bn == 64
+    assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048), {"bn": 64}).bn == 64

@@ -78,7 +78,7 @@ def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
     for key, e in errs.items():
         assert e < 2e-2, (key, e)
     blocks.clear()
-    gemm_errors(["w4a16g128", "w3a16g128"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)  # w3: the Triton kernel
+    gemm_errors(["w4a16g128", "w8a8fp8"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)  # fp8: the Triton kernel
     assert blocks == []
 
 

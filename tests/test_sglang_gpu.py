@@ -158,27 +158,24 @@ def plain_sglang_cmd(src: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_bf16_plan_matches_plain_sglang(arch, tmp_path):
-    """An all-bf16 plan serves plain SGLang's greedy text, prompts one at a time and all at once."""
+    """An all-bf16 plan serves plain SGLang's greedy text, prompts one at a time and all at once.
+
+    DeepSeek-V2 also runs on mxserve's own kernel (``--bf16-layers kernel``), which rounds
+    differently: its routed scaling factor (2 here) and two shared experts in the launch give
+    plain SGLang's first two greedy tokens for all prompts but at most one; a missing factor
+    changes six of eight (transformers, on this model)."""
     src, ckpt = bf16_checkpoint(arch, tmp_path)
     port = 31000 + os.getpid() % 1000
     # one after the other: SGLang sizes its KV cache from the memory free while it loads
     with serving(plain_sglang_cmd(src, port), port, str(tmp_path / "plain.log")) as base:
         want = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
+        first = greedy_texts(base, "tiny", False, max_tokens=2)
     assert len(set(want[False])) > 1  # a model that says the same thing to every prompt would prove little
     with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "mx.log")) as base:
         got = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
     assert got == want
-
-
-def test_deepseek_scaling_and_shared_experts_on_the_kernel_path(tmp_path):
-    """DeepSeek-V2 on mxserve's own kernel (``--bf16-layers kernel``): the routed scaling factor
-    (2 here) and the two shared experts in the launch give plain SGLang's first greedy tokens; the
-    kernel rounds differently, so one prompt in eight may differ, and a missing factor changes most."""
-    src, ckpt = bf16_checkpoint("deepseek_v2", tmp_path)
-    port = 32000 + os.getpid() % 1000
-    with serving(plain_sglang_cmd(src, port), port, str(tmp_path / "plain.log")) as base:
-        want = greedy_texts(base, "tiny", False, max_tokens=2)
-    assert len(set(want)) > 1
-    with serving(mxserve_cmd(ckpt, port, "tiny", "--bf16-layers", "kernel"), port, str(tmp_path / "mx.log")) as base:
-        got = greedy_texts(base, "tiny", False, max_tokens=2)
-    assert sum(g == w for g, w in zip(got, want)) >= len(PROMPTS) - 1, (got, want)
+    if arch == "deepseek_v2":
+        cmd = mxserve_cmd(ckpt, port, "tiny", "--bf16-layers", "kernel")
+        with serving(cmd, port, str(tmp_path / "kernel.log")) as base:
+            got = greedy_texts(base, "tiny", False, max_tokens=2)
+        assert sum(g == w for g, w in zip(got, first)) >= len(PROMPTS) - 1, (got, first)
