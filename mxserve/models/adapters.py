@@ -98,6 +98,27 @@ def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     return nn.functional.linear(nn.functional.silu(nn.functional.linear(x, gate)) * nn.functional.linear(x, up), down)
 
 
+class BlockRouter(nn.Module):
+    """The router of DeepSeek-V2's block before transformers 5.2x (SGLang 0.5.15 pins 5.12): there
+    the gate is a plain Linear and the block itself routes (``route_tokens_to_experts``). This
+    holds the same weight (same name, ``gate.weight``) and returns (logits, weights, ids) as the
+    routers of later versions do, by the block's own routing."""
+
+    _ROUTING = ("top_k", "topk_method", "num_group", "topk_group", "routed_scaling_factor", "num_experts")
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.weight = block.gate.weight
+        for name in self._ROUTING:
+            setattr(self, name, getattr(block, name, None))
+        self._route = type(block).route_tokens_to_experts  # reads the attributes above
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = nn.functional.linear(x.float(), self.weight.float())  # fp32, as the block's forward
+        ids, weights = self._route(self, logits[None])
+        return logits, weights, ids
+
+
 class MoELayerView:
     """One MoE block of a model: its router, experts and shared experts."""
 
@@ -105,6 +126,8 @@ class MoELayerView:
         self.index = index
         self.module = module
         self.spec = spec
+        if isinstance(module.gate, nn.Linear) and hasattr(module, "route_tokens_to_experts"):
+            module.gate = BlockRouter(module)
         self.router: nn.Module = module.gate
         self.n_routed: int = module.experts.gate_up_proj.shape[0]
         self.top_k: int = int(self.router.top_k)
