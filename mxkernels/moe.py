@@ -249,17 +249,18 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
-def _as_gluon(tiles: Tiles, per_expert: float, arena: Arena, override: dict) -> Tiles:
+def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dict) -> Tiles:
     """The decode tiles on the Gluon kernel: two MMA tiles of rows per warp for narrow code sets, 8
     rows per block up to 8 rows per expert (12 for narrow code sets: Qwen1.5-MoE at 64 tokens, 8.5
     rows, runs 9 to 18% faster so), and no more K splits than its 128-deep tiles (H200,
-    results/moe_layer_h200_layouts.md)."""
+    results/moe_layer_h200_layouts.md). ``codes``: both GEMMs' (gluon_codes), so that they share
+    the block of the alignment."""
     from mxkernels.moe_gemm_gluon import BK, BN, NARROW_CODES
 
-    narrow = not gluon_codes(arena) & ~NARROW_CODES
+    narrow = not codes & ~NARROW_CODES
     bn = override.get("bn", 2 * BN if narrow else BN)
     bm = override.get("bm", 8 if per_expert <= (12 if narrow else 8) else 16)
-    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=min(tiles.split, max(1, arena.k // BK)),
+    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=min(tiles.split, max(1, k // BK)),
                                maxnreg=override.get("maxnreg"))
 
 
@@ -298,7 +299,9 @@ def moe_gemms(
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
     if gluon:
-        t_gu, t_dn = _as_gluon(t_gu, per_expert, gate_up, override), _as_gluon(t_dn, per_expert, down, override)
+        gcodes = gluon_codes(gate_up) | gluon_codes(down)
+        t_gu = _as_gluon(t_gu, per_expert, gate_up.k, gcodes, override)
+        t_dn = _as_gluon(t_dn, per_expert, down.k, gcodes, override)
     sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     if t_gu.split > 1:

@@ -179,17 +179,18 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert not moe._gluon_decode(cuda, 3.0, w4, w4_down, {})
     # 8 rows per block up to 8 rows per expert, and no more splits than 128-deep K tiles
     decode = moe.pick_tiles(128, 44, 128, 1408, 2048, 0b10000, 132, fma=False)
-    assert moe._as_gluon(decode, 2.9, w4, {}).bm == 8
-    assert moe._as_gluon(decode, 13.0, w4, {}).bm == 16
-    assert moe._as_gluon(decode, 2.9, w4, {"bm": 16}).bm == 16
+    assert moe._as_gluon(decode, 2.9, 2048, 0b10000, {}).bm == 8
+    assert moe._as_gluon(decode, 13.0, 2048, 0b10000, {}).bm == 16
+    assert moe._as_gluon(decode, 2.9, 2048, 0b10000, {"bm": 16}).bm == 16
     many = moe.pick_tiles(8, 2, 128, 1408, 2048, 0b10000, 132, fma=False)
-    assert many.split == 8 and moe._as_gluon(many, 4.0, arena(0b10000, 256), {}).split == 2
+    assert many.split == 8 and moe._as_gluon(many, 4.0, 256, 0b10000, {}).split == 2
     # two MMA tiles of rows per warp where the model's code set is within 1, 2 and 4 bits
-    assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048, model=0b10), {}).bn == 128
-    for wide in (0b1, 0b1000, 0b100000):  # bf16, 3 or 8 bits anywhere in the model: one
-        assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048, model=wide), {}).bn == 64
-    assert moe._as_gluon(decode, 2.9, arena(0b10100, 2048), {"bn": 64}).bn == 64
+    assert moe.gluon_codes(arena(0b10100, 2048, model=1 << 6)) == 0b10100  # fp8 elsewhere: not compiled here
+    assert moe._as_gluon(decode, 2.9, 2048, 0b10110, {}).bn == 128
+    for wide in (0b1, 0b1000, 0b100000):  # bf16, 3 or 8 bits in the code set: one
+        assert moe._as_gluon(decode, 2.9, 2048, 0b10100 | wide, {}).bn == 64
+    assert moe._as_gluon(decode, 2.9, 2048, 0b10100, {"bn": 64}).bn == 64
     # 8 rows per block up to 12 rows per expert for narrow code sets, 8 for the others
-    assert moe._as_gluon(decode, 8.5, arena(0b10100, 2048), {}).bm == 8
-    assert moe._as_gluon(decode, 8.5, arena(0b10100, 2048, model=0b1000), {}).bm == 16
-    assert moe._as_gluon(decode, 16.0, arena(0b10100, 2048), {}).bm == 16
+    assert moe._as_gluon(decode, 8.5, 2048, 0b10100, {}).bm == 8
+    assert moe._as_gluon(decode, 8.5, 2048, 0b11100, {}).bm == 16
+    assert moe._as_gluon(decode, 16.0, 2048, 0b10100, {}).bm == 16

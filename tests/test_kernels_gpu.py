@@ -68,13 +68,19 @@ def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
     real = moe._gemm_gluon
 
     def spy(*args):
-        blocks.append(args[-2].bm)  # the launch's Tiles
+        blocks.append((args[-2].bm, args[-2].bn))  # the launch's Tiles
         return real(*args)
 
     monkeypatch.setattr(moe, "_gemm_gluon", spy)
-    # about 7 rows per active expert: the decode layout, 8 rows per block
+    # about 7 rows per active expert: the decode layout, 8 rows per block; bf16 and 3 and 8 bits
+    # in the code set: one MMA tile of rows per warp
     errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)
-    assert blocks == [8, 8]
+    assert blocks == [(8, 64), (8, 64)]
+    for key, e in errs.items():
+        assert e < 2e-2, (key, e)
+    blocks.clear()
+    errs = gemm_errors(["w4a16g128", "w2a16g128", "w1a16g128"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)
+    assert blocks == [(8, 128), (8, 128)]  # within 1, 2 and 4 bits: two
     for key, e in errs.items():
         assert e < 2e-2, (key, e)
     blocks.clear()
