@@ -1,32 +1,34 @@
 """Import-only stand-ins for packages SGLang declares but the lent GPU's image lacks.
 
-SGLang 0.5.15 depends on ``nvidia-cutlass-dsl`` (``cutlass``) and ``cuda-python``
-(``cuda.bindings``); the SGLang bundle of ../shared/device leaves them out to stay
-under the 64 MiB a device call carries (their wheels alone are over 80 MB).
-Its DeepSeek-V2 model module imports the CuTe-DSL kernels of DeepSeek-V3.2's
-sparse-attention indexer at module level, so without them DeepSeek-V2 does not
-even import, although it never runs those kernels (the indexer exists only for
-models whose config has index heads).
+SGLang 0.5.15 depends on ``nvidia-cutlass-dsl`` (``cutlass``); the SGLang bundle
+of ../shared/device leaves it out to stay under the 64 MiB a device call carries
+(its wheels are over 80 MB). SGLang's DeepSeek-V2 model module imports the
+CuTe-DSL kernels of DeepSeek-V3.2's sparse-attention indexer at module level, so
+without it DeepSeek-V2 does not even import, although it never runs those kernels
+(the indexer exists only for models whose config has index heads).
 
-For each name given whose package is missing, this writes a package under OUT
-that imports and does nothing else: every attribute, submodule, call result,
-decorator and base class it hands out is an inert placeholder (a decorator
-returns what it decorates). A placeholder that is called at run time does not
-raise; a model that really needs these kernels is out of scope of the stand-in.
-An image that has the real packages keeps them (nothing is written for them).
-For the lent device only; a normal SGLang install has both packages.
+This writes OUT/sitecustomize.py, which every Python process with OUT on its
+PYTHONPATH runs at start (SGLang's scheduler processes too). It adds a finder,
+last on ``sys.meta_path`` (a real package wins), that hands a missing package
+NAME and its submodules to the modules named with ``--for`` and to no one else:
+FlashInfer asks ``importlib.util.find_spec("cutlass")`` to decide whether to run
+its CuTe-DSL kernels, and must still be told no. What the stand-in hands out
+(attributes, call results, decorators, base classes) is inert; a decorator
+returns what it decorates. For the lent device only: a normal SGLang install has
+the real package.
 
-    python3 scripts/import_standins.py /tmp/standins cutlass cuda.bindings
+    python3 scripts/import_standins.py /tmp/standins cutlass \
+        --for sglang.jit_kernel.dsa sglang.jit_kernel.cutedsl_fp8_paged_mqa_logits
     export PYTHONPATH=$PYTHONPATH:/tmp/standins
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
-import sys
 
-PACKAGE = '''"""Import-only stand-in written by mxserve's scripts/import_standins.py (see there)."""
+SITECUSTOMIZE = '''"""Import-only stand-ins written by mxserve's scripts/import_standins.py (see there)."""
 import importlib.abc
 import importlib.machinery
 import sys
@@ -69,11 +71,21 @@ def _module_getattr(name):
     return getattr_
 
 
-class _Submodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path, target=None):
-        if fullname.startswith(__name__ + "."):
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
+        if fullname.split(".")[0] not in NAMES or not self._asked_by_importer():
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    @staticmethod
+    def _asked_by_importer():
+        frame = sys._getframe(2)
+        while frame is not None:  # the first frame outside importlib is the one asking
+            name = frame.f_globals.get("__name__", "")
+            if not name.startswith(("importlib", "_frozen_importlib")):
+                return name.startswith(IMPORTERS)
+            frame = frame.f_back
+        return False
 
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
@@ -85,8 +97,7 @@ class _Submodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-sys.meta_path.append(_Submodules())
-__getattr__ = _module_getattr(__name__)
+sys.meta_path.append(_StandIns())
 '''
 
 
@@ -97,19 +108,20 @@ def missing(name: str) -> bool:
         return True
 
 
-def main(out: str, names: list[str]) -> None:
-    for name in names:
-        if not missing(name):
-            print(f"{name}: installed, no stand-in")
-            continue
-        pkg = os.path.join(out, *name.split("."))
-        os.makedirs(pkg, exist_ok=True)
-        with open(os.path.join(pkg, "__init__.py"), "w") as f:
-            f.write(PACKAGE)
-        print(f"{name}: import-only stand-in in {pkg}")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("names", nargs="+", help="top-level packages to stand in for where missing")
+    ap.add_argument("--for", dest="importers", nargs="+", required=True,
+                    help="module name prefixes that may import them")  # fmt: skip
+    a = ap.parse_args()
+    names = tuple(n for n in a.names if missing(n))
+    for n in a.names:
+        print(f"{n}: " + ("import-only stand-in" if n in names else "installed, no stand-in"))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "sitecustomize.py"), "w") as f:
+        f.write(f"NAMES = {names!r}\nIMPORTERS = {tuple(a.importers)!r}\n" + SITECUSTOMIZE)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(f"usage: {sys.argv[0]} OUT NAME [NAME...]")
-    main(sys.argv[1], sys.argv[2:])
+    main()
