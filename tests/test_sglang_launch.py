@@ -6,6 +6,7 @@ The plugin itself runs inside SGLang on a GPU: tests/test_sglang_gpu.py.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -93,12 +94,20 @@ def test_sglang_command_parallel(qwen2_ckpt):
     assert cmd[cmd.index("--tp-size") + 1] == "4" and cmd[cmd.index("--ep-size") + 1] == "2"
 
 
-def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
+def test_deepseek_shared_experts_run_in_the_launch(tiny_models, tmp_path):
     model = load_model(str(tiny_models["deepseek_v2"]))
     plan = Plan.uniform("m", "deepseek_v2", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
     quantize_to_dir(str(tiny_models["deepseek_v2"]), plan, str(tmp_path), progress=False)
-    with pytest.raises(MxServeError, match="embedded"):
-        sglang_launch.sglang_command(str(tmp_path), "127.0.0.1", 1, "m")
+    over = sglang_launch.model_overrides(str(tmp_path))
+    assert over["n_shared_experts"] == 0 and "shared_expert_intermediate_size" not in over
+
+
+def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):
+    shutil.copytree(qwen2_ckpt, tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps(dict(cfg, model_type="dbrx")))
+    with pytest.raises(MxServeError, match="dbrx runs on --engine embedded"):
+        sglang_launch.sglang_command(str(tmp_path / "other"), "127.0.0.1", 1, "m")
     with pytest.raises(MxServeError, match="--bf16-layers"):
         sglang_launch.sglang_command(qwen2_ckpt, "127.0.0.1", 1, "m", bf16_layers="fast")
     with pytest.raises(MxServeError, match="not an mxmoe checkpoint"):
