@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build SGLang's Marlin MoE kernel for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tgz
+# (git-ignored), so that a GPU call does not spend about 460 s of device time on its JIT build.
+#
+# SGLang's load_jit loads a prebuilt .so from $TVM_FFI_CACHE_DIR/<module>__arch_9.0__tvmffi_<v>/
+# directly when it is there (no ninja, no compiler on the device). The directory name hashes the
+# kernel's sources, so the bundle of ../shared/device (scripts/device_prep.sh) must be the one the
+# device runs. Needs nvcc 13 (CUDA_HOME, default /usr/local/cuda) and PyPI; about 10 minutes of one
+# core. On the device: tar xzf .tvm-ffi.tgz -C /tmp && export TVM_FFI_CACHE_DIR=/tmp/tvmcache
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f .bundle/site.tar.xz ] || { echo "run scripts/device_prep.sh first (it builds .bundle)" >&2; exit 2; }
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+[ -x "$CUDA_HOME/bin/nvcc" ] || { echo "no nvcc under $CUDA_HOME (set CUDA_HOME)" >&2; exit 2; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/site" "$work/py/sglang" "$work/tvmcache"
+tar xJf .bundle/site.tar.xz -C "$work/site"
+
+# The bundle is for the device's Python 3.12; this machine's Python needs its own builds of the
+# bundle's compiled modules on the import path of the build (same versions), and a package
+# stand-in for sglang that skips its __init__ (which imports the whole server).
+version() { ls "$work/site" | sed -n "s/^$1-\(.*\)\.dist-info$/\1/p"; }
+.venv/bin/pip install -q --no-deps --only-binary=:all: --target "$work/py" \
+    "apache-tvm-ffi==$(version apache_tvm_ffi)" "pydantic_core==$(version pydantic_core)" \
+    "orjson==$(version orjson)" ninja
+echo "__path__ = ['$work/site/sglang']" > "$work/py/sglang/__init__.py"
+
+PATH="$work/py/bin:$PATH" TVM_FFI_CACHE_DIR="$work/tvmcache" PYTHONPATH="$work/py:$work/site" \
+    .venv/bin/python - <<'EOF'
+import time
+
+import torch
+from sglang.jit_kernel.utils import override_jit_cuda_arch
+
+t0 = time.time()
+with override_jit_cuda_arch(9, 0):  # sm_90, as on the lent H100/H200
+    import sglang.jit_kernel.moe_wna16_marlin as marlin
+
+    marlin._jit_moe_wna16_marlin_module(torch.bfloat16)
+print(f"Marlin MoE built for sm_90 in {time.time() - t0:.0f} s")
+EOF
+tar czf .tvm-ffi.tgz -C "$work" tvmcache
+ls -la .tvm-ffi.tgz
