@@ -4,6 +4,7 @@
 #   .shr     the reference model's tokenizer files, for tests (MXSERVE_SHARED=$PWD/.shr), <1 MB
 #   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB
 # A call carries at most 64 MiB: .bundle with .shr and .pydeps fits; refmoe-25m itself does not.
+# SGLang's Marlin MoE (a baseline of benchmarks/moe_layer.py) is built apart: scripts/marlin_cache.sh.
 # On the device:  bash .bundle/install.sh && export PYTHONPATH=/tmp/site:$PWD/.pydeps MXSERVE_SHARED=$PWD/.shr
 set -euo pipefail
 cd "$(dirname "$0")/.."
