@@ -19,7 +19,7 @@ time), so nothing passes through shared memory.
 
 As in the Triton kernel's decode layout the zero point and scale come after
 the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
-of a tile of ones (3 bits: its two planes in two MMAs; 8 bits: its two nibbles,
+of a tile of ones (3 bits: its two planes in two MMAs on one activation tile; 8 bits: its two nibbles,
 since 128 + code does not fit bf16). A tile never spans two quantization groups, so experts need
 groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
 next tile's codes, scales and activations are loaded before this tile's
@@ -149,6 +149,15 @@ def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 
 
 
 @gluon.jit
+def _in_pair_order_of_2_bits(w):
+    """A 3-bit expert's 1-bit plane word with bytes 1 and 2 swapped (a PRMT): its codes t and t + 16
+    are then the k that ``_codes(.., 2, ..)`` pairs in a 2-bit plane word, so both planes take the
+    same activations (``_chunk_order(.., 8)``): k t and t + 8 for t < 8, t + 8 and t + 16 for
+    8 <= t < 16. Masks as signed int32: 0xFF000000 is -16777216."""
+    return (w & 255) | (w & -16777216) | ((w >> 8) & 65280) | ((w << 8) & 16711680)
+
+
+@gluon.jit
 def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, P: gl.constexpr = 0,
                  LOW: gl.constexpr = 0):  # fmt: skip
     """One K tile's bf16 weights, or codes of one bit plane (P bits wide, LOW bits below it, whose
@@ -199,24 +208,21 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
           MMA: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
-    next tile's can be in flight during these. 3 bits: the two planes, and the activations in the
-    k order of each (wx, ax); otherwise wx and ax are w and a."""
+    next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
+    the activations in the 2-bit plane's k order; otherwise wx is w."""
     if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
-        a = _acts(a_base, toks, stride_am, k0, 8, BM, B_OP)
-        ax = _acts(a_base, toks, stride_am, k0, 16, BM, B_OP)
     else:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
-        a = _acts(a_base, toks, stride_am, k0, _pair_stride(BITS), BM, B_OP)
-        ax = a
+    a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
-    return w, wx, s, z, a, ax
+    return w, wx, s, z, a
 
 
 @gluon.jit
-def _product(w, wx, s, z, a, ax, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
+def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
     """One tile's [BN, BM] fp32 result: W.a for bf16, s (Q.a - z sum(a)) for codes, Q the codes as
     the MMA gets them and z the zero point plus their offset (``_scales``)."""
     r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
@@ -227,8 +233,9 @@ def _product(w, wx, s, z, a, ax, ones, magic, BITS: gl.constexpr, A_OP: gl.const
         asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
         if BITS == 8:  # 128 + code does not fit bf16's 8 bits: the high and the low nibble apart
             q = mma_v2(_codes(w, magic, 8, A_OP, 4, 4), a, r) * 16.0 + mma_v2(_codes(w, magic, 8, A_OP, 4, 0), a, r)
-        elif BITS == 3:  # the 2-bit and the 1-bit plane, each in its own k order
-            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(_codes(wx, magic, 1, A_OP), ax, r) * 4.0
+        elif BITS == 3:  # the 2-bit and the 1-bit plane, in one k order
+            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(
+                _codes(_in_pair_order_of_2_bits(wx), magic, 1, A_OP), a, r) * 4.0
         else:
             q = mma_v2(_codes(w, magic, BITS, A_OP), a, r)
         return (q - z[:, None] * asum) * s[:, None]
@@ -245,24 +252,24 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
-    w, wx, s, z, a, ax = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
-                               BITS, BN, BM, B_OP, MMA)  # fmt: skip
+    w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
+                           BITS, BN, BM, B_OP, MMA)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
-        w2, wx2, s2, z2, a, ax = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
+        w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                        group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        wn, wxn, sn, zn, an, axn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
+        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
                                          group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
-            w2n, wx2n, s2n, z2n, an, axn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
+            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
                                                  kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
-        acc += _product(w, wx, s, z, a, ax, ones, magic, BITS, A_OP, MMA)
+        acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
-            acc2 += _product(w2, wx2, s2, z2, a, ax, ones, magic, BITS, A_OP, MMA)
-        w, wx, s, z, a, ax, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, axn, w2n, wx2n, s2n, z2n
+            acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
+        w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
     return acc, acc2
 
 
@@ -318,9 +325,9 @@ def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N,
         if GATE_UP:
             s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
         an = _acts(a_base, toks, stride_am, kn, _pair_stride(BITS), BM, B_OP)
-        acc += _product(w, w, s, z, a, a, ones, magic, BITS, A_OP, MMA)
+        acc += _product(w, w, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
-            acc2 += _product(w2, w2, s2, z2, a, a, ones, magic, BITS, A_OP, MMA)
+            acc2 += _product(w2, w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
         s, z, s2, z2, a = sn, zn, s2n, z2n, an
     async_copy.wait_group(0)  # nothing in flight into a ring that is about to be freed
     return acc, acc2
