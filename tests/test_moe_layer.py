@@ -95,3 +95,40 @@ def test_mixed_plan_changes_output_boundedly(tiny_models):
         out = layers[0](x)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.2
+
+
+def test_deepseek_router_of_transformers_5_12_is_wrapped(tiny_models):
+    """SGLang 0.5.15 pins transformers 5.12, whose DeepSeek-V2 block has a plain Linear gate and
+    routes itself; the view wraps it to route as later versions' router, under the same name."""
+    from torch import nn
+
+    from mxserve.models.adapters import ARCHS as SPECS
+    from mxserve.models.adapters import MoELayerView
+
+    view = moe_layers(load_model(str(tiny_models["deepseek_v2"])))[0]
+
+    class Block512(nn.Module):  # transformers 5.12's DeepseekV2Moe, routing as there (greedy)
+        def __init__(self, block: nn.Module, factor: float):
+            super().__init__()
+            self.experts, self.shared_experts = block.experts, block.shared_experts
+            self.gate = nn.Linear(view.hidden, view.n_routed, bias=False)
+            self.gate.weight = block.gate.weight
+            self.top_k, self.topk_method, self.routed_scaling_factor = view.top_k, "greedy", factor
+
+        def route_tokens_to_experts(self, router_logits):
+            probs = router_logits.view(-1, router_logits.shape[-1]).softmax(dim=-1, dtype=torch.float32)
+            weights, ids = torch.topk(probs, k=self.top_k, dim=-1, sorted=False)
+            return ids, weights * self.routed_scaling_factor
+
+    old = Block512(view.module, 2.0)
+    wrapped = MoELayerView(view.index, old, SPECS["deepseek_v2"])
+    assert wrapped.top_k == view.top_k and "gate.weight" in dict(old.named_parameters())
+    x = _hidden(view)[0]
+    with torch.no_grad():
+        weights, ids = wrapped.route(x)
+        logits, _, _ = wrapped.router(x)
+    probs = torch.softmax(x.float() @ view.router.weight.float().t(), dim=-1)
+    torch.testing.assert_close(logits, x.float() @ view.router.weight.float().t())
+    assert ids.shape == (x.shape[0], view.top_k)
+    torch.testing.assert_close(weights, 2.0 * probs.gather(1, ids))  # the block's scaling kept
+    assert MoELayerView(view.index, old, SPECS["deepseek_v2"]).router is wrapped.router  # wrapped once
