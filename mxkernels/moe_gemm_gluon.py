@@ -43,9 +43,9 @@ BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
 BK = 128  # 4 lanes x 32 consecutive k
 KERNEL_CODES = 0b111111  # kernel codes it runs: bf16 (0) and weight-only 1, 2, 3, 4 and 8 bits (arena.CODE_WONLY)
 # Code sets within 1, 2 and 4 bits compile to 87 registers (gate/up, sm_90); with bf16, 3 or 8 bits
-# the kernel holds 150 or more. Only the narrow ones gain from two MMA tiles of rows per warp
-# (BN 128): on the H200 they run 5 to 10% faster at 16 and 64 tokens, the wide ones slower
-# (results/moe_layer_h200_layouts.md).
+# the kernel holds 106 to 158. Only the narrow ones gain from two MMA tiles of rows per warp
+# (BN 128): on the H200 they run up to 11% faster at 16 and 64 tokens, the wide ones slower
+# (results/moe_layer_h200_layouts.md; w3 then held 128).
 NARROW_CODES = 0b10110
 # 128.0 in both bf16 halves: ORed onto two codes 16 bits apart, two bf16 128 + code. Passed as an
 # argument, not a constant, so that it sits in a register and the AND and the OR fuse into one LOP3
@@ -257,15 +257,15 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                       group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                   group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                         group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
-                                                 kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                            kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
         acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
