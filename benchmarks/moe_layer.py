@@ -41,6 +41,7 @@ from mxkernels.align import extend_routing  # noqa: E402
 from mxkernels.arena import build_arena  # noqa: E402
 from mxkernels.moe import expected_active, multiprocessors, mx_moe_forward, pick_tiles  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES, TOKEN_COUNTS  # noqa: E402
+from mxserve.errors import MxServeError  # noqa: E402
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear  # noqa: E402
 from mxserve.schemes import get_scheme  # noqa: E402
 
@@ -183,17 +184,6 @@ def layer_arenas(gu: torch.Tensor, dn: torch.Tensor, schemes: list[str]):
     return ag.to(gu.device), ad.to(gu.device), bits
 
 
-def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
-    """The planner's shape of a 3.25-bit plan for this routing: the more popular half of the routed
-    experts (and the shared ones) w4a16g128, the rest w2a16g128."""
-    probe_ids, _ = routing(4096, e, k, skewed, torch.Generator(device=dev).manual_seed(7), dev)
-    order = torch.bincount(probe_ids.reshape(-1), minlength=e).argsort(descending=True).tolist()
-    plan = ["w2a16g128"] * ne
-    for x in order[: e // 2] + list(range(e, ne)):
-        plan[x] = "w4a16g128"
-    return plan
-
-
 def tiered_plan(e: int, ne: int, k: int, skewed: bool, dev, tiers: list[tuple[str, int]]) -> list[str]:
     """A plan by popularity tiers, ``[(scheme, weight), ...]`` most popular first: the routed experts
     in order of popularity take the schemes in proportion to the weights, the shared ones the first."""
@@ -207,6 +197,12 @@ def tiered_plan(e: int, ne: int, k: int, skewed: bool, dev, tiers: list[tuple[st
     return plan
 
 
+def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
+    """The planner's shape of a 3.25-bit plan for this routing: the more popular half of the routed
+    experts (and the shared ones) w4a16g128, the rest w2a16g128."""
+    return tiered_plan(e, ne, k, skewed, dev, [("w4a16g128", 1), ("w2a16g128", 1)])
+
+
 def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
     """``LABEL=SCHEME:WEIGHT,SCHEME:WEIGHT,...`` (most popular first) for --plan."""
     try:
@@ -214,7 +210,7 @@ def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
         tiers = [(sc, int(w)) for sc, w in (part.split(":") for part in spec.split(","))]
         for sc, _ in tiers:
             get_scheme(sc)
-    except (ValueError, KeyError) as err:
+    except (ValueError, MxServeError) as err:
         raise argparse.ArgumentTypeError(f"--plan LABEL=SCHEME:WEIGHT,...: {err}") from None
     return label, tiers
 
@@ -328,9 +324,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     record("marlin w4a16g128", bench_graph(fn), marlin_bytes(mw), 4 + 20 / 128, bench(fn))
                 except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
                     print(f"marlin failed: {str(err)[:300]}", file=sys.stderr)
-            if ours_only:
-                pass
-            elif t <= 1024 or e <= 16:  # the eager loop at 8192 tokens x 128 experts only adds minutes
+            if not ours_only and (t <= 1024 or e <= 16):  # the eager loop at 8192 x 128 experts adds minutes
 
                 def torch_loop():
                     out = torch.zeros(t, h, device=dev, dtype=torch.float32)
@@ -478,7 +472,8 @@ def main() -> None:
                          "(e.g. w3=w3a16g128:1); timed in the MMA and Gluon layouts; repeatable")
     ap.add_argument("--layouts", default="", help="regex: time only the decode layouts whose label matches")
     ap.add_argument("--ours-only", action="store_true",
-                    help="leave out every baseline and the prefill layout (for comparing our own layouts)")
+                    help="leave out the torch and SGLang fused_moe baselines and the prefill layout (Marlin "
+                         "stays unless --no-marlin): for comparing our own layouts")
     ap.add_argument("--warm-marlin", action="store_true",
                     help="only build SGLang's Marlin MoE (its JIT takes minutes on first use) and exit")
     a = ap.parse_args()
@@ -527,8 +522,8 @@ def main() -> None:
     results: list = []
     gen = torch.Generator(device=dev).manual_seed(0)
     t0 = time.time()
+    layouts = {lb: ov for lb, ov in DECODE_VARIANTS.items() if re.search(a.layouts, lb)}
     for model in a.models:
-        layouts = {lb: ov for lb, ov in DECODE_VARIANTS.items() if re.search(a.layouts, lb)}
         run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin, dict(a.plan), layouts, a.ours_only)
         torch.cuda.empty_cache()
         with open(os.path.join(a.out, "moe_layer.json"), "w") as f:

@@ -17,9 +17,14 @@ its CuTe-DSL kernels, and must still be told no. What the stand-in hands out
 returns what it decorates. For the lent device only: a normal SGLang install has
 the real package.
 
+Once a named importer has imported it, the stand-in sits in ``sys.modules``, where
+any later import finds it. FlashInfer decides on its CuTe-DSL RMSNorm when its norm
+module is imported; ``FLASHINFER_USE_CUDA_NORM=1`` (FlashInfer's own switch for a
+missing nvidia-cutlass-dsl) keeps that decision off the import order:
+
     python3 scripts/import_standins.py /tmp/standins cutlass \
         --for sglang.jit_kernel.dsa sglang.jit_kernel.cutedsl_fp8_paged_mqa_logits
-    export PYTHONPATH=$PYTHONPATH:/tmp/standins
+    export PYTHONPATH=$PYTHONPATH:/tmp/standins FLASHINFER_USE_CUDA_NORM=1
 """
 
 from __future__ import annotations
@@ -62,15 +67,6 @@ class _Placeholder:
         return "<import-only stand-in " + self._name + ">"
 
 
-def _module_getattr(name):
-    def getattr_(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Placeholder(name + "." + attr)
-
-    return getattr_
-
-
 class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path, target=None):
         if fullname.split(".")[0] not in NAMES or not self._asked_by_importer():
@@ -90,7 +86,7 @@ class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = _module_getattr(spec.name)
+        module.__getattr__ = _Placeholder(spec.name).__getattr__
         return module
 
     def exec_module(self, module):

@@ -70,3 +70,56 @@ def test_moe_layer_benchmark_takes_any_expert_shape():
                 "x:hidden=8,inter=8,experts=2,top_k=1,extra=3"):
         with pytest.raises(argparse.ArgumentTypeError):
             moe_layer.parse_shape(bad)
+
+
+def test_moe_layer_benchmark_plans_by_popularity_tiers():
+    import argparse
+    from collections import Counter
+
+    import moe_layer
+    import pytest
+    import torch
+
+    label, tiers = moe_layer.parse_plan("t=w8a16:1,w4a16g128:2,w2a16g128:1")
+    assert label == "t" and tiers == [("w8a16", 1), ("w4a16g128", 2), ("w2a16g128", 1)]
+    for bad in ("t=w4a16g128", "t=w5a16:1", "w4a16g128:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            moe_layer.parse_plan(bad)
+    cpu = torch.device("cpu")
+    plan = moe_layer.tiered_plan(16, 18, 2, True, cpu, tiers)
+    assert Counter(plan[:16]) == {"w8a16": 4, "w4a16g128": 8, "w2a16g128": 4}
+    assert plan[16:] == ["w8a16", "w8a16"]  # shared experts: the first tier
+    # the most popular routed experts (skewed routing) take the first tier
+    probe, _ = moe_layer.routing(4096, 16, 2, True, torch.Generator().manual_seed(7), cpu)
+    top = torch.bincount(probe.reshape(-1), minlength=16).argsort(descending=True)[:4].tolist()
+    assert all(plan[x] == "w8a16" for x in top)
+    assert moe_layer.mixed_plan(16, 18, 2, True, cpu) == moe_layer.tiered_plan(
+        16, 18, 2, True, cpu, [("w4a16g128", 1), ("w2a16g128", 1)])
+
+
+def test_import_standins_answer_only_the_named_importers(tmp_path):
+    """The device's stand-in for a missing package: importable by the named modules, absent for
+    everyone else until they have imported it (FlashInfer asks find_spec whether cutlass is there)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, mods = tmp_path / "standins", tmp_path / "mods"
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "import_standins.py"), str(out),
+                          "mx_absent_pkg", "os", "--for", "mx_asker"], capture_output=True, text=True, check=True)
+    assert "mx_absent_pkg: import-only stand-in" in run.stdout and "os: installed" in run.stdout
+    mods.mkdir()
+    (mods / "mx_asker.py").write_text(
+        "import mx_absent_pkg.cute as cute\nfrom mx_absent_pkg import Float16\n\n"
+        "@cute.jit\ndef f():\n    return 3\n\nclass K(cute.Kernel):\n    pass\n\nVALUE = f() + len(list(Float16))\n")
+    check = ("import importlib.util\n"
+             "assert importlib.util.find_spec('mx_absent_pkg') is None\n"  # an outsider is told no
+             "import mx_asker\n"
+             "assert mx_asker.VALUE == 3 and issubclass(mx_asker.K, object)\n"
+             "import sys\nprint(sorted(m for m in sys.modules if m.startswith('mx_absent')))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(out), str(mods)]))
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    # imported once, it is in sys.modules for every later import (the script's docstring says so)
+    assert res.stdout.strip() == "['mx_absent_pkg', 'mx_absent_pkg.cute']"
