@@ -24,11 +24,14 @@ PROBE = """
 import importlib.util, json
 from importlib.metadata import entry_points
 eps = [(e.name, e.value) for e in entry_points(group="sglang.srt.plugins")]
+import os
 try:
     spec = importlib.util.find_spec("mxserve.engines.sglang_plugin")
+    # what SGLang's registry imports: the package named in the environment
+    models = importlib.util.find_spec(os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE") or "-")
 except ModuleNotFoundError:
-    spec = None
-print(json.dumps({"eps": eps, "plugin_module": spec is not None}))
+    spec = models = None
+print(json.dumps({"eps": eps, "plugin_module": spec is not None, "models_package": models is not None}))
 """
 
 
@@ -47,12 +50,12 @@ def test_plugin_visible_from_a_source_tree(tmp_path, monkeypatch):
     env = sglang_launch.plugin_env(str(tmp_path), {"PATH": os.environ["PATH"], "SGLANG_PLUGINS": "other"})
     got = _probe(env, tmp_path)
     assert ["mxmoe", "mxserve.engines.sglang_plugin:register"] in got["eps"]
-    assert got["plugin_module"]
+    assert got["plugin_module"] and got["models_package"]
     assert env["SGLANG_PLUGINS"] == "other,mxmoe"
     assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton")  # compiled kernels kept in mxserve's cache
     assert sglang_launch.plugin_env(str(tmp_path), {"TRITON_CACHE_DIR": "/mine"})["TRITON_CACHE_DIR"] == "/mine"
     bare = _probe({"PATH": os.environ["PATH"]}, tmp_path)
-    assert bare["eps"] == [] and not bare["plugin_module"]
+    assert bare["eps"] == [] and not bare["plugin_module"] and not bare["models_package"]
 
 
 def test_plugin_entry_point_installed():
@@ -99,7 +102,27 @@ def test_deepseek_shared_experts_run_in_the_launch(tiny_models, tmp_path):
     plan = Plan.uniform("m", "deepseek_v2", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
     quantize_to_dir(str(tiny_models["deepseek_v2"]), plan, str(tmp_path), progress=False)
     over = sglang_launch.model_overrides(str(tmp_path))
-    assert over["n_shared_experts"] == 0 and "shared_expert_intermediate_size" not in over
+    # SGLang's DeepSeek-V2 calls its shared MLP even with n_shared_experts 0; the plugin zeroes it instead
+    assert "n_shared_experts" not in over and "shared_expert_intermediate_size" not in over
+
+
+def test_mixtral_served_under_mxserves_architecture(tiny_models, tmp_path):
+    """SGLang builds a Mixtral quantized by a method outside its list without FusedMoE; the override
+    names the class of engines/sglang_models, whose registry name is its class name."""
+    import ast
+
+    model = load_model(str(tiny_models["mixtral"]))
+    plan = Plan.uniform("m", "mixtral", layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
+    quantize_to_dir(str(tiny_models["mixtral"]), plan, str(tmp_path), progress=False)
+    arch = sglang_launch.model_overrides(str(tmp_path))["architectures"]
+    assert arch != ["MixtralForCausalLM"]
+    spec = importlib.util.find_spec(sglang_launch.MODELS_PACKAGE + ".mixtral")
+    tree = ast.parse(open(spec.origin).read())
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    entry = [n.value.id for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "EntryClass"]
+    assert arch == entry and entry[0] in classes
+    with pytest.raises(MxServeError, match="SGLANG_EXTERNAL_MODEL_PACKAGE=theirs"):
+        sglang_launch.plugin_env(str(tmp_path / "state"), {"SGLANG_EXTERNAL_MODEL_PACKAGE": "theirs"})
 
 
 def test_sglang_command_errors(qwen2_ckpt, tiny_models, tmp_path):

@@ -40,10 +40,17 @@ GRPC_PORT_OFFSET = 10000  # sglang 0.5.15 derives a gRPC port from --port and re
 # Model types whose SGLang implementation holds the experts in one FusedMoE per layer under
 # the checkpoint's MoE block name (ArchSpec.stored_block), with the transformers tensor names
 # elsewhere (tests/test_sglang_gpu.py runs each). The shared experts of qwen2_moe and
-# deepseek_v2 run in the method's launch, so SGLang is told the model has none (model_overrides).
+# deepseek_v2 run in the method's launch, so SGLang is told Qwen2-MoE has none (model_overrides);
+# SGLang's DeepSeek-V2 runs its shared MLP even when told so, and the plugin makes it add zeros
+# (sglang_plugin.SharedInLaunch).
 MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2")
 # config keys that size the separate shared MLP SGLang would build beside the experts
-SHARED_MLP_KEYS = ("shared_expert_intermediate_size", "n_shared_experts")
+SHARED_MLP_KEYS = ("shared_expert_intermediate_size",)
+# Model types served under an architecture of mxserve's (engines/sglang_models says why), and
+# the package SGLang reads it from
+OWN_ARCHITECTURES = {"mixtral": "MxMoEMixtralForCausalLM"}
+MODELS_PACKAGE = "mxserve.engines.sglang_models"
+MODELS_PACKAGE_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -70,7 +77,15 @@ def check_sglang() -> str:
     lo, hi = SUPPORTED
     if not lo <= _version_tuple(version) < hi:
         raise MxServeError(f"sglang {version} is not supported; mxserve needs sglang >=0.5.15,<0.6")
+    check_models_package(os.environ)
     return version
+
+
+def check_models_package(env) -> None:
+    """SGLang reads one external model package; without mxserve's, a quantized Mixtral loses FusedMoE."""
+    if env.get(MODELS_PACKAGE_ENV, MODELS_PACKAGE) != MODELS_PACKAGE:
+        raise MxServeError(f"{MODELS_PACKAGE_ENV}={env[MODELS_PACKAGE_ENV]}: mxserve launch sets it to "
+                           f"{MODELS_PACKAGE} (SGLang's Mixtral under a name of mxserve's); unset it")
 
 
 def _plugin_installed() -> bool:
@@ -98,6 +113,8 @@ def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, s
     env["PYTHONPATH"] = os.pathsep.join(paths)
     # Triton's compiled kernels live in mxserve's cache, so the next launch (and a cache volume) reuses them
     env.setdefault("TRITON_CACHE_DIR", os.path.join(state_dir, "triton"))
+    check_models_package(env)
+    env[MODELS_PACKAGE_ENV] = MODELS_PACKAGE
     allowed = env.get("SGLANG_PLUGINS")
     if allowed and PLUGIN_NAME not in allowed.split(","):
         env["SGLANG_PLUGINS"] = allowed + "," + PLUGIN_NAME  # a whitelist would otherwise skip us
@@ -135,6 +152,8 @@ def model_overrides(ckpt: str, bf16_layers: str = "sglang") -> dict:
     for key in SHARED_MLP_KEYS:
         if cfg.get(key):
             out[key] = 0
+    if cfg["model_type"] in OWN_ARCHITECTURES:
+        out["architectures"] = [OWN_ARCHITECTURES[cfg["model_type"]]]
     return out
 
 

@@ -24,9 +24,10 @@ Only the MoE experts are ours: FusedMoE gets :class:`MxMoEMethod`, which
 holds the layer's :class:`~mxserve.runtime.moe_layer.MixedExperts` (the same
 class the embedded engine runs) and calls the mixed-precision kernels.
 Shared experts run in that launch as experts that receive every token, so the
-launcher tells SGLang the model has no separate shared MLP
-(``shared_expert_intermediate_size: 0`` for Qwen2-MoE, ``n_shared_experts: 0``
-for DeepSeek-V2). Attention, norms, router and LM head stay SGLang's own
+launcher tells SGLang that Qwen2-MoE has no separate shared MLP
+(``shared_expert_intermediate_size: 0``); DeepSeek-V2's shared MLP cannot be
+left out of SGLang's model, so its linears get :class:`SharedInLaunch`, which
+holds no weights and adds zeros. Attention, norms, router and LM head stay SGLang's own
 unquantized layers. A routed scaling factor (DeepSeek-V2) is applied where
 SGLang's own fused MoE applies it: to the routed experts' sum, not the shared
 experts' output.
@@ -52,7 +53,12 @@ import torch
 # Only SGLang's base classes here: SGLang imports plugins before its own layers,
 # and its MoE layer modules must be imported in SGLang's order (they pull in
 # flashinfer), so FusedMoE and the linear classes are imported when first needed.
-from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig, QuantizeMethodBase
+from sglang.srt.layers.quantization.base_config import (
+    FusedMoEMethodBase,
+    LinearMethodBase,
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
 
 from mxserve.checkpoint import DOWN, FORMAT_VERSION, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
@@ -120,11 +126,31 @@ class MxMoEConfig(QuantizationConfig):
         if isinstance(layer, FusedMoE):
             return MxMoEMethod(self.plan, self.bf16_layers == "sglang")
         if isinstance(layer, LinearBase):
-            return UnquantizedLinearMethod()
+            return SharedInLaunch() if SHARED_MLP_PREFIX in prefix else UnquantizedLinearMethod()
         return None
 
     def get_scaled_act_names(self) -> list[str]:
         return []
+
+
+SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwen2-MoE's is "shared_expert")
+
+
+class SharedInLaunch(LinearMethodBase):
+    """A linear of DeepSeek-V2's shared-experts MLP, whose experts run in the MoE launch instead.
+
+    SGLang 0.5.15's DeepseekV2MoE calls that MLP whenever it has not fused the shared experts
+    into its own MoE kernel (it fuses them only for DeepSeek-V3's 256 experts), even when told
+    the model has none; so the MLP stays, holds no weights, and adds zeros."""
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:  # fmt: skip
+        # SGLang reads the dtype of ``weight``; empty, so nothing is kept or loaded
+        layer.register_parameter("weight", torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False))
+        layer.mx_out = sum(output_partition_sizes)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], layer.mx_out)
 
 
 def _wholly_bf16(layer_plan: LayerPlan) -> bool:
