@@ -143,8 +143,16 @@ class SharedInLaunch(LinearMethodBase):
     into its own MoE kernel (it fuses them only for DeepSeek-V3's 256 experts), even when told
     the model has none; so the MLP stays, holds no weights, and adds zeros."""
 
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
-                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:  # fmt: skip
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
         # SGLang reads the dtype of ``weight``; empty, so nothing is kept or loaded
         layer.register_parameter("weight", torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False))
         layer.mx_out = sum(output_partition_sizes)
