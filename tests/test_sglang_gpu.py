@@ -1,7 +1,8 @@
 """The SGLang engine on a GPU: `mxserve launch --engine sglang` on a mixed-precision checkpoint.
 
 Needs CUDA and sglang (on the lent GPU: the bundle of ../shared/device). The
-SGLang flags are the ones the bundle was seen working with.
+SGLang flags are the ones the bundle was seen working with. With
+``MXSERVE_TEST_SERVER_LOGS=FILE`` every server's whole log is appended to FILE.
 """
 
 import contextlib
@@ -103,6 +104,10 @@ def serving(cmd: list[str], port: int, log_path: str):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+        keep = os.environ.get("MXSERVE_TEST_SERVER_LOGS")  # one file that gathers every server's log
+        if keep:
+            with open(keep, "a") as f, open(log_path, errors="replace") as one:
+                f.write(f"\n===== {os.environ.get('PYTEST_CURRENT_TEST', '')}: {' '.join(cmd[1:4])}\n{one.read()}")
 
 
 def mxserve_cmd(ckpt: str, port: int, name: str, *more: str) -> list[str]:
