@@ -104,8 +104,9 @@ def measure_experts(
 ) -> list[dict[str, dict[str, float]]]:
     """Per expert, err[block][scheme]: mean ||w_t (y'_t - y_t)||^2 with only that block quantized.
 
-    Each (scheme, block) is quantized for all experts of the layer at once (their blocks share
-    a shape): GPTQ's column loop then runs once per layer instead of once per expert."""
+    Each scheme is quantized for all experts of the layer at once, gate and up together (they
+    share a shape and a Hessian), then down: GPTQ's column loop runs twice per scheme and layer
+    instead of once per expert and block."""
     prep = []
     for ew, inp in zip(experts, inputs):
         w = {b: ew.block(b).float() for b in BLOCKS}
@@ -118,12 +119,12 @@ def measure_experts(
         prep.append((w, hess, xs, ws, g, u, a, a @ w["down"].T, {}, {}))  # + rotations of xs and of a, by seed
     errs: list[dict[str, dict[str, float]]] = [{b: {} for b in BLOCKS} for _ in experts]
     for s in schemes:
-        for b in BLOCKS:
-            idx = [i for i, p in enumerate(prep) if s.supports(p[0][b].shape[1])]
-            if not idx:
+        for blocks in (("gate", "up"), ("down",)):
+            jobs = [(i, b) for b in blocks for i, p in enumerate(prep) if s.supports(p[0][b].shape[1])]
+            if not jobs:
                 continue
-            qs = quantize_linears([prep[i][0][b] for i in idx], s, method, [prep[i][1][b] for i in idx], hadamard_seed)
-            for i, q in zip(idx, qs):
+            weights, hessians = [prep[i][0][b] for i, b in jobs], [prep[i][1][b] for i, b in jobs]
+            for (i, b), q in zip(jobs, quantize_linears(weights, s, method, hessians, hadamard_seed)):
                 w, _, xs, ws, g, u, a, y, xs_rot, a_rot = prep[i]
                 if b == "gate":
                     y2 = (nn.functional.silu(q.forward(xs, rotated=xs_rot)) * u) @ w["down"].T

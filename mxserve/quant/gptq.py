@@ -31,7 +31,8 @@ def gptq(
     A batch of blocks of one shape (``w`` [B, N, K], ``h`` [B, K, K]: the experts of a
     layer) runs as one: every step of the column loop is one batched op for all B, so
     the loop costs B times fewer launches on a GPU (and interpreter steps on a CPU);
-    the results are then [B, ...]. Rows of all blocks share the quantizer calls."""
+    the results are then [B, ...]. Rows of all blocks share the quantizer calls. On a GPU
+    the loop is bound by launches, so each column step is kept to about a dozen ops."""
     batched = w.dim() == 3
     w = w.detach().to(torch.float32).clone().reshape(-1, *w.shape[-2:])
     h = h.detach().to(torch.float32).clone().reshape(-1, *h.shape[-2:])
@@ -54,32 +55,42 @@ def gptq(
         zeros = torch.empty(b * n, ngroups, device=w.device) if z0 is not None else None
         if g == k:  # per-channel: fit once on the whole row
             scales, zeros = s0, z0
+
+    def by_row(t: torch.Tensor | None) -> torch.Tensor | None:  # [B*N, 1] as the columns' [B, N]
+        return None if t is None else t.view(b, n)
+
+    sv, zv = (by_row(scales), by_row(zeros)) if g == k else (None, None)
     q_all = torch.zeros_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, :, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        m = i2 - i1
+        # The block column-major, [m, B, N]: column i is cols[i], one contiguous tensor, and each
+        # step is a few whole-tensor ops (the loop is launch-bound on a GPU: ops per column count).
+        cols = w[:, :, i1:i2].permute(2, 0, 1).contiguous()
+        qcols, errs = [], []  # stacked once per block, not written column by column
         hinv1 = hinv[:, i1:i2, i1:i2]
-        cur_s = cur_z = None
-        for i in range(i2 - i1):
+        hrows = hinv1.permute(1, 2, 0).unsqueeze(-1).contiguous()  # [m, m, B, 1]: hrows[i, j] = hinv1[:, i, j]
+        hdiag = torch.diagonal(hinv1, dim1=-2, dim2=-1).T.unsqueeze(-1).contiguous()  # [m, B, 1]
+        colv, diagv, hrowv = cols.unbind(0), hdiag.unbind(0), hrows.unbind(0)  # views, made once per block
+        for i in range(m):
             col = i1 + i
             if g < k and col % g == 0:
-                cur_s, cur_z = family.fit(w1[:, :, i : i + g].reshape(b * n, -1))
+                cur_s, cur_z = family.fit(cols[i : i + g].permute(1, 2, 0).reshape(b * n, -1))
                 if scales is not None:
                     scales[:, col // g] = cur_s[:, 0]
                 if zeros is not None and cur_z is not None:
                     zeros[:, col // g] = cur_z[:, 0]
-            elif g == k:
-                cur_s, cur_z = scales, zeros
-            wc = w1[:, :, i : i + 1]
-            qc = family.quant_dequant(wc.reshape(b * n, 1), cur_s, cur_z).view(b, n, 1)
-            q1[:, :, i : i + 1] = qc
-            e = (wc - qc) / hinv1[:, i, i, None, None]
-            w1[:, :, i:] -= e @ hinv1[:, i : i + 1, i:]
-            err1[:, :, i : i + 1] = e
-        q_all[:, :, i1:i2] = q1
-        w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]
+                sv, zv = by_row(cur_s), by_row(cur_z)
+            wc = colv[i]
+            qc = family.quant_dequant(wc, sv, zv)  # [B, N] with one parameter each: elementwise
+            e = (wc - qc) / diagv[i]
+            # e's outer product with row i of H^-1 (one product per element: exact); sub_ on the
+            # slice, as `cols[i:] -= ...` would also copy the slice onto itself
+            cols[i:].sub_(hrowv[i][i:] * e)
+            qcols.append(qc)
+            errs.append(e)
+        q_all[:, :, i1:i2] = torch.stack(qcols, dim=2)
+        w[:, :, i2:].sub_(torch.stack(errs, dim=2) @ hinv[:, i1:i2, i2:])
     codes = family.encode(q_all.view(b * n, k), scales, zeros)
     if not batched:
         return codes, scales, zeros
