@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mxserve.data import calibration_windows
 from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView
-from mxserve.models.layerwise import LayerwiseModel, release_memory
+from mxserve.models.layerwise import LayerwiseModel, free_bytes, release_memory
 from mxserve.models.loading import load_tokenizer
 from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
 from mxserve.quant.gptq import hessian
@@ -85,6 +85,15 @@ def expert_inputs(view: MoELayerView, x: torch.Tensor, min_tokens: int) -> list[
     return out
 
 
+def gptq_batches(jobs: list, n: int, k: int, device: torch.device, share: float = 0.5) -> list[list]:
+    """``jobs`` (blocks of shape [n, k]) in batches whose GPTQ working memory fits in ``share`` of
+    the memory free now: one batch on a large GPU (the loop is launch-bound there), several where
+    memory is short (a real-size layer's gate and up at once need about 11 GB besides its inputs)."""
+    per_block = 4 * (6 * k * k + 5 * n * k)  # fp32: Hessian, its factors and rotation; weights, codes
+    size = max(1, int(free_bytes(device) * share) // per_block)
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
 def block_hessians(ew: ExpertWeights, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """GPTQ Hessians of the expert's blocks: gate/up see x, down sees SiLU(gate)*up."""
     h_in = hessian(x)
@@ -123,8 +132,12 @@ def measure_experts(
             jobs = [(i, b) for b in blocks for i, p in enumerate(prep) if s.supports(p[0][b].shape[1])]
             if not jobs:
                 continue
-            weights, hessians = [prep[i][0][b] for i, b in jobs], [prep[i][1][b] for i, b in jobs]
-            for (i, b), q in zip(jobs, quantize_linears(weights, s, method, hessians, hadamard_seed)):
+            n, k = prep[jobs[0][0]][0][jobs[0][1]].shape
+            done = []
+            for batch in gptq_batches(jobs, n, k, prep[0][0]["gate"].device):
+                weights, hessians = [prep[i][0][b] for i, b in batch], [prep[i][1][b] for i, b in batch]
+                done += zip(batch, quantize_linears(weights, s, method, hessians, hadamard_seed))
+            for (i, b), q in done:
                 w, _, xs, ws, g, u, a, y, xs_rot, a_rot = prep[i]
                 if b == "gate":
                     y2 = (nn.functional.silu(q.forward(xs, rotated=xs_rot)) * u) @ w["down"].T

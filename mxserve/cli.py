@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, nargs="+", help="calibration text file(s)")
     c.add_argument("--schemes", help="comma-separated candidate schemes (default: all canonical)")
     c.add_argument("--method", default="gptq-had", choices=METHOD_CHOICES)
-    c.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--nsamples", "--calib-samples", dest="nsamples", type=_positive_int, default=128,
+                   help="calibration windows (default 128; --calib-samples as in launch)")
     c.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--hadamard-seed", type=int, default=0)
@@ -509,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True)
     q.add_argument("--plan", required=True)
     q.add_argument("--data", nargs="+", help="calibration text for GPTQ (default: the plan's)")
-    q.add_argument("--nsamples", type=_positive_int, default=128)
+    q.add_argument("--nsamples", "--calib-samples", dest="nsamples", type=_positive_int, default=128,
+                   help="calibration windows for GPTQ (default 128; --calib-samples as in launch)")
     q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--out", required=True, help="output directory")

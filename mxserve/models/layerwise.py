@@ -139,6 +139,21 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory free for work on ``device`` now: the GPU's free memory, or the host's available
+    memory (MemAvailable: free plus what the kernel can reclaim)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class _Stop(Exception):
     pass
 
