@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs
+from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs, gptq_batches
 from mxserve.data import calibration_windows
 from mxserve.errors import MxServeError
 from mxserve.models.adapters import MoELayerView, decoder_layers, module_name, moe_layers, stored_name
@@ -121,15 +121,18 @@ def expert_blocks(view: MoELayerView, x: torch.Tensor | None, min_tokens: int) -
 def quantize_experts(blocks: list[tuple], s_gu: list[Scheme], s_d: list[Scheme], method: str,
                      hadamard_seed: int) -> list[QuantizedExpert]:  # fmt: skip
     """Experts' blocks (items of :func:`layer_blocks`) in the given schemes, returned on the CPU;
-    the blocks that share a scheme are quantized as one batch (quantize_linears)."""
+    the blocks that share a scheme are quantized as one batch (quantize_linears), or in as
+    few as the free memory allows (calibrate.gptq_batches)."""
     out: list[list] = [[None, None] for _ in blocks]
     for pos, schemes, hess_key in ((1, s_gu, "gate"), (2, s_d, "down")):
         for s in dict.fromkeys(schemes):
             idx = [i for i, x in enumerate(schemes) if x == s]
-            qs = quantize_linears([blocks[i][pos] for i in idx], s, method, [blocks[i][3].get(hess_key) for i in idx],
-                                  hadamard_seed)  # fmt: skip
-            for i, q in zip(idx, qs):
-                out[i][pos - 1] = q.to("cpu")
+            n, k = blocks[idx[0]][pos].shape
+            for batch in gptq_batches(idx, n, k, blocks[idx[0]][pos].device):
+                qs = quantize_linears([blocks[i][pos] for i in batch], s, method,
+                                      [blocks[i][3].get(hess_key) for i in batch], hadamard_seed)  # fmt: skip
+                for i, q in zip(batch, qs):
+                    out[i][pos - 1] = q.to("cpu")
     return [QuantizedExpert(gu, d, b[0].shared) for (gu, d), b in zip(out, blocks)]
 
 
