@@ -140,10 +140,12 @@ def release_memory() -> None:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for work on ``device`` now: the GPU's free memory, or the host's available
-    memory (MemAvailable: free plus what the kernel can reclaim)."""
+    """Memory free for work on ``device`` now: the GPU's free memory with what torch's allocator
+    holds unused, or the host's available memory (MemAvailable: free plus what the kernel can
+    reclaim)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
