@@ -128,6 +128,13 @@ def _stand_in(scheme: str, n: int, k: int, cache: dict) -> QuantizedLinear:
     return cache[scheme, n, k]
 
 
+def _unrotated_input(a: torch.Tensor, arena) -> tuple[torch.Tensor, int]:
+    """moe._rotated_input's shapes without its arithmetic (recording reads no value)."""
+    if arena.rotation_seed is None:
+        return a, 0
+    return a.new_empty(2 * a.shape[0], a.shape[1]), a.numel()
+
+
 def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], target, sms: int, model_codes: int = 0,
                     table=None, specialize_all: bool = False) -> Recorder:  # fmt: skip
     """The kernel variants that serving ``layers`` launches at these token counts on a GPU of
@@ -136,8 +143,11 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
     tokens = list(tokens)
     cache: dict = {}
     # the launch path as on that GPU: its multiprocessors, its tile table, and the Gluon kernel's
-    # decode launches (recorded like the others, not run)
-    patches = [*rec.patches(), mock.patch.object(moe, "multiprocessors", lambda dev: sms),
+    # decode launches (recorded like the others, not run). A recorded launch reads no value, so the
+    # stand-in inputs are zeros and their Hadamard-rotated copy is not computed: that arithmetic was
+    # 95% of a real-size plan's recording (about 50 s per Qwen1.5 layer on 2 cores).
+    patches = [*rec.patches(), mock.patch.object(moe, "_rotated_input", _unrotated_input),
+               mock.patch.object(moe, "multiprocessors", lambda dev: sms),
                mock.patch.object(moe, "tile_table", lambda dev: table),
                mock.patch.object(moe, "_runs_gluon", lambda dev: target.arch >= 80),
                mock.patch.object(moe, "_gluon_kernel", lambda: moe_gemm_gluon.mx_moe_gemm_gluon_kernel)]  # fmt: skip
@@ -156,7 +166,7 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)
-                moe.mx_moe_forward(torch.randn(t, h).bfloat16(), ids, w, gu, dn, e,
+                moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
                                    torch.rand(t, 1) if shared else None)  # fmt: skip
     finally:
         for p in patches:
