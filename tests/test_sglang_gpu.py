@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import MIX, mixed_plan, sglang_tiny
 from mxserve.checkpoint import layout, quantize_to_dir
 from mxserve.models.adapters import moe_layers
 from mxserve.models.loading import load_model
@@ -39,38 +39,7 @@ SGLANG_ARGS = os.environ.get(
     "--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.3 "
     "--max-total-tokens 16384",
 )
-MIX = ("w4a16g128", "w3a16g128", "w8a8fp8", "bf16", "w2a16g128", "w8a16", "w4a4", "w1a16g128")
-
-
-# what DeepSeek-V2's own config.json holds and transformers' DeepseekV2Config does not (SGLang
-# reads them); a routed scaling factor that is not 1, so a method that skips it fails; DeepSeek-V2's
-# own MLA cache width, 512 + 64 (SGLang's Triton MLA decode kernel compiles for 512 + 64 and
-# 256 + 32 only: it failed for 64 + 64 and for conftest's 32 + 16)
-DEEPSEEK_KEYS = {"n_group": 1, "topk_group": 1, "scoring_func": "softmax", "moe_layer_freq": 1,
-                 "routed_scaling_factor": 4.0, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
-                 "qk_nope_head_dim": 64, "v_head_dim": 64, "qk_head_dim": 128, "head_dim": 64}  # fmt: skip
 ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2"]
-
-
-def sglang_tiny(arch: str, tmp_path) -> str:
-    """A tiny model SGLang serves: head_dim 64 (with 32, SGLang 0.5.15 takes a fallback rope that
-    fails in CUDA-graph capture)."""
-    if arch == "qwen2_moe":
-        return str(build_tiny(arch, tmp_path / "src"))
-    if arch == "qwen3_moe":
-        return str(build_tiny(arch, tmp_path / "src", head_dim=64))
-    if arch == "deepseek_v2":
-        return str(build_tiny(arch, tmp_path / "src", num_attention_heads=2, **DEEPSEEK_KEYS))
-    return str(build_tiny(arch, tmp_path / "src", num_attention_heads=2, num_key_value_heads=2))
-
-
-def mixed_plan(model) -> Plan:
-    plan = Plan.uniform("tiny", model.config.model_type, layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
-    for lay in plan.layers:
-        for ep in lay.experts:
-            ep.gate = ep.up = MIX[(ep.expert + lay.layer) % len(MIX)]
-            ep.down = MIX[(ep.expert + lay.layer + 3) % len(MIX)]
-    return plan
 
 
 def failure_report(log_path: str, tail: int = 3000) -> str:
