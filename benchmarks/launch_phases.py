@@ -3,10 +3,10 @@
 Runs one `mxserve launch` (calibration, planning, quantization, then the server) with an
 empty mxserve cache, waits for /health, checks a few chat completions, and writes a table:
 
-- calibrate, quantize: the `phase` lines the launch logs (mxserve/phases.py: wall time,
+- calibrate, quantize, precompile: the `phase` lines the launch logs (mxserve/phases.py: wall time,
   torch's peak GPU allocation, peak resident host memory of the launch process);
-- serve: start of serving to /health, GPU memory in use (nvidia-smi; SGLang reserves a
-  fixed fraction of the GPU for its KV cache, so this is that reservation) and the
+- serve: SGLang's start (after the precompile) to /health, GPU memory in use (nvidia-smi;
+  SGLang reserves a fixed fraction of the GPU for its KV cache, so this is that reservation) and the
   server processes' resident host memory, sampled each second.
 
     python3 benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \\
@@ -89,12 +89,16 @@ def main() -> None:
         with open(log) as f:
             f.seek(start)
             return f.read()
-    peaks = {"gpu": 0, "host": 0, "serve_start": None}
+    peaks = {"gpu": 0, "host": 0, "serve_start": None, "precompiled": False}
     done = threading.Event()
 
-    def sample() -> None:  # once quantization is over: nvidia-smi and the process tree
+    def sample() -> None:  # once the launch's own phases are over: nvidia-smi and the process tree
         while not done.wait(1.0):
-            if peaks["serve_start"] is None and "phase quantize" in this_run():
+            text = this_run()
+            # the kernels precompile before SGLang starts; a launch that compiles nothing ends with quantize
+            if "phase precompile" in text and not peaks["precompiled"]:
+                peaks.update(serve_start=time.time(), gpu=0, host=0, precompiled=True)
+            elif peaks["serve_start"] is None and "phase quantize" in text:
                 peaks["serve_start"] = time.time()
             if peaks["serve_start"] is not None:
                 peaks["gpu"] = max(peaks["gpu"], gpu_used())
