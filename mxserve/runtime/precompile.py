@@ -33,7 +33,9 @@ from mxserve.schemes import get_scheme
 KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
            "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel,
            "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel}  # fmt: skip
-DECODE_BATCHES = [1, 2, 4, 8, *range(16, 257, 8)]  # SGLang's default CUDA-graph batch sizes
+# SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
+# with a 15B model; the sizes past 256 are taken when memory allows a larger max_bs)
+DECODE_BATCHES = [1, 2, 4, 8, 12, *range(16, 257, 8), *range(272, 512, 16)]
 PREFILL_TOKENS = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
                   *range(1280, 4097, 256), *range(4608, 8193, 512)]  # fmt: skip
 
