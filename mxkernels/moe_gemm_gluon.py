@@ -204,18 +204,25 @@ def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP:
 
 
 @gluon.jit
-def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
-          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
-          MMA: gl.constexpr):  # fmt: skip
-    """Loads of one K tile (weights, scales, activations): everything the products need, so the
-    next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
-    the activations in the 2-bit plane's k order; otherwise wx is w."""
+def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr):
+    """One K tile's weights: 3 bits as its two planes (w, wx); otherwise wx is w."""
     if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
     else:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
+    return w, wx
+
+
+@gluon.jit
+def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
+          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
+          MMA: gl.constexpr):  # fmt: skip
+    """Loads of one K tile (weights, scales, activations): everything the products need, so the
+    next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
+    the activations in the 2-bit plane's k order; otherwise wx is w."""
+    w, wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN)
     a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
     return w, wx, s, z, a
@@ -244,9 +251,11 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, AHEAD: gl.constexpr = 1):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
-    tile's loads in registers while this tile's products run."""
+    tile's loads in registers while this tile's products run. AHEAD 2: the weights two tiles ahead
+    (scales and activations, L1 and L2 hits after the first tile, one): twice the code bytes in
+    flight per warp for the registers of one more weight tile, 4 to 8 per thread at 1 to 4 bits."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -258,14 +267,36 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+    # AHEAD 2: the tile after, a valid one even when this split has a single tile (then unused)
+    wf, wxf, w2f, wx2f = w, wx, w2, wx2
+    if AHEAD == 2:
+        kf = gl.minimum(k0 + _BK, K - _BK)
+        wf, wxf = _weights(wi_ptr, wb_ptr, 0, r0, N, kf, K, BITS, BN)
+        w2f, wx2f = wf, wxf
+        if GATE_UP:
+            w2f, wx2f = _weights(wi_ptr, wb_ptr, N, r0, N, kf, K, BITS, BN)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
-        w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
-        if GATE_UP:
-            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
-                                            kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        if AHEAD == 2:
+            kf = gl.minimum(k0 + 2 * _BK, k_hi - _BK)
+            wff, wxff = _weights(wi_ptr, wb_ptr, 0, r0, N, kf, K, BITS, BN)
+            w2ff, wx2ff = wff, wxff
+            if GATE_UP:
+                w2ff, wx2ff = _weights(wi_ptr, wb_ptr, N, r0, N, kf, K, BITS, BN)
+            an = _acts(a_base, toks, stride_am, kn, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
+            sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN, MMA)
+            s2n, z2n = sn, zn
+            if GATE_UP:
+                s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
+            wn, wxn, w2n, wx2n = wf, wxf, w2f, wx2f
+            wf, wxf, w2f, wx2f = wff, wxff, w2ff, wx2ff
+        else:
+            wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
+                                        group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+            w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
+            if GATE_UP:
+                w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
+                                                stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
         acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
@@ -338,7 +369,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
                              BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             RING: gl.constexpr = 0):  # fmt: skip
+                             RING: gl.constexpr = 0, AHEAD: gl.constexpr = 1):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -385,7 +416,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP,
-                                        MMA)  # fmt: skip
+                                        MMA, AHEAD)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
     out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]

@@ -20,7 +20,7 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
 
 
-def _sass(gate_up: bool, ring: int = 0) -> str:
+def _sass(gate_up: bool, ring: int = 0, ahead: int = 1) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -29,7 +29,8 @@ def _sass(gate_up: bool, ring: int = 0) -> str:
 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # bf16, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b111101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "RING": ring}
+    consts = {"GATE_UP": gate_up, "CODES": 0b111101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "RING": ring,
+              "AHEAD": ahead}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -38,7 +39,7 @@ def _sass(gate_up: bool, ring: int = 0) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{int(gate_up)}_{ring}.cubin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{int(gate_up)}_{ring}_{ahead}.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
     try:
@@ -47,9 +48,10 @@ def _sass(gate_up: bool, ring: int = 0) -> str:
         os.remove(path)
 
 
+@pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("gate_up", [True, False])
-def test_gluon_kernel_feeds_the_mma_from_registers(gate_up):
-    sass = _sass(gate_up)
+def test_gluon_kernel_feeds_the_mma_from_registers(gate_up, ahead):
+    sass = _sass(gate_up, ahead=ahead)
     assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", sass), "no bf16 mma.sync in the kernel"
     # no shared-memory traffic at all: codes and activations are loaded into MMA fragments
     for op in ("LDS", "STS", "LDSM", "LDGSTS"):
@@ -95,6 +97,17 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
     errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn, ring=ring,
                        **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_gluon_kernel_weights_two_tiles_ahead_in_the_interpreter(interpreted_gluon, split):
+    # AHEAD 2: K 512 (gate/up) and 384 (down) are 4 and 3 tiles, so the look-ahead runs past the end of
+    # each split (split 2: splits of 2 tiles, and of 2 and 1); 3 bits' two planes are carried too
+    names = ["w4a16g128", "w2a16g128", "w3a16g128", "w1a16g128", "w8a16", "bf16"]
+    errs = gemm_errors(names, 32, 512, 384, 12, 1, 2, "cpu", seed=5, split=split, bm=8, ahead=2, **GLUON)
+    assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 
