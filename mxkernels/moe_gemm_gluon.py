@@ -255,7 +255,8 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run. AHEAD 2: the weights two tiles ahead
     (scales and activations, L1 and L2 hits after the first tile, one): twice the code bytes in
-    flight per warp for the registers of one more weight tile, 4 to 8 per thread at 1 to 4 bits."""
+    flight per warp, for more registers (sm_90, 1, 2 and 4 bits, BN 64: gate/up 87 -> 107, down
+    72 -> 76; benchmarks/README.md)."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
