@@ -105,9 +105,9 @@ def test_gluon_kernel_weights_two_tiles_ahead_in_the_interpreter(interpreted_glu
     # AHEAD 2: K 384 (gate/up) and 768 (down) are 3 and 6 tiles in 2 splits, of 2 and 1, and of 3 and 3
     # tiles: the look-ahead carries a tile through a 3-tile split (carrying the wrong one fails here),
     # runs past the end of each split, and a one-tile split loads a tile it never uses; 3 bits' two
-    # planes are carried too
-    names = ["w4a16g128", "w2a16g128", "w3a16g128", "w1a16g128", "w8a16", "bf16"]
-    errs = gemm_errors(names, 24, 384, 768, 8, 1, 2, "cpu", seed=5, split=2, bm=8, ahead=2, **GLUON)
+    # planes and bf16 rows are carried too (every scheme's arithmetic: the test above)
+    names = ["w4a16g128", "w3a16g128", "bf16"]
+    errs = gemm_errors(names, 12, 384, 768, 6, 1, 2, "cpu", seed=5, split=2, bm=8, ahead=2, **GLUON)
     assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
