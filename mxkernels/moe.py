@@ -48,8 +48,6 @@ class Tiles:
     prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
     gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
     # its own BK, and BN 64 unless bn asks for 128)
-    ring: int = 0  # Gluon: weight tiles in flight in a cp.async ring of this many stages (0: registers)
-    ahead: int = 1  # Gluon, in registers: load the weights this many K tiles ahead (1 or 2)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -218,7 +216,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
-        PARTIAL=tiles.split > 1, RING=tiles.ring, AHEAD=tiles.ahead, num_warps=WARPS,
+        PARTIAL=tiles.split > 1, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
 

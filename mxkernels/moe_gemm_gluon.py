@@ -33,10 +33,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-
-# cp.async from global to shared memory: async_load from Triton 3.7 on, which removed the older name
-_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
@@ -80,17 +77,6 @@ def _weight_lanes(bits, bn):
     warps = [[16 * w[0], 0, 0] for w in _powers(WARPS, 0, 3)]
     return gl.DistributedLinearLayout(regs, [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warps, [],
                                       [bn, 4, width])  # fmt: skip
-
-
-@gluon.constexpr_function
-def _weight_dtype(bits):
-    return gl.bfloat16 if bits == 16 else gl.int32
-
-
-@gluon.constexpr_function
-def _ring_shape(stages, bits, bn):
-    """The weight ring of _expert_ring: ``stages`` tiles in the lanes' layout."""
-    return [stages, bn, 4, 32 if bits == 16 else bits]
 
 
 @gluon.constexpr_function
@@ -204,25 +190,18 @@ def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP:
 
 
 @gluon.jit
-def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr):
-    """One K tile's weights: 3 bits as its two planes (w, wx); otherwise wx is w."""
-    if BITS == 3:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
-        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
-    else:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
-        wx = w
-    return w, wx
-
-
-@gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
           MMA: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
     the activations in the 2-bit plane's k order; otherwise wx is w."""
-    w, wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN)
+    if BITS == 3:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
+        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
+    else:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
+        wx = w
     a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
     return w, wx, s, z, a
@@ -251,12 +230,11 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr, AHEAD: gl.constexpr = 1):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
-    tile's loads in registers while this tile's products run. AHEAD 2: the weights two tiles ahead
-    (scales and activations, L1 and L2 hits after the first tile, one): twice the code bytes in
-    flight per warp, for more registers (sm_90, 1, 2 and 4 bits, BN 64: gate/up 87 -> 107, down
-    72 -> 76; benchmarks/README.md)."""
+    tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
+    in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
+    benchmarks/README.md.)"""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -268,36 +246,14 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
-    # AHEAD 2: the tile after, a valid one even when this split has a single tile (then unused)
-    wf, wxf, w2f, wx2f = w, wx, w2, wx2
-    if AHEAD == 2:
-        kf = gl.minimum(k0 + _BK, K - _BK)
-        wf, wxf = _weights(wi_ptr, wb_ptr, 0, r0, N, kf, K, BITS, BN)
-        w2f, wx2f = wf, wxf
-        if GATE_UP:
-            w2f, wx2f = _weights(wi_ptr, wb_ptr, N, r0, N, kf, K, BITS, BN)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        if AHEAD == 2:
-            kf = gl.minimum(k0 + 2 * _BK, k_hi - _BK)
-            wff, wxff = _weights(wi_ptr, wb_ptr, 0, r0, N, kf, K, BITS, BN)
-            w2ff, wx2ff = wff, wxff
-            if GATE_UP:
-                w2ff, wx2ff = _weights(wi_ptr, wb_ptr, N, r0, N, kf, K, BITS, BN)
-            an = _acts(a_base, toks, stride_am, kn, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
-            sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN, MMA)
-            s2n, z2n = sn, zn
-            if GATE_UP:
-                s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
-            wn, wxn, w2n, wx2n = wf, wxf, w2f, wx2f
-            wf, wxf, w2f, wx2f = wff, wxff, w2ff, wx2ff
-        else:
-            wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                        group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
-            w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
-            if GATE_UP:
-                w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
-                                                stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
+                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+        w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
+        if GATE_UP:
+            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
+                                            stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
         acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
@@ -305,72 +261,11 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     return acc, acc2
 
 
-@gluon.jit
-def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                 BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, RING: gl.constexpr,
-                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-    """_expert (not for 3 bits) with the weights RING - 1 tiles ahead, in flight in shared memory (cp.async), as
-    Marlin keeps its bytes in flight, where registers would cost occupancy. Each lane copies and
-    reads back only its own bytes, so the ring needs no barrier of its own (Triton still adds two
-    per tile); a slot is refilled one iteration after it was read, whose values the products have
-    used by then. Scales and activations (L1
-    and L2 hits after the first tile) stay one tile ahead in registers."""
-    WL: gl.constexpr = _weight_lanes(BITS, BN)
-    SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # a slot: a lane's words contiguous
-    ring = gl.allocate_shared_memory(_weight_dtype(BITS), _ring_shape(RING, BITS, BN), SL)
-    ring2 = ring
-    if GATE_UP:
-        ring2 = gl.allocate_shared_memory(_weight_dtype(BITS), _ring_shape(RING, BITS, BN), SL)
-    ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
-    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    k_end = gl.minimum(k_hi, K) - _BK  # past it the ring loads the last tile again (unused)
-    if k_end < k_lo:  # an empty split: one valid tile, unused
-        k_end = K - _BK
-    for t in gl.static_range(RING - 1):
-        kt = gl.minimum(k_lo + t * _BK, k_end)
-        _async_load(ring.index(t), _weight_ptrs(wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN))
-        if GATE_UP:
-            _async_load(ring2.index(t), _weight_ptrs(wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN))
-        async_copy.commit_group()
-    k0 = gl.minimum(k_lo, k_end)
-    s, z = _scales(sc_ptr, zp_ptr, 0, r0, N, k0, K, group, BITS, BN, MMA)
-    s2, z2 = s, z
-    if GATE_UP:
-        s2, z2 = _scales(sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN, MMA)
-    a = _acts(a_base, toks, stride_am, k0, _pair_stride(BITS), BM, B_OP)
-    for k0 in range(k_lo, k_hi, _BK):
-        i = (k0 - k_lo) // _BK
-        async_copy.wait_group(RING - 2)  # this tile's copies (group i) have landed
-        w = ring.index(i % RING).load(WL)
-        w2 = w
-        if GATE_UP:
-            w2 = ring2.index(i % RING).load(WL)
-        kt = gl.minimum(k0 + (RING - 1) * _BK, k_end)
-        _async_load(ring.index((i + RING - 1) % RING), _weight_ptrs(wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN))
-        if GATE_UP:
-            _async_load(ring2.index((i + RING - 1) % RING), _weight_ptrs(wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN))
-        async_copy.commit_group()
-        kn = gl.minimum(k0 + _BK, k_end)
-        sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN, MMA)
-        s2n, z2n = sn, zn
-        if GATE_UP:
-            s2n, z2n = _scales(sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, MMA)
-        an = _acts(a_base, toks, stride_am, kn, _pair_stride(BITS), BM, B_OP)
-        acc += _product(w, w, s, z, a, ones, magic, BITS, A_OP, MMA)
-        if GATE_UP:
-            acc2 += _product(w2, w2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
-        s, z, s2, z2, a = sn, zn, s2n, z2n, an
-    async_copy.wait_group(0)  # nothing in flight into a ring that is about to be freed
-    return acc, acc2
-
-
 @gluon.jit(do_not_specialize=["num_valid", "split", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             RING: gl.constexpr = 0, AHEAD: gl.constexpr = 1):  # fmt: skip
+                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -408,16 +303,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     for c in gl.static_range(0, 6):  # bf16 (code 0) and weight-only 1, 2, 3, 4 and 8 bits (code 5)
         if (CODES >> c) & 1:
             if code == c:
-                if RING > 1 and c != 3:
-                    acc, acc2 = _expert_ring(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                             pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                             c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, RING, A_OP, B_OP,
-                                             MMA)  # fmt: skip
-                else:
-                    acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                        pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP,
-                                        MMA, AHEAD)  # fmt: skip
+                acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                    pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+                                    c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
     out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]

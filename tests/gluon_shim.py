@@ -34,8 +34,6 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     constexpr = tl.constexpr
     float32, bfloat16, int16, int32, int64 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64
     NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
-    SwizzledSharedLayout = _Layout
-    allocate_shared_memory = staticmethod(lambda dtype, shape, layout: _Ring())
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
     zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
     full = staticmethod(_drop_layout(lambda *a, **k: tl.full(*a, **k)))
@@ -51,38 +49,6 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     join = staticmethod(lambda *a, **k: tl.join(*a, **k))
     permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
     reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
-
-
-def _key(i) -> int:
-    """An index the interpreter holds as a tensor, or a Python int."""
-    return int(i.handle.data.item()) if hasattr(i, "handle") else int(i)
-
-
-class _Ring:
-    """Shared memory as the kernel uses it: slots written by async copies, read back whole."""
-
-    def __init__(self) -> None:
-        self.slots: dict[int, object] = {}
-
-    def index(self, i):
-        return _Slot(self, _key(i))
-
-
-class _Slot:
-    def __init__(self, ring: _Ring, key: int) -> None:
-        self.ring, self.key = ring, key
-
-    def load(self, layout=None):
-        return self.ring.slots[self.key]
-
-
-class async_copy:  # noqa: N801 - stands in for triton.experimental.gluon.language.nvidia.ampere.async_copy
-    @staticmethod
-    def async_copy_global_to_shared(slot: _Slot, pointer, mask=None) -> None:
-        slot.ring.slots[slot.key] = tl.load(pointer, mask=mask)  # copies land at once here
-
-    commit_group = staticmethod(lambda: None)
-    wait_group = staticmethod(lambda n=0: None)
 
 
 class gluon:  # noqa: N801 - stands in for triton.experimental.gluon
@@ -101,12 +67,12 @@ def interpreted_kernel():
 
     src = inspect.getsource(real)
     for line in ("from triton.experimental import gluon\n", "from triton.experimental.gluon import language as gl\n",
-                 "from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2\n"):  # fmt: skip
+                 "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n"):  # fmt: skip
         assert line in src, line
         src = src.replace(line, "")
     src = src.replace("from __future__ import annotations\n",
                       "from __future__ import annotations\nimport triton.language as tl  # noqa\n"
-                      "from gluon_shim import async_copy, gl, gluon, mma_v2  # noqa\n")  # fmt: skip
+                      "from gluon_shim import gl, gluon, mma_v2  # noqa\n")  # fmt: skip
     # the interpreter knows constexpr parameters and static loops by these names
     src = src.replace("gl.constexpr", "tl.constexpr").replace("gl.static_range", "tl.static_range")
     path = Path(tempfile.mkdtemp()) / "moe_gemm_gluon_interpreted.py"
