@@ -9,6 +9,8 @@ concurrency with ``ignore_eos`` so every request generates exactly
 
 - ``sglang-bf16``: ``sglang.launch_server`` on ``--model``;
 - ``sglang-<q>`` for each ``--sglang-quant q``: SGLang's own uniform quantization;
+- ``sglang-<name>`` for each ``--sglang-ckpt name=DIR``: plain SGLang on another checkpoint of the
+  model (a GPTQ copy on Marlin: gptq_copy.py);
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``
   (with ``--launch-args name=ARGS`` added, e.g. ``--bf16-layers kernel``).
 
@@ -246,6 +248,8 @@ def main() -> int:
     ap.add_argument("--launch-args", action="append", default=[],
                     help='NAME=ARGS: more `mxserve launch` arguments for checkpoint NAME, e.g. "--bf16-layers kernel"')
     ap.add_argument("--sglang-quant", action="append", default=[], help="SGLang --quantization to compare")
+    ap.add_argument("--sglang-ckpt", action="append", default=[],
+                    help="NAME=DIR of a checkpoint plain SGLang serves (e.g. gptq_copy.py's)")  # fmt: skip
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--equal", action="append", default=[], help="A:B servers whose greedy text must match")
     ap.add_argument("--compare", action="append", default=[], help="A:B servers whose greedy text to compare")
@@ -275,6 +279,9 @@ def main() -> int:
     for q in a.sglang_quant:
         servers.append((f"sglang-{q}", [py, "-m", "sglang.launch_server", "--model-path", a.model,
                                         "--quantization", q, *extra]))  # fmt: skip
+    for spec in a.sglang_ckpt:
+        name, path = spec.split("=", 1)
+        servers.append((f"sglang-{name}", [py, "-m", "sglang.launch_server", "--model-path", path, *extra]))
     launch_args = dict(spec.split("=", 1) for spec in a.launch_args)
     for spec in a.ckpt:
         name, path = spec.split("=", 1)

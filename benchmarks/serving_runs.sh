@@ -3,6 +3,8 @@
 # (SGLang from the bundle of ../shared/device: bash .bundle/install.sh first).
 #
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
+#   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
+#   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized bf16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
 #
@@ -29,6 +31,27 @@ if [ "$what" = qwen15 ]; then
   wait
   $py benchmarks/serving.py --model "$m" --ckpt 4bit="$work/q15-4bit" --ckpt 3.25bit="$work/q15-3.25bit" \
     --sglang-quant fp8 --max-tokens 64 --sglang-args "$args" --tag "Qwen1.5-MoE-A2.7B layers, 4 of 24, random weights" \
+    --out "$out"
+elif [ "$what" = qwen15-24 ]; then
+  # issue 10's end-to-end run. Disk: the model 28.6 GB, the GPTQ copy and mxserve's checkpoint about 8 each
+  m=$work/qwen15
+  [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \
+    --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
+  [ -f "$work/q15-gptq/config.json" ] || $py benchmarks/gptq_copy.py --model "$m" --out "$work/q15-gptq" --device cuda
+  [ -f "$work/q15-24-3.25bit/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
+    --plan benchmarks/plans/qwen15-24l-3.25bit.json --out "$work/q15-24-3.25bit" --quiet
+  $py benchmarks/serving.py --model "$m" --sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq" \
+    --ckpt 3.25bit="$work/q15-24-3.25bit" --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
+    --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
+elif [ "$what" = gptq-check ]; then
+  m=$work/qwen15-4l
+  [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b-4layers.json \
+    --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
+  [ -f "$work/q15-4l-gptq/config.json" ] || $py benchmarks/gptq_copy.py --model "$m" --out "$work/q15-4l-gptq" \
+    --dequantized "$work/q15-4l-deq" --device cuda
+  $py benchmarks/serving.py --model "$m" --skip-bf16 --sglang-ckpt gptq="$work/q15-4l-gptq" \
+    --sglang-ckpt deq="$work/q15-4l-deq" --compare sglang-gptq:sglang-deq --max-tokens 32 --concurrency 8 \
+    --sglang-args "$args" --tag "GPTQ copy on Marlin against its dequantized weights in bf16, Qwen1.5 4 layers" \
     --out "$out"
 elif [ "$what" = refmoe ] || [ "$what" = refmoe-greedy ]; then
   src=$3 data=$4
@@ -64,6 +87,6 @@ PY
     --compare mxserve-bf16kernel:sglang-bf16 \
     --prompts "$data"/*-dev.txt --n-prompts 16 --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
 else
-  echo "usage: $0 qwen15|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2
+  echo "usage: $0 qwen15|qwen15-24|gptq-check|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2
   exit 2
 fi

@@ -123,3 +123,54 @@ def test_import_standins_answer_only_the_named_importers(tmp_path):
     assert res.returncode == 0, res.stderr
     # imported once, it is in sys.modules for every later import (the script's docstring says so)
     assert res.stdout.strip() == "['mx_absent_pkg', 'mx_absent_pkg.cute']"
+
+
+def test_gptq_copy_writes_gptq_v1_tensors(tiny_models, tmp_path: Path):
+    """gptq_copy.py (the Marlin serving baseline): GPTQ's v1 layout decoded here bit by bit gives the
+    dequantized copy's weights, within half a step of the source; routers and attention stay bf16."""
+    import json
+
+    import gptq_copy
+    import torch
+    from safetensors import safe_open
+
+    src = tiny_models["qwen2_moe"]
+    out, deq = tmp_path / "gptq", tmp_path / "deq"
+    info = gptq_copy.convert(str(src), str(out), str(deq), attention=False, device="cpu")
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        got = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                got.update({k: h.get_tensor(k) for k in h.keys()})
+        return got
+
+    g, d, s = tensors(out), tensors(deq), tensors(src)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["sym"] and not cfg["desc_act"]
+    assert "quantization_config" not in json.loads((deq / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(g) and (out / "tokenizer.json").is_file()
+    linears = [k[: -len(".weight")] for k in s if gptq_copy.MLP.search(k)]
+    # 2 layers x (8 experts + the shared expert) x 3 linears
+    assert info["quantized_linears"] == len(linears) == 2 * 9 * 3
+    for p in linears:
+        qw, sc, qz, gi = (g[f"{p}.{t}"] for t in ("qweight", "scales", "qzeros", "g_idx"))
+        n, k = s[f"{p}.weight"].shape
+        assert qw.shape == (k // 8, n) and qw.dtype == torch.int32 and sc.shape == (k // 128, n)
+        assert sc.dtype == torch.float16 and qz.shape == (k // 128, n // 8)
+        assert gi.tolist() == [i // 128 for i in range(k)]
+        words = qw.to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(words >> (4 * i)) & 15 for i in range(8)], dim=1).reshape(k, n)  # row 8j + i
+        zeros = torch.stack([((qz.to(torch.int64) & 0xFFFFFFFF) >> (4 * i)) & 15 for i in range(8)], dim=2)
+        assert (zeros == 7).all()  # v1: zero - 1
+        w = ((codes - 8).float() * sc.float()[gi]).t()
+        assert f"{p}.weight" not in g
+        assert torch.equal(w.to(torch.bfloat16), d[f"{p}.weight"])
+        step = sc.float().t().repeat_interleave(128, dim=1)
+        # half a step; a group's largest |w| lands on 7.5 steps, 7.5 (1 + 2^-11) with the scale rounded
+        # to fp16, and is clamped to 7
+        assert ((w - s[f"{p}.weight"].float()).abs() <= step * 0.504).all()
+    for k, t in s.items():
+        if not gptq_copy.MLP.search(k):
+            assert torch.equal(g[k], t) and torch.equal(d[k], t), k
