@@ -1,11 +1,13 @@
 """Which tiny test models plain SGLang decodes to finite logits (run on the GPU).
 
-The SGLang GPU tests serve tiny random models (tests/conftest.py). On 2026-12-03 plain SGLang
-0.5.15 decoded the tiny DeepSeek-V2 of ``sglang_tiny`` to NaN logits (a finite first token,
+The SGLang GPU tests serve tiny random models (tests/conftest.py, SGLANG_TINY). On 2026-12-03
+plain SGLang 0.5.15 decoded the tiny DeepSeek-V2 then used to NaN logits (a finite first token,
 null logprobs after it, a sampled request killing the scheduler), with or without mxserve
 (benchmarks/results/gpu_sglang_tiny_deepseek_nan_h200.log), while DeepSeek-V2-Lite's real shapes
-decode. This serves config variants side by side on plain SGLang and reports, per variant, the
-greedy logprobs of 8 tokens and whether a sampled request is answered.
+decode. The likely cause, found in SGLang's source: that config had 4 KV heads to 2 heads, and
+SGLang's Triton decode sizes its KV splits from heads // KV heads (0), also for MLA. The tests now
+use 2 and 2. This serves config variants side by side on plain SGLang and reports, per variant,
+the greedy logprobs of 8 tokens and whether a sampled request is answered.
 
     source scripts/device_env.sh
     python3 scripts/sglang_tiny_probe.py --out $OUT/probe                        # the built-in DeepSeek-V2 variants
@@ -29,18 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
         "--mem-fraction-static", "0.1", "--max-total-tokens", "16384"]  # fmt: skip
-# from the tests' config toward DeepSeek-V2-Lite's (which decodes), one difference at a time, then all
-LITE = {"num_attention_heads": 16, "hidden_size": 2048, "qk_nope_head_dim": 128, "v_head_dim": 128,
-        "qk_head_dim": 192, "head_dim": 128}  # fmt: skip
+# the tests' config; the one that decoded NaN (4 KV heads); toward DeepSeek-V2-Lite's attention
 VARIANTS = {
     "tests": {},
-    "heads16": {"num_attention_heads": 16},
-    "hidden512": {"hidden_size": 512},
-    "nope128_v128": {"qk_nope_head_dim": 128, "v_head_dim": 128, "qk_head_dim": 192, "head_dim": 128},
-    "no_dense_layer": {"first_k_dense_replace": 0},
-    "scaling1": {"routed_scaling_factor": 1.0},
-    "one_shared": {"n_shared_experts": 1},
-    "lite_attention": LITE,
+    "kv_heads_4": {"num_key_value_heads": 4},
+    "heads16": {"num_attention_heads": 16, "num_key_value_heads": 16},
+    "lite_attention": {"num_attention_heads": 16, "num_key_value_heads": 16, "hidden_size": 2048,
+                       "qk_nope_head_dim": 128, "v_head_dim": 128, "qk_head_dim": 192, "head_dim": 128},
 }
 
 
@@ -73,7 +70,7 @@ def probe(port: int) -> dict:
 
 
 def main() -> None:
-    from conftest import DEEPSEEK_KEYS, build_tiny
+    from conftest import SGLANG_TINY, build_tiny
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -87,7 +84,7 @@ def main() -> None:
     variants = VARIANTS if not a.variant else {
         v[0]: {k: value(x) for k, x in (kv.split("=", 1) for kv in v[1:])} for v in a.variant
     }
-    base = dict(DEEPSEEK_KEYS, num_attention_heads=2) if a.arch == "deepseek_v2" else {}
+    base = SGLANG_TINY[a.arch]
     procs = {}
     for i, (name, over) in enumerate(variants.items()):
         src = build_tiny(a.arch, Path("/tmp/probe") / name, **{**base, **over})

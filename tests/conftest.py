@@ -116,17 +116,23 @@ DEEPSEEK_KEYS = {"n_group": 1, "topk_group": 1, "scoring_func": "softmax", "moe_
                  "routed_scaling_factor": 4.0, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
                  "qk_nope_head_dim": 64, "v_head_dim": 64, "qk_head_dim": 128, "head_dim": 64}  # fmt: skip
 
+# Config overrides of the tiny models SGLang serves: head_dim 64 (with 32, SGLang 0.5.15 takes a
+# fallback rope that fails in CUDA-graph capture). As many KV heads as heads: SGLang sizes its
+# Triton decode's KV splits from heads // KV heads, also for DeepSeek-V2's MLA, which reads none;
+# with 4 KV heads to 2 heads (tiny_config's) that is 0 and plain SGLang decoded NaN
+# (benchmarks/results/gpu_sglang_tiny_deepseek_nan_h200.log).
+SGLANG_TINY = {
+    "qwen2_moe": {},
+    "qwen3_moe": {"head_dim": 64},
+    "deepseek_v2": {"num_attention_heads": 2, "num_key_value_heads": 2, **DEEPSEEK_KEYS},
+    "mixtral": {"num_attention_heads": 2, "num_key_value_heads": 2},
+    "olmoe": {"num_attention_heads": 2, "num_key_value_heads": 2},
+}
+
 
 def sglang_tiny(arch: str, tmp_path: Path) -> str:
-    """A tiny model SGLang serves: head_dim 64 (with 32, SGLang 0.5.15 takes a fallback rope that
-    fails in CUDA-graph capture)."""
-    if arch == "qwen2_moe":
-        return str(build_tiny(arch, tmp_path / "src"))
-    if arch == "qwen3_moe":
-        return str(build_tiny(arch, tmp_path / "src", head_dim=64))
-    if arch == "deepseek_v2":
-        return str(build_tiny(arch, tmp_path / "src", num_attention_heads=2, **DEEPSEEK_KEYS))
-    return str(build_tiny(arch, tmp_path / "src", num_attention_heads=2, num_key_value_heads=2))
+    """A tiny model of ``arch`` that SGLang serves (SGLANG_TINY)."""
+    return str(build_tiny(arch, tmp_path / "src", **SGLANG_TINY[arch]))
 
 
 def mixed_plan(model):
