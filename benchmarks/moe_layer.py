@@ -231,6 +231,7 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, BM 8, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8},
     "Gluon, BM 8, BN 128": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 128},
     "Gluon, BM 8, BN 64": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 64},
+    "Gluon, BM 8, BN 64, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8, "bn": 64},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 
