@@ -31,7 +31,9 @@ def test_gemms_all_schemes_mixed(t, h, i, n_exp, n_shared, k):
         assert e < BOUND, (key, e)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# fma-split (CUDA-core products, split, no prefetch; 47 s here) is a benchmark variant, not a pick: the
+# GPU tests run it, and its two halves are here as fma (no prefetch) and fma-prefetch (split)
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "fma-split"])
 def test_gemms_every_layout_every_scheme(layout):
     # 18 routed experts, of which the skewed routing feeds the first 9: every scheme gets rows
     errs = gemm_errors(ALL, 24, 128, 128, 18, 1, 2, "cpu", seed=11, **LAYOUTS[layout])
