@@ -46,7 +46,8 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [N, K] (0..15) and scales [N, K/128] of a [N, K] weight: GPTQ's symmetric grid
-    (scale = 2 max|w| / 15, zero 8), rounded to nearest."""
+    (scale = 2 max|w| / 15, zero 8), rounded to nearest. Not mxserve's w4a16g128 quantizer: that
+    one is asymmetric, and SGLang's GPTQ-Marlin path takes symmetric 4 bits only (uint4b8)."""
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     # codes from the scale as stored (fp16), the one they are read with
