@@ -1,12 +1,12 @@
 # Source on the lent GPU, in the repository root, in each call that carries
-# .bundle .shr .pydeps .tvm-ffi.tgz (scripts/device_prep.sh and scripts/marlin_cache.sh make them here):
+# .bundle .shr .pydeps .tvm-ffi.tar.xz (scripts/device_prep.sh and scripts/marlin_cache.sh make them here):
 #     source scripts/device_env.sh
 # SGLang 0.5.15 into /tmp/site; SGLang's Marlin MoE prebuilt for sm_90 (TVM_FFI_CACHE_DIR); the
 # import-only `cutlass` stand-in for the modules of SGLang's DeepSeek-V2 that import it (the image
 # lacks it), with FlashInfer's CUDA RMSNorm kept (scripts/import_standins.py says why); pulp/highspy;
 # the tokenizer files the tests read (MXSERVE_SHARED). Each step is skipped when a warm machine has it.
 [ -d /tmp/site/sglang ] || bash .bundle/install.sh >/dev/null || return 1
-[ -d /tmp/tvmcache ] || { [ -f .tvm-ffi.tgz ] && tar xzf .tvm-ffi.tgz -C /tmp; }
+[ -d /tmp/tvmcache ] || { [ -f .tvm-ffi.tar.xz ] && tar xf .tvm-ffi.tar.xz -C /tmp; }
 [ -d /tmp/standins ] || python3 scripts/import_standins.py /tmp/standins cutlass cuda \
     --for sglang.jit_kernel.dsa sglang.jit_kernel.cutedsl_fp8_paged_mqa_logits >/dev/null || return 1
 export PYTHONPATH=/tmp/site:$PWD/.pydeps:/tmp/standins MXSERVE_SHARED=$PWD/.shr TVM_FFI_CACHE_DIR=/tmp/tvmcache \

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Build SGLang's Marlin MoE kernel for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tgz
-# (git-ignored), so that a GPU call does not spend about 460 s of device time on its JIT build.
+# Build SGLang's Marlin kernels for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tar.xz
+# (git-ignored), so that a GPU call does not spend minutes of device time on their JIT builds: the
+# MoE kernel (about 460 s), and the dense GEMM and repack that a GPTQ checkpoint's shared experts
+# and weight loading take (their build on the device is the likely reason SGLang serving a GPTQ
+# copy missed serving.py's 420 s start-up limit, 2026-12-03). Modules already in .tvm-ffi.tar.xz are
+# kept and not built again.
 #
 # SGLang's load_jit loads a prebuilt .so from $TVM_FFI_CACHE_DIR/<module>__arch_9.0__tvmffi_<v>/
 # directly when it is there (no ninja, no compiler on the device). The directory name hashes the
 # kernel's sources, so the bundle of ../shared/device (scripts/device_prep.sh) must be the one the
 # device runs. Needs nvcc 13 (CUDA_HOME, default /usr/local/cuda) and PyPI; about 10 minutes of one
-# core. On the device: tar xzf .tvm-ffi.tgz -C /tmp && export TVM_FFI_CACHE_DIR=/tmp/tvmcache
+# core. On the device: tar xf .tvm-ffi.tar.xz -C /tmp && export TVM_FFI_CACHE_DIR=/tmp/tvmcache
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .bundle/site.tar.xz ] || { echo "run scripts/device_prep.sh first (it builds .bundle)" >&2; exit 2; }
@@ -16,6 +20,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/site" "$work/py/sglang" "$work/tvmcache"
+[ ! -f .tvm-ffi.tar.xz ] || tar xf .tvm-ffi.tar.xz -C "$work"
 tar xJf .bundle/site.tar.xz -C "$work/site"
 
 # The bundle is for the device's Python 3.12; this machine's Python needs its own builds of the
@@ -36,10 +41,16 @@ from sglang.jit_kernel.utils import override_jit_cuda_arch
 
 t0 = time.time()
 with override_jit_cuda_arch(9, 0):  # sm_90, as on the lent H100/H200
+    import sglang.jit_kernel.gptq_marlin as dense
+    import sglang.jit_kernel.gptq_marlin_repack as repack
     import sglang.jit_kernel.moe_wna16_marlin as marlin
 
     marlin._jit_moe_wna16_marlin_module(torch.bfloat16)
-print(f"Marlin MoE built for sm_90 in {time.time() - t0:.0f} s")
+    repack._jit_gptq_marlin_repack_module()
+    dense._jit_gptq_marlin_module(torch.bfloat16)
+print(f"Marlin MoE, GPTQ Marlin GEMM and repack built for sm_90 in {time.time() - t0:.0f} s")
 EOF
-tar czf .tvm-ffi.tgz -C "$work" tvmcache
-ls -la .tvm-ffi.tgz
+# xz, without the object files the .so repeats: with .bundle, .shr and .pydeps it must fit a
+# device call's 64 MiB
+tar cJf .tvm-ffi.tar.xz --exclude='*.o' -C "$work" tvmcache
+ls -la .tvm-ffi.tar.xz

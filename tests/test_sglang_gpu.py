@@ -107,8 +107,12 @@ def test_sglang_engine_serves_mixed_checkpoint(arch, tmp_path):
             model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True, **more
         )
         assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 0
+        # Greedy is deterministic for the same computation. A repeat whose prompt hits the radix cache
+        # prefills 1 token over 4 cached ones instead of 5, and SGLang does not promise equal bits then
+        # (a tiny random DeepSeek-V2, whose logits nearly tie, parted in its last tokens, 2026-12-03).
+        urllib.request.urlopen(urllib.request.Request(base + "/flush_cache", method="POST"), timeout=30)
         again = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0, **more)
-        assert again.choices[0].text == comp.choices[0].text  # greedy is deterministic
+        assert again.choices[0].text == comp.choices[0].text
 
 
 PROMPTS = [
