@@ -1,7 +1,7 @@
 # Source on the lent GPU, in the repository root, in each call that carries
 # .bundle .shr .pydeps .tvm-ffi.tar.xz (scripts/device_prep.sh and scripts/marlin_cache.sh make them here):
 #     source scripts/device_env.sh
-# SGLang 0.5.15 into /tmp/site; SGLang's Marlin MoE prebuilt for sm_90 (TVM_FFI_CACHE_DIR); the
+# SGLang 0.5.15 into /tmp/site; SGLang's Marlin kernels prebuilt for sm_90 (TVM_FFI_CACHE_DIR); the
 # import-only `cutlass` stand-in for the modules of SGLang's DeepSeek-V2 that import it (the image
 # lacks it), with FlashInfer's CUDA RMSNorm kept (scripts/import_standins.py says why); pulp/highspy;
 # the tokenizer files the tests read (MXSERVE_SHARED). Each step is skipped when a warm machine has it.

@@ -4,10 +4,12 @@ The SGLang GPU tests serve tiny random models (tests/conftest.py, SGLANG_TINY). 
 plain SGLang 0.5.15 decoded the tiny DeepSeek-V2 then used to NaN logits (a finite first token,
 null logprobs after it, a sampled request killing the scheduler), with or without mxserve
 (benchmarks/results/gpu_sglang_tiny_deepseek_nan_h200.log), while DeepSeek-V2-Lite's real shapes
-decode. The likely cause, found in SGLang's source: that config had 4 KV heads to 2 heads, and
-SGLang's Triton decode sizes its KV splits from heads // KV heads (0), also for MLA. The tests now
-use 2 and 2. This serves config variants side by side on plain SGLang and reports, per variant,
-the greedy logprobs of 8 tokens and whether a sampled request is answered.
+decode. The cause, found in SGLang's source: that config had 4 KV heads to 2 heads, and SGLang's
+Triton decode sizes its KV splits from heads // KV heads (0), also for MLA. The tests now use 2 and
+2; this probe confirmed it on an H200 (benchmarks/results/gpu_sglang_tests_probe_h200_s3.log:
+2/2 and 16/16 decode finite, 2/4 does not). This serves config variants side by side on plain
+SGLang and reports, per variant, the greedy logprobs of 8 tokens and whether a sampled request is
+answered.
 
     source scripts/device_env.sh
     python3 scripts/sglang_tiny_probe.py --out $OUT/probe                        # the built-in DeepSeek-V2 variants
