@@ -6,14 +6,17 @@ order, each timed from process start to /health and then checked with one chat c
 
 - ``plain-cold``: plain SGLang on the source model (bf16), an empty Triton cache;
 - ``mx-cold``: `mxserve launch --engine sglang` on the quantized checkpoint, with an empty
-  mxserve cache, so an empty Triton cache (the kernels are precompiled, then SGLang starts);
+  mxserve cache, so an empty Triton cache (the kernels precompile while SGLang starts);
 - ``mx-warm``: the same again, the cache now full;
 - ``plain-warm``: plain SGLang again, on its now full Triton cache.
 
-For mxserve's runs the Triton cache entries are counted when SGLang starts (after the
-precompile phase) and at /health: entries added in between are kernels SGLang compiled
-itself, which precompiling missed. The checkpoint is made first (`mxserve quantize`, the
-plan's schemes on the model's weights), so calibration is not part of either launch.
+For mxserve's runs the Triton cache entries are counted when the precompile phase ends and at
+/health: entries added in between are kernels SGLang compiled itself (its own, and any that
+precompiling missed). Until 2026-12-03 the precompile ran before SGLang started, and the first
+count was named for that (``triton_entries_at_sglang_start``).
+
+The checkpoint is made first (`mxserve quantize`, the plan's schemes on the model's weights), so
+calibration is not part of either launch.
 
     python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer .tok --out /tmp/m
     python3 benchmarks/cold_start.py --model /tmp/m --plan benchmarks/plans/refmoe-3.25bit.json --out $OUT/cold
@@ -53,7 +56,7 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     at_start = None
     try:
-        if name.startswith("mx"):  # SGLang starts once the precompile phase is logged
+        if name.startswith("mx"):  # the precompile phase, beside SGLang's start, logs its end
             while at_start is None and proc.poll() is None and time.time() - t0 < timeout:
                 text = open(log).read()
                 if "phase precompile" in text or "precompiling the kernels failed" in text:
@@ -69,7 +72,7 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
         stop(proc)
     row = {"run": name, "seconds_to_health": round(ready, 1), "command": shlex.join(cmd)}
     if at_start is not None:
-        row.update(triton_entries_at_sglang_start=at_start, triton_entries_at_health=entries(triton))
+        row.update(triton_entries_after_precompile=at_start, triton_entries_at_health=entries(triton))
     return row
 
 
@@ -117,10 +120,10 @@ def main() -> None:
               "command": "python3 benchmarks/cold_start.py " + shlex.join(sys.argv[1:])}  # fmt: skip
     with open(os.path.join(a.out, "cold_start.json"), "w") as f:
         json.dump(result, f, indent=1)
-    md = [f"`{result['command']}`", "", "| run | seconds to /health | Triton entries at SGLang start | at /health |",
+    md = [f"`{result['command']}`", "", "| run | seconds to /health | Triton entries after precompiling | at /health |",
           "|---|---:|---:|---:|"]  # fmt: skip
     for r in rows[1:]:
-        md.append(f"| {r['run']} | {r['seconds_to_health']} | {r.get('triton_entries_at_sglang_start', '')} | "
+        md.append(f"| {r['run']} | {r['seconds_to_health']} | {r.get('triton_entries_after_precompile', '')} | "
                   f"{r.get('triton_entries_at_health', '')} |")  # fmt: skip
     md += ["", f"Quantize first: {rows[0]['seconds']} s. Ratios: " +
            (", ".join(f"{k} = {v}" for k, v in ratios.items()) or "none")]  # fmt: skip

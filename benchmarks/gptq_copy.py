@@ -8,12 +8,16 @@ Marlin". This writes one from a bf16 checkpoint, one decoder layer per safetenso
   [K/8, N] int32, ``scales`` [K/128, N] fp16, ``qzeros`` [K/128, N/8] int32 holding zero - 1,
   ``g_idx`` [K]). SGLang converts such a checkpoint to ``gptq_marlin`` and runs its MoE on
   ``fused_marlin_moe``;
-- attention stays bf16, as in mxserve's checkpoints (a ``dynamic`` rule tells SGLang so), unless
-  ``--attention`` quantizes its q/k/v/o projections too;
+- attention stays unquantized, as in mxserve's checkpoints (a ``dynamic`` rule tells SGLang so),
+  unless ``--attention`` quantizes its q/k/v/o projections too;
+- in fp16, as GPTQ's exports are (``torch_dtype`` float16): SGLang 0.5.15's Marlin MoE holds the
+  scales in fp16 whatever the model's dtype and asserts the activations match, so a bf16 GPTQ
+  checkpoint fails at its first forward (``moe_wna16_marlin_gemm assumes hidden_states.dtype
+  (torch.bfloat16) == w1_scale.dtype (torch.float16)``, H200, 2026-12-03);
 - codes by round to nearest, not GPTQ's error feedback: the copy is a speed baseline (on random
   weights accuracy says nothing); the format is GPTQ's.
 
-``--dequantized DIR`` also writes the bf16 model holding the same dequantized weights. Plain
+``--dequantized DIR`` also writes the fp16 model holding the same dequantized weights. Plain
 SGLang's greedy text on it against the GPTQ copy's checks the format on a GPU.
 
     python3 benchmarks/gptq_copy.py --model /tmp/qwen15 --out /tmp/qwen15-gptq --device cuda
@@ -39,6 +43,7 @@ from mxserve.quant.packing import pack  # noqa: E402
 
 BITS, GROUP = 4, 128
 ZERO = 1 << (BITS - 1)  # symmetric: codes 0..15 around 8
+DTYPE = torch.float16  # the copies' dtype (the module docstring says why not bf16)
 MLP = re.compile(r"\.(mlp|block_sparse_moe)\..*\b(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 ATTENTION = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -99,10 +104,10 @@ def convert(model: str, out: str, dequantized: str | None, attention: bool, devi
                                      "output into multiples of 32")  # fmt: skip
                 q, scale = quantize(t)
                 gptq.update({k_: v.cpu() for k_, v in gptq_tensors(name[: -len(".weight")], q, scale).items()})
-                plain[name] = dequantize(q, scale).to(t.dtype).cpu()
+                plain[name] = dequantize(q, scale).to(DTYPE).cpu()
                 count += 1
             else:
-                gptq[name] = plain[name] = t.cpu()
+                gptq[name] = plain[name] = (t.to(DTYPE) if t.is_floating_point() else t).cpu()
         for d, state, weight_map in zip(dirs, (gptq, plain), maps):
             save_file(state, os.path.join(d, file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(state, file))
@@ -114,6 +119,7 @@ def convert(model: str, out: str, dequantized: str | None, attention: bool, devi
              "lm_head": False, "checkpoint_format": "gptq"}  # fmt: skip
     if not attention:
         quant["dynamic"] = {r"-:.*\.self_attn\..*": {}}  # SGLang: these linears stay unquantized
+    config.update(dtype="float16", torch_dtype="float16")  # SGLang reads either key
     for d, cfg, weight_map in zip(dirs, (dict(config, quantization_config=quant), config), maps):
         for f in os.listdir(model):  # tokenizer and generation config
             if not f.endswith(".safetensors") and f not in ("config.json", "model.safetensors.index.json"):

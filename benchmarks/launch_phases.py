@@ -5,7 +5,7 @@ empty mxserve cache, waits for /health, checks a few chat completions, and write
 
 - calibrate, quantize, precompile: the `phase` lines the launch logs (mxserve/phases.py: wall time,
   torch's peak GPU allocation, peak resident host memory of the launch process);
-- serve: SGLang's start (after the precompile) to /health, GPU memory in use (nvidia-smi;
+- serve: SGLang's start (the precompile runs beside it) to /health, GPU memory in use (nvidia-smi;
   SGLang reserves a fixed fraction of the GPU for its KV cache, so this is that reservation) and the
   server processes' resident host memory, sampled each second.
 
@@ -89,16 +89,14 @@ def main() -> None:
         with open(log) as f:
             f.seek(start)
             return f.read()
-    peaks = {"gpu": 0, "host": 0, "serve_start": None, "precompiled": False}
+    peaks = {"gpu": 0, "host": 0, "serve_start": None}
     done = threading.Event()
 
     def sample() -> None:  # once the launch's own phases are over: nvidia-smi and the process tree
         while not done.wait(1.0):
             text = this_run()
-            # the kernels precompile before SGLang starts; a launch that compiles nothing ends with quantize
-            if "phase precompile" in text and not peaks["precompiled"]:
-                peaks.update(serve_start=time.time(), gpu=0, host=0, precompiled=True)
-            elif peaks["serve_start"] is None and "phase quantize" in text:
+            # SGLang starts at this line (the kernels precompile beside its start)
+            if peaks["serve_start"] is None and "starting SGLang" in text:
                 peaks["serve_start"] = time.time()
             if peaks["serve_start"] is not None:
                 peaks["gpu"] = max(peaks["gpu"], gpu_used())

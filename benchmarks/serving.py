@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -200,8 +201,12 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
-    with open(log_path) as f:
-        rec["log_tail"] = f.read()[-3000:] if "error" in rec else ""
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    rec["log_tail"] = text[-3000:] if "error" in rec else ""
+    cause = re.search(r"^(?:\[[^]]*\] )?(\w+(?:Error|Exception): .*)$", text, re.M)
+    if "error" in rec and cause:  # the server's own first error, not only how it died
+        rec["error"] += f" ({cause[1]})"
     return rec
 
 
@@ -218,7 +223,8 @@ def markdown(res: dict) -> str:
     ]
     for s in res["servers"]:
         if "error" in s:
-            lines.append(f"| {s['name']} | failed: {s['error'][:80]} |" + " |" * len(res["concurrency"]))
+            error = s["error"][:300].replace("|", "/")
+            lines.append(f"| {s['name']} | failed: {error} |" + " |" * len(res["concurrency"]))
             continue
         tp = {r["concurrency"]: r["output_tok_per_s"] for r in s["throughput"]}
         lines.append(

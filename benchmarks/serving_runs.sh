@@ -5,7 +5,7 @@
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing)
-#   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized bf16
+#   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
 #
@@ -53,7 +53,7 @@ elif [ "$what" = gptq-check ]; then
     --dequantized "$work/q15-4l-deq" --device cuda
   $py benchmarks/serving.py --model "$m" --skip-bf16 --sglang-ckpt gptq="$work/q15-4l-gptq" \
     --sglang-ckpt deq="$work/q15-4l-deq" --compare sglang-gptq:sglang-deq --max-tokens 32 --concurrency 8 \
-    --sglang-args "$args" --tag "GPTQ copy on Marlin against its dequantized weights in bf16, Qwen1.5 4 layers" \
+    --sglang-args "$args" --tag "GPTQ copy on Marlin against its dequantized weights in fp16, Qwen1.5 4 layers" \
     --out "$out"
 elif [ "$what" = refmoe ] || [ "$what" = refmoe-greedy ]; then
   src=$3 data=$4

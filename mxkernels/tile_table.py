@@ -25,6 +25,7 @@ import torch
 from mxkernels.arena import CODE_FP8, CODE_WA_INT
 
 VERSION = 1
+REACH = 1  # powers of two of rows per expert over which a tuned entry stands for its neighbours
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles")
 CLASSES = ("weight-only", "fp8", "int-act")  # all-bf16 layers keep their rules: their rounding matches SGLang's
 _INT_ACT = sum(1 << c for c in CODE_WA_INT.values())  # w4a4, w8a8: int8 MMA on quantized activations
@@ -61,13 +62,16 @@ class TileTable:
     version: int = VERSION
 
     def lookup(self, hidden: int, inter: int, cls: str | None, rows_per_expert: float) -> dict | None:
-        """The entry's tiles for this layer and class at the nearest tuned bucket (log scale)."""
+        """The entry's tiles for this layer and class at the nearest tuned bucket (log scale), if
+        that is at most REACH powers of two away: a tile tuned for 128 rows per expert is no guide
+        at 16 (the rules then pick)."""
         if cls is None:
             return None
-        same = [e for e in self.entries if (e.hidden, e.inter, e.cls) == (hidden, inter, cls)]
+        want = math.log2(rows_bucket(rows_per_expert))
+        same = [e for e in self.entries if (e.hidden, e.inter, e.cls) == (hidden, inter, cls)
+                and abs(math.log2(e.rows) - want) <= REACH]  # fmt: skip
         if not same:
             return None
-        want = math.log2(rows_bucket(rows_per_expert))
         return dict(min(same, key=lambda e: (abs(math.log2(e.rows) - want), e.rows)).tiles)
 
     def to_json(self) -> dict:

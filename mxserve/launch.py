@@ -254,13 +254,14 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
     env = stats_env(plugin_env(cache_root()), stats_settings)
     if ladder:
         env[LADDER_ENV] = os.path.abspath(ladder)
-    precompile_kernels(ckpt, bf16_layers, ladder, parallel, env["TRITON_CACHE_DIR"])
-    return run_sglang(cmd, env)
+    # compiled while SGLang imports and loads weights, before its CUDA-graph capture meets them
+    cache = env["TRITON_CACHE_DIR"]
+    return run_sglang(cmd, env, lambda: precompile_kernels(ckpt, bf16_layers, ladder, parallel, cache))
 
 
 def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel: tuple[int, int],
                        triton_cache: str) -> None:  # fmt: skip
-    """Compile the kernel variants the server will launch into its Triton cache, in parallel, before
+    """Compile the kernel variants the server will launch into its Triton cache, in parallel, while
     SGLang starts (runtime/precompile.py): CUDA-graph capture then finds them compiled. Only a speed-up:
     a failure is logged and serving goes on (SGLang then compiles what it meets)."""
     from mxserve.checkpoint import PLAN_FILE

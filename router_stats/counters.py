@@ -1,6 +1,7 @@
 """Per-layer expert counters, on the model's device.
 
-Counting is an index_add_ into a preallocated tensor on the model's device: no
+Counting is an index_add_ into a preallocated tensor on the model's device (on a
+GPU, one Triton kernel that makes the same additions: mxkernels/count.py): no
 host synchronisation per forward pass, and the ops are captured by CUDA graphs
 (SGLang replays them with the decode step). On a GPU each forward also copies
 the counts, asynchronously, into a pinned host mirror, so a reader thread gets
@@ -55,6 +56,12 @@ class ExpertCounter:
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Add one forward pass's routing decisions ([T, k] expert ids; -1 marks a padded slot)."""
+        if self.buf.is_cuda:  # one kernel for the ops below, each a CUDA-graph node of its own
+            from mxkernels.count import count_routing
+
+            count_routing(topk_ids, self.buf, self.bounds, self.n_experts)
+            self.host.copy_(self.buf, non_blocking=True)
+            return
         e = self.n_experts
         ids = topk_ids.reshape(-1).to(torch.int64)
         valid = (ids >= 0).to(torch.int64)

@@ -57,6 +57,20 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     assert "| x |" in table and "0 of 2 identical" in table
 
 
+def test_run_server_reports_why_a_server_died(tmp_path: Path):
+    """A server that dies while starting: the table names its own first error, not only its exit code."""
+
+    class Args:
+        startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 30, 4, 4, [1], 1
+
+    die = "print('[07:47:34] loading', flush=True); raise AssertionError('scale dtype is not the activations')"
+    rec = serving.run_server("dead", [sys.executable, "-c", die], serving.free_port(), Args, ["p"], str(tmp_path))
+    assert rec["error"] == "RuntimeError: server exited with 1 (AssertionError: scale dtype is not the activations)"
+    table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1],
+                              "servers": [rec], "equal": [], "self": {}})
+    assert "| dead | failed: RuntimeError: server exited with 1 (AssertionError: scale dtype" in table
+
+
 def test_moe_layer_benchmark_takes_any_expert_shape():
     import argparse
 
@@ -127,7 +141,8 @@ def test_import_standins_answer_only_the_named_importers(tmp_path):
 
 def test_gptq_copy_writes_gptq_v1_tensors(tiny_models, tmp_path: Path):
     """gptq_copy.py (the Marlin serving baseline): GPTQ's v1 layout decoded here bit by bit gives the
-    dequantized copy's weights, within half a step of the source; routers and attention stay bf16."""
+    dequantized copy's weights, within half a step of the source; routers and attention stay
+    unquantized. Both copies are fp16 (SGLang's Marlin MoE takes fp16 activations only)."""
     import json
 
     import gptq_copy
@@ -166,11 +181,15 @@ def test_gptq_copy_writes_gptq_v1_tensors(tiny_models, tmp_path: Path):
         assert (zeros == 7).all()  # v1: zero - 1
         w = ((codes - 8).float() * sc.float()[gi]).t()
         assert f"{p}.weight" not in g
-        assert torch.equal(w.to(torch.bfloat16), d[f"{p}.weight"])
+        assert torch.equal(w.half(), d[f"{p}.weight"])
         step = sc.float().t().repeat_interleave(128, dim=1)
         # half a step; a group's largest |w| lands on 7.5 steps, 7.5 (1 + 2^-11) with the scale rounded
         # to fp16, and is clamped to 7
         assert ((w - s[f"{p}.weight"].float()).abs() <= step * 0.504).all()
     for k, t in s.items():
         if not gptq_copy.MLP.search(k):
-            assert torch.equal(g[k], t) and torch.equal(d[k], t), k
+            assert g[k].dtype == d[k].dtype == torch.float16, k
+            assert torch.equal(g[k], t.half()) and torch.equal(d[k], t.half()), k
+    for c in (out, deq):
+        c = json.loads((c / "config.json").read_text())
+        assert c["dtype"] == c["torch_dtype"] == "float16"

@@ -5,6 +5,7 @@ outputs in bf16, so the schemes land at a few 1e-3 (METHOD.md's bf16 range).
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -159,6 +160,31 @@ def test_slab_refuses_a_plan_over_its_capacity():
         build_slab([ql], [ql], 1024, 1, None, 128)
 
 
+def test_committed_tile_tables_load_and_give_launchable_tiles():
+    """Each table under mxkernels/tiles (tune_tiles.py's output, committed) loads under its GPU's file
+    name, tunes only prefill buckets and the tuned classes, and each entry makes a Tiles that
+    pick_tiles takes for that layer."""
+    import dataclasses
+    import re
+
+    import mxkernels.moe as moe
+    from mxkernels.tile_table import CLASSES, TABLE_DIR, TileTable
+
+    files = sorted(f for f in os.listdir(TABLE_DIR) if f.endswith(".json"))
+    assert files, "no committed tile table"
+    for f in files:
+        table = TileTable.from_json(json.loads(open(os.path.join(TABLE_DIR, f)).read()))
+        assert re.sub(r"[^a-z0-9]+", "-", table.gpu.lower()).strip("-") + ".json" == f
+        for e in table.entries:
+            assert e.cls in CLASSES and e.rows > moe.DECODE_ROWS, (f, e)
+            assert table.lookup(e.hidden, e.inter, e.cls, e.rows) == e.tiles
+            fields = {x.name for x in dataclasses.fields(moe.Tiles)}
+            assert set(e.tiles) <= fields and all(e.tiles[k] & (e.tiles[k] - 1) == 0 for k in ("bm", "bn", "bk"))
+            t = moe.pick_tiles(e.rows * 8, 8, 128, e.inter, e.hidden, 0b10, 132, **e.tiles)
+            keys = ("bm", "bn", "bk", "warps", "stages")
+            assert tuple(getattr(t, k) for k in keys) == tuple(e.tiles[k] for k in keys)
+
+
 def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path):
     """A committed tile table's entry (tile_table.py) replaces the rules' tiles for its layer shape,
     scheme class and rows-per-expert bucket, and the layer still computes right with it."""
@@ -171,7 +197,9 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     TileTable("test", entries).save(str(tmp_path / "t.json"))
     table = TileTable.from_json(json.loads((tmp_path / "t.json").read_text()))  # through its JSON form
     assert table.lookup(128, 128, "weight-only", 40) == tuned  # 40 rows per expert: bucket 64
-    assert table.lookup(128, 128, "weight-only", 500) == tuned  # the nearest bucket tuned
+    assert table.lookup(128, 128, "weight-only", 100) == tuned  # the nearest bucket tuned, one power away
+    assert table.lookup(128, 128, "weight-only", 500) is None  # three powers away: the rules pick
+    assert table.lookup(128, 128, "weight-only", 15) is None  # bucket 16: two powers below
     assert table.lookup(128, 128, None, 40) is None and table.lookup(256, 128, "weight-only", 40) is None
     assert codes_class(0b1) is None and codes_class(0b10001) == "weight-only" and codes_class(1 << 6) == "fp8"
     with pytest.raises(ValueError, match="version"):

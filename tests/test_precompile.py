@@ -28,6 +28,8 @@ from mxkernels import moe
 from mxkernels.arena import build_arena
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import plan_kernel_codes
+from mxkernels.count import count_routing
+from router_stats import ExpertCounter
 from mxserve.runtime.precompile import (DECODE_BATCHES, KERNELS, LayerKernels, _stand_in, compile_variants,
                                         plan_layers, record_variants)
 
@@ -63,6 +65,8 @@ def compare(lay, t, codes):
             arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
         moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
                            16, torch.rand(t, 1))
+        c = ExpertCounter(16)  # its launch on a GPU (router_stats), on SGLang's int32 ids
+        count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16)
     return {"variants": len(variants), "kernels": sorted({v.kernel for v in variants}),
             "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 
@@ -96,6 +100,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert launched == precompiled, case
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
+    assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
 
 
 def test_plan_layers_per_rank():

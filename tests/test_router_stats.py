@@ -35,6 +35,27 @@ def test_counter_counts_tokens_slots_and_forward_sizes():
     assert s.forward_hist[FORWARD_TOKEN_BUCKETS.index(8)] == 1 and sum(s.forward_hist) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_counting_kernel_adds_what_the_torch_ops_add(dtype):
+    """mxkernels.count (the counter's one launch on a GPU; Triton's interpreter here) against the
+    counter's torch ops: padded slots and rows, an empty pass, more tokens than one block, past the
+    histogram's last bound, duplicates within a token."""
+    from mxkernels.count import count_routing
+
+    gen = torch.Generator().manual_seed(0)
+    ref, buf = ExpertCounter(16), ExpertCounter(16).buf.clone()
+    bounds = torch.tensor(FORWARD_TOKEN_BUCKETS, dtype=torch.int64)
+    for t, k in [(3, 2), (0, 4), (1, 8), (300, 4), (20000, 1), (7, 3)]:
+        ids = torch.randint(-1, 16, (t, k), generator=gen, dtype=torch.int64).to(dtype)
+        if t:
+            ids[0] = -1  # a padded row
+        ref.record(ids)
+        count_routing(ids, buf, bounds, 16)
+        assert torch.equal(buf, ref.buf), (t, k)
+    # the empty pass and the 1-token one (its only row padded) count no forward; 20000 tokens: +Inf
+    assert ref.snapshot().forwards == 4 and ref.snapshot().forward_hist[-1] == 1
+
+
 def snap(counts, tokens, forwards=1):
     return CounterSnapshot(list(counts), tokens, forwards, [])
 

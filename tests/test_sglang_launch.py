@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -148,3 +149,21 @@ def test_version_range():
     lo, hi = sglang_launch.SUPPORTED
     assert lo <= v("0.5.15") < hi and lo <= v("0.5.20.post1") < hi
     assert not lo <= v("0.5.9") < hi and not lo <= v("0.6.0") < hi
+
+
+def test_kernels_compile_while_the_server_starts(tmp_path):
+    """run_sglang starts the server first and runs ``while_starting`` (the precompile) beside its start,
+    then returns the server's own exit code."""
+    started = tmp_path / "started"
+    server = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(0.5); raise SystemExit(3)"
+    seen = []
+
+    def while_starting():
+        for _ in range(200):  # the server process runs meanwhile: it makes its file
+            if started.exists():
+                break
+            time.sleep(0.05)
+        seen.append(started.exists())
+
+    assert sglang_launch.run_sglang([sys.executable, "-c", server], dict(os.environ), while_starting) == 3
+    assert seen == [True]

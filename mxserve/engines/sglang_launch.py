@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
@@ -191,8 +192,11 @@ def sglang_command(
     return cmd + list(extra or [])
 
 
-def run_sglang(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the server until it exits; SIGINT/SIGTERM are passed on so it shuts down cleanly."""
+def run_sglang(cmd: list[str], env: dict[str, str], while_starting: Callable[[], None] | None = None) -> int:
+    """Run the server until it exits; SIGINT/SIGTERM are passed on so it shuts down cleanly.
+    ``while_starting`` runs here once the server process is started: work that must be done before
+    SGLang needs it (the kernels its CUDA-graph capture launches) but not before its imports and
+    weight loading, which take 15 s and more."""
     proc = subprocess.Popen(cmd, env=env)
 
     def forward(signum, _frame):
@@ -200,6 +204,8 @@ def run_sglang(cmd: list[str], env: dict[str, str]) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if while_starting is not None:
+            while_starting()
         return proc.wait()
     finally:
         for s, h in old.items():

@@ -25,14 +25,16 @@ from unittest import mock
 
 import torch
 
-from mxkernels import align, combine, moe, moe_gemm, moe_gemm_gluon
+from mxkernels import align, combine, count, moe, moe_gemm, moe_gemm_gluon
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import get_scheme
+from router_stats.counters import FORWARD_TOKEN_BUCKETS
 
 KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
            "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel,
-           "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel}  # fmt: skip
+           "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel,
+           "count": count.routing_count_kernel}  # fmt: skip
 # SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
 # with a 15B model; the sizes past 256 are taken when memory allows a larger max_bs)
 DECODE_BATCHES = [1, 2, 4, 8, 12, *range(16, 257, 8), *range(272, 512, 16)]
@@ -165,6 +167,10 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                 if lay.rotated and any(get_scheme(s).family != "none" for s in names):
                     arena.rotation_seed = 0  # as build_arena sets it from rotated blocks
             shared = len(lay.gate_up) > e
+            # the routing counter's launch (router_stats on a GPU), on SGLang's int32 expert ids
+            counter = torch.zeros(e + 3 + len(FORWARD_TOKEN_BUCKETS), dtype=torch.int64)
+            count.count_routing(torch.zeros(tokens[0], k, dtype=torch.int32), counter,
+                                torch.tensor(FORWARD_TOKEN_BUCKETS), e)  # fmt: skip
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)
