@@ -1,11 +1,10 @@
 """A forward pass's routing counts (router_stats.ExpertCounter's buffer) in one launch.
 
-The counter's torch form is about 17 small ops per MoE layer (casts, masks, two index_add_,
-bucketize, stacks). In a CUDA graph each is a node of its own, and at decode a node costs a
-couple of microseconds whatever its size, so they added up to tens of microseconds per layer
-per decoded token. This kernel does the same additions in one program: the tokens routed to
-each expert, the tokens through the layer, whether the pass had any, and its bucket of the
-tokens-per-forward histogram.
+The counter's torch form is 17 small ops per MoE layer (casts, masks, two index_add_, bucketize,
+stacks). In SGLang's decode CUDA graph each is a node of its own, replayed for every token, however
+little it computes (what they cost per token is not yet timed: benchmarks/README.md). This kernel
+makes the same additions in one program: the tokens routed to each expert, the tokens through the
+layer, whether the pass had any, and its bucket of the tokens-per-forward histogram.
 """
 
 from __future__ import annotations
