@@ -303,7 +303,9 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
                     record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
                 gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb}
-                extra = {"MMA": DECODE_VARIANTS["MMA"]} | gluon if vname.removeprefix("ours ") in (plans or {}) else {}
+                # a plan's layer also as one launch per group of codes (moe.code_groups) in the picked layout
+                extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | gluon \
+                    if vname.removeprefix("ours ") in (plans or {}) else {}  # fmt: skip
                 timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
                 if t <= DECODE_TOKENS:
                     for label, ov in timed.items():
@@ -469,7 +471,8 @@ def main() -> None:
     ap.add_argument("--no-marlin", action="store_true", help="leave SGLang's Marlin MoE out (its JIT build)")
     ap.add_argument("--plan", action="append", type=parse_plan, default=[],
                     help="another layer to time, LABEL=SCHEME:WEIGHT,... by popularity tiers, most popular first "
-                         "(e.g. w3=w3a16g128:1); timed in the MMA and Gluon layouts; repeatable")
+                         "(e.g. w3=w3a16g128:1); timed in the MMA and Gluon layouts and as one launch per group "
+                         "of codes; repeatable")
     ap.add_argument("--layouts", default="", help="regex: time only the decode layouts whose label matches")
     ap.add_argument("--ours-only", action="store_true",
                     help="leave out the torch and SGLang fused_moe baselines and the prefill layout (Marlin "

@@ -14,6 +14,10 @@ concurrency with ``ignore_eos`` so every request generates exactly
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``
   (with ``--launch-args name=ARGS`` added, e.g. ``--bf16-layers kernel``).
 
+``--profile-steps N`` then traces N decode steps of each server with SGLang's profiler
+(decode_trace.py: each kernel's GPU time per step); ``--server-env NAME=VAR=VALUE`` sets
+an environment variable for one server (e.g. mxserve's MXSERVE_DISPATCH).
+
 ``--equal a:b`` asserts (and records) that servers a and b gave the same greedy text
 (prompts sent one at a time); ``--compare a:b`` only records it. Where two texts part,
 the report gives b's top-1 minus top-2 log-prob at that token: a near tie that one
@@ -36,6 +40,9 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode_trace  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the lent GPU's SGLang bundle was seen working with (../shared/device/README.md)
@@ -170,12 +177,14 @@ def openai_check(base: str, model: str) -> dict:
     return {"completion": comp.choices[0].text, "streamed_chat": chat}
 
 
-def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_dir: str) -> dict:
+def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_dir: str,
+               env: dict[str, str] | None = None) -> dict:  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     log_path = os.path.join(log_dir, f"{name}.log")
-    rec: dict = {"name": name, "command": shlex.join(cmd)}
+    rec: dict = {"name": name, "command": shlex.join(cmd), **({"env": env} if env else {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, **env} if env else None)  # fmt: skip
         try:
             rec["startup_s"] = round(wait_healthy(base, proc, a.startup_timeout), 1)
             print(f"[{name}] healthy after {rec['startup_s']} s", flush=True)
@@ -192,6 +201,16 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                 r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
+            for conc in a.profile_concurrency if a.profile_steps else []:
+                try:  # what a decode step launches on the GPU (decode_trace.py)
+                    prof = decode_trace.profile_decode(
+                        base, prompts[0], conc, a.profile_steps, os.path.join(log_dir, f"trace-{name}-c{conc}"),
+                        lambda n: complete(base, name, prompts[0], n, ignore_eos=True))  # fmt: skip
+                    rec.setdefault("decode_profile", []).append(prof)
+                    print(f"[{name}] decode profile at concurrency {conc}: {prof['span_us_per_step']} us per step",
+                          flush=True)  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - the throughput stands without it
+                    rec.setdefault("decode_profile_errors", []).append(f"{type(e).__name__}: {e}")
         except Exception as e:  # record and go on to the next server
             rec["error"] = f"{type(e).__name__}: {e}"
             print(f"[{name}] FAILED: {rec['error']}", flush=True)
@@ -236,6 +255,12 @@ def markdown(res: dict) -> str:
             near = "" if m is None else f" (token {d['token']}; {b}'s top-1 minus top-2 log-prob there: {m:.4f})"
             lines.append(f"- prompt {d['prompt']}: texts part at character {d['char']}{near}")
 
+    profiled = [s for s in res["servers"] if s.get("decode_profile")]
+    if profiled:
+        lines += ["", "## Decode steps on the GPU (SGLang's profiler; decode_trace.py)", ""]
+        for s in profiled:
+            for prof in s["decode_profile"]:
+                lines += decode_trace.markdown(s["name"], prof)
     for eq in res["equal"]:
         must = " (required)" if eq.get("required", True) else ""
         lines += ["", f"Greedy equality{must} {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical."]
@@ -253,6 +278,9 @@ def main() -> int:
     ap.add_argument("--ckpt", action="append", default=[], help="NAME=DIR of an mxserve checkpoint")
     ap.add_argument("--launch-args", action="append", default=[],
                     help='NAME=ARGS: more `mxserve launch` arguments for checkpoint NAME, e.g. "--bf16-layers kernel"')
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VAR=VALUE",
+                    help="an environment variable for server NAME only, e.g. mxserve-3.25bit-grouped=MXSERVE_DISPATCH="
+                         "grouped")  # fmt: skip
     ap.add_argument("--sglang-quant", action="append", default=[], help="SGLang --quantization to compare")
     ap.add_argument("--sglang-ckpt", action="append", default=[],
                     help="NAME=DIR of a checkpoint plain SGLang serves (e.g. gptq_copy.py's)")  # fmt: skip
@@ -265,6 +293,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the throughput, trace this many decode steps per server (SGLang's /start_profile)")
+    ap.add_argument("--profile-concurrency", type=int, nargs="+", default=[1, 8],
+                    help="requests decoding together while traced (default 1 and 8)")
     ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
     ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument("--tag", default="refmoe-25m")
@@ -305,10 +337,14 @@ def main() -> int:
         "equal": [],
         "self": {},
     }
+    envs: dict[str, dict[str, str]] = {}
+    for spec in a.server_env:
+        name, var, value = spec.split("=", 2)
+        envs.setdefault(name, {})[var] = value
     for name, cmd in servers:
         port = free_port()
         cmd = [*cmd, "--port", str(port), "--served-model-name", name]
-        res["servers"].append(run_server(name, cmd, port, a, prompts, a.out))
+        res["servers"].append(run_server(name, cmd, port, a, prompts, a.out, envs.get(name)))
         with open(os.path.join(a.out, "serving.json"), "w") as f:
             json.dump(res, f, indent=1)
     by = {s["name"]: s for s in res["servers"]}

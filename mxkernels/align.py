@@ -22,13 +22,16 @@ KERNEL_MAX_ROWS = 4096  # above this one program is slower than torch's parallel
 
 @triton.jit
 def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, EP: tl.constexpr):
-    """Expert and routing weight of rows ``r`` (row = token * SLOTS + slot); EP - 1 past the end."""
+    """Expert and routing weight of rows ``r`` (row = token * SLOTS + slot); EP - 1 past the end.
+    A routed slot of id -1 (SGLang's padded token) goes to expert 0 with weight 0."""
     t = r // SLOTS
     j = r % SLOTS
     valid = r < n
     routed = valid & (j < K)
     e = tl.load(ids_ptr + t * K + j, mask=routed, other=0).to(tl.int32)
     w = tl.load(w_ptr + t * K + j, mask=routed, other=1.0).to(tl.float32)
+    w = tl.where(e < 0, 0.0, w)
+    e = tl.maximum(e, 0)
     e = tl.where(routed, e, n_routed + j - K)
     return tl.where(valid, e, EP - 1), w
 
@@ -72,7 +75,8 @@ def capacity(rows: int, n_experts: int, bm: int) -> int:
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int, bm: int):
     """(sorted_ids [cap] int64 (row index, or rows for padding), block_expert [cap / bm] int64,
     num_post_pad [1], weights [rows] fp32) for top-k routing [T, k] with shared experts
-    ``n_routed..n_experts`` appended to every token; row = token * slots + slot. No host sync."""
+    ``n_routed..n_experts`` appended to every token; row = token * slots + slot. An id of -1 routes
+    to expert 0 with weight 0 (in the same launch: no masking ops before it). No host sync."""
     t, k = topk_ids.shape
     slots = k + n_experts - n_routed
     rows = t * slots
@@ -99,10 +103,11 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_
 def extend_routing(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the shared experts to every token's top-k, weight 1: ids [T, slots] int64, weights fp32."""
+    """Append the shared experts to every token's top-k, weight 1: ids [T, slots] int64, weights fp32
+    (an id of -1 becomes expert 0 with weight 0, as in moe_align_kernel)."""
     t = topk_ids.shape[0]
-    ids = topk_ids.to(torch.int64)
-    w = topk_weights.to(torch.float32)
+    ids = topk_ids.to(torch.int64).clamp(min=0)
+    w = torch.where(topk_ids >= 0, topk_weights.to(torch.float32), 0.0)
     n_shared = n_experts - n_routed
     if n_shared:
         dev = ids.device

@@ -4,7 +4,9 @@ The counter's torch form is 17 small ops per MoE layer (casts, masks, two index_
 stacks). In SGLang's decode CUDA graph each is a node of its own, replayed for every token, however
 little it computes (what they cost per token is not yet timed: benchmarks/README.md). This kernel
 makes the same additions in one program: the tokens routed to each expert, the tokens through the
-layer, whether the pass had any, and its bucket of the tokens-per-forward histogram.
+layer, whether the pass had any, and its bucket of the tokens-per-forward histogram. Given a host
+mirror (pinned memory, which a GPU with unified addressing writes directly), it then stores the whole
+buffer there too: the reader thread gets the counts with no copy of its own and none in the graph.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def routing_count_kernel(
     ids_ptr,
     buf_ptr,
     bounds_ptr,
+    host_ptr,
     t,
     E,
     K: tl.constexpr,
@@ -26,6 +29,8 @@ def routing_count_kernel(
     NB: tl.constexpr,
     NBP: tl.constexpr,
     BT: tl.constexpr,
+    MIRROR: tl.constexpr = False,
+    SIZE: tl.constexpr = 1,
 ):
     cols = tl.arange(0, KP)
     n = tl.zeros((), dtype=tl.int64)  # tokens with at least one routed slot
@@ -43,15 +48,23 @@ def routing_count_kernel(
     tl.atomic_add(buf_ptr + E, n, sem="relaxed")
     tl.atomic_add(buf_ptr + E + 1, ran, sem="relaxed")
     tl.atomic_add(buf_ptr + E + 2 + bucket, ran, sem="relaxed")
+    if MIRROR:  # the buffer after this pass's additions (read past L1, where the atomics are not)
+        tl.debug_barrier()
+        j = tl.arange(0, SIZE)
+        n_buf = E + 3 + NB
+        tl.store(host_ptr + j, tl.load(buf_ptr + j, mask=j < n_buf, volatile=True), mask=j < n_buf)
 
 
-def count_routing(topk_ids: torch.Tensor, buf: torch.Tensor, bounds: torch.Tensor, n_experts: int) -> None:
+def count_routing(topk_ids: torch.Tensor, buf: torch.Tensor, bounds: torch.Tensor, n_experts: int,
+                  host: torch.Tensor | None = None) -> None:  # fmt: skip
     """Add one forward pass's routing ``topk_ids`` [T, k] (-1: a padded slot) into ``buf`` (int64:
-    per-expert counts, tokens, forwards, then the histogram over ``bounds``, +Inf last)."""
+    per-expert counts, tokens, forwards, then the histogram over ``bounds``, +Inf last); then copy
+    ``buf`` into ``host`` (pinned, written by the kernel itself) when given."""
     ids = (topk_ids if topk_ids.dim() == 2 else topk_ids.reshape(-1, 1)).contiguous()
     t, k = ids.shape
     nb = bounds.numel()
     routing_count_kernel[(1,)](
-        ids, buf, bounds, t, n_experts, K=k, KP=triton.next_power_of_2(max(k, 1)), NB=nb,
-        NBP=triton.next_power_of_2(nb), BT=128,
+        ids, buf, bounds, host if host is not None else buf, t, n_experts, K=k, KP=triton.next_power_of_2(max(k, 1)),
+        NB=nb, NBP=triton.next_power_of_2(nb), BT=128, MIRROR=host is not None,
+        SIZE=triton.next_power_of_2(buf.numel()) if host is not None else 1,
     )  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from mxkernels.align import route
-from mxkernels.arena import CODE_FP8, Arena
+from mxkernels.arena import CODE_FP8, N_CODES, Arena
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 from mxkernels.tile_table import codes_class, tile_table
@@ -62,6 +62,14 @@ WAVES = 4  # decode: split K until about this many programs per multiprocessor
 # MXSERVE_GLUON=0 keeps every layer on the Triton kernel
 GLUON_DECODE = os.environ.get("MXSERVE_GLUON", "1") != "0"
 GLUON_ROWS = 1.1
+# "single": one launch per GEMM runs every scheme of a layer (the paper's design); "grouped": one
+# launch per group of codes (code_groups), so that a wide branch (3 or 8 bits, bf16) does not set the
+# registers of every expert's program. MXSERVE_DISPATCH picks one for every launch (read per launch,
+# so that `mxserve launch`'s precompile sees what its server will run); `dispatch=` per call
+DISPATCHES = ("single", "grouped")
+# codes launched together by the grouped dispatch: weight-only 1, 2 and 4 bits, whose branches compile
+# to about the same registers (moe_gemm_gluon.NARROW_CODES); every other code has a launch of its own
+SHARED_LAUNCH = (1 << 1) | (1 << 2) | (1 << 4)
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,6 +77,19 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a small GPU, so tests reach the split-K path
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def code_groups(mask: int) -> list[int]:
+    """The groups of kernel codes that ``mask``'s experts launch in under the grouped dispatch."""
+    groups = [mask & SHARED_LAUNCH] + [1 << c for c in range(N_CODES) if (mask & ~SHARED_LAUNCH) >> c & 1]
+    return [g for g in groups if g]
+
+
+def _dispatch(asked: str | None) -> str:
+    mode = asked or os.environ.get("MXSERVE_DISPATCH") or "single"
+    if mode not in DISPATCHES:
+        raise ValueError(f"kernel dispatch {mode!r} (MXSERVE_DISPATCH): one of {', '.join(DISPATCHES)}")
+    return mode
 
 
 def expected_active(n_routed: int, n_shared: int, routed_rows: int) -> float:
@@ -128,9 +149,10 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
-          tiles: Tiles) -> None:
+          launches: list[tuple[int, Tiles]]) -> None:
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
-    (gate | up side by side for gate_up) when ``tiles.split`` > 1."""
+    (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
+    of ``launches``, each running the experts whose code is among its codes (_launches)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -142,11 +164,18 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         # per-token fp8 activations, once per launch; the same ops as the reference's fake quant
         a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
     n = arena.n // 2 if gate_up else arena.n
+    for codes, tiles in launches:
+        if tiles.gluon:
+            _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
+                        a_div, gate_up, tiles, n, codes)  # fmt: skip
+        else:
+            _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
+                         num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
+
+
+def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
+                 num_valid, a_div, gate_up, tiles: Tiles, n: int, codes: int) -> None:  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, tiles.bn), tiles.split)
-    if tiles.gluon:
-        _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div,
-                    gate_up, tiles, n)  # fmt: skip
-        return
     mx_moe_gemm_kernel[grid](
         a_all,
         rot_off,
@@ -173,7 +202,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         a_div,
         tiles.split,
         GATE_UP=gate_up,
-        CODES=arena.kernel_mask,
+        CODES=codes,
         BM=tiles.bm,
         BN=tiles.bn,
         BK=tiles.bk,
@@ -198,11 +227,11 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int) -> None:  # fmt: skip
-    """_gemm on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). It compiles
-    the branches of the arena's extra codes that it has (gluon_codes: one variant per model, as the
-    Triton kernel) and needs none of the others: no expert of the arena uses them."""
-    from mxkernels.moe_gemm_gluon import BN, MAGIC, WARPS, eligible
+                a_div, gate_up, tiles: Tiles, n: int, codes: int) -> None:  # fmt: skip
+    """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
+    ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
+    compiles the branches it has and needs none of the others: no expert of the arena uses them."""
+    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, WARPS, eligible
 
     bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
     if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
@@ -210,7 +239,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
-    codes = gluon_codes(arena)
+    codes &= KERNEL_CODES
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
@@ -252,8 +281,8 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
     """The decode tiles on the Gluon kernel: two MMA tiles of rows per warp for narrow code sets, 8
     rows per block up to 8 rows per expert (12 for narrow code sets: Qwen1.5-MoE at 64 tokens, 8.5
     rows, runs 9 to 18% faster so), and no more K splits than its 128-deep tiles (H200,
-    results/moe_layer_h200_layouts.md). ``codes``: both GEMMs' (gluon_codes), so that they share
-    the block of the alignment."""
+    results/moe_layer_h200_layouts.md). ``codes``: the launch's (the block is the one both GEMMs'
+    codes give: they share the alignment's)."""
     from mxkernels.moe_gemm_gluon import BK, BN, NARROW_CODES
 
     narrow = not codes & ~NARROW_CODES
@@ -271,13 +300,15 @@ def moe_gemms(
     down: Arena,
     n_routed: int,
     poison: bool = False,
+    dispatch: str | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
     every token). Returns the intermediate [T*slots, I] bf16 and the weighted expert outputs
     [S, T*slots, H], row = token*slots + slot: S = 1 bf16, or S fp32 partial sums over K
     (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
-    be written); ``override`` replaces fields of the picked tiles."""
+    be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``override`` replaces fields
+    of the picked tiles."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
     n_experts = gate_up.n_experts
     slots = topk_ids.shape[1] + n_experts - n_routed
@@ -297,24 +328,33 @@ def moe_gemms(
         override = {"fma": False, **override}
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
-    if gluon:
-        gcodes = gluon_codes(gate_up) | gluon_codes(down)
-        t_gu = _as_gluon(t_gu, per_expert, gate_up.k, gcodes, override)
-        t_dn = _as_gluon(t_dn, per_expert, down.k, gcodes, override)
-    sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, t_gu.bm)
+    gcodes = gluon_codes(gate_up) | gluon_codes(down)
+
+    def launches(arena: Arena, tiles: Tiles) -> list[tuple[int, Tiles]]:
+        """(codes, tiles) per launch: the Gluon kernel's rows per warp follow each launch's codes,
+        its block the whole layer's (the two GEMMs share the alignment's)."""
+        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, override) if gluon else tiles
+        if _dispatch(dispatch) != "grouped":
+            return [(arena.kernel_mask, whole)]
+        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, override), bm=whole.bm)
+                 if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
+
+    l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
+    bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
+    sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, bm)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    if t_gu.split > 1:
-        ws = alloc(t_gu.split, rows, gate_up.n, dtype=torch.float32, device=dev)
-        _gemm(x, gate_up, ws, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, t_gu)
+    if split_gu > 1:
+        ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev)
+        _gemm(x, gate_up, ws, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
         block = min(1024, triton.next_power_of_2(gate_up.n // 2))
         silu_mul_kernel[(rows, triton.cdiv(gate_up.n // 2, block))](
-            ws, inter, rows, gate_up.n // 2, SPLIT=t_gu.split, BLOCK=block, F32=INTERPRET
+            ws, inter, rows, gate_up.n // 2, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
         )
     else:
-        _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, t_gu)
-    dtype = torch.float32 if t_dn.split > 1 else torch.bfloat16
-    out = alloc(t_dn.split, rows, down.n, dtype=dtype, device=dev)
-    _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w, rows, 1, False, t_dn)
+        _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
+    dtype = torch.float32 if split_dn > 1 else torch.bfloat16
+    out = alloc(split_dn, rows, down.n, dtype=dtype, device=dev)
+    _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
     return inter, out
 
 
@@ -326,13 +366,21 @@ def mx_moe_forward(
     down: Arena,
     n_routed: int,
     shared_scale: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
     **override,
 ) -> torch.Tensor:
     """MoE output [T, H] (bf16) for x [T, H] with the layer's packed experts; ``shared_scale``
-    [T, 1] scales the shared experts' sum (Qwen2-MoE's sigmoid gate; fp32 as SGLang computes it)."""
+    [T, 1] scales the shared experts' sum (Qwen2-MoE's sigmoid gate; fp32 as SGLang computes it),
+    or ``shared_gate`` [H] gives that gate's weight and the top-k sum computes sigmoid(x . gate).
+    A top-k id of -1 (a padded token's slot) routes nowhere."""
     t, h = x.shape
     k = topk_ids.shape[1]
     slots = k + gate_up.n_experts - n_routed
-    _, out = moe_gemms(x.to(torch.bfloat16).contiguous(), topk_ids, topk_weights, gate_up, down, n_routed, **override)
-    scale = None if shared_scale is None or slots == k else shared_scale.float().reshape(t).contiguous()
-    return combine(out.view(out.shape[0], t, slots, h), k, scale)
+    x = x.to(torch.bfloat16).contiguous()
+    _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, **override)
+    scale = gate = None
+    if slots > k and shared_gate is not None:
+        gate = (x, shared_gate.reshape(h).contiguous())
+    elif slots > k and shared_scale is not None:
+        scale = shared_scale.float().reshape(t).contiguous()
+    return combine(out.view(out.shape[0], t, slots, h), k, scale, gate)

@@ -34,7 +34,9 @@ Layouts, chosen per launch by moe.py:
   The split count is a run-time argument: it follows the batch size, and as a
   constexpr it made one compile per value.
 
-Branches of codes absent from the layer are pruned at compile time (CODES).
+Branches of codes absent from the layer are pruned at compile time (CODES); a
+program whose expert's code is not among CODES stores nothing (another launch of
+a dispatch per group of codes covers it: moe.py).
 With GATE_UP and no split the program computes the gate and the up tile of the
 same columns and stores SiLU(gate) * up; otherwise it scales by the routing
 weight.
@@ -461,6 +463,10 @@ def mx_moe_gemm_kernel(
     if pid_m * BM >= tl.load(num_post_pad_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
+    meta = meta_ptr + expert * 6
+    code = tl.load(meta).to(tl.int32)
+    if ((CODES >> code) & 1) == 0:  # another launch's expert (a dispatch per group of codes: moe.py)
+        return
     ids = tl.load(sorted_ids_ptr + pid_m * BM + tl.arange(0, BM))
     mask_m = ids < num_valid
     rows = tl.where(mask_m, ids // a_div, 0)
@@ -470,8 +476,6 @@ def mx_moe_gemm_kernel(
     k_per = tl.cdiv(tl.cdiv(K, BK), split) * BK
     k_lo = tl.program_id(2) * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
-    meta = meta_ptr + expert * 6
-    code = tl.load(meta).to(tl.int32)
     # arena offsets are multiples of 16 elements (build_arena pads): say so, or loads stay scalar
     w_off = tl.multiple_of(tl.load(meta + 1), 16)
     s_off = tl.multiple_of(tl.load(meta + 2), 16)

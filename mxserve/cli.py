@@ -316,6 +316,11 @@ def cmd_launch(a: argparse.Namespace) -> None:
         raise MxServeError("--sglang-args is for the SGLang engine")
     if a.bf16_layers and engine != "sglang":
         raise MxServeError("--bf16-layers is for the SGLang engine")
+    if os.environ.get("MXSERVE_DISPATCH"):  # read by every kernel launch: refused here, not mid-request
+        from mxkernels.moe import DISPATCHES
+
+        if os.environ["MXSERVE_DISPATCH"] not in DISPATCHES:
+            raise MxServeError(f"MXSERVE_DISPATCH={os.environ['MXSERVE_DISPATCH']}: one of {', '.join(DISPATCHES)}")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
         from mxserve.models.loading import read_config

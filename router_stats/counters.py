@@ -3,11 +3,13 @@
 Counting is an index_add_ into a preallocated tensor on the model's device (on a
 GPU, one Triton kernel that makes the same additions: mxkernels/count.py): no
 host synchronisation per forward pass, and the ops are captured by CUDA graphs
-(SGLang replays them with the decode step). On a GPU each forward also copies
-the counts, asynchronously, into a pinned host mirror, so a reader thread gets
-them without any CUDA call of its own: a synchronising copy from another
-thread would break SGLang's CUDA-graph capture, which forbids such calls from
-every thread while it runs. Counts are cumulative; the window logic
+(SGLang replays them with the decode step). On a GPU each forward also puts
+the counts into a pinned host mirror, so a reader thread gets them without any
+CUDA call of its own: a synchronising copy from another thread would break
+SGLang's CUDA-graph capture, which forbids such calls from every thread while it
+runs. The counting kernel writes the mirror itself (pinned memory is mapped on a
+GPU with unified addressing), checked once per device; where it cannot, an
+asynchronous copy per forward does. Counts are cumulative; the window logic
 (windows.py) works on differences of snapshots.
 """
 
@@ -40,6 +42,7 @@ class ExpertCounter:
         self.buf = torch.zeros(n_experts + 2 + len(FORWARD_TOKEN_BUCKETS) + 1, dtype=torch.int64, device=device)
         self.bounds = torch.tensor(FORWARD_TOKEN_BUCKETS, dtype=torch.int64, device=device)
         self.host = self._mirror()
+        self.mapped = False  # the counting kernel writes self.host itself (to())
 
     def _mirror(self) -> torch.Tensor:
         if self.buf.device.type != "cuda":
@@ -59,8 +62,9 @@ class ExpertCounter:
         if self.buf.is_cuda:  # one kernel for the ops below, each a CUDA-graph node of its own
             from mxkernels.count import count_routing
 
-            count_routing(topk_ids, self.buf, self.bounds, self.n_experts)
-            self.host.copy_(self.buf, non_blocking=True)
+            count_routing(topk_ids, self.buf, self.bounds, self.n_experts, self.host if self.mapped else None)
+            if not self.mapped:
+                self.host.copy_(self.buf, non_blocking=True)
             return
         e = self.n_experts
         ids = topk_ids.reshape(-1).to(torch.int64)
@@ -87,4 +91,25 @@ class ExpertCounter:
         self.host = self._mirror()
         if self.host is not self.buf:
             self.host.copy_(self.buf)
+        self.mapped = self.buf.is_cuda and _kernel_writes_host(self.buf, self.bounds, self.host, self.n_experts)
         return self
+
+
+_writes_host: dict[torch.device, bool] = {}
+
+
+def _kernel_writes_host(buf: torch.Tensor, bounds: torch.Tensor, host: torch.Tensor, n_experts: int) -> bool:
+    """Whether the counting kernel can store into pinned host memory on ``buf``'s GPU: tried once per
+    device, on a pass of no tokens (which adds nothing), before any CUDA graph is captured."""
+    if buf.device not in _writes_host:
+        from mxkernels.count import count_routing
+
+        host.fill_(-1)
+        try:
+            count_routing(torch.empty(0, 1, dtype=torch.int32, device=buf.device), buf, bounds, n_experts, host)
+            torch.cuda.synchronize(buf.device)
+            _writes_host[buf.device] = torch.equal(host, buf.cpu())
+        except Exception:  # noqa: BLE001 - Triton or the driver refused the host pointer: copy instead
+            _writes_host[buf.device] = False
+        host.copy_(buf)
+    return _writes_host[buf.device]

@@ -1,49 +1,73 @@
 #!/usr/bin/env bash
-# The GPU runs still owed to issues 10 and 13, as one chain that outlives a device call.
+# The GPU runs still owed to issue 10, as one chain that outlives a device call.
 #
 # A device call lasts at most 600 s and returns at most 8 files; a machine left idle for 30 s is
 # given back with everything on it. So the chain runs in the background (setsid) and each call
 # polls it, then packs what exists into one file, $OUT/results.tgz, with the status in stdout:
 #
-#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 560
+#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 540
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 580   # next calls, at once
 #
 # `start` does nothing where the chain already runs, and starts it over on a fresh machine.
 # Phases, in order; the timed ones run alone on the GPU:
-#   1. untimed, side by side: the SGLang GPU tests of every architecture (mxserve launch now
-#      precompiles while SGLang starts), the 24-layer checkpoints (PREP_ONLY; the GPTQ copy now
-#      fp16) and, where the disk holds both, gptq-check;
-#   2. timed: cold_start.py on refmoe-25m's shapes (the shorter run first: a session's device time
-#      may end during the next one);
-#   3. timed: serving_runs.sh qwen15-24 (end to end against bf16, fp8 and GPTQ on Marlin);
-#   4. timed: moe_layer.py with a layer of the served 24-layer plan's tiers, decode and small batches;
-#   5. timed: moe_layer.py at 4096 and 8192 tokens on Qwen1.5's shape, with its tuned prefill tiles;
-#   6. timed: tune_tiles.py, prefill tiles of the other shapes (merged into mxkernels/tiles/ by hand).
+#   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY), the kernel GPU tests (the grouped
+#      dispatch, -1 ids and the shared gate inside the launches, the counter's host mirror) and the
+#      SGLang GPU tests of Qwen2-MoE (the architecture with a shared-expert gate);
+#   2. timed: serving_runs.sh qwen15-24 (end to end against bf16, fp8 and GPTQ on Marlin; mxserve with
+#      one launch per GEMM and one per group of codes; every server's decode steps traced);
+#   3. timed: moe_layer.py with a layer of the served 24-layer plan's tiers, single and grouped launches;
+#   4. timed: moe_layer.py at 4096 and 8192 tokens on Qwen1.5's shape, with its tuned prefill tiles;
+#   5. timed: cold_start.py on refmoe-25m's shapes (mxserve launch now precompiles while SGLang starts);
+#   6. untimed: the SGLang GPU tests of the other architectures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=/tmp/res
 export TOKENIZER=.shr/models/refmoe-25m WORK=/tmp/w
+SMALL="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.9"
 
 say() { echo "$(date +%T) $*" >> $res/status.txt; }
 
-phase1() {
+sglang_tests() {  # ARCH...: tests/test_sglang_gpu.py for each, side by side
   mkdir -p $res/tests
-  local small="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.9"
-  (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1; say "prep rc=$?") &
-  if [ "$(df --output=avail -B1G /tmp | tail -1)" -ge 60 ]; then
-    (OMP_NUM_THREADS=3 WORK=/tmp/w4 SGLANG_ARGS="$small --max-total-tokens 65536" \
-      benchmarks/serving_runs.sh gptq-check $res/gc > $res/gc.log 2>&1; say "gptq-check rc=$?"; rm -rf /tmp/w4) &
-  else say "gptq-check skipped: the disk holds the 24-layer checkpoints only"; fi
-  for a in qwen2_moe qwen3_moe olmoe mixtral deepseek_v2; do
-    (MXSERVE_TEST_SGLANG_ARGS="$small --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_$a.log \
+  for a in "$@"; do
+    (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_$a.log \
       python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k $a --basetemp=/tmp/pt_$a -rA -p no:cacheprovider \
       > $res/tests/$a.log 2>&1; say "tests $a rc=$? $(tail -1 $res/tests/$a.log)") &
   done
+  wait
+}
+
+phase1() {
+  mkdir -p $res/tests
+  (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1; say "prep rc=$?") &
+  (python3 -m pytest -q -m gpu tests/test_kernels_gpu.py --basetemp=/tmp/pt_k -rA -p no:cacheprovider \
+    > $res/tests/kernels.log 2>&1; say "kernel tests rc=$? $(tail -1 $res/tests/kernels.log)") &
+  sglang_tests qwen2_moe
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
 }
 
 phase2() {
+  benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e rc=$?"
+  pkill -f "[s]glang.launch_server"
+  rm -rf /tmp/w  # the disk for the next phases
+}
+
+phase3() {
+  # the tiers of plans/qwen15-24l-3.25bit.json (blocks: w3 1398, w2 918, w4 621, w8 126), most popular first
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 8 16 32 64 \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --layouts '^$' --out $res/served > $res/served.log 2>&1
+  say "moe_layer served tiers rc=$?"
+}
+
+phase4() {
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 4096 8192 --out $res/prefill \
+    > $res/prefill.log 2>&1
+  say "moe_layer prefill rc=$?"
+}
+
+phase5() {
   python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer $TOKENIZER --out /tmp/cm \
     > /dev/null 2>&1
   python3 benchmarks/cold_start.py --model /tmp/cm --plan benchmarks/plans/refmoe-3.25bit.json --out $res/cold \
@@ -51,39 +75,14 @@ phase2() {
   say "cold start rc=$?"
 }
 
-phase3() {
-  benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
-  say "e2e rc=$?"
-  pkill -f "[s]glang.launch_server"
-  rm -rf /tmp/w  # the disk for the next phases
-}
-
-phase4() {
-  # the tiers of plans/qwen15-24l-3.25bit.json (blocks: w3 1398, w2 918, w4 621, w8 126), most popular first
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 16 64 \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/served > $res/served.log 2>&1
-  say "moe_layer served tiers rc=$?"
-}
-
-phase5() {
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 4096 8192 --out $res/prefill \
-    > $res/prefill.log 2>&1
-  say "moe_layer prefill rc=$?"
-}
-
-phase6() {
-  python3 benchmarks/tune_tiles.py --models deepseek-v2-lite qwen3-30b-a3b mixtral-8x7b --classes weight-only fp8 \
-    --tokens 1024 4096 8192 --out $res/tiles/tiles.json > $res/tiles.log 2>&1
-  say "tune_tiles rc=$?"
-}
-
 case "${1:-}" in
   start)
     [ -f $res/status.txt ] && exit 0
     mkdir -p $res
     say "chain started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say phase1 phase2 phase3 phase4 phase5 phase6);
-      res=$res; phase1; p1=\$?; say \"phase 1 done rc=\$p1\"; phase2; [ \$p1 = 0 ] && phase3; phase4; phase5; phase6; say 'chain ended'; touch $res/ended" \
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say sglang_tests phase1 phase2 phase3 phase4 phase5);
+      res=$res; SMALL='$SMALL'; phase1; p1=\$?; say \"phase 1 done rc=\$p1\"; [ \$p1 = 0 ] && phase2; phase3; phase4;
+      phase5; sglang_tests qwen3_moe olmoe mixtral deepseek_v2; say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
     ;;
   wait)

@@ -191,3 +191,27 @@ def slab_swap_case(device, seed: int = 0) -> tuple[float, float]:
     copy_slab(served, slab(plan_b))  # same buffers, new weights
     after = mx_moe_forward(x, ids, w, *served, 6).float().cpu()
     return (before - plain(plan_a)).abs().max().item(), (after - plain(plan_b)).abs().max().item()
+
+
+def check_padded_slots_and_shared_gate(device: str) -> None:
+    """SGLang's -1 ids (a padded token's slots) route nowhere through the alignment itself, with no
+    masking before it; the shared gate given as its weight scales as a scale computed before does."""
+    gen = torch.Generator().manual_seed(6)
+    experts = make_experts(["w4a16g128", "bf16", "w2a16g128"], 128, 128, 6, 2, "rtn", gen, device)
+    gu, dn = (build_arena(list(blocks)).to(device) for blocks in zip(*(e.linears() for e in experts)))
+    x = torch.randn(5, 128, generator=gen).to(torch.bfloat16)
+    ids, w = route(5, 6, 2, gen)
+    ids[3:] = -1
+    ids[1, 1] = -1
+    masked, w_masked = torch.where(ids >= 0, ids, 0), torch.where(ids >= 0, w, 0)
+    scale = torch.sigmoid(torch.randn(5, 1, generator=gen))
+    gate = (torch.randn(128, generator=gen) * 0.1).to(torch.bfloat16)
+    x, ids, w, masked, w_masked, scale, gate = (v.to(device) for v in (x, ids, w, masked, w_masked, scale, gate))
+    padded = mx_moe_forward(x, ids, w, gu, dn, 6, scale)
+    assert torch.equal(padded, mx_moe_forward(x, masked, w_masked, gu, dn, 6, scale))
+    assert not torch.equal(padded, mx_moe_forward(x, masked, w, gu, dn, 6, scale))  # the slots do count
+    by_gate = mx_moe_forward(x, ids, w, gu, dn, 6, shared_gate=gate).float()
+    ref = mx_moe_forward(x, ids, w, gu, dn, 6, torch.sigmoid(x.float() @ gate.float())[:, None]).float()
+    assert ((by_gate - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()  # one bf16 rounding apart at most
+    ext_ids, ext_w = extend_routing(ids.cpu(), w.cpu(), 8, 6)  # large batches' torch alignment: the same rule
+    assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -38,6 +40,7 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
 
     class Args:
         startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 120, 6, 6, [1, 4], 4
+        profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
 
     port = serving.free_port()
     assert port + 10000 <= 65535
@@ -193,3 +196,30 @@ def test_gptq_copy_writes_gptq_v1_tensors(tiny_models, tmp_path: Path):
     for c in (out, deq):
         c = json.loads((c / "config.json").read_text())
         assert c["dtype"] == c["torch_dtype"] == "float16"
+
+
+def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
+    import gzip
+    import json
+
+    import decode_trace
+
+    def ev(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    # two steps of: a GEMM (10 us), a small kernel (2 us) and a copy (3 us); CPU events are not counted
+    events = [ev("gemm", 0, 10), ev("small", 12, 2), ev("Memcpy DtoH", 15, 3, "gpu_memcpy"),
+              ev("gemm", 100, 10), ev("small", 112, 2), ev("Memcpy DtoH", 115, 3, "gpu_memcpy"),
+              ev("aten::mm", 0, 500, "cpu_op"), {"ph": "M", "name": "process_name"}]  # fmt: skip
+    path = tmp_path / "x.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = decode_trace.summarize(str(path), 2)
+    assert s["busy_us_per_step"] == 15.0 and s["span_us_per_step"] == 59.0  # (118 - 0) / 2
+    assert s["events_per_step"] == 3.0 and s["copies_per_step"] == 1.0
+    assert s["top"] == [["gemm", 10.0, 1.0], ["Memcpy DtoH", 3.0, 1.0], ["small", 2.0, 1.0]]
+    md = "\n".join(decode_trace.markdown("mx", {"concurrency": 1, **s}))
+    assert "| `gemm` | 10.0 | 1.0 |" in md and "59.0 us" in md
+    (tmp_path / "empty.json").write_text(json.dumps([ev("aten::mm", 0, 5, "cpu_op")]))
+    with pytest.raises(ValueError, match="no GPU events"):
+        decode_trace.summarize(str(tmp_path / "empty.json"), 1)

@@ -262,6 +262,12 @@ def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args
     assert expect in err
 
 
+def test_launch_unknown_kernel_dispatch(capsys, monkeypatch, tiny_models, tmp_path):
+    monkeypatch.setenv("MXSERVE_DISPATCH", "per-expert")
+    err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "4bit")
+    assert "MXSERVE_DISPATCH=per-expert" in err and "single, grouped" in err
+
+
 def test_parallel_layout_and_method_checks():
     from mxserve.errors import MxServeError
     from mxserve.launch import check_parallel, parallel_method

@@ -85,6 +85,16 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
         assert e < BOUND, (key, e)
 
 
+def test_gluon_kernel_grouped_dispatch_in_the_interpreter(interpreted_gluon):
+    # one launch per group of codes (moe.code_groups): each launch's programs skip the other
+    # groups' experts, and every output element is written (the outputs are NaN-poisoned)
+    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=12, split=3, bm=8, dispatch="grouped",
+                       **GLUON)  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
 def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interpreted_gluon):
     # the model's code set (every layer's kernel compiles it) has fp8 and w4a4, which the Gluon kernel
     # has no branch for; this layer's experts are all ones it runs

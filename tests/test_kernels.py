@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from kernel_cases import LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import LAYOUTS, bf16_layer_agreement, check_padded_slots_and_shared_gate, gemm_errors, layer_error
 
 ALL = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16", "w8a8fp8", "w4a4", "w8a8"]
 SMALL_GROUPS = ["bf16", "w4a16g32", "w3a16g32", "w2a16g32", "w8a16", "w8a8fp8", "w4a4"]
@@ -91,6 +91,42 @@ def test_model_wide_codes_compute_what_the_layers_own_codes_compute(layout):
         assert gu.kernel_mask == (every if extra else gu.codes_mask) and gu.codes_mask != every
         outs.append(moe_gemms(x, ids, w, gu, dn, 6, **LAYOUTS[layout]))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_code_groups_launch_each_wide_code_alone():
+    from mxkernels.arena import kernel_codes
+    from mxkernels.moe import SHARED_LAUNCH, code_groups
+    from mxserve.schemes import get_scheme
+
+    every = kernel_codes(get_scheme(s) for s in ALL)
+    groups = code_groups(every)
+    assert sum(groups) == every and len(groups) == 1 + bin(every & ~SHARED_LAUNCH).count("1")  # disjoint, whole
+    assert code_groups(0b10100) == [0b10100]  # w2 and w4: one launch
+    assert code_groups(0b101000) == [0b1000, 0b100000]  # w3 and w8: one each
+
+
+@pytest.mark.parametrize("layout", ["prefill", "decode", "fma-prefetch"])
+def test_grouped_dispatch_computes_what_one_launch_computes(layout):
+    """One launch per group of codes (each compiled for its codes only) writes every output
+    element (NaN-poisoned) with the bits the single launch of every scheme writes."""
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import moe_gemms
+
+    gen = torch.Generator().manual_seed(4)
+    experts = make_experts(ALL, 128, 128, 18, 1, "rtn", gen, "cpu")
+    x = torch.randn(9, 128, generator=gen).to(torch.bfloat16)
+    ids, w = route(9, 18, 2, gen)
+    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    one, grouped = (moe_gemms(x, ids, w, gu, dn, 18, poison=True, dispatch=d, **LAYOUTS[layout])
+                    for d in ("single", "grouped"))  # fmt: skip
+    for a, b in zip(one, grouped):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+def test_padded_slots_and_the_shared_gate_are_handled_inside_the_launches():
+    check_padded_slots_and_shared_gate("cpu")
 
 
 def test_whole_layer_weight_only_mix():
@@ -211,6 +247,6 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     monkeypatch.setattr(moe, "_gemm", lambda *a: (seen.append(a[-1]), gemm(*a))[1])
     # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
-    assert {(t.bm, t.bn, t.bk, t.stages) for t in seen} == {(64, 32, 32, 2)}
+    assert {(t.bm, t.bn, t.bk, t.stages) for launches in seen for _, t in launches} == {(64, 32, 32, 2)}
     for key, e in errs.items():
         assert e < BOUND, (key, e)

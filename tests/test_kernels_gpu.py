@@ -7,7 +7,15 @@ operands (1e-3..1e-2), fp8 included now that it runs on tensor cores.
 
 import pytest
 import torch
-from kernel_cases import GLUON, GLUON_SCHEMES, LAYOUTS, bf16_layer_agreement, gemm_errors, layer_error
+from kernel_cases import (
+    GLUON,
+    GLUON_SCHEMES,
+    LAYOUTS,
+    bf16_layer_agreement,
+    check_padded_slots_and_shared_gate,
+    gemm_errors,
+    layer_error,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -66,7 +74,8 @@ def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
     real = moe._gemm_gluon
 
     def spy(*args):
-        blocks.append((args[-2].bm, args[-2].bn))  # the launch's Tiles
+        tiles = next(a for a in args if isinstance(a, moe.Tiles))
+        blocks.append((tiles.bm, tiles.bn))
         return real(*args)
 
     monkeypatch.setattr(moe, "_gemm_gluon", spy)
@@ -84,6 +93,21 @@ def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
     blocks.clear()
     gemm_errors(["w4a16g128", "w8a8fp8"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)  # fp8: the Triton kernel
     assert blocks == []
+
+
+@pytest.mark.parametrize("t, names, tiles", [(24, GLUON_SCHEMES, {}), (24, ALL, LAYOUTS["decode"]), (1, ALL, {}),
+                                             (300, ALL, {})])  # fmt: skip
+def test_grouped_dispatch_real_shapes(t, names, tiles):
+    # one launch per group of codes: on the Gluon kernel (24 tokens, its schemes), the Triton decode
+    # layout, CUDA-core products (1 token) and the prefill layout
+    errs = gemm_errors(names, t, 2048, 1408, 18, 2, 4, "cuda", seed=13, dispatch="grouped", **tiles)
+    assert t == 1 or {key.split("/")[0] for key in errs} == set(names), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, t, e)
+
+
+def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda():
+    check_padded_slots_and_shared_gate("cuda")
 
 
 def test_whole_layer_real_shapes():
@@ -147,3 +171,22 @@ def test_mixed_checkpoint_runs_on_cuda_like_the_cpu(arch, tmp_path):
         assert torch.isfinite(got).all(), (t, got.isnan().sum().item(), got.isinf().sum().item())
         # the same kernels in Triton's interpreter (CPU): within 0.008 of the reference for these four models
         assert ((got - want).norm() / want.norm()).item() < 5e-2, t
+
+
+def test_routing_counter_writes_its_host_mirror_from_the_kernel_in_a_cuda_graph():
+    from router_stats import ExpertCounter
+
+    counter = ExpertCounter(16).to("cuda")
+    assert counter.mapped, "the counting kernel could not store into pinned host memory"
+    ids = torch.randint(-1, 16, (37, 4), device="cuda", dtype=torch.int32)
+    ref = ExpertCounter(16)
+    for _ in range(3):
+        ref.record(ids.cpu())
+    counter.record(ids)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        counter.record(ids)
+    graph.replay()  # captured without running: this and the eager pass make two; one more replay, three
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(counter.host, ref.buf) and counter.snapshot() == ref.snapshot()

@@ -65,8 +65,8 @@ def compare(lay, t, codes):
             arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
         moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
                            16, torch.rand(t, 1))
-        c = ExpertCounter(16)  # its launch on a GPU (router_stats), on SGLang's int32 ids
-        count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16)
+        c = ExpertCounter(16)  # its launch on a GPU (router_stats, writing the host mirror), on SGLang's int32 ids
+        count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16, c.buf.clone())
     return {"variants": len(variants), "kernels": sorted({v.kernel for v in variants}),
             "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 

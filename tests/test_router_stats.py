@@ -44,14 +44,17 @@ def test_counting_kernel_adds_what_the_torch_ops_add(dtype):
 
     gen = torch.Generator().manual_seed(0)
     ref, buf = ExpertCounter(16), ExpertCounter(16).buf.clone()
+    host = torch.full_like(buf, -1)  # the pinned mirror a GPU's kernel writes
     bounds = torch.tensor(FORWARD_TOKEN_BUCKETS, dtype=torch.int64)
-    for t, k in [(3, 2), (0, 4), (1, 8), (300, 4), (20000, 1), (7, 3)]:
+    for i, (t, k) in enumerate([(3, 2), (0, 4), (1, 8), (300, 4), (20000, 1), (7, 3)]):
         ids = torch.randint(-1, 16, (t, k), generator=gen, dtype=torch.int64).to(dtype)
         if t:
             ids[0] = -1  # a padded row
         ref.record(ids)
-        count_routing(ids, buf, bounds, 16)
+        mirror, before = i % 2 == 1, host.clone()
+        count_routing(ids, buf, bounds, 16, host if mirror else None)
         assert torch.equal(buf, ref.buf), (t, k)
+        assert torch.equal(host, buf if mirror else before), (t, k)  # the mirror written only when given
     # the empty pass and the 1-token one (its only row padded) count no forward; 20000 tokens: +Inf
     assert ref.snapshot().forwards == 4 and ref.snapshot().forward_hist[-1] == 1
 

@@ -289,12 +289,12 @@ class MxMoEMethod(FusedMoEMethodBase):
         topk_weights, topk_ids = dispatch_output.topk_output[:2]
         if self.unquant is not None:
             return self._apply_unquantized(layer, dispatch_output, x, topk_ids)
-        # the shared gate in fp32, as SGLang's fused_gate_sigmoid_mul_add computes it
-        scale = None if layer.mx_gate is None else torch.sigmoid(x.float() @ layer.mx_gate.float().t())
         factor = self.moe_runner_config.routed_scaling_factor
         if factor is not None and factor != 1.0:  # SGLang's runner scales the routed sum; the topk left it to us
             topk_weights = topk_weights * factor
-        return StandardCombineInput(hidden_states=layer.mx.forward(x, topk_ids, topk_weights, scale))
+        # the shared gate in fp32 inside the top-k sum, as SGLang's fused_gate_sigmoid_mul_add computes it
+        out = layer.mx.forward(x, topk_ids, topk_weights, shared_gate=layer.mx_gate)
+        return StandardCombineInput(hidden_states=out)
 
     def _apply_unquantized(
         self, layer: torch.nn.Module, dispatch_output, x: torch.Tensor, topk_ids: torch.Tensor

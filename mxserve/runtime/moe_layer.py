@@ -65,16 +65,22 @@ class MixedExperts:
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         shared_scale: torch.Tensor | None = None,
+        shared_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MoE output [T, H] for tokens x [T, H] routed to ``topk_ids`` [T, k]; an id of -1
-        (SGLang's mark for a padded token's slot) routes nowhere."""
+        (SGLang's mark for a padded token's slot) routes nowhere. The shared experts' sum is scaled
+        by ``shared_scale`` [T, 1], or by sigmoid(x . ``shared_gate``) for a gate weight [H]
+        (computed in fp32 inside the kernels' last launch on a GPU)."""
         self.record(topk_ids)
+        if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
+            gate_up, down = self.arenas(x.device)
+            return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
+                                  shared_gate).to(x.dtype)  # fmt: skip
+        if shared_gate is not None:
+            shared_scale = torch.sigmoid(x.float() @ shared_gate.float().reshape(-1, 1))
         valid = topk_ids >= 0
         topk_ids = torch.where(valid, topk_ids, 0)
         topk_weights = torch.where(valid, topk_weights, 0)
-        if x.is_cuda:
-            gate_up, down = self.arenas(x.device)
-            return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale).to(x.dtype)
         return moe_reference(
             x,
             topk_ids,

@@ -167,10 +167,10 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                 if lay.rotated and any(get_scheme(s).family != "none" for s in names):
                     arena.rotation_seed = 0  # as build_arena sets it from rotated blocks
             shared = len(lay.gate_up) > e
-            # the routing counter's launch (router_stats on a GPU), on SGLang's int32 expert ids
+            # the routing counter's launch (router_stats on a GPU, writing its host mirror), on SGLang's int32 ids
             counter = torch.zeros(e + 3 + len(FORWARD_TOKEN_BUCKETS), dtype=torch.int64)
             count.count_routing(torch.zeros(tokens[0], k, dtype=torch.int32), counter,
-                                torch.tensor(FORWARD_TOKEN_BUCKETS), e)  # fmt: skip
+                                torch.tensor(FORWARD_TOKEN_BUCKETS), e, host=counter)  # fmt: skip
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)

@@ -1,0 +1,102 @@
+"""Where a server's decode step goes on the GPU: SGLang's own profiler over a few decode steps.
+
+SGLang serves ``POST /start_profile`` (torch profiler, CUPTI): with ``num_steps`` it traces
+that many forward passes and writes a Chrome trace. Kernels replayed from a CUDA graph are
+traced one by one, so the trace shows what each decode step launches and how long each
+kernel runs. :func:`profile_decode` starts ``concurrency`` long requests, waits until they
+decode, traces ``steps`` forward passes and sums the trace per step (:func:`summarize`):
+the GPU time of each kernel, the number of kernels and copies, and the span from the first
+kernel's start to the last one's end (busy time plus the gaps between kernels).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def summarize(path: str, steps: int, top: int = 25) -> dict:
+    """Per decode step: the GPU events of a Chrome trace (gzip or plain JSON) by name, longest first."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_EVENTS and "dur" in e]
+    if not gpu:
+        raise ValueError(f"{path}: no GPU events (kernels, copies) in the trace")
+    by: dict[str, list[float]] = {}
+    for e in gpu:
+        by.setdefault(e["name"][:120], []).append(float(e["dur"]))
+    start = min(float(e["ts"]) for e in gpu)
+    end = max(float(e["ts"]) + float(e["dur"]) for e in gpu)
+    busy = sum(float(e["dur"]) for e in gpu)
+    rows = sorted(((name, sum(d) / steps, len(d) / steps) for name, d in by.items()), key=lambda r: -r[1])
+    return {
+        "steps": steps,
+        "span_us_per_step": round((end - start) / steps, 1),
+        "busy_us_per_step": round(busy / steps, 1),
+        "events_per_step": round(len(gpu) / steps, 1),
+        "copies_per_step": round(sum(e["cat"] != "kernel" for e in gpu) / steps, 1),
+        "top": [[name, round(us, 2), round(n, 2)] for name, us, n in rows[:top]],
+    }
+
+
+def _post(url: str, body: dict) -> None:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
+
+
+def _written_trace(folder: str, timeout: float) -> str:
+    """The trace file once the profiler has finished writing it (its size stops changing)."""
+    t0, last = time.time(), None
+    while time.time() - t0 < timeout:
+        found = sorted(glob.glob(os.path.join(folder, "*.json*")))
+        if found:
+            size = os.path.getsize(found[-1])
+            if size and size == last:
+                return found[-1]
+            last = size
+        time.sleep(1)
+    raise TimeoutError(f"no trace written into {folder} within {timeout:.0f} s")
+
+
+def profile_decode(base: str, prompt: str, concurrency: int, steps: int, folder: str,
+                   complete: Callable[[int], object], timeout: float = 180) -> dict:  # fmt: skip
+    """Trace ``steps`` decode steps of ``concurrency`` requests of ``prompt`` (``complete(max_tokens)``
+    sends one); the summary, with the trace file's path."""
+    os.makedirs(folder, exist_ok=True)
+    tokens = 64 * steps + 256  # still decoding when the trace ends, whatever the step time
+    workers = [threading.Thread(target=complete, args=(tokens,), daemon=True) for _ in range(concurrency)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)  # past the prefill: every traced pass decodes the whole batch
+    _post(base + "/start_profile", {"output_dir": folder, "num_steps": steps, "activities": ["GPU"],
+                                    "with_stack": False})
+    path = _written_trace(folder, timeout)
+    for w in workers:
+        w.join(timeout)
+    return {"concurrency": concurrency, "trace": os.path.basename(path), **summarize(path, steps)}
+
+
+def markdown(name: str, prof: dict, rows: int = 12) -> list[str]:
+    """A server's profile as Markdown lines."""
+    lines = [
+        f"**{name}**, {prof['concurrency']} request(s) decoding, {prof['steps']} steps: per step "
+        f"{prof['span_us_per_step']} us from the first kernel's start to the last one's end, "
+        f"{prof['busy_us_per_step']} us of it in {prof['events_per_step']} GPU events "
+        f"({prof['copies_per_step']} copies or memsets).",
+        "",
+        "| kernel | us per step | launches per step |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| `{n[:90]}` | {us} | {c} |" for n, us, c in prof["top"][:rows]]
+    return lines + [""]
