@@ -23,15 +23,27 @@ from collections.abc import Callable
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def summarize(path: str, steps: int, top: int = 25) -> dict:
-    """Per decode step: the GPU events of a Chrome trace (gzip or plain JSON) by name, longest first."""
+def _events(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)
-    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    return events.get("traceEvents", []) if isinstance(events, dict) else events
+
+
+def _gpu(events: list[dict], path: str) -> list[dict]:
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_EVENTS and "dur" in e]
     if not gpu:
         raise ValueError(f"{path}: no GPU events (kernels, copies) in the trace")
+    return sorted(gpu, key=lambda e: float(e["ts"]))
+
+
+def summarize(path: str, steps: int, top: int = 25) -> dict:
+    """Per decode step: the GPU events of a Chrome trace (gzip or plain JSON) by name, longest first.
+    The steps are the trace's CUDA-graph launches where it has them (SGLang replays one graph per
+    decode step; the profiler's first step can fall outside the trace), else ``steps``."""
+    events = _events(path)
+    gpu = _gpu(events, path)
+    steps = sum(e.get("name") == "cudaGraphLaunch" for e in events) or steps
     by: dict[str, list[float]] = {}
     for e in gpu:
         by.setdefault(e["name"][:120], []).append(float(e["dur"]))
@@ -47,6 +59,22 @@ def summarize(path: str, steps: int, top: int = 25) -> dict:
         "copies_per_step": round(sum(e["cat"] != "kernel" for e in gpu) / steps, 1),
         "top": [[name, round(us, 2), round(n, 2)] for name, us, n in rows[:top]],
     }
+
+
+def sequence(path: str, marker: str, at: int = 10) -> list[tuple[float, float, str]]:
+    """The GPU events from the ``at``-th event whose name holds ``marker`` up to the next one:
+    (microseconds since the previous event ended, duration, name) each: e.g. one layer, between
+    two of its normalizations."""
+    gpu = _gpu(_events(path), path)
+    hits = [i for i, e in enumerate(gpu) if marker in e["name"]]
+    if len(hits) < at + 2:
+        raise ValueError(f"{path}: fewer than {at + 2} events named like {marker!r}")
+    out, end = [], None
+    for e in gpu[hits[at] : hits[at + 1] + 1]:
+        ts, dur = float(e["ts"]), float(e["dur"])
+        out.append((0.0 if end is None else round(ts - end, 2), round(dur, 2), e["name"]))
+        end = ts + dur
+    return out
 
 
 def _post(url: str, body: dict) -> None:
@@ -100,3 +128,25 @@ def markdown(name: str, prof: dict, rows: int = 12) -> list[str]:
     ]
     lines += [f"| `{n[:90]}` | {us} | {c} |" for n, us, c in prof["top"][:rows]]
     return lines + [""]
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Summarize a decode trace written by SGLang's /start_profile.")
+    ap.add_argument("trace")
+    ap.add_argument("--steps", type=int, default=1, help="decode steps traced, where the trace has no graph launches")
+    ap.add_argument("--sequence", metavar="MARKER", help="list the events between two events named like MARKER")
+    ap.add_argument("--at", type=int, default=10, help="which MARKER event to start from (default 10)")
+    a = ap.parse_args()
+    if a.sequence:
+        print("| gap us | us | kernel |\n|---:|---:|---|")
+        for gap, dur, name in sequence(a.trace, a.sequence, a.at):
+            print(f"| {gap} | {dur} | `{name[:90]}` |")
+    else:
+        s = summarize(a.trace, a.steps)
+        print("\n".join(markdown(os.path.basename(a.trace), {"concurrency": "?", **s}, rows=25)))
+
+
+if __name__ == "__main__":
+    main()

@@ -152,7 +152,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
           launches: list[tuple[int, Tiles]]) -> None:
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
-    of ``launches``, each running the experts whose code is among its codes (_launches)."""
+    of ``launches``, each running the experts whose code is among its codes (moe_gemms)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)

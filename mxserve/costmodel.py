@@ -120,5 +120,16 @@ class MeasuredCostModel(CostModel):
         return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
 
+def expected_time(cost: CostModel, scheme: Scheme, n: int, k: int, tokens: int, freq: float) -> float:
+    """An expert's expected GEMM time in a forward of ``tokens`` tokens, each routed to it with
+    probability ``freq`` (a shared expert: 1). It runs only when some token picks it, with chance
+    p = 1 - (1 - freq)^tokens, and then on tokens * freq / p rows. At decode a rarely picked expert
+    so costs little and a shared one its whole weight read every step; charging every expert its
+    whole read made the latency term blind to which experts get the bits."""
+    freq = min(max(freq, 0.0), 1.0)
+    p = 1.0 - (1.0 - freq) ** tokens
+    return p * cost.time(scheme, n, k, tokens * freq / p) if p > 0 else 0.0
+
+
 def cost_model(kernel_profile: str | None) -> CostModel:
     return MeasuredCostModel(KernelProfile.load(kernel_profile)) if kernel_profile else RooflineCostModel()

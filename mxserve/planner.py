@@ -7,7 +7,8 @@ scope (one layer, or the whole model):
     sum_s x[u, s] = 1                                         for every unit
     sum_{u,s} bits(s, K_u) * params_u * x[u, s] <= budget * sum_u params_u
     L = sum x[u, s] * freq_e * err[u, s] / out_energy_layer    (accuracy)
-    T = sum x[u, s] * time(s, N_u, K_u, tokens * freq_e)        (latency)
+    T = sum x[u, s] * p_e * time(s, N_u, K_u, tokens * freq_e / p_e)   (latency; p_e = 1 - (1 - freq_e)^tokens,
+                                                                        the chance the expert runs at all)
 
 The paper minimises r*log L + (1-r)*log T with Gurobi's log constraints. A
 linear solver takes another route: an epsilon-constraint frontier. Solve
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from mxserve.costmodel import CostModel, RooflineCostModel
+from mxserve.costmodel import CostModel, RooflineCostModel, expected_time
 from mxserve.errors import MxServeError
 from mxserve.mckp import solve_mckp
 from mxserve.parallel.ranks import column_split_refusal, ep_range
@@ -88,7 +89,6 @@ def layer_units(
     energy = max(stats.out_energy, 1e-30)
     for e in stats.experts:
         f = 1.0 if e.shared else (e.freq if freq is None else freq[e.expert])
-        m = tokens * f
         for block, parts in (("gate_up", ("gate", "up")), ("down", ("down",))):
             n = sum(e.shapes[p][0] for p in parts)
             k = e.shapes[parts[0]][1]
@@ -99,7 +99,7 @@ def layer_units(
                     continue
                 if all(s in e.err[p] for p in parts):
                     loss = significant(f * sum(e.err[p][s] for p in parts) / energy)
-                    opts[s] = (sc.bits_per_weight(k), loss, cost.time(sc, n, k, m))
+                    opts[s] = (sc.bits_per_weight(k), loss, expected_time(cost, sc, n, k, tokens, f))
             if not opts:
                 raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits"
                                    + (f" a {tp}-way tensor-parallel split" if tp > 1 else ""))

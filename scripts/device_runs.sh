@@ -10,15 +10,17 @@
 #
 # `start` does nothing where the chain already runs, and starts it over on a fresh machine.
 # Phases, in order; the timed ones run alone on the GPU:
-#   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY), the kernel GPU tests (the grouped
-#      dispatch, -1 ids and the shared gate inside the launches, the counter's host mirror) and the
-#      SGLang GPU tests of Qwen2-MoE (the architecture with a shared-expert gate);
+#   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY) and the kernel GPU tests of what
+#      changed last (session 5: the slab test fixed to compare one kernel with itself; the grouped
+#      dispatch, the shared gate and -1 ids inside the launches, the counter's host mirror passed);
 #   2. timed: serving_runs.sh qwen15-24 (end to end against bf16, fp8 and GPTQ on Marlin; mxserve with
 #      one launch per GEMM and one per group of codes; every server's decode steps traced);
 #   3. timed: moe_layer.py with a layer of the served 24-layer plan's tiers, single and grouped launches;
 #   4. timed: moe_layer.py at 4096 and 8192 tokens on Qwen1.5's shape, with its tuned prefill tiles;
 #   5. timed: cold_start.py on refmoe-25m's shapes (mxserve launch now precompiles while SGLang starts);
-#   6. untimed: the SGLang GPU tests of the other architectures.
+#   6. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests.
+# In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
+# the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=/tmp/res
@@ -37,12 +39,15 @@ sglang_tests() {  # ARCH...: tests/test_sglang_gpu.py for each, side by side
   wait
 }
 
+kernel_tests() {  # [-k EXPRESSION]: tests/test_kernels_gpu.py
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py ${1:+-k "$1"} --basetemp=/tmp/pt_k -rA -p no:cacheprovider
+  say "kernel tests ${1:-all} rc=$?"
+}
+
 phase1() {
   mkdir -p $res/tests
   (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1; say "prep rc=$?") &
-  (python3 -m pytest -q -m gpu tests/test_kernels_gpu.py --basetemp=/tmp/pt_k -rA -p no:cacheprovider \
-    > $res/tests/kernels.log 2>&1; say "kernel tests rc=$? $(tail -1 $res/tests/kernels.log)") &
-  sglang_tests qwen2_moe
+  kernel_tests slab > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
 }
@@ -80,9 +85,10 @@ case "${1:-}" in
     [ -f $res/status.txt ] && exit 0
     mkdir -p $res
     say "chain started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say sglang_tests phase1 phase2 phase3 phase4 phase5);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5);
       res=$res; SMALL='$SMALL'; phase1; p1=\$?; say \"phase 1 done rc=\$p1\"; [ \$p1 = 0 ] && phase2; phase3; phase4;
-      phase5; sglang_tests qwen3_moe olmoe mixtral deepseek_v2; say 'chain ended'; touch $res/ended" \
+      phase5; sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2; kernel_tests > $res/tests/kernels.log 2>&1;
+      say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
     ;;
   wait)

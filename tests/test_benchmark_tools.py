@@ -223,3 +223,10 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     (tmp_path / "empty.json").write_text(json.dumps([ev("aten::mm", 0, 5, "cpu_op")]))
     with pytest.raises(ValueError, match="no GPU events"):
         decode_trace.summarize(str(tmp_path / "empty.json"), 1)
+    # the steps are the CUDA-graph launches where the trace has them (here 2, whatever was asked)
+    launches = [ev("cudaGraphLaunch", t, 1, "cuda_runtime") for t in (0, 100)]
+    (tmp_path / "graphs.json").write_text(json.dumps({"traceEvents": events + launches}))
+    assert decode_trace.summarize(str(tmp_path / "graphs.json"), 5)["busy_us_per_step"] == 15.0
+    # one "layer": the events from a marker up to the next one, with the gaps between them
+    layer = [(0.0, 10.0, "gemm"), (2.0, 2.0, "small"), (1.0, 3.0, "Memcpy DtoH"), (82.0, 10.0, "gemm")]
+    assert decode_trace.sequence(str(path), "gemm", 0) == layer

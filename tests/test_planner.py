@@ -169,3 +169,40 @@ def test_float_noise_does_not_flip_a_near_tie():
         assert sorted(schemes) == ["w4a16g128", "w8a16"]  # the tie is real: one expert each
         plans.append(schemes)
     assert plans[0] == plans[1]
+
+
+def test_latency_term_charges_an_expert_by_its_chance_to_run():
+    from mxserve.costmodel import expected_time
+
+    cm, s = RooflineCostModel(), get_scheme("w4a16g128")
+    every_step = cm.time(s, 2816, 2048, 1)
+    assert expected_time(cm, s, 2816, 2048, 1, 1.0) == every_step  # a shared expert: read every decode step
+    assert expected_time(cm, s, 2816, 2048, 1, 0.05) == pytest.approx(0.05 * every_step)  # picked 1 step in 20
+    # 4096 tokens: it runs in every forward, on its 205 rows
+    assert expected_time(cm, s, 2816, 2048, 4096, 0.05) == pytest.approx(cm.time(s, 2816, 2048, 4096 * 0.05))
+    assert expected_time(cm, s, 2816, 2048, 8, 0.0) == 0.0
+
+
+def test_decode_latency_charges_the_shared_expert_every_step():
+    """Swapping the schemes of the shared expert and of the rarest routed one keeps the bits. At 1
+    token per forward the latency term prefers the shared expert on the fewer bits: it is read
+    every step, the rare one in 1 step of 10 (charging each its whole read made them equal)."""
+    import copy
+
+    from mxserve.planner import plan_terms
+
+    prof = qwen15_profile()
+    lay = prof.layers[0]
+    lay.experts.append(ExpertStats(expert=8, shared=True, shapes=dict(lay.experts[0].shapes), freq=1.0,
+                                   routed_tokens=100, calib_tokens=100, err=copy.deepcopy(lay.experts[0].err)))
+    plan = solve_plan(prof, 3.25, r=1.0, tokens=1).plan
+    shared, rare = plan.layers[0].experts[8], plan.layers[0].experts[7]  # rare: freq 0.1
+    assert shared.shared and (shared.gate, shared.down) != (rare.gate, rare.down)
+    swapped = copy.deepcopy(plan)
+    s2, r2 = swapped.layers[0].experts[8], swapped.layers[0].experts[7]
+    for b in ("gate", "up", "down"):
+        setattr(s2, b, getattr(rare, b))
+        setattr(r2, b, getattr(shared, b))
+    cost = RooflineCostModel()
+    (l_plan, t_plan), (l_swapped, t_swapped) = (plan_terms(prof, p, 1, cost) for p in (plan, swapped))
+    assert t_swapped < t_plan and l_swapped > l_plan  # faster at decode, less accurate
