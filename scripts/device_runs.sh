@@ -18,7 +18,9 @@
 #   3. timed: moe_layer.py with a layer of the served 24-layer plan's tiers, single and grouped launches;
 #   4. timed: moe_layer.py at 4096 and 8192 tokens on Qwen1.5's shape, with its tuned prefill tiles;
 #   5. timed: cold_start.py on refmoe-25m's shapes (mxserve launch now precompiles while SGLang starts);
-#   6. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests.
+#   6. timed: `mxserve profile` on Qwen1.5's and DeepSeek-V2-Lite's shapes (the planner's kernel
+#      profile with this session's kernels; issue 10 item 4);
+#   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -80,14 +82,20 @@ phase5() {
   say "cold start rc=$?"
 }
 
+phase6() {
+  timeout 600 python3 -m mxserve.cli profile --models qwen1.5-moe-a2.7b deepseek-v2-lite \
+    --out $res/h200-kernel-profile.json > $res/profile.log 2>&1
+  say "kernel profile rc=$?"
+}
+
 case "${1:-}" in
   start)
     [ -f $res/status.txt ] && exit 0
     mkdir -p $res
     say "chain started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6);
       res=$res; SMALL='$SMALL'; phase1; p1=\$?; say \"phase 1 done rc=\$p1\"; [ \$p1 = 0 ] && phase2; phase3; phase4;
-      phase5; sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2; kernel_tests > $res/tests/kernels.log 2>&1;
+      phase5; phase6; sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2; kernel_tests > $res/tests/kernels.log 2>&1;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
     ;;

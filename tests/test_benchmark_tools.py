@@ -41,6 +41,7 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     class Args:
         startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 120, 6, 6, [1, 4], 4
         profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
+        temperature = 1.0  # sampled throughput requests
 
     port = serving.free_port()
     assert port + 10000 <= 65535
