@@ -97,13 +97,16 @@ def _written_trace(folder: str, timeout: float) -> str:
     raise TimeoutError(f"no trace written into {folder} within {timeout:.0f} s")
 
 
-def profile_decode(base: str, prompt: str, concurrency: int, steps: int, folder: str,
-                   complete: Callable[[int], object], timeout: float = 180) -> dict:  # fmt: skip
-    """Trace ``steps`` decode steps of ``concurrency`` requests of ``prompt`` (``complete(max_tokens)``
-    sends one); the summary, with the trace file's path."""
+def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, folder: str,
+                   complete: Callable[[str, int], object], timeout: float = 180) -> dict:  # fmt: skip
+    """Trace ``steps`` decode steps of ``concurrency`` requests, each of another of ``prompts``
+    (``complete(prompt, max_tokens)`` sends one); the summary, with the trace file's path. (Copies of
+    one greedy request decode the same tokens, so their batch routes to the same experts, as no real
+    batch does: the fifth session's first traces at 8 requests were such copies.)"""
     os.makedirs(folder, exist_ok=True)
     tokens = 64 * steps + 256  # still decoding when the trace ends, whatever the step time
-    workers = [threading.Thread(target=complete, args=(tokens,), daemon=True) for _ in range(concurrency)]
+    workers = [threading.Thread(target=complete, args=(prompts[i % len(prompts)], tokens), daemon=True)
+               for i in range(concurrency)]  # fmt: skip
     for w in workers:
         w.start()
     time.sleep(1.0)  # past the prefill: every traced pass decodes the whole batch

@@ -22,6 +22,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
+def build(config: str, seed: int = 0, device: str | None = None):
+    """The random-weight model of ``config`` (a config.json path), bf16, on ``device`` (the GPU if any)."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.from_pretrained(config)
+    with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -29,14 +41,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    cfg = AutoConfig.from_pretrained(a.config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    for name, p in model.named_parameters():
-        if name.endswith("mlp.gate.weight"):
-            torch.nn.init.normal_(p, std=0.5)
+    model = build(a.config, a.seed)
+    cfg = model.config
     model.save_pretrained(a.out)
     for f in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(a.tokenizer, f)):

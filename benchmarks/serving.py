@@ -86,9 +86,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError("server did not become healthy")
 
 
-def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool, logprobs: int = 0,
-             temperature: float = 0.0) -> dict:  # fmt: skip
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool, logprobs: int = 0) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if ignore_eos:
         body["ignore_eos"] = True
     if logprobs:
@@ -100,13 +99,12 @@ def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bo
         return json.load(r)
 
 
-def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int,
-               temperature: float = 0.0) -> dict:  # fmt: skip
+def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int) -> dict:
     jobs = [prompts[i % len(prompts)] for i in range(n)]
 
     def one(p: str) -> tuple[int, float]:
         t = time.perf_counter()
-        r = complete(base, model, p, max_tokens, ignore_eos=True, temperature=temperature)
+        r = complete(base, model, p, max_tokens, ignore_eos=True)
         return r["usage"]["completion_tokens"], time.perf_counter() - t
 
     complete(base, model, jobs[0], 8, ignore_eos=True)  # warm-up
@@ -200,14 +198,14 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             rec["greedy_batched"] = [c["text"] for c in batched]
             rec["throughput"] = []
             for conc in a.concurrency:
-                r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens, a.temperature)
+                r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
             for conc in a.profile_concurrency if a.profile_steps else []:
                 try:  # what a decode step launches on the GPU (decode_trace.py)
                     prof = decode_trace.profile_decode(
-                        base, prompts[0], conc, a.profile_steps, os.path.join(log_dir, f"trace-{name}-c{conc}"),
-                        lambda n: complete(base, name, prompts[0], n, True, temperature=a.temperature))  # fmt: skip
+                        base, prompts, conc, a.profile_steps, os.path.join(log_dir, f"trace-{name}-c{conc}"),
+                        lambda p, n: complete(base, name, p, n, ignore_eos=True))  # fmt: skip
                     rec.setdefault("decode_profile", []).append(prof)
                     print(f"[{name}] decode profile at concurrency {conc}: {prof['span_us_per_step']} us per step",
                           flush=True)  # fmt: skip
@@ -237,8 +235,7 @@ def markdown(res: dict) -> str:
         "",
         f"Device: {res['device']}. Command: `{res['command']}`",
         "",
-        f"Output tokens per second, {res['max_tokens']} tokens per request (ignore_eos), "
-        + (f"sampled at temperature {res['temperature']}." if res.get("temperature") else "greedy."),
+        f"Output tokens per second, {res['max_tokens']} tokens per request (ignore_eos), greedy.",
         "",
         "| server | startup s | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
         "|---|---|" + "---|" * len(res["concurrency"]),
@@ -296,10 +293,6 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--min-requests", type=int, default=8)
-    ap.add_argument("--temperature", type=float, default=0.0,
-                    help="sampling temperature of the throughput and profiled requests (default 0, greedy). A "
-                         "random-weight model's greedy decode falls into repeating a token (often its EOS), so "
-                         "every request of a batch routes to the same experts; 1 spreads them as real text does")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the throughput, trace this many decode steps per server (SGLang's /start_profile)")
     ap.add_argument("--profile-concurrency", type=int, nargs="+", default=[1, 8],
@@ -338,7 +331,6 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
         "command": shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "max_tokens": a.max_tokens,
-        "temperature": a.temperature,
         "concurrency": a.concurrency,
         "prompts": prompts,
         "servers": [],

@@ -45,11 +45,10 @@ elif [ "$what" = qwen15-24 ]; then
     --plan benchmarks/plans/qwen15-24l-3.25bit.json --out "$work/q15-24-3.25bit" --quiet
   [ -z "${PREP_ONLY:-}" ] || exit 0  # the checkpoints only (while the GPU does other work), no timing
   # mxserve twice: one kernel launch per GEMM (the default) and one per group of codes; every server's
-  # decode steps traced after its throughput runs; sampled, since greedy decoding of random weights falls
-  # into one repeated token and routes a whole batch to the same experts (fifth session's traces)
+  # decode steps traced after its throughput runs
   $py benchmarks/serving.py --model "$m" --sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq" \
     --ckpt 3.25bit="$work/q15-24-3.25bit" --ckpt 3.25bit-grouped="$work/q15-24-3.25bit" \
-    --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped --profile-steps 20 --temperature 1 \
+    --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then

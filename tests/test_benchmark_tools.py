@@ -41,7 +41,6 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     class Args:
         startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 120, 6, 6, [1, 4], 4
         profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
-        temperature = 1.0  # sampled throughput requests
 
     port = serving.free_port()
     assert port + 10000 <= 65535
@@ -231,3 +230,60 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     # one "layer": the events from a marker up to the next one, with the gaps between them
     layer = [(0.0, 10.0, "gemm"), (2.0, 2.0, "small"), (1.0, 3.0, "Memcpy DtoH"), (82.0, 10.0, "gemm")]
     assert decode_trace.sequence(str(path), "gemm", 0) == layer
+
+
+def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
+    """profile_decode against a stand-in for SGLang's /start_profile: each of the batch's requests
+    has its own prompt (copies of one greedy request would route alike), and the trace it gets
+    back is summed per step."""
+    import gzip
+    import http.server
+    import json
+    import threading
+
+    import decode_trace
+
+    class Profiler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server interface
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/start_profile" and body["num_steps"] == 2 and body["activities"] == ["GPU"]
+            events = [{"ph": "X", "cat": cat, "name": name, "ts": t, "dur": 5} for t in (0, 10)
+                      for cat, name in (("kernel", "gemm"), ("cuda_runtime", "cudaGraphLaunch"))]  # fmt: skip
+            with gzip.open(Path(body["output_dir"]) / "1-TP-0.trace.json.gz", "wt") as f:
+                json.dump({"traceEvents": events}, f)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"Start profiling.\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Profiler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sent = []
+    try:
+        prof = decode_trace.profile_decode(f"http://127.0.0.1:{server.server_port}", ["a", "b", "c"], 4, 2,
+                                           str(tmp_path / "trace"), lambda p, n: sent.append((p, n)), timeout=30)
+    finally:
+        server.shutdown()
+    assert sorted(p for p, _ in sent) == ["a", "a", "b", "c"] and all(n > 2 for _, n in sent)
+    assert prof["concurrency"] == 4 and prof["steps"] == 2 and prof["top"] == [["gemm", 5.0, 1.0]]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_batch_routing_counts_the_experts_a_decode_batch_reaches(tiny_models, arch):
+    import batch_routing
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    with torch.inference_mode():
+        routing, tokens = batch_routing.decode_routing(model, tok, ["a b", "def f(x):", "To be"], 4, 0.0)
+    k = model.config.num_experts_per_tok
+    assert len(routing) == 3 and all(len(r) == 4 and len(tokens[i]) == 4 for i, r in enumerate(routing))
+    assert all(len(step) == model.config.num_hidden_layers and all(1 <= len(s) <= k for s in step)
+               for r in routing for step in r)  # fmt: skip
+    # the batch's distinct experts per layer and step: the union over its prompts
+    hand = [[[{0, 1}], [{2, 3}]], [[{1, 2}], [{2, 3}]]]  # 2 prompts, 2 steps, 1 layer
+    assert batch_routing.spread(hand) == {"batch": 2, "steps": 2, "distinct_experts_per_layer": [2.5], "mean": 2.5}
