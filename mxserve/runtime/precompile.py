@@ -29,7 +29,7 @@ from mxkernels import align, combine, count, moe, moe_gemm, moe_gemm_gluon
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import get_scheme
-from router_stats.counters import FORWARD_TOKEN_BUCKETS
+from router_stats.counters import ExpertCounter
 
 KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
            "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel,
@@ -168,9 +168,9 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                     arena.rotation_seed = 0  # as build_arena sets it from rotated blocks
             shared = len(lay.gate_up) > e
             # the routing counter's launch (router_stats on a GPU, writing its host mirror), on SGLang's int32 ids
-            counter = torch.zeros(e + 3 + len(FORWARD_TOKEN_BUCKETS), dtype=torch.int64)
-            count.count_routing(torch.zeros(tokens[0], k, dtype=torch.int32), counter,
-                                torch.tensor(FORWARD_TOKEN_BUCKETS), e, host=counter)  # fmt: skip
+            counter = ExpertCounter(e)
+            count.count_routing(torch.zeros(tokens[0], k, dtype=torch.int32), counter.buf, counter.bounds, e,
+                                host=counter.buf)  # fmt: skip
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)
