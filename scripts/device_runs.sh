@@ -8,7 +8,8 @@
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 540
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 580   # next calls, at once
 #
-# `start` does nothing where the chain already runs, and starts it over on a fresh machine.
+# `start` does nothing where the chain already runs, and starts it over on a fresh machine;
+# `start 3 4 6` runs those phases only, in that order (phase 2 needs phase 1's checkpoints).
 # Phases, in order; the timed ones run alone on the GPU:
 #   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY) and the kernel GPU tests of what
 #      changed last (session 5: the slab test fixed to compare one kernel with itself; the grouped
@@ -55,6 +56,7 @@ phase1() {
 }
 
 phase2() {
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint: phase 1 first"; return 1; }
   benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
   say "e2e rc=$?"
   pkill -f "[s]glang.launch_server"
@@ -88,14 +90,20 @@ phase6() {
   say "kernel profile rc=$?"
 }
 
+phase7() {
+  sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
+  kernel_tests > $res/tests/kernels.log 2>&1
+}
+
 case "${1:-}" in
-  start)
+  start)  # [PHASE...]: the phases to run, in that order (default 1 to 7)
     [ -f $res/status.txt ] && exit 0
     mkdir -p $res
-    say "chain started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6);
-      res=$res; SMALL='$SMALL'; phase1; p1=\$?; say \"phase 1 done rc=\$p1\"; [ \$p1 = 0 ] && phase2; phase3; phase4;
-      phase5; phase6; sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2; kernel_tests > $res/tests/kernels.log 2>&1;
+    shift
+    phases="${*:-1 2 3 4 5 6 7}"
+    say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7);
+      res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
     ;;
@@ -105,5 +113,5 @@ case "${1:-}" in
     cat $res/status.txt
     tar czf "${OUT:-/tmp}/results.tgz" -C $res --exclude='*.safetensors' .
     ;;
-  *) echo "usage: $0 start | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 start [PHASE...] | wait SECONDS" >&2; exit 2 ;;
 esac
