@@ -4,8 +4,8 @@
 #
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
-#                                                    # (mxserve as one launch per GEMM and per group of codes; each
-#                                                    # server's decode steps traced)
+#                                                    # (each server's decode steps traced; GROUPED=1: mxserve
+#                                                    # also with one launch per group of codes)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
@@ -44,11 +44,13 @@ elif [ "$what" = qwen15-24 ]; then
   [ -f "$work/q15-24-3.25bit/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
     --plan benchmarks/plans/qwen15-24l-3.25bit.json --out "$work/q15-24-3.25bit" --quiet
   [ -z "${PREP_ONLY:-}" ] || exit 0  # the checkpoints only (while the GPU does other work), no timing
-  # mxserve twice: one kernel launch per GEMM (the default) and one per group of codes; every server's
-  # decode steps traced after its throughput runs
+  # mxserve with one kernel launch per GEMM (the default); GROUPED=1 adds a server with one launch per
+  # group of codes (about 3 min more). Every server's decode steps traced after its throughput runs
+  grouped=()
+  [ -z "${GROUPED:-}" ] || grouped=(--ckpt 3.25bit-grouped="$work/q15-24-3.25bit"
+    --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped)
   $py benchmarks/serving.py --model "$m" --sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq" \
-    --ckpt 3.25bit="$work/q15-24-3.25bit" --ckpt 3.25bit-grouped="$work/q15-24-3.25bit" \
-    --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped --profile-steps 20 \
+    --ckpt 3.25bit="$work/q15-24-3.25bit" "${grouped[@]}" --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then

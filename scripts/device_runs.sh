@@ -14,8 +14,8 @@
 #   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY) and the kernel GPU tests of what
 #      changed last (session 5: the slab test fixed to compare one kernel with itself; the grouped
 #      dispatch, the shared gate and -1 ids inside the launches, the counter's host mirror passed);
-#   2. timed: serving_runs.sh qwen15-24 (end to end against bf16, fp8 and GPTQ on Marlin; mxserve with
-#      one launch per GEMM and one per group of codes; every server's decode steps traced);
+#   2. timed: serving_runs.sh qwen15-24 (end to end against bf16, fp8 and GPTQ on Marlin, every
+#      server's decode steps traced; the grouped launches are timed per layer in phase 3);
 #   3. timed: moe_layer.py with a layer of the served 24-layer plan's tiers, single and grouped launches;
 #   4. timed: moe_layer.py at 4096 and 8192 tokens on Qwen1.5's shape, with its tuned prefill tiles;
 #   5. timed: cold_start.py on refmoe-25m's shapes (mxserve launch now precompiles while SGLang starts);
