@@ -108,10 +108,16 @@ case "${1:-}" in
       > $res/chain.log 2>&1 < /dev/null &
     ;;
   wait)
+    # packed every minute too: a call cut at the end of the device budget still returns what ran
+    pack() { tar czf "${OUT:-/tmp}/results.tgz.part" -C $res --exclude='*.safetensors' . &&
+      mv "${OUT:-/tmp}/results.tgz.part" "${OUT:-/tmp}/results.tgz"; }
     t0=$(date +%s)
-    while [ ! -f $res/ended ] && [ $(($(date +%s) - t0)) -lt "${2:-560}" ]; do sleep 5; done
+    while [ ! -f $res/ended ] && [ $(($(date +%s) - t0)) -lt "${2:-560}" ]; do
+      sleep 5
+      [ $((($(date +%s) - t0) % 60)) -ge 5 ] || pack
+    done
     cat $res/status.txt
-    tar czf "${OUT:-/tmp}/results.tgz" -C $res --exclude='*.safetensors' .
+    pack
     ;;
   *) echo "usage: $0 start [PHASE...] | wait SECONDS" >&2; exit 2 ;;
 esac
