@@ -58,7 +58,15 @@ def summarize(path: str, steps: int, top: int = 25) -> dict:
         "events_per_step": round(len(gpu) / steps, 1),
         "copies_per_step": round(sum(e["cat"] != "kernel" for e in gpu) / steps, 1),
         "top": [[name, round(us, 2), round(n, 2)] for name, us, n in rows[:top]],
+        "step_us": _or_none(step_period, path),
     }
+
+
+def _or_none(f: Callable[[str], float], path: str) -> float | None:
+    try:
+        return round(f(path), 1)
+    except ValueError:  # a trace without graph launches tagged with their correlation ids
+        return None
 
 
 def sequence(path: str, marker: str, at: int = 10) -> list[tuple[float, float, str]]:
@@ -75,6 +83,46 @@ def sequence(path: str, marker: str, at: int = 10) -> list[tuple[float, float, s
         out.append((0.0 if end is None else round(ts - end, 2), round(dur, 2), e["name"]))
         end = ts + dur
     return out
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    if not xs:
+        raise ValueError("nothing to take the median of")
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def step_period(path: str) -> float:
+    """Median microseconds from one decode step's first kernel to the next one's: the GPU work of
+    each CUDA-graph launch (kernels of the launch's correlation id), so host time between steps
+    counts, as it does for tokens per second."""
+    events = _events(path)
+    launches = {e["args"]["correlation"] for e in events if e.get("name") == "cudaGraphLaunch" and "args" in e}
+    first: dict[int, float] = {}
+    for e in _gpu(events, path):
+        c = e.get("args", {}).get("correlation")
+        if c in launches:
+            first[c] = min(first.get(c, float("inf")), float(e["ts"]))
+    starts = sorted(first.values())
+    if len(starts) < 2:
+        raise ValueError(f"{path}: fewer than 2 CUDA-graph launches with GPU work")
+    return _median([b - a for a, b in zip(starts, starts[1:])])
+
+
+def span(path: str, start: str, end: str) -> tuple[float, int]:
+    """Median microseconds from each GPU event named like ``start`` to the end of the next event
+    named like ``end`` (e.g. one layer's routed MoE, from its alignment to its top-k sum), and how
+    many such spans the trace has."""
+    out, t0 = [], None
+    for e in _gpu(_events(path), path):
+        if t0 is None and start in e["name"]:
+            t0 = float(e["ts"])
+        elif t0 is not None and end in e["name"]:
+            out.append(float(e["ts"]) + float(e["dur"]) - t0)
+            t0 = None
+    if not out:
+        raise ValueError(f"{path}: no event named like {start!r} followed by one like {end!r}")
+    return _median(out), len(out)
 
 
 def _post(url: str, body: dict) -> None:
@@ -120,11 +168,12 @@ def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, 
 
 def markdown(name: str, prof: dict, rows: int = 12) -> list[str]:
     """A server's profile as Markdown lines."""
+    step = f"; a step every {prof['step_us']} us (median between CUDA-graph launches)" if prof.get("step_us") else ""
     lines = [
         f"**{name}**, {prof['concurrency']} request(s) decoding, {prof['steps']} steps: per step "
         f"{prof['span_us_per_step']} us from the first kernel's start to the last one's end, "
         f"{prof['busy_us_per_step']} us of it in {prof['events_per_step']} GPU events "
-        f"({prof['copies_per_step']} copies or memsets).",
+        f"({prof['copies_per_step']} copies or memsets){step}.",
         "",
         "| kernel | us per step | launches per step |",
         "|---|---:|---:|",
@@ -141,8 +190,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="decode steps traced, where the trace has no graph launches")
     ap.add_argument("--sequence", metavar="MARKER", help="list the events between two events named like MARKER")
     ap.add_argument("--at", type=int, default=10, help="which MARKER event to start from (default 10)")
+    ap.add_argument("--span", nargs=2, metavar=("START", "END"),
+                    help="the median decode step (between CUDA-graph launches) and the median time from each "
+                         "event named like START to the end of the next one named like END")  # fmt: skip
     a = ap.parse_args()
-    if a.sequence:
+    if a.span:
+        us, n = span(a.trace, *a.span)
+        print(f"decode step {step_period(a.trace):.1f} us (median between graph launches); "
+              f"{a.span[0]} .. {a.span[1]}: {us:.1f} us (median of {n})")
+    elif a.sequence:
         print("| gap us | us | kernel |\n|---:|---:|---|")
         for gap, dur, name in sequence(a.trace, a.sequence, a.at):
             print(f"| {gap} | {dur} | `{name[:90]}` |")

@@ -317,15 +317,17 @@ def main() -> int:
     for q in a.sglang_quant:
         servers.append((f"sglang-{q}", [py, "-m", "sglang.launch_server", "--model-path", a.model,
                                         "--quantization", q, *extra]))  # fmt: skip
-    for spec in a.sglang_ckpt:
-        name, path = spec.split("=", 1)
-        servers.append((f"sglang-{name}", [py, "-m", "sglang.launch_server", "--model-path", path, *extra]))
     launch_args = dict(spec.split("=", 1) for spec in a.launch_args)
     for spec in a.ckpt:
         name, path = spec.split("=", 1)
         servers.append((f"mxserve-{name}", [py, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--model", path,
                                             "--sglang-args", a.sglang_args,
                                             *shlex.split(launch_args.get(name, ""))]))  # fmt: skip
+    # other checkpoints on plain SGLang last: their start is the least sure (the GPTQ copy's once built a
+    # Marlin module on the device for minutes), and the GPU runs are cut short when the machine goes
+    for spec in a.sglang_ckpt:
+        name, path = spec.split("=", 1)
+        servers.append((f"sglang-{name}", [py, "-m", "sglang.launch_server", "--model-path", path, *extra]))
     res = {
         "tag": a.tag,
         "device": torch.cuda.get_device_name(),

@@ -1,5 +1,5 @@
 # Source on the lent GPU, in the repository root, in each call that carries
-# .bundle .shr .pydeps .tvm-ffi.tar.xz (scripts/device_prep.sh and scripts/marlin_cache.sh make them here):
+# .bundle .shr .pydeps.tar.xz .tvm-ffi.tar.xz (scripts/device_prep.sh and scripts/marlin_cache.sh make them here):
 #     source scripts/device_env.sh
 # SGLang 0.5.15 into /tmp/site; SGLang's Marlin kernels prebuilt for sm_90 (TVM_FFI_CACHE_DIR); the
 # import-only `cutlass` stand-in for the modules of SGLang's DeepSeek-V2 that import it (the image
@@ -7,7 +7,8 @@
 # the tokenizer files the tests read (MXSERVE_SHARED). Each step is skipped when a warm machine has it.
 [ -d /tmp/site/sglang ] || bash .bundle/install.sh >/dev/null || return 1
 [ -d /tmp/tvmcache ] || { [ -f .tvm-ffi.tar.xz ] && tar xf .tvm-ffi.tar.xz -C /tmp; }
+[ -d /tmp/pydeps/.pydeps ] || { mkdir -p /tmp/pydeps && tar xJf .pydeps.tar.xz -C /tmp/pydeps; } || return 1
 [ -d /tmp/standins ] || python3 scripts/import_standins.py /tmp/standins cutlass cuda \
     --for sglang.jit_kernel.dsa sglang.jit_kernel.cutedsl_fp8_paged_mqa_logits >/dev/null || return 1
-export PYTHONPATH=/tmp/site:$PWD/.pydeps:/tmp/standins MXSERVE_SHARED=$PWD/.shr TVM_FFI_CACHE_DIR=/tmp/tvmcache \
+export PYTHONPATH=/tmp/site:/tmp/pydeps/.pydeps:/tmp/standins MXSERVE_SHARED=$PWD/.shr TVM_FFI_CACHE_DIR=/tmp/tvmcache \
     FLASHINFER_USE_CUDA_NORM=1 PYTHONUNBUFFERED=1

@@ -2,10 +2,12 @@
 # Prepare, on this CPU machine, what a call on the lent GPU carries (all git-ignored):
 #   .bundle  SGLang 0.5.15 for the device image (../shared/device/build-sglang-bundle.sh), ~46 MB
 #   .shr     the reference model's tokenizer files, for tests (MXSERVE_SHARED=$PWD/.shr), <1 MB
-#   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB
-# A call carries at most 64 MiB: .bundle with .shr and .pydeps fits; refmoe-25m itself does not.
+#   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB;
+#            carried as .pydeps.tar.xz (2.5 MB), which scripts/device_env.sh unpacks
+# A call carries at most 64 MiB, the tracked files included: .bundle, .shr, .pydeps.tar.xz and
+# .tvm-ffi.tar.xz fit (about 63 MB with the tree); refmoe-25m itself does not.
 # SGLang's Marlin MoE (a baseline of benchmarks/moe_layer.py) is built apart: scripts/marlin_cache.sh.
-# On the device:  bash .bundle/install.sh && export PYTHONPATH=/tmp/site:$PWD/.pydeps MXSERVE_SHARED=$PWD/.shr
+# On the device:  source scripts/device_env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${MXSERVE_SHARED:-../shared}
@@ -33,4 +35,5 @@ EOF
     rm -rf "$tmp" .pydeps/pulp/solverdir .pydeps/pulp/tests  # mxserve solves with HiGHS
 fi
 
-du -sh .bundle .shr .pydeps
+[ .pydeps.tar.xz -nt .pydeps/pulp ] || tar cJf .pydeps.tar.xz .pydeps
+du -sh .bundle .shr .pydeps .pydeps.tar.xz

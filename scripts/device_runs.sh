@@ -5,7 +5,7 @@
 # given back with everything on it. So the chain runs in the background (setsid) and each call
 # polls it, then packs what exists into one file, $OUT/results.tgz, with the status in stdout:
 #
-#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 540
+#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 580   # next calls, at once
 #
 # `start` does nothing where the chain already runs, and starts it over on a fresh machine;

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Build SGLang's Marlin kernels for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tar.xz
 # (git-ignored), so that a GPU call does not spend minutes of device time on their JIT builds: the
-# MoE kernel (about 460 s), and the dense GEMM and repack that a GPTQ checkpoint's shared experts
-# and weight loading take (their build on the device is the likely reason SGLang serving a GPTQ
-# copy missed serving.py's 420 s start-up limit, 2026-12-03). Modules already in .tvm-ffi.tar.xz are
-# kept and not built again.
+# MoE kernel (about 460 s each) for bf16 (moe_layer.py's baseline) and fp16 (the GPTQ copy of
+# gptq_copy.py, an fp16 model: SGLang's Marlin MoE wants fp16 activations with GPTQ's fp16 scales),
+# and the fp16 dense GEMM and the repack that the GPTQ copy's shared experts and weight loading
+# take. Each module is built per dtype: with only bf16 ones here, the GPTQ server was still in its
+# first CUDA-graph capture after 4 minutes (H200, 2026-12-03, sixth session), most likely building
+# its fp16 modules on the device. Modules already in .tvm-ffi.tar.xz are kept and not built again;
+# others are dropped, since the carry must fit 64 MiB.
 #
 # SGLang's load_jit loads a prebuilt .so from $TVM_FFI_CACHE_DIR/<module>__arch_9.0__tvmffi_<v>/
 # directly when it is there (no ninja, no compiler on the device). The directory name hashes the
@@ -46,11 +49,19 @@ with override_jit_cuda_arch(9, 0):  # sm_90, as on the lent H100/H200
     import sglang.jit_kernel.moe_wna16_marlin as marlin
 
     marlin._jit_moe_wna16_marlin_module(torch.bfloat16)
+    marlin._jit_moe_wna16_marlin_module(torch.float16)
     repack._jit_gptq_marlin_repack_module()
-    dense._jit_gptq_marlin_module(torch.bfloat16)
-print(f"Marlin MoE, GPTQ Marlin GEMM and repack built for sm_90 in {time.time() - t0:.0f} s")
+    dense._jit_gptq_marlin_module(torch.float16)
+print(f"Marlin MoE (bf16, fp16), GPTQ Marlin GEMM (fp16) and repack built for sm_90 in {time.time() - t0:.0f} s")
 EOF
-# xz, without the object files the .so repeats: with .bundle, .shr and .pydeps it must fit a
-# device call's 64 MiB
+# only the modules above (their names carry the dtype): an older cache's bf16 dense GEMM goes
+for d in "$work"/tvmcache/*/; do
+  case "$(basename "$d")" in
+    *moe_wna16_marlin_bf16_t_* | *moe_wna16_marlin_fp16_t_* | *gptq_marlin_repack_* | *gptq_marlin_fp16_t_*) ;;
+    *) echo "dropping $(basename "$d")"; rm -rf "$d" ;;
+  esac
+done
+# xz, without the object files the .so repeats: with .bundle, .shr, .pydeps.tar.xz and the tracked
+# files it must fit a device call's 64 MiB (8.3 MB of about 63)
 tar cJf .tvm-ffi.tar.xz --exclude='*.o' -C "$work" tvmcache
 ls -la .tvm-ffi.tar.xz

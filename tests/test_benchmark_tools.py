@@ -227,9 +227,36 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     launches = [ev("cudaGraphLaunch", t, 1, "cuda_runtime") for t in (0, 100)]
     (tmp_path / "graphs.json").write_text(json.dumps({"traceEvents": events + launches}))
     assert decode_trace.summarize(str(tmp_path / "graphs.json"), 5)["busy_us_per_step"] == 15.0
+    assert s["step_us"] is None and "median between" not in md  # no launches, no step period
     # one "layer": the events from a marker up to the next one, with the gaps between them
     layer = [(0.0, 10.0, "gemm"), (2.0, 2.0, "small"), (1.0, 3.0, "Memcpy DtoH"), (82.0, 10.0, "gemm")]
     assert decode_trace.sequence(str(path), "gemm", 0) == layer
+
+
+def test_decode_trace_times_steps_from_graph_launches_and_spans_between_kernels(tmp_path: Path):
+    import json
+
+    import decode_trace
+
+    def ev(name, ts, dur, corr, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    # three graph launches (correlations 1 to 3) whose kernels start at 10, 110 and 230; each step
+    # has an align kernel and a sum 5 us after it (a span of 7 us); an eager kernel of correlation 9
+    # before the first step is no step's
+    events = [ev("cudaGraphLaunch", t, 1, c, "cuda_runtime") for c, t in ((1, 0), (2, 100), (3, 220))]
+    for c, t in ((1, 10), (2, 110), (3, 230)):
+        events += [ev("align", t, 1, c), ev("gemm", t + 1, 3, c), ev("sum", t + 5, 2, c)]
+    events.append(ev("sum", 2, 1, 9))
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    assert decode_trace.step_period(str(tmp_path / "t.json")) == 110.0  # median of 100 and 120
+    assert decode_trace.summarize(str(tmp_path / "t.json"), 3)["step_us"] == 110.0
+    assert decode_trace.span(str(tmp_path / "t.json"), "align", "sum") == (7.0, 3)
+    with pytest.raises(ValueError, match="no event named like 'sum' followed by one like 'nothing'"):
+        decode_trace.span(str(tmp_path / "t.json"), "sum", "nothing")
+    (tmp_path / "eager.json").write_text(json.dumps({"traceEvents": events[3:]}))
+    with pytest.raises(ValueError, match="fewer than 2 CUDA-graph launches"):
+        decode_trace.step_period(str(tmp_path / "eager.json"))
 
 
 def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
