@@ -232,6 +232,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, BM 8, BN 128": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 128},
     "Gluon, BM 8, BN 64": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 64},
     "Gluon, BM 8, BN 64, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8, "bn": 64},
+    # the picked layout with the shared experts inside the routed experts' launches (as before the
+    # seventh session), not in launches of their own on a second stream
+    "shared in the routed launches": {"shared_apart": False},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 
@@ -304,7 +307,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
                 gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb}
                 # a plan's layer also as one launch per group of codes (moe.code_groups) in the picked layout
-                extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | gluon \
+                extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}, "shared in the routed "
+                         "launches": DECODE_VARIANTS["shared in the routed launches"]} | gluon \
                     if vname.removeprefix("ours ") in (plans or {}) else {}  # fmt: skip
                 timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
                 if t <= DECODE_TOKENS:

@@ -6,7 +6,8 @@
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
 #                                                    # (each server's decode steps traced; GROUPED=1: mxserve
 #                                                    # also with one launch per group of codes)
-#                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing)
+#                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
+#                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
@@ -40,7 +41,10 @@ elif [ "$what" = qwen15-24 ]; then
   m=$work/qwen15
   [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \
     --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
-  [ -f "$work/q15-gptq/config.json" ] || $py benchmarks/gptq_copy.py --model "$m" --out "$work/q15-gptq" --device cuda
+  # MX_ONLY=1: mxserve's server alone (a check of a served-path change when device time is short; its
+  # baselines then come from another run)
+  [ -n "${MX_ONLY:-}" ] || [ -f "$work/q15-gptq/config.json" ] ||
+    $py benchmarks/gptq_copy.py --model "$m" --out "$work/q15-gptq" --device cuda
   [ -f "$work/q15-24-3.25bit/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
     --plan benchmarks/plans/qwen15-24l-3.25bit.json --out "$work/q15-24-3.25bit" --quiet
   [ -z "${PREP_ONLY:-}" ] || exit 0  # the checkpoints only (while the GPU does other work), no timing
@@ -49,7 +53,9 @@ elif [ "$what" = qwen15-24 ]; then
   grouped=()
   [ -z "${GROUPED:-}" ] || grouped=(--ckpt 3.25bit-grouped="$work/q15-24-3.25bit"
     --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped)
-  $py benchmarks/serving.py --model "$m" --sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq" \
+  baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
+  [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)
+  $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
     --ckpt 3.25bit="$work/q15-24-3.25bit" "${grouped[@]}" --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"

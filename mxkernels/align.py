@@ -9,6 +9,10 @@ GEMMs at 1 token); this is one single-program kernel: a histogram pass, a prefix
 sum, and a placement pass where an atomic cursor per expert hands out slots
 (so rows keep no order within an expert, which no row's result depends on).
 One program walks all rows, so large prefill batches keep the torch version.
+
+At decode the shared experts' rows can be laid out apart (:func:`shared_rows`, no
+routing needed), so that their GEMMs run on a second stream beside the alignment and
+the routed experts' GEMMs (moe.py).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ KERNEL_MAX_ROWS = 4096  # above this one program is slower than torch's parallel
 
 
 @triton.jit
-def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, EP: tl.constexpr):
-    """Expert and routing weight of rows ``r`` (row = token * SLOTS + slot); EP - 1 past the end.
-    A routed slot of id -1 (SGLang's padded token) goes to expert 0 with weight 0."""
+def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, EP: tl.constexpr,
+          SHARED: tl.constexpr):  # fmt: skip
+    """Expert and routing weight of rows ``r`` (row = token * SLOTS + slot); EP - 1 past the end,
+    and for the shared slots unless SHARED. A routed slot of id -1 (SGLang's padded token) goes to
+    expert 0 with weight 0."""
     t = r // SLOTS
     j = r % SLOTS
     valid = r < n
@@ -33,19 +39,27 @@ def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, 
     w = tl.where(e < 0, 0.0, w)
     e = tl.maximum(e, 0)
     e = tl.where(routed, e, n_routed + j - K)
-    return tl.where(valid, e, EP - 1), w
+    keep = valid
+    if not SHARED:
+        keep = valid & routed
+    return tl.where(keep, e, EP - 1), w
 
 
 @triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
 def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
                      cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr):  # fmt: skip
+                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
+    # without SHARED, E is the routed experts only and the shared slots' rows and weights are left
+    # to shared_rows (another stream may be writing them)
     bins = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
         r = c0 + tl.arange(0, CHUNK)
-        e, w = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP)
-        tl.store(w_out_ptr + r, w, mask=r < n)
+        e, w = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
+        mine = r < n
+        if not SHARED:
+            mine = mine & (r % SLOTS < K)
+        tl.store(w_out_ptr + r, w, mask=mine)
         counts += tl.histogram(e, EP)
     counts = tl.where(bins < E, counts, 0)  # the last bin also counted the rows past the end
     padded = (counts + BM - 1) // BM * BM
@@ -62,9 +76,10 @@ def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_ou
     tl.debug_barrier()  # cursors and the padding fill are in place before any row is
     for c0 in range(0, n, CHUNK):
         r = c0 + tl.arange(0, CHUNK)
-        e, _ = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP)
-        pos = tl.atomic_add(cursor_ptr + e, 1, mask=r < n)
-        tl.store(sorted_ptr + pos, r, mask=r < n)
+        e, _ = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
+        mine = (r < n) & (e < E)
+        pos = tl.atomic_add(cursor_ptr + e, 1, mask=mine)
+        tl.store(sorted_ptr + pos, r, mask=mine)
 
 
 def capacity(rows: int, n_experts: int, bm: int) -> int:
@@ -72,32 +87,74 @@ def capacity(rows: int, n_experts: int, bm: int) -> int:
     return (rows + n_experts * (bm - 1) + bm - 1) // bm * bm
 
 
-def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int, bm: int):
+def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int, bm: int,
+          shared: bool = True, w: torch.Tensor | None = None):  # fmt: skip
     """(sorted_ids [cap] int64 (row index, or rows for padding), block_expert [cap / bm] int64,
     num_post_pad [1], weights [rows] fp32) for top-k routing [T, k] with shared experts
     ``n_routed..n_experts`` appended to every token; row = token * slots + slot. An id of -1 routes
-    to expert 0 with weight 0 (in the same launch: no masking ops before it). No host sync."""
+    to expert 0 with weight 0 (in the same launch: no masking ops before it). No host sync.
+    ``shared=False`` places the routed rows only and leaves the shared rows' weights in ``w``
+    (written here when given) untouched: :func:`shared_rows` lays those out."""
     t, k = topk_ids.shape
     slots = k + n_experts - n_routed
     rows = t * slots
     dev = topk_ids.device
+    if w is None:
+        w = torch.empty(rows, dtype=torch.float32, device=dev)
     if rows > KERNEL_MAX_ROWS:
-        ids, w = extend_routing(topk_ids, topk_weights, n_experts, n_routed)
-        return (*sort_rows(ids.reshape(-1), n_experts, bm), w.reshape(-1))
-    cap = capacity(rows, n_experts, bm)
+        if not shared:
+            raise ValueError(f"the routed rows apart from the shared ones take the kernel: at most "
+                             f"{KERNEL_MAX_ROWS} rows, not {rows}")  # fmt: skip
+        ids, w_all = extend_routing(topk_ids, topk_weights, n_experts, n_routed)
+        w.copy_(w_all.reshape(-1))
+        return (*sort_rows(ids.reshape(-1), n_experts, bm), w)
+    placed = n_experts if shared else n_routed
+    cap = capacity(rows if shared else t * k, placed, bm)
     sorted_ids = torch.empty(cap, dtype=torch.int64, device=dev)
     block_expert = torch.empty(cap // bm, dtype=torch.int64, device=dev)
     npp = torch.empty(1, dtype=torch.int64, device=dev)
-    w = torch.empty(rows, dtype=torch.float32, device=dev)
     ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
     cursor = torch.empty(ep, dtype=torch.int32, device=dev)
     # CHUNK at least 256: 8 warps hold 256 lanes whatever the tensor, so smaller chunks cost the
     # same time and only add compiled variants
     moe_align_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), sorted_ids, block_expert, npp, w,
-                           cursor, rows, n_routed, cap, K=k, SLOTS=slots, E=n_experts, EP=ep, BM=bm,
-                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))), BCHUNK=64,
+                           cursor, rows, n_routed, cap, K=k, SLOTS=slots, E=placed, EP=ep, BM=bm,
+                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))), BCHUNK=64, SHARED=shared,
                            num_warps=8)  # fmt: skip
     return sorted_ids, block_expert, npp, w
+
+
+@triton.jit(do_not_specialize=["t"])  # batch-dependent: one compile for all batches
+def shared_rows_kernel(sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, t, n_routed, K: tl.constexpr,
+                       SLOTS: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Shared expert s (program s) gets every token in order, in blocks of BM: row token * SLOTS + K + s,
+    padding reads row t * SLOTS (past the end); its routing weight is 1."""
+    s = tl.program_id(0)
+    per = tl.cdiv(t, BM) * BM
+    if s == 0:
+        tl.store(npp_ptr, per * (SLOTS - K))
+    for c0 in range(0, per, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + s * per + i, tl.where(i < t, i * SLOTS + K + s, t * SLOTS), mask=i < per)
+        tl.store(w_out_ptr + i * SLOTS + K + s, tl.full((CHUNK,), 1.0, tl.float32), mask=i < t)
+        b = c0 // BM + tl.arange(0, CHUNK // BM)
+        tl.store(block_expert_ptr + s * (per // BM) + b, tl.full((CHUNK // BM,), 0, tl.int64) + n_routed + s,
+                 mask=b < per // BM)  # fmt: skip
+
+
+def shared_rows(t: int, k: int, n_experts: int, n_routed: int, bm: int, w: torch.Tensor):
+    """(sorted_ids, block_expert, num_post_pad) of the shared experts' rows (those of :func:`route`'s
+    row numbering: row = token * slots + slot), which need no routing; writes their weight 1 into ``w``."""
+    n_shared = n_experts - n_routed
+    per = -(-t // bm) * bm
+    dev = w.device
+    sorted_ids = torch.empty(n_shared * per, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(n_shared * per // bm, dtype=torch.int64, device=dev)
+    npp = torch.empty(1, dtype=torch.int64, device=dev)
+    chunk = max(bm, min(1024, triton.next_power_of_2(per)))
+    shared_rows_kernel[(n_shared,)](sorted_ids, block_expert, npp, w, t, n_routed, K=k, SLOTS=k + n_shared, BM=bm,
+                                    CHUNK=chunk, num_warps=4)  # fmt: skip
+    return sorted_ids, block_expert, npp
 
 
 def extend_routing(

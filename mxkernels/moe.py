@@ -2,7 +2,10 @@
 
 Shared experts are experts that receive every token: they are appended to each
 token's top-k as extra slots (ids n_routed.., weight 1), so one launch per GEMM
-covers routed and shared experts alike; the shared gate scales their sum after.
+can cover routed and shared experts alike; the shared gate scales their sum after.
+At decode the shared experts' rows get launches of their own instead, on a second
+stream: they need no routing, so they run beside the alignment and the routed
+experts' launches, which at a few rows per expert wait on latency, not bandwidth.
 
 Rounding follows the unfused bf16 pipeline SGLang runs for an unquantized MoE
 (fused_moe: gate/up to bf16, SiLU(gate) * up to bf16, each slot's weighted down
@@ -13,16 +16,18 @@ numbers up to the order of fp32 sums inside the GEMMs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from mxkernels.align import route
+from mxkernels.align import KERNEL_MAX_ROWS, route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
@@ -301,14 +306,18 @@ def moe_gemms(
     n_routed: int,
     poison: bool = False,
     dispatch: str | None = None,
+    shared_apart: bool | None = None,
+    on_side: Callable[[], None] | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
     every token). Returns the intermediate [T*slots, I] bf16 and the weighted expert outputs
     [S, T*slots, H], row = token*slots + slot: S = 1 bf16, or S fp32 partial sums over K
     (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
-    be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``override`` replaces fields
-    of the picked tiles."""
+    be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``shared_apart`` gives
+    the shared experts launches of their own (True) or not (False) instead of the default
+    (_shared_apart); ``on_side`` is launched first, on the shared experts' stream where they have one
+    (work no output depends on: the routing counter); ``override`` replaces fields of the picked tiles."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
     n_experts = gate_up.n_experts
     slots = topk_ids.shape[1] + n_experts - n_routed
@@ -341,21 +350,61 @@ def moe_gemms(
 
     l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
-    sorted_ids, block_expert, num_post_pad, w = route(topk_ids, topk_weights, n_experts, n_routed, bm)
+    k = topk_ids.shape[1]
+    apart = _shared_apart(slots - k, rows, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    if split_gu > 1:
-        ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev)
-        _gemm(x, gate_up, ws, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
-        block = min(1024, triton.next_power_of_2(gate_up.n // 2))
-        silu_mul_kernel[(rows, triton.cdiv(gate_up.n // 2, block))](
-            ws, inter, rows, gate_up.n // 2, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
-        )
-    else:
-        _gemm(x, gate_up, inter, sorted_ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
-    dtype = torch.float32 if split_dn > 1 else torch.bfloat16
-    out = alloc(split_dn, rows, down.n, dtype=dtype, device=dev)
-    _gemm(inter, down, out, sorted_ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
+    ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
+    out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
+    w = torch.empty(rows, dtype=torch.float32, device=dev)
+
+    def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
+        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
+        _gemm(x, gate_up, inter if ws is None else ws, ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
+        if ws is not None:
+            block = min(1024, triton.next_power_of_2(gate_up.n // 2))
+            silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
+                ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
+            )
+        _gemm(inter, down, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
+
+    if not apart:
+        if on_side is not None:
+            on_side()
+        experts(*route(topk_ids, topk_weights, n_experts, n_routed, bm, w=w)[:3], 0, slots)
+        return inter, out
+    # the shared experts need no routing: their launches go first, on a second stream where there is
+    # one, beside the alignment and the routed experts' launches (SGLang runs its shared MLP so too);
+    # the two write disjoint rows of the same buffers
+    main = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+    side = _side_stream(dev) if main is not None else None
+    if side is not None:
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        if on_side is not None:
+            on_side()
+        experts(*shared_rows(topk_ids.shape[0], k, n_experts, n_routed, bm, w), k, slots - k)
+    experts(*route(topk_ids, topk_weights, n_experts, n_routed, bm, shared=False, w=w)[:3], 0, k)
+    if side is not None:
+        main.wait_stream(side)
     return inter, out
+
+
+# MXSERVE_SHARED_STREAM=0 keeps the shared experts in the routed experts' launches at decode
+SHARED_APART = os.environ.get("MXSERVE_SHARED_STREAM", "1") != "0"
+
+
+def _shared_apart(n_shared: int, rows: int, per_expert: float, asked: bool | None) -> bool:
+    """Whether the shared experts get launches of their own (on a second stream on a GPU): by default
+    at decode (few rows per expert: the launches wait on latency, not on bandwidth, so two side by
+    side overlap), where the alignment kernel runs (at most KERNEL_MAX_ROWS rows)."""
+    if n_shared == 0 or rows > KERNEL_MAX_ROWS:
+        return False
+    return SHARED_APART and per_expert <= DECODE_ROWS if asked is None else asked
+
+
+@functools.lru_cache(maxsize=8)
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(dev)
 
 
 def mx_moe_forward(

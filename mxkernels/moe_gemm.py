@@ -510,11 +510,16 @@ def mx_moe_gemm_kernel(
             tl.store(out, _bf16(res, F32), mask=mask)
 
 
-@triton.jit(do_not_specialize=["rows"])  # batch-dependent; only offsets rows of 2N (see above)
-def silu_mul_kernel(ws_ptr, out_ptr, rows, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, F32: tl.constexpr):
+# batch-dependent or layout integers: none feeds a vectorized address, and each 1 would be a compile
+@triton.jit(do_not_specialize=["rows", "slots", "first", "count"])
+def silu_mul_kernel(ws_ptr, out_ptr, rows, N, slots, first, count, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                    F32: tl.constexpr):  # fmt: skip
     """inter [rows, N] = SiLU(gate) * up from SPLIT fp32 partials [SPLIT, rows, 2N] of gate | up,
-    rounded as the unsplit kernel rounds (gate and up to bf16 first)."""
-    r = tl.program_id(0)
+    rounded as the unsplit kernel rounds (gate and up to bf16 first). Program p takes row
+    (p // count) * slots + first + p % count: slots first..first+count-1 of each token (all rows
+    with 1, 0, 1)."""
+    p = tl.program_id(0)
+    r = (p // count) * slots + first + p % count
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.zeros((BLOCK,), dtype=tl.float32)

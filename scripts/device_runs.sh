@@ -21,7 +21,8 @@
 #   5. timed: cold_start.py on refmoe-25m's shapes (mxserve launch now precompiles while SGLang starts);
 #   6. timed: `mxserve profile` on Qwen1.5's and DeepSeek-V2-Lite's shapes (the planner's kernel
 #      profile with this session's kernels; issue 10 item 4);
-#   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests.
+#   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests;
+#   8. (only when asked: `start 8`) a short check of the shared experts on a second stream (below).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -90,6 +91,25 @@ phase6() {
   say "kernel profile rc=$?"
 }
 
+phase8() {
+  # the seventh session's change, when little device time is left: the shared experts on a second
+  # stream at decode. Their GPU tests beside the 24-layer checkpoint (no GPTQ copy); mxserve's server
+  # alone end to end (its baselines from an earlier run); the served tiers' layer with the shared
+  # experts apart (the default) and inside the routed launches, in one run
+  mkdir -p $res/tests
+  (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+   say "prep rc=$?") &
+  kernel_tests "second_stream or padded_slots or whole_layer_real" > $res/tests/kernels_first.log 2>&1
+  wait
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve alone rc=$?"
+  pkill -f "[s]glang.launch_server"
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts shared \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/served > $res/served.log 2>&1
+  say "moe_layer served tiers, shared apart or not, rc=$?"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -102,7 +122,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -219,3 +219,48 @@ def check_padded_slots_and_shared_gate(device: str) -> None:
     assert ((by_gate - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()  # one bf16 rounding apart at most
     ext_ids, ext_w = extend_routing(ids.cpu(), w.cpu(), 8, 6)  # large batches' torch alignment: the same rule
     assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()
+
+
+def shared_apart_case(device: str, t: int, graph: bool = False, **tiles) -> None:
+    """The shared experts in launches of their own (a second stream on a GPU) compute, bit for bit, what
+    the one launch of routed and shared experts computes, every output element written (poisoned
+    first); with ``graph`` the layer is captured in a CUDA graph and replayed on new inputs. The routing
+    counter launched beside them (``on_side``) counts every pass."""
+    from router_stats import ExpertCounter
+
+    counter, want = ExpertCounter(8).to(device), ExpertCounter(8)
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, device)
+    gu, dn = (build_arena(list(blocks)).to(device) for blocks in zip(*(e.linears() for e in experts)))
+
+    def draw():
+        ids, w = route(t, 8, 2, gen, skew=False)
+        ids[-1, -1] = -1  # a padded slot: routes nowhere
+        return torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device), ids.to(device), w.to(device)
+
+    def both(x, ids, w):
+        want.record(ids.cpu())
+        apart = moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=True, on_side=lambda: counter.record(ids),
+                          **tiles)  # fmt: skip
+        one = moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=False, **tiles)
+        return apart, one
+
+    x, ids, w = draw()
+    apart, one = both(x, ids, w)
+    if graph:  # captured once, replayed on the next inputs copied into the captured ones
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = moe_gemms(x, ids, w, gu, dn, 8, shared_apart=True, on_side=lambda: counter.record(ids),
+                                 **tiles)  # fmt: skip
+        for _ in range(2):
+            nx, nids, nw = draw()
+            x.copy_(nx), ids.copy_(nids), w.copy_(nw)
+            g.replay()
+            want.record(ids.cpu())
+            apart, one = captured, moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=False, **tiles)
+    for a, b, name in zip(apart, one, ("intermediate", "outputs")):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert counter.snapshot() == want.snapshot()

@@ -170,6 +170,41 @@ def test_alignment_kernel_places_every_row_once(t, k, routed, shared, bm):
     assert torch.equal(w, w_ref.reshape(-1))
 
 
+@pytest.mark.parametrize("t,k,routed,shared,bm", [(9, 2, 6, 2, 4), (5, 4, 60, 4, 16), (1, 4, 60, 4, 1)])
+def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, bm):
+    # the routed rows by the alignment kernel alone, the shared ones by shared_rows (another stream at
+    # decode): together every row once, each block one expert's, and the weights of the one launch
+    from mxkernels.align import extend_routing, route, shared_rows
+
+    gen = torch.Generator().manual_seed(t)
+    topk_ids = torch.stack([torch.randperm(routed, generator=gen)[:k] for _ in range(t)]).to(torch.int32)
+    topk_w = torch.rand(t, k, generator=gen)
+    slots, n = k + shared, t * (k + shared)
+    flat, w_ref = (v.reshape(-1) for v in extend_routing(topk_ids, topk_w, routed + shared, routed))
+    w = torch.full((n,), float("nan"))
+    r_ids, r_be, r_npp, _ = route(topk_ids, topk_w, routed + shared, routed, bm, shared=False, w=w)
+    assert torch.isnan(w.view(t, slots)[:, k:]).all()  # the shared rows' weights are left to shared_rows
+    s_ids, s_be, s_npp = shared_rows(t, k, routed + shared, routed, bm, w)
+    assert torch.equal(w, w_ref)
+    placed = []
+    for ids, be, npp in ((r_ids, r_be, r_npp), (s_ids, s_be, s_npp)):
+        blocks = ids[: npp.item()].view(-1, bm)
+        for b, e in zip(blocks.tolist(), be.tolist()):
+            assert all(r == n or flat[r].item() == e for r in b)  # a block serves one expert
+        placed += [r for r in ids.tolist() if r < n]
+        assert (ids[npp.item() :] == n).all()
+    assert sorted(placed) == list(range(n))
+    assert all(r % slots < k for r in r_ids.tolist() if r < n)
+    assert s_npp.item() == shared * -(-t // bm) * bm and s_be.numel() * bm == s_ids.numel()
+
+
+@pytest.mark.parametrize("t,layout", [(1, "fma"), (3, "fma-prefetch"), (6, "decode"), (5, "swapped")])
+def test_shared_experts_apart_compute_what_one_launch_computes(t, layout):
+    from kernel_cases import shared_apart_case
+
+    shared_apart_case("cpu", t, **LAYOUTS[layout])
+
+
 @pytest.mark.parametrize("t,h,i,n_exp,n_shared,k", [(12, 128, 128, 8, 1, 2), (9, 128, 96, 6, 0, 4)])
 def test_bf16_layer_rounds_like_unfused_sglang(t, h, i, n_exp, n_shared, k):
     # An all-bf16 plan must give what SGLang's own unquantized MoE gives (greedy equality of

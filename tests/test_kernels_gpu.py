@@ -106,6 +106,16 @@ def test_grouped_dispatch_real_shapes(t, names, tiles):
         assert e < 2e-2, (key, t, e)
 
 
+@pytest.mark.parametrize("t,tiles", [(1, {}), (8, {}), (8, {"gluon": False}), (16, LAYOUTS["decode"])])
+@pytest.mark.parametrize("graph", [False, True])
+def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, graph):
+    # the default decode picks (CUDA-core products at 1 token, the Gluon kernel at 8), the Triton MMA
+    # layout; eager, and captured in a CUDA graph (fork and join of the second stream) then replayed
+    from kernel_cases import shared_apart_case
+
+    shared_apart_case("cuda", t, graph, **tiles)
+
+
 def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda():
     check_padded_slots_and_shared_gate("cuda")
 

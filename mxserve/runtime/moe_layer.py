@@ -71,11 +71,12 @@ class MixedExperts:
         (SGLang's mark for a padded token's slot) routes nowhere. The shared experts' sum is scaled
         by ``shared_scale`` [T, 1], or by sigmoid(x . ``shared_gate``) for a gate weight [H]
         (computed in fp32 inside the kernels' last launch on a GPU)."""
-        self.record(topk_ids)
         if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
             gate_up, down = self.arenas(x.device)
+            # the count launches beside the alignment, on the shared experts' stream at decode
             return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
-                                  shared_gate).to(x.dtype)  # fmt: skip
+                                  shared_gate, on_side=lambda: self.record(topk_ids)).to(x.dtype)  # fmt: skip
+        self.record(topk_ids)
         if shared_gate is not None:
             shared_scale = torch.sigmoid(x.float() @ shared_gate.float().reshape(-1, 1))
         valid = topk_ids >= 0

@@ -32,7 +32,8 @@ from mxserve.schemes import get_scheme
 from router_stats.counters import ExpertCounter
 
 KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_kernel,
-           "align": align.moe_align_kernel, "combine": combine.moe_combine_kernel,
+           "align": align.moe_align_kernel, "shared_rows": align.shared_rows_kernel,
+           "combine": combine.moe_combine_kernel,
            "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel,
            "count": count.routing_count_kernel}  # fmt: skip
 # SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
