@@ -51,6 +51,7 @@ class Tiles:
     maxnreg: int | None = None  # register cap per thread (more programs resident per SM)
     fma: bool = False  # with swap: CUDA-core products instead of the MMA (moe_gemm._dot)
     prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
+    fold_zero: bool = False  # with fma: zero points off each weight, not off the sum (moe_gemm._wonly_step)
     gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
     # its own BK, and BN 64 unless bn asks for 128)
 
@@ -217,6 +218,7 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         F32=INTERPRET,
         K128=arena.k % 128 == 0,
         PREFETCH=tiles.prefetch,
+        FOLD_Z=tiles.fold_zero and tiles.fma,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),

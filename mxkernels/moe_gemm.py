@@ -235,8 +235,10 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 
 @triton.jit
 def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS: tl.constexpr,
-                SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr):  # fmt: skip
-    """A K tile's product from its codes ``q``."""
+                SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
+    """A K tile's product from its codes ``q``. FOLD_Z (CUDA-core products): the zero point is taken off
+    each weight (one add per weight) instead of off the sum (z * sum(a): a reduction of the tile's
+    activations over the whole program, two barriers per K tile in the sm_90 SASS)."""
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
     g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -256,7 +258,11 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
             wq = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q, exactly
             z = z + 128.0
         # zero points are integers and the codes exact, so only fp32 sums round here
-        r = (_dot(a, wq, SWAP, F32) - _per_n(z, SWAP) * _per_m(asum, SWAP)) * _per_n(s, SWAP)
+        if FOLD_Z:
+            tl.static_assert(SWAP == FMA, "the zero point folded into the weights: CUDA-core products only")
+            r = _dot(a, wq - _per_n(z, SWAP), SWAP, F32) * _per_n(s, SWAP)
+        else:
+            r = (_dot(a, wq, SWAP, F32) - _per_n(z, SWAP) * _per_m(asum, SWAP)) * _per_n(s, SWAP)
     else:
         r = _dot(a, _bf16((q.to(tl.float32) - _per_n(z, SWAP)) * _per_n(s, SWAP), F32), SWAP, F32)
     return r
@@ -266,7 +272,7 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
 def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, n_up,
               mask_n, k_lo, k_hi, K, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr,
-              K128: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+              K128: tl.constexpr, PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
@@ -289,10 +295,11 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
                 u_hi2, u_lo2 = _int_words(wi_ptr, w_off, cols + n_up, nk, K, mask_n, BITS, BK, SWAP, K128)
             asum = tl.sum(a.to(tl.float32), axis=1)
             acc += _wonly_step(a, asum, _int_unpack(g_hi, g_lo, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off, z_off,
-                               ngroups, group, cols, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
+                               ngroups, group, cols, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
             if PAIR:
                 acc2 += _wonly_step(a, asum, _int_unpack(u_hi, u_lo, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off, z_off,
-                                    ngroups, group, cols + n_up, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
+                                    ngroups, group, cols + n_up, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32,
+                                    FOLD_Z)  # fmt: skip
             a, g_hi, g_lo, u_hi, u_lo = a_next, g_hi2, g_lo2, u_hi2, u_lo2
     else:
         for k0 in range(k_lo, k_hi, BK):
@@ -300,11 +307,11 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
             asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
             q = _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
             acc += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS,
-                               SWAP, SCALE_AFTER, F32)  # fmt: skip
+                               SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
             if PAIR:
                 q = _int_codes(wi_ptr, w_off, cols + n_up, k0, K, mask_n, BITS, BK, SWAP, K128)
                 acc2 += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols + n_up, mask_n,
-                                    k0, BITS, SWAP, SCALE_AFTER, F32)  # fmt: skip
+                                    k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
     return acc, acc2
 
 
@@ -387,7 +394,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
                  w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, CODES: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
                  SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr,
-                 PREFETCH: tl.constexpr):  # fmt: skip
+                 PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
     """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
@@ -401,7 +408,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
             if code == c:
                 acc, acc2 = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
                                       group, cols, n_up, mask_n, k_lo, k_hi, K, c + 3 * (c == 5), BM, BN, BK, SWAP,
-                                      SCALE_AFTER, PAIR, F32, K128, PREFETCH)  # fmt: skip
+                                      SCALE_AFTER, PAIR, F32, K128, PREFETCH, FOLD_Z)  # fmt: skip
     if CODES & 64:
         if code == 6:
             acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
@@ -455,6 +462,7 @@ def mx_moe_gemm_kernel(
     F32: tl.constexpr,
     K128: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,  # weight-only codes: load the next K tile first (CUDA-core path)
+    FOLD_Z: tl.constexpr = False,  # weight-only codes: zero points off each weight (CUDA-core path)
 ):
     if K128:  # K % 128 == 0: packed rows are whole 16-byte words, so code loads can be 16 bytes wide
         K = tl.multiple_of(K, 128)
@@ -488,7 +496,7 @@ def mx_moe_gemm_kernel(
     # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up: one loop for both
     res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K,
-                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH)  # fmt: skip
+                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH, FOLD_Z)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:

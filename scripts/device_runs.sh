@@ -65,9 +65,11 @@ phase2() {
 }
 
 phase3() {
-  # the tiers of plans/qwen15-24l-3.25bit.json (blocks: w3 1398, w2 918, w4 621, w8 126), most popular first
+  # the tiers of plans/qwen15-24l-3.25bit.json (blocks: w3 1398, w2 918, w4 621, w8 126), most popular first;
+  # the mixed layer also with its shared experts inside the routed launches, and with zero points folded
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 8 16 32 64 \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --layouts '^$' --out $res/served > $res/served.log 2>&1
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --layouts 'shared|zero folded' --out $res/served \
+    > $res/served.log 2>&1
   say "moe_layer served tiers rc=$?"
 }
 
@@ -105,7 +107,7 @@ phase8() {
   MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
   say "e2e mxserve alone rc=$?"
   pkill -f "[s]glang.launch_server"
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts shared \
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts 'shared|zero folded' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/served > $res/served.log 2>&1
   say "moe_layer served tiers, shared apart or not, rc=$?"
 }

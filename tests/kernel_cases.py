@@ -30,6 +30,8 @@ LAYOUTS = {
     "fma-split": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=False),
     # the next K tile loaded before this one's products; split 3 over 4 tiles leaves a split empty
     "fma-prefetch": dict(swap=True, scale_after=True, fma=True, bm=1, split=3, bk=32, prefetch=True),
+    # zero points taken off each weight instead of off the sum (no reduction of the activations)
+    "fma-fold": dict(swap=True, scale_after=True, fma=True, bm=1, split=2, prefetch=True, fold_zero=True),
 }
 # the Gluon decode kernel (mxkernels/moe_gemm_gluon.py) and the schemes it runs: groups of whole
 # 128s (w8a16, w4a16, w2a16: one group per row)
