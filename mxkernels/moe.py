@@ -207,6 +207,7 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         num_valid,
         a_div,
         tiles.split,
+        1,  # one: the integer 1, not specialized (moe_gemm._fma_codes)
         GATE_UP=gate_up,
         CODES=codes,
         BM=tiles.bm,

@@ -101,7 +101,7 @@ phase8() {
   mkdir -p $res/tests
   (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
    say "prep rc=$?") &
-  kernel_tests "second_stream or padded_slots or whole_layer_real" > $res/tests/kernels_first.log 2>&1
+  kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes" > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
