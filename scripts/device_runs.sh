@@ -22,7 +22,7 @@
 #   6. timed: `mxserve profile` on Qwen1.5's and DeepSeek-V2-Lite's shapes (the planner's kernel
 #      profile with this session's kernels; issue 10 item 4);
 #   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests;
-#   8. (only when asked: `start 8`) a short check of the shared experts on a second stream (below).
+#   8. (only when asked: `start 8`) a short check of the seventh session's served-path changes (below).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -94,14 +94,16 @@ phase6() {
 }
 
 phase8() {
-  # the seventh session's change, when little device time is left: the shared experts on a second
-  # stream at decode. Their GPU tests beside the 24-layer checkpoint (no GPTQ copy); mxserve's server
-  # alone end to end (its baselines from an earlier run); the served tiers' layer with the shared
-  # experts apart (the default) and inside the routed launches, in one run
+  # the seventh session's changes, when little device time is left: the shared experts on a second
+  # stream at decode, and the CUDA-core path's codes cut by shifts. Their GPU tests (every layout at
+  # real shapes) beside the 24-layer checkpoint (no GPTQ copy); mxserve's server alone end to end (its
+  # baselines from an earlier run); the served tiers' layer as served, with the shared experts inside
+  # the routed launches, and with zero points folded, in one run
   mkdir -p $res/tests
   (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
    say "prep rc=$?") &
-  kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes" > $res/tests/kernels_first.log 2>&1
+  kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes" \
+    > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
