@@ -225,6 +225,8 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "CUDA-core": {"fma": True, "prefetch": True},
     # zero points off each weight: no reduction of the activations per K tile (2 of its 4 barriers)
     "CUDA-core, zero folded": {"fma": True, "prefetch": True, "fold_zero": True},
+    # the CUDA-core products as a Gluon kernel: each lane's 32 k in registers, no barrier in the loop
+    "CUDA-core, Gluon": {"fma": True, "gluon": True},
     "MMA": {"fma": False, "gluon": False},
     "MMA, split x2": "double",
     "Gluon, BM 16": {"fma": False, "gluon": True, "maxnreg": None, "bm": 16},

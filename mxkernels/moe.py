@@ -53,7 +53,7 @@ class Tiles:
     prefetch: bool = False  # weight-only codes: the next K tile's loads before this tile's products
     fold_zero: bool = False  # with fma: zero points off each weight, not off the sum (moe_gemm._wonly_step)
     gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
-    # its own BK, and BN 64 unless bn asks for 128)
+    # its own BK, and BN 64 unless bn asks for 128); with fma: the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -171,7 +171,10 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
         a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
     n = arena.n // 2 if gate_up else arena.n
     for codes, tiles in launches:
-        if tiles.gluon:
+        if tiles.gluon and tiles.fma:
+            _gemm_gluon_fma(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
+                            a_div, gate_up, tiles, n, codes)  # fmt: skip
+        elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                         a_div, gate_up, tiles, n, codes)  # fmt: skip
         else:
@@ -255,6 +258,35 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
         PARTIAL=tiles.split > 1, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
+    )  # fmt: skip
+
+
+def _gluon_fma_kernel():
+    if INTERPRET:
+        raise ValueError("the Gluon kernel runs on a GPU: Triton's interpreter does not run Gluon")
+    from mxkernels.moe_gemm_gluon_fma import mx_moe_gemm_gluon_fma_kernel
+
+    return mx_moe_gemm_gluon_fma_kernel
+
+
+def _gemm_gluon_fma(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
+                    a_div, gate_up, tiles: Tiles, n: int, codes: int) -> None:  # fmt: skip
+    """_gemm's launch on the Gluon CUDA-core kernel: one row per block, the experts the Gluon MMA kernel
+    runs (bf16 and weight-only, groups of whole 128s), its 128-deep K tiles split ``tiles.split`` ways."""
+    from mxkernels.moe_gemm_gluon import KERNEL_CODES, eligible
+    from mxkernels.moe_gemm_gluon_fma import BN, WARPS
+
+    if not eligible(arena.codes_mask, arena.k, arena.min_group) or tiles.bm != 1:
+        raise ValueError("the Gluon CUDA-core kernel runs bf16 and weight-only experts with groups of whole 128s, "
+                         "K a multiple of 128, and one row per block")  # fmt: skip
+    if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
+        a_all = a_all.contiguous()
+    grid = (block_expert.numel(), triton.cdiv(n, BN), tiles.split)
+    _gluon_fma_kernel()[grid](
+        a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
+        block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
+        num_valid, a_div, tiles.split, 1, GATE_UP=gate_up, CODES=codes & KERNEL_CODES, BN=BN,
+        PARTIAL=tiles.split > 1, num_warps=WARPS,
     )  # fmt: skip
 
 

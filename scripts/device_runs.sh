@@ -66,9 +66,10 @@ phase2() {
 
 phase3() {
   # the tiers of plans/qwen15-24l-3.25bit.json (blocks: w3 1398, w2 918, w4 621, w8 126), most popular first;
-  # the mixed layer also with its shared experts inside the routed launches, and with zero points folded
+  # the mixed layer also with its shared experts inside the routed launches, with zero points folded, and on
+  # the Gluon CUDA-core kernel
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 8 16 32 64 \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --layouts 'shared|zero folded' --out $res/served \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --layouts 'shared|zero folded|CUDA-core, Gluon' --out $res/served \
     > $res/served.log 2>&1
   say "moe_layer served tiers rc=$?"
 }
@@ -95,21 +96,22 @@ phase6() {
 
 phase8() {
   # the seventh session's changes, when little device time is left: the shared experts on a second
-  # stream at decode, and the CUDA-core path's codes cut by shifts. Their GPU tests (every layout at
+  # stream at decode, the CUDA-core path's codes cut by shifts, the Gluon CUDA-core kernel (opt-in). Their
+  # GPU tests (every layout at
   # real shapes) beside the 24-layer checkpoint (no GPTQ copy); mxserve's server alone end to end (its
   # baselines from an earlier run); the served tiers' layer as served, with the shared experts inside
   # the routed launches, and with zero points folded, in one run
   mkdir -p $res/tests
   (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
    say "prep rc=$?") &
-  kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes" \
+  kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes or gluon_fma" \
     > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
   say "e2e mxserve alone rc=$?"
   pkill -f "[s]glang.launch_server"
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts 'shared|zero folded' \
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts 'shared|zero folded|CUDA-core, Gluon' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/served > $res/served.log 2>&1
   say "moe_layer served tiers, shared apart or not, rc=$?"
 }

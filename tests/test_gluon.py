@@ -34,13 +34,20 @@ def _sass(gate_up: bool) -> str:
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}).asm["cubin"]
+    return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
+                        str(int(gate_up)))  # fmt: skip
+
+
+def _disassemble(compiled, tag: str) -> str:
+    """The SASS of a compiled kernel (cuobjdump from the Triton wheel)."""
+    import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{int(gate_up)}.cubin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{tag}.cubin")
     with open(path, "wb") as f:
-        f.write(cubin)
+        f.write(compiled.asm["cubin"])
     try:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     finally:
@@ -113,6 +120,68 @@ def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
     assert {key.split("/")[0] for key in errs} == {"bf16", "w4a16g128", "w2a16g128"}, errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
+
+
+@pytest.fixture
+def interpreted_gluon_fma(monkeypatch):
+    """The Gluon CUDA-core kernel's source, its layouts dropped, run by the interpreter in place of the GPU."""
+    from gluon_shim import interpreted_kernel
+
+    from mxkernels import moe
+
+    kernel = interpreted_kernel("moe_gemm_gluon_fma", "mx_moe_gemm_gluon_fma_kernel")
+    monkeypatch.setattr(moe, "_gluon_fma_kernel", lambda: kernel)
+
+
+GLUON_FMA = dict(swap=True, scale_after=True, fma=True, gluon=True, bm=1, prefetch=False)
+
+
+@pytest.mark.parametrize("t, split", [(10, 3), (1, 1)])
+def test_gluon_fma_kernel_arithmetic_in_the_interpreter(interpreted_gluon_fma, t, split):
+    # every scheme it runs, mixed, one row per block (18 routed experts of which the skewed routing feeds
+    # 9), split in fp32 partials; and one token alone, unsplit (SiLU and bf16 stores in the kernel).
+    # H = I = 256: two K tiles of each GEMM, so split 3 leaves one split empty; every output written
+    errs = gemm_errors(GLUON_SCHEMES, t, 256, 256, 18, 1, 2, "cpu", seed=t, split=split, **GLUON_FMA)
+    assert t == 1 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, t, split, e)
+
+
+def test_gluon_fma_kernel_rotated_inputs_and_a_model_wide_code_set(interpreted_gluon_fma):
+    errs = gemm_errors(["bf16", "w4a16g128", "w3a16g128"], 3, 128, 128, 4, 1, 2, "cpu", seed=4, method="gptq-had",
+                       extra_codes=(1 << 6) | (1 << 7), split=2, **GLUON_FMA)  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == {"bf16", "w4a16g128", "w3a16g128"}, errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+def _sass_fma(gate_up: bool) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mxkernels.moe_gemm_gluon_fma import WARPS, mx_moe_gemm_gluon_fma_kernel
+
+    params = mx_moe_gemm_gluon_fma_kernel.arg_names
+    # the served plan's code set: w1, w2, w3, w4 and w8 experts
+    consts = {"GATE_UP": gate_up, "CODES": 0b111110, "BN": 64, "PARTIAL": True}
+    sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
+    aligned = set(POINTERS) | {"stride_am", "K"}
+    src = GluonASTSource(mx_moe_gemm_gluon_fma_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
+                         {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
+    return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
+                        f"fma_{int(gate_up)}")  # fmt: skip
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+def test_gluon_fma_kernel_has_no_barrier_and_no_shared_memory(gate_up):
+    # the point of the kernel (moe_gemm_gluon_fma.py): each lane loads the codes and the activations of
+    # its own 32 k and sums along them in registers; the 4 lanes of a row meet by shuffles after the loop
+    sass = _sass_fma(gate_up)
+    for op in ("BAR", "LDS", "STS", "LDSM", "STSM"):
+        assert not re.search(rf"\b{op}\b", sass), op
+    assert len(re.findall(r"\bFFMA\b", sass)) >= 32 * 5 * (2 if gate_up else 1)  # a chain per code width
+    assert re.search(r"\bLDG\.E\.128\b", sass), "codes or activations not loaded 16 bytes at a time"
 
 
 def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):

@@ -57,6 +57,16 @@ def test_gluon_kernel_real_shapes(split, bm, bn):
         assert e < 2e-2, (key, split, e)
 
 
+@pytest.mark.parametrize("t, split", [(1, 1), (1, 4), (24, 3)])
+def test_gluon_fma_kernel_real_shapes(t, split):
+    # the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py, opt-in): one row per block, the schemes it runs, mixed
+    tiles = dict(swap=True, scale_after=True, fma=True, gluon=True, bm=1, prefetch=False, split=split)
+    errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=9, **tiles)
+    assert t == 1 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, t, split, e)
+
+
 def test_gluon_kernel_rotated_inputs_and_one_token():
     # gptq-had experts read the rotated copy; one token per launch, as at decode
     names = ["bf16", "w4a16g128", "w2a16g128"]
