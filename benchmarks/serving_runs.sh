@@ -5,7 +5,8 @@
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
 #                                                    # (each server's decode steps traced; GROUPED=1: mxserve
-#                                                    # also with one launch per group of codes)
+#                                                    # also with one launch per group of codes; GLUON_FMA=1:
+#                                                    # also with the Gluon CUDA-core kernel at 1 token)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
@@ -53,6 +54,9 @@ elif [ "$what" = qwen15-24 ]; then
   grouped=()
   [ -z "${GROUPED:-}" ] || grouped=(--ckpt 3.25bit-grouped="$work/q15-24-3.25bit"
     --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped)
+  # GLUON_FMA=1 adds a server whose 1-token GEMMs run on the Gluon CUDA-core kernel (MXSERVE_GLUON_FMA=1)
+  [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt 3.25bit-gluon-fma="$work/q15-24-3.25bit"
+    --server-env mxserve-3.25bit-gluon-fma=MXSERVE_GLUON_FMA=1)
   baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
   [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \

@@ -317,6 +317,16 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
+def _gluon_fma(dev: torch.device, gate_up: Arena, down: Arena, override: dict) -> bool:
+    """Whether the CUDA-core products (one row per block) run on the Gluon CUDA-core kernel: asked with
+    MXSERVE_GLUON_FMA=1 (read per launch, as MXSERVE_DISPATCH; off by default until timed on a GPU), on
+    a GPU, for layers whose both arenas' experts it runs, unless ``override`` picks the kernel."""
+    from mxkernels.moe_gemm_gluon import eligible
+
+    return (os.environ.get("MXSERVE_GLUON_FMA", "0") == "1" and _runs_gluon(dev) and "gluon" not in override
+            and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
+
+
 def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dict) -> Tiles:
     """The decode tiles on the Gluon kernel: two MMA tiles of rows per warp for narrow code sets, 8
     rows per block up to 8 rows per expert (12 for narrow code sets: Qwen1.5-MoE at 64 tokens, 8.5
@@ -372,6 +382,8 @@ def moe_gemms(
         override = {"fma": False, **override}
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
+    if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
+        t_gu, t_dn = (dataclasses.replace(t, gluon=True) for t in (t_gu, t_dn))
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
 
     def launches(arena: Arena, tiles: Tiles) -> list[tuple[int, Tiles]]:

@@ -96,11 +96,11 @@ phase6() {
 
 phase8() {
   # the seventh session's changes, when little device time is left: the shared experts on a second
-  # stream at decode, the CUDA-core path's codes cut by shifts, the Gluon CUDA-core kernel (opt-in). Their
-  # GPU tests (every layout at
-  # real shapes) beside the 24-layer checkpoint (no GPTQ copy); mxserve's server alone end to end (its
-  # baselines from an earlier run); the served tiers' layer as served, with the shared experts inside
-  # the routed launches, and with zero points folded, in one run
+  # stream at decode, the CUDA-core path's codes cut by shifts, the Gluon CUDA-core kernel (opt-in).
+  # Their GPU tests (every layout at real shapes) beside the 24-layer checkpoint (no GPTQ copy); the
+  # served tiers' layer as served, with the shared experts inside the routed launches, with zero
+  # points folded and on the Gluon CUDA-core kernel, in one run; then mxserve's server alone end to
+  # end, as it serves by default and with MXSERVE_GLUON_FMA=1 (its baselines from an earlier run)
   mkdir -p $res/tests
   (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
    say "prep rc=$?") &
@@ -108,12 +108,13 @@ phase8() {
     > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  MX_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
-  say "e2e mxserve alone rc=$?"
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only \
+    --layouts 'shared|zero folded|CUDA-core, Gluon' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+    --out $res/served > $res/served.log 2>&1
+  say "moe_layer served tiers and this session's variants rc=$?"
+  MX_ONLY=1 GLUON_FMA=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve alone, and with the Gluon CUDA-core kernel, rc=$?"
   pkill -f "[s]glang.launch_server"
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 --ours-only --layouts 'shared|zero folded|CUDA-core, Gluon' \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/served > $res/served.log 2>&1
-  say "moe_layer served tiers, shared apart or not, rc=$?"
 }
 
 phase7() {

@@ -155,6 +155,26 @@ def test_gluon_fma_kernel_rotated_inputs_and_a_model_wide_code_set(interpreted_g
         assert e < BOUND, (key, e)
 
 
+def test_gluon_fma_kernel_is_taken_at_one_token_when_asked(interpreted_gluon_fma, monkeypatch):
+    # MXSERVE_GLUON_FMA=1: the CUDA-core launches of a layer it can run go to it (on a GPU; here the
+    # interpreted source), and compute what the reference computes
+    from mxkernels import moe
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_GLUON_FMA", "1")
+    taken = []
+    real = moe._gemm_gluon_fma
+    monkeypatch.setattr(moe, "_gemm_gluon_fma", lambda *a: taken.append(a[-3].fma) or real(*a))
+    errs = gemm_errors(["w4a16g128", "w2a16g128"], 1, 256, 256, 6, 1, 2, "cpu", seed=3)
+    assert taken == [True] * 4, taken  # gate/up and down, of the shared experts apart and of the routed ones
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+    monkeypatch.setenv("MXSERVE_GLUON_FMA", "0")
+    taken.clear()
+    gemm_errors(["w4a16g128"], 1, 128, 128, 4, 0, 2, "cpu", seed=3)
+    assert taken == []  # off by default: the Triton CUDA-core products
+
+
 def _sass_fma(gate_up: bool) -> str:
     import triton
     from triton.backends.compiler import GPUTarget

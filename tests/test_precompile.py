@@ -75,6 +75,9 @@ out["plan"] = compare(layers[0], 2, codes)
 # a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches
 both = ("w4a16g128", "w2a16g128") * 9
 out["gluon"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
+# the same layer at 1 token on the Gluon CUDA-core kernel (asked for with MXSERVE_GLUON_FMA=1)
+os.environ["MXSERVE_GLUON_FMA"] = "1"
+out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 print(json.dumps(out))
 """
 
@@ -94,12 +97,13 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
-    for case in ("plan", "gluon"):
+    for case in ("plan", "gluon", "gluon_fma"):
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
+    assert "gemm_gluon_fma" in out["gluon_fma"]["kernels"] and "gemm" not in out["gluon_fma"]["kernels"]
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
 
 

@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 
-from mxkernels import align, combine, count, moe, moe_gemm, moe_gemm_gluon
+from mxkernels import align, combine, count, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import get_scheme
@@ -35,6 +35,7 @@ KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_ke
            "align": align.moe_align_kernel, "shared_rows": align.shared_rows_kernel,
            "combine": combine.moe_combine_kernel,
            "gemm_gluon": moe_gemm_gluon.mx_moe_gemm_gluon_kernel,
+           "gemm_gluon_fma": moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel,
            "count": count.routing_count_kernel}  # fmt: skip
 # SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
 # with a 15B model; the sizes past 256 are taken when memory allows a larger max_bs)
@@ -66,8 +67,8 @@ class Variant:
 
     @property
     def decode(self) -> bool:
-        """A decode-layout GEMM (weights on the MMA's M side; the Gluon kernel has no other)."""
-        if self.kernel == "gemm_gluon":
+        """A decode-layout GEMM (weights on the MMA's M side; the Gluon kernels have no other)."""
+        if self.kernel in ("gemm_gluon", "gemm_gluon_fma"):
             return True
         return "SWAP" in self.signature and bool(self.constexprs.get((self.names().index("SWAP"),), False))
 
@@ -155,7 +156,9 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                mock.patch.object(moe, "multiprocessors", lambda dev: sms),
                mock.patch.object(moe, "tile_table", lambda dev: table),
                mock.patch.object(moe, "_runs_gluon", lambda dev: target.arch >= 80),
-               mock.patch.object(moe, "_gluon_kernel", lambda: moe_gemm_gluon.mx_moe_gemm_gluon_kernel)]  # fmt: skip
+               mock.patch.object(moe, "_gluon_kernel", lambda: moe_gemm_gluon.mx_moe_gemm_gluon_kernel),
+               mock.patch.object(moe, "_gluon_fma_kernel",
+                                 lambda: moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel)]  # fmt: skip
     for p in patches:
         p.start()
     try:
@@ -189,7 +192,8 @@ def _compile(v: Variant, target) -> tuple[float, bytes]:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     t0 = time.perf_counter()
-    source = GluonASTSource if v.kernel == "gemm_gluon" else ASTSource  # as each kernel's own launch builds it
+    # as each kernel's own launch builds it
+    source = GluonASTSource if v.kernel in ("gemm_gluon", "gemm_gluon_fma") else ASTSource
     c = triton.compile(source(KERNELS[v.kernel], v.signature, v.constexprs, v.attrs), target=target,
                        options=v.options)  # fmt: skip
     return time.perf_counter() - t0, c.asm["cubin"]
