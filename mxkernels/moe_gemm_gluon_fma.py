@@ -194,7 +194,9 @@ def mx_moe_gemm_gluon_fma_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om
     if row >= num_valid:  # a padding row: nothing to store
         return
     expert = gl.load(block_expert_ptr + pid_m)
-    # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it (inline: see moe_gemm_gluon.py)
+    # the expert's meta row (arena.py), read as mx_moe_gemm_gluon_kernel reads it. Written out here, not a
+    # jitted helper shared with that module: tests/gluon_shim.py runs each Gluon module's own source in the
+    # interpreter, and a helper imported from the other module would stay compiled Gluon there
     meta = meta_ptr + expert * 6
     code = gl.load(meta).to(gl.int32)
     if ((CODES >> code) & 1) == 0:  # another launch's expert (a dispatch per group of codes: moe.py)
