@@ -39,6 +39,13 @@ def _lanes(width):
 
 
 @gluon.jit
+def _add(x, y):
+    # the sums' combine function, not gl.sum: that one's combine is a @triton.jit function, which under
+    # TRITON_INTERPRET (CI) becomes an interpreted one that this kernel's sm_90 compile cannot call
+    return x + y
+
+
+@gluon.jit
 def _fields(words, P: gl.constexpr, T: gl.constexpr):
     """[BN, 4, P] words of P-bit codes (32 k per lane) -> [BN, 4, 32] with code j's field at bit T,
     the bits around it left as they fall (moe_gemm._plane_fields: one shift per value and level)."""
@@ -145,7 +152,7 @@ def _product(w, wx, s, z, a, one, BITS: gl.constexpr):
     if BITS == 16:
         return dot
     else:
-        return (dot - z[:, None] * gl.sum(a, axis=2)) * s[:, None]
+        return (dot - z[:, None] * gl.reduce(a, 2, _add)) * s[:, None]
 
 
 @gluon.jit
@@ -174,7 +181,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, tok, r0, N, K, group, k_lo, 
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, one, BITS)
         w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
-    return gl.sum(acc, axis=1), gl.sum(acc2, axis=1)  # the 4 lanes of each row meet once
+    return gl.reduce(acc, 1, _add), gl.reduce(acc2, 1, _add)  # the 4 lanes of each row meet once
 
 
 @gluon.jit(do_not_specialize=["num_valid", "split", "one"])

@@ -50,7 +50,7 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     join = staticmethod(lambda *a, **k: tl.join(*a, **k))
     split = staticmethod(lambda *a, **k: tl.split(*a, **k))
     broadcast = staticmethod(lambda *a, **k: tl.broadcast(*a, **k))
-    sum = staticmethod(lambda *a, **k: tl.sum(*a, **k))
+    reduce = staticmethod(lambda *a, **k: tl.reduce(*a, **k))
     permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
     reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
 
