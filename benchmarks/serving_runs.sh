@@ -8,7 +8,9 @@
 #                                                    # also with one launch per group of codes; GLUON_FMA=1:
 #                                                    # also with the Gluon CUDA-core kernel at 1 token)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
-#                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone)
+#                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
+#                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; PLAN=FILE NAME=N:
+#                                                    # mxserve's checkpoint from that plan instead of the committed one)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
@@ -44,10 +46,11 @@ elif [ "$what" = qwen15-24 ]; then
     --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
   # MX_ONLY=1: mxserve's server alone (a check of a served-path change when device time is short; its
   # baselines then come from another run)
-  [ -n "${MX_ONLY:-}" ] || [ -f "$work/q15-gptq/config.json" ] ||
+  [ -n "${MX_ONLY:-}${FP8_ONLY:-}" ] || [ -f "$work/q15-gptq/config.json" ] ||
     $py benchmarks/gptq_copy.py --model "$m" --out "$work/q15-gptq" --device cuda
-  [ -f "$work/q15-24-3.25bit/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
-    --plan benchmarks/plans/qwen15-24l-3.25bit.json --out "$work/q15-24-3.25bit" --quiet
+  plan=${PLAN:-benchmarks/plans/qwen15-24l-3.25bit.json} name=${NAME:-3.25bit}
+  [ -f "$work/q15-24-$name/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
+    --plan "$plan" --out "$work/q15-24-$name" --quiet
   [ -z "${PREP_ONLY:-}" ] || exit 0  # the checkpoints only (while the GPU does other work), no timing
   # mxserve with one kernel launch per GEMM (the default); GROUPED=1 adds a server with one launch per
   # group of codes (about 3 min more). Every server's decode steps traced after its throughput runs
@@ -58,9 +61,10 @@ elif [ "$what" = qwen15-24 ]; then
   [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt 3.25bit-gluon-fma="$work/q15-24-3.25bit"
     --server-env mxserve-3.25bit-gluon-fma=MXSERVE_GLUON_FMA=1)
   baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
+  [ -z "${FP8_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-quant fp8)
   [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
-    --ckpt 3.25bit="$work/q15-24-3.25bit" "${grouped[@]}" --profile-steps 20 \
+    --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then

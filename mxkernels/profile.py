@@ -8,11 +8,13 @@ each in one launch and divides by ``n_experts``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mxkernels.align import route
 from mxkernels.arena import build_arena
-from mxkernels.moe import _gemm, multiprocessors, pick_tiles
+from mxkernels.moe import _as_gluon, _gemm, _gluon_decode, gluon_codes, multiprocessors, pick_tiles
 
 
 def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: int = 0) -> list:
@@ -25,25 +27,42 @@ def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: 
     ]
 
 
-def time_expert_gemm(
+def expert_gemm(
     scheme, n: int, k: int, tokens: int, n_experts: int = 8, device: str = "cuda", linears: list | None = None
-) -> float:
-    """Median seconds of one expert's [tokens, K] x [K, N] GEMM in ``scheme`` (down-GEMM path)."""
-    import triton.testing
-
-    arena = build_arena(linears or random_expert_weights(n, k, n_experts, scheme, device)).to(device)
+) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor, list]:
+    """One launch of ``n_experts`` experts' [tokens, K] x [K, N] GEMMs in ``scheme`` (down-GEMM path),
+    in the layout that serving picks for that many rows per expert (the Gluon kernel where moe_gemms
+    takes it). Returns the launch, its input [E*tokens, K] (expert-major rows), its output and the
+    experts' weights."""
+    linears = linears or random_expert_weights(n, k, n_experts, scheme, device)
+    arena = build_arena(linears).to(device)
+    dev = torch.device(device)
     e = arena.n_experts
     ids = torch.arange(e, device=device).repeat_interleave(tokens)
     rows = ids.numel()
-    tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(torch.device(device)))
+    gluon = _gluon_decode(dev, tokens, arena, arena, {})
+    tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(dev),
+                       **({"fma": False} if gluon else {}))  # fmt: skip
+    if gluon:
+        tiles = _as_gluon(tiles, tokens, k, gluon_codes(arena), {})
     sorted_ids, block_expert, npp, w = route(ids[:, None], torch.ones(rows, 1, device=device), e, e, tiles.bm)
     a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
     out = torch.empty(tiles.split, rows, n, device=device, dtype=torch.float32 if tiles.split > 1 else torch.bfloat16)
 
-    def run():
-        _gemm(a, arena, out, sorted_ids, block_expert, npp, w, rows, 1, False, tiles)
+    def run() -> None:
+        _gemm(a, arena, out, sorted_ids, block_expert, npp, w, rows, 1, False, [(arena.kernel_mask, tiles)])
 
+    return run, a, out, linears
+
+
+def time_expert_gemm(
+    scheme, n: int, k: int, tokens: int, n_experts: int = 8, device: str = "cuda", linears: list | None = None
+) -> float:
+    """Median seconds of one expert's [tokens, K] x [K, N] GEMM in ``scheme`` (expert_gemm's launch)."""
+    import triton.testing
+
+    run, *_ = expert_gemm(scheme, n, k, tokens, n_experts, device, linears)
     run()  # compile outside the graph capture
     torch.cuda.synchronize()
     ms = triton.testing.do_bench_cudagraph(run, rep=30, return_mode="median")  # no launch overhead
-    return ms * 1e-3 / e
+    return ms * 1e-3 / n_experts

@@ -23,12 +23,14 @@
 #      profile with this session's kernels; issue 10 item 4);
 #   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests;
 #   8. (only when asked: `start 8`) a short check of the seventh session's served-path changes (below).
+#   9. (only when asked: `start 9`) a plan for decode priced with this GPU's kernel profile, served (below).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=/tmp/res
 export TOKENIZER=.shr/models/refmoe-25m WORK=/tmp/w
+export PLAN_SCHEMES=bf16,w8a16,w8a8fp8,w4a16g128,w3a16g128,w2a16g128,w1a16g128  # the served plans' (no w4a4)
 SMALL="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.9"
 
 say() { echo "$(date +%T) $*" >> $res/status.txt; }
@@ -117,6 +119,32 @@ phase8() {
   pkill -f "[s]glang.launch_server"
 }
 
+phase9() {
+  # issue 10 item 4 end to end: this GPU's kernel profile of Qwen1.5's shapes at decode (alone on the
+  # GPU, beside the random model's writing), the 24-layer plan at 3.25 bits for 1-token forwards at
+  # r = 0.75, 0.5 and 0.25 priced with it, and the r = 0.5 plan served, with SGLang fp8 in the same run
+  mkdir -p $res/e2e $res/plans
+  (python3 benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json --tokenizer $TOKENIZER \
+     --out $WORK/qwen15 > $res/model.log 2>&1; say "random model rc=$?") &
+  timeout 200 python3 -m mxserve.cli profile --models qwen1.5-moe-a2.7b --tokens 1 4 16 \
+    --schemes $PLAN_SCHEMES --out $res/h200-kernel-profile-qwen15.json > $res/profile.log 2>&1
+  say "kernel profile rc=$?"
+  wait
+  PYTHONPATH=.:$PYTHONPATH python3 benchmarks/synthetic_profile.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json --layers 24 \
+    --out $res/plans/synthetic-24l.json > $res/plans/plan.log 2>&1
+  for r in 0.75 0.5 0.25; do
+    python3 -m mxserve.cli plan --profile $res/plans/synthetic-24l.json --budget 3.25bit --r $r --tokens 1 \
+      --schemes $PLAN_SCHEMES --kernel-profile $res/h200-kernel-profile-qwen15.json \
+      --out $res/plans/qwen15-24l-3.25bit-r$r-t1.json >> $res/plans/plan.log 2>&1
+  done
+  say "plans rc=$?"
+  [ -f $res/plans/qwen15-24l-3.25bit-r0.5-t1.json ] || return 1
+  FP8_ONLY=1 PLAN=$res/plans/qwen15-24l-3.25bit-r0.5-t1.json NAME=3.25bit-r0.5-t1 \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e fp8 and the decode plan rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -129,7 +157,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -206,3 +206,21 @@ def test_decode_latency_charges_the_shared_expert_every_step():
     cost = RooflineCostModel()
     (l_plan, t_plan), (l_swapped, t_swapped) = (plan_terms(prof, p, 1, cost) for p in (plan, swapped))
     assert t_swapped < t_plan and l_swapped > l_plan  # faster at decode, less accurate
+
+
+@pytest.mark.parametrize("scheme", ["w4a16g128", "w8a16", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_kernel_profile_launch_computes_each_experts_product(scheme, tokens):
+    """`mxserve profile` times the launch that serving picks for that many rows per expert; here (the
+    interpreter) it must run and compute every expert's product (it once called the kernel with an
+    outdated signature, found only on the GPU)."""
+    import torch
+
+    from mxkernels.profile import expert_gemm
+
+    n, k, e = 32, 256, 3
+    run, a, out, linears = expert_gemm(get_scheme(scheme), n, k, tokens, n_experts=e, device="cpu")
+    run()
+    got = out.float().sum(0)  # split-K partials, or the one bf16 output
+    want = torch.cat([a[i * tokens:(i + 1) * tokens].float() @ lin.dequantize().T for i, lin in enumerate(linears)])
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
