@@ -6,7 +6,8 @@
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
 #                                                    # (each server's decode steps traced; GROUPED=1: mxserve
 #                                                    # also with one launch per group of codes; GLUON_FMA=1:
-#                                                    # also with the Gluon CUDA-core kernel at 1 token)
+#                                                    # also with the Gluon CUDA-core kernel at 1 token; =packed:
+#                                                    # with its packed bf16 arithmetic)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; PLAN=FILE NAME=N:
@@ -57,9 +58,10 @@ elif [ "$what" = qwen15-24 ]; then
   grouped=()
   [ -z "${GROUPED:-}" ] || grouped=(--ckpt 3.25bit-grouped="$work/q15-24-3.25bit"
     --server-env mxserve-3.25bit-grouped=MXSERVE_DISPATCH=grouped)
-  # GLUON_FMA=1 adds a server whose 1-token GEMMs run on the Gluon CUDA-core kernel (MXSERVE_GLUON_FMA=1)
-  [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt 3.25bit-gluon-fma="$work/q15-24-3.25bit"
-    --server-env mxserve-3.25bit-gluon-fma=MXSERVE_GLUON_FMA=1)
+  # GLUON_FMA=1 (or packed) adds a server whose 1-token GEMMs run on the Gluon CUDA-core kernel
+  # (MXSERVE_GLUON_FMA=1, or =packed for its packed bf16 arithmetic)
+  [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt "$name-gluon-fma=$work/q15-24-$name"
+    --server-env "mxserve-$name-gluon-fma=MXSERVE_GLUON_FMA=$GLUON_FMA")
   baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
   [ -z "${FP8_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-quant fp8)
   [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)

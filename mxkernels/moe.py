@@ -54,6 +54,7 @@ class Tiles:
     fold_zero: bool = False  # with fma: zero points off each weight, not off the sum (moe_gemm._wonly_step)
     gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
     # its own BK, and BN 64 unless bn asks for 128); with fma: the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py)
+    packed: bool = False  # with fma and gluon: 1, 2 and 4-bit codes in packed bf16 pairs (_product_packed)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -286,7 +287,7 @@ def _gemm_gluon_fma(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert,
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, 1, GATE_UP=gate_up, CODES=codes & KERNEL_CODES, BN=BN,
-        PARTIAL=tiles.split > 1, num_warps=WARPS,
+        PARTIAL=tiles.split > 1, PACKED=tiles.packed, ASM=not INTERPRET, num_warps=WARPS,
     )  # fmt: skip
 
 
@@ -319,11 +320,13 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
 
 def _gluon_fma(dev: torch.device, gate_up: Arena, down: Arena, override: dict) -> bool:
     """Whether the CUDA-core products (one row per block) run on the Gluon CUDA-core kernel: asked with
-    MXSERVE_GLUON_FMA=1 (read per launch, as MXSERVE_DISPATCH; off by default until timed on a GPU), on
-    a GPU, for layers whose both arenas' experts it runs, unless ``override`` picks the kernel."""
+    MXSERVE_GLUON_FMA=1, or =packed for its packed bf16 arithmetic (read per launch, as MXSERVE_DISPATCH;
+    off by default: 1 timed no faster than the Triton kernel on the H200, packed not yet timed), on a
+    GPU, for layers whose both arenas' experts it runs, unless ``override`` picks the kernel."""
     from mxkernels.moe_gemm_gluon import eligible
 
-    return (os.environ.get("MXSERVE_GLUON_FMA", "0") == "1" and _runs_gluon(dev) and "gluon" not in override
+    return (os.environ.get("MXSERVE_GLUON_FMA", "0") in ("1", "packed") and _runs_gluon(dev)
+            and "gluon" not in override
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
@@ -383,7 +386,8 @@ def moe_gemms(
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
     if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
-        t_gu, t_dn = (dataclasses.replace(t, gluon=True) for t in (t_gu, t_dn))
+        packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
+        t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
 
     def launches(arena: Arena, tiles: Tiles) -> list[tuple[int, Tiles]]:

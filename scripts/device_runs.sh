@@ -24,6 +24,7 @@
 #   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests;
 #   8. (only when asked: `start 8`) a short check of the seventh session's served-path changes (below).
 #   9. (only when asked: `start 9`) a plan for decode priced with this GPU's kernel profile, served (below).
+#  10. (only when asked: `start 10`) the eighth session's packed bf16 1-token kernel: tests, layer, served.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -145,6 +146,27 @@ phase9() {
   pkill -f "[s]glang.launch_server"
 }
 
+phase10() {
+  # the Gluon CUDA-core kernel's packed bf16 arithmetic (MXSERVE_GLUON_FMA=packed, eighth session): its GPU
+  # tests beside the 24-layer checkpoint; the layer at 1 and 2 tokens with it, one launch per GEMM and one
+  # per group of codes (its 4-bit branch holds 82 registers, the served code set's 168); then served
+  # beside the default and SGLang fp8 in one run
+  mkdir -p $res/tests
+  (OMP_NUM_THREADS=4 FP8_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+   say "prep rc=$?") &
+  kernel_tests "gluon_fma or every_layout" > $res/tests/kernels_first.log 2>&1
+  wait
+  for d in single grouped; do
+    MXSERVE_DISPATCH=$d python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 --ours-only \
+      --layouts 'CUDA-core, Gluon' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+      --out $res/layer-$d > $res/layer-$d.log 2>&1
+    say "moe_layer packed, dispatch $d rc=$?"
+  done
+  FP8_ONLY=1 GLUON_FMA=packed benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e fp8, mxserve and mxserve packed rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -157,7 +179,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

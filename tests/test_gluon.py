@@ -147,6 +147,17 @@ def test_gluon_fma_kernel_arithmetic_in_the_interpreter(interpreted_gluon_fma, t
         assert e < BOUND, (key, t, split, e)
 
 
+@pytest.mark.parametrize("t, split", [(10, 3), (1, 1)])
+def test_gluon_fma_kernel_packed_arithmetic_in_the_interpreter(interpreted_gluon_fma, t, split):
+    # MXSERVE_GLUON_FMA=packed: 1, 2 and 4-bit codes in packed bf16 pairs (its PTX emulated on each half),
+    # beside codes that keep the fp32 products (bf16, 3 and 8 bits) in the same launch
+    schemes = ["w1a16g128", "w2a16g128", "w4a16g128", "w3a16g128", "w8a16", "bf16"]
+    errs = gemm_errors(schemes, t, 256, 256, 18, 1, 2, "cpu", seed=t, split=split, packed=True, **GLUON_FMA)
+    assert t == 1 or {key.split("/")[0] for key in errs} == set(schemes), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, t, split, e)
+
+
 def test_gluon_fma_kernel_rotated_inputs_and_a_model_wide_code_set(interpreted_gluon_fma):
     errs = gemm_errors(["bf16", "w4a16g128", "w3a16g128"], 3, 128, 128, 4, 1, 2, "cpu", seed=4, method="gptq-had",
                        extra_codes=(1 << 6) | (1 << 7), split=2, **GLUON_FMA)  # fmt: skip
@@ -175,7 +186,7 @@ def test_gluon_fma_kernel_is_taken_at_one_token_when_asked(interpreted_gluon_fma
     assert taken == []  # off by default: the Triton CUDA-core products
 
 
-def _sass_fma(gate_up: bool) -> str:
+def _sass_fma(gate_up: bool, codes: int = 0b111110, packed: bool = False) -> str:
     """Compiled in a fresh process without TRITON_INTERPRET: once this process has run interpreted
     kernels (the tests above), the interpreter's patches of Triton's language break a Gluon compile."""
     import sys
@@ -183,7 +194,7 @@ def _sass_fma(gate_up: bool) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-    code = f"import test_gluon; print(test_gluon._compile_sass_fma({gate_up}), end='')"
+    code = f"import test_gluon; print(test_gluon._compile_sass_fma({gate_up}, {codes}, {packed}), end='')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if "no cuobjdump" in run.stdout + run.stderr:
         pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
@@ -191,7 +202,7 @@ def _sass_fma(gate_up: bool) -> str:
     return run.stdout
 
 
-def _compile_sass_fma(gate_up: bool) -> str:
+def _compile_sass_fma(gate_up: bool, codes: int, packed: bool) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -199,14 +210,14 @@ def _compile_sass_fma(gate_up: bool) -> str:
     from mxkernels.moe_gemm_gluon_fma import WARPS, mx_moe_gemm_gluon_fma_kernel
 
     params = mx_moe_gemm_gluon_fma_kernel.arg_names
-    # the served plan's code set: w1, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b111110, "BN": 64, "PARTIAL": True}
+    # default: the served plan's code set, w1, w2, w3, w4 and w8 experts
+    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": 64, "PARTIAL": True, "PACKED": packed, "ASM": True}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}
     src = GluonASTSource(mx_moe_gemm_gluon_fma_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
     return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
-                        f"fma_{int(gate_up)}")  # fmt: skip
+                        f"fma_{int(gate_up)}_{codes}_{int(packed)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up", [True, False])
@@ -218,6 +229,19 @@ def test_gluon_fma_kernel_has_no_barrier_and_no_shared_memory(gate_up):
         assert not re.search(rf"\b{op}\b", sass), op
     assert len(re.findall(r"\bFFMA\b", sass)) >= 32 * 5 * (2 if gate_up else 1)  # a chain per code width
     assert re.search(r"\bLDG\.E\.128\b", sass), "codes or activations not loaded 16 bytes at a time"
+
+
+def test_gluon_fma_kernel_packed_cuts_the_instructions_of_a_4_bit_layer():
+    # the point of PACKED: two codes per bf16x2 fused multiply-add, so a 4-bit layer's kernel is a sixth
+    # shorter in all (its K loop a quarter: 571 -> 432 instructions for gate/up in the sm_90 SASS), still
+    # without barriers or shared memory
+    plain, packed = _sass_fma(True, 0b10000), _sass_fma(True, 0b10000, True)
+    count = lambda sass: len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass))  # noqa: E731
+    assert count(packed) < 0.9 * count(plain), (count(packed), count(plain))
+    assert len(re.findall(r"\bHFMA2\.(?:MMA\.)?BF16_V2\b", packed)) >= 64  # a tile's 64 pairs per lane
+    assert not re.search(r"\bHFMA2\b", plain)
+    for op in ("BAR", "LDS", "STS"):
+        assert not re.search(rf"\b{op}\b", packed), op
 
 
 def test_gluon_kernel_is_refused_where_it_cannot_run(interpreted_gluon, monkeypatch):

@@ -57,10 +57,12 @@ def test_gluon_kernel_real_shapes(split, bm, bn):
         assert e < 2e-2, (key, split, e)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("t, split", [(1, 1), (1, 4), (24, 3)])
-def test_gluon_fma_kernel_real_shapes(t, split):
-    # the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py, opt-in): one row per block, the schemes it runs, mixed
-    tiles = dict(swap=True, scale_after=True, fma=True, gluon=True, bm=1, prefetch=False, split=split)
+def test_gluon_fma_kernel_real_shapes(t, split, packed):
+    # the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py, opt-in): one row per block, the schemes it runs, mixed;
+    # packed: 1, 2 and 4-bit codes in bf16 pairs by fma.rn.bf16x2 (MXSERVE_GLUON_FMA=packed)
+    tiles = dict(swap=True, scale_after=True, fma=True, gluon=True, bm=1, prefetch=False, split=split, packed=packed)
     errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=9, **tiles)
     assert t == 1 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():

@@ -78,6 +78,8 @@ out["gluon"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
 # the same layer at 1 token on the Gluon CUDA-core kernel (asked for with MXSERVE_GLUON_FMA=1)
 os.environ["MXSERVE_GLUON_FMA"] = "1"
 out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
+os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmetic (inline PTX)
+out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 print(json.dumps(out))
 """
 
@@ -97,13 +99,15 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
-    for case in ("plan", "gluon", "gluon_fma"):
+    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed"):
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
-    assert "gemm_gluon_fma" in out["gluon_fma"]["kernels"] and "gemm" not in out["gluon_fma"]["kernels"]
+    for case in ("gluon_fma", "gluon_fma_packed"):
+        assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
+    assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
 
 
