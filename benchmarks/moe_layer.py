@@ -229,6 +229,13 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "CUDA-core, Gluon": {"fma": True, "gluon": True},
     # and with 1, 2 and 4-bit codes in packed bf16 pairs (fma.rn.bf16x2: a quarter fewer instructions)
     "CUDA-core, Gluon, packed bf16": {"fma": True, "gluon": True, "packed": True},
+    # the CUDA-core products with K split other ways than pick_tiles' (about WAVES programs per SM, over
+    # the shared and routed launches), and capped at 128 registers (4 programs per SM with 4 warps): where
+    # a launch's programs outnumber what the SMs hold, its last ones wait for a first wave to finish
+    **{f"CUDA-core, split {s}": {"fma": True, "prefetch": True, "split": s} for s in (1, 2, 4, 6)},
+    "CUDA-core, 128 registers": {"fma": True, "prefetch": True, "maxnreg": 128},
+    # the layout picked, with K split by waves (moe.wave_split; MXSERVE_DECODE_SPLIT=waves)
+    "split by waves": {"split_fit": "waves"},
     "MMA": {"fma": False, "gluon": False},
     "MMA, split x2": "double",
     "Gluon, BM 16": {"fma": False, "gluon": True, "maxnreg": None, "bm": 16},
@@ -401,6 +408,11 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
             )
 
 
+def _ratio(a: float, b: float, unit: str = "") -> str:
+    """a / b, or "-" where either was not timed in this run"""
+    return "-" if math.isnan(a) or math.isnan(b) else f"{a / b:.2f}{unit}"
+
+
 def markdown(results: list, meta: dict) -> str:
     lines = [
         f"Device: {meta['device']}. Ceilings measured in the same run: copy {meta['ceilings']['copy_GBps']:.0f} "
@@ -442,8 +454,9 @@ def markdown(results: list, meta: dict) -> str:
                 bf = min((sec[c] for c in ("torch bf16", "sglang bf16") if c in by), default=math.nan)
                 mx = sec["ours mixed"]
                 lines.append(
-                    f"| {t} | " + " | ".join(cell) + f" | {sec['marlin w4a16g128'] / mx:.2f}x | {bf / mx:.2f}x"
-                    f" | {sec['ours w8a8fp8'] / sec['sglang fp8 w8a8']:.2f}"
+                    f"| {t} | " + " | ".join(cell)
+                    + f" | {_ratio(sec['marlin w4a16g128'], mx, 'x')} | {_ratio(bf, mx, 'x')}"
+                    f" | {_ratio(sec['ours w8a8fp8'], sec['sglang fp8 w8a8'])}"
                     f" | {by.get('ours mixed', {}).get('GBps', math.nan):.0f}"
                     f" | {by.get('marlin w4a16g128', {}).get('GBps', math.nan):.0f} |"
                 )

@@ -7,7 +7,8 @@
 #                                                    # (each server's decode steps traced; GROUPED=1: mxserve
 #                                                    # also with one launch per group of codes; GLUON_FMA=1:
 #                                                    # also with the Gluon CUDA-core kernel at 1 token; =packed:
-#                                                    # with its packed bf16 arithmetic)
+#                                                    # with its packed bf16 arithmetic; SPLIT=waves: also
+#                                                    # with K split by waves at decode)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; PLAN=FILE NAME=N:
@@ -62,6 +63,9 @@ elif [ "$what" = qwen15-24 ]; then
   # (MXSERVE_GLUON_FMA=1, or =packed for its packed bf16 arithmetic)
   [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt "$name-gluon-fma=$work/q15-24-$name"
     --server-env "mxserve-$name-gluon-fma=MXSERVE_GLUON_FMA=$GLUON_FMA")
+  # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
+  [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
+    --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")
   baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
   [ -z "${FP8_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-quant fp8)
   [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)

@@ -86,6 +86,32 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# how decode splits K: "fill" (the default) until about WAVES programs per SM over the layer's concurrent
+# launches; "waves" the split whose programs walk the fewest K tiles one after another (waves of programs
+# times tiles per program), with CUDA-core programs capped at 128 registers as the MMA ones are, so that
+# RESIDENT fit an SM. Where programs outnumber what the SMs hold, the last ones wait for a first wave
+# (benchmarks/decode_waves.py: the served 3.25-bit plan's 1-token launches take 1.3 to 1.5 waves).
+# MXSERVE_DECODE_SPLIT picks one for every launch (read per launch, as MXSERVE_DISPATCH); split_fit= per call
+SPLIT_FITS = ("fill", "waves")
+RESIDENT = 4  # programs of 4 warps at 128 registers per SM (64K registers: sm_80 to sm_90)
+
+
+def wave_split(work: int, k_tiles: int, sms: int, resident: int = RESIDENT, most: int = 8) -> int:
+    """The split of ``k_tiles`` K tiles for ``work`` programs per split that takes the fewest K tiles in
+    sequence on ``sms`` multiprocessors of ``resident`` programs each; the smaller split on a tie (fewer
+    fp32 partial sums to add)."""
+    slots = resident * sms
+    return min(range(1, max(1, min(k_tiles, most)) + 1),
+               key=lambda s: (-(-work * s // slots) * -(-k_tiles // s), s))  # fmt: skip
+
+
+def _split_fit(asked: str | None) -> str:
+    fit = asked or os.environ.get("MXSERVE_DECODE_SPLIT") or "fill"
+    if fit not in SPLIT_FITS:
+        raise ValueError(f"decode split {fit!r} (MXSERVE_DECODE_SPLIT): one of {', '.join(SPLIT_FITS)}")
+    return fit
+
+
 def code_groups(mask: int) -> list[int]:
     """The groups of kernel codes that ``mask``'s experts launch in under the grouped dispatch."""
     groups = [mask & SHARED_LAUNCH] + [1 << c for c in range(N_CODES) if (mask & ~SHARED_LAUNCH) >> c & 1]
@@ -107,11 +133,12 @@ def expected_active(n_routed: int, n_shared: int, routed_rows: int) -> float:
 
 
 def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, codes_mask: int, sms: int,
-               **override) -> Tiles:
+               fit: str = "fill", **override) -> Tiles:
     """Tiles for ``rows`` (token, slot) rows over ``n_experts`` active experts of a GEMM with ``n``
-    output columns per program row and depth ``k`` on a GPU of ``sms`` multiprocessors. BK never
-    exceeds the smallest group of the layer, so one K tile of a grouped scheme has one scale and
-    zero per column. ``override`` replaces fields (benchmarks compare variants with it)."""
+    output columns per program row and depth ``k`` on a GPU of ``sms`` multiprocessors; ``fit``: how
+    decode splits K (SPLIT_FITS). BK never exceeds the smallest group of the layer, so one K tile of a
+    grouped scheme has one scale and zero per column. ``override`` replaces fields (benchmarks compare
+    variants with it)."""
     per_expert = rows / max(round(n_experts), 1)  # 8 experts that all get tokens: 7.9999 expected
     fma = override.get("fma", per_expert <= FMA_ROWS and override.get("swap", True))
     if fma and codes_mask != 1:
@@ -122,6 +149,8 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         split = max(1, min(-(-k // bk), 8, math.ceil(WAVES * sms / work)))
         # the next K tile's loads first: never slower on the H200 (results/moe_layer_h200.md)
         tiles = Tiles(1, 64, bk, 4, 3, split, True, True, fma=True, prefetch=True)
+        if fit == "waves":  # 128 registers: no spill for the served plans' code set (sm_90 SASS)
+            tiles = dataclasses.replace(tiles, split=wave_split(work, -(-k // bk), sms), maxnreg=128)
     elif per_expert <= DECODE_ROWS and codes_mask != 1:
         # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
         # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's
@@ -129,6 +158,8 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         bk = max(32, min(64, min_group))  # 64 beat 128 at 1 to 64 tokens (moe_layer.md)
         work = blocks * -(-n // 64)
         split = max(1, min(-(-k // bk), 8, math.ceil(WAVES * sms / work)))
+        if fit == "waves":
+            split = wave_split(int(math.ceil(work)), -(-k // bk), sms)
         # 128 registers: 4 programs per SM instead of 3, without spills (sm_90 SASS)
         tiles = Tiles(16, 64, bk, 4, 3, split, True, True, 128)
     elif per_expert <= 128:
@@ -356,6 +387,7 @@ def moe_gemms(
     dispatch: str | None = None,
     shared_apart: bool | None = None,
     on_side: Callable[[], None] | None = None,
+    split_fit: str | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
@@ -365,7 +397,8 @@ def moe_gemms(
     be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``shared_apart`` gives
     the shared experts launches of their own (True) or not (False) instead of the default
     (_shared_apart); ``on_side`` is launched first, on the shared experts' stream where they have one
-    (work no output depends on: the routing counter); ``override`` replaces fields of the picked tiles."""
+    (work no output depends on: the routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT;
+    ``override`` replaces fields of the picked tiles."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
     n_experts = gate_up.n_experts
     slots = topk_ids.shape[1] + n_experts - n_routed
@@ -383,8 +416,9 @@ def moe_gemms(
     gluon = _gluon_decode(dev, per_expert, gate_up, down, override)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
         override = {"fma": False, **override}
-    t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, **override)
-    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, **override)
+    fit = _split_fit(split_fit)
+    t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, fit, **override)
+    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **override)
     if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
         packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
         t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))

@@ -14,7 +14,7 @@ import torch
 
 from mxkernels.align import route
 from mxkernels.arena import build_arena
-from mxkernels.moe import _as_gluon, _gemm, _gluon_decode, gluon_codes, multiprocessors, pick_tiles
+from mxkernels.moe import _as_gluon, _gemm, _gluon_decode, _split_fit, gluon_codes, multiprocessors, pick_tiles
 
 
 def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: int = 0) -> list:
@@ -41,7 +41,7 @@ def expert_gemm(
     ids = torch.arange(e, device=device).repeat_interleave(tokens)
     rows = ids.numel()
     gluon = _gluon_decode(dev, tokens, arena, arena, {})
-    tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(dev),
+    tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(dev), _split_fit(None),
                        **({"fma": False} if gluon else {}))  # fmt: skip
     if gluon:
         tiles = _as_gluon(tiles, tokens, k, gluon_codes(arena), {})

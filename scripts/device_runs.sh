@@ -24,7 +24,9 @@
 #   7. untimed: the SGLang GPU tests of every architecture, then all kernel GPU tests;
 #   8. (only when asked: `start 8`) a short check of the seventh session's served-path changes (below).
 #   9. (only when asked: `start 9`) a plan for decode priced with this GPU's kernel profile, served (below).
-#  10. (only when asked: `start 10`) the eighth session's packed bf16 1-token kernel: tests, layer, served.
+#  10. (only when asked: `start 10`) the eighth session's packed bf16 1-token kernel: tests, layer, served
+#      beside every baseline of issue 10.
+#  11. (only when asked: `start 11`) the 1-token layer with K split other ways and 128 registers (waves).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -150,9 +152,9 @@ phase10() {
   # the Gluon CUDA-core kernel's packed bf16 arithmetic (MXSERVE_GLUON_FMA=packed, eighth session): its GPU
   # tests beside the 24-layer checkpoint; the layer at 1 and 2 tokens with it, one launch per GEMM and one
   # per group of codes (its 4-bit branch holds 82 registers, the served code set's 168); then served
-  # beside the default and SGLang fp8 in one run
+  # beside the default and all of issue 10's baselines (SGLang bf16, fp8, the GPTQ copy on Marlin) in one run
   mkdir -p $res/tests
-  (OMP_NUM_THREADS=4 FP8_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+  (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
    say "prep rc=$?") &
   kernel_tests "gluon_fma or every_layout" > $res/tests/kernels_first.log 2>&1
   wait
@@ -162,9 +164,24 @@ phase10() {
       --out $res/layer-$d > $res/layer-$d.log 2>&1
     say "moe_layer packed, dispatch $d rc=$?"
   done
-  FP8_ONLY=1 GLUON_FMA=packed benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
-  say "e2e fp8, mxserve and mxserve packed rc=$?"
+  GLUON_FMA=packed benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e bf16, fp8, GPTQ on Marlin, mxserve and mxserve packed rc=$?"
   pkill -f "[s]glang.launch_server"
+}
+
+phase11() {
+  # what bounds the 1-token layer (ninth session): neither bytes (w1 = w2 = w4) nor instructions (packed:
+  # a quarter fewer, same time) do. benchmarks/decode_waves.py counts more programs in a 1-token launch
+  # than the SMs hold at once. The served tiers' layer and the 3.31-bit one with K split 1, 2, 4 and 6
+  # ways and capped at 128 registers, and split by waves (MXSERVE_DECODE_SPLIT=waves), beside pick_tiles'
+  # split and the packed kernel, in one run (~3 min)
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 2 --ours-only \
+    --layouts 'CUDA-core, (split|128|Gluon, packed)|waves' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+    --out $res/waves > $res/waves.log 2>&1
+  say "moe_layer split and register sweep rc=$?"
+  # then the GPU tests of the ninth session's changes (the alignment's tight capacity, K split by waves)
+  mkdir -p $res/tests
+  kernel_tests "all_schemes or every_layout or padded_slots or second_stream" > $res/tests/kernels_s9.log 2>&1
 }
 
 phase7() {
@@ -179,7 +196,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

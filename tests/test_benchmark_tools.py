@@ -314,3 +314,14 @@ def test_batch_routing_counts_the_experts_a_decode_batch_reaches(tiny_models, ar
     # the batch's distinct experts per layer and step: the union over its prompts
     hand = [[[{0, 1}], [{2, 3}]], [[{1, 2}], [{2, 3}]]]  # 2 prompts, 2 steps, 1 layer
     assert batch_routing.spread(hand) == {"batch": 2, "steps": 2, "distinct_experts_per_layer": [2.5], "mean": 2.5}
+
+
+def test_decode_waves_counts_programs_per_multiprocessor_as_the_profiler_does():
+    from decode_waves import resident
+
+    # Nsight Compute's block limits on the H200 (results/ncu-qwen15-1tok-cudacore-h200.txt): 112 registers
+    # x 128 threads -> 4 blocks per SM, 56 -> 9; and the served plan's gate/up kernel at 168 -> 3
+    assert resident(112, 1536, 4) == 4 and resident(56, 1536, 4) == 9 and resident(168, 1536, 4) == 3
+    assert resident(128, 0, 4) == 4 and resident(80, 0, 4) == 6
+    assert resident(32, 0, 4) == 16  # 64 warps per SM
+    assert resident(32, 100_000, 4) == 2  # shared memory: 228 KB per SM, 1 KB reserved per block

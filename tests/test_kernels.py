@@ -36,8 +36,10 @@ def test_gemms_all_schemes_mixed(t, h, i, n_exp, n_shared, k):
 # GPU tests run it, and its two halves are here as fma (no prefetch) and fma-prefetch (split)
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "fma-split"])
 def test_gemms_every_layout_every_scheme(layout):
-    # 18 routed experts, of which the skewed routing feeds the first 9: every scheme gets rows
-    errs = gemm_errors(ALL, 24, 128, 128, 18, 1, 2, "cpu", seed=11, **LAYOUTS[layout])
+    # 18 routed experts, of which the skewed routing feeds the first 9: every scheme gets rows. The
+    # CUDA-core layouts run a program per row: 12 tokens keep the interpreter's time (24 took twice it)
+    t = 12 if LAYOUTS[layout].get("fma") else 24
+    errs = gemm_errors(ALL, t, 128, 128, 18, 1, 2, "cpu", seed=11, **LAYOUTS[layout])
     assert {key.split("/")[0] for key in errs} == set(ALL), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
@@ -55,6 +57,35 @@ def test_decode_launch_splits_k_when_few_experts_are_active():
     assert pick_tiles(8, 8, 128, 1408, 2048, 0b1, 132).split == 1  # all-bf16 keeps SGLang's rounding
     prefill = pick_tiles(4096, 60, 128, 1408, 2048, 0b10000, 132)
     assert not prefill.swap and prefill.split == 1
+
+
+def test_decode_split_by_waves_fits_the_programs_to_the_multiprocessors(monkeypatch):
+    from mxkernels.moe import RESIDENT, _split_fit, pick_tiles, wave_split
+
+    # Qwen1.5's down GEMM at 1 token (4 routed + 4 shared rows, 32 column tiles, 11 K tiles) on an H100:
+    # split 3 ("fill") makes 768 programs, 1.45 waves of 4 per SM, 8 tiles in sequence; split 2 makes 512,
+    # one wave, 6 tiles
+    fill = pick_tiles(8, 8, 128, 2048, 1408, 0b111110, 132)
+    waves = pick_tiles(8, 8, 128, 2048, 1408, 0b111110, 132, "waves")
+    assert (fill.split, waves.split) == (3, 2) and waves.fma and waves.maxnreg == 128
+    assert 8 * 32 * waves.split <= RESIDENT * 132 < 8 * 32 * fill.split
+    gate_up = pick_tiles(8, 8, 128, 1408, 2048, 0b111110, 132, "waves")  # 176 x 3 programs: one wave
+    assert gate_up.split == 3 and gate_up.maxnreg == 128
+    assert wave_split(200, 16, 132) == 2  # one wave of 8 tiles; fill's 3 takes 2 waves of 6, 4 ties at 2 x 4
+    assert wave_split(10, 1, 132) == 1 and wave_split(10, 40, 132) == 8  # at most 8 splits
+    assert pick_tiles(4096, 60, 128, 1408, 2048, 0b10000, 132, "waves").split == 1  # prefill: no split
+    monkeypatch.setenv("MXSERVE_DECODE_SPLIT", "most")
+    with pytest.raises(ValueError, match="MXSERVE_DECODE_SPLIT"):
+        _split_fit(None)
+
+
+def test_decode_split_by_waves_computes_what_the_reference_computes():
+    # the CUDA-core (1 token) and MMA decode (6 tokens) layouts with K split by waves: every scheme mixed
+    for t in (1, 6):
+        errs = gemm_errors(["w4a16g128", "w3a16g128", "w8a16", "bf16"], t, 256, 128, 8, 2, 2, "cpu", seed=t,
+                           split_fit="waves")  # fmt: skip
+        for key, e in errs.items():
+            assert e < BOUND, (t, key, e)
 
 
 def test_gemms_non_multiple_shapes_small_groups():
@@ -116,8 +147,9 @@ def test_grouped_dispatch_computes_what_one_launch_computes(layout):
 
     gen = torch.Generator().manual_seed(4)
     experts = make_experts(ALL, 128, 128, 18, 1, "rtn", gen, "cpu")
-    x = torch.randn(9, 128, generator=gen).to(torch.bfloat16)
-    ids, w = route(9, 18, 2, gen)
+    t = 5 if layout.startswith("fma") else 9  # a program per row on CUDA cores: fewer in the interpreter
+    x = torch.randn(t, 128, generator=gen).to(torch.bfloat16)
+    ids, w = route(t, 18, 2, gen)
     gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
     one, grouped = (moe_gemms(x, ids, w, gu, dn, 18, poison=True, dispatch=d, **LAYOUTS[layout])
                     for d in ("single", "grouped"))  # fmt: skip
@@ -170,6 +202,19 @@ def test_alignment_kernel_places_every_row_once(t, k, routed, shared, bm):
     assert torch.equal(w, w_ref.reshape(-1))
 
 
+def test_alignment_capacity_pads_only_the_experts_that_can_get_rows():
+    # 2 tokens of top-4 over 60 experts in blocks of 8: at most 8 experts get rows, so 8 blocks, not 54
+    # (each block is a program per N tile of the GEMM). The worst case, every row its own expert, fills
+    # them exactly
+    from mxkernels.align import capacity, route
+
+    assert capacity(8, 60, 8) == 64 and capacity(320, 60, 16) == 1232  # 320 + 60 * 15, to a whole block
+    topk_ids = torch.arange(8, dtype=torch.int32).view(2, 4)
+    sorted_ids, block_expert, npp, _ = route(topk_ids, torch.rand(2, 4), 60, 60, 8, shared=False)
+    assert block_expert.numel() == 8 and npp.item() == 64
+    _check_alignment(sorted_ids, block_expert, npp, topk_ids.reshape(-1).long(), 8)
+
+
 @pytest.mark.parametrize("t,k,routed,shared,bm", [(9, 2, 6, 2, 4), (5, 4, 60, 4, 16), (1, 4, 60, 4, 1)])
 def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, bm):
     # the routed rows by the alignment kernel alone, the shared ones by shared_rows (another stream at
@@ -198,7 +243,7 @@ def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, b
     assert s_npp.item() == shared * -(-t // bm) * bm and s_be.numel() * bm == s_ids.numel()
 
 
-@pytest.mark.parametrize("t,layout", [(1, "fma"), (3, "fma-prefetch"), (6, "decode"), (5, "swapped")])
+@pytest.mark.parametrize("t,layout", [(1, "fma"), (2, "fma-prefetch"), (6, "decode"), (5, "swapped")])
 def test_shared_experts_apart_compute_what_one_launch_computes(t, layout):
     from kernel_cases import shared_apart_case
 

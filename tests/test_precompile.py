@@ -80,6 +80,10 @@ os.environ["MXSERVE_GLUON_FMA"] = "1"
 out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmetic (inline PTX)
 out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
+# each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token
+os.environ.pop("MXSERVE_GLUON_FMA")
+rec = record_variants(layers[:1], [1], target, 132, codes)
+out["grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 print(json.dumps(out))
 """
 
@@ -109,6 +113,11 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
+    # at 1 token the shared experts' two GEMMs, then the routed ones: a program per row (2 shared experts,
+    # top-2 routed) and per 64 columns (I = H = 256), K split alike in the two launches of a GEMM
+    grids = out["grids"]
+    assert [k for k, _ in grids] == ["gemm"] * 4, grids
+    assert [g[:2] for _, g in grids] == [[2, 4]] * 4 and grids[0][1][2] == grids[2][1][2] > 1, grids
 
 
 def test_plan_layers_per_rank():

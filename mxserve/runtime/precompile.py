@@ -86,6 +86,7 @@ class Recorder:
         self.backend = make_backend(target)
         self.specialize_all = specialize_all  # as before do_not_specialize: every integer specialized
         self.variants: dict[str, dict[str, Variant]] = defaultdict(dict)
+        self.launches: list[tuple[str, str, tuple]] = []  # (kernel, compile key, grid) of every launch, in order
 
     def _run(self, name: str, kern):
         from triton.runtime.jit import compute_cache_key, create_function_from_signature
@@ -100,6 +101,7 @@ class Recorder:
             kwargs["debug"] = kwargs.get("debug", kern.debug) or knobs.runtime.debug
             bound, spec, opts = binder(*args, **kwargs)
             key = compute_cache_key({}, spec, opts)
+            self.launches.append((name, key, tuple(grid)))
             if key not in self.variants[name]:
                 options, signature, constexprs, attrs = kern._pack_args(self.backend, kwargs, bound, spec, opts)
                 self.variants[name][key] = Variant(name, signature, constexprs, attrs, options.__dict__)
