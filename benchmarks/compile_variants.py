@@ -52,8 +52,8 @@ TARGET = GPUTarget("cuda", 90, 32)  # the H100/H200
 SMS = 132
 
 
-def usage(cubin: bytes) -> tuple[int, int] | None:
-    """(registers per thread, local-memory bytes: spills) of a cubin's kernel."""
+def usage(cubin: bytes) -> tuple[int, int, int] | None:
+    """(registers per thread, static shared-memory bytes, local-memory bytes: spills) of a cubin's kernel."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return None
@@ -61,8 +61,23 @@ def usage(cubin: bytes) -> tuple[int, int] | None:
         f.write(cubin)
         f.flush()
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def plan_views(plan: Plan, shape: dict) -> list[SimpleNamespace]:
+    """The model's MoE layers as plan_layers reads them, from ``shape`` (parse_shape's)."""
+    return [SimpleNamespace(index=lay.layer, hidden=shape["hidden"], intermediate=shape["inter"],
+                            n_routed=shape["experts"], top_k=shape["top_k"]) for lay in plan.layers]  # fmt: skip
+
+
+def write_results(out: str, stem: str, meta: dict, key: str, rows: list, md: str) -> None:
+    """OUT/STEM.json ({"meta": ..., KEY: rows}) and OUT/STEM.md."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, key: rows}, f, indent=1)
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(md)
 
 
 def compiled(rec, workers: int) -> dict:
@@ -83,7 +98,7 @@ def compiled(rec, workers: int) -> dict:
                 regs = [usage(r[1]) for v, r in mine if v.decode == (part == "decode")]
                 regs = [u for u in regs if u]
                 if regs:
-                    out[name][part] = {"max_regs": max(r for r, _ in regs), "spilling": sum(s > 0 for _, s in regs)}
+                    out[name][part] = {"max_regs": max(r for r, _, _ in regs), "spilling": sum(s > 0 for *_, s in regs)}
     return out
 
 
@@ -98,9 +113,7 @@ def main() -> None:
     a = ap.parse_args()
     plan = Plan.load(a.plan)
     name, shape = a.shape
-    views = [SimpleNamespace(index=lay.layer, hidden=shape["hidden"], intermediate=shape["inter"],
-                             n_routed=shape["experts"], top_k=shape["top_k"]) for lay in plan.layers]  # fmt: skip
-    layers = plan_layers(plan, views)
+    layers = plan_layers(plan, plan_views(plan, shape))
     rows = []
     for setting in SETTINGS:
         codes = 0 if setting == "per-layer" else plan_kernel_codes(plan)
@@ -117,12 +130,7 @@ def main() -> None:
             "workers": a.workers, "cpus": os.cpu_count(),
             "command": "python3 benchmarks/compile_variants.py " + " ".join(sys.argv[1:])}  # fmt: skip
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"compile_variants_{name}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(meta, rows))
+        write_results(a.out, f"compile_variants_{name}", meta, "rows", rows, markdown(meta, rows))
 
 
 def markdown(meta: dict, rows: list) -> str:

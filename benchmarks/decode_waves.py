@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from benchmarks.compile_variants import plan_views, write_results  # noqa: E402
+from benchmarks.compile_variants import usage as cubin_usage  # noqa: E402
 from benchmarks.moe_layer import parse_shape  # noqa: E402
 from mxserve.plan import Plan  # noqa: E402
 from mxserve.runtime.moe_layer import plan_kernel_codes  # noqa: E402
@@ -55,16 +53,10 @@ def usage(variant) -> dict:
     from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    source = GluonASTSource if variant.kernel != "gemm" else ASTSource
+    source = GluonASTSource if variant.kernel != "gemm" else ASTSource  # as the kernel's own launch builds it
     c = triton.compile(source(KERNELS[variant.kernel], variant.signature, variant.constexprs, variant.attrs),
                        target=TARGET, options=variant.options)  # fmt: skip
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(c.asm["cubin"])
-        f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res)
-    regs, static_smem, local = (int(g) for g in m.groups())
+    regs, static_smem, local = cubin_usage(c.asm["cubin"])
     warps = variant.options["num_warps"]
     smem = static_smem + c.metadata.shared
     return {"regs": regs, "spill_bytes": local, "smem": smem, "warps": warps, "resident": resident(regs, smem, warps)}
@@ -85,9 +77,8 @@ def main() -> None:
     a = ap.parse_args()
     plan = Plan.load(a.plan)
     name, shape = a.shape
-    views = [SimpleNamespace(index=lay.layer, hidden=shape["hidden"], intermediate=shape["inter"],
-                             n_routed=shape["experts"], top_k=shape["top_k"]) for lay in plan.layers]  # fmt: skip
-    layer = plan_layers(plan, views)[0]  # every layer compiles the model's code set: the same variants
+    # every layer compiles the model's code set: the first one launches what they all launch
+    layer = plan_layers(plan, plan_views(plan, shape))[0]
     codes = plan_kernel_codes(plan)
     rows, seen = [], {}
     for t in a.tokens:
@@ -108,12 +99,7 @@ def main() -> None:
     meta = {"plan": a.plan, "shape": {name: shape}, "triton": triton.__version__, "target": "sm_90", "sms": SMS,
             "command": "python3 benchmarks/decode_waves.py " + " ".join(sys.argv[1:])}  # fmt: skip
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"decode_waves_{name}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "launches": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(meta, rows))
+        write_results(a.out, f"decode_waves_{name}", meta, "launches", rows, markdown(meta, rows))
 
 
 def markdown(meta: dict, rows: list) -> str:
