@@ -22,6 +22,11 @@ import torch
 # triton.jit decorates them, i.e. before any test imports mxkernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# under pytest-xdist (the README's test command: a worker per core), torch's threads in one worker, and
+# in the servers it starts, would contend with the other worker for the same cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MXSERVE_SHARED", ROOT.parent / "shared"))  # the GPU machine gets a copy
