@@ -79,13 +79,20 @@ def test_decode_split_by_waves_fits_the_programs_to_the_multiprocessors(monkeypa
         _split_fit(None)
 
 
-def test_decode_split_by_waves_computes_what_the_reference_computes():
-    # the CUDA-core (1 token) and MMA decode (6 tokens) layouts with K split by waves: every scheme mixed
+def test_decode_split_by_waves_computes_what_the_reference_computes(monkeypatch):
+    # the CUDA-core (1 token) and MMA decode (6 tokens) layouts with K split by waves: every scheme mixed.
+    # At 6 tokens (the interpreter's 4 "SMs") waves split gate/up 4 ways and down 2 where fill leaves them whole
+    from mxkernels import moe
+
+    splits, real = [], moe.pick_tiles
+    monkeypatch.setattr(moe, "pick_tiles", lambda *a, **kw: (lambda t: splits.append(t.split) or t)(real(*a, **kw)))
     for t in (1, 6):
-        errs = gemm_errors(["w4a16g128", "w3a16g128", "w8a16", "bf16"], t, 256, 128, 8, 2, 2, "cpu", seed=t,
-                           split_fit="waves")  # fmt: skip
-        for key, e in errs.items():
-            assert e < BOUND, (t, key, e)
+        for fit in ("waves", "fill"):
+            errs = gemm_errors(["w4a16g128", "w3a16g128", "w8a16", "bf16"], t, 256, 128, 8, 2, 2, "cpu", seed=t,
+                               split_fit=fit)  # fmt: skip
+            for key, e in errs.items():
+                assert e < BOUND, (t, fit, key, e)
+    assert splits[4:] == [4, 2, 1, 1], splits  # 6 tokens: (gate/up, down) by waves, then by fill
 
 
 def test_gemms_non_multiple_shapes_small_groups():
