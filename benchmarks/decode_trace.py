@@ -69,20 +69,39 @@ def _or_none(f: Callable[[str], float], path: str) -> float | None:
         return None
 
 
-def sequence(path: str, marker: str, at: int = 10) -> list[tuple[float, float, str]]:
+def sequence(path: str, marker: str, at: int = 10) -> list[tuple[float, float, str, str]]:
     """The GPU events from the ``at``-th event whose name holds ``marker`` up to the next one:
-    (microseconds since the previous event ended, duration, name) each: e.g. one layer, between
-    two of its normalizations."""
+    (microseconds since the first one started, duration, name, "stream: grid") each: e.g. one
+    layer, between two of its normalizations; the stream shows which launches overlap."""
     gpu = _gpu(_events(path), path)
     hits = [i for i, e in enumerate(gpu) if marker in e["name"]]
     if len(hits) < at + 2:
         raise ValueError(f"{path}: fewer than {at + 2} events named like {marker!r}")
-    out, end = [], None
-    for e in gpu[hits[at] : hits[at + 1] + 1]:
-        ts, dur = float(e["ts"]), float(e["dur"])
-        out.append((0.0 if end is None else round(ts - end, 2), round(dur, 2), e["name"]))
-        end = ts + dur
-    return out
+    t0 = float(gpu[hits[at]]["ts"])
+    return [(round(float(e["ts"]) - t0, 1), round(float(e["dur"]), 1), e["name"], _where(e))
+            for e in gpu[hits[at] : hits[at + 1] + 1]]  # fmt: skip
+
+
+def _where(e: dict) -> str:
+    args = e.get("args", {})
+    return f"{args.get('stream', e.get('tid', '?'))}: {args.get('grid', '-')}"
+
+
+def launches(path: str, marker: str, steps: int) -> list[dict]:
+    """Per distinct launch of the kernels named like ``marker`` (name, grid, registers per thread):
+    launches per step and microseconds each (mean, min, max): which launch of a layer takes the time."""
+    by: dict[tuple, list[float]] = {}
+    for e in _gpu(_events(path), path):
+        if marker in e["name"]:
+            args = e.get("args", {})
+            key = (e["name"], str(args.get("grid", "-")), args.get("registers per thread", "-"))
+            by.setdefault(key, []).append(float(e["dur"]))
+    if not by:
+        raise ValueError(f"{path}: no GPU event named like {marker!r}")
+    rows = [{"kernel": k[0], "grid": k[1], "registers": k[2], "per_step": round(len(d) / steps, 2),
+             "mean_us": round(sum(d) / len(d), 1), "min_us": round(min(d), 1), "max_us": round(max(d), 1)}
+            for k, d in by.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["mean_us"] * r["per_step"])
 
 
 def _median(xs: list[float]) -> float:
@@ -190,6 +209,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="decode steps traced, where the trace has no graph launches")
     ap.add_argument("--sequence", metavar="MARKER", help="list the events between two events named like MARKER")
     ap.add_argument("--at", type=int, default=10, help="which MARKER event to start from (default 10)")
+    ap.add_argument("--launches", metavar="MARKER",
+                    help="per distinct launch (grid, registers) of the kernels named like MARKER: time each")
     ap.add_argument("--span", nargs=2, metavar=("START", "END"),
                     help="the median decode step (between CUDA-graph launches) and the median time from each "
                          "event named like START to the end of the next one named like END")  # fmt: skip
@@ -199,9 +220,15 @@ def main() -> None:
         print(f"decode step {step_period(a.trace):.1f} us (median between graph launches); "
               f"{a.span[0]} .. {a.span[1]}: {us:.1f} us (median of {n})")
     elif a.sequence:
-        print("| gap us | us | kernel |\n|---:|---:|---|")
-        for gap, dur, name in sequence(a.trace, a.sequence, a.at):
-            print(f"| {gap} | {dur} | `{name[:90]}` |")
+        print("| starts at us | us | kernel | stream: grid |\n|---:|---:|---|---|")
+        for at, dur, name, where in sequence(a.trace, a.sequence, a.at):
+            print(f"| {at} | {dur} | `{name[:70]}` | {where} |")
+    elif a.launches:
+        print("| kernel | grid | registers | per step | us each (mean) | min | max |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in launches(a.trace, a.launches, a.steps):
+            print(f"| `{r['kernel'][:60]}` | {r['grid']} | {r['registers']} | {r['per_step']} | {r['mean_us']} "
+                  f"| {r['min_us']} | {r['max_us']} |")
     else:
         s = summarize(a.trace, a.steps)
         print("\n".join(markdown(os.path.basename(a.trace), {"concurrency": "?", **s}, rows=25)))

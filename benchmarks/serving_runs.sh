@@ -8,10 +8,12 @@
 #                                                    # also with one launch per group of codes; GLUON_FMA=1:
 #                                                    # also with the Gluon CUDA-core kernel at 1 token; =packed:
 #                                                    # with its packed bf16 arithmetic; SPLIT=waves: also
-#                                                    # with K split by waves at decode)
+#                                                    # with K split by waves at decode; EARLY=1: also with
+#                                                    # the shared experts launched before the router)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
-#                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; PLAN=FILE NAME=N:
+#                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
+#                                                    # GPTQ copy the only one; NO_BF16=1: no bf16; PLAN=FILE NAME=N:
 #                                                    # mxserve's checkpoint from that plan instead of the committed one)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
@@ -63,12 +65,18 @@ elif [ "$what" = qwen15-24 ]; then
   # (MXSERVE_GLUON_FMA=1, or =packed for its packed bf16 arithmetic)
   [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt "$name-gluon-fma=$work/q15-24-$name"
     --server-env "mxserve-$name-gluon-fma=MXSERVE_GLUON_FMA=$GLUON_FMA")
+  # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
+  [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
+    --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")
   baselines=(--sglang-quant fp8 --sglang-ckpt gptq-marlin="$work/q15-gptq")
   [ -z "${FP8_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-quant fp8)
   [ -z "${MX_ONLY:-}" ] || baselines=(--skip-bf16)
+  [ -z "${NO_BF16:-}" ] || baselines=(--skip-bf16 "${baselines[@]}")  # NO_BF16=1: plain SGLang bf16 left out
+  # MX_GPTQ=1: the GPTQ copy on Marlin the only baseline
+  [ -z "${MX_GPTQ:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin="$work/q15-gptq")
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
     --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \

@@ -376,35 +376,38 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
                                maxnreg=override.get("maxnreg"))
 
 
-def moe_gemms(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: Arena,
-    down: Arena,
-    n_routed: int,
-    poison: bool = False,
-    dispatch: str | None = None,
-    shared_apart: bool | None = None,
-    on_side: Callable[[], None] | None = None,
-    split_fit: str | None = None,
-    **override,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
-    every token). Returns the intermediate [T*slots, I] bf16 and the weighted expert outputs
-    [S, T*slots, H], row = token*slots + slot: S = 1 bf16, or S fp32 partial sums over K
-    (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
-    be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``shared_apart`` gives
-    the shared experts launches of their own (True) or not (False) instead of the default
-    (_shared_apart); ``on_side`` is launched first, on the shared experts' stream where they have one
-    (work no output depends on: the routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT;
-    ``override`` replaces fields of the picked tiles."""
+@dataclass
+class _Layout:
+    """One forward's launches: the tiles of both GEMMs, the buffers they write, and whether the shared
+    experts launch apart (``experts`` enqueues both GEMMs for a set of rows)."""
+
+    x: torch.Tensor
+    gate_up: Arena
+    down: Arena
+    n_routed: int
+    top_k: int
+    rows: int
+    slots: int
+    bm: int
+    apart: bool
+    experts: Callable[..., None]
+    inter: torch.Tensor
+    out: torch.Tensor
+    w: torch.Tensor  # the rows' routing weights, which the alignment fills
+    options: tuple
+
+
+def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool,
+            dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict) -> _Layout:
+    """The launches of a forward of ``x`` [T, H] with ``top_k`` routed experts per token (moe_gemms):
+    everything but the routing itself, so the shared experts can launch before the top-k exists."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
+    options = (poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items())))
     n_experts = gate_up.n_experts
-    slots = topk_ids.shape[1] + n_experts - n_routed
-    rows = topk_ids.shape[0] * slots
+    slots = top_k + n_experts - n_routed
+    rows = x.shape[0] * slots
     dev = x.device
-    active = expected_active(n_routed, n_experts - n_routed, topk_ids.numel())
+    active = expected_active(n_routed, n_experts - n_routed, x.shape[0] * top_k)
     min_group = min(gate_up.min_group, down.min_group)
     codes = gate_up.codes_mask | down.codes_mask
     sms = multiprocessors(dev)
@@ -435,8 +438,7 @@ def moe_gemms(
 
     l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
-    k = topk_ids.shape[1]
-    apart = _shared_apart(slots - k, rows, per_expert, shared_apart)
+    apart = _shared_apart(slots - top_k, rows, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
     out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
@@ -452,26 +454,117 @@ def moe_gemms(
             )
         _gemm(inter, down, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
 
-    if not apart:
-        if on_side is not None:
-            on_side()
-        experts(*route(topk_ids, topk_weights, n_experts, n_routed, bm, w=w)[:3], 0, slots)
-        return inter, out
-    # the shared experts need no routing: their launches go first, on a second stream where there is
-    # one, beside the alignment and the routed experts' launches (SGLang runs its shared MLP so too);
-    # the two write disjoint rows of the same buffers
-    main = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-    side = _side_stream(dev) if main is not None else None
+    return _Layout(x, gate_up, down, n_routed, top_k, rows, slots, bm, apart, experts, inter, out, w, options)
+
+
+def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
+    """The current stream and the shared experts' own one (None, None off a GPU)."""
+    if dev.type != "cuda":
+        return None, None
+    return torch.cuda.current_stream(dev), _side_stream(dev)
+
+
+def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
+    """The shared experts' launches (no routing needed) on a second stream where there is one, after
+    ``on_side``; the routed experts' launches write the other rows of the same buffers."""
+    main, side = _streams(lay.x.device)
     if side is not None:
         side.wait_stream(main)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         if on_side is not None:
             on_side()
-        experts(*shared_rows(topk_ids.shape[0], k, n_experts, n_routed, bm, w), k, slots - k)
-    experts(*route(topk_ids, topk_weights, n_experts, n_routed, bm, shared=False, w=w)[:3], 0, k)
+        ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.bm, lay.w)
+        lay.experts(*ids, lay.top_k, lay.slots - lay.top_k)
+
+
+@dataclass
+class SharedStart:
+    """A forward's shared experts, launched before its top-k exists (:func:`start_shared`); the forward's
+    :func:`moe_gemms` takes it (``started=``) and launches the routed experts into the same buffers."""
+
+    layout: _Layout
+    taken: bool = False  # set by the forward that launched the routed experts into its buffers
+
+    def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
+        """Whether it was started for this forward: the same input memory, routing width, arenas
+        (no swap in between) and launch options."""
+        lay = self.layout
+        return (lay.x.data_ptr() == x.data_ptr() and lay.x.shape == x.shape and lay.x.stride() == x.stride()
+                and lay.x.dtype == x.dtype and lay.top_k == top_k and lay.gate_up is gate_up and lay.down is down
+                and lay.options == options)  # fmt: skip
+
+
+def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
+                 dispatch: str | None = None, shared_apart: bool | None = None, split_fit: str | None = None,
+                 **override) -> SharedStart | None:  # fmt: skip
+    """Launch the shared experts of a forward of ``x`` [T, H] now, before the router's top-k (its
+    ``top_k`` routed experts per token) exists, on their own stream: they then run beside the router
+    (SGLang runs its own shared MLP so). None where the shared experts do not launch apart (no shared
+    experts, or not decode): the forward launches everything. Pass the result to the forward's
+    :func:`moe_gemms` (or :func:`mx_moe_forward`) as ``started``."""
+    n_shared, t = gate_up.n_experts - n_routed, x.shape[0]
+    rows = t * (top_k + n_shared)
+    per_expert = rows / max(round(expected_active(n_routed, n_shared, t * top_k)), 1)  # as _layout's
+    if t == 0 or not _shared_apart(n_shared, rows, per_expert, shared_apart):
+        return None  # before any buffer is allocated: prefill passes come here too
+    x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
+    lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
+    _shared_experts(lay, None)
+    return SharedStart(lay)
+
+
+def moe_gemms(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: Arena,
+    down: Arena,
+    n_routed: int,
+    poison: bool = False,
+    dispatch: str | None = None,
+    shared_apart: bool | None = None,
+    on_side: Callable[[], None] | None = None,
+    split_fit: str | None = None,
+    started: SharedStart | None = None,
+    **override,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
+    every token). Returns the intermediate [T*slots, I] bf16 and the weighted expert outputs
+    [S, T*slots, H], row = token*slots + slot: S = 1 bf16, or S fp32 partial sums over K
+    (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
+    be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``shared_apart`` gives
+    the shared experts launches of their own (True) or not (False) instead of the default
+    (_shared_apart); ``on_side`` is launched first, on the shared experts' stream where they have one
+    (work no output depends on: the routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT;
+    ``started``: the shared experts launched already (:func:`start_shared`), used where it was started
+    for this forward, else ignored; ``override`` replaces fields of the picked tiles."""
+    k = topk_ids.shape[1]
+    options = (poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items())))
+    early = started is not None and started.fits(x, k, gate_up, down, options)
+    if early:
+        started.taken = True
+    lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
+                                               split_fit, override)  # fmt: skip
+    n_experts = gate_up.n_experts
+    if not lay.apart:
+        if on_side is not None:
+            on_side()
+        lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3], 0, lay.slots)
+        return lay.inter, lay.out
+    main, side = _streams(x.device)
+    if not early:
+        # the shared experts need no routing: their launches go first, on a second stream where there
+        # is one, beside the alignment and the routed experts' launches (SGLang runs its shared MLP so too)
+        _shared_experts(lay, on_side)
+    elif on_side is not None:  # the shared experts run already: the routing counter joins their stream
+        if side is not None:
+            side.wait_stream(main)  # after the top-k
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            on_side()
+    lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
     if side is not None:
         main.wait_stream(side)
-    return inter, out
+    return lay.inter, lay.out
 
 
 # MXSERVE_SHARED_STREAM=0 keeps the shared experts in the routed experts' launches at decode

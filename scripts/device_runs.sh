@@ -27,6 +27,10 @@
 #  10. (only when asked: `start 10`) the eighth session's packed bf16 1-token kernel: tests, layer, served
 #      beside every baseline of issue 10.
 #  11. (only when asked: `start 11`) the 1-token layer with K split other ways and 128 registers (waves).
+#  12. (only when asked: `start 12`) end to end in one call: checkpoints, SGLang fp8, mxserve (also split by
+#      waves) and the GPTQ copy on Marlin.
+#  13. (only when asked: `start 13`) the shared experts launched early (MXSERVE_SHARED_EARLY=1): GPU tests,
+#      then end to end beside the default and the GPTQ copy on Marlin.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -179,9 +183,46 @@ phase11() {
     --layouts 'CUDA-core, (split|128|Gluon, packed)|waves' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
     --out $res/waves > $res/waves.log 2>&1
   say "moe_layer split and register sweep rc=$?"
+  # the tight capacity from 8 tokens on (the picked layout and split by waves, beside Marlin)
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 8 16 64 --ours-only --layouts 'waves' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/capacity > $res/capacity.log 2>&1
+  say "moe_layer 8 to 64 tokens rc=$?"
   # then the GPU tests of the ninth session's changes (the alignment's tight capacity, K split by waves)
   mkdir -p $res/tests
   kernel_tests "all_schemes or every_layout or padded_slots or second_stream" > $res/tests/kernels_s9.log 2>&1
+}
+
+phase12() {
+  # issue 10's end-to-end run in one call that stands alone (~9 min): the checkpoints (2 min), then SGLang fp8,
+  # mxserve, mxserve with K split by waves and the GPTQ copy on Marlin (bf16 left out: measured at 345-347
+  # tokens/s at concurrency 1 in four sessions, below fp8). Decode graphs to batch 32 and prefill graphs to
+  # 512 tokens, the most this run sends, for every server alike: the default captures to 256 and 8192 (55 s)
+  OMP_NUM_THREADS=8 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+  say "prep rc=$?"
+  NO_BF16=1 SPLIT=waves SGLANG_ARGS="${SMALL/0.9/0.6} --cuda-graph-max-bs-decode 32 --cuda-graph-max-bs-prefill 512" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e fp8, mxserve, mxserve split by waves, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
+phase13() {
+  # the tenth session's change (MXSERVE_SHARED_EARLY=1: the shared experts launch as their MoE block starts,
+  # beside the router; the traces showed them waiting behind it): its GPU tests (the kernels' case, then
+  # SGLang serving the same text with it on Qwen2-MoE and DeepSeek-V2; ~5 min), then end to end in one run
+  # against the default and the GPTQ copy on Marlin (checkpoints 2.5 min, three servers ~8 min: two calls)
+  mkdir -p $res/tests
+  (OMP_NUM_THREADS=8 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+   say "prep rc=$?") &
+  kernel_tests "second_stream" > $res/tests/kernels_s10.log 2>&1
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k launched_early --basetemp=/tmp/pt_e -rA -p no:cacheprovider > $res/tests/sglang_early.log 2>&1
+  say "sglang early tests rc=$?"
+  wait
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="${SMALL/0.9/0.6} --cuda-graph-max-bs-decode 32 --cuda-graph-max-bs-prefill 512" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve, mxserve shared early, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
 }
 
 phase7() {
@@ -196,7 +237,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -223,11 +223,14 @@ def check_padded_slots_and_shared_gate(device: str) -> None:
     assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()
 
 
-def shared_apart_case(device: str, t: int, graph: bool = False, **tiles) -> None:
+def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = False, **tiles) -> None:
     """The shared experts in launches of their own (a second stream on a GPU) compute, bit for bit, what
     the one launch of routed and shared experts computes, every output element written (poisoned
     first); with ``graph`` the layer is captured in a CUDA graph and replayed on new inputs. The routing
-    counter launched beside them (``on_side``) counts every pass."""
+    counter launched beside them (``on_side``) counts every pass. ``early``: the shared experts are
+    launched before the top-k exists (start_shared, as the SGLang plugin's hook on the MoE block does), and
+    the forward runs the routed experts into that start's buffers."""
+    from mxkernels.moe import start_shared
     from router_stats import ExpertCounter
 
     counter, want = ExpertCounter(8).to(device), ExpertCounter(8)
@@ -240,10 +243,17 @@ def shared_apart_case(device: str, t: int, graph: bool = False, **tiles) -> None
         ids[-1, -1] = -1  # a padded slot: routes nowhere
         return torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device), ids.to(device), w.to(device)
 
+    def apart_launches(x, ids, w, poison):
+        started = start_shared(x, ids.shape[1], gu, dn, 8, poison=poison, shared_apart=True, **tiles) if early else None
+        out = moe_gemms(x, ids, w, gu, dn, 8, poison=poison, shared_apart=True, on_side=lambda: counter.record(ids),
+                        started=started, **tiles)  # fmt: skip
+        if early:  # the forward took the start: its buffers, which the shared experts wrote
+            assert out[0] is started.layout.inter and out[1] is started.layout.out
+        return out
+
     def both(x, ids, w):
         want.record(ids.cpu())
-        apart = moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=True, on_side=lambda: counter.record(ids),
-                          **tiles)  # fmt: skip
+        apart = apart_launches(x, ids, w, True)
         one = moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=False, **tiles)
         return apart, one
 
@@ -252,8 +262,7 @@ def shared_apart_case(device: str, t: int, graph: bool = False, **tiles) -> None
     if graph:  # captured once, replayed on the next inputs copied into the captured ones
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            captured = moe_gemms(x, ids, w, gu, dn, 8, shared_apart=True, on_side=lambda: counter.record(ids),
-                                 **tiles)  # fmt: skip
+            captured = apart_launches(x, ids, w, False)
         for _ in range(2):
             nx, nids, nw = draw()
             x.copy_(nx), ids.copy_(nids), w.copy_(nw)

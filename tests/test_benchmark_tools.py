@@ -228,9 +228,32 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     (tmp_path / "graphs.json").write_text(json.dumps({"traceEvents": events + launches}))
     assert decode_trace.summarize(str(tmp_path / "graphs.json"), 5)["busy_us_per_step"] == 15.0
     assert s["step_us"] is None and "median between" not in md  # no launches, no step period
-    # one "layer": the events from a marker up to the next one, with the gaps between them
-    layer = [(0.0, 10.0, "gemm"), (2.0, 2.0, "small"), (1.0, 3.0, "Memcpy DtoH"), (82.0, 10.0, "gemm")]
+    # one "layer": the events from a marker up to the next one, each with its start from the first
+    layer = [(0.0, 10.0, "gemm", "?: -"), (12.0, 2.0, "small", "?: -"), (15.0, 3.0, "Memcpy DtoH", "?: -"),
+             (100.0, 10.0, "gemm", "?: -")]  # fmt: skip
     assert decode_trace.sequence(str(path), "gemm", 0) == layer
+
+
+def test_decode_trace_times_each_distinct_launch_of_a_kernel(tmp_path: Path):
+    import json
+
+    import decode_trace
+
+    def ev(grid, dur, regs=128, stream=7):
+        return {"ph": "X", "cat": "kernel", "name": "mx_gemm", "ts": 0, "dur": dur,
+                "args": {"grid": grid, "registers per thread": regs, "stream": stream}}  # fmt: skip
+
+    # two steps; per step a routed launch (32 programs x 22, 40 us) and a shared one (4 x 22, 10 us)
+    events = [ev([32, 22, 1], 40), ev([4, 22, 1], 10), ev([32, 22, 1], 44), ev([4, 22, 1], 12, stream=9),
+              {"ph": "X", "cat": "kernel", "name": "other", "ts": 0, "dur": 99}]  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    rows = decode_trace.launches(str(tmp_path / "t.json"), "mx_gemm", 2)
+    assert [(r["grid"], r["per_step"], r["mean_us"], r["min_us"], r["max_us"]) for r in rows] == [
+        ("[32, 22, 1]", 1.0, 42.0, 40.0, 44.0), ("[4, 22, 1]", 1.0, 11.0, 10.0, 12.0)]
+    assert rows[0]["registers"] == 128
+    assert decode_trace.sequence(str(tmp_path / "t.json"), "mx_gemm", 0)[0][3] == "7: [32, 22, 1]"
+    with pytest.raises(ValueError, match="no GPU event named like 'nothing'"):
+        decode_trace.launches(str(tmp_path / "t.json"), "nothing", 1)
 
 
 def test_decode_trace_times_steps_from_graph_launches_and_spans_between_kernels(tmp_path: Path):

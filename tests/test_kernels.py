@@ -250,11 +250,39 @@ def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, b
     assert s_npp.item() == shared * -(-t // bm) * bm and s_be.numel() * bm == s_ids.numel()
 
 
-@pytest.mark.parametrize("t,layout", [(1, "fma"), (2, "fma-prefetch"), (6, "decode"), (5, "swapped")])
-def test_shared_experts_apart_compute_what_one_launch_computes(t, layout):
+@pytest.mark.parametrize("t,layout,early", [(1, "fma", False), (2, "fma-prefetch", False), (6, "decode", False),
+                                             (5, "swapped", False), (1, "fma", True), (6, "decode", True)])  # fmt: skip
+def test_shared_experts_apart_compute_what_one_launch_computes(t, layout, early):
     from kernel_cases import shared_apart_case
 
-    shared_apart_case("cpu", t, **LAYOUTS[layout])
+    shared_apart_case("cpu", t, early=early, **LAYOUTS[layout])
+
+
+def test_a_shared_start_of_another_forward_is_not_taken():
+    """A start for other input memory, routing width or launch options (or before a swap: other arenas)
+    is ignored: the forward launches everything itself and computes its own input's result."""
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import moe_gemms, start_shared
+
+    gen = torch.Generator().manual_seed(3)
+    experts = make_experts(["w4a16g128", "w2a16g128"], 256, 128, 6, 2, "rtn", gen, "cpu")
+    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    ids, w = route(2, 6, 2, gen, skew=False)
+    x, other = (torch.randn(2, 256, generator=gen).to(torch.bfloat16) for _ in range(2))
+    want = moe_gemms(x, ids, w, gu, dn, 6, shared_apart=False)
+    for started in (start_shared(other, 2, gu, dn, 6, shared_apart=True),  # another input
+                    start_shared(x, 3, gu, dn, 6, shared_apart=True),  # another top-k
+                    start_shared(x, 2, gu, dn, 6, shared_apart=True, split_fit="waves")):  # other options
+        got = moe_gemms(x, ids, w, gu, dn, 6, shared_apart=True, started=started)
+        assert got[1] is not started.layout.out and not started.taken
+        assert torch.equal(got[1], want[1])
+    taken = start_shared(x, 2, gu, dn, 6, shared_apart=True)
+    assert moe_gemms(x, ids, w, gu, dn, 6, shared_apart=True, started=taken)[1] is taken.layout.out
+    assert taken.taken
+    # no shared experts apart (here: asked so), nothing to start
+    assert start_shared(x, 2, gu, dn, 6, shared_apart=False) is None
 
 
 @pytest.mark.parametrize("t,h,i,n_exp,n_shared,k", [(12, 128, 128, 8, 1, 2), (9, 128, 96, 6, 0, 4)])

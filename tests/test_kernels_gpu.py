@@ -119,14 +119,16 @@ def test_grouped_dispatch_real_shapes(t, names, tiles):
         assert e < 2e-2, (key, t, e)
 
 
-@pytest.mark.parametrize("t,tiles", [(1, {}), (8, {}), (8, {"gluon": False}), (16, LAYOUTS["decode"])])
+@pytest.mark.parametrize("t,tiles,early", [(1, {}, False), (8, {}, False), (8, {"gluon": False}, False),
+                                           (16, LAYOUTS["decode"], False), (1, {}, True), (8, {}, True)])  # fmt: skip
 @pytest.mark.parametrize("graph", [False, True])
-def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, graph):
+def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, early, graph):
     # the default decode picks (CUDA-core products at 1 token, the Gluon kernel at 8), the Triton MMA
-    # layout; eager, and captured in a CUDA graph (fork and join of the second stream) then replayed
+    # layout; eager, and captured in a CUDA graph (fork and join of the second stream) then replayed;
+    # early: the shared experts launched before the top-k (start_shared, MXSERVE_SHARED_EARLY)
     from kernel_cases import shared_apart_case
 
-    shared_apart_case("cuda", t, graph, **tiles)
+    shared_apart_case("cuda", t, graph, early, **tiles)
 
 
 def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda():

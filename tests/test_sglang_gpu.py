@@ -53,9 +53,10 @@ def failure_report(log_path: str, tail: int = 3000) -> str:
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], port: int, log_path: str):
-    """A server process from ``cmd``, healthy on ``port``; yields its base URL."""
-    env = dict(os.environ, MXSERVE_CACHE=os.path.join(os.path.dirname(log_path), "cache"))
+def serving(cmd: list[str], port: int, log_path: str, **env_more: str):
+    """A server process from ``cmd`` (with ``env_more`` in its environment), healthy on ``port``;
+    yields its base URL."""
+    env = dict(os.environ, MXSERVE_CACHE=os.path.join(os.path.dirname(log_path), "cache"), **env_more)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -113,6 +114,27 @@ def test_sglang_engine_serves_mixed_checkpoint(arch, tmp_path):
         urllib.request.urlopen(urllib.request.Request(base + "/flush_cache", method="POST"), timeout=30)
         again = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0, **more)
         assert again.choices[0].text == comp.choices[0].text
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
+    """MXSERVE_SHARED_EARLY=1 launches the shared experts when the MoE block is entered (before the
+    router): the same launches into the same buffers, so the same greedy text, one prompt at a time
+    (the 1-token kernels) and all at once (the Gluon kernel), CUDA graphs captured over them."""
+    src = sglang_tiny(arch, tmp_path)
+    ckpt = str(tmp_path / "ckpt")
+    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
+    port = 32000 + os.getpid() % 1000
+    texts = {}
+    for early in ("0", "1"):
+        with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"early{early}.log"),
+                     MXSERVE_SHARED_EARLY=early) as base:  # fmt: skip
+            texts[early] = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
+    assert texts["1"] == texts["0"]
+    log = open(tmp_path / "early1.log").read()
+    assert "the shared experts launch early" in log
+    # the forwards took the early launches (a forward that does not logs it: equal text would not show it)
+    assert "were not used" not in log
 
 
 PROMPTS = [

@@ -45,6 +45,7 @@ layers through the mixed-precision kernel as well (to measure that kernel).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -70,6 +71,7 @@ from mxserve.plan import LayerPlan, Plan
 from mxserve.runtime.moe_layer import MixedExperts, QuantizedExpert, plan_kernel_codes
 from router_stats import process_stats
 
+log = logging.getLogger(__name__)
 _KINDS = ("qweight", "scales", "zeros")  # what QuantizedLinear.tensors() may name
 
 
@@ -134,6 +136,29 @@ class MxMoEConfig(QuantizationConfig):
 
 
 SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwen2-MoE's is "shared_expert")
+# MXSERVE_SHARED_EARLY=1 (opt-in until timed on a GPU): the FusedMoE layers, by id, whose shared experts
+# launch when their MoE block is entered, before its router (benchmarks/README.md, tenth session's traces)
+_EARLY: dict[int, torch.nn.Module] = {}
+
+
+def _start_shared_early(layer: torch.nn.Module) -> None:
+    """Have ``layer``'s shared experts launch as soon as its MoE block is entered: on their own stream,
+    beside the router's product, its top-k and the alignment, as SGLang runs its own shared MLP. SGLang
+    creates Qwen2-MoE's router without a quantization config, so no linear method of ours runs before
+    it; a forward pre-hook on every module finds the block as the module whose ``experts`` is the layer
+    (a dict lookup per module call in eager passes; CUDA-graph replays run no hooks, and their capture
+    holds the early launches)."""
+    if not _EARLY:
+        torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block)
+        log.warning("mxserve: the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts")
+    _EARLY[id(layer)] = layer
+
+
+def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
+    layer = _EARLY.get(id(module._modules.get("experts")))
+    if layer is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
+        layer.mx.start_shared(x.reshape(-1, x.shape[-1]), layer.top_k)
 
 
 class SharedInLaunch(LinearMethodBase):
@@ -280,6 +305,8 @@ class MxMoEMethod(FusedMoEMethodBase):
                     layer.mx_gate = layer.mx_gate.reshape(-1).contiguous()  # [H], as the fused gate op takes it
         else:
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
+            if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
+                _start_shared_early(layer)
         layer.mx_loaded = {}
 
     def apply(self, layer: torch.nn.Module, dispatch_output) -> Any:

@@ -10,17 +10,20 @@ the path: the mixed-precision Triton kernels on CUDA, the torch reference
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_codes, slab_capacity
-from mxkernels.moe import mx_moe_forward
+from mxkernels.moe import mx_moe_forward, start_shared
 from mxkernels.reference import moe_reference
 from mxserve.models.adapters import MoELayerView
 from mxserve.quant.qlinear import QuantizedLinear
 from router_stats import ExpertCounter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,8 @@ class MixedExperts:
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
         self._slab: tuple | None = None  # (capacity, codes, rotation seed, min group): see fix_capacity
+        self._started = None  # the next forward's shared experts, launched already (start_shared)
+        self._missed = False  # whether a forward has not taken such a start (logged once)
 
     def forward(
         self,
@@ -71,11 +76,17 @@ class MixedExperts:
         (SGLang's mark for a padded token's slot) routes nowhere. The shared experts' sum is scaled
         by ``shared_scale`` [T, 1], or by sigmoid(x . ``shared_gate``) for a gate weight [H]
         (computed in fp32 inside the kernels' last launch on a GPU)."""
+        started, self._started = self._started, None
         if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
             gate_up, down = self.arenas(x.device)
             # the count launches beside the alignment, on the shared experts' stream at decode
-            return mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
-                                  shared_gate, on_side=lambda: self.record(topk_ids)).to(x.dtype)  # fmt: skip
+            out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
+                                 shared_gate, on_side=lambda: self.record(topk_ids), started=started)  # fmt: skip
+            if started is not None and not started.taken and not self._missed:
+                self._missed = True  # the shared experts ran twice: said once per layer
+                log.warning("layer %d: the shared experts launched early were not used (the experts' input is "
+                            "not the MoE block's); the forward launched them again", self.layer_index)  # fmt: skip
+            return out.to(x.dtype)
         self.record(topk_ids)
         if shared_gate is not None:
             shared_scale = torch.sigmoid(x.float() @ shared_gate.float().reshape(-1, 1))
@@ -91,6 +102,14 @@ class MixedExperts:
             self.n_routed,
             shared_scale,
         )
+
+    def start_shared(self, x: torch.Tensor, top_k: int) -> None:
+        """Launch the shared experts of the coming forward of ``x`` now, before the router's top-k exists
+        (on their own stream, at decode; a GPU only): they then run beside the router. The forward takes
+        them where it gets the same input (mxkernels.moe.start_shared); otherwise it launches them itself."""
+        self._started = None
+        if x.is_cuda and self.n_routed < len(self.experts_q):
+            self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""
