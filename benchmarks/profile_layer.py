@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from moe_layer import PREFILL_LAYOUT, layer_arenas, mixed_plan, routing  # noqa: E402
+from moe_layer import PREFILL_LAYOUT, layer_arenas, mixed_plan, parse_plan, routing, tiered_plan  # noqa: E402
 
 from mxkernels.moe import mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen1.5-moe-a2.7b", choices=list(MODEL_SHAPES))
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--scheme", default="mixed", help="mixed, or one scheme for every expert")
+    ap.add_argument("--plan", type=parse_plan, help="LABEL=SCHEME:WEIGHT,... popularity tiers, as moe_layer.py's "
+                    "--plan (e.g. the served plan's: served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7)")
     ap.add_argument("--layout", choices=("auto", "prefill"), default="auto")
     ap.add_argument("--uniform", action="store_true", help="uniform routing (default: skewed)")
     ap.add_argument("--loop", action="store_true", help="only run the forward 30 times (for ncu)")
@@ -45,7 +47,10 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
     dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    plan = mixed_plan(e, ne, k, not a.uniform, dev) if a.scheme == "mixed" else [a.scheme] * ne
+    if a.plan:
+        plan = tiered_plan(e, ne, k, not a.uniform, dev, a.plan[1])
+    else:
+        plan = mixed_plan(e, ne, k, not a.uniform, dev) if a.scheme == "mixed" else [a.scheme] * ne
     ag, ad, bits = layer_arenas(gu, dn, plan)
     x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
     ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
@@ -74,7 +79,8 @@ def main() -> None:
             n, t = rows.get(name, (0, 0.0))
             rows[name] = (n + 1, t + ev.device_time_total)
     total = sum(t for _, t in rows.values()) / reps
-    print(f"{a.model} T={a.tokens} {a.scheme} ({bits:.2f} bits) layout={a.layout}: {total:.1f} us of kernels per "
+    label = a.plan[0] if a.plan else a.scheme
+    print(f"{a.model} T={a.tokens} {label} ({bits:.2f} bits) layout={a.layout}: {total:.1f} us of kernels per "
           f"forward, {sum(n for n, _ in rows.values()) / reps:.0f} kernels")
     for name, (n, t) in sorted(rows.items(), key=lambda r: -r[1][1]):
         print(f"  {t / reps:8.1f} us  x{n / reps:4.1f}  {name}")

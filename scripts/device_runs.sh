@@ -31,6 +31,7 @@
 #      waves) and the GPTQ copy on Marlin.
 #  13. (only when asked: `start 13`) the shared experts launched early (MXSERVE_SHARED_EARLY=1): GPU tests,
 #      then end to end beside the default and the GPTQ copy on Marlin.
+#  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -225,6 +226,24 @@ phase13() {
   pkill -f "[s]glang.launch_server"
 }
 
+phase14() {
+  # what bounds the layer at 8 tokens (tenth session's traces: our Gluon gate/up moves about 1.7 TB/s of
+  # codes, Marlin's 2.8): ncu on the four Gluon launches of one forward of the served tiers, then on
+  # Marlin's two MoE launches at 8 tokens (~3 min)
+  command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
+  local sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
+    --section LaunchStats --section SchedulerStats"
+  # shellcheck disable=SC2086
+  ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 12 --launch-count 4 $sections python3 benchmarks/profile_layer.py \
+    --tokens 8 --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --loop > $res/ncu-gluon-8tok.txt 2>&1
+  say "ncu of the Gluon launches rc=$?"
+  # shellcheck disable=SC2086
+  ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $sections \
+    python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 8 --ours-only --layouts '^$' --out /tmp/ncu_ml \
+    > $res/ncu-marlin-8tok.txt 2>&1
+  say "ncu of Marlin's launches rc=$?"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -237,7 +256,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14);
       res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
