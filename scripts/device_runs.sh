@@ -58,9 +58,19 @@ kernel_tests() {  # [-k EXPRESSION]: tests/test_kernels_gpu.py
   say "kernel tests ${1:-all} rc=$?"
 }
 
+prep() {  # [ENV=VALUE...]: the 24-layer model and checkpoints, no serving (serving_runs.sh PREP_ONLY=1)
+  env OMP_NUM_THREADS=8 PREP_ONLY=1 "$@" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
+  say "prep rc=$?"
+}
+
+# end to end: decode graphs to batch 32 and prefill graphs to 512 tokens, the most serving_runs.sh sends,
+# for every server alike (the default captures to 256 and 8192: 55 s a server)
+LEAN_ARGS="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.6
+  --cuda-graph-max-bs-decode 32 --cuda-graph-max-bs-prefill 512"
+
 phase1() {
   mkdir -p $res/tests
-  (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1; say "prep rc=$?") &
+  prep &
   kernel_tests slab > $res/tests/kernels_first.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
@@ -112,8 +122,7 @@ phase8() {
   # points folded and on the Gluon CUDA-core kernel, in one run; then mxserve's server alone end to
   # end, as it serves by default and with MXSERVE_GLUON_FMA=1 (its baselines from an earlier run)
   mkdir -p $res/tests
-  (OMP_NUM_THREADS=4 MX_ONLY=1 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
-   say "prep rc=$?") &
+  prep MX_ONLY=1 &
   kernel_tests "second_stream or padded_slots or whole_layer_real or every_layout or all_schemes or gluon_fma" \
     > $res/tests/kernels_first.log 2>&1
   wait
@@ -159,8 +168,7 @@ phase10() {
   # per group of codes (its 4-bit branch holds 82 registers, the served code set's 168); then served
   # beside the default and all of issue 10's baselines (SGLang bf16, fp8, the GPTQ copy on Marlin) in one run
   mkdir -p $res/tests
-  (OMP_NUM_THREADS=4 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
-   say "prep rc=$?") &
+  prep &
   kernel_tests "gluon_fma or every_layout" > $res/tests/kernels_first.log 2>&1
   wait
   for d in single grouped; do
@@ -196,12 +204,9 @@ phase11() {
 phase12() {
   # issue 10's end-to-end run in one call that stands alone (~9 min): the checkpoints (2 min), then SGLang fp8,
   # mxserve, mxserve with K split by waves and the GPTQ copy on Marlin (bf16 left out: measured at 345-347
-  # tokens/s at concurrency 1 in four sessions, below fp8). Decode graphs to batch 32 and prefill graphs to
-  # 512 tokens, the most this run sends, for every server alike: the default captures to 256 and 8192 (55 s)
-  OMP_NUM_THREADS=8 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
-  say "prep rc=$?"
-  NO_BF16=1 SPLIT=waves SGLANG_ARGS="${SMALL/0.9/0.6} --cuda-graph-max-bs-decode 32 --cuda-graph-max-bs-prefill 512" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  # tokens/s at concurrency 1 in four sessions, below fp8); every server with LEAN_ARGS
+  prep
+  NO_BF16=1 SPLIT=waves SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
   say "e2e fp8, mxserve, mxserve split by waves, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
 }
@@ -212,16 +217,14 @@ phase13() {
   # SGLang serving the same text with it on Qwen2-MoE and DeepSeek-V2; ~5 min), then end to end in one run
   # against the default and the GPTQ copy on Marlin (checkpoints 2.5 min, three servers ~8 min: two calls)
   mkdir -p $res/tests
-  (OMP_NUM_THREADS=8 PREP_ONLY=1 benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/prep.log 2>&1
-   say "prep rc=$?") &
+  prep &
   kernel_tests "second_stream" > $res/tests/kernels_s10.log 2>&1
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k launched_early --basetemp=/tmp/pt_e -rA -p no:cacheprovider > $res/tests/sglang_early.log 2>&1
   say "sglang early tests rc=$?"
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="${SMALL/0.9/0.6} --cuda-graph-max-bs-decode 32 --cuda-graph-max-bs-prefill 512" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
   say "e2e mxserve, mxserve shared early, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
 }
@@ -256,8 +259,8 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14);
-      res=$res; SMALL='$SMALL'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14);
+      res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
     ;;
