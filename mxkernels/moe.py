@@ -55,6 +55,7 @@ class Tiles:
     gluon: bool = False  # with swap: the Gluon kernel, weights loaded into MMA registers (moe_gemm_gluon.py;
     # its own BK, and BN 64 unless bn asks for 128); with fma: the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py)
     packed: bool = False  # with fma and gluon: 1, 2 and 4-bit codes in packed bf16 pairs (_product_packed)
+    skip_pad: bool = False  # the Gluon MMA kernel: a block's padding slots load no activations (masked)
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -288,7 +289,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
-        PARTIAL=tiles.split > 1, num_warps=WARPS,
+        PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
 

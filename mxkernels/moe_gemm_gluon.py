@@ -178,13 +178,18 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.
 
 
 @gluon.jit
-def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr):
+def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
+          SKIP_PAD: gl.constexpr):  # fmt: skip
     """One K tile's activations of the block's tokens, in the B operand's layout and the k order
-    of ``_chunk_order(.., PS)``."""
+    of ``_chunk_order(.., PS)``. SKIP_PAD: padding slots (token -1) load nothing and read zeros."""
     XL: gl.constexpr = _lane_tokens(BM)
     ca = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))[:, None, None]
     ja = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
-    a = gl.load(a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja)
+    ptrs = a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja
+    if SKIP_PAD:
+        a = gl.load(ptrs, mask=(toks >= 0)[None, None, :], other=0.0)
+    else:
+        a = gl.load(ptrs)
     a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), PS), [1, 0])
     return gl.convert_layout(a, B_OP, assert_trivial=True)
 
@@ -192,7 +197,7 @@ def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP:
 @gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
-          MMA: gl.constexpr):  # fmt: skip
+          MMA: gl.constexpr, SKIP_PAD: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
     the activations in the 2-bit plane's k order; otherwise wx is w."""
@@ -202,7 +207,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
     else:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
-    a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP)
+    a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP, SKIP_PAD)
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
     return w, wx, s, z, a
 
@@ -230,7 +235,7 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
     in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
@@ -241,19 +246,19 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
-                           BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                           BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                   group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                    group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
-                                            stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA)  # fmt: skip
+                                            stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
         acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
@@ -265,7 +270,8 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
+                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
+                             SKIP_PAD: gl.constexpr = False):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -296,7 +302,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     XL: gl.constexpr = _lane_tokens(BM)
     ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
-    toks = gl.where(ids_x < num_valid, ids_x // a_div, 0)
+    # SKIP_PAD: padding slots are token -1 and load nothing (at 1 or 2 rows per expert most of a block's
+    # 8 slots are padding, and every warp loads the block's activations); otherwise they read token 0
+    toks = gl.where(ids_x < num_valid, ids_x // a_div, -1 if SKIP_PAD else 0)
     k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
     k_lo = gl.program_id(2) * k_per
     k_hi = gl.minimum(K, k_lo + k_per)
@@ -307,7 +315,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             if code == c:
                 acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                     pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                    c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA)  # fmt: skip
+                                    c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
+                                    SKIP_PAD)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
     out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]

@@ -31,7 +31,8 @@
 #      waves) and the GPTQ copy on Marlin.
 #  13. (only when asked: `start 13`) the shared experts launched early (MXSERVE_SHARED_EARLY=1): GPU tests,
 #      then end to end beside the default and the GPTQ copy on Marlin.
-#  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's.
+#  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's; the Gluon
+#      kernel's padding slots loading no activations (skip_pad), tested and timed.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -245,6 +246,12 @@ phase14() {
     python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 8 --ours-only --layouts '^$' --out /tmp/ncu_ml \
     > $res/ncu-marlin-8tok.txt 2>&1
   say "ncu of Marlin's launches rc=$?"
+  # the Gluon kernel's padding slots loading no activations (tenth session, opt-in): its GPU test, then timed
+  # beside the picked layout at 2 to 16 tokens
+  kernel_tests "gluon_kernel_real_shapes" > $res/tests/kernels_skip_pad.log 2>&1
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 2 8 16 --ours-only --layouts 'padding' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/skip_pad > $res/skip_pad.log 2>&1
+  say "moe_layer, padding not loaded rc=$?"
 }
 
 phase7() {

@@ -20,11 +20,11 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
 
 
-def _sass(gate_up: bool) -> str:
-    return _in_fresh_process(f"_compile_sass({gate_up})")
+def _sass(gate_up: bool, skip_pad: bool = False) -> str:
+    return _in_fresh_process(f"_compile_sass({gate_up}, {skip_pad})")
 
 
-def _compile_sass(gate_up: bool) -> str:
+def _compile_sass(gate_up: bool, skip_pad: bool = False) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -33,13 +33,13 @@ def _compile_sass(gate_up: bool) -> str:
 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # bf16, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": 0b111101, "BN": 64, "BM": 16, "PARTIAL": not gate_up}
+    consts = {"GATE_UP": gate_up, "CODES": 0b111101, "BN": 64, "BM": 16, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad}
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
     return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
-                        str(int(gate_up)))  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}")  # fmt: skip
 
 
 def _in_fresh_process(call: str) -> str:
@@ -75,9 +75,9 @@ def _disassemble(compiled, tag: str) -> str:
         os.remove(path)
 
 
-@pytest.mark.parametrize("gate_up", [True, False])
-def test_gluon_kernel_feeds_the_mma_from_registers(gate_up):
-    sass = _sass(gate_up)
+@pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
+def test_gluon_kernel_feeds_the_mma_from_registers(gate_up, skip_pad):
+    sass = _sass(gate_up, skip_pad)
     assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", sass), "no bf16 mma.sync in the kernel"
     # no shared-memory traffic at all: codes and activations are loaded into MMA fragments
     for op in ("LDS", "STS", "LDSM", "LDGSTS"):
@@ -102,12 +102,16 @@ def interpreted_gluon(monkeypatch):
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: kernel)
 
 
-# each block shape unsplit, and split with an empty split for the 8-row blocks the launch picks
-@pytest.mark.parametrize("bm, bn, split", [(16, 64, 1), (8, 64, 1), (8, 64, 3), (8, 128, 1), (8, 128, 3)])
-def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn):
+# each block shape unsplit, and split with an empty split for the 8-row blocks the launch picks; the
+# padding slots loading no activations (skip_pad), at 8 and 16 rows per block
+@pytest.mark.parametrize("bm, bn, split, skip_pad", [(16, 64, 1, False), (8, 64, 1, False), (8, 64, 3, False),
+                                                      (8, 128, 1, False), (8, 128, 3, False), (8, 64, 3, True),
+                                                      (16, 128, 1, True)])  # fmt: skip
+def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn, skip_pad):
     # every scheme the kernel has, mixed; 18 routed experts, half of them empty. H = I = 256: two K tiles
     # of each GEMM, so split 3 leaves one split empty
-    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn, **GLUON)
+    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn,
+                       skip_pad=skip_pad, **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
