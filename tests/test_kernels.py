@@ -269,11 +269,13 @@ def test_a_shared_start_of_another_forward_is_not_taken():
     gen = torch.Generator().manual_seed(3)
     experts = make_experts(["w4a16g128", "w2a16g128"], 256, 128, 6, 2, "rtn", gen, "cpu")
     gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    swapped = [build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts))]  # a swap's
     ids, w = route(2, 6, 2, gen, skew=False)
     x, other = (torch.randn(2, 256, generator=gen).to(torch.bfloat16) for _ in range(2))
     want = moe_gemms(x, ids, w, gu, dn, 6, shared_apart=False)
     for started in (start_shared(other, 2, gu, dn, 6, shared_apart=True),  # another input
                     start_shared(x, 3, gu, dn, 6, shared_apart=True),  # another top-k
+                    start_shared(x, 2, *swapped, 6, shared_apart=True),  # other arenas
                     start_shared(x, 2, gu, dn, 6, shared_apart=True, split_fit="waves")):  # other options
         got = moe_gemms(x, ids, w, gu, dn, 6, shared_apart=True, started=started)
         assert got[1] is not started.layout.out and not started.taken
