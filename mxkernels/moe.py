@@ -387,7 +387,6 @@ class _Layout:
     down: Arena
     n_routed: int
     top_k: int
-    rows: int
     slots: int
     bm: int
     apart: bool
@@ -395,7 +394,19 @@ class _Layout:
     inter: torch.Tensor
     out: torch.Tensor
     w: torch.Tensor  # the rows' routing weights, which the alignment fills
-    options: tuple
+
+
+def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
+    """A forward's (token, slot) rows, the experts expected active, and rows per active expert."""
+    rows = t * (top_k + n_experts - n_routed)
+    active = expected_active(n_routed, n_experts - n_routed, t * top_k)
+    return rows, active, rows / max(round(active), 1)
+
+
+def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, split_fit: str | None,
+             override: dict) -> tuple:
+    """What else a forward's launches depend on (a SharedStart is taken only by a forward of the same)."""
+    return poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items()))
 
 
 def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool,
@@ -403,20 +414,16 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     """The launches of a forward of ``x`` [T, H] with ``top_k`` routed experts per token (moe_gemms):
     everything but the routing itself, so the shared experts can launch before the top-k exists."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
-    options = (poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items())))
-    n_experts = gate_up.n_experts
-    slots = top_k + n_experts - n_routed
-    rows = x.shape[0] * slots
+    slots = top_k + gate_up.n_experts - n_routed
+    rows, active, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
     dev = x.device
-    active = expected_active(n_routed, n_experts - n_routed, x.shape[0] * top_k)
     min_group = min(gate_up.min_group, down.min_group)
     codes = gate_up.codes_mask | down.codes_mask
     sms = multiprocessors(dev)
-    if rows / max(round(active), 1) > DECODE_ROWS:  # a tuned prefill entry (tile_table.py), if any
+    if per_expert > DECODE_ROWS:  # a tuned prefill entry (tile_table.py), if any
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
-    per_expert = rows / max(round(active), 1)
     gluon = _gluon_decode(dev, per_expert, gate_up, down, override)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
         override = {"fma": False, **override}
@@ -455,7 +462,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
             )
         _gemm(inter, down, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
 
-    return _Layout(x, gate_up, down, n_routed, top_k, rows, slots, bm, apart, experts, inter, out, w, options)
+    return _Layout(x, gate_up, down, n_routed, top_k, slots, bm, apart, experts, inter, out, w)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -484,6 +491,7 @@ class SharedStart:
     :func:`moe_gemms` takes it (``started=``) and launches the routed experts into the same buffers."""
 
     layout: _Layout
+    options: tuple  # _options of the forward it was started for
     taken: bool = False  # set by the forward that launched the routed experts into its buffers
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
@@ -492,7 +500,7 @@ class SharedStart:
         lay = self.layout
         return (lay.x.data_ptr() == x.data_ptr() and lay.x.shape == x.shape and lay.x.stride() == x.stride()
                 and lay.x.dtype == x.dtype and lay.top_k == top_k and lay.gate_up is gate_up and lay.down is down
-                and lay.options == options)  # fmt: skip
+                and self.options == options)  # fmt: skip
 
 
 def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
@@ -503,15 +511,13 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
     (SGLang runs its own shared MLP so). None where the shared experts do not launch apart (no shared
     experts, or not decode): the forward launches everything. Pass the result to the forward's
     :func:`moe_gemms` (or :func:`mx_moe_forward`) as ``started``."""
-    n_shared, t = gate_up.n_experts - n_routed, x.shape[0]
-    rows = t * (top_k + n_shared)
-    per_expert = rows / max(round(expected_active(n_routed, n_shared, t * top_k)), 1)  # as _layout's
-    if t == 0 or not _shared_apart(n_shared, rows, per_expert, shared_apart):
+    rows, _, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
+    if rows == 0 or not _shared_apart(gate_up.n_experts - n_routed, rows, per_expert, shared_apart):
         return None  # before any buffer is allocated: prefill passes come here too
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
     _shared_experts(lay, None)
-    return SharedStart(lay)
+    return SharedStart(lay, _options(poison, dispatch, shared_apart, split_fit, override))
 
 
 def moe_gemms(
@@ -540,8 +546,8 @@ def moe_gemms(
     ``started``: the shared experts launched already (:func:`start_shared`), used where it was started
     for this forward, else ignored; ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
-    options = (poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items())))
-    early = started is not None and started.fits(x, k, gate_up, down, options)
+    early = started is not None and started.fits(x, k, gate_up, down,
+                                                 _options(poison, dispatch, shared_apart, split_fit, override))
     if early:
         started.taken = True
     lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
