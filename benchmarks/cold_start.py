@@ -38,12 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.procs import stop, wait_up  # noqa: E402
 from benchmarks.serving import DEFAULT_SGLANG_ARGS, free_port  # noqa: E402
+from mxserve.runtime.precompile import STAMPS  # noqa: E402
 
 RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm")
 
 
 def entries(path: str) -> int:
-    return len(os.listdir(path)) if os.path.isdir(path) else 0
+    """Triton's cache entries (not mxserve's stamps of what it precompiled)."""
+    return len(set(os.listdir(path)) - {STAMPS}) if os.path.isdir(path) else 0
 
 
 def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: str, timeout: float) -> dict:

@@ -99,7 +99,12 @@ def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bo
         return json.load(r)
 
 
-def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int) -> dict:
+def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int,
+               rounds: int = 1) -> dict:
+    """Output tokens/s of ``n`` requests, ``conc`` at a time, over ``rounds`` timed rounds (the median
+    reported, each kept). A warm-up wave of ``conc`` short requests goes first, so that what a server
+    does once per batch shape (a kernel compiled on first use) is not timed; a one-time cost left
+    after it shows as a slow first round."""
     jobs = [prompts[i % len(prompts)] for i in range(n)]
 
     def one(p: str) -> tuple[int, float]:
@@ -107,20 +112,19 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
         r = complete(base, model, p, max_tokens, ignore_eos=True)
         return r["usage"]["completion_tokens"], time.perf_counter() - t
 
-    complete(base, model, jobs[0], 8, ignore_eos=True)  # warm-up
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as ex:
-        res = list(ex.map(one, jobs))
-    wall = time.perf_counter() - t0
-    toks = sum(r[0] for r in res)
-    return {
-        "concurrency": conc,
-        "requests": n,
-        "output_tokens": toks,
-        "seconds": round(wall, 3),
-        "output_tok_per_s": round(toks / wall, 1),
-        "mean_latency_s": round(sum(r[1] for r in res) / n, 3),
-    }
+        list(ex.map(lambda p: complete(base, model, p, 8, ignore_eos=True), jobs[:conc]))
+    runs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(conc) as ex:
+            res = list(ex.map(one, jobs))
+        wall = time.perf_counter() - t0
+        toks = sum(r[0] for r in res)
+        runs.append({"seconds": round(wall, 3), "output_tok_per_s": round(toks / wall, 1),
+                     "mean_latency_s": round(sum(r[1] for r in res) / n, 3), "output_tokens": toks})
+    mid = sorted(runs, key=lambda r: r["output_tok_per_s"])[(rounds - 1) // 2]  # the median (lower of two)
+    return {"concurrency": conc, "requests": n, **mid, "rounds": [r["output_tok_per_s"] for r in runs]}
 
 
 def top2_margins(lp: dict | None) -> list[float] | None:
@@ -198,7 +202,7 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             rec["greedy_batched"] = [c["text"] for c in batched]
             rec["throughput"] = []
             for conc in a.concurrency:
-                r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens)
+                r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens, a.rounds)
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
             for conc in a.profile_concurrency if a.profile_steps else []:
@@ -229,13 +233,19 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
     return rec
 
 
+def _cell(r: dict) -> str:
+    rounds = r.get("rounds", [])  # results before the eleventh session had one round, no list
+    return f"{r['output_tok_per_s']}" + (f" ({' / '.join(map(str, rounds))})" if len(rounds) > 1 else "")
+
+
 def markdown(res: dict) -> str:
     lines = [
         f"# Serving throughput: {res['tag']}",
         "",
         f"Device: {res['device']}. Command: `{res['command']}`",
         "",
-        f"Output tokens per second, {res['max_tokens']} tokens per request (ignore_eos), greedy.",
+        f"Output tokens per second, {res['max_tokens']} tokens per request (ignore_eos), greedy; after a warm-up "
+        "wave at each concurrency, the median of the timed rounds (each round's in brackets where more than one).",
         "",
         "| server | startup s | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
         "|---|---|" + "---|" * len(res["concurrency"]),
@@ -245,9 +255,9 @@ def markdown(res: dict) -> str:
             error = s["error"][:300].replace("|", "/")
             lines.append(f"| {s['name']} | failed: {error} |" + " |" * len(res["concurrency"]))
             continue
-        tp = {r["concurrency"]: r["output_tok_per_s"] for r in s["throughput"]}
+        tp = {r["concurrency"]: _cell(r) for r in s["throughput"]}
         lines.append(
-            f"| {s['name']} | {s['startup_s']} | " + " | ".join(str(tp.get(c, "")) for c in res["concurrency"]) + " |"
+            f"| {s['name']} | {s['startup_s']} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |"
         )
     def parts(eq: dict, b: str) -> None:
         for d in eq.get("differences", []):
@@ -293,6 +303,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds per concurrency, after a warm-up wave; the median is reported")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the throughput, trace this many decode steps per server (SGLang's /start_profile)")
     ap.add_argument("--profile-concurrency", type=int, nargs="+", default=[1, 8],

@@ -244,11 +244,9 @@ def cmd_profile(a: argparse.Namespace) -> None:
 
 def check_served_memory(a: argparse.Namespace) -> None:
     """Too little free GPU memory for the weights of the plan, said before calibrating for it."""
-    import torch
-
     from mxserve.models.loading import is_quantized_checkpoint
     from mxserve.plan import Plan
-    from mxserve.preflight import check_gpu_memory, served_bytes
+    from mxserve.preflight import check_gpu_memory, free_gpu_memory, served_bytes
     from mxserve.schemes import parse_budget
 
     if not os.path.isdir(a.model):
@@ -265,7 +263,7 @@ def check_served_memory(a: argparse.Namespace) -> None:
     else:
         return
     # tensor/expert parallel: each of the --tp GPUs holds about 1/tp of the weights
-    check_gpu_memory(served_bytes(a.model, bits) // a.tp, torch.cuda.mem_get_info()[0],
+    check_gpu_memory(served_bytes(a.model, bits) // a.tp, free_gpu_memory(),
                      what + (f" per GPU of {a.tp}" if a.tp > 1 else ""))  # fmt: skip
 
 
@@ -298,7 +296,6 @@ def cmd_launch(a: argparse.Namespace) -> None:
         serve,
         serve_sglang,
     )
-    from mxserve.online.controller import ReplanSettings
     from mxserve.server.settings import StatsSettings
 
     if a.threads:
@@ -340,9 +337,12 @@ def cmd_launch(a: argparse.Namespace) -> None:
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
     res = resolve(settings)
     ckpt = res.ckpt
-    online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin, a.replan_min_interval,
-                                                          tp=split, ep=a.ep)) \
-        if replan else None
+    online = None
+    if replan:  # the controller's modules only then: each second here delays SGLang's start
+        from mxserve.online.controller import ReplanSettings
+
+        online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin,
+                                                              a.replan_min_interval, tp=split, ep=a.ep))  # fmt: skip
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)

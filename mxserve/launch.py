@@ -15,10 +15,12 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
+import mxserve
 from mxserve.errors import MxServeError
 from mxserve.models.loading import is_quantized_checkpoint
 from mxserve.parallel.ranks import moe_split
@@ -157,8 +159,6 @@ def resolve(s: LaunchSettings) -> Resolved:
 
 def resolve_online(s: LaunchSettings, res: Resolved, settings):
     """What re-planning needs: the profile, and the precision ladder (built once, cached beside the checkpoints)."""
-    import time
-
     from mxserve.costmodel import cost_model
     from mxserve.models.loading import load_tokenizer
     from mxserve.online.ladder import META_FILE, Ladder, build_ladder
@@ -249,7 +249,8 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
     if ladder:
         extra = list(extra) + ["--custom-weight-loader", LOADER]
     cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, parallel, extra, bf16_layers)
-    log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt}); "
+    log(f"starting SGLang on http://{host}:{port}/v1 (model {served_model_name}, checkpoint {ckpt}; "
+        f"{time.monotonic() - mxserve.STARTED:.1f} s after mxserve started); "
         f"mxserve's series on http://{host}:{port}/metrics")
     env = stats_env(plugin_env(cache_root()), stats_settings)
     if ladder:

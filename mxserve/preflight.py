@@ -78,6 +78,19 @@ def served_bytes(model_dir: str, bits: float | None) -> int:
     return int(experts * bits / 8 + other * 2)
 
 
+def free_gpu_memory(device: int = 0) -> int:
+    """Free bytes on a GPU, read through NVML where it is there: asking CUDA makes a context in this
+    process, and `mxserve launch` would hold it (0.5 GB on an H200, gone from SGLang's KV cache) as
+    long as the server it starts runs."""
+    import torch
+
+    try:
+        used = torch.cuda.device_memory_used(device)
+    except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py) here: CUDA's answer, with its context
+        return torch.cuda.mem_get_info(device)[0]
+    return torch.cuda.get_device_properties(device).total_memory - used
+
+
 def check_gpu_memory(need: int, free: int, what: str) -> None:
     if need > GPU_HEADROOM * free:
         raise MxServeError(f"{what} needs about {need / 2**30:.1f} GiB of weights and the GPU has "

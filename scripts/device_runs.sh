@@ -33,6 +33,8 @@
 #      then end to end beside the default and the GPTQ copy on Marlin.
 #  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's; the Gluon
 #      kernel's padding slots loading no activations (skip_pad), tested and timed.
+#  15. (only when asked: `start 15`) ncu with source-level stalls on the 8-token routed gate/up launch; end
+#      to end in three timed rounds (the early launch beside the default and the GPTQ copy); cold start.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -235,6 +237,7 @@ phase14() {
   # what bounds the layer at 8 tokens (tenth session's traces: our Gluon gate/up moves about 1.7 TB/s of
   # codes, Marlin's 2.8): ncu on the four Gluon launches of one forward of the served tiers, then on
   # Marlin's two MoE launches at 8 tokens (~3 min)
+  mkdir -p $res/tests
   command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
   local sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
     --section LaunchStats --section SchedulerStats"
@@ -255,6 +258,31 @@ phase14() {
   say "moe_layer, padding not loaded rc=$?"
 }
 
+phase15() {
+  # the eleventh session's open ends (~20 min, two calls): (1) ncu with every section and source-level stalls
+  # on the routed gate/up launch at 8 tokens (phase 14: SMs active 42% of its time, one warp in two eligible;
+  # which instructions wait), (2) end to end with a warm-up wave and three timed rounds per concurrency
+  # (serving.py --rounds; phase 13's single round had the early launch at 0.64x at 8 requests while its
+  # traced decode steps ran 2% faster), (3) cold start, where a warm launch now spawns no compilers
+  mkdir -p $res/tests
+  if command -v ncu > /dev/null; then
+    ncu --set full --import-source yes --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
+      --kernel-name regex:mx_moe_gemm_gluon --launch-skip 14 --launch-count 1 -o $res/ncu-gluon-8tok-full \
+      python3 benchmarks/profile_layer.py --tokens 8 --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+      --loop > $res/ncu-full.log 2>&1
+    ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page details --print-details all > $res/ncu-gluon-8tok-full.txt 2>&1
+    ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page source --csv --print-source sass \
+      > $res/ncu-gluon-8tok-source.csv 2>&1
+    say "ncu full rc=$?"
+  fi
+  prep
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve, mxserve shared early, GPTQ on Marlin, three rounds rc=$?"
+  pkill -f "[s]glang.launch_server"
+  phase5
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -267,7 +295,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -39,7 +39,7 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     quantize_to_dir(src, plan, str(tmp_path / "ckpt"), progress=False)
 
     class Args:
-        startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 120, 6, 6, [1, 4], 4
+        startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests, rounds = 120, 6, 6, [1, 4], 4, 2
         profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
 
     port = serving.free_port()
@@ -54,17 +54,21 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     assert serving.compare_greedy(rec["greedy_batched"], rec)["same"] == 2
     assert [r["concurrency"] for r in rec["throughput"]] == [1, 4]
     assert all(r["output_tokens"] > 0 for r in rec["throughput"])
+    # two timed rounds after the warm-up wave, the lower reported (the median of two)
+    assert all(len(r["rounds"]) == 2 and r["output_tok_per_s"] == min(r["rounds"]) for r in rec["throughput"])
     own = {"x": serving.compare_greedy(["a", "hello"], rec)}
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 6, "concurrency": [1, 4],
                               "servers": [rec], "equal": [], "self": own})
     assert "| x |" in table and "0 of 2 identical" in table
+    first = rec["throughput"][0]
+    assert f"| {first['output_tok_per_s']} ({first['rounds'][0]} / {first['rounds'][1]}) |" in table
 
 
 def test_run_server_reports_why_a_server_died(tmp_path: Path):
     """A server that dies while starting: the table names its own first error, not only its exit code."""
 
     class Args:
-        startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests = 30, 4, 4, [1], 1
+        startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests, rounds = 30, 4, 4, [1], 1, 1
 
     die = "print('[07:47:34] loading', flush=True); raise AssertionError('scale dtype is not the activations')"
     rec = serving.run_server("dead", [sys.executable, "-c", die], serving.free_port(), Args, ["p"], str(tmp_path))

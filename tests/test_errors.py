@@ -303,6 +303,30 @@ def test_served_memory_estimate_and_refusal(tiny_models):
         check_gpu_memory(need, need, "m")  # no room for the KV cache
 
 
+def test_free_gpu_memory_is_read_without_a_cuda_context(monkeypatch):
+    # the launcher would hold a CUDA context (0.5 GB of an H200) for as long as its SGLang server runs
+    from types import SimpleNamespace
+
+    import torch
+
+    from mxserve.preflight import free_gpu_memory
+
+    def context(*_):
+        raise AssertionError("asked CUDA: a context in the launcher")
+
+    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda d: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", context)
+    assert free_gpu_memory() == 110 * 2**30
+
+    def no_nvml(_):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "device_memory_used", no_nvml)  # then CUDA's answer
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (7 * 2**30, 9 * 2**30))
+    assert free_gpu_memory() == 7 * 2**30
+
+
 def test_hub_ids_are_not_taken_for_missing_paths():
     from mxserve.errors import MxServeError
     from mxserve.preflight import check_model_path

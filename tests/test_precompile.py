@@ -159,3 +159,42 @@ def test_layer_shapes_read_from_a_quantized_checkpoint(tiny_models, tmp_path):
     assert [(x.hidden, x.inter, x.n_routed, x.top_k, len(x.gate_up)) for x in served] == \
         [(v.hidden, v.intermediate, v.n_routed, v.top_k, v.n_routed + v.n_shared()) for v in views]  # fmt: skip
     assert {s for x in served for s in x.gate_up + x.down} == {"w4a16g128"}
+
+
+STAMP_SCRIPT = r"""
+import json, os, sys
+from unittest import mock
+from triton.backends.compiler import GPUTarget
+os.environ["TRITON_CACHE_DIR"] = sys.argv[1]
+import mxserve.runtime.precompile as pc
+
+both = ("w4a16g128", "w2a16g128") * 9
+lay = pc.LayerKernels(256, 256, 16, 2, both, both[::-1])
+target = GPUTarget("cuda", 90, 32)
+calls = []
+with mock.patch.object(pc, "compile_variants", lambda v, t, w=None: calls.append(len(v))):
+    one = pc.record_variants([lay], [1], target, 132).all()
+    more = pc.record_variants([lay], [1, 16], target, 132).all()
+    done = [pc.compile_once(one, target), pc.compile_once(one, target), pc.compile_once(more, target)]
+print(json.dumps({"done": done, "calls": calls, "sizes": [len(one), len(more)], "stamp": pc.stamp_path(one, target),
+                  "other": pc.stamp_path(more, target)}))
+"""
+
+
+def test_a_warm_launch_compiles_nothing_and_spawns_no_compilers(tmp_path):
+    # mxserve launch precompiles beside SGLang's start; on the second launch every variant is in Triton's
+    # cache, and a pool of compilers (each importing torch and Triton) would only slow SGLang's start
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", STAMP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    one, more = out["sizes"]
+    assert more > one > 0
+    # compiled once; the same set again is skipped; a set with more variants (another plan) compiles
+    assert out["done"] == [True, False, True] and out["calls"] == [one, more]
+    # the stamps lie in the Triton cache they describe, so emptying that cache drops them
+    for key in ("stamp", "other"):
+        assert Path(out[key]).parent == tmp_path / "mxserve-precompiled" and Path(out[key]).is_file()
+    assert out["stamp"] != out["other"]

@@ -15,6 +15,7 @@ launch`), where the serving processes find them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections import defaultdict
@@ -249,7 +250,40 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
                           tile_table(dev))  # fmt: skip
     variants = rec.all()
-    compile_variants(variants, target)
-    log(f"compiled {len(variants)} kernel variants in {time.perf_counter() - t0:.1f} s "
-        f"(Triton {triton.__version__}, sm_{target.arch})")  # fmt: skip
+    what = f"{len(variants)} kernel variants"
+    if compile_once(variants, target):
+        log(f"compiled {what} in {time.perf_counter() - t0:.1f} s (Triton {triton.__version__}, sm_{target.arch})")
+    else:
+        log(f"{what} compiled by an earlier launch, in Triton's cache ({time.perf_counter() - t0:.1f} s)")
     return len(variants)
+
+
+STAMPS = "mxserve-precompiled"  # a folder in Triton's cache: emptying the cache drops the stamps too
+
+
+def stamp_path(variants: list[Variant], target) -> str:
+    """Where a finished compile of exactly ``variants`` for ``target`` is noted: keyed by Triton's
+    version, each kernel's source (its cache key: the code and what it calls) and every variant."""
+    import triton
+    from triton import knobs
+
+    h = hashlib.sha256(f"{triton.__version__} {target}".encode())
+    for name in sorted({v.kernel for v in variants}):
+        h.update(f"{name} {KERNELS[name].cache_key}".encode())
+    for v in variants:
+        h.update(repr((v.kernel, v.signature, v.constexprs, v.attrs, sorted(v.options.items()))).encode())
+    return os.path.join(knobs.cache.dir, STAMPS, h.hexdigest())
+
+
+def compile_once(variants: list[Variant], target, workers: int | None = None) -> bool:
+    """Compile ``variants`` unless a launch before compiled this very set into the same Triton cache;
+    whether it compiled. A warm launch so spawns no compilers: each imports torch and Triton (16 of
+    them cost a warm `mxserve launch` about 16 s beside SGLang's start; benchmarks/README.md)."""
+    stamp = stamp_path(variants, target)
+    if os.path.isfile(stamp):
+        return False
+    compile_variants(variants, target, workers)
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(f"{len(variants)} variants\n")
+    return True
