@@ -6,12 +6,11 @@ source runs in the interpreter with the layouts dropped (tests/gluon_shim.py), w
 arithmetic, indexing and masks. Its results on the GPU: tests/test_kernels_gpu.py, test_gluon_*.
 """
 
-import os
 import re
-import subprocess
 
 import pytest
 from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors
+from sass_tools import disassemble, in_fresh_process
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
@@ -21,7 +20,7 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
 
 
 def _sass(gate_up: bool, skip_pad: bool = False) -> str:
-    return _in_fresh_process(f"_compile_sass({gate_up}, {skip_pad})")
+    return in_fresh_process("test_gluon", f"_compile_sass({gate_up}, {skip_pad})")
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False) -> str:
@@ -38,41 +37,8 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False) -> str:
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
+    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
                         f"{int(gate_up)}{int(skip_pad)}")  # fmt: skip
-
-
-def _in_fresh_process(call: str) -> str:
-    """``test_gluon.<call>``'s SASS, compiled in a fresh process without TRITON_INTERPRET: once a process
-    has run interpreted kernels (any test before, in this file or, under pytest-xdist, another one), the
-    interpreter's patches of Triton's language break a Gluon compile."""
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-    code = f"import test_gluon; print(test_gluon.{call}, end='')"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if "no cuobjdump" in run.stdout + run.stderr:
-        pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout
-
-
-def _disassemble(compiled, tag: str) -> str:
-    """The SASS of a compiled kernel (cuobjdump from the Triton wheel)."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        pytest.skip("this Triton wheel has no cuobjdump to read the SASS with")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mx_gluon_{os.getpid()}_{tag}.cubin")
-    with open(path, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    try:
-        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.remove(path)
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -213,7 +179,7 @@ def test_gluon_fma_kernel_is_taken_at_one_token_when_asked(interpreted_gluon_fma
 
 
 def _sass_fma(gate_up: bool, codes: int = 0b111110, packed: bool = False) -> str:
-    return _in_fresh_process(f"_compile_sass_fma({gate_up}, {codes}, {packed})")
+    return in_fresh_process("test_gluon", f"_compile_sass_fma({gate_up}, {codes}, {packed})")
 
 
 def _compile_sass_fma(gate_up: bool, codes: int, packed: bool) -> str:
@@ -230,7 +196,7 @@ def _compile_sass_fma(gate_up: bool, codes: int, packed: bool) -> str:
     aligned = set(POINTERS) | {"stride_am", "K"}
     src = GluonASTSource(mx_moe_gemm_gluon_fma_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    return _disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
+    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
                         f"fma_{int(gate_up)}_{codes}_{int(packed)}")  # fmt: skip
 
 
