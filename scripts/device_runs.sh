@@ -215,6 +215,15 @@ phase12() {
   pkill -f "[s]glang.launch_server"
 }
 
+e2e_early() {
+  # after prep: mxserve, mxserve with the shared experts launched early (MXSERVE_SHARED_EARLY=1) and the GPTQ
+  # copy on Marlin, end to end in one run (~8 min)
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve, mxserve shared early, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 phase13() {
   # the tenth session's change (MXSERVE_SHARED_EARLY=1: the shared experts launch as their MoE block starts,
   # beside the router; the traces showed them waiting behind it): its GPU tests (the kernels' case, then
@@ -228,10 +237,7 @@ phase13() {
     > $res/tests/sglang_early.log 2>&1
   say "sglang early tests rc=$?"
   wait
-  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
-  say "e2e mxserve, mxserve shared early, GPTQ on Marlin rc=$?"
-  pkill -f "[s]glang.launch_server"
+  e2e_early
 }
 
 phase14() {
@@ -277,10 +283,7 @@ phase15() {
     say "ncu full rc=$?"
   fi
   prep
-  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
-  say "e2e mxserve, mxserve shared early, GPTQ on Marlin, three rounds rc=$?"
-  pkill -f "[s]glang.launch_server"
+  e2e_early  # serving.py now times three rounds after a warm-up wave
   phase5
 }
 
@@ -309,7 +312,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
