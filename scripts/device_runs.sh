@@ -291,7 +291,8 @@ phase16() {
   # the fp8 prefill with its accumulator in the wgmma (eleventh session; before, each K tile's chain started
   # from zero and was added in FADDs, sm_90 SASS): its tiles re-tuned (the table's were chosen for the old
   # code; a candidate must beat the table's pick by 3%), the new table used, then prefill at 4096 and 8192
-  # tokens against every baseline (phase 4)
+  # tokens against every baseline (phase 4; the weight-only layers also with their weights as the wgmma's
+  # A operand: moe_layer.PREFILL_VARIANTS)
   mkdir -p $res/tiles
   python3 benchmarks/tune_tiles.py --models qwen1.5-moe-a2.7b --classes fp8 --tokens 4096 8192 \
     --out $res/tiles/nvidia-h200.json > $res/tiles.log 2>&1

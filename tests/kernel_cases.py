@@ -21,6 +21,8 @@ POISON = float("nan")
 LAYOUTS = {
     "prefill": dict(swap=False, scale_after=False, split=1),
     "swapped": dict(swap=True, scale_after=False, split=1),
+    # prefill tiles with the weights as the wgmma's A operand (benchmarks/moe_layer.py PREFILL_VARIANTS)
+    "swapped-prefill": dict(swap=True, scale_after=False, split=1, bm=64, bn=128, bk=128, warps=8, stages=3),
     "decode": dict(swap=True, scale_after=True, split=2),
     # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)
     "split-uneven": dict(swap=True, scale_after=True, split=3, bk=32),
