@@ -10,7 +10,7 @@ concurrency with ``ignore_eos`` so every request generates exactly
 - ``sglang-bf16``: ``sglang.launch_server`` on ``--model``;
 - ``sglang-<q>`` for each ``--sglang-quant q``: SGLang's own uniform quantization;
 - ``sglang-<name>`` for each ``--sglang-ckpt name=DIR``: plain SGLang on another checkpoint of the
-  model (a GPTQ copy on Marlin: gptq_copy.py);
+  model (a GPTQ copy on Marlin: gptq_copy.py), with ``--plain-args name=ARGS`` added;
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``
   (with ``--launch-args name=ARGS`` added, e.g. ``--bf16-layers kernel``).
 
@@ -288,6 +288,9 @@ def main() -> int:
     ap.add_argument("--ckpt", action="append", default=[], help="NAME=DIR of an mxserve checkpoint")
     ap.add_argument("--launch-args", action="append", default=[],
                     help='NAME=ARGS: more `mxserve launch` arguments for checkpoint NAME, e.g. "--bf16-layers kernel"')
+    ap.add_argument("--plain-args", action="append", default=[], metavar="NAME=ARGS",
+                    help="more arguments for the plain SGLang server of --sglang-ckpt NAME (e.g. --enable-metrics, "
+                         "which mxserve launch always passes)")
     ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VAR=VALUE",
                     help="an environment variable for server NAME only, e.g. mxserve-3.25bit-grouped=MXSERVE_DISPATCH="
                          "grouped")  # fmt: skip
@@ -337,9 +340,11 @@ def main() -> int:
                                             *shlex.split(launch_args.get(name, ""))]))  # fmt: skip
     # other checkpoints on plain SGLang last: their start is the least sure (the GPTQ copy's once built a
     # Marlin module on the device for minutes), and the GPU runs are cut short when the machine goes
+    plain_args = dict(spec.split("=", 1) for spec in a.plain_args)
     for spec in a.sglang_ckpt:
         name, path = spec.split("=", 1)
-        servers.append((f"sglang-{name}", [py, "-m", "sglang.launch_server", "--model-path", path, *extra]))
+        servers.append((f"sglang-{name}", [py, "-m", "sglang.launch_server", "--model-path", path, *extra,
+                                           *shlex.split(plain_args.get(name, ""))]))  # fmt: skip
     res = {
         "tag": a.tag,
         "device": torch.cuda.get_device_name(),

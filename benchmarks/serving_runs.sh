@@ -14,7 +14,8 @@
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
 #                                                    # GPTQ copy the only one; NO_BF16=1: no bf16; PLAN=FILE NAME=N:
-#                                                    # mxserve's checkpoint from that plan instead of the committed one)
+#                                                    # mxserve's checkpoint from that plan instead of the committed one;
+#                                                    # METRICS=1: the GPTQ copy also with --enable-metrics)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
@@ -77,6 +78,10 @@ elif [ "$what" = qwen15-24 ]; then
   [ -z "${NO_BF16:-}" ] || baselines=(--skip-bf16 "${baselines[@]}")  # NO_BF16=1: plain SGLang bf16 left out
   # MX_GPTQ=1: the GPTQ copy on Marlin the only baseline
   [ -z "${MX_GPTQ:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin="$work/q15-gptq")
+  # METRICS=1: the GPTQ copy also with --enable-metrics, which mxserve launch always passes (its Prometheus
+  # series): what SGLang's own metrics cost a decode step, on the CPU, where the GPU forward is equal
+  [ -z "${METRICS:-}" ] || baselines+=(--sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
+    --plain-args "gptq-marlin-metrics=--enable-metrics")
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
     --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \

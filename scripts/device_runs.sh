@@ -33,8 +33,8 @@
 #      then end to end beside the default and the GPTQ copy on Marlin.
 #  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's; the Gluon
 #      kernel's padding slots loading no activations (skip_pad), tested and timed.
-#  15. (only when asked: `start 15`) ncu with source-level stalls on the 8-token routed gate/up launch; end
-#      to end in three timed rounds (the early launch beside the default and the GPTQ copy); cold start.
+#  15. (only when asked: `start 15`) end to end in three timed rounds (the early launch beside the default, the
+#      GPTQ copy with and without --enable-metrics); cold start; ncu with source-level stalls at 8 tokens.
 #  16. (only when asked: `start 16`) the fp8 prefill tiles re-tuned for the fused accumulation, then prefill.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
@@ -215,11 +215,12 @@ phase12() {
   pkill -f "[s]glang.launch_server"
 }
 
-e2e_early() {
+e2e_early() {  # [ENV=VALUE...]
   # after prep: mxserve, mxserve with the shared experts launched early (MXSERVE_SHARED_EARLY=1) and the GPTQ
   # copy on Marlin, end to end in one run (~8 min)
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  env NO_BF16=1 MX_GPTQ=1 EARLY=1 SGLANG_ARGS="$LEAN_ARGS" "$@" benchmarks/serving_runs.sh qwen15-24 $res/e2e \
+    > $res/e2e.log 2>&1
   say "e2e mxserve, mxserve shared early, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
 }
@@ -266,12 +267,17 @@ phase14() {
 }
 
 phase15() {
-  # the eleventh session's open ends (~20 min, two calls): (1) ncu with every section and source-level stalls
-  # on the routed gate/up launch at 8 tokens (phase 14: SMs active 42% of its time, one warp in two eligible;
-  # which instructions wait), (2) end to end with a warm-up wave and three timed rounds per concurrency
-  # (serving.py --rounds; phase 13's single round had the early launch at 0.64x at 8 requests while its
-  # traced decode steps ran 2% faster), (3) cold start, where a warm launch now spawns no compilers
+  # the eleventh session's open ends (~23 min, three calls): (1) end to end with a warm-up wave and three timed
+  # rounds per concurrency (serving.py --rounds; phase 13's single round had the early launch at 0.64x at 8
+  # requests while its traced decode steps ran 2% faster), with the GPTQ copy also under --enable-metrics
+  # (mxserve launch always passes it; at 1 request the traced GPU forward is equal and the CPU between
+  # steps is not); (2) cold start, where a warm launch now spawns no compilers and the launcher makes no
+  # CUDA context; (3) ncu with every section and source-level stalls on the routed gate/up launch at 8
+  # tokens (phase 14: SMs active 42% of its time; which instructions wait)
   mkdir -p $res/tests
+  prep
+  e2e_early METRICS=1
+  phase5
   if command -v ncu > /dev/null; then
     ncu --set full --import-source yes --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
       --kernel-name regex:mx_moe_gemm_gluon --launch-skip 14 --launch-count 1 -o $res/ncu-gluon-8tok-full \
@@ -282,9 +288,6 @@ phase15() {
       > $res/ncu-gluon-8tok-source.csv 2>&1
     say "ncu full rc=$?"
   fi
-  prep
-  e2e_early  # serving.py now times three rounds after a warm-up wave
-  phase5
 }
 
 phase16() {
@@ -297,8 +300,10 @@ phase16() {
   python3 benchmarks/tune_tiles.py --models qwen1.5-moe-a2.7b --classes fp8 --tokens 4096 8192 \
     --out $res/tiles/nvidia-h200.json > $res/tiles.log 2>&1
   say "fp8 tiles re-tuned rc=$?"
+  cp mxkernels/tiles/nvidia-h200.json /tmp/tiles-committed.json
   [ -f $res/tiles/nvidia-h200.json ] && cp $res/tiles/nvidia-h200.json mxkernels/tiles/nvidia-h200.json
   phase4
+  cp /tmp/tiles-committed.json mxkernels/tiles/nvidia-h200.json  # later phases serve with the committed table
 }
 
 phase7() {
