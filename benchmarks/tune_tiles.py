@@ -37,12 +37,19 @@ from mxkernels.tile_table import (  # noqa: E402
 )
 
 GRID = {"bm": (32, 64, 128), "bn": (64, 128), "bk": (64, 128), "warps": (4, 8), "stages": (3, 4)}
+# weight-only layers also with the weights as the wgmma's A operand (moe_layer.PREFILL_VARIANTS says why;
+# BK 64 waits for each wgmma there, so only 128)
+SWAP_GRID = {"bm": (64, 128), "bn": (64, 128), "bk": (128,), "warps": (4, 8), "stages": (3, 4)}
 PLANS = {"fp8": "w8a8fp8", "int-act": "w4a4"}
 
 
-def candidates() -> list[dict]:
-    keys = list(GRID)
-    return [dict(zip(keys, vals)) for vals in itertools.product(*GRID.values())]
+def _grid(grid: dict) -> list[dict]:
+    return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+
+
+def candidates(cls: str) -> list[dict]:
+    """The tiles timed for a scheme class: GRID, and for weight-only SWAP_GRID with ``swap``."""
+    return _grid(GRID) + ([dict(c, swap=True) for c in _grid(SWAP_GRID)] if cls == "weight-only" else [])
 
 
 def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float) -> tuple[TileEntry | None, str]:
@@ -56,7 +63,7 @@ def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float) ->
     ids, w = routing(t, e, k, True, gen, dev)
     rules = bench_graph(lambda: mx_moe_forward(x, ids, w, ag, ad, e))
     best, best_t = None, rules
-    for ov in candidates():
+    for ov in candidates(cls):
         try:
             sec = bench_graph(lambda ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov))
         except Exception as err:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped

@@ -338,14 +338,16 @@ def test_committed_tile_tables_load_and_give_launchable_tiles():
             assert tuple(getattr(t, k) for k in keys) == tuple(e.tiles[k] for k in keys)
 
 
-def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path):
+@pytest.mark.parametrize("swap", [False, True])
+def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path, swap):
     """A committed tile table's entry (tile_table.py) replaces the rules' tiles for its layer shape,
-    scheme class and rows-per-expert bucket, and the layer still computes right with it."""
+    scheme class and rows-per-expert bucket, and the layer still computes right with it; swap: an
+    entry with the weights as the MMA's A operand (tune_tiles.py's SWAP_GRID)."""
     import mxkernels.moe as moe
     from mxkernels.tile_table import TileEntry, TileTable, codes_class
 
     names = ["w4a16g128", "w2a16g32", "w8a16", "bf16"]
-    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2}
+    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2} | ({"swap": True} if swap else {})
     entries = [TileEntry(128, 128, "weight-only", 64, tuned), TileEntry(128, 128, "fp8", 64, {"bm": 16})]
     TileTable("test", entries).save(str(tmp_path / "t.json"))
     table = TileTable.from_json(json.loads((tmp_path / "t.json").read_text()))  # through its JSON form
@@ -364,6 +366,6 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     monkeypatch.setattr(moe, "_gemm", lambda *a: (seen.append(a[-1]), gemm(*a))[1])
     # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
-    assert {(t.bm, t.bn, t.bk, t.stages) for launches in seen for _, t in launches} == {(64, 32, 32, 2)}
+    assert {(t.bm, t.bn, t.bk, t.stages, t.swap) for launches in seen for _, t in launches} == {(64, 32, 32, 2, swap)}
     for key, e in errs.items():
         assert e < BOUND, (key, e)
