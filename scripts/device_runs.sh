@@ -267,15 +267,20 @@ phase14() {
 }
 
 phase15() {
-  # the eleventh session's open ends (~23 min, three calls): (1) end to end with a warm-up wave and three timed
-  # rounds per concurrency (serving.py --rounds; phase 13's single round had the early launch at 0.64x at 8
-  # requests while its traced decode steps ran 2% faster), with the GPTQ copy also under --enable-metrics
-  # (mxserve launch always passes it; at 1 request the traced GPU forward is equal and the CPU between
-  # steps is not); (2) cold start, where a warm launch now spawns no compilers and the launcher makes no
-  # CUDA context; (3) ncu with every section and source-level stalls on the routed gate/up launch at 8
-  # tokens (phase 14: SMs active 42% of its time; which instructions wait)
+  # the eleventh session's open ends (~26 min):
+  # (0) beside the checkpoints (untimed), the GPU tests of its kernel changes: the fp8 accumulator in the
+  #     wgmma, and prefill tiles with the weights as the A operand (every layout, swapped-prefill included);
+  # (1) end to end with a warm-up wave and three timed rounds per concurrency (serving.py --rounds; phase
+  #     13's single round had the early launch at 0.64x at 8 requests while its traced decode steps ran 2%
+  #     faster), the GPTQ copy also with --enable-metrics (mxserve launch always passes it; at 1 request the
+  #     traced GPU forward is equal and the host time between steps is not);
+  # (2) cold start, where a warm launch now spawns no compilers and the launcher makes no CUDA context;
+  # (3) ncu with every section and source-level stalls on the routed gate/up launch at 8 tokens (phase 14:
+  #     SMs active 42% of its time; which instructions wait)
   mkdir -p $res/tests
-  prep
+  prep &
+  kernel_tests "all_schemes or every_layout" > $res/tests/kernels_s11.log 2>&1
+  wait
   e2e_early METRICS=1
   phase5
   if command -v ncu > /dev/null; then
