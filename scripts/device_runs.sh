@@ -33,9 +33,9 @@
 #      then end to end beside the default and the GPTQ copy on Marlin.
 #  14. (only when asked: `start 14`) ncu on the 8-token layer's Gluon launches and on Marlin's; the Gluon
 #      kernel's padding slots loading no activations (skip_pad), tested and timed.
-#  15. (only when asked: `start 15`) end to end in three timed rounds (the early launch beside the default, the
-#      GPTQ copy with and without --enable-metrics); cold start; ncu with source-level stalls at 8 tokens.
-#  16. (only when asked: `start 16`) the fp8 prefill tiles re-tuned for the fused accumulation, then prefill.
+#  15. (only when asked: `start 15`) the kernel GPU tests beside the checkpoints; end to end in three timed rounds
+#      (the early launch beside the default, the GPTQ copy with and without --enable-metrics); prefill; cold start.
+#  16. (only when asked: `start 16`) the fp8 prefill tiles re-tuned; ncu with source-level stalls at 8 tokens.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -267,48 +267,44 @@ phase14() {
 }
 
 phase15() {
-  # the eleventh session's open ends (~26 min):
+  # the eleventh session's open ends, in the order they matter (~26 min):
   # (0) beside the checkpoints (untimed), the GPU tests of its kernel changes: the fp8 accumulator in the
   #     wgmma, and prefill tiles with the weights as the A operand (every layout, swapped-prefill included);
   # (1) end to end with a warm-up wave and three timed rounds per concurrency (serving.py --rounds; phase
   #     13's single round had the early launch at 0.64x at 8 requests while its traced decode steps ran 2%
   #     faster), the GPTQ copy also with --enable-metrics (mxserve launch always passes it; at 1 request the
   #     traced GPU forward is equal and the host time between steps is not);
-  # (2) cold start, where a warm launch now spawns no compilers and the launcher makes no CUDA context;
-  # (3) ncu with every section and source-level stalls on the routed gate/up launch at 8 tokens (phase 14:
-  #     SMs active 42% of its time; which instructions wait)
+  # (2) prefill at 4096 and 8192 tokens against every baseline (phase 4): the fp8 GEMM with its accumulator
+  #     in the wgmma (the committed tiles, tuned for the old code), the weight-only layers also with their
+  #     weights as the wgmma's A operand (moe_layer.PREFILL_VARIANTS);
+  # (3) cold start, where a warm launch now spawns no compilers and the launcher makes no CUDA context
   mkdir -p $res/tests
   prep &
   kernel_tests "all_schemes or every_layout" > $res/tests/kernels_s11.log 2>&1
   wait
   e2e_early METRICS=1
+  phase4
   phase5
-  if command -v ncu > /dev/null; then
-    ncu --set full --import-source yes --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
-      --kernel-name regex:mx_moe_gemm_gluon --launch-skip 14 --launch-count 1 -o $res/ncu-gluon-8tok-full \
-      python3 benchmarks/profile_layer.py --tokens 8 --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
-      --loop > $res/ncu-full.log 2>&1
-    ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page details --print-details all > $res/ncu-gluon-8tok-full.txt 2>&1
-    ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page source --csv --print-source sass \
-      > $res/ncu-gluon-8tok-source.csv 2>&1
-    say "ncu full rc=$?"
-  fi
 }
 
 phase16() {
-  # the fp8 prefill with its accumulator in the wgmma (eleventh session; before, each K tile's chain started
-  # from zero and was added in FADDs, sm_90 SASS): its tiles re-tuned (the table's were chosen for the old
-  # code; a candidate must beat the table's pick by 3%), the new table used, then prefill at 4096 and 8192
-  # tokens against every baseline (phase 4; the weight-only layers also with their weights as the wgmma's
-  # A operand: moe_layer.PREFILL_VARIANTS)
+  # (1) the fp8 prefill tiles re-tuned for the fused accumulation (the table's were chosen for the old code;
+  #     a candidate must beat the table's pick by 3%): a table to commit, the committed one left in place;
+  # (2) ncu with every section and source-level stalls on the routed gate/up launch at 8 tokens (phase 14:
+  #     SMs active 42% of its time; which instructions wait)
   mkdir -p $res/tiles
   python3 benchmarks/tune_tiles.py --models qwen1.5-moe-a2.7b --classes fp8 --tokens 4096 8192 \
     --out $res/tiles/nvidia-h200.json > $res/tiles.log 2>&1
   say "fp8 tiles re-tuned rc=$?"
-  cp mxkernels/tiles/nvidia-h200.json /tmp/tiles-committed.json
-  [ -f $res/tiles/nvidia-h200.json ] && cp $res/tiles/nvidia-h200.json mxkernels/tiles/nvidia-h200.json
-  phase4
-  cp /tmp/tiles-committed.json mxkernels/tiles/nvidia-h200.json  # later phases serve with the committed table
+  command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
+  ncu --set full --import-source yes --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
+    --kernel-name regex:mx_moe_gemm_gluon --launch-skip 14 --launch-count 1 -o $res/ncu-gluon-8tok-full \
+    python3 benchmarks/profile_layer.py --tokens 8 --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+    --loop > $res/ncu-full.log 2>&1
+  ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page details --print-details all > $res/ncu-gluon-8tok-full.txt 2>&1
+  ncu --import $res/ncu-gluon-8tok-full.ncu-rep --page source --csv --print-source sass \
+    > $res/ncu-gluon-8tok-source.csv 2>&1
+  say "ncu full rc=$?"
 }
 
 phase7() {
