@@ -59,6 +59,7 @@ def summarize(path: str, steps: int, top: int = 25) -> dict:
         "copies_per_step": round(sum(e["cat"] != "kernel" for e in gpu) / steps, 1),
         "top": [[name, round(us, 2), round(n, 2)] for name, us, n in rows[:top]],
         "step_us": _or_none(step_period, path),
+        "graph_us": _or_none(graph_time, path),
     }
 
 
@@ -111,21 +112,36 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
+def _graph_spans(path: str) -> list[tuple[float, float]]:
+    """(first kernel's start, last event's end) of the GPU work of each CUDA-graph launch (the events of
+    its correlation id), in launch order."""
+    events = _events(path)
+    launches = {e["args"]["correlation"] for e in events if e.get("name") == "cudaGraphLaunch" and "args" in e}
+    spans: dict[int, tuple[float, float]] = {}
+    for e in _gpu(events, path):
+        c = e.get("args", {}).get("correlation")
+        if c in launches:
+            t0, t1 = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+            a, b = spans.get(c, (t0, t1))
+            spans[c] = (min(a, t0), max(b, t1))
+    if len(spans) < 2:
+        raise ValueError(f"{path}: fewer than 2 CUDA-graph launches with GPU work")
+    return sorted(spans.values())
+
+
 def step_period(path: str) -> float:
     """Median microseconds from one decode step's first kernel to the next one's: the GPU work of
     each CUDA-graph launch (kernels of the launch's correlation id), so host time between steps
     counts, as it does for tokens per second."""
-    events = _events(path)
-    launches = {e["args"]["correlation"] for e in events if e.get("name") == "cudaGraphLaunch" and "args" in e}
-    first: dict[int, float] = {}
-    for e in _gpu(events, path):
-        c = e.get("args", {}).get("correlation")
-        if c in launches:
-            first[c] = min(first.get(c, float("inf")), float(e["ts"]))
-    starts = sorted(first.values())
-    if len(starts) < 2:
-        raise ValueError(f"{path}: fewer than 2 CUDA-graph launches with GPU work")
+    starts = [a for a, _ in _graph_spans(path)]
     return _median([b - a for a, b in zip(starts, starts[1:])])
+
+
+def graph_time(path: str) -> float:
+    """Median microseconds from a decode step's first kernel to its last one's end, of its CUDA graph
+    alone: the forward on the GPU. The step period less this is the GPU waiting between steps (the
+    host's time, where it is not hidden, and work outside the graph such as sampling)."""
+    return _median([b - a for a, b in _graph_spans(path)])
 
 
 def span(path: str, start: str, end: str) -> tuple[float, int]:
@@ -188,6 +204,8 @@ def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, 
 def markdown(name: str, prof: dict, rows: int = 12) -> list[str]:
     """A server's profile as Markdown lines."""
     step = f"; a step every {prof['step_us']} us (median between CUDA-graph launches)" if prof.get("step_us") else ""
+    if prof.get("graph_us"):
+        step += f", {prof['graph_us']} us of it from the graph's first kernel to its last"
     lines = [
         f"**{name}**, {prof['concurrency']} request(s) decoding, {prof['steps']} steps: per step "
         f"{prof['span_us_per_step']} us from the first kernel's start to the last one's end, "

@@ -232,6 +232,17 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     (tmp_path / "graphs.json").write_text(json.dumps({"traceEvents": events + launches}))
     assert decode_trace.summarize(str(tmp_path / "graphs.json"), 5)["busy_us_per_step"] == 15.0
     assert s["step_us"] is None and "median between" not in md  # no launches, no step period
+    # CUDA-graph launches with their kernels (correlation ids): a step every 100 us, of which the graph's own
+    # kernels span 14 (0..14, 100..114); a kernel outside the graphs (sampling, 20..25) counts in neither
+    corr = [dict(ev("gemm", t, 10), args={"correlation": c}) for t, c in ((0, 1), (100, 2))] + \
+        [dict(ev("small", t, 2), args={"correlation": c}) for t, c in ((12, 1), (112, 2))] + \
+        [ev("sample", 20, 5)] + [dict(ev("cudaGraphLaunch", t, 1, "cuda_runtime"), args={"correlation": c})
+                                 for t, c in ((0, 1), (99, 2))]  # fmt: skip
+    (tmp_path / "corr.json").write_text(json.dumps({"traceEvents": corr}))
+    g = decode_trace.summarize(str(tmp_path / "corr.json"), 2)
+    assert (g["step_us"], g["graph_us"]) == (100.0, 14.0)
+    assert "a step every 100.0 us (median between CUDA-graph launches), 14.0 us of it from the graph's" in \
+        "\n".join(decode_trace.markdown("mx", {"concurrency": 1, **g}))  # fmt: skip
     # one "layer": the events from a marker up to the next one, each with its start from the first
     layer = [(0.0, 10.0, "gemm", "?: -"), (12.0, 2.0, "small", "?: -"), (15.0, 3.0, "Memcpy DtoH", "?: -"),
              (100.0, 10.0, "gemm", "?: -")]  # fmt: skip
