@@ -279,8 +279,18 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     # a lane's chunk loads 16 bytes at a time
     K = gl.multiple_of(K, 128)
     stride_am = gl.multiple_of(stride_am, 128)
-    pid_m = gl.program_id(0)
-    pid_n = gl.program_id(1)
+    # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
+    # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
+    # the GPU hands programs out in launch order, so the real blocks' programs (the first ones) spread
+    # evenly over the SMs. In the grid's own order a block's N tiles sat a block count apart, and at 8
+    # tokens some SMs ran 4 real programs while others ran only returning ones (ncu: SM active cycles
+    # min 1.2k, mean 32.6k, max 68.8k in one launch; benchmarks/results/ncu-qwen15-8tok-gluon-full-h200.txt).
+    n_tiles = gl.num_programs(1)
+    splits = gl.num_programs(2)
+    lin = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1) + n_tiles * gl.program_id(2))
+    pid_n = lin % n_tiles
+    pid_s = (lin // n_tiles) % splits
+    pid_m = lin // (n_tiles * splits)
     if pid_m * BM >= gl.load(num_post_pad_ptr):
         return
     expert = gl.load(block_expert_ptr + pid_m)
@@ -306,7 +316,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     # 8 slots are padding, and every warp loads the block's activations); otherwise they read token 0
     toks = gl.where(ids_x < num_valid, ids_x // a_div, -1 if SKIP_PAD else 0)
     k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
-    k_lo = gl.program_id(2) * k_per
+    k_lo = pid_s * k_per
     k_hi = gl.minimum(K, k_lo + k_per)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -319,7 +329,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                                     SKIP_PAD)  # fmt: skip
     ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
     mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
-    out = out_ptr + gl.program_id(2) * split_stride + ids[None, :] * stride_om + rows_o[:, None]
+    out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
     if GATE_UP:
         if PARTIAL:
             gl.store(out, acc, mask=mask)

@@ -44,6 +44,7 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     where = staticmethod(lambda *a, **k: tl.where(*a, **k))
     exp = staticmethod(lambda *a, **k: tl.exp(*a, **k))
     program_id = staticmethod(lambda *a, **k: tl.program_id(*a, **k))
+    num_programs = staticmethod(lambda *a, **k: tl.num_programs(*a, **k))
     cdiv = staticmethod(lambda *a, **k: tl.cdiv(*a, **k))
     minimum = staticmethod(lambda *a, **k: tl.minimum(*a, **k))
     multiple_of = staticmethod(lambda *a, **k: tl.multiple_of(*a, **k))
