@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mxkernels.align import KERNEL_MAX_ROWS, route, shared_rows
+from mxkernels.act_quant import row_quant
+from mxkernels.align import route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 from mxkernels.tile_table import codes_class, tile_table
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -197,11 +196,8 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
     amax = torch.empty(1, device=a.device)
     a8 = torch.empty(1, dtype=torch.float8_e4m3fn, device=a.device)
-    if arena.codes_mask & _ACT_QUANT_CODES:
-        amax = a_all.abs().amax(dim=-1).float()  # per-token scales, one pass
-    if arena.codes_mask & (1 << CODE_FP8):
-        # per-token fp8 activations, once per launch; the same ops as the reference's fake quant
-        a8 = (a_all.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
+    if arena.codes_mask & _ACT_QUANT_CODES:  # per-token scales (and fp8 rows), once per GEMM
+        amax, a8 = row_quant(a_all, fp8=bool(arena.codes_mask & (1 << CODE_FP8)))
     n = arena.n // 2 if gate_up else arena.n
     for codes, tiles in launches:
         if tiles.gluon and tiles.fma:
@@ -446,7 +442,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
-    apart = _shared_apart(slots - top_k, rows, per_expert, shared_apart)
+    apart = _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
     out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
@@ -512,7 +508,7 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
     experts, or not decode): the forward launches everything. Pass the result to the forward's
     :func:`moe_gemms` (or :func:`mx_moe_forward`) as ``started``."""
     rows, _, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
-    if rows == 0 or not _shared_apart(gate_up.n_experts - n_routed, rows, per_expert, shared_apart):
+    if rows == 0 or not _shared_apart(gate_up.n_experts - n_routed, per_expert, shared_apart):
         return None  # before any buffer is allocated: prefill passes come here too
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
@@ -578,11 +574,11 @@ def moe_gemms(
 SHARED_APART = os.environ.get("MXSERVE_SHARED_STREAM", "1") != "0"
 
 
-def _shared_apart(n_shared: int, rows: int, per_expert: float, asked: bool | None) -> bool:
+def _shared_apart(n_shared: int, per_expert: float, asked: bool | None) -> bool:
     """Whether the shared experts get launches of their own (on a second stream on a GPU): by default
     at decode (few rows per expert: the launches wait on latency, not on bandwidth, so two side by
-    side overlap), where the alignment kernel runs (at most KERNEL_MAX_ROWS rows)."""
-    if n_shared == 0 or rows > KERNEL_MAX_ROWS:
+    side overlap)."""
+    if n_shared == 0:
         return False
     return SHARED_APART and per_expert <= DECODE_ROWS if asked is None else asked
 
