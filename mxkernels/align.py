@@ -8,7 +8,8 @@ about 25 small kernels (some 50 us per layer on an H100, as much as the two
 GEMMs at 1 token); this is one single-program kernel: a histogram pass, a prefix
 sum, and a placement pass where an atomic cursor per expert hands out slots
 (so rows keep no order within an expert, which no row's result depends on).
-One program walks all rows, so large prefill batches keep the torch version.
+Above KERNEL_MAX_ROWS rows (prefill) the same three steps run as three launches
+of many programs each.
 
 At decode the shared experts' rows can be laid out apart (:func:`shared_rows`, no
 routing needed), so that their GEMMs run on a second stream beside the alignment and
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-KERNEL_MAX_ROWS = 4096  # above this one program is slower than torch's parallel sort
+KERNEL_MAX_ROWS = 4096  # above this, one program per LARGE_CHUNK rows (three launches)
+LARGE_CHUNK = 512
 
 
 @triton.jit
@@ -45,6 +47,45 @@ def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, 
     return tl.where(keep, e, EP - 1), w
 
 
+@triton.jit
+def _lay_out_blocks(counts, bins, cursor_ptr, npp_ptr, block_expert_ptr, cap, E: tl.constexpr, BM: tl.constexpr,
+                    BCHUNK: tl.constexpr):  # fmt: skip
+    """From the experts' row counts: each expert's first slot (its cursor), the padded row count and
+    the expert of every block of BM slots."""
+    counts = tl.where(bins < E, counts, 0)  # the last bin also counted the rows past the end
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + bins, ends - padded)
+    tl.store(npp_ptr, tl.sum(padded, 0))
+    for b0 in range(0, cap // BM, BCHUNK):
+        b = b0 + tl.arange(0, BCHUNK)
+        be = tl.sum(((ends[None, :] <= b[:, None] * BM) & (bins[None, :] < E)).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.minimum(be, E - 1), mask=b < cap // BM)
+
+
+@triton.jit
+def _place(ids_ptr, w_ptr, sorted_ptr, cursor_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr,
+           E: tl.constexpr, EP: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
+    """Rows ``r`` into their experts' slots, one atomic cursor per expert."""
+    e, _ = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
+    mine = (r < n) & (e < E)
+    pos = tl.atomic_add(cursor_ptr + e, 1, mask=mine)
+    tl.store(sorted_ptr + pos, r, mask=mine)
+
+
+@triton.jit
+def _count(ids_ptr, w_ptr, w_out_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, EP: tl.constexpr,
+           SHARED: tl.constexpr):  # fmt: skip
+    """Rows ``r``' experts counted ([EP]: rows past the end and the shared slots left out land in the
+    last bin), their routing weights written."""
+    e, w = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
+    mine = r < n
+    if not SHARED:
+        mine = mine & (r % SLOTS < K)
+    tl.store(w_out_ptr + r, w, mask=mine)
+    return tl.histogram(e, EP)
+
+
 @triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
 def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
                      cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
@@ -54,32 +95,48 @@ def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_ou
     bins = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
-        r = c0 + tl.arange(0, CHUNK)
-        e, w = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
-        mine = r < n
-        if not SHARED:
-            mine = mine & (r % SLOTS < K)
-        tl.store(w_out_ptr + r, w, mask=mine)
-        counts += tl.histogram(e, EP)
-    counts = tl.where(bins < E, counts, 0)  # the last bin also counted the rows past the end
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, 0)
-    tl.store(cursor_ptr + bins, ends - padded)
-    tl.store(npp_ptr, tl.sum(padded, 0))
+        counts += _count(ids_ptr, w_ptr, w_out_ptr, c0 + tl.arange(0, CHUNK), n, n_routed, K, SLOTS, EP, SHARED)
+    _lay_out_blocks(counts, bins, cursor_ptr, npp_ptr, block_expert_ptr, cap, E, BM, BCHUNK)
     for c0 in range(0, cap, CHUNK):
         p = c0 + tl.arange(0, CHUNK)
         tl.store(sorted_ptr + p, n, mask=p < cap)  # padding rows read as n (past the end)
-    for b0 in range(0, cap // BM, BCHUNK):
-        b = b0 + tl.arange(0, BCHUNK)
-        be = tl.sum(((ends[None, :] <= b[:, None] * BM) & (bins[None, :] < E)).to(tl.int32), 1)
-        tl.store(block_expert_ptr + b, tl.minimum(be, E - 1), mask=b < cap // BM)
     tl.debug_barrier()  # cursors and the padding fill are in place before any row is
     for c0 in range(0, n, CHUNK):
-        r = c0 + tl.arange(0, CHUNK)
-        e, _ = _slot(ids_ptr, w_ptr, r, n, n_routed, K, SLOTS, EP, SHARED)
-        mine = (r < n) & (e < E)
-        pos = tl.atomic_add(cursor_ptr + e, 1, mask=mine)
-        tl.store(sorted_ptr + pos, r, mask=mine)
+        _place(ids_ptr, w_ptr, sorted_ptr, cursor_ptr, c0 + tl.arange(0, CHUNK), n, n_routed, K, SLOTS, E, EP,
+               SHARED)  # fmt: skip
+
+
+# Large batches: the same three steps as three launches of many programs (the one program above walks
+# every row: at 4096 tokens of Qwen1.5, 32768 rows, torch's sort took about 80 us of the layer on the H200,
+# benchmarks/results/profile_fp8_prefill_h200_s12.txt)
+@triton.jit(do_not_specialize=["n", "cap"])
+def align_count_kernel(ids_ptr, w_ptr, sorted_ptr, counts_ptr, w_out_ptr, n, n_routed, cap, K: tl.constexpr,
+                       SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, CHUNK: tl.constexpr,
+                       SHARED: tl.constexpr):  # fmt: skip
+    c = tl.program_id(0)
+    bins = tl.arange(0, EP)
+    hist = _count(ids_ptr, w_ptr, w_out_ptr, c * CHUNK + tl.arange(0, CHUNK), n, n_routed, K, SLOTS, EP, SHARED)
+    tl.atomic_add(counts_ptr + bins, hist, mask=bins < E)
+    # this program's share of the padding fill (before the placement launch writes rows)
+    share = tl.cdiv(cap, tl.num_programs(0))
+    for p0 in range(c * share, (c + 1) * share, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + p, n, mask=(p < cap) & (p < (c + 1) * share))
+
+
+@triton.jit(do_not_specialize=["cap"])
+def align_blocks_kernel(counts_ptr, cursor_ptr, npp_ptr, block_expert_ptr, cap, E: tl.constexpr, EP: tl.constexpr,
+                        BM: tl.constexpr, BCHUNK: tl.constexpr):  # fmt: skip
+    bins = tl.arange(0, EP)
+    counts = tl.load(counts_ptr + bins, mask=bins < E, other=0)
+    _lay_out_blocks(counts, bins, cursor_ptr, npp_ptr, block_expert_ptr, cap, E, BM, BCHUNK)
+
+
+@triton.jit(do_not_specialize=["n"])
+def align_place_kernel(ids_ptr, w_ptr, sorted_ptr, cursor_ptr, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr,
+                       E: tl.constexpr, EP: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
+    r = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    _place(ids_ptr, w_ptr, sorted_ptr, cursor_ptr, r, n, n_routed, K, SLOTS, E, EP, SHARED)
 
 
 def capacity(rows: int, n_experts: int, bm: int) -> int:
@@ -104,26 +161,30 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_
     dev = topk_ids.device
     if w is None:
         w = torch.empty(rows, dtype=torch.float32, device=dev)
-    if rows > KERNEL_MAX_ROWS:
-        if not shared:
-            raise ValueError(f"the routed rows apart from the shared ones take the kernel: at most "
-                             f"{KERNEL_MAX_ROWS} rows, not {rows}")  # fmt: skip
-        ids, w_all = extend_routing(topk_ids, topk_weights, n_experts, n_routed)
-        w.copy_(w_all.reshape(-1))
-        return (*sort_rows(ids.reshape(-1), n_experts, bm), w)
     placed = n_experts if shared else n_routed
     cap = capacity(rows if shared else t * k, placed, bm)
     sorted_ids = torch.empty(cap, dtype=torch.int64, device=dev)
     block_expert = torch.empty(cap // bm, dtype=torch.int64, device=dev)
     npp = torch.empty(1, dtype=torch.int64, device=dev)
     ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
+    ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
+    if rows > KERNEL_MAX_ROWS:
+        counts = torch.zeros(ep, dtype=torch.int32, device=dev)
+        cursor = torch.empty(ep, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(rows, LARGE_CHUNK),)
+        align_count_kernel[grid](ids, tw, sorted_ids, counts, w, rows, n_routed, cap, K=k, SLOTS=slots, E=placed,
+                                 EP=ep, CHUNK=LARGE_CHUNK, SHARED=shared, num_warps=4)  # fmt: skip
+        align_blocks_kernel[(1,)](counts, cursor, npp, block_expert, cap, E=placed, EP=ep, BM=bm, BCHUNK=64,
+                                  num_warps=8)  # fmt: skip
+        align_place_kernel[grid](ids, tw, sorted_ids, cursor, rows, n_routed, K=k, SLOTS=slots, E=placed, EP=ep,
+                                 CHUNK=LARGE_CHUNK, SHARED=shared, num_warps=4)  # fmt: skip
+        return sorted_ids, block_expert, npp, w
     cursor = torch.empty(ep, dtype=torch.int32, device=dev)
     # CHUNK at least 256: 8 warps hold 256 lanes whatever the tensor, so smaller chunks cost the
     # same time and only add compiled variants
-    moe_align_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), sorted_ids, block_expert, npp, w,
-                           cursor, rows, n_routed, cap, K=k, SLOTS=slots, E=placed, EP=ep, BM=bm,
-                           CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))), BCHUNK=64, SHARED=shared,
-                           num_warps=8)  # fmt: skip
+    moe_align_kernel[(1,)](ids, tw, sorted_ids, block_expert, npp, w, cursor, rows, n_routed, cap, K=k, SLOTS=slots,
+                           E=placed, EP=ep, BM=bm, CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))),
+                           BCHUNK=64, SHARED=shared, num_warps=8)  # fmt: skip
     return sorted_ids, block_expert, npp, w
 
 
@@ -174,24 +235,3 @@ def extend_routing(
         ids = torch.cat([ids, torch.arange(n_routed, n_experts, device=dev).expand(t, n_shared)], dim=1)
         w = torch.cat([w, torch.ones(t, n_shared, device=dev)], dim=1)
     return ids, w
-
-
-def sort_rows(flat_ids: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The torch version (large batches): rows sorted by expert (stable), each expert padded to bm."""
-    n = flat_ids.numel()
-    dev = flat_ids.device
-    # index_add_, not bincount: bincount syncs with the host on CUDA, which breaks graph capture
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).index_add_(0, flat_ids, torch.ones_like(flat_ids))
-    padded = (counts + bm - 1) // bm * bm
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.argsort(flat_ids, stable=True)
-    e_sorted = flat_ids[order]
-    first = torch.cumsum(counts, 0) - counts
-    pos = starts[e_sorted] + torch.arange(n, device=dev) - first[e_sorted]
-    cap = capacity(n, n_experts, bm)
-    sorted_ids = torch.full((cap,), n, dtype=torch.int64, device=dev)
-    sorted_ids[pos] = order
-    block_starts = torch.arange(0, cap, bm, device=dev)
-    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp(max=n_experts - 1)
-    return sorted_ids, block_expert, ends[-1:].clone()

@@ -21,8 +21,6 @@ POISON = float("nan")
 LAYOUTS = {
     "prefill": dict(swap=False, scale_after=False, split=1),
     "swapped": dict(swap=True, scale_after=False, split=1),
-    # prefill tiles with the weights as the wgmma's A operand (benchmarks/moe_layer.py PREFILL_VARIANTS)
-    "swapped-prefill": dict(swap=True, scale_after=False, split=1, bm=64, bn=128, bk=128, warps=8, stages=3),
     "decode": dict(swap=True, scale_after=True, split=2),
     # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)
     "split-uneven": dict(swap=True, scale_after=True, split=3, bk=32),
@@ -221,7 +219,7 @@ def check_padded_slots_and_shared_gate(device: str) -> None:
     by_gate = mx_moe_forward(x, ids, w, gu, dn, 6, shared_gate=gate).float()
     ref = mx_moe_forward(x, ids, w, gu, dn, 6, torch.sigmoid(x.float() @ gate.float())[:, None]).float()
     assert ((by_gate - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()  # one bf16 rounding apart at most
-    ext_ids, ext_w = extend_routing(ids.cpu(), w.cpu(), 8, 6)  # large batches' torch alignment: the same rule
+    ext_ids, ext_w = extend_routing(ids.cpu(), w.cpu(), 8, 6)  # the references' routing: the same rule
     assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()
 
 

@@ -168,7 +168,7 @@ def test_padded_slots_and_the_shared_gate_are_handled_inside_the_launches():
     check_padded_slots_and_shared_gate("cpu")
 
 
-def test_whole_layer_weight_only_mix():
+def test_whole_layer_weight_only_mix(alignment):
     assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a16"], 12, 128, 128, 8, 2, 2, "cpu", seed=1) < BOUND
 
 
@@ -184,11 +184,23 @@ def _check_alignment(sorted_ids, block_expert, npp, flat, bm):
     assert (sorted_ids[npp.item() :] == n).all()
 
 
-def test_alignment_pads_per_expert():
-    from mxkernels.align import sort_rows
+@pytest.fixture(params=["one launch", "large batch"])
+def alignment(request, monkeypatch):
+    """Which alignment runs: the one-program kernel, or (as above KERNEL_MAX_ROWS rows) the three launches
+    of many programs, here with chunks of 16 rows so that small cases take several programs."""
+    from mxkernels import align
+
+    if request.param == "large batch":
+        monkeypatch.setattr(align, "KERNEL_MAX_ROWS", 0)
+        monkeypatch.setattr(align, "LARGE_CHUNK", 16)
+    return request.param
+
+
+def test_alignment_pads_per_expert(alignment):
+    from mxkernels.align import route
 
     ids = torch.tensor([3, 0, 3, 3, 1, 0, 3])
-    sorted_ids, block_expert, npp = sort_rows(ids, 5, 2)
+    sorted_ids, block_expert, npp, _ = route(ids.view(-1, 1).int(), torch.rand(7, 1), 5, 5, 2)
     assert npp.item() == 2 + 2 + 4  # experts 0, 1, 3 padded to blocks of 2; 2 and 4 empty
     _check_alignment(sorted_ids, block_expert, npp, ids, 2)
 
@@ -196,8 +208,8 @@ def test_alignment_pads_per_expert():
 @pytest.mark.parametrize(
     "t,k,routed,shared,bm", [(7, 1, 5, 0, 2), (9, 2, 6, 2, 4), (40, 4, 60, 4, 16), (1, 8, 8, 0, 16)]
 )
-def test_alignment_kernel_places_every_row_once(t, k, routed, shared, bm):
-    # the one-launch kernel: shared experts appended to every token, the routing weights beside
+def test_alignment_kernel_places_every_row_once(t, k, routed, shared, bm, alignment):
+    # shared experts appended to every token, the routing weights beside
     from mxkernels.align import extend_routing, route
 
     gen = torch.Generator().manual_seed(t)
@@ -223,7 +235,7 @@ def test_alignment_capacity_pads_only_the_experts_that_can_get_rows():
 
 
 @pytest.mark.parametrize("t,k,routed,shared,bm", [(9, 2, 6, 2, 4), (5, 4, 60, 4, 16), (1, 4, 60, 4, 1)])
-def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, bm):
+def test_alignment_lays_out_routed_and_shared_rows_apart(t, k, routed, shared, bm, alignment):
     # the routed rows by the alignment kernel alone, the shared ones by shared_rows (another stream at
     # decode): together every row once, each block one expert's, and the weights of the one launch
     from mxkernels.align import extend_routing, route, shared_rows
@@ -338,16 +350,14 @@ def test_committed_tile_tables_load_and_give_launchable_tiles():
             assert tuple(getattr(t, k) for k in keys) == tuple(e.tiles[k] for k in keys)
 
 
-@pytest.mark.parametrize("swap", [False, True])
-def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path, swap):
+def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_path):
     """A committed tile table's entry (tile_table.py) replaces the rules' tiles for its layer shape,
-    scheme class and rows-per-expert bucket, and the layer still computes right with it; swap: an
-    entry with the weights as the MMA's A operand (tune_tiles.py's SWAP_GRID)."""
+    scheme class and rows-per-expert bucket, and the layer still computes right with it."""
     import mxkernels.moe as moe
     from mxkernels.tile_table import TileEntry, TileTable, codes_class
 
     names = ["w4a16g128", "w2a16g32", "w8a16", "bf16"]
-    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2} | ({"swap": True} if swap else {})
+    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2}
     entries = [TileEntry(128, 128, "weight-only", 64, tuned), TileEntry(128, 128, "fp8", 64, {"bm": 16})]
     TileTable("test", entries).save(str(tmp_path / "t.json"))
     table = TileTable.from_json(json.loads((tmp_path / "t.json").read_text()))  # through its JSON form
@@ -366,6 +376,6 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     monkeypatch.setattr(moe, "_gemm", lambda *a: (seen.append(a[-1]), gemm(*a))[1])
     # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
-    assert {(t.bm, t.bn, t.bk, t.stages, t.swap) for launches in seen for _, t in launches} == {(64, 32, 32, 2, swap)}
+    assert {(t.bm, t.bn, t.bk, t.stages, t.swap) for launches in seen for _, t in launches} == {(64, 32, 32, 2, False)}
     for key, e in errs.items():
         assert e < BOUND, (key, e)

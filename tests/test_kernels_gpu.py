@@ -141,6 +141,12 @@ def test_whole_layer_real_shapes():
     assert layer_error(["bf16", "w4a16g128", "w2a16g128", "w8a8fp8"], 200, 2048, 1408, 16, 2, 4, "cuda", 1) < 3e-2
 
 
+def test_whole_layer_large_batch_alignment_and_fp8_rows():
+    # 1100 tokens x 6 slots: above align.KERNEL_MAX_ROWS, so the alignment's three many-program launches,
+    # and fp8 experts' per-token rows from act_quant's kernel, in one layer
+    assert layer_error(["w8a8fp8", "w4a16g128", "bf16", "w8a8"], 1100, 2048, 1408, 16, 2, 4, "cuda", 2) < 3e-2
+
+
 def test_runtime_layer_uses_kernels_on_cuda(tiny_models):
     from mxserve.checkpoint import install_layers, layout, quantize_layers
     from mxserve.models.adapters import moe_layers

@@ -80,8 +80,12 @@ os.environ["MXSERVE_GLUON_FMA"] = "1"
 out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmetic (inline PTX)
 out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
-# each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token
 os.environ.pop("MXSERVE_GLUON_FMA")
+# a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
+# the alignment's three launches and the per-token quantization's
+fp8 = ("w8a8fp8", "w4a16g128") * 9
+out["prefill_fp8"] = compare(LayerKernels(256, 256, 16, 2, fp8, fp8), 2100, 0)
+# each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token
 rec = record_variants(layers[:1], [1], target, 132, codes)
 out["grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 print(json.dumps(out))
@@ -103,7 +107,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
-    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed"):
+    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "prefill_fp8"):
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -113,6 +117,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
+    assert {"align_count", "align_blocks", "align_place", "row_quant"} <= set(out["prefill_fp8"]["kernels"])
+    assert "align" not in out["prefill_fp8"]["kernels"]
     # at 1 token the shared experts' two GEMMs, then the routed ones: a program per row (2 shared experts,
     # top-2 routed) and per 64 columns (I = H = 256), K split alike in the two launches of a GEMM
     grids = out["grids"]
