@@ -253,17 +253,6 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "shared in the routed launches": {"shared_apart": False},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
-# prefill layouts of the weight-only layers, timed above DECODE_TOKENS beside the picked (tuned) one: the
-# weights as the wgmma's A operand (SWAP), so that the dequantized tile reaches it through matrix stores
-# (STSM) and registers, with the wgmma left in flight across K tiles. The picked layout stores it to
-# shared memory 2 bytes at a time (128 STS.U16 a thread per K tile for gate/up) and waits for each wgmma
-# (sm_90 SASS, eleventh session). These tiles compile without spills for gate/up and down, with the wgmma in
-# flight (BK 64 waits for each).
-PREFILL_VARIANTS = {
-    f"weights as the A operand, BM {bm} BN {bn} BK {bk}, {w} warps, {st} stages": {
-        "swap": True, "bm": bm, "bn": bn, "bk": bk, "warps": w, "stages": st}
-    for bm, bn, bk, w, st in ((64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 3), (64, 64, 128, 4, 3))
-}  # fmt: skip
 
 
 def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None,
@@ -338,8 +327,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | layouts \
                     if vname.removeprefix("ours ") in (plans or {}) else {}  # fmt: skip
                 timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
-                if t > DECODE_TOKENS:  # prefill: the weight-only layers with the weights as the MMA's A operand
-                    timed = PREFILL_VARIANTS if vname in ("ours mixed", "ours w4a16g128") and not ours_only else {}
+                if t > DECODE_TOKENS:  # prefill: the picked (tuned) layout only
+                    timed = {}
                 if timed:
                     for label, ov in timed.items():
                         if ov == "double":
