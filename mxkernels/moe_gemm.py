@@ -520,6 +520,12 @@ def mx_moe_gemm_kernel(
         K = tl.multiple_of(K, 128)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if SWAP:  # decode: programs taken N tile first, as the Gluon kernel takes them (moe_gemm_gluon.py says why)
+        lin = pid_m + tl.num_programs(0) * (pid_n + tl.num_programs(1) * pid_s)
+        pid_n = lin % tl.num_programs(1)
+        pid_s = (lin // tl.num_programs(1)) % tl.num_programs(2)
+        pid_m = lin // (tl.num_programs(1) * tl.num_programs(2))
     if pid_m * BM >= tl.load(num_post_pad_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
@@ -534,7 +540,7 @@ def mx_moe_gemm_kernel(
     mask_n = cols < N
     # this program's share of K: whole BK tiles, so a tile still has one quantization group
     k_per = tl.cdiv(tl.cdiv(K, BK), split) * BK
-    k_lo = tl.program_id(2) * k_per
+    k_lo = pid_s * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
     # arena offsets are multiples of 16 elements (build_arena pads): say so, or loads stay scalar
     w_off = tl.multiple_of(tl.load(meta + 1), 16)
@@ -550,7 +556,7 @@ def mx_moe_gemm_kernel(
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K, one,
                            CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH, FOLD_Z)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
-    out = out_ptr + tl.program_id(2) * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
+    out = out_ptr + pid_s * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:
         if PARTIAL:
             # fp32 partial sums of gate and up side by side; the SiLU comes after the sum (moe.py)
