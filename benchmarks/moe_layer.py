@@ -248,6 +248,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout, the Gluon MMA kernel's padding slots loading no activations (tenth session: at 8
     # tokens most of a block's 8 slots are padding, and each warp loads the block's activations)
     "Gluon, padding not loaded": {"skip_pad": True},
+    # K split in proportion to each expert's bits (twelfth session's ncu: the launch ends with its widest
+    # experts' programs), up to 2 and 4 ways for the widest code
+    "Gluon, K split by bits, 2": {"split": 2, "split_bits": True},
+    "Gluon, K split by bits, 4": {"split": 4, "split_bits": True},
     # the picked layout with the shared experts inside the routed experts' launches (as before the
     # seventh session), not in launches of their own on a second stream
     "shared in the routed launches": {"shared_apart": False},

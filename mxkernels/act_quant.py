@@ -2,9 +2,10 @@
 
 Experts whose activations are quantized per token (fp8, int8 MMA) need each
 row's absolute maximum, and the fp8 ones the row in float8_e4m3fn. In torch
-that is six kernels over the whole input (abs, amax, to fp32, divide, to fp8),
-which on the H200 took 690 us of a 1520 us fp8 layer at 4096 tokens, beside
-835 us of GEMMs (benchmarks/results/profile_fp8_prefill_h200_s12.txt): the down
+that is five passes over the whole input (abs, amax, a copy to fp32, a divide,
+the fp8 cast), which on the H200 took 508 of the 1500 us of kernels of an fp8
+layer at 4096 tokens, beside 835 us of GEMMs
+(benchmarks/results/profile_fp8_prefill_h200_s12.txt): the down
 GEMM's input there is 32768 rows of 1408. Here each row is read once for its
 maximum and once more from cache for the codes; the result is the same as
 ``(a.float() / (amax.clamp(min=1e-8) / 448)).to(float8_e4m3fn)``.

@@ -55,6 +55,10 @@ class Tiles:
     # its own BK, and BN 64 unless bn asks for 128); with fma: the Gluon CUDA-core kernel (moe_gemm_gluon_fma.py)
     packed: bool = False  # with fma and gluon: 1, 2 and 4-bit codes in packed bf16 pairs (_product_packed)
     skip_pad: bool = False  # the Gluon MMA kernel: a block's padding slots load no activations (masked)
+    # the Gluon MMA kernel: K split in proportion to each expert's bits (``split`` for the widest code of
+    # the launch, fewer for narrower ones; the rest of its programs store zeros), so that a w8 expert's
+    # programs walk as many bytes as a w2 one's (code_splits)
+    split_bits: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -280,14 +284,24 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
     codes &= KERNEL_CODES
+    splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
-        num_valid, a_div, tiles.split, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
+        num_valid, a_div, tiles.split, splits, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
         PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad, num_warps=WARPS,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
+
+
+def code_splits(codes_mask: int, split: int) -> int:
+    """K splits per kernel code (4 bits each, code c at bit 4c) for Tiles.split_bits: ``split`` for the
+    widest code in ``codes_mask``, and in proportion to bits for the others (at least 1)."""
+    bits = {0: 16, 1: 1, 2: 2, 3: 3, 4: 4, 5: 8}  # the Gluon kernel's codes (moe_gemm_gluon.KERNEL_CODES)
+    present = [c for c in bits if codes_mask >> c & 1]
+    widest = max((bits[c] for c in present), default=1)
+    return sum(min(15, max(1, round(split * bits[c] / widest))) << (4 * c) for c in present)
 
 
 def _gluon_fma_kernel():

@@ -266,11 +266,11 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     return acc, acc2
 
 
-@gluon.jit(do_not_specialize=["num_valid", "split", "magic"])
+@gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, N, K, num_valid, a_div, split, magic, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-                             BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
+                             zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
+                             CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
                              SKIP_PAD: gl.constexpr = False):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
@@ -315,6 +315,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     # SKIP_PAD: padding slots are token -1 and load nothing (at 1 or 2 rows per expert most of a block's
     # 8 slots are padding, and every warp loads the block's activations); otherwise they read token 0
     toks = gl.where(ids_x < num_valid, ids_x // a_div, -1 if SKIP_PAD else 0)
+    if code_splits != 0:  # K split by the expert's bits (moe.code_splits): programs past its split store zeros
+        split = (code_splits >> (4 * code)) & 15
     k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
     k_lo = pid_s * k_per
     k_hi = gl.minimum(K, k_lo + k_per)

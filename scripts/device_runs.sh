@@ -39,7 +39,8 @@
 #  17. (only when asked: `start 17 4 16 5`) the GPU tests of the eleventh session's kernel changes alone, so
 #      that the kernel-level runs (prefill, fp8 tiles, ncu, cold start) go first and end to end waits.
 #  18. (only when asked: `start 18`) the twelfth session's changes: the fused per-token quantization's and the
-#      Gluon kernel's GPU tests beside the checkpoints, prefill (fp8), end to end in rounds, cold start.
+#      Gluon kernel's GPU tests beside the checkpoints, prefill (fp8), the K split by bits, end to end in rounds,
+#      cold start.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -321,8 +322,9 @@ phase18() {
   # per-token quantization (mxkernels/act_quant.py, bit for bit against torch's ops; every scheme's GEMMs, fp8
   # included, take it) and of the Gluon kernel's program order (split and block variants); (1) prefill at 4096
   # and 8192 tokens against every baseline: fp8 with the fused quantization and the re-tuned tiles (the torch
-  # ops took 690 of 1520 us at 4096 tokens); (2) end to end in three timed rounds (the Gluon kernel's new order
-  # took the served tiers' layer from 71 to 58 us at 8 tokens); (3) cold start
+  # ops took 508 of 1500 us at 4096 tokens) and the many-program alignment; the decode layer with K split by
+  # each expert's bits; (2) end to end in three timed rounds (the Gluon kernel's new order took the served
+  # tiers' layer from 71 to 58 us at 8 tokens); (3) cold start
   mkdir -p $res/tests
   prep &
   python3 -m pytest -q -m gpu tests/test_act_quant.py tests/test_kernels_gpu.py --basetemp=/tmp/pt_k -rA \
@@ -330,6 +332,10 @@ phase18() {
   say "kernel tests s12 rc=$?"
   wait
   phase4
+  # the Gluon kernel's K split by each expert's bits (Tiles.split_bits), beside the picked layout and Marlin
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 8 16 64 --layouts 'split by bits' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/split_bits > $res/split_bits.log 2>&1
+  say "moe_layer K split by bits rc=$?"
   e2e_early METRICS=1
   phase5
 }

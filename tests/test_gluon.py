@@ -69,18 +69,25 @@ def interpreted_gluon(monkeypatch):
 
 
 # each block shape unsplit, and split with an empty split for the 8-row blocks the launch picks; the
-# padding slots loading no activations (skip_pad), at 8 and 16 rows per block
-@pytest.mark.parametrize("bm, bn, split, skip_pad", [(16, 64, 1, False), (8, 64, 1, False), (8, 64, 3, False),
-                                                      (8, 128, 1, False), (8, 128, 3, False), (8, 64, 3, True),
-                                                      (16, 128, 1, True)])  # fmt: skip
-def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn, skip_pad):
+# padding slots loading no activations (skip_pad), at 8 and 16 rows per block; K split by each expert's
+# bits (split_bits: bf16 experts 3 ways, 8-bit 2, the narrower ones 1, the rest of their programs zeros)
+@pytest.mark.parametrize("bm, bn, split, skip_pad, split_bits", [
+    (16, 64, 1, False, False), (8, 64, 1, False, False), (8, 64, 3, False, False), (8, 128, 1, False, False),
+    (8, 128, 3, False, False), (8, 64, 3, True, False), (16, 128, 1, True, False), (8, 64, 3, False, True)])
+def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm, bn, skip_pad, split_bits,
+                                                    monkeypatch):  # fmt: skip
     # every scheme the kernel has, mixed; 18 routed experts, half of them empty. H = I = 256: two K tiles
     # of each GEMM, so split 3 leaves one split empty
+    from mxkernels import moe
+
+    taken = []
+    monkeypatch.setattr(moe, "code_splits", lambda *a, f=moe.code_splits: taken.append(f(*a)) or taken[-1])
     errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=11, split=split, bm=bm, bn=bn,
-                       skip_pad=skip_pad, **GLUON)  # fmt: skip
+                       skip_pad=skip_pad, split_bits=split_bits, **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
+    assert bool(taken) == split_bits and all(taken)  # every launch got its splits per code
 
 
 def test_gluon_kernel_grouped_dispatch_in_the_interpreter(interpreted_gluon):
@@ -288,3 +295,15 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert moe._as_gluon(decode, 8.5, 2048, 0b10100, {}).bm == 8
     assert moe._as_gluon(decode, 8.5, 2048, 0b11100, {}).bm == 16
     assert moe._as_gluon(decode, 16.0, 2048, 0b10100, {}).bm == 16
+
+
+def test_code_splits_follow_the_bits_of_the_launchs_codes():
+    from mxkernels.moe import code_splits
+
+    def per_code(packed):
+        return {c: packed >> (4 * c) & 15 for c in range(6) if packed >> (4 * c) & 15}
+
+    # the served tiers' codes (w8, w4, w3, w2) split 4 ways at most: w8 4, w4 2, w3 2 (1.5 rounds to 2), w2 1
+    assert per_code(code_splits(0b111100, 4)) == {5: 4, 4: 2, 3: 2, 2: 1}
+    assert per_code(code_splits(0b000111, 3)) == {0: 3, 1: 1, 2: 1}  # bf16 the widest
+    assert per_code(code_splits(0b000100, 2)) == {2: 2}  # one code: the launch's split

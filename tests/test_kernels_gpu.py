@@ -49,12 +49,14 @@ def test_gemms_odd_sizes_decode_layouts(layout):
 
 
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("bm, bn, skip_pad", [(16, 64, False), (8, 64, False), (8, 128, False), (8, 64, True)])
-def test_gluon_kernel_real_shapes(split, bm, bn, skip_pad):
+@pytest.mark.parametrize("bm, bn, skip_pad, split_bits", [(16, 64, False, False), (8, 64, False, False),
+                                                          (8, 128, False, False), (8, 64, True, False),
+                                                          (8, 64, False, True)])  # fmt: skip
+def test_gluon_kernel_real_shapes(split, bm, bn, skip_pad, split_bits):
     # the Gluon kernel (weights into MMA registers): the schemes it runs, mixed; BN 128: two MMA tiles per warp;
-    # skip_pad: a block's padding slots load no activations
+    # skip_pad: a block's padding slots load no activations; split_bits: K split by each expert's bits
     errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=7, split=split, bm=bm, bn=bn,
-                       skip_pad=skip_pad, **GLUON)  # fmt: skip
+                       skip_pad=skip_pad, split_bits=split_bits, **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < 2e-2, (key, split, e)
