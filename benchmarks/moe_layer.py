@@ -257,6 +257,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "shared in the routed launches": {"shared_apart": False},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
+# prefill layouts of the weight-only layers, timed above DECODE_TOKENS beside the picked (tuned) one: the
+# tile dequantized K-major and transposed into the MMA (Tiles.kmajor). The picked layout stores it to shared
+# memory 2 bytes at a time (128 STS.U16 a thread per K tile for w4 gate/up); K-major, 16 STS.128, and the
+# mixed code set's gate/up spills less (sm_90 SASS, tests/test_prefill_sass.py)
+PREFILL_VARIANTS = {"K-major dequantized tile": {"kmajor": True}}
 
 
 def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None,
@@ -331,8 +336,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | layouts \
                     if vname.removeprefix("ours ") in (plans or {}) else {}  # fmt: skip
                 timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
-                if t > DECODE_TOKENS:  # prefill: the picked (tuned) layout only
-                    timed = {}
+                if t > DECODE_TOKENS:  # prefill: the weight-only layers' prefill variants
+                    timed = PREFILL_VARIANTS if vname in ("ours mixed", "ours w4a16g128") and not ours_only else {}
                 if timed:
                     for label, ov in timed.items():
                         if ov == "double":

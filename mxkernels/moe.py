@@ -59,6 +59,9 @@ class Tiles:
     # the launch, fewer for narrower ones; the rest of its programs store zeros), so that a w8 expert's
     # programs walk as many bytes as a w2 one's (code_splits)
     split_bits: bool = False
+    # weight-only prefill (no swap): the tile dequantized K-major and transposed into the MMA, so its
+    # stores into shared memory are K-contiguous vectors (moe_gemm._mm_wonly)
+    kmajor: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -256,6 +259,7 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         K128=arena.k % 128 == 0,
         PREFETCH=tiles.prefetch,
         FOLD_Z=tiles.fold_zero and tiles.fma,
+        KMAJOR=tiles.kmajor,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),

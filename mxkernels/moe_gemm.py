@@ -277,7 +277,8 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 
 @triton.jit
 def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS: tl.constexpr,
-                SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
+                SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr, FOLD_Z: tl.constexpr,
+                KMAJOR: tl.constexpr = False):  # fmt: skip
     """A K tile's product from its codes ``q``. FOLD_Z (CUDA-core products): the zero point is taken off
     each weight (one add per weight) instead of off the sum (z * sum(a): a reduction of the tile's
     activations over the whole program, two barriers per K tile in the sm_90 SASS)."""
@@ -301,6 +302,8 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
             r = _dot(a, wq - _per_n(z, SWAP), SWAP, F32) * _per_n(s, SWAP)
         else:
             r = (_dot(a, wq, SWAP, F32) - _per_n(z, SWAP) * _per_m(asum, SWAP)) * _per_n(s, SWAP)
+    elif KMAJOR:  # q is [BN, BK] (_mm_wonly): dequantized so, then transposed into the MMA
+        r = _dot(a, tl.trans(_bf16((q.to(tl.float32) - z[:, None]) * s[:, None], F32)), SWAP, F32)
     else:
         r = _dot(a, _bf16((q.to(tl.float32) - _per_n(z, SWAP)) * _per_n(s, SWAP), F32), SWAP, F32)
     return r
@@ -310,7 +313,8 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
 def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off, group, cols, n_up,
               mask_n, k_lo, k_hi, K, one, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr,
-              F32: tl.constexpr, K128: tl.constexpr, PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
+              F32: tl.constexpr, K128: tl.constexpr, PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr,
+              KMAJOR: tl.constexpr = False):  # fmt: skip
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
@@ -340,18 +344,21 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
                                     FOLD_Z)  # fmt: skip
             a, g_hi, g_lo, u_hi, u_lo = a_next, g_hi2, g_lo2, u_hi2, u_lo2
     else:
+        # KMAJOR (prefill, weights on the N side): the codes unpacked as [BN, BK], each thread's along K,
+        # so that the dequantized tile goes to the MMA's shared memory in K-contiguous vectors
+        WS: tl.constexpr = 1 if KMAJOR else SWAP
         for k0 in range(k_lo, k_hi, BK):
             a = _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K)
             asum = tl.sum(a.to(tl.float32), axis=1)  # unused (and removed) unless SCALE_AFTER
-            hi, lo = _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, SWAP, K128)
-            q = _wonly_codes(hi, lo, one, BITS, BK, SWAP)
+            hi, lo = _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, WS, K128)
+            q = _wonly_codes(hi, lo, one, BITS, BK, WS)
             acc += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS,
-                               SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
+                               SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR)  # fmt: skip
             if PAIR:
-                hi, lo = _int_words(wi_ptr, w_off, cols + n_up, k0, K, mask_n, BITS, BK, SWAP, K128)
-                q = _wonly_codes(hi, lo, one, BITS, BK, SWAP)
+                hi, lo = _int_words(wi_ptr, w_off, cols + n_up, k0, K, mask_n, BITS, BK, WS, K128)
+                q = _wonly_codes(hi, lo, one, BITS, BK, WS)
                 acc2 += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols + n_up, mask_n,
-                                    k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
+                                    k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR)  # fmt: skip
     return acc, acc2
 
 
@@ -444,7 +451,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
                  w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, one, CODES: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
                  SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr,
-                 PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr):  # fmt: skip
+                 PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr, KMAJOR: tl.constexpr):  # fmt: skip
     """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
@@ -458,7 +465,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
             if code == c:
                 acc, acc2 = _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_off, z_off,
                                       group, cols, n_up, mask_n, k_lo, k_hi, K, one, c + 3 * (c == 5), BM, BN, BK,
-                                      SWAP, SCALE_AFTER, PAIR, F32, K128, PREFETCH, FOLD_Z)  # fmt: skip
+                                      SWAP, SCALE_AFTER, PAIR, F32, K128, PREFETCH, FOLD_Z, KMAJOR)  # fmt: skip
     if CODES & 64:
         if code == 6:
             acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
@@ -515,6 +522,7 @@ def mx_moe_gemm_kernel(
     K128: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,  # weight-only codes: load the next K tile first (CUDA-core path)
     FOLD_Z: tl.constexpr = False,  # weight-only codes: zero points off each weight (CUDA-core path)
+    KMAJOR: tl.constexpr = False,  # weight-only prefill (SWAP 0): dequantized K-major, transposed into the MMA
 ):
     if K128:  # K % 128 == 0: packed rows are whole 16-byte words, so code loads can be 16 bytes wide
         K = tl.multiple_of(K, 128)
@@ -554,7 +562,8 @@ def mx_moe_gemm_kernel(
     # GATE_UP: rows [0, N) of the expert's fused weight are gate, [N, 2N) up: one loop for both
     res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K, one,
-                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH, FOLD_Z)  # fmt: skip
+                           CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH, FOLD_Z,
+                           KMAJOR and not SWAP and not SCALE_AFTER)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + pid_s * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:

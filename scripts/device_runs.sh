@@ -322,13 +322,14 @@ phase18() {
   # per-token quantization (mxkernels/act_quant.py, bit for bit against torch's ops; every scheme's GEMMs, fp8
   # included, take it) and of the Gluon kernel's program order (split and block variants); (1) prefill at 4096
   # and 8192 tokens against every baseline: fp8 with the fused quantization and the re-tuned tiles (the torch
-  # ops took 508 of 1500 us at 4096 tokens) and the many-program alignment; the decode layer with K split by
+  # ops took 508 of 1500 us at 4096 tokens) and the many-program alignment, the weight-only layers also with
+  # their tiles dequantized K-major (moe_layer.PREFILL_VARIANTS); the decode layer with K split by
   # each expert's bits; (2) end to end in three timed rounds (the Gluon kernel's new order took the served
   # tiers' layer from 71 to 58 us at 8 tokens); (3) cold start
   mkdir -p $res/tests
   prep &
   python3 -m pytest -q -m gpu tests/test_act_quant.py tests/test_kernels_gpu.py --basetemp=/tmp/pt_k -rA \
-    -k "row_quant or all_schemes or gluon_kernel_real_shapes or whole_layer" -p no:cacheprovider > $res/tests/kernels_s12.log 2>&1
+    -k "row_quant or all_schemes or gluon_kernel_real_shapes or whole_layer or (every_layout and kmajor)" -p no:cacheprovider > $res/tests/kernels_s12.log 2>&1
   say "kernel tests s12 rc=$?"
   wait
   phase4

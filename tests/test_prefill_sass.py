@@ -6,9 +6,10 @@ import re
 from sass_tools import disassemble, in_fresh_process
 
 
-def _compile_prefill_sass(scheme: str, tokens: int) -> str:
-    """The SASS of the GEMM variants a Qwen1.5-shaped layer of ``scheme`` experts launches at ``tokens``
-    tokens with the H200's tuned tiles, gate/up first, through the launch path (precompile's recording)."""
+def _compile_prefill_sass(scheme: str, tokens: int, kmajor: bool = False) -> str:
+    """The SASS of the GEMM variants a Qwen1.5-shaped layer of ``scheme`` experts (a comma-separated
+    list: a mix, expert by expert) launches at ``tokens`` tokens with the H200's tuned tiles, gate/up
+    first, through the launch path (precompile's recording); ``kmajor``: with Tiles.kmajor."""
     import json
 
     import triton
@@ -20,8 +21,12 @@ def _compile_prefill_sass(scheme: str, tokens: int) -> str:
 
     target = GPUTarget("cuda", 90, 32)
     table = TileTable.from_json(json.load(open(f"{TABLE_DIR}/nvidia-h200.json")))
-    layer = LayerKernels(2048, 1408, 60, 4, (scheme,) * 64, (scheme,) * 64)
+    names = scheme.split(",")
+    schemes = tuple(names[e % len(names)] for e in range(64))
+    layer = LayerKernels(2048, 1408, 60, 4, schemes, schemes)
     gemms = [v for v in record_variants([layer], [tokens], target, 132, table=table).all() if v.kernel == "gemm"]
+    for v in gemms:
+        v.constexprs[(v.names().index("KMAJOR"),)] = kmajor
     return "\n=====\n".join(
         disassemble(triton.compile(ASTSource(KERNELS["gemm"], v.signature, v.constexprs, v.attrs), target=target,
                                    options=v.options), f"prefill{i}")
@@ -40,3 +45,19 @@ def test_fp8_prefill_accumulates_in_the_wgmma():
         assert len(chains) >= 4, "no fp8 wgmma in the prefill variant"
         assert all(src == dst for dst, src in chains), "a wgmma chain that does not accumulate into its result"
         assert not re.search(r"\b(STL|LDL)\b", sass), "local memory (spills) in the prefill variant"
+
+
+def test_kmajor_prefill_stores_the_dequantized_tile_in_16_byte_vectors():
+    # weight-only prefill: the dequantized [BK, BN] tile went to the MMA's shared memory 2 bytes at a time
+    # (128 STS.U16 a thread per K tile in gate/up). Dequantized as [BN, BK] and transposed into the MMA
+    # (Tiles.kmajor), each thread's values are K-contiguous there: 16-byte stores, and no more spills (the
+    # mixed code set's gate/up spilled before: 22 local loads and stores, 6 with kmajor)
+    for mix in ("w4a16g128", "w3a16g128,w2a16g128,w4a16g128,w8a16"):
+        plain, kmajor = (in_fresh_process("test_prefill_sass", f'_compile_prefill_sass("{mix}", 4096, {k})')
+                         .split("\n=====\n") for k in (False, True))  # fmt: skip
+        assert len(plain) == len(kmajor) == 2  # gate/up and down
+        for before, after in zip(plain, kmajor):
+            assert len(re.findall(r"STS\.U16", before)) >= 64, mix  # the fault this fixes
+            assert not re.search(r"STS\.U16", after), mix
+            assert len(re.findall(r"STS\.128", after)) > len(re.findall(r"STS\.128", before)), mix
+            assert len(re.findall(r"\b(STL|LDL)\b", after)) <= len(re.findall(r"\b(STL|LDL)\b", before)), mix
