@@ -258,10 +258,13 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 # prefill layouts of the weight-only layers, timed above DECODE_TOKENS beside the picked (tuned) one: the
-# tile dequantized K-major and transposed into the MMA (Tiles.kmajor). The picked layout stores it to shared
-# memory 2 bytes at a time (128 STS.U16 a thread per K tile for w4 gate/up); K-major, 16 STS.128, and the
-# mixed code set's gate/up spills less (sm_90 SASS, tests/test_prefill_sass.py)
-PREFILL_VARIANTS = {"K-major dequantized tile": {"kmajor": True}}
+# tile dequantized row-major, as before Tiles.kmajor became the default: stored to shared memory 2 bytes at
+# a time (128 STS.U16 a thread per K tile for w4 gate/up) where K-major takes 16 STS.128, and the mixed
+# code set's gate/up spills more (sm_90 SASS, tests/test_prefill_sass.py)
+# Then the weights dequantized in the GEMM's tiles and dequantized first (mxkernels/dequant.py), each forced
+# whatever the rows per expert (the picked layout takes the second from moe.DEQUANT_ROWS up)
+PREFILL_VARIANTS = {"row-major dequantized tile": {"kmajor": False, "dequant": False},
+                    "dequantized in the GEMM": {"dequant": False}, "dequantized first": {"dequant": True}}
 
 
 def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None,

@@ -15,7 +15,8 @@
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
 #                                                    # GPTQ copy the only one; NO_BF16=1: no bf16; PLAN=FILE NAME=N:
 #                                                    # mxserve's checkpoint from that plan instead of the committed one;
-#                                                    # METRICS=1: the GPTQ copy also with --enable-metrics)
+#                                                    # METRICS=1: the GPTQ copy also with --enable-metrics;
+#                                                    # METRICS_ONLY=1: only the GPTQ copy, with it)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
@@ -81,6 +82,9 @@ elif [ "$what" = qwen15-24 ]; then
   # METRICS=1: the GPTQ copy also with --enable-metrics, which mxserve launch always passes (its Prometheus
   # series): what SGLang's own metrics cost a decode step, on the CPU, where the GPU forward is equal
   [ -z "${METRICS:-}" ] || baselines+=(--sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
+    --plain-args "gptq-marlin-metrics=--enable-metrics")
+  # METRICS_ONLY=1: the GPTQ copy with --enable-metrics the only baseline (one call's worth of servers)
+  [ -z "${METRICS_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
     --plain-args "gptq-marlin-metrics=--enable-metrics")
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
     --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 \

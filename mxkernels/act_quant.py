@@ -6,9 +6,11 @@ that is five passes over the whole input (abs, amax, a copy to fp32, a divide,
 the fp8 cast), which on the H200 took 508 of the 1500 us of kernels of an fp8
 layer at 4096 tokens, beside 835 us of GEMMs
 (benchmarks/results/profile_fp8_prefill_h200_s12.txt): the down
-GEMM's input there is 32768 rows of 1408. Here each row is read once for its
-maximum and once more from cache for the codes; the result is the same as
-``(a.float() / (amax.clamp(min=1e-8) / 448)).to(float8_e4m3fn)``.
+GEMM's input there is 32768 rows of 1408. Here a row up to 4096 wide is read
+once and held in registers for both (longer ones twice, the second time from
+cache). The codes are ``(a.float() * inv[:, None]).to(float8_e4m3fn)`` with
+``inv`` the IEEE quotient 448 / amax.clamp(min=1e-8) of each row (torch's
+``448 / t`` rounds twice: ``t.reciprocal() * 448``).
 """
 
 from __future__ import annotations
@@ -17,37 +19,64 @@ import torch
 import triton
 import triton.language as tl
 
+from mxkernels.moe_gemm import INTERPRET
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_MOST_BLOCK = 4096  # elements a program holds at once; longer rows take several passes
+_MOST_BLOCK = 4096  # elements of a row a program holds at once; longer rows take several passes
+# elements a program holds: a row of the down GEMM's input (1408 wide in Qwen1.5) is too little work for
+# a program, so short rows go several to one (on the H200, a program per 1408-row, read twice, took 142 us
+# for the two GEMMs of a 4096-token fp8 layer, where its bytes take about 40)
+_PROGRAM_ELEMS = 8192
 
 
 @triton.jit
-def row_quant_kernel(a_ptr, amax_ptr, a8_ptr, K, stride, FP8: tl.constexpr, BLOCK: tl.constexpr,
-                     FP8_LIMIT: tl.constexpr):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)
-    row = a_ptr + r * stride
-    m = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.abs(tl.load(row + k, mask=k < K, other=0.0).to(tl.float32)))
-    amax = tl.max(m, 0)
-    tl.store(amax_ptr + r, amax)
-    if FP8:
-        # the torch ops' rounding: an IEEE quotient (Triton's "/" on fp32 is approximate), then
-        # round-to-nearest-even into e4m3 (|q| <= 448: nothing to saturate)
-        s = tl.math.div_rn(tl.maximum(amax, 1e-8), FP8_LIMIT)
+def row_quant_kernel(a_ptr, amax_ptr, a8_ptr, rows, K, stride, FP8: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FP8_LIMIT: tl.constexpr,
+                     ROUND: tl.constexpr):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    mask_r = r < rows
+    row = a_ptr + r[:, None] * stride
+    out = a8_ptr + r[:, None] * stride
+    k = tl.arange(0, BLOCK)[None, :]
+    if ONE_PASS:  # the rows fit a block: read once, kept in registers for the codes
+        mask = mask_r[:, None] & (k < K)
+        x = tl.load(row + k, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), 1)
+        tl.store(amax_ptr + r, amax, mask=mask_r)
+        if FP8:
+            tl.store(out + k, _fp8(x, amax, FP8_LIMIT, ROUND), mask=mask)
+    else:
+        m = tl.zeros([ROWS, BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
-            k = k0 + tl.arange(0, BLOCK)
-            x = tl.load(row + k, mask=k < K, other=0.0).to(tl.float32)
-            q = _e4m3_grid(tl.math.div_rn(x, tl.zeros_like(x) + s))
-            tl.store(a8_ptr + r * stride + k, q.to(tl.float8e4nv), mask=k < K)
+            mask = mask_r[:, None] & (k0 + k < K)
+            m = tl.maximum(m, tl.abs(tl.load(row + k0 + k, mask=mask, other=0.0).to(tl.float32)))
+        amax = tl.max(m, 1)
+        tl.store(amax_ptr + r, amax, mask=mask_r)
+        if FP8:  # the row again, from cache
+            for k0 in range(0, K, BLOCK):
+                mask = mask_r[:, None] & (k0 + k < K)
+                x = tl.load(row + k0 + k, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out + k0 + k, _fp8(x, amax, FP8_LIMIT, ROUND), mask=mask)
+
+
+@triton.jit
+def _fp8(x, amax, FP8_LIMIT: tl.constexpr, ROUND: tl.constexpr):
+    """``x`` [ROWS, BLOCK] in float8_e4m3fn at the scale amax / FP8_LIMIT of each row: times the row's
+    IEEE reciprocal of that scale (Triton's "/" on fp32 is approximate), then rounded to nearest even
+    into e4m3 (|q| <= 448: nothing to saturate). A quotient per element (div.rn) took 132 us for the two
+    GEMMs of a 4096-token fp8 layer on the H200: a call and a branch per element in the sm_90 SASS."""
+    inv = tl.math.div_rn(tl.zeros_like(amax) + FP8_LIMIT, tl.maximum(amax, 1e-8))
+    q = x * inv[:, None]
+    if ROUND:  # the interpreter: rounded here; the GPU's cvt rounds the same by itself
+        q = _e4m3_grid(q)
+    return q.to(tl.float8e4nv)
 
 
 @triton.jit
 def _e4m3_grid(q):
     """``q`` rounded to the nearest float8_e4m3fn value (ties to even), still in fp32, so that the
     conversion after is exact: Triton's interpreter (CI) drops the carry when rounding into fp8
-    (125.7 became 64), and the GPU's cvt gives these same values."""
+    (125.7 became 64); the GPU's cvt gives these same values (tests/test_act_quant.py on the H200)."""
     a = tl.abs(q)
     bits = a.to(tl.int32, bitcast=True)
     # normal range (from 2**-6): 3 mantissa bits kept, the 20 below rounded off
@@ -68,6 +97,8 @@ def row_quant(a: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
           else torch.empty(1, dtype=torch.float8_e4m3fn, device=a.device))  # fmt: skip
     if rows:
         block = min(_MOST_BLOCK, triton.next_power_of_2(k))
-        row_quant_kernel[(rows,)](a, amax, a8, k, a.stride(0), FP8=fp8, BLOCK=block, FP8_LIMIT=FP8_MAX,
-                                  num_warps=4 if block <= 2048 else 8)  # fmt: skip
+        per = max(1, _PROGRAM_ELEMS // block)
+        row_quant_kernel[(triton.cdiv(rows, per),)](
+            a, amax, a8, rows, k, a.stride(0), FP8=fp8, ROWS=per, BLOCK=block, ONE_PASS=block >= k,
+            FP8_LIMIT=FP8_MAX, ROUND=INTERPRET, num_warps=8)  # fmt: skip
     return amax, a8

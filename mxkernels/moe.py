@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from mxkernels import dequant
 from mxkernels.act_quant import row_quant
 from mxkernels.align import route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena
@@ -60,7 +61,7 @@ class Tiles:
     # programs walk as many bytes as a w2 one's (code_splits)
     split_bits: bool = False
     # weight-only prefill (no swap): the tile dequantized K-major and transposed into the MMA, so its
-    # stores into shared memory are K-contiguous vectors (moe_gemm._mm_wonly)
+    # stores into shared memory are K-contiguous vectors (moe_gemm._mm_wonly); pick_tiles' prefill default
     kmajor: bool = False
 
 
@@ -169,12 +170,14 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
             split = wave_split(int(math.ceil(work)), -(-k // bk), sms)
         # 128 registers: 4 programs per SM instead of 3, without spills (sm_90 SASS)
         tiles = Tiles(16, 64, bk, 4, 3, split, True, True, 128)
+    # prefill: weight-only tiles dequantized K-major (16-byte stores into shared memory; 6 to 8% off the
+    # w4 and mixed layers at 4096 and 8192 tokens on the H200, results/moe_layer_h200_s13_kmajor.md)
     elif per_expert <= 128:
-        tiles = Tiles(32, 64, 128, 4)
+        tiles = Tiles(32, 64, 128, 4, kmajor=True)
     elif per_expert <= 512:
-        tiles = Tiles(64, 128, 64, 4)
+        tiles = Tiles(64, 128, 64, 4, kmajor=True)
     else:
-        tiles = Tiles(128, 128, 64, 8)
+        tiles = Tiles(128, 128, 64, 8, kmajor=True)
     tiles = dataclasses.replace(tiles, **override) if override else tiles
     return dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))  # one scale per K tile
 
@@ -351,6 +354,25 @@ def gluon_codes(arena: Arena) -> int:
     return arena.kernel_mask & KERNEL_CODES
 
 
+# prefill on weights dequantized first (mxkernels/dequant.py), from this many rows per active expert up, for
+# layers with weight-only experts: MXSERVE_PREFILL_DEQUANT=0 never, =1 at every prefill (above DECODE_ROWS)
+DEQUANT_ROWS = 256
+PREFILL_DEQUANT = os.environ.get("MXSERVE_PREFILL_DEQUANT", "auto")
+
+
+def _dequant_first(per_expert: float, gate_up: Arena, down: Arena, asked: bool | None) -> bool:
+    """Whether a forward dequantizes its weight-only experts before the GEMMs (``asked``: the caller's
+    override, at any size), else by PREFILL_DEQUANT and the rows per expert."""
+    if not (gate_up.codes_mask | down.codes_mask) & dequant.WONLY_MASK:
+        return False
+    if asked is not None:
+        return asked
+    if PREFILL_DEQUANT not in ("auto", "0", "1"):
+        raise ValueError(f"MXSERVE_PREFILL_DEQUANT={PREFILL_DEQUANT!r}: auto, 0 or 1")
+    least = {"auto": DEQUANT_ROWS, "1": DECODE_ROWS + 1e-9, "0": float("inf")}[PREFILL_DEQUANT]
+    return per_expert >= least
+
+
 def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict) -> bool:
     """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS to DECODE_ROWS
     rows per expert, for layers whose both arenas' experts (a slab's: every candidate) it runs (the
@@ -431,6 +453,11 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     slots = top_k + gate_up.n_experts - n_routed
     rows, active, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
     dev = x.device
+    override = dict(override)
+    src_gu, src_dn = gate_up, down
+    dq = _dequant_first(per_expert, gate_up, down, override.pop("dequant", None))
+    if dq:  # the GEMMs run the views; dequantize() writes their weights as the forward launches
+        gate_up, down = dequant.dequantized_view(gate_up), dequant.dequantized_view(down)
     min_group = min(gate_up.min_group, down.min_group)
     codes = gate_up.codes_mask | down.codes_mask
     sms = multiprocessors(dev)
@@ -438,7 +465,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
-    gluon = _gluon_decode(dev, per_expert, gate_up, down, override)
+    gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
         override = {"fma": False, **override}
     fit = _split_fit(split_fit)
@@ -468,15 +495,20 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
-        _gemm(x, gate_up, inter if ws is None else ws, ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
+        # dequantized first: one scratch buffer, gate/up's weights then down's (the launches are in order)
+        scratch = torch.empty(max(map(dequant.scratch_elems, (gate_up, down))), dtype=torch.bfloat16,
+                              device=dev) if dq else None  # fmt: skip
+        gu = dequant.dequantize(src_gu, scratch) if dq else gate_up
+        _gemm(x, gu, inter if ws is None else ws, ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
         if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
             )
-        _gemm(inter, down, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
+        dn = dequant.dequantize(src_dn, scratch) if dq else down
+        _gemm(inter, dn, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
 
-    return _Layout(x, gate_up, down, n_routed, top_k, slots, bm, apart, experts, inter, out, w)
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:

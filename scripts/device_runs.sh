@@ -38,6 +38,7 @@
 #  16. (only when asked: `start 16`) the fp8 prefill tiles re-tuned; ncu with source-level stalls at 8 tokens.
 #  17. (only when asked: `start 17 4 16 5`) the GPU tests of the eleventh session's kernel changes alone, so
 #      that the kernel-level runs (prefill, fp8 tiles, ncu, cold start) go first and end to end waits.
+#  19. (only when asked: `start 19`) phase 18's kernel half, one call; 20. (`start 20`) its end to end, one call.
 #  18. (only when asked: `start 18`) the twelfth session's changes: the fused per-token quantization's and the
 #      Gluon kernel's GPU tests beside the checkpoints, prefill (fp8), the K split by bits, end to end in rounds,
 #      cold start.
@@ -341,6 +342,30 @@ phase18() {
   phase5
 }
 
+phase19() {
+  # phase 18's kernel half as one call that stands alone (~8 min; a machine can be given back between calls):
+  # the GPU tests of the twelfth session's kernels, prefill with the fused quantization and K-major tiles, the
+  # decode layer with K split by each expert's bits
+  mkdir -p $res/tests
+  python3 -m pytest -q -m gpu tests/test_act_quant.py tests/test_kernels_gpu.py --basetemp=/tmp/pt_k -rA \
+    -k "row_quant or all_schemes or gluon_kernel_real_shapes or whole_layer or (every_layout and kmajor)" -p no:cacheprovider > $res/tests/kernels_s12.log 2>&1
+  say "kernel tests s12 rc=$?"
+  phase4
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 8 16 64 --layouts 'split by bits' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/split_bits > $res/split_bits.log 2>&1
+  say "moe_layer K split by bits rc=$?"
+}
+
+phase20() {
+  # end to end as one call that stands alone (~9 min): the checkpoints, then mxserve and the GPTQ copy on
+  # Marlin with --enable-metrics (as mxserve launch runs SGLang), three timed rounds each
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  MX_GPTQ=1 METRICS_ONLY=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e > $res/e2e.log 2>&1
+  say "e2e mxserve, GPTQ on Marlin with metrics rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -353,7 +378,7 @@ case "${1:-}" in
     shift
     phases="${*:-1 2 3 4 5 6 7}"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -22,6 +22,8 @@ LAYOUTS = {
     "prefill": dict(swap=False, scale_after=False, split=1),
     # weight-only tiles dequantized K-major and transposed into the MMA (Tiles.kmajor)
     "prefill-kmajor": dict(swap=False, scale_after=False, split=1, kmajor=True),
+    # weight-only experts dequantized into bf16 before the GEMMs (mxkernels/dequant.py)
+    "prefill-dequant": dict(swap=False, scale_after=False, split=1, dequant=True),
     "swapped": dict(swap=True, scale_after=False, split=1),
     "decode": dict(swap=True, scale_after=True, split=2),
     # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)

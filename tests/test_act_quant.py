@@ -9,7 +9,9 @@ from mxkernels.act_quant import FP8_MAX, row_quant
 
 def _torch_fp8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = a.abs().amax(dim=-1).float()
-    return amax, (a.float() / (amax.clamp(min=1e-8) / FP8_MAX)[:, None]).to(torch.float8_e4m3fn)
+    # a tensor dividend: ``448 / t`` is t.reciprocal() * 448 in torch, two roundings
+    inv = torch.full_like(amax, FP8_MAX) / amax.clamp(min=1e-8)
+    return amax, (a.float() * inv[:, None]).to(torch.float8_e4m3fn)
 
 
 GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -82,7 +82,7 @@ os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmeti
 out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 os.environ.pop("MXSERVE_GLUON_FMA")
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
-# the alignment's three launches and the per-token quantization's
+# the alignment's three launches, the per-token quantization's and, for the w4 experts, the dequantization's
 fp8 = ("w8a8fp8", "w4a16g128") * 9
 out["prefill_fp8"] = compare(LayerKernels(256, 256, 16, 2, fp8, fp8), 2100, 0)
 # each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token
@@ -117,7 +117,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
-    assert {"align_count", "align_blocks", "align_place", "row_quant"} <= set(out["prefill_fp8"]["kernels"])
+    assert {"align_count", "align_blocks", "align_place", "row_quant", "dequant"} <= set(out["prefill_fp8"]["kernels"])
     assert "align" not in out["prefill_fp8"]["kernels"]
     # at 1 token the shared experts' two GEMMs, then the routed ones: a program per row (2 shared experts,
     # top-2 routed) and per 64 columns (I = H = 256), K split alike in the two launches of a GEMM

@@ -16,8 +16,11 @@ def _compile_prefill_sass(scheme: str, tokens: int, kmajor: bool = False) -> str
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from mxkernels import moe
     from mxkernels.tile_table import TABLE_DIR, TileTable
     from mxserve.runtime.precompile import KERNELS, LayerKernels, record_variants
+
+    moe.PREFILL_DEQUANT = "0"  # the weight-only tiles themselves (dequantized first, the GEMM runs bf16 ones)
 
     target = GPUTarget("cuda", 90, 32)
     table = TileTable.from_json(json.load(open(f"{TABLE_DIR}/nvidia-h200.json")))

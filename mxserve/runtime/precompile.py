@@ -26,7 +26,7 @@ from unittest import mock
 
 import torch
 
-from mxkernels import act_quant, align, combine, count, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
+from mxkernels import act_quant, align, combine, count, dequant, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import get_scheme
@@ -39,7 +39,7 @@ KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_ke
            "gemm_gluon_fma": moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel,
            "count": count.routing_count_kernel, "align_count": align.align_count_kernel,
            "align_blocks": align.align_blocks_kernel, "align_place": align.align_place_kernel,
-           "row_quant": act_quant.row_quant_kernel}  # fmt: skip
+           "row_quant": act_quant.row_quant_kernel, "dequant": dequant.dequant_kernel}  # fmt: skip
 # SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
 # with a 15B model; the sizes past 256 are taken when memory allows a larger max_bs)
 DECODE_BATCHES = [1, 2, 4, 8, 12, *range(16, 257, 8), *range(272, 512, 16)]
