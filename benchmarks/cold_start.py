@@ -8,7 +8,9 @@ order, each timed from process start to /health and then checked with one chat c
 - ``mx-cold``: `mxserve launch --engine sglang` on the quantized checkpoint, with an empty
   mxserve cache, so an empty Triton cache (the kernels precompile while SGLang starts);
 - ``mx-warm``: the same again, the cache now full;
-- ``plain-warm``: plain SGLang again, on its now full Triton cache.
+- ``plain-warm``: plain SGLang again, on its now full Triton cache;
+- ``plain-warm-metrics``: and once more with ``--enable-metrics``, which `mxserve launch` always passes
+  (its Prometheus series): what SGLang's own metrics add to a start (not part of the target's ratio).
 
 For mxserve's runs the Triton cache entries are counted when the precompile phase ends and at
 /health: entries added in between are kernels SGLang compiled itself (its own, and any that
@@ -40,7 +42,7 @@ from benchmarks.procs import stop, wait_up  # noqa: E402
 from benchmarks.serving import DEFAULT_SGLANG_ARGS, free_port  # noqa: E402
 from mxserve.runtime.precompile import STAMPS  # noqa: E402
 
-RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm")
+RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm", "plain-warm-metrics")
 
 
 def entries(path: str) -> int:
@@ -107,6 +109,7 @@ def main() -> None:
         if name.startswith("plain"):
             cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", a.model, "--port", str(port),
                    "--served-model-name", "m", *shlex.split(a.sglang_args)]  # fmt: skip
+            cmd += ["--enable-metrics"] if name.endswith("metrics") else []
             env, triton = dict(base, TRITON_CACHE_DIR=plain_triton), plain_triton
         else:
             cmd = [sys.executable, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--model", ckpt,
@@ -116,7 +119,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     secs = {r["run"]: r["seconds_to_health"] for r in rows if "seconds_to_health" in r}
-    pairs = (("mx-cold", "plain-cold"), ("mx-warm", "plain-warm"))
+    pairs = (("mx-cold", "plain-cold"), ("mx-warm", "plain-warm"), ("mx-warm", "plain-warm-metrics"))
     ratios = {f"{m} / {p}": round(secs[m] / secs[p], 2) for m, p in pairs if m in secs and p in secs}
     result = {"model": a.model, "plan": a.plan, "sglang_args": a.sglang_args, "rows": rows, "ratios": ratios,
               "command": "python3 benchmarks/cold_start.py " + shlex.join(sys.argv[1:])}  # fmt: skip

@@ -50,7 +50,8 @@ def main() -> None:
                                                                 else "") + "`", "",
              "| rows per program | warps | us (gate/up + down) | GB/s |", "|---:|---:|---:|---:|"]  # fmt: skip
     for bn, warps in TILES:
-        sec = bench_graph(lambda bn=bn, warps=warps: [dequant.dequantize(x, scratch, bn, warps) for x in (ag, ad)])
+        sec = bench_graph(lambda bn=bn, warps=warps: [dequant.dequantize(x, scratch, bn=bn, warps=warps)
+                                                       for x in (ag, ad)])
         lines.append(f"| {bn} | {warps} | {sec * 1e6:.0f} | {moved / sec / 1e9:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

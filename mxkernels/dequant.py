@@ -25,31 +25,39 @@ from mxkernels.moe_gemm import INTERPRET, _bf16, _int_unpack, _int_words
 
 WONLY_MASK = sum(1 << c for c in CODE_WONLY.values())  # the kernel codes this path dequantizes
 BN, WARPS = 64, 4  # a program's rows of one expert's weight and its warps
+SKIP = 15  # a kernel code with no branch: the GEMM's programs for such an expert return at once
 
 
-@triton.jit
-def dequant_kernel(meta_ptr, meta_out_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, out_ptr, N, K, CODES: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, K128: tl.constexpr, F32: tl.constexpr):  # fmt: skip
-    """Program (expert, N tile, K tile): the expert's bf16 weights [N, K] at ``out`` + expert * N * K,
+@triton.jit(do_not_specialize=["first", "keep_others"])
+def dequant_kernel(meta_ptr, meta_out_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, out_ptr, N, K, E, first, keep_others,
+                   CODES: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K128: tl.constexpr, F32: tl.constexpr,
+                   EP: tl.constexpr, SKIP_CODE: tl.constexpr):  # fmt: skip
+    """Program (i, N tile, K tile): expert ``first + i``'s bf16 weights [N, K] at ``out`` + i * N * K,
     dequantized as moe_gemm._wonly_step does (KMAJOR), or copied for a bf16 expert; other codes write
-    nothing. Program (expert, 0, 0) writes the expert's row of the view's meta (moe_gemm's six fields)."""
-    e = tl.program_id(0)
+    nothing. Program (0, 0, 0) writes the view's meta for all ``E`` experts (moe_gemm's six fields):
+    the chunk's bf16 and weight-only experts as bf16 ones reading ``out``, the others of those skipped,
+    and the remaining codes (fp8, integer activations) kept where ``keep_others``, else skipped."""
+    i = tl.program_id(0)
     pid_n = tl.program_id(1)
     k0 = tl.program_id(2) * BK
-    meta = meta_ptr + e * 6
+    if (i == 0) & (pid_n == 0) & (k0 == 0):
+        ex = tl.arange(0, EP)[:, None]
+        f = tl.arange(0, 8)[None, :]
+        valid = (ex < E) & (f < 6)
+        rows = tl.load(meta_ptr + ex * 6 + f, mask=valid, other=0)
+        codes = tl.sum(tl.where(f == 0, rows, 0), 1)[:, None]
+        inside = (ex >= first) & (ex < first + tl.num_programs(0))
+        new = tl.where(codes <= 5, tl.where(inside, 0, SKIP_CODE), tl.where(keep_others != 0, codes, SKIP_CODE))
+        rows = tl.where(f == 0, new, rows)
+        rows = tl.where((f == 1) & (codes <= 5) & inside, (ex - first).to(tl.int64) * N * K, rows)
+        tl.store(meta_out_ptr + ex * 6 + f, rows, mask=valid)
+    meta = meta_ptr + (first + i) * 6
     code = tl.load(meta).to(tl.int32)
     w_off = tl.multiple_of(tl.load(meta + 1), 16)
     s_off = tl.multiple_of(tl.load(meta + 2), 16)
     z_off = tl.multiple_of(tl.load(meta + 3), 16)
     group = tl.load(meta + 4).to(tl.int32)
-    mine = code <= 5  # bf16 or weight-only: a bf16 expert of the view
-    dst = e.to(tl.int64) * N * K
-    if (pid_n == 0) & (k0 == 0):
-        f = tl.arange(0, 8)
-        row = tl.load(meta + f, mask=f < 6, other=0)
-        row = tl.where(mine & (f == 0), 0, row)
-        row = tl.where(mine & (f == 1), dst, row)
-        tl.store(meta_out_ptr + e * 6 + f, row, mask=f < 6)
+    dst = i.to(tl.int64) * N * K
     cols = pid_n * BN + tl.arange(0, BN)
     mask_n = cols < N
     kk = k0 + tl.arange(0, BK)
@@ -83,20 +91,31 @@ def dequantized_view(arena: Arena) -> Arena:
                                min_group=arena.min_group if rest else 1 << 30)  # fmt: skip
 
 
-def scratch_elems(arena: Arena) -> int:
-    return arena.n_experts * arena.n * arena.k
+def scratch_elems(arena: Arena, count: int | None = None) -> int:
+    """bf16 elements of the scratch buffer for ``count`` experts of ``arena`` (default: all)."""
+    return (arena.n_experts if count is None else count) * arena.n * arena.k
 
 
-def dequantize(arena: Arena, scratch: torch.Tensor, bn: int = BN, warps: int = WARPS) -> Arena:
-    """The arena with every bf16 and weight-only expert as a bf16 expert reading ``scratch`` (bf16, at
-    least :func:`scratch_elems`), written here; one launch of ``bn`` rows by a K tile per program
-    (benchmarks/dequant_tiles.py times others)."""
-    if scratch.dtype != torch.bfloat16 or scratch.numel() < scratch_elems(arena):
+def dequantize(arena: Arena, scratch: torch.Tensor, first: int = 0, count: int | None = None, bn: int = BN,
+               warps: int = WARPS) -> Arena:  # fmt: skip
+    """The arena with its bf16 and weight-only experts ``first`` .. ``first + count - 1`` (default: all)
+    as bf16 experts reading ``scratch`` (bf16, at least :func:`scratch_elems` of ``count``), written here,
+    and every other bf16 or weight-only expert skipped; fp8 and integer-activation experts run in the
+    view of the chunk with ``first`` 0 only. One launch of ``bn`` rows by a K tile per program
+    (benchmarks/dequant_tiles.py times others). A layer runs chunk by chunk where its scratch is capped."""
+    count = arena.n_experts - first if count is None else count
+    if not (0 <= first and 0 < count and first + count <= arena.n_experts):
+        raise ValueError(f"experts {first}..{first + count - 1} of {arena.n_experts}")
+    if scratch.dtype != torch.bfloat16 or scratch.numel() < scratch_elems(arena, count):
         raise ValueError("the scratch buffer must be bf16 of at least experts x N x K elements")
     meta = torch.empty_like(arena.meta)
     bk = max(32, min(128, arena.min_group))
-    grid = (arena.n_experts, triton.cdiv(arena.n, bn), triton.cdiv(arena.k, bk))
+    grid = (count, triton.cdiv(arena.n, bn), triton.cdiv(arena.k, bk))
     dequant_kernel[grid](arena.meta, meta, arena.wi, arena.wb, arena.sc, arena.zp, scratch, arena.n, arena.k,
-                         CODES=arena.codes_mask & (WONLY_MASK | 1), BN=bn, BK=bk, K128=arena.k % 128 == 0,
-                         F32=INTERPRET, num_warps=warps)  # fmt: skip
-    return dataclasses.replace(dequantized_view(arena), meta=meta, wb=scratch, raw=None)
+                         arena.n_experts, first, int(first == 0), CODES=arena.codes_mask & (WONLY_MASK | 1), BN=bn,
+                         BK=bk, K128=arena.k % 128 == 0, F32=INTERPRET, EP=triton.next_power_of_2(arena.n_experts),
+                         SKIP_CODE=SKIP, num_warps=warps)  # fmt: skip
+    view = dequantized_view(arena)
+    if first:  # no activations to quantize for the fp8 and integer experts: the first chunk's launches run them
+        view = dataclasses.replace(view, codes_mask=1, extra_codes=view.kernel_mask & ~1)
+    return dataclasses.replace(view, meta=meta, wb=scratch, raw=None)

@@ -358,6 +358,18 @@ def gluon_codes(arena: Arena) -> int:
 # layers with weight-only experts: MXSERVE_PREFILL_DEQUANT=0 never, =1 at every prefill (above DECODE_ROWS)
 DEQUANT_ROWS = 256
 PREFILL_DEQUANT = os.environ.get("MXSERVE_PREFILL_DEQUANT", "auto")
+# bytes its scratch buffer may take (MXSERVE_DEQUANT_SCRATCH_MB, default 1024): a layer whose largest GEMM
+# in bf16 is larger (Qwen1.5's gate/up: 738 MB; a 128-expert layer of hidden 4096 and 1536: 3.2 GB) is
+# dequantized and multiplied chunk by chunk of experts, each chunk's GEMM launch skipping the other experts
+DEQUANT_SCRATCH_MB = os.environ.get("MXSERVE_DEQUANT_SCRATCH_MB", "1024")
+
+
+def dequant_chunk(gate_up: Arena, down: Arena) -> int:
+    """Experts per chunk of prefill on dequantized weights, from DEQUANT_SCRATCH_MB (at least one)."""
+    if not DEQUANT_SCRATCH_MB.isdigit():
+        raise ValueError(f"MXSERVE_DEQUANT_SCRATCH_MB={DEQUANT_SCRATCH_MB!r}: a whole number of MiB")
+    per_expert = 2 * max(gate_up.n * gate_up.k, down.n * down.k)
+    return max(1, min(gate_up.n_experts, (int(DEQUANT_SCRATCH_MB) << 20) // per_expert))
 
 
 def _dequant_first(per_expert: float, gate_up: Arena, down: Arena, asked: bool | None) -> bool:
@@ -487,7 +499,8 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
-    apart = _shared_apart(slots - top_k, per_expert, shared_apart)
+    # dequantized first, the shared experts stay in the routed launches: apart, each set would dequantize
+    apart = not dq and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
     out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
@@ -495,18 +508,24 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
-        # dequantized first: one scratch buffer, gate/up's weights then down's (the launches are in order)
-        scratch = torch.empty(max(map(dequant.scratch_elems, (gate_up, down))), dtype=torch.bfloat16,
+        # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
+        # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH (the launches are in order)
+        chunk = dequant_chunk(src_gu, src_dn) if dq else 0
+        scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip
-        gu = dequant.dequantize(src_gu, scratch) if dq else gate_up
-        _gemm(x, gu, inter if ws is None else ws, ids, block_expert, num_post_pad, w, rows, slots, True, l_gu)
+
+        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches) -> None:
+            for e0 in range(0, src.n_experts, chunk) if dq else (0,):
+                view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
+                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches)
+
+        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
         if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
             )
-        dn = dequant.dequantize(src_dn, scratch) if dq else down
-        _gemm(inter, dn, out, ids, block_expert, num_post_pad, w, rows, 1, False, l_dn)
+        gemm(inter, down, src_dn, out, 1, False, l_dn)
 
     return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w)
 
@@ -562,6 +581,8 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
         return None  # before any buffer is allocated: prefill passes come here too
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
+    if not lay.apart:  # dequantized first (a forced override at decode): the forward launches them all
+        return None
     _shared_experts(lay, None)
     return SharedStart(lay, _options(poison, dispatch, shared_apart, split_fit, override))
 

@@ -51,14 +51,50 @@ def test_a_forward_dequantizes_once_per_gemm_and_matches_the_fused_path():
     ids, w = route(40, 10, 2, gen)
     calls = []
     real = dequant.dequantize
-    with mock.patch.object(dequant, "dequantize", lambda a, s: calls.append(a) or real(a, s)):
+    with mock.patch.object(dequant, "dequantize", lambda a, *rest: calls.append(a) or real(a, *rest)):
         inter, out = moe_gemms(x, ids, w, gu, dn, 10, poison=True, dequant=True, swap=False, split=1)
-    assert [c is a for c, a in zip(calls, (gu, dn))] == [True, True]
+    assert [c is a for c, a in zip(calls, (gu, dn))] == [True, True] and len(calls) == 2
     fused_inter, fused_out = moe_gemms(x, ids, w, gu, dn, 10, poison=True, dequant=False, swap=False, split=1)
     # the same bf16 weights; only the MMA tiles' order of sums differs
     assert torch.isfinite(out).all()
     torch.testing.assert_close(inter.float(), fused_inter.float(), rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(out.float(), fused_out.float(), rtol=2e-2, atol=2e-3)
+    # a scratch capped below one expert: a chunk per expert, each launch skipping the others; the fp8
+    # experts run in the first chunk's launch only. Every product is the same: the outputs bit for bit
+    with mock.patch.object(moe, "DEQUANT_SCRATCH_MB", "0"):
+        calls.clear()
+        with mock.patch.object(dequant, "dequantize", lambda a, *rest: calls.append(rest[1]) or real(a, *rest)):
+            chunked = moe_gemms(x, ids, w, gu, dn, 10, poison=True, dequant=True, swap=False, split=1)
+    assert calls == list(range(11)) * 2
+    assert torch.equal(chunked[0], inter) and torch.equal(chunked[1], out)
+
+
+def test_a_chunk_writes_its_experts_and_skips_the_others():
+    gen = torch.Generator().manual_seed(5)
+    names = ["w4a16g128", "bf16", "w8a8fp8", "w2a16g128"]
+    experts = make_experts(names, 128, 128, 8, 0, "rtn", gen, "cpu")
+    arena = build_arena([e.gate_up for e in experts])
+    n, k = arena.n, arena.k
+    whole = torch.empty(dequant.scratch_elems(arena), dtype=torch.bfloat16)
+    dequant.dequantize(arena, whole)
+    for first, count in ((0, 3), (3, 5)):
+        scratch = torch.empty(dequant.scratch_elems(arena, count), dtype=torch.bfloat16)
+        view = dequant.dequantize(arena, scratch, first, count)
+        for e, ex in enumerate(experts):
+            code, w_off = view.meta[e, :2].tolist()
+            others = ex.gate_up.scheme.family == "fp8"
+            if others:  # run by the first chunk's launch, as it is
+                assert (code, w_off) == ((kernel_code(ex.gate_up.scheme), arena.meta[e, 1].item()) if first == 0
+                                         else (dequant.SKIP, arena.meta[e, 1].item()))  # fmt: skip
+            elif first <= e < first + count:
+                assert (code, w_off) == (CODE_BF16, (e - first) * n * k)
+                assert torch.equal(scratch[w_off: w_off + n * k], whole[e * n * k: (e + 1) * n * k])
+            else:
+                assert code == dequant.SKIP
+        assert view.kernel_mask == dequant.dequantized_view(arena).kernel_mask  # one kernel variant for all
+        assert view.codes_mask == (dequant.view_codes(arena.codes_mask) if first == 0 else 1)
+    with pytest.raises(ValueError, match="experts 6..9 of 8"):
+        dequant.dequantize(arena, whole, 6, 4)
 
 
 def test_when_a_forward_dequantizes_first(monkeypatch):
