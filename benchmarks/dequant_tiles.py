@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from moe_layer import bench_graph, layer_arenas, mixed_plan  # noqa: E402
+from moe_layer import bench_graph, layer_arenas, mixed_plan, random_experts  # noqa: E402
 
 from mxkernels import dequant  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
@@ -32,13 +32,9 @@ def main() -> None:
     ap.add_argument("--out", help="a Markdown table to write")
     a = ap.parse_args()
     m = MODEL_SHAPES[a.model]
-    h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
-    ne = e + s
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    ag, ad, bits = layer_arenas(gu, dn, mixed_plan(e, ne, k, True, dev))
+    gu, dn = random_experts(m, dev, torch.Generator(device=dev).manual_seed(0))
+    ag, ad, bits = layer_arenas(gu, dn, mixed_plan(m["experts"], gu.shape[0], m["top_k"], True, dev))
     scratch = torch.empty(max(map(dequant.scratch_elems, (ag, ad))), dtype=torch.bfloat16, device=dev)
     src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)

@@ -165,6 +165,15 @@ def parse_shape(text: str) -> tuple[str, dict[str, int]]:
     return name, m
 
 
+def random_experts(m: dict, dev, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 weights of a layer of shape ``m`` (MODEL_SHAPES' fields), shared experts included:
+    gate/up [E, 2I, H] and down [E, H, I]."""
+    h, i, ne = m["hidden"], m["inter"], m["experts"] + m["shared"]
+    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    return gu, dn
+
+
 def layer_arenas(gu: torch.Tensor, dn: torch.Tensor, schemes: list[str]):
     """Both arenas of a layer whose expert x runs ``schemes[x]`` (RTN), and the average bits."""
     bf16 = get_scheme("bf16")
@@ -275,8 +284,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
     m = (shapes or MODEL_SHAPES)[name]
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
-    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    gu, dn = random_experts(m, dev, gen)
 
     def arenas(schemes: list[str]):
         return layer_arenas(gu, dn, schemes)

@@ -23,7 +23,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from moe_layer import PREFILL_LAYOUT, layer_arenas, mixed_plan, parse_plan, routing, tiered_plan  # noqa: E402
+from moe_layer import (  # noqa: E402
+    PREFILL_LAYOUT,
+    layer_arenas,
+    mixed_plan,
+    parse_plan,
+    random_experts,
+    routing,
+    tiered_plan,
+)
 
 from mxkernels.moe import mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
@@ -41,12 +49,11 @@ def main() -> None:
     ap.add_argument("--loop", action="store_true", help="only run the forward 30 times (for ncu)")
     a = ap.parse_args()
     m = MODEL_SHAPES[a.model]
-    h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
+    h, e, s, k = m["hidden"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    gu, dn = random_experts(m, dev, gen)
     if a.plan:
         plan = tiered_plan(e, ne, k, not a.uniform, dev, a.plan[1])
     else:

@@ -24,7 +24,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.moe_layer import bench_graph, layer_arenas, mixed_plan, parse_shape, routing  # noqa: E402
+from benchmarks.moe_layer import (  # noqa: E402
+    bench_graph,
+    layer_arenas,
+    mixed_plan,
+    parse_shape,
+    random_experts,
+    routing,
+)
 from mxkernels.moe import expected_active, mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
 from mxkernels.tile_table import (  # noqa: E402
@@ -54,8 +61,7 @@ def candidates(cls: str) -> list[dict]:
 def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float) -> tuple[TileEntry | None, str]:
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
-    gu = torch.randn(ne, 2 * i, h, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-    dn = torch.randn(ne, h, i, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    gu, dn = random_experts(m, dev, gen)
     plan = mixed_plan(e, ne, k, True, dev) if cls == "weight-only" else [PLANS[cls]] * ne
     ag, ad, _ = layer_arenas(gu, dn, plan)
     x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=gen)
