@@ -509,7 +509,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
-        # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH (the launches are in order)
+        # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
         chunk = dequant_chunk(src_gu, src_dn) if dq else 0
         scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip

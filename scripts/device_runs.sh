@@ -38,10 +38,10 @@
 #  16. (only when asked: `start 16`) the fp8 prefill tiles re-tuned; ncu with source-level stalls at 8 tokens.
 #  17. (only when asked: `start 17 4 16 5`) the GPU tests of the eleventh session's kernel changes alone, so
 #      that the kernel-level runs (prefill, fp8 tiles, ncu, cold start) go first and end to end waits.
-#  19. (only when asked: `start 19`) phase 18's kernel half, one call; 20. (`start 20`) its end to end, one call.
 #  18. (only when asked: `start 18`) the twelfth session's changes: the fused per-token quantization's and the
 #      Gluon kernel's GPU tests beside the checkpoints, prefill (fp8), the K split by bits, end to end in rounds,
 #      cold start.
+#  19. (only when asked: `start 19`) phase 18's kernel half, one call; 20. (`start 20`) its end to end, one call.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
