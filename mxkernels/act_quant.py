@@ -29,12 +29,16 @@ _MOST_BLOCK = 4096  # elements of a row a program holds at once; longer rows tak
 _PROGRAM_ELEMS = 8192
 
 
-@triton.jit
-def row_quant_kernel(a_ptr, amax_ptr, a8_ptr, rows, K, stride, FP8: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FP8_LIMIT: tl.constexpr,
-                     ROUND: tl.constexpr):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    mask_r = r < rows
+@triton.jit(do_not_specialize=["period", "slots", "first", "count"])
+def row_quant_kernel(a_ptr, amax_ptr, a8_ptr, rows, K, stride, period, slots, first, count, FP8: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FP8_LIMIT: tl.constexpr,
+                     ROUND: tl.constexpr, SOME: tl.constexpr):  # fmt: skip
+    r32 = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    mask_r = r32 < rows
+    if SOME:  # some slots' rows only (row_quant's slots_of); 32-bit remainders: 64-bit ones are long loops
+        slot = (r32 % period) % slots - first
+        mask_r = mask_r & (slot >= 0) & (slot < count)
+    r = r32.to(tl.int64)
     row = a_ptr + r[:, None] * stride
     out = a8_ptr + r[:, None] * stride
     k = tl.arange(0, BLOCK)[None, :]
@@ -86,9 +90,13 @@ def _e4m3_grid(q):
     return tl.where(q < 0, -1.0, 1.0) * tl.where(a < 0.015625, sub, normal)
 
 
-def row_quant(a: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def row_quant(a: torch.Tensor, fp8: bool, slots_of: tuple[int, int, int, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(amax [rows] fp32, a8) of ``a`` [rows, K] (rows of unit stride): a8 the rows in float8_e4m3fn,
-    same strides as ``a``, when ``fp8``, else an empty placeholder."""
+    same strides as ``a``, when ``fp8``, else an empty placeholder. ``slots_of`` (period, slots, first,
+    count): only the rows r whose (r % period) % slots is in first..first+count-1 (the others are left
+    unwritten): a GEMM of the shared experts' launches quantizes their rows only, while the routed
+    experts' launches on the other stream write the rest of the same buffer."""
     if a.stride(-1) != 1:
         raise ValueError("row_quant needs rows of unit stride")
     rows, k = a.shape
@@ -98,7 +106,9 @@ def row_quant(a: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         block = min(_MOST_BLOCK, triton.next_power_of_2(k))
         per = max(1, _PROGRAM_ELEMS // block)
+        period, slots, first, count = slots_of or (rows, 1, 0, 1)
         row_quant_kernel[(triton.cdiv(rows, per),)](
-            a, amax, a8, rows, k, a.stride(0), FP8=fp8, ROWS=per, BLOCK=block, ONE_PASS=block >= k,
-            FP8_LIMIT=FP8_MAX, ROUND=INTERPRET, num_warps=8)  # fmt: skip
+            a, amax, a8, rows, k, a.stride(0), period, slots, first, count, FP8=fp8, ROWS=per, BLOCK=block,
+            ONE_PASS=block >= k, FP8_LIMIT=FP8_MAX, ROUND=INTERPRET, SOME=slots_of is not None,
+            num_warps=8)  # fmt: skip
     return amax, a8

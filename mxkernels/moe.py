@@ -197,17 +197,19 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
-          launches: list[tuple[int, Tiles]]) -> None:
+          launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None) -> None:
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
-    of ``launches``, each running the experts whose code is among its codes (moe_gemms)."""
+    of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
+    (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
+    slots first..first+count-1 only (the activations quantized per token are those rows')."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
     amax = torch.empty(1, device=a.device)
     a8 = torch.empty(1, dtype=torch.float8_e4m3fn, device=a.device)
     if arena.codes_mask & _ACT_QUANT_CODES:  # per-token scales (and fp8 rows), once per GEMM
-        amax, a8 = row_quant(a_all, fp8=bool(arena.codes_mask & (1 << CODE_FP8)))
+        amax, a8 = row_quant(a_all, bool(arena.codes_mask & (1 << CODE_FP8)), slots and (a.shape[0], *slots))
     n = arena.n // 2 if gate_up else arena.n
     for codes, tiles in launches:
         if tiles.gluon and tiles.fma:
@@ -514,10 +516,10 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip
 
-        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches) -> None:
+        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None) -> None:
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
-                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches)
+                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine)
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
         if ws is not None:
@@ -525,7 +527,8 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
             )
-        gemm(inter, down, src_dn, out, 1, False, l_dn)
+        # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
+        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
 
     return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w)
 

@@ -42,6 +42,9 @@ def test_dequantize_writes_each_experts_weights_bit_for_bit(k):
         dequant.dequantize(arena, scratch[:10])
 
 
+# the fused run is a decode with the shared experts apart: its down GEMMs must not read the poisoned rows
+# the other set of launches writes (numpy warns of the NaN when they do)
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_a_forward_dequantizes_once_per_gemm_and_matches_the_fused_path():
     gen = torch.Generator().manual_seed(3)
     names = ["w4a16g128", "w3a16g128", "w2a16g128", "bf16", "w8a8fp8"]

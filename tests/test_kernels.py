@@ -373,7 +373,7 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     seen = []
     gemm = moe._gemm
     monkeypatch.setattr(moe, "tile_table", lambda dev: table)
-    monkeypatch.setattr(moe, "_gemm", lambda *a: (seen.append(a[-1]), gemm(*a))[1])
+    monkeypatch.setattr(moe, "_gemm", lambda *a, **kw: (seen.append(a[-1]), gemm(*a, **kw))[1])
     # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
     assert {(t.bm, t.bn, t.bk, t.stages, t.swap) for launches in seen for _, t in launches} == {(64, 32, 32, 2, False)}
