@@ -12,6 +12,13 @@ order, each timed from process start to /health and then checked with one chat c
 - ``plain-warm-metrics``: and once more with ``--enable-metrics``, which `mxserve launch` always passes
   (its Prometheus series): what SGLang's own metrics add to a start (not part of the target's ratio).
 
+Each engine has its own empty JIT caches besides Triton's: SGLang's compiled CUDA modules
+(``TVM_FFI_CACHE_DIR``) and FlashInfer's (``FLASHINFER_WORKSPACE_BASE``), built with nvcc on first
+use, about a minute a module (a fresh H200 machine's first server built SGLang's KV-cache, rotary
+and activation modules and FlashInfer's RMSNorm, 2026-12-04). Until then the two engines shared the
+machine's, so plain SGLang's cold run built the ones both use and mxserve's cold run found them:
+a cold mxserve launch looked faster than on a fresh machine.
+
 For mxserve's runs the Triton cache entries are counted when the precompile phase ends and at
 /health: entries added in between are kernels SGLang compiled itself (its own, and any that
 precompiling missed). Until 2026-12-03 the precompile ran before SGLang started, and the first
@@ -48,6 +55,11 @@ RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm", "plain-warm-metrics")
 def entries(path: str) -> int:
     """Triton's cache entries (not mxserve's stamps of what it precompiled)."""
     return len(set(os.listdir(path)) - {STAMPS}) if os.path.isdir(path) else 0
+
+
+def jit_caches(root: str) -> dict[str, str]:
+    """The environment that puts SGLang's and FlashInfer's JIT-built CUDA modules under ``root``."""
+    return {"TVM_FFI_CACHE_DIR": os.path.join(root, "tvm-ffi"), "FLASHINFER_WORKSPACE_BASE": root}
 
 
 def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: str, timeout: float) -> dict:
@@ -96,6 +108,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="cold-start-")
     ckpt, mx_cache, plain_triton = (os.path.join(work, d) for d in ("ckpt", "mxserve-cache", "plain-triton"))
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "MXSERVE_CACHE")}
+    # FlashInfer's prebuilt cubins stay where they were; only its JIT builds move
+    base.setdefault("FLASHINFER_CUBIN_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flashinfer", "cubins"))
     t0 = time.time()
     from mxserve.launch import builtin_calibration_text
 
@@ -115,6 +129,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "mxserve.cli", "launch", "--engine", "sglang", "--model", ckpt,
                    "--served-model-name", "m", "--port", str(port), "--sglang-args", a.sglang_args]  # fmt: skip
             env, triton = dict(base, MXSERVE_CACHE=mx_cache), os.path.join(mx_cache, "triton")
+        env.update(jit_caches(os.path.join(work, name.split("-")[0] + "-jit")))  # one per engine, empty at first
         rows.append(launch(name, cmd, env, port, a.out, triton, a.timeout))
         print(json.dumps(rows[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -87,7 +87,7 @@ elif [ "$what" = qwen15-24 ]; then
   [ -z "${METRICS_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
     --plain-args "gptq-marlin-metrics=--enable-metrics")
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
-    --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 \
+    --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then

@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mxserve.data import calibration_windows
-from mxserve.models.adapters import BLOCKS, ExpertWeights, MoELayerView
+from mxserve.models.adapters import ExpertWeights, MoELayerView
+from mxserve.models.configs import BLOCKS
 from mxserve.models.layerwise import LayerwiseModel, free_bytes, release_memory
 from mxserve.models.loading import load_tokenizer
 from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats

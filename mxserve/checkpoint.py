@@ -34,17 +34,16 @@ from tqdm import tqdm
 from mxserve.calibrate import block_hessians, capture_moe_inputs, expert_inputs, gptq_batches
 from mxserve.data import calibration_windows
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import MoELayerView, decoder_layers, module_name, moe_layers, stored_name
+from mxserve.models.adapters import MoELayerView, decoder_layers, moe_layers
+from mxserve.models.configs import FORMAT_VERSION, PLAN_FILE, QUANT_METHOD, module_name, read_config, stored_name
 from mxserve.models.layerwise import LayerwiseModel, release_memory
-from mxserve.models.loading import QUANT_METHOD, load_tokenizer, read_config
+from mxserve.models.loading import load_tokenizer
 from mxserve.plan import Plan
 from mxserve.quant.qlinear import QuantizedLinear, check_method, quantize_linears
 from mxserve.runtime.moe_layer import MxMoELayer, QuantizedExpert, model_kernel_codes
 from mxserve.schemes import Scheme
 
-PLAN_FILE = "mxmoe_plan.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 2  # v2: expert tensors under mlp.experts (v1: mlp.mx)
 SHARED_GATE = "mx_shared_gate"
 GATE_UP, DOWN = "gate_up", "down"
 

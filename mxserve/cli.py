@@ -10,24 +10,16 @@ import json
 import os
 import sys
 
+from mxserve import hf_env
 from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
 
 METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
 
 
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from mxserve.calibrate import calibrate
+    from mxserve.launch import work_device
     from mxserve.phases import phase
     from mxserve.schemes import parse_schemes
 
@@ -107,7 +99,7 @@ def start_sglang_controller(online, ckpt: str, a: argparse.Namespace, api_key: s
     """The admin routes and the re-planner for the SGLang engine, in this process (engines/sglang_admin.py)."""
     from mxserve.engines.sglang_admin import SGLangStats, SGLangSwapper, start_admin_server
     from mxserve.launch import _check_port, log
-    from mxserve.models.loading import read_config
+    from mxserve.models.configs import read_config
     from mxserve.online.controller import Controller
     from mxserve.online.ladder import Ladder
     from mxserve.plan import Plan
@@ -149,6 +141,7 @@ def cmd_stats(a: argparse.Namespace) -> None:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from mxserve.checkpoint import quantize_to_dir
+    from mxserve.launch import work_device
     from mxserve.phases import phase
     from mxserve.plan import Plan
 
@@ -165,7 +158,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from mxserve.checkpoint import install_layers, layout, load_quantized, quantize_layers
     from mxserve.evaluate import perplexity
     from mxserve.models.adapters import model_type, moe_layers
-    from mxserve.models.loading import is_quantized_checkpoint, load_model, load_tokenizer
+    from mxserve.models.configs import is_quantized_checkpoint
+    from mxserve.models.loading import load_model, load_tokenizer
     from mxserve.plan import Plan
     from mxserve.schemes import get_scheme
 
@@ -244,7 +238,7 @@ def cmd_profile(a: argparse.Namespace) -> None:
 
 def check_served_memory(a: argparse.Namespace) -> None:
     """Too little free GPU memory for the weights of the plan, said before calibrating for it."""
-    from mxserve.models.loading import is_quantized_checkpoint
+    from mxserve.models.configs import is_quantized_checkpoint
     from mxserve.plan import Plan
     from mxserve.preflight import check_gpu_memory, free_gpu_memory, served_bytes
     from mxserve.schemes import parse_budget
@@ -270,9 +264,8 @@ def check_served_memory(a: argparse.Namespace) -> None:
 def check_given_plan_layout(a: argparse.Namespace, split: int) -> None:
     """A plan made elsewhere (--plan, or a quantized checkpoint's) that the GPUs cannot serve, said
     before any quantization; a plan launch solves is made for the layout."""
-    from mxserve.checkpoint import PLAN_FILE
+    from mxserve.models.configs import PLAN_FILE, is_quantized_checkpoint
     from mxserve.models.layerwise import LayerwiseModel
-    from mxserve.models.loading import is_quantized_checkpoint
     from mxserve.parallel.sharding import check_plan_layout
     from mxserve.plan import Plan
 
@@ -295,6 +288,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
         resolve_online,
         serve,
         serve_sglang,
+        work_device,
     )
     from mxserve.server.settings import StatsSettings
 
@@ -302,6 +296,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.device == "cuda":
+        work_device(a.device)  # no GPU: said now, not after the checks below
     a.tp = a.tp or a.ep  # --ep alone: that many GPUs, all expert parallel
     engine = pick_engine(a.engine, a.tp, a.ep)
     split = moe_split(a.tp, a.ep)  # ways each expert is split over GPUs
@@ -320,7 +316,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
             raise MxServeError(f"MXSERVE_DISPATCH={os.environ['MXSERVE_DISPATCH']}: one of {', '.join(DISPATCHES)}")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
-        from mxserve.models.loading import read_config
+        from mxserve.models.configs import read_config
 
         check_model_type(read_config(a.model).get("model_type"))  # before any calibration
     if engine == "sglang":
@@ -331,7 +327,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
-        progress=not a.quiet, device=work_device(a.device), tp=split, ep=a.ep,
+        progress=not a.quiet, device=a.device, tp=split, ep=a.ep,
     )
     if replan and (a.plan or not a.budget):
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
@@ -353,17 +349,6 @@ def cmd_launch(a: argparse.Namespace) -> None:
                               a.bf16_layers or "sglang", stats, online.ladder_path if online else None))
     serve(ckpt, a.host, a.port, name, api_key, a.max_model_len, a.default_max_tokens, a.max_running_requests or 16,
           stats, online)
-
-
-def work_device(text: str) -> str:
-    """--device of calibration and quantization: 'auto' is the GPU when there is one."""
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cuda" and not torch.cuda.is_available():
-        raise MxServeError("--device cuda: no CUDA GPU here (--device cpu, or auto)")
-    return text
 
 
 DEVICE_HELP = "where calibration and quantization run: auto (the GPU when there is one), cpu or cuda"
@@ -555,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_transformers()
+    hf_env.quiet()
     try:
         args.func(args)
     except MxServeError as e:

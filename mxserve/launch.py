@@ -18,11 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 import mxserve
 from mxserve.errors import MxServeError
-from mxserve.models.loading import is_quantized_checkpoint
+from mxserve.models.configs import is_quantized_checkpoint
 from mxserve.parallel.ranks import moe_split
 
 # Standard-library modules whose source makes the built-in calibration text: present on
@@ -79,9 +77,21 @@ class LaunchSettings:
     tokens: int = 64
     kernel_profile: str | None = None
     progress: bool = True
-    device: str = "cpu"  # where calibration and quantization run
+    device: str = "cpu"  # where calibration and quantization run (work_device: auto, cpu or cuda)
     tp: int = 1  # ways each expert is split over GPUs (parallel.ranks.moe_split): down blocks must split so
     ep: int = 1  # SGLang's expert-parallel size: the budget holds on every group's experts
+
+
+def work_device(text: str) -> str:
+    """--device of calibration and quantization: 'auto' is the GPU when there is one. Asked only when
+    they run: a launch from cached files starts SGLang without importing torch."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and not torch.cuda.is_available():
+        raise MxServeError("--device cuda: no CUDA GPU here (--device cpu, or auto)")
+    return text
 
 
 def log(msg: str) -> None:
@@ -110,10 +120,8 @@ def resolve(s: LaunchSettings) -> Resolved:
             log(f"{s.model} is already quantized; --budget/--plan are ignored")
         return Resolved(s.model)
     check_architecture(s.model)
-    from mxserve.calibrate import calibrate
-    from mxserve.checkpoint import FORMAT_VERSION, quantize_to_dir
     from mxserve.costmodel import cost_model
-    from mxserve.phases import phase
+    from mxserve.models.configs import FORMAT_VERSION
     from mxserve.plan import Plan
     from mxserve.planner import solve_plan
     from mxserve.profile import CalibrationProfile
@@ -138,10 +146,14 @@ def resolve(s: LaunchSettings) -> Resolved:
             log(f"calibration profile from cache: {prof_path}")
             prof = CalibrationProfile.load(prof_path)
         else:
-            log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens, on {s.device}) ...")
+            from mxserve.calibrate import calibrate
+            from mxserve.phases import phase
+
+            device = work_device(s.device)
+            log(f"calibrating {s.model} ({s.method}, {s.calib_samples} x 512 tokens, on {device}) ...")
             with phase("calibrate", log=log):
                 prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
-                                 progress=s.progress, device=s.device)  # fmt: skip
+                                 progress=s.progress, device=device)  # fmt: skip
             prof.save(prof_path)
         res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile), ep=s.ep, tp=s.tp)
         plan = res.plan
@@ -151,9 +163,13 @@ def resolve(s: LaunchSettings) -> Resolved:
     if os.path.isfile(os.path.join(out, "config.json")):
         log(f"quantized checkpoint from cache: {out}")
         return Resolved(out, prof, budget)
+    from mxserve.checkpoint import quantize_to_dir
+    from mxserve.phases import phase
+
     log(f"quantizing to {out} ...")
     with phase("quantize", log=log):
-        quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress, device=s.device)
+        quantize_to_dir(s.model, plan, out, nsamples=s.calib_samples, progress=s.progress,
+                        device=work_device(s.device))  # fmt: skip
     return Resolved(out, prof, budget)
 
 
@@ -175,8 +191,8 @@ def resolve_online(s: LaunchSettings, res: Resolved, settings):
     else:
         log(f"building the precision ladder ({len(prof.schemes)} schemes per block) in {path} ...")
         t0 = time.perf_counter()
-        build_ladder(s.model, path, prof.schemes, prof.method, prof.data, load_tokenizer(s.model),
-                     s.calib_samples, prof.hadamard_seed, progress=s.progress, device=s.device)  # fmt: skip
+        build_ladder(s.model, path, prof.schemes, prof.method, prof.data, load_tokenizer(s.model), s.calib_samples,
+                     prof.hadamard_seed, progress=s.progress, device=work_device(s.device))  # fmt: skip
         log(f"ladder built in {time.perf_counter() - t0:.1f} s, {Ladder(path).nbytes() / 2**20:.1f} MiB")
     return OnlineSetup(prof, res.budget, s.r, cost_model(s.kernel_profile), path, settings, s.tokens)
 
@@ -191,20 +207,22 @@ def _check_port(host: str, port: int) -> None:
 
 
 def pick_engine(requested: str | None, tp: int = 1, ep: int = 1) -> str:
-    """The engine to serve with: SGLang by default when CUDA and sglang are there, else embedded.
-    Parallel sizes are checked here, before any calibration."""
+    """The engine to serve with: SGLang by default when a GPU and sglang are there, else embedded.
+    Parallel sizes are checked here, before any calibration. The GPUs are counted through NVML where it
+    can (preflight.nvml_gpus): this process starts SGLang sooner without importing torch."""
     import importlib.util
 
     from mxserve.engines.sglang_launch import check_sglang
+    from mxserve.preflight import gpu_count
 
-    has_cuda = torch.cuda.is_available()
-    if requested == "sglang" and not has_cuda:
+    gpus = 0 if requested == "embedded" else gpu_count()
+    if requested == "sglang" and not gpus:
         raise MxServeError("--engine sglang needs a CUDA GPU; --engine embedded serves on the CPU")
-    if requested == "sglang" or (requested is None and has_cuda and importlib.util.find_spec("sglang")):
+    if requested == "sglang" or (requested is None and gpus and importlib.util.find_spec("sglang")):
         check_sglang()
-        check_parallel(tp, ep, torch.cuda.device_count())
+        check_parallel(tp, ep, gpus)
         return "sglang"
-    if requested is None and has_cuda:
+    if requested is None and gpus:
         log("CUDA found but not sglang: serving with the embedded engine (pip install 'mxserve[sglang]')")
     if tp > 1 or ep > 1:
         raise MxServeError("--tp/--ep > 1 need the SGLang engine (--engine sglang) on as many GPUs")
@@ -242,8 +260,7 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
                  stats_settings=None, ladder: str | None = None) -> int:
     """Serve ``ckpt`` with SGLang's HTTP server and the mxmoe plugin; returns its exit code.
     With ``ladder`` (a precision ladder's path), plans can be swapped in (engines/sglang_swap.py)."""
-    from mxserve.engines.sglang_launch import plugin_env, run_sglang, sglang_command, stats_env
-    from mxserve.engines.sglang_swap import LADDER_ENV, LOADER
+    from mxserve.engines.sglang_launch import LADDER_ENV, LOADER, plugin_env, run_sglang, sglang_command, stats_env
 
     _check_port(host, port)
     if ladder:
@@ -265,7 +282,7 @@ def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel
     """Compile the kernel variants the server will launch into its Triton cache, in parallel, while
     SGLang starts (runtime/precompile.py): CUDA-graph capture then finds them compiled. Only a speed-up:
     a failure is logged and serving goes on (SGLang then compiles what it meets)."""
-    from mxserve.checkpoint import PLAN_FILE
+    from mxserve.models.configs import PLAN_FILE
     from mxserve.models.layerwise import LayerwiseModel
     from mxserve.online.ladder import Ladder
     from mxserve.phases import phase
@@ -294,6 +311,7 @@ def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel
 def serve(ckpt: str, host: str, port: int, served_model_name: str, api_key: str | None,
           max_model_len: int | None, default_max_tokens: int, max_running_requests: int = 16,
           stats_settings=None, online=None) -> None:
+    import torch
     import uvicorn
 
     from mxserve.checkpoint import load_quantized

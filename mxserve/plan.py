@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from mxserve.errors import MxServeError
 from mxserve.jsonio import corrupt, read_versioned, write_json
-from mxserve.models.adapters import BLOCKS
+from mxserve.models.configs import BLOCKS
 from mxserve.schemes import Scheme, get_scheme
 
 

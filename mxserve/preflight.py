@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from dataclasses import dataclass
 
 from mxserve.errors import MxServeError
 
@@ -27,8 +28,7 @@ def check_model_path(model: str) -> None:
 
 def check_architecture(model: str) -> None:
     """A local model of an architecture mxserve does not quantize is refused from its config."""
-    from mxserve.models.adapters import arch_spec
-    from mxserve.models.loading import read_config
+    from mxserve.models.configs import arch_spec, read_config
 
     if os.path.isdir(model):
         arch_spec(read_config(model).get("model_type"))
@@ -78,17 +78,97 @@ def served_bytes(model_dir: str, bits: float | None) -> int:
     return int(experts * bits / 8 + other * 2)
 
 
-def free_gpu_memory(device: int = 0) -> int:
-    """Free bytes on a GPU, read through NVML where it is there: asking CUDA makes a context in this
-    process, and `mxserve launch` would hold it (0.5 GB on an H200, gone from SGLang's KV cache) as
-    long as the server it starts runs."""
+@dataclass(frozen=True)
+class Gpus:
+    count: int  # the GPUs CUDA shows this process
+    free: int  # free bytes on the first of them (0 without one)
+
+
+def cuda_order(visible: str | None, uuids: list[str]) -> list[int] | None:
+    """The NVML indices of the GPUs CUDA shows, in CUDA's order, for CUDA_VISIBLE_DEVICES ``visible``
+    (indices or ``GPU-`` UUID prefixes) over GPUs of these NVML UUIDs; None for MIG instances."""
+    if visible is None:
+        return list(range(len(uuids)))
+    order: list[int] = []
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if entry.startswith("MIG-"):
+            return None
+        if entry.startswith("GPU-"):
+            hits = [i for i, u in enumerate(uuids) if u.startswith(entry)]
+            idx = hits[0] if len(hits) == 1 else -1  # an ambiguous prefix is invalid
+        else:
+            digits = re.match(r"[+-]?\d+", entry)
+            idx = int(digits.group()) if digits else -1
+            idx = idx if idx < len(uuids) else -1
+        if idx < 0:
+            break  # CUDA stops at the first invalid entry
+        if idx in order:
+            return []  # and shows no GPU at all when one repeats
+        order.append(idx)
+    return order
+
+
+def nvml_gpus() -> Gpus | None:
+    """The GPUs CUDA will show this process, read through NVML (nvidia-ml-py, which SGLang and torch's
+    CUDA builds install): no torch import, which took 3 of the launcher's 4 s before SGLang started (H200
+    host, 2026-12-04), and no CUDA context, which the launcher would hold (0.5 GB of an H200) as long as
+    its server runs. None where NVML cannot say what CUDA will: no NVML, MIG, or GPUs of different models
+    that CUDA orders by speed (CUDA_DEVICE_ORDER not PCI_BUS_ID, NVML's order)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no nvidia-ml-py, no driver
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        if any(_mig_enabled(pynvml, h) for h in handles):
+            return None
+        if len({_text(pynvml.nvmlDeviceGetName(h)) for h in handles}) > 1 and \
+                os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":  # fmt: skip
+            return None
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        order = cuda_order(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
+        if order is None:
+            return None
+        return Gpus(len(order), int(pynvml.nvmlDeviceGetMemoryInfo(handles[order[0]]).free) if order else 0)
+    except Exception:  # noqa: BLE001 - an NVML call this driver lacks: CUDA's answer instead
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _mig_enabled(pynvml, handle) -> bool:
+    try:
+        return pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+    except pynvml.NVMLError:  # not a MIG-capable GPU
+        return False
+
+
+def gpu_count() -> int:
+    """How many GPUs CUDA shows this process, through NVML where it can tell, else torch."""
+    gpus = nvml_gpus()
+    if gpus is not None:
+        return gpus.count
     import torch
 
-    try:
-        used = torch.cuda.device_memory_used(device)
-    except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py) here: CUDA's answer, with its context
-        return torch.cuda.mem_get_info(device)[0]
-    return torch.cuda.get_device_properties(device).total_memory - used
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def free_gpu_memory() -> int:
+    """Free bytes on the first GPU CUDA shows this process, read through NVML where it can tell
+    (nvml_gpus says why); else CUDA's answer, with a context in this process."""
+    gpus = nvml_gpus()
+    if gpus is not None and gpus.count:
+        return gpus.free
+    import torch
+
+    return torch.cuda.mem_get_info(0)[0]
 
 
 def check_gpu_memory(need: int, free: int, what: str) -> None:

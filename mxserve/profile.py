@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from mxserve.jsonio import corrupt, read_versioned, write_json
-from mxserve.models.adapters import BLOCKS
+from mxserve.models.configs import BLOCKS
 
 
 @dataclass

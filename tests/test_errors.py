@@ -303,28 +303,54 @@ def test_served_memory_estimate_and_refusal(tiny_models):
         check_gpu_memory(need, need, "m")  # no room for the KV cache
 
 
-def test_free_gpu_memory_is_read_without_a_cuda_context(monkeypatch):
-    # the launcher would hold a CUDA context (0.5 GB of an H200) for as long as its SGLang server runs
+def _fake_nvml(mig: bool = False):
+    """NVML's calls as nvidia-ml-py makes them, over two GPUs (no GPU on this machine)."""
     from types import SimpleNamespace
+
+    class NVMLError(Exception):
+        pass
+
+    def mig_mode(h):
+        if not mig:
+            raise NVMLError("Not Supported")  # what a GPU without MIG answers
+        return [1, 1]
+
+    calls = []
+    return calls, SimpleNamespace(
+        NVMLError=NVMLError, NVML_DEVICE_MIG_ENABLE=1,
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetMigMode=mig_mode,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H200", nvmlDeviceGetUUID=lambda h: f"GPU-{h}abc",
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(free=(110 + h) * 2**30),
+    )  # fmt: skip
+
+
+def test_gpus_are_counted_through_nvml_without_a_cuda_context(monkeypatch):
+    # the launcher would hold a CUDA context (0.5 GB of an H200) for as long as its SGLang server runs,
+    # and importing torch took 3 s of its start
+    import sys
 
     import torch
 
-    from mxserve.preflight import free_gpu_memory
+    from mxserve import preflight
 
     def context(*_):
         raise AssertionError("asked CUDA: a context in the launcher")
 
-    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda d: 30 * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=140 * 2**30))
     monkeypatch.setattr(torch.cuda, "mem_get_info", context)
-    assert free_gpu_memory() == 110 * 2**30
+    monkeypatch.setattr(torch.cuda, "device_count", context)
+    calls, nvml = _fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1")
+    assert preflight.free_gpu_memory() == 111 * 2**30 and preflight.gpu_count() == 1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert preflight.nvml_gpus() == preflight.Gpus(2, 110 * 2**30)
+    assert calls == ["init", "shutdown"] * 3
 
-    def no_nvml(_):
-        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
-
-    monkeypatch.setattr(torch.cuda, "device_memory_used", no_nvml)  # then CUDA's answer
+    _, mig = _fake_nvml(mig=True)  # MIG: NVML's totals are the whole GPU's, so CUDA's answer
+    monkeypatch.setitem(sys.modules, "pynvml", mig)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (7 * 2**30, 9 * 2**30))
-    assert free_gpu_memory() == 7 * 2**30
+    assert preflight.nvml_gpus() is None and preflight.free_gpu_memory() == 7 * 2**30
 
 
 def test_hub_ids_are_not_taken_for_missing_paths():
@@ -342,3 +368,19 @@ def test_device_cuda_without_a_gpu(capsys, tiny_models, calib_text, tmp_path):
     err = one_line(run_err(capsys, "calibrate", "--model", tiny_models["olmoe"], "--data", calib_text, "--device",
                            "cuda", "--out", tmp_path / "p.json"))  # fmt: skip
     assert "no CUDA GPU" in err
+
+
+def test_visible_gpus_in_cudas_order():
+    # what CUDA_VISIBLE_DEVICES shows, as NVML's indices (nvml_gpus then counts them without torch)
+    from mxserve.preflight import cuda_order
+
+    uuids = ["GPU-aaaa-1", "GPU-bbbb-2", "GPU-abcd-3"]
+    assert cuda_order(None, uuids) == [0, 1, 2]
+    assert cuda_order("2,0", uuids) == [2, 0]
+    assert cuda_order("", uuids) == []
+    assert cuda_order("1,7,0", uuids) == [1]  # CUDA stops at the first invalid entry
+    assert cuda_order("0,-1,2", uuids) == [0]
+    assert cuda_order("1,1", uuids) == []  # a repeated GPU: CUDA shows none
+    assert cuda_order("GPU-bb,GPU-abc", uuids) == [1, 2]  # UUID prefixes
+    assert cuda_order("GPU-a", uuids) == []  # ambiguous: invalid
+    assert cuda_order("MIG-1234", uuids) is None  # MIG instances: NVML's totals do not apply, CUDA is asked

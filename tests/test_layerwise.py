@@ -12,7 +12,8 @@ from conftest import ARCHS
 from mxserve.calibrate import capture_moe_inputs
 from mxserve.checkpoint import DOWN, GATE_UP, WEIGHTS_FILE, _prefix, layout, quantize_layers, quantize_to_dir
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import arch_spec, moe_layers, stored_name
+from mxserve.models.adapters import moe_layers
+from mxserve.models.configs import arch_spec, stored_name
 from mxserve.models.layerwise import LayerwiseModel
 from mxserve.models.loading import load_model, load_tokenizer
 from mxserve.plan import Plan

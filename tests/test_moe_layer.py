@@ -102,8 +102,8 @@ def test_deepseek_router_of_transformers_5_12_is_wrapped(tiny_models):
     routes itself; the view wraps it to route as later versions' router, under the same name."""
     from torch import nn
 
-    from mxserve.models.adapters import ARCHS as SPECS
     from mxserve.models.adapters import MoELayerView
+    from mxserve.models.configs import ARCHS as SPECS
 
     view = moe_layers(load_model(str(tiny_models["deepseek_v2"])))[0]
 

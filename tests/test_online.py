@@ -406,14 +406,14 @@ def _swap_rank(rank: int, store: str, root: str, corrupt_on: int) -> None:
     from gloo_ranks import gloo_rank
 
     from mxserve.checkpoint import load_quantized, runtime_layers
-    from mxserve.engines import sglang_swap
+    from mxserve.engines import sglang_launch, sglang_swap
     from mxserve.parallel.sharding import rank_experts
     from mxserve.parallel.stats import WholeLayer
     from mxserve.plan import Plan
     from mxserve.runtime.moe_layer import MixedExperts
 
     with gloo_rank(store, rank, 2):
-        os.environ[sglang_swap.LADDER_ENV] = os.path.join(root, "ladder")
+        os.environ[sglang_launch.LADDER_ENV] = os.path.join(root, "ladder")
         sglang_swap._DeviceFence = contextlib.nullcontext  # CPU: nothing queued on a device
         sglang_swap._rank_group = lambda ranks: None  # the default group: these two processes
         model, plan = load_quantized(os.path.join(root, "ckpt"))

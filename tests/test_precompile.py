@@ -151,8 +151,9 @@ def test_launch_goes_on_when_precompiling_fails(tmp_path, capsys, tiny_models):
 def test_layer_shapes_read_from_a_quantized_checkpoint(tiny_models, tmp_path):
     """What `mxserve launch` precompiles for: the served checkpoint's plan over its MoE layers,
     read from its config alone (meta tensors), equal to the source model's layers."""
-    from mxserve.checkpoint import PLAN_FILE, layout, quantize_to_dir
+    from mxserve.checkpoint import layout, quantize_to_dir
     from mxserve.models.adapters import moe_layers
+    from mxserve.models.configs import PLAN_FILE
     from mxserve.models.layerwise import LayerwiseModel
     from mxserve.models.loading import load_model
     from mxserve.schemes import get_scheme

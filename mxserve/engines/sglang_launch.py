@@ -29,9 +29,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from mxserve import hf_env
 from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
-from mxserve.models.loading import QUANT_METHOD, read_config
+from mxserve.models.configs import QUANT_METHOD, read_config
 
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "mxmoe"
@@ -52,6 +53,10 @@ SHARED_MLP_KEYS = ("shared_expert_intermediate_size",)
 OWN_ARCHITECTURES = {"mixtral": "MxMoEMixtralForCausalLM"}
 MODELS_PACKAGE = "mxserve.engines.sglang_models"
 MODELS_PACKAGE_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
+# With re-planning, SGLang loads swapped plans through this custom weight loader (engines/sglang_swap.py),
+# which finds the precision ladder at the path in this variable
+LOADER = "mxserve.engines.sglang_swap.apply_plan"
+LADDER_ENV = "MXSERVE_LADDER"
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -98,7 +103,7 @@ def _plugin_installed() -> bool:
 
 def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for SGLang's processes, in which they find and can import the plugin."""
-    env = dict(os.environ if env is None else env)
+    env = hf_env.user_env(os.environ if env is None else env)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not _plugin_installed():

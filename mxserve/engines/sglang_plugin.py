@@ -61,10 +61,10 @@ from sglang.srt.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
-from mxserve.checkpoint import DOWN, FORMAT_VERSION, GATE_UP, SHARED_GATE, expert_param, read_experts
+from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
 from mxserve.models.adapters import join_shared
-from mxserve.models.loading import QUANT_METHOD
+from mxserve.models.configs import FORMAT_VERSION, QUANT_METHOD
 from mxserve.parallel.sharding import rank_experts
 from mxserve.parallel.stats import CountingDispatcher, WholeLayer
 from mxserve.plan import LayerPlan, Plan

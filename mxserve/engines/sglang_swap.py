@@ -35,14 +35,13 @@ import time
 
 import torch
 
+from mxserve.engines.sglang_launch import LADDER_ENV, LOADER
 from mxserve.online.ladder import Ladder
 from mxserve.online.swap import PlanSwapper, plan_id, validate_plan
 from mxserve.plan import Plan
 
 log = logging.getLogger("mxserve.online")
 PLAN_TENSOR = "mxserve.plan"
-LOADER = "mxserve.engines.sglang_swap.apply_plan"
-LADDER_ENV = "MXSERVE_LADDER"
 
 _served: dict = {}  # this scheduler's layers, plan and budget (set by the plugin)
 

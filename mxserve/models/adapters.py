@@ -17,57 +17,13 @@ the same shape, which is what a grouped GEMM wants.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mxserve.errors import MxServeError
-
-BLOCKS = ("gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    shared: str | None = None  # attribute of the MoE block holding the shared MLP
-    shared_gate: str | None = None  # attribute of a Linear(H, 1) whose sigmoid scales it
-    # the MoE block's name in checkpoints and in SGLang's model (transformers 5 calls it mlp)
-    stored_block: str = "mlp"
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "qwen2_moe": ArchSpec(shared="shared_expert", shared_gate="shared_expert_gate"),
-    "qwen3_moe": ArchSpec(),
-    "mixtral": ArchSpec(stored_block="block_sparse_moe"),
-    "olmoe": ArchSpec(),
-    "deepseek_v2": ArchSpec(shared="shared_experts"),
-}
-
-
-def supported_text() -> str:
-    return "Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), OLMoE (olmoe), DeepSeek-V2 (deepseek_v2)"
-
-
-_MODULE_BLOCK = re.compile(r"^(model\.layers\.\d+\.)mlp\.")
-_STORED_BLOCK = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.")
-
-
-def stored_name(name: str, spec: ArchSpec) -> str:
-    """A transformers 5 tensor name as checkpoints (and SGLang) name it: Mixtral's MoE block
-    is ``block_sparse_moe``."""
-    return _MODULE_BLOCK.sub(rf"\g<1>{spec.stored_block}.", name) if spec.stored_block != "mlp" else name
-
-
-def module_name(name: str) -> str:
-    """A checkpoint tensor name as transformers 5 names the module's tensor."""
-    return _STORED_BLOCK.sub(r"\g<1>mlp.", name)
-
-
-def arch_spec(model_type: str) -> ArchSpec:
-    if model_type not in ARCHS:
-        raise MxServeError(f"unsupported architecture {model_type!r}; supported: {supported_text()}")
-    return ARCHS[model_type]
+from mxserve.models.configs import BLOCKS, ArchSpec, arch_spec, supported_text
 
 
 @dataclass

@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import MoELayerView, arch_spec, decoder_layers, layer_view, module_name, moe_layers
+from mxserve.models.adapters import MoELayerView, decoder_layers, layer_view, moe_layers
+from mxserve.models.configs import arch_spec, module_name
 from mxserve.models.loading import load_config
 
 INDEX_FILE = "model.safetensors.index.json"

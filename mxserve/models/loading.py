@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
 from mxserve.errors import MxServeError
-from mxserve.models.adapters import arch_spec, moe_layers
+from mxserve.models.adapters import moe_layers
+from mxserve.models.configs import arch_spec, read_config
 from mxserve.preflight import check_model_path
-
-QUANT_METHOD = "mxmoe"
-
-
-def read_config(path: str) -> dict:
-    """config.json of a local model directory as a dict (MxServeError if absent or corrupt)."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise MxServeError(f"{path}: no config.json here; --model takes a model directory or a Hugging Face id")
-    try:
-        with open(cfg_file) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MxServeError(f"{cfg_file}: cannot read config ({e})") from None
-
-
-def is_quantized_checkpoint(path: str) -> bool:
-    if not os.path.isdir(path):
-        return False
-    qc = read_config(path).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
 
 
 def load_tokenizer(path: str):
