@@ -12,6 +12,9 @@ order, each timed from process start to /health and then checked with one chat c
 - ``plain-warm-metrics``: and once more with ``--enable-metrics``, which `mxserve launch` always passes
   (its Prometheus series): what SGLang's own metrics add to a start (not part of the target's ratio).
 
+``--warm-rounds N`` starts the warm runs N times, in turn, and the ratios take each run's median: one
+start varies by seconds from machine to machine, as much as the 1.1x target leaves.
+
 Each engine has its own empty JIT caches besides Triton's: SGLang's compiled CUDA modules
 (``TVM_FFI_CACHE_DIR``) and FlashInfer's (``FLASHINFER_WORKSPACE_BASE``), built with nvcc on first
 use, about a minute a module (a fresh H200 machine's first server built SGLang's KV-cache, rotary
@@ -39,6 +42,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,6 +106,8 @@ def main() -> None:
     ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)} (in this order)")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--warm-rounds", type=int, default=1,
+                    help="start each warm run this many times, in turn; the ratios take the medians")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     runs = [r for r in a.runs.split(",") if r]
@@ -121,7 +127,8 @@ def main() -> None:
                 "cuda", "--data", builtin_calibration_text(), "--nsamples", "16", "--quiet", "--out", ckpt]  # fmt: skip
     subprocess.run(quantize, check=True, env=base)
     rows = [{"run": "quantize (not part of a launch)", "seconds": round(time.time() - t0, 1)}]
-    for name in runs:
+    warm = [r for r in runs if "warm" in r]  # repeated, in turn, for --warm-rounds: one start varies by seconds
+    for name in runs + [f"{r}#{k}" for k in range(2, a.warm_rounds + 1) for r in warm]:
         port = free_port()
         if name.startswith("plain"):
             cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", a.model, "--port", str(port),
@@ -136,7 +143,10 @@ def main() -> None:
         rows.append(launch(name, cmd, env, port, a.out, triton, a.timeout))
         print(json.dumps(rows[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    secs = {r["run"]: r["seconds_to_health"] for r in rows if "seconds_to_health" in r}
+    times: dict[str, list[float]] = {}
+    for r in rows[1:]:
+        times.setdefault(r["run"].split("#")[0], []).append(r["seconds_to_health"])
+    secs = {run: statistics.median(t) for run, t in times.items()}
     pairs = (("mx-cold", "plain-cold"), ("mx-warm", "plain-warm"), ("mx-warm", "plain-warm-metrics"))
     ratios = {f"{m} / {p}": round(secs[m] / secs[p], 2) for m, p in pairs if m in secs and p in secs}
     result = {"model": a.model, "plan": a.plan, "sglang_args": a.sglang_args, "rows": rows, "ratios": ratios,
@@ -149,7 +159,7 @@ def main() -> None:
         cells = (r["seconds_to_health"], r.get("launcher_seconds", ""), r.get("triton_entries_after_precompile", ""),
                  r.get("triton_entries_at_health", ""))  # fmt: skip
         md.append(f"| {r['run']} | " + " | ".join(map(str, cells)) + " |")
-    md += ["", f"Quantize first: {rows[0]['seconds']} s. Ratios: " +
+    md += ["", f"Quantize first: {rows[0]['seconds']} s. Ratios (of medians where runs repeat): " +
            (", ".join(f"{k} = {v}" for k, v in ratios.items()) or "none")]  # fmt: skip
     with open(os.path.join(a.out, "cold_start.md"), "w") as f:
         f.write("\n".join(md) + "\n")

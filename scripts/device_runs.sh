@@ -114,7 +114,7 @@ phase5() {
   python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer $TOKENIZER --out /tmp/cm \
     > /dev/null 2>&1
   python3 benchmarks/cold_start.py --model /tmp/cm --plan benchmarks/plans/refmoe-3.25bit.json --out $res/cold \
-    > $res/cold.log 2>&1
+    --warm-rounds 3 > $res/cold.log 2>&1
   say "cold start rc=$?"
 }
 
