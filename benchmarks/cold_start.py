@@ -17,10 +17,10 @@ start varies by seconds from machine to machine, as much as the 1.1x target leav
 
 Each engine has its own empty JIT caches besides Triton's: SGLang's compiled CUDA modules
 (``TVM_FFI_CACHE_DIR``) and FlashInfer's (``FLASHINFER_WORKSPACE_BASE``), built with nvcc on first
-use, about a minute a module (a fresh H200 machine's first server built SGLang's KV-cache, rotary
-and activation modules and FlashInfer's RMSNorm, 2026-12-04). Until then the two engines shared the
-machine's, so plain SGLang's cold run built the ones both use and mxserve's cold run found them:
-a cold mxserve launch looked faster than on a fresh machine.
+use, seconds to a minute a module (a fresh H200 machine's first server built SGLang's KV-cache,
+rotary and activation modules and FlashInfer's RMSNorm, about 40 s of it, 2026-12-04). Until then
+the two engines shared the machine's, so plain SGLang's cold run built the ones both use and
+mxserve's cold run found them: a cold mxserve launch looked faster than on a fresh machine.
 
 For mxserve's runs the Triton cache entries are counted when the precompile phase ends and at
 /health: entries added in between are kernels SGLang compiled itself (its own, and any that

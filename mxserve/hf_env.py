@@ -1,7 +1,8 @@
 """transformers and huggingface_hub kept quiet through their environment variables.
 
 Both read these when first imported; setting them costs nothing, where importing transformers to
-call its setters cost 3 s of every `mxserve launch` (H200 host, 2026-12-04), before SGLang started.
+call its setters cost every `mxserve launch` 1.3 s before SGLang started (H200 host, 2026-12-04;
+3.1 s under cProfile: benchmarks/startup_profile.py).
 SGLang's processes get the user's own environment back (``user_env``): its logs stay its own.
 """
 

@@ -8,8 +8,9 @@
 # first CUDA-graph capture after 4 minutes (H200, 2026-12-03, sixth session), most likely building
 # its fp16 modules on the device. On 2026-12-04 `ps` on the device showed nvcc building the fp16
 # SiluAndMul (activation) and rotary (fused_rope) modules there during that capture (one 68 s capture
-# step with the KV-cache module; benchmarks/results/gptq_server_jit_h200_s14.txt): they are built here too. Modules already in .tvm-ffi.tar.xz are kept and not built again;
-# others are dropped, since the carry must fit 64 MiB.
+# step with the KV-cache module; benchmarks/results/gptq_server_jit_h200_s14.txt): they are built
+# here too. Modules already in .tvm-ffi.tar.xz are kept and not built again; others are dropped,
+# since the carry must fit 64 MiB.
 #
 # SGLang's load_jit loads a prebuilt .so from $TVM_FFI_CACHE_DIR/<module>__arch_9.0__tvmffi_<v>/
 # directly when it is there (no ninja, no compiler on the device). The directory name hashes the
