@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -276,10 +277,45 @@ PREFILL_VARIANTS = {"row-major dequantized tile": {"kmajor": False, "dequant": F
                     "dequantized in the GEMM": {"dequant": False}, "dequantized first": {"dequant": True}}
 
 
+@dataclass(eq=False)  # one job is one job, whatever its fields
+class Job:
+    """One variant to time at one token count: its forward and what its bandwidth is counted from."""
+
+    variant: str
+    fn: object
+    w_bytes: float
+    bits: float | None
+    eager: bool = False  # also timed without a CUDA graph (host overhead included)
+    graph: bool = True  # False: eager only (a loop with host syncs cannot be captured)
+
+
+def time_jobs(jobs: list[Job], rounds: int, record) -> None:
+    """Time every job ``rounds`` times, the order rotated by one each round, and record each job's
+    median. Timed once each in a fixed order, a layout measured first was up to 8% slower than the
+    same layout forced right after it (H200, thirteenth session). A job that fails is reported and
+    dropped: one experimental layout or baseline must not lose the run."""
+    times: dict[str, list[tuple[float, float | None]]] = {j.variant: [] for j in jobs}
+    live = list(jobs)
+    for r in range(rounds):
+        order = live[r % len(live):] + live[: r % len(live)] if live else []
+        for j in order:
+            try:
+                sec = bench_graph(j.fn) if j.graph else bench(j.fn)
+                times[j.variant].append((sec, bench(j.fn) if j.eager and j.graph else None))
+            except Exception as err:  # noqa: BLE001 - see above
+                print(f"{j.variant} failed: {str(err)[:300]}", file=sys.stderr)
+                live.remove(j)
+    for j in jobs:
+        if j in live and times[j.variant]:
+            sec, eager = sorted(times[j.variant], key=lambda te: te[0])[(len(times[j.variant]) - 1) // 2]
+            record(j.variant, sec, j.w_bytes, j.bits, eager)
+
+
 def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | None = None, marlin=None,
-              plans: dict | None = None, layouts: dict | None = None, ours_only: bool = False) -> None:
+              plans: dict | None = None, layouts: dict | None = None, ours_only: bool = False, rounds: int = 1) -> None:
     """``plans``: more tiered plans (label -> tiers), timed with ``layouts`` (default DECODE_VARIANTS)
-    and the Triton MMA layout; ``ours_only`` leaves out the baselines and the prefill layout."""
+    and the Triton MMA layout; ``ours_only`` leaves out the baselines and the prefill layout; ``rounds``:
+    see time_jobs."""
     layouts = DECODE_VARIANTS if layouts is None else layouts
     m = (shapes or MODEL_SHAPES)[name]
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
@@ -335,12 +371,17 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     }
                 )
 
+            jobs: list[Job] = []
+
+            def job(variant: str, fn, w_bytes: float, bits: float | None, eager: bool = False, graph: bool = True):
+                jobs.append(Job(variant, fn, w_bytes, bits, eager, graph))
+
             for vname, (ag, ad, bits) in variants.items():
                 fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e)  # noqa: E731
-                record(vname, bench_graph(fn), ag.nbytes() + ad.nbytes(), bits, bench(fn))
+                job(vname, fn, ag.nbytes() + ad.nbytes(), bits, eager=True)
                 if t <= DECODE_TOKENS and vname != "ours bf16" and not ours_only:
                     fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
-                    record(vname + " (prefill layout)", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
+                    job(vname + " (prefill layout)", fn, ag.nbytes() + ad.nbytes(), bits)
                 gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb}
                 # a plan's layer also as one launch per group of codes (moe.code_groups) in the picked layout,
                 # and in the layouts asked for (--layouts)
@@ -356,18 +397,12 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                                                multiprocessors(dev), fma=False).split  # fmt: skip
                             ov = {"fma": False, "gluon": False, "split": 2 * split}
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
-                        try:
-                            record(f"{vname} ({label})", bench_graph(fn), ag.nbytes() + ad.nbytes(), bits)
-                        except Exception as err:  # noqa: BLE001 - an experimental layout must not lose the run
-                            print(f"{vname} ({label}) failed: {str(err)[:300]}", file=sys.stderr)
+                        job(f"{vname} ({label})", fn, ag.nbytes() + ad.nbytes(), bits)
             if mw is not None:
                 logits = torch.zeros(t, ne, device=dev)  # read for its shape only
                 ids32 = ide.to(torch.int32)
                 fn = lambda: marlin(x, *mw[:4], logits, we, ids32, num_bits=4, **mw[4])  # noqa: E731
-                try:
-                    record("marlin w4a16g128", bench_graph(fn), marlin_bytes(mw), 4 + 20 / 128, bench(fn))
-                except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
-                    print(f"marlin failed: {str(err)[:300]}", file=sys.stderr)
+                job("marlin w4a16g128", fn, marlin_bytes(mw), 4 + 20 / 128, eager=True)
             if not ours_only and (t <= 1024 or e <= 16):  # the eager loop at 8192 x 128 experts adds minutes
 
                 def torch_loop():
@@ -381,7 +416,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     return out
 
                 # data-dependent loop (host syncs): no graph; this is what eager transformers pays
-                record("torch bf16", bench(torch_loop), (gu.numel() + dn.numel()) * 2, 16.0)
+                job("torch bf16", torch_loop, (gu.numel() + dn.numel()) * 2, 16.0, graph=False)
             if sgl is not None and not ours_only:
                 ids32 = ide.to(torch.int32)
                 calls = {
@@ -416,12 +451,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                     ),
                 }
                 for vname, (fn, bits) in calls.items():
-                    try:
-                        sec, eager = bench_graph(fn), bench(fn)
-                    except Exception as err:  # noqa: BLE001 - one failing baseline must not lose the run
-                        print(f"{vname} failed: {str(err)[:300]}", file=sys.stderr)
-                        continue
-                    record(vname, sec, ne * 3 * i * h * bits / 8, bits, eager)
+                    job(vname, fn, ne * 3 * i * h * bits / 8, bits, eager=True)
+            time_jobs(jobs, rounds, record)
             print(
                 f"{name} {'skewed' if skewed else 'uniform'} T={t}: "
                 + ", ".join(
@@ -522,6 +553,8 @@ def main() -> None:
                          "(e.g. w3=w3a16g128:1); timed in the MMA and Gluon layouts and as one launch per group "
                          "of codes; repeatable")
     ap.add_argument("--layouts", default="", help="regex: time only the decode layouts whose label matches")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every variant this many times, the order rotated each round, and keep the medians")
     ap.add_argument("--ours-only", action="store_true",
                     help="leave out the torch and SGLang fused_moe baselines and the prefill layout (Marlin "
                          "stays unless --no-marlin): for comparing our own layouts")
@@ -575,7 +608,8 @@ def main() -> None:
     t0 = time.time()
     layouts = {lb: ov for lb, ov in DECODE_VARIANTS.items() if re.search(a.layouts, lb)}
     for model in a.models:
-        run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin, dict(a.plan), layouts, a.ours_only)
+        run_model(model, a.tokens, dev, gen, sgl, results, shapes, marlin, dict(a.plan), layouts, a.ours_only,
+                  a.rounds)
         torch.cuda.empty_cache()
         with open(os.path.join(a.out, "moe_layer.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -363,3 +363,28 @@ def test_decode_waves_counts_programs_per_multiprocessor_as_the_profiler_does():
     assert resident(128, 0, 4) == 4 and resident(80, 0, 4) == 6
     assert resident(32, 0, 4) == 16  # 64 warps per SM
     assert resident(32, 100_000, 4) == 2  # shared memory: 228 KB per SM, 1 KB reserved per block
+
+
+def test_moe_layer_times_variants_in_rotated_rounds_and_keeps_medians(monkeypatch):
+    import moe_layer
+
+    order, clock = [], iter(range(1, 100))
+
+    def timed(label):
+        def fn():
+            order.append(label)
+            if label == "broken" and order.count("broken") == 2:  # fails in its second round
+                raise RuntimeError("no kernel image")
+        return fn
+
+    monkeypatch.setattr(moe_layer, "bench_graph", lambda fn: (fn(), next(clock))[1])
+    monkeypatch.setattr(moe_layer, "bench", lambda fn: (fn(), -1.0)[1])
+    jobs = [moe_layer.Job(v, timed(v), 1.0, 4.0, eager=(v == "a")) for v in ("a", "b", "broken")]
+    jobs.append(moe_layer.Job("loop", timed("loop"), 1.0, 16.0, graph=False))
+    got = {}
+    moe_layer.time_jobs(jobs, 3, lambda v, sec, w, bits, eager: got.__setitem__(v, (sec, eager)))
+    # each round starts one job later; a's eager timing follows its graph timing; broken is dropped
+    assert order == ["a", "a", "b", "broken", "loop",  # graph times a 1, b 2, broken 3
+                     "b", "broken", "loop", "a", "a",  # b 4, broken fails, a 5
+                     "loop", "a", "a", "b"]  # a 6, b 7  # fmt: skip
+    assert got == {"a": (5, -1.0), "b": (4, None), "loop": (-1.0, None)}  # medians of (1, 5, 6) and (2, 4, 7)
