@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.procs import stop, wait_up  # noqa: E402
 from benchmarks.serving import DEFAULT_SGLANG_ARGS, free_port  # noqa: E402
-from mxserve.runtime.precompile import STAMPS  # noqa: E402
+from mxserve.runtime.launch_stamp import STAMPS  # noqa: E402
 
 RUNS = ("plain-cold", "mx-cold", "mx-warm", "plain-warm", "plain-warm-metrics")
 
@@ -94,9 +94,15 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
     row = {"run": name, "seconds_to_health": round(ready, 1), "command": shlex.join(cmd)}
     if at_start is not None:
         row.update(triton_entries_after_precompile=at_start, triton_entries_at_health=entries(triton))
-    if started := re.search(r"\(([\d.]+) s after mxserve started\)", open(log).read()):
-        row["launcher_seconds"] = float(started.group(1))  # mxserve's own share, before SGLang starts
+    if (own := launcher_seconds(open(log).read())) is not None:
+        row["launcher_seconds"] = own  # mxserve's own share, before SGLang starts
     return row
+
+
+def launcher_seconds(log_text: str) -> float | None:
+    """The seconds `mxserve launch` took before starting SGLang, from its "starting SGLang" line."""
+    started = re.search(r"([\d.]+) s after mxserve started\)", log_text)
+    return float(started.group(1)) if started else None
 
 
 def main() -> None:

@@ -283,22 +283,31 @@ def precompile_kernels(ckpt: str, bf16_layers: str, ladder: str | None, parallel
     SGLang starts (runtime/precompile.py): CUDA-graph capture then finds them compiled. Only a speed-up:
     a failure is logged and serving goes on (SGLang then compiles what it meets)."""
     from mxserve.models.configs import PLAN_FILE
-    from mxserve.models.layerwise import LayerwiseModel
-    from mxserve.online.ladder import Ladder
-    from mxserve.phases import phase
-    from mxserve.plan import Plan
-    from mxserve.runtime.moe_layer import plan_kernel_codes
-    from mxserve.runtime.precompile import precompile
+    from mxserve.runtime import launch_stamp
 
+    # a launch like an earlier one finds its kernels compiled before importing torch and Triton, which
+    # would only slow SGLang's own start beside it
+    key = launch_stamp.launch_key(ckpt, bf16_layers, ladder, parallel)
+    if launch_stamp.precompiled(triton_cache, key):
+        log("kernels precompiled by an earlier launch like this one: nothing to compile")
+        return
     old = os.environ.get("TRITON_CACHE_DIR")
     os.environ["TRITON_CACHE_DIR"] = triton_cache  # the spawned compilers inherit it
     try:
+        from mxserve.models.layerwise import LayerwiseModel
+        from mxserve.online.ladder import Ladder
+        from mxserve.phases import phase
+        from mxserve.plan import Plan
+        from mxserve.runtime.moe_layer import plan_kernel_codes
+        from mxserve.runtime.precompile import precompile
+
         with phase("precompile", log=log):
             plan = Plan.load(os.path.join(ckpt, PLAN_FILE))
             codes = plan_kernel_codes(plan, Ladder(ladder).schemes if ladder else None)
             tp, ep = parallel
             precompile(plan, LayerwiseModel(ckpt).moe_views, bf16_layers == "sglang" and not ladder, codes,
                        moe_split(tp, ep), ep, log=log)  # fmt: skip
+        launch_stamp.mark_precompiled(triton_cache, key)
     except Exception as e:  # noqa: BLE001 - a speed-up only; SGLang compiles on demand
         log(f"precompiling the kernels failed ({type(e).__name__}: {e}); SGLang will compile them as it meets them")
     finally:

@@ -82,6 +82,7 @@ def served_bytes(model_dir: str, bits: float | None) -> int:
 class Gpus:
     count: int  # the GPUs CUDA shows this process
     free: int  # free bytes on the first of them (0 without one)
+    names: tuple[str, ...] = ()  # their models, in CUDA's order
 
 
 def cuda_order(visible: str | None, uuids: list[str]) -> list[int] | None:
@@ -125,14 +126,15 @@ def nvml_gpus() -> Gpus | None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         if any(_mig_enabled(pynvml, h) for h in handles):
             return None
-        if len({_text(pynvml.nvmlDeviceGetName(h)) for h in handles}) > 1 and \
-                os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":  # fmt: skip
+        names = [_text(pynvml.nvmlDeviceGetName(h)) for h in handles]
+        if len(set(names)) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
             return None
         uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
         order = cuda_order(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
         if order is None:
             return None
-        return Gpus(len(order), int(pynvml.nvmlDeviceGetMemoryInfo(handles[order[0]]).free) if order else 0)
+        free = int(pynvml.nvmlDeviceGetMemoryInfo(handles[order[0]]).free) if order else 0
+        return Gpus(len(order), free, tuple(names[i] for i in order))
     except Exception:  # noqa: BLE001 - an NVML call this driver lacks: CUDA's answer instead
         return None
     finally:

@@ -5,11 +5,12 @@
 # given back with everything on it. So the chain runs in the background (setsid) and each call
 # polls it, then packs what exists into one file, $OUT/results.tgz, with the status in stdout:
 #
-#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
+#     source scripts/device_env.sh && scripts/device_runs.sh start 5 21 && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 580   # next calls, at once
 #
-# `start` does nothing where the chain already runs, and starts it over on a fresh machine;
-# `start 3 4 6` runs those phases only, in that order (phase 2 needs phase 1's checkpoints).
+# `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
+# does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
+# does not spend the budget waiting on nothing).
 # Phases, in order; the timed ones run alone on the GPU:
 #   1. untimed, side by side: the 24-layer checkpoints (PREP_ONLY) and the kernel GPU tests of what
 #      changed last (session 5: the slab test fixed to compare one kernel with itself; the grouped
@@ -392,11 +393,14 @@ phase7() {
 }
 
 case "${1:-}" in
-  start)  # [PHASE...]: the phases to run, in that order (default 1 to 7)
+  start)  # PHASE...: the phases to run, in that order; none: go on with the chain running here
     [ -f $res/status.txt ] && exit 0
-    mkdir -p $res
     shift
-    phases="${*:-1 2 3 4 5 6 7}"
+    # a follow-up call that lands on a fresh machine (the last one given back) must not start a chain of
+    # its own: on 2026-12-04 one ran the old default phases 1 to 7 for 507 s of the budget
+    [ $# -gt 0 ] || { echo "no chain runs on this machine (a fresh one?): name the phases to start one" >&2; exit 3; }
+    mkdir -p $res
+    phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
     setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;

@@ -344,7 +344,7 @@ def test_gpus_are_counted_through_nvml_without_a_cuda_context(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1")
     assert preflight.free_gpu_memory() == 111 * 2**30 and preflight.gpu_count() == 1
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert preflight.nvml_gpus() == preflight.Gpus(2, 110 * 2**30)
+    assert preflight.nvml_gpus() == preflight.Gpus(2, 110 * 2**30, ("NVIDIA H200",) * 2)
     assert calls == ["init", "shutdown"] * 3
 
     _, mig = _fake_nvml(mig=True)  # MIG: NVML's totals are the whole GPU's, so CUDA's answer

@@ -29,6 +29,7 @@ import torch
 from mxkernels import act_quant, align, combine, count, dequant, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
+from mxserve.runtime.launch_stamp import STAMPS
 from mxserve.schemes import get_scheme
 from router_stats.counters import ExpertCounter
 
@@ -260,7 +261,6 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     return len(variants)
 
 
-STAMPS = "mxserve-precompiled"  # a folder in Triton's cache: emptying the cache drops the stamps too
 
 
 def stamp_path(variants: list[Variant], target) -> str:
