@@ -33,8 +33,10 @@ def launch_key(ckpt: str, bf16_layers: str, ladder: str | None, parallel: tuple[
     if gpus is None or not gpus.names:
         return None
     h = hashlib.sha256(repr((gpus.names, triton, bf16_layers, tuple(parallel))).encode())
-    # the settings the kernels and their tiles read (MXSERVE_*) and Triton's own
-    h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(("MXSERVE_", "TRITON_")))).encode())
+    # the settings the kernels and their tiles read (MXSERVE_*) and Triton's own; not a secret (the API key)
+    settings = sorted((k, v) for k, v in os.environ.items()
+                      if k.startswith(("MXSERVE_", "TRITON_")) and not k.endswith("_KEY"))  # fmt: skip
+    h.update(repr(settings).encode())
     from mxserve.models.configs import PLAN_FILE
 
     try:
