@@ -2,7 +2,7 @@
 
 ``precompile.compile_once`` stamps a compiled variant set, but finding that stamp means recording the
 variants first: importing torch and Triton and running the launch path on stand-in tensors. On the
-H200 that took 16.6 s beside SGLang's warm start, which then came up 1.23x slower than plain SGLang's
+H200 that took 16.6 s beside SGLang's warm start, which then came up 1.24x slower than plain SGLang's
 (benchmarks/README.md, fifteenth session). This stamp is keyed by what the variants are made of, read
 without either import: the plan, ladder and model config, the GPUs (NVML), Triton's version, the
 launch's settings, and mxserve's own source. A stale key costs only speed, never results: Triton's
@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 
 from mxserve import preflight
+from mxserve.models.configs import PLAN_FILE
 
 STAMPS = "mxserve-precompiled"  # a folder in Triton's cache: emptying the cache drops the stamps too
 SOURCES = ("mxkernels", "mxserve", "router_stats")  # the packages whose code decides the variants
@@ -37,8 +38,6 @@ def launch_key(ckpt: str, bf16_layers: str, ladder: str | None, parallel: tuple[
     settings = sorted((k, v) for k, v in os.environ.items()
                       if k.startswith(("MXSERVE_", "TRITON_")) and not k.endswith("_KEY"))  # fmt: skip
     h.update(repr(settings).encode())
-    from mxserve.models.configs import PLAN_FILE
-
     try:
         for path in (os.path.join(ckpt, PLAN_FILE), os.path.join(ckpt, "config.json"), ladder):
             _add_file(h, path)

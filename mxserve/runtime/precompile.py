@@ -261,8 +261,6 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     return len(variants)
 
 
-
-
 def stamp_path(variants: list[Variant], target) -> str:
     """Where a finished compile of exactly ``variants`` for ``target`` is noted: keyed by Triton's
     version, each kernel's source (its cache key: the code and what it calls) and every variant."""
