@@ -76,14 +76,16 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     at_start = None
+
+    def count_once_precompiled() -> None:
+        # the precompile step, beside SGLang's start, logs its end: Triton's entries then. Watched while
+        # /health is polled, so a line not recognised costs the count, never the time
+        nonlocal at_start
+        if name.startswith("mx") and at_start is None and precompile_settled(open(log).read()):
+            at_start = entries(triton)
+
     try:
-        if name.startswith("mx"):  # the precompile phase, beside SGLang's start, logs its end
-            while at_start is None and proc.poll() is None and time.time() - t0 < timeout:
-                text = open(log).read()
-                if "phase precompile" in text or "precompiling the kernels failed" in text:
-                    at_start = entries(triton)
-                time.sleep(0.5)
-        wait_up(f"http://127.0.0.1:{port}/health", proc, log, timeout)
+        wait_up(f"http://127.0.0.1:{port}/health", proc, log, timeout, count_once_precompiled)
         ready = time.time() - t0
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
                        json={"model": "m", "messages": [{"role": "user", "content": "def f(x):"}], "max_tokens": 8,
@@ -97,6 +99,16 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
     if (own := launcher_seconds(open(log).read())) is not None:
         row["launcher_seconds"] = own  # mxserve's own share, before SGLang starts
     return row
+
+
+# the launcher's lines that end its precompile step: done, failed, or done by an earlier launch (without
+# the last, a warm launch was timed to this script's timeout: 601.5 s on the H200, ready after 30)
+PRECOMPILE_ENDS = ("phase precompile", "precompiling the kernels failed", "precompiled by an earlier launch")
+
+
+def precompile_settled(log_text: str) -> bool:
+    """Whether an mxserve launch's log shows its precompile step over."""
+    return any(m in log_text for m in PRECOMPILE_ENDS)
 
 
 def launcher_seconds(log_text: str) -> float | None:
@@ -133,6 +145,9 @@ def main() -> None:
                 "cuda", "--data", builtin_calibration_text(), "--nsamples", "16", "--quiet", "--out", ckpt]  # fmt: skip
     subprocess.run(quantize, check=True, env=base)
     rows = [{"run": "quantize (not part of a launch)", "seconds": round(time.time() - t0, 1)}]
+    info = {"model": a.model, "plan": a.plan, "sglang_args": a.sglang_args,
+            "command": "python3 benchmarks/cold_start.py " + shlex.join(sys.argv[1:])}  # fmt: skip
+    md = write_results(a.out, rows, info)
     warm = [r for r in runs if "warm" in r]  # repeated, in turn, for --warm-rounds: one start varies by seconds
     for name in runs + [f"{r}#{k}" for k in range(2, a.warm_rounds + 1) for r in warm]:
         port = free_port()
@@ -148,16 +163,23 @@ def main() -> None:
         env.update(jit_caches(os.path.join(work, name.split("-")[0] + "-jit")))  # one per engine, empty at first
         rows.append(launch(name, cmd, env, port, a.out, triton, a.timeout))
         print(json.dumps(rows[-1]), flush=True)
+        # after every run: a device budget that runs out mid-way still leaves the table and the ratios
+        md = write_results(a.out, rows, info)
     shutil.rmtree(work, ignore_errors=True)
+    print(md)
+
+
+def write_results(out: str, rows: list[dict], info: dict) -> str:
+    """cold_start.json and cold_start.md in ``out`` from the rows so far (the quantize row first); the
+    Markdown is returned."""
     times: dict[str, list[float]] = {}
     for r in rows[1:]:
         times.setdefault(r["run"].split("#")[0], []).append(r["seconds_to_health"])
     secs = {run: statistics.median(t) for run, t in times.items()}
     pairs = (("mx-cold", "plain-cold"), ("mx-warm", "plain-warm"), ("mx-warm", "plain-warm-metrics"))
     ratios = {f"{m} / {p}": round(secs[m] / secs[p], 2) for m, p in pairs if m in secs and p in secs}
-    result = {"model": a.model, "plan": a.plan, "sglang_args": a.sglang_args, "rows": rows, "ratios": ratios,
-              "command": "python3 benchmarks/cold_start.py " + shlex.join(sys.argv[1:])}  # fmt: skip
-    with open(os.path.join(a.out, "cold_start.json"), "w") as f:
+    result = dict(info, rows=rows, ratios=ratios)
+    with open(os.path.join(out, "cold_start.json"), "w") as f:
         json.dump(result, f, indent=1)
     md = [f"`{result['command']}`", "", "| run | seconds to /health | of them, mxserve's before SGLang starts | "
           "Triton entries after precompiling | at /health |", "|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -167,9 +189,9 @@ def main() -> None:
         md.append(f"| {r['run']} | " + " | ".join(map(str, cells)) + " |")
     md += ["", f"Quantize first: {rows[0]['seconds']} s. Ratios (of medians where runs repeat): " +
            (", ".join(f"{k} = {v}" for k, v in ratios.items()) or "none")]  # fmt: skip
-    with open(os.path.join(a.out, "cold_start.md"), "w") as f:
+    with open(os.path.join(out, "cold_start.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

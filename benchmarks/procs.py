@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 
 
-def wait_up(url: str, proc: subprocess.Popen, log: str, timeout: float = 600) -> float:
-    """Seconds until ``url`` answers below 500; exits with the log's tail if the process dies or time runs out."""
+def wait_up(url: str, proc: subprocess.Popen, log: str, timeout: float = 600,
+            each_poll: Callable[[], None] | None = None) -> float:  # fmt: skip
+    """Seconds until ``url`` answers below 500; exits with the log's tail if the process dies or time runs out.
+    ``each_poll`` runs before every poll (watching the server's log meanwhile)."""
     import httpx
 
     t0 = time.time()
     while time.time() - t0 < timeout:
+        if each_poll is not None:
+            each_poll()
         if proc.poll() is not None:
             raise SystemExit(f"server exited; {log}:\n" + open(log).read()[-4000:])
         try:

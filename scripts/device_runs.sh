@@ -6,7 +6,7 @@
 # polls it, then packs what exists into one file, $OUT/results.tgz, with the status in stdout:
 #
 #     source scripts/device_env.sh && scripts/device_runs.sh start 5 21 && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
-#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 580   # next calls, at once
+#     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 560   # next calls, at once
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it

@@ -1,5 +1,6 @@
 """The serving benchmark's own logic, on the CPU, so a GPU run does not find its bugs."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -388,3 +389,64 @@ def test_moe_layer_times_variants_in_rotated_rounds_and_keeps_medians(monkeypatc
                      "b", "broken", "loop", "a", "a",  # b 4, broken fails, a 5
                      "loop", "a", "a", "b"]  # a 6, b 7  # fmt: skip
     assert got == {"a": (5, -1.0), "b": (4, None), "loop": (-1.0, None)}  # medians of (1, 5, 6) and (2, 4, 7)
+
+
+STANDIN_SERVER = """
+import http.server, json, sys, time
+print(sys.argv[2], flush=True)  # the launcher's line for its precompile step, or none
+time.sleep(1.5)
+
+class H(http.server.BaseHTTPRequestHandler):
+    def _ok(self):
+        body = json.dumps({"choices": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._ok()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._ok()
+
+    def log_message(self, *a):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("line", ["mxserve: kernels precompiled by an earlier launch like this one: nothing to compile",
+                                  "mxserve: phase precompile: 3.0 s", "something else"])  # fmt: skip
+def test_cold_start_times_a_launch_to_health_whatever_its_precompile_step_logs(tmp_path, line):
+    # a warm launch's stamp line, unknown to cold_start.py, once made it wait out its 600 s timeout on the
+    # H200 before polling /health (sixteenth session)
+    import cold_start
+
+    triton = tmp_path / "triton"
+    (triton / "abc").mkdir(parents=True)
+    port = serving.free_port()
+    cmd = [sys.executable, "-c", STANDIN_SERVER, str(port), line]
+    row = cold_start.launch("mx-warm", cmd, {}, port, str(tmp_path), str(triton), timeout=60)
+    assert 1.0 < row["seconds_to_health"] < 20
+    assert row.get("triton_entries_after_precompile") == (None if line == "something else" else 1)
+
+
+def test_cold_start_writes_its_table_and_ratios_after_every_run(tmp_path):
+    import cold_start
+
+    rows = [{"run": "quantize (not part of a launch)", "seconds": 12.5}]
+    info = {"command": "python3 benchmarks/cold_start.py --warm-rounds 3"}
+    cold_start.write_results(str(tmp_path), rows, info)
+    assert json.loads((tmp_path / "cold_start.json").read_text())["ratios"] == {}
+    for run, secs in [("plain-cold", 100.0), ("mx-cold", 110.0), ("mx-warm", 60.0), ("plain-warm", 50.0),
+                      ("mx-warm#2", 70.0), ("plain-warm#2", 40.0), ("mx-warm#3", 66.0)]:  # fmt: skip
+        rows.append({"run": run, "seconds_to_health": secs})
+        md = cold_start.write_results(str(tmp_path), rows, info)
+    doc = json.loads((tmp_path / "cold_start.json").read_text())
+    # medians: mx-warm 66 of (60, 70, 66), plain-warm 45 of (50, 40)
+    assert doc["ratios"] == {"mx-cold / plain-cold": 1.1, "mx-warm / plain-warm": round(66 / 45, 2)}
+    assert len(doc["rows"]) == 8 and doc["command"] == info["command"]
+    assert (tmp_path / "cold_start.md").read_text() == md + "\n" and "| mx-warm#3 | 66.0 |" in md
