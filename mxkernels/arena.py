@@ -3,7 +3,8 @@
 Every expert of a layer, whatever its scheme, lives in a few typed buffers (an
 arena per GEMM: fused gate/up, and down):
 
-- ``wi``: int32 packed codes of integer schemes (bit planes, see packing.py);
+- ``wi``: int32 packed codes of integer schemes (bit planes, see packing.py), in the kernels'
+  paired order within each word (packing.kernel_order: codes k and k + 1 16 bits apart);
 - ``wb``: bf16 weights of bf16 experts; ``wf``: fp8 e4m3 weights;
 - ``sc`` / ``zp``: bf16 scales and zeros.
 
@@ -18,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from mxserve.quant.packing import kernel_order
 
 # Kernel codes: what the kernel's branch for an expert does.
 CODE_BF16 = 0
@@ -92,6 +95,14 @@ class Arena:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in ("wi", "wb", "wf", "sc", "zp"))
 
 
+def _weights(ql, code: int, device=None) -> torch.Tensor:
+    """A block's weights as the kernels read them (on ``device``, where the repacking then runs):
+    integer codes repacked in pairs, bf16 and fp8 as they are. Checkpoints keep packing.py's order,
+    so any checkpoint loads into this layout."""
+    w = ql.qweight if device is None else ql.qweight.to(device)
+    return w if code in (CODE_BF16, CODE_FP8) else kernel_order(w, ql.scheme.w_bits, ql.k)
+
+
 def build_arena(linears: list, extra_codes: int = 0) -> Arena:
     """Pack QuantizedLinear blocks of equal shape (one per expert) into one arena; the kernel
     also compiles the branches of ``extra_codes`` (Arena.extra_codes)."""
@@ -123,7 +134,7 @@ def build_arena(linears: list, extra_codes: int = 0) -> Arena:
         code = kernel_code(ql.scheme)
         mask |= 1 << code
         name, parts = {CODE_BF16: ("wb", wb), CODE_FP8: ("wf", wf)}.get(code, ("wi", wi))
-        w_off = put(name, parts, ql.qweight)
+        w_off = put(name, parts, _weights(ql, code))
         s_off = put("sc", sc, ql.scales) if ql.scales is not None else 0
         z_off = put("zp", zp, ql.zeros) if ql.zeros is not None else 0
         group = ql.scheme.group or k
@@ -186,8 +197,8 @@ def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotati
             if not codes_mask & (1 << code):
                 raise ValueError(f"scheme {ql.scheme.name} is not among the slab's compiled kernel codes")
             offs = []
-            for t, name in ((ql.qweight, {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi")), (ql.scales, "sc"),
-                            (ql.zeros, "zp")):
+            weights = (_weights(ql, code, device), {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi"))
+            for t, name in (weights, (ql.scales, "sc"), (ql.zeros, "zp")):
                 if t is None:
                     offs.append(0)
                     continue

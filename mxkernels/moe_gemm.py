@@ -155,17 +155,21 @@ def _plane_codes(words, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
     """A plane's words split into codes in registers, oriented as _dot takes the weights."""
     PER: tl.constexpr = 32 // P
     if SWAP:
-        # [BN, BK/PER] words -> [BN, BK]: halve the field width at each level, low half first,
-        # the halves joined on a new innermost axis; flattened, that is K order again, and every
-        # code stays in the thread that loaded its word (a shifts tensor over a new axis would
-        # spread the codes over threads and cost a shuffle through shared memory per code)
+        # [BN, BK/PER] words -> [BN, BK]: halve the field width at each level, low field first, the
+        # fields joined on a new innermost axis: within both 16-bit halves at once, then the halves
+        # last, whose codes are k and k + 1 (packing's paired order). Flattened, that is K order
+        # again, and every code stays in the thread that loaded its word (a shifts tensor over a new
+        # axis would spread the codes over threads and cost a shuffle through shared memory per code)
         q = words
         LEVELS: tl.constexpr = 5 - (P >= 2) - (P >= 4) - (P >= 8)  # 32 bits down to P
-        for level in tl.static_range(LEVELS):
-            q = tl.join(q & ((1 << (16 >> level)) - 1), (q >> (16 >> level)) & ((1 << (16 >> level)) - 1))
+        for level in tl.static_range(1, LEVELS):
+            both = ((1 << (16 >> level)) - 1) * 0x10001  # a field in each half
+            q = tl.join(q & both, (q >> (16 >> level)) & both)
+        q = tl.join(q & 0xFFFF, (q >> 16) & 0xFFFF)
         q = tl.reshape(q, (words.shape[0], BK))
     else:  # [BK/PER, BN] words -> [BK/PER, PER, BN] codes
-        shifts = tl.arange(0, PER) * P
+        i = tl.arange(0, PER)
+        shifts = (i >> 1) * P + (i & 1) * 16  # packing's paired order
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)
         q = tl.reshape(q, (BK, words.shape[1]))
     return q
@@ -212,13 +216,14 @@ def _int_codes(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.co
 def _plane_fields(words, P: tl.constexpr, BK: tl.constexpr, T: tl.constexpr):
     """A plane's [BN, BK/PER] words as [BN, BK] values whose bits T.. hold code k (CUDA-core path; the
     bits around it are left as they fall). Each level of the same join tree as _plane_codes takes
-    one shift per value and no mask: the field of interest stays at bit T (level 0 moves the low
-    half up to it, and each later level the high half down), so one AND per code at the end isolates
-    it, in the place where ORing 128.0's bits makes a float of it (_fma_codes)."""
+    one shift per value and no mask: each level within the halves moves the high field down, and
+    the last moves the low half's field up to bit T and the high half's down to it, so one AND per
+    code at the end isolates it, in the place where ORing 128.0's bits makes a float of it (_fma_codes)."""
     LEVELS: tl.constexpr = 5 - (P >= 2) - (P >= 4) - (P >= 8)  # 32 bits down to P
-    q = tl.join(words << T, words >> (16 - T))
+    q = words
     for level in tl.static_range(1, LEVELS):
         q = tl.join(q, q >> (16 >> level))
+    q = tl.join(q << T, q >> (16 - T))
     return tl.reshape(q, (words.shape[0], BK))
 
 

@@ -5,17 +5,20 @@ kernel's dequantized weight tile goes through shared memory to reach the MMA,
 which bounds it at 2 to 64 tokens (benchmarks/README.md, ncu). Gluon, Triton's
 layout-explicit dialect, lets a tensor be *born* in the operand layout.
 
-The packed codes need no new layout, because the order of K inside a tile is
-free as long as weights and activations agree on it. Of a 128-deep K tile each
-of the 4 lanes of an ``mma.sync`` m16n8k16 row group takes 32 consecutive k
-(one 16-byte load per row at 4 bits), and the kernel assigns those k to the
-MMA's k slots in the order the codes unpack in: codes t and t + 16/b of a
-word (16 bits apart) fill both halves of one register at once, ``((w >> bt) &
-mask) | 0x43004300`` giving two bf16 128 + q (one instruction per code in the
-sm_90 SASS). The activations are loaded as 32 consecutive k per lane too and
-renamed into the same order: the reshapes and permutes below only rename
-registers (``convert_layout(..., assert_trivial=True)`` proves it at compile
-time), so nothing passes through shared memory.
+The order of K inside a tile is free as long as weights and activations agree
+on it. Of a 128-deep K tile each of the 4 lanes of an ``mma.sync`` m16n8k16 row
+group takes 32 consecutive k (one 16-byte load per row at 4 bits), and the
+kernel assigns those k to the MMA's k slots as a lane's activations arrive:
+k and k + 1 in one register. The arena holds the codes in the same pairs
+(packing.kernel_order: codes k and k + 1 of a word 16 bits apart), so
+``((w >> bt) & mask) | 0x43004300`` makes one such register of two bf16
+128 + q (one instruction per code pair in the sm_90 SASS), and the
+activations are used as loaded. (Packed in checkpoint order, codes t and
+t + 16/b shared a register, and the activations were paired alike: 42 PRMT per
+K tile of the w4 gate/up loop, 15% of its instructions.) The reshapes and
+permutes below only rename registers (``convert_layout(...,
+assert_trivial=True)`` proves it at compile time), so nothing passes through
+shared memory.
 
 As in the Triton kernel's decode layout the zero point and scale come after
 the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
@@ -71,8 +74,8 @@ def _powers(n, at, rank):
 def _weight_lanes(bits, bn):
     """[bn, 4, width]: lane (g, c) of warp w holds rows 16w + g and 16w + g + 8 (+ 16 WARPS for a
     second MMA tile: the rows of the MMA's A operand) and the whole chunk c: ``width`` 4-byte
-    words of codes, or 32 bf16."""
-    width = 32 if bits == 16 else bits
+    words of codes, or 16 words of two bf16 (as ``_acts``)."""
+    width = 16 if bits == 16 else bits
     regs = _powers(width, 2, 3) + [[8, 0, 0]] + [[16 * WARPS * t[0], 0, 0] for t in _powers(bn // (16 * WARPS), 0, 3)]
     warps = [[16 * w[0], 0, 0] for w in _powers(WARPS, 0, 3)]
     return gl.DistributedLinearLayout(regs, [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warps, [],
@@ -80,19 +83,13 @@ def _weight_lanes(bits, bn):
 
 
 @gluon.constexpr_function
-def _pair_stride(bits):
-    """How far apart in a lane's chunk the two k of one register are (``_codes``)."""
-    return 1 if bits == 16 else 16 // bits
-
-
-@gluon.constexpr_function
 def _lane_tokens(bm):
-    """[4, 32, bm]: lane (g, c) holds tokens g (and g + 8) and the 32 k of chunk c, in every warp:
-    the B operand's lanes."""
-    regs = _powers(32, 1, 3) + [[0, 0, 8 * b[2]] for b in _powers(bm // 8, 2, 3)]
+    """[4, 16, bm]: lane (g, c) holds tokens g (and g + 8) and the 32 k of chunk c as 16 words of two
+    bf16, in every warp: the B operand's lanes."""
+    regs = _powers(16, 1, 3) + [[0, 0, 8 * b[2]] for b in _powers(bm // 8, 2, 3)]
     warps = [[0, 0, 0] for _ in _powers(WARPS, 0, 3)]
     return gl.DistributedLinearLayout(regs, [[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warps, [],
-                                      [4, 32, bm])  # fmt: skip
+                                      [4, 16, bm])  # fmt: skip
 
 
 @gluon.jit
@@ -103,20 +100,18 @@ def _k_order(x):
 
 
 @gluon.jit
-def _chunk_order(x, PS: gl.constexpr):
-    """[R, 4, 32] with j the k inside a lane's chunk -> [R, 128] in MMA order, where the pair
-    (p) of a register is j and j + PS: j = (u // PS) 2 PS + p PS + u % PS, u = 2 s + h."""
-    x = gl.reshape(x, [x.shape[0], 4, 16 // PS, 2, PS])
-    x = gl.permute(x, [0, 1, 2, 4, 3])
+def _chunk_order(x):
+    """[R, 4, 32] with j the k inside a lane's chunk -> [R, 128] in MMA order, the pair (p) of a
+    register j and j + 1: j = 2 (2 s + h) + p."""
     return _k_order(gl.reshape(x, [x.shape[0], 4, 8, 2, 2]))
 
 
 @gluon.jit
 def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.constexpr, N: gl.constexpr,
            STEP: gl.constexpr):  # fmt: skip
-    """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word, each
-    with its partner 16 bits up, as two bf16 128 + field in an int32: [..., 2, .., 2], the last
-    dimension the lowest bit of the index."""
+    """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word's low
+    half, each with its partner 16 bits up (in the arena's pairs, codes 2T and 2T + 1), as two bf16
+    128 + field in an int32: [..., 2, .., 2], the last dimension the lowest bit of the index."""
     if N == 1:
         return ((w >> (T * B + OFF)) & (((1 << M) - 1) * 0x10001)) | magic
     else:
@@ -125,22 +120,20 @@ def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.
 
 
 @gluon.jit
-def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0):
-    """[BN, 4, B] words of B-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout, k in
-    the order of ``_chunk_order(.., 16 // B)``; with M, 128 + the M-bit field at bit OFF of each code."""
-    q = _pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1)
-    q = gl.join(q.to(gl.int16), (q >> 16).to(gl.int16)).to(gl.bfloat16, bitcast=True)
-    q = gl.reshape(q, [words.shape[0], 4, 8, 2, 2])
-    return gl.convert_layout(_k_order(q), A_OP, assert_trivial=True)
+def _halves(q):
+    """int32 words -> their two bf16 on a new last dimension, the low half first: registers renamed
+    only, where the words are what a loop carries (bf16 values carried across a loop became 16-bit
+    values of their own, packed into registers again by a PRMT per pair: sm_90 SASS)."""
+    return gl.join(q.to(gl.int16), (q >> 16).to(gl.int16)).to(gl.bfloat16, bitcast=True)
 
 
 @gluon.jit
-def _in_pair_order_of_2_bits(w):
-    """A 3-bit expert's 1-bit plane word with bytes 1 and 2 swapped (a PRMT): its codes t and t + 16
-    are then the k that ``_codes(.., 2, ..)`` pairs in a 2-bit plane word, so both planes take the
-    same activations (``_chunk_order(.., 8)``): k t and t + 8 for t < 8, t + 8 and t + 16 for
-    8 <= t < 16. Masks as signed int32: 0xFF000000 is -16777216."""
-    return (w & 255) | (w & -16777216) | ((w >> 8) & 65280) | ((w << 8) & 16711680)
+def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0):
+    """[BN, 4, B] words of B-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout, k in
+    the order of ``_chunk_order``; with M, 128 + the M-bit field at bit OFF of each code."""
+    q = _halves(_pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1))
+    q = gl.reshape(q, [words.shape[0], 4, 8, 2, 2])
+    return gl.convert_layout(_k_order(q), A_OP, assert_trivial=True)
 
 
 @gluon.jit
@@ -154,8 +147,8 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))[None, :, None]
     r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL))), N - 1)[:, None, None]
     if BITS == 16:
-        j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
-        return wb_ptr + r * K + k0 + c * 32 + j
+        j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
+        return (wb_ptr + r * K + k0).to(gl.pointer_type(gl.int32)) + c * 16 + j
     else:
         W: gl.constexpr = BITS if P == 0 else P
         i = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
@@ -178,36 +171,41 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.
 
 
 @gluon.jit
-def _acts(a_base, toks, stride_am, k0, PS: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
-          SKIP_PAD: gl.constexpr):  # fmt: skip
-    """One K tile's activations of the block's tokens, in the B operand's layout and the k order
-    of ``_chunk_order(.., PS)``. SKIP_PAD: padding slots (token -1) load nothing and read zeros."""
+def _acts(a_base, toks, stride_am, k0, BM: gl.constexpr, SKIP_PAD: gl.constexpr):
+    """One K tile's activations of the block's tokens as [4, 16, BM] int32 words of two bf16 (k and
+    k + 1; ``_act_operand`` makes the MMA operand of them, ``_halves`` says why words). SKIP_PAD:
+    padding slots (token -1) load nothing and read zeros."""
     XL: gl.constexpr = _lane_tokens(BM)
     ca = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))[:, None, None]
-    ja = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
-    ptrs = a_base + toks[None, None, :] * stride_am + k0 + ca * 32 + ja
+    ja = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]
+    rows = (a_base + toks[None, None, :] * stride_am + k0).to(gl.pointer_type(gl.int32))
+    ptrs = rows + ca * 16 + ja
     if SKIP_PAD:
-        a = gl.load(ptrs, mask=(toks >= 0)[None, None, :], other=0.0)
+        return gl.load(ptrs, mask=(toks >= 0)[None, None, :], other=0)
     else:
-        a = gl.load(ptrs)
-    a = gl.permute(_chunk_order(gl.permute(a, [2, 0, 1]), PS), [1, 0])
-    return gl.convert_layout(a, B_OP, assert_trivial=True)
+        return gl.load(ptrs)
+
+
+@gluon.jit
+def _act_operand(words, B_OP: gl.constexpr):
+    """[4, 16, BM] words (``_acts``) -> the tile's [128, BM] bf16 B operand, k in ``_chunk_order``."""
+    x = gl.reshape(gl.permute(_halves(words), [2, 0, 1, 3]), [words.shape[2], 4, 32])
+    return gl.convert_layout(gl.permute(_chunk_order(x), [1, 0]), B_OP, assert_trivial=True)
 
 
 @gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
-          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, B_OP: gl.constexpr,
-          MMA: gl.constexpr, SKIP_PAD: gl.constexpr):  # fmt: skip
+          BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
+          SKIP_PAD: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
-    next tile's can be in flight during these. 3 bits: the two planes (w, wx), whose products take
-    the activations in the 2-bit plane's k order; otherwise wx is w."""
+    next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w."""
     if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
     else:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
-    a = _acts(a_base, toks, stride_am, k0, 8 if BITS == 3 else _pair_stride(BITS), BM, B_OP, SKIP_PAD)
+    a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
     s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
     return w, wx, s, z, a
 
@@ -218,15 +216,14 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
     the MMA gets them and z the zero point plus their offset (``_scales``)."""
     r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
     if BITS == 16:
-        wq = gl.convert_layout(_chunk_order(w, 1), A_OP, assert_trivial=True)
+        wq = gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
         return mma_v2(wq, a, r)
     else:
         asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
         if BITS == 8:  # 128 + code does not fit bf16's 8 bits: the high and the low nibble apart
             q = mma_v2(_codes(w, magic, 8, A_OP, 4, 4), a, r) * 16.0 + mma_v2(_codes(w, magic, 8, A_OP, 4, 0), a, r)
-        elif BITS == 3:  # the 2-bit and the 1-bit plane, in one k order
-            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(
-                _codes(_in_pair_order_of_2_bits(wx), magic, 1, A_OP), a, r) * 4.0
+        elif BITS == 3:  # the 2-bit and the 1-bit plane
+            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(_codes(wx, magic, 1, A_OP), a, r) * 4.0
         else:
             q = mma_v2(_codes(w, magic, BITS, A_OP), a, r)
         return (q - z[:, None] * asum) * s[:, None]
@@ -246,22 +243,23 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
-                           BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
+                           BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
+                                   group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
+                                    group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
-                                            stride_am, kn, K, group, BITS, BN, BM, B_OP, MMA, SKIP_PAD)  # fmt: skip
-        acc += _product(w, wx, s, z, a, ones, magic, BITS, A_OP, MMA)
+                                            stride_am, kn, K, group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+        ab = _act_operand(a, B_OP)
+        acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:
-            acc2 += _product(w2, wx2, s2, z2, a, ones, magic, BITS, A_OP, MMA)
+            acc2 += _product(w2, wx2, s2, z2, ab, ones, magic, BITS, A_OP, MMA)
         w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
     return acc, acc2
 

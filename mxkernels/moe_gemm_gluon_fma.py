@@ -50,11 +50,13 @@ def _add(x, y):
 @gluon.jit
 def _fields(words, P: gl.constexpr, T: gl.constexpr):
     """[BN, 4, P] words of P-bit codes (32 k per lane) -> [BN, 4, 32] with code j's field at bit T,
-    the bits around it left as they fall (moe_gemm._plane_fields: one shift per value and level)."""
+    the bits around it left as they fall (moe_gemm._plane_fields: one shift per value and level,
+    the halves, codes k and k + 1 of the arena's pairs, split last)."""
     LEVELS: gl.constexpr = 5 - (P >= 2) - (P >= 4) - (P >= 8)  # 32 bits down to P
-    q = gl.join(words << T, words >> (16 - T))
+    q = words
     for level in gl.static_range(1, LEVELS):
         q = gl.join(q, q >> (16 >> level))
+    q = gl.join(q << T, q >> (16 - T))
     q = gl.reshape(q, [words.shape[0], 4, 32])
     return gl.convert_layout(q, _lanes(32), assert_trivial=True)  # registers renamed, nothing moved
 
@@ -80,8 +82,8 @@ def _floats(w, wx, one, BITS: gl.constexpr):
 @gluon.jit
 def _pairs(words, P: gl.constexpr):
     """[BN, 4, P] words of P-bit codes -> [BN, 4, 16] words, pair t of word i at index i 16/P + t
-    with code t of the word at bit 0 and code t + 16/P at bit 16 (the bits around them left as they
-    fall): the join tree of _fields without its first level, one shift per two codes."""
+    with code 2t of the word at bit 0 and code 2t + 1 at bit 16 (the arena's pairs; the bits around
+    them left as they fall): the join tree of _fields without its last level, one shift per two codes."""
     q = words
     for level in gl.static_range(1, 5 - (P >= 2) - (P >= 4)):
         q = gl.join(q, q >> (16 >> level))
@@ -142,11 +144,10 @@ def _chain(h, a2, c2, p, N: gl.constexpr, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _act_pairs(a, P: gl.constexpr):
-    """[1, 4, 32] bf16 activations -> [1, 4, 4, 4] int32 in _pairs' order (flattened): pair t of
-    word i holds k = i 32/P + t in its low half and k + 16/P in its high half."""
-    H: gl.constexpr = 16 // P
-    lo, hi = gl.split(gl.permute(gl.reshape(a, [1, 4, P, 2, H]), [0, 1, 2, 4, 3]))
+def _act_pairs(a):
+    """[1, 4, 32] bf16 activations -> [1, 4, 4, 4] int32 in _pairs' order (flattened): pair m holds
+    k = 2m in its low half and 2m + 1 in its high half."""
+    lo, hi = gl.split(gl.reshape(a, [1, 4, 16, 2]))
     lo = gl.reshape(lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF, [1, 4, 4, 4])
     hi = gl.reshape(hi.to(gl.int16, bitcast=True).to(gl.int32) << 16, [1, 4, 4, 4])
     return gl.convert_layout(lo | hi, _groups(), assert_trivial=True)
@@ -217,7 +218,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.cons
 
 
 @gluon.jit
-def _acts(a_base, tok, k0, BITS: gl.constexpr, PK: gl.constexpr):
+def _acts(a_base, tok, k0, PK: gl.constexpr):
     """One K tile of the token's activations as [1, 4, 32] fp32: chunk c in every lane of chunk c;
     with PK as _act_pairs gives them to _product_packed."""
     AL: gl.constexpr = gl.SliceLayout(0, _lanes(32))
@@ -225,7 +226,7 @@ def _acts(a_base, tok, k0, BITS: gl.constexpr, PK: gl.constexpr):
     j = gl.arange(0, 32, layout=gl.SliceLayout(0, AL))[None, :]
     a = gl.load(a_base + tok + k0 + c * 32 + j)[None, :, :]
     if PK:
-        a = _act_pairs(a, BITS)
+        a = _act_pairs(a)
     else:
         a = a.to(gl.float32)
     return a
@@ -276,14 +277,14 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, tok, r0, N, K, group, k_lo, 
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2 = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN)
-    a = _acts(a_base, tok, k0, BITS, PK)
+    a = _acts(a_base, tok, k0, PK)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN)
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN)
-        an = _acts(a_base, tok, kn, BITS, PK)
+        an = _acts(a_base, tok, kn, PK)
         acc += _product(w, wx, s, z, a, one, BITS, PK, ASM)
         if GATE_UP:
             acc2 += _product(w2, wx2, s2, z2, a, one, BITS, PK, ASM)

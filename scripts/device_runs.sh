@@ -5,7 +5,7 @@
 # given back with everything on it. So the chain runs in the background (setsid) and each call
 # polls it, then packs what exists into one file, $OUT/results.tgz, with the status in stdout:
 #
-#     source scripts/device_env.sh && scripts/device_runs.sh start 5 21 && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
+#     source scripts/device_env.sh && scripts/device_runs.sh start 22 5 21 && scripts/device_runs.sh wait 540   # carry: benchmarks/README.md
 #     source scripts/device_env.sh && scripts/device_runs.sh start && scripts/device_runs.sh wait 560   # next calls, at once
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
@@ -44,6 +44,8 @@
 #      cold start.
 #  19. (only when asked: `start 19`) phase 18's kernel half, one call; 20. (`start 20`) its end to end, one call.
 #  21. (only when asked: `start 21`) DeepSeek-V2-Lite's prefill again, every variant in three rotated rounds.
+#  22. (only when asked: `start 22`) the sixteenth session's decode kernel: its GPU tests, then the decode layer
+#      at 16, 64 and 1 tokens beside Marlin.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -387,6 +389,19 @@ phase21() {
   say "moe_layer DeepSeek-V2-Lite prefill, 3 rounds rc=$?"
 }
 
+phase22() {
+  # the sixteenth session's decode kernel (~10 min): the arena's codes in pairs (k, k + 1) and the K loop
+  # carrying whole registers (the w4 gate/up loop 275 -> 236 instructions, sm_90 SASS). Its GPU tests first
+  # (every layout reads the repacked codes), then the decode layer beside Marlin on every model shape
+  mkdir -p $res/tests
+  kernel_tests "gluon or all_schemes or whole_layer or dequant or every_layout or second_stream" \
+    > $res/tests/kernels_s16.log 2>&1
+  python3 benchmarks/moe_layer.py --tokens 16 64 --out $res/layer_s16 > $res/layer_s16.log 2>&1
+  say "moe_layer decode 16 64 rc=$?"
+  python3 benchmarks/moe_layer.py --tokens 1 --out $res/layer_s16_1tok > $res/layer_s16_1tok.log 2>&1
+  say "moe_layer decode 1 rc=$?"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -402,7 +417,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

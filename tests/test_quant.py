@@ -5,7 +5,7 @@ from mxserve.errors import MxServeError
 from mxserve.quant import hadamard
 from mxserve.quant.families import quantize_activation
 from mxserve.quant.gptq import hessian
-from mxserve.quant.packing import pack, packed_words, unpack
+from mxserve.quant.packing import kernel_order, pack, packed_words, unpack
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.schemes import CANONICAL, get_scheme
 
@@ -18,6 +18,24 @@ def test_pack_round_trip(bits):
     assert packed.dtype == torch.int32
     assert packed.shape == (7, packed_words(256, bits)) == (7, 256 * bits // 32)
     assert torch.equal(unpack(packed, bits, 256), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_the_kernels_order_puts_codes_k_and_k_plus_1_sixteen_bits_apart(bits):
+    # what the Gluon decode kernel relies on: one AND of a word with a mask of both halves gives the
+    # two bf16 (k, k + 1) of one MMA register, in the activations' order (packing.py)
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 128), generator=g, dtype=torch.int64).to(torch.uint8)
+    words = kernel_order(pack(codes, bits), bits, 128)
+    assert torch.equal(words, pack(codes, bits, paired=True)) and not torch.equal(words, pack(codes, bits))
+    assert torch.equal(unpack(words, bits, 128, paired=True), codes)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    low = codes.to(torch.int64) & 3 if bits == 3 else codes.to(torch.int64)  # 3 bits: the 2-bit plane first
+    p = 2 if bits == 3 else bits
+    per = 32 // p
+    for t in range(per // 2):  # pair t of word 0: codes 2t and 2t + 1 at bits t p and 16 + t p
+        assert torch.equal((w[:, 0] >> (t * p)) & (2**p - 1), low[:, 2 * t])
+        assert torch.equal((w[:, 0] >> (16 + t * p)) & (2**p - 1), low[:, 2 * t + 1])
 
 
 def test_pack_extremes_use_all_bits():

@@ -9,6 +9,12 @@ two words and a kernel decodes any plane with one shift and mask:
 
 The planes of one row are concatenated along the last dimension: the packed
 tensor is [N, K * bits / 32] int32, low plane first.
+
+The kernels read the codes of a word in pairs (``paired``): code i at bits
+(i // 2) * p + (i % 2) * 16, so that codes k and k + 1 sit 16 bits apart and one
+AND with a mask of both halves makes the two bf16 of one MMA register (k, k + 1),
+in the order the activations have in memory. Checkpoints keep the order above;
+the arena is repacked when it is built (:func:`kernel_order`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,15 @@ def packed_words(k: int, bits: int) -> int:
     return k * bits // 32
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer codes [N, K] (values < 2**bits) into [N, K*bits/32] int32."""
+def _offsets(per_word: int, p: int, paired: bool, device) -> torch.Tensor:
+    """Each code's bit offset in its word: i * p, or paired (i // 2) * p + (i % 2) * 16."""
+    i = torch.arange(per_word, dtype=torch.int64, device=device)
+    return (i // 2) * p + (i % 2) * 16 if paired else i * p
+
+
+def pack(codes: torch.Tensor, bits: int, paired: bool = False) -> torch.Tensor:
+    """Pack unsigned integer codes [N, K] (values < 2**bits) into [N, K*bits/32] int32 (``paired``:
+    in the kernels' order within each word)."""
     n, k = codes.shape
     if k % 32:
         raise ValueError(f"K={k} must be a multiple of 32 to pack")
@@ -42,7 +55,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per_word = 32 // p
         plane = (c >> shift) & ((1 << p) - 1)
         plane = plane.view(n, k // per_word, per_word)
-        offsets = torch.arange(per_word, dtype=torch.int64, device=codes.device) * p
+        offsets = _offsets(per_word, p, paired, codes.device)
         words = (plane << offsets).sum(dim=-1)  # disjoint bit ranges: sum == or
         out.append(words)
         shift += p
@@ -52,7 +65,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, k: int, paired: bool = False) -> torch.Tensor:
     """Inverse of :func:`pack`: [N, K*bits/32] int32 -> [N, K] uint8 codes."""
     n = packed.shape[0]
     w = packed.to(torch.int64) & 0xFFFFFFFF
@@ -63,9 +76,15 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         per_word = 32 // p
         nw = k // per_word
         words = w[:, col : col + nw]
-        offsets = torch.arange(per_word, dtype=torch.int64, device=packed.device) * p
+        offsets = _offsets(per_word, p, paired, packed.device)
         plane = (words.unsqueeze(-1) >> offsets) & ((1 << p) - 1)
         codes |= plane.reshape(n, k) << shift
         col += nw
         shift += p
     return codes.to(torch.uint8)
+
+
+def kernel_order(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Checkpoint-order packed codes [N, K*bits/32] int32 in the kernels' paired order (module
+    docstring), on their device (a few launches per block on a GPU, where layers are packed)."""
+    return pack(unpack(packed, bits, k), bits, paired=True)

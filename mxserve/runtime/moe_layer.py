@@ -139,7 +139,8 @@ class MixedExperts:
         if self._slab is not None:
             cap, codes, seed, group = self._slab
             return build_slab([e.gate_up for e in experts], [e.down for e in experts], cap, codes, seed, group, device)
-        return tuple(build_arena(list(blocks), self.model_codes).to(device)
+        # built on the device: the integer codes are repacked there (packing.kernel_order)
+        return tuple(build_arena([ql.to(device) for ql in blocks], self.model_codes).to(device)
                      for blocks in zip(*(e.linears() for e in experts)))
 
     def fix_capacity(self, budget_bits: float, schemes: list[str], rotation_seed: int | None) -> None:
