@@ -265,6 +265,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout with the shared experts inside the routed experts' launches (as before the
     # seventh session), not in launches of their own on a second stream
     "shared in the routed launches": {"shared_apart": False},
+    # the Gluon kernel on a grid of the programs the SMs hold, each GEMM's K tiles dealt out in equal runs
+    # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop)
+    "Gluon, stream-K": {"stream_k": True},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 # prefill layouts of the weight-only layers, timed above DECODE_TOKENS beside the picked (tuned) one: the

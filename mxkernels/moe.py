@@ -63,6 +63,11 @@ class Tiles:
     # weight-only prefill (no swap): the tile dequantized K-major and transposed into the MMA, so its
     # stores into shared memory are K-contiguous vectors (moe_gemm._mm_wonly); pick_tiles' prefill default
     kmajor: bool = False
+    # the Gluon MMA kernel on a grid of as many programs as the SMs hold (STREAM_K_FIT), the K tiles of all
+    # its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
+    # STREAM_K); one launch per GEMM, shared experts included. Opt-in (MXSERVE_STREAM_K=1): built on the CPU
+    # after the seventeenth session's ncu, not yet run on a GPU
+    stream_k: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -295,13 +300,42 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     codes &= KERNEL_CODES
     splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
-    _gluon_kernel()[grid](
+    extra, per_sm = {}, 0
+    if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
+        maxnreg, per_sm = STREAM_K_FIT[gate_up]
+        grid = (multiprocessors(a_all.device) * per_sm,)
+        extra = {"STREAM_K": True, **({"maxnreg": maxnreg} if maxnreg else {})}
+    elif tiles.maxnreg:
+        extra = {"maxnreg": tiles.maxnreg}
+    compiled = _gluon_kernel()[grid](
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, splits, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
-        PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad, num_warps=WARPS,
-        **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
+        PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad, num_warps=WARPS, **extra,
     )  # fmt: skip
+    if per_sm:
+        _check_fit(compiled, per_sm)
+
+
+# stream-K launches (Tiles.stream_k) by GEMM (gate_up: True): the register cap and the programs per SM
+# that fit (64K registers, 4 warps each). The sm_90 code of the gate/up kernel holds 168 registers uncapped
+# (3 per SM; capped at 168 ptxas spills), the down one 80 to 104 (capped at 128, 4 per SM: no spill). The
+# first launch of each kernel checks its registers against this (_check_fit)
+STREAM_K_FIT = {True: (None, 3), False: (128, 4)}
+_FIT_CHECKED: set = set()
+
+
+def _check_fit(compiled, per_sm: int) -> None:
+    """Refuse a stream-K kernel whose registers let fewer than ``per_sm`` programs share an SM: the
+    programs past the first wave would start when others end, and the equal shares would not be."""
+    regs = getattr(compiled, "n_regs", None)  # None in the interpreter
+    if regs is None or compiled.hash in _FIT_CHECKED:
+        return
+    per_warp = -(-regs * 32 // 256) * 256  # registers are given to warps 256 at a time
+    if 65536 // (per_warp * 4) < per_sm:
+        raise ValueError(f"stream-K: this kernel holds {regs} registers a thread, too many for {per_sm} programs "
+                         "per SM (moe.STREAM_K_FIT)")
+    _FIT_CHECKED.add(compiled.hash)
 
 
 def code_splits(codes_mask: int, split: int) -> int:
@@ -423,8 +457,8 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
     narrow = not codes & ~NARROW_CODES
     bn = override.get("bn", 2 * BN if narrow else BN)
     bm = override.get("bm", 8 if per_expert <= (12 if narrow else 8) else 16)
-    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=min(tiles.split, max(1, k // BK)),
-                               maxnreg=override.get("maxnreg"))
+    split = 1 if tiles.stream_k else min(tiles.split, max(1, k // BK))  # stream-K: K is dealt out whole
+    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"))
 
 
 @dataclass
@@ -481,7 +515,8 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         override = {**(tuned or {}), **override}
     gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
-        override = {"fma": False, **override}
+        # MXSERVE_STREAM_K=1: its stream-K grid (Tiles.stream_k; read per launch, as MXSERVE_DISPATCH)
+        override = {"fma": False, "stream_k": os.environ.get("MXSERVE_STREAM_K", "0") == "1", **override}
     fit = _split_fit(split_fit)
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, fit, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **override)
@@ -501,11 +536,19 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
-    # dequantized first, the shared experts stay in the routed launches: apart, each set would dequantize
-    apart = not dq and _shared_apart(slots - top_k, per_expert, shared_apart)
+    stream_k = any(t.stream_k and t.gluon for _, t in l_gu + l_dn)
+    if stream_k and len(l_gu) + len(l_dn) > 2:
+        raise ValueError("stream-K deals out one launch's work per GEMM: it takes the single dispatch")
+    # dequantized first, the shared experts stay in the routed launches: apart, each set would dequantize;
+    # stream-K balances one launch over the SMs, so they stay in it
+    apart = not dq and not stream_k and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
     out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
+    if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs
+        ws = torch.zeros(1, rows, gate_up.n, dtype=torch.float32, device=dev)
+        out = torch.zeros(1, rows, down.n, dtype=torch.float32, device=dev)
+        split_gu = 1
     w = torch.empty(rows, dtype=torch.float32, device=dev)
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:

@@ -265,12 +265,85 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     return acc, acc2
 
 
+@gluon.jit
+def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
+           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n,
+           pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
+           BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
+           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):  # fmt: skip
+    """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
+    (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
+    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
+    expert = gl.load(block_expert_ptr + pid_m)
+    # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
+    # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
+    # compile of this kernel in tests/test_gluon.py cannot call
+    meta = meta_ptr + expert * 6
+    code = gl.load(meta).to(gl.int32)
+    if ((CODES >> code) & 1) != 0:  # else another launch's expert (a dispatch per group of codes: moe.py)
+        # arena offsets are multiples of 16 elements (build_arena pads)
+        w_off = gl.multiple_of(gl.load(meta + 1), 16)
+        s_off = gl.multiple_of(gl.load(meta + 2), 16)
+        z_off = gl.multiple_of(gl.load(meta + 3), 16)
+        group = gl.load(meta + 4).to(gl.int32)
+        # the Hadamard-rotated copy, for rotated experts
+        a_base = a_ptr + gl.multiple_of(gl.load(meta + 5) * a_rot_off, 128)
+        rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        XL: gl.constexpr = _lane_tokens(BM)
+        ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
+        # SKIP_PAD: padding slots are token -1 and load nothing (at 1 or 2 rows per expert most of a block's
+        # 8 slots are padding, and every warp loads the block's activations); otherwise they read token 0,
+        # and their results are never stored
+        toks = gl.where(ids_x < num_valid, ids_x // a_div, -1 if SKIP_PAD else 0)
+        if STREAM_K:
+            k_a = k_lo
+            k_b = k_hi
+        else:
+            if code_splits != 0:  # K split by the expert's bits (moe.code_splits): programs past it store zeros
+                split = (code_splits >> (4 * code)) & 15
+            k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
+            k_a = pid_s * k_per
+            k_b = gl.minimum(K, k_a + k_per)
+        acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+        acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
+        for c in gl.static_range(0, 6):  # bf16 (code 0) and weight-only 1, 2, 3, 4 and 8 bits (code 5)
+            if (CODES >> c) & 1:
+                if code == c:
+                    acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                        pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
+                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
+                                        SKIP_PAD)  # fmt: skip
+        ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
+        mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
+        out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
+        if GATE_UP:
+            if STREAM_K:
+                gl.atomic_add(out, acc, mask=mask, sem="relaxed")
+                gl.atomic_add(out + N, acc2, mask=mask, sem="relaxed")
+            elif PARTIAL:
+                gl.store(out, acc, mask=mask)
+                gl.store(out + N, acc2, mask=mask)
+            else:
+                # gate and up rounded to bf16 first, as the Triton kernel (and an unfused GEMM) stores them
+                g = acc.to(gl.bfloat16).to(gl.float32)
+                u = acc2.to(gl.bfloat16).to(gl.float32)
+                gl.store(out, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16), mask=mask)
+        else:
+            res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
+            if STREAM_K:
+                gl.atomic_add(out, res, mask=mask, sem="relaxed")
+            elif PARTIAL:
+                gl.store(out, res, mask=mask)
+            else:
+                gl.store(out, res.to(gl.bfloat16), mask=mask)
+
+
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             SKIP_PAD: gl.constexpr = False):  # fmt: skip
+                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -278,71 +351,47 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     # a lane's chunk loads 16 bytes at a time
     K = gl.multiple_of(K, 128)
     stride_am = gl.multiple_of(stride_am, 128)
-    # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
-    # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
-    # the GPU hands programs out in launch order, so the real blocks' programs (the first ones) spread
-    # evenly over the SMs. In the grid's own order a block's N tiles sat a block count apart, and at 8
-    # tokens some SMs ran 4 real programs while others ran only returning ones (ncu: SM active cycles
-    # min 1.2k, mean 32.6k, max 68.8k in one launch; benchmarks/results/ncu-qwen15-8tok-gluon-full-h200.txt).
-    n_tiles = gl.num_programs(1)
-    splits = gl.num_programs(2)
-    lin = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1) + n_tiles * gl.program_id(2))
-    pid_n = lin % n_tiles
-    pid_s = (lin // n_tiles) % splits
-    pid_m = lin // (n_tiles * splits)
-    if pid_m * BM >= gl.load(num_post_pad_ptr):
-        return
-    expert = gl.load(block_expert_ptr + pid_m)
-    # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
-    # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
-    # compile of this kernel in tests/test_gluon.py cannot call
-    meta = meta_ptr + expert * 6
-    code = gl.load(meta).to(gl.int32)
-    if ((CODES >> code) & 1) == 0:  # another launch's expert (a dispatch per group of codes: moe.py)
-        return
-    # arena offsets are multiples of 16 elements (build_arena pads)
-    w_off = gl.multiple_of(gl.load(meta + 1), 16)
-    s_off = gl.multiple_of(gl.load(meta + 2), 16)
-    z_off = gl.multiple_of(gl.load(meta + 3), 16)
-    group = gl.load(meta + 4).to(gl.int32)
-    # the Hadamard-rotated copy, for rotated experts
-    a_base = a_ptr + gl.multiple_of(gl.load(meta + 5) * a_rot_off, 128)
-    # padding token slots read token 0: their results are never stored
-    rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    XL: gl.constexpr = _lane_tokens(BM)
-    ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
-    # SKIP_PAD: padding slots are token -1 and load nothing (at 1 or 2 rows per expert most of a block's
-    # 8 slots are padding, and every warp loads the block's activations); otherwise they read token 0
-    toks = gl.where(ids_x < num_valid, ids_x // a_div, -1 if SKIP_PAD else 0)
-    if code_splits != 0:  # K split by the expert's bits (moe.code_splits): programs past its split store zeros
-        split = (code_splits >> (4 * code)) & 15
-    k_per = gl.cdiv(gl.cdiv(K, _BK), split) * _BK
-    k_lo = pid_s * k_per
-    k_hi = gl.minimum(K, k_lo + k_per)
-    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    for c in gl.static_range(0, 6):  # bf16 (code 0) and weight-only 1, 2, 3, 4 and 8 bits (code 5)
-        if (CODES >> c) & 1:
-            if code == c:
-                acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                    pid_n * BN, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                                    c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                    SKIP_PAD)  # fmt: skip
-    ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
-    mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
-    out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
-    if GATE_UP:
-        if PARTIAL:
-            gl.store(out, acc, mask=mask)
-            gl.store(out + N, acc2, mask=mask)
-        else:
-            # gate and up rounded to bf16 first, as the Triton kernel (and an unfused GEMM) stores them
-            g = acc.to(gl.bfloat16).to(gl.float32)
-            u = acc2.to(gl.bfloat16).to(gl.float32)
-            gl.store(out, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16), mask=mask)
+    if STREAM_K:
+        # A grid of as many programs as the SMs hold at once (moe.py). The K tiles of all (block, N tile)
+        # pairs with rows, in a row, are dealt out in equal runs, one per program: every SM works to the
+        # end of the launch, and no program walks more K than its share. A run may start or end inside a
+        # pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and 64 tokens:
+        # 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin strides a fixed
+        # grid so: benchmarks/README.md, seventeenth session)
+        n_tiles = gl.cdiv(N, BN)
+        k_tiles = K // _BK
+        total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
+        programs = gl.num_programs(0)
+        pid = gl.program_id(0)
+        share = total // programs
+        start = pid * share + gl.minimum(pid, total % programs)
+        end = start + share + (pid < total % programs).to(gl.int32)
+        first = start // k_tiles
+        stop = gl.cdiv(end, k_tiles)
+        if end <= start:  # no share (fewer K tiles than programs)
+            stop = first
+        for unit in range(first, stop):  # (block, N tile) pairs, N tile fastest
+            lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
+            hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
+            _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
+                   unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
+                   True, MMA, A_OP, B_OP)  # fmt: skip
     else:
-        res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
-        if PARTIAL:
-            gl.store(out, res, mask=mask)
-        else:
-            gl.store(out, res.to(gl.bfloat16), mask=mask)
+        # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
+        # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
+        # the GPU hands programs out in launch order, so the real blocks' programs (the first ones) spread
+        # evenly over the SMs. In the grid's own order a block's N tiles sat a block count apart, and at 8
+        # tokens some SMs ran 4 real programs while others ran only returning ones (ncu: SM active cycles
+        # min 1.2k, mean 32.6k, max 68.8k in one launch; benchmarks/results/ncu-qwen15-8tok-gluon-full-h200.txt).
+        n_tiles = gl.num_programs(1)
+        splits = gl.num_programs(2)
+        lin = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1) + n_tiles * gl.program_id(2))
+        pid_n = lin % n_tiles
+        pid_s = (lin // n_tiles) % splits
+        pid_m = lin // (n_tiles * splits)
+        if pid_m * BM < gl.load(num_post_pad_ptr):
+            _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
+                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
+                   A_OP, B_OP)  # fmt: skip

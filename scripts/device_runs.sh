@@ -46,6 +46,10 @@
 #  21. (only when asked: `start 21`) DeepSeek-V2-Lite's prefill again, every variant in three rotated rounds.
 #  22. (only when asked: `start 22`) the sixteenth session's decode kernel: its GPU tests, then the decode layer
 #      at 16, 64 and 1 tokens beside Marlin.
+#  23. (only when asked: `start 23`) what bounds that layer: kernel times and ncu at 16 and 64 tokens (ours and
+#      Marlin's), and at Mixtral's 1 token.
+#  24. (only when asked: `start 24`) the stream-K Gluon kernel (Tiles.stream_k): its GPU tests, then the decode
+#      layer at 8, 16 and 64 tokens beside the picked layout and Marlin.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -402,6 +406,53 @@ phase22() {
   say "moe_layer decode 1 rc=$?"
 }
 
+phase23() {
+  # what bounds the decode layer at the issue's sizes with the sixteenth session's kernel (~8 min): the launch
+  # count test fixed for the shared experts' own launches; each kernel's device time at 16 and 64 tokens
+  # (torch profiler); ncu on our four Gluon launches and Marlin's two at 16 and 64 tokens (the eleventh
+  # session's were at 8), then on Mixtral's 1-token launches, where ours run 0.84x Marlin
+  mkdir -p $res/tests $res/ncu
+  kernel_tests "gluon_kernel_by_default" > $res/tests/kernels_s17.log 2>&1
+  for t in 16 64; do
+    python3 benchmarks/profile_layer.py --tokens $t > $res/ncu/kernels-qwen15-${t}tok.txt 2>&1
+  done
+  say "kernel times rc=$?"
+  command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
+  local sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
+    --section LaunchStats --metrics sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max"
+  local m
+  for t in 16 64; do
+    # shellcheck disable=SC2086
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 12 --launch-count 4 $sections \
+      python3 benchmarks/profile_layer.py --tokens $t --loop > $res/ncu/ncu-ours-qwen15-${t}tok.txt 2>&1
+    say "ncu ours $t tokens rc=$?"
+    # shellcheck disable=SC2086
+    ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $sections \
+      python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens $t --ours-only --layouts '^$' \
+      --out /tmp/ncu_ml > $res/ncu/ncu-marlin-qwen15-${t}tok.txt 2>&1
+    say "ncu marlin $t tokens rc=$?"
+  done
+  m=mixtral-8x7b
+  # shellcheck disable=SC2086
+  ncu --kernel-name regex:mx_moe_gemm --launch-skip 6 --launch-count 2 $sections \
+    python3 benchmarks/profile_layer.py --model $m --tokens 1 --loop > $res/ncu/ncu-ours-$m-1tok.txt 2>&1
+  # shellcheck disable=SC2086
+  ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $sections \
+    python3 benchmarks/moe_layer.py --models $m --tokens 1 --ours-only --layouts '^$' \
+    --out /tmp/ncu_ml > $res/ncu/ncu-marlin-$m-1tok.txt 2>&1
+  say "ncu $m 1 token rc=$?"
+}
+
+phase24() {
+  # the stream-K Gluon kernel (built after the seventeenth session's ncu, opt-in; ~6 min): its GPU tests, then
+  # the decode layer at 8, 16 and 64 tokens beside the picked layout and Marlin on every model shape
+  mkdir -p $res/tests
+  kernel_tests "stream_k or gluon_kernel_real_shapes or gluon_kernel_by_default" > $res/tests/kernels_s17_stream_k.log 2>&1
+  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts 'stream-K|^Gluon, BM 8$' \
+    --out $res/layer_stream_k > $res/layer_stream_k.log 2>&1
+  say "moe_layer stream-K rc=$?"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -417,7 +468,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -48,6 +48,8 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     num_programs = staticmethod(lambda *a, **k: tl.num_programs(*a, **k))
     cdiv = staticmethod(lambda *a, **k: tl.cdiv(*a, **k))
     minimum = staticmethod(lambda *a, **k: tl.minimum(*a, **k))
+    maximum = staticmethod(lambda *a, **k: tl.maximum(*a, **k))
+    atomic_add = staticmethod(lambda *a, **k: tl.atomic_add(*a, **k))
     multiple_of = staticmethod(lambda *a, **k: tl.multiple_of(*a, **k))
     join = staticmethod(lambda *a, **k: tl.join(*a, **k))
     split = staticmethod(lambda *a, **k: tl.split(*a, **k))

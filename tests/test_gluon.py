@@ -9,6 +9,7 @@ arithmetic, indexing and masks. Its results on the GPU: tests/test_kernels_gpu.p
 import re
 
 import pytest
+import torch
 from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors
 from sass_tools import disassemble, in_fresh_process
 
@@ -19,11 +20,13 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
 
 
-def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16) -> str:
-    return in_fresh_process("test_gluon", f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm})")
+def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
+          stream_k: bool = False) -> str:  # fmt: skip
+    return in_fresh_process("test_gluon", f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k})")
 
 
-def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16) -> str:
+def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
+                  stream_k: bool = False) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -32,13 +35,18 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": 64, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad}
+    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
+              "STREAM_K": stream_k}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS}),
-                        f"{int(gate_up)}{int(skip_pad)}")  # fmt: skip
+    from mxkernels.moe import STREAM_K_FIT
+
+    cap = STREAM_K_FIT[gate_up][0] if stream_k else None
+    options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {})}  # as moe._gemm_gluon launches it
+    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -54,12 +62,15 @@ def test_gluon_kernel_feeds_the_mma_from_registers(gate_up, skip_pad):
     assert not re.search(r"\bLDG\.E\.U16\b.*\bR\d+\.64\+0x", sass), "activations loaded one by one"
 
 
-def _k_loop(sass: str) -> list[str]:
-    """The instructions of a kernel's longest loop (its K loop), from a backward branch's target to it."""
+def _k_loop(sass: str, innermost: bool = False) -> list[str]:
+    """The instructions of a kernel's longest loop (its K loop), from a backward branch's target to it;
+    ``innermost``: the longest of the loops with no loop inside (stream-K's K loops sit in a loop over units)."""
     lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
     at = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
     loops = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := re.search(r"BRA (0x[0-9a-f]+)", ln))
              and int(m.group(1), 16) < a]  # fmt: skip
+    if innermost:
+        loops = [(lo, hi) for lo, hi in loops if not any(lo <= o[0] and o[1] < hi for o in loops if o != (lo, hi))]
     lo, hi = max(loops, key=lambda t: t[1] - t[0])
     return [ln for ln, a in zip(lines, at) if lo <= a <= hi]
 
@@ -73,6 +84,21 @@ def test_gluon_kernel_loop_carries_whole_registers(codes):
     prmt = sum(bool(re.search(r"\bPRMT\b", ln)) for ln in loop)
     assert prmt <= 8, (prmt, len(loop))
     assert sum(bool(re.search(r"\bHMMA\.16816\.F32\.BF16\b", ln)) for ln in loop) >= 16
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+@pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
+def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting(gate_up, codes, bn):
+    # stream-K launches as moe.STREAM_K_FIT sets them: no spill to local memory for the benchmark's mixed code
+    # set (w2, w4), nor for the wide one's down GEMM (its gate/up spills 2 to 3 registers at 168); the sums go
+    # out as reductions that return nothing (REDG), not atomics a warp waits on; the K loop is the same
+    # whole-register one
+    sass = _sass(gate_up, False, codes, 8, bn, True)
+    assert len(re.findall(r"\b(STL|LDL)\b", sass)) <= (8 if gate_up and codes & 0b101001 else 0), "spills"
+    assert re.search(r"\bREDG\.E\.ADD\.F32", sass) and not re.search(r"\bATOMG?\b", sass)
+    inner = _k_loop(sass, innermost=True)
+    assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
+    assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
 
 
 BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)
@@ -130,6 +156,46 @@ def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interprete
     assert {key.split("/")[0] for key in errs} == set(names), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
+
+
+@pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (2, 128, 8, 64),
+                                          (5, 384, 8, 128)])  # fmt: skip
+def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
+    # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe.STREAM_K_FIT; the
+    # interpreter's 4 SMs: 12 and 16), the K tiles of every (block, N tile) dealt out in equal runs that start
+    # and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128: fewer K tiles than
+    # programs, some programs get none
+    from mxkernels import moe
+
+    launches = []
+    kernel = moe._gluon_kernel()
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg"))) or kernel[grid](
+                *a, **kw)
+
+    monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
+    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
+    # the shared expert in the routed launches: one per GEMM
+    sms = moe.multiprocessors(torch.device("cpu"))
+    assert launches == [((sms * 3,), True, None), ((sms * 4,), True, 128)]  # gate/up, then down
+    assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+
+
+def test_gluon_kernel_stream_k_by_environment_and_single_dispatch_only(interpreted_gluon, monkeypatch):
+    from mxkernels import moe
+
+    taken = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    errs = gemm_errors(["w4a16g128", "w2a16g128"], 24, 256, 256, 18, 1, 2, "cpu", seed=4)
+    assert taken == [True, True] and max(errs.values()) < BOUND
+    with pytest.raises(ValueError, match="single dispatch"):
+        gemm_errors(["w4a16g128", "w8a16"], 24, 256, 256, 18, 1, 2, "cpu", seed=4, dispatch="grouped")
 
 
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):

@@ -62,6 +62,18 @@ def test_gluon_kernel_real_shapes(split, bm, bn, skip_pad, split_bits):
         assert e < 2e-2, (key, split, e)
 
 
+@pytest.mark.parametrize("t, bm, bn", [(24, 8, 64), (24, 8, 128), (24, 16, 64), (3, 8, 64), (64, 8, 128)])
+def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
+    # Tiles.stream_k (opt-in): a grid of the programs the SMs hold, every (block, N tile)'s K tiles dealt out
+    # in equal runs and added with fp32 reductions; the schemes it runs, mixed, shared experts in the launch.
+    # The first launch of each kernel checks that its registers let that many programs share an SM
+    errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=21 + t, bm=bm, bn=bn, stream_k=True,
+                       **GLUON)  # fmt: skip
+    assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, t, e)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("t, split", [(1, 1), (1, 4), (24, 3)])
 def test_gluon_fma_kernel_real_shapes(t, split, packed):
@@ -96,19 +108,24 @@ def test_decode_runs_on_the_gluon_kernel_by_default_where_it_can(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(moe, "_gemm_gluon", spy)
+
+    def errors(names):  # one launch per GEMM: the shared experts in the routed experts' launches (their
+        # own launches, the default at decode, are test_shared_experts_on_a_second_stream_...'s)
+        return gemm_errors(names, 24, 2048, 1408, 18, 2, 4, "cuda", seed=9, shared_apart=False)
+
     # about 7 rows per active expert: the decode layout, 8 rows per block; bf16 and 3 and 8 bits
     # in the code set: one MMA tile of rows per warp
-    errs = gemm_errors(GLUON_SCHEMES, 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)
+    errs = errors(GLUON_SCHEMES)
     assert blocks == [(8, 64), (8, 64)]
     for key, e in errs.items():
         assert e < 2e-2, (key, e)
     blocks.clear()
-    errs = gemm_errors(["w4a16g128", "w2a16g128", "w1a16g128"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)
+    errs = errors(["w4a16g128", "w2a16g128", "w1a16g128"])
     assert blocks == [(8, 128), (8, 128)]  # within 1, 2 and 4 bits: two
     for key, e in errs.items():
         assert e < 2e-2, (key, e)
     blocks.clear()
-    gemm_errors(["w4a16g128", "w8a8fp8"], 24, 2048, 1408, 18, 2, 4, "cuda", seed=9)  # fp8: the Triton kernel
+    errors(["w4a16g128", "w8a8fp8"])  # fp8: the Triton kernel
     assert blocks == []
 
 
