@@ -81,6 +81,12 @@ out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0
 os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmetic (inline PTX)
 out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 os.environ.pop("MXSERVE_GLUON_FMA")
+# the 16-token layer on the stream-K grid (asked for with MXSERVE_STREAM_K=1): its own variants, and the grid
+os.environ["MXSERVE_STREAM_K"] = "1"
+out["gluon_stream_k"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
+rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [16], target, 132, 0)
+out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
+os.environ.pop("MXSERVE_STREAM_K")
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
 # the alignment's three launches, the per-token quantization's and, for the w4 experts, the dequantization's
 fp8 = ("w8a8fp8", "w4a16g128") * 9
@@ -107,7 +113,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
-    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "prefill_fp8"):
+    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "prefill_fp8"):
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -116,6 +122,9 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     for case in ("gluon_fma", "gluon_fma_packed"):
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
+    assert out["gluon_stream_k"]["entries"][0] != out["gluon"]["entries"][0]
+    # stream-K: one launch per GEMM (the shared experts in it), as many programs as 132 SMs hold
+    assert out["stream_k_grids"] == [["gemm_gluon", [132 * 3]], ["gemm_gluon", [132 * 4]]]
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
     assert {"align_count", "align_blocks", "align_place", "row_quant", "dequant"} <= set(out["prefill_fp8"]["kernels"])
     assert "align" not in out["prefill_fp8"]["kernels"]
