@@ -384,11 +384,26 @@ def test_moe_layer_times_variants_in_rotated_rounds_and_keeps_medians(monkeypatc
     jobs.append(moe_layer.Job("loop", timed("loop"), 1.0, 16.0, graph=False))
     got = {}
     moe_layer.time_jobs(jobs, 3, lambda v, sec, w, bits, eager: got.__setitem__(v, (sec, eager)))
-    # each round starts one job later; a's eager timing follows its graph timing; broken is dropped
-    assert order == ["a", "a", "b", "broken", "loop",  # graph times a 1, b 2, broken 3
-                     "b", "broken", "loop", "a", "a",  # b 4, broken fails, a 5
-                     "loop", "a", "a", "b"]  # a 6, b 7  # fmt: skip
+    # each round starts one job later; broken is dropped; a's eager timings come after every graph timing
+    assert order == ["a", "b", "broken", "loop",  # graph times a 1, b 2, broken 3
+                     "b", "broken", "loop", "a",  # b 4, broken fails, a 5
+                     "loop", "a", "b",  # a 6, b 7
+                     "a", "a", "a"]  # fmt: skip
     assert got == {"a": (5, -1.0), "b": (4, None), "loop": (-1.0, None)}  # medians of (1, 5, 6) and (2, 4, 7)
+
+
+def test_moe_layer_keeps_a_jobs_graph_time_when_its_eager_timing_fails(monkeypatch):
+    import moe_layer
+
+    def eager_fails(fn):
+        raise RuntimeError("host loop failed")
+
+    monkeypatch.setattr(moe_layer, "bench_graph", lambda fn: 2.0)
+    monkeypatch.setattr(moe_layer, "bench", eager_fails)
+    got = {}
+    moe_layer.time_jobs([moe_layer.Job("a", lambda: None, 1.0, 4.0, eager=True)], 2,
+                        lambda v, sec, w, bits, eager: got.__setitem__(v, (sec, eager)))
+    assert got == {"a": (2.0, None)}
 
 
 STANDIN_SERVER = """
