@@ -153,19 +153,23 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
     else:
         W: gl.constexpr = BITS if P == 0 else P
         i = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
-        return wi_ptr + r * (K // 32 * BITS) + K // 32 * LOW + k0 // 32 * W + c * W + i
+        return wi_ptr + r * (K // 32 * BITS) + K // 32 * LOW + (k0 >> 5) * W + c * W + i  # k0 >= 0: a shift
 
 
 @gluon.jit
-def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.constexpr, MMA: gl.constexpr):
+def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
+            MMA: gl.constexpr):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
-    (``_product``): 1 and 0 for bf16."""
+    (``_product``): 1 and 0 for bf16. ``gpr``: groups per row; ``inv_tpg``: 1 / (K tiles per group)."""
     if BITS == 16:
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         return s, s
     else:
         rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
-        g = rows * (K // group) + k0 // group
+        # the tile's group, k0 // group, without the integer division by a runtime value (13 instructions a
+        # tile in the sm_90 SASS): (tile + 1/2) / (tiles per group) is at least 1 / (2 tiles per group) from a
+        # whole number, far more than fp32's error on quotients below 2^13
+        g = rows * gpr + (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
         # 8 bits: 16 (128 + hi) + (128 + lo); 3 bits: (128 + low plane) + 4 (128 + high plane)
         offset: gl.constexpr = 2176.0 if BITS == 8 else (640.0 if BITS == 3 else 128.0)
         return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
@@ -195,7 +199,7 @@ def _act_operand(words, B_OP: gl.constexpr):
 
 
 @gluon.jit
-def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, group,
+def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
           SKIP_PAD: gl.constexpr):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
@@ -207,7 +211,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
     a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
-    s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS, BN, MMA)
+    s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
     return w, wx, s, z, a
 
 
@@ -241,22 +245,24 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    gpr = K // group  # groups per row of scales
+    inv_tpg = 1.0 / (group // _BK).to(gl.float32)  # eligible(): whole K tiles per group
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
-    w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, group,
-                           BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+    w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
-                                            stride_am, kn, K, group, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                                            stride_am, kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
         ab = _act_operand(a, B_OP)
         acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA)
         if GATE_UP:

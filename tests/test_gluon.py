@@ -391,6 +391,21 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert moe._as_gluon(decode, 16.0, 2048, 0b10100, {}).bm == 16
 
 
+def test_the_gluon_kernels_group_index_without_a_division_is_exact():
+    # moe_gemm_gluon._scales: a K tile's group as int((tile + 1/2) * (1 / tiles per group)) in fp32, for every
+    # tile of K up to 65536 (512 tiles) and every group of whole tiles, with the reciprocal up to 4 ulps off
+    # (an approximate division would be within 2)
+    tiles = torch.arange(512, dtype=torch.int32)
+    for tpg in range(1, 513):
+        inv = torch.tensor(1.0 / tpg, dtype=torch.float32)
+        for ulps in (-4, 0, 4):
+            r = torch.nextafter(inv, torch.tensor(ulps * float("inf"))) if ulps else inv
+            for _ in range(abs(ulps) - 1):
+                r = torch.nextafter(r, torch.tensor(ulps * float("inf")))
+            got = ((tiles.float() + 0.5) * r).to(torch.int32)
+            assert torch.equal(got, tiles // tpg), (tpg, ulps)
+
+
 def test_code_splits_follow_the_bits_of_the_launchs_codes():
     from mxkernels.moe import code_splits
 
