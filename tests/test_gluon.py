@@ -178,8 +178,11 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
 
     class Spy:
         def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg"))) or kernel[grid](
-                *a, **kw)
+            def launch(*args, **kw):
+                launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg")))
+                return kernel[grid](*args, **kw)
+
+            return launch
 
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
     errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
