@@ -268,6 +268,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the Gluon kernel on a grid of the programs the SMs hold, each GEMM's K tiles dealt out in equal runs
     # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop)
     "Gluon, stream-K": {"stream_k": True},
+    # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
+    # of 14336 x 4096 then spread over the SMs by K tiles)
+    "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},
 }
 DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this many tokens
 # prefill layouts of the weight-only layers, timed above DECODE_TOKENS beside the picked (tuned) one: the

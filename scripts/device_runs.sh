@@ -49,7 +49,7 @@
 #  23. (only when asked: `start 23`) what bounds that layer: kernel times and ncu at 16 and 64 tokens (ours and
 #      Marlin's), and at Mixtral's 1 token.
 #  24. (only when asked: `start 24`) the stream-K Gluon kernel (Tiles.stream_k): its GPU tests, then the decode
-#      layer at 8, 16 and 64 tokens beside the picked layout and Marlin, then ncu on its launches.
+#      layer at 1, 8, 16 and 64 tokens beside the picked layout and Marlin, then ncu on its launches.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -446,12 +446,12 @@ phase23() {
 phase24() {
   # the seventeenth session's kernel changes (~8 min): the stream-K Gluon kernel (opt-in) and the K loop's group
   # index without a division (every Gluon decode launch). The GPU tests of both first (if the default layouts'
-  # fail, revert the division change before serving), then the decode layer at 8, 16 and 64 tokens beside the
-  # picked layout and Marlin on every model shape
+  # fail, revert the division change before serving), then the decode layer at 1, 8, 16 and 64 tokens beside
+  # the picked layout and Marlin on every model shape
   mkdir -p $res/tests
   kernel_tests "stream_k or gluon_kernel_real_shapes or gluon_kernel_by_default or second_stream" \
     > $res/tests/kernels_s17_stream_k.log 2>&1
-  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts 'stream-K|^Gluon, BM 8$' \
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only --layouts 'stream-K|^Gluon, BM 8$' \
     --out $res/layer_stream_k > $res/layer_stream_k.log 2>&1
   say "moe_layer stream-K rc=$?"
   # ncu on its two launches (one per GEMM, the shared experts inside) at 16 and 64 tokens, as phase 23 took the
