@@ -9,7 +9,8 @@
 #                                                    # also with the Gluon CUDA-core kernel at 1 token; =packed:
 #                                                    # with its packed bf16 arithmetic; SPLIT=waves: also
 #                                                    # with K split by waves at decode; EARLY=1: also with
-#                                                    # the shared experts launched before the router)
+#                                                    # the shared experts launched before the router;
+#                                                    # STREAM_K=1: also on the stream-K decode grid)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -70,6 +71,9 @@ elif [ "$what" = qwen15-24 ]; then
   # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
   [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
     --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
+  # STREAM_K=1 adds a server whose Gluon decode launches run on the stream-K grid (MXSERVE_STREAM_K=1)
+  [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k=$work/q15-24-$name"
+    --server-env "mxserve-$name-stream-k=MXSERVE_STREAM_K=1")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")

@@ -137,6 +137,21 @@ def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
     assert "were not used" not in log
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
+    """MXSERVE_STREAM_K=1 (opt-in): the Gluon decode launches on the stream-K grid, zero-filled fp32 sums
+    and all, captured in SGLang's CUDA graphs. Its sums are added in any order, so its text is not held to
+    the default's; every token's log-probability must be finite, one prompt at a time and all at once."""
+    src = sglang_tiny(arch, tmp_path)
+    ckpt = str(tmp_path / "ckpt")
+    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
+    port = 33000 + os.getpid() % 1000
+    with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "stream_k.log"), MXSERVE_STREAM_K="1") as base:
+        for batched in (False, True):
+            greedy_texts(base, "tiny", batched)  # asserts every token's log-probability finite
+    assert "Traceback" not in open(tmp_path / "stream_k.log").read()
+
+
 PROMPTS = [
     "To be, or not to be",
     "def main():\n    ",
