@@ -545,9 +545,11 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
     out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
-    if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs
-        ws = torch.zeros(1, rows, gate_up.n, dtype=torch.float32, device=dev)
-        out = torch.zeros(1, rows, down.n, dtype=torch.float32, device=dev)
+    if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
+        # One buffer, so one fill kernel zeroes both
+        sums = torch.zeros(rows * (gate_up.n + down.n), dtype=torch.float32, device=dev)
+        ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
+        out = sums[rows * gate_up.n :].view(1, rows, down.n)
         split_gu = 1
     w = torch.empty(rows, dtype=torch.float32, device=dev)
 
