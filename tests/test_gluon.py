@@ -207,6 +207,32 @@ def test_gluon_kernel_stream_k_by_environment_and_single_dispatch_only(interpret
         gemm_errors(["w4a16g128", "w8a16"], 24, 256, 256, 18, 1, 2, "cpu", seed=4, dispatch="grouped")
 
 
+def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon, monkeypatch):
+    # the whole layer through mx_moe_forward with MXSERVE_STREAM_K=1: shared experts in the launch, the SiLU
+    # after the fp32 gate/up sums, the top-k sum and the shared experts' sigmoid scale read from fp32 outputs
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.reference import moe_reference
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(0)
+    experts = make_experts(["w4a16g128", "w2a16g128", "bf16", "w8a16"], 256, 256, 12, 2, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(20, 256, generator=gen).bfloat16()
+    ids, w = route(20, 12, 2, gen)
+    scale = torch.sigmoid(torch.randn(20, 1, generator=gen))
+    taken = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    out = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale).float()
+    dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
+    ref = moe_reference(x.float(), ids, w, [e.linears() for e in experts], dense, 12, scale)
+    assert taken == [True, True]
+    assert ((out - ref).norm() / ref.norm()).item() < BOUND
+
+
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
     # gptq-had: the quantized experts read the Hadamard-rotated copy of their input, bf16 ones the plain one
     errs = gemm_errors(["bf16", "w4a16g128", "w2a16g128"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had",
