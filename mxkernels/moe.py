@@ -63,10 +63,9 @@ class Tiles:
     # weight-only prefill (no swap): the tile dequantized K-major and transposed into the MMA, so its
     # stores into shared memory are K-contiguous vectors (moe_gemm._mm_wonly); pick_tiles' prefill default
     kmajor: bool = False
-    # the Gluon MMA kernel on a grid of as many programs as the SMs hold (STREAM_K_FIT), the K tiles of all
-    # its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
-    # STREAM_K); one launch per GEMM, shared experts included. Opt-in (MXSERVE_STREAM_K=1): built on the CPU
-    # after the seventeenth session's ncu, not yet run on a GPU
+    # the Gluon MMA kernel on a grid of as many programs as the SMs hold (_stream_k_per_sm), the K tiles of
+    # all its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
+    # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
 
 
@@ -82,6 +81,15 @@ WAVES = 4  # decode: split K until about this many programs per multiprocessor
 # MXSERVE_GLUON=0 keeps every layer on the Triton kernel
 GLUON_DECODE = os.environ.get("MXSERVE_GLUON", "1") != "0"
 GLUON_ROWS = 1.1
+# the Gluon decode layout on the stream-K grid (Tiles.stream_k) below this many rows per expert, from one
+# row (in place of the CUDA-core products): on the H200 it took 0.77 to 1.05x the time of the layouts it
+# replaced wherever it is picked, on all four benchmarked shapes, mixed and w4 (1 to 16 tokens;
+# benchmarks/results/moe_layer_h200_s18_decode.md); forced at 4 rows and more (Mixtral at 16 tokens, every
+# shape at 64) it took up to 1.2x (moe_layer_h200_s18_stream_k.md).
+# MXSERVE_STREAM_K: "auto" (this), "1" every Gluon decode launch, "0" none (its fp32 sums are added in
+# whatever order the programs end: "0" gives outputs that repeat bit for bit)
+STREAM_K_ROWS = 4.0
+STREAM_K_MODES = ("auto", "1", "0")
 # "single": one launch per GEMM runs every scheme of a layer (the paper's design); "grouped": one
 # launch per group of codes (code_groups), so that a wide branch (3 or 8 bits, bf16) does not set the
 # registers of every expert's program. MXSERVE_DISPATCH picks one for every launch (read per launch,
@@ -299,43 +307,49 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         a_all = a_all.contiguous()
     codes &= KERNEL_CODES
     splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
+    kernel = _gluon_kernel()
+    args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
+            sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n,
+            arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+    consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
+                  num_warps=WARPS)  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
-    extra, per_sm = {}, 0
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
-        maxnreg, per_sm = STREAM_K_FIT[gate_up]
-        grid = (multiprocessors(a_all.device) * per_sm,)
-        extra = {"STREAM_K": True, **({"maxnreg": maxnreg} if maxnreg else {})}
+        cap = STREAM_K_REGISTERS[gate_up]
+        consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
+        grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
-        extra = {"maxnreg": tiles.maxnreg}
-    compiled = _gluon_kernel()[grid](
-        a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
-        block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
-        num_valid, a_div, tiles.split, splits, MAGIC, GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm,
-        PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad, num_warps=WARPS, **extra,
-    )  # fmt: skip
-    if per_sm:
-        _check_fit(compiled, per_sm)
+        consts["maxnreg"] = tiles.maxnreg
+    kernel[grid](*args, **consts)
 
 
-# stream-K launches (Tiles.stream_k) by GEMM (gate_up: True): the register cap and the programs per SM
-# that fit (64K registers, 4 warps each). The sm_90 code of the gate/up kernel holds 168 registers uncapped
-# (3 per SM; capped at 168 ptxas spills), the down one 80 to 104 (capped at 128, 4 per SM: no spill). The
-# first launch of each kernel checks its registers against this (_check_fit)
-STREAM_K_FIT = {True: (None, 3), False: (128, 4)}
-_FIT_CHECKED: set = set()
+# stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True). The sm_90 code of the gate/up
+# kernel holds 168 registers at BM 8 and BN 64 uncapped (capped at 168 ptxas spills), 180 at BM 16 and 254 at
+# BN 128 (every code); the down one 80 to 104 (capped at 128: no spill). The grid is as many programs as
+# their registers let share an SM (_stream_k_per_sm), at most STREAM_K_MOST: on the H200 3 (gate/up) and 4
+# (down) per SM balanced every SM's active cycles to within 10% at 16 and 64 tokens (benchmarks/README.md)
+STREAM_K_REGISTERS = {True: None, False: 128}
+STREAM_K_MOST = 4
+_PER_SM: dict = {}
 
 
-def _check_fit(compiled, per_sm: int) -> None:
-    """Refuse a stream-K kernel whose registers let fewer than ``per_sm`` programs share an SM: the
-    programs past the first wave would start when others end, and the equal shares would not be."""
-    regs = getattr(compiled, "n_regs", None)  # None in the interpreter
-    if regs is None or compiled.hash in _FIT_CHECKED:
-        return
-    per_warp = -(-regs * 32 // 256) * 256  # registers are given to warps 256 at a time
-    if 65536 // (per_warp * 4) < per_sm:
-        raise ValueError(f"stream-K: this kernel holds {regs} registers a thread, too many for {per_sm} programs "
-                         "per SM (moe.STREAM_K_FIT)")
-    _FIT_CHECKED.add(compiled.hash)
+def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: tuple) -> int:
+    """How many programs of this stream-K kernel variant (``key``: what sets its registers) share an SM
+    (64K registers): from its compiled registers, taken once (compiled and loaded, not launched).
+    STREAM_K_MOST off a GPU (the interpreter, precompile's recording and compile-only launches): the
+    grid is not part of what is compiled."""
+    if args[0].device.type != "cuda" or INTERPRET:
+        return STREAM_K_MOST
+    if key not in _PER_SM:
+        compiled = kernel.warmup(*args, grid=(1,), **consts)
+        compiled._init_handles()  # loads the module, as its first launch would: its registers are known then
+        per_warp = -(-compiled.n_regs * 32 // 256) * 256  # registers are given to warps 256 at a time
+        fit = 65536 // (per_warp * consts["num_warps"])
+        if fit < 1:
+            raise ValueError(f"stream-K: a kernel of {compiled.n_regs} registers a thread fits no SM")
+        _PER_SM[key] = min(fit, STREAM_K_MOST)
+    return _PER_SM[key]
 
 
 def code_splits(codes_mask: int, split: int) -> int:
@@ -421,17 +435,37 @@ def _dequant_first(per_expert: float, gate_up: Arena, down: Arena, asked: bool |
     return per_expert >= least
 
 
-def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict) -> bool:
-    """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS to DECODE_ROWS
-    rows per expert, for layers whose both arenas' experts (a slab's: every candidate) it runs (the
-    alignment's block is shared by the two GEMMs) and that are not all bf16 (those keep SGLang's
-    rounding: pick_tiles), unless ``override`` asks for another layout."""
+def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Arena, override: dict,
+                  stream_k: bool = False) -> bool:  # fmt: skip
+    """Whether the decode layout runs on the Gluon kernel: on a GPU, from GLUON_ROWS (from one row on
+    ``stream_k``) to DECODE_ROWS rows per expert, for layers whose both arenas' experts (a slab's: every
+    candidate) it runs (the alignment's block is shared by the two GEMMs) and that are not all bf16 (those
+    keep SGLang's rounding: pick_tiles), unless ``override`` asks for another layout."""
     from mxkernels.moe_gemm_gluon import eligible
 
-    return (GLUON_DECODE and _runs_gluon(dev) and GLUON_ROWS < per_expert <= DECODE_ROWS
+    return (GLUON_DECODE and _runs_gluon(dev) and (stream_k or GLUON_ROWS < per_expert) and per_expert <= DECODE_ROWS
             and override.get("swap", True) and not override.get("fma") and "gluon" not in override
             and (gate_up.codes_mask | down.codes_mask) != 1
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
+
+
+def _stream_k(per_expert: float, dispatch: str | None, override: dict) -> bool:
+    """Whether the Gluon decode launches take the stream-K grid: ``override``'s stream_k, else
+    MXSERVE_STREAM_K (read per launch, as MXSERVE_DISPATCH): "auto" below STREAM_K_ROWS rows per expert
+    under the single dispatch, "1" always (the grouped dispatch then refuses), "0" never."""
+    if "stream_k" in override:
+        return bool(override["stream_k"])
+    mode = os.environ.get("MXSERVE_STREAM_K") or "auto"
+    if mode not in STREAM_K_MODES:
+        raise ValueError(f"MXSERVE_STREAM_K={mode!r}: one of {', '.join(STREAM_K_MODES)}")
+    if mode == "auto":  # an explicit MXSERVE_GLUON_FMA keeps its CUDA-core rows
+        fma = per_expert <= FMA_ROWS and _gluon_fma_asked()
+        return per_expert < STREAM_K_ROWS and _dispatch(dispatch) == "single" and not fma
+    return mode == "1"
+
+
+def _gluon_fma_asked() -> bool:
+    return os.environ.get("MXSERVE_GLUON_FMA", "0") in ("1", "packed")
 
 
 def _gluon_fma(dev: torch.device, gate_up: Arena, down: Arena, override: dict) -> bool:
@@ -441,7 +475,7 @@ def _gluon_fma(dev: torch.device, gate_up: Arena, down: Arena, override: dict) -
     GPU, for layers whose both arenas' experts it runs, unless ``override`` picks the kernel."""
     from mxkernels.moe_gemm_gluon import eligible
 
-    return (os.environ.get("MXSERVE_GLUON_FMA", "0") in ("1", "packed") and _runs_gluon(dev)
+    return (_gluon_fma_asked() and _runs_gluon(dev)
             and "gluon" not in override
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
@@ -513,10 +547,10 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
-    gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override)
+    sk = _stream_k(per_expert, dispatch, override)
+    gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override, sk)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
-        # MXSERVE_STREAM_K=1: its stream-K grid (Tiles.stream_k; read per launch, as MXSERVE_DISPATCH)
-        override = {"fma": False, "stream_k": os.environ.get("MXSERVE_STREAM_K", "0") == "1", **override}
+        override = {"fma": False, **override, "stream_k": sk}
     fit = _split_fit(split_fit)
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, fit, **override)
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **override)

@@ -32,8 +32,9 @@ def expert_gemm(
 ) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor, list]:
     """One launch of ``n_experts`` experts' [tokens, K] x [K, N] GEMMs in ``scheme`` (down-GEMM path),
     in the layout that serving picks for that many rows per expert (the Gluon kernel where moe_gemms
-    takes it). Returns the launch, its input [E*tokens, K] (expert-major rows), its output and the
-    experts' weights."""
+    takes it), on the unbalanced grid: a stream-K share depends on every expert of the layer's launch,
+    which one scheme's launch does not have. Returns the launch, its input [E*tokens, K] (expert-major
+    rows), its output and the experts' weights."""
     linears = linears or random_expert_weights(n, k, n_experts, scheme, device)
     arena = build_arena(linears).to(device)
     dev = torch.device(device)

@@ -41,9 +41,9 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    from mxkernels.moe import STREAM_K_FIT
+    from mxkernels.moe import STREAM_K_REGISTERS
 
-    cap = STREAM_K_FIT[gate_up][0] if stream_k else None
+    cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {})}  # as moe._gemm_gluon launches it
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
                         f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}")  # fmt: skip
@@ -93,7 +93,7 @@ def test_gluon_kernel_loop_carries_whole_registers(codes):
 @pytest.mark.parametrize("gate_up", [True, False])
 @pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
 def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting(gate_up, codes, bn):
-    # stream-K launches as moe.STREAM_K_FIT sets them: no spill to local memory in any K loop (the gate/up
+    # stream-K launches as moe.STREAM_K_REGISTERS caps them: no spill to local memory in any K loop (the gate/up
     # kernels keep a register or two in local memory from the prologue to the epilogue at 168); the sums go
     # out as reductions that return nothing (REDG), not atomics a warp waits on; the K loop is the same
     # whole-register one
@@ -167,10 +167,10 @@ def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interprete
 @pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (2, 128, 8, 64),
                                           (5, 384, 8, 128)])  # fmt: skip
 def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
-    # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe.STREAM_K_FIT; the
-    # interpreter's 4 SMs: 12 and 16), the K tiles of every (block, N tile) dealt out in equal runs that start
-    # and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128: fewer K tiles than
-    # programs, some programs get none
+    # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe._stream_k_per_sm; the
+    # interpreter's 4 SMs, STREAM_K_MOST each: 16), the K tiles of every (block, N tile) dealt out in equal
+    # runs that start and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128:
+    # fewer K tiles than programs, some programs get none
     from mxkernels import moe
 
     launches = []
@@ -188,23 +188,46 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
     errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
     # the shared expert in the routed launches: one per GEMM
     sms = moe.multiprocessors(torch.device("cpu"))
-    assert launches == [((sms * 3,), True, None), ((sms * 4,), True, 128)]  # gate/up, then down
+    most = moe.STREAM_K_MOST
+    assert launches == [((sms * most,), True, None), ((sms * most,), True, 128)]  # gate/up, then down
     assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 
 
-def test_gluon_kernel_stream_k_by_environment_and_single_dispatch_only(interpreted_gluon, monkeypatch):
+def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(interpreted_gluon, monkeypatch):
+    # MXSERVE_STREAM_K unset (auto): decode takes the stream-K grid below moe.STREAM_K_ROWS rows per expert,
+    # from one row on (the CUDA-core products before), and the unbalanced grid from there on or under the
+    # grouped dispatch; =0 never (one row: the CUDA-core products again); =1 always, and the grouped
+    # dispatch then refuses; any other value is an error
     from mxkernels import moe
 
     taken = []
     monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.delenv("MXSERVE_STREAM_K", raising=False)
+    both = ["w4a16g128", "w2a16g128"]
+
+    def launches(t, names=both, **kw):
+        taken.clear()
+        errs = gemm_errors(names, t, 256, 256, 18, 1, 2, "cpu", seed=4, **kw)
+        assert max(errs.values()) < BOUND
+        return list(taken)
+
+    assert launches(1) == [True, True]  # 3 rows (top-2 and the shared expert) over 3 experts
+    assert launches(16) == [True, True]  # 48 rows over 16 experts: 3 rows per expert
+    assert launches(40) == [False] * 4  # 6 rows per expert: the shared expert launches apart
+    grouped = launches(16, ["w4a16g128", "w8a16"], dispatch="grouped")  # a launch per code and set of experts
+    assert len(grouped) == 8 and not any(grouped)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
+    assert launches(1) == [] and launches(16) == [False] * 4
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    errs = gemm_errors(["w4a16g128", "w2a16g128"], 24, 256, 256, 18, 1, 2, "cpu", seed=4)
-    assert taken == [True, True] and max(errs.values()) < BOUND
+    assert launches(40) == [True, True]  # the shared expert in the launch
     with pytest.raises(ValueError, match="single dispatch"):
         gemm_errors(["w4a16g128", "w8a16"], 24, 256, 256, 18, 1, 2, "cpu", seed=4, dispatch="grouped")
+    monkeypatch.setenv("MXSERVE_STREAM_K", "yes")
+    with pytest.raises(ValueError, match="MXSERVE_STREAM_K='yes'"):
+        gemm_errors(both, 24, 256, 256, 18, 1, 2, "cpu", seed=4)
 
 
 def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon, monkeypatch):
@@ -289,7 +312,8 @@ def test_gluon_fma_kernel_rotated_inputs_and_a_model_wide_code_set(interpreted_g
 
 def test_gluon_fma_kernel_is_taken_at_one_token_when_asked(interpreted_gluon_fma, monkeypatch):
     # MXSERVE_GLUON_FMA=1: the CUDA-core launches of a layer it can run go to it (on a GPU; here the
-    # interpreted source), and compute what the reference computes
+    # interpreted source), and compute what the reference computes; asked for, it keeps the one-row
+    # launches that the stream-K grid takes by default
     from mxkernels import moe
 
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
@@ -302,9 +326,10 @@ def test_gluon_fma_kernel_is_taken_at_one_token_when_asked(interpreted_gluon_fma
     for key, e in errs.items():
         assert e < BOUND, (key, e)
     monkeypatch.setenv("MXSERVE_GLUON_FMA", "0")
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
     taken.clear()
     gemm_errors(["w4a16g128"], 1, 128, 128, 4, 0, 2, "cpu", seed=3)
-    assert taken == []  # off by default: the Triton CUDA-core products
+    assert taken == []  # off by default: the Triton CUDA-core products (without stream-K)
 
 
 def _sass_fma(gate_up: bool, codes: int = 0b111110, packed: bool = False) -> str:
@@ -389,6 +414,7 @@ def test_decode_takes_the_gluon_kernel_where_the_layers_schemes_allow(monkeypatc
     assert moe._gluon_decode(cuda, 3.0, arena(0b10000, 2048, model=1 << 6), arena(0b10100, 1408, model=1 << 6), {})
     assert not moe._gluon_decode(cpu, 3.0, w4, w4_down, {})  # Triton's interpreter does not run Gluon
     assert not moe._gluon_decode(cuda, 1.0, w4, w4_down, {})  # one row: CUDA-core products
+    assert moe._gluon_decode(cuda, 1.0, w4, w4_down, {}, stream_k=True)  # unless on the stream-K grid
     assert not moe._gluon_decode(cuda, 40.0, w4, w4_down, {})  # prefill
     # 3- and 8-bit experts too; both GEMMs or neither (they share the block): not with groups of 32
     # or an fp8 expert

@@ -64,14 +64,17 @@ def test_gluon_kernel_real_shapes(split, bm, bn, skip_pad, split_bits):
 
 @pytest.mark.parametrize("t, bm, bn", [(24, 8, 64), (24, 8, 128), (24, 16, 64), (3, 8, 64), (64, 8, 128)])
 def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
-    # Tiles.stream_k (opt-in): a grid of the programs the SMs hold, every (block, N tile)'s K tiles dealt out
-    # in equal runs and added with fp32 reductions; the schemes it runs, mixed, shared experts in the launch.
-    # The first launch of each kernel checks that its registers let that many programs share an SM
+    # Tiles.stream_k: a grid of the programs the SMs hold (as many as each variant's registers let share an SM:
+    # BN 128 and BM 16 gate/up kernels hold 180 to 254), every (block, N tile)'s K tiles dealt out in equal
+    # runs and added with fp32 reductions; the schemes it runs, mixed, shared experts in the launch
     errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=21 + t, bm=bm, bn=bn, stream_k=True,
                        **GLUON)  # fmt: skip
     assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < 2e-2, (key, t, e)
+    from mxkernels import moe
+
+    assert moe._PER_SM and all(1 <= n <= moe.STREAM_K_MOST for n in moe._PER_SM.values()), moe._PER_SM
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -143,17 +146,42 @@ def test_grouped_dispatch_real_shapes(t, names, tiles):
 @pytest.mark.parametrize("t,tiles,early", [(1, {}, False), (8, {}, False), (8, {"gluon": False}, False),
                                            (16, LAYOUTS["decode"], False), (1, {}, True), (8, {}, True)])  # fmt: skip
 @pytest.mark.parametrize("graph", [False, True])
-def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, early, graph):
-    # the default decode picks (CUDA-core products at 1 token, the Gluon kernel at 8), the Triton MMA
+def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, early, graph, monkeypatch):
+    # the decode picks without stream-K (CUDA-core products at 1 token, the Gluon kernel at 8), the Triton MMA
     # layout; eager, and captured in a CUDA graph (fork and join of the second stream) then replayed;
-    # early: the shared experts launched before the top-k (start_shared, MXSERVE_SHARED_EARLY)
+    # early: the shared experts launched before the top-k (start_shared, MXSERVE_SHARED_EARLY). Stream-K
+    # keeps the shared experts in its launch and adds its sums in any order: off, for these bit-for-bit checks
     from kernel_cases import shared_apart_case
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
 
     shared_apart_case("cuda", t, graph, early, **tiles)
 
 
-def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda():
+def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda(monkeypatch):
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")  # bit-for-bit checks: sums added in a fixed order
     check_padded_slots_and_shared_gate("cuda")
+
+
+def test_padded_slots_on_the_stream_k_grid_cuda():
+    # SGLang's -1 ids under stream-K (decode's default below 4 rows per expert): a padded token's slots add
+    # nothing anywhere, to within the order its sums are added in
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import mx_moe_forward
+
+    gen = torch.Generator().manual_seed(8)
+    experts = make_experts(["w4a16g128", "bf16", "w2a16g128"], 256, 256, 6, 2, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16).cuda()
+    ids, w = route(5, 6, 2, gen)
+    ids[3:] = -1
+    masked, w_masked = torch.where(ids >= 0, ids, 0), torch.where(ids >= 0, w, 0)
+    ids, w, masked, w_masked = ids.cuda(), w.cuda(), masked.cuda(), w_masked.cuda()
+    padded = mx_moe_forward(x, ids, w, gu, dn, 6, stream_k=True).float()
+    ref = mx_moe_forward(x, masked, w_masked, gu, dn, 6, stream_k=False).float()
+    assert ((padded - ref).abs() <= ref.abs() * 2**-6 + 1e-3).all()
 
 
 def test_whole_layer_real_shapes():

@@ -72,8 +72,10 @@ def compare(lay, t, codes):
 
 
 out["plan"] = compare(layers[0], 2, codes)
-# a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches
+# a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches on
+# the unbalanced grid (MXSERVE_STREAM_K=0), and below with the CUDA-core kernels at 1 token
 both = ("w4a16g128", "w2a16g128") * 9
+os.environ["MXSERVE_STREAM_K"] = "0"
 out["gluon"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
 # the same layer at 1 token on the Gluon CUDA-core kernel (asked for with MXSERVE_GLUON_FMA=1)
 os.environ["MXSERVE_GLUON_FMA"] = "1"
@@ -81,17 +83,20 @@ out["gluon_fma"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0
 os.environ["MXSERVE_GLUON_FMA"] = "packed"  # and with its packed bf16 arithmetic (inline PTX)
 out["gluon_fma_packed"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 1, 0)
 os.environ.pop("MXSERVE_GLUON_FMA")
-# the 16-token layer on the stream-K grid (asked for with MXSERVE_STREAM_K=1): its own variants, and the grid
-os.environ["MXSERVE_STREAM_K"] = "1"
-out["gluon_stream_k"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
-rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [16], target, 132, 0)
-out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
+# the layer at 12 tokens on the stream-K grid (the default below moe.STREAM_K_ROWS: 3.2 rows per expert here;
+# 16 tokens, 4 rows, take the unbalanced one): its own variants, and the grid
 os.environ.pop("MXSERVE_STREAM_K")
+out["gluon_stream_k"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
+out["gluon_16"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
+rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
+out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
 # the alignment's three launches, the per-token quantization's and, for the w4 experts, the dequantization's
 fp8 = ("w8a8fp8", "w4a16g128") * 9
 out["prefill_fp8"] = compare(LayerKernels(256, 256, 16, 2, fp8, fp8), 2100, 0)
-# each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token
+# each launch's grid, as launched (benchmarks/decode_waves.py): refmoe's first layer at 1 token on the
+# CUDA-core products (the layout before stream-K)
+os.environ["MXSERVE_STREAM_K"] = "0"
 rec = record_variants(layers[:1], [1], target, 132, codes)
 out["grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 print(json.dumps(out))
@@ -123,8 +128,10 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert out["gluon_stream_k"]["entries"][0] != out["gluon"]["entries"][0]
-    # stream-K: one launch per GEMM (the shared experts in it), as many programs as 132 SMs hold
-    assert out["stream_k_grids"] == [["gemm_gluon", [132 * 3]], ["gemm_gluon", [132 * 4]]]
+    assert out["gluon_16"]["entries"][0] == out["gluon"]["entries"][0]
+    # stream-K: one launch per GEMM (the shared experts in it), as many programs as 132 SMs hold (recorded
+    # without compiling: moe.STREAM_K_MOST each; on the GPU, as many as their registers allow)
+    assert out["stream_k_grids"] == [["gemm_gluon", [132 * 4]], ["gemm_gluon", [132 * 4]]]
     assert "count" in out["plan"]["kernels"] and out["levers/all"]["count"] == 1  # one per model
     assert {"align_count", "align_blocks", "align_place", "row_quant", "dequant"} <= set(out["prefill_fp8"]["kernels"])
     assert "align" not in out["prefill_fp8"]["kernels"]

@@ -96,7 +96,8 @@ def test_sglang_engine_serves_mixed_checkpoint(arch, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, plan, ckpt, progress=False)
     port = 30000 + os.getpid() % 1000
-    with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "server.log")) as base:
+    # MXSERVE_STREAM_K=0: the repeat below must add every sum in the same order (stream-K's reductions do not)
+    with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "server.log"), MXSERVE_STREAM_K="0") as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         # a random model may say its end token first; the test is of serving, not of the text
         more = {"extra_body": {"ignore_eos": True}}
@@ -127,8 +128,9 @@ def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
     port = 32000 + os.getpid() % 1000
     texts = {}
     for early in ("0", "1"):
+        # stream-K keeps the shared experts in its launches and adds sums in any order: off
         with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"early{early}.log"),
-                     MXSERVE_SHARED_EARLY=early) as base:  # fmt: skip
+                     MXSERVE_SHARED_EARLY=early, MXSERVE_STREAM_K="0") as base:  # fmt: skip
             texts[early] = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
     assert texts["1"] == texts["0"]
     log = open(tmp_path / "early1.log").read()
@@ -139,9 +141,10 @@ def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
 def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
-    """MXSERVE_STREAM_K=1 (opt-in): the Gluon decode launches on the stream-K grid, zero-filled fp32 sums
-    and all, captured in SGLang's CUDA graphs. Its sums are added in any order, so its text is not held to
-    the default's; every token's log-probability must be finite, one prompt at a time and all at once."""
+    """MXSERVE_STREAM_K=1 (decode's default below 4 rows per expert): every Gluon decode launch on the
+    stream-K grid, zero-filled fp32 sums and all, captured in SGLang's CUDA graphs. Its sums are added in
+    any order, so its text is not held to another's; every token's log-probability must be finite, one
+    prompt at a time and all at once."""
     src = sglang_tiny(arch, tmp_path)
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
