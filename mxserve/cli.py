@@ -309,11 +309,12 @@ def cmd_launch(a: argparse.Namespace) -> None:
         raise MxServeError("--sglang-args is for the SGLang engine")
     if a.bf16_layers and engine != "sglang":
         raise MxServeError("--bf16-layers is for the SGLang engine")
-    if os.environ.get("MXSERVE_DISPATCH"):  # read by every kernel launch: refused here, not mid-request
-        from mxkernels.moe import DISPATCHES
+    for name, allowed in (("MXSERVE_DISPATCH", "DISPATCHES"), ("MXSERVE_STREAM_K", "STREAM_K_MODES")):
+        if os.environ.get(name):  # read by every kernel launch: refused here, not mid-request
+            from mxkernels import moe
 
-        if os.environ["MXSERVE_DISPATCH"] not in DISPATCHES:
-            raise MxServeError(f"MXSERVE_DISPATCH={os.environ['MXSERVE_DISPATCH']}: one of {', '.join(DISPATCHES)}")
+            if os.environ[name] not in getattr(moe, allowed):
+                raise MxServeError(f"{name}={os.environ[name]}: one of {', '.join(getattr(moe, allowed))}")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
         from mxserve.models.configs import read_config

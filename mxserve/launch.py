@@ -263,6 +263,11 @@ def serve_sglang(ckpt: str, host: str, port: int, served_model_name: str, api_ke
     from mxserve.engines.sglang_launch import LADDER_ENV, LOADER, plugin_env, run_sglang, sglang_command, stats_env
 
     _check_port(host, port)
+    if "--enable-deterministic-inference" in extra and "MXSERVE_STREAM_K" not in os.environ:
+        # SGLang's deterministic mode: the MoE decode launches without stream-K, whose fp32 sums add in whatever
+        # order its programs end (mxkernels.moe.STREAM_K_ROWS). Set here, so precompiling records those launches
+        os.environ["MXSERVE_STREAM_K"] = "0"
+        log("--enable-deterministic-inference: the MoE decode launches without stream-K (MXSERVE_STREAM_K=0)")
     if ladder:
         extra = list(extra) + ["--custom-weight-loader", LOADER]
     cmd = sglang_command(ckpt, host, port, served_model_name, api_key, max_model_len, parallel, extra, bf16_layers)

@@ -262,10 +262,12 @@ def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args
     assert expect in err
 
 
-def test_launch_unknown_kernel_dispatch(capsys, monkeypatch, tiny_models, tmp_path):
-    monkeypatch.setenv("MXSERVE_DISPATCH", "per-expert")
+@pytest.mark.parametrize("name, value, allowed", [("MXSERVE_DISPATCH", "per-expert", "single, grouped"),
+                                                  ("MXSERVE_STREAM_K", "yes", "auto, 1, 0")])  # fmt: skip
+def test_launch_unknown_kernel_setting(capsys, monkeypatch, tiny_models, tmp_path, name, value, allowed):
+    monkeypatch.setenv(name, value)
     err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "4bit")
-    assert "MXSERVE_DISPATCH=per-expert" in err and "single, grouped" in err
+    assert f"{name}={value}" in err and allowed in err
 
 
 def test_parallel_layout_and_method_checks():

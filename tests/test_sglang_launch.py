@@ -197,6 +197,38 @@ sys.exit(cli.main(["launch", "--engine", "sglang", "--model", {qwen2_ckpt!r}, "-
     assert 0 <= _cold_start().launcher_seconds(out.stderr) < 60
 
 
+@pytest.mark.parametrize("sglang_args, own, want", [("--enable-deterministic-inference", None, "0"),
+                                                    ("--enable-deterministic-inference", "1", "1"), ("", None, None)])
+def test_sglang_deterministic_inference_turns_stream_k_off(qwen2_ckpt, tmp_path, sglang_args, own, want):
+    """SGLang's --enable-deterministic-inference: the MoE decode launches without stream-K (sums added in
+    a fixed order), in the server's environment and before precompiling; an explicit MXSERVE_STREAM_K stays."""
+    script = f"""
+import os, sys
+from mxserve import cli, launch, preflight
+from mxserve.engines import sglang_launch
+
+preflight.gpu_count = lambda: 1
+preflight.free_gpu_memory = lambda: 80 * 2**30
+sglang_launch.check_sglang = lambda: "0.5.15"
+launch.precompile_kernels = lambda *a: print("precompile", os.environ.get("MXSERVE_STREAM_K"))
+
+def run_sglang(cmd, env, while_starting=None):
+    while_starting()
+    print("server", env.get("MXSERVE_STREAM_K"), "--enable-deterministic-inference" in cmd)
+    return 0
+
+sglang_launch.run_sglang = run_sglang
+sys.exit(cli.main(["launch", "--engine", "sglang", "--model", {qwen2_ckpt!r}, "--port", "18124", "--quiet",
+                   "--sglang-args=" + {sglang_args!r}]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MXSERVE_STREAM_K"}
+    env.update(MXSERVE_CACHE=str(tmp_path), **({"MXSERVE_STREAM_K": own} if own else {}))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flag = str(bool(sglang_args))
+    assert out.stdout.split("\n")[:2] == [f"precompile {want}", f"server {want} {flag}"], out.stdout
+
+
 def _cold_start():
     """benchmarks/cold_start.py, which reads the launcher's lines from its log."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
