@@ -266,8 +266,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # seventh session), not in launches of their own on a second stream
     "shared in the routed launches": {"shared_apart": False},
     # the Gluon kernel on a grid of the programs the SMs hold, each GEMM's K tiles dealt out in equal runs
-    # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop)
+    # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop).
+    # Picked below moe.STREAM_K_ROWS rows per expert since the eighteenth session: forced here, and the
+    # layouts picked before (the unbalanced grid; at one row per expert the CUDA-core products) beside it
     "Gluon, stream-K": {"stream_k": True},
+    "no stream-K": {"stream_k": False},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},
@@ -403,7 +406,7 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 if t <= DECODE_TOKENS and vname != "ours bf16" and not ours_only:
                     fn = lambda ag=ag, ad=ad: mx_moe_forward(x, ids, w, ag, ad, e, **PREFILL_LAYOUT)  # noqa: E731
                     job(vname + " (prefill layout)", fn, ag.nbytes() + ad.nbytes(), bits)
-                gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb}
+                gluon = {lb: ov for lb, ov in layouts.items() if "Gluon" in lb or "stream-K" in lb}
                 # a plan's layer also as one launch per group of codes (moe.code_groups) in the picked layout,
                 # and in the layouts asked for (--layouts)
                 extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | layouts \

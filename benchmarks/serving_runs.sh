@@ -71,9 +71,10 @@ elif [ "$what" = qwen15-24 ]; then
   # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
   [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
     --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
-  # STREAM_K=1 adds a server whose Gluon decode launches run on the stream-K grid (MXSERVE_STREAM_K=1)
-  [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k=$work/q15-24-$name"
-    --server-env "mxserve-$name-stream-k=MXSERVE_STREAM_K=1")
+  # STREAM_K=0 (or 1) adds a server whose Gluon decode launches never (always) run on the stream-K grid
+  # (MXSERVE_STREAM_K; by default below 4 rows per expert)
+  [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k-$STREAM_K=$work/q15-24-$name"
+    --server-env "mxserve-$name-stream-k-$STREAM_K=MXSERVE_STREAM_K=$STREAM_K")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")

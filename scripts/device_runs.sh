@@ -50,8 +50,11 @@
 #      Marlin's), and at Mixtral's 1 token.
 #  24. (only when asked: `start 24`) the stream-K Gluon kernel (Tiles.stream_k): its GPU tests, then the decode
 #      layer at 1, 8, 16 and 64 tokens beside the picked layout and Marlin, then ncu on its launches.
-#  25. (only when asked: `start 25`) stream-K in SGLang: its GPU tests, then end to end beside the default and
-#      the GPTQ copy on Marlin (only worth its ~14 minutes if phase 24 shows stream-K faster at the layer).
+#  25. (only when asked: `start 25`) stream-K in SGLang: its GPU tests, then end to end, the default (stream-K
+#      since the eighteenth session) beside MXSERVE_STREAM_K=0 and the GPTQ copy on Marlin (~14 minutes).
+#  26. (only when asked: `start 26`) stream-K picked below 4 rows per expert (the eighteenth session), its grid
+#      sized by the kernel's registers: the decode layer beside the layouts picked before and Marlin, the GPU
+#      tests of stream-K, then its SGLang test (~7 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -471,8 +474,9 @@ phase24() {
 }
 
 phase25() {
-  # end to end with the stream-K decode grid (MXSERVE_STREAM_K=1) beside the default and the GPTQ copy on
-  # Marlin, after its SGLang GPU tests; the checkpoints first (~14 min: two calls)
+  # end to end: the default (stream-K below 4 rows per expert since the eighteenth session) beside the unbalanced
+  # grid (MXSERVE_STREAM_K=0) and the GPTQ copy on Marlin, after stream-K's SGLang GPU tests; the checkpoints
+  # first (~14 min: two calls)
   mkdir -p $res/tests
   prep &
   python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k stream_k --basetemp=/tmp/pt_sk -rA -p no:cacheprovider \
@@ -480,10 +484,22 @@ phase25() {
   say "sglang stream-K tests rc=$?"
   wait
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
-  env NO_BF16=1 MX_GPTQ=1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_stream_k \
+  env NO_BF16=1 MX_GPTQ=1 STREAM_K=0 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_stream_k \
     > $res/e2e_stream_k.log 2>&1
-  say "e2e mxserve, mxserve stream-K, GPTQ on Marlin rc=$?"
+  say "e2e mxserve, mxserve without stream-K, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
+}
+
+phase26() {
+  mkdir -p $res/tests
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only --layouts 'stream-K' --out $res/layer_s18 \
+    > $res/layer_s18.log 2>&1
+  say "moe_layer stream-K picked rc=$?"
+  kernel_tests "stream_k or gluon_kernel_by_default or padded_slots or second_stream" \
+    > $res/tests/kernels_s18_stream_k.log 2>&1
+  python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "stream_k and qwen2_moe" --basetemp=/tmp/pt_sk -rA \
+    -p no:cacheprovider > $res/tests/sglang_stream_k.log 2>&1
+  say "sglang stream-K test rc=$?"
 }
 
 phase7() {
@@ -501,7 +517,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
