@@ -256,10 +256,12 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
-def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon):
-    # gptq-had: the quantized experts read the Hadamard-rotated copy of their input, bf16 ones the plain one
+@pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])
+def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon, grid):
+    # gptq-had (mxserve's default method): the quantized experts read the Hadamard-rotated copy of their input,
+    # bf16 ones the plain one; K split, and on the stream-K grid (decode's default at few rows per expert)
     errs = gemm_errors(["bf16", "w4a16g128", "w2a16g128"], 9, 128, 128, 6, 0, 2, "cpu", seed=5, method="gptq-had",
-                       split=2, **GLUON)  # fmt: skip
+                       **grid, **GLUON)  # fmt: skip
     assert {key.split("/")[0] for key in errs} == {"bf16", "w4a16g128", "w2a16g128"}, errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
