@@ -67,6 +67,11 @@ class Tiles:
     # all its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
     # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
+    # with stream_k, gate/up: gate's and up's rows in programs of their own (HALVES), each program holding one
+    # matrix's registers (sm_90: 74 to 104, against 102 to 168), so more programs share an SM, each reloading
+    # the activations (opt-in, the moe_layer variant "Gluon, stream-K, gate and up apart"; built after the
+    # eighteenth session's ncu: 12 warps per SM, a third of each instruction's wait on loads; not yet on a GPU)
+    halves: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -315,16 +320,18 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                   num_warps=WARPS)  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
-        cap = STREAM_K_REGISTERS[gate_up]
-        consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
+        halves = gate_up and tiles.halves
+        cap = None if halves else STREAM_K_REGISTERS[gate_up]
+        consts.update(STREAM_K=True, **({"HALVES": True} if halves else {}), **({"maxnreg": cap} if cap else {}))
+        key = (kernel, gate_up, halves, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
     kernel[grid](*args, **consts)
 
 
-# stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True). The sm_90 code of the gate/up
+# stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True; gate/up with Tiles.halves
+# uncapped: 74 to 104 registers, where a cap of 128 made ptxas take 118 to 124). The sm_90 code of the gate/up
 # kernel holds 168 registers at BM 8 and BN 64 uncapped (capped at 168 ptxas spills), 180 at BM 16 and 254 at
 # BN 128 (every code); the down one 80 to 104 (capped at 128: no spill). The grid is as many programs as
 # their registers let share an SM (_stream_k_per_sm), at most STREAM_K_MOST: on the H200 3 (gate/up) and 4

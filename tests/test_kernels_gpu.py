@@ -62,13 +62,16 @@ def test_gluon_kernel_real_shapes(split, bm, bn, skip_pad, split_bits):
         assert e < 2e-2, (key, split, e)
 
 
-@pytest.mark.parametrize("t, bm, bn", [(24, 8, 64), (24, 8, 128), (24, 16, 64), (3, 8, 64), (64, 8, 128)])
-def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
+@pytest.mark.parametrize("t, bm, bn, halves", [(24, 8, 64, False), (24, 8, 128, False), (24, 16, 64, False),
+                                               (3, 8, 64, False), (64, 8, 128, False), (24, 8, 64, True),
+                                               (3, 8, 128, True)])  # fmt: skip
+def test_gluon_kernel_stream_k_real_shapes(t, bm, bn, halves):
     # Tiles.stream_k: a grid of the programs the SMs hold (as many as each variant's registers let share an SM:
     # BN 128 and BM 16 gate/up kernels hold 180 to 254), every (block, N tile)'s K tiles dealt out in equal
-    # runs and added with fp32 reductions; the schemes it runs, mixed, shared experts in the launch
+    # runs and added with fp32 reductions; the schemes it runs, mixed, shared experts in the launch; halves:
+    # gate's and up's rows in programs of their own (Tiles.halves, opt-in)
     errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=21 + t, bm=bm, bn=bn, stream_k=True,
-                       **GLUON)  # fmt: skip
+                       halves=halves, **GLUON)  # fmt: skip
     assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < 2e-2, (key, t, e)
