@@ -181,11 +181,13 @@ def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interprete
 
 @pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (2, 128, 8, 64),
                                           (5, 384, 8, 128)])  # fmt: skip
-def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
+@pytest.mark.parametrize("halves", [False, True])
+def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, halves, monkeypatch):
     # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe._stream_k_per_sm; the
     # interpreter's 4 SMs, STREAM_K_MOST each: 16), the K tiles of every (block, N tile) dealt out in equal
     # runs that start and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128:
-    # fewer K tiles than programs, some programs get none
+    # fewer K tiles than programs, some programs get none. halves (Tiles.halves): gate's rows and up's in
+    # programs of their own (uncapped: one matrix's registers a program); down as without
     from mxkernels import moe
 
     launches = []
@@ -194,44 +196,18 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg")))
+                launches.append((grid, kw.get("STREAM_K"), kw.get("HALVES"), kw.get("maxnreg")))
                 return kernel[grid](*args, **kw)
 
             return launch
 
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
-    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
-    # the shared expert in the routed launches: one per GEMM
-    sms = moe.multiprocessors(torch.device("cpu"))
-    most = moe.STREAM_K_MOST
-    assert launches == [((sms * most,), True, None), ((sms * most,), True, 128)]  # gate/up, then down
-    assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
-    for key, e in errs.items():
-        assert e < BOUND, (key, e)
-
-
-@pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (5, 384, 8, 64)])
-def test_gluon_kernel_stream_k_gate_and_up_apart_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
-    # Tiles.halves: gate's rows and up's in programs of their own on the stream-K grid (uncapped: one matrix's
-    # registers a program), every scheme mixed; down as before
-    from mxkernels import moe
-
-    launches = []
-    kernel = moe._gluon_kernel()
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launches.append((kw.get("HALVES"), kw.get("maxnreg")))
-                return kernel[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
-    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, halves=True,
+    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, halves=halves,
                        **GLUON)  # fmt: skip
-    assert launches == [(True, None), (None, 128)]  # gate/up, then down
-    assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    # the shared expert in the routed launches: one per GEMM
+    grid = (moe.multiprocessors(torch.device("cpu")) * moe.STREAM_K_MOST,)
+    assert launches == [(grid, True, halves or None, None), (grid, True, None, 128)]  # gate/up, then down
+    assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 
