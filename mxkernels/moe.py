@@ -584,14 +584,15 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # stream-K balances one launch over the SMs, so they stay in it
     apart = not dq and not stream_k and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
-    out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
         # One buffer, so one fill kernel zeroes both
         sums = torch.zeros(rows * (gate_up.n + down.n), dtype=torch.float32, device=dev)
         ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
         out = sums[rows * gate_up.n :].view(1, rows, down.n)
         split_gu = 1
+    else:
+        ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
+        out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
