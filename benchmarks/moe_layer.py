@@ -271,9 +271,6 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # layouts picked before (the unbalanced grid; at one row per expert the CUDA-core products) beside it
     "Gluon, stream-K": {"stream_k": True},
     "no stream-K": {"stream_k": False},
-    # gate's and up's rows in programs of their own (Tiles.halves): one matrix's registers per program, so 4
-    # programs per SM for gate/up too (3 fused; eighteenth session's ncu: 12 warps per SM waiting on loads)
-    "Gluon, stream-K, gate and up apart": {"stream_k": True, "halves": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -16,7 +16,6 @@ numbers up to the order of fp32 sums inside the GEMMs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -67,11 +66,6 @@ class Tiles:
     # all its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
     # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
-    # with stream_k, gate/up: gate's and up's rows in programs of their own (HALVES), each program holding one
-    # matrix's registers (sm_90: 74 to 104, against 102 to 168), so more programs share an SM, each reloading
-    # the activations (opt-in, the moe_layer variant "Gluon, stream-K, gate and up apart"; built after the
-    # eighteenth session's ncu: 12 warps per SM, a third of each instruction's wait on loads; not yet on a GPU)
-    halves: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -320,18 +314,16 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                   num_warps=WARPS)  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
-        halves = gate_up and tiles.halves
-        cap = None if halves else STREAM_K_REGISTERS[gate_up]
-        consts.update(STREAM_K=True, **({"HALVES": True} if halves else {}), **({"maxnreg": cap} if cap else {}))
-        key = (kernel, gate_up, halves, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
+        cap = STREAM_K_REGISTERS[gate_up]
+        consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
     kernel[grid](*args, **consts)
 
 
-# stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True; gate/up with Tiles.halves
-# uncapped: 74 to 104 registers, where a cap of 128 made ptxas take 118 to 124). The sm_90 code of the gate/up
+# stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True). The sm_90 code of the gate/up
 # kernel holds 168 registers at BM 8 and BN 64 uncapped (capped at 168 ptxas spills), 180 at BM 16 and 254 at
 # BN 128 (every code); the down one 80 to 104 (capped at 128: no spill). The grid is as many programs as
 # their registers let share an SM (_stream_k_per_sm), at most STREAM_K_MOST: on the H200 3 (gate/up) and 4
@@ -630,14 +622,14 @@ def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.St
 def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
     """The shared experts' launches (no routing needed) on a second stream where there is one, after
     ``on_side``; the routed experts' launches write the other rows of the same buffers."""
-    main, side = _streams(lay.x.device)
-    if side is not None:
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+
+    def launch() -> None:
         if on_side is not None:
             on_side()
         ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.bm, lay.w)
         lay.experts(*ids, lay.top_k, lay.slots - lay.top_k)
+
+    _beside(*_streams(lay.x.device), launch)
 
 
 @dataclass
@@ -698,10 +690,11 @@ def moe_gemms(
     (decode's split-K). ``poison`` fills the outputs with NaN first (tests: every element must
     be written); ``dispatch`` ("single" or "grouped") replaces MXSERVE_DISPATCH; ``shared_apart`` gives
     the shared experts launches of their own (True) or not (False) instead of the default
-    (_shared_apart); ``on_side`` is launched first, on the shared experts' stream where they have one
-    (work no output depends on: the routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT;
-    ``started``: the shared experts launched already (:func:`start_shared`), used where it was started
-    for this forward, else ignored; ``override`` replaces fields of the picked tiles."""
+    (_shared_apart); ``on_side`` is launched first, on the second stream on a GPU (the shared experts'
+    where they launch apart), beside the routed experts' launches (work no output depends on: the
+    routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT; ``started``: the shared experts
+    launched already (:func:`start_shared`), used where it was started for this forward, else ignored;
+    ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
     early = started is not None and started.fits(x, k, gate_up, down,
                                                  _options(poison, dispatch, shared_apart, split_fit, override))
@@ -710,25 +703,37 @@ def moe_gemms(
     lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
                                                split_fit, override)  # fmt: skip
     n_experts = gate_up.n_experts
-    if not lay.apart:
-        if on_side is not None:
-            on_side()
-        lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3], 0, lay.slots)
-        return lay.inter, lay.out
     main, side = _streams(x.device)
+    if not lay.apart:
+        # one launch per GEMM (stream-K, prefill): the routing counter still runs beside the alignment, not
+        # before it (session 19's decode trace: 2 us of each layer's 83 at 8 requests, in line)
+        if on_side is not None:
+            _beside(main, side, on_side)
+        lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3], 0, lay.slots)
+        if side is not None and on_side is not None:
+            main.wait_stream(side)
+        return lay.inter, lay.out
     if not early:
         # the shared experts need no routing: their launches go first, on a second stream where there
         # is one, beside the alignment and the routed experts' launches (SGLang runs its shared MLP so too)
         _shared_experts(lay, on_side)
     elif on_side is not None:  # the shared experts run already: the routing counter joins their stream
-        if side is not None:
-            side.wait_stream(main)  # after the top-k
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            on_side()
+        _beside(main, side, on_side)
     lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
+
+
+def _beside(main: torch.cuda.Stream | None, side: torch.cuda.Stream | None, launch: Callable[[], None]) -> None:
+    """``launch``'s work on the second stream, after everything on ``main`` so far (the top-k); in line
+    off a GPU. The caller joins ``side`` back into ``main`` before anything reads what it wrote."""
+    if side is None:
+        launch()
+        return
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        launch()
 
 
 # MXSERVE_SHARED_STREAM=0 keeps the shared experts in the routed experts' launches at decode

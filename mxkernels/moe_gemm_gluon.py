@@ -235,13 +235,13 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 
 
 @gluon.jit
-def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
+def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr):  # fmt: skip
-    """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP; otherwise the
-    weight rows from ``rb``), the next tile's loads in registers while this tile's products run.
-    (Loading the weights two tiles ahead in registers, or through a cp.async ring in shared memory, was
-    measured slower on the H200: benchmarks/README.md.)"""
+    """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
+    tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
+    in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
+    benchmarks/README.md.)"""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -249,7 +249,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, toks, stride_am, N, 
     inv_tpg = 1.0 / (group // _BK).to(gl.float32)  # eligible(): whole K tiles per group
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
-    w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr,
+    w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
                            inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
@@ -257,7 +257,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, toks, stride_am, N, 
                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, kn, K,
+        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
                                     gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
@@ -276,12 +276,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n,
            pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
-           HALVES: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):  # fmt: skip
+           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
-    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert.
-    HALVES (stream-K's gate/up only): gate's and up's rows in programs of their own, the N tiles from
-    cdiv(N, BN) on up's, so that a program holds one matrix's registers, not two."""
+    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
     expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
     # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
@@ -296,10 +294,6 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
         group = gl.load(meta + 4).to(gl.int32)
         # the Hadamard-rotated copy, for rotated experts
         a_base = a_ptr + gl.multiple_of(gl.load(meta + 5) * a_rot_off, 128)
-        half = 0  # HALVES: 1 for up's rows
-        if HALVES:
-            half = pid_n // gl.cdiv(N, BN)
-            pid_n = pid_n % gl.cdiv(N, BN)
         rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         XL: gl.constexpr = _lane_tokens(BM)
         ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
@@ -322,16 +316,14 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             if (CODES >> c) & 1:
                 if code == c:
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                        half * N, pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
-                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP and not HALVES, A_OP,
-                                        B_OP, MMA, SKIP_PAD)  # fmt: skip
+                                        pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
+                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
+                                        SKIP_PAD)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
         if GATE_UP:
-            if HALVES:
-                gl.atomic_add(out + half * N, acc, mask=mask, sem="relaxed")
-            elif STREAM_K:
+            if STREAM_K:
                 gl.atomic_add(out, acc, mask=mask, sem="relaxed")
                 gl.atomic_add(out + N, acc2, mask=mask, sem="relaxed")
             elif PARTIAL:
@@ -357,8 +349,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             HALVES: gl.constexpr = False):  # fmt: skip
+                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -373,7 +364,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         # pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and 64 tokens:
         # 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin strides a fixed
         # grid so: benchmarks/README.md, seventeenth session)
-        n_tiles = gl.cdiv(N, BN) * (2 if HALVES and GATE_UP else 1)  # HALVES: gate's N tiles, then up's (_block)
+        n_tiles = gl.cdiv(N, BN)
         k_tiles = K // _BK
         total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
         programs = gl.num_programs(0)
@@ -391,7 +382,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
-                   True, HALVES and GATE_UP, MMA, A_OP, B_OP)  # fmt: skip
+                   True, MMA, A_OP, B_OP)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -408,5 +399,5 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
-                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, False,
-                   MMA, A_OP, B_OP)  # fmt: skip
+                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
+                   A_OP, B_OP)  # fmt: skip

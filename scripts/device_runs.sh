@@ -55,8 +55,10 @@
 #  26. (only when asked: `start 26`) stream-K picked below 4 rows per expert (the eighteenth session), its grid
 #      sized by the kernel's registers: the decode layer beside the layouts picked before and Marlin, the GPU
 #      tests of stream-K, then its SGLang test (~7 min).
-#  27. (only when asked: `start 27`) stream-K's gate and up in programs of their own (Tiles.halves, opt-in):
-#      its GPU tests, then the decode layer at 1, 8 and 16 tokens beside the default and Marlin (~5 min).
+#  28. (only when asked: `start 28`) the nineteenth session's change (the routing counter on the second stream
+#      under stream-K) and the served plan's tiers: its GPU test and the stream-K and second-stream ones, then the
+#      decode layer with plans/qwen15-24l-3.25bit.json's tiers (w3 and w8 in it, as served end to end) at 1 to
+#      32 tokens, stream-K beside the unbalanced grid and Marlin (~6 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -504,12 +506,12 @@ phase26() {
   say "sglang stream-K test rc=$?"
 }
 
-phase27() {
+phase28() {
   mkdir -p $res/tests
-  kernel_tests "stream_k_real_shapes" > $res/tests/kernels_s18_halves.log 2>&1
-  python3 benchmarks/moe_layer.py --tokens 1 8 16 --ours-only --layouts 'stream-K' --out $res/layer_halves \
-    > $res/layer_halves.log 2>&1
-  say "moe_layer stream-K, gate and up apart rc=$?"
+  kernel_tests "counts_routing or stream_k or second_stream" > $res/tests/kernels_s19.log 2>&1
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 32 --ours-only --layouts 'stream-K' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_served > $res/layer_served.log 2>&1
+  say "moe_layer served tiers, stream-K rc=$?"
 }
 
 phase7() {
@@ -527,7 +529,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase27);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

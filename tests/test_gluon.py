@@ -21,13 +21,12 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, halves: bool = False) -> str:  # fmt: skip
-    return in_fresh_process("test_gluon",
-                            f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {halves})")
+          stream_k: bool = False) -> str:  # fmt: skip
+    return in_fresh_process("test_gluon", f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k})")
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, halves: bool = False) -> str:  # fmt: skip
+                  stream_k: bool = False) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -37,17 +36,17 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "HALVES": halves}  # fmt: skip
+              "STREAM_K": stream_k}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
     from mxkernels.moe import STREAM_K_REGISTERS
 
-    cap = STREAM_K_REGISTERS[gate_up] if stream_k and not halves else None
+    cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {})}  # as moe._gemm_gluon launches it
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{int(halves)}")  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -106,20 +105,6 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     inner = _k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
-
-
-@pytest.mark.parametrize("codes, hmma", [(0b10000, [24, 16]), (0b111101, [40, 24])])
-def test_gluon_kernel_stream_k_gate_and_up_apart_hold_one_matrix(codes, hmma):
-    # Tiles.halves: a stream-K gate/up program runs one matrix's K loop (the MMAs of one weight tile and the
-    # activations' sum, where the fused loop has two weight tiles and one sum: w4 8 + 8 + 8, against 8 + 8; the
-    # longest loop of the wide set, w8's two nibbles, 16 + 16 + 8 against 16 + 8), uncapped without a spill
-    # anywhere, its sums out as reductions
-    fused = _k_loop(_sass(True, False, codes, 8, 64, True), innermost=True)
-    sass = _sass(True, False, codes, 8, 64, True, True)
-    apart = _k_loop(sass, innermost=True)
-    assert [sum(bool(re.search(r"\bHMMA\b", ln)) for ln in loop) for loop in (fused, apart)] == hmma
-    assert not re.search(r"\b(STL|LDL)\b", sass)
-    assert re.search(r"\bREDG\.E\.ADD\.F32", sass) and not re.search(r"\bATOMG?\b", sass)
 
 
 BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)
@@ -181,13 +166,11 @@ def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interprete
 
 @pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (2, 128, 8, 64),
                                           (5, 384, 8, 128)])  # fmt: skip
-@pytest.mark.parametrize("halves", [False, True])
-def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, halves, monkeypatch):
+def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
     # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe._stream_k_per_sm; the
     # interpreter's 4 SMs, STREAM_K_MOST each: 16), the K tiles of every (block, N tile) dealt out in equal
     # runs that start and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128:
-    # fewer K tiles than programs, some programs get none. halves (Tiles.halves): gate's rows and up's in
-    # programs of their own (uncapped: one matrix's registers a program); down as without
+    # fewer K tiles than programs, some programs get none
     from mxkernels import moe
 
     launches = []
@@ -196,17 +179,17 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launches.append((grid, kw.get("STREAM_K"), kw.get("HALVES"), kw.get("maxnreg")))
+                launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg")))
                 return kernel[grid](*args, **kw)
 
             return launch
 
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
-    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, halves=halves,
-                       **GLUON)  # fmt: skip
+    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
     # the shared expert in the routed launches: one per GEMM
-    grid = (moe.multiprocessors(torch.device("cpu")) * moe.STREAM_K_MOST,)
-    assert launches == [(grid, True, halves or None, None), (grid, True, None, 128)]  # gate/up, then down
+    sms = moe.multiprocessors(torch.device("cpu"))
+    most = moe.STREAM_K_MOST
+    assert launches == [((sms * most,), True, None), ((sms * most,), True, 128)]  # gate/up, then down
     assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
     for key, e in errs.items():
         assert e < BOUND, (key, e)
