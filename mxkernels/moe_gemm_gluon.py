@@ -23,9 +23,9 @@ shared memory.
 
 As in the Triton kernel's decode layout the zero point and scale come after
 the MMA: per tile ``s * (W.a - (z + 128) sum(a))``, the sum from one more MMA
-of a tile of ones (3 bits: its two planes in two MMAs on one activation tile; 8 bits: its two nibbles,
-since 128 + code does not fit bf16). A tile never spans two quantization groups, so experts need
-groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
+of a tile of ones (3 bits: its two planes joined into one register per pair of codes, ``_codes3``; 8 bits:
+its two nibbles in two MMAs, since 128 + code does not fit bf16). A tile never spans two
+quantization groups, so experts need groups that are multiples of 128 and K a multiple of 128 (``eligible``); the
 next tile's codes, scales and activations are loaded before this tile's
 products (loop-carried registers). Same grid, routing arguments and results
 as :func:`mxkernels.moe_gemm.mx_moe_gemm_kernel` with SWAP, for layers whose
@@ -34,6 +34,8 @@ layer's schemes were timed on a GPU: mxkernels/moe.py, ``_gluon_decode``).
 """
 
 from __future__ import annotations
+
+import os
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -51,6 +53,8 @@ NARROW_CODES = 0b10110
 # 128.0 in both bf16 halves: ORed onto two codes 16 bits apart, two bf16 128 + code. Passed as an
 # argument, not a constant, so that it sits in a register and the AND and the OR fuse into one LOP3
 MAGIC = 0x43004300
+# inline PTX where the kernel is compiled; the interpreter (CI's tests, TRITON_INTERPRET=1) runs none
+_ASM = gl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 
@@ -108,19 +112,6 @@ def _chunk_order(x):
 
 
 @gluon.jit
-def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.constexpr, N: gl.constexpr,
-           STEP: gl.constexpr):  # fmt: skip
-    """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word's low
-    half, each with its partner 16 bits up (in the arena's pairs, codes 2T and 2T + 1), as two bf16
-    128 + field in an int32: [..., 2, .., 2], the last dimension the lowest bit of the index."""
-    if N == 1:
-        return ((w >> (T * B + OFF)) & (((1 << M) - 1) * 0x10001)) | magic
-    else:
-        return gl.join(_pairs(w, magic, B, M, OFF, T, N // 2, 2 * STEP),
-                       _pairs(w, magic, B, M, OFF, T + STEP, N // 2, 2 * STEP))  # fmt: skip
-
-
-@gluon.jit
 def _halves(q):
     """int32 words -> their two bf16 on a new last dimension, the low half first: registers renamed
     only, where the words are what a loop carries (bf16 values carried across a loop became 16-bit
@@ -132,8 +123,49 @@ def _halves(q):
 def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0):
     """[BN, 4, B] words of B-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout, k in
     the order of ``_chunk_order``; with M, 128 + the M-bit field at bit OFF of each code."""
-    q = _halves(_pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1))
-    q = gl.reshape(q, [words.shape[0], 4, 8, 2, 2])
+    return _operand(_pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1), A_OP)
+
+
+@gluon.jit
+def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.constexpr, N: gl.constexpr,
+           STEP: gl.constexpr, AT: gl.constexpr = 0, MASKED: gl.constexpr = True):  # fmt: skip
+    """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word's low
+    half, each with its partner 16 bits up (in the arena's pairs, codes 2T and 2T + 1), as two bf16
+    128 + field in an int32 (one shift and one LOP3): [..., 2, .., 2], the last dimension the lowest bit
+    of the index. Without MASKED only shifted, the field at bit AT of each half (``_codes3``)."""
+    if N == 1:
+        if MASKED:
+            return ((w >> (T * B + OFF)) & (((1 << M) - 1) * 0x10001)) | magic
+        elif T * B + OFF >= AT:
+            return w >> (T * B + OFF - AT)
+        else:
+            return w << (AT - T * B - OFF)
+    else:
+        return gl.join(_pairs(w, magic, B, M, OFF, T, N // 2, 2 * STEP, AT, MASKED),
+                       _pairs(w, magic, B, M, OFF, T + STEP, N // 2, 2 * STEP, AT, MASKED))  # fmt: skip
+
+
+@gluon.jit
+def _codes3(lo, hi, magic, A_OP: gl.constexpr):
+    """3-bit codes from their planes, [BN, 4, 2] words of the low two bits and [BN, 4, 1] of the high
+    one -> [BN, 128] bf16 128 + code, as ``_codes``: both planes' fields of a pair of codes in one
+    register, then one MMA, where each plane took MMAs of its own. Two shifts and two LOP3 a register
+    (the masks and ORs in PTX: compiled from the expression, the magic's OR took a third LOP3)."""
+    lo_s = gl.reshape(_pairs(lo, magic, 2, 2, 0, 0, 8, 1, 0, False), [lo.shape[0], 4, 16])
+    hi_s = gl.reshape(_pairs(hi, magic, 1, 1, 0, 0, 16, 1, 2, False), [hi.shape[0], 4, 16])
+    if _ASM:  # (hi & 0x40004) | magic, then (lo & 0x30003) | that: LUT 0xEA is (a & b) | c
+        q = gl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x40004, $3, 0xEA; lop3.b32 $0, $1, 0x30003, t, 0xEA; }", "=r,r,r,r",
+            [lo_s, hi_s, gl.zeros_like(lo_s) + magic], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        q = ((hi_s & 0x40004) | magic) | (lo_s & 0x30003)
+    return _operand(q, A_OP)
+
+
+@gluon.jit
+def _operand(pairs, A_OP: gl.constexpr):
+    """[BN, 4, ...] int32 registers of two bf16 (``_pairs``) -> [BN, 128] bf16 in the A operand's layout."""
+    q = gl.reshape(_halves(pairs), [pairs.shape[0], 4, 8, 2, 2])
     return gl.convert_layout(_k_order(q), A_OP, assert_trivial=True)
 
 
@@ -170,8 +202,8 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN:
         # tile in the sm_90 SASS): (tile + 1/2) / (tiles per group) is at least 1 / (2 tiles per group) from a
         # whole number, far more than fp32's error on quotients below 2^13
         g = rows * gpr + (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
-        # 8 bits: 16 (128 + hi) + (128 + lo); 3 bits: (128 + low plane) + 4 (128 + high plane)
-        offset: gl.constexpr = 2176.0 if BITS == 8 else (640.0 if BITS == 3 else 128.0)
+        # 8 bits: 16 (128 + hi) + (128 + lo); otherwise 128 + code
+        offset: gl.constexpr = 2176.0 if BITS == 8 else 128.0
         return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
 
 
@@ -227,8 +259,8 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
         asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
         if BITS == 8:  # 128 + code does not fit bf16's 8 bits: the high and the low nibble apart
             q = mma_v2(_codes(w, magic, 8, A_OP, 4, 4), a, r) * 16.0 + mma_v2(_codes(w, magic, 8, A_OP, 4, 0), a, r)
-        elif BITS == 3:  # the 2-bit and the 1-bit plane
-            q = mma_v2(_codes(w, magic, 2, A_OP), a, r) + mma_v2(_codes(wx, magic, 1, A_OP), a, r) * 4.0
+        elif BITS == 3:  # the 2-bit and the 1-bit plane (w, wx), joined
+            q = mma_v2(_codes3(w, wx, magic, A_OP), a, r)
         else:
             q = mma_v2(_codes(w, magic, BITS, A_OP), a, r)
         return (q - z[:, None] * asum) * s[:, None]

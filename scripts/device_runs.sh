@@ -55,10 +55,11 @@
 #  26. (only when asked: `start 26`) stream-K picked below 4 rows per expert (the eighteenth session), its grid
 #      sized by the kernel's registers: the decode layer beside the layouts picked before and Marlin, the GPU
 #      tests of stream-K, then its SGLang test (~7 min).
-#  28. (only when asked: `start 28`) the nineteenth session's change (the routing counter on the second stream
-#      under stream-K) and the served plan's tiers: its GPU test and the stream-K and second-stream ones, then the
-#      decode layer with plans/qwen15-24l-3.25bit.json's tiers (w3 and w8 in it, as served end to end) at 1 to
-#      32 tokens, stream-K beside the unbalanced grid and Marlin (~6 min).
+#  28. (only when asked: `start 28`) the nineteenth session's changes (the routing counter on the second stream
+#      under stream-K; the Gluon kernel's 3-bit planes joined before one MMA) and the served plan's tiers: the
+#      Gluon kernel's GPU tests, the second stream's and the counter's, then the decode layer with
+#      plans/qwen15-24l-3.25bit.json's tiers (43% w3, as served end to end) at 1 to 32 tokens, stream-K beside
+#      the unbalanced grid and Marlin (~7 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -508,7 +509,7 @@ phase26() {
 
 phase28() {
   mkdir -p $res/tests
-  kernel_tests "counts_routing or stream_k or second_stream" > $res/tests/kernels_s19.log 2>&1
+  kernel_tests "counts_routing or gluon_kernel or stream_k or second_stream" > $res/tests/kernels_s19.log 2>&1
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 32 --ours-only --layouts 'stream-K' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_served > $res/layer_served.log 2>&1
   say "moe_layer served tiers, stream-K rc=$?"

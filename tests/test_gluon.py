@@ -90,6 +90,20 @@ def test_gluon_kernel_loop_carries_whole_registers(codes):
     assert sum(bool(re.search(r"\bHMMA\.16816\.F32\.BF16\b", ln)) for ln in loop) >= 16
 
 
+def test_gluon_kernel_joins_the_3_bit_planes_before_one_mma():
+    # 3 bits: both planes' fields of a pair of codes in one register (two shifts and two LOP3, the magic's OR
+    # inside one of them), then one MMA per weight tile as at 4 bits. Each plane had MMAs of its own before
+    # (40 HMMA in the stream-K gate/up loop against 24, and an FFMA per accumulator to join them: 408
+    # instructions a tile against w4's 230, for three quarters of w4's bytes)
+    def count(loop, op):
+        return sum(bool(re.search(rf"\b{op}\b", ln)) for ln in loop)
+
+    w3, w4 = (_k_loop(_sass(True, False, codes, 8, 64, True), innermost=True) for codes in (0b1000, 0b10000))
+    assert count(w3, r"HMMA\.16816\.F32\.BF16") == count(w4, r"HMMA\.16816\.F32\.BF16")
+    assert count(w3, "FFMA") == count(w4, "FFMA")
+    assert count(w3, "LOP3") <= 2 * count(w4, "LOP3"), (count(w3, "LOP3"), count(w4, "LOP3"))
+
+
 @pytest.mark.parametrize("gate_up", [True, False])
 @pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
 def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting(gate_up, codes, bn):
