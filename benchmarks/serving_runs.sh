@@ -16,6 +16,7 @@
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
 #                                                    # GPTQ copy the only one; NO_BF16=1: no bf16; PLAN=FILE NAME=N:
 #                                                    # mxserve's checkpoint from that plan instead of the committed one;
+#                                                    # ALSO_PLAN=FILE:NAME: a second mxserve server from that plan;
 #                                                    # METRICS=1: the GPTQ copy also with --enable-metrics;
 #                                                    # METRICS_ONLY=1: only the GPTQ copy, with it)
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
@@ -58,6 +59,14 @@ elif [ "$what" = qwen15-24 ]; then
   plan=${PLAN:-benchmarks/plans/qwen15-24l-3.25bit.json} name=${NAME:-3.25bit}
   [ -f "$work/q15-24-$name/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
     --plan "$plan" --out "$work/q15-24-$name" --quiet
+  # ALSO_PLAN=FILE:NAME: a second mxserve checkpoint and server from another plan (e.g. one priced for speed, r < 1)
+  also=()
+  if [ -n "${ALSO_PLAN:-}" ]; then
+    also_name=${ALSO_PLAN##*:}
+    [ -f "$work/q15-24-$also_name/config.json" ] || $py -m mxserve.cli quantize --model "$m" --device cuda \
+      --plan "${ALSO_PLAN%:*}" --out "$work/q15-24-$also_name" --quiet
+    also=(--ckpt "$also_name=$work/q15-24-$also_name")
+  fi
   [ -z "${PREP_ONLY:-}" ] || exit 0  # the checkpoints only (while the GPU does other work), no timing
   # mxserve with one kernel launch per GEMM (the default); GROUPED=1 adds a server with one launch per
   # group of codes (about 3 min more). Every server's decode steps traced after its throughput runs
@@ -92,7 +101,7 @@ elif [ "$what" = qwen15-24 ]; then
   [ -z "${METRICS_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
     --plain-args "gptq-marlin-metrics=--enable-metrics")
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
-    --ckpt "$name=$work/q15-24-$name" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
+    --ckpt "$name=$work/q15-24-$name" "${also[@]}" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then

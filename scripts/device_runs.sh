@@ -60,6 +60,9 @@
 #      Gluon kernel's GPU tests, the second stream's and the counter's, then the decode layer with
 #      plans/qwen15-24l-3.25bit.json's tiers (43% w3, as served end to end) at 1 to 32 tokens, stream-K beside
 #      the unbalanced grid and Marlin (~7 min).
+#  29. (only when asked: `start 29`) a plan priced for speed, end to end: this GPU's kernel profile with the
+#      current kernels, the 24-layer plan at 3.25 bits at r = 0.25 for 8-token forwards priced with it, served
+#      beside the committed plan (r = 1: 43% w3, the slowest code a tile) and the GPTQ copy on Marlin (~14 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -515,6 +518,29 @@ phase28() {
   say "moe_layer served tiers, stream-K rc=$?"
 }
 
+phase29() {
+  # issue 10 item 4 end to end. The eighth session's profile: an expert takes the same time in w1, w2 and w4
+  # at decode, 1.6x in w3; the served plan (r = 1, accuracy alone) is 43% w3
+  mkdir -p $res/plans
+  prep &
+  timeout 300 python3 -m mxserve.cli profile --models qwen1.5-moe-a2.7b --tokens 1 8 32 --schemes $PLAN_SCHEMES \
+    --out $res/h200-kernel-profile-qwen15-s20.json > $res/profile.log 2>&1
+  say "kernel profile rc=$?"
+  wait
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  PYTHONPATH=.:$PYTHONPATH python3 benchmarks/synthetic_profile.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \
+    --layers 24 --out $res/plans/synthetic-24l.json > $res/plans/plan.log 2>&1
+  python3 -m mxserve.cli plan --profile $res/plans/synthetic-24l.json --budget 3.25bit --r 0.25 --tokens 8 \
+    --schemes $PLAN_SCHEMES --kernel-profile $res/h200-kernel-profile-qwen15-s20.json \
+    --out $res/plans/qwen15-24l-3.25bit-r0.25-t8.json >> $res/plans/plan.log 2>&1
+  say "plan rc=$?"
+  [ -f $res/plans/qwen15-24l-3.25bit-r0.25-t8.json ] || return 1
+  env NO_BF16=1 MX_GPTQ=1 ALSO_PLAN=$res/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8 \
+    SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_r > $res/e2e_r.log 2>&1
+  say "e2e mxserve at r = 1 and r = 0.25, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -530,7 +556,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
