@@ -79,9 +79,10 @@ class MixedExperts:
         started, self._started = self._started, None
         if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
             gate_up, down = self.arenas(x.device)
-            # the count launches beside the alignment, on the shared experts' stream at decode
+            # the count launches beside the alignment, on the second stream (none to fork when not counting)
+            count = (lambda: self.record(topk_ids)) if self.counting else None
             out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
-                                 shared_gate, on_side=lambda: self.record(topk_ids), started=started)  # fmt: skip
+                                 shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
                 self._missed = True  # the shared experts ran twice: said once per layer
                 log.warning("layer %d: the shared experts launched early were not used (the experts' input is "
