@@ -186,8 +186,9 @@ def test_padded_slots_on_the_stream_k_grid_cuda():
 
 def test_stream_k_counts_routing_on_the_second_stream_in_a_cuda_graph():
     # stream-K keeps the shared experts in its launches, so nothing else runs on the second stream: the
-    # routing counter goes there all the same (beside the alignment, not in line before it), and the graph
-    # joins it back: every replay counted, the layer's output as on the unbalanced grid
+    # routing counter and the zero fill of stream-K's sums go there all the same (beside the alignment, not in
+    # line before it), and the graph joins it back before the launches add into the sums: every replay
+    # counted, the layer's output as on the unbalanced grid
     from kernel_cases import make_experts, route
 
     from mxkernels.arena import build_arena
