@@ -97,6 +97,7 @@ class MeasuredCostModel(CostModel):
         self.profile = profile
         self.fallback = fallback or RooflineCostModel()
         self.curves: dict[tuple[str, int, int], tuple[list[int], list[float]]] = {}
+        self.missed: set[tuple[str, int, int]] = set()  # (scheme, N, K) priced by the fallback
         grouped: dict[tuple[str, int, int], dict[int, float]] = {}
         for e in profile.entries:
             grouped.setdefault((e.scheme, e.n, e.k), {})[e.tokens] = e.seconds
@@ -109,6 +110,7 @@ class MeasuredCostModel(CostModel):
             return 0.0
         curve = self.curves.get((scheme.name, n, k))
         if curve is None:
+            self.missed.add((scheme.name, n, k))
             return self.fallback.time(scheme, n, k, tokens)
         xs, ys = curve
         if tokens <= xs[0]:

@@ -156,6 +156,8 @@ def resolve(s: LaunchSettings) -> Resolved:
                                  progress=s.progress, device=device)  # fmt: skip
             prof.save(prof_path)
         res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile), ep=s.ep, tp=s.tp)
+        for w in res.warnings:
+            log(f"warning: {w}")
         plan = res.plan
         shares = ", ".join(f"{k} {v:.0%}" for k, v in plan.summary["schemes"].items())
         log(f"plan: {plan.summary['avg_bits']:.3f} avg bits (budget {budget:g}) in {res.seconds:.1f} s: {shares}")

@@ -346,8 +346,26 @@ def solve_plan(
     if tp > 1:
         plan.summary["tp"] = tp
     chosen = picks[0] if len(set(picks)) == 1 else None
-    warns = sorted({w for sc in scopes for w in sc.warnings})
+    warns = sorted({w for sc in scopes for w in sc.warnings}) + _latency_warnings(cost, r)
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
+
+
+def _latency_warnings(cost: CostModel, r: float) -> list[str]:
+    """Where r < 1 prices schemes by the roofline (time in proportion to bytes), which mxserve's decode
+    kernels do not follow: on the H200, w1, w2 and w4 experts took the same time and w3 1.6x that
+    (benchmarks/results/h200-kernel-profile-qwen15.json), so such a plan can give accuracy for no speed."""
+    if r >= 1.0:
+        return []
+    hint = "measure this GPU's with `mxserve profile` and pass it as --kernel-profile"
+    if isinstance(cost, RooflineCostModel):
+        return [f"r={r:g} with no kernel profile: the latency term takes time in proportion to bytes, which "
+                f"mxserve's decode kernels do not follow (on the H200, w1, w2 and w4 experts took the same time, "
+                f"w3 1.6x); {hint}"]  # fmt: skip
+    missed = sorted(getattr(cost, "missed", ()))
+    if missed:
+        shapes = ", ".join(f"{sc} {n}x{k}" for sc, n, k in missed[:4]) + (", ..." if len(missed) > 4 else "")
+        return [f"the kernel profile has no times for {shapes}: those are priced by the roofline; {hint}"]
+    return []
 
 
 def _to_plan(profile, budget, r, tokens, granularity, scopes: list[_Scope], chosen: list[FrontierPoint]) -> Plan:

@@ -120,6 +120,20 @@ def test_measured_cost_model_interpolates():
     assert cm.time(get_scheme("bf16"), 256, 128, 8) == RooflineCostModel().time(get_scheme("bf16"), 256, 128, 8)
 
 
+def test_latency_priced_by_the_roofline_is_said():
+    # r < 1 trades accuracy for the latency term's time: priced by the roofline (no kernel profile, or one
+    # without the model's shapes) it assumes fewer bits are faster, which the decode kernels do not do
+    prof = synthetic_profile()
+    assert solve_plan(prof, 3.25, r=1.0).warnings == []
+    (roof,) = solve_plan(prof, 3.25, r=0.5).warnings
+    assert "no kernel profile" in roof and "--kernel-profile" in roof
+    elsewhere = KernelProfile("test", [ProfileEntry(s, 2816, 2048, 1, 1e-6) for s in SCHEMES])
+    (missed,) = solve_plan(prof, 3.25, r=0.5, cost=MeasuredCostModel(elsewhere)).warnings
+    assert "no times for" in missed and "256x128" in missed  # down; gate and up as one GEMM: 256x256
+    here = KernelProfile("test", [ProfileEntry(s, n, k, 1, 1e-6) for s in SCHEMES for n, k in ((256, 256), (256, 128))])
+    assert solve_plan(prof, 3.25, r=0.5, cost=MeasuredCostModel(here)).warnings == []
+
+
 H100_PROFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h100-kernel-profile.json"
 
 
