@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from mxserve.costmodel import CostModel, RooflineCostModel, expected_time
+from mxserve.costmodel import CostModel, MeasuredCostModel, RooflineCostModel, expected_time
 from mxserve.errors import MxServeError
 from mxserve.mckp import solve_mckp
 from mxserve.parallel.ranks import column_split_refusal, ep_range
@@ -312,6 +312,8 @@ def solve_plan(
         raise MxServeError("--ep plans need per-layer budgets (--granularity layer)")
     t0 = _time.perf_counter()
     cost = cost or RooflineCostModel()
+    if isinstance(cost, MeasuredCostModel):  # this solve's shapes only (a controller re-plans with one model)
+        cost.missed.clear()
     schemes = schemes or profile.schemes
     units = [
         layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos], tp,
@@ -361,7 +363,7 @@ def _latency_warnings(cost: CostModel, r: float) -> list[str]:
         return [f"r={r:g} with no kernel profile: the latency term takes time in proportion to bytes, which "
                 f"mxserve's decode kernels do not follow (on the H200, w1, w2 and w4 experts took the same time, "
                 f"w3 1.6x); {hint}"]  # fmt: skip
-    missed = sorted(getattr(cost, "missed", ()))
+    missed = sorted(cost.missed) if isinstance(cost, MeasuredCostModel) else []
     if missed:
         shapes = ", ".join(f"{sc} {n}x{k}" for sc, n, k in missed[:4]) + (", ..." if len(missed) > 4 else "")
         return [f"the kernel profile has no times for {shapes}: those are priced by the roofline; {hint}"]

@@ -131,7 +131,11 @@ def test_latency_priced_by_the_roofline_is_said():
     (missed,) = solve_plan(prof, 3.25, r=0.5, cost=MeasuredCostModel(elsewhere)).warnings
     assert "no times for" in missed and "256x128" in missed  # down; gate and up as one GEMM: 256x256
     here = KernelProfile("test", [ProfileEntry(s, n, k, 1, 1e-6) for s in SCHEMES for n, k in ((256, 256), (256, 128))])
-    assert solve_plan(prof, 3.25, r=0.5, cost=MeasuredCostModel(here)).warnings == []
+    both = MeasuredCostModel(here)
+    assert solve_plan(prof, 3.25, r=0.5, cost=both).warnings == []
+    # a model reused (the online controller's) says only what the solve at hand missed
+    both.time(get_scheme("bf16"), 999, 999, 1)
+    assert solve_plan(prof, 3.25, r=0.5, cost=both).warnings == []
 
 
 H100_PROFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h100-kernel-profile.json"
