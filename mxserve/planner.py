@@ -314,7 +314,7 @@ def solve_plan(
     cost = cost or RooflineCostModel()
     if isinstance(cost, MeasuredCostModel):  # this solve's shapes only (a controller re-plans with one model)
         cost.missed.clear()
-    schemes = schemes or profile.schemes
+    schemes, left_out = _decode_kernel_schemes(profile, schemes or profile.schemes, tokens, r)
     units = [
         layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos], tp,
                     profile.method == "gptq-had")  # fmt: skip
@@ -348,8 +348,31 @@ def solve_plan(
     if tp > 1:
         plan.summary["tp"] = tp
     chosen = picks[0] if len(set(picks)) == 1 else None
-    warns = sorted({w for sc in scopes for w in sc.warnings}) + _latency_warnings(cost, r)
+    warns = sorted({w for sc in scopes for w in sc.warnings}) + _latency_warnings(cost, r) + left_out
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
+
+
+def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], tokens: int,
+                           r: float) -> tuple[list[str], list[str]]:  # fmt: skip
+    """The candidate schemes, and a warning naming those left out: at r < 1 for forwards of decode size, the
+    schemes the Gluon decode kernel does not run (activation-quantized ones; groups other than whole 128s). A
+    layer holding one runs every expert on the Triton kernel, which a per-block latency term cannot price: on
+    the H200 a served r = 0.25 plan with w8a8fp8 blocks in 4 of 24 layers spent 754 us of a 3412 us decode
+    step on those 4 layers' GEMMs and 1068 us on the other 20's
+    (benchmarks/results/serving-qwen15-24l-h200-s20-r.md). Kept when no candidate would be left."""
+    if r >= 1.0 or not profile.layers:
+        return schemes, []
+    from mxkernels.moe import decode_kernel_refuses
+
+    st = profile.layers[0]
+    refused = [s for s in schemes if decode_kernel_refuses(get_scheme(s), tokens, st.top_k, len(st.experts),
+                                                            st.n_routed)]  # fmt: skip
+    if not refused or len(refused) == len(schemes):
+        return schemes, []
+    return [s for s in schemes if s not in refused], [
+        f"r={r:g} at {tokens} tokens per forward: {', '.join(refused)} left out; the decode kernel does not run "
+        f"{'it' if len(refused) == 1 else 'them'}, and a layer holding one runs all its experts on the slower "
+        f"Triton kernel (plan with --r 1 or for more --tokens to keep {'it' if len(refused) == 1 else 'them'})"]
 
 
 def _latency_warnings(cost: CostModel, r: float) -> list[str]:

@@ -172,6 +172,27 @@ def test_measured_profile_changes_plan_with_batch_size():
     assert small.summary["avg_bits"] <= 8.0 + 1e-9 and large.summary["avg_bits"] <= 8.0 + 1e-9
 
 
+def test_decode_plans_leave_out_what_the_decode_kernel_does_not_run():
+    # at decode a layer holding an activation-quantized block runs every expert on the Triton kernel, which the
+    # per-block latency term cannot price: r < 1 for decode-sized forwards leaves those schemes out, and says so
+    from mxserve.costmodel import cost_model
+
+    cost, prof = cost_model(str(H100_PROFILE)), qwen15_profile()
+
+    def used(res) -> set[str]:
+        return {s for e in res.plan.layers[0].experts for s in (e.gate, e.down)}
+
+    decode = solve_plan(prof, 5.0, r=0.1, tokens=8, cost=cost)
+    assert not used(decode) & {"w8a8fp8", "w4a4"}, used(decode)
+    (said,) = decode.warnings
+    assert "w8a8fp8, w4a4 left out" in said and "8 tokens" in said
+    # kept: accuracy alone (r = 1), prefill-sized forwards, and where nothing else would be left
+    assert "w8a8fp8" in used(solve_plan(prof, 5.0, r=0.1, tokens=8192, cost=cost))
+    assert solve_plan(prof, 5.0, r=1.0, tokens=8, cost=cost).warnings == []
+    only = solve_plan(prof, 8.5, r=0.1, tokens=8, cost=cost, schemes=["w8a8fp8"])
+    assert used(only) == {"w8a8fp8"} and only.warnings == []
+
+
 def test_float_noise_does_not_flip_a_near_tie():
     """Two equally used experts, budget for only one at 8 bits: which one gets it is a tie. Noise
     at the 1e-7 level (CPU vs GPU numerics) must not decide it differently between two profiles."""
