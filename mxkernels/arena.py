@@ -65,6 +65,9 @@ class Arena:
     # branches compiled in beyond the layer's own codes: the model-wide set, so that every layer
     # of a model launches the same kernel variant (one compile per tile config, not per layer)
     extra_codes: int = 0
+    # experts per kernel code (index c: code c), kept beside ``meta`` so that a launch's layout reads it without
+    # a device sync (moe._stream_k: the share of costly codes)
+    code_counts: tuple[int, ...] = ()
 
     @property
     def kernel_mask(self) -> int:
@@ -86,6 +89,7 @@ class Arena:
             rotation_seed=self.rotation_seed,
             min_group=self.min_group,
             extra_codes=self.extra_codes,
+            code_counts=self.code_counts,
             **moved,
         )
 
@@ -158,7 +162,16 @@ def build_arena(linears: list, extra_codes: int = 0) -> Arena:
         seeds.pop() if seeds else None,
         min_group,
         extra_codes=extra_codes & ~mask,
+        code_counts=_counts(m[0] for m in meta),
     )
+
+
+def _counts(codes) -> tuple[int, ...]:
+    """Arena.code_counts of experts with these kernel codes."""
+    out = [0] * N_CODES
+    for c in codes:
+        out[c] += 1
+    return tuple(out)
 
 
 # -- fixed-capacity layer slabs (in-place swaps under CUDA graphs) ------------------------------------
@@ -210,7 +223,7 @@ def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotati
                 used += -(-b.numel() // SLAB_ALIGN) * SLAB_ALIGN
             meta.append([code, *offs, ql.scheme.group or k, int(ql.hadamard_seed is not None)])
         arenas.append(Arena(n, k, torch.tensor(meta, dtype=torch.int64, device=device), *views.values(),
-                            codes_mask, rotation_seed, min_group, raw=raw))
+                            codes_mask, rotation_seed, min_group, raw=raw, code_counts=_counts(m[0] for m in meta)))
     return arenas[0], arenas[1]
 
 
@@ -223,3 +236,4 @@ def copy_slab(dst: tuple[Arena, Arena], src: tuple[Arena, Arena]) -> None:
     dst[0].raw.copy_(src[0].raw)
     for d, s in zip(dst, src):
         d.meta.copy_(s.meta)
+        d.code_counts = s.code_counts

@@ -29,7 +29,7 @@ import triton
 from mxkernels import dequant
 from mxkernels.act_quant import row_quant
 from mxkernels.align import route, shared_rows
-from mxkernels.arena import CODE_FP8, N_CODES, Arena
+from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 from mxkernels.tile_table import codes_class, tile_table
@@ -88,6 +88,17 @@ GLUON_ROWS = 1.1
 # MXSERVE_STREAM_K: "auto" (this), "1" every Gluon decode launch, "0" none (its fp32 sums are added in
 # whatever order the programs end: "0" gives outputs that repeat bit for bit)
 STREAM_K_ROWS = 4.0
+# ... and below this many where more than STREAM_K_COSTLY of the layer's weights are in costly codes (bf16, 3 or
+# 8 bits: outside moe_gemm_gluon.NARROW_CODES; 3 and 8-bit K tiles take 1.5x the instructions of 2 and 4-bit
+# ones, bf16's 4x their bytes). The grid deals out K tiles in equal runs, not equal time. On the H200 (twentieth
+# session): the layer of the served 3.25-bit plan's tiers (w8, w4, w3, w2; half of them costly; Qwen1.5) took
+# 1.04 to 1.24x the unbalanced grid's time on it at 8 to 32 tokens (2.2 to 4.4 rows per expert), 0.82 to 0.88x
+# at 1 token (results/moe_layer_h200_s20_served.md); the served r = 1 plan (46% costly) served 0.91x the
+# tokens/s at 8 requests on it (serving-qwen15-24l-h200-s19-stream-k.md); the layer of the r = 0.25 plan (5%
+# costly) took 67.9 us on it at 8 requests against 70.9 on the unbalanced grid, in two runs
+# (results/decode_spans_h200_s20.md). The bound between 5% and 46% is not measured
+STREAM_K_ROWS_COSTLY = 1.5
+STREAM_K_COSTLY = 0.25
 STREAM_K_MODES = ("auto", "1", "0")
 # "single": one launch per GEMM runs every scheme of a layer (the paper's design); "grouped": one
 # launch per group of codes (code_groups), so that a wide branch (3 or 8 bits, bf16) does not set the
@@ -448,10 +459,20 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
-def _stream_k(per_expert: float, dispatch: str | None, override: dict) -> bool:
+def costly_share(*arenas: Arena) -> float:
+    """The share of ``arenas``' weights whose code is costly on the Gluon kernel (outside NARROW_CODES)."""
+    from mxkernels.moe_gemm_gluon import NARROW_CODES
+
+    size = sum(a.n * a.k * sum(a.code_counts) for a in arenas)
+    costly = sum(a.n * a.k * n for a in arenas for c, n in enumerate(a.code_counts) if not NARROW_CODES >> c & 1)
+    return costly / size if size else 0.0
+
+
+def _stream_k(per_expert: float, dispatch: str | None, override: dict, costly: float) -> bool:
     """Whether the Gluon decode launches take the stream-K grid: ``override``'s stream_k, else
     MXSERVE_STREAM_K (read per launch, as MXSERVE_DISPATCH): "auto" below STREAM_K_ROWS rows per expert
-    under the single dispatch, "1" always (the grouped dispatch then refuses), "0" never."""
+    (STREAM_K_ROWS_COSTLY where a ``costly`` share above STREAM_K_COSTLY of the layer's weights is in costly
+    codes) under the single dispatch, "1" always (the grouped dispatch then refuses), "0" never."""
     if "stream_k" in override:
         return bool(override["stream_k"])
     mode = os.environ.get("MXSERVE_STREAM_K") or "auto"
@@ -459,7 +480,8 @@ def _stream_k(per_expert: float, dispatch: str | None, override: dict) -> bool:
         raise ValueError(f"MXSERVE_STREAM_K={mode!r}: one of {', '.join(STREAM_K_MODES)}")
     if mode == "auto":  # an explicit MXSERVE_GLUON_FMA keeps its CUDA-core rows
         fma = per_expert <= FMA_ROWS and _gluon_fma_asked()
-        return per_expert < STREAM_K_ROWS and _dispatch(dispatch) == "single" and not fma
+        rows = STREAM_K_ROWS_COSTLY if costly > STREAM_K_COSTLY else STREAM_K_ROWS
+        return per_expert < rows and _dispatch(dispatch) == "single" and not fma
     return mode == "1"
 
 
@@ -521,6 +543,17 @@ def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float
     return rows, active, rows / max(round(active), 1)
 
 
+def decode_kernel_refuses(scheme, tokens: int, top_k: int, n_experts: int, n_routed: int) -> bool:
+    """Whether a forward of ``tokens`` tokens takes the decode layout (DECODE_ROWS rows per expert at most)
+    and the Gluon decode kernel does not run ``scheme`` (moe_gemm_gluon.eligible: its code, whole K tiles
+    per group), so that a layer holding it runs every expert on the Triton kernel (_gluon_decode)."""
+    from mxkernels.moe_gemm_gluon import BK, KERNEL_CODES
+
+    if _rows(tokens, top_k, n_experts, n_routed)[2] > DECODE_ROWS:
+        return False
+    return not KERNEL_CODES >> kernel_code(scheme) & 1 or (scheme.group is not None and scheme.group % BK != 0)
+
+
 def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, split_fit: str | None,
              override: dict) -> tuple:
     """What else a forward's launches depend on (a SharedStart is taken only by a forward of the same)."""
@@ -547,7 +580,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
-    sk = _stream_k(per_expert, dispatch, override)
+    sk = _stream_k(per_expert, dispatch, override, costly_share(gate_up, down))
     gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override, sk)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
         override = {"fma": False, **override, "stream_k": sk}

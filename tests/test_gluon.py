@@ -231,6 +231,11 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     assert launches(1) == [True, True]  # 3 rows (top-2 and the shared expert) over 3 experts
     assert launches(16) == [True, True]  # 48 rows over 16 experts: 3 rows per expert
     assert launches(40) == [False] * 4  # 6 rows per expert: the shared expert launches apart
+    # where more than moe.STREAM_K_COSTLY of the weights are in costly codes (here half are 3-bit), only below
+    # moe.STREAM_K_ROWS_COSTLY rows; a few costly experts (2 of 19) keep the bound
+    costly = ["w4a16g128", "w3a16g128"]
+    assert launches(1, costly) == [True, True] and launches(16, costly) == [False] * 4
+    assert launches(16, ["w4a16g128"] * 9 + ["w3a16g128"]) == [True, True]
     grouped = launches(16, ["w4a16g128", "w8a16"], dispatch="grouped")  # a launch per code and set of experts
     assert len(grouped) == 8 and not any(grouped)
     monkeypatch.setenv("MXSERVE_STREAM_K", "0")
@@ -242,6 +247,34 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     monkeypatch.setenv("MXSERVE_STREAM_K", "yes")
     with pytest.raises(ValueError, match="MXSERVE_STREAM_K='yes'"):
         gemm_errors(both, 24, 256, 256, 18, 1, 2, "cpu", seed=4)
+
+
+def test_costly_share_weighs_each_arena_by_its_size_and_follows_a_slab_swap():
+    # the share of a layer's weights in costly codes (3 and 8 bits, bf16) that picks the stream-K bound, read
+    # from counts kept on the host (no device sync at a launch), which a swap into a slab carries over
+    from kernel_cases import make_experts
+
+    from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_code, slab_capacity
+    from mxkernels.moe import costly_share
+    from mxserve.schemes import get_scheme
+
+    gen = torch.Generator().manual_seed(0)
+    # gate/up (256 x 128): w4, w2, w3, w4; down (128 x 128): w3, w4, w2, w3
+    a = make_experts(["w4a16g128", "w2a16g128", "w3a16g128"], 128, 128, 3, 1, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in a]), build_arena([e.down for e in a])
+    assert costly_share(gu, dn) == pytest.approx((1 * 2 + 2 * 1) / (4 * 2 + 4 * 1))
+    assert costly_share(gu) == pytest.approx(0.25) and costly_share(gu.to("cpu")) == costly_share(gu)
+    b = make_experts(["w8a16", "w3a16g128"], 128, 128, 3, 1, "rtn", gen, "cpu")
+    codes = sum(1 << kernel_code(get_scheme(s)) for s in ("w8a16", "w4a16g128", "w3a16g128", "w2a16g128"))
+    cap = slab_capacity(8.5, [ql for e in b for ql in e.linears()])
+
+    def slab(experts):
+        return build_slab([e.gate_up for e in experts], [e.down for e in experts], cap, codes, None, 128)
+
+    served = slab(a)
+    assert costly_share(*served) == costly_share(gu, dn)
+    copy_slab(served, slab(b))
+    assert costly_share(*served) == 1.0
 
 
 def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon, monkeypatch):
