@@ -63,6 +63,11 @@
 #  29. (only when asked: `start 29`) a plan priced for speed, end to end: this GPU's kernel profile with the
 #      current kernels, the 24-layer plan at 3.25 bits at r = 0.25 for 8-token forwards priced with it, served
 #      beside the committed plan (r = 1: 43% w3, the slowest code a tile) and the GPTQ copy on Marlin (~14 min).
+#  30. (only when asked: `start 30`) the twentieth session's rules (stream-K off from 1.5 rows for 3 and 8-bit codes,
+#      in its first form; decode plans without what the decode kernel does not run): the r = 0.25 plan made so,
+#      served beside the GPTQ copy (~9 min).
+#  31. (only when asked: `start 31`) the stream-K rule by the share of costly codes, end to end: the committed plan
+#      and the r = 0.25 plan beside the GPTQ copy (~14 min); then every kernel GPU test (~13 min: a second call).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -541,6 +546,38 @@ phase29() {
   pkill -f "[s]glang.launch_server"
 }
 
+phase30() {
+  # the twentieth session's two rules, end to end: stream-K below 1.5 rows per expert for layers with 3 or 8-bit
+  # codes (the served tiers' layer ran slower on it from 8 tokens, phase 28; the rule since looks at the share of
+  # those codes, which keeps stream-K for this plan), and plans priced for decode at r < 1 without
+  # the schemes the decode kernel does not run (phase 29's r = 0.25 plan held w8a8fp8 in 4 of 24 layers, whose
+  # GEMMs then ran on the Triton kernel: 754 of a 3412 us step). The r = 0.25 plan of phase 29's profile,
+  # made again so, beside the GPTQ copy on Marlin (about 9 minutes with the checkpoints)
+  local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
+  prep MX_GPTQ=1 "${plan[@]}"
+  env NO_BF16=1 MX_GPTQ=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_s20 \
+    > $res/e2e_s20.log 2>&1
+  say "e2e mxserve r = 0.25 (no fp8, stream-K off for 3 or 8-bit codes), GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+  return 0
+}
+
+phase31() {
+  # the stream-K rule as it stands (off from 1.5 rows per expert only where more than a quarter of a layer's
+  # weights are 3 or 8-bit or bf16): the committed plan (46%: off at 8 requests) and the r = 0.25 plan (5%: on)
+  # beside the GPTQ copy on Marlin, one run (~14 min with the checkpoints); then every kernel GPU test, which
+  # has not run whole since stream-K became the default (the eighteenth session)
+  local plan=(ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8)
+  prep MX_GPTQ=1 "${plan[@]}"
+  env NO_BF16=1 MX_GPTQ=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_s21 \
+    > $res/e2e_s21.log 2>&1
+  say "e2e mxserve r = 1 and r = 0.25, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+  mkdir -p $res/tests
+  kernel_tests > $res/tests/kernels_all.log 2>&1
+  return 0
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -556,7 +593,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
