@@ -232,7 +232,7 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     assert launches(16) == [True, True]  # 48 rows over 16 experts: 3 rows per expert
     assert launches(40) == [False] * 4  # 6 rows per expert: the shared expert launches apart
     # where more than moe.STREAM_K_COSTLY of the weights are in costly codes (here half are 3-bit), only below
-    # moe.STREAM_K_ROWS_COSTLY rows; a few costly experts (2 of 19) keep the bound
+    # moe.STREAM_K_ROWS_COSTLY rows; a few costly blocks (7% of the weights) keep the bound
     costly = ["w4a16g128", "w3a16g128"]
     assert launches(1, costly) == [True, True] and launches(16, costly) == [False] * 4
     assert launches(16, ["w4a16g128"] * 9 + ["w3a16g128"]) == [True, True]
