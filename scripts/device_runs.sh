@@ -67,7 +67,8 @@
 #      in its first form; decode plans without what the decode kernel does not run): the r = 0.25 plan made so,
 #      served beside the GPTQ copy (~9 min).
 #  31. (only when asked: `start 31`) the stream-K rule by the share of costly codes, end to end: the committed plan
-#      and the r = 0.25 plan beside the GPTQ copy (~14 min); then every kernel GPU test (~13 min: a second call).
+#      and the r = 0.25 plan beside the GPTQ copy (~14 min), the layer at an eighth and a quarter of costly tiers
+#      (~2 min); then every kernel GPU test (~13 min: a second call).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -573,6 +574,12 @@ phase31() {
     > $res/e2e_s21.log 2>&1
   say "e2e mxserve r = 1 and r = 0.25, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
+  # where the bound lies: the layer with an eighth and a quarter of its tiers 3 or 8-bit, stream-K beside the
+  # unbalanced grid (the measured ends: 5% and 46-50%)
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only --layouts 'stream-K' \
+    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --plan quarter=w8a16:1,w4a16g128:9,w3a16g128:5,w2a16g128:9 \
+    --out $res/layer_costly > $res/layer_costly.log 2>&1
+  say "moe_layer costly shares rc=$?"
   mkdir -p $res/tests
   kernel_tests > $res/tests/kernels_all.log 2>&1
   return 0
