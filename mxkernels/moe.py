@@ -547,11 +547,12 @@ def decode_kernel_refuses(scheme, tokens: int, top_k: int, n_experts: int, n_rou
     """Whether a forward of ``tokens`` tokens takes the decode layout (DECODE_ROWS rows per expert at most)
     and the Gluon decode kernel does not run ``scheme`` (moe_gemm_gluon.eligible: its code, whole K tiles
     per group), so that a layer holding it runs every expert on the Triton kernel (_gluon_decode)."""
-    from mxkernels.moe_gemm_gluon import BK, KERNEL_CODES
+    from mxkernels.moe_gemm_gluon import BK, eligible
 
     if _rows(tokens, top_k, n_experts, n_routed)[2] > DECODE_ROWS:
         return False
-    return not KERNEL_CODES >> kernel_code(scheme) & 1 or (scheme.group is not None and scheme.group % BK != 0)
+    group = scheme.group if scheme.family == "int" and scheme.group else BK  # as Arena.min_group counts them
+    return not eligible(1 << kernel_code(scheme), BK, group)
 
 
 def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, split_fit: str | None,
