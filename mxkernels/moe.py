@@ -66,6 +66,9 @@ class Tiles:
     # all its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
     # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
+    # with stream_k: runs of equal length, every K tile costing one (before the twenty-first session), not
+    # of equal cost by the tiles' codes (STREAM_K_TILE_COSTS); kept to time the two beside each other
+    even_deal: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -99,6 +102,17 @@ STREAM_K_ROWS = 4.0
 # (results/decode_spans_h200_s20.md). The bound between 5% and 46% is not measured
 STREAM_K_ROWS_COSTLY = 1.5
 STREAM_K_COSTLY = 0.25
+# stream-K deals out K tiles in runs of equal cost (moe_gemm_gluon._cost_run), a tile costing this by its
+# kernel code (4 bits each), so that a program given 3 or 8-bit or bf16 tiles does not end last: the
+# twentieth session's kernel profile on the H200 (one expert's gate/up at 8 tokens) took w1, w2, w4 1.6 us,
+# w3 2.5, w8 2.3 and bf16 3.5 (results/h200-kernel-profile-qwen15-s20.json); bf16 counts its 4x bytes too
+STREAM_K_TILE_COSTS = {0: 6, 1: 2, 2: 2, 3: 3, 4: 2, 5: 3}
+
+
+def tile_costs(even: bool = False) -> int:
+    """STREAM_K_TILE_COSTS packed as the kernel reads them (code c at bit 4c); ``even``: 1 for every code."""
+    return sum((1 if even else cost) << 4 * code for code, cost in STREAM_K_TILE_COSTS.items())
+
 STREAM_K_MODES = ("auto", "1", "0")
 # "single": one launch per GEMM runs every scheme of a layer (the paper's design); "grouped": one
 # launch per group of codes (code_groups), so that a wide branch (3 or 8 bits, bf16) does not set the
@@ -320,7 +334,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     kernel = _gluon_kernel()
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n,
-            arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+            arena.k, num_valid, a_div, tiles.split, splits, MAGIC, tile_costs(tiles.even_deal))  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS)  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)

@@ -566,8 +566,8 @@ phase30() {
 phase31() {
   # the stream-K rule as it stands (off from 1.5 rows per expert only where more than a quarter of a layer's
   # weights are 3 or 8-bit or bf16): the committed plan (46%: off at 8 requests) and the r = 0.25 plan (5%: on)
-  # beside the GPTQ copy on Marlin, one run (~14 min with the checkpoints); then every kernel GPU test, which
-  # has not run whole since stream-K became the default (the eighteenth session)
+  # beside the GPTQ copy on Marlin, one run (~14 min with the checkpoints); then the layer at costly shares
+  # between the two (~2 min). Every kernel GPU test moved to phase 32, after the 3-bit repack.
   local plan=(ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8)
   prep MX_GPTQ=1 "${plan[@]}"
   env NO_BF16=1 MX_GPTQ=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_s21 \
@@ -580,9 +580,31 @@ phase31() {
     --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --plan quarter=w8a16:1,w4a16g128:9,w3a16g128:5,w2a16g128:9 \
     --out $res/layer_costly > $res/layer_costly.log 2>&1
   say "moe_layer costly shares rc=$?"
-  mkdir -p $res/tests
-  kernel_tests > $res/tests/kernels_all.log 2>&1
   return 0
+}
+
+phase32() {
+  # the twenty-first session's stream-K deal, runs of equal cost by the tiles' codes (moe.STREAM_K_TILE_COSTS; the
+  # layer with an eighth of its tiers 3 or 8-bit took 1.19x the unbalanced grid's time on the even deal at 16
+  # tokens, phase 31): stream-K's GPU tests beside the checkpoints, then the layer at 1, 8 and 16 tokens (the
+  # served plan's tiers, an eighth and a quarter costly) on both deals beside the unbalanced grid, then end to end
+  # the committed plan (46% costly: off from 1.5 rows per expert) also with stream-K forced, the r = 0.25 plan and
+  # the GPTQ copy on Marlin (~15 min: two calls)
+  local plan=(ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8)
+  mkdir -p $res/tests
+  prep MX_GPTQ=1 "${plan[@]}" &
+  kernel_tests stream_k > $res/tests/kernels_stream_k.log 2>&1
+  wait
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, even deal)$' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 \
+    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --plan quarter=w8a16:1,w4a16g128:9,w3a16g128:5,w2a16g128:9 \
+    --out $res/layer_deal > $res/layer_deal.log 2>&1
+  say "moe_layer stream-K deals rc=$?"
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 STREAM_K=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
+    $res/e2e_deal > $res/e2e_deal.log 2>&1
+  say "e2e mxserve r = 1 (and stream-K forced), r = 0.25, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
 }
 
 phase7() {
@@ -600,7 +622,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

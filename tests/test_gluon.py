@@ -303,6 +303,44 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
+@pytest.mark.parametrize("even", [False, True])
+def test_stream_k_deals_runs_of_equal_cost_that_cover_every_tile_once(even):
+    # moe_gemm_gluon._cost_run in the interpreter: 300 blocks (three of its chunks) of experts in bf16, w2, w3,
+    # w4 and w8, 7 (N tile, K tile) units each, over 64 programs. The runs follow each other with no gap and
+    # no overlap, and each costs its share to within a tile at either end (STREAM_K_TILE_COSTS; even: every
+    # tile 1)
+    import triton
+    import triton.language as tl
+    from gluon_shim import interpreted_kernel
+
+    from mxkernels import moe
+
+    @triton.jit
+    def deal(block_expert_ptr, meta_ptr, blocks, per_block, costs, out_ptr, run: tl.constexpr):
+        pid = tl.program_id(0)
+        start, end = run(block_expert_ptr, meta_ptr, blocks, per_block, costs, pid, tl.num_programs(0))
+        tl.store(out_ptr + 2 * pid, start)
+        tl.store(out_ptr + 2 * pid + 1, end)
+
+    codes = torch.tensor([0, 2, 3, 4, 5])
+    meta = torch.zeros(len(codes), 6, dtype=torch.int64)
+    meta[:, 0] = codes
+    gen = torch.Generator().manual_seed(3)
+    blocks, per_block, programs = 300, 7, 64
+    block_expert = torch.randint(0, len(codes), (blocks + 5,), generator=gen)  # the last 5: past the blocks
+    runs = torch.full((programs, 2), -1, dtype=torch.int32)
+    deal[(programs,)](block_expert, meta, blocks, per_block, moe.tile_costs(even), runs,
+                      run=interpreted_kernel(kernel="_cost_run"))  # fmt: skip
+    assert runs[0, 0] == 0 and runs[-1, 1] == blocks * per_block
+    assert torch.equal(runs[1:, 0], runs[:-1, 1]) and bool((runs[:, 1] >= runs[:, 0]).all())
+    cost = torch.tensor([moe.STREAM_K_TILE_COSTS[int(c)] for c in codes])
+    tiles = cost[block_expert[:blocks]].repeat_interleave(per_block)  # each K tile's cost, in the kernel's order
+    spent = torch.tensor([int(tiles[a:b].sum()) for a, b in runs.tolist()])
+    lengths = runs[:, 1] - runs[:, 0]
+    assert (int(lengths.max() - lengths.min()) <= 1) == even, lengths
+    assert (int(spent.max() - spent.min()) <= 2 * int(cost.max())) != even, spent
+
+
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon, grid):
     # gptq-had (mxserve's default method): the quantized experts read the Hadamard-rotated copy of their input,
