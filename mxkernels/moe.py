@@ -66,9 +66,6 @@ class Tiles:
     # all its work dealt out in equal runs and added with fp32 reductions into zeroed buffers (moe_gemm_gluon,
     # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
-    # with stream_k: runs of equal length, every K tile costing one (before the twenty-first session), not
-    # of equal cost by the tiles' codes (STREAM_K_TILE_COSTS); kept to time the two beside each other
-    even_deal: bool = False
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -93,26 +90,17 @@ GLUON_ROWS = 1.1
 STREAM_K_ROWS = 4.0
 # ... and below this many where more than STREAM_K_COSTLY of the layer's weights are in costly codes (bf16, 3 or
 # 8 bits: outside moe_gemm_gluon.NARROW_CODES; 3 and 8-bit K tiles take 1.5x the instructions of 2 and 4-bit
-# ones, bf16's 4x their bytes). The grid deals out K tiles in equal runs, not equal time. On the H200 (twentieth
-# session): the layer of the served 3.25-bit plan's tiers (w8, w4, w3, w2; half of them costly; Qwen1.5) took
-# 1.04 to 1.24x the unbalanced grid's time on it at 8 to 32 tokens (2.2 to 4.4 rows per expert), 0.82 to 0.88x
+# ones, bf16's 4x their bytes; runs of equal cost, not length, did not help: the cause is not known). On the
+# H200 (twentieth session): the layer of the served 3.25-bit plan's tiers (w8, w4, w3, w2; half costly; Qwen1.5)
+# took 1.04 to 1.24x the unbalanced grid's time on it at 8 to 32 tokens (2.2 to 4.4 rows per expert), 0.82 to 0.88x
 # at 1 token (results/moe_layer_h200_s20_served.md); the served r = 1 plan (46% costly) served 0.91x the
 # tokens/s at 8 requests on it (serving-qwen15-24l-h200-s19-stream-k.md); the layer of the r = 0.25 plan (5%
 # costly) took 67.9 us on it at 8 requests against 70.9 on the unbalanced grid, in two runs
-# (results/decode_spans_h200_s20.md). The bound between 5% and 46% is not measured
+# (results/decode_spans_h200_s20.md). With an eighth (12.5%) or a quarter of the tiers costly it took 1.02 to 1.06x
+# at 8 tokens and 1.16 to 1.23x at 16, in two runs (twenty-first session, results/moe_layer_h200_s21_costly.md and
+# moe_layer_h200_s21_deal.md); dealing the K tiles out by cost did not change that (benchmarks/README.md)
 STREAM_K_ROWS_COSTLY = 1.5
-STREAM_K_COSTLY = 0.25
-# stream-K deals out K tiles in runs of equal cost (moe_gemm_gluon._cost_run), a tile costing this by its
-# kernel code (4 bits each), so that a program given 3 or 8-bit or bf16 tiles does not end last: the
-# twentieth session's kernel profile on the H200 (one expert's gate/up at 8 tokens) took w1, w2, w4 1.6 us,
-# w3 2.5, w8 2.3 and bf16 3.5 (results/h200-kernel-profile-qwen15-s20.json); bf16 counts its 4x bytes too
-STREAM_K_TILE_COSTS = {0: 6, 1: 2, 2: 2, 3: 3, 4: 2, 5: 3}
-
-
-def tile_costs(even: bool = False) -> int:
-    """STREAM_K_TILE_COSTS packed as the kernel reads them (code c at bit 4c); ``even``: 1 for every code."""
-    return sum((1 if even else cost) << 4 * code for code, cost in STREAM_K_TILE_COSTS.items())
-
+STREAM_K_COSTLY = 0.1
 STREAM_K_MODES = ("auto", "1", "0")
 # "single": one launch per GEMM runs every scheme of a layer (the paper's design); "grouped": one
 # launch per group of codes (code_groups), so that a wide branch (3 or 8 bits, bf16) does not set the
@@ -334,7 +322,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     kernel = _gluon_kernel()
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n,
-            arena.k, num_valid, a_div, tiles.split, splits, MAGIC, tile_costs(tiles.even_deal))  # fmt: skip
+            arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS)  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)

@@ -376,62 +376,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                 gl.store(out, res.to(gl.bfloat16), mask=mask)
 
 
-@gluon.jit
-def _add(a, b):
-    return a + b
-
-
-@gluon.jit
-def _block_costs(block_expert_ptr, meta_ptr, b0, blocks, tile_costs, CH: gl.constexpr, L: gl.constexpr):
-    """The cost of one K tile of each block b0 .. b0 + CH (0 past ``blocks``): its expert's kernel code's
-    4 bits of ``tile_costs``."""
-    b = b0 + gl.arange(0, CH, layout=L)
-    ok = b < blocks
-    expert = gl.load(block_expert_ptr + b, mask=ok, other=0)
-    code = gl.load(meta_ptr + expert * 6, mask=ok, other=0).to(gl.int32)
-    return gl.where(ok, (tile_costs >> (code * 4)) & 15, 0)
-
-
-@gluon.jit
-def _tiles_before(c, first, w, per_block):
-    """Of each block's ``per_block`` K tiles, the first at cost ``first`` and each ``w`` on: how many start
-    before cost ``c``."""
-    n = gl.where(c > first, (c - first + w - 1) // gl.maximum(w, 1), 0)
-    return gl.minimum(n, gl.where(w > 0, per_block, 0))
-
-
-@gluon.jit
-def _cost_run(block_expert_ptr, meta_ptr, blocks, per_block, tile_costs, pid, programs):
-    """Stream-K's deal: program ``pid``'s run [start, end) of the (block, N tile, K tile) sequence, the runs
-    of equal cost where a K tile costs its expert's code's share of ``tile_costs`` (4 bits per code), so
-    that programs given 3 or 8-bit tiles are not the last to end (1 for every code: runs of equal length).
-    The tiles are in cost order as they are in the sequence, so each run is whole and none overlap."""
-    CH: gl.constexpr = 32 * _WARPS
-    L: gl.constexpr = gl.BlockedLayout([1], [32], [_WARPS], [0])
-    total = blocks * 0
-    for b0 in range(0, blocks, CH):
-        total += gl.sum(_block_costs(block_expert_ptr, meta_ptr, b0, blocks, tile_costs, CH, L), 0)
-    total = total * per_block
-    share = total // programs
-    c0 = pid * share + gl.minimum(pid, total % programs)
-    c1 = c0 + share + (pid < total % programs).to(gl.int32)
-    start = blocks * 0
-    end = blocks * 0
-    before = blocks * 0  # the cost of the blocks of earlier chunks
-    for b0 in range(0, blocks, CH):
-        w = _block_costs(block_expert_ptr, meta_ptr, b0, blocks, tile_costs, CH, L)
-        first = (before + gl.associative_scan(w, 0, _add) - w) * per_block
-        start += gl.sum(_tiles_before(c0, first, w, per_block), 0)
-        end += gl.sum(_tiles_before(c1, first, w, per_block), 0)
-        before += gl.sum(w, 0)
-    return start, end
-
-
-@gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic", "tile_costs"])
+@gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, tile_costs,
-                             GATE_UP: gl.constexpr,
+                             zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False):  # fmt: skip
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
@@ -443,15 +391,19 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     stride_am = gl.multiple_of(stride_am, 128)
     if STREAM_K:
         # A grid of as many programs as the SMs hold at once (moe.py). The K tiles of all (block, N tile)
-        # pairs with rows, in a row, are dealt out in runs of equal cost (_cost_run), one per program: every
-        # SM works to the end of the launch, and no program walks more K than its share. A run may start or
-        # end inside a pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and
-        # 64 tokens: 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin
-        # strides a fixed grid so: benchmarks/README.md, seventeenth session)
+        # pairs with rows, in a row, are dealt out in equal runs, one per program: every SM works to the
+        # end of the launch, and no program walks more K than its share. A run may start or end inside a
+        # pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and 64 tokens:
+        # 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin strides a fixed
+        # grid so: benchmarks/README.md, seventeenth session)
         n_tiles = gl.cdiv(N, BN)
         k_tiles = K // _BK
-        start, end = _cost_run(block_expert_ptr, meta_ptr, gl.load(num_post_pad_ptr).to(gl.int32) // BM,
-                               n_tiles * k_tiles, tile_costs, gl.program_id(0), gl.num_programs(0))  # fmt: skip
+        total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
+        programs = gl.num_programs(0)
+        pid = gl.program_id(0)
+        share = total // programs
+        start = pid * share + gl.minimum(pid, total % programs)
+        end = start + share + (pid < total % programs).to(gl.int32)
         first = start // k_tiles
         stop = gl.cdiv(end, k_tiles)
         if end <= start:  # no share (fewer K tiles than programs)

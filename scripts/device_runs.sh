@@ -68,7 +68,10 @@
 #      served beside the GPTQ copy (~9 min).
 #  31. (only when asked: `start 31`) the stream-K rule by the share of costly codes, end to end: the committed plan
 #      and the r = 0.25 plan beside the GPTQ copy (~14 min), the layer at an eighth and a quarter of costly tiers
-#      (~2 min); then every kernel GPU test (~13 min: a second call).
+#      (~2 min) (run in the twenty-first session; every kernel GPU test, once its third step, left for a session
+#      with kernel changes).
+#  32. (only when asked: `start 32`) stream-K's K tiles dealt out by cost (commit f72222b): its GPU tests, the layer
+#      on both deals, end to end with stream-K forced for the committed plan (~15 min: two calls).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -589,7 +592,8 @@ phase32() {
   # tokens, phase 31): stream-K's GPU tests beside the checkpoints, then the layer at 1, 8 and 16 tokens (the
   # served plan's tiers, an eighth and a quarter costly) on both deals beside the unbalanced grid, then end to end
   # the committed plan (46% costly: off from 1.5 rows per expert) also with stream-K forced, the r = 0.25 plan and
-  # the GPTQ copy on Marlin (~15 min: two calls)
+  # the GPTQ copy on Marlin (~15 min: two calls). Ran at commit f72222b; the deal by cost and its layout "stream-K,
+  # even deal" were removed after it (benchmarks/README.md, twenty-first session)
   local plan=(ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8)
   mkdir -p $res/tests
   prep MX_GPTQ=1 "${plan[@]}" &

@@ -55,8 +55,6 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     split = staticmethod(lambda *a, **k: tl.split(*a, **k))
     broadcast = staticmethod(lambda *a, **k: tl.broadcast(*a, **k))
     reduce = staticmethod(lambda *a, **k: tl.reduce(*a, **k))
-    sum = staticmethod(lambda *a, **k: tl.sum(*a, **k))
-    associative_scan = staticmethod(lambda *a, **k: tl.associative_scan(*a, **k))
     permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
     reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
 

@@ -232,10 +232,11 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     assert launches(16) == [True, True]  # 48 rows over 16 experts: 3 rows per expert
     assert launches(40) == [False] * 4  # 6 rows per expert: the shared expert launches apart
     # where more than moe.STREAM_K_COSTLY of the weights are in costly codes (here half are 3-bit), only below
-    # moe.STREAM_K_ROWS_COSTLY rows; a few costly blocks (7% of the weights) keep the bound
+    # moe.STREAM_K_ROWS_COSTLY rows; a few costly blocks (7% of the weights) keep the bound, 16% do not
     costly = ["w4a16g128", "w3a16g128"]
     assert launches(1, costly) == [True, True] and launches(16, costly) == [False] * 4
     assert launches(16, ["w4a16g128"] * 9 + ["w3a16g128"]) == [True, True]
+    assert launches(16, ["w4a16g128"] * 5 + ["w3a16g128"]) == [False] * 4
     grouped = launches(16, ["w4a16g128", "w8a16"], dispatch="grouped")  # a launch per code and set of experts
     assert len(grouped) == 8 and not any(grouped)
     monkeypatch.setenv("MXSERVE_STREAM_K", "0")
@@ -301,44 +302,6 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     ref = moe_reference(x.float(), ids, w, [e.linears() for e in experts], dense, 12, scale)
     assert taken == [True, True]
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
-
-
-@pytest.mark.parametrize("even", [False, True])
-def test_stream_k_deals_runs_of_equal_cost_that_cover_every_tile_once(even):
-    # moe_gemm_gluon._cost_run in the interpreter: 300 blocks (three of its chunks) of experts in bf16, w2, w3,
-    # w4 and w8, 7 (N tile, K tile) units each, over 64 programs. The runs follow each other with no gap and
-    # no overlap, and each costs its share to within a tile at either end (STREAM_K_TILE_COSTS; even: every
-    # tile 1)
-    import triton
-    import triton.language as tl
-    from gluon_shim import interpreted_kernel
-
-    from mxkernels import moe
-
-    @triton.jit
-    def deal(block_expert_ptr, meta_ptr, blocks, per_block, costs, out_ptr, run: tl.constexpr):
-        pid = tl.program_id(0)
-        start, end = run(block_expert_ptr, meta_ptr, blocks, per_block, costs, pid, tl.num_programs(0))
-        tl.store(out_ptr + 2 * pid, start)
-        tl.store(out_ptr + 2 * pid + 1, end)
-
-    codes = torch.tensor([0, 2, 3, 4, 5])
-    meta = torch.zeros(len(codes), 6, dtype=torch.int64)
-    meta[:, 0] = codes
-    gen = torch.Generator().manual_seed(3)
-    blocks, per_block, programs = 300, 7, 64
-    block_expert = torch.randint(0, len(codes), (blocks + 5,), generator=gen)  # the last 5: past the blocks
-    runs = torch.full((programs, 2), -1, dtype=torch.int32)
-    deal[(programs,)](block_expert, meta, blocks, per_block, moe.tile_costs(even), runs,
-                      run=interpreted_kernel(kernel="_cost_run"))  # fmt: skip
-    assert runs[0, 0] == 0 and runs[-1, 1] == blocks * per_block
-    assert torch.equal(runs[1:, 0], runs[:-1, 1]) and bool((runs[:, 1] >= runs[:, 0]).all())
-    cost = torch.tensor([moe.STREAM_K_TILE_COSTS[int(c)] for c in codes])
-    tiles = cost[block_expert[:blocks]].repeat_interleave(per_block)  # each K tile's cost, in the kernel's order
-    spent = torch.tensor([int(tiles[a:b].sum()) for a, b in runs.tolist()])
-    lengths = runs[:, 1] - runs[:, 0]
-    assert (int(lengths.max() - lengths.min()) <= 1) == even, lengths
-    assert (int(spent.max() - spent.min()) <= 2 * int(cost.max())) != even, spent
 
 
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])
