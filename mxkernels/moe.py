@@ -536,6 +536,9 @@ class _Layout:
     out: torch.Tensor
     w: torch.Tensor  # the rows' routing weights, which the alignment fills
     sums: torch.Tensor | None = None  # stream-K's fp32 sums, to be zeroed before its launches
+    # stream-K with the shared experts started early: recorded on their stream once ``sums`` is zeroed, so that
+    # the routed launches wait for the zeroing alone, not for the shared experts' launches after it
+    zeroed: torch.cuda.Event | None = None
 
 
 def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
@@ -564,9 +567,11 @@ def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, spli
 
 
 def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool,
-            dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict) -> _Layout:
+            dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict,
+            early: bool = False) -> _Layout:  # fmt: skip
     """The launches of a forward of ``x`` [T, H] with ``top_k`` routed experts per token (moe_gemms):
-    everything but the routing itself, so the shared experts can launch before the top-k exists."""
+    everything but the routing itself, so the shared experts can launch before the top-k exists (``early``:
+    start_shared's layout)."""
     alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
     slots = top_k + gate_up.n_experts - n_routed
     rows, active, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
@@ -609,9 +614,12 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     stream_k = any(t.stream_k and t.gluon for _, t in l_gu + l_dn)
     if stream_k and len(l_gu) + len(l_dn) > 2:
         raise ValueError("stream-K deals out one launch's work per GEMM: it takes the single dispatch")
-    # dequantized first, the shared experts stay in the routed launches: apart, each set would dequantize;
-    # stream-K balances one launch over the SMs, so they stay in it
-    apart = not dq and not stream_k and _shared_apart(slots - top_k, per_expert, shared_apart)
+    # dequantized first, the shared experts stay in the routed launches: apart, each set would dequantize.
+    # Stream-K balances one launch over the SMs, so they stay in it, unless started early: their launches then
+    # run beside the router and the alignment, where the GPU would otherwise wait (at 1 token half the weights
+    # read are the shared experts'; Marlin's server runs its shared expert there: benchmarks/README.md,
+    # twenty-first session)
+    apart = not dq and (early or not stream_k) and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     sums = None
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
@@ -647,7 +655,8 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
         gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
 
-    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums)
+    zeroed = torch.cuda.Event() if apart and sums is not None and dev.type == "cuda" else None
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -662,6 +671,10 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
     ``on_side``; the routed experts' launches write the other rows of the same buffers."""
 
     def launch() -> None:
+        if lay.sums is not None:  # stream-K: zeroed before either stream's launches add into them
+            lay.sums.zero_()
+            if lay.zeroed is not None:
+                lay.zeroed.record()
         if on_side is not None:
             on_side()
         ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.bm, lay.w)
@@ -700,7 +713,7 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
     if rows == 0 or not _shared_apart(gate_up.n_experts - n_routed, per_expert, shared_apart):
         return None  # before any buffer is allocated: prefill passes come here too
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
-    lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
+    lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override, early=True)
     if not lay.apart:  # dequantized first (a forced override at decode): the forward launches them all
         return None
     _shared_experts(lay, None)
@@ -760,6 +773,8 @@ def moe_gemms(
         _shared_experts(lay, on_side)
     elif on_side is not None:  # the shared experts run already: the routing counter joins their stream
         _beside(main, side, on_side)
+    if lay.zeroed is not None:
+        main.wait_event(lay.zeroed)
     lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
     if side is not None:
         main.wait_stream(side)

@@ -227,13 +227,15 @@ def check_padded_slots_and_shared_gate(device: str) -> None:
     assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()
 
 
-def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = False, **tiles) -> None:
+def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = False, close: bool = False,
+                      **tiles) -> None:  # fmt: skip
     """The shared experts in launches of their own (a second stream on a GPU) compute, bit for bit, what
     the one launch of routed and shared experts computes, every output element written (poisoned
     first); with ``graph`` the layer is captured in a CUDA graph and replayed on new inputs. The routing
     counter launched beside them (``on_side``) counts every pass. ``early``: the shared experts are
     launched before the top-k exists (start_shared, as the SGLang plugin's hook on the MoE block does), and
-    the forward runs the routed experts into that start's buffers."""
+    the forward runs the routed experts into that start's buffers. ``close``: within 1% rather than bit for bit
+    (stream-K: its fp32 sums are added in another order)."""
     from mxkernels.moe import start_shared
     from router_stats import ExpertCounter
 
@@ -275,7 +277,10 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
             apart, one = captured, moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=False, **tiles)
     for a, b, name in zip(apart, one, ("intermediate", "outputs")):
         assert torch.isfinite(a).all(), name
-        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+        if close:
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
+        else:
+            assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
     if device == "cuda":
         torch.cuda.synchronize()
     assert counter.snapshot() == want.snapshot()

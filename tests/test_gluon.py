@@ -304,6 +304,25 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
+    # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
+    # (the sums zeroed first), then the forward's routed launches add into the same sums; together they compute
+    # what one launch of both computes, every element written (the fp32 sums in another order: within 1%)
+    from kernel_cases import shared_apart_case
+
+    from mxkernels import moe
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    taken = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    shared_apart_case("cpu", t, early=True, close=True)
+    # the shared experts' gate/up and down, the routed experts', then one launch per GEMM for the forward that was
+    # not started early
+    assert taken == [True] * 6
+
+
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon, grid):
     # gptq-had (mxserve's default method): the quantized experts read the Hadamard-rotated copy of their input,

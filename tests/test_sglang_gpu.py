@@ -137,6 +137,13 @@ def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
     assert "the shared experts launch early" in log
     # the forwards took the early launches (a forward that does not logs it: equal text would not show it)
     assert "were not used" not in log
+    # on the stream-K grid too (their own stream-K launches, the routed ones adding into the same sums): served,
+    # finite log-probs, and taken by every forward; its sums are added in any order, so the text is not compared
+    with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "early_sk.log"), MXSERVE_SHARED_EARLY="1",
+                 MXSERVE_STREAM_K="1") as base:  # fmt: skip
+        assert len(greedy_texts(base, "tiny", True)) == len(PROMPTS)
+    log = open(tmp_path / "early_sk.log").read()
+    assert "the shared experts launch early" in log and "were not used" not in log
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])

@@ -137,8 +137,9 @@ class MxMoEConfig(QuantizationConfig):
 
 SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwen2-MoE's is "shared_expert")
 # MXSERVE_SHARED_EARLY=1 (opt-in until an end-to-end run in repeated rounds shows it pays: its one timed round
-# lost at 8 and 32 requests while its traced steps ran faster; benchmarks/README.md, eleventh session): the
-# FusedMoE layers, by id, whose shared experts launch when their MoE block is entered, before its router
+# lost at 8 and 32 requests while its traced steps ran faster; benchmarks/README.md, eleventh session; on the
+# stream-K grid too since the twenty-first session, not yet timed there): the FusedMoE layers, by id, whose shared
+# experts launch when their MoE block is entered, before its router
 _EARLY: dict[int, torch.nn.Module] = {}
 
 
