@@ -10,7 +10,8 @@
 #                                                    # with its packed bf16 arithmetic; SPLIT=waves: also
 #                                                    # with K split by waves at decode; EARLY=1: also with
 #                                                    # the shared experts launched before the router;
-#                                                    # STREAM_K=1: also on the stream-K decode grid)
+#                                                    # STREAM_K=1: also on the stream-K decode grid; ROUTER=1:
+#                                                    # also with each MoE block's decode routing in one launch)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -80,6 +81,9 @@ elif [ "$what" = qwen15-24 ]; then
   # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
   [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
     --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
+  # ROUTER=1 adds a server whose MoE blocks route decode forwards in one launch (MXSERVE_FUSED_ROUTER=1)
+  [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-fused-router=$work/q15-24-$name"
+    --server-env "mxserve-$name-fused-router=MXSERVE_FUSED_ROUTER=1")
   # STREAM_K=0 (or 1) adds a server whose Gluon decode launches never (always) run on the stream-K grid
   # (MXSERVE_STREAM_K; by default below 4 rows per expert)
   [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k-$STREAM_K=$work/q15-24-$name"

@@ -284,3 +284,44 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
     if device == "cuda":
         torch.cuda.synchronize()
     assert counter.snapshot() == want.snapshot()
+
+
+def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, graph: bool = False, h: int = 256) -> None:
+    """mxkernels.router.fused_router against torch: the logits (rounded to bf16, within two bf16 steps of a
+    product in fp32), the top-k of their softmax (ids exact, weights within 1e-6) and its renormalization;
+    tokens from num_token_non_padded on route nowhere; the per-token counters are zero again after a launch,
+    so a second launch (with ``graph``, a CUDA-graph replay on new tokens) routes alike. ``h``: the hidden size
+    (past 2048 the kernel loops over K)."""
+    from mxkernels.router import _COUNTS, fused_router
+
+    gen = torch.Generator().manual_seed(t)
+    w = (torch.randn(60, h, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    valid = torch.tensor([max(t - 2, 0)], device=device) if padded else None
+
+    def check(x, got) -> None:
+        weights, ids, logits = (g.cpu() for g in got)
+        exact = x.float().cpu() @ w.float().cpu().T
+        assert ((logits - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
+        want_w, want_ids = torch.topk(torch.softmax(logits, -1), 4)  # the top-k of the kernel's own logits
+        if renormalize:
+            want_w = want_w / want_w.sum(-1, keepdim=True)
+        assert torch.allclose(weights, want_w, atol=1e-6)
+        routed = torch.arange(t) < (int(valid) if padded else t)
+        assert torch.equal(ids[routed], want_ids[routed].int())
+        assert (ids[~routed] == -1).all()
+        assert not _COUNTS[torch.device(device)].any()
+
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    check(x, fused_router(x, w, 4, renormalize, valid))
+    if not graph:
+        x2 = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+        check(x2, fused_router(x2, w, 4, renormalize, valid))
+        return
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = fused_router(x, w, 4, renormalize, valid)
+    for _ in range(2):
+        x.copy_(torch.randn(t, h, generator=gen).to(torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        check(x, captured)

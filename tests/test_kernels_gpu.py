@@ -323,3 +323,12 @@ def test_routing_counter_writes_its_host_mirror_from_the_kernel_in_a_cuda_graph(
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(counter.host, ref.buf) and counter.snapshot() == ref.snapshot()
+
+
+@pytest.mark.parametrize("t", [1, 8, 33])
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_router_routes_as_softmax_top_k_cuda(t, graph):
+    # the per-token counters' release and acquire across programs; their reset, replayed in a CUDA graph
+    from kernel_cases import fused_router_case
+
+    fused_router_case("cuda", t, t == 8, t == 33, graph, h=2048 if t == 8 else 4096)

@@ -174,6 +174,25 @@ PROMPTS = [
 ]
 
 
+def test_fused_router_serves_the_routing_of_sglangs_own(tmp_path):
+    """MXSERVE_FUSED_ROUTER=1: each MoE block's decode routing in one launch (logits, softmax, top-k) in place of
+    SGLang's gate and top-k, CUDA graphs captured over it. Its logits are rounded to bf16 from sums in another
+    order than cuBLAS's, which can flip a near tie of a tiny random model: most texts, not all, must agree."""
+    src = sglang_tiny("qwen2_moe", tmp_path)
+    ckpt = str(tmp_path / "ckpt")
+    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
+    port = 32000 + os.getpid() % 1000
+    texts = {}
+    for fused in ("0", "1"):
+        with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"router{fused}.log"),
+                     MXSERVE_FUSED_ROUTER=fused) as base:  # fmt: skip
+            texts[fused] = greedy_texts(base, "tiny", False) + greedy_texts(base, "tiny", True)
+    same = sum(a == b for a, b in zip(texts["0"], texts["1"]))
+    assert same >= 3 * len(texts["0"]) // 4, (same, texts)
+    log = open(tmp_path / "router1.log").read()
+    assert "routers fused into one launch" in log and "a router stays SGLang's" not in log
+
+
 def greedy_texts(base: str, name: str, batched: bool, max_tokens: int = 24) -> list[str]:
     import openai
 

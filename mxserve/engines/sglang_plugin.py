@@ -141,23 +141,48 @@ SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwe
 # stream-K grid too since the twenty-first session, not yet timed there): the FusedMoE layers, by id, whose shared
 # experts launch when their MoE block is entered, before its router
 _EARLY: dict[int, torch.nn.Module] = {}
+# MXSERVE_FUSED_ROUTER=1 (opt-in until timed end to end): the FusedMoE layers, by id, whose MoE block's router is
+# fused into one launch when the block is first entered (sglang_router.py)
+_ROUTER: dict[int, torch.nn.Module] = {}
+_HOOKED: list[bool] = []  # whether the pre-hook below is registered (once per process)
+
+
+def _hook_moe_blocks() -> None:
+    """The forward pre-hook on every module that finds a layer's MoE block as the module whose ``experts`` is
+    the layer (SGLang creates Qwen2-MoE's router without a quantization config, so no method of ours runs
+    before it): a dict lookup per module call in eager passes; CUDA-graph replays run no hooks."""
+    if not _HOOKED:
+        torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block)
+        _HOOKED.append(True)
+
+
+def _fuse_router(layer: torch.nn.Module) -> None:
+    """Have ``layer``'s MoE block route small forwards in one launch (sglang_router.fuse_router), from its
+    first forward on."""
+    if not _ROUTER:
+        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=1)")
+    _hook_moe_blocks()
+    _ROUTER[id(layer)] = layer
 
 
 def _start_shared_early(layer: torch.nn.Module) -> None:
     """Have ``layer``'s shared experts launch as soon as its MoE block is entered: on their own stream,
-    beside the router's product, its top-k and the alignment, as SGLang runs its own shared MLP. SGLang
-    creates Qwen2-MoE's router without a quantization config, so no linear method of ours runs before
-    it; a forward pre-hook on every module finds the block as the module whose ``experts`` is the layer
-    (a dict lookup per module call in eager passes; CUDA-graph replays run no hooks, and their capture
-    holds the early launches)."""
+    beside the router's product, its top-k and the alignment, as SGLang runs its own shared MLP
+    (_hook_moe_blocks; CUDA-graph captures hold the early launches)."""
     if not _EARLY:
-        torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block)
+        _hook_moe_blocks()
         log.warning("mxserve: the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts")
     _EARLY[id(layer)] = layer
 
 
 def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
-    layer = _EARLY.get(id(module._modules.get("experts")))
+    key = id(module._modules.get("experts"))
+    if key in _ROUTER:  # once per block, on its first forward (an eager one: SGLang warms up before capturing)
+        from mxserve.engines.sglang_router import fuse_router
+
+        fuse_router(module)
+        del _ROUTER[key]
+    layer = _EARLY.get(key)
     if layer is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
         x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
         layer.mx.start_shared(x.reshape(-1, x.shape[-1]), layer.top_k)
@@ -309,6 +334,8 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_shared_early(layer)
+            if os.environ.get("MXSERVE_FUSED_ROUTER") == "1":
+                _fuse_router(layer)
         layer.mx_loaded = {}
 
     def apply(self, layer: torch.nn.Module, dispatch_output) -> Any:

@@ -1,0 +1,100 @@
+"""A decode forward's router in one launch: the gate's logits, softmax, top-k and renormalization.
+
+SGLang's Qwen2-MoE block routes with a bf16 GEMV (on the H200 cuBLAS makes it two kernels, and the top-k
+a zero fill for its bias) and then a Triton top-k: four launches, 9.6 us from the post-attention norm to
+the top-k at 1 request and 11.7 us at 8, where the MoE GEMMs take 23 and 51 (benchmarks/README.md,
+twenty-first session). Here each program computes the logits of one token for a chunk of experts; the
+last of a token's programs to finish (a counter per token, which it puts back to zero) takes the
+softmax and the top-k. It rounds the logits to bf16 first, as SGLang's gate stores them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# tokens per forward up to which the fused router runs: every program reads its chunk of the gate's weights,
+# so its reads grow with the tokens, where one GEMM's do not (prefill keeps the engine's router)
+FUSED_ROUTER_TOKENS = 64
+CHUNK = 4  # experts per program: Qwen1.5-MoE's 60 experts are 15 programs a token, each reading 16 KB
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr, N, K,
+                        TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr):  # fmt: skip
+    tok = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows = chunk * BN + tl.arange(0, BN)
+    # BK is the whole of K up to 2048: every load of a program in flight at once (a loop of loads waits on
+    # each), and one reduction across the threads at the end
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + tok * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K), other=0.0)
+        acc += w.to(tl.float32) * a[None, :]
+    logit = tl.sum(acc, axis=1)
+    tl.store(logits_ptr + tok * N + rows, logit.to(tl.bfloat16).to(tl.float32), mask=rows < N)
+    # release: this program's logits before its count; acquire: the last one then reads every program's
+    if tl.atomic_add(count_ptr + tok, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.store(count_ptr + tok, 0)  # zero again for the next launch (CUDA-graph replays too)
+        j = tl.arange(0, NP)
+        v = tl.load(logits_ptr + tok * N + j, mask=j < N, other=float("-inf"), volatile=True)
+        e = tl.exp(v - tl.max(v, axis=0))
+        p = e / tl.sum(e, axis=0)
+        slot = tl.arange(0, KP)
+        weights = tl.zeros([KP], dtype=tl.float32)
+        ids = tl.zeros([KP], dtype=tl.int32)
+        for i in tl.static_range(TOPK):  # the largest first; the lowest index among equals, as tl.argmax
+            best = tl.argmax(p, axis=0)
+            weights = tl.where(slot == i, tl.max(p, axis=0), weights)
+            ids = tl.where(slot == i, best.to(tl.int32), ids)
+            p = tl.where(j == best, -1.0, p)
+        if RENORMALIZE:
+            weights = weights / tl.sum(weights, axis=0)
+        if HAS_VALID:  # CUDA-graph padding past the real tokens: no expert (SGLang's -1)
+            ids = tl.where(tok < tl.load(valid_ptr).to(tl.int32), ids, -1)
+        tl.store(topk_w_ptr + tok * TOPK + slot, weights, mask=slot < TOPK)
+        tl.store(topk_ids_ptr + tok * TOPK + slot, ids, mask=slot < TOPK)
+
+
+def counters(device: torch.device, tokens: int) -> torch.Tensor:
+    """A zeroed int32 counter per token, kept per device: every launch leaves it zeroed, so no fill runs
+    before one (made outside CUDA-graph capture by the first, larger eager forward)."""
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < tokens:
+        counts = _COUNTS[device] = torch.zeros(max(tokens, 4096), dtype=torch.int32, device=device)
+    return counts
+
+
+def fused_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    num_token_non_padded: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing of ``x`` [T, H] by the gate ``weight`` [E, H]: (weights [T, k] fp32, ids [T, k]
+    int32, logits [T, E] fp32 rounded to bf16), the weights renormalized to sum 1 if ``renormalize``; ids -1
+    for tokens from ``num_token_non_padded`` (a one-element tensor) on."""
+    t, h = x.shape
+    e = weight.shape[0]
+    if weight.shape[1] != h or not 0 < top_k <= e:
+        raise ValueError(f"router: gate {tuple(weight.shape)} for tokens of {h} and top-{top_k}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    topk_w = torch.empty(t, top_k, dtype=torch.float32, device=x.device)
+    topk_ids = torch.empty(t, top_k, dtype=torch.int32, device=x.device)
+    if t == 0:
+        return topk_w, topk_ids, logits
+    valid = num_token_non_padded
+    fused_router_kernel[(t, triton.cdiv(e, CHUNK))](
+        x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
+        e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=triton.next_power_of_2(e), BN=CHUNK,
+        BK=min(triton.next_power_of_2(h), 2048), RENORMALIZE=renormalize, HAS_VALID=valid is not None, num_warps=8,
+    )  # fmt: skip
+    return topk_w, topk_ids, logits
