@@ -122,18 +122,10 @@ def test_shared_experts_launched_early_serve_the_same_text(arch, tmp_path):
     """MXSERVE_SHARED_EARLY=1 launches the shared experts when the MoE block is entered (before the
     router): the same launches into the same buffers, so the same greedy text, one prompt at a time
     (the 1-token kernels) and all at once (the Gluon kernel), CUDA graphs captured over them."""
-    src = sglang_tiny(arch, tmp_path)
-    ckpt = str(tmp_path / "ckpt")
-    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
-    port = 32000 + os.getpid() % 1000
-    texts = {}
-    for early in ("0", "1"):
-        # stream-K keeps the shared experts in its launches and adds sums in any order: off
-        with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"early{early}.log"),
-                     MXSERVE_SHARED_EARLY=early, MXSERVE_STREAM_K="0") as base:  # fmt: skip
-            texts[early] = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
+    # stream-K keeps the shared experts in its launches and adds sums in any order: off
+    texts, ckpt, port = texts_served_with(tmp_path, arch, "MXSERVE_SHARED_EARLY", MXSERVE_STREAM_K="0")
     assert texts["1"] == texts["0"]
-    log = open(tmp_path / "early1.log").read()
+    log = open(tmp_path / "MXSERVE_SHARED_EARLY1.log").read()
     assert "the shared experts launch early" in log
     # the forwards took the early launches (a forward that does not logs it: equal text would not show it)
     assert "were not used" not in log
@@ -178,19 +170,27 @@ def test_fused_router_serves_the_routing_of_sglangs_own(tmp_path):
     """MXSERVE_FUSED_ROUTER=1: each MoE block's decode routing in one launch (logits, softmax, top-k) in place of
     SGLang's gate and top-k, CUDA graphs captured over it. Its logits are rounded to bf16 from sums in another
     order than cuBLAS's, which can flip a near tie of a tiny random model: most texts, not all, must agree."""
-    src = sglang_tiny("qwen2_moe", tmp_path)
+    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_FUSED_ROUTER")
+    pairs = [(a, b) for batched in (False, True) for a, b in zip(texts["0"][batched], texts["1"][batched])]
+    assert sum(a == b for a, b in pairs) >= 3 * len(pairs) // 4, texts
+    log = open(tmp_path / "MXSERVE_FUSED_ROUTER1.log").read()
+    assert "routers fused into one launch" in log and "a router stays SGLang's" not in log
+
+
+def texts_served_with(tmp_path, arch: str, var: str, **env: str) -> tuple[dict, str, int]:
+    """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
+    (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)
+    and all at once (True); also the checkpoint and the port, for more servers."""
+    src = sglang_tiny(arch, tmp_path)
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
     port = 32000 + os.getpid() % 1000
     texts = {}
-    for fused in ("0", "1"):
-        with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"router{fused}.log"),
-                     MXSERVE_FUSED_ROUTER=fused) as base:  # fmt: skip
-            texts[fused] = greedy_texts(base, "tiny", False) + greedy_texts(base, "tiny", True)
-    same = sum(a == b for a, b in zip(texts["0"], texts["1"]))
-    assert same >= 3 * len(texts["0"]) // 4, (same, texts)
-    log = open(tmp_path / "router1.log").read()
-    assert "routers fused into one launch" in log and "a router stays SGLang's" not in log
+    for value in ("0", "1"):
+        with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"{var}{value}.log"),
+                     **{var: value}, **env) as base:  # fmt: skip
+            texts[value] = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
+    return texts, ckpt, port
 
 
 def greedy_texts(base: str, name: str, batched: bool, max_tokens: int = 24) -> list[str]:
