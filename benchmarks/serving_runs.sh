@@ -84,6 +84,10 @@ elif [ "$what" = qwen15-24 ]; then
   # ROUTER=1 adds a server whose MoE blocks route decode forwards in one launch (MXSERVE_FUSED_ROUTER=1)
   [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-fused-router=$work/q15-24-$name"
     --server-env "mxserve-$name-fused-router=MXSERVE_FUSED_ROUTER=1")
+  # EARLY=1 and ROUTER=1 together also add a server with both
+  [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
+    --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"
+    --server-env "mxserve-$name-early-router=MXSERVE_FUSED_ROUTER=1")
   # STREAM_K=0 (or 1) adds a server whose Gluon decode launches never (always) run on the stream-K grid
   # (MXSERVE_STREAM_K; by default below 4 rows per expert)
   [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k-$STREAM_K=$work/q15-24-$name"

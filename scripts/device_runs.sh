@@ -73,8 +73,9 @@
 #  32. (only when asked: `start 32`) stream-K's K tiles dealt out by cost (commit f72222b): its GPU tests, the layer
 #      on both deals, end to end with stream-K forced for the committed plan (~15 min: two calls).
 #  33. (only when asked: `start 33`) the shared experts started early on the stream-K grid and the router in one
-#      launch: their SGLang and kernel tests, end to end the r = 0.25 plan alone, with MXSERVE_SHARED_EARLY=1 and
-#      with MXSERVE_FUSED_ROUTER=1 beside the GPTQ copy (~14 min), then every kernel GPU test (~13 min).
+#      launch: their kernel tests, end to end the r = 0.25 plan alone, with MXSERVE_SHARED_EARLY=1, with
+#      MXSERVE_FUSED_ROUTER=1 and with both beside the GPTQ copy (~12 min), their SGLang tests (~5 min), then every
+#      kernel GPU test (~13 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -618,23 +619,22 @@ phase33() {
   # the twenty-first session's two changes to the 7 to 12 us a layer spends before its GEMMs at decode: the shared
   # experts started early on the stream-K grid (MXSERVE_SHARED_EARLY=1: their own stream-K launches beside the
   # router, top-k and alignment; at 1 token half the weights read are theirs) and the router in one launch
-  # (MXSERVE_FUSED_ROUTER=1: logits, softmax and top-k). Their SGLang tests and the fused router's kernel tests
-  # beside the checkpoints, then end to end the r = 0.25 plan alone, with each, and the GPTQ copy on Marlin
-  # (~14 min), then every kernel GPU test (~13 min, a later call: the file has not run whole since stream-K became
-  # the default)
+  # (MXSERVE_FUSED_ROUTER=1: logits, softmax and top-k). Their kernel tests beside the checkpoints; end to end the
+  # r = 0.25 plan alone, with each, with both, and the GPTQ copy on Marlin (~12 min); their SGLang tests (~5 min);
+  # then every kernel GPU test (~13 min, a later call: the file has not run whole since stream-K became the default)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
   mkdir -p $res/tests
   prep MX_GPTQ=1 "${plan[@]}" &
-  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
-    -k "launched_early or fused_router" --basetemp=/tmp/pt_early -rA -p no:cacheprovider > $res/tests/sglang_early.log 2>&1
-  say "sglang early-launch and fused-router tests rc=$? $(tail -1 $res/tests/sglang_early.log)"
   kernel_tests "fused_router or started_early" > $res/tests/kernels_router.log 2>&1
   wait
   [ -f /tmp/w/q15-24-3.25bit-r0.25-t8/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   env NO_BF16=1 MX_GPTQ=1 EARLY=1 ROUTER=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
     $res/e2e_early > $res/e2e_early.log 2>&1
-  say "e2e mxserve r = 0.25 alone, with the early shared launch, with the fused router; GPTQ on Marlin rc=$?"
+  say "e2e mxserve r = 0.25 alone, with the early shared launch, the fused router, both; GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k "launched_early or fused_router" --basetemp=/tmp/pt_early -rA -p no:cacheprovider > $res/tests/sglang_early.log 2>&1
+  say "sglang early-launch and fused-router tests rc=$? $(tail -1 $res/tests/sglang_early.log)"
   kernel_tests > $res/tests/kernels_all.log 2>&1
 }
 
