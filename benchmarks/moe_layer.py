@@ -271,6 +271,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # layouts picked before (the unbalanced grid; at one row per expert the CUDA-core products) beside it
     "Gluon, stream-K": {"stream_k": True},
     "no stream-K": {"stream_k": False},
+    # stream-K with one and with two MMA tiles of rows per warp, whatever the codes (the picked: two for narrow code
+    # sets, one for the others): whether costly layers lose on stream-K for their tiles' width (twenty-first session)
+    "stream-K, BN 64": {"stream_k": True, "bn": 64},
+    "stream-K, BN 128": {"stream_k": True, "bn": 128},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -74,8 +74,8 @@
 #      on both deals, end to end with stream-K forced for the committed plan (~15 min: two calls).
 #  33. (only when asked: `start 33`) the shared experts started early on the stream-K grid and the router in one
 #      launch: their kernel tests, end to end the r = 0.25 plan alone, with MXSERVE_SHARED_EARLY=1, with
-#      MXSERVE_FUSED_ROUTER=1 and with both beside the GPTQ copy (~12 min), their SGLang tests (~5 min), then every
-#      kernel GPU test (~13 min).
+#      MXSERVE_FUSED_ROUTER=1 and with both beside the GPTQ copy (~12 min), the layer on stream-K at both tile widths
+#      (~2 min), their SGLang tests (~5 min), then every kernel GPU test (~13 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -632,6 +632,11 @@ phase33() {
     $res/e2e_early > $res/e2e_early.log 2>&1
   say "e2e mxserve r = 0.25 alone, with the early shared launch, the fused router, both; GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
+  # why costly layers lose on stream-K (phases 31, 32): the tiles' width (BN 64 for them, 128 for narrow sets)?
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN 64|stream-K, BN 128)$' \
+    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_bn > $res/layer_bn.log 2>&1
+  say "moe_layer stream-K by tile width rc=$?"
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k "launched_early or fused_router" --basetemp=/tmp/pt_early -rA -p no:cacheprovider > $res/tests/sglang_early.log 2>&1
   say "sglang early-launch and fused-router tests rc=$? $(tail -1 $res/tests/sglang_early.log)"
