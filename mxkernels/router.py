@@ -17,7 +17,9 @@ import triton.language as tl
 # tokens per forward up to which the fused router runs: every program reads its chunk of the gate's weights,
 # so its reads grow with the tokens, where one GEMM's do not (prefill keeps the engine's router)
 FUSED_ROUTER_TOKENS = 64
-CHUNK = 4  # experts per program: Qwen1.5-MoE's 60 experts are 15 programs a token, each reading 16 KB
+# experts per program, and one warp a program: its reductions (the logits, then the softmax and top-k of the last
+# program) are a warp's shuffles, with no shared memory and no barrier (8 warps: 30 barriers in the sm_90 code)
+CHUNK = 1
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -95,6 +97,6 @@ def fused_router(
     fused_router_kernel[(t, triton.cdiv(e, CHUNK))](
         x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
         e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=triton.next_power_of_2(e), BN=CHUNK,
-        BK=min(triton.next_power_of_2(h), 2048), RENORMALIZE=renormalize, HAS_VALID=valid is not None, num_warps=8,
+        BK=min(triton.next_power_of_2(h), 2048), RENORMALIZE=renormalize, HAS_VALID=valid is not None, num_warps=1,
     )  # fmt: skip
     return topk_w, topk_ids, logits
