@@ -18,7 +18,7 @@ import triton.language as tl
 # so its reads grow with the tokens, where one GEMM's do not (prefill keeps the engine's router)
 FUSED_ROUTER_TOKENS = 64
 # experts per program, and one warp a program: its reductions (the logits, then the softmax and top-k of the last
-# program) are a warp's shuffles, with no shared memory and no barrier (8 warps: 30 barriers in the sm_90 code)
+# program) are a warp's shuffles; the sm_90 code has one barrier, at the counter (with 8 warps: 30)
 CHUNK = 1
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
