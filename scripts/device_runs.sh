@@ -574,7 +574,7 @@ phase31() {
   # the stream-K rule as it stands (off from 1.5 rows per expert only where more than a quarter of a layer's
   # weights are 3 or 8-bit or bf16): the committed plan (46%: off at 8 requests) and the r = 0.25 plan (5%: on)
   # beside the GPTQ copy on Marlin, one run (~14 min with the checkpoints); then the layer at costly shares
-  # between the two (~2 min). Every kernel GPU test moved to phase 32, after the 3-bit repack.
+  # between the two (~2 min). Every kernel GPU test moved to phase 33.
   local plan=(ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json:3.25bit-r0.25-t8)
   prep MX_GPTQ=1 "${plan[@]}"
   env NO_BF16=1 MX_GPTQ=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_s21 \
@@ -616,7 +616,7 @@ phase32() {
 }
 
 phase33() {
-  # the twenty-first session's two changes to the 7 to 12 us a layer spends before its GEMMs at decode: the shared
+  # the twenty-first session's two changes to the 15 to 17 us a layer spends before its GEMMs at decode: the shared
   # experts started early on the stream-K grid (MXSERVE_SHARED_EARLY=1: their own stream-K launches beside the
   # router, top-k and alignment; at 1 token half the weights read are theirs) and the router in one launch
   # (MXSERVE_FUSED_ROUTER=1: logits, softmax and top-k). Their kernel tests beside the checkpoints; end to end the

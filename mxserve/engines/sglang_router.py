@@ -1,7 +1,7 @@
 """A MoE block's router in one launch under SGLang (``MXSERVE_FUSED_ROUTER=1``, opt-in until timed end to end).
 
 SGLang's Qwen2-MoE-style blocks call ``gate(hidden)`` for the logits, then ``topk(hidden, logits, ...)``: at
-decode on the H200 four launches and 9.6 to 11.7 us a layer before the experts start (benchmarks/README.md,
+decode on the H200 four launches and 9.6 to 11.7 us a layer from the post-attention norm on (benchmarks/README.md,
 twenty-first session). For forwards of at most ``FUSED_ROUTER_TOKENS`` tokens the gate here hands back the
 hidden states in place of logits (no launch), and the top-k computes logits, softmax and top-k in one launch
 (mxkernels.router.fused_router). Larger forwards (prefill) take SGLang's own two. Only plain softmax top-k is
