@@ -108,8 +108,11 @@ elif [ "$what" = qwen15-24 ]; then
   # METRICS_ONLY=1: the GPTQ copy with --enable-metrics the only baseline (one call's worth of servers)
   [ -z "${METRICS_ONLY:-}" ] || baselines=(--skip-bf16 --sglang-ckpt gptq-marlin-metrics="$work/q15-gptq"
     --plain-args "gptq-marlin-metrics=--enable-metrics")
+  # NO_PLAIN=1: no server of the plan without options (when another run of the same session has timed it)
+  plain=(--ckpt "$name=$work/q15-24-$name")
+  [ -z "${NO_PLAIN:-}" ] || plain=()
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
-    --ckpt "$name=$work/q15-24-$name" "${also[@]}" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
+    "${plain[@]}" "${also[@]}" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = gptq-check ]; then
