@@ -141,8 +141,9 @@ SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwe
 # stream-K grid too since the twenty-first session, not yet timed there): the FusedMoE layers, by id, whose shared
 # experts launch when their MoE block is entered, before its router
 _EARLY: dict[int, torch.nn.Module] = {}
-# MXSERVE_FUSED_ROUTER=1 (opt-in until timed end to end): the FusedMoE layers, by id, whose MoE block's router is
-# fused into one launch when the block is first entered (sglang_router.py)
+# the FusedMoE layers, by id, whose MoE block's router is fused into one launch when the block is first entered
+# (sglang_router.py); the default since the twenty-second session's end-to-end runs (4% more tokens/s at 1 request,
+# 1 to 5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
 _ROUTER: dict[int, torch.nn.Module] = {}
 _HOOKED: list[bool] = []  # whether the pre-hook below is registered (once per process)
 
@@ -160,7 +161,7 @@ def _fuse_router(layer: torch.nn.Module) -> None:
     """Have ``layer``'s MoE block route small forwards in one launch (sglang_router.fuse_router), from its
     first forward on."""
     if not _ROUTER:
-        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=1)")
+        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=0: SGLang's)")
     _hook_moe_blocks()
     _ROUTER[id(layer)] = layer
 
@@ -334,7 +335,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_shared_early(layer)
-            if os.environ.get("MXSERVE_FUSED_ROUTER") == "1":
+            if os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0":
                 _fuse_router(layer)
         layer.mx_loaded = {}
 

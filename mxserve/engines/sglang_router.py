@@ -1,4 +1,4 @@
-"""A MoE block's router in one launch under SGLang (``MXSERVE_FUSED_ROUTER=1``, opt-in until timed end to end).
+"""A MoE block's router in one launch under SGLang (the default; ``MXSERVE_FUSED_ROUTER=0`` keeps SGLang's).
 
 SGLang's Qwen2-MoE-style blocks call ``gate(hidden)`` for the logits, then ``topk(hidden, logits, ...)``: at
 decode on the H200 four launches and 9.6 to 11.7 us a layer from the post-attention norm on (benchmarks/README.md,
@@ -55,7 +55,7 @@ def fuse_router(block: torch.nn.Module) -> bool:
     if why is not None:
         if why not in _SAID:
             _SAID.add(why)
-            log.warning("mxserve: MXSERVE_FUSED_ROUTER=1, but a router stays SGLang's: %s", why)
+            log.info("mxserve: a router stays SGLang's (not fused into one launch): %s", why)
         return False
     cfg, weight = topk.topk_config, gate.weight
     counters(weight.device, FUSED_ROUTER_TOKENS)  # made now, before any CUDA-graph capture
