@@ -286,12 +286,13 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
     assert counter.snapshot() == want.snapshot()
 
 
-def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, graph: bool = False, h: int = 256) -> None:
+def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, graph: bool = False, h: int = 256,
+                      per_program: int = 1) -> None:  # fmt: skip
     """mxkernels.router.fused_router against torch: the logits (rounded to bf16, within two bf16 steps of a
     product in fp32), the top-k of their softmax (ids exact, weights within 1e-6) and its renormalization;
     tokens from num_token_non_padded on route nowhere; the per-token counters are zero again after a launch,
     so a second launch (with ``graph``, a CUDA-graph replay on new tokens) routes alike. ``h``: the hidden size
-    (past 2048 the kernel loops over K)."""
+    (past 2048 the kernel loops over K); ``per_program``: experts a program (64: one program a token, no counter)."""
     from mxkernels.router import _COUNTS, fused_router
 
     gen = torch.Generator().manual_seed(t)
@@ -315,14 +316,14 @@ def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, grap
         assert not _COUNTS[got[0].device].any()  # cuda:0, not the test's 'cuda'
 
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
-    check(x, fused_router(x, w, 4, renormalize, valid))
+    check(x, fused_router(x, w, 4, renormalize, valid, per_program))
     if not graph:
         x2 = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
-        check(x2, fused_router(x2, w, 4, renormalize, valid))
+        check(x2, fused_router(x2, w, 4, renormalize, valid, per_program))
         return
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        captured = fused_router(x, w, 4, renormalize, valid)
+        captured = fused_router(x, w, 4, renormalize, valid, per_program)
     for _ in range(2):
         x.copy_(torch.randn(t, h, generator=gen).to(torch.bfloat16))
         g.replay()
