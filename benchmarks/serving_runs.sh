@@ -11,7 +11,9 @@
 #                                                    # with K split by waves at decode; EARLY=1: also with
 #                                                    # the shared experts launched before the router;
 #                                                    # STREAM_K=1: also on the stream-K decode grid; ROUTER=1:
-#                                                    # also with each MoE block's decode routing in one launch)
+#                                                    # also with each MoE block's decode routing in one launch
+#                                                    # (the default since), ROUTER=0: with SGLang's router;
+#                                                    # PDL=1: also with programmatic dependent launches)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -81,9 +83,13 @@ elif [ "$what" = qwen15-24 ]; then
   # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
   [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
     --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
-  # ROUTER=1 adds a server whose MoE blocks route decode forwards in one launch (MXSERVE_FUSED_ROUTER=1)
-  [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-fused-router=$work/q15-24-$name"
-    --server-env "mxserve-$name-fused-router=MXSERVE_FUSED_ROUTER=1")
+  # ROUTER=1 adds a server whose MoE blocks route decode forwards in one launch (MXSERVE_FUSED_ROUTER=1, since made
+  # the default); ROUTER=0 one with SGLang's router
+  router=fused-router; [ "${ROUTER:-}" != 0 ] || router=sglang-router
+  [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-$router=$work/q15-24-$name"
+    --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
+  # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
+  [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
     --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"

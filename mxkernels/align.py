@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxkernels.pdl import launch, pdl, wait_then_release
+
 KERNEL_MAX_ROWS = 4096  # above this, one program per LARGE_CHUNK rows (three launches)
 LARGE_CHUNK = 512
 
@@ -89,9 +91,12 @@ def _count(ids_ptr, w_ptr, w_out_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl
 @triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
 def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
                      cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
+                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, SHARED: tl.constexpr,
+                     PDL: tl.constexpr = False):  # fmt: skip
     # without SHARED, E is the routed experts only and the shared slots' rows and weights are left
     # to shared_rows (another stream may be writing them)
+    if PDL:  # the top-k is the launch before's (pdl.py)
+        wait_then_release()
     bins = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
@@ -184,7 +189,7 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_
     # same time and only add compiled variants
     moe_align_kernel[(1,)](ids, tw, sorted_ids, block_expert, npp, w, cursor, rows, n_routed, cap, K=k, SLOTS=slots,
                            E=placed, EP=ep, BM=bm, CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))),
-                           BCHUNK=64, SHARED=shared, num_warps=8)  # fmt: skip
+                           BCHUNK=64, SHARED=shared, PDL=pdl(dev), num_warps=8, **launch(dev))  # fmt: skip
     return sorted_ids, block_expert, npp, w
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from mxkernels.moe_gemm import INTERPRET, _bf16
+from mxkernels.pdl import launch, pdl, wait_then_release
 
 
 @triton.jit
@@ -33,7 +34,10 @@ def moe_combine_kernel(
     GATE: tl.constexpr,
     BH: tl.constexpr,
     F32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the expert outputs are the launch before's (pdl.py)
+        wait_then_release()
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     mask = cols < H
@@ -75,6 +79,6 @@ def combine(out: torch.Tensor, k: int, scale: torch.Tensor | None,
     x, g = gate if gate is not None else (y, y)
     moe_combine_kernel[(t, triton.cdiv(h, bh))](
         out, y, s, x, g, h, out.stride(0), SPLIT=split, K=k, SLOTS=slots, HAS_SCALE=scale is not None,
-        GATE=gate is not None, BH=bh, F32=INTERPRET,
+        GATE=gate is not None, BH=bh, F32=INTERPRET, PDL=pdl(y.device), **launch(y.device),
     )  # fmt: skip
     return y

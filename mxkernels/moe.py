@@ -32,6 +32,7 @@ from mxkernels.align import route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
+from mxkernels.pdl import launch, pdl
 from mxkernels.tile_table import codes_class, tile_table
 
 
@@ -222,12 +223,15 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
-          launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None) -> None:
+          launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
+          static: bool = True) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
     (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
-    slots first..first+count-1 only (the activations quantized per token are those rows')."""
+    slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
+    ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
+    dependent launch the down GEMM loads them before it waits (pdl.py)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -242,7 +246,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
@@ -305,7 +309,7 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int, codes: int) -> None:  # fmt: skip
+                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
@@ -325,11 +329,13 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS)  # fmt: skip
+    if pdl(a_all.device):  # the kernel's PDL modes: moe_gemm_gluon.py
+        consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
         cap = STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, a_all.device)
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), a_all.device)
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -644,14 +650,16 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None) -> None:
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
-                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine)
+                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
+                      static=not dq)  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
         if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
-                ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET
-            )
+                ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET,
+                PDL=pdl(dev), **launch(dev),
+            )  # fmt: skip
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
         gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
 

@@ -49,6 +49,8 @@ import os
 import triton
 import triton.language as tl
 
+from mxkernels.pdl import wait_then_release
+
 # Triton's CPU interpreter mis-computes bf16 tl.dot (seen with triton 3.9): under it,
 # bf16 operands are upcast to fp32 for the dot. GPUs keep the bf16 MMA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -593,11 +595,13 @@ def mx_moe_gemm_kernel(
 # batch-dependent or layout integers: none feeds a vectorized address, and each 1 would be a compile
 @triton.jit(do_not_specialize=["rows", "slots", "first", "count"])
 def silu_mul_kernel(ws_ptr, out_ptr, rows, N, slots, first, count, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                    F32: tl.constexpr):  # fmt: skip
+                    F32: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     """inter [rows, N] = SiLU(gate) * up from SPLIT fp32 partials [SPLIT, rows, 2N] of gate | up,
     rounded as the unsplit kernel rounds (gate and up to bf16 first). Program p takes row
     (p // count) * slots + first + p % count: slots first..first+count-1 of each token (all rows
     with 1, 0, 1)."""
+    if PDL:  # gate | up are the launch before's (pdl.py)
+        wait_then_release()
     p = tl.program_id(0)
     r = (p // count) * slots + first + p % count
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -233,17 +234,25 @@ def _act_operand(words, B_OP: gl.constexpr):
 @gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
-          SKIP_PAD: gl.constexpr):  # fmt: skip
+          SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
-    next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w."""
+    next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w.
+    WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
+    scales load first, then the program waits for that launch."""
     if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
     else:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
-    a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
-    s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
+    if WAIT:
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
+    else:
+        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
     return w, wx, s, z, a
 
 
@@ -269,7 +278,7 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
     in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
@@ -282,11 +291,11 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
-                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
@@ -308,7 +317,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n,
            pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
-           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):  # fmt: skip
+           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -350,7 +359,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD)  # fmt: skip
+                                        SKIP_PAD, WAIT)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -381,7 +390,14 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                              zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False):  # fmt: skip
+                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
+                             PDL: gl.constexpr = 0):  # fmt: skip
+    # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
+    # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
+    # the first K tile's weights load while that launch ends
+    if PDL == 1:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
@@ -414,7 +430,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
-                   True, MMA, A_OP, B_OP)  # fmt: skip
+                   True, MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -432,4 +448,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP)  # fmt: skip
+                   A_OP, B_OP, PDL == 2)  # fmt: skip
+    if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

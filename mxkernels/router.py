@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxkernels.pdl import launch, pdl, wait_then_release
+
 # tokens per forward up to which the fused router runs: every program reads its chunk of the gate's weights,
 # so its reads grow with the tokens, where one GEMM's do not (prefill keeps the engine's router)
 FUSED_ROUTER_TOKENS = 64
@@ -53,7 +55,7 @@ def _top_k(v, j, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK: tl.constexpr, K
 def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr, N, K,
                         TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
-                        ALONE: tl.constexpr):  # fmt: skip
+                        ALONE: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
     tok = tl.program_id(0)
     chunk = tl.program_id(1)
     rows = chunk * BN + tl.arange(0, BN)
@@ -62,8 +64,10 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        a = tl.load(x_ptr + tok * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K), other=0.0)
+        if PDL:  # the gate's weights load while the launch before (the norm) ends; its output only after (pdl.py)
+            wait_then_release()
+        a = tl.load(x_ptr + tok * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * a[None, :]
     logit = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
     tl.store(logits_ptr + tok * N + rows, logit, mask=rows < N)
@@ -122,6 +126,6 @@ def fused_router(
     fused_router_kernel[(t, triton.cdiv(e, bn))](
         x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
         e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=np_, BN=bn, BK=bk, RENORMALIZE=renormalize,
-        HAS_VALID=valid is not None, ALONE=alone, num_warps=warps,
+        HAS_VALID=valid is not None, ALONE=alone, PDL=pdl(x.device), num_warps=warps, **launch(x.device),
     )  # fmt: skip
     return topk_w, topk_ids, logits

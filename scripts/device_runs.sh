@@ -76,6 +76,13 @@
 #      launch: their kernel tests, end to end the r = 0.25 plan alone, with MXSERVE_SHARED_EARLY=1, with
 #      MXSERVE_FUSED_ROUTER=1 and with both beside the GPTQ copy (~12 min), the layer on stream-K at both tile widths
 #      (~2 min), their SGLang tests (~5 min), then every kernel GPU test (~13 min).
+#  34. (only when asked: `start 34`) what phase 33's one call left out: the fused router's kernel and SGLang tests,
+#      end to end the r = 0.25 plan with it against the GPTQ copy (~8 min).
+#  35. (only when asked: `start 35`) programmatic dependent launch (MXSERVE_PDL=1) and the router's layouts: their
+#      kernel tests, the router's launch by layout (benchmarks/router.py), end to end the r = 0.25 plan with and
+#      without PDL beside the GPTQ copy (~10 min).
+#  36. (only when asked: `start 36`) the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral SGLang
+#      tests, PDL's SGLang test (~5 min), then every kernel GPU test (~13 min). Run as `start 35 36`.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -662,6 +669,39 @@ phase34() {
   say "e2e mxserve r = 0.25 with the fused router; GPTQ on Marlin rc=$?"
 }
 
+phase35() {
+  # the twenty-second session's two untimed changes: programmatic dependent launch of the decode MoE chain
+  # (MXSERVE_PDL=1: router, alignment, gate/up, SiLU, down, top-k sum; the router's gate and the down GEMM's first
+  # K tile loaded before their waits) and the router's layouts (several experts a program, or all with no
+  # counter). Their kernel tests beside the checkpoints; the router's launch timed by layout, with and without
+  # PDL, against SGLang's (~1 min, after the checkpoints: they quantize on the GPU); then end to end the r = 0.25
+  # plan (the fused router now the default), with PDL, and the GPTQ copy on Marlin (~8 min)
+  local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
+  mkdir -p $res/tests
+  prep MX_GPTQ=1 "${plan[@]}" &
+  kernel_tests "fused_router or programmatic" > $res/tests/kernels_pdl.log 2>&1
+  wait
+  python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
+  say "router launch by layout rc=$? $(tail -1 $res/router.log)"
+  [ -f /tmp/w/q15-24-3.25bit-r0.25-t8/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 PDL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
+    $res/e2e_pdl > $res/e2e_pdl.log 2>&1
+  say "e2e mxserve r = 0.25 (fused router), with PDL; GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
+phase36() {
+  # the fused router, the default since the twenty-second session, served by the other architectures' SGLang
+  # tests (Qwen3-MoE, OLMoE, Mixtral; DeepSeek-V2 keeps SGLang's router), and PDL's SGLang test (same text)
+  mkdir -p $res/tests
+  (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k programmatic --basetemp=/tmp/pt_pdl -rA -p no:cacheprovider > $res/tests/sglang_pdl.log 2>&1
+   say "sglang PDL test rc=$? $(tail -1 $res/tests/sglang_pdl.log)") &
+  sglang_tests qwen3_moe olmoe mixtral
+  wait
+  kernel_tests > $res/tests/kernels_all.log 2>&1
+}
+
 phase7() {
   sglang_tests qwen2_moe qwen3_moe olmoe mixtral deepseek_v2
   kernel_tests > $res/tests/kernels.log 2>&1
@@ -677,7 +717,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

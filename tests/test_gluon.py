@@ -21,12 +21,13 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False) -> str:  # fmt: skip
-    return in_fresh_process("test_gluon", f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k})")
+          stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl})"
+    return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False) -> str:  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +37,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -44,9 +45,9 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     from mxkernels.moe import STREAM_K_REGISTERS
 
     cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
-    options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {})}  # as moe._gemm_gluon launches it
+    options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}")  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -119,6 +120,29 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     inner = _k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
+
+
+@pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
+def test_gluon_kernel_waits_for_the_launch_before_where_its_pdl_mode_says(gate_up, pdl):
+    # programmatic dependent launch (mxkernels/pdl.py): griddepcontrol.wait is ACQBULK in the sm_90 code and
+    # launch_dependents PREEXIT, after it. Mode 1 (gate/up) waits before any load; mode 2 (down) loads the
+    # first K tile's weights (16-byte loads) before its wait and the activations after it, before the MMA
+    sass = _sass(gate_up, False, 0b10000, 8, 64, True, pdl)
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+
+    def first(op: str) -> int:
+        return next((i for i, ln in enumerate(lines) if re.search(rf"\b{op}\b", ln)), len(lines))
+
+    wait, release, loads, mma = first("ACQBULK"), first("PREEXIT"), first(r"LDG\.E[.\w]*"), first("HMMA")
+    if pdl == 0:
+        assert wait == release == len(lines)
+        return
+    assert wait < release < mma
+    if pdl == 1:
+        assert wait < loads
+        return
+    wide = [i for i, ln in enumerate(lines[:mma]) if re.search(r"\bLDG\.E\.128\b", ln)]
+    assert any(i < wait for i in wide) and any(wait < i for i in wide), (wait, wide)
 
 
 BOUND = 2e-2  # the GPU tests' bound: the interpreter rounds fp32 to bf16 by truncation (moe_gemm._bf16)

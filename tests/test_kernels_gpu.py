@@ -174,6 +174,56 @@ def test_shared_experts_started_early_on_the_stream_k_grid(t, graph, monkeypatch
     shared_apart_case("cuda", t, graph, True, close=True)
 
 
+@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("stream_k", ["0", "1"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_programmatic_dependent_launch_computes_what_plain_launches_do(t, stream_k, graph, monkeypatch):
+    # MXSERVE_PDL (mxkernels/pdl.py): the router, alignment, gate/up, SiLU, down and top-k sum launched as
+    # programmatic dependent launches, the router's weights and the down GEMM's first K tile loaded before
+    # their waits: the same routing and, on the unbalanced grid, the same outputs bit for bit as plain launches
+    # (stream-K adds its sums in any order: within 1%); eager, and captured in a CUDA graph replayed on new tokens
+    from kernel_cases import make_experts
+
+    from mxkernels import pdl
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import mx_moe_forward
+    from mxkernels.router import fused_router
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gate = (torch.randn(8, 256, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+    shared_gate = (torch.randn(256, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+
+    def layer(x):
+        w, ids, _ = fused_router(x, gate, 2, False)
+        return ids, mx_moe_forward(x, ids, w, gu, dn, 8, shared_gate=shared_gate)
+
+    def draw():
+        return torch.randn(t, 256, generator=gen).to(torch.bfloat16).cuda()
+
+    x = draw()
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    got = layer(x)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = layer(x)
+        x.copy_(draw())
+        g.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = layer(x)
+    assert torch.equal(got[0], want[0])
+    a, b = got[1].float(), want[1].float()
+    assert torch.isfinite(a).all()
+    if stream_k == "1":
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    else:
+        assert torch.equal(a, b), (a - b).abs().max().item()
+
+
 def test_padded_slots_on_the_stream_k_grid_cuda():
     # SGLang's -1 ids under stream-K (decode's default below 4 rows per expert): a padded token's slots add
     # nothing anywhere, to within the order its sums are added in

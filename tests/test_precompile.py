@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 from triton.backends.compiler import GPUTarget
 from triton_stub import compile_only_launches
-from mxkernels import moe
+from mxkernels import moe, pdl
 from mxkernels.arena import build_arena
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import plan_kernel_codes
@@ -57,7 +57,7 @@ def compare(lay, t, codes):
         kernel.device_caches.clear()
     with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
             mock.patch.object(moe, "tile_table", lambda dev: None), \
-            mock.patch.object(moe, "_runs_gluon", lambda d: True):
+            mock.patch.object(moe, "_runs_gluon", lambda d: True), mock.patch.object(pdl, "capable", lambda d: True):
         blocks = {}
         gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
         dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
@@ -88,6 +88,10 @@ os.environ.pop("MXSERVE_GLUON_FMA")
 os.environ.pop("MXSERVE_STREAM_K")
 out["gluon_stream_k"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 out["gluon_16"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0)
+# the same with programmatic dependent launch (MXSERVE_PDL=1): launches, and so compiled variants, of their own
+pdl.ENABLED = True
+out["gluon_stream_k_pdl"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
+pdl.ENABLED = False
 rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
 out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
@@ -118,7 +122,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
-    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "prefill_fp8"):
+    for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
+                 "prefill_fp8"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -129,6 +134,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert out["gluon_stream_k"]["entries"][0] != out["gluon"]["entries"][0]
     assert out["gluon_16"]["entries"][0] == out["gluon"]["entries"][0]
+    # every launch of the chain compiled for programmatic launch, but the routing count's (on the second stream)
+    assert len(set(out["gluon_stream_k_pdl"]["entries"][0]) & set(out["gluon_stream_k"]["entries"][0])) == 1
     # stream-K: one launch per GEMM (the shared experts in it), as many programs as 132 SMs hold (recorded
     # without compiling: moe.STREAM_K_MOST each; on the GPU, as many as their registers allow)
     assert out["stream_k_grids"] == [["gemm_gluon", [132 * 4]], ["gemm_gluon", [132 * 4]]]

@@ -177,6 +177,17 @@ def test_fused_router_serves_the_routing_of_sglangs_own(tmp_path):
     assert "routers fused into one launch" in log and "a router stays SGLang's" not in log
 
 
+def test_programmatic_dependent_launch_serves_the_same_text(tmp_path):
+    """MXSERVE_PDL=1: the router, alignment, GEMMs, SiLU and top-k sum of every decode MoE layer launched as
+    programmatic dependent launches, captured so in SGLang's CUDA graphs. On the unbalanced grid (stream-K adds
+    its sums in any order) every launch computes what it computes without: the same greedy text, one prompt at
+    a time and all at once."""
+    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_PDL", MXSERVE_STREAM_K="0")
+    assert texts["1"] == texts["0"]
+    assert "programmatic dependent launches" in open(tmp_path / "MXSERVE_PDL1.log").read()
+    assert "programmatic dependent launches" not in open(tmp_path / "MXSERVE_PDL0.log").read()
+
+
 def texts_served_with(tmp_path, arch: str, var: str, **env: str) -> tuple[dict, str, int]:
     """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
     (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)

@@ -61,6 +61,7 @@ from sglang.srt.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
+from mxkernels.pdl import pdl
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
 from mxserve.models.adapters import join_shared
@@ -146,6 +147,7 @@ _EARLY: dict[int, torch.nn.Module] = {}
 # 1 to 5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
 _ROUTER: dict[int, torch.nn.Module] = {}
 _HOOKED: list[bool] = []  # whether the pre-hook below is registered (once per process)
+_PDL_SAID: list[bool] = []  # whether the log said MXSERVE_PDL=1 is on (once per process)
 
 
 def _hook_moe_blocks() -> None:
@@ -337,6 +339,9 @@ class MxMoEMethod(FusedMoEMethodBase):
                 _start_shared_early(layer)
             if os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0":
                 _fuse_router(layer)
+            if pdl(device) and not _PDL_SAID:
+                _PDL_SAID.append(True)
+                log.warning("mxserve: decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)")
         layer.mx_loaded = {}
 
     def apply(self, layer: torch.nn.Module, dispatch_output) -> Any:

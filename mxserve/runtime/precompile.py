@@ -27,6 +27,7 @@ from unittest import mock
 import torch
 
 from mxkernels import act_quant, align, combine, count, dequant, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
+from mxkernels import pdl as pdl_launch
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.runtime.launch_stamp import STAMPS
@@ -163,6 +164,7 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                mock.patch.object(moe, "multiprocessors", lambda dev: sms),
                mock.patch.object(moe, "tile_table", lambda dev: table),
                mock.patch.object(moe, "_runs_gluon", lambda dev: target.arch >= 80),
+               mock.patch.object(pdl_launch, "capable", lambda dev: target.arch >= 90),  # launched as on the target
                mock.patch.object(moe, "_gluon_kernel", lambda: moe_gemm_gluon.mx_moe_gemm_gluon_kernel),
                mock.patch.object(moe, "_gluon_fma_kernel",
                                  lambda: moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel)]  # fmt: skip
