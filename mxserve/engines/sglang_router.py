@@ -6,8 +6,9 @@ twenty-first session). For forwards of at most ``FUSED_ROUTER_TOKENS`` tokens th
 hidden states in place of logits (no launch), and the top-k computes logits, softmax and top-k in one launch
 (mxkernels.router.fused_router). Larger forwards (prefill) take SGLang's own two. Only plain softmax top-k is
 fused (no groups, correction bias, fused shared experts, routed scaling or custom routing function); other
-blocks keep SGLang's router, which the log says once per reason. SGLang's expert-distribution recorder does
-not see the fused forwards' routing: mxserve's own counters do.
+blocks keep SGLang's router, which the log says once per reason. The fused top-k hands its ids to what
+SGLang's own top-k hands them to besides the MoE layer: the expert-distribution recorder (EPLB, its /metrics) and
+the routed-experts capture, both no-ops unless enabled.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ def _refusal(gate, topk) -> str | None:
 def fuse_router(block: torch.nn.Module) -> bool:
     """Route ``block``'s small forwards in one launch (module docstring): its ``gate`` and ``topk`` modules'
     forwards are replaced on these instances; SGLang's own classes are not touched."""
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+    from sglang.srt.layers.moe import topk as sglang_topk
     from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    # what SGLang's select_experts does with the ids besides returning them (absent in other SGLang versions)
+    capture = getattr(sglang_topk, "capture_routed_experts_if_allowed", None)
 
     gate, topk = getattr(block, "gate", None), getattr(block, "topk", None)
     why = _refusal(gate, topk)
@@ -71,6 +77,9 @@ def fuse_router(block: torch.nn.Module) -> bool:
         if router_logits is hidden_states:  # the gate left the logits to this launch
             if expert_location_dispatch_info is None and not args and not kwargs:
                 w, ids, logits = fused_router(hidden_states, weight, cfg.top_k, cfg.renormalize, num_token_non_padded)
+                if capture is not None:
+                    capture(cfg, getattr(topk, "layer_id", None), ids)
+                get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)
                 return StandardTopKOutput(w, ids, logits)
             router_logits = gate_forward(hidden_states)[0]
         return topk_forward(hidden_states, router_logits, *args, num_token_non_padded=num_token_non_padded,
