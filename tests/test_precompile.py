@@ -29,6 +29,7 @@ from mxkernels.arena import build_arena
 from mxserve.plan import Plan
 from mxserve.runtime.moe_layer import plan_kernel_codes
 from mxkernels.count import count_routing
+from mxkernels.router import fused_router
 from router_stats import ExpertCounter
 from mxserve.runtime.precompile import (DECODE_BATCHES, KERNELS, LayerKernels, _stand_in, compile_variants,
                                         plan_layers, record_variants)
@@ -71,6 +72,24 @@ def compare(lay, t, codes):
             "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 
 
+def compare_router(h, e, k):
+    # the fused router's variants (SGLang's engine), precompiled and as its launches compile them: with and without
+    # renormalization and SGLang's int32 count of unpadded tokens, at any decode batch
+    pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
+    os.environ["TRITON_CACHE_DIR"] = pre
+    variants = record_variants([], [1], target, 132, 0, routers=[(h, e, k)]).all()
+    compile_variants(variants, target, 2)
+    os.environ["TRITON_CACHE_DIR"] = jit
+    KERNELS["router"].device_caches.clear()
+    with compile_only_launches(target):
+        for renormalize in (False, True):
+            for valid in (None, torch.tensor([1], dtype=torch.int32)):
+                for t in (1, 8, 64):
+                    fused_router(torch.randn(t, h).bfloat16(), torch.randn(e, h).bfloat16(), k, renormalize, valid)
+    return {"variants": len(variants), "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
+
+
+out["router"] = compare_router(2048, 60, 4)
 out["plan"] = compare(layers[0], 2, codes)
 # a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches on
 # the unbalanced grid (MXSERVE_STREAM_K=0), and below with the CUDA-core kernels at 1 token
@@ -127,6 +146,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
+    assert out["router"]["variants"] == 4 and out["router"]["entries"][0] == out["router"]["entries"][1]
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
     for case in ("gluon_fma", "gluon_fma_packed"):

@@ -28,6 +28,7 @@ import torch
 
 from mxkernels import act_quant, align, combine, count, dequant, moe, moe_gemm, moe_gemm_gluon, moe_gemm_gluon_fma
 from mxkernels import pdl as pdl_launch
+from mxkernels import router as fused_router
 from mxkernels.arena import build_arena
 from mxserve.quant.qlinear import QuantizedLinear, quantize_linear
 from mxserve.runtime.launch_stamp import STAMPS
@@ -41,7 +42,8 @@ KERNELS = {"gemm": moe_gemm.mx_moe_gemm_kernel, "silu_mul": moe_gemm.silu_mul_ke
            "gemm_gluon_fma": moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel,
            "count": count.routing_count_kernel, "align_count": align.align_count_kernel,
            "align_blocks": align.align_blocks_kernel, "align_place": align.align_place_kernel,
-           "row_quant": act_quant.row_quant_kernel, "dequant": dequant.dequant_kernel}  # fmt: skip
+           "row_quant": act_quant.row_quant_kernel, "dequant": dequant.dequant_kernel,
+           "router": fused_router.fused_router_kernel}  # fmt: skip
 # SGLang 0.5.15's default decode CUDA-graph batch sizes (server_args, up to its max_bs: 256 on an H200
 # with a 15B model; the sizes past 256 are taken when memory allows a larger max_bs)
 DECODE_BATCHES = [1, 2, 4, 8, 12, *range(16, 257, 8), *range(272, 512, 16)]
@@ -149,9 +151,12 @@ def _unrotated_input(a: torch.Tensor, arena) -> tuple[torch.Tensor, int]:
 
 
 def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], target, sms: int, model_codes: int = 0,
-                    table=None, specialize_all: bool = False) -> Recorder:  # fmt: skip
+                    table=None, specialize_all: bool = False,
+                    routers: Iterable[tuple[int, int, int]] = ()) -> Recorder:  # fmt: skip
     """The kernel variants that serving ``layers`` launches at these token counts on a GPU of
-    ``sms`` multiprocessors (``table``: its tile table) for ``target``."""
+    ``sms`` multiprocessors (``table``: its tile table) for ``target``; ``routers``: the (hidden, experts, top-k)
+    of the gates whose decode routing SGLang's engine fuses (engines/sglang_router.py), with and without
+    renormalization and SGLang's count of unpadded tokens (what a model's config and SGLang's graphs pick)."""
     rec = Recorder(target, specialize_all)
     tokens = list(tokens)
     cache: dict = {}
@@ -189,6 +194,11 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                 w = torch.rand(t, k, generator=gen)
                 moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
                                    torch.rand(t, 1) if shared else None)  # fmt: skip
+        for h, e, k in dict.fromkeys(routers):  # one variant whatever the tokens (the grid's only)
+            gate = torch.zeros(e, h, dtype=torch.bfloat16)
+            for renormalize in (False, True):
+                for valid in (None, torch.ones(1, dtype=torch.int32)):  # SGLang's graph buffers are int32
+                    fused_router.fused_router(torch.zeros(1, h, dtype=torch.bfloat16), gate, k, renormalize, valid)
     finally:
         for p in patches:
             p.stop()
@@ -253,8 +263,11 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     if not layers:
         return 0
     t0 = time.perf_counter()
+    # the routers SGLang's engine fuses by default (the gate is whole on every rank: all the layer's experts)
+    routers = {(v.hidden, v.n_routed, v.top_k) for v in views} if os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0" \
+        else set()  # fmt: skip
     rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
-                          tile_table(dev))  # fmt: skip
+                          tile_table(dev), routers=sorted(routers))  # fmt: skip
     variants = rec.all()
     what = f"{len(variants)} kernel variants"
     if compile_once(variants, target):
