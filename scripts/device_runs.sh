@@ -114,6 +114,15 @@ prep() {  # [ENV=VALUE...]: the 24-layer model and checkpoints, no serving (serv
   say "prep rc=$?"
 }
 
+prep_beside() {  # TESTS LOG PLAN_ENV...: the 24-layer checkpoints of that plan and the GPTQ copy, beside those kernel tests
+  mkdir -p $res/tests
+  prep MX_GPTQ=1 "${@:3}" &
+  kernel_tests "$1" > $res/tests/$2 2>&1
+  wait
+  local name; name=$(printf '%s\n' "${@:3}" | sed -n 's/^NAME=//p')
+  [ -f /tmp/w/q15-24-$name/config.json ] || { say "no 24-layer checkpoint $name (prep failed)"; return 1; }
+}
+
 # end to end: decode graphs to batch 32 and prefill graphs to 512 tokens, the most serving_runs.sh sends,
 # for every server alike (the default captures to 256 and 8192: 55 s a server)
 LEAN_ARGS="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.6
@@ -630,11 +639,7 @@ phase33() {
   # r = 0.25 plan alone, with each, with both, and the GPTQ copy on Marlin (~12 min); their SGLang tests (~5 min);
   # then every kernel GPU test (~13 min, a later call: the file has not run whole since stream-K became the default)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
-  mkdir -p $res/tests
-  prep MX_GPTQ=1 "${plan[@]}" &
-  kernel_tests "fused_router or started_early" > $res/tests/kernels_router.log 2>&1
-  wait
-  [ -f /tmp/w/q15-24-3.25bit-r0.25-t8/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  prep_beside "fused_router or started_early" kernels_router.log "${plan[@]}" || return 1
   env NO_BF16=1 MX_GPTQ=1 EARLY=1 ROUTER=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
     $res/e2e_early > $res/e2e_early.log 2>&1
   say "e2e mxserve r = 0.25 alone, with the early shared launch, the fused router, both; GPTQ on Marlin rc=$?"
@@ -677,13 +682,9 @@ phase35() {
   # PDL, against SGLang's (~1 min, after the checkpoints: they quantize on the GPU); then end to end the r = 0.25
   # plan (the fused router now the default), with PDL, and the GPTQ copy on Marlin (~8 min)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
-  mkdir -p $res/tests
-  prep MX_GPTQ=1 "${plan[@]}" &
-  kernel_tests "fused_router or programmatic" > $res/tests/kernels_pdl.log 2>&1
-  wait
+  prep_beside "fused_router or programmatic" kernels_pdl.log "${plan[@]}" || return 1
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"
-  [ -f /tmp/w/q15-24-3.25bit-r0.25-t8/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   env NO_BF16=1 MX_GPTQ=1 PDL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
     $res/e2e_pdl > $res/e2e_pdl.log 2>&1
   say "e2e mxserve r = 0.25 (fused router), with PDL; GPTQ on Marlin rc=$?"
@@ -717,7 +718,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
