@@ -213,6 +213,20 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
     return tiered_plan(e, ne, k, skewed, dev, [("w4a16g128", 1), ("w2a16g128", 1)])
 
 
+def with_pdl(fn):
+    """``fn`` with its launches programmatic dependent launches (mxkernels.pdl), on a GPU that has them."""
+    from mxkernels import pdl
+
+    def run():
+        pdl.ENABLED = True
+        try:
+            return fn()
+        finally:
+            pdl.ENABLED = False
+
+    return run
+
+
 def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
     """``LABEL=SCHEME:WEIGHT,SCHEME:WEIGHT,...`` (most popular first) for --plan."""
     try:
@@ -275,6 +289,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # sets, one for the others): whether costly layers lose on stream-K for their tiles' width (twenty-first session)
     "stream-K, BN 64": {"stream_k": True, "bn": 64},
     "stream-K, BN 128": {"stream_k": True, "bn": 128},
+    # the picked layout with every launch of the layer a programmatic dependent launch (MXSERVE_PDL=1, mxkernels/pdl.py;
+    # twenty-second session): the down GEMM's first K tile loaded while the launch before ends
+    "PDL": {"pdl": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},
@@ -425,6 +442,9 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                                                multiprocessors(dev), fma=False).split  # fmt: skip
                             ov = {"fma": False, "gluon": False, "split": 2 * split}
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
+                        if ov.get("pdl"):  # not a tile field: the launches' mode while captured and run
+                            fn = with_pdl(lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(
+                                x, ids, w, ag, ad, e, **{f: v for f, v in ov.items() if f != "pdl"}))  # fmt: skip
                         job(f"{vname} ({label})", fn, ag.nbytes() + ad.nbytes(), bits)
             if mw is not None:
                 logits = torch.zeros(t, ne, device=dev)  # read for its shape only

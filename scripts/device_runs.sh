@@ -81,8 +81,9 @@
 #  35. (only when asked: `start 35`) programmatic dependent launch (MXSERVE_PDL=1) and the router's layouts: their
 #      kernel tests, the router's launch by layout (benchmarks/router.py), end to end the r = 0.25 plan with and
 #      without PDL beside the GPTQ copy (~10 min).
-#  36. (only when asked: `start 36`) the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral SGLang
-#      tests, PDL's SGLang test (~5 min), then every kernel GPU test (~13 min). Run as `start 35 36`.
+#  36. (only when asked: `start 36`) the layer with PDL and on stream-K at both tile widths (~2 min); the fused router
+#      (now the default) under the Qwen3-MoE, OLMoE and Mixtral SGLang tests, PDL's SGLang test (~5 min), then every
+#      kernel GPU test (~13 min). Run as `start 35 36`.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -692,8 +693,14 @@ phase35() {
 }
 
 phase36() {
-  # the fused router, the default since the twenty-second session, served by the other architectures' SGLang
-  # tests (Qwen3-MoE, OLMoE, Mixtral; DeepSeek-V2 keeps SGLang's router), and PDL's SGLang test (same text)
+  # the layer at 1, 8 and 16 tokens with PDL, and on stream-K at both tile widths (phase 33's step that never ran:
+  # whether costly layers lose on stream-K for their narrower tiles) (~2 min); then the fused router, the default
+  # since the twenty-second session, served by the other architectures' SGLang tests (Qwen3-MoE, OLMoE, Mixtral;
+  # DeepSeek-V2 keeps SGLang's router), and PDL's SGLang test (same text)
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN 64|stream-K, BN 128|PDL)$' \
+    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
+  say "moe_layer with PDL, stream-K by tile width rc=$?"
   mkdir -p $res/tests
   (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k programmatic --basetemp=/tmp/pt_pdl -rA -p no:cacheprovider > $res/tests/sglang_pdl.log 2>&1
