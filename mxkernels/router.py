@@ -10,6 +10,8 @@ softmax and the top-k. It rounds the logits to bf16 first, as SGLang's gate stor
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -80,6 +82,12 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
         j = tl.arange(0, NP)
         v = tl.load(logits_ptr + tok * N + j, mask=j < N, other=float("-inf"), volatile=True)
         _top_k(v, j, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK, KP, RENORMALIZE, HAS_VALID)
+
+
+def enabled() -> bool:
+    """Whether SGLang's engine fuses its MoE blocks' decode routing (engines/sglang_router.py): by default;
+    ``MXSERVE_FUSED_ROUTER=0`` keeps SGLang's router. One place, for the plugin and for precompiling."""
+    return os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0"
 
 
 def counters(device: torch.device, tokens: int) -> torch.Tensor:

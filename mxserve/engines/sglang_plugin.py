@@ -62,6 +62,7 @@ from sglang.srt.layers.quantization.base_config import (
 )
 
 from mxkernels.pdl import pdl
+from mxkernels.router import enabled as router_fused
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
 from mxserve.models.adapters import join_shared
@@ -337,7 +338,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_shared_early(layer)
-            if os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0":
+            if router_fused():
                 _fuse_router(layer)
             if pdl(device) and not _PDL_SAID:
                 _PDL_SAID.append(True)

@@ -264,8 +264,7 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
         return 0
     t0 = time.perf_counter()
     # the routers SGLang's engine fuses by default (the gate is whole on every rank: all the layer's experts)
-    routers = {(v.hidden, v.n_routed, v.top_k) for v in views} if os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0" \
-        else set()  # fmt: skip
+    routers = {(v.hidden, v.n_routed, v.top_k) for v in views} if fused_router.enabled() else set()
     rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
                           tile_table(dev), routers=sorted(routers))  # fmt: skip
     variants = rec.all()
