@@ -32,7 +32,7 @@ from mxkernels.align import route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
-from mxkernels.pdl import launch, pdl
+from mxkernels.pdl import gluon_has_it, launch, pdl
 from mxkernels.tile_table import codes_class, tile_table
 
 
@@ -329,7 +329,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS)  # fmt: skip
-    if pdl(a_all.device):  # the kernel's PDL modes: moe_gemm_gluon.py
+    if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance

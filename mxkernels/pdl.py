@@ -44,6 +44,17 @@ def pdl(device: torch.device) -> bool:
     return ENABLED and capable(device)
 
 
+@functools.cache
+def gluon_has_it() -> bool:
+    """Whether this Triton's Gluon builds griddepcontrol (seen in 3.9; the Gluon GEMM launches plainly where not:
+    the others still wait for it, as they wait for any plain launch)."""
+    try:
+        from triton._C.libtriton import gluon_ir
+    except ImportError:
+        return False
+    return hasattr(gluon_ir.GluonOpBuilder, "create_grid_dependency_launch_dependents")
+
+
 def launch(device: torch.device) -> dict:
     """The launch's keyword arguments: ``launch_pdl`` where :func:`pdl` holds."""
     return {"launch_pdl": True} if pdl(device) else {}
