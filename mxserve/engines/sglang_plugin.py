@@ -144,8 +144,8 @@ SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwe
 # experts launch when their MoE block is entered, before its router
 _EARLY: dict[int, torch.nn.Module] = {}
 # the FusedMoE layers, by id, whose MoE block's router is fused into one launch when the block is first entered
-# (sglang_router.py); the default since the twenty-second session's end-to-end runs (4% more tokens/s at 1 request,
-# 1 to 5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
+# (sglang_router.py); the default since the twenty-second session's end-to-end run beside SGLang's router (4% more
+# tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
 _ROUTER: dict[int, torch.nn.Module] = {}
 _HOOKED: list[bool] = []  # whether the pre-hook below is registered (once per process)
 _PDL_SAID: list[bool] = []  # whether the log said MXSERVE_PDL=1 is on (once per process)
