@@ -147,17 +147,17 @@ _EARLY: dict[int, torch.nn.Module] = {}
 # (sglang_router.py); the default since the twenty-second session's end-to-end run beside SGLang's router (4% more
 # tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
 _ROUTER: dict[int, torch.nn.Module] = {}
-_HOOKED: list[bool] = []  # whether the pre-hook below is registered (once per process)
+_HOOKED: list = []  # the pre-hook below's handle while it is registered
 _PDL_SAID: list[bool] = []  # whether the log said MXSERVE_PDL=1 is on (once per process)
 
 
 def _hook_moe_blocks() -> None:
     """The forward pre-hook on every module that finds a layer's MoE block as the module whose ``experts`` is
     the layer (SGLang creates Qwen2-MoE's router without a quantization config, so no method of ours runs
-    before it): a dict lookup per module call in eager passes; CUDA-graph replays run no hooks."""
+    before it): a dict lookup per module call in eager passes (prefill), CUDA-graph replays run no hooks. With
+    only routers to fuse, it is removed once each block has been entered."""
     if not _HOOKED:
-        torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block)
-        _HOOKED.append(True)
+        _HOOKED.append(torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block))
 
 
 def _fuse_router(layer: torch.nn.Module) -> None:
@@ -186,6 +186,8 @@ def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
 
         fuse_router(module)
         del _ROUTER[key]
+        if not _ROUTER and not _EARLY:  # nothing left for the hook: no lookup per module call from now on
+            _HOOKED.pop().remove()  # torch calls the hooks from a copy of their table: safe inside one
     layer = _EARLY.get(key)
     if layer is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
         x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
