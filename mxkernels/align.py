@@ -18,6 +18,8 @@ the routed experts' GEMMs (moe.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -53,16 +55,22 @@ def _slot(ids_ptr, w_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl.constexpr, 
 def _lay_out_blocks(counts, bins, cursor_ptr, npp_ptr, block_expert_ptr, cap, E: tl.constexpr, BM: tl.constexpr,
                     BCHUNK: tl.constexpr):  # fmt: skip
     """From the experts' row counts: each expert's first slot (its cursor), the padded row count and
-    the expert of every block of BM slots."""
+    the expert of every block of BM slots (past the padded rows: the last expert's, blocks no row is in)."""
     counts = tl.where(bins < E, counts, 0)  # the last bin also counted the rows past the end
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, 0)
-    tl.store(cursor_ptr + bins, ends - padded)
-    tl.store(npp_ptr, tl.sum(padded, 0))
-    for b0 in range(0, cap // BM, BCHUNK):
+    starts = ends - padded
+    total = tl.sum(padded, 0)
+    tl.store(cursor_ptr + bins, starts)
+    tl.store(npp_ptr, total)
+    # each expert writes its own blocks, one a step: as many steps as the most blocks of one expert (a
+    # block-by-expert comparison, [BCHUNK, EP] a step, was 256 compares a lane in one warp: the fused router's)
+    blocks = padded // BM
+    for j in range(0, tl.max(blocks, 0)):
+        tl.store(block_expert_ptr + starts // BM + j, bins, mask=j < blocks)
+    for b0 in range(total // BM, cap // BM, BCHUNK):
         b = b0 + tl.arange(0, BCHUNK)
-        be = tl.sum(((ends[None, :] <= b[:, None] * BM) & (bins[None, :] < E)).to(tl.int32), 1)
-        tl.store(block_expert_ptr + b, tl.minimum(be, E - 1), mask=b < cap // BM)
+        tl.store(block_expert_ptr + b, tl.full((BCHUNK,), E - 1, tl.int32), mask=b < cap // BM)
 
 
 @triton.jit
@@ -88,15 +96,13 @@ def _count(ids_ptr, w_ptr, w_out_ptr, r, n, n_routed, K: tl.constexpr, SLOTS: tl
     return tl.histogram(e, EP)
 
 
-@triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
-def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
-                     cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, SHARED: tl.constexpr,
-                     PDL: tl.constexpr = False):  # fmt: skip
-    # without SHARED, E is the routed experts only and the shared slots' rows and weights are left
-    # to shared_rows (another stream may be writing them)
-    if PDL:  # the top-k is the launch before's (pdl.py)
-        wait_then_release()
+@triton.jit
+def align_in_one_program(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
+                         cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                         BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
+                         SHARED: tl.constexpr):  # fmt: skip
+    """The whole alignment of ``n`` rows by one program: moe_align_kernel's, and the fused router's last program's
+    (router.py) once every token's top-k is in memory."""
     bins = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
@@ -109,6 +115,19 @@ def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_ou
     for c0 in range(0, n, CHUNK):
         _place(ids_ptr, w_ptr, sorted_ptr, cursor_ptr, c0 + tl.arange(0, CHUNK), n, n_routed, K, SLOTS, E, EP,
                SHARED)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["n", "cap"])  # batch-dependent counts: one compile for all batches
+def moe_align_kernel(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
+                     cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                     BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, SHARED: tl.constexpr,
+                     PDL: tl.constexpr = False):  # fmt: skip
+    # without SHARED, E is the routed experts only and the shared slots' rows and weights are left
+    # to shared_rows (another stream may be writing them)
+    if PDL:  # the top-k is the launch before's (pdl.py)
+        wait_then_release()
+    align_in_one_program(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n, n_routed,
+                         cap, K, SLOTS, E, EP, BM, CHUNK, BCHUNK, SHARED)  # fmt: skip
 
 
 # Large batches: the same three steps as three launches of many programs (the one program above walks
@@ -152,6 +171,49 @@ def capacity(rows: int, n_experts: int, bm: int) -> int:
     return (rows + min(n_experts, rows) * (bm - 1) + bm - 1) // bm * bm
 
 
+@dataclass
+class Alignment:
+    """One forward's alignment: its outputs, and what the one-program alignment is launched with (by
+    :func:`route`, or inside the fused router's launch: router.py)."""
+
+    sorted_ids: torch.Tensor  # [cap] int64: row index, or ``rows`` for padding
+    block_expert: torch.Tensor  # [cap / bm] int64
+    npp: torch.Tensor  # [1] int64: the rows after padding
+    w: torch.Tensor  # [rows] fp32: each row's routing weight
+    cursor: torch.Tensor  # [EP] int32: scratch, each expert's next slot
+    rows: int
+    n_routed: int
+    cap: int
+    consts: dict  # the constexprs but K (the top-k)
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.sorted_ids, self.block_expert, self.npp, self.w
+
+    def args(self) -> tuple:
+        """align_in_one_program's arguments after the top-k's ids and weights, constexprs but K left out."""
+        return self.sorted_ids, self.block_expert, self.npp, self.w, self.cursor, self.rows, self.n_routed, self.cap
+
+
+def alignment(t: int, k: int, n_experts: int, n_routed: int, bm: int, shared: bool = True,
+              w: torch.Tensor | None = None, device: torch.device | str = "cpu") -> Alignment:  # fmt: skip
+    """The buffers and constants of aligning ``t`` tokens' top-``k`` (:func:`route`'s arguments)."""
+    slots = k + n_experts - n_routed
+    rows = t * slots
+    if w is None:
+        w = torch.empty(rows, dtype=torch.float32, device=device)
+    placed = n_experts if shared else n_routed
+    cap = capacity(rows if shared else t * k, placed, bm)
+    ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
+    # CHUNK at least 256: 8 warps hold 256 lanes whatever the tensor, so smaller chunks cost the
+    # same time and only add compiled variants
+    consts = dict(SLOTS=slots, E=placed, EP=ep, BM=bm, CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))),
+                  BCHUNK=64, SHARED=shared)  # fmt: skip
+    return Alignment(torch.empty(cap, dtype=torch.int64, device=device),
+                     torch.empty(cap // bm, dtype=torch.int64, device=device),
+                     torch.empty(1, dtype=torch.int64, device=device), w,
+                     torch.empty(ep, dtype=torch.int32, device=device), rows, n_routed, cap, consts)  # fmt: skip
+
+
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_routed: int, bm: int,
           shared: bool = True, w: torch.Tensor | None = None):  # fmt: skip
     """(sorted_ids [cap] int64 (row index, or rows for padding), block_expert [cap / bm] int64,
@@ -161,36 +223,23 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, n_
     ``shared=False`` places the routed rows only and leaves the shared rows' weights in ``w``
     (written here when given) untouched: :func:`shared_rows` lays those out."""
     t, k = topk_ids.shape
-    slots = k + n_experts - n_routed
-    rows = t * slots
     dev = topk_ids.device
-    if w is None:
-        w = torch.empty(rows, dtype=torch.float32, device=dev)
-    placed = n_experts if shared else n_routed
-    cap = capacity(rows if shared else t * k, placed, bm)
-    sorted_ids = torch.empty(cap, dtype=torch.int64, device=dev)
-    block_expert = torch.empty(cap // bm, dtype=torch.int64, device=dev)
-    npp = torch.empty(1, dtype=torch.int64, device=dev)
-    ep = triton.next_power_of_2(n_experts + 1)  # one bin more: rows past the end land there
+    al = alignment(t, k, n_experts, n_routed, bm, shared, w, dev)
     ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
-    if rows > KERNEL_MAX_ROWS:
-        counts = torch.zeros(ep, dtype=torch.int32, device=dev)
-        cursor = torch.empty(ep, dtype=torch.int32, device=dev)
-        grid = (triton.cdiv(rows, LARGE_CHUNK),)
-        align_count_kernel[grid](ids, tw, sorted_ids, counts, w, rows, n_routed, cap, K=k, SLOTS=slots, E=placed,
-                                 EP=ep, CHUNK=LARGE_CHUNK, SHARED=shared, num_warps=4)  # fmt: skip
-        align_blocks_kernel[(1,)](counts, cursor, npp, block_expert, cap, E=placed, EP=ep, BM=bm, BCHUNK=64,
-                                  num_warps=8)  # fmt: skip
-        align_place_kernel[grid](ids, tw, sorted_ids, cursor, rows, n_routed, K=k, SLOTS=slots, E=placed, EP=ep,
-                                 CHUNK=LARGE_CHUNK, SHARED=shared, num_warps=4)  # fmt: skip
-        return sorted_ids, block_expert, npp, w
-    cursor = torch.empty(ep, dtype=torch.int32, device=dev)
-    # CHUNK at least 256: 8 warps hold 256 lanes whatever the tensor, so smaller chunks cost the
-    # same time and only add compiled variants
-    moe_align_kernel[(1,)](ids, tw, sorted_ids, block_expert, npp, w, cursor, rows, n_routed, cap, K=k, SLOTS=slots,
-                           E=placed, EP=ep, BM=bm, CHUNK=min(1024, triton.next_power_of_2(max(rows, 256))),
-                           BCHUNK=64, SHARED=shared, PDL=pdl(dev), num_warps=8, **launch(dev))  # fmt: skip
-    return sorted_ids, block_expert, npp, w
+    c = al.consts
+    if al.rows > KERNEL_MAX_ROWS:
+        counts = torch.zeros(c["EP"], dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(al.rows, LARGE_CHUNK),)
+        align_count_kernel[grid](ids, tw, al.sorted_ids, counts, al.w, al.rows, n_routed, al.cap, K=k,
+                                 SLOTS=c["SLOTS"], E=c["E"], EP=c["EP"], CHUNK=LARGE_CHUNK, SHARED=shared,
+                                 num_warps=4)  # fmt: skip
+        align_blocks_kernel[(1,)](counts, al.cursor, al.npp, al.block_expert, al.cap, E=c["E"], EP=c["EP"], BM=bm,
+                                  BCHUNK=c["BCHUNK"], num_warps=8)  # fmt: skip
+        align_place_kernel[grid](ids, tw, al.sorted_ids, al.cursor, al.rows, n_routed, K=k, SLOTS=c["SLOTS"],
+                                 E=c["E"], EP=c["EP"], CHUNK=LARGE_CHUNK, SHARED=shared, num_warps=4)  # fmt: skip
+        return al.outputs()
+    moe_align_kernel[(1,)](ids, tw, *al.args(), K=k, **c, PDL=pdl(dev), num_warps=8, **launch(dev))
+    return al.outputs()
 
 
 @triton.jit(do_not_specialize=["t"])  # batch-dependent: one compile for all batches

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mxkernels import dequant
+from mxkernels import dequant, router
 from mxkernels.act_quant import row_quant
-from mxkernels.align import route, shared_rows
+from mxkernels.align import KERNEL_MAX_ROWS, alignment, route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
@@ -568,7 +568,7 @@ def decode_kernel_refuses(scheme, tokens: int, top_k: int, n_experts: int, n_rou
 
 def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, split_fit: str | None,
              override: dict) -> tuple:
-    """What else a forward's launches depend on (a SharedStart is taken only by a forward of the same)."""
+    """What else a forward's launches depend on (a Started is taken only by a forward of the same)."""
     return poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items()))
 
 
@@ -692,13 +692,19 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
 
 
 @dataclass
-class SharedStart:
-    """A forward's shared experts, launched before its top-k exists (:func:`start_shared`); the forward's
-    :func:`moe_gemms` takes it (``started=``) and launches the routed experts into the same buffers."""
+class Started:
+    """A forward's launches begun before its :func:`moe_gemms` (``started=``), into the buffers of its layout: its
+    shared experts launched before the top-k exists (:func:`start_shared`), or its rows laid out (and stream-K's
+    sums zeroed) by the router's launch (:func:`route_and_lay_out`). The forward takes it where it fits."""
 
     layout: _Layout
     options: tuple  # _options of the forward it was started for
     taken: bool = False  # set by the forward that launched the routed experts into its buffers
+    # route_and_lay_out's: the alignment's (sorted_ids, block_expert, num_post_pad), the top-k it was made from
+    # (ids, weights) and whether the same launch zeroed the sums
+    routed: tuple | None = None
+    topk: tuple | None = None
+    zeroed: bool = False
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
         """Whether it was started for this forward: the same input memory, routing width, arenas
@@ -708,10 +714,15 @@ class SharedStart:
                 and lay.x.dtype == x.dtype and lay.top_k == top_k and lay.gate_up is gate_up and lay.down is down
                 and self.options == options)  # fmt: skip
 
+    def routes(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> bool:
+        """Whether its rows were laid out from this very top-k (not, say, from weights scaled after it)."""
+        return self.topk is not None and all(a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+                                             for a, b in zip(self.topk, (topk_ids, topk_weights)))  # fmt: skip
+
 
 def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
                  dispatch: str | None = None, shared_apart: bool | None = None, split_fit: str | None = None,
-                 **override) -> SharedStart | None:  # fmt: skip
+                 **override) -> Started | None:  # fmt: skip
     """Launch the shared experts of a forward of ``x`` [T, H] now, before the router's top-k (its
     ``top_k`` routed experts per token) exists, on their own stream: they then run beside the router
     (SGLang runs its own shared MLP so). None where the shared experts do not launch apart (no shared
@@ -725,7 +736,35 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
     if not lay.apart:  # dequantized first (a forced override at decode): the forward launches them all
         return None
     _shared_experts(lay, None)
-    return SharedStart(lay, _options(poison, dispatch, shared_apart, split_fit, override))
+    return Started(lay, _options(poison, dispatch, shared_apart, split_fit, override))
+
+
+def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool, gate_up: Arena,
+                      down: Arena, n_routed: int, num_token_non_padded: torch.Tensor | None = None,
+                      experts_per_program: int = router.CHUNK) -> tuple:  # fmt: skip
+    """A decode forward's router (router.fused_router: logits, softmax top-k) whose one launch also lays out the
+    forward's rows for the grouped GEMMs and zeroes stream-K's sums, in place of the alignment's launch and the
+    fill's: (weights, ids, logits, started). Pass ``started`` to the forward's :func:`moe_gemms` (or
+    :func:`mx_moe_forward`) with the same ``x``, arenas and the returned top-k; it is None, and the router's
+    launch routes only, where the forward's layout is not one launch per GEMM of routed and shared experts
+    together (the shared experts apart, which the unbalanced decode grid takes) or its rows pass what one
+    program aligns."""
+    t = x.shape[0]
+    x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
+    rows = _rows(t, top_k, gate_up.n_experts, n_routed)[0]
+    lay = None
+    if 0 < rows <= KERNEL_MAX_ROWS:
+        lay = _layout(x, top_k, gate_up, down, n_routed, False, None, None, None, {})
+    if lay is None or lay.apart:
+        return (*router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program), None)
+    al = alignment(t, top_k, gate_up.n_experts, n_routed, lay.bm, True, lay.w, x.device)
+    zero = lay.sums
+    if zero is not None and not router.zeroes_in_launch(t, gate.shape[0], experts_per_program, zero.numel()):
+        zero = None  # too few programs: the forward's fill launch
+    w, ids, logits = router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program,
+                                         align=al, zero=zero)  # fmt: skip
+    return w, ids, logits, Started(lay, _options(False, None, None, None, {}), routed=al.outputs()[:3],
+                                   topk=(ids, w), zeroed=zero is not None)  # fmt: skip
 
 
 def moe_gemms(
@@ -740,7 +779,7 @@ def moe_gemms(
     shared_apart: bool | None = None,
     on_side: Callable[[], None] | None = None,
     split_fit: str | None = None,
-    started: SharedStart | None = None,
+    started: Started | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
@@ -752,17 +791,28 @@ def moe_gemms(
     (_shared_apart); ``on_side`` is launched first, on the second stream on a GPU (the shared experts'
     where they launch apart), beside the routed experts' launches (work no output depends on: the
     routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT; ``started``: the shared experts
-    launched already (:func:`start_shared`), used where it was started for this forward, else ignored;
+    launched already (:func:`start_shared`) or the rows laid out by the router (:func:`route_and_lay_out`, for
+    this very top-k), used where it was started for this forward, else ignored;
     ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
     early = started is not None and started.fits(x, k, gate_up, down,
                                                  _options(poison, dispatch, shared_apart, split_fit, override))
-    if early:
+    laid_out = early and started.routes(topk_ids, topk_weights)
+    if early and (laid_out or started.routed is None):  # rows laid out from another top-k are laid out again
         started.taken = True
     lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
                                                split_fit, override)  # fmt: skip
     n_experts = gate_up.n_experts
     main, side = _streams(x.device)
+    if laid_out:  # the router's launch laid out the rows (one launch a GEMM)
+        if on_side is not None:  # the routing counter, beside the launches
+            _beside(main, side, on_side)
+        if lay.sums is not None and not started.zeroed:
+            lay.sums.zero_()
+        lay.experts(*started.routed, 0, lay.slots)
+        if side is not None and on_side is not None:
+            main.wait_stream(side)
+        return lay.inter, lay.out
     if not lay.apart:
         # one launch per GEMM (stream-K, prefill): the routing counter and stream-K's zero fill run beside the
         # alignment, not in line before it (session 19's decode trace: 2.0 and 1.2 us of each layer's 83 at 8

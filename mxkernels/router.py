@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxkernels.align import Alignment, align_in_one_program
 from mxkernels.pdl import launch, pdl, wait_then_release
 
 # tokens per forward up to which the fused router runs: every program reads its chunk of the gate's weights,
@@ -54,10 +55,25 @@ def _top_k(v, j, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK: tl.constexpr, K
 
 
 @triton.jit
-def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr, N, K,
-                        TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
-                        ALONE: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+def _zero_share(zero_ptr, n_zero, ZERO: tl.constexpr):
+    """This program's equal share of ``n_zero`` fp32 zeros (stream-K's sums, in place of a fill launch)."""
+    progs = tl.num_programs(0) * tl.num_programs(1)
+    me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    share = tl.cdiv(tl.cdiv(n_zero, progs), ZERO) * ZERO
+    for z0 in range(me * share, (me + 1) * share, ZERO):
+        z = z0 + tl.arange(0, ZERO)
+        tl.store(zero_ptr + z, tl.zeros([ZERO], dtype=tl.float32), mask=z < n_zero)
+
+
+@triton.jit
+def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr,
+                        sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n_rows, n_routed, cap,
+                        zero_ptr, n_zero, N, K, TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
+                        ALONE: tl.constexpr, PDL: tl.constexpr = False, ALIGN: tl.constexpr = False,
+                        SLOTS: tl.constexpr = 1, E: tl.constexpr = 1, EP: tl.constexpr = 2, BM: tl.constexpr = 1,
+                        CHUNK: tl.constexpr = 256, BCHUNK: tl.constexpr = 64, SHARED: tl.constexpr = True,
+                        ZERO: tl.constexpr = 0):  # fmt: skip
     tok = tl.program_id(0)
     chunk = tl.program_id(1)
     rows = chunk * BN + tl.arange(0, BN)
@@ -71,17 +87,34 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
             wait_then_release()
         a = tl.load(x_ptr + tok * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * a[None, :]
+    if ZERO:  # after the wait: the buffer may be one the launches before still read
+        _zero_share(zero_ptr, n_zero, ZERO)
     logit = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
     tl.store(logits_ptr + tok * N + rows, logit, mask=rows < N)
     if ALONE:  # every expert's logit is this program's (BN >= NP): the top-k from registers
         _top_k(tl.where(rows < N, logit, float("-inf")), rows, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK, KP,
                RENORMALIZE, HAS_VALID)  # fmt: skip
-    # release: this program's logits before its count; acquire: the last one then reads every program's
-    elif tl.atomic_add(count_ptr + tok, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        tl.store(count_ptr + tok, 0)  # zero again for the next launch (CUDA-graph replays too)
-        j = tl.arange(0, NP)
-        v = tl.load(logits_ptr + tok * N + j, mask=j < N, other=float("-inf"), volatile=True)
-        _top_k(v, j, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK, KP, RENORMALIZE, HAS_VALID)
+        ranked = tok >= 0  # this program ranked its token
+    else:
+        # release: this program's logits before its count; acquire: the last one then reads every program's
+        ranked = tl.atomic_add(count_ptr + tok, 1, sem="acq_rel") == tl.num_programs(1) - 1
+        if ranked:
+            tl.store(count_ptr + tok, 0)  # zero again for the next launch (CUDA-graph replays too)
+            j = tl.arange(0, NP)
+            v = tl.load(logits_ptr + tok * N + j, mask=j < N, other=float("-inf"), volatile=True)
+            _top_k(v, j, tok, topk_w_ptr, topk_ids_ptr, valid_ptr, TOPK, KP, RENORMALIZE, HAS_VALID)
+    if ALIGN:  # the last token ranked lays out every token's rows for the GEMMs (align.py), in place of its launch
+        if ranked:
+            t = tl.num_programs(0)
+            last = t == 1
+            if t > 1:  # a second counter, past the tokens' (release: this token's top-k; acquire: all of them)
+                last = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == t - 1
+            if last:
+                if t > 1:
+                    tl.store(count_ptr + t, 0)
+                align_in_one_program(topk_ids_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr,
+                                     cursor_ptr, n_rows, n_routed, cap, TOPK, SLOTS, E, EP, BM, CHUNK, BCHUNK,
+                                     SHARED)  # fmt: skip
 
 
 def enabled() -> bool:
@@ -90,13 +123,30 @@ def enabled() -> bool:
     return os.environ.get("MXSERVE_FUSED_ROUTER", "1") != "0"
 
 
+def aligns() -> bool:
+    """Whether SGLang's engine has the fused router's launch also lay out the rows for the grouped GEMMs
+    (moe.route_and_lay_out), in place of the alignment's launch: ``MXSERVE_ROUTER_ALIGN=1``, opt-in until timed."""
+    return enabled() and os.environ.get("MXSERVE_ROUTER_ALIGN", "0") == "1"
+
+
 def counters(device: torch.device, tokens: int) -> torch.Tensor:
-    """A zeroed int32 counter per token, kept per device: every launch leaves it zeroed, so no fill runs
-    before one (made outside CUDA-graph capture by the first, larger eager forward)."""
+    """A zeroed int32 counter per token and one more (the alignment's), kept per device: every launch leaves
+    them zeroed, so no fill runs before one (made outside CUDA-graph capture by the first, larger eager forward)."""
     counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < tokens:
-        counts = _COUNTS[device] = torch.zeros(max(tokens, 4096), dtype=torch.int32, device=device)
+    if counts is None or counts.numel() <= tokens:
+        counts = _COUNTS[device] = torch.zeros(max(tokens + 1, 4096), dtype=torch.int32, device=device)
     return counts
+
+
+# fp32 zeros a program writes at most in place of a fill launch (fused_router's ``zero``): at one program a token
+# a token's share of Qwen1.5's stream-K sums at 8 slots is 156 KB, which one SM stores no faster than a fill
+ZERO_MOST = 4096
+
+
+def zeroes_in_launch(t: int, e: int, experts_per_program: int, n_zero: int) -> bool:
+    """Whether the router's launch for ``t`` tokens takes a fill of ``n_zero`` fp32 (fused_router's ``zero``)."""
+    programs = t * (1 if experts_per_program >= e else triton.cdiv(e, experts_per_program))
+    return triton.cdiv(n_zero, programs) <= ZERO_MOST
 
 
 def fused_router(
@@ -106,11 +156,16 @@ def fused_router(
     renormalize: bool,
     num_token_non_padded: torch.Tensor | None = None,
     experts_per_program: int = CHUNK,
+    align: Alignment | None = None,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax top-k routing of ``x`` [T, H] by the gate ``weight`` [E, H]: (weights [T, k] fp32, ids [T, k]
     int32, logits [T, E] fp32 rounded to bf16), the weights renormalized to sum 1 if ``renormalize``; ids -1
     for tokens from ``num_token_non_padded`` (a one-element tensor) on. ``experts_per_program`` (a power of
-    two) splits each token's experts over programs; at E or more one program per token takes them all."""
+    two) splits each token's experts over programs; at E or more one program per token takes them all.
+    ``align`` (align.alignment for these T tokens and k): the same launch lays out the rows for the grouped
+    GEMMs into its buffers, as align.route would from the returned top-k; ``zero``: an fp32 buffer it fills with
+    zeros (stream-K's sums; where :func:`zeroes_in_launch`)."""
     t, h = x.shape
     e = weight.shape[0]
     if weight.shape[1] != h or not 0 < top_k <= e:
@@ -118,6 +173,8 @@ def fused_router(
     bn = experts_per_program
     if bn < 1 or bn & (bn - 1):
         raise ValueError(f"router: {bn} experts a program, not a power of two")
+    if align is not None and align.rows != t * align.consts["SLOTS"]:
+        raise ValueError(f"router: an alignment of {align.rows} rows for {t} tokens of {align.consts['SLOTS']} slots")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
     logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
@@ -131,9 +188,21 @@ def fused_router(
     bn = np_ if alone else bn
     warps = min(bn, MAX_WARPS)
     bk = max(16, min(triton.next_power_of_2(h), ACC_PER_THREAD * 32 * warps // bn))
+    # the alignment's buffers and constants, or stand-ins its variant never reads
+    al_args = align.args() if align is not None else (logits,) * 5 + (0, 0, 0)
+    al_consts = {}
+    if align is not None:  # its chunk of rows a lane each, at least: one or a few warps here, where route() has 8
+        al_consts = {**align.consts, "ALIGN": True,
+                     "CHUNK": min(1024, triton.next_power_of_2(max(align.rows, 32 * warps)))}  # fmt: skip
+    if zero is not None:
+        if not zeroes_in_launch(t, e, experts_per_program, zero.numel()):
+            raise ValueError(f"router: {zero.numel()} zeros over too few programs (zeroes_in_launch)")
+        al_consts["ZERO"] = 32 * 4 * warps  # one 16-byte store a thread per step
     fused_router_kernel[(t, triton.cdiv(e, bn))](
         x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
+        *al_args, zero if zero is not None else logits, zero.numel() if zero is not None else 0,
         e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=np_, BN=bn, BK=bk, RENORMALIZE=renormalize,
-        HAS_VALID=valid is not None, ALONE=alone, PDL=pdl(x.device), num_warps=warps, **launch(x.device),
+        HAS_VALID=valid is not None, ALONE=alone, PDL=pdl(x.device), num_warps=warps, **al_consts,
+        **launch(x.device),
     )  # fmt: skip
     return topk_w, topk_ids, logits

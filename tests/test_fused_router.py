@@ -29,8 +29,9 @@ def test_fused_router_refuses_a_gate_of_another_width():
         fused_router(x, torch.zeros(60, 256, dtype=torch.bfloat16), 4, False, experts_per_program=6)
 
 
-def _router_sass(pdl: bool) -> str:
-    """The sm_90 code of the router at Qwen1.5's width (one expert a program), as its launch specializes it."""
+def _router_sass(pdl: bool, align: bool = False) -> str:
+    """The sm_90 code of the router at Qwen1.5's width (one expert a program), as its launch specializes it;
+    ``align``: laying out the rows of Qwen1.5's 4 + 4 slots and zeroing stream-K's sums too."""
     import triton
     from sass_tools import disassemble
     from triton.backends.compiler import GPUTarget
@@ -40,15 +41,18 @@ def _router_sass(pdl: bool) -> str:
 
     params = fused_router_kernel.arg_names
     consts = {"TOPK": 4, "KP": 4, "NP": 64, "BN": 1, "BK": 2048, "RENORMALIZE": False, "HAS_VALID": True,
-              "ALONE": False, "PDL": pdl}  # fmt: skip
+              "ALONE": False, "PDL": pdl, "ALIGN": align, "SLOTS": 8, "E": 64, "EP": 128, "BM": 8, "CHUNK": 256,
+              "BCHUNK": 64, "SHARED": True, "ZERO": 128 if align else 0}  # fmt: skip
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "count_ptr": "*i32", "topk_w_ptr": "*fp32",
-             "topk_ids_ptr": "*i32", "valid_ptr": "*i64"}  # fmt: skip
+             "topk_ids_ptr": "*i32", "valid_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i64",
+             "npp_ptr": "*i64", "w_out_ptr": "*fp32", "cursor_ptr": "*i32", "zero_ptr": "*fp32"}  # fmt: skip
     sig = {p: types.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(types) | {"stride_x", "K"}
     src = ASTSource(fused_router_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                     {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})  # fmt: skip
     options = {"num_warps": 1, **({"launch_pdl": True} if pdl else {})}
-    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), f"router{int(pdl)}")
+    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
+                       f"router{int(pdl)}{int(align)}")  # fmt: skip
 
 
 def test_fused_router_loads_the_gate_before_waiting_for_the_launch_before():
@@ -66,3 +70,56 @@ def test_fused_router_loads_the_gate_before_waiting_for_the_launch_before():
             assert wait is None
             continue
         assert wait is not None and sum(i < wait for i in wide) >= 8 and sum(i > wait for i in wide) >= 8, (wait, wide)
+
+
+@pytest.mark.parametrize("t, per_program, padded, n_shared", [
+    (1, 1, False, 4), (5, 1, True, 4), (3, 8, False, 0), (9, 64, True, 4), (1, 64, False, 4),
+])  # fmt: skip
+def test_fused_router_lays_out_the_rows_as_the_alignment_launch(t, per_program, padded, n_shared):
+    # the last token ranked aligns every token (a second counter; none at one token of one program)
+    from kernel_cases import router_alignment_case
+
+    router_alignment_case("cpu", t, per_program, padded, n_shared)
+
+
+@pytest.mark.parametrize("t, per_program", [(1, 1), (6, 64)])
+def test_the_router_laying_out_the_rows_computes_the_same_layer(t, per_program):
+    # no shared experts: on this (unbalanced, Triton) grid, one launch per GEMM, whose rows the router lays out
+    from kernel_cases import router_lay_out_case
+
+    router_lay_out_case("cpu", t, 0, per_program)
+
+
+def test_the_router_lays_out_no_rows_where_the_shared_experts_launch_apart():
+    # decode on the unbalanced grid launches the shared experts apart (their own rows): the router routes only
+    from kernel_cases import make_experts
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import route_and_lay_out
+
+    gen = torch.Generator().manual_seed(0)
+    experts = make_experts(["w4a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
+    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    x = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
+    w, ids, _, started = route_and_lay_out(x, torch.randn(8, 256).to(torch.bfloat16), 2, False, gu, dn, 8)
+    assert started is None and ids.shape == (2, 2) and ((ids >= 0) & (ids < 8)).all()
+
+
+def test_rows_laid_out_from_another_top_k_are_laid_out_again():
+    # a forward given other weights than the router returned (say, scaled after it) does not take the router's
+    # rows (their weights are the unscaled ones): it aligns its own, and the start stays untaken (the layer logs it)
+    from kernel_cases import make_experts
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import moe_gemms, route_and_lay_out
+
+    gen = torch.Generator().manual_seed(1)
+    experts = make_experts(["w4a16g128", "bf16"], 256, 128, 8, 0, "rtn", gen, "cpu")
+    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    w, ids, _, started = route_and_lay_out(x, (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16), 2,
+                                           False, gu, dn, 8)  # fmt: skip
+    got = moe_gemms(x, ids, w * 2, gu, dn, 8, started=started)[1]
+    assert not started.taken
+    assert torch.equal(got, moe_gemms(x, ids, w * 2, gu, dn, 8, poison=True)[1])
+    assert not torch.equal(got, moe_gemms(x, ids, w, gu, dn, 8)[1])

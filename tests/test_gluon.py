@@ -347,6 +347,25 @@ def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted
     assert taken == [True] * 6
 
 
+@pytest.mark.parametrize("t, per_program, zero_most", [(1, 1, 4096), (5, 64, 4096), (3, 1, 0)])
+def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_gluon, monkeypatch, t, per_program,
+                                                                    zero_most):  # fmt: skip
+    # route_and_lay_out on the stream-K grid (decode's default): the router's launch lays out the rows of routed and
+    # shared experts together and zeroes the sums (zero_most 0: too few programs for it, the forward fills them),
+    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%)
+    from kernel_cases import router_lay_out_case
+
+    from mxkernels import moe, router
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setattr(router, "ZERO_MOST", zero_most)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    taken = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    router_lay_out_case("cpu", t, 2, per_program, close=True)
+    assert taken == [True] * 4  # both GEMMs of the laid-out forward, then of the plain one
+
+
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])
 def test_gluon_kernel_arithmetic_rotated_inputs(interpreted_gluon, grid):
     # gptq-had (mxserve's default method): the quantized experts read the Hadamard-rotated copy of their input,

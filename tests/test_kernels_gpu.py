@@ -384,3 +384,27 @@ def test_fused_router_routes_as_softmax_top_k_cuda(t, graph, per_program):
     from kernel_cases import fused_router_case
 
     fused_router_case("cuda", t, t == 8, t == 33, graph, h=2048 if t == 8 else 4096, per_program=per_program)
+
+
+@pytest.mark.parametrize("t", [1, 8, 33])
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("per_program", [1, 64])
+def test_fused_router_lays_out_the_rows_as_the_alignment_launch_cuda(t, graph, per_program):
+    # the second counter's release and acquire across tokens' last programs, the zero fill shared by every
+    # program, both counters zero again for a CUDA-graph replay
+    from kernel_cases import router_alignment_case
+
+    router_alignment_case("cuda", t, per_program, t == 33, graph=graph)
+
+
+@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("stream_k", ["0", "1"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k, graph, monkeypatch):
+    # route_and_lay_out then the forward, against the router, the alignment and the forward: on stream-K (shared
+    # experts in the routed launches, the sums zeroed by the router) within 1%; on the unbalanced grid (no shared
+    # experts there: decode launches them apart, and the router routes only) bit for bit
+    from kernel_cases import router_lay_out_case
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
+    router_lay_out_case("cuda", t, 2 if stream_k == "1" else 0, graph=graph, close=stream_k == "1")

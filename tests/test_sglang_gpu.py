@@ -188,6 +188,22 @@ def test_programmatic_dependent_launch_serves_the_same_text(tmp_path):
     assert "programmatic dependent launches" not in open(tmp_path / "MXSERVE_PDL0.log").read()
 
 
+@pytest.mark.parametrize("arch, stream_k", [("qwen3_moe", "0"), ("qwen2_moe", "1")])
+def test_the_router_laying_out_the_rows_serves_the_same_text(arch, stream_k, tmp_path):
+    """MXSERVE_ROUTER_ALIGN=1: the fused router's launch lays out each decode forward's rows for the grouped GEMMs
+    (and zeroes stream-K's sums) in place of the alignment's launch, captured so in SGLang's CUDA graphs; every
+    forward takes what it laid out. Qwen3-MoE (no shared experts) on the unbalanced grid: the same greedy text.
+    Qwen2-MoE on stream-K (shared experts in the routed launches), whose sums are added in any order: most texts."""
+    texts, _, _ = texts_served_with(tmp_path, arch, "MXSERVE_ROUTER_ALIGN", MXSERVE_STREAM_K=stream_k)
+    if stream_k == "0":
+        assert texts["1"] == texts["0"]
+    else:
+        pairs = [(a, b) for batched in (False, True) for a, b in zip(texts["0"][batched], texts["1"][batched])]
+        assert sum(a == b for a, b in pairs) >= 3 * len(pairs) // 4, texts
+    log = open(tmp_path / "MXSERVE_ROUTER_ALIGN1.log").read()
+    assert "laying out the experts' rows" in log and "were not used" not in log and "Traceback" not in log
+
+
 def texts_served_with(tmp_path, arch: str, var: str, **env: str) -> tuple[dict, str, int]:
     """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
     (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)

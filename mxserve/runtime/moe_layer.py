@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_codes, slab_capacity
-from mxkernels.moe import mx_moe_forward, start_shared
+from mxkernels.moe import mx_moe_forward, route_and_lay_out, start_shared
 from mxkernels.reference import moe_reference
+from mxkernels.router import fused_router
 from mxserve.models.adapters import MoELayerView
 from mxserve.quant.qlinear import QuantizedLinear
 from router_stats import ExpertCounter
@@ -84,9 +85,10 @@ class MixedExperts:
             out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
                                  shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
-                self._missed = True  # the shared experts ran twice: said once per layer
-                log.warning("layer %d: the shared experts launched early were not used (the experts' input is "
-                            "not the MoE block's); the forward launched them again", self.layer_index)  # fmt: skip
+                self._missed = True  # the shared experts ran twice, or the rows were laid out twice: said once a layer
+                what = "rows laid out by the router" if started.routed is not None else "shared experts launched early"
+                log.warning("layer %d: the %s were not used (the experts' input is not the MoE block's); the forward "
+                            "launched them again", self.layer_index, what)  # fmt: skip
             return out.to(x.dtype)
         self.record(topk_ids)
         if shared_gate is not None:
@@ -111,6 +113,18 @@ class MixedExperts:
         self._started = None
         if x.is_cuda and self.n_routed < len(self.experts_q):
             self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
+
+    def route(self, x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
+              num_token_non_padded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The coming forward's decode routing of ``x`` by ``gate`` in one launch (mxkernels.router.fused_router:
+        weights, ids, logits) that also lays out its rows for the grouped GEMMs (mxkernels.moe.route_and_lay_out),
+        which the forward takes where it gets the same input and this top-k; a GPU only. With the shared experts
+        started early, the router routes only (their start holds the forward's buffers)."""
+        if self._started is not None or not x.is_cuda:  # off a GPU the forward takes the reference path
+            return fused_router(x, gate, top_k, renormalize, num_token_non_padded)
+        w, ids, logits, self._started = route_and_lay_out(x, gate, top_k, renormalize, *self.arenas(x.device),
+                                                          self.n_routed, num_token_non_padded)  # fmt: skip
+        return w, ids, logits
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""

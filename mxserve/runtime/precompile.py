@@ -152,11 +152,12 @@ def _unrotated_input(a: torch.Tensor, arena) -> tuple[torch.Tensor, int]:
 
 def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], target, sms: int, model_codes: int = 0,
                     table=None, specialize_all: bool = False,
-                    routers: Iterable[tuple[int, int, int]] = ()) -> Recorder:  # fmt: skip
+                    routers: Iterable[tuple[int, int, int]] = (), aligned: bool = False) -> Recorder:  # fmt: skip
     """The kernel variants that serving ``layers`` launches at these token counts on a GPU of
     ``sms`` multiprocessors (``table``: its tile table) for ``target``; ``routers``: the (hidden, experts, top-k)
     of the gates whose decode routing SGLang's engine fuses (engines/sglang_router.py), with and without
-    renormalization and SGLang's count of unpadded tokens (what a model's config and SGLang's graphs pick)."""
+    renormalization and SGLang's count of unpadded tokens (what a model's config and SGLang's graphs pick);
+    ``aligned``: their launches lay out the layers' rows too (MXSERVE_ROUTER_ALIGN=1), a variant per layout."""
     rec = Recorder(target, specialize_all)
     tokens = list(tokens)
     cache: dict = {}
@@ -194,15 +195,25 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                 w = torch.rand(t, k, generator=gen)
                 moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
                                    torch.rand(t, 1) if shared else None)  # fmt: skip
+                if aligned and t <= fused_router.FUSED_ROUTER_TOKENS:
+                    for renormalize, valid in _router_kinds():
+                        moe.route_and_lay_out(torch.zeros(t, h, dtype=torch.bfloat16),
+                                              torch.zeros(e, h, dtype=torch.bfloat16), k, renormalize, gu, dn, e,
+                                              valid)  # fmt: skip
         for h, e, k in dict.fromkeys(routers):  # one variant whatever the tokens (the grid's only)
             gate = torch.zeros(e, h, dtype=torch.bfloat16)
-            for renormalize in (False, True):
-                for valid in (None, torch.ones(1, dtype=torch.int32)):  # SGLang's graph buffers are int32
-                    fused_router.fused_router(torch.zeros(1, h, dtype=torch.bfloat16), gate, k, renormalize, valid)
+            for renormalize, valid in _router_kinds():
+                fused_router.fused_router(torch.zeros(1, h, dtype=torch.bfloat16), gate, k, renormalize, valid)
     finally:
         for p in patches:
             p.stop()
     return rec
+
+
+def _router_kinds() -> list[tuple[bool, torch.Tensor | None]]:
+    """The fused router's launches by what a model's config and SGLang's graphs pick: renormalized or not, with
+    SGLang's count of unpadded tokens (its graph buffers are int32) or without."""
+    return [(renormalize, valid) for renormalize in (False, True) for valid in (None, torch.ones(1, dtype=torch.int32))]
 
 
 def _compile(v: Variant, target) -> tuple[float, bytes]:
@@ -266,7 +277,8 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     # the routers SGLang's engine fuses by default (the gate is whole on every rank: all the layer's experts)
     routers = {(v.hidden, v.n_routed, v.top_k) for v in views} if fused_router.enabled() else set()
     rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
-                          tile_table(dev), routers=sorted(routers))  # fmt: skip
+                          tile_table(dev), routers=sorted(routers),
+                          aligned=fused_router.aligns() and tp == ep == 1)  # fmt: skip
     variants = rec.all()
     what = f"{len(variants)} kernel variants"
     if compile_once(variants, target):
