@@ -1,6 +1,8 @@
 """The decode router's launch time on the GPU: SGLang's (the gate's GEMM, then its top-k) against
 mxkernels.router.fused_router with 1 to all experts a program, with and without programmatic dependent
-launch (MXSERVE_PDL).
+launch (MXSERVE_PDL); and the router followed by the alignment's launch (stream-K's zero fill beside it, on a
+second stream, as mxkernels.moe runs them) against the router's launch laying out the rows and zeroing the sums
+itself (MXSERVE_ROUTER_ALIGN, moe.route_and_lay_out).
 
     python3 benchmarks/router.py --out DIR [--hidden 2048 --experts 60 --top-k 4 --tokens 1 8 32 64]
 
@@ -63,13 +65,18 @@ def main() -> None:
     ap.add_argument("--renormalize", action="store_true")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--per-program", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    ap.add_argument("--aligned", type=int, nargs="+", default=[1, 64], help="experts a program, laying out rows")
+    ap.add_argument("--shared", type=int, default=4, help="shared experts (slots after the top-k)")
+    ap.add_argument("--inter", type=int, default=1408, help="the experts' intermediate size (stream-K's sums)")
+    ap.add_argument("--bm", type=int, default=8, help="rows a block of the grouped GEMMs")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--replays", type=int, default=200)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("router.py: needs a CUDA GPU")
     from mxkernels import pdl
-    from mxkernels.router import fused_router
+    from mxkernels.align import alignment, route
+    from mxkernels.router import fused_router, zeroes_in_launch
 
     os.makedirs(a.out, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -90,6 +97,26 @@ def main() -> None:
                 print(f"router.py: SGLang's router failed at {t} tokens ({type(e).__name__}: {e})", file=sys.stderr)
                 sglang = None
         want = fused_router(x, w, a.top_k, a.renormalize)[1]
+        slots = a.top_k + a.shared
+        sums = torch.empty(t * slots * (2 * a.inter + a.hidden), dtype=torch.float32, device=x.device)
+        al = alignment(t, a.top_k, a.experts + a.shared, a.experts, a.bm, device=x.device)
+        side = torch.cuda.Stream()
+
+        def apart(bn: int) -> None:
+            """The router's launch, then the alignment's, the sums zeroed beside it (moe.moe_gemms)."""
+            tw, ids, _ = fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                sums.zero_()
+            route(ids, tw, a.experts + a.shared, a.experts, a.bm, w=al.w)
+            torch.cuda.current_stream().wait_stream(side)
+
+        def laid_out(bn: int) -> None:
+            zero = sums if zeroes_in_launch(t, a.experts, bn, sums.numel()) else None
+            fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn, align=al, zero=zero)
+            if zero is None:
+                sums.zero_()
+
         for bn in a.per_program:
             for on in (False, True):
                 pdl.ENABLED = on and pdl.capable(x.device)
@@ -101,6 +128,14 @@ def main() -> None:
                 us = time_graph(lambda bn=bn: fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn),
                                 a.layers, a.replays)  # fmt: skip
                 row[f"fused {bn}{' pdl' if on else ''}"] = round(us, 2)
+        for on in (False, True):
+            pdl.ENABLED = on and pdl.capable(x.device)
+            if on and not pdl.ENABLED:
+                continue
+            for bn in a.aligned:
+                tag = f"{bn}{' pdl' if on else ''}"
+                row[f"router+align {tag}"] = round(time_graph(lambda bn=bn: apart(bn), a.layers, a.replays), 2)
+                row[f"laid out {tag}"] = round(time_graph(lambda bn=bn: laid_out(bn), a.layers, a.replays), 2)
         pdl.ENABLED = False
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -113,7 +148,10 @@ def main() -> None:
     lines = [f"# The decode router's launch, {meta['device']}", "", f"Command: `{cmd}`", "",
              f"us per launch ({a.layers} launches back to back in a CUDA graph), gate {a.experts} x {a.hidden}, "
              f"top-{a.top_k}; `fused N`: mxkernels.router with N experts a program (N >= experts: one program a "
-             "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait.",
+             "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait; "
+             f"`router+align N`: that router, then the alignment's launch of {a.shared} shared slots more (blocks of "
+             f"{a.bm} rows), stream-K's sums zeroed beside it on a second stream; `laid out N`: the router's launch "
+             "doing both.",
              "", "| tokens | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in ["tokens", *cols]) + " |" for r in rows]
     with open(os.path.join(a.out, "router.md"), "w") as f:

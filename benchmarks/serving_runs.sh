@@ -13,7 +13,8 @@
 #                                                    # STREAM_K=1: also on the stream-K decode grid; ROUTER=1:
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
-#                                                    # PDL=1: also with programmatic dependent launches)
+#                                                    # PDL=1: also with programmatic dependent launches;
+#                                                    # ALIGN=1: also with the rows laid out by the router)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -90,6 +91,12 @@ elif [ "$what" = qwen15-24 ]; then
     --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
+  # ALIGN=1 adds a server whose router's launch lays out the rows too (MXSERVE_ROUTER_ALIGN=1); with PDL=1, also one
+  # with both
+  [ -z "${ALIGN:-}" ] || grouped+=(--ckpt "$name-align=$work/q15-24-$name"
+    --server-env "mxserve-$name-align=MXSERVE_ROUTER_ALIGN=1")
+  [ -z "${ALIGN:-}" ] || [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-align-pdl=$work/q15-24-$name"
+    --server-env "mxserve-$name-align-pdl=MXSERVE_ROUTER_ALIGN=1" --server-env "mxserve-$name-align-pdl=MXSERVE_PDL=1")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
     --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"
