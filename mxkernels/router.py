@@ -61,7 +61,7 @@ def _zero_share(zero_ptr, n_zero, ZERO: tl.constexpr):
     me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     share = tl.cdiv(tl.cdiv(n_zero, progs), ZERO) * ZERO
     for z0 in range(me * share, (me + 1) * share, ZERO):
-        z = z0 + tl.arange(0, ZERO)
+        z = tl.multiple_of(z0, ZERO) + tl.arange(0, ZERO)  # 16-byte stores (n_zero: a multiple of 16, specialized)
         tl.store(zero_ptr + z, tl.zeros([ZERO], dtype=tl.float32), mask=z < n_zero)
 
 
