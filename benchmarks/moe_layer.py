@@ -213,16 +213,23 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
     return tiered_plan(e, ne, k, skewed, dev, [("w4a16g128", 1), ("w2a16g128", 1)])
 
 
-def with_pdl(fn):
-    """``fn`` with its launches programmatic dependent launches (mxkernels.pdl), on a GPU that has them."""
+MODES = ("pdl", "silu")  # layout fields that are launch modes, not tile fields
+
+
+def in_modes(fn, modes: dict):
+    """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl": mxkernels.pdl, on a
+    GPU that has them) and the SiLU in stream-K's gate/up launch ("silu": MXSERVE_SILU_IN_GEMM)."""
     from mxkernels import pdl
 
     def run():
-        pdl.ENABLED = True
+        pdl.ENABLED = bool(modes.get("pdl"))
+        if modes.get("silu"):
+            os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
         try:
             return fn()
         finally:
             pdl.ENABLED = False
+            os.environ.pop("MXSERVE_SILU_IN_GEMM", None)
 
     return run
 
@@ -292,6 +299,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout with every launch of the layer a programmatic dependent launch (MXSERVE_PDL=1, mxkernels/pdl.py;
     # twenty-second session): the down GEMM's first K tile loaded while the launch before ends
     "PDL": {"pdl": True},
+    # stream-K's gate/up launch storing SiLU(gate) * up once a (block, N tile) pair's K is complete, in place of the
+    # SiLU launch (MXSERVE_SILU_IN_GEMM=1, twenty-third session), alone and with PDL
+    "stream-K, SiLU in the GEMM": {"stream_k": True, "silu": True},
+    "stream-K, SiLU in the GEMM, PDL": {"stream_k": True, "silu": True, "pdl": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},
@@ -442,9 +453,10 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                                                multiprocessors(dev), fma=False).split  # fmt: skip
                             ov = {"fma": False, "gluon": False, "split": 2 * split}
                         fn = lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov)  # noqa: E731
-                        if ov.get("pdl"):  # not a tile field: the launches' mode while captured and run
-                            fn = with_pdl(lambda ag=ag, ad=ad, ov=ov: mx_moe_forward(
-                                x, ids, w, ag, ad, e, **{f: v for f, v in ov.items() if f != "pdl"}))  # fmt: skip
+                        if any(ov.get(m) for m in MODES):  # not tile fields: the launches' modes, captured and run
+                            tiles = {f: v for f, v in ov.items() if f not in MODES}
+                            fn = in_modes(lambda ag=ag, ad=ad, tiles=tiles: mx_moe_forward(
+                                x, ids, w, ag, ad, e, **tiles), ov)  # fmt: skip
                         job(f"{vname} ({label})", fn, ag.nbytes() + ad.nbytes(), bits)
             if mw is not None:
                 logits = torch.zeros(t, ne, device=dev)  # read for its shape only

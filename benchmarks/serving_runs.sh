@@ -14,7 +14,8 @@
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
-#                                                    # ALIGN=1: also with the rows laid out by the router)
+#                                                    # FEWER=1: also with the rows laid out by the router
+#                                                    # and the SiLU in the gate/up launch)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -91,12 +92,14 @@ elif [ "$what" = qwen15-24 ]; then
     --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
-  # ALIGN=1 adds a server whose router's launch lays out the rows too (MXSERVE_ROUTER_ALIGN=1); with PDL=1, also one
-  # with both
-  [ -z "${ALIGN:-}" ] || grouped+=(--ckpt "$name-align=$work/q15-24-$name"
-    --server-env "mxserve-$name-align=MXSERVE_ROUTER_ALIGN=1")
-  [ -z "${ALIGN:-}" ] || [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-align-pdl=$work/q15-24-$name"
-    --server-env "mxserve-$name-align-pdl=MXSERVE_ROUTER_ALIGN=1" --server-env "mxserve-$name-align-pdl=MXSERVE_PDL=1")
+  # FEWER=1 adds a server with fewer launches a layer: the rows laid out by the router's launch
+  # (MXSERVE_ROUTER_ALIGN=1) and the SiLU in stream-K's gate/up launch (MXSERVE_SILU_IN_GEMM=1); with PDL=1, also
+  # one with PDL too
+  fewer=(MXSERVE_ROUTER_ALIGN=1 MXSERVE_SILU_IN_GEMM=1)
+  [ -z "${FEWER:-}" ] || grouped+=(--ckpt "$name-fewer=$work/q15-24-$name"
+    "${fewer[@]/#/--server-env=mxserve-$name-fewer=}")
+  [ -z "${FEWER:-}" ] || [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-fewer-pdl=$work/q15-24-$name"
+    "${fewer[@]/#/--server-env=mxserve-$name-fewer-pdl=}" --server-env "mxserve-$name-fewer-pdl=MXSERVE_PDL=1")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
     --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"

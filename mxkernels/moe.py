@@ -28,7 +28,7 @@ import triton
 
 from mxkernels import dequant, router
 from mxkernels.act_quant import row_quant
-from mxkernels.align import KERNEL_MAX_ROWS, alignment, route, shared_rows
+from mxkernels.align import KERNEL_MAX_ROWS, alignment, capacity, route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
@@ -224,14 +224,15 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
-          static: bool = True) -> None:  # fmt: skip
+          static: bool = True, silu: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
     (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
-    dependent launch the down GEMM loads them before it waits (pdl.py)."""
+    dependent launch the down GEMM loads them before it waits (pdl.py). ``silu`` (intermediate, counters): stream-K's
+    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -246,7 +247,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes, static)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static, silu)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
@@ -300,6 +301,13 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
     )
 
 
+def gluon_bn(tiles: Tiles) -> int:
+    """The Gluon kernel's rows of weights a program for these tiles: one or two MMA tiles a warp."""
+    from mxkernels.moe_gemm_gluon import BN
+
+    return tiles.bn if tiles.bn in (BN, 2 * BN) else BN
+
+
 def _gluon_kernel():
     if INTERPRET:
         raise ValueError("the Gluon kernel runs on a GPU: Triton's interpreter does not run Gluon")
@@ -309,13 +317,14 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True) -> None:  # fmt: skip
+                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True,
+                silu: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
-    from mxkernels.moe_gemm_gluon import BN, KERNEL_CODES, MAGIC, WARPS, eligible
+    from mxkernels.moe_gemm_gluon import KERNEL_CODES, MAGIC, WARPS, eligible
 
-    bn = tiles.bn if tiles.bn in (BN, 2 * BN) else BN  # one or two MMA tiles of rows per warp
+    bn = gluon_bn(tiles)
     if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
         raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
@@ -324,18 +333,22 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     codes &= KERNEL_CODES
     splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
     kernel = _gluon_kernel()
+    if silu is not None and not (gate_up and tiles.stream_k):
+        raise ValueError("SiLU in the GEMM: stream-K's gate/up only")
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
-            sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n,
-            arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+            sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
+            *(silu if silu is not None else (out, out)), n, arena.k, num_valid, a_div, tiles.split, splits,
+            MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
-                  num_warps=WARPS)  # fmt: skip
+                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
         cap = STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), a_all.device)
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
+               a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -627,12 +640,17 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # twenty-first session)
     apart = not dq and (early or not stream_k) and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    sums = None
+    sums = counts = None
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
-        # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment)
-        sums = torch.empty(rows * (gate_up.n + down.n), dtype=torch.float32, device=dev)
+        # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment), and with the SiLU in the
+        # gate/up launch its counters too (int32 zeros: an fp32 zero's bits), a (block, N tile) pair each
+        pairs = 0
+        if silu_in_gemm() and not apart:  # apart, two launches would count the same blocks' pairs
+            pairs = capacity(rows, gate_up.n_experts, bm) // bm * triton.cdiv(gate_up.n // 2, gluon_bn(l_gu[0][1]))
+        sums = torch.empty(rows * (gate_up.n + down.n) + pairs, dtype=torch.float32, device=dev)
         ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
-        out = sums[rows * gate_up.n :].view(1, rows, down.n)
+        out = sums[rows * gate_up.n : rows * (gate_up.n + down.n)].view(1, rows, down.n)
+        counts = sums[rows * (gate_up.n + down.n) :].view(torch.int32) if pairs else None
         split_gu = 1
     else:
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
@@ -647,14 +665,15 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip
 
-        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None) -> None:
+        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None, silu=None) -> None:
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq)  # fmt: skip
+                      static=not dq, silu=silu)  # fmt: skip
 
-        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
-        if ws is not None:
+        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu,
+             silu=(inter, counts) if counts is not None else None)  # fmt: skip
+        if ws is not None and counts is None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET,
@@ -837,6 +856,12 @@ def moe_gemms(
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
+
+
+def silu_in_gemm() -> bool:
+    """Whether stream-K's gate/up launch stores SiLU(gate) * up itself, once a (block, N tile) pair's K is complete,
+    in place of the SiLU launch: ``MXSERVE_SILU_IN_GEMM=1`` (read per forward), opt-in until timed."""
+    return os.environ.get("MXSERVE_SILU_IN_GEMM", "0") == "1"
 
 
 def _zero_and(sums: torch.Tensor | None, launch: Callable[[], None] | None) -> None:

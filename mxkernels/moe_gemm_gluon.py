@@ -313,14 +313,39 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
 
 
 @gluon.jit
+def _silu_once_complete(gate, inter, mask, count, mine, k_tiles, N):
+    """Stream-K's gate/up: the program whose sums complete a (block, N tile) pair's K (``mine`` K tiles of
+    ``k_tiles``: a counter per pair, zeroed with the sums, adds them up) stores SiLU(gate) * up of the pair into the
+    intermediate, rounded as the SiLU launch rounds it (gate and up to bf16 first), in place of that launch."""
+    tl.debug_barrier()  # every warp's sums added before the count releases them
+    if gl.atomic_add(count, mine, sem="acq_rel") + mine == k_tiles:  # acquire: every program's sums of the pair
+        g = _bf16(gl.load(gate, mask=mask, other=0.0)).to(gl.float32)
+        u = _bf16(gl.load(gate + N, mask=mask, other=0.0)).to(gl.float32)
+        gl.store(inter, _bf16(g / (1.0 + gl.exp(-g)) * u), mask=mask)
+
+
+@gluon.jit
+def _bf16(x):
+    """fp32 ``x`` to bf16, to nearest even. Triton's interpreter (CI) truncates, so there on the bits first, as
+    moe_gemm._bf16 (a compiled kernel's conversion rounds)."""
+    if not _ASM:
+        u = x.to(gl.uint32, bitcast=True)
+        x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(gl.float32, bitcast=True)
+    return x.to(gl.bfloat16)
+
+
+@gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n,
-           pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
-           BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
-           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
+           magic, pid_m, pid_n, pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr,
+           BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr,
+           STREAM_K: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr,
+           SILU: gl.constexpr = False):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
-    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
+    ``out`` with atomics (several programs share a tile's K); with SILU (gate/up) the program that completes the
+    pair's K also stores its SiLU(gate) * up into ``inter`` (_silu_once_complete). Nothing for another launch's
+    expert."""
     expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
     # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
@@ -367,6 +392,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             if STREAM_K:
                 gl.atomic_add(out, acc, mask=mask, sem="relaxed")
                 gl.atomic_add(out + N, acc2, mask=mask, sem="relaxed")
+                if SILU:
+                    _silu_once_complete(out, inter_ptr + ids[None, :] * N + rows_o[:, None], mask,
+                                        count_ptr + pid_m * gl.cdiv(N, BN) + pid_n, (k_b - k_a) // _BK, K // _BK,
+                                        N)  # fmt: skip
             elif PARTIAL:
                 gl.store(out, acc, mask=mask)
                 gl.store(out + N, acc2, mask=mask)
@@ -388,10 +417,13 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
-                             CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             PDL: gl.constexpr = 0):  # fmt: skip
+                             zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, split, code_splits, magic,
+                             GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+                             PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
+                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False):  # fmt: skip
+    # SILU (stream-K's gate/up): SiLU(gate) * up into ``inter_ptr`` [rows, N] bf16 by the program completing each
+    # (block, N tile) pair, counted in ``count_ptr`` (an int32 per pair, zero at the launch), in place of the SiLU
+    # launch; otherwise both are unused
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -428,9 +460,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
             hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
-                   unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
-                   True, MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
+                   a_div, magic, unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True,
+                   SKIP_PAD, True, MMA, A_OP, B_OP, PDL == 2, SILU)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -446,9 +478,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         pid_m = lin // (n_tiles * splits)
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
-                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
+                   a_div, magic, pid_m, pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL,
+                   SKIP_PAD, False, MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

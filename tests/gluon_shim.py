@@ -33,7 +33,7 @@ def _drop_layout(f):
 
 class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.language
     constexpr = tl.constexpr
-    float32, bfloat16, int16, int32, int64 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64
+    float32, bfloat16, int16, int32, int64, uint32 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64, tl.uint32
     pointer_type = tl.pointer_type
     NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))

@@ -465,3 +465,22 @@ def test_cold_start_writes_its_table_and_ratios_after_every_run(tmp_path):
     assert doc["ratios"] == {"mx-cold / plain-cold": 1.1, "mx-warm / plain-warm": round(66 / 45, 2)}
     assert len(doc["rows"]) == 8 and doc["command"] == info["command"]
     assert (tmp_path / "cold_start.md").read_text() == md + "\n" and "| mx-warm#3 | 66.0 |" in md
+
+
+def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
+    # a layout's "pdl" and "silu" fields are launch modes, not tiles: set while the layer runs, off after it
+    import os
+
+    import moe_layer
+
+    from mxkernels import moe, pdl
+
+    monkeypatch.delenv("MXSERVE_SILU_IN_GEMM", raising=False)
+    seen = []
+    run = moe_layer.in_modes(lambda: seen.append((pdl.ENABLED, moe.silu_in_gemm())), {"silu": True, "pdl": True})
+    run()
+    run = moe_layer.in_modes(lambda: seen.append((pdl.ENABLED, moe.silu_in_gemm())), {"pdl": True})
+    run()
+    assert seen == [(True, True), (True, False)]
+    assert not pdl.ENABLED and "MXSERVE_SILU_IN_GEMM" not in os.environ
+    assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]

@@ -17,17 +17,18 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 
 POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "block_expert_ptr": "*i64",
             "num_post_pad_ptr": "*i64", "route_w_ptr": "*fp32", "meta_ptr": "*i64", "wi_ptr": "*i32",
-            "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
+            "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "inter_ptr": "*bf16",
+            "count_ptr": "*i32"}  # fmt: skip
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl})"
+          stream_k: bool = False, pdl: int = 0, silu: bool = False) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0, silu: bool = False) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -37,7 +38,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -47,7 +48,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -328,6 +329,49 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
+@pytest.mark.parametrize("t, bm, bn", [(3, 8, 64), (20, 16, 128)])
+def test_gluon_kernel_stream_k_takes_the_silu_once_a_pair_is_complete(interpreted_gluon, monkeypatch, t, bm, bn):
+    # MXSERVE_SILU_IN_GEMM=1: the stream-K gate/up program that completes a (block, N tile) pair's K stores its
+    # SiLU(gate) * up (a counter a pair, zeroed with the sums), and no SiLU launch runs: the same intermediate
+    # and outputs as with that launch (the interpreter adds the sums in one order), every element written; the
+    # counters are left at their pairs' K tiles
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "bf16", "w8a16"], 256, 384, 12, 2, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(t, 256, generator=gen).bfloat16()
+    ids, w = route(t, 12, 2, gen)
+    silu_launches = []
+    spy = moe.silu_mul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            silu_launches.append(grid)
+            return spy[grid]
+
+    monkeypatch.setattr(moe, "silu_mul_kernel", Spy())
+    tiles = dict(bm=bm, bn=bn)
+    want = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, **tiles)
+    assert len(silu_launches) == 1
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
+    sums = []
+    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: sums.append(s) or g(s, f))
+    got = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, **tiles)
+    assert len(silu_launches) == 1  # none more
+    for a, b, name in zip(got, want, ("intermediate", "outputs")):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    rows = t * 4
+    counts = sums[0][rows * (gu.n + dn.n) :].view(torch.int32)
+    n_tiles = -(-(gu.n // 2) // bn)
+    assert counts.numel() % n_tiles == 0 and set(counts.tolist()) == {0, 256 // 128}, counts  # K = 256: 2 tiles
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
     # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
@@ -347,12 +391,13 @@ def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted
     assert taken == [True] * 6
 
 
-@pytest.mark.parametrize("t, per_program, zero_most", [(1, 1, 4096), (5, 64, 4096), (3, 1, 0)])
+@pytest.mark.parametrize("t, per_program, zero_most, silu", [(1, 1, 4096, "0"), (5, 64, 4096, "1"), (3, 1, 0, "1")])
 def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_gluon, monkeypatch, t, per_program,
-                                                                    zero_most):  # fmt: skip
+                                                                    zero_most, silu):  # fmt: skip
     # route_and_lay_out on the stream-K grid (decode's default): the router's launch lays out the rows of routed and
     # shared experts together and zeroes the sums (zero_most 0: too few programs for it, the forward fills them),
-    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%)
+    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%);
+    # silu "1": the SiLU in the gate/up launch, its counters zeroed with the sums
     from kernel_cases import router_lay_out_case
 
     from mxkernels import moe, router
@@ -360,6 +405,7 @@ def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
     monkeypatch.setattr(router, "ZERO_MOST", zero_most)
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", silu)
     taken = []
     monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
     router_lay_out_case("cpu", t, 2, per_program, close=True)

@@ -398,13 +398,57 @@ def test_fused_router_lays_out_the_rows_as_the_alignment_launch_cuda(t, graph, p
 
 
 @pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("stream_k", ["0", "1"])
+@pytest.mark.parametrize("stream_k", ["0", "1", "silu"])
 @pytest.mark.parametrize("graph", [False, True])
 def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k, graph, monkeypatch):
     # route_and_lay_out then the forward, against the router, the alignment and the forward: on stream-K (shared
-    # experts in the routed launches, the sums zeroed by the router) within 1%; on the unbalanced grid (no shared
-    # experts there: decode launches them apart, and the router routes only) bit for bit
+    # experts in the routed launches, the sums zeroed by the router; "silu": with the SiLU in the gate/up launch, its
+    # counters zeroed with them) within 1%; on the unbalanced grid (no shared experts there: decode launches them
+    # apart, and the router routes only) bit for bit
     from kernel_cases import router_lay_out_case
 
+    if stream_k == "silu":
+        monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
+        stream_k = "1"
     monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
     router_lay_out_case("cuda", t, 2 if stream_k == "1" else 0, graph=graph, close=stream_k == "1")
+
+
+@pytest.mark.parametrize("t", [1, 8, 24])
+@pytest.mark.parametrize("graph", [False, True])
+def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypatch):
+    # MXSERVE_SILU_IN_GEMM=1 at Qwen1.5's shape (18 experts, 2 shared, top-4; gate/up K = 2048 in 16 tiles dealt
+    # over the grid): the counters' release and acquire across programs, zeroed with the sums for every replay of
+    # a CUDA graph; the intermediate and outputs within 1% of the SiLU launch's (the sums' order differs), every
+    # element written
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import moe_gemms
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(GLUON_SCHEMES, 2048, 1408, 18, 2, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+
+    def draw():
+        ids, w = route(t, 18, 4, gen)
+        return torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+
+    x, ids, w = draw()
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
+    got = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
+        for _ in range(2):
+            nx, nids, nw = draw()
+            x.copy_(nx), ids.copy_(nids), w.copy_(nw)
+            g.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
+    want = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
+    for a, b, name in zip(got, want, ("intermediate", "outputs")):
+        assert torch.isfinite(a).all(), name
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name

@@ -193,8 +193,10 @@ def test_the_router_laying_out_the_rows_serves_the_same_text(arch, stream_k, tmp
     """MXSERVE_ROUTER_ALIGN=1: the fused router's launch lays out each decode forward's rows for the grouped GEMMs
     (and zeroes stream-K's sums) in place of the alignment's launch, captured so in SGLang's CUDA graphs; every
     forward takes what it laid out. Qwen3-MoE (no shared experts) on the unbalanced grid: the same greedy text.
-    Qwen2-MoE on stream-K (shared experts in the routed launches), whose sums are added in any order: most texts."""
-    texts, _, _ = texts_served_with(tmp_path, arch, "MXSERVE_ROUTER_ALIGN", MXSERVE_STREAM_K=stream_k)
+    Qwen2-MoE on stream-K (shared experts in the routed launches), with the SiLU in the gate/up launch
+    (MXSERVE_SILU_IN_GEMM=1, both servers), whose sums are added in any order: most texts."""
+    texts, _, _ = texts_served_with(tmp_path, arch, "MXSERVE_ROUTER_ALIGN", MXSERVE_STREAM_K=stream_k,
+                                    MXSERVE_SILU_IN_GEMM=stream_k)  # fmt: skip
     if stream_k == "0":
         assert texts["1"] == texts["0"]
     else:
