@@ -213,23 +213,28 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
     return tiered_plan(e, ne, k, skewed, dev, [("w4a16g128", 1), ("w2a16g128", 1)])
 
 
-MODES = ("pdl", "silu")  # layout fields that are launch modes, not tile fields
+# layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
+# modes read from the environment per launch
+ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH"}
+MODES = ("pdl", *ENV_MODES)
 
 
 def in_modes(fn, modes: dict):
-    """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl": mxkernels.pdl, on a
-    GPU that has them) and the SiLU in stream-K's gate/up launch ("silu": MXSERVE_SILU_IN_GEMM)."""
+    """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
+    them), the SiLU in stream-K's gate/up launch ("silu") and the L2 prefetch of each pair's K run ("l2")."""
     from mxkernels import pdl
 
     def run():
         pdl.ENABLED = bool(modes.get("pdl"))
-        if modes.get("silu"):
-            os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
+        for mode, var in ENV_MODES.items():
+            if modes.get(mode):
+                os.environ[var] = "1"
         try:
             return fn()
         finally:
             pdl.ENABLED = False
-            os.environ.pop("MXSERVE_SILU_IN_GEMM", None)
+            for var in ENV_MODES.values():
+                os.environ.pop(var, None)
 
     return run
 
@@ -303,6 +308,12 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # SiLU launch (MXSERVE_SILU_IN_GEMM=1, twenty-third session), alone and with PDL
     "stream-K, SiLU in the GEMM": {"stream_k": True, "silu": True},
     "stream-K, SiLU in the GEMM, PDL": {"stream_k": True, "silu": True, "pdl": True},
+    # each (block, N tile) pair's run of K tiles asked of L2 by bulk prefetches at its start (MXSERVE_L2_PREFETCH=1,
+    # twenty-third session): more bytes in flight than a program's registers hold (the GEMMs at 8 tokens reach 50% and
+    # 34% of bandwidth, about what 19 and 13 KB in flight per SM give), on stream-K and on the unbalanced grid
+    "stream-K, L2 prefetch": {"stream_k": True, "l2": True},
+    "no stream-K, L2 prefetch": {"stream_k": False, "l2": True},
+    "stream-K, L2 prefetch, SiLU in the GEMM, PDL": {"stream_k": True, "l2": True, "silu": True, "pdl": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

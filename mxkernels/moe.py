@@ -340,7 +340,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             *(silu if silu is not None else (out, out)), n, arena.k, num_valid, a_div, tiles.split, splits,
             MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
-                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}))  # fmt: skip
+                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}),
+                  **({"PREFETCH": True} if l2_prefetch() else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -348,7 +349,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         cap = STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
         key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
-               a_all.device)  # fmt: skip
+               "PREFETCH" in consts, a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -856,6 +857,12 @@ def moe_gemms(
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
+
+
+def l2_prefetch() -> bool:
+    """Whether the Gluon decode GEMM asks L2 for each (block, N tile) pair's run of K tiles at its start, one bulk
+    prefetch a row (moe_gemm_gluon._prefetch_rows): ``MXSERVE_L2_PREFETCH=1`` (read per launch), opt-in until timed."""
+    return os.environ.get("MXSERVE_L2_PREFETCH", "0") == "1"
 
 
 def silu_in_gemm() -> bool:

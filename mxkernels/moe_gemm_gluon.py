@@ -190,6 +190,33 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
 
 
 @gluon.jit
+def _prefetch_rows(wi_ptr, wb_ptr, rb, r0, N, k_lo, k_hi, K, BITS: gl.constexpr, BN: gl.constexpr):
+    """Ask L2 for the weights of rows ``rb + r0 ..`` over K [k_lo, k_hi) at once: one bulk prefetch a row (and bit
+    plane), which holds no register, so a program's run of K tiles streams in while its loads walk it a tile at a
+    time (decode's GEMMs are bound by the bytes in flight an SM holds: benchmarks/README.md). A row's codes over a
+    K range are contiguous (_weight_ptrs), 16-byte aligned, a multiple of 16 bytes long. Compiled only: the
+    interpreter has no PTX (and reads no cache)."""
+    if _ASM:
+        RL: gl.constexpr = gl.BlockedLayout([1], [32], [_WARPS], [0])
+        r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=RL), N - 1)
+        zero = gl.zeros([BN], gl.int32, layout=RL)
+        if BITS == 16:
+            _bulk_prefetch(wb_ptr + r * K + k_lo, zero + (k_hi - k_lo) * 2)
+        elif BITS == 3:  # the 2-bit plane, then the 1-bit one (_tile)
+            row = wi_ptr + r * (K // 32 * 3)
+            _bulk_prefetch(row + (k_lo >> 5) * 2, zero + (k_hi - k_lo) // 4)
+            _bulk_prefetch(row + K // 32 * 2 + (k_lo >> 5), zero + (k_hi - k_lo) // 8)
+        else:
+            _bulk_prefetch(wi_ptr + r * (K // 32 * BITS) + (k_lo >> 5) * BITS, zero + (k_hi - k_lo) // 8 * BITS)
+
+
+@gluon.jit
+def _bulk_prefetch(ptrs, nbytes):
+    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [ptrs, nbytes],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
             MMA: gl.constexpr):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
@@ -278,7 +305,8 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
+            PREFETCH: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
     in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
@@ -296,6 +324,11 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
+    if PREFETCH:  # the run's K tiles after its first, whose loads are in flight now
+        if k_hi - k_lo > _BK:
+            _prefetch_rows(wi_ptr, wb_ptr, 0, r0, N, k_lo + _BK, k_hi, K, BITS, BN)
+            if GATE_UP:
+                _prefetch_rows(wi_ptr, wb_ptr, N, r0, N, k_lo + _BK, k_hi, K, BITS, BN)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
@@ -340,7 +373,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            magic, pid_m, pid_n, pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr,
            BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr,
            STREAM_K: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr,
-           SILU: gl.constexpr = False):  # fmt: skip
+           SILU: gl.constexpr = False, PREFETCH: gl.constexpr = False):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K); with SILU (gate/up) the program that completes the
@@ -384,7 +417,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT)  # fmt: skip
+                                        SKIP_PAD, WAIT, PREFETCH)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -420,10 +453,12 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, split, code_splits, magic,
                              GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
                              PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False):  # fmt: skip
+                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False,
+                             PREFETCH: gl.constexpr = False):  # fmt: skip
     # SILU (stream-K's gate/up): SiLU(gate) * up into ``inter_ptr`` [rows, N] bf16 by the program completing each
     # (block, N tile) pair, counted in ``count_ptr`` (an int32 per pair, zero at the launch), in place of the SiLU
-    # launch; otherwise both are unused
+    # launch; otherwise both are unused. PREFETCH: each (block, N tile) pair's K run asked of L2 at its start
+    # (_prefetch_rows)
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -462,7 +497,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
                    a_div, magic, unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True,
-                   SKIP_PAD, True, MMA, A_OP, B_OP, PDL == 2, SILU)  # fmt: skip
+                   SKIP_PAD, True, MMA, A_OP, B_OP, PDL == 2, SILU, PREFETCH)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -480,7 +515,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
                    a_div, magic, pid_m, pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL,
-                   SKIP_PAD, False, MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
+                   SKIP_PAD, False, MMA, A_OP, B_OP, PDL == 2, False, PREFETCH)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -78,15 +78,15 @@
 #      (~2 min), their SGLang tests (~5 min), then every kernel GPU test (~13 min).
 #  34. (only when asked: `start 34`) what phase 33's one call left out: the fused router's kernel and SGLang tests,
 #      end to end the r = 0.25 plan with it against the GPTQ copy (~8 min).
-#  35. (only when asked: `start 35`) programmatic dependent launch (MXSERVE_PDL=1), the router's layouts and fewer
+#  35. (only when asked: `start 35`) programmatic dependent launch (MXSERVE_PDL=1), the router's layouts, fewer
 #      launches a layer (the rows laid out by the router's launch, MXSERVE_ROUTER_ALIGN=1; the SiLU in stream-K's
-#      gate/up launch, MXSERVE_SILU_IN_GEMM=1): their kernel tests, the router's launch by layout
-#      (benchmarks/router.py), end to end the r = 0.25 plan alone, with PDL, with fewer launches and with both,
-#      beside the GPTQ copy (~15 min).
-#  36. (only when asked: `start 36`) the layer with PDL, with the SiLU in the gate/up launch, and on stream-K at both
-#      tile widths (~3 min); the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral SGLang tests,
-#      PDL's and the laid-out rows' SGLang tests (~8 min), then every kernel GPU test (~13 min). Run as
-#      `start 35 36`.
+#      gate/up launch, MXSERVE_SILU_IN_GEMM=1) and the GEMMs' L2 prefetch (MXSERVE_L2_PREFETCH=1): their kernel
+#      tests, the router's launch by layout (benchmarks/router.py), the layer in each mode and on stream-K at both
+#      tile widths, end to end the r = 0.25 plan alone, with PDL, with fewer launches and with all of them, beside
+#      the GPTQ copy (~18 min).
+#  36. (only when asked: `start 36`) the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral
+#      SGLang tests, PDL's and the laid-out rows' SGLang tests (~8 min), then every kernel GPU test (~13 min). Run
+#      as `start 35 36`.
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -684,30 +684,30 @@ phase35() {
   # first K tile loaded before their waits), the router's layouts (several experts a program, or all with no
   # counter), and fewer launches a layer: the router's launch laying out the rows and zeroing stream-K's sums
   # (MXSERVE_ROUTER_ALIGN=1, no alignment launch) and stream-K's gate/up launch taking the SiLU (MXSERVE_SILU_IN_GEMM=1,
-  # no SiLU launch). Their kernel tests beside the checkpoints; the router's launch timed by layout, with and without
-  # PDL, alone and laying out the rows, against SGLang's (~1 min, after the checkpoints: they quantize on the GPU);
-  # then end to end the r = 0.25 plan (the fused router now the default) alone, with PDL, with fewer launches, with
-  # both, and the GPTQ copy on Marlin (~11 min)
+  # no SiLU launch), and the GEMMs' L2 prefetch of each pair's K run (MXSERVE_L2_PREFETCH=1). Their kernel tests
+  # beside the checkpoints; the router's launch timed by layout, with and without PDL, alone and laying out the
+  # rows, against SGLang's (~1 min, after the checkpoints: they quantize on the GPU); the layer at 1, 8 and 16 tokens
+  # in each mode, and on stream-K at both tile widths (phase 33's step that never ran: whether costly layers lose on
+  # stream-K for their narrower tiles) (~3 min); then end to end the r = 0.25 plan (the fused router now the
+  # default) alone, with PDL, with fewer launches, with all of them, and the GPTQ copy on Marlin (~11 min)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
-  prep_beside "fused_router or programmatic or lays_out or laying_out or silu" kernels_pdl.log "${plan[@]}" ||
-    return 1
+  prep_beside "fused_router or programmatic or lays_out or laying_out or silu or l2_prefetch" kernels_pdl.log \
+    "${plan[@]}" || return 1
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"
-  env NO_BF16=1 MX_GPTQ=1 PDL=1 FEWER=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
-    $res/e2e_pdl > $res/e2e_pdl.log 2>&1
-  say "e2e mxserve r = 0.25 (fused router), with PDL, with fewer launches, both; GPTQ on Marlin rc=$?"
+  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU in the GEMM.*|.*L2 prefetch.*)$' \
+    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
+  say "moe_layer with PDL, the SiLU in the GEMM, the L2 prefetch, stream-K by tile width rc=$?"
+  env NO_BF16=1 MX_GPTQ=1 PDL=1 FEWER=1 ALL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_pdl > $res/e2e_pdl.log 2>&1
+  say "e2e mxserve r = 0.25 (fused router), with PDL, with fewer launches, with all and the L2 prefetch; GPTQ rc=$?"
   pkill -f "[s]glang.launch_server"
 }
 
 phase36() {
-  # the layer at 1, 8 and 16 tokens with PDL, and on stream-K at both tile widths (phase 33's step that never ran:
-  # whether costly layers lose on stream-K for their narrower tiles) (~2 min); then the fused router, the default
-  # since the twenty-second session, served by the other architectures' SGLang tests (Qwen3-MoE, OLMoE, Mixtral;
-  # DeepSeek-V2 keeps SGLang's router), and PDL's SGLang test (same text)
-  python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
-    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN 64|stream-K, BN 128|PDL|stream-K, SiLU in the GEMM.*)$' \
-    --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
-  say "moe_layer with PDL, stream-K by tile width rc=$?"
+  # the fused router, the default since the twenty-second session, served by the other architectures' SGLang tests
+  # (Qwen3-MoE, OLMoE, Mixtral; DeepSeek-V2 keeps SGLang's router), PDL's and the laid-out rows' SGLang tests
   mkdir -p $res/tests
   (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k "programmatic or laying_out" --basetemp=/tmp/pt_pdl -rA -p no:cacheprovider > $res/tests/sglang_pdl.log 2>&1

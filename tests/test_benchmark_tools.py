@@ -476,11 +476,14 @@ def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
     from mxkernels import moe, pdl
 
     monkeypatch.delenv("MXSERVE_SILU_IN_GEMM", raising=False)
+    monkeypatch.delenv("MXSERVE_L2_PREFETCH", raising=False)
     seen = []
-    run = moe_layer.in_modes(lambda: seen.append((pdl.ENABLED, moe.silu_in_gemm())), {"silu": True, "pdl": True})
-    run()
-    run = moe_layer.in_modes(lambda: seen.append((pdl.ENABLED, moe.silu_in_gemm())), {"pdl": True})
-    run()
-    assert seen == [(True, True), (True, False)]
-    assert not pdl.ENABLED and "MXSERVE_SILU_IN_GEMM" not in os.environ
+
+    def look():
+        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.l2_prefetch()))
+
+    moe_layer.in_modes(look, {"silu": True, "pdl": True})()
+    moe_layer.in_modes(look, {"l2": True})()
+    assert seen == [(True, True, False), (False, False, True)]
+    assert not pdl.ENABLED and "MXSERVE_SILU_IN_GEMM" not in os.environ and "MXSERVE_L2_PREFETCH" not in os.environ
     assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]

@@ -22,13 +22,14 @@ POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "blo
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0, silu: bool = False) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu})"
+          stream_k: bool = False, pdl: int = 0, silu: bool = False, prefetch: bool = False) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu}, {prefetch})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, pdl: int = 0, silu: bool = False) -> str:  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0, silu: bool = False,
+                  prefetch: bool = False) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -38,7 +39,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "PREFETCH": prefetch}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -48,7 +49,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}")  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}{int(prefetch)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -121,6 +122,26 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     inner = _k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
+
+
+@pytest.mark.parametrize("gate_up, codes", [(True, 0b111101), (False, 0b1000), (False, 0b1)])
+def test_gluon_kernel_asks_l2_for_a_pairs_k_run_outside_its_k_loop(gate_up, codes):
+    # MXSERVE_L2_PREFETCH (moe_gemm_gluon._prefetch_rows): a bulk L2 prefetch (UBLKPF) per row and bit plane of each
+    # code's branch, gate's and up's rows for gate/up, none in a K loop, after the first tile's loads, and no spill
+    # added; without it, none at all
+    sass = _sass(gate_up, False, codes, 8, 64, True, 0, False, True)
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    pf = [i for i, ln in enumerate(lines) if re.search(r"\bUBLKPF\.L2\b", ln)]
+    planes = {0b1: 1, 0b1000: 2}.get(codes, 6)  # bf16, or w3's two planes; the default set: bf16, w2, w3, w4, w8
+    assert len(pf) == planes * (2 if gate_up else 1), len(pf)
+    first_load = next(i for i, ln in enumerate(lines) if re.search(r"\bLDG\.E\.128\b", ln))
+    assert first_load < min(pf)
+    for loop in _loops(sass, innermost=True):
+        assert not any("UBLKPF" in ln for ln in loop)
+    plain = _sass(gate_up, False, codes, 8, 64, True)
+    assert "UBLKPF" not in plain
+    spills = [len(re.findall(r"\b(STL|LDL)\b", x)) for x in (sass, plain)]
+    assert spills[0] <= spills[1] + 4, spills
 
 
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])

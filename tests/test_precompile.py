@@ -141,6 +141,10 @@ pdl.ENABLED = False
 os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
 out["gluon_stream_k_silu"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 os.environ.pop("MXSERVE_SILU_IN_GEMM")
+# and with the L2 prefetch of each pair's K run (MXSERVE_L2_PREFETCH=1): both GEMMs' variants of their own
+os.environ["MXSERVE_L2_PREFETCH"] = "1"
+out["gluon_stream_k_l2"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
+os.environ.pop("MXSERVE_L2_PREFETCH")
 rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
 out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
@@ -172,7 +176,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
     for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
-                 "gluon_stream_k_silu", "prefill_fp8"):  # fmt: skip
+                 "gluon_stream_k_silu", "gluon_stream_k_l2", "prefill_fp8"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -189,6 +193,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # the SiLU in the gate/up launch: that launch's variant differs, and the SiLU launch's is gone
     silu, plain = (set(out[c]["entries"][0]) for c in ("gluon_stream_k_silu", "gluon_stream_k"))
     assert len(silu - plain) == 1 and len(plain - silu) == 2
+    l2 = set(out["gluon_stream_k_l2"]["entries"][0])
+    assert len(l2 - plain) == 2 and len(plain - l2) == 2  # both GEMMs
     assert out["gluon_16"]["entries"][0] == out["gluon"]["entries"][0]
     # every launch of the chain compiled for programmatic launch, but the routing count's (on the second stream)
     assert len(set(out["gluon_stream_k_pdl"]["entries"][0]) & set(out["gluon_stream_k"]["entries"][0])) == 1
