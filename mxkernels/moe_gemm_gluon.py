@@ -191,29 +191,32 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
 
 @gluon.jit
 def _prefetch_rows(wi_ptr, wb_ptr, rb, r0, N, k_lo, k_hi, K, BITS: gl.constexpr, BN: gl.constexpr):
-    """Ask L2 for the weights of rows ``rb + r0 ..`` over K [k_lo, k_hi) at once: one bulk prefetch a row (and bit
-    plane), which holds no register, so a program's run of K tiles streams in while its loads walk it a tile at a
-    time (decode's GEMMs are bound by the bytes in flight an SM holds: benchmarks/README.md). A row's codes over a
-    K range are contiguous (_weight_ptrs), 16-byte aligned, a multiple of 16 bytes long. Compiled only: the
-    interpreter has no PTX (and reads no cache)."""
+    """Ask L2 for the weights of rows ``rb + r0 ..`` over K [k_lo, k_hi) at once, holding no register, so that a
+    program's run of K tiles streams in while its loads walk it a tile at a time (decode's GEMMs are bound by the
+    bytes in flight an SM holds: benchmarks/README.md). Rows are contiguous in K and follow one another (bit planes
+    within a row: _weight_ptrs), so one bulk prefetch spans from the first row at k_lo to the last at k_hi; between
+    them it also takes the rows' other K ranges, which the programs beside this one read. Every bound is a multiple
+    of 16 bytes. Uniform values: one instruction a warp. Compiled only: the interpreter has no PTX (and no cache)."""
     if _ASM:
-        RL: gl.constexpr = gl.BlockedLayout([1], [32], [_WARPS], [0])
-        r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=RL), N - 1)
-        zero = gl.zeros([BN], gl.int32, layout=RL)
+        last = gl.minimum(r0 + BN, N) - 1
         if BITS == 16:
-            _bulk_prefetch(wb_ptr + r * K + k_lo, zero + (k_hi - k_lo) * 2)
-        elif BITS == 3:  # the 2-bit plane, then the 1-bit one (_tile)
-            row = wi_ptr + r * (K // 32 * 3)
-            _bulk_prefetch(row + (k_lo >> 5) * 2, zero + (k_hi - k_lo) // 4)
-            _bulk_prefetch(row + K // 32 * 2 + (k_lo >> 5), zero + (k_hi - k_lo) // 8)
+            row = K * 2  # bytes
+            first = (wb_ptr + (rb + r0) * K + k_lo).to(gl.pointer_type(gl.int8))
+            nbytes = (last - r0) * row + (k_hi - k_lo) * 2
         else:
-            _bulk_prefetch(wi_ptr + r * (K // 32 * BITS) + (k_lo >> 5) * BITS, zero + (k_hi - k_lo) // 8 * BITS)
-
-
-@gluon.jit
-def _bulk_prefetch(ptrs, nbytes):
-    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [ptrs, nbytes],
-                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+            row = K // 8 * BITS  # bytes: BITS words of 32 codes
+            first = (wi_ptr + (rb + r0) * (K // 32 * BITS)).to(gl.pointer_type(gl.int8))
+            if BITS == 3:  # the 2-bit plane, then the 1-bit one: from k_lo of the first to k_hi of the last's
+                first += k_lo // 4
+                nbytes = (last - r0) * row + K // 4 + k_hi // 8 - k_lo // 4
+            else:
+                first += k_lo // 8 * BITS
+                nbytes = (last - r0) * row + (k_hi - k_lo) // 8 * BITS
+        # at most 2^20 - 16 bytes: the sm_90 code holds the size in 16-byte units, 16 bits wide (a hint: the rest of
+        # a long span, Mixtral's bf16 or w8 down at 14336 wide, simply loads from DRAM)
+        nbytes = gl.minimum(nbytes, 65535 * 16)
+        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                  [first, nbytes], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @gluon.jit

@@ -126,14 +126,14 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
 
 @pytest.mark.parametrize("gate_up, codes", [(True, 0b111101), (False, 0b1000), (False, 0b1)])
 def test_gluon_kernel_asks_l2_for_a_pairs_k_run_outside_its_k_loop(gate_up, codes):
-    # MXSERVE_L2_PREFETCH (moe_gemm_gluon._prefetch_rows): a bulk L2 prefetch (UBLKPF) per row and bit plane of each
-    # code's branch, gate's and up's rows for gate/up, none in a K loop, after the first tile's loads, and no spill
-    # added; without it, none at all
+    # MXSERVE_L2_PREFETCH (moe_gemm_gluon._prefetch_rows): one bulk L2 prefetch (UBLKPF, from uniform registers: no
+    # loop over the lanes) in each code's branch, for gate's and for up's rows in gate/up, none in a K loop, after
+    # the first tile's loads, and no spill added; without it, none at all
     sass = _sass(gate_up, False, codes, 8, 64, True, 0, False, True)
     lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
-    pf = [i for i, ln in enumerate(lines) if re.search(r"\bUBLKPF\.L2\b", ln)]
-    planes = {0b1: 1, 0b1000: 2}.get(codes, 6)  # bf16, or w3's two planes; the default set: bf16, w2, w3, w4, w8
-    assert len(pf) == planes * (2 if gate_up else 1), len(pf)
+    pf = [i for i, ln in enumerate(lines) if re.search(r"\bUBLKPF\.L2 \[UR\d+\], UR\d+", ln)]
+    assert len(pf) == bin(codes).count("1") * (2 if gate_up else 1), len(pf)
+    assert not any(re.search(r"\bBRA\.U\.ANY\b", ln) for ln in lines[min(pf) - 40 : max(pf)])
     first_load = next(i for i, ln in enumerate(lines) if re.search(r"\bLDG\.E\.128\b", ln))
     assert first_load < min(pf)
     for loop in _loops(sass, innermost=True):
