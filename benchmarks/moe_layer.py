@@ -310,7 +310,7 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "stream-K, SiLU in the GEMM, PDL": {"stream_k": True, "silu": True, "pdl": True},
     # each (block, N tile) pair's run of K tiles asked of L2 by bulk prefetches at its start (MXSERVE_L2_PREFETCH=1,
     # twenty-third session): more bytes in flight than a program's registers hold (the GEMMs at 8 tokens reach 50% and
-    # 34% of bandwidth, about what 19 and 13 KB in flight per SM give), on stream-K and on the unbalanced grid
+    # 34% of bandwidth, about what 20 and 13 KB in flight per SM give), on stream-K and on the unbalanced grid
     "stream-K, L2 prefetch": {"stream_k": True, "l2": True},
     "no stream-K, L2 prefetch": {"stream_k": False, "l2": True},
     "stream-K, L2 prefetch, SiLU in the GEMM, PDL": {"stream_k": True, "l2": True, "silu": True, "pdl": True},

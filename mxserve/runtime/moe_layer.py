@@ -86,9 +86,10 @@ class MixedExperts:
                                  shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
                 self._missed = True  # the shared experts ran twice, or the rows were laid out twice: said once a layer
-                what = "rows laid out by the router" if started.routed is not None else "shared experts launched early"
-                log.warning("layer %d: the %s were not used (the experts' input is not the MoE block's); the forward "
-                            "launched them again", self.layer_index, what)  # fmt: skip
+                what = ("rows laid out by the router were not used (the experts' input or top-k is not the "
+                        "router's)" if started.routed is not None else "shared experts launched early were not used "
+                        "(the experts' input is not the MoE block's)")  # fmt: skip
+                log.warning("layer %d: the %s; the forward launched them again", self.layer_index, what)
             return out.to(x.dtype)
         self.record(topk_ids)
         if shared_gate is not None:
