@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "plans" / "refmoe-3.25bit.json"  # 6 layers, 16 routed + 2 shared, mixed schemes
 
 SCRIPT = r"""
-import json, os, sys, tempfile
+import contextlib, json, os, sys, tempfile
 from types import SimpleNamespace
 from unittest import mock
 import torch
@@ -45,6 +45,21 @@ for name, model_codes, every_int in (("per-layer", 0, True), ("levers", codes, F
         rec = record_variants(lays, DECODE_BATCHES, target, 132, model_codes, specialize_all=every_int)
         out[f"{name}/{scope}"] = rec.count()
 
+@contextlib.contextmanager
+def as_on_sm90(lay, codes):
+    # Triton's own launch path (JITFunction.run, compile-only launches) as on an sm_90 GPU of 132 SMs; the layer's
+    # stand-in arenas
+    with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
+            mock.patch.object(moe, "tile_table", lambda dev: None), \
+            mock.patch.object(moe, "_runs_gluon", lambda d: True), mock.patch.object(pdl, "capable", lambda d: True):
+        blocks = {}
+        gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
+        dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
+        for arena, names in ((gu, lay.gate_up), (dn, lay.down)):
+            arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
+        yield gu, dn
+
+
 def compare(lay, t, codes):
     # precompiled (two processes, as `mxserve launch` does) into one cache ...
     pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
@@ -56,14 +71,7 @@ def compare(lay, t, codes):
     os.environ["TRITON_CACHE_DIR"] = jit
     for kernel in KERNELS.values():  # what an earlier case's launches compiled is in memory, not in this cache
         kernel.device_caches.clear()
-    with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
-            mock.patch.object(moe, "tile_table", lambda dev: None), \
-            mock.patch.object(moe, "_runs_gluon", lambda d: True), mock.patch.object(pdl, "capable", lambda d: True):
-        blocks = {}
-        gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
-        dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
-        for arena, names in ((gu, lay.gate_up), (dn, lay.down)):
-            arena.rotation_seed = 0 if lay.rotated and set(names) != {"bf16"} else None
+    with as_on_sm90(lay, codes) as (gu, dn):
         moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
                            16, torch.rand(t, 1))
         c = ExpertCounter(16)  # its launch on a GPU (router_stats, writing the host mirror), on SGLang's int32 ids
@@ -99,12 +107,7 @@ def compare_aligned_router(lay, tokens):
     compile_variants(variants, target, 2)
     os.environ["TRITON_CACHE_DIR"] = jit
     KERNELS["router"].device_caches.clear()
-    with compile_only_launches(target), mock.patch.object(moe, "multiprocessors", lambda d: 132), \
-            mock.patch.object(moe, "tile_table", lambda dev: None), \
-            mock.patch.object(moe, "_runs_gluon", lambda d: True), mock.patch.object(pdl, "capable", lambda d: True):
-        blocks = {}
-        gu = build_arena([_stand_in(s, 2 * lay.inter, lay.hidden, blocks) for s in lay.gate_up], codes)
-        dn = build_arena([_stand_in(s, lay.hidden, lay.inter, blocks) for s in lay.down], codes)
+    with as_on_sm90(lay, codes) as (gu, dn):
         laid = 0
         for t in tokens:
             for renormalize in (False, True):
