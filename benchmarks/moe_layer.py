@@ -221,14 +221,15 @@ MODES = ("pdl", *ENV_MODES)
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
-    them), the SiLU in stream-K's gate/up launch ("silu") and the L2 prefetch of each pair's K run ("l2")."""
+    them), the SiLU in stream-K's gate/up launch ("silu") and the L2 prefetch ("l2": True for MXSERVE_L2_PREFETCH=1,
+    or its value)."""
     from mxkernels import pdl
 
     def run():
         pdl.ENABLED = bool(modes.get("pdl"))
         for mode, var in ENV_MODES.items():
             if modes.get(mode):
-                os.environ[var] = "1"
+                os.environ[var] = "1" if modes[mode] is True else str(modes[mode])
         try:
             return fn()
         finally:
@@ -313,7 +314,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # 34% of bandwidth, about what 20 and 13 KB in flight per SM give), on stream-K and on the unbalanced grid
     "stream-K, L2 prefetch": {"stream_k": True, "l2": True},
     "no stream-K, L2 prefetch": {"stream_k": False, "l2": True},
-    "stream-K, L2 prefetch, SiLU in the GEMM, PDL": {"stream_k": True, "l2": True, "silu": True, "pdl": True},
+    # and gate/up asking for slices of the down GEMM's weights too (MXSERVE_L2_PREFETCH=ahead)
+    "stream-K, L2 prefetch ahead": {"stream_k": True, "l2": "ahead"},
+    "stream-K, L2 prefetch ahead, SiLU in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True, "pdl": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

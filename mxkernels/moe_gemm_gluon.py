@@ -220,6 +220,32 @@ def _prefetch_rows(wi_ptr, wb_ptr, rb, r0, N, k_lo, k_hi, K, BITS: gl.constexpr,
 
 
 @gluon.jit
+def _prefetch_next(meta_ptr, wi_ptr, wb_ptr, expert, part, parts, N, K):
+    """Ask L2 for part ``part`` of ``parts`` of an expert's rows in the next GEMM's arena (gate/up asks for down's:
+    each (block, N tile) pair of gate/up for one slice of its expert's down rows, whole K), while gate/up's own reads
+    leave DRAM idle. The bits come from the expert's meta row at run time (a hint: the address only). Rows are whole
+    multiples of 16 bytes, as are the arena's offsets; a slice is capped as in _prefetch_rows."""
+    if _ASM:
+        meta = meta_ptr + expert * 6
+        code = gl.load(meta).to(gl.int32)
+        off = gl.load(meta + 1)
+        per = gl.cdiv(N, parts)
+        lo = gl.minimum(part * per, N)
+        rows = gl.minimum(lo + per, N) - lo
+        if code == 0:  # bf16
+            first = (wb_ptr + off + lo * K).to(gl.pointer_type(gl.int8))
+            nbytes = rows * K * 2
+        else:  # codes 1 to 4 bits, 5: 8 bits (KERNEL_CODES)
+            bits = gl.where(code == 5, 8, code)
+            first = (wi_ptr + off + lo * (K // 32 * bits)).to(gl.pointer_type(gl.int8))
+            nbytes = rows * (K // 8 * bits)
+        if nbytes > 0:
+            gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                      [first, gl.minimum(nbytes, 65535 * 16)], dtype=gl.int32, is_pure=False,
+                                      pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
             MMA: gl.constexpr):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
@@ -372,11 +398,12 @@ def _bf16(x):
 
 @gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
-           magic, pid_m, pid_n, pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-           BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr,
-           STREAM_K: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr,
-           SILU: gl.constexpr = False, PREFETCH: gl.constexpr = False):  # fmt: skip
+           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr, next_wi_ptr,
+           next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s, split, code_splits,
+           k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+           PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
+           A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, SILU: gl.constexpr = False,
+           PREFETCH: gl.constexpr = 0):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K); with SILU (gate/up) the program that completes the
@@ -420,7 +447,11 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PREFETCH)  # fmt: skip
+                                        SKIP_PAD, WAIT, PREFETCH > 0)  # fmt: skip
+        if PREFETCH == 2:  # the program with the pair's last K tile asks for a slice of the next GEMM's weights
+            if k_b == K:
+                _prefetch_next(next_meta_ptr, next_wi_ptr, next_wb_ptr, expert, pid_n, gl.cdiv(N, BN), next_N,
+                               next_K)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -453,15 +484,16 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, split, code_splits, magic,
-                             GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-                             PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False,
-                             PREFETCH: gl.constexpr = False):  # fmt: skip
+                             zp_ptr, inter_ptr, count_ptr, next_meta_ptr, next_wi_ptr, next_wb_ptr, next_N, next_K,
+                             N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
+                             CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
+                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False, PDL: gl.constexpr = 0,
+                             SILU: gl.constexpr = False, PREFETCH: gl.constexpr = 0):  # fmt: skip
     # SILU (stream-K's gate/up): SiLU(gate) * up into ``inter_ptr`` [rows, N] bf16 by the program completing each
     # (block, N tile) pair, counted in ``count_ptr`` (an int32 per pair, zero at the launch), in place of the SiLU
-    # launch; otherwise both are unused. PREFETCH: each (block, N tile) pair's K run asked of L2 at its start
-    # (_prefetch_rows)
+    # launch; otherwise both are unused. PREFETCH 1: each (block, N tile) pair's K run asked of L2 at its start
+    # (_prefetch_rows); 2: also, once a pair's last K tile is done, a slice of its expert's weights in the next GEMM's
+    # arena (``next_*``: gate/up asks for down's, _prefetch_next); otherwise those are unused
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -498,9 +530,10 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
             hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
-                   a_div, magic, unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True,
-                   SKIP_PAD, True, MMA, A_OP, B_OP, PDL == 2, SILU, PREFETCH)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr,
+                   next_wi_ptr, next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, unit // n_tiles,
+                   unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True, MMA, A_OP, B_OP,
+                   PDL == 2, SILU, PREFETCH)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -516,9 +549,10 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         pid_m = lin // (n_tiles * splits)
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid,
-                   a_div, magic, pid_m, pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL,
-                   SKIP_PAD, False, MMA, A_OP, B_OP, PDL == 2, False, PREFETCH)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr,
+                   next_wi_ptr, next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
+                   split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA, A_OP, B_OP,
+                   PDL == 2, False, PREFETCH)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

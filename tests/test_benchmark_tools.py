@@ -484,6 +484,7 @@ def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
 
     moe_layer.in_modes(look, {"silu": True, "pdl": True})()
     moe_layer.in_modes(look, {"l2": True})()
-    assert seen == [(True, True, False), (False, False, True)]
+    moe_layer.in_modes(look, {"l2": "ahead"})()
+    assert seen == [(True, True, 0), (False, False, 1), (False, False, 2)]
     assert not pdl.ENABLED and "MXSERVE_SILU_IN_GEMM" not in os.environ and "MXSERVE_L2_PREFETCH" not in os.environ
     assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]

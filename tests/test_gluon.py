@@ -18,18 +18,18 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "block_expert_ptr": "*i64",
             "num_post_pad_ptr": "*i64", "route_w_ptr": "*fp32", "meta_ptr": "*i64", "wi_ptr": "*i32",
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "inter_ptr": "*bf16",
-            "count_ptr": "*i32"}  # fmt: skip
+            "count_ptr": "*i32", "next_meta_ptr": "*i64", "next_wi_ptr": "*i32", "next_wb_ptr": "*bf16"}  # fmt: skip
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0, silu: bool = False, prefetch: bool = False) -> str:  # fmt: skip
+          stream_k: bool = False, pdl: int = 0, silu: bool = False, prefetch: int = 0) -> str:  # fmt: skip
     call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu}, {prefetch})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
                   stream_k: bool = False, pdl: int = 0, silu: bool = False,
-                  prefetch: bool = False) -> str:  # fmt: skip
+                  prefetch: int = 0) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -39,7 +39,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "PREFETCH": prefetch}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "PREFETCH": int(prefetch)}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
@@ -124,15 +124,17 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
 
 
-@pytest.mark.parametrize("gate_up, codes", [(True, 0b111101), (False, 0b1000), (False, 0b1)])
-def test_gluon_kernel_asks_l2_for_a_pairs_k_run_outside_its_k_loop(gate_up, codes):
+@pytest.mark.parametrize("gate_up, codes, mode", [(True, 0b111101, 1), (False, 0b1000, 1), (False, 0b1, 1),
+                                                  (True, 0b10100, 2)])  # fmt: skip
+def test_gluon_kernel_asks_l2_for_a_pairs_k_run_outside_its_k_loop(gate_up, codes, mode):
     # MXSERVE_L2_PREFETCH (moe_gemm_gluon._prefetch_rows): one bulk L2 prefetch (UBLKPF, from uniform registers: no
     # loop over the lanes) in each code's branch, for gate's and for up's rows in gate/up, none in a K loop, after
-    # the first tile's loads, and no spill added; without it, none at all
-    sass = _sass(gate_up, False, codes, 8, 64, True, 0, False, True)
+    # the first tile's loads, and no spill added; without it, none at all. "ahead" (mode 2): one more in gate/up, for
+    # a slice of the down GEMM's weights (_prefetch_next)
+    sass = _sass(gate_up, False, codes, 8, 64, True, 0, False, mode)
     lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
     pf = [i for i, ln in enumerate(lines) if re.search(r"\bUBLKPF\.L2 \[UR\d+\], UR\d+", ln)]
-    assert len(pf) == bin(codes).count("1") * (2 if gate_up else 1), len(pf)
+    assert len(pf) == bin(codes).count("1") * (2 if gate_up else 1) + (mode == 2), len(pf)
     assert not any(re.search(r"\bBRA\.U\.ANY\b", ln) for ln in lines[min(pf) - 40 : max(pf)])
     first_load = next(i for i, ln in enumerate(lines) if re.search(r"\bLDG\.E\.128\b", ln))
     assert first_load < min(pf)

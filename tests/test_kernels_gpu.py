@@ -456,10 +456,12 @@ def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypa
 
 @pytest.mark.parametrize("t", [1, 8, 24])
 @pytest.mark.parametrize("stream_k", ["0", "1"])
-def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, monkeypatch):
-    # MXSERVE_L2_PREFETCH=1: each (block, N tile) pair's K run asked of L2 by bulk prefetches (valid addresses and
-    # sizes, or the launch faults) at Qwen1.5's shape, every scheme the Gluon kernel runs mixed: on the unbalanced
-    # grid the same outputs bit for bit, on stream-K within 1% (its sums in any order)
+@pytest.mark.parametrize("mode", ["1", "ahead"])
+def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, mode, monkeypatch):
+    # MXSERVE_L2_PREFETCH: each (block, N tile) pair's K run asked of L2 by bulk prefetches ("ahead": and gate/up asks
+    # for slices of the down GEMM's weights) at Qwen1.5's shape, every scheme the Gluon kernel runs mixed (valid
+    # addresses and sizes, or the launch faults): on the unbalanced grid the same outputs bit for bit, on stream-K
+    # within 1% (its sums in any order)
     from kernel_cases import make_experts, route
 
     from mxkernels.arena import build_arena
@@ -471,7 +473,7 @@ def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, monkeypatch)
     gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
     ids, w = route(t, 18, 4, gen)
     x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
-    monkeypatch.setenv("MXSERVE_L2_PREFETCH", "1")
+    monkeypatch.setenv("MXSERVE_L2_PREFETCH", mode)
     got = moe_gemms(x, ids.cuda(), w.cuda(), gu, dn, 18, poison=True)
     torch.cuda.synchronize()
     monkeypatch.setenv("MXSERVE_L2_PREFETCH", "0")

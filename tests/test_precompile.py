@@ -144,8 +144,9 @@ pdl.ENABLED = False
 os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
 out["gluon_stream_k_silu"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 os.environ.pop("MXSERVE_SILU_IN_GEMM")
-# and with the L2 prefetch of each pair's K run (MXSERVE_L2_PREFETCH=1): both GEMMs' variants of their own
-os.environ["MXSERVE_L2_PREFETCH"] = "1"
+# and with the L2 prefetch of each pair's K run, gate/up's also of down's weights (MXSERVE_L2_PREFETCH=ahead): both
+# GEMMs' variants of their own
+os.environ["MXSERVE_L2_PREFETCH"] = "ahead"
 out["gluon_stream_k_l2"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 os.environ.pop("MXSERVE_L2_PREFETCH")
 rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
