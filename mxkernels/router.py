@@ -138,8 +138,8 @@ def counters(device: torch.device, tokens: int) -> torch.Tensor:
     return counts
 
 
-# fp32 zeros a program writes at most in place of a fill launch (fused_router's ``zero``): at one program a token
-# a token's share of Qwen1.5's stream-K sums at 8 slots is 156 KB, which one SM stores no faster than a fill
+# fp32 zeros a program writes at most in place of a fill launch (fused_router's ``zero``): with one program a token,
+# a program's share of Qwen1.5's stream-K sums (8 slots) would be 156 KB, which one SM stores no faster than a fill
 ZERO_MOST = 4096
 
 
