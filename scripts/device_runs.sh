@@ -83,7 +83,7 @@
 #      gate/up launch, MXSERVE_SILU_IN_GEMM=1) and the GEMMs' L2 prefetch (MXSERVE_L2_PREFETCH=1): their kernel
 #      tests, the router's launch by layout (benchmarks/router.py), the layer in each mode and on stream-K at both
 #      tile widths, end to end the r = 0.25 plan alone, with PDL, with fewer launches and with all of them, beside
-#      the GPTQ copy (~18 min).
+#      the GPTQ copy (~20 min).
 #  36. (only when asked: `start 36`) the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral
 #      SGLang tests, PDL's and the laid-out rows' SGLang tests (~8 min), then every kernel GPU test (~13 min). Run
 #      as `start 35 36`.
@@ -696,7 +696,7 @@ phase35() {
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
-    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU in the GEMM.*|.*L2 prefetch.*)$' \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU in the GEMM|stream-K, L2 prefetch( ahead| ahead, SiLU in the GEMM, PDL)?)$' \
     --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
   say "moe_layer with PDL, the SiLU in the GEMM, the L2 prefetch, stream-K by tile width rc=$?"
   env NO_BF16=1 MX_GPTQ=1 PDL=1 FEWER=1 ALL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" \
