@@ -108,6 +108,7 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
             t = tl.num_programs(0)
             last = t == 1
             if t > 1:  # a second counter, past the tokens' (release: this token's top-k; acquire: all of them)
+                tl.debug_barrier()  # the top-k's stores, from several lanes, before the one lane's release
                 last = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == t - 1
             if last:
                 if t > 1:
