@@ -212,11 +212,17 @@ def _prefetch_rows(wi_ptr, wb_ptr, rb, r0, N, k_lo, k_hi, K, BITS: gl.constexpr,
             else:
                 first += k_lo // 8 * BITS
                 nbytes = (last - r0) * row + (k_hi - k_lo) // 8 * BITS
-        # at most 2^20 - 16 bytes: the sm_90 code holds the size in 16-byte units, 16 bits wide (a hint: the rest of
-        # a long span, Mixtral's bf16 or w8 down at 14336 wide, simply loads from DRAM)
-        nbytes = gl.minimum(nbytes, 65535 * 16)
-        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                  [first, nbytes], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+        _l2_prefetch(first, nbytes)
+
+
+@gluon.jit
+def _l2_prefetch(first, nbytes):
+    """One bulk prefetch into L2 of ``nbytes`` from ``first`` (both multiples of 16), at most 2^20 - 16 bytes: the
+    sm_90 code holds the size in 16-byte units, 16 bits wide (a hint: the rest of a longer span, Mixtral's bf16 or
+    w8 down rows at 14336 wide, simply loads from DRAM)."""
+    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                              [first, gl.minimum(nbytes, 65535 * 16)], dtype=gl.int32, is_pure=False,
+                              pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -224,7 +230,7 @@ def _prefetch_next(meta_ptr, wi_ptr, wb_ptr, expert, part, parts, N, K):
     """Ask L2 for part ``part`` of ``parts`` of an expert's rows in the next GEMM's arena (gate/up asks for down's:
     each (block, N tile) pair of gate/up for one slice of its expert's down rows, whole K), while gate/up's own reads
     leave DRAM idle. The bits come from the expert's meta row at run time (a hint: the address only). Rows are whole
-    multiples of 16 bytes, as are the arena's offsets; a slice is capped as in _prefetch_rows."""
+    multiples of 16 bytes, as are the arena's offsets."""
     if _ASM:
         meta = meta_ptr + expert * 6
         code = gl.load(meta).to(gl.int32)
@@ -240,9 +246,7 @@ def _prefetch_next(meta_ptr, wi_ptr, wb_ptr, expert, part, parts, N, K):
             first = (wi_ptr + off + lo * (K // 32 * bits)).to(gl.pointer_type(gl.int8))
             nbytes = rows * (K // 8 * bits)
         if nbytes > 0:
-            gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                      [first, gl.minimum(nbytes, 65535 * 16)], dtype=gl.int32, is_pure=False,
-                                      pack=1)  # fmt: skip
+            _l2_prefetch(first, nbytes)
 
 
 @gluon.jit
