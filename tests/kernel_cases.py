@@ -227,6 +227,17 @@ def check_padded_slots_and_shared_gate(device: str) -> None:
     assert (ext_ids >= 0).all() and (ext_w[3:, :2] == 0).all() and ext_w[1, 1] == 0 and (ext_w[:, 2:] == 1).all()
 
 
+def assert_same_gemms(got, want, close: bool = False) -> None:
+    """moe_gemms' (intermediate, outputs) ``got`` against ``want``: every element written (finite), and bit for bit,
+    or with ``close`` within 1% (stream-K adds its fp32 sums in any order)."""
+    for a, b, name in zip(got, want, ("intermediate", "outputs")):
+        assert torch.isfinite(a).all(), name
+        if close:
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
+        else:
+            assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+
+
 def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = False, close: bool = False,
                       **tiles) -> None:  # fmt: skip
     """The shared experts in launches of their own (a second stream on a GPU) compute, bit for bit, what
@@ -275,12 +286,7 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
             g.replay()
             want.record(ids.cpu())
             apart, one = captured, moe_gemms(x, ids, w, gu, dn, 8, poison=True, shared_apart=False, **tiles)
-    for a, b, name in zip(apart, one, ("intermediate", "outputs")):
-        assert torch.isfinite(a).all(), name
-        if close:
-            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
-        else:
-            assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+    assert_same_gemms(apart, one, close)
     if device == "cuda":
         torch.cuda.synchronize()
     assert counter.snapshot() == want.snapshot()
@@ -418,12 +424,7 @@ def router_lay_out_case(device: str, t: int, n_shared: int, per_program: int = 1
         ref = plain(x)
         want.record(ref[0].cpu())
         assert torch.equal(got[0], ref[0])
-        for a, b, name in zip(got[1], ref[1], ("intermediate", "outputs")):
-            assert torch.isfinite(a).all(), name
-            if close:
-                assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2, name
-            else:
-                assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+        assert_same_gemms(got[1], ref[1], close)
 
     def draw():
         return torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device)
