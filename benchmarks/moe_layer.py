@@ -215,14 +215,14 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
 # modes read from the environment per launch
-ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH"}
+ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH", "amax": "MXSERVE_ROW_AMAX_IN_GEMM"}
 MODES = ("pdl", *ENV_MODES)
 
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
-    them), the SiLU in stream-K's gate/up launch ("silu") and the L2 prefetch ("l2": True for MXSERVE_L2_PREFETCH=1,
-    or its value)."""
+    them), the SiLU in stream-K's gate/up launch ("silu"), the L2 prefetch ("l2": True for MXSERVE_L2_PREFETCH=1,
+    or its value) and the down GEMM's row maxima taken by gate/up ("amax")."""
     from mxkernels import pdl
 
     def run():
@@ -329,7 +329,17 @@ DECODE_TOKENS = 64  # variants that only matter at decode are timed up to this m
 # Then the weights dequantized in the GEMM's tiles and dequantized first (mxkernels/dequant.py), each forced
 # whatever the rows per expert (the picked layout takes the second from moe.DEQUANT_ROWS up)
 PREFILL_VARIANTS = {"row-major dequantized tile": {"kmajor": False, "dequant": False},
-                    "dequantized in the GEMM": {"dequant": False}, "dequantized first": {"dequant": True}}
+                    "dequantized in the GEMM": {"dequant": False}, "dequantized first": {"dequant": True},
+                    # (twenty-fourth session) the programs taken 8 blocks at a time over every N tile (Tiles.group_m):
+                    # the launch's own order reads each block's rows once per N tile, after every other block's
+                    # (the down GEMM's input at 4096 tokens, 92 MB in bf16, is past what L2 keeps)
+                    "8 blocks at a time": {"group_m": 8}}
+# the fp8 layer's prefill variants (twenty-fourth session): 8 and 16 blocks at a time, and the down GEMM's per-token
+# maxima taken by gate/up's launches with its rows quantized as loaded (MXSERVE_ROW_AMAX_IN_GEMM=1: no quantization
+# pass over the intermediate, 138 MB at 4096 tokens of DeepSeek-V2-Lite; but each N tile reads the rows in bf16)
+FP8_PREFILL_VARIANTS = {"8 blocks at a time": {"group_m": 8}, "16 blocks at a time": {"group_m": 16},
+                        "row maxima in gate/up": {"amax": True},
+                        "row maxima in gate/up, 8 blocks at a time": {"amax": True, "group_m": 8}}
 
 
 @dataclass(eq=False)  # one job is one job, whatever its fields
@@ -458,8 +468,9 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                 extra = {"MMA": DECODE_VARIANTS["MMA"], "grouped": {"dispatch": "grouped"}} | layouts \
                     if vname.removeprefix("ours ") in (plans or {}) else {}  # fmt: skip
                 timed = {"ours mixed": layouts, "ours w4a16g128": gluon}.get(vname, extra)
-                if t > DECODE_TOKENS:  # prefill: the weight-only layers' prefill variants
-                    timed = PREFILL_VARIANTS if vname in ("ours mixed", "ours w4a16g128") and not ours_only else {}
+                if t > DECODE_TOKENS:  # prefill: the weight-only and fp8 layers' prefill variants
+                    timed = {"ours mixed": PREFILL_VARIANTS, "ours w4a16g128": PREFILL_VARIANTS,
+                             "ours w8a8fp8": FP8_PREFILL_VARIANTS}.get(vname, {}) if not ours_only else {}  # fmt: skip
                 if timed:
                     for label, ov in timed.items():
                         if ov == "double":

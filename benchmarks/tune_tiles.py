@@ -8,6 +8,7 @@ reads the table (mxkernels/tile_table.py); it never tunes.
 
     python3 benchmarks/tune_tiles.py --models qwen1.5-moe-a2.7b mixtral-8x7b --tokens 256 1024 4096 8192
     python3 benchmarks/tune_tiles.py --shape mine:hidden=2048,inter=1408,experts=60,top_k=4,shared=4
+    python3 benchmarks/tune_tiles.py --classes fp8 --grid bm=128 bn=128,256 bk=128 warps=8 stages=3,4 group_m=0,8,16
 
 Classes: ``weight-only`` (the 3.25-bit w4/w2 mix of moe_layer.py), ``fp8`` (w8a8fp8),
 ``int-act`` (w4a4). Also writes a Markdown report beside the JSON (``--report``).
@@ -44,6 +45,22 @@ from mxkernels.tile_table import (  # noqa: E402
 )
 
 GRID = {"bm": (32, 64, 128), "bn": (64, 128), "bk": (64, 128), "warps": (4, 8), "stages": (3, 4)}
+# Tiles fields a --grid may set besides GRID's: the programs taken this many blocks at a time (moe_gemm.py's GROUP_M)
+GRID_EXTRA = ("group_m",)
+
+
+def parse_grid(items: list[str]) -> dict:
+    """``KEY=V,V ...`` (GRID's keys or GRID_EXTRA's, integer values) over GRID: the candidates' values per field."""
+    grid = dict(GRID)
+    for item in items:
+        key, _, vals = item.partition("=")
+        if key not in (*GRID, *GRID_EXTRA):
+            raise SystemExit(f"--grid {item!r}: the fields are {', '.join((*GRID, *GRID_EXTRA))}")
+        try:
+            grid[key] = tuple(int(v) for v in vals.split(","))
+        except ValueError:
+            raise SystemExit(f"--grid {item!r}: integer values, as {key}=1,2") from None
+    return grid
 PLANS = {"fp8": "w8a8fp8", "int-act": "w4a4"}
 
 
@@ -51,14 +68,15 @@ def _grid(grid: dict) -> list[dict]:
     return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
 
 
-def candidates(cls: str) -> list[dict]:
+def candidates(cls: str, grid: dict | None = None) -> list[dict]:
     """The tiles timed for a scheme class. (Weight-only tiles with the weights as the wgmma's A operand
     were timed too and dropped: 13 to 39% slower than the picked ones at 4096 and 8192 tokens on the
     H200, benchmarks/results/moe_layer_h200_s12_prefill.md.)"""
-    return _grid(GRID)
+    return _grid(grid or GRID)
 
 
-def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float) -> tuple[TileEntry | None, str]:
+def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float,
+             grid: dict | None = None) -> tuple[TileEntry | None, str]:  # fmt: skip
     h, i, e, s, k = m["hidden"], m["inter"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
     gu, dn = random_experts(m, dev, gen)
@@ -68,7 +86,7 @@ def tune_one(name: str, m: dict, cls: str, t: int, dev, gen, min_gain: float) ->
     ids, w = routing(t, e, k, True, gen, dev)
     rules = bench_graph(lambda: mx_moe_forward(x, ids, w, ag, ad, e))
     best, best_t = None, rules
-    for ov in candidates(cls):
+    for ov in candidates(cls, grid):
         try:
             sec = bench_graph(lambda ov=ov: mx_moe_forward(x, ids, w, ag, ad, e, **ov))
         except Exception as err:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
@@ -93,9 +111,12 @@ def main() -> None:
     ap.add_argument("--classes", nargs="+", default=["weight-only", "fp8", "int-act"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[256, 1024, 4096, 8192])
     ap.add_argument("--min-gain", type=float, default=0.03, help="a tuned entry must beat the rules by this share")
+    ap.add_argument("--grid", nargs="+", default=[], metavar="KEY=V,V",
+                    help=f"candidate values per field in place of {GRID} (also: {', '.join(GRID_EXTRA)})")
     ap.add_argument("--out", help="table JSON (default: mxkernels/tiles/<gpu>.json, merged with what is there)")
     ap.add_argument("--report", help="Markdown report (default: beside --out)")
     a = ap.parse_args()
+    grid = parse_grid(a.grid)
     if not torch.cuda.is_available():
         raise SystemExit("tune_tiles.py times kernels: it needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -109,7 +130,7 @@ def main() -> None:
     for name, m in shapes.items():
         for cls in a.classes:
             for t in a.tokens:
-                entry, line = tune_one(name, m, cls, t, dev, gen, a.min_gain)
+                entry, line = tune_one(name, m, cls, t, dev, gen, a.min_gain, grid)
                 lines.append(line)
                 if entry is not None:
                     key = (entry.hidden, entry.inter, entry.cls, entry.rows)

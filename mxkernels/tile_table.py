@@ -51,7 +51,7 @@ class TileEntry:
     inter: int
     cls: str
     rows: int  # bucket of rows per active expert
-    tiles: dict  # Tiles fields: bm, bn, bk, warps, stages
+    tiles: dict  # Tiles fields: bm, bn, bk, warps, stages, group_m (absent: 0)
     seconds: float | None = None  # the winner's measured time (for the record)
 
 

@@ -24,6 +24,8 @@ LAYOUTS = {
     "prefill-kmajor": dict(swap=False, scale_after=False, split=1, kmajor=True),
     # weight-only experts dequantized into bf16 before the GEMMs (mxkernels/dequant.py)
     "prefill-dequant": dict(swap=False, scale_after=False, split=1, dequant=True),
+    # programs taken 3 blocks at a time over every N tile (Tiles.group_m; the last group has fewer blocks)
+    "prefill-grouped": dict(swap=False, scale_after=False, split=1, group_m=3, bn=64),
     "swapped": dict(swap=True, scale_after=False, split=1),
     "decode": dict(swap=True, scale_after=True, split=2),
     # K = 128 in BK = 32 tiles over 3 programs: 2, 2 and 0 tiles (an empty split stores zeros)

@@ -477,14 +477,32 @@ def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
 
     monkeypatch.delenv("MXSERVE_SILU_IN_GEMM", raising=False)
     monkeypatch.delenv("MXSERVE_L2_PREFETCH", raising=False)
+    monkeypatch.delenv("MXSERVE_ROW_AMAX_IN_GEMM", raising=False)
     seen = []
 
     def look():
-        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.l2_prefetch()))
+        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.l2_prefetch(), moe.row_amax_in_gemm()))
 
     moe_layer.in_modes(look, {"silu": True, "pdl": True})()
     moe_layer.in_modes(look, {"l2": True})()
     moe_layer.in_modes(look, {"l2": "ahead"})()
-    assert seen == [(True, True, 0), (False, False, 1), (False, False, 2)]
-    assert not pdl.ENABLED and "MXSERVE_SILU_IN_GEMM" not in os.environ and "MXSERVE_L2_PREFETCH" not in os.environ
+    moe_layer.in_modes(look, moe_layer.FP8_PREFILL_VARIANTS["row maxima in gate/up, 8 blocks at a time"])()
+    assert seen == [(True, True, 0, False), (False, False, 1, False), (False, False, 2, False),
+                    (False, False, 0, True)]  # fmt: skip
+    assert not pdl.ENABLED and not {v for v in moe_layer.ENV_MODES.values() if v in os.environ}
     assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]
+
+
+def test_tile_tuning_takes_a_grid_of_its_own():
+    # tune_tiles.py --grid: the candidates' values per field, group_m (the blocks a program group takes) among them;
+    # a misspelt field or a value that is not an integer is an error naming the fields, not a traceback
+    import tune_tiles
+
+    grid = tune_tiles.parse_grid(["bm=128", "bn=128,256", "group_m=0,8"])
+    cands = tune_tiles.candidates("fp8", grid)
+    assert len(cands) == 2 * 2 * 2 * 2 * 2 and all(c["bm"] == 128 for c in cands)  # bk, warps, stages as GRID's
+    assert {(c["bn"], c["group_m"]) for c in cands} == {(128, 0), (128, 8), (256, 0), (256, 8)}
+    assert tune_tiles.candidates("fp8") == tune_tiles._grid(tune_tiles.GRID)
+    for bad, why in (["group=8"], "group_m"), (["bn=wide"], "integer"):
+        with pytest.raises(SystemExit, match=why):
+            tune_tiles.parse_grid(bad)

@@ -476,3 +476,28 @@ def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, mode, monkey
     torch.cuda.synchronize()
     monkeypatch.setenv("MXSERVE_L2_PREFETCH", "0")
     assert_same_gemms(got, moe_gemms(x, ids.cuda(), w.cuda(), gu, dn, 18, poison=True), close=stream_k == "1")
+
+
+@pytest.mark.parametrize("mode", ["group_m", "row_amax"])
+def test_prefill_grouped_order_and_row_maxima_in_gate_up_compute_the_same_layer_cuda(mode, monkeypatch):
+    # DeepSeek-V2-Lite's expert shape at 1100 tokens (6 routed slots and 2 shared), fp8, int8-activation, weight-only
+    # and bf16 experts mixed, in the tiles the H200's table picks: the programs taken 8 blocks at a time
+    # (Tiles.group_m), or the down GEMM's row maxima taken by gate/up's launches (MXSERVE_ROW_AMAX_IN_GEMM=1, its fp8
+    # rows quantized as loaded), write every element (NaN-poisoned) bit for bit as the launch order and the
+    # quantization pass do
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import moe_gemms
+
+    gen = torch.Generator().manual_seed(9)
+    experts = make_experts(["w8a8fp8", "w4a16g128", "w8a8", "bf16"], 2048, 1408, 16, 2, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    ids, w = route(1100, 16, 6, gen, skew=False)
+    x = torch.randn(1100, 2048, generator=gen).to(torch.bfloat16).cuda()
+    ids, w = ids.cuda(), w.cuda()
+    want = moe_gemms(x, ids, w, gu, dn, 16, poison=True)
+    if mode == "row_amax":
+        monkeypatch.setenv("MXSERVE_ROW_AMAX_IN_GEMM", "1")
+    got = moe_gemms(x, ids, w, gu, dn, 16, poison=True, **({"group_m": 8} if mode == "group_m" else {}))
+    assert_same_gemms(got, want)
