@@ -357,7 +357,7 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     from mxkernels.tile_table import TileEntry, TileTable, codes_class
 
     names = ["w4a16g128", "w2a16g32", "w8a16", "bf16"]
-    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2}
+    tuned = {"bm": 64, "bn": 32, "bk": 32, "warps": 4, "stages": 2, "group_m": 2}  # 2 blocks at a time
     entries = [TileEntry(128, 128, "weight-only", 64, tuned), TileEntry(128, 128, "fp8", 64, {"bm": 16})]
     TileTable("test", entries).save(str(tmp_path / "t.json"))
     table = TileTable.from_json(json.loads((tmp_path / "t.json").read_text()))  # through its JSON form
@@ -376,7 +376,8 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     monkeypatch.setattr(moe, "_gemm", lambda *a, **kw: (seen.append(a[-1]), gemm(*a, **kw))[1])
     # 256 tokens x 3 slots over 19 experts, the first 9 routed ones active: prefill
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
-    assert {(t.bm, t.bn, t.bk, t.stages, t.swap) for launches in seen for _, t in launches} == {(64, 32, 32, 2, False)}
+    tiles = {(t.bm, t.bn, t.bk, t.stages, t.swap, t.group_m) for launches in seen for _, t in launches}
+    assert tiles == {(64, 32, 32, 2, False, 2)}
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 
