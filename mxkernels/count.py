@@ -32,6 +32,15 @@ def routing_count_kernel(
     MIRROR: tl.constexpr = False,
     SIZE: tl.constexpr = 1,
 ):
+    count_in_one_program(ids_ptr, buf_ptr, bounds_ptr, host_ptr, t, E, K, KP, NB, NBP, BT, MIRROR, SIZE)
+
+
+@triton.jit
+def count_in_one_program(ids_ptr, buf_ptr, bounds_ptr, host_ptr, t, E, K: tl.constexpr, KP: tl.constexpr,
+                         NB: tl.constexpr, NBP: tl.constexpr, BT: tl.constexpr, MIRROR: tl.constexpr,
+                         SIZE: tl.constexpr):  # fmt: skip
+    """The counting of :func:`count_routing` by one program over ``t`` tokens' ids [t, K] in memory: this kernel's,
+    and the fused router's where its launch lays out the rows (router.fused_router's ``count``)."""
     cols = tl.arange(0, KP)
     n = tl.zeros((), dtype=tl.int64)  # tokens with at least one routed slot
     for start in range(0, t, BT):
@@ -55,6 +64,13 @@ def routing_count_kernel(
         tl.store(host_ptr + j, tl.load(buf_ptr + j, mask=j < n_buf, volatile=True), mask=j < n_buf)
 
 
+def count_consts(buf: torch.Tensor, bounds: torch.Tensor, k: int, mirror: bool) -> dict:
+    """The constants of :func:`count_in_one_program` for ``k`` ids a token into ``buf`` over ``bounds``."""
+    nb = bounds.numel()
+    return dict(K=k, KP=triton.next_power_of_2(max(k, 1)), NB=nb, NBP=triton.next_power_of_2(nb), BT=128,
+                MIRROR=mirror, SIZE=triton.next_power_of_2(buf.numel()) if mirror else 1)  # fmt: skip
+
+
 def count_routing(topk_ids: torch.Tensor, buf: torch.Tensor, bounds: torch.Tensor, n_experts: int,
                   host: torch.Tensor | None = None) -> None:  # fmt: skip
     """Add one forward pass's routing ``topk_ids`` [T, k] (-1: a padded slot) into ``buf`` (int64:
@@ -62,9 +78,5 @@ def count_routing(topk_ids: torch.Tensor, buf: torch.Tensor, bounds: torch.Tenso
     ``buf`` into ``host`` (pinned, written by the kernel itself) when given."""
     ids = (topk_ids if topk_ids.dim() == 2 else topk_ids.reshape(-1, 1)).contiguous()
     t, k = ids.shape
-    nb = bounds.numel()
-    routing_count_kernel[(1,)](
-        ids, buf, bounds, host if host is not None else buf, t, n_experts, K=k, KP=triton.next_power_of_2(max(k, 1)),
-        NB=nb, NBP=triton.next_power_of_2(nb), BT=128, MIRROR=host is not None,
-        SIZE=triton.next_power_of_2(buf.numel()) if host is not None else 1,
-    )  # fmt: skip
+    routing_count_kernel[(1,)](ids, buf, bounds, host if host is not None else buf, t, n_experts,
+                               **count_consts(buf, bounds, k, host is not None))  # fmt: skip

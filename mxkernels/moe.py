@@ -753,6 +753,7 @@ class Started:
     routed: tuple | None = None
     topk: tuple | None = None
     zeroed: bool = False
+    counted: bool = False  # the same launch counted the routing of that top-k (route_and_lay_out's ``count``)
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
         """Whether it was started for this forward: the same input memory, routing width, arenas
@@ -766,6 +767,12 @@ class Started:
         """Whether its rows were laid out from this very top-k (not, say, from weights scaled after it)."""
         return self.topk is not None and all(a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
                                              for a, b in zip(self.topk, (topk_ids, topk_weights)))  # fmt: skip
+
+    def counts(self, topk_ids: torch.Tensor) -> bool:
+        """Whether the router's launch counted the routing of these very ids (weights scaled after it count alike)."""
+        ids = self.topk[0] if self.topk is not None else None
+        return self.counted and ids is not None and (ids.data_ptr(), ids.shape, ids.dtype) == (
+            topk_ids.data_ptr(), topk_ids.shape, topk_ids.dtype)  # fmt: skip
 
 
 def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
@@ -789,14 +796,17 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
 
 def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool, gate_up: Arena,
                       down: Arena, n_routed: int, num_token_non_padded: torch.Tensor | None = None,
-                      experts_per_program: int = router.CHUNK) -> tuple:  # fmt: skip
+                      experts_per_program: int = router.CHUNK,
+                      count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                      ) -> tuple:  # fmt: skip
     """A decode forward's router (router.fused_router: logits, softmax top-k) whose one launch also lays out the
     forward's rows for the grouped GEMMs and zeroes stream-K's sums, in place of the alignment's launch and the
     fill's: (weights, ids, logits, started). Pass ``started`` to the forward's :func:`moe_gemms` (or
     :func:`mx_moe_forward`) with the same ``x``, arenas and the returned top-k; it is None, and the router's
     launch routes only, where the forward's layout is not one launch per GEMM of routed and shared experts
     together (the shared experts apart, which the unbalanced decode grid takes) or its rows pass what one
-    program aligns."""
+    program aligns. ``count`` (router_stats.ExpertCounter.kernel_args): where it lays out the rows, the launch also
+    counts the routing (``started.counted``), and the forward need not."""
     t = x.shape[0]
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     rows = _rows(t, top_k, gate_up.n_experts, n_routed)[0]
@@ -810,9 +820,9 @@ def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormali
     if zero is not None and not router.zeroes_in_launch(t, gate.shape[0], experts_per_program, zero.numel()):
         zero = None  # too few programs: the forward's fill launch
     w, ids, logits = router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program,
-                                         align=al, zero=zero)  # fmt: skip
+                                         align=al, zero=zero, count=count)  # fmt: skip
     return w, ids, logits, Started(lay, _options(False, None, None, None, {}), routed=al.outputs()[:3],
-                                   topk=(ids, w), zeroed=zero is not None)  # fmt: skip
+                                   topk=(ids, w), zeroed=zero is not None, counted=count is not None)  # fmt: skip
 
 
 def moe_gemms(

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from mxkernels.align import Alignment, align_in_one_program
+from mxkernels.count import count_consts, count_in_one_program
 from mxkernels.pdl import launch, pdl, wait_then_release
 
 # tokens per forward up to which the fused router runs: every program reads its chunk of the gate's weights,
@@ -68,12 +69,15 @@ def _zero_share(zero_ptr, n_zero, ZERO: tl.constexpr):
 @triton.jit
 def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr,
                         sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n_rows, n_routed, cap,
-                        zero_ptr, n_zero, N, K, TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
+                        zero_ptr, n_zero, cbuf_ptr, cbounds_ptr, chost_ptr, N, K, TOPK: tl.constexpr,
+                        KP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
                         ALONE: tl.constexpr, PDL: tl.constexpr = False, ALIGN: tl.constexpr = False,
                         SLOTS: tl.constexpr = 1, E: tl.constexpr = 1, EP: tl.constexpr = 2, BM: tl.constexpr = 1,
                         CHUNK: tl.constexpr = 256, BCHUNK: tl.constexpr = 64, SHARED: tl.constexpr = True,
-                        ZERO: tl.constexpr = 0):  # fmt: skip
+                        ZERO: tl.constexpr = 0, COUNT: tl.constexpr = False, NB: tl.constexpr = 1,
+                        NBP: tl.constexpr = 1, BT: tl.constexpr = 128, MIRROR: tl.constexpr = False,
+                        SIZE: tl.constexpr = 1):  # fmt: skip
     tok = tl.program_id(0)
     chunk = tl.program_id(1)
     rows = chunk * BN + tl.arange(0, BN)
@@ -107,8 +111,10 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
         if ranked:
             t = tl.num_programs(0)
             last = t == 1
+            # the top-k's stores, from several lanes (and warps), before other lanes read them back, and before the
+            # one lane's release of the second counter
+            tl.debug_barrier()
             if t > 1:  # a second counter, past the tokens' (release: this token's top-k; acquire: all of them)
-                tl.debug_barrier()  # the top-k's stores, from several lanes, before the one lane's release
                 last = tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == t - 1
             if last:
                 if t > 1:
@@ -116,6 +122,9 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
                 align_in_one_program(topk_ids_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr,
                                      cursor_ptr, n_rows, n_routed, cap, TOPK, SLOTS, E, EP, BM, CHUNK, BCHUNK,
                                      SHARED)  # fmt: skip
+                if COUNT:  # and counts the routing (router_stats), in place of the counting launch
+                    count_in_one_program(topk_ids_ptr, cbuf_ptr, cbounds_ptr, chost_ptr, t, N, TOPK, KP, NB, NBP, BT,
+                                         MIRROR, SIZE)  # fmt: skip
 
 
 def enabled() -> bool:
@@ -159,6 +168,7 @@ def fused_router(
     experts_per_program: int = CHUNK,
     align: Alignment | None = None,
     zero: torch.Tensor | None = None,
+    count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax top-k routing of ``x`` [T, H] by the gate ``weight`` [E, H]: (weights [T, k] fp32, ids [T, k]
     int32, logits [T, E] fp32 rounded to bf16), the weights renormalized to sum 1 if ``renormalize``; ids -1
@@ -166,7 +176,9 @@ def fused_router(
     two) splits each token's experts over programs; at E or more one program per token takes them all.
     ``align`` (align.alignment for these T tokens and k): the same launch lays out the rows for the grouped
     GEMMs into its buffers, as align.route would from the returned top-k; ``zero``: an fp32 buffer it fills with
-    zeros (stream-K's sums; where :func:`zeroes_in_launch`)."""
+    zeros (stream-K's sums; where :func:`zeroes_in_launch`); ``count`` (with ``align``): router_stats' counter buffer,
+    its bucket bounds and its host mirror (None: not written), into which the program that lays out the rows also
+    adds the routing, as count.count_routing of the returned ids would (router_stats.ExpertCounter.kernel_args)."""
     t, h = x.shape
     e = weight.shape[0]
     if weight.shape[1] != h or not 0 < top_k <= e:
@@ -174,6 +186,10 @@ def fused_router(
     bn = experts_per_program
     if bn < 1 or bn & (bn - 1):
         raise ValueError(f"router: {bn} experts a program, not a power of two")
+    if count is not None and align is None:
+        raise ValueError("router: the routing is counted by the program that lays out the rows (align=)")
+    if count is not None and count[0].numel() != e + 3 + count[1].numel():
+        raise ValueError(f"router: a counter of {count[0].numel()} for {e} experts and {count[1].numel()} bounds")
     if align is not None and align.rows != t * align.consts["SLOTS"]:
         raise ValueError(f"router: an alignment of {align.rows} rows for {t} tokens of {align.consts['SLOTS']} slots")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -199,9 +215,14 @@ def fused_router(
         if not zeroes_in_launch(t, e, experts_per_program, zero.numel()):
             raise ValueError(f"router: {zero.numel()} zeros over too few programs (zeroes_in_launch)")
         al_consts["ZERO"] = 32 * 4 * warps  # one 16-byte store a thread per step
+    if count is not None:  # the counting kernel's constants; its tile of ids: a program's lanes, as the alignment's
+        consts = count_consts(count[0], count[1], top_k, count[2] is not None)
+        al_consts |= {"COUNT": True, **{c: consts[c] for c in ("NB", "NBP", "MIRROR", "SIZE")},
+                      "BT": min(128, max(1, 32 * warps // consts["KP"]))}  # fmt: skip
+    cargs = (count[0], count[1], count[2] if count[2] is not None else count[0]) if count is not None else (logits,) * 3
     fused_router_kernel[(t, triton.cdiv(e, bn))](
         x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
-        *al_args, zero if zero is not None else logits, zero.numel() if zero is not None else 0,
+        *al_args, zero if zero is not None else logits, zero.numel() if zero is not None else 0, *cargs,
         e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=np_, BN=bn, BK=bk, RENORMALIZE=renormalize,
         HAS_VALID=valid is not None, ALONE=alone, PDL=pdl(x.device), num_warps=warps, **al_consts,
         **launch(x.device),

@@ -62,9 +62,9 @@ class ExpertCounter:
         if self.buf.is_cuda:  # one kernel for the ops below, each a CUDA-graph node of its own
             from mxkernels.count import count_routing
 
-            count_routing(topk_ids, self.buf, self.bounds, self.n_experts, self.host if self.mapped else None)
-            if not self.mapped:
-                self.host.copy_(self.buf, non_blocking=True)
+            buf, bounds, host = self.kernel_args()
+            count_routing(topk_ids, buf, bounds, self.n_experts, host)
+            self.mirrored()
             return
         e = self.n_experts
         ids = topk_ids.reshape(-1).to(torch.int64)
@@ -77,6 +77,16 @@ class ExpertCounter:
         at = torch.stack([torch.full_like(bucket, e), torch.full_like(bucket, e + 1), e + 2 + bucket])
         self.buf.index_add_(0, at, torch.stack([n, ran, ran]))
         if self.host is not self.buf:
+            self.host.copy_(self.buf, non_blocking=True)
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(buffer, bucket bounds, host mirror or None) for a launch that counts (mxkernels.count.count_in_one_program:
+        the counting kernel's, or the fused router's); :meth:`mirrored` after it."""
+        return self.buf, self.bounds, self.host if self.mapped else None
+
+    def mirrored(self) -> None:
+        """After a counting launch on the GPU: the host mirror copied, where the launch could not write it."""
+        if not self.mapped and self.host is not self.buf:
             self.host.copy_(self.buf, non_blocking=True)
 
     def snapshot(self) -> CounterSnapshot:

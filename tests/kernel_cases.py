@@ -344,9 +344,11 @@ def router_alignment_case(device: str, t: int, per_program: int, padded: bool, n
     """The router's launch laying out the rows (router.fused_router's ``align``) lays out what align.route lays out
     from the top-k it returns: the same padded row count and blocks' experts, each expert's rows, the rows' routing
     weights; it fills ``zero`` with zeros, and leaves its counters zero, so a second launch (with ``graph``, a
-    CUDA-graph replay on new tokens) lays out alike. 60 routed experts of top-4, as Qwen1.5's."""
+    CUDA-graph replay on new tokens) lays out alike. It counts the routing as router_stats' counting launch would
+    (``count``), into the counter and its mirror. 60 routed experts of top-4, as Qwen1.5's."""
     from mxkernels.align import alignment, route
     from mxkernels.router import _COUNTS, fused_router
+    from router_stats import ExpertCounter
 
     gen = torch.Generator().manual_seed(t)
     e, bm = 60 + n_shared, 8
@@ -357,9 +359,12 @@ def router_alignment_case(device: str, t: int, per_program: int, padded: bool, n
         buf.fill_(-7)  # every element read below must be written
     al.w.fill_(POISON)
     zero = torch.full((t * 1000,), POISON, device=device)
+    counter, counted = ExpertCounter(60).to(device), ExpertCounter(60)
+    mirror = torch.full_like(counter.buf, -1)  # the host mirror, written by the launch
 
     def launch():
-        return fused_router(x, gate, 4, True, valid, per_program, align=al, zero=zero)
+        return fused_router(x, gate, 4, True, valid, per_program, align=al, zero=zero,
+                            count=(counter.buf, counter.bounds, mirror))  # fmt: skip
 
     def check(got) -> None:
         w, ids = got[0], got[1]
@@ -376,6 +381,8 @@ def router_alignment_case(device: str, t: int, per_program: int, padded: bool, n
         assert torch.equal(al.w, want[3])
         assert (zero == 0).all()
         assert not _COUNTS[w.device].any()
+        counted.record(ids.cpu())  # every launch so far, counted by the counting launch's torch form
+        assert torch.equal(counter.buf.cpu(), counted.buf) and torch.equal(mirror.cpu(), counted.buf)
 
     x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device)
     check(launch())
@@ -396,11 +403,12 @@ def router_alignment_case(device: str, t: int, per_program: int, padded: bool, n
 
 
 def router_lay_out_case(device: str, t: int, n_shared: int, per_program: int = 1, graph: bool = False,
-                        close: bool = False) -> None:  # fmt: skip
+                        close: bool = False, router_counts: bool = False) -> None:  # fmt: skip
     """route_and_lay_out (the router's launch laying out the forward's rows and zeroing stream-K's sums) and the
     forward that takes it compute what the router's launch, the alignment's and the forward's compute: the same
     top-k, and the layer's outputs bit for bit (``close``: within 1%, stream-K's sums in another order); the routing
-    counter launched beside counts every pass. With ``graph``, captured once and replayed on new tokens."""
+    counter launched beside (``router_counts``: the router's launch) counts every pass. With ``graph``, captured once
+    and replayed on new tokens."""
     from mxkernels.moe import route_and_lay_out
     from mxkernels.router import fused_router
     from router_stats import ExpertCounter
@@ -412,9 +420,14 @@ def router_lay_out_case(device: str, t: int, n_shared: int, per_program: int = 1
     gate = (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16).to(device)
 
     def laid_out(x):
-        w, ids, _, started = route_and_lay_out(x, gate, 2, True, gu, dn, 8, None, per_program)
+        w, ids, _, started = route_and_lay_out(x, gate, 2, True, gu, dn, 8, None, per_program,
+                                               count=counter.kernel_args() if router_counts else None)  # fmt: skip
         assert started is not None, "the router laid out no rows"
-        out = moe_gemms(x, ids, w, gu, dn, 8, on_side=lambda: counter.record(ids), started=started)
+        assert started.counts(ids) == router_counts and not started.counts(ids.clone())
+        if router_counts:
+            counter.mirrored()
+        side = None if router_counts else (lambda: counter.record(ids))
+        out = moe_gemms(x, ids, w, gu, dn, 8, on_side=side, started=started)
         assert started.taken and out[1] is started.layout.out
         return ids, out
 

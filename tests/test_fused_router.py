@@ -29,9 +29,10 @@ def test_fused_router_refuses_a_gate_of_another_width():
         fused_router(x, torch.zeros(60, 256, dtype=torch.bfloat16), 4, False, experts_per_program=6)
 
 
-def _router_sass(pdl: bool, align: bool = False) -> str:
+def _router_sass(pdl: bool, align: bool = False, count: bool = False) -> str:
     """The sm_90 code of the router at Qwen1.5's width (one expert a program), as its launch specializes it;
-    ``align``: laying out the rows of Qwen1.5's 4 + 4 slots and zeroing stream-K's sums too."""
+    ``align``: laying out the rows of Qwen1.5's 4 + 4 slots and zeroing stream-K's sums too; ``count``: and counting
+    the routing into router_stats' buffer and its host mirror (8 lanes of 4 ids a step)."""
     import triton
     from sass_tools import disassemble
     from triton.backends.compiler import GPUTarget
@@ -42,17 +43,19 @@ def _router_sass(pdl: bool, align: bool = False) -> str:
     params = fused_router_kernel.arg_names
     consts = {"TOPK": 4, "KP": 4, "NP": 64, "BN": 1, "BK": 2048, "RENORMALIZE": False, "HAS_VALID": True,
               "ALONE": False, "PDL": pdl, "ALIGN": align, "SLOTS": 8, "E": 64, "EP": 128, "BM": 8, "CHUNK": 256,
-              "BCHUNK": 64, "SHARED": True, "ZERO": 128 if align else 0}  # fmt: skip
+              "BCHUNK": 64, "SHARED": True, "ZERO": 128 if align else 0, "COUNT": count, "NB": 9, "NBP": 16, "BT": 8,
+              "MIRROR": count, "SIZE": 128}  # fmt: skip
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "count_ptr": "*i32", "topk_w_ptr": "*fp32",
              "topk_ids_ptr": "*i32", "valid_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i64",
-             "npp_ptr": "*i64", "w_out_ptr": "*fp32", "cursor_ptr": "*i32", "zero_ptr": "*fp32"}  # fmt: skip
+             "npp_ptr": "*i64", "w_out_ptr": "*fp32", "cursor_ptr": "*i32", "zero_ptr": "*fp32", "cbuf_ptr": "*i64",
+             "cbounds_ptr": "*i64", "chost_ptr": "*i64"}  # fmt: skip
     sig = {p: types.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(types) | {"stride_x", "K"}
     src = ASTSource(fused_router_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                     {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})  # fmt: skip
     options = {"num_warps": 1, **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                       f"router{int(pdl)}{int(align)}")  # fmt: skip
+                       f"router{int(pdl)}{int(align)}{int(count)}")  # fmt: skip
 
 
 def test_fused_router_loads_the_gate_before_waiting_for_the_launch_before():
@@ -82,12 +85,13 @@ def test_fused_router_lays_out_the_rows_as_the_alignment_launch(t, per_program, 
     router_alignment_case("cpu", t, per_program, padded, n_shared)
 
 
-@pytest.mark.parametrize("t, per_program", [(1, 1), (6, 64)])
-def test_the_router_laying_out_the_rows_computes_the_same_layer(t, per_program):
-    # no shared experts: on this (unbalanced, Triton) grid, one launch per GEMM, whose rows the router lays out
+@pytest.mark.parametrize("t, per_program, router_counts", [(1, 1, False), (6, 64, False), (5, 1, True)])
+def test_the_router_laying_out_the_rows_computes_the_same_layer(t, per_program, router_counts):
+    # no shared experts: on this (unbalanced, Triton) grid, one launch per GEMM, whose rows the router lays out; the
+    # routing counted beside the forward's launches, or by the router's launch (the forward then launches no count)
     from kernel_cases import router_lay_out_case
 
-    router_lay_out_case("cpu", t, 0, per_program)
+    router_lay_out_case("cpu", t, 0, per_program, router_counts=router_counts)
 
 
 def test_the_router_lays_out_no_rows_where_the_shared_experts_launch_apart():
@@ -120,6 +124,21 @@ def test_rows_laid_out_from_another_top_k_are_laid_out_again():
     w, ids, _, started = route_and_lay_out(x, (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16), 2,
                                            False, gu, dn, 8)  # fmt: skip
     got = moe_gemms(x, ids, w * 2, gu, dn, 8, started=started)[1]
-    assert not started.taken
+    assert not started.taken and not started.counted  # no counter given: the forward's layer counts
     assert torch.equal(got, moe_gemms(x, ids, w * 2, gu, dn, 8, poison=True)[1])
     assert not torch.equal(got, moe_gemms(x, ids, w, gu, dn, 8)[1])
+
+
+def test_the_router_laying_out_the_rows_counts_them_in_its_sm_90_code():
+    # MixedExperts.route's launch (MXSERVE_ROUTER_ALIGN=1) with the layer counting: the program that lays out the
+    # rows adds the routing with 64-bit atomics and then stores the buffer into the host mirror, after a barrier;
+    # nothing of it goes through local memory (Triton 3.9 keeps three pointers of the laying out there already; the
+    # device's 3.6 none)
+    from sass_tools import in_fresh_process
+
+    plain, counting = (in_fresh_process("test_fused_router", f"_router_sass(False, True, {c})") for c in (False, True))
+    atomics = r"\b(REDG|ATOMG)\.E\.ADD\.64\b"
+    assert not re.search(atomics, plain) and len(re.findall(atomics, counting)) >= 3
+    assert len(re.findall(r"\bBAR\.SYNC", counting)) > len(re.findall(r"\bBAR\.SYNC", plain))
+    local = r"\b(STL|LDL)\b"
+    assert len(re.findall(local, counting)) <= len(re.findall(local, plain))

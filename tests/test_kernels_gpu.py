@@ -415,6 +415,46 @@ def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k
     router_lay_out_case("cuda", t, 2 if stream_k == "1" else 0, graph=graph, close=stream_k == "1")
 
 
+@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_router_laying_out_the_rows_counts_them_for_the_layer_cuda(t, graph, monkeypatch):
+    # MixedExperts.route (MXSERVE_ROUTER_ALIGN=1's path) then its forward, on stream-K with shared experts: the router's
+    # launch counts the routing into the layer's counter (its host mirror written by the launch, or copied after it),
+    # and the forward launches no count, so every pass is counted once; with ``graph``, captured and replayed
+    from kernel_cases import make_experts
+
+    from mxserve.runtime.moe_layer import MixedExperts
+    from router_stats import ExpertCounter
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")  # one launch per GEMM, the shared experts in it: the router lays out
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16"], 256, 128, 8, 2, "rtn", gen, "cuda")
+    layer, want = MixedExperts(0, 8, experts), ExpertCounter(8)
+    gate = (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).cuda()
+
+    def forward():
+        w, ids, _ = layer.route(x, gate, 2, True)
+        assert layer._started is not None and layer._started.counts(ids)
+        return ids, layer.forward(x, ids, w)
+
+    ids, _ = forward()  # the eager pass: the counter moves to the GPU here
+    passes = [ids.cpu()]
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ids, _ = forward()
+        for _ in range(2):
+            x.copy_(torch.randn(t, 256, generator=gen).to(torch.bfloat16))
+            g.replay()
+            torch.cuda.synchronize()
+            passes.append(ids.cpu())
+    torch.cuda.synchronize()
+    for p in passes:
+        want.record(p)
+    assert layer.counter.snapshot() == want.snapshot()
+
+
 @pytest.mark.parametrize("t", [1, 8, 24])
 @pytest.mark.parametrize("graph", [False, True])
 def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypatch):

@@ -112,8 +112,10 @@ def compare_aligned_router(lay, tokens):
         for t in tokens:
             for renormalize in (False, True):
                 for valid in (None, torch.tensor([t], dtype=torch.int32)):
+                    counter = ExpertCounter(16)  # as the layer counts, into its host mirror
                     laid += moe.route_and_lay_out(torch.randn(t, 256).bfloat16(), torch.randn(16, 256).bfloat16(), 2,
-                                                  renormalize, gu, dn, 16, valid)[3] is not None
+                                                  renormalize, gu, dn, 16, valid,
+                                                  count=(counter.buf, counter.bounds, counter.buf))[3].counted
     return {"variants": len(variants), "laid": laid, "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 
 

@@ -80,8 +80,10 @@ class MixedExperts:
         started, self._started = self._started, None
         if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
             gate_up, down = self.arenas(x.device)
-            # the count launches beside the alignment, on the second stream (none to fork when not counting)
-            count = (lambda: self.record(topk_ids)) if self.counting else None
+            # the count launches beside the alignment, on the second stream (none to fork when not counting, nor where
+            # the router's launch counted these ids)
+            counted = started is not None and started.counts(topk_ids)
+            count = (lambda: self.record(topk_ids)) if self.counting and not counted else None
             out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
                                  shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
@@ -123,8 +125,15 @@ class MixedExperts:
         started early, the router routes only (their start holds the forward's buffers)."""
         if self._started is not None or not x.is_cuda:  # off a GPU the forward takes the reference path
             return fused_router(x, gate, top_k, renormalize, num_token_non_padded)
+        count = None
+        if self.counting:  # where the launch lays out the rows, it counts them too (the forward then does not)
+            if self.counter.device != x.device:
+                self.counter.to(x.device)
+            count = self.counter.kernel_args()
         w, ids, logits, self._started = route_and_lay_out(x, gate, top_k, renormalize, *self.arenas(x.device),
-                                                          self.n_routed, num_token_non_padded)  # fmt: skip
+                                                          self.n_routed, num_token_non_padded, count=count)  # fmt: skip
+        if self._started is not None and self._started.counted:
+            self.counter.mirrored()
         return w, ids, logits
 
     def record(self, topk_ids: torch.Tensor) -> None:

@@ -197,9 +197,10 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                                    torch.rand(t, 1) if shared else None)  # fmt: skip
                 if aligned and t <= fused_router.FUSED_ROUTER_TOKENS:
                     for renormalize, valid in _router_kinds():
+                        # counting the routing too, into the counter's host mirror (MixedExperts.route)
                         moe.route_and_lay_out(torch.zeros(t, h, dtype=torch.bfloat16),
                                               torch.zeros(e, h, dtype=torch.bfloat16), k, renormalize, gu, dn, e,
-                                              valid)  # fmt: skip
+                                              valid, count=(counter.buf, counter.bounds, counter.buf))  # fmt: skip
         for h, e, k in dict.fromkeys(routers):  # one variant whatever the tokens (the grid's only)
             gate = torch.zeros(e, h, dtype=torch.bfloat16)
             for renormalize, valid in _router_kinds():
