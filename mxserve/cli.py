@@ -15,6 +15,10 @@ from mxserve.engines import BF16_LAYERS
 from mxserve.errors import MxServeError
 
 METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
+# the kernels' on/off settings, read as "1" (or "0", for those on by default) by the launches: any other value is
+# refused before serving (README, "GPU kernels")
+KERNEL_SWITCHES = ("MXSERVE_GLUON", "MXSERVE_SHARED_STREAM", "MXSERVE_FUSED_ROUTER", "MXSERVE_SHARED_EARLY",
+                   "MXSERVE_PDL", "MXSERVE_ROUTER_ALIGN", "MXSERVE_SILU_IN_GEMM", "MXSERVE_ROW_AMAX_IN_GEMM")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
@@ -316,6 +320,9 @@ def cmd_launch(a: argparse.Namespace) -> None:
 
             if os.environ[name] not in getattr(moe, allowed):
                 raise MxServeError(f"{name}={os.environ[name]}: one of {', '.join(getattr(moe, allowed))}")
+    for name in KERNEL_SWITCHES:  # "true" or "on" would silently keep the default
+        if os.environ.get(name) and os.environ[name] not in ("0", "1"):
+            raise MxServeError(f"{name}={os.environ[name]}: 0 or 1")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
         from mxserve.models.configs import read_config
