@@ -194,11 +194,15 @@ def test_the_router_laying_out_the_rows_serves_the_same_text(arch, stream_k, tmp
     (and zeroes stream-K's sums) in place of the alignment's launch, captured so in SGLang's CUDA graphs; every
     forward takes what it laid out. Qwen3-MoE (no shared experts) on the unbalanced grid: the same greedy text.
     Qwen2-MoE on stream-K (shared experts in the routed launches), with the SiLU in the gate/up launch
-    (MXSERVE_SILU_IN_GEMM=1, both servers), whose sums are added in any order: most texts."""
-    texts, _, _ = texts_served_with(tmp_path, arch, "MXSERVE_ROUTER_ALIGN", MXSERVE_STREAM_K=stream_k,
+    (MXSERVE_SILU_IN_GEMM=1, both servers), whose sums are added in any order: most texts. The router's launch also
+    counts the routing, in place of the counting launch: with the same texts, the same tokens through every layer."""
+    tokens: dict = {}
+    texts, _, _ = texts_served_with(tmp_path, arch, "MXSERVE_ROUTER_ALIGN", tokens, MXSERVE_STREAM_K=stream_k,
                                     MXSERVE_SILU_IN_GEMM=stream_k)  # fmt: skip
+    assert tokens["0"] and all(v > 0 for v in tokens["0"].values())
     if stream_k == "0":
         assert texts["1"] == texts["0"]
+        assert tokens["1"] == tokens["0"]  # every forward counted once, by the router or by the counting launch
     else:
         pairs = [(a, b) for batched in (False, True) for a, b in zip(texts["0"][batched], texts["1"][batched])]
         assert sum(a == b for a, b in pairs) >= 3 * len(pairs) // 4, texts
@@ -206,10 +210,11 @@ def test_the_router_laying_out_the_rows_serves_the_same_text(arch, stream_k, tmp
     assert "laying out the experts' rows" in log and "were not used" not in log and "Traceback" not in log
 
 
-def texts_served_with(tmp_path, arch: str, var: str, **env: str) -> tuple[dict, str, int]:
+def texts_served_with(tmp_path, arch: str, var: str, tokens: dict | None = None, **env: str) -> tuple[dict, str, int]:
     """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
     (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)
-    and all at once (True); also the checkpoint and the port, for more servers."""
+    and all at once (True); also the checkpoint and the port, for more servers. ``tokens``: filled with each
+    server's tokens through each MoE layer after those requests ({value: {layer: tokens}}, from /metrics)."""
     src = sglang_tiny(arch, tmp_path)
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
@@ -219,7 +224,20 @@ def texts_served_with(tmp_path, arch: str, var: str, **env: str) -> tuple[dict, 
         with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / f"{var}{value}.log"),
                      **{var: value}, **env) as base:  # fmt: skip
             texts[value] = {batched: greedy_texts(base, "tiny", batched) for batched in (False, True)}
+            if tokens is not None:
+                tokens[value] = layer_tokens(base)
     return texts, ckpt, port
+
+
+def layer_tokens(base: str) -> dict[str, float]:
+    """{layer: tokens through it} from the server's /metrics, once the routing counters have been folded in (every
+    --stats-interval, 1 s by default)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    time.sleep(3)
+    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    return {s.labels["layer"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "mxserve_layer_tokens_total"}  # fmt: skip
 
 
 def greedy_texts(base: str, name: str, batched: bool, max_tokens: int = 24) -> list[str]:
