@@ -10,11 +10,19 @@ kernels wait on):
     ncu --kernel-name regex:mx_moe --launch-skip 10 --launch-count 2 --section SpeedOfLight \\
         --section MemoryWorkloadAnalysis --section WarpStateStats \\
         python3 benchmarks/profile_layer.py --model qwen1.5-moe-a2.7b --tokens 16 --loop
+
+``--set FIELD=VALUE`` overrides a field of the launches' tiles (mxkernels.moe.Tiles, e.g. ``group_m=8``), and
+``--launches`` lists each launch of a forward in its order, so that a kernel launched twice (gate/up, then
+down) shows as two rows:
+
+    python3 benchmarks/profile_layer.py --model deepseek-v2-lite --tokens 4096 --scheme w8a8fp8 --uniform \
+        --launches --set group_m=8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -33,8 +41,32 @@ from moe_layer import (  # noqa: E402
     tiered_plan,
 )
 
-from mxkernels.moe import mx_moe_forward  # noqa: E402
+from mxkernels.moe import Tiles, mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
+
+
+def tile_setting(text: str) -> tuple[str, int | bool]:
+    """``FIELD=VALUE`` for --set: a field of mxkernels.moe.Tiles, an integer or true/false."""
+    field, _, value = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(Tiles)}
+    if field not in fields or not value:
+        raise argparse.ArgumentTypeError(f"--set FIELD=VALUE, FIELD one of {', '.join(fields)}")
+    if value.lower() in ("true", "false"):
+        return field, value.lower() == "true"
+    try:
+        return field, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--set {text}: an integer or true/false") from None
+
+
+def per_launch(events: list[tuple[float, str, float]], reps: int) -> list[tuple[str, float]]:
+    """(name, device us) of each launch of one forward, in launch order, averaged over ``reps`` forwards from
+    ``events`` (start, name, device us) of all of them: a forward launches the same kernels in the same order."""
+    events = sorted(events)
+    per = len(events) // reps
+    if per * reps != len(events):
+        raise ValueError(f"{len(events)} kernel events over {reps} forwards: not the same launches each time")
+    return [(events[i][1], sum(events[r * per + i][2] for r in range(reps)) / reps) for i in range(per)]
 
 
 def main() -> None:
@@ -47,6 +79,9 @@ def main() -> None:
     ap.add_argument("--layout", choices=("auto", "prefill"), default="auto")
     ap.add_argument("--uniform", action="store_true", help="uniform routing (default: skewed)")
     ap.add_argument("--loop", action="store_true", help="only run the forward 30 times (for ncu)")
+    ap.add_argument("--set", type=tile_setting, action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the launches' tiles (mxkernels.moe.Tiles), e.g. group_m=8; repeatable")
+    ap.add_argument("--launches", action="store_true", help="each launch of a forward in order, not per kernel")
     a = ap.parse_args()
     m = MODEL_SHAPES[a.model]
     h, e, s, k = m["hidden"], m["experts"], m["shared"], m["top_k"]
@@ -61,7 +96,7 @@ def main() -> None:
     ag, ad, bits = layer_arenas(gu, dn, plan)
     x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
     ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
-    override = PREFILL_LAYOUT if a.layout == "prefill" else {}
+    override = {**(PREFILL_LAYOUT if a.layout == "prefill" else {}), **dict(a.set)}
 
     def fwd():
         return mx_moe_forward(x, ids, w, ag, ad, e, **override)
@@ -79,16 +114,22 @@ def main() -> None:
         for _ in range(reps):
             fwd()
         torch.cuda.synchronize()
+    events = [(ev.time_range.start, ev.name[:70], ev.device_time_total) for ev in prof.events()
+              if ev.device_type == torch.autograd.DeviceType.CUDA]  # fmt: skip
     rows = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            name = ev.name[:70]
-            n, t = rows.get(name, (0, 0.0))
-            rows[name] = (n + 1, t + ev.device_time_total)
+    for _, name, t in events:
+        n, total = rows.get(name, (0, 0.0))
+        rows[name] = (n + 1, total + t)
     total = sum(t for _, t in rows.values()) / reps
     label = a.plan[0] if a.plan else a.scheme
-    print(f"{a.model} T={a.tokens} {label} ({bits:.2f} bits) layout={a.layout}: {total:.1f} us of kernels per "
-          f"forward, {sum(n for n, _ in rows.values()) / reps:.0f} kernels")
+    sets = "".join(f" {f}={v}" for f, v in a.set)
+    env = "".join(f" {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MXSERVE_"))
+    print(f"{a.model} T={a.tokens} {label} ({bits:.2f} bits) layout={a.layout}{sets}{env}: {total:.1f} us of kernels "
+          f"per forward, {sum(n for n, _ in rows.values()) / reps:.0f} kernels")
+    if a.launches:
+        for i, (name, t) in enumerate(per_launch(events, reps)):
+            print(f"  {t:8.1f} us  #{i + 1:<3d} {name}")
+        return
     for name, (n, t) in sorted(rows.items(), key=lambda r: -r[1][1]):
         print(f"  {t / reps:8.1f} us  x{n / reps:4.1f}  {name}")
 

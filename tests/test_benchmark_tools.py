@@ -506,3 +506,22 @@ def test_tile_tuning_takes_a_grid_of_its_own():
     for bad, why in (["group=8"], "group_m"), (["bn=wide"], "integer"):
         with pytest.raises(SystemExit, match=why):
             tune_tiles.parse_grid(bad)
+
+
+def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
+    # profile_layer.py --launches: a kernel launched twice a forward (gate/up, then down) is two rows, each averaged
+    # over the forwards in launch order; --set takes a Tiles field as an integer or true/false, and refuses others
+    import argparse
+
+    import profile_layer
+
+    events = [(10.0 * r + 1, "align", 1.0) for r in range(2)] + [(10.0 * r + 2, "gemm", 4.0 + r) for r in range(2)]
+    events += [(10.0 * r + 3, "gemm", 2.0 + r) for r in range(2)]
+    assert profile_layer.per_launch(events, 2) == [("align", 1.0), ("gemm", 4.5), ("gemm", 2.5)]
+    with pytest.raises(ValueError, match="not the same launches"):
+        profile_layer.per_launch(events[:-1], 2)
+    assert profile_layer.tile_setting("group_m=8") == ("group_m", 8)
+    assert profile_layer.tile_setting("kmajor=false") == ("kmajor", False)
+    for bad in ("groupm=8", "group_m=", "bn=wide"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            profile_layer.tile_setting(bad)
