@@ -9,6 +9,7 @@ reads the table (mxkernels/tile_table.py); it never tunes.
     python3 benchmarks/tune_tiles.py --models qwen1.5-moe-a2.7b mixtral-8x7b --tokens 256 1024 4096 8192
     python3 benchmarks/tune_tiles.py --shape mine:hidden=2048,inter=1408,experts=60,top_k=4,shared=4
     python3 benchmarks/tune_tiles.py --classes fp8 --grid bm=128 bn=128,256 bk=128 warps=8 stages=3,4 group_m=0,8,16
+    python3 benchmarks/tune_tiles.py --classes fp8 --grid bm=128 bn=128 bk=128 stages=3 down_tiles.group_m=0,8,16
 
 Classes: ``weight-only`` (the 3.25-bit w4/w2 mix of moe_layer.py), ``fp8`` (w8a8fp8),
 ``int-act`` (w4a4). Also writes a Markdown report beside the JSON (``--report``).
@@ -33,7 +34,7 @@ from benchmarks.moe_layer import (  # noqa: E402
     random_experts,
     routing,
 )
-from mxkernels.moe import expected_active, mx_moe_forward  # noqa: E402
+from mxkernels.moe import DOWN_FIELDS, expected_active, mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
 from mxkernels.tile_table import (  # noqa: E402
     TABLE_DIR,
@@ -45,8 +46,9 @@ from mxkernels.tile_table import (  # noqa: E402
 )
 
 GRID = {"bm": (32, 64, 128), "bn": (64, 128), "bk": (64, 128), "warps": (4, 8), "stages": (3, 4)}
-# Tiles fields a --grid may set besides GRID's: the programs taken this many blocks at a time (moe_gemm.py's GROUP_M)
-GRID_EXTRA = ("group_m",)
+# Tiles fields a --grid may set besides GRID's: the programs taken this many blocks at a time (moe_gemm.py's GROUP_M);
+# and "down_tiles.FIELD" for the down GEMM alone (moe.DOWN_FIELDS: a table entry's "down_tiles")
+GRID_EXTRA = ("group_m", *(f"down_tiles.{f}" for f in DOWN_FIELDS))
 
 
 def parse_grid(items: list[str]) -> dict:
@@ -65,7 +67,13 @@ PLANS = {"fp8": "w8a8fp8", "int-act": "w4a4"}
 
 
 def _grid(grid: dict) -> list[dict]:
-    return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    """Every combination of the grid's values, as tile overrides (a "down_tiles.FIELD" key under "down_tiles")."""
+    out = []
+    for vals in itertools.product(*grid.values()):
+        ov = {k: v for k, v in zip(grid, vals) if not k.startswith("down_tiles.")}
+        down = {k.removeprefix("down_tiles."): v for k, v in zip(grid, vals) if k.startswith("down_tiles.")}
+        out.append({**ov, "down_tiles": down} if down else ov)
+    return out
 
 
 def candidates(cls: str, grid: dict | None = None) -> list[dict]:

@@ -72,6 +72,11 @@ class Tiles:
     group_m: int = 0
 
 
+# fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
+# layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
+DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m")
+
+
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
 # rows per expert (expected under uniform routing) up to which decode takes CUDA-core products, one
 # row per program: on the H200 they won at 1 and 2 tokens on every benchmarked shape and lost from
@@ -629,13 +634,16 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
+    down_only = override.pop("down_tiles", None) or {}  # the down GEMM's own fields (DOWN_FIELDS)
+    if set(down_only) - set(DOWN_FIELDS):
+        raise ValueError(f"the down GEMM's own tiles take {', '.join(DOWN_FIELDS)}, not {sorted(down_only)}")
     sk = _stream_k(per_expert, dispatch, override, costly_share(gate_up, down))
     gluon = not dq and _gluon_decode(dev, per_expert, gate_up, down, override, sk)
     if gluon:  # the MMA decode layout's tiles (its split), then the Gluon kernel's block and K tile
         override = {"fma": False, **override, "stream_k": sk}
     fit = _split_fit(split_fit)
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, fit, **override)
-    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **override)
+    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **{**override, **down_only})
     if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
         packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
         t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))

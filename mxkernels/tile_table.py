@@ -51,7 +51,7 @@ class TileEntry:
     inter: int
     cls: str
     rows: int  # bucket of rows per active expert
-    tiles: dict  # Tiles fields: bm, bn, bk, warps, stages, group_m (absent: 0)
+    tiles: dict  # Tiles fields: bm, bn, bk, warps, stages, group_m (absent: 0); down_tiles: the down GEMM's own
     seconds: float | None = None  # the winner's measured time (for the record)
 
 

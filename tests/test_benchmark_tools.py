@@ -503,7 +503,12 @@ def test_tile_tuning_takes_a_grid_of_its_own():
     assert len(cands) == 2 * 2 * 2 * 2 * 2 and all(c["bm"] == 128 for c in cands)  # bk, warps, stages as GRID's
     assert {(c["bn"], c["group_m"]) for c in cands} == {(128, 0), (128, 8), (256, 0), (256, 8)}
     assert tune_tiles.candidates("fp8") == tune_tiles._grid(tune_tiles.GRID)
-    for bad, why in (["group=8"], "group_m"), (["bn=wide"], "integer"):
+    grid = tune_tiles.parse_grid(["bm=128", "bk=128", "warps=8", "stages=3", "bn=128", "down_tiles.group_m=0,8",
+                                  "down_tiles.bn=128,256"])  # fmt: skip
+    down = tune_tiles.candidates("fp8", grid)
+    assert down == [{"bm": 128, "bn": 128, "bk": 128, "warps": 8, "stages": 3, "down_tiles": {"group_m": g, "bn": n}}
+                    for g in (0, 8) for n in (128, 256)]  # fmt: skip
+    for bad, why in (["group=8"], "group_m"), (["bn=wide"], "integer"), (["down_tiles.bm=64"], "down_tiles.group_m"):
         with pytest.raises(SystemExit, match=why):
             tune_tiles.parse_grid(bad)
 

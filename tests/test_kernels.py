@@ -344,8 +344,11 @@ def test_committed_tile_tables_load_and_give_launchable_tiles():
             assert e.cls in CLASSES and e.rows > moe.DECODE_ROWS, (f, e)
             assert table.lookup(e.hidden, e.inter, e.cls, e.rows) == e.tiles
             fields = {x.name for x in dataclasses.fields(moe.Tiles)}
-            assert set(e.tiles) <= fields and all(e.tiles[k] & (e.tiles[k] - 1) == 0 for k in ("bm", "bn", "bk"))
-            t = moe.pick_tiles(e.rows * 8, 8, 128, e.inter, e.hidden, 0b10, 132, **e.tiles)
+            assert set(e.tiles) - {"down_tiles"} <= fields
+            assert set(e.tiles.get("down_tiles", {})) <= set(moe.DOWN_FIELDS)
+            assert all(e.tiles[k] & (e.tiles[k] - 1) == 0 for k in ("bm", "bn", "bk"))
+            t = moe.pick_tiles(e.rows * 8, 8, 128, e.inter, e.hidden, 0b10, 132,
+                               **{k: v for k, v in e.tiles.items() if k != "down_tiles"})  # fmt: skip
             keys = ("bm", "bn", "bk", "warps", "stages")
             assert tuple(getattr(t, k) for k in keys) == tuple(e.tiles[k] for k in keys)
 
@@ -378,6 +381,15 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
     errs = gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
     tiles = {(t.bm, t.bn, t.bk, t.stages, t.swap, t.group_m) for launches in seen for _, t in launches}
     assert tiles == {(64, 32, 32, 2, False, 2)}
+    # an entry's "down_tiles": the down GEMM's own fields (moe.DOWN_FIELDS), gate/up keeping the entry's; others refused
+    table.entries[0].tiles = {**tuned, "down_tiles": {"bn": 64, "group_m": 0}}
+    seen.clear()
+    for key, e in gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4).items():
+        assert e < BOUND, (key, e)
+    assert [{(t.bn, t.group_m) for _, t in launches} for launches in seen] == [{(32, 2)}, {(64, 0)}]
+    table.entries[0].tiles = {**tuned, "down_tiles": {"bm": 16}}
+    with pytest.raises(ValueError, match="down GEMM's own tiles"):
+        gemm_errors(names, 256, 128, 128, 18, 1, 2, "cpu", seed=4)
     for key, e in errs.items():
         assert e < BOUND, (key, e)
 
