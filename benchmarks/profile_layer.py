@@ -41,14 +41,15 @@ from moe_layer import (  # noqa: E402
     tiered_plan,
 )
 
-from mxkernels.moe import Tiles, mx_moe_forward  # noqa: E402
+from mxkernels.moe import DOWN_FIELDS, Tiles, mx_moe_forward  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
 
 
 def tile_setting(text: str) -> tuple[str, int | bool]:
-    """``FIELD=VALUE`` for --set: a field of mxkernels.moe.Tiles, an integer or true/false."""
+    """``FIELD=VALUE`` for --set: a field of mxkernels.moe.Tiles (``down_tiles.FIELD``: the down GEMM's alone, one of
+    DOWN_FIELDS), an integer or true/false."""
     field, _, value = text.partition("=")
-    fields = {f.name: f.type for f in dataclasses.fields(Tiles)}
+    fields = [f.name for f in dataclasses.fields(Tiles)] + [f"down_tiles.{f}" for f in DOWN_FIELDS]
     if field not in fields or not value:
         raise argparse.ArgumentTypeError(f"--set FIELD=VALUE, FIELD one of {', '.join(fields)}")
     if value.lower() in ("true", "false"):
@@ -57,6 +58,13 @@ def tile_setting(text: str) -> tuple[str, int | bool]:
         return field, int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--set {text}: an integer or true/false") from None
+
+
+def tile_overrides(settings: list[tuple[str, int | bool]]) -> dict:
+    """--set's settings as mx_moe_forward's tile overrides ("down_tiles.FIELD" ones under "down_tiles")."""
+    out: dict = {f: v for f, v in settings if not f.startswith("down_tiles.")}
+    down = {f.removeprefix("down_tiles."): v for f, v in settings if f.startswith("down_tiles.")}
+    return {**out, "down_tiles": down} if down else out
 
 
 def per_launch(events: list[tuple[float, str, float]], reps: int) -> list[tuple[str, float]]:
@@ -96,7 +104,7 @@ def main() -> None:
     ag, ad, bits = layer_arenas(gu, dn, plan)
     x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
     ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
-    override = {**(PREFILL_LAYOUT if a.layout == "prefill" else {}), **dict(a.set)}
+    override = {**(PREFILL_LAYOUT if a.layout == "prefill" else {}), **tile_overrides(a.set)}
 
     def fwd():
         return mx_moe_forward(x, ids, w, ag, ad, e, **override)

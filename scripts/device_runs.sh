@@ -738,7 +738,7 @@ phase37() {
   # and with the row maxima in gate/up; then the mixed layer (dequantized first) in the launch order and 8 at a time
   local prof=(python3 benchmarks/profile_layer.py --model deepseek-v2-lite --tokens 4096 --uniform --launches)
   { "${prof[@]}" --scheme w8a8fp8; "${prof[@]}" --scheme w8a8fp8 --set group_m=8
-    MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8; MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8 \
+    "${prof[@]}" --scheme w8a8fp8 --set down_tiles.group_m=8; MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8; MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8 \
     --set group_m=8; "${prof[@]}"; "${prof[@]}" --set group_m=8; } > $res/profile_prefill_grouped.txt 2>&1
   say "profile_layer fp8 and mixed prefill by launch rc=$?"
   python3 benchmarks/tune_tiles.py --models deepseek-v2-lite --classes fp8 --tokens 4096 8192 \

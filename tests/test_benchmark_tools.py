@@ -527,6 +527,8 @@ def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
         profile_layer.per_launch(events[:-1], 2)
     assert profile_layer.tile_setting("group_m=8") == ("group_m", 8)
     assert profile_layer.tile_setting("kmajor=false") == ("kmajor", False)
-    for bad in ("groupm=8", "group_m=", "bn=wide"):
+    sets = [profile_layer.tile_setting(t) for t in ("group_m=8", "down_tiles.group_m=16", "down_tiles.bn=256")]
+    assert profile_layer.tile_overrides(sets) == {"group_m": 8, "down_tiles": {"group_m": 16, "bn": 256}}
+    for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16"):
         with pytest.raises(argparse.ArgumentTypeError):
             profile_layer.tile_setting(bad)
