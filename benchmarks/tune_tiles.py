@@ -63,6 +63,8 @@ def parse_grid(items: list[str]) -> dict:
         except ValueError:
             raise SystemExit(f"--grid {item!r}: integer values, as {key}=1,2") from None
     return grid
+
+
 PLANS = {"fp8": "w8a8fp8", "int-act": "w4a4"}
 
 

@@ -734,12 +734,19 @@ phase37() {
   python3 benchmarks/moe_layer.py --models deepseek-v2-lite --tokens 4096 8192 --rounds 2 --out $res/prefill_grouped \
     > $res/prefill_grouped.log 2>&1
   say "moe_layer DeepSeek-V2-Lite prefill, grouped blocks and row maxima in gate/up, 2 rounds rc=$?"
-  # where the fp8 layer's time goes, launch by launch (gate/up and down apart): the launch order, 8 blocks at a time,
-  # and with the row maxima in gate/up; then the mixed layer (dequantized first) in the launch order and 8 at a time
+  # where the fp8 layer's time goes, launch by launch (gate/up and down apart): the launch order, 8 blocks at a time
+  # (both GEMMs, the down GEMM alone), with the row maxima in gate/up (alone, 8 at a time); then the mixed layer
+  # (dequantized first) in the launch order and 8 at a time
   local prof=(python3 benchmarks/profile_layer.py --model deepseek-v2-lite --tokens 4096 --uniform --launches)
-  { "${prof[@]}" --scheme w8a8fp8; "${prof[@]}" --scheme w8a8fp8 --set group_m=8
-    "${prof[@]}" --scheme w8a8fp8 --set down_tiles.group_m=8; MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8; MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8 \
-    --set group_m=8; "${prof[@]}"; "${prof[@]}" --set group_m=8; } > $res/profile_prefill_grouped.txt 2>&1
+  {
+    "${prof[@]}" --scheme w8a8fp8
+    "${prof[@]}" --scheme w8a8fp8 --set group_m=8
+    "${prof[@]}" --scheme w8a8fp8 --set down_tiles.group_m=8
+    MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8
+    MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8 --set group_m=8
+    "${prof[@]}"
+    "${prof[@]}" --set group_m=8
+  } > $res/profile_prefill_grouped.txt 2>&1
   say "profile_layer fp8 and mixed prefill by launch rc=$?"
   python3 benchmarks/tune_tiles.py --models deepseek-v2-lite --classes fp8 --tokens 4096 8192 \
     --grid bm=128 bn=128,256 bk=128 warps=8 stages=3,4 group_m=0,8,16 --out $res/tiles/nvidia-h200.json \
