@@ -1,8 +1,8 @@
 """The decode router's launch time on the GPU: SGLang's (the gate's GEMM, then its top-k) against
 mxkernels.router.fused_router with 1 to all experts a program, with and without programmatic dependent
-launch (MXSERVE_PDL); and the router followed by the alignment's launch (stream-K's zero fill beside it, on a
-second stream, as mxkernels.moe runs them) against the router's launch laying out the rows and zeroing the sums
-itself (MXSERVE_ROUTER_ALIGN, moe.route_and_lay_out).
+launch (MXSERVE_PDL); and the router followed by the alignment's launch (stream-K's zero fill and the routing
+count beside it, on a second stream, as mxkernels.moe runs them) against the router's launch laying out the rows,
+zeroing the sums and counting the routing itself (MXSERVE_ROUTER_ALIGN, MixedExperts.route).
 
     python3 benchmarks/router.py --out DIR [--hidden 2048 --experts 60 --top-k 4 --tokens 1 8 32 64]
 
@@ -77,6 +77,7 @@ def main() -> None:
     from mxkernels import pdl
     from mxkernels.align import alignment, route
     from mxkernels.router import fused_router, zeroes_in_launch
+    from router_stats import ExpertCounter
 
     os.makedirs(a.out, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -101,19 +102,25 @@ def main() -> None:
         sums = torch.empty(t * slots * (2 * a.inter + a.hidden), dtype=torch.float32, device=x.device)
         al = alignment(t, a.top_k, a.experts + a.shared, a.experts, a.bm, device=x.device)
         side = torch.cuda.Stream()
+        counter = ExpertCounter(a.experts).to(x.device)  # the layer's routing counter, as served (router_stats)
 
         def apart(bn: int) -> None:
-            """The router's launch, then the alignment's, the sums zeroed beside it (moe.moe_gemms)."""
+            """The router's launch, then the alignment's, the sums zeroed and the routing counted beside it
+            (moe.moe_gemms)."""
             tw, ids, _ = fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 sums.zero_()
+                counter.record(ids)
             route(ids, tw, a.experts + a.shared, a.experts, a.bm, w=al.w)
             torch.cuda.current_stream().wait_stream(side)
 
         def laid_out(bn: int) -> None:
+            """The router's launch laying out the rows, zeroing the sums and counting (MixedExperts.route)."""
             zero = sums if zeroes_in_launch(t, a.experts, bn, sums.numel()) else None
-            fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn, align=al, zero=zero)
+            fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn, align=al, zero=zero,
+                         count=counter.kernel_args())  # fmt: skip
+            counter.mirrored()
             if zero is None:
                 sums.zero_()
 
@@ -150,8 +157,8 @@ def main() -> None:
              f"top-{a.top_k}; `fused N`: mxkernels.router with N experts a program (N >= experts: one program a "
              "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait; "
              f"`router+align N`: that router, then the alignment's launch of {a.shared} shared slots more (blocks of "
-             f"{a.bm} rows), stream-K's sums zeroed beside it on a second stream; `laid out N`: the router's launch "
-             "doing both.",
+             f"{a.bm} rows), stream-K's sums zeroed and the routing counted beside it on a second stream; `laid out "
+             "N`: the router's launch doing all three.",
              "", "| tokens | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in ["tokens", *cols]) + " |" for r in rows]
     with open(os.path.join(a.out, "router.md"), "w") as f:
