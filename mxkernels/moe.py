@@ -773,14 +773,16 @@ class Started:
 
     def routes(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> bool:
         """Whether its rows were laid out from this very top-k (not, say, from weights scaled after it)."""
-        return self.topk is not None and all(a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
-                                             for a, b in zip(self.topk, (topk_ids, topk_weights)))  # fmt: skip
+        return self.topk is not None and all(map(_same_tensor, self.topk, (topk_ids, topk_weights)))
 
     def counts(self, topk_ids: torch.Tensor) -> bool:
         """Whether the router's launch counted the routing of these very ids (weights scaled after it count alike)."""
-        ids = self.topk[0] if self.topk is not None else None
-        return self.counted and ids is not None and (ids.data_ptr(), ids.shape, ids.dtype) == (
-            topk_ids.data_ptr(), topk_ids.shape, topk_ids.dtype)  # fmt: skip
+        return self.counted and self.topk is not None and _same_tensor(self.topk[0], topk_ids)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same memory, shape and dtype (a CUDA graph's replays keep them)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
 def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
