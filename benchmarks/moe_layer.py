@@ -215,14 +215,16 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
 # modes read from the environment per launch
-ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH", "amax": "MXSERVE_ROW_AMAX_IN_GEMM"}
+ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH", "amax": "MXSERVE_ROW_AMAX_IN_GEMM",
+             "sum": "MXSERVE_SUM_IN_GEMM"}
 MODES = ("pdl", *ENV_MODES)
 
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
     them), the SiLU in stream-K's gate/up launch ("silu"), the L2 prefetch ("l2": True for MXSERVE_L2_PREFETCH=1,
-    or its value) and the down GEMM's row maxima taken by gate/up ("amax")."""
+    or its value), the down GEMM's row maxima taken by gate/up ("amax") and the top-k sum in stream-K's down launch
+    ("sum")."""
     from mxkernels import pdl
 
     def run():
@@ -317,6 +319,12 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # and gate/up asking for slices of the down GEMM's weights too (MXSERVE_L2_PREFETCH=ahead)
     "stream-K, L2 prefetch ahead": {"stream_k": True, "l2": "ahead"},
     "stream-K, L2 prefetch ahead, SiLU in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True, "pdl": True},
+    # stream-K's down launch storing the layer's output once an N tile's K is complete over every block, in place of
+    # the top-k sum's launch (MXSERVE_SUM_IN_GEMM=1, twenty-fifth session): with the SiLU in gate/up, a layer of two
+    # launches after the router's; and with the prefetch ahead and PDL
+    "stream-K, SiLU and top-k sum in the GEMM": {"stream_k": True, "silu": True, "sum": True},
+    "stream-K, L2 prefetch ahead, SiLU and top-k sum in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True,
+                                                                          "sum": True, "pdl": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -95,9 +95,10 @@ elif [ "$what" = qwen15-24 ]; then
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
   # FEWER=1 adds a server with fewer launches a layer: the rows laid out by the router's launch
-  # (MXSERVE_ROUTER_ALIGN=1) and the SiLU in stream-K's gate/up launch (MXSERVE_SILU_IN_GEMM=1); with PDL=1, also
+  # (MXSERVE_ROUTER_ALIGN=1, which also computes the shared experts' scale), the SiLU in stream-K's gate/up launch
+  # (MXSERVE_SILU_IN_GEMM=1) and the top-k sum in its down launch (MXSERVE_SUM_IN_GEMM=1); with PDL=1, also
   # one with PDL too
-  fewer=(MXSERVE_ROUTER_ALIGN=1 MXSERVE_SILU_IN_GEMM=1)
+  fewer=(MXSERVE_ROUTER_ALIGN=1 MXSERVE_SILU_IN_GEMM=1 MXSERVE_SUM_IN_GEMM=1)
   [ -z "${FEWER:-}" ] || grouped+=(--ckpt "$name-fewer=$work/q15-24-$name"
     "${fewer[@]/#/--server-env=mxserve-$name-fewer=}")
   [ -z "${FEWER:-}" ] || [ -z "${PDL:-}" ] || [ -n "${ALL:-}" ] || grouped+=(--ckpt "$name-fewer-pdl=$work/q15-24-$name"

@@ -30,7 +30,7 @@ from mxkernels import dequant, router
 from mxkernels.act_quant import row_quant
 from mxkernels.align import KERNEL_MAX_ROWS, alignment, capacity, route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
-from mxkernels.combine import combine
+from mxkernels.combine import TopKSum, combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 from mxkernels.pdl import gluon_has_it, launch, pdl
 from mxkernels.tile_table import codes_class, tile_table
@@ -233,7 +233,8 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
           static: bool = True, silu: tuple[torch.Tensor, torch.Tensor] | None = None,
-          ahead: Arena | None = None, row_amax: torch.Tensor | None = None) -> None:  # fmt: skip
+          ahead: Arena | None = None, row_amax: torch.Tensor | None = None, topk_sum: tuple | None = None,
+          ) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
@@ -245,7 +246,8 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     next GEMM's arena (gate/up's: down's), whose weights the Gluon launch asks L2 for under l2_prefetch() 2.
     ``row_amax`` (row_amax_in_gemm: Triton launches of split 1 only) [rows] fp32 zeros: gate/up takes each stored row's
     |max| into it; down takes it as its rows' maxima, its fp8 codes quantizing the bf16 rows as they load them, and
-    launches no quantization pass."""
+    launches no quantization pass. ``topk_sum`` (y, counters, scale, k, slots): stream-K's down launch also stores the
+    layer's output (moe_gemm_gluon._sum_once_complete)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -262,7 +264,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes, static, silu, ahead)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static, silu, ahead, topk_sum)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes, row_amax)  # fmt: skip
@@ -340,7 +342,8 @@ def _gluon_kernel():
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True,
-                silu: tuple[torch.Tensor, torch.Tensor] | None = None, ahead: Arena | None = None) -> None:  # fmt: skip
+                silu: tuple[torch.Tensor, torch.Tensor] | None = None, ahead: Arena | None = None,
+                topk_sum: tuple | None = None) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
@@ -357,17 +360,24 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     kernel = _gluon_kernel()
     if silu is not None and not (gate_up and tiles.stream_k):
         raise ValueError("SiLU in the GEMM: stream-K's gate/up only")
+    if topk_sum is not None and (gate_up or not tiles.stream_k):
+        raise ValueError("the top-k sum in the GEMM: stream-K's down only")
     prefetch = l2_prefetch()
     if prefetch == 2 and not (gate_up and ahead is not None):
         prefetch = 1  # the down GEMM, whose next GEMM is another layer's
     nxt = (ahead.meta, ahead.wi, ahead.wb, ahead.n, ahead.k) if prefetch == 2 else (out, out, out, 0, 0)
+    # inter_ptr and count_ptr: gate/up's intermediate and pair counters (SiLU), or down's output and N-tile counters
+    pair = silu if silu is not None else topk_sum[:2] if topk_sum is not None else (out, out)
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
-            *(silu if silu is not None else (out, out)), *nxt, n, arena.k, num_valid, a_div, tiles.split, splits,
-            MAGIC)  # fmt: skip
+            *pair, *nxt, n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS, **({"SILU": True} if silu is not None else {}),
                   **({"PREFETCH": prefetch} if prefetch else {}))  # fmt: skip
+    if topk_sum is not None:  # the layer's output into y, a counter per N tile (inter_ptr and count_ptr's places)
+        y, _, scale, k, slots = topk_sum
+        consts.update(SUM=True, TOPK=k, SLOTS=slots, HAS_SCALE=scale is not None,
+                      scale_ptr=scale if scale is not None else y)  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -375,7 +385,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         cap = STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
         key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
-               prefetch, a_all.device)  # fmt: skip
+               prefetch, consts.get("SUM", False), a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -585,6 +595,7 @@ class _Layout:
     # stream-K with the shared experts started early: recorded on their stream once ``sums`` is zeroed, so that
     # the routed launches wait for the zeroing alone, not for the shared experts' launches after it
     zeroed: torch.cuda.Event | None = None
+    y: torch.Tensor | None = None  # the layer's output [T, H] bf16, where stream-K's down launch sums (sum_in_gemm)
 
 
 def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
@@ -670,17 +681,22 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # twenty-first session)
     apart = not dq and (early or not stream_k) and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    sums = counts = None
+    sums = counts = sum_counts = None
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
         # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment), and with the SiLU in the
         # gate/up launch its counters too (int32 zeros: an fp32 zero's bits), a (block, N tile) pair each
-        pairs = 0
+        pairs = n_sum = 0
         if silu_in_gemm() and not apart:  # apart, two launches would count the same blocks' pairs
             pairs = capacity(rows, gate_up.n_experts, bm) // bm * triton.cdiv(gate_up.n // 2, gluon_bn(l_gu[0][1]))
-        sums = torch.empty(rows * (gate_up.n + down.n) + pairs, dtype=torch.float32, device=dev)
+        t_down = l_dn[0][1]
+        if sum_in_gemm() and not apart and t_down.gluon and t_down.stream_k and x.shape[0] <= SUM_MOST_TOKENS:
+            n_sum = triton.cdiv(down.n, gluon_bn(t_down))  # a counter per N tile, then its tokens' sums
+        sums = torch.empty(rows * (gate_up.n + down.n) + pairs + n_sum, dtype=torch.float32, device=dev)
         ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
         out = sums[rows * gate_up.n : rows * (gate_up.n + down.n)].view(1, rows, down.n)
-        counts = sums[rows * (gate_up.n + down.n) :].view(torch.int32) if pairs else None
+        tail = sums[rows * (gate_up.n + down.n) :].view(torch.int32)
+        counts = tail[:pairs] if pairs else None
+        sum_counts = tail[pairs:] if n_sum else None
         split_gu = 1
     else:
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
@@ -694,19 +710,24 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                  and not apart and not stream_k and split_gu == 1 and not any(t.gluon for _, t in l_gu)
                  else None)  # fmt: skip
 
-    def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
-        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
+    y = alloc(x.shape[0], down.n, dtype=torch.bfloat16, device=dev) if sum_counts is not None else None
+
+    def experts(ids, block_expert, num_post_pad, first: int, count: int, topk_sum: TopKSum | None = None) -> None:
+        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token; with ``topk_sum``
+        (all slots) the down launch also stores the layer's output where it can (sets ``topk_sum.y``)."""
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
         chunk = dequant_chunk(src_gu, src_dn) if dq else 0
         scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip
 
-        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None, silu=None) -> None:
+        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None, silu=None,
+                 topk_sum=None) -> None:  # fmt: skip
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq, silu=silu, ahead=None if dq or not gu else down, row_amax=amax_rows)  # fmt: skip
+                      static=not dq, silu=silu, ahead=None if dq or not gu else down, row_amax=amax_rows,
+                      topk_sum=topk_sum)  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu,
              silu=(inter, counts) if counts is not None else None)  # fmt: skip
@@ -716,11 +737,16 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET,
                 PDL=pdl(dev), **launch(dev),
             )  # fmt: skip
+        summed = None
+        if y is not None and topk_sum is not None and topk_sum.gate is None:  # the gate's dot stays combine's
+            summed = (y, sum_counts, topk_sum.scale, topk_sum.k, slots)
+            topk_sum.y = y
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
-        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
+        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None,
+             topk_sum=summed)
 
     zeroed = torch.cuda.Event() if apart and sums is not None and dev.type == "cuda" else None
-    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed)
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed, y)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -762,6 +788,8 @@ class Started:
     topk: tuple | None = None
     zeroed: bool = False
     counted: bool = False  # the same launch counted the routing of that top-k (route_and_lay_out's ``count``)
+    # (gate, scale): the same launch computed the shared experts' scale [T] fp32 by that gate (``shared_gate``)
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
         """Whether it was started for this forward: the same input memory, routing width, arenas
@@ -778,6 +806,14 @@ class Started:
     def counts(self, topk_ids: torch.Tensor) -> bool:
         """Whether the router's launch counted the routing of these very ids (weights scaled after it count alike)."""
         return self.counted and self.topk is not None and _same_tensor(self.topk[0], topk_ids)
+
+    def scale_for(self, gate: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' scale the router's launch computed by this very gate weight (any view of its [H]
+        memory), or None."""
+        if self.scale is None:
+            return None
+        g, scale = self.scale
+        return scale if (g.data_ptr(), g.numel(), g.dtype) == (gate.data_ptr(), gate.numel(), gate.dtype) else None
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -808,7 +844,7 @@ def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormali
                       down: Arena, n_routed: int, num_token_non_padded: torch.Tensor | None = None,
                       experts_per_program: int = router.CHUNK,
                       count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-                      ) -> tuple:  # fmt: skip
+                      shared_gate: torch.Tensor | None = None) -> tuple:  # fmt: skip
     """A decode forward's router (router.fused_router: logits, softmax top-k) whose one launch also lays out the
     forward's rows for the grouped GEMMs and zeroes stream-K's sums, in place of the alignment's launch and the
     fill's: (weights, ids, logits, started). Pass ``started`` to the forward's :func:`moe_gemms` (or
@@ -816,7 +852,8 @@ def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormali
     launch routes only, where the forward's layout is not one launch per GEMM of routed and shared experts
     together (the shared experts apart, which the unbalanced decode grid takes) or its rows pass what one
     program aligns. ``count`` (router_stats.ExpertCounter.kernel_args): where it lays out the rows, the launch also
-    counts the routing (``started.counted``), and the forward need not."""
+    counts the routing (``started.counted``), and the forward need not. ``shared_gate`` (Qwen2-MoE's [H]): there, it
+    also computes the shared experts' scale, which the forward given the same gate takes (``started.scale``)."""
     t = x.shape[0]
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     rows = _rows(t, top_k, gate_up.n_experts, n_routed)[0]
@@ -829,10 +866,14 @@ def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormali
     zero = lay.sums
     if zero is not None and not router.zeroes_in_launch(t, gate.shape[0], experts_per_program, zero.numel()):
         zero = None  # too few programs: the forward's fill launch
+    scale = None
+    if shared_gate is not None and lay.slots > top_k:
+        scale = (shared_gate, torch.empty(t, dtype=torch.float32, device=x.device))
     w, ids, logits = router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program,
-                                         align=al, zero=zero, count=count)  # fmt: skip
+                                         align=al, zero=zero, count=count, shared=scale)  # fmt: skip
     return w, ids, logits, Started(lay, _options(False, None, None, None, {}), routed=al.outputs()[:3],
-                                   topk=(ids, w), zeroed=zero is not None, counted=count is not None)  # fmt: skip
+                                   topk=(ids, w), zeroed=zero is not None, counted=count is not None,
+                                   scale=scale)  # fmt: skip
 
 
 def moe_gemms(
@@ -848,6 +889,7 @@ def moe_gemms(
     on_side: Callable[[], None] | None = None,
     split_fit: str | None = None,
     started: Started | None = None,
+    topk_sum: TopKSum | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
@@ -860,7 +902,9 @@ def moe_gemms(
     where they launch apart), beside the routed experts' launches (work no output depends on: the
     routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT; ``started``: the shared experts
     launched already (:func:`start_shared`) or the rows laid out by the router (:func:`route_and_lay_out`, for
-    this very top-k), used where it was started for this forward, else ignored;
+    this very top-k), used where it was started for this forward, else ignored; ``topk_sum``: the forward's top-k sum,
+    which the down launch takes where it can (sum_in_gemm: ``topk_sum.y`` is then the layer's output), with the
+    router's shared scale in place of its gate where the router computed it;
     ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
     early = started is not None and started.fits(x, k, gate_up, down,
@@ -873,11 +917,15 @@ def moe_gemms(
     n_experts = gate_up.n_experts
     main, side = _streams(x.device)
     if laid_out:  # the router's launch laid out the rows (one launch a GEMM)
+        if topk_sum is not None and topk_sum.gate is not None:
+            scale = started.scale_for(topk_sum.gate[1])
+            if scale is not None:
+                topk_sum.scale, topk_sum.gate = scale, None
         if on_side is not None:  # the routing counter, beside the launches
             _beside(main, side, on_side)
         if lay.sums is not None and not started.zeroed:
             lay.sums.zero_()
-        lay.experts(*started.routed, 0, lay.slots)
+        lay.experts(*started.routed, 0, lay.slots, topk_sum)
         if side is not None and on_side is not None:
             main.wait_stream(side)
         return lay.inter, lay.out
@@ -891,7 +939,7 @@ def moe_gemms(
         ids = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3]
         if side is not None and fork:
             main.wait_stream(side)  # the sums zeroed before the launches add into them
-        lay.experts(*ids, 0, lay.slots)
+        lay.experts(*ids, 0, lay.slots, topk_sum)
         return lay.inter, lay.out
     if not early:
         # the shared experts need no routing: their launches go first, on a second stream where there
@@ -926,6 +974,19 @@ def row_amax_in_gemm() -> bool:
     down GEMM quantizes its fp8 rows as it loads them, with no quantization pass between (prefill of fp8 and
     integer-activation experts): ``MXSERVE_ROW_AMAX_IN_GEMM=1`` (read per forward), opt-in until timed."""
     return os.environ.get("MXSERVE_ROW_AMAX_IN_GEMM", "0") == "1"
+
+
+# tokens up to which stream-K's down launch takes the top-k sum (sum_in_gemm): the program completing an N tile sums
+# its tokens 8 at a time, one round trip to L2 each, where the sum's own launch takes a program per token
+SUM_MOST_TOKENS = 16
+
+
+def sum_in_gemm() -> bool:
+    """Whether stream-K's down launch stores the layer's output itself (each N tile's once its K is complete over every
+    block), in place of the top-k sum's launch (up to SUM_MOST_TOKENS tokens; not where the sum computes the shared
+    experts' gate: the router's launch does that when it lays out the rows): ``MXSERVE_SUM_IN_GEMM=1`` (read per
+    forward), opt-in until timed."""
+    return os.environ.get("MXSERVE_SUM_IN_GEMM", "0") == "1"
 
 
 def silu_in_gemm() -> bool:
@@ -989,10 +1050,12 @@ def mx_moe_forward(
     k = topk_ids.shape[1]
     slots = k + gate_up.n_experts - n_routed
     x = x.to(torch.bfloat16).contiguous()
-    _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, **override)
-    scale = gate = None
+    total = TopKSum(k)
     if slots > k and shared_gate is not None:
-        gate = (x, shared_gate.reshape(h).contiguous())
+        total.gate = (x, shared_gate.reshape(h).contiguous())
     elif slots > k and shared_scale is not None:
-        scale = shared_scale.float().reshape(t).contiguous()
-    return combine(out.view(out.shape[0], t, slots, h), k, scale, gate)
+        total.scale = shared_scale.float().reshape(t).contiguous()
+    _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, topk_sum=total, **override)
+    if total.y is not None:  # stream-K's down launch summed (sum_in_gemm)
+        return total.y
+    return combine(out.view(out.shape[0], t, slots, h), k, total.scale, total.gate)

@@ -67,6 +67,20 @@ def _zero_share(zero_ptr, n_zero, ZERO: tl.constexpr):
 
 
 @triton.jit
+def _shared_gate(x_ptr, g_ptr, scale_ptr, K, BK: tl.constexpr, PDL: tl.constexpr):
+    """Qwen2-MoE's shared-expert scale of one token, sigmoid(x . g) in fp32 (as SGLang's fused_gate_sigmoid_mul_add and
+    combine's GATE compute it, not rounded to bf16 as the logits are), for the top-k sum to read."""
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+        if PDL:  # as the experts' programs: the weights before the wait, the token after it
+            wait_then_release()
+        acc += g.to(tl.float32) * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    tl.store(scale_ptr, tl.sigmoid(tl.sum(acc, axis=0)))
+
+
+@triton.jit
 def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_ptr, topk_ids_ptr, valid_ptr,
                         sorted_ptr, block_expert_ptr, npp_ptr, w_out_ptr, cursor_ptr, n_rows, n_routed, cap,
                         zero_ptr, n_zero, cbuf_ptr, cbounds_ptr, chost_ptr, N, K, TOPK: tl.constexpr,
@@ -77,9 +91,16 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
                         CHUNK: tl.constexpr = 256, BCHUNK: tl.constexpr = 64, SHARED: tl.constexpr = True,
                         ZERO: tl.constexpr = 0, COUNT: tl.constexpr = False, NB: tl.constexpr = 1,
                         NBP: tl.constexpr = 1, BT: tl.constexpr = 128, MIRROR: tl.constexpr = False,
-                        SIZE: tl.constexpr = 1):  # fmt: skip
+                        SIZE: tl.constexpr = 1, sgate_ptr=None, scale_ptr=None,
+                        SHARED_GATE: tl.constexpr = False):  # fmt: skip
     tok = tl.program_id(0)
     chunk = tl.program_id(1)
+    if SHARED_GATE:  # a program more per token: the shared experts' gate, no logit and no part in the top-k
+        if chunk == tl.num_programs(1) - 1:
+            _shared_gate(x_ptr + tok * stride_x, sgate_ptr, scale_ptr + tok, K, BK, PDL)
+            if ZERO:
+                _zero_share(zero_ptr, n_zero, ZERO)
+            return
     rows = chunk * BN + tl.arange(0, BN)
     # BK is the whole of K up to 2048 for one expert a program: every load of a program in flight at once (a loop
     # of loads waits on each), and one reduction across the threads at the end
@@ -101,7 +122,7 @@ def fused_router_kernel(x_ptr, stride_x, w_ptr, logits_ptr, count_ptr, topk_w_pt
         ranked = tok >= 0  # this program ranked its token
     else:
         # release: this program's logits before its count; acquire: the last one then reads every program's
-        ranked = tl.atomic_add(count_ptr + tok, 1, sem="acq_rel") == tl.num_programs(1) - 1
+        ranked = tl.atomic_add(count_ptr + tok, 1, sem="acq_rel") == tl.num_programs(1) - 1 - SHARED_GATE
         if ranked:
             tl.store(count_ptr + tok, 0)  # zero again for the next launch (CUDA-graph replays too)
             j = tl.arange(0, NP)
@@ -169,6 +190,7 @@ def fused_router(
     align: Alignment | None = None,
     zero: torch.Tensor | None = None,
     count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax top-k routing of ``x`` [T, H] by the gate ``weight`` [E, H]: (weights [T, k] fp32, ids [T, k]
     int32, logits [T, E] fp32 rounded to bf16), the weights renormalized to sum 1 if ``renormalize``; ids -1
@@ -178,7 +200,9 @@ def fused_router(
     GEMMs into its buffers, as align.route would from the returned top-k; ``zero``: an fp32 buffer it fills with
     zeros (stream-K's sums; where :func:`zeroes_in_launch`); ``count`` (with ``align``): router_stats' counter buffer,
     its bucket bounds and its host mirror (None: not written), into which the program that lays out the rows also
-    adds the routing, as count.count_routing of the returned ids would (router_stats.ExpertCounter.kernel_args)."""
+    adds the routing, as count.count_routing of the returned ids would (router_stats.ExpertCounter.kernel_args).
+    ``shared`` (Qwen2-MoE's shared-expert gate [H], an fp32 [T] out): a program more per token stores
+    sigmoid(x . gate) there, the scale the top-k sum then reads in place of computing it."""
     t, h = x.shape
     e = weight.shape[0]
     if weight.shape[1] != h or not 0 < top_k <= e:
@@ -192,6 +216,9 @@ def fused_router(
         raise ValueError(f"router: a counter of {count[0].numel()} for {e} experts and {count[1].numel()} bounds")
     if align is not None and align.rows != t * align.consts["SLOTS"]:
         raise ValueError(f"router: an alignment of {align.rows} rows for {t} tokens of {align.consts['SLOTS']} slots")
+    if shared is not None and (shared[0].numel() != h or shared[1].shape != (t,) or shared[1].dtype != torch.float32):
+        raise ValueError(f"router: a shared gate of {shared[0].numel()} for tokens of {h}, its scale {shared[1].shape} "
+                         f"{shared[1].dtype} for {t} tokens (fp32)")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
     logits = torch.empty(t, e, dtype=torch.float32, device=x.device)
@@ -220,7 +247,9 @@ def fused_router(
         al_consts |= {"COUNT": True, **{c: consts[c] for c in ("NB", "NBP", "MIRROR", "SIZE")},
                       "BT": min(128, max(1, 32 * warps // consts["KP"]))}  # fmt: skip
     cargs = (count[0], count[1], count[2] if count[2] is not None else count[0]) if count is not None else (logits,) * 3
-    fused_router_kernel[(t, triton.cdiv(e, bn))](
+    if shared is not None:
+        al_consts |= {"SHARED_GATE": True, "sgate_ptr": shared[0].reshape(h).contiguous(), "scale_ptr": shared[1]}
+    fused_router_kernel[(t, triton.cdiv(e, bn) + (shared is not None))](
         x, x.stride(0), weight, logits, counters(x.device, t), topk_w, topk_ids, valid if valid is not None else logits,
         *al_args, zero if zero is not None else logits, zero.numel() if zero is not None else 0, *cargs,
         e, h, TOPK=top_k, KP=triton.next_power_of_2(top_k), NP=np_, BN=bn, BK=bk, RENORMALIZE=renormalize,

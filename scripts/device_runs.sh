@@ -80,12 +80,14 @@
 #      end to end the r = 0.25 plan with it against the GPTQ copy (~8 min).
 #  35. (only when asked: `start 35`) programmatic dependent launch (MXSERVE_PDL=1), the router's layouts, fewer
 #      launches a layer (the rows laid out by the router's launch, MXSERVE_ROUTER_ALIGN=1; the SiLU in stream-K's
-#      gate/up launch, MXSERVE_SILU_IN_GEMM=1) and the GEMMs' L2 prefetch (MXSERVE_L2_PREFETCH=1): their kernel
+#      gate/up launch, MXSERVE_SILU_IN_GEMM=1; the top-k sum in its down launch, MXSERVE_SUM_IN_GEMM=1) and the
+#      GEMMs' L2 prefetch (MXSERVE_L2_PREFETCH=1): their kernel
 #      tests, the router's launch by layout (benchmarks/router.py), the layer in each mode and on stream-K at both
 #      tile widths, end to end the r = 0.25 plan alone, with PDL, with fewer launches and with all of them, beside
 #      the GPTQ copy (~20 min).
 #  36. (only when asked: `start 36`) the fused router (now the default) under the Qwen3-MoE, OLMoE and Mixtral
-#      SGLang tests, PDL's and the laid-out rows' SGLang tests (~8 min), then every kernel GPU test (~13 min). Run
+#      SGLang tests, PDL's, the laid-out rows' and the top-k sum's SGLang tests (~9 min), then every kernel GPU test
+#      (~13 min). Run
 #      as `start 35 37 36`.
 #  37. (only when asked: `start 37`) prefill with the programs taken a few blocks at a time (Tiles.group_m) and with
 #      the down GEMM's row maxima taken by gate/up (MXSERVE_ROW_AMAX_IN_GEMM=1): their kernel tests, DeepSeek-V2-Lite's
@@ -695,12 +697,12 @@ phase35() {
   # stream-K for their narrower tiles) (~3 min); then end to end the r = 0.25 plan (the fused router now the
   # default) alone, with PDL, with fewer launches, with all of them, and the GPTQ copy on Marlin (~11 min)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
-  prep_beside "fused_router or programmatic or lays_out or laying_out or silu or l2_prefetch" kernels_pdl.log \
+  prep_beside "fused_router or programmatic or lays_out or laying_out or silu or l2_prefetch or top_k_sum" kernels_pdl.log \
     "${plan[@]}" || return 1
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
-    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU in the GEMM|stream-K, L2 prefetch( ahead| ahead, SiLU in the GEMM, PDL)?)$' \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU (and top-k sum )?in the GEMM|stream-K, L2 prefetch( ahead| ahead, SiLU (and top-k sum )?in the GEMM, PDL)?)$' \
     --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
   say "moe_layer with PDL, the SiLU in the GEMM, the L2 prefetch, stream-K by tile width rc=$?"
   env NO_BF16=1 MX_GPTQ=1 PDL=1 FEWER=1 ALL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" \
@@ -714,7 +716,7 @@ phase36() {
   # (Qwen3-MoE, OLMoE, Mixtral; DeepSeek-V2 keeps SGLang's router), PDL's and the laid-out rows' SGLang tests
   mkdir -p $res/tests
   (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
-    -k "programmatic or laying_out" --basetemp=/tmp/pt_pdl -rA -p no:cacheprovider > $res/tests/sglang_pdl.log 2>&1
+    -k "programmatic or laying_out or top_k_sum" --basetemp=/tmp/pt_pdl -rA -p no:cacheprovider > $res/tests/sglang_pdl.log 2>&1
    say "sglang PDL and laid-out rows tests rc=$? $(tail -1 $res/tests/sglang_pdl.log)") &
   sglang_tests qwen3_moe olmoe mixtral
   wait

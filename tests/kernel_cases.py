@@ -295,19 +295,29 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
 
 
 def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, graph: bool = False, h: int = 256,
-                      per_program: int = 1) -> None:  # fmt: skip
+                      per_program: int = 1, shared_gate: bool = False) -> None:  # fmt: skip
     """mxkernels.router.fused_router against torch: the logits (rounded to bf16, within two bf16 steps of a
     product in fp32), the top-k of their softmax (ids exact, weights within 1e-6) and its renormalization;
     tokens from num_token_non_padded on route nowhere; the per-token counters are zero again after a launch,
     so a second launch (with ``graph``, a CUDA-graph replay on new tokens) routes alike. ``h``: the hidden size
-    (past 2048 the kernel loops over K); ``per_program``: experts a program (64: one program a token, no counter)."""
-    from mxkernels.router import _COUNTS, fused_router
+    (past 2048 the kernel loops over K); ``per_program``: experts a program (64: one program a token, no counter);
+    ``shared_gate``: a program more per token stores the shared experts' scale, sigmoid(x . gate) in fp32 (within
+    1e-6 of torch's), and the top-k is the same."""
+    from mxkernels import router
 
     gen = torch.Generator().manual_seed(t)
     w = (torch.randn(60, h, generator=gen) * 0.1).to(torch.bfloat16).to(device)
     valid = torch.tensor([max(t - 2, 0)], device=device) if padded else None
+    sgate = (torch.randn(h, generator=gen) * 0.05).to(torch.bfloat16).to(device) if shared_gate else None
+    scale = torch.full((t,), float("nan"), device=device)
+
+    def fused_router(x, *args):
+        return router.fused_router(x, *args, shared=(sgate, scale) if shared_gate else None)
 
     def check(x, got) -> None:
+        if shared_gate:
+            want = torch.sigmoid(x.float().cpu() @ sgate.float().cpu())
+            assert torch.allclose(scale.cpu(), want, rtol=0, atol=1e-6), (scale, want)
         weights, ids, logits = (g.cpu() for g in got)
         exact = x.float().cpu() @ w.float().cpu().T
         assert ((logits - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
@@ -321,7 +331,7 @@ def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, grap
         routed = torch.arange(t) < (int(valid) if padded else t)
         assert torch.equal(ids[routed], want_ids[routed].int())
         assert (ids[~routed] == -1).all()
-        assert not _COUNTS[got[0].device].any()  # cuda:0, not the test's 'cuda'
+        assert not router._COUNTS[got[0].device].any()  # cuda:0, not the test's 'cuda'
 
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
     check(x, fused_router(x, w, 4, renormalize, valid, per_program))

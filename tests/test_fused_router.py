@@ -8,13 +8,17 @@ import torch
 from kernel_cases import fused_router_case
 
 
-@pytest.mark.parametrize("t, renormalize, padded, h, per_program", [
-    (1, False, False, 256, 1), (7, True, False, 256, 1), (9, False, True, 256, 1), (3, True, True, 2560, 1),
-    (5, False, True, 256, 8),  # 8 programs a token, the last with 4 experts of 8
-    (2, True, False, 2560, 64),  # one program a token (no counter), its K tile 512: five passes over K
+@pytest.mark.parametrize("t, renormalize, padded, h, per_program, shared_gate", [
+    (1, False, False, 256, 1, False), (7, True, False, 256, 1, False), (9, False, True, 256, 1, False),
+    (3, True, True, 2560, 1, False),
+    (5, False, True, 256, 8, False),  # 8 programs a token, the last with 4 experts of 8
+    (2, True, False, 2560, 64, False),  # one program a token (no counter), its K tile 512: five passes over K
+    # the shared experts' gate in a program more per token: beside one-expert programs (the counter waits for the
+    # experts' programs only), past K's first tile, and beside one program of every expert
+    (7, True, True, 256, 1, True), (3, False, False, 2560, 1, True), (2, True, False, 2560, 64, True),
 ])  # fmt: skip
-def test_fused_router_routes_as_softmax_top_k(t, renormalize, padded, h, per_program):
-    fused_router_case("cpu", t, renormalize, padded, h=h, per_program=per_program)
+def test_fused_router_routes_as_softmax_top_k(t, renormalize, padded, h, per_program, shared_gate):
+    fused_router_case("cpu", t, renormalize, padded, h=h, per_program=per_program, shared_gate=shared_gate)
 
 
 def test_fused_router_refuses_a_gate_of_another_width():
@@ -29,10 +33,11 @@ def test_fused_router_refuses_a_gate_of_another_width():
         fused_router(x, torch.zeros(60, 256, dtype=torch.bfloat16), 4, False, experts_per_program=6)
 
 
-def _router_sass(pdl: bool, align: bool = False, count: bool = False) -> str:
+def _router_sass(pdl: bool, align: bool = False, count: bool = False, shared_gate: bool = False) -> str:
     """The sm_90 code of the router at Qwen1.5's width (one expert a program), as its launch specializes it;
     ``align``: laying out the rows of Qwen1.5's 4 + 4 slots and zeroing stream-K's sums too; ``count``: and counting
-    the routing into router_stats' buffer and its host mirror (8 lanes of 4 ids a step)."""
+    the routing into router_stats' buffer and its host mirror (8 lanes of 4 ids a step); ``shared_gate``: a program
+    more per token computing the shared experts' scale."""
     import triton
     from sass_tools import disassemble
     from triton.backends.compiler import GPUTarget
@@ -44,18 +49,18 @@ def _router_sass(pdl: bool, align: bool = False, count: bool = False) -> str:
     consts = {"TOPK": 4, "KP": 4, "NP": 64, "BN": 1, "BK": 2048, "RENORMALIZE": False, "HAS_VALID": True,
               "ALONE": False, "PDL": pdl, "ALIGN": align, "SLOTS": 8, "E": 64, "EP": 128, "BM": 8, "CHUNK": 256,
               "BCHUNK": 64, "SHARED": True, "ZERO": 128 if align else 0, "COUNT": count, "NB": 9, "NBP": 16, "BT": 8,
-              "MIRROR": count, "SIZE": 128}  # fmt: skip
+              "MIRROR": count, "SIZE": 128, "SHARED_GATE": shared_gate}  # fmt: skip
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "count_ptr": "*i32", "topk_w_ptr": "*fp32",
              "topk_ids_ptr": "*i32", "valid_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i64",
              "npp_ptr": "*i64", "w_out_ptr": "*fp32", "cursor_ptr": "*i32", "zero_ptr": "*fp32", "cbuf_ptr": "*i64",
-             "cbounds_ptr": "*i64", "chost_ptr": "*i64"}  # fmt: skip
+             "cbounds_ptr": "*i64", "chost_ptr": "*i64", "sgate_ptr": "*bf16", "scale_ptr": "*fp32"}  # fmt: skip
     sig = {p: types.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(types) | {"stride_x", "K"}
     src = ASTSource(fused_router_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                     {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})  # fmt: skip
     options = {"num_warps": 1, **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                       f"router{int(pdl)}{int(align)}{int(count)}")  # fmt: skip
+                       f"router{int(pdl)}{int(align)}{int(count)}{int(shared_gate)}")  # fmt: skip
 
 
 def test_fused_router_loads_the_gate_before_waiting_for_the_launch_before():
@@ -142,3 +147,18 @@ def test_the_router_laying_out_the_rows_counts_them_in_its_sm_90_code():
     assert len(re.findall(r"\bBAR\.SYNC", counting)) > len(re.findall(r"\bBAR\.SYNC", plain))
     local = r"\b(STL|LDL)\b"
     assert len(re.findall(local, counting)) <= len(re.findall(local, plain))
+
+
+def test_the_routers_program_of_the_shared_gate_in_its_sm_90_code():
+    # route_and_lay_out's launch given Qwen2-MoE's shared-expert gate: a program more per token takes the dot in fp32
+    # from 16-byte loads (16 more a lane at 2048 wide), with a wait of its own for the launch before (PDL), then the
+    # sigmoid (a reciprocal on the SFU); no more local memory
+    from sass_tools import in_fresh_process
+
+    plain, gated = (in_fresh_process("test_fused_router", f"_router_sass(True, True, True, {g})")
+                    for g in (False, True))  # fmt: skip
+    assert len(re.findall(r"\bACQBULK\b", gated)) > len(re.findall(r"\bACQBULK\b", plain))
+    assert len(re.findall(r"\bMUFU\.RCP\b", gated)) > len(re.findall(r"\bMUFU\.RCP\b", plain))
+    assert len(re.findall(r"\bLDG\.E\.128\b", gated)) >= len(re.findall(r"\bLDG\.E\.128\b", plain)) + 16
+    local = r"\b(STL|LDL)\b"  # Triton 3.9 keeps three pointers of the laying out there already, 3.6 none
+    assert len(re.findall(local, gated)) <= len(re.findall(local, plain))

@@ -18,18 +18,20 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "block_expert_ptr": "*i64",
             "num_post_pad_ptr": "*i64", "route_w_ptr": "*fp32", "meta_ptr": "*i64", "wi_ptr": "*i32",
             "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "inter_ptr": "*bf16",
-            "count_ptr": "*i32", "next_meta_ptr": "*i64", "next_wi_ptr": "*i32", "next_wb_ptr": "*bf16"}  # fmt: skip
+            "count_ptr": "*i32", "next_meta_ptr": "*i64", "next_wi_ptr": "*i32", "next_wb_ptr": "*bf16",
+            "scale_ptr": "*fp32"}  # fmt: skip
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0, silu: bool = False, prefetch: int = 0) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu}, {prefetch})"
+          stream_k: bool = False, pdl: int = 0, silu: bool = False, prefetch: int = 0,
+          total: bool = False) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu}, {prefetch}, {total})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
                   stream_k: bool = False, pdl: int = 0, silu: bool = False,
-                  prefetch: int = 0) -> str:  # fmt: skip
+                  prefetch: int = 0, total: bool = False) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -39,9 +41,12 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "PREFETCH": int(prefetch)}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "PREFETCH": int(prefetch), "SUM": total,
+              # the top-k sum in stream-K's down launch: Qwen1.5's 4 routed and 4 shared slots, scaled
+              "TOPK": 4 if total else 1, "SLOTS": 8 if total else 1, "HAS_SCALE": total}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
-    aligned = set(POINTERS) | {"stride_am", "K"}  # as the launcher's arguments specialize on real shapes
+    # as the launcher's arguments specialize on real shapes (every N of the served models is a multiple of 16)
+    aligned = set(POINTERS) | {"stride_am", "K", "N"}
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
     from mxkernels.moe import STREAM_K_REGISTERS
@@ -49,7 +54,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}{int(prefetch)}")  # fmt: skip
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}{int(prefetch)}{int(total)}")
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -144,6 +149,29 @@ def test_gluon_kernel_asks_l2_for_a_pairs_k_run_outside_its_k_loop(gate_up, code
     assert "UBLKPF" not in plain
     spills = [len(re.findall(r"\b(STL|LDL)\b", x)) for x in (sass, plain)]
     assert spills[0] <= spills[1] + 4, spills
+
+
+@pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
+def test_gluon_kernel_takes_the_top_k_sum_after_its_k_loops_within_its_register_cap(codes, bn):
+    # MXSERVE_SUM_IN_GEMM (moe_gemm_gluon._sum_once_complete) in stream-K's down launch: the K loops as without it,
+    # no spill anywhere, the tile's counter taken by one atomic add (acquire and release), and the sums' loads
+    # 16 bytes at a time (a lane's 4 columns)
+    sass, plain = (_sass(False, False, codes, 8, bn, True, total=t) for t in (True, False))
+    assert not re.search(r"\b(STL|LDL)\b", sass), "spills"
+    # the K loops store nothing; the sum's loop over chunks of tokens stores them. The K loops' registers are
+    # allocated around the sum's: a few uniform-register moves more (Triton 3.9: 2 to 5 of 116 to 228), no spill
+    def stores(loop):
+        return any(re.search(r"\bSTG\b", ln) for ln in loop)
+
+    total = [loop for loop in _loops(sass, innermost=True) if stores(loop)]
+    assert len(total) == 1 and not any(stores(loop) for loop in _loops(plain, innermost=True))
+    total = total[0]
+    k_loops = [sorted(len(loop) for loop in _loops(x, innermost=True) if not stores(loop)) for x in (sass, plain)]
+    assert all(abs(a - b) <= 6 for a, b in zip(*k_loops)) and len(k_loops[0]) == len(k_loops[1]), k_loops
+    # a chunk of tokens: each of the 8 slots' rows loaded 16 bytes a lane (4 columns), all before the sums
+    assert sum(bool(re.search(r"\bLDG\.E\.128\b", ln)) for ln in total) == 8 * bn // 64
+    assert len(re.findall(r"\bATOMG\.E\.ADD\b", sass)) == 1 and not re.search(r"\bATOMG\b", plain)
+    assert "MEMBAR" in sass and "CCTL.IVALL" in sass
 
 
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
@@ -392,6 +420,83 @@ def test_gluon_kernel_stream_k_takes_the_silu_once_a_pair_is_complete(interprete
     counts = sums[0][rows * (gu.n + dn.n) :].view(torch.int32)
     n_tiles = -(-(gu.n // 2) // bn)
     assert counts.numel() % n_tiles == 0 and set(counts.tolist()) == {0, 256 // 128}, counts  # K = 256: 2 tiles
+
+
+@pytest.mark.parametrize("t, n_shared, shared, bn", [
+    (3, 2, "scale", 64), (5, 2, "none", 128),  # shared experts scaled (Qwen2-MoE's gate, given) or not (DeepSeek-V2)
+    (4, 0, "none", 64),  # routed experts only
+    (17, 2, "scale", 64),  # past SUM_MOST_TOKENS: the sum's own launch
+    (3, 2, "gate", 64),  # the gate's dot left to the sum's launch (no router computed the scale)
+])  # fmt: skip
+def test_gluon_kernel_stream_k_takes_the_top_k_sum_once_an_n_tile_is_complete(interpreted_gluon, monkeypatch, t,
+                                                                              n_shared, shared, bn):  # fmt: skip
+    # MXSERVE_SUM_IN_GEMM=1: the stream-K down program that completes an N tile's K over every block stores that
+    # tile's columns of the layer's output (a counter an N tile, zeroed with the sums), and no top-k sum launch runs:
+    # the same output as that launch's, bit for bit (the interpreter adds the sums in one order), every element
+    # written; the counters are left at the tile's K tiles over every block. Where it cannot, the sum's launch runs
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "bf16", "w8a16"], 256, 256, 12, n_shared, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(t, 256, generator=gen).bfloat16()
+    ids, w = route(t, 12, 2, gen)
+    scale = torch.sigmoid(torch.randn(t, 1, generator=gen)) if shared == "scale" else None
+    gate = (torch.randn(256, generator=gen) * 0.05).bfloat16() if shared == "gate" else None
+    sums, sums_launched = [], []
+    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums_launched.append(1) or f(*a))
+    want = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, gate, poison=True, bn=bn)
+    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
+    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: sums.append(s) or g(s, f))
+    got = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, gate, poison=True, bn=bn)
+    summed = t <= moe.SUM_MOST_TOKENS and shared != "gate"
+    assert len(sums_launched) == 1 + (not summed)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    # the counters, laid out before the forward knows whether its sum needs the gate's dot
+    tail = sums[0][t * (2 + n_shared) * (gu.n + dn.n) :].view(torch.int32)
+    assert tail.numel() == (-(-dn.n // bn) if t <= moe.SUM_MOST_TOKENS else 0)
+    if summed:  # each tile's K tiles (2 of down's K = 256) over every block of rows
+        assert len(set(tail.tolist())) == 1 and tail[0] > 0 and tail[0] % 2 == 0, tail
+    else:
+        assert not tail.any()
+
+
+def test_the_router_computes_the_shared_scale_for_the_top_k_sum_in_the_gemm(interpreted_gluon, monkeypatch):
+    # route_and_lay_out given Qwen2-MoE's shared-expert gate: its launch also computes sigmoid(x . gate), and the
+    # forward given the same gate takes it, so stream-K's down launch sums (MXSERVE_SUM_IN_GEMM=1) with no launch of
+    # the sum; the layer as the plain router's, the alignment's and the sum computing the gate (within 1%: the
+    # scale's dot and stream-K's sums in other orders). Another gate weight is not taken for it
+    from kernel_cases import make_experts
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.router import fused_router
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
+    gen = torch.Generator().manual_seed(3)
+    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    router_w = (torch.randn(8, 256, generator=gen) * 0.5).bfloat16()
+    gate = (torch.randn(1, 256, generator=gen) * 0.05).bfloat16()  # as SGLang's Linear(H, 1) weight
+    x = torch.randn(5, 256, generator=gen).bfloat16()
+    launched = []
+    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: launched.append(a[3] is not None) or f(*a))
+    w, ids, _ = fused_router(x, router_w, 2, True)
+    want = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate).float()
+    assert launched == [True]  # the sum computed the gate
+    w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, shared_gate=gate)
+    assert started.scale_for(gate.reshape(-1)) is started.scale[1] and started.scale_for(gate.clone()) is None
+    assert torch.allclose(started.scale[1], torch.sigmoid(x.float() @ gate.float().T).reshape(-1), atol=1e-6)
+    got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
+    assert started.taken and launched == [True]  # no sum launched
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("t", [1, 5])

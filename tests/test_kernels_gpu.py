@@ -420,7 +420,9 @@ def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k
 def test_the_router_laying_out_the_rows_counts_them_for_the_layer_cuda(t, graph, monkeypatch):
     # MixedExperts.route (MXSERVE_ROUTER_ALIGN=1's path) then its forward, on stream-K with shared experts: the router's
     # launch counts the routing into the layer's counter (its host mirror written by the launch, or copied after it),
-    # and the forward launches no count, so every pass is counted once; with ``graph``, captured and replayed
+    # and the forward launches no count, so every pass is counted once; with ``graph``, captured and replayed. With
+    # Qwen2-MoE's shared gate (``route_gate``, as the SGLang plugin sets it) the launch computes the shared scale too,
+    # which the forward given that gate takes
     from kernel_cases import make_experts
 
     from mxserve.runtime.moe_layer import MixedExperts
@@ -431,14 +433,19 @@ def test_the_router_laying_out_the_rows_counts_them_for_the_layer_cuda(t, graph,
     experts = make_experts(["w4a16g128", "w2a16g128", "w8a16"], 256, 128, 8, 2, "rtn", gen, "cuda")
     layer, want = MixedExperts(0, 8, experts), ExpertCounter(8)
     gate = (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    layer.route_gate = (torch.randn(1, 256, generator=gen) * 0.05).to(torch.bfloat16).cuda()
     x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).cuda()
 
     def forward():
         w, ids, _ = layer.route(x, gate, 2, True)
-        assert layer._started is not None and layer._started.counts(ids)
-        return ids, layer.forward(x, ids, w)
+        started = layer._started
+        assert started is not None and started.counts(ids) and started.scale_for(layer.route_gate) is not None
+        out = layer.forward(x, ids, w, shared_gate=layer.route_gate)
+        assert started.taken  # no synchronizing check here: the second pass is captured
+        return ids, out
 
-    ids, _ = forward()  # the eager pass: the counter moves to the GPU here
+    ids, out = forward()  # the eager pass: the counter moves to the GPU here
+    assert torch.isfinite(out).all()
     passes = [ids.cpu()]
     if graph:
         g = torch.cuda.CUDAGraph()
@@ -490,6 +497,54 @@ def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypa
     torch.cuda.synchronize()
     monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
     assert_same_gemms(got, moe_gemms(x, ids, w, gu, dn, 18, poison=True), close=True)
+
+
+@pytest.mark.parametrize("t", [1, 8, 16])
+@pytest.mark.parametrize("graph", [False, True])
+def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t, graph, monkeypatch):
+    # MXSERVE_SUM_IN_GEMM=1 (with the SiLU in gate/up too) at Qwen1.5's shape (18 experts, 2 shared, top-4; down's N =
+    # 2048 in 32 tiles): the router's launch lays out the rows and computes the shared experts' scale by Qwen2-MoE's
+    # gate, and the down launch's programs that complete each N tile store the output, no sum launched: the
+    # counters' release and acquire across programs, zeroed with the sums for every replay of a CUDA graph; within
+    # 1% of the plain router, alignment and sum computing the gate (the sums' order differs), every element written
+    from kernel_cases import make_experts
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.router import fused_router
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(GLUON_SCHEMES, 2048, 1408, 18, 2, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    router_w = (torch.randn(18, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    gate = (torch.randn(1, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
+    sums = []
+    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums.append(1) or f(*a))
+
+    def layer(x):
+        w, ids, _, started = moe.route_and_lay_out(x, router_w, 4, True, gu, dn, 18, shared_gate=gate)
+        return moe.mx_moe_forward(x, ids, w, gu, dn, 18, None, gate, started=started, poison=True)
+
+    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
+    got = layer(x)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = layer(x)
+        for _ in range(2):
+            x.copy_(torch.randn(t, 2048, generator=gen).to(torch.bfloat16))
+            g.replay()
+    torch.cuda.synchronize()
+    assert not sums
+    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "0")
+    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
+    w, ids, _ = fused_router(x, router_w, 4, True)
+    want = moe.mx_moe_forward(x, ids, w, gu, dn, 18, None, gate).float()
+    assert sums and torch.isfinite(got).all()
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("t", [1, 8, 24])

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "plans" / "refmoe-3.25bit.json"  # 6 layers, 16 routed + 2 shared, mixed schemes
 
 SCRIPT = r"""
-import contextlib, json, os, sys, tempfile
+import contextlib, dataclasses, json, os, sys, tempfile
 from types import SimpleNamespace
 from unittest import mock
 import torch
@@ -72,8 +72,10 @@ def compare(lay, t, codes):
     for kernel in KERNELS.values():  # what an earlier case's launches compiled is in memory, not in this cache
         kernel.device_caches.clear()
     with as_on_sm90(lay, codes) as (gu, dn):
+        # SGLang's plugin hands the top-k sum Qwen2-MoE's shared gate, or nothing (DeepSeek-V2)
+        gate = torch.randn(lay.hidden).bfloat16() if lay.shared_gate else None
         moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
-                           16, torch.rand(t, 1))
+                           16, None, gate)
         c = ExpertCounter(16)  # its launch on a GPU (router_stats, writing the host mirror), on SGLang's int32 ids
         count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16, c.buf.clone())
     return {"variants": len(variants), "kernels": sorted({v.kernel for v in variants}),
@@ -99,7 +101,8 @@ def compare_router(h, e, k):
 
 def compare_aligned_router(lay, tokens):
     # the router's launches that lay out a layer's rows (MXSERVE_ROUTER_ALIGN=1): a variant per layout, precompiled
-    # with the layer's and as route_and_lay_out's launches compile them (stream-K: routed and shared rows together)
+    # with the layer's and as route_and_lay_out's launches compile them (stream-K: routed and shared rows together);
+    # with Qwen2-MoE's shared gate, the variants that compute the shared experts' scale too
     pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
     os.environ["TRITON_CACHE_DIR"] = pre
     rec = record_variants([lay], tokens, target, 132, codes, aligned=True)
@@ -109,18 +112,21 @@ def compare_aligned_router(lay, tokens):
     KERNELS["router"].device_caches.clear()
     with as_on_sm90(lay, codes) as (gu, dn):
         laid = 0
+        gate = torch.randn(1, lay.hidden).bfloat16() if lay.shared_gate else None  # as the plugin holds it
         for t in tokens:
             for renormalize in (False, True):
                 for valid in (None, torch.tensor([t], dtype=torch.int32)):
                     counter = ExpertCounter(16)  # as the layer counts, into its host mirror
                     laid += moe.route_and_lay_out(torch.randn(t, 256).bfloat16(), torch.randn(16, 256).bfloat16(), 2,
                                                   renormalize, gu, dn, 16, valid,
-                                                  count=(counter.buf, counter.bounds, counter.buf))[3].counted
+                                                  count=(counter.buf, counter.bounds, counter.buf),
+                                                  shared_gate=gate)[3].counted
     return {"variants": len(variants), "laid": laid, "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 
 
 out["router"] = compare_router(2048, 60, 4)
 out["aligned_router"] = compare_aligned_router(layers[0], [1, 2])
+out["gated_router"] = compare_aligned_router(dataclasses.replace(layers[0], shared_gate=True), [1, 2])
 out["plan"] = compare(layers[0], 2, codes)
 # a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches on
 # the unbalanced grid (MXSERVE_STREAM_K=0), and below with the CUDA-core kernels at 1 token
@@ -151,6 +157,12 @@ os.environ.pop("MXSERVE_SILU_IN_GEMM")
 os.environ["MXSERVE_L2_PREFETCH"] = "ahead"
 out["gluon_stream_k_l2"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 os.environ.pop("MXSERVE_L2_PREFETCH")
+# and with the top-k sum in stream-K's down launch (MXSERVE_SUM_IN_GEMM=1): a down variant of its own; with Qwen2-MoE's
+# shared gate the sum's launch computes the gate (its own variant), unless the router's launch computed the scale
+os.environ["MXSERVE_SUM_IN_GEMM"] = "1"
+out["gluon_stream_k_sum"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
+out["gluon_stream_k_gate"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1], shared_gate=True), 12, 0)
+os.environ.pop("MXSERVE_SUM_IN_GEMM")
 rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
 out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
@@ -186,7 +198,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
     for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
-                 "gluon_stream_k_silu", "gluon_stream_k_l2", "prefill_fp8", "prefill_fp8_amax"):  # fmt: skip
+                 "gluon_stream_k_silu", "gluon_stream_k_l2", "gluon_stream_k_sum", "gluon_stream_k_gate", "prefill_fp8",
+                 "prefill_fp8_amax"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -194,6 +207,9 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # every launch laid out its rows (stream-K at 1 and 2 tokens of refmoe's layer), each in a precompiled variant
     aligned = out["aligned_router"]
     assert aligned["laid"] == 8 and aligned["variants"] >= 4 and aligned["entries"][0] == aligned["entries"][1]
+    gated = out["gated_router"]
+    assert gated["laid"] == 8 and gated["entries"][0] == gated["entries"][1]
+    assert not set(gated["entries"][0]) & set(aligned["entries"][0])  # every variant its own
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
     for case in ("gluon_fma", "gluon_fma_packed"):
@@ -203,6 +219,12 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # the SiLU in the gate/up launch: that launch's variant differs, and the SiLU launch's is gone
     silu, plain = (set(out[c]["entries"][0]) for c in ("gluon_stream_k_silu", "gluon_stream_k"))
     assert len(silu - plain) == 1 and len(plain - silu) == 2
+    # the top-k sum in the down launch: that launch's variant differs, and the sum's launch is gone; with the gate, the
+    # sum's launch computes it (the down launch's variant has no sum then, as without the option)
+    total = set(out["gluon_stream_k_sum"]["entries"][0])
+    assert len(total - plain) == 1 and len(plain - total) == 2
+    gated = set(out["gluon_stream_k_gate"]["entries"][0])
+    assert len(gated - plain) == 1 and len(plain - gated) == 1
     l2 = set(out["gluon_stream_k_l2"]["entries"][0])
     assert len(l2 - plain) == 2 and len(plain - l2) == 2  # both GEMMs
     amax, fp8 = (set(out[c]["entries"][0]) for c in ("prefill_fp8_amax", "prefill_fp8"))

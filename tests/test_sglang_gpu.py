@@ -210,6 +210,19 @@ def test_the_router_laying_out_the_rows_serves_the_same_text(arch, stream_k, tmp
     assert "laying out the experts' rows" in log and "were not used" not in log and "Traceback" not in log
 
 
+def test_the_top_k_sum_in_the_down_launch_serves_the_same_text(tmp_path):
+    """MXSERVE_SUM_IN_GEMM=1 on Qwen2-MoE (stream-K, the rows laid out by the router, which then also computes the
+    shared experts' scale by the block's gate, and the SiLU in gate/up, both servers): stream-K's down launch stores
+    each decode forward's output, captured so in SGLang's CUDA graphs, in place of the top-k sum's launch. Its sums
+    are added in any order, as both servers' are: most texts the same."""
+    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_SUM_IN_GEMM", MXSERVE_STREAM_K="1",
+                                    MXSERVE_ROUTER_ALIGN="1", MXSERVE_SILU_IN_GEMM="1")  # fmt: skip
+    pairs = [(a, b) for batched in (False, True) for a, b in zip(texts["0"][batched], texts["1"][batched])]
+    assert sum(a == b for a, b in pairs) >= 3 * len(pairs) // 4, texts
+    log = open(tmp_path / "MXSERVE_SUM_IN_GEMM1.log").read()
+    assert "laying out the experts' rows" in log and "were not used" not in log and "Traceback" not in log
+
+
 def texts_served_with(tmp_path, arch: str, var: str, tokens: dict | None = None, **env: str) -> tuple[dict, str, int]:
     """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
     (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)

@@ -344,6 +344,7 @@ class MxMoEMethod(FusedMoEMethodBase):
                 _start_shared_early(layer)
             if router_fused():  # the rows laid out where the router's ids are this GPU's experts' own
                 _fuse_router(layer, router_aligns() and ranks[1] == ranks[3] == 1)
+                layer.mx.route_gate = layer.mx_gate  # that launch computes the shared scale by the gate apply() passes
             if pdl(device) and not _PDL_SAID:
                 _PDL_SAID.append(True)
                 log.warning("mxserve: decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)")

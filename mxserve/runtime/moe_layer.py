@@ -63,6 +63,9 @@ class MixedExperts:
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
         self._slab: tuple | None = None  # (capacity, codes, rotation seed, min group): see fix_capacity
         self._started = None  # the next forward's shared experts, launched already (start_shared)
+        # Qwen2-MoE's shared-expert gate [H] (the SGLang plugin's), by which the router's launch that lays out the rows
+        # also computes the shared experts' scale, taken by a forward given the same gate (route_and_lay_out)
+        self.route_gate: torch.Tensor | None = None
         self._missed = False  # whether a forward has not taken such a start (logged once)
 
     def forward(
@@ -131,7 +134,8 @@ class MixedExperts:
                 self.counter.to(x.device)
             count = self.counter.kernel_args()
         w, ids, logits, self._started = route_and_lay_out(x, gate, top_k, renormalize, *self.arenas(x.device),
-                                                          self.n_routed, num_token_non_padded, count=count)  # fmt: skip
+                                                          self.n_routed, num_token_non_padded, count=count,
+                                                          shared_gate=self.route_gate)  # fmt: skip
         if self._started is not None and self._started.counted:
             self.counter.mirrored()
         return w, ids, logits

@@ -62,6 +62,7 @@ class LayerKernels:
     gate_up: tuple[str, ...]  # scheme per expert (routed, then shared)
     down: tuple[str, ...]
     rotated: bool = False  # gptq-had: the non-bf16 blocks read a rotated copy of their input
+    shared_gate: bool = False  # Qwen2-MoE's gate on the shared experts, which SGLang's plugin hands the top-k sum
 
 
 @dataclasses.dataclass
@@ -190,17 +191,23 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
             counter = ExpertCounter(e)
             count.count_routing(torch.zeros(tokens[0], k, dtype=torch.int32), counter.buf, counter.bounds, e,
                                 host=counter.buf)  # fmt: skip
+            # as SGLang's plugin hands the top-k sum the block's shared gate (Qwen2-MoE), or nothing (DeepSeek-V2)
+            gate = torch.zeros(h, dtype=torch.bfloat16) if shared and lay.shared_gate else None
             for t in tokens:
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)
-                moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
-                                   torch.rand(t, 1) if shared else None)  # fmt: skip
+                moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e, None, gate)
                 if aligned and t <= fused_router.FUSED_ROUTER_TOKENS:
                     for renormalize, valid in _router_kinds():
-                        # counting the routing too, into the counter's host mirror (MixedExperts.route)
+                        # counting the routing too, into the counter's host mirror (MixedExperts.route), and computing
+                        # the shared experts' scale by the gate
                         moe.route_and_lay_out(torch.zeros(t, h, dtype=torch.bfloat16),
                                               torch.zeros(e, h, dtype=torch.bfloat16), k, renormalize, gu, dn, e,
-                                              valid, count=(counter.buf, counter.bounds, counter.buf))  # fmt: skip
+                                              valid, count=(counter.buf, counter.bounds, counter.buf),
+                                              shared_gate=gate)  # fmt: skip
+                    if gate is not None:  # the forwards that take the router's rows take that scale, not the gate
+                        moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
+                                           torch.zeros(t, 1))  # fmt: skip
         for h, e, k in dict.fromkeys(routers):  # one variant whatever the tokens (the grid's only)
             gate = torch.zeros(e, h, dtype=torch.bfloat16)
             for renormalize, valid in _router_kinds():
@@ -253,8 +260,9 @@ def plan_layers(plan, views, tp: int = 1, ep: int = 1) -> list[LayerKernels]:
             experts = lp.experts[mine.start : mine.stop] + (lp.experts[view.n_routed :] if rank == 0 else [])
             gate_up = tuple(x.gate for x in experts)
             down = tuple(x.down for x in experts)
+            gated = rank == 0 and bool(getattr(getattr(view, "spec", None), "shared_gate", None))
             out.append(LayerKernels(view.hidden, view.intermediate // tp, len(mine), view.top_k, gate_up, down,
-                                    plan.method == "gptq-had"))  # fmt: skip
+                                    plan.method == "gptq-had", gated))  # fmt: skip
     return out
 
 
