@@ -103,6 +103,8 @@ def main() -> None:
         al = alignment(t, a.top_k, a.experts + a.shared, a.experts, a.bm, device=x.device)
         side = torch.cuda.Stream()
         counter = ExpertCounter(a.experts).to(x.device)  # the layer's routing counter, as served (router_stats)
+        sgate = (torch.randn(a.hidden, generator=gen) * 0.05).to(torch.bfloat16).cuda()  # Qwen2-MoE's shared gate
+        scale = torch.empty(t, dtype=torch.float32, device=x.device)
 
         def apart(bn: int) -> None:
             """The router's launch, then the alignment's, the sums zeroed and the routing counted beside it
@@ -115,11 +117,12 @@ def main() -> None:
             route(ids, tw, a.experts + a.shared, a.experts, a.bm, w=al.w)
             torch.cuda.current_stream().wait_stream(side)
 
-        def laid_out(bn: int) -> None:
-            """The router's launch laying out the rows, zeroing the sums and counting (MixedExperts.route)."""
+        def laid_out(bn: int, gated: bool = False) -> None:
+            """The router's launch laying out the rows, zeroing the sums and counting (MixedExperts.route); ``gated``:
+            and computing the shared experts' scale by Qwen2-MoE's gate."""
             zero = sums if zeroes_in_launch(t, a.experts, bn, sums.numel()) else None
             fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn, align=al, zero=zero,
-                         count=counter.kernel_args())  # fmt: skip
+                         count=counter.kernel_args(), shared=(sgate, scale) if gated else None)  # fmt: skip
             counter.mirrored()
             if zero is None:
                 sums.zero_()
@@ -143,6 +146,9 @@ def main() -> None:
                 tag = f"{bn}{' pdl' if on else ''}"
                 row[f"router+align {tag}"] = round(time_graph(lambda bn=bn: apart(bn), a.layers, a.replays), 2)
                 row[f"laid out {tag}"] = round(time_graph(lambda bn=bn: laid_out(bn), a.layers, a.replays), 2)
+                if a.shared:
+                    row[f"laid out {tag} gated"] = round(time_graph(lambda bn=bn: laid_out(bn, True), a.layers,
+                                                                    a.replays), 2)  # fmt: skip
         pdl.ENABLED = False
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -158,7 +164,8 @@ def main() -> None:
              "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait; "
              f"`router+align N`: that router, then the alignment's launch of {a.shared} shared slots more (blocks of "
              f"{a.bm} rows), stream-K's sums zeroed and the routing counted beside it on a second stream; `laid out "
-             "N`: the router's launch doing all three.",
+             "N`: the router's launch doing all three; `gated`: and the shared experts' scale by Qwen2-MoE's gate "
+             "(a program more a token).",
              "", "| tokens | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in ["tokens", *cols]) + " |" for r in rows]
     with open(os.path.join(a.out, "router.md"), "w") as f:
