@@ -325,6 +325,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "stream-K, SiLU and top-k sum in the GEMM": {"stream_k": True, "silu": True, "sum": True},
     "stream-K, L2 prefetch ahead, SiLU and top-k sum in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True,
                                                                           "sum": True, "pdl": True},
+    # the down GEMM's stream-K grid with more programs an SM (twenty-fifth session): uncapped, ptxas gives its kernel 72
+    # to 102 registers (106 to 124 under the cap of 128), so 5 to 7 programs fit an SM where 4 run, each with a K tile
+    # of weights in flight (down reached 34% of bandwidth at 8 tokens); and capped at 80 (6 fit; a few spills)
+    "stream-K, down uncapped, as many an SM as fit": {"stream_k": True, "down_tiles": {"per_sm": 8, "maxnreg": 255}},
+    "stream-K, down at 80 registers, 6 an SM": {"stream_k": True, "down_tiles": {"per_sm": 6, "maxnreg": 80}},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

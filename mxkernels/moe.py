@@ -70,11 +70,14 @@ class Tiles:
     # the Triton kernel unswapped (prefill): programs taken GROUP_M blocks at a time over every N tile, so the rows
     # each block reads stay in L2 for its N tiles (moe_gemm.py); 0 keeps the launch's own order (block fastest)
     group_m: int = 0
+    # stream-K: at most this many programs an SM (0: STREAM_K_MOST), as many as their registers let share it; with
+    # ``maxnreg`` the register cap in place of STREAM_K_REGISTERS' (NO_CAP: none)
+    per_sm: int = 0
 
 
 # fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
 # layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
-DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m")
+DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm")
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -382,11 +385,12 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
     if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
-        cap = STREAM_K_REGISTERS[gate_up]
-        consts.update(STREAM_K=True, **({"maxnreg": cap} if cap else {}))
+        cap = tiles.maxnreg or STREAM_K_REGISTERS[gate_up]
+        consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
+        most = tiles.per_sm or STREAM_K_MOST
         key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
-               prefetch, consts.get("SUM", False), a_all.device)  # fmt: skip
-        grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key),)
+               prefetch, consts.get("SUM", False), cap, most, a_all.device)  # fmt: skip
+        grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
     kernel[grid](*args, **consts)
@@ -396,19 +400,22 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
 # kernel holds 168 registers at BM 8 and BN 64 uncapped (capped at 168 ptxas spills), 180 at BM 16 and 254 at
 # BN 128 (every code); the down one 80 to 104 (capped at 128: no spill). The grid is as many programs as
 # their registers let share an SM (_stream_k_per_sm), at most STREAM_K_MOST: on the H200 3 (gate/up) and 4
-# (down) per SM balanced every SM's active cycles to within 10% at 16 and 64 tokens (benchmarks/README.md)
+# (down) per SM balanced every SM's active cycles to within 10% at 16 and 64 tokens (benchmarks/README.md).
+# Uncapped (Triton 3.6, sm_90), ptxas gives the down kernel fewer: 72 to 102 registers against 106 to 124 at 128,
+# so 5 to 7 of its programs would fit an SM: Tiles.per_sm and maxnreg (NO_CAP) ask for that
 STREAM_K_REGISTERS = {True: None, False: 128}
 STREAM_K_MOST = 4
+NO_CAP = 255  # Tiles.maxnreg of a stream-K launch: no register cap (ptxas's own choice)
 _PER_SM: dict = {}
 
 
-def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: tuple) -> int:
+def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: tuple, most: int = STREAM_K_MOST) -> int:
     """How many programs of this stream-K kernel variant (``key``: what sets its registers) share an SM
-    (64K registers): from its compiled registers, taken once (compiled and loaded, not launched).
-    STREAM_K_MOST off a GPU (the interpreter, precompile's recording and compile-only launches): the
+    (64K registers), at most ``most``: from its compiled registers, taken once (compiled and loaded, not launched).
+    ``most`` off a GPU (the interpreter, precompile's recording and compile-only launches): the
     grid is not part of what is compiled."""
     if args[0].device.type != "cuda" or INTERPRET:
-        return STREAM_K_MOST
+        return most
     if key not in _PER_SM:
         compiled = kernel.warmup(*args, grid=(1,), **consts)
         compiled._init_handles()  # loads the module, as its first launch would: its registers are known then
@@ -416,7 +423,7 @@ def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: tuple) -> int:
         fit = 65536 // (per_warp * consts["num_warps"])
         if fit < 1:
             raise ValueError(f"stream-K: a kernel of {compiled.n_regs} registers a thread fits no SM")
-        _PER_SM[key] = min(fit, STREAM_K_MOST)
+        _PER_SM[key] = min(fit, most)
     return _PER_SM[key]
 
 
@@ -660,16 +667,16 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
 
-    def launches(arena: Arena, tiles: Tiles) -> list[tuple[int, Tiles]]:
+    def launches(arena: Arena, tiles: Tiles, ov: dict) -> list[tuple[int, Tiles]]:
         """(codes, tiles) per launch: the Gluon kernel's rows per warp follow each launch's codes,
-        its block the whole layer's (the two GEMMs share the alignment's)."""
-        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, override) if gluon else tiles
+        its block the whole layer's (the two GEMMs share the alignment's); ``ov``: this GEMM's override."""
+        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, ov) if gluon else tiles
         if _dispatch(dispatch) != "grouped":
             return [(arena.kernel_mask, whole)]
-        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, override), bm=whole.bm)
+        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, ov), bm=whole.bm)
                  if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
 
-    l_gu, l_dn = launches(gate_up, t_gu), launches(down, t_dn)
+    l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, {**override, **down_only})
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
     stream_k = any(t.stream_k and t.gluon for _, t in l_gu + l_dn)
     if stream_k and len(l_gu) + len(l_dn) > 2:

@@ -702,9 +702,9 @@ phase35() {
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"
   python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 1 8 16 --ours-only \
-    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU (and top-k sum )?in the GEMM|stream-K, L2 prefetch( ahead| ahead, SiLU (and top-k sum )?in the GEMM, PDL)?)$' \
+    --layouts '^(Gluon, stream-K|no stream-K|stream-K, BN (64|128)|PDL|stream-K, SiLU (and top-k sum )?in the GEMM|stream-K, L2 prefetch( ahead| ahead, SiLU (and top-k sum )?in the GEMM, PDL)?|stream-K, down .*)$' \
     --plan eighth=w8a16:1,w4a16g128:10,w3a16g128:2,w2a16g128:11 --out $res/layer_pdl > $res/layer_pdl.log 2>&1
-  say "moe_layer with PDL, the SiLU in the GEMM, the L2 prefetch, stream-K by tile width rc=$?"
+  say "moe_layer with PDL, the SiLU and top-k sum in the GEMMs, the L2 prefetch, stream-K by tile width and programs an SM rc=$?"
   env NO_BF16=1 MX_GPTQ=1 PDL=1 FEWER=1 ALL=1 "${plan[@]}" SGLANG_ARGS="$LEAN_ARGS" \
     benchmarks/serving_runs.sh qwen15-24 $res/e2e_pdl > $res/e2e_pdl.log 2>&1
   say "e2e mxserve r = 0.25 (fused router), with PDL, with fewer launches, with all and the L2 prefetch; GPTQ rc=$?"

@@ -254,13 +254,18 @@ def test_gluon_kernel_runs_a_layer_of_a_model_whose_code_set_it_lacks(interprete
         assert e < BOUND, (key, e)
 
 
-@pytest.mark.parametrize("t, h, bm, bn", [(24, 256, 8, 64), (24, 256, 8, 128), (24, 256, 16, 64), (2, 128, 8, 64),
-                                          (5, 384, 8, 128)])  # fmt: skip
-def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, monkeypatch):
+@pytest.mark.parametrize("t, h, bm, bn, down", [
+    (24, 256, 8, 64, None), (24, 256, 8, 128, None), (24, 256, 16, 64, None), (2, 128, 8, 64, None),
+    (5, 384, 8, 128, None),
+    (24, 256, 8, 64, {"per_sm": 6, "maxnreg": 255}),  # the down GEMM uncapped, up to 6 programs an SM
+    (5, 384, 8, 128, {"per_sm": 2, "maxnreg": 96}),  # capped at 96, at most 2
+])  # fmt: skip
+def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, bn, down, monkeypatch):
     # Tiles.stream_k: one launch per GEMM on a grid of the programs the SMs hold (moe._stream_k_per_sm; the
     # interpreter's 4 SMs, STREAM_K_MOST each: 16), the K tiles of every (block, N tile) dealt out in equal
     # runs that start and end inside a tile's K; every run adds into zeroed fp32 sums. 2 tokens at K = 128:
-    # fewer K tiles than programs, some programs get none
+    # fewer K tiles than programs, some programs get none. ``down``: the down GEMM's own most programs an SM and
+    # register cap (down_tiles: per_sm, maxnreg; moe.NO_CAP none) on its grid and launch, gate/up's as they were
     from mxkernels import moe
 
     launches = []
@@ -275,11 +280,15 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
             return launch
 
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
-    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON)
+    extra = {"down_tiles": down} if down else {}
+    errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON,
+                       **extra)  # fmt: skip
     # the shared expert in the routed launches: one per GEMM
     sms = moe.multiprocessors(torch.device("cpu"))
     most = moe.STREAM_K_MOST
-    assert launches == [((sms * most,), True, None), ((sms * most,), True, 128)]  # gate/up, then down
+    dn_most, dn_cap = (most, 128) if not down else (down["per_sm"], None if down["maxnreg"] == moe.NO_CAP
+                                                    else down["maxnreg"])  # fmt: skip
+    assert launches == [((sms * most,), True, None), ((sms * dn_most,), True, dn_cap)]  # gate/up, then down
     assert t < 24 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()  # 2, 5: a few experts
     for key, e in errs.items():
         assert e < BOUND, (key, e)
