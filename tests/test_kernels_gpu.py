@@ -23,6 +23,29 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ALL = ["bf16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128", "w8a16", "w8a8fp8", "w4a4", "w8a8"]
 
 
+def _arenas(schemes: list[str], h: int, i: int, n_experts: int, n_shared: int, gen) -> tuple:
+    """The GEMMs' arenas (gate/up, down) on the GPU of experts cycling through ``schemes`` (kernel_cases.make_experts),
+    ``n_shared`` of them shared."""
+    from kernel_cases import make_experts
+
+    from mxkernels.arena import build_arena
+
+    experts = make_experts(schemes, h, i, n_experts, n_shared, "rtn", gen, "cuda")
+    return tuple(build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+
+
+def _replayed(fn, refill):
+    """What ``fn`` returns, captured in a CUDA graph and replayed twice, each time after ``refill()`` wrote new inputs
+    into the captured ones."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    for _ in range(2):
+        refill()
+        g.replay()
+    return out
+
+
 @pytest.mark.parametrize("t, fit", [(1, "fill"), (37, "fill"), (300, "fill"), (1, "waves"), (6, "waves")])
 def test_gemms_real_shapes_all_schemes(t, fit):
     # Qwen1.5-MoE expert shape (H 2048, I 1408), 16 experts + 2 shared slices in one launch; decode's K
@@ -470,31 +493,27 @@ def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypa
     # over the grid): the counters' release and acquire across programs, zeroed with the sums for every replay of
     # a CUDA graph; the intermediate and outputs within 1% of the SiLU launch's (the sums' order differs), every
     # element written
-    from kernel_cases import make_experts, route
+    from kernel_cases import route
 
-    from mxkernels.arena import build_arena
     from mxkernels.moe import moe_gemms
 
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
     gen = torch.Generator().manual_seed(t)
-    experts = make_experts(GLUON_SCHEMES, 2048, 1408, 18, 2, "rtn", gen, "cuda")
-    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
 
     def draw():
         ids, w = route(t, 18, 4, gen)
         return torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
 
+    def refill():
+        for old, new in zip((x, ids, w), draw()):
+            old.copy_(new)
+
     x, ids, w = draw()
     monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
     got = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
     if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
-        for _ in range(2):
-            nx, nids, nw = draw()
-            x.copy_(nx), ids.copy_(nids), w.copy_(nw)
-            g.replay()
+        got = _replayed(lambda: moe_gemms(x, ids, w, gu, dn, 18, poison=True), refill)
     torch.cuda.synchronize()
     monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
     assert_same_gemms(got, moe_gemms(x, ids, w, gu, dn, 18, poison=True), close=True)
@@ -508,16 +527,12 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
     # gate, and the down launch's programs that complete each N tile store the output, no sum launched: the
     # counters' release and acquire across programs, zeroed with the sums for every replay of a CUDA graph; within
     # 1% of the plain router, alignment and sum computing the gate (the sums' order differs), every element written
-    from kernel_cases import make_experts
-
     from mxkernels import moe
-    from mxkernels.arena import build_arena
     from mxkernels.router import fused_router
 
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
     gen = torch.Generator().manual_seed(t)
-    experts = make_experts(GLUON_SCHEMES, 2048, 1408, 18, 2, "rtn", gen, "cuda")
-    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
     router_w = (torch.randn(18, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
     gate = (torch.randn(1, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
     x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
@@ -532,12 +547,7 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
     monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
     got = layer(x)
     if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = layer(x)
-        for _ in range(2):
-            x.copy_(torch.randn(t, 2048, generator=gen).to(torch.bfloat16))
-            g.replay()
+        got = _replayed(lambda: layer(x), lambda: x.copy_(torch.randn(t, 2048, generator=gen).to(torch.bfloat16)))
     torch.cuda.synchronize()
     assert not sums
     monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "0")
@@ -556,15 +566,13 @@ def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, mode, monkey
     # for slices of the down GEMM's weights) at Qwen1.5's shape, every scheme the Gluon kernel runs mixed (valid
     # addresses and sizes, or the launch faults): on the unbalanced grid the same outputs bit for bit, on stream-K
     # within 1% (its sums in any order)
-    from kernel_cases import make_experts, route
+    from kernel_cases import route
 
-    from mxkernels.arena import build_arena
     from mxkernels.moe import moe_gemms
 
     monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
     gen = torch.Generator().manual_seed(t)
-    experts = make_experts(GLUON_SCHEMES, 2048, 1408, 18, 2, "rtn", gen, "cuda")
-    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
     ids, w = route(t, 18, 4, gen)
     x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
     monkeypatch.setenv("MXSERVE_L2_PREFETCH", mode)
@@ -581,14 +589,12 @@ def test_prefill_grouped_order_and_row_maxima_in_gate_up_compute_the_same_layer_
     # (Tiles.group_m), or the down GEMM's row maxima taken by gate/up's launches (MXSERVE_ROW_AMAX_IN_GEMM=1, its fp8
     # rows quantized as loaded), write every element (NaN-poisoned) bit for bit as the launch order and the
     # quantization pass do
-    from kernel_cases import make_experts, route
+    from kernel_cases import route
 
-    from mxkernels.arena import build_arena
     from mxkernels.moe import moe_gemms
 
     gen = torch.Generator().manual_seed(9)
-    experts = make_experts(["w8a8fp8", "w4a16g128", "w8a8", "bf16"], 2048, 1408, 16, 2, "rtn", gen, "cuda")
-    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gu, dn = _arenas(["w8a8fp8", "w4a16g128", "w8a8", "bf16"], 2048, 1408, 16, 2, gen)
     ids, w = route(1100, 16, 6, gen, skew=False)
     x = torch.randn(1100, 2048, generator=gen).to(torch.bfloat16).cuda()
     ids, w = ids.cuda(), w.cuda()
