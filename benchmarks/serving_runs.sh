@@ -14,8 +14,9 @@
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
-#                                                    # FEWER=1: also with the rows laid out by the router
-#                                                    # and the SiLU in the gate/up launch; L2=1 or ahead:
+#                                                    # FEWER=1: also with the rows laid out by the router,
+#                                                    # the SiLU in the gate/up launch and the top-k sum in
+#                                                    # the down launch; L2=1 or ahead:
 #                                                    # also with the GEMMs' L2 prefetch; ALL=1: also with
 #                                                    # all of them (the prefetch ahead) and PDL)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
