@@ -508,6 +508,48 @@ def test_the_router_computes_the_shared_scale_for_the_top_k_sum_in_the_gemm(inte
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_a_decode_layer_with_every_launch_option_is_three_launches(interpreted_gluon, monkeypatch, t):
+    # Qwen2-MoE's decode layer on stream-K with the rows laid out by the router (which also zeroes the sums, counts the
+    # routing and computes the shared scale: route_and_lay_out, MXSERVE_ROUTER_ALIGN's path), the SiLU in gate/up
+    # (MXSERVE_SILU_IN_GEMM=1) and the top-k sum in down (MXSERVE_SUM_IN_GEMM=1): the router's launch, gate/up's and
+    # down's, nothing else launched (no torch fill either), and the layer within 1% of the plain launches' (the plain
+    # router, the alignment, the SiLU, the sum computing the gate: the scale's dot and the sums in other orders)
+    from kernel_cases import make_experts
+    from router_stats import ExpertCounter
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.router import fused_router
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    router_w = (torch.randn(8, 256, generator=gen) * 0.5).bfloat16()
+    gate = (torch.randn(1, 256, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(t, 256, generator=gen).bfloat16()
+    w, ids, _ = fused_router(x, router_w, 2, True)
+    want = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate).float()
+
+    launched, fills = [], []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.__name__) or run(
+        self, *a, **kw))  # fmt: skip
+    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: fills.append(s) or g(s, f))
+    for var in ("MXSERVE_SILU_IN_GEMM", "MXSERVE_SUM_IN_GEMM"):
+        monkeypatch.setenv(var, "1")
+    counter = ExpertCounter(8)
+    w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, count=counter.kernel_args(),
+                                               shared_gate=gate)  # fmt: skip
+    got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
+    assert launched == ["fused_router_kernel", "mx_moe_gemm_gluon_kernel", "mx_moe_gemm_gluon_kernel"], launched
+    assert started.taken and started.zeroed and started.counted and not fills
+    assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
     # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
