@@ -516,12 +516,12 @@ def test_a_decode_layer_with_every_launch_option_is_three_launches(interpreted_g
     # down's, nothing else launched (no torch fill either), and the layer within 1% of the plain launches' (the plain
     # router, the alignment, the SiLU, the sum computing the gate: the scale's dot and the sums in other orders)
     from kernel_cases import make_experts
-    from router_stats import ExpertCounter
     from triton.runtime.interpreter import InterpretedFunction
 
     from mxkernels import moe
     from mxkernels.arena import build_arena
     from mxkernels.router import fused_router
+    from router_stats import ExpertCounter
 
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
