@@ -697,7 +697,8 @@ phase35() {
   # stream-K for their narrower tiles) (~3 min); then end to end the r = 0.25 plan (the fused router now the
   # default) alone, with PDL, with fewer launches, with all of them, and the GPTQ copy on Marlin (~11 min)
   local plan=(PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8.json NAME=3.25bit-r0.25-t8)
-  prep_beside "fused_router or programmatic or lays_out or laying_out or silu or l2_prefetch or top_k_sum" kernels_pdl.log \
+  prep_beside "fused_router or programmatic or lays_out or laying_out or silu or l2_prefetch or top_k_sum or more_programs" \
+    kernels_pdl.log \
     "${plan[@]}" || return 1
   python3 benchmarks/router.py --out $res/router > $res/router.log 2>&1
   say "router launch by layout rc=$? $(tail -1 $res/router.log)"

@@ -101,6 +101,21 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     assert moe._PER_SM and all(1 <= n <= moe.STREAM_K_MOST for n in moe._PER_SM.values()), moe._PER_SM
 
 
+@pytest.mark.parametrize("t, down", [(8, {"per_sm": 8, "maxnreg": 255}), (16, {"per_sm": 6, "maxnreg": 80})])
+def test_gluon_kernel_stream_k_down_with_more_programs_an_sm(t, down):
+    # the down GEMM's stream-K grid with more programs an SM (down_tiles: uncapped, as many as its registers let share
+    # an SM up to 8; or capped at 80, 6): its grid from its compiled registers past STREAM_K_MOST, the same layer
+    from mxkernels import moe
+
+    moe._PER_SM.clear()
+    errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=31 + t, stream_k=True, down_tiles=down,
+                       **GLUON)  # fmt: skip
+    for key, e in errs.items():
+        assert e < 2e-2, (key, t, e)
+    grids = {key[-2]: n for key, n in moe._PER_SM.items() if not key[1]}  # the down kernels': by their most an SM
+    assert grids and all(1 <= n <= down["per_sm"] for n in grids.values()) and down["per_sm"] in grids, moe._PER_SM
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("t, split", [(1, 1), (1, 4), (24, 3)])
 def test_gluon_fma_kernel_real_shapes(t, split, packed):
