@@ -168,7 +168,7 @@ def test_gluon_kernel_takes_the_top_k_sum_after_its_k_loops_within_its_register_
     total = total[0]
     k_loops = [sorted(len(loop) for loop in _loops(x, innermost=True) if not stores(loop)) for x in (sass, plain)]
     assert all(abs(a - b) <= 6 for a, b in zip(*k_loops)) and len(k_loops[0]) == len(k_loops[1]), k_loops
-    # a chunk of tokens: each of the 8 slots' rows loaded 16 bytes a lane (4 columns), all before the sums
+    # a chunk of tokens: each of the 8 slots' rows loaded 16 bytes a lane (4 columns)
     assert sum(bool(re.search(r"\bLDG\.E\.128\b", ln)) for ln in total) == 8 * bn // 64
     assert len(re.findall(r"\bATOMG\.E\.ADD\b", sass)) == 1 and not re.search(r"\bATOMG\b", plain)
     assert "MEMBAR" in sass and "CCTL.IVALL" in sass
