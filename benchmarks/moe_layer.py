@@ -345,14 +345,15 @@ PREFILL_VARIANTS = {"row-major dequantized tile": {"kmajor": False, "dequant": F
                     "dequantized in the GEMM": {"dequant": False}, "dequantized first": {"dequant": True},
                     # (twenty-fourth session) the programs taken 8 blocks at a time over every N tile (Tiles.group_m):
                     # the launch's own order reads each block's rows once per N tile, after every other block's
-                    # (the down GEMM's input at 4096 tokens, 92 MB in bf16, is past what L2 keeps)
-                    "8 blocks at a time": {"group_m": 8},
-                    "down GEMM 8 blocks at a time": {"down_tiles": {"group_m": 8}}}
+                    # (the down GEMM's input at 4096 tokens, 92 MB in bf16, is past what L2 keeps). The default
+                    # since the twenty-fifth session (moe.PREFILL_GROUP_M): the launch's order beside it
+                    "launch order": {"group_m": 0},
+                    "down GEMM 8 blocks at a time": {"group_m": 0, "down_tiles": {"group_m": 8}}}
 # the fp8 layer's prefill variants (twenty-fourth session): 8 and 16 blocks at a time, and the down GEMM's per-token
 # maxima taken by gate/up's launches with its rows quantized as loaded (MXSERVE_ROW_AMAX_IN_GEMM=1: no quantization
 # pass over the intermediate, 138 MB at 4096 tokens of DeepSeek-V2-Lite; but each N tile reads the rows in bf16)
-FP8_PREFILL_VARIANTS = {"8 blocks at a time": {"group_m": 8}, "16 blocks at a time": {"group_m": 16},
-                        "down GEMM 8 blocks at a time": {"down_tiles": {"group_m": 8}},
+FP8_PREFILL_VARIANTS = {"launch order": {"group_m": 0}, "16 blocks at a time": {"group_m": 16},
+                        "down GEMM 8 blocks at a time": {"group_m": 0, "down_tiles": {"group_m": 8}},
                         "row maxima in gate/up": {"amax": True},
                         "row maxima in gate/up, 8 blocks at a time": {"amax": True, "group_m": 8}}
 

@@ -75,6 +75,11 @@ class Tiles:
     per_sm: int = 0
 
 
+# blocks a prefill launch's programs take at a time over every N tile (Tiles.group_m), unless a tile table entry or an
+# override says otherwise (0: the launch's own order)
+PREFILL_GROUP_M = 8
+
+
 # fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
 # layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
 DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm")
@@ -208,13 +213,15 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         # 128 registers: 4 programs per SM instead of 3, without spills (sm_90 SASS)
         tiles = Tiles(16, 64, bk, 4, 3, split, True, True, 128)
     # prefill: weight-only tiles dequantized K-major (16-byte stores into shared memory; 6 to 8% off the
-    # w4 and mixed layers at 4096 and 8192 tokens on the H200, results/moe_layer_h200_s13_kmajor.md)
+    # w4 and mixed layers at 4096 and 8192 tokens on the H200, results/moe_layer_h200_s13_kmajor.md), the programs
+    # taken 8 blocks at a time over every N tile (group_m: 6 to 12% off DeepSeek-V2-Lite's fp8, w4 and mixed layers
+    # at 4096 and 8192 tokens on the H200, results/moe_layer_h200_s25_prefill_grouped.md)
     elif per_expert <= 128:
-        tiles = Tiles(32, 64, 128, 4, kmajor=True)
+        tiles = Tiles(32, 64, 128, 4, kmajor=True, group_m=PREFILL_GROUP_M)
     elif per_expert <= 512:
-        tiles = Tiles(64, 128, 64, 4, kmajor=True)
+        tiles = Tiles(64, 128, 64, 4, kmajor=True, group_m=PREFILL_GROUP_M)
     else:
-        tiles = Tiles(128, 128, 64, 8, kmajor=True)
+        tiles = Tiles(128, 128, 64, 8, kmajor=True, group_m=PREFILL_GROUP_M)
     tiles = dataclasses.replace(tiles, **override) if override else tiles
     return dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))  # one scale per K tile
 

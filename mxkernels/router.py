@@ -25,8 +25,11 @@ from mxkernels.pdl import launch, pdl, wait_then_release
 FUSED_ROUTER_TOKENS = 64
 # experts per program, one warp per expert up to MAX_WARPS: with one, a program's reductions (the logits, then the
 # softmax and top-k of the last program) are a warp's shuffles; the sm_90 code has one barrier, at the counter (with 8
-# warps: 30). A program that holds every expert needs no counter (benchmarks/router.py times the choices)
-CHUNK = 1
+# warps: 30). A program that holds every expert needs no counter. On the H200 (Qwen1.5's gate, 60 x 2048, top-4; 24
+# launches back to back in a CUDA graph) 4 a program took 3.97 / 4.09 / 5.0 / 7.09 us at 1 / 8 / 32 / 64 tokens
+# against 4.27 / 4.76 / 6.0 / 8.91 with one expert a program and 8.48 / 8.6 / 8.73 / 8.86 with one program a token,
+# routing every token alike (results/router_h200_s25.md)
+CHUNK = 4
 MAX_WARPS = 16
 # fp32 products a thread holds per pass over K: the K tile shrinks as a program's experts grow
 ACC_PER_THREAD = 64
