@@ -215,16 +215,14 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
 # modes read from the environment per launch
-ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "l2": "MXSERVE_L2_PREFETCH", "amax": "MXSERVE_ROW_AMAX_IN_GEMM",
-             "sum": "MXSERVE_SUM_IN_GEMM"}
+ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "amax": "MXSERVE_ROW_AMAX_IN_GEMM", "sum": "MXSERVE_SUM_IN_GEMM"}
 MODES = ("pdl", *ENV_MODES)
 
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
-    them), the SiLU in stream-K's gate/up launch ("silu"), the L2 prefetch ("l2": True for MXSERVE_L2_PREFETCH=1,
-    or its value), the down GEMM's row maxima taken by gate/up ("amax") and the top-k sum in stream-K's down launch
-    ("sum")."""
+    them), the SiLU in stream-K's gate/up launch ("silu"), the down GEMM's row maxima taken by gate/up ("amax") and the
+    top-k sum in stream-K's down launch ("sum")."""
     from mxkernels import pdl
 
     def run():
@@ -311,20 +309,13 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # SiLU launch (MXSERVE_SILU_IN_GEMM=1, twenty-third session), alone and with PDL
     "stream-K, SiLU in the GEMM": {"stream_k": True, "silu": True},
     "stream-K, SiLU in the GEMM, PDL": {"stream_k": True, "silu": True, "pdl": True},
-    # each (block, N tile) pair's run of K tiles asked of L2 by bulk prefetches at its start (MXSERVE_L2_PREFETCH=1,
-    # twenty-third session): more bytes in flight than a program's registers hold (the GEMMs at 8 tokens reach 50% and
-    # 34% of bandwidth, about what 20 and 13 KB in flight per SM give), on stream-K and on the unbalanced grid
-    "stream-K, L2 prefetch": {"stream_k": True, "l2": True},
-    "no stream-K, L2 prefetch": {"stream_k": False, "l2": True},
-    # and gate/up asking for slices of the down GEMM's weights too (MXSERVE_L2_PREFETCH=ahead)
-    "stream-K, L2 prefetch ahead": {"stream_k": True, "l2": "ahead"},
-    "stream-K, L2 prefetch ahead, SiLU in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True, "pdl": True},
+    # (the GEMMs' L2 prefetch, MXSERVE_L2_PREFETCH, twenty-third session: 1.8 to 2x the layer's time on the H200,
+    # removed in the twenty-fifth: results/moe_layer_h200_s25_decode.md)
     # stream-K's down launch storing the layer's output once an N tile's K is complete over every block, in place of
     # the top-k sum's launch (MXSERVE_SUM_IN_GEMM=1, twenty-fifth session): with the SiLU in gate/up, a layer of two
-    # launches after the router's; and with the prefetch ahead and PDL
+    # launches after the router's; and with PDL
     "stream-K, SiLU and top-k sum in the GEMM": {"stream_k": True, "silu": True, "sum": True},
-    "stream-K, L2 prefetch ahead, SiLU and top-k sum in the GEMM, PDL": {"stream_k": True, "l2": "ahead", "silu": True,
-                                                                          "sum": True, "pdl": True},
+    "stream-K, SiLU and top-k sum in the GEMM, PDL": {"stream_k": True, "silu": True, "sum": True, "pdl": True},
     # the down GEMM's stream-K grid with more programs an SM (twenty-fifth session): uncapped, ptxas gives its kernel 72
     # to 102 registers (106 to 124 under the cap of 128), so 5 to 7 programs fit an SM where 4 run, each with a K tile
     # of weights in flight (down reached 34% of bandwidth at 8 tokens); and capped at 80 (6 fit; a few spills)

@@ -16,9 +16,8 @@
 #                                                    # PDL=1: also with programmatic dependent launches;
 #                                                    # FEWER=1: also with the rows laid out by the router,
 #                                                    # the SiLU in the gate/up launch and the top-k sum in
-#                                                    # the down launch; L2=1 or ahead:
-#                                                    # also with the GEMMs' L2 prefetch; ALL=1: also with
-#                                                    # all of them (the prefetch ahead) and PDL)
+#                                                    # the down launch; ALL=1: also with
+#                                                    # all of them and PDL)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -104,12 +103,8 @@ elif [ "$what" = qwen15-24 ]; then
     "${fewer[@]/#/--server-env=mxserve-$name-fewer=}")
   [ -z "${FEWER:-}" ] || [ -z "${PDL:-}" ] || [ -n "${ALL:-}" ] || grouped+=(--ckpt "$name-fewer-pdl=$work/q15-24-$name"
     "${fewer[@]/#/--server-env=mxserve-$name-fewer-pdl=}" --server-env "mxserve-$name-fewer-pdl=MXSERVE_PDL=1")
-  # L2=1 (or ahead) adds a server whose decode GEMMs ask L2 for each pair's K run (MXSERVE_L2_PREFETCH=1; ahead: and
-  # gate/up for down's weights); ALL=1 one with every opt-in of the decode chain: fewer launches, the L2 prefetch
-  # ahead and PDL (then in place of FEWER's with PDL)
-  [ -z "${L2:-}" ] || grouped+=(--ckpt "$name-l2-$L2=$work/q15-24-$name"
-    --server-env "mxserve-$name-l2-$L2=MXSERVE_L2_PREFETCH=$L2")
-  every=("${fewer[@]}" MXSERVE_L2_PREFETCH=ahead MXSERVE_PDL=1)
+  # ALL=1 one with every opt-in of the decode chain: fewer launches and PDL (then in place of FEWER's with PDL)
+  every=("${fewer[@]}" MXSERVE_PDL=1)
   [ -z "${ALL:-}" ] || grouped+=(--ckpt "$name-all=$work/q15-24-$name" "${every[@]/#/--server-env=mxserve-$name-all=}")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"

@@ -243,8 +243,7 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
           static: bool = True, silu: tuple[torch.Tensor, torch.Tensor] | None = None,
-          ahead: Arena | None = None, row_amax: torch.Tensor | None = None, topk_sum: tuple | None = None,
-          ) -> None:  # fmt: skip
+          row_amax: torch.Tensor | None = None, topk_sum: tuple | None = None) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
@@ -252,8 +251,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
     dependent launch the down GEMM loads them before it waits (pdl.py). ``silu`` (intermediate, counters): stream-K's
-    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete). ``ahead``: the
-    next GEMM's arena (gate/up's: down's), whose weights the Gluon launch asks L2 for under l2_prefetch() 2.
+    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete).
     ``row_amax`` (row_amax_in_gemm: Triton launches of split 1 only) [rows] fp32 zeros: gate/up takes each stored row's
     |max| into it; down takes it as its rows' maxima, its fp8 codes quantizing the bf16 rows as they load them, and
     launches no quantization pass. ``topk_sum`` (y, counters, scale, k, slots): stream-K's down launch also stores the
@@ -274,7 +272,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes, static, silu, ahead, topk_sum)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static, silu, topk_sum)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes, row_amax)  # fmt: skip
@@ -352,7 +350,7 @@ def _gluon_kernel():
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
                 a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True,
-                silu: tuple[torch.Tensor, torch.Tensor] | None = None, ahead: Arena | None = None,
+                silu: tuple[torch.Tensor, torch.Tensor] | None = None,
                 topk_sum: tuple | None = None) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
@@ -372,18 +370,13 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         raise ValueError("SiLU in the GEMM: stream-K's gate/up only")
     if topk_sum is not None and (gate_up or not tiles.stream_k):
         raise ValueError("the top-k sum in the GEMM: stream-K's down only")
-    prefetch = l2_prefetch()
-    if prefetch == 2 and not (gate_up and ahead is not None):
-        prefetch = 1  # the down GEMM, whose next GEMM is another layer's
-    nxt = (ahead.meta, ahead.wi, ahead.wb, ahead.n, ahead.k) if prefetch == 2 else (out, out, out, 0, 0)
     # inter_ptr and count_ptr: gate/up's intermediate and pair counters (SiLU), or down's output and N-tile counters
     pair = silu if silu is not None else topk_sum[:2] if topk_sum is not None else (out, out)
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
-            *pair, *nxt, n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+            *pair, n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
-                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}),
-                  **({"PREFETCH": prefetch} if prefetch else {}))  # fmt: skip
+                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}))  # fmt: skip
     if topk_sum is not None:  # the layer's output into y, a counter per N tile (inter_ptr and count_ptr's places)
         y, _, scale, k, slots = topk_sum
         consts.update(SUM=True, TOPK=k, SLOTS=slots, HAS_SCALE=scale is not None,
@@ -396,7 +389,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
         key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
-               prefetch, consts.get("SUM", False), cap, most, a_all.device)  # fmt: skip
+               consts.get("SUM", False), cap, most, a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -740,8 +733,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq, silu=silu, ahead=None if dq or not gu else down, row_amax=amax_rows,
-                      topk_sum=topk_sum)  # fmt: skip
+                      static=not dq, silu=silu, row_amax=amax_rows, topk_sum=topk_sum)  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu,
              silu=(inter, counts) if counts is not None else None)  # fmt: skip
@@ -967,20 +959,6 @@ def moe_gemms(
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
-
-
-L2_PREFETCH_MODES = {"0": 0, "1": 1, "ahead": 2}
-
-
-def l2_prefetch() -> int:
-    """How the Gluon decode GEMMs ask L2 for their weights ahead of their loads (``MXSERVE_L2_PREFETCH``, read per
-    launch; opt-in until timed): 0 not at all; 1 ("1") each (block, N tile) pair's run of K tiles at its start, one
-    bulk prefetch spanning its rows (moe_gemm_gluon._prefetch_rows); 2 ("ahead") also the down GEMM's weights, a
-    slice by each gate/up pair once its K is done (moe_gemm_gluon._prefetch_next)."""
-    mode = os.environ.get("MXSERVE_L2_PREFETCH") or "0"
-    if mode not in L2_PREFETCH_MODES:
-        raise ValueError(f"MXSERVE_L2_PREFETCH={mode!r}: one of {', '.join(L2_PREFETCH_MODES)}")
-    return L2_PREFETCH_MODES[mode]
 
 
 def row_amax_in_gemm() -> bool:

@@ -190,66 +190,6 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
 
 
 @gluon.jit
-def _prefetch_rows(wi_ptr, wb_ptr, rb, r0, N, k_lo, k_hi, K, BITS: gl.constexpr, BN: gl.constexpr):
-    """Ask L2 for the weights of rows ``rb + r0 ..`` over K [k_lo, k_hi) at once, holding no register, so that a
-    program's run of K tiles streams in while its loads walk it a tile at a time (decode's GEMMs are bound by the
-    bytes in flight an SM holds: benchmarks/README.md). Rows are contiguous in K and follow one another (bit planes
-    within a row: _weight_ptrs), so one bulk prefetch spans from the first row at k_lo to the last at k_hi; between
-    them it also takes the rows' other K ranges, which the programs beside this one read. Every bound is a multiple
-    of 16 bytes. Uniform values: one instruction a warp. Compiled only: the interpreter has no PTX (and no cache)."""
-    if _ASM:
-        last = gl.minimum(r0 + BN, N) - 1
-        if BITS == 16:
-            row = K * 2  # bytes
-            first = (wb_ptr + (rb + r0) * K + k_lo).to(gl.pointer_type(gl.int8))
-            nbytes = (last - r0) * row + (k_hi - k_lo) * 2
-        else:
-            row = K // 8 * BITS  # bytes: BITS words of 32 codes
-            first = (wi_ptr + (rb + r0) * (K // 32 * BITS)).to(gl.pointer_type(gl.int8))
-            if BITS == 3:  # the 2-bit plane, then the 1-bit one: from k_lo of the first to k_hi of the last's
-                first += k_lo // 4
-                nbytes = (last - r0) * row + K // 4 + k_hi // 8 - k_lo // 4
-            else:
-                first += k_lo // 8 * BITS
-                nbytes = (last - r0) * row + (k_hi - k_lo) // 8 * BITS
-        _l2_prefetch(first, nbytes)
-
-
-@gluon.jit
-def _l2_prefetch(first, nbytes):
-    """One bulk prefetch into L2 of ``nbytes`` from ``first`` (both multiples of 16), at most 2^20 - 16 bytes: the
-    sm_90 code holds the size in 16-byte units, 16 bits wide (a hint: the rest of a longer span, Mixtral's bf16 or
-    w8 down rows at 14336 wide, simply loads from DRAM)."""
-    gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                              [first, gl.minimum(nbytes, 65535 * 16)], dtype=gl.int32, is_pure=False,
-                              pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _prefetch_next(meta_ptr, wi_ptr, wb_ptr, expert, part, parts, N, K):
-    """Ask L2 for part ``part`` of ``parts`` of an expert's rows in the next GEMM's arena (gate/up asks for down's:
-    each (block, N tile) pair of gate/up for one slice of its expert's down rows, whole K), while gate/up's own reads
-    leave DRAM idle. The bits come from the expert's meta row at run time (a hint: the address only). Rows are whole
-    multiples of 16 bytes, as are the arena's offsets."""
-    if _ASM:
-        meta = meta_ptr + expert * 6
-        code = gl.load(meta).to(gl.int32)
-        off = gl.load(meta + 1)
-        per = gl.cdiv(N, parts)
-        lo = gl.minimum(part * per, N)
-        rows = gl.minimum(lo + per, N) - lo
-        if code == 0:  # bf16
-            first = (wb_ptr + off + lo * K).to(gl.pointer_type(gl.int8))
-            nbytes = rows * K * 2
-        else:  # codes 1 to 4 bits, 5: 8 bits (KERNEL_CODES)
-            bits = gl.where(code == 5, 8, code)
-            first = (wi_ptr + off + lo * (K // 32 * bits)).to(gl.pointer_type(gl.int8))
-            nbytes = rows * (K // 8 * bits)
-        if nbytes > 0:
-            _l2_prefetch(first, nbytes)
-
-
-@gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
             MMA: gl.constexpr):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
@@ -338,12 +278,11 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
-            PREFETCH: gl.constexpr = False):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
-    in registers, or through a cp.async ring in shared memory, was measured slower on the H200:
-    benchmarks/README.md.)"""
+    in registers, through a cp.async ring in shared memory, or asking L2 for the run's tiles with bulk prefetches,
+    was measured slower on the H200: benchmarks/README.md.)"""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -357,11 +296,6 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
-    if PREFETCH:  # the run's K tiles after its first, whose loads are in flight now
-        if k_hi - k_lo > _BK:
-            _prefetch_rows(wi_ptr, wb_ptr, 0, r0, N, k_lo + _BK, k_hi, K, BITS, BN)
-            if GATE_UP:
-                _prefetch_rows(wi_ptr, wb_ptr, N, r0, N, k_lo + _BK, k_hi, K, BITS, BN)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
@@ -433,13 +367,12 @@ def _bf16(x):
 
 @gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr, next_wi_ptr,
-           next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s, split, code_splits,
-           k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-           PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
-           A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, SILU: gl.constexpr = False,
-           PREFETCH: gl.constexpr = 0, scale_ptr=None, sum_total=0, SUM: gl.constexpr = False,
-           TOPK: gl.constexpr = 1, SLOTS: gl.constexpr = 1, HAS_SCALE: gl.constexpr = False):  # fmt: skip
+           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, magic,
+           pid_m, pid_n, pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr,
+           BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
+           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, SILU: gl.constexpr = False,
+           scale_ptr=None, sum_total=0, SUM: gl.constexpr = False, TOPK: gl.constexpr = 1, SLOTS: gl.constexpr = 1,
+           HAS_SCALE: gl.constexpr = False):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K); with SILU (gate/up) the program that completes the
@@ -485,11 +418,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PREFETCH > 0)  # fmt: skip
-        if PREFETCH == 2:  # the program with the pair's last K tile asks for a slice of the next GEMM's weights
-            if k_b == K:
-                _prefetch_next(next_meta_ptr, next_wi_ptr, next_wb_ptr, expert, pid_n, gl.cdiv(N, BN), next_N,
-                               next_K)  # fmt: skip
+                                        SKIP_PAD, WAIT)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -525,11 +454,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, inter_ptr, count_ptr, next_meta_ptr, next_wi_ptr, next_wb_ptr, next_N, next_K,
-                             N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
-                             CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
-                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False, PDL: gl.constexpr = 0,
-                             SILU: gl.constexpr = False, PREFETCH: gl.constexpr = 0, scale_ptr=None,
+                             zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, split, code_splits, magic,
+                             GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+                             PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
+                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False, scale_ptr=None,
                              SUM: gl.constexpr = False, TOPK: gl.constexpr = 1, SLOTS: gl.constexpr = 1,
                              HAS_SCALE: gl.constexpr = False):  # fmt: skip
     # SUM (stream-K's down): the layer's output, the top-k sum of combine.py, into ``inter_ptr`` [tokens, N] bf16 by
@@ -538,9 +466,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
     # top-k sum's launch.
     # SILU (stream-K's gate/up): SiLU(gate) * up into ``inter_ptr`` [rows, N] bf16 by the program completing each
     # (block, N tile) pair, counted in ``count_ptr`` (an int32 per pair, zero at the launch), in place of the SiLU
-    # launch; otherwise both are unused. PREFETCH 1: each (block, N tile) pair's K run asked of L2 at its start
-    # (_prefetch_rows); 2: also, once a pair's last K tile is done, a slice of its expert's weights in the next GEMM's
-    # arena (``next_*``: gate/up asks for down's, _prefetch_next); otherwise those are unused
+    # launch; otherwise both are unused.
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -577,10 +503,10 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
             hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr,
-                   next_wi_ptr, next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, unit // n_tiles,
-                   unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True, MMA, A_OP, B_OP,
-                   PDL == 2, SILU, PREFETCH, scale_ptr, total // n_tiles, SUM, TOPK, SLOTS, HAS_SCALE)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
+                   magic, unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
+                   True, MMA, A_OP, B_OP, PDL == 2, SILU, scale_ptr, total // n_tiles, SUM, TOPK, SLOTS,
+                   HAS_SCALE)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -596,10 +522,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         pid_m = lin // (n_tiles * splits)
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, next_meta_ptr,
-                   next_wi_ptr, next_wb_ptr, next_N, next_K, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
-                   split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA, A_OP, B_OP,
-                   PDL == 2, False, PREFETCH)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
+                   magic, pid_m, pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD,
+                   False, MMA, A_OP, B_OP, PDL == 2, False)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

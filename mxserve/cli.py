@@ -314,8 +314,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
         raise MxServeError("--sglang-args is for the SGLang engine")
     if a.bf16_layers and engine != "sglang":
         raise MxServeError("--bf16-layers is for the SGLang engine")
-    for name, allowed in (("MXSERVE_DISPATCH", "DISPATCHES"), ("MXSERVE_STREAM_K", "STREAM_K_MODES"),
-                          ("MXSERVE_L2_PREFETCH", "L2_PREFETCH_MODES")):  # fmt: skip
+    for name, allowed in (("MXSERVE_DISPATCH", "DISPATCHES"), ("MXSERVE_STREAM_K", "STREAM_K_MODES")):
         if os.environ.get(name):  # read by every kernel launch: refused here, not mid-request
             from mxkernels import moe
 

@@ -577,30 +577,6 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("t", [1, 8, 24])
-@pytest.mark.parametrize("stream_k", ["0", "1"])
-@pytest.mark.parametrize("mode", ["1", "ahead"])
-def test_l2_prefetch_computes_what_plain_loads_do_cuda(t, stream_k, mode, monkeypatch):
-    # MXSERVE_L2_PREFETCH: each (block, N tile) pair's K run asked of L2 by bulk prefetches ("ahead": and gate/up asks
-    # for slices of the down GEMM's weights) at Qwen1.5's shape, every scheme the Gluon kernel runs mixed (valid
-    # addresses and sizes, or the launch faults): on the unbalanced grid the same outputs bit for bit, on stream-K
-    # within 1% (its sums in any order)
-    from kernel_cases import route
-
-    from mxkernels.moe import moe_gemms
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
-    gen = torch.Generator().manual_seed(t)
-    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
-    ids, w = route(t, 18, 4, gen)
-    x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
-    monkeypatch.setenv("MXSERVE_L2_PREFETCH", mode)
-    got = moe_gemms(x, ids.cuda(), w.cuda(), gu, dn, 18, poison=True)
-    torch.cuda.synchronize()
-    monkeypatch.setenv("MXSERVE_L2_PREFETCH", "0")
-    assert_same_gemms(got, moe_gemms(x, ids.cuda(), w.cuda(), gu, dn, 18, poison=True), close=stream_k == "1")
-
-
 @pytest.mark.parametrize("mode", ["group_m", "row_amax"])
 def test_prefill_grouped_order_and_row_maxima_in_gate_up_compute_the_same_layer_cuda(mode, monkeypatch):
     # DeepSeek-V2-Lite's expert shape at 1100 tokens (6 routed slots and 2 shared), fp8, int8-activation, weight-only

@@ -152,11 +152,6 @@ pdl.ENABLED = False
 os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
 out["gluon_stream_k_silu"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 os.environ.pop("MXSERVE_SILU_IN_GEMM")
-# and with the L2 prefetch of each pair's K run, gate/up's also of down's weights (MXSERVE_L2_PREFETCH=ahead): both
-# GEMMs' variants of their own
-os.environ["MXSERVE_L2_PREFETCH"] = "ahead"
-out["gluon_stream_k_l2"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
-os.environ.pop("MXSERVE_L2_PREFETCH")
 # and with the top-k sum in stream-K's down launch (MXSERVE_SUM_IN_GEMM=1): a down variant of its own; with Qwen2-MoE's
 # shared gate the sum's launch computes the gate (its own variant), unless the router's launch computed the scale
 os.environ["MXSERVE_SUM_IN_GEMM"] = "1"
@@ -198,7 +193,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
     for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
-                 "gluon_stream_k_silu", "gluon_stream_k_l2", "gluon_stream_k_sum", "gluon_stream_k_gate", "prefill_fp8",
+                 "gluon_stream_k_silu", "gluon_stream_k_sum", "gluon_stream_k_gate", "prefill_fp8",
                  "prefill_fp8_amax"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
@@ -225,8 +220,6 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert len(total - plain) == 1 and len(plain - total) == 2
     gated = set(out["gluon_stream_k_gate"]["entries"][0])
     assert len(gated - plain) == 1 and len(plain - gated) == 1
-    l2 = set(out["gluon_stream_k_l2"]["entries"][0])
-    assert len(l2 - plain) == 2 and len(plain - l2) == 2  # both GEMMs
     amax, fp8 = (set(out[c]["entries"][0]) for c in ("prefill_fp8_amax", "prefill_fp8"))
     # both GEMMs' variants differ, and the intermediate's quantization is gone (8400 rows specialize: not gate/up's)
     assert len(amax - fp8) == 2 and len(fp8 - amax) == 3
