@@ -126,6 +126,29 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
 
 
+@pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
+def test_gluon_kernel_takes_the_top_k_sum_after_its_k_loops_within_its_register_cap(codes, bn):
+    # MXSERVE_SUM_IN_GEMM (moe_gemm_gluon._sum_once_complete) in stream-K's down launch: the K loops as without it,
+    # no spill anywhere, the tile's counter taken by one atomic add (acquire and release), and the sums' loads
+    # 16 bytes at a time (a lane's 4 columns)
+    sass, plain = (_sass(False, False, codes, 8, bn, True, total=t) for t in (True, False))
+    assert not re.search(r"\b(STL|LDL)\b", sass), "spills"
+    # the K loops store nothing; the sum's loop over chunks of tokens stores them. The K loops' registers are
+    # allocated around the sum's: a few uniform-register moves more (Triton 3.9: 2 to 5 of 116 to 228), no spill
+    def stores(loop):
+        return any(re.search(r"\bSTG\b", ln) for ln in loop)
+
+    total = [loop for loop in _loops(sass, innermost=True) if stores(loop)]
+    assert len(total) == 1 and not any(stores(loop) for loop in _loops(plain, innermost=True))
+    total = total[0]
+    k_loops = [sorted(len(loop) for loop in _loops(x, innermost=True) if not stores(loop)) for x in (sass, plain)]
+    assert all(abs(a - b) <= 6 for a, b in zip(*k_loops)) and len(k_loops[0]) == len(k_loops[1]), k_loops
+    # a chunk of tokens: each of the 8 slots' rows loaded 16 bytes a lane (4 columns)
+    assert sum(bool(re.search(r"\bLDG\.E\.128\b", ln)) for ln in total) == 8 * bn // 64
+    assert len(re.findall(r"\bATOMG\.E\.ADD\b", sass)) == 1 and not re.search(r"\bATOMG\b", plain)
+    assert "MEMBAR" in sass and "CCTL.IVALL" in sass
+
+
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
 def test_gluon_kernel_waits_for_the_launch_before_where_its_pdl_mode_says(gate_up, pdl):
     # programmatic dependent launch (mxkernels/pdl.py): griddepcontrol.wait is ACQBULK in the sm_90 code and
