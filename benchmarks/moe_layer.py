@@ -215,14 +215,13 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
 # modes read from the environment per launch
-ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "amax": "MXSERVE_ROW_AMAX_IN_GEMM", "sum": "MXSERVE_SUM_IN_GEMM"}
+ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "sum": "MXSERVE_SUM_IN_GEMM"}
 MODES = ("pdl", *ENV_MODES)
 
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
-    them), the SiLU in stream-K's gate/up launch ("silu"), the down GEMM's row maxima taken by gate/up ("amax") and the
-    top-k sum in stream-K's down launch ("sum")."""
+    them), the SiLU in stream-K's gate/up launch ("silu") and the top-k sum in stream-K's down launch ("sum")."""
     from mxkernels import pdl
 
     def run():
@@ -340,13 +339,11 @@ PREFILL_VARIANTS = {"row-major dequantized tile": {"kmajor": False, "dequant": F
                     # since the twenty-fifth session (moe.PREFILL_GROUP_M): the launch's order beside it
                     "launch order": {"group_m": 0},
                     "down GEMM 8 blocks at a time": {"group_m": 0, "down_tiles": {"group_m": 8}}}
-# the fp8 layer's prefill variants (twenty-fourth session): 8 and 16 blocks at a time, and the down GEMM's per-token
-# maxima taken by gate/up's launches with its rows quantized as loaded (MXSERVE_ROW_AMAX_IN_GEMM=1: no quantization
-# pass over the intermediate, 138 MB at 4096 tokens of DeepSeek-V2-Lite; but each N tile reads the rows in bf16)
+# the fp8 layer's prefill variants (twenty-fourth session): the launch order, 16 blocks at a time and the down GEMM
+# alone 8 at a time. (The down GEMM's per-token maxima taken by gate/up's launches, its rows quantized as loaded, took
+# 1.27 to 1.31x the layer's time on the H200 in the twenty-fifth session and were removed.)
 FP8_PREFILL_VARIANTS = {"launch order": {"group_m": 0}, "16 blocks at a time": {"group_m": 16},
-                        "down GEMM 8 blocks at a time": {"group_m": 0, "down_tiles": {"group_m": 8}},
-                        "row maxima in gate/up": {"amax": True},
-                        "row maxima in gate/up, 8 blocks at a time": {"amax": True, "group_m": 8}}
+                        "down GEMM 8 blocks at a time": {"group_m": 0, "down_tiles": {"group_m": 8}}}
 
 
 @dataclass(eq=False)  # one job is one job, whatever its fields

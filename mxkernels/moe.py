@@ -243,7 +243,7 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
           static: bool = True, silu: tuple[torch.Tensor, torch.Tensor] | None = None,
-          row_amax: torch.Tensor | None = None, topk_sum: tuple | None = None) -> None:  # fmt: skip
+          topk_sum: tuple | None = None) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
@@ -251,19 +251,15 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
     dependent launch the down GEMM loads them before it waits (pdl.py). ``silu`` (intermediate, counters): stream-K's
-    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete).
-    ``row_amax`` (row_amax_in_gemm: Triton launches of split 1 only) [rows] fp32 zeros: gate/up takes each stored row's
-    |max| into it; down takes it as its rows' maxima, its fp8 codes quantizing the bf16 rows as they load them, and
-    launches no quantization pass. ``topk_sum`` (y, counters, scale, k, slots): stream-K's down launch also stores the
-    layer's output (moe_gemm_gluon._sum_once_complete)."""
+    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete). ``topk_sum``
+    (y, counters, scale, k, slots): stream-K's down launch also stores the layer's output
+    (moe_gemm_gluon._sum_once_complete)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
     amax = torch.empty(1, device=a.device)
     a8 = torch.empty(1, dtype=torch.float8_e4m3fn, device=a.device)
-    if not gate_up and row_amax is not None:
-        amax = row_amax
-    elif arena.codes_mask & _ACT_QUANT_CODES:  # per-token scales (and fp8 rows), once per GEMM
+    if arena.codes_mask & _ACT_QUANT_CODES:  # per-token scales (and fp8 rows), once per GEMM
         amax, a8 = row_quant(a_all, bool(arena.codes_mask & (1 << CODE_FP8)), slots and (a.shape[0], *slots))
     n = arena.n // 2 if gate_up else arena.n
     for codes, tiles in launches:
@@ -275,15 +271,12 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                         a_div, gate_up, tiles, n, codes, static, silu, topk_sum)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
-                         num_valid, a_div, gate_up, tiles, n, codes, row_amax)  # fmt: skip
+                         num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
 
 
 def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
-                 num_valid, a_div, gate_up, tiles: Tiles, n: int, codes: int,
-                 row_amax: torch.Tensor | None = None) -> None:  # fmt: skip
+                 num_valid, a_div, gate_up, tiles: Tiles, n: int, codes: int) -> None:  # fmt: skip
     grid = (block_expert.numel(), triton.cdiv(n, tiles.bn), tiles.split)
-    if row_amax is not None and ((gate_up and tiles.split > 1) or arena.rotation_seed is not None):
-        raise ValueError("row maxima taken in the GEMM need an unsplit gate/up launch and unrotated input")
     mx_moe_gemm_kernel[grid](
         a_all,
         rot_off,
@@ -294,7 +287,6 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         out,
         out.stride(-2),
         out.stride(0) if tiles.split > 1 else 0,
-        row_amax if row_amax is not None else amax,  # gate/up's: unread unless ROW_AMAX
         sorted_ids,
         block_expert,
         num_post_pad,
@@ -325,8 +317,6 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         FOLD_Z=tiles.fold_zero and tiles.fma,
         KMAJOR=tiles.kmajor,
         GROUP_M=0 if tiles.swap else tiles.group_m,
-        ROW_AMAX=gate_up and row_amax is not None,
-        QUANT_A=not gate_up and row_amax is not None and bool(codes & arena.codes_mask & (1 << CODE_FP8)),
         num_warps=tiles.warps,
         num_stages=tiles.stages,
         **({"maxnreg": tiles.maxnreg} if tiles.maxnreg and not INTERPRET else {}),
@@ -709,13 +699,6 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
         out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
-    # the down GEMM's per-token maxima taken by gate/up's launches as they store the rows: one atomic max per row and
-    # N tile, instead of a pass over the intermediate (at 4096 tokens of DeepSeek-V2-Lite in fp8, 92 MB read and
-    # 46 MB written again); apart, the shared experts' launches on their own stream would need the zeros first
-    amax_rows = (torch.zeros(rows, dtype=torch.float32, device=dev)
-                 if row_amax_in_gemm() and down.codes_mask & _ACT_QUANT_CODES and down.rotation_seed is None
-                 and not apart and not stream_k and split_gu == 1 and not any(t.gluon for _, t in l_gu)
-                 else None)  # fmt: skip
 
     y = alloc(x.shape[0], down.n, dtype=torch.bfloat16, device=dev) if sum_counts is not None else None
 
@@ -733,7 +716,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq, silu=silu, row_amax=amax_rows, topk_sum=topk_sum)  # fmt: skip
+                      static=not dq, silu=silu, topk_sum=topk_sum)  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu,
              silu=(inter, counts) if counts is not None else None)  # fmt: skip
@@ -959,13 +942,6 @@ def moe_gemms(
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
-
-
-def row_amax_in_gemm() -> bool:
-    """Whether gate/up's unsplit Triton launches take the down GEMM's per-token maxima as they store the rows, and the
-    down GEMM quantizes its fp8 rows as it loads them, with no quantization pass between (prefill of fp8 and
-    integer-activation experts): ``MXSERVE_ROW_AMAX_IN_GEMM=1`` (read per forward), opt-in until timed."""
-    return os.environ.get("MXSERVE_ROW_AMAX_IN_GEMM", "0") == "1"
 
 
 # tokens up to which stream-K's down launch takes the top-k sum (sum_in_gemm): the program completing an N tile sums

@@ -122,32 +122,6 @@ def _bf16(x, F32: tl.constexpr):
 
 
 @triton.jit
-def _fp8_codes(x, inv, ROUND: tl.constexpr):
-    """``x`` [ROWS, BLOCK] (fp32) in float8_e4m3fn, times ``inv`` [ROWS], each row's IEEE reciprocal of its scale
-    amax / 448 (Triton's "/" on fp32 is approximate; a quotient per element, div.rn, is a call and a branch in the
-    sm_90 SASS), rounded to nearest even (|q| <= 448: nothing to saturate). The codes of act_quant.row_quant and of
-    the fp8 GEMM quantizing its rows as it loads them (_mm_fp8's QUANT_A)."""
-    q = x * inv[:, None]
-    if ROUND:  # the interpreter: rounded here; the GPU's cvt rounds the same by itself
-        q = _e4m3_grid(q)
-    return q.to(tl.float8e4nv)
-
-
-@triton.jit
-def _e4m3_grid(q):
-    """``q`` rounded to the nearest float8_e4m3fn value (ties to even), still in fp32, so that the
-    conversion after is exact: Triton's interpreter (CI) drops the carry when rounding into fp8
-    (125.7 became 64); the GPU's cvt gives these same values (tests/test_act_quant.py on the H200)."""
-    a = tl.abs(q)
-    bits = a.to(tl.int32, bitcast=True)
-    # normal range (from 2**-6): 3 mantissa bits kept, the 20 below rounded off
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-    # subnormals are multiples of 2**-9: 2**14 + a rounds a to one in fp32's arithmetic
-    sub = (a + 16384.0) - 16384.0
-    return tl.where(q < 0, -1.0, 1.0) * tl.where(a < 0.015625, sub, normal)
-
-
-@triton.jit
 def _load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K):
     kk = k0 + offs_k
     return tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
@@ -418,22 +392,17 @@ def _fp8_step(acc, aq, wf_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.cons
 
 
 @triton.jit
-def _mm_fp8(amax_ptr, a_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up, mask_n,
-            k_lo, k_hi, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-            PAIR: tl.constexpr, QUANT_A: tl.constexpr, F32: tl.constexpr):  # fmt: skip
-    amax = _row_amax(amax_ptr, rows, mask_m)
-    a_s = tl.div_rn(amax, 448.0)  # exact division, as torch
-    inv = tl.math.div_rn(tl.zeros_like(amax) + 448.0, amax)  # QUANT_A's codes: as act_quant.row_quant's
+def _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up, mask_n, k_lo,
+            k_hi, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+            PAIR: tl.constexpr):  # fmt: skip
+    a_s = tl.div_rn(_row_amax(amax_ptr, rows, mask_m), 448.0)  # exact division, as torch
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
     offs_k = tl.arange(0, BK)
     for k0 in range(k_lo, k_hi, BK):
-        if QUANT_A:  # the bf16 rows quantized here, each N tile again, instead of by a pass of their own
-            aq = _fp8_codes(_load_a(a_ptr, rows, offs_k, k0, mask_m, stride_am, K).to(tl.float32), inv, F32)
-        else:
-            # A was quantized to fp8 per token once per launch (moe.py): loaded like the weights,
-            # asynchronously, instead of being converted in registers for every N tile
-            aq = _load_a(a8_ptr, rows, offs_k, k0, mask_m, stride_am, K)
+        # A was quantized to fp8 per token once per launch (moe.py): loaded like the weights,
+        # asynchronously, instead of being converted in registers for every N tile
+        aq = _load_a(a8_ptr, rows, offs_k, k0, mask_m, stride_am, K)
         acc = _fp8_step(acc, aq, wf_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP)
         if PAIR:
             acc2 = _fp8_step(acc2, aq, wf_ptr, w_off, cols + n_up, mask_n, offs_k, k0, K, SWAP)
@@ -489,8 +458,7 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
                  w_off, s_off, z_off, group, cols, n_up, mask_n, k_lo, k_hi, K, one, CODES: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
                  SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr, K128: tl.constexpr,
-                 PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr, KMAJOR: tl.constexpr,
-                 QUANT_A: tl.constexpr):  # fmt: skip
+                 PREFETCH: tl.constexpr, FOLD_Z: tl.constexpr, KMAJOR: tl.constexpr):  # fmt: skip
     """The expert's tile for columns ``cols`` and, with PAIR, for ``cols + n_up`` (else zeros)."""
     acc = _zeros(BM, BN, SWAP, tl.float32)
     acc2 = _zeros(BM, BN, SWAP, tl.float32)
@@ -507,8 +475,8 @@ def _expert_tile(code, a_ptr, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, s
                                       SWAP, SCALE_AFTER, PAIR, F32, K128, PREFETCH, FOLD_Z, KMAJOR)  # fmt: skip
     if CODES & 64:
         if code == 6:
-            acc, acc2 = _mm_fp8(amax_ptr, a_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols,
-                                n_up, mask_n, k_lo, k_hi, K, BM, BN, BK, SWAP, PAIR, QUANT_A, F32)  # fmt: skip
+            acc, acc2 = _mm_fp8(amax_ptr, a8_ptr, rows, mask_m, stride_am, wf_ptr, sc_ptr, w_off, s_off, cols, n_up,
+                                mask_n, k_lo, k_hi, K, BM, BN, BK, SWAP, PAIR)  # fmt: skip
     for bits in tl.static_range(4, 9, 4):  # w4a4 (code 7), w8a8 int (code 8)
         if CODES & (1 << (6 + bits // 4)):
             if code == 6 + bits // 4:
@@ -533,7 +501,6 @@ def mx_moe_gemm_kernel(
     out_ptr,
     stride_om,
     split_stride,
-    row_amax_ptr,
     sorted_ids_ptr,
     block_expert_ptr,
     num_post_pad_ptr,
@@ -563,8 +530,6 @@ def mx_moe_gemm_kernel(
     PREFETCH: tl.constexpr = False,  # weight-only codes: load the next K tile first (CUDA-core path)
     FOLD_Z: tl.constexpr = False,  # weight-only codes: zero points off each weight (CUDA-core path)
     KMAJOR: tl.constexpr = False,  # weight-only prefill (SWAP 0): dequantized K-major, transposed into the MMA
-    ROW_AMAX: tl.constexpr = False,  # gate/up unsplit: each stored row's |max| into row_amax_ptr (atomic max)
-    QUANT_A: tl.constexpr = False,  # fp8 codes: A is bf16 rows, quantized as loaded with amax_ptr's maxima
     GROUP_M: tl.constexpr = 0,  # unswapped: programs taken GROUP_M blocks at a time, each over every N tile (0: off)
 ):
     if K128:  # K % 128 == 0: packed rows are whole 16-byte words, so code loads can be 16 bytes wide
@@ -618,7 +583,7 @@ def mx_moe_gemm_kernel(
     res, up = _expert_tile(code, a_base, rows, mask_m, stride_am, wi_ptr, wb_ptr, wf_ptr, sc_ptr, zp_ptr,
                            amax_base, a8_base, w_off, s_off, z_off, group, cols, N, mask_n, k_lo, k_hi, K, one,
                            CODES, BM, BN, BK, SWAP, SCALE_AFTER, GATE_UP, F32, K128, PREFETCH, FOLD_Z,
-                           KMAJOR and not SWAP and not SCALE_AFTER, QUANT_A)  # fmt: skip
+                           KMAJOR and not SWAP and not SCALE_AFTER)  # fmt: skip
     mask = _per_m(mask_m, SWAP) & _per_n(mask_n, SWAP)
     out = out_ptr + pid_s * split_stride + _per_m(ids, SWAP) * stride_om + _per_n(cols, SWAP)
     if GATE_UP:
@@ -632,9 +597,6 @@ def mx_moe_gemm_kernel(
             up = _bf16(up, F32).to(tl.float32)
             res = _bf16(res / (1.0 + tl.exp(-res)) * up, F32)  # SiLU(gate) * up
             tl.store(out, res, mask=mask)
-            if ROW_AMAX:  # the down GEMM's per-token scales, max by max over the N tiles (moe.row_amax_in_gemm)
-                m = tl.where(mask, tl.abs(res.to(tl.float32)), 0.0)
-                tl.atomic_max(row_amax_ptr + ids, tl.max(m, axis=0 if SWAP else 1), mask=mask_m, sem="relaxed")
     else:
         res = res * _per_m(tl.load(route_w_ptr + ids, mask=mask_m, other=0.0), SWAP)
         if PARTIAL:

@@ -90,9 +90,11 @@
 #      (~13 min). Run
 #      as `start 35 37 36`.
 #  37. (only when asked: `start 37`) prefill with the programs taken a few blocks at a time (Tiles.group_m) and with
-#      the down GEMM's row maxima taken by gate/up (MXSERVE_ROW_AMAX_IN_GEMM=1): their kernel tests, DeepSeek-V2-Lite's
+#      the down GEMM's row maxima taken by gate/up (MXSERVE_ROW_AMAX_IN_GEMM=1, removed since): their kernel tests, DeepSeek-V2-Lite's
 #      prefill layer beside every baseline in two rotated rounds, each variant's kernels launch by launch, then its fp8
 #      tiles tuned over those fields (~13 min).
+#  38. (only when asked: `start 38`) phase 36's SGLang tests and every kernel GPU test side by side (~13 min), after the
+#      row maxima in gate/up were removed (twenty-sixth session).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -712,7 +714,7 @@ phase35() {
   pkill -f "[s]glang.launch_server"
 }
 
-phase36() {
+phase36_sglang() {
   # the fused router, the default since the twenty-second session, served by the other architectures' SGLang tests
   # (Qwen3-MoE, OLMoE, Mixtral; DeepSeek-V2 keeps SGLang's router), PDL's and the laid-out rows' SGLang tests
   mkdir -p $res/tests
@@ -721,6 +723,10 @@ phase36() {
    say "sglang PDL and laid-out rows tests rc=$? $(tail -1 $res/tests/sglang_pdl.log)") &
   sglang_tests qwen3_moe olmoe mixtral
   wait
+}
+
+phase36() {
+  phase36_sglang
   kernel_tests > $res/tests/kernels_all.log 2>&1
 }
 
@@ -745,8 +751,6 @@ phase37() {
     "${prof[@]}" --scheme w8a8fp8
     "${prof[@]}" --scheme w8a8fp8 --set group_m=8
     "${prof[@]}" --scheme w8a8fp8 --set down_tiles.group_m=8
-    MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8
-    MXSERVE_ROW_AMAX_IN_GEMM=1 "${prof[@]}" --scheme w8a8fp8 --set group_m=8
     "${prof[@]}"
     "${prof[@]}" --set group_m=8
   } > $res/profile_prefill_grouped.txt 2>&1
@@ -755,6 +759,14 @@ phase37() {
     --grid bm=128 bn=128,256 bk=128 warps=8 stages=3,4 group_m=0,8,16 --out $res/tiles/nvidia-h200.json \
     > $res/tiles.log 2>&1
   say "fp8 tiles tuned over group_m and BN 256 rc=$?"
+}
+
+phase38() {
+  # phase 36's tests with the kernel GPU tests beside them rather than after (untimed; the servers are small)
+  mkdir -p $res/tests
+  kernel_tests > $res/tests/kernels_all.log 2>&1 &
+  phase36_sglang
+  wait
 }
 
 phase7() {
@@ -772,7 +784,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36 phase37);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -476,17 +476,16 @@ def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
     from mxkernels import moe, pdl
 
     monkeypatch.delenv("MXSERVE_SILU_IN_GEMM", raising=False)
-    monkeypatch.delenv("MXSERVE_ROW_AMAX_IN_GEMM", raising=False)
     monkeypatch.delenv("MXSERVE_SUM_IN_GEMM", raising=False)
     seen = []
 
     def look():
-        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.row_amax_in_gemm(), moe.sum_in_gemm()))
+        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.sum_in_gemm()))
 
     moe_layer.in_modes(look, {"silu": True, "pdl": True})()
-    moe_layer.in_modes(look, moe_layer.FP8_PREFILL_VARIANTS["row maxima in gate/up, 8 blocks at a time"])()
+    moe_layer.in_modes(look, moe_layer.FP8_PREFILL_VARIANTS["16 blocks at a time"])()
     moe_layer.in_modes(look, moe_layer.DECODE_VARIANTS["stream-K, SiLU and top-k sum in the GEMM"])()
-    assert seen == [(True, True, False, False), (False, False, True, False), (False, True, False, True)]
+    assert seen == [(True, True, False), (False, False, False), (False, True, True)]
     assert not pdl.ENABLED and not {v for v in moe_layer.ENV_MODES.values() if v in os.environ}
     assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]
 

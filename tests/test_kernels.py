@@ -394,63 +394,6 @@ def test_tuned_prefill_tiles_are_looked_up_and_compute_right(monkeypatch, tmp_pa
         assert e < BOUND, (key, e)
 
 
-@pytest.mark.parametrize("layout,dispatch", [("prefill", "single"), ("prefill-dequant", "grouped"),
-                                             ("swapped", "single")])  # fmt: skip
-def test_down_rows_quantized_from_gate_ups_maxima_compute_what_the_quantization_pass_does(monkeypatch, layout,
-                                                                                          dispatch):  # fmt: skip
-    """MXSERVE_ROW_AMAX_IN_GEMM=1: gate/up's launches take each intermediate row's |max| (an atomic max per N tile)
-    and the down GEMM's fp8 experts quantize their bf16 rows as they load them, its integer-activation experts take
-    those maxima: every output element (NaN-poisoned) bit for bit what the quantization pass between gives, and that
-    pass is gone (gate/up's input still has its own). Every scheme mixed; the swapped tiles reduce the other axis. The
-    shared expert in the routed launches: in launches of their own (on a second stream) it keeps the pass."""
-    from kernel_cases import make_experts, route
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-
-    gen = torch.Generator().manual_seed(6)
-    experts = make_experts(ALL, 128, 128, 18, 1, "rtn", gen, "cpu")
-    x = torch.randn(9, 128, generator=gen).to(torch.bfloat16)
-    ids, w = route(9, 18, 2, gen)
-    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
-    passes, real = [], moe.row_quant
-    monkeypatch.setattr(moe, "row_quant", lambda a, *args: passes.append(a.shape) or real(a, *args))
-    outs = []
-    for on in ("0", "1"):
-        monkeypatch.setenv("MXSERVE_ROW_AMAX_IN_GEMM", on)
-        outs.append(moe.moe_gemms(x, ids, w, gu, dn, 18, poison=True, dispatch=dispatch, shared_apart=False,
-                                  **LAYOUTS[layout]))  # fmt: skip
-    assert passes == [(9, 128), (27, 128), (9, 128)], passes  # the intermediate's (token, slot) rows: once, without
-    for a, b in zip(*outs):
-        assert torch.isfinite(b).all() and torch.equal(a, b)
-
-
-def test_row_maxima_in_the_gemm_stay_out_where_a_launch_cannot_take_them(monkeypatch):
-    # rotated input (the maxima are of the rotated copy's rows) and gate/up split over K (the SiLU after the sums):
-    # the quantization pass stays, and the outputs are those without the option
-    from kernel_cases import make_experts, route
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-
-    gen = torch.Generator().manual_seed(7)
-    plain = make_experts(["w8a8fp8", "w4a4"], 128, 128, 4, 0, "rtn", gen, "cpu")
-    rotated = make_experts(["w8a8fp8", "w4a4"], 128, 128, 4, 0, "gptq-had", gen, "cpu")
-    x = torch.randn(5, 128, generator=gen).to(torch.bfloat16)
-    ids, w = route(5, 4, 2, gen, skew=False)
-    passes, real = [], moe.row_quant
-    monkeypatch.setattr(moe, "row_quant", lambda a, *args: passes.append(a.shape) or real(a, *args))
-    for experts, tiles in ((rotated, LAYOUTS["prefill"]), (plain, LAYOUTS["split-unswapped"])):
-        gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
-        outs = []
-        for on in ("0", "1"):
-            monkeypatch.setenv("MXSERVE_ROW_AMAX_IN_GEMM", on)
-            passes.clear()
-            outs.append(moe.moe_gemms(x, ids, w, gu, dn, 4, poison=True, **tiles))
-            assert len(passes) == 2, (on, passes)
-        assert all(torch.equal(a, b) for a, b in zip(*outs))
-
-
 def test_grouped_program_order_computes_what_the_launch_order_computes():
     """Tiles.group_m: the programs of the unswapped layout taken a few blocks at a time over every N tile (the last
     group smaller) compute every output element (NaN-poisoned) with the same bits: each tile is computed as before,

@@ -577,13 +577,10 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("mode", ["group_m", "row_amax"])
-def test_prefill_grouped_order_and_row_maxima_in_gate_up_compute_the_same_layer_cuda(mode, monkeypatch):
+def test_prefill_grouped_order_computes_the_same_layer_cuda():
     # DeepSeek-V2-Lite's expert shape at 1100 tokens (6 routed slots and 2 shared), fp8, int8-activation, weight-only
     # and bf16 experts mixed, in the tiles the H200's table picks: the programs taken 8 blocks at a time
-    # (Tiles.group_m, the prefill default), or the down GEMM's row maxima taken by gate/up's launches
-    # (MXSERVE_ROW_AMAX_IN_GEMM=1, its fp8 rows quantized as loaded), write every element (NaN-poisoned) bit for bit as
-    # the launch order and the quantization pass do
+    # (Tiles.group_m, the prefill default) write every element (NaN-poisoned) bit for bit as the launch order does
     from kernel_cases import route
 
     from mxkernels.moe import moe_gemms
@@ -594,7 +591,5 @@ def test_prefill_grouped_order_and_row_maxima_in_gate_up_compute_the_same_layer_
     x = torch.randn(1100, 2048, generator=gen).to(torch.bfloat16).cuda()
     ids, w = ids.cuda(), w.cuda()
     want = moe_gemms(x, ids, w, gu, dn, 16, poison=True, group_m=0)
-    if mode == "row_amax":
-        monkeypatch.setenv("MXSERVE_ROW_AMAX_IN_GEMM", "1")
-    got = moe_gemms(x, ids, w, gu, dn, 16, poison=True, **({} if mode == "group_m" else {"group_m": 0}))
+    got = moe_gemms(x, ids, w, gu, dn, 16, poison=True, group_m=8)
     assert_same_gemms(got, want)
