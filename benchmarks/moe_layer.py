@@ -213,28 +213,21 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
     return tiered_plan(e, ne, k, skewed, dev, [("w4a16g128", 1), ("w2a16g128", 1)])
 
 
-# layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl), and the
-# modes read from the environment per launch
-ENV_MODES = {"silu": "MXSERVE_SILU_IN_GEMM", "sum": "MXSERVE_SUM_IN_GEMM"}
-MODES = ("pdl", *ENV_MODES)
+# layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl)
+MODES = ("pdl",)
 
 
 def in_modes(fn, modes: dict):
     """``fn`` run in the launch modes ``modes`` asks for: programmatic dependent launches ("pdl", on a GPU that has
-    them), the SiLU in stream-K's gate/up launch ("silu") and the top-k sum in stream-K's down launch ("sum")."""
+    them)."""
     from mxkernels import pdl
 
     def run():
         pdl.ENABLED = bool(modes.get("pdl"))
-        for mode, var in ENV_MODES.items():
-            if modes.get(mode):
-                os.environ[var] = "1" if modes[mode] is True else str(modes[mode])
         try:
             return fn()
         finally:
             pdl.ENABLED = False
-            for var in ENV_MODES.values():
-                os.environ.pop(var, None)
 
     return run
 
@@ -304,17 +297,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout with every launch of the layer a programmatic dependent launch (MXSERVE_PDL=1, mxkernels/pdl.py;
     # twenty-second session): the down GEMM's first K tile loaded while the launch before ends
     "PDL": {"pdl": True},
-    # stream-K's gate/up launch storing SiLU(gate) * up once a (block, N tile) pair's K is complete, in place of the
-    # SiLU launch (MXSERVE_SILU_IN_GEMM=1, twenty-third session), alone and with PDL
-    "stream-K, SiLU in the GEMM": {"stream_k": True, "silu": True},
-    "stream-K, SiLU in the GEMM, PDL": {"stream_k": True, "silu": True, "pdl": True},
     # (the GEMMs' L2 prefetch, MXSERVE_L2_PREFETCH, twenty-third session: 1.8 to 2x the layer's time on the H200,
-    # removed in the twenty-fifth: results/moe_layer_h200_s25_decode.md)
-    # stream-K's down launch storing the layer's output once an N tile's K is complete over every block, in place of
-    # the top-k sum's launch (MXSERVE_SUM_IN_GEMM=1, twenty-fifth session): with the SiLU in gate/up, a layer of two
-    # launches after the router's; and with PDL
-    "stream-K, SiLU and top-k sum in the GEMM": {"stream_k": True, "silu": True, "sum": True},
-    "stream-K, SiLU and top-k sum in the GEMM, PDL": {"stream_k": True, "silu": True, "sum": True, "pdl": True},
+    # removed in the twenty-fifth: results/moe_layer_h200_s25_decode.md; the SiLU in stream-K's gate/up launch and
+    # the top-k sum in its down launch, MXSERVE_SILU_IN_GEMM and MXSERVE_SUM_IN_GEMM, twenty-third and twenty-fifth
+    # sessions: no faster in the layer there, slower end to end, removed in the twenty-sixth)
     # the down GEMM's stream-K grid with more programs an SM (twenty-fifth session): uncapped, ptxas gives its kernel 72
     # to 102 registers (106 to 124 under the cap of 128), so 5 to 7 programs fit an SM where 4 run, each with a K tile
     # of weights in flight (down reached 34% of bandwidth at 8 tokens); and capped at 80 (6 fit; a few spills)

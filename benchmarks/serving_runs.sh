@@ -14,10 +14,8 @@
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
-#                                                    # FEWER=1: also with the rows laid out by the router,
-#                                                    # the SiLU in the gate/up launch and the top-k sum in
-#                                                    # the down launch; ALL=1: also with
-#                                                    # all of them and PDL)
+#                                                    # FEWER=1: also with the rows laid out by the router;
+#                                                    # ALL=1: also with that and PDL)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -95,10 +93,9 @@ elif [ "$what" = qwen15-24 ]; then
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
   # FEWER=1 adds a server with fewer launches a layer: the rows laid out by the router's launch
-  # (MXSERVE_ROUTER_ALIGN=1, which also computes the shared experts' scale), the SiLU in stream-K's gate/up launch
-  # (MXSERVE_SILU_IN_GEMM=1) and the top-k sum in its down launch (MXSERVE_SUM_IN_GEMM=1); with PDL=1, also
-  # one with PDL too
-  fewer=(MXSERVE_ROUTER_ALIGN=1 MXSERVE_SILU_IN_GEMM=1 MXSERVE_SUM_IN_GEMM=1)
+  # (MXSERVE_ROUTER_ALIGN=1, which also computes the shared experts' scale); with PDL=1, also one with PDL too.
+  # (Until the twenty-sixth session it also had the SiLU and the top-k sum in the GEMMs, since removed)
+  fewer=(MXSERVE_ROUTER_ALIGN=1)
   [ -z "${FEWER:-}" ] || grouped+=(--ckpt "$name-fewer=$work/q15-24-$name"
     "${fewer[@]/#/--server-env=mxserve-$name-fewer=}")
   [ -z "${FEWER:-}" ] || [ -z "${PDL:-}" ] || [ -n "${ALL:-}" ] || grouped+=(--ckpt "$name-fewer-pdl=$work/q15-24-$name"

@@ -68,15 +68,13 @@ def moe_combine_kernel(
 
 @dataclass
 class TopKSum:
-    """What a forward's top-k sum takes besides the slot outputs, for the launch that sums (:func:`combine`, or
-    stream-K's down GEMM: moe.sum_in_gemm): ``k`` routed slots a token, the shared slots' ``scale`` [T] fp32 or
-    ``gate`` (x [T, H], g [H]: sigmoid(x . g) computed by the sum; moe_gemms takes the router's scale in its
-    place where the router computed it), and ``y``, set where the down GEMM's launch stored the output."""
+    """What a forward's top-k sum (:func:`combine`) takes besides the slot outputs: ``k`` routed slots a token, the
+    shared slots' ``scale`` [T] fp32 or ``gate`` (x [T, H], g [H]: sigmoid(x . g) computed by the sum; moe_gemms
+    takes the router's scale in its place where the router computed it)."""
 
     k: int
     scale: torch.Tensor | None = None
     gate: tuple[torch.Tensor, torch.Tensor] | None = None
-    y: torch.Tensor | None = None
 
 
 def combine(out: torch.Tensor, k: int, scale: torch.Tensor | None,

@@ -28,7 +28,7 @@ import triton
 
 from mxkernels import dequant, router
 from mxkernels.act_quant import row_quant
-from mxkernels.align import KERNEL_MAX_ROWS, alignment, capacity, route, shared_rows
+from mxkernels.align import KERNEL_MAX_ROWS, alignment, route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
 from mxkernels.combine import TopKSum, combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
@@ -242,18 +242,14 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
-          static: bool = True, silu: tuple[torch.Tensor, torch.Tensor] | None = None,
-          topk_sum: tuple | None = None) -> None:  # fmt: skip
+          static: bool = True) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
     (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
-    dependent launch the down GEMM loads them before it waits (pdl.py). ``silu`` (intermediate, counters): stream-K's
-    gate/up also stores SiLU(gate) * up into the intermediate (moe_gemm_gluon._silu_once_complete). ``topk_sum``
-    (y, counters, scale, k, slots): stream-K's down launch also stores the layer's output
-    (moe_gemm_gluon._sum_once_complete)."""
+    dependent launch the down GEMM loads them before it waits (pdl.py)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -268,7 +264,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes, static, silu, topk_sum)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
@@ -339,9 +335,7 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True,
-                silu: tuple[torch.Tensor, torch.Tensor] | None = None,
-                topk_sum: tuple | None = None) -> None:  # fmt: skip
+                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
@@ -356,21 +350,11 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     codes &= KERNEL_CODES
     splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
     kernel = _gluon_kernel()
-    if silu is not None and not (gate_up and tiles.stream_k):
-        raise ValueError("SiLU in the GEMM: stream-K's gate/up only")
-    if topk_sum is not None and (gate_up or not tiles.stream_k):
-        raise ValueError("the top-k sum in the GEMM: stream-K's down only")
-    # inter_ptr and count_ptr: gate/up's intermediate and pair counters (SiLU), or down's output and N-tile counters
-    pair = silu if silu is not None else topk_sum[:2] if topk_sum is not None else (out, out)
     args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
-            *pair, n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+            n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
-                  num_warps=WARPS, **({"SILU": True} if silu is not None else {}))  # fmt: skip
-    if topk_sum is not None:  # the layer's output into y, a counter per N tile (inter_ptr and count_ptr's places)
-        y, _, scale, k, slots = topk_sum
-        consts.update(SUM=True, TOPK=k, SLOTS=slots, HAS_SCALE=scale is not None,
-                      scale_ptr=scale if scale is not None else y)  # fmt: skip
+                  num_warps=WARPS)  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -378,8 +362,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         cap = tiles.maxnreg or STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), silu is not None,
-               consts.get("SUM", False), cap, most, a_all.device)  # fmt: skip
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
+               a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -592,7 +576,6 @@ class _Layout:
     # stream-K with the shared experts started early: recorded on their stream once ``sums`` is zeroed, so that
     # the routed launches wait for the zeroing alone, not for the shared experts' launches after it
     zeroed: torch.cuda.Event | None = None
-    y: torch.Tensor | None = None  # the layer's output [T, H] bf16, where stream-K's down launch sums (sum_in_gemm)
 
 
 def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
@@ -678,64 +661,44 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # twenty-first session)
     apart = not dq and (early or not stream_k) and _shared_apart(slots - top_k, per_expert, shared_apart)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
-    sums = counts = sum_counts = None
+    sums = None
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
-        # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment), and with the SiLU in the
-        # gate/up launch its counters too (int32 zeros: an fp32 zero's bits), a (block, N tile) pair each
-        pairs = n_sum = 0
-        if silu_in_gemm() and not apart:  # apart, two launches would count the same blocks' pairs
-            pairs = capacity(rows, gate_up.n_experts, bm) // bm * triton.cdiv(gate_up.n // 2, gluon_bn(l_gu[0][1]))
-        t_down = l_dn[0][1]
-        if sum_in_gemm() and not apart and t_down.gluon and t_down.stream_k and x.shape[0] <= SUM_MOST_TOKENS:
-            n_sum = triton.cdiv(down.n, gluon_bn(t_down))  # a counter per N tile, then its tokens' sums
-        sums = torch.empty(rows * (gate_up.n + down.n) + pairs + n_sum, dtype=torch.float32, device=dev)
+        # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment)
+        sums = torch.empty(rows * (gate_up.n + down.n), dtype=torch.float32, device=dev)
         ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
-        out = sums[rows * gate_up.n : rows * (gate_up.n + down.n)].view(1, rows, down.n)
-        tail = sums[rows * (gate_up.n + down.n) :].view(torch.int32)
-        counts = tail[:pairs] if pairs else None
-        sum_counts = tail[pairs:] if n_sum else None
+        out = sums[rows * gate_up.n :].view(1, rows, down.n)
         split_gu = 1
     else:
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
         out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
 
-    y = alloc(x.shape[0], down.n, dtype=torch.bfloat16, device=dev) if sum_counts is not None else None
-
-    def experts(ids, block_expert, num_post_pad, first: int, count: int, topk_sum: TopKSum | None = None) -> None:
-        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token; with ``topk_sum``
-        (all slots) the down launch also stores the layer's output where it can (sets ``topk_sum.y``)."""
+    def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
+        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
         chunk = dequant_chunk(src_gu, src_dn) if dq else 0
         scratch = torch.empty(max(dequant.scratch_elems(a, chunk) for a in (src_gu, src_dn)), dtype=torch.bfloat16,
                               device=dev) if dq else None  # fmt: skip
 
-        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None, silu=None,
-                 topk_sum=None) -> None:  # fmt: skip
+        def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None) -> None:
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq, silu=silu, topk_sum=topk_sum)  # fmt: skip
+                      static=not dq)  # fmt: skip
 
-        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu,
-             silu=(inter, counts) if counts is not None else None)  # fmt: skip
-        if ws is not None and counts is None:
+        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
+        if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
                 ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET,
                 PDL=pdl(dev), **launch(dev),
             )  # fmt: skip
-        summed = None
-        if y is not None and topk_sum is not None and topk_sum.gate is None:  # the gate's dot stays combine's
-            summed = (y, sum_counts, topk_sum.scale, topk_sum.k, slots)
-            topk_sum.y = y
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
-        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None,
-             topk_sum=summed)
+        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
 
     zeroed = torch.cuda.Event() if apart and sums is not None and dev.type == "cuda" else None
-    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed, y)
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -892,8 +855,7 @@ def moe_gemms(
     routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT; ``started``: the shared experts
     launched already (:func:`start_shared`) or the rows laid out by the router (:func:`route_and_lay_out`, for
     this very top-k), used where it was started for this forward, else ignored; ``topk_sum``: the forward's top-k sum,
-    which the down launch takes where it can (sum_in_gemm: ``topk_sum.y`` is then the layer's output), with the
-    router's shared scale in place of its gate where the router computed it;
+    given the router's shared scale in place of its gate where the router computed it;
     ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
     early = started is not None and started.fits(x, k, gate_up, down,
@@ -914,7 +876,7 @@ def moe_gemms(
             _beside(main, side, on_side)
         if lay.sums is not None and not started.zeroed:
             lay.sums.zero_()
-        lay.experts(*started.routed, 0, lay.slots, topk_sum)
+        lay.experts(*started.routed, 0, lay.slots)
         if side is not None and on_side is not None:
             main.wait_stream(side)
         return lay.inter, lay.out
@@ -928,7 +890,7 @@ def moe_gemms(
         ids = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3]
         if side is not None and fork:
             main.wait_stream(side)  # the sums zeroed before the launches add into them
-        lay.experts(*ids, 0, lay.slots, topk_sum)
+        lay.experts(*ids, 0, lay.slots)
         return lay.inter, lay.out
     if not early:
         # the shared experts need no routing: their launches go first, on a second stream where there
@@ -942,25 +904,6 @@ def moe_gemms(
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
-
-
-# tokens up to which stream-K's down launch takes the top-k sum (sum_in_gemm): the program completing an N tile sums
-# its tokens 8 at a time, one round trip to L2 each, where the sum's own launch takes a program per token
-SUM_MOST_TOKENS = 16
-
-
-def sum_in_gemm() -> bool:
-    """Whether stream-K's down launch stores the layer's output itself (each N tile's once its K is complete over every
-    block), in place of the top-k sum's launch (up to SUM_MOST_TOKENS tokens; not where the sum computes the shared
-    experts' gate: the router's launch does that when it lays out the rows): ``MXSERVE_SUM_IN_GEMM=1`` (read per
-    forward), opt-in until timed."""
-    return os.environ.get("MXSERVE_SUM_IN_GEMM", "0") == "1"
-
-
-def silu_in_gemm() -> bool:
-    """Whether stream-K's gate/up launch stores SiLU(gate) * up itself, once a (block, N tile) pair's K is complete,
-    in place of the SiLU launch: ``MXSERVE_SILU_IN_GEMM=1`` (read per forward), opt-in until timed."""
-    return os.environ.get("MXSERVE_SILU_IN_GEMM", "0") == "1"
 
 
 def _zero_and(sums: torch.Tensor | None, launch: Callable[[], None] | None) -> None:
@@ -1024,6 +967,4 @@ def mx_moe_forward(
     elif slots > k and shared_scale is not None:
         total.scale = shared_scale.float().reshape(t).contiguous()
     _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, topk_sum=total, **override)
-    if total.y is not None:  # stream-K's down launch summed (sum_in_gemm)
-        return total.y
     return combine(out.view(out.shape[0], t, slots, h), k, total.scale, total.gate)

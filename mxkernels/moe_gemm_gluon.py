@@ -313,73 +313,14 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
 
 
 @gluon.jit
-def _silu_once_complete(gate, inter, mask, count, mine, k_tiles, N):
-    """Stream-K's gate/up: the program whose sums complete a (block, N tile) pair's K (``mine`` K tiles of
-    ``k_tiles``: a counter per pair, zeroed with the sums, adds them up) stores SiLU(gate) * up of the pair into the
-    intermediate, rounded as the SiLU launch rounds it (gate and up to bf16 first), in place of that launch."""
-    tl.debug_barrier()  # every warp's sums added before the count releases them
-    if gl.atomic_add(count, mine, sem="acq_rel") + mine == k_tiles:  # acquire: every program's sums of the pair
-        g = _bf16(gl.load(gate, mask=mask, other=0.0)).to(gl.float32)
-        u = _bf16(gl.load(gate + N, mask=mask, other=0.0)).to(gl.float32)
-        gl.store(inter, _bf16(g / (1.0 + gl.exp(-g)) * u), mask=mask)
-
-
-@gluon.jit
-def _sum_once_complete(out_ptr, y_ptr, scale_ptr, count, mine, k_total, pid_n, n_tok, N, BN: gl.constexpr,
-                       TOPK: gl.constexpr, SLOTS: gl.constexpr, HAS_SCALE: gl.constexpr):  # fmt: skip
-    """Stream-K's down GEMM: the program whose sums complete N tile ``pid_n`` over every block (``mine`` K tiles of
-    ``k_total``, counted in ``count``, zeroed with the sums) stores that tile's columns of the layer's output ``y``
-    [tokens, N] bf16: each token's routed slots summed in fp32 and rounded, then its shared slots' sum (times
-    ``scale`` [tokens] fp32 where HAS_SCALE) added and rounded again, as combine.moe_combine_kernel does in its own
-    launch, which then does not run."""
-    tl.debug_barrier()  # every warp's sums added before the count releases them
-    if gl.atomic_add(count, mine, sem="acq_rel") + mine == k_total:  # acquire: every program's sums of the tile
-        # [tokens, columns], a row of 64 columns per 16 lanes; the slots' loads of a chunk of tokens all in flight
-        L: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [_WARPS, 1], [1, 0])
-        BT: gl.constexpr = 2 * _WARPS
-        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
-        for t0 in range(0, n_tok, BT):
-            toks = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, L))
-            mask = (toks < n_tok)[:, None] & (cols < N)[None, :]
-            row = out_ptr + (toks * SLOTS)[:, None] * N + cols[None, :]
-            acc = gl.zeros([BT, BN], gl.float32, layout=L)
-            for s in gl.static_range(TOPK):
-                acc += gl.load(row + s * N, mask=mask, other=0.0)
-            if SLOTS > TOPK:
-                shared = gl.zeros([BT, BN], gl.float32, layout=L)
-                for s in gl.static_range(TOPK, SLOTS):
-                    shared += gl.load(row + s * N, mask=mask, other=0.0)
-                if HAS_SCALE:
-                    shared = shared * gl.load(scale_ptr + toks, mask=toks < n_tok, other=0.0)[:, None]
-                acc = _bf16(acc).to(gl.float32) + shared  # the routed sum is bf16 before the shared add
-            gl.store(y_ptr + toks[:, None] * N + cols[None, :], _bf16(acc), mask=mask)
-
-
-@gluon.jit
-def _bf16(x):
-    """fp32 ``x`` to bf16, to nearest even. Triton's interpreter (CI) truncates, so there on the bits first, as
-    moe_gemm._bf16 (a compiled kernel's conversion rounds)."""
-    if not _ASM:
-        u = x.to(gl.uint32, bitcast=True)
-        x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(gl.float32, bitcast=True)
-    return x.to(gl.bfloat16)
-
-
-@gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, magic,
-           pid_m, pid_n, pid_s, split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr,
-           BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr,
-           MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, SILU: gl.constexpr = False,
-           scale_ptr=None, sum_total=0, SUM: gl.constexpr = False, TOPK: gl.constexpr = 1, SLOTS: gl.constexpr = 1,
-           HAS_SCALE: gl.constexpr = False):  # fmt: skip
+           route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
+           split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
+           BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
+           A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
-    ``out`` with atomics (several programs share a tile's K); with SILU (gate/up) the program that completes the
-    pair's K also stores its SiLU(gate) * up into ``inter`` (_silu_once_complete); with SUM (down) the program that
-    completes an N tile's K over all ``sum_total`` K tiles of its blocks stores the layer's output there
-    (``inter_ptr``: y, ``count_ptr``: a counter per N tile; _sum_once_complete). Nothing for another launch's
-    expert."""
+    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
     expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
     # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
@@ -426,10 +367,6 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             if STREAM_K:
                 gl.atomic_add(out, acc, mask=mask, sem="relaxed")
                 gl.atomic_add(out + N, acc2, mask=mask, sem="relaxed")
-                if SILU:
-                    _silu_once_complete(out, inter_ptr + ids[None, :] * N + rows_o[:, None], mask,
-                                        count_ptr + pid_m * gl.cdiv(N, BN) + pid_n, (k_b - k_a) // _BK, K // _BK,
-                                        N)  # fmt: skip
             elif PARTIAL:
                 gl.store(out, acc, mask=mask)
                 gl.store(out + N, acc2, mask=mask)
@@ -442,9 +379,6 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
             if STREAM_K:
                 gl.atomic_add(out, res, mask=mask, sem="relaxed")
-                if SUM:
-                    _sum_once_complete(out_ptr, inter_ptr, scale_ptr, count_ptr + pid_n, (k_b - k_a) // _BK,
-                                       sum_total, pid_n, num_valid // SLOTS, N, BN, TOPK, SLOTS, HAS_SCALE)  # fmt: skip
             elif PARTIAL:
                 gl.store(out, res, mask=mask)
             else:
@@ -454,19 +388,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
-                             zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div, split, code_splits, magic,
-                             GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-                             PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             PDL: gl.constexpr = 0, SILU: gl.constexpr = False, scale_ptr=None,
-                             SUM: gl.constexpr = False, TOPK: gl.constexpr = 1, SLOTS: gl.constexpr = 1,
-                             HAS_SCALE: gl.constexpr = False):  # fmt: skip
-    # SUM (stream-K's down): the layer's output, the top-k sum of combine.py, into ``inter_ptr`` [tokens, N] bf16 by
-    # the program completing each N tile, counted in ``count_ptr`` (an int32 per N tile, zero at the launch; TOPK
-    # routed slots of SLOTS a token, the shared ones times ``scale_ptr`` [tokens] where HAS_SCALE), in place of the
-    # top-k sum's launch.
-    # SILU (stream-K's gate/up): SiLU(gate) * up into ``inter_ptr`` [rows, N] bf16 by the program completing each
-    # (block, N tile) pair, counted in ``count_ptr`` (an int32 per pair, zero at the launch), in place of the SiLU
-    # launch; otherwise both are unused.
+                             zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
+                             CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
+                             SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
+                             PDL: gl.constexpr = 0):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -503,10 +428,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
             hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
-                   magic, unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD,
-                   True, MMA, A_OP, B_OP, PDL == 2, SILU, scale_ptr, total // n_tiles, SUM, TOPK, SLOTS,
-                   HAS_SCALE)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
+                   unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
+                   MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -522,9 +446,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         pid_m = lin // (n_tiles * splits)
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
-                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, inter_ptr, count_ptr, N, K, num_valid, a_div,
-                   magic, pid_m, pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD,
-                   False, MMA, A_OP, B_OP, PDL == 2, False)  # fmt: skip
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
+                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
+                   A_OP, B_OP, PDL == 2)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -467,27 +467,17 @@ def test_cold_start_writes_its_table_and_ratios_after_every_run(tmp_path):
     assert (tmp_path / "cold_start.md").read_text() == md + "\n" and "| mx-warm#3 | 66.0 |" in md
 
 
-def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes(monkeypatch):
-    # a layout's "pdl" and "silu" fields are launch modes, not tiles: set while the layer runs, off after it
-    import os
-
+def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes():
+    # a layout's "pdl" field is a launch mode, not a tile field: set while the layer runs, off after it
     import moe_layer
 
-    from mxkernels import moe, pdl
+    from mxkernels import pdl
 
-    monkeypatch.delenv("MXSERVE_SILU_IN_GEMM", raising=False)
-    monkeypatch.delenv("MXSERVE_SUM_IN_GEMM", raising=False)
     seen = []
-
-    def look():
-        seen.append((pdl.ENABLED, moe.silu_in_gemm(), moe.sum_in_gemm()))
-
-    moe_layer.in_modes(look, {"silu": True, "pdl": True})()
-    moe_layer.in_modes(look, moe_layer.FP8_PREFILL_VARIANTS["16 blocks at a time"])()
-    moe_layer.in_modes(look, moe_layer.DECODE_VARIANTS["stream-K, SiLU and top-k sum in the GEMM"])()
-    assert seen == [(True, True, False), (False, False, False), (False, True, True)]
-    assert not pdl.ENABLED and not {v for v in moe_layer.ENV_MODES.values() if v in os.environ}
-    assert {"silu": True, "stream_k": True} == moe_layer.DECODE_VARIANTS["stream-K, SiLU in the GEMM"]
+    moe_layer.in_modes(lambda: seen.append(pdl.ENABLED), moe_layer.DECODE_VARIANTS["PDL"])()
+    moe_layer.in_modes(lambda: seen.append(pdl.ENABLED), moe_layer.FP8_PREFILL_VARIANTS["16 blocks at a time"])()
+    assert seen == [True, False] and not pdl.ENABLED
+    assert moe_layer.DECODE_VARIANTS["PDL"] == {"pdl": True}
 
 
 def test_tile_tuning_takes_a_grid_of_its_own():

@@ -10,25 +10,24 @@ import re
 
 import pytest
 import torch
-from kernel_cases import GLUON, GLUON_SCHEMES, assert_same_gemms, gemm_errors
+from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors
 from sass_tools import disassemble, in_fresh_process
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
 POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "block_expert_ptr": "*i64",
             "num_post_pad_ptr": "*i64", "route_w_ptr": "*fp32", "meta_ptr": "*i64", "wi_ptr": "*i32",
-            "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "inter_ptr": "*bf16",
-            "count_ptr": "*i32", "scale_ptr": "*fp32"}  # fmt: skip
+            "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0, silu: bool = False, total: bool = False) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {silu}, {total})"
+          stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, pdl: int = 0, silu: bool = False, total: bool = False) -> str:  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -38,9 +37,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     params = mx_moe_gemm_gluon_kernel.arg_names
     # by default bf16, w2, w3, w4 and w8 experts
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl, "SILU": silu, "SUM": total,
-              # the top-k sum in stream-K's down launch: Qwen1.5's 4 routed and 4 shared slots, scaled
-              "TOPK": 4 if total else 1, "SLOTS": 8 if total else 1, "HAS_SCALE": total}  # fmt: skip
+              "STREAM_K": stream_k, "PDL": pdl}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     # as the launcher's arguments specialize on real shapes (every N of the served models is a multiple of 16)
     aligned = set(POINTERS) | {"stride_am", "K", "N"}
@@ -51,7 +48,7 @@ def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, 
     cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(silu)}{int(total)}")
+                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -124,29 +121,6 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     inner = _k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
-
-
-@pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111101, 64)])
-def test_gluon_kernel_takes_the_top_k_sum_after_its_k_loops_within_its_register_cap(codes, bn):
-    # MXSERVE_SUM_IN_GEMM (moe_gemm_gluon._sum_once_complete) in stream-K's down launch: the K loops as without it,
-    # no spill anywhere, the tile's counter taken by one atomic add (acquire and release), and the sums' loads
-    # 16 bytes at a time (a lane's 4 columns)
-    sass, plain = (_sass(False, False, codes, 8, bn, True, total=t) for t in (True, False))
-    assert not re.search(r"\b(STL|LDL)\b", sass), "spills"
-    # the K loops store nothing; the sum's loop over chunks of tokens stores them. The K loops' registers are
-    # allocated around the sum's: a few uniform-register moves more (Triton 3.9: 2 to 5 of 116 to 228), no spill
-    def stores(loop):
-        return any(re.search(r"\bSTG\b", ln) for ln in loop)
-
-    total = [loop for loop in _loops(sass, innermost=True) if stores(loop)]
-    assert len(total) == 1 and not any(stores(loop) for loop in _loops(plain, innermost=True))
-    total = total[0]
-    k_loops = [sorted(len(loop) for loop in _loops(x, innermost=True) if not stores(loop)) for x in (sass, plain)]
-    assert all(abs(a - b) <= 6 for a, b in zip(*k_loops)) and len(k_loops[0]) == len(k_loops[1]), k_loops
-    # a chunk of tokens: each of the 8 slots' rows loaded 16 bytes a lane (4 columns)
-    assert sum(bool(re.search(r"\bLDG\.E\.128\b", ln)) for ln in total) == 8 * bn // 64
-    assert len(re.findall(r"\bATOMG\.E\.ADD\b", sass)) == 1 and not re.search(r"\bATOMG\b", plain)
-    assert "MEMBAR" in sass and "CCTL.IVALL" in sass
 
 
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
@@ -364,97 +338,11 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
-@pytest.mark.parametrize("t, bm, bn", [(3, 8, 64), (20, 16, 128)])
-def test_gluon_kernel_stream_k_takes_the_silu_once_a_pair_is_complete(interpreted_gluon, monkeypatch, t, bm, bn):
-    # MXSERVE_SILU_IN_GEMM=1: the stream-K gate/up program that completes a (block, N tile) pair's K stores its
-    # SiLU(gate) * up (a counter a pair, zeroed with the sums), and no SiLU launch runs: the same intermediate
-    # and outputs as with that launch (the interpreter adds the sums in one order), every element written; the
-    # counters are left at their pairs' K tiles
-    from kernel_cases import make_experts, route
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-
-    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(t)
-    experts = make_experts(["w4a16g128", "w2a16g128", "bf16", "w8a16"], 256, 384, 12, 2, "rtn", gen, "cpu")
-    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
-    x = torch.randn(t, 256, generator=gen).bfloat16()
-    ids, w = route(t, 12, 2, gen)
-    silu_launches = []
-    spy = moe.silu_mul_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            silu_launches.append(grid)
-            return spy[grid]
-
-    monkeypatch.setattr(moe, "silu_mul_kernel", Spy())
-    tiles = dict(bm=bm, bn=bn)
-    want = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, **tiles)
-    assert len(silu_launches) == 1
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
-    sums = []
-    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: sums.append(s) or g(s, f))
-    got = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, **tiles)
-    assert len(silu_launches) == 1  # none more
-    assert_same_gemms(got, want)
-    rows = t * 4
-    counts = sums[0][rows * (gu.n + dn.n) :].view(torch.int32)
-    n_tiles = -(-(gu.n // 2) // bn)
-    assert counts.numel() % n_tiles == 0 and set(counts.tolist()) == {0, 256 // 128}, counts  # K = 256: 2 tiles
-
-
-@pytest.mark.parametrize("t, n_shared, shared, bn", [
-    (3, 2, "scale", 64), (5, 2, "none", 128),  # shared experts scaled (Qwen2-MoE's gate, given) or not (DeepSeek-V2)
-    (4, 0, "none", 64),  # routed experts only
-    (17, 2, "scale", 64),  # past SUM_MOST_TOKENS: the sum's own launch
-    (3, 2, "gate", 64),  # the gate's dot left to the sum's launch (no router computed the scale)
-])  # fmt: skip
-def test_gluon_kernel_stream_k_takes_the_top_k_sum_once_an_n_tile_is_complete(interpreted_gluon, monkeypatch, t,
-                                                                              n_shared, shared, bn):  # fmt: skip
-    # MXSERVE_SUM_IN_GEMM=1: the stream-K down program that completes an N tile's K over every block stores that
-    # tile's columns of the layer's output (a counter an N tile, zeroed with the sums), and no top-k sum launch runs:
-    # the same output as that launch's, bit for bit (the interpreter adds the sums in one order), every element
-    # written; the counters are left at the tile's K tiles over every block. Where it cannot, the sum's launch runs
-    from kernel_cases import make_experts, route
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-
-    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(t)
-    experts = make_experts(["w4a16g128", "w2a16g128", "bf16", "w8a16"], 256, 256, 12, n_shared, "rtn", gen, "cpu")
-    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
-    x = torch.randn(t, 256, generator=gen).bfloat16()
-    ids, w = route(t, 12, 2, gen)
-    scale = torch.sigmoid(torch.randn(t, 1, generator=gen)) if shared == "scale" else None
-    gate = (torch.randn(256, generator=gen) * 0.05).bfloat16() if shared == "gate" else None
-    sums, sums_launched = [], []
-    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums_launched.append(1) or f(*a))
-    want = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, gate, poison=True, bn=bn)
-    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
-    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: sums.append(s) or g(s, f))
-    got = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, gate, poison=True, bn=bn)
-    summed = t <= moe.SUM_MOST_TOKENS and shared != "gate"
-    assert len(sums_launched) == 1 + (not summed)
-    assert torch.isfinite(got).all() and torch.equal(got, want)
-    # the counters, laid out before the forward knows whether its sum needs the gate's dot
-    tail = sums[0][t * (2 + n_shared) * (gu.n + dn.n) :].view(torch.int32)
-    assert tail.numel() == (-(-dn.n // bn) if t <= moe.SUM_MOST_TOKENS else 0)
-    if summed:  # each tile's K tiles (2 of down's K = 256) over every block of rows
-        assert len(set(tail.tolist())) == 1 and tail[0] > 0 and tail[0] % 2 == 0, tail
-    else:
-        assert not tail.any()
-
-
-def test_the_router_computes_the_shared_scale_for_the_top_k_sum_in_the_gemm(interpreted_gluon, monkeypatch):
+def test_the_router_computes_the_shared_scale_for_the_top_k_sum(interpreted_gluon, monkeypatch):
     # route_and_lay_out given Qwen2-MoE's shared-expert gate: its launch also computes sigmoid(x . gate), and the
-    # forward given the same gate takes it, so stream-K's down launch sums (MXSERVE_SUM_IN_GEMM=1) with no launch of
-    # the sum; the layer as the plain router's, the alignment's and the sum computing the gate (within 1%: the
-    # scale's dot and stream-K's sums in other orders). Another gate weight is not taken for it
+    # forward given the same gate takes it, so the top-k sum's launch scales by it and computes no dot; the layer as
+    # the plain router's, the alignment's and the sum computing the gate (within 1%: the scale's dot and stream-K's
+    # sums in other orders). Another gate weight is not taken for it
     from kernel_cases import make_experts
 
     from mxkernels import moe
@@ -463,7 +351,6 @@ def test_the_router_computes_the_shared_scale_for_the_top_k_sum_in_the_gemm(inte
 
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
     gen = torch.Generator().manual_seed(3)
     experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
     gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
@@ -471,25 +358,26 @@ def test_the_router_computes_the_shared_scale_for_the_top_k_sum_in_the_gemm(inte
     gate = (torch.randn(1, 256, generator=gen) * 0.05).bfloat16()  # as SGLang's Linear(H, 1) weight
     x = torch.randn(5, 256, generator=gen).bfloat16()
     launched = []
-    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: launched.append(a[3] is not None) or f(*a))
+    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: launched.append((a[2] is not None,
+                                                                                  a[3] is not None)) or f(*a))
     w, ids, _ = fused_router(x, router_w, 2, True)
     want = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate).float()
-    assert launched == [True]  # the sum computed the gate
+    assert launched == [(False, True)]  # the sum computed the gate
     w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, shared_gate=gate)
     assert started.scale_for(gate.reshape(-1)) is started.scale[1] and started.scale_for(gate.clone()) is None
     assert torch.allclose(started.scale[1], torch.sigmoid(x.float() @ gate.float().T).reshape(-1), atol=1e-6)
     got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
-    assert started.taken and launched == [True]  # no sum launched
+    assert started.taken and launched == [(False, True), (True, False)]  # the sum took the router's scale
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("t", [1, 3])
-def test_a_decode_layer_with_every_launch_option_is_three_launches(interpreted_gluon, monkeypatch, t):
+def test_a_decode_layer_with_the_rows_laid_out_by_the_router_launches_no_alignment(interpreted_gluon, monkeypatch, t):
     # Qwen2-MoE's decode layer on stream-K with the rows laid out by the router (which also zeroes the sums, counts the
-    # routing and computes the shared scale: route_and_lay_out, MXSERVE_ROUTER_ALIGN's path), the SiLU in gate/up
-    # (MXSERVE_SILU_IN_GEMM=1) and the top-k sum in down (MXSERVE_SUM_IN_GEMM=1): the router's launch, gate/up's and
-    # down's, nothing else launched (no torch fill either), and the layer within 1% of the plain launches' (the plain
-    # router, the alignment, the SiLU, the sum computing the gate: the scale's dot and the sums in other orders)
+    # routing and computes the shared scale: route_and_lay_out, MXSERVE_ROUTER_ALIGN's path): the router's launch,
+    # gate/up's, the SiLU's, down's and the top-k sum's, nothing else launched (no alignment, no torch fill), and the
+    # layer within 1% of the plain launches' (the plain router, the alignment, the sum computing the gate: the
+    # scale's dot and the sums in other orders)
     from kernel_cases import make_experts
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -514,13 +402,12 @@ def test_a_decode_layer_with_every_launch_option_is_three_launches(interpreted_g
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.__name__) or run(
         self, *a, **kw))  # fmt: skip
     monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: fills.append(s) or g(s, f))
-    for var in ("MXSERVE_SILU_IN_GEMM", "MXSERVE_SUM_IN_GEMM"):
-        monkeypatch.setenv(var, "1")
     counter = ExpertCounter(8)
     w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, count=counter.kernel_args(),
                                                shared_gate=gate)  # fmt: skip
     got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
-    assert launched == ["fused_router_kernel", "mx_moe_gemm_gluon_kernel", "mx_moe_gemm_gluon_kernel"], launched
+    assert launched == ["fused_router_kernel", "mx_moe_gemm_gluon_kernel", "silu_mul_kernel",
+                        "mx_moe_gemm_gluon_kernel", "moe_combine_kernel"], launched
     assert started.taken and started.zeroed and started.counted and not fills
     assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()).item() < 1e-2
 
@@ -544,13 +431,12 @@ def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted
     assert taken == [True] * 6
 
 
-@pytest.mark.parametrize("t, per_program, zero_most, silu", [(1, 1, 4096, "0"), (5, 64, 4096, "1"), (3, 1, 0, "1")])
+@pytest.mark.parametrize("t, per_program, zero_most", [(1, 1, 4096), (5, 64, 4096), (3, 1, 0)])
 def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_gluon, monkeypatch, t, per_program,
-                                                                    zero_most, silu):  # fmt: skip
+                                                                    zero_most):  # fmt: skip
     # route_and_lay_out on the stream-K grid (decode's default): the router's launch lays out the rows of routed and
     # shared experts together and zeroes the sums (zero_most 0: too few programs for it, the forward fills them),
-    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%);
-    # silu "1": the SiLU in the gate/up launch, its counters zeroed with the sums
+    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%)
     from kernel_cases import router_lay_out_case
 
     from mxkernels import moe, router
@@ -558,7 +444,6 @@ def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
     monkeypatch.setattr(router, "ZERO_MOST", zero_most)
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", silu)
     taken = []
     monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
     router_lay_out_case("cpu", t, 2, per_program, close=True)

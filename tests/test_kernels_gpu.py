@@ -438,18 +438,14 @@ def test_fused_router_lays_out_the_rows_as_the_alignment_launch_cuda(t, graph, p
 
 
 @pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("stream_k", ["0", "1", "silu"])
+@pytest.mark.parametrize("stream_k", ["0", "1"])
 @pytest.mark.parametrize("graph", [False, True])
 def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k, graph, monkeypatch):
     # route_and_lay_out then the forward, against the router, the alignment and the forward: on stream-K (shared
-    # experts in the routed launches, the sums zeroed by the router; "silu": with the SiLU in the gate/up launch, its
-    # counters zeroed with them) within 1%; on the unbalanced grid (no shared experts there: decode launches them
-    # apart, and the router routes only) bit for bit
+    # experts in the routed launches, the sums zeroed by the router) within 1%; on the unbalanced grid (no shared
+    # experts there: decode launches them apart, and the router routes only) bit for bit
     from kernel_cases import router_lay_out_case
 
-    if stream_k == "silu":
-        monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
-        stream_k = "1"
     monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
     router_lay_out_case("cuda", t, 2 if stream_k == "1" else 0, graph=graph, close=stream_k == "1")
 
@@ -501,47 +497,13 @@ def test_the_router_laying_out_the_rows_counts_them_for_the_layer_cuda(t, graph,
     assert layer.counter.snapshot() == want.snapshot()
 
 
-@pytest.mark.parametrize("t", [1, 8, 24])
-@pytest.mark.parametrize("graph", [False, True])
-def test_stream_k_takes_the_silu_once_a_pair_is_complete_cuda(t, graph, monkeypatch):
-    # MXSERVE_SILU_IN_GEMM=1 at Qwen1.5's shape (18 experts, 2 shared, top-4; gate/up K = 2048 in 16 tiles dealt
-    # over the grid): the counters' release and acquire across programs, zeroed with the sums for every replay of
-    # a CUDA graph; the intermediate and outputs within 1% of the SiLU launch's (the sums' order differs), every
-    # element written
-    from kernel_cases import route
-
-    from mxkernels.moe import moe_gemms
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(t)
-    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
-
-    def draw():
-        ids, w = route(t, 18, 4, gen)
-        return torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
-
-    def refill():
-        for old, new in zip((x, ids, w), draw()):
-            old.copy_(new)
-
-    x, ids, w = draw()
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
-    got = moe_gemms(x, ids, w, gu, dn, 18, poison=True)
-    if graph:
-        got = _replayed(lambda: moe_gemms(x, ids, w, gu, dn, 18, poison=True), refill)
-    torch.cuda.synchronize()
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
-    assert_same_gemms(got, moe_gemms(x, ids, w, gu, dn, 18, poison=True), close=True)
-
-
 @pytest.mark.parametrize("t", [1, 8, 16])
 @pytest.mark.parametrize("graph", [False, True])
-def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t, graph, monkeypatch):
-    # MXSERVE_SUM_IN_GEMM=1 (with the SiLU in gate/up too) at Qwen1.5's shape (18 experts, 2 shared, top-4; down's N =
-    # 2048 in 32 tiles): the router's launch lays out the rows and computes the shared experts' scale by Qwen2-MoE's
-    # gate, and the down launch's programs that complete each N tile store the output, no sum launched: the
-    # counters' release and acquire across programs, zeroed with the sums for every replay of a CUDA graph; within
-    # 1% of the plain router, alignment and sum computing the gate (the sums' order differs), every element written
+def test_the_top_k_sum_takes_the_routers_shared_scale_cuda(t, graph, monkeypatch):
+    # Qwen1.5's shape (18 experts, 2 shared, top-4) on stream-K: the router's launch lays out the rows and computes
+    # the shared experts' scale by Qwen2-MoE's gate, and the top-k sum takes that scale (no dot of its own), for every
+    # replay of a CUDA graph too; within 1% of the plain router, alignment and sum computing the gate (the sums'
+    # order differs)
     from mxkernels import moe
     from mxkernels.router import fused_router
 
@@ -552,7 +514,8 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
     gate = (torch.randn(1, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
     x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
     sums = []
-    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums.append(1) or f(*a))
+    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums.append((a[2] is not None, a[3] is not None))
+                        or f(*a))  # fmt: skip
 
     def layer(x):
         # no poison: a forward of other launch options than the router's layout lays its rows out again (unwritten
@@ -562,18 +525,14 @@ def test_stream_k_down_takes_the_top_k_sum_with_the_routers_shared_scale_cuda(t,
         assert started.taken  # no synchronizing check here: the graph's pass is captured
         return out
 
-    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "1")
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "1")
     got = layer(x)
     if graph:
         got = _replayed(lambda: layer(x), lambda: x.copy_(torch.randn(t, 2048, generator=gen).to(torch.bfloat16)))
     torch.cuda.synchronize()
-    assert not sums
-    monkeypatch.setenv("MXSERVE_SUM_IN_GEMM", "0")
-    monkeypatch.setenv("MXSERVE_SILU_IN_GEMM", "0")
+    assert sums and set(sums) == {(True, False)}  # the router's scale, no gate's dot
     w, ids, _ = fused_router(x, router_w, 4, True)
     want = moe.mx_moe_forward(x, ids, w, gu, dn, 18, None, gate).float()
-    assert sums and torch.isfinite(got).all()
+    assert sums[-1] == (False, True) and torch.isfinite(got).all()
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 

@@ -148,16 +148,8 @@ out["gluon_16"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 16, 0
 pdl.ENABLED = True
 out["gluon_stream_k_pdl"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
 pdl.ENABLED = False
-# and with the SiLU in stream-K's gate/up launch (MXSERVE_SILU_IN_GEMM=1): a gate/up variant of its own
-os.environ["MXSERVE_SILU_IN_GEMM"] = "1"
-out["gluon_stream_k_silu"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
-os.environ.pop("MXSERVE_SILU_IN_GEMM")
-# and with the top-k sum in stream-K's down launch (MXSERVE_SUM_IN_GEMM=1): a down variant of its own; with Qwen2-MoE's
-# shared gate the sum's launch computes the gate (its own variant), unless the router's launch computed the scale
-os.environ["MXSERVE_SUM_IN_GEMM"] = "1"
-out["gluon_stream_k_sum"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1]), 12, 0)
+# and with Qwen2-MoE's shared gate: the top-k sum's launch computes the gate (its own variant)
 out["gluon_stream_k_gate"] = compare(LayerKernels(256, 256, 16, 2, both, both[::-1], shared_gate=True), 12, 0)
-os.environ.pop("MXSERVE_SUM_IN_GEMM")
 rec = record_variants([LayerKernels(256, 256, 16, 2, both, both[::-1])], [12], target, 132, 0)
 out["stream_k_grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
 # a prefill of more rows than the one-program alignment takes (2100 tokens x 4 slots), with fp8 experts:
@@ -189,7 +181,7 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
     # every kernel it launches already compiled, the Gluon kernel's included
     for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
-                 "gluon_stream_k_silu", "gluon_stream_k_sum", "gluon_stream_k_gate", "prefill_fp8"):  # fmt: skip
+                 "gluon_stream_k_gate", "prefill_fp8"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
@@ -206,14 +198,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert "gemm_gluon_fma" in out[case]["kernels"] and "gemm" not in out[case]["kernels"], case
     assert out["gluon_fma_packed"]["entries"][0] != out["gluon_fma"]["entries"][0]  # a variant of its own
     assert out["gluon_stream_k"]["entries"][0] != out["gluon"]["entries"][0]
-    # the SiLU in the gate/up launch: that launch's variant differs, and the SiLU launch's is gone
-    silu, plain = (set(out[c]["entries"][0]) for c in ("gluon_stream_k_silu", "gluon_stream_k"))
-    assert len(silu - plain) == 1 and len(plain - silu) == 2
-    # the top-k sum in the down launch: that launch's variant differs, and the sum's launch is gone; with the gate, the
-    # sum's launch computes it (the down launch's variant has no sum then, as without the option)
-    total = set(out["gluon_stream_k_sum"]["entries"][0])
-    assert len(total - plain) == 1 and len(plain - total) == 2
-    gated = set(out["gluon_stream_k_gate"]["entries"][0])
+    # with the gate, the top-k sum's launch computes it: that launch's variant differs, the GEMMs' do not
+    plain, gated = (set(out[c]["entries"][0]) for c in ("gluon_stream_k", "gluon_stream_k_gate"))
     assert len(gated - plain) == 1 and len(plain - gated) == 1
     assert out["gluon_16"]["entries"][0] == out["gluon"]["entries"][0]
     # every launch of the chain compiled for programmatic launch, but the routing count's (on the second stream)
