@@ -1,8 +1,7 @@
 """The decode router's launch time on the GPU: SGLang's (the gate's GEMM, then its top-k) against
 mxkernels.router.fused_router with 1 to all experts a program, with and without programmatic dependent
-launch (MXSERVE_PDL); and the router followed by the alignment's launch (stream-K's zero fill and the routing
-count beside it, on a second stream, as mxkernels.moe runs them) against the router's launch laying out the rows,
-zeroing the sums and counting the routing itself (MXSERVE_ROUTER_ALIGN, MixedExperts.route).
+launch (MXSERVE_PDL). (Until the twenty-sixth session it also timed the router's launch laying out the rows,
+MXSERVE_ROUTER_ALIGN, since removed: results/router_h200_s25.md.)
 
     python3 benchmarks/router.py --out DIR [--hidden 2048 --experts 60 --top-k 4 --tokens 1 8 32 64]
 
@@ -65,19 +64,13 @@ def main() -> None:
     ap.add_argument("--renormalize", action="store_true")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--per-program", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
-    ap.add_argument("--aligned", type=int, nargs="+", default=[1, 64], help="experts a program, laying out rows")
-    ap.add_argument("--shared", type=int, default=4, help="shared experts (slots after the top-k)")
-    ap.add_argument("--inter", type=int, default=1408, help="the experts' intermediate size (stream-K's sums)")
-    ap.add_argument("--bm", type=int, default=8, help="rows a block of the grouped GEMMs")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--replays", type=int, default=200)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("router.py: needs a CUDA GPU")
     from mxkernels import pdl
-    from mxkernels.align import alignment, route
-    from mxkernels.router import fused_router, zeroes_in_launch
-    from router_stats import ExpertCounter
+    from mxkernels.router import fused_router
 
     os.makedirs(a.out, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -98,35 +91,6 @@ def main() -> None:
                 print(f"router.py: SGLang's router failed at {t} tokens ({type(e).__name__}: {e})", file=sys.stderr)
                 sglang = None
         want = fused_router(x, w, a.top_k, a.renormalize)[1]
-        slots = a.top_k + a.shared
-        sums = torch.empty(t * slots * (2 * a.inter + a.hidden), dtype=torch.float32, device=x.device)
-        al = alignment(t, a.top_k, a.experts + a.shared, a.experts, a.bm, device=x.device)
-        side = torch.cuda.Stream()
-        counter = ExpertCounter(a.experts).to(x.device)  # the layer's routing counter, as served (router_stats)
-        sgate = (torch.randn(a.hidden, generator=gen) * 0.05).to(torch.bfloat16).cuda()  # Qwen2-MoE's shared gate
-        scale = torch.empty(t, dtype=torch.float32, device=x.device)
-
-        def apart(bn: int) -> None:
-            """The router's launch, then the alignment's, the sums zeroed and the routing counted beside it
-            (moe.moe_gemms)."""
-            tw, ids, _ = fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                sums.zero_()
-                counter.record(ids)
-            route(ids, tw, a.experts + a.shared, a.experts, a.bm, w=al.w)
-            torch.cuda.current_stream().wait_stream(side)
-
-        def laid_out(bn: int, gated: bool = False) -> None:
-            """The router's launch laying out the rows, zeroing the sums and counting (MixedExperts.route); ``gated``:
-            and computing the shared experts' scale by Qwen2-MoE's gate."""
-            zero = sums if zeroes_in_launch(t, a.experts, bn, sums.numel()) else None
-            fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn, align=al, zero=zero,
-                         count=counter.kernel_args(), shared=(sgate, scale) if gated else None)  # fmt: skip
-            counter.mirrored()
-            if zero is None:
-                sums.zero_()
-
         for bn in a.per_program:
             for on in (False, True):
                 pdl.ENABLED = on and pdl.capable(x.device)
@@ -138,17 +102,6 @@ def main() -> None:
                 us = time_graph(lambda bn=bn: fused_router(x, w, a.top_k, a.renormalize, experts_per_program=bn),
                                 a.layers, a.replays)  # fmt: skip
                 row[f"fused {bn}{' pdl' if on else ''}"] = round(us, 2)
-        for on in (False, True):
-            pdl.ENABLED = on and pdl.capable(x.device)
-            if on and not pdl.ENABLED:
-                continue
-            for bn in a.aligned:
-                tag = f"{bn}{' pdl' if on else ''}"
-                row[f"router+align {tag}"] = round(time_graph(lambda bn=bn: apart(bn), a.layers, a.replays), 2)
-                row[f"laid out {tag}"] = round(time_graph(lambda bn=bn: laid_out(bn), a.layers, a.replays), 2)
-                if a.shared:
-                    row[f"laid out {tag} gated"] = round(time_graph(lambda bn=bn: laid_out(bn, True), a.layers,
-                                                                    a.replays), 2)  # fmt: skip
         pdl.ENABLED = False
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -161,11 +114,7 @@ def main() -> None:
     lines = [f"# The decode router's launch, {meta['device']}", "", f"Command: `{cmd}`", "",
              f"us per launch ({a.layers} launches back to back in a CUDA graph), gate {a.experts} x {a.hidden}, "
              f"top-{a.top_k}; `fused N`: mxkernels.router with N experts a program (N >= experts: one program a "
-             "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait; "
-             f"`router+align N`: that router, then the alignment's launch of {a.shared} shared slots more (blocks of "
-             f"{a.bm} rows), stream-K's sums zeroed and the routing counted beside it on a second stream; `laid out "
-             "N`: the router's launch doing all three; `gated`: and the shared experts' scale by Qwen2-MoE's gate "
-             "(a program more a token).",
+             "token, no counter); `pdl`: a programmatic dependent launch, the gate's weights loaded before its wait.",
              "", "| tokens | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in ["tokens", *cols]) + " |" for r in rows]
     with open(os.path.join(a.out, "router.md"), "w") as f:

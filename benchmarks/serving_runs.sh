@@ -13,9 +13,7 @@
 #                                                    # STREAM_K=1: also on the stream-K decode grid; ROUTER=1:
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
-#                                                    # PDL=1: also with programmatic dependent launches;
-#                                                    # FEWER=1: also with the rows laid out by the router;
-#                                                    # ALL=1: also with that and PDL)
+#                                                    # PDL=1: also with programmatic dependent launches)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -92,17 +90,6 @@ elif [ "$what" = qwen15-24 ]; then
     --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
-  # FEWER=1 adds a server with fewer launches a layer: the rows laid out by the router's launch
-  # (MXSERVE_ROUTER_ALIGN=1, which also computes the shared experts' scale); with PDL=1, also one with PDL too.
-  # (Until the twenty-sixth session it also had the SiLU and the top-k sum in the GEMMs, since removed)
-  fewer=(MXSERVE_ROUTER_ALIGN=1)
-  [ -z "${FEWER:-}" ] || grouped+=(--ckpt "$name-fewer=$work/q15-24-$name"
-    "${fewer[@]/#/--server-env=mxserve-$name-fewer=}")
-  [ -z "${FEWER:-}" ] || [ -z "${PDL:-}" ] || [ -n "${ALL:-}" ] || grouped+=(--ckpt "$name-fewer-pdl=$work/q15-24-$name"
-    "${fewer[@]/#/--server-env=mxserve-$name-fewer-pdl=}" --server-env "mxserve-$name-fewer-pdl=MXSERVE_PDL=1")
-  # ALL=1 one with every opt-in of the decode chain: fewer launches and PDL (then in place of FEWER's with PDL)
-  every=("${fewer[@]}" MXSERVE_PDL=1)
-  [ -z "${ALL:-}" ] || grouped+=(--ckpt "$name-all=$work/q15-24-$name" "${every[@]/#/--server-env=mxserve-$name-all=}")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
     --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"

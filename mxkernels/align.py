@@ -101,8 +101,7 @@ def align_in_one_program(ids_ptr, w_ptr, sorted_ptr, block_expert_ptr, npp_ptr, 
                          cap, K: tl.constexpr, SLOTS: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
                          BM: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
                          SHARED: tl.constexpr):  # fmt: skip
-    """The whole alignment of ``n`` rows by one program: moe_align_kernel's, and the fused router's last program's
-    (router.py) once every token's top-k is in memory."""
+    """The whole alignment of ``n`` rows by one program (moe_align_kernel's)."""
     bins = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
@@ -174,7 +173,7 @@ def capacity(rows: int, n_experts: int, bm: int) -> int:
 @dataclass
 class Alignment:
     """One forward's alignment: its outputs, and what the one-program alignment is launched with (by
-    :func:`route`, or inside the fused router's launch: router.py)."""
+    :func:`route`)."""
 
     sorted_ids: torch.Tensor  # [cap] int64: row index, or ``rows`` for padding
     block_expert: torch.Tensor  # [cap / bm] int64

@@ -10,8 +10,6 @@ experts' gate (Qwen2-MoE's sigmoid of a dot with the token) can be computed here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -64,17 +62,6 @@ def moe_combine_kernel(
             shared = shared * tl.load(scale_ptr + t)
         acc = _bf16(acc, F32).to(tl.float32) + shared  # the routed sum is bf16 before the shared add
     tl.store(y_ptr + t * H + cols, _bf16(acc, F32), mask=mask)
-
-
-@dataclass
-class TopKSum:
-    """What a forward's top-k sum (:func:`combine`) takes besides the slot outputs: ``k`` routed slots a token, the
-    shared slots' ``scale`` [T] fp32 or ``gate`` (x [T, H], g [H]: sigmoid(x . g) computed by the sum; moe_gemms
-    takes the router's scale in its place where the router computed it)."""
-
-    k: int
-    scale: torch.Tensor | None = None
-    gate: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def combine(out: torch.Tensor, k: int, scale: torch.Tensor | None,

@@ -39,8 +39,7 @@ def routing_count_kernel(
 def count_in_one_program(ids_ptr, buf_ptr, bounds_ptr, host_ptr, t, E, K: tl.constexpr, KP: tl.constexpr,
                          NB: tl.constexpr, NBP: tl.constexpr, BT: tl.constexpr, MIRROR: tl.constexpr,
                          SIZE: tl.constexpr):  # fmt: skip
-    """The counting of :func:`count_routing` by one program over ``t`` tokens' ids [t, K] in memory: this kernel's,
-    and the fused router's where its launch lays out the rows (router.fused_router's ``count``)."""
+    """The counting of :func:`count_routing` by one program over ``t`` tokens' ids [t, K] in memory."""
     cols = tl.arange(0, KP)
     n = tl.zeros((), dtype=tl.int64)  # tokens with at least one routed slot
     for start in range(0, t, BT):

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mxkernels import dequant, router
+from mxkernels import dequant
 from mxkernels.act_quant import row_quant
-from mxkernels.align import KERNEL_MAX_ROWS, alignment, route, shared_rows
+from mxkernels.align import route, shared_rows
 from mxkernels.arena import CODE_FP8, N_CODES, Arena, kernel_code
-from mxkernels.combine import TopKSum, combine
+from mxkernels.combine import combine
 from mxkernels.moe_gemm import INTERPRET, mx_moe_gemm_kernel, silu_mul_kernel
 from mxkernels.pdl import gluon_has_it, launch, pdl
 from mxkernels.tile_table import codes_class, tile_table
@@ -728,20 +728,11 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
 @dataclass
 class Started:
     """A forward's launches begun before its :func:`moe_gemms` (``started=``), into the buffers of its layout: its
-    shared experts launched before the top-k exists (:func:`start_shared`), or its rows laid out (and stream-K's
-    sums zeroed) by the router's launch (:func:`route_and_lay_out`). The forward takes it where it fits."""
+    shared experts launched before the top-k exists (:func:`start_shared`). The forward takes it where it fits."""
 
     layout: _Layout
     options: tuple  # _options of the forward it was started for
     taken: bool = False  # set by the forward that launched the routed experts into its buffers
-    # route_and_lay_out's: the alignment's (sorted_ids, block_expert, num_post_pad), the top-k it was made from
-    # (ids, weights) and whether the same launch zeroed the sums
-    routed: tuple | None = None
-    topk: tuple | None = None
-    zeroed: bool = False
-    counted: bool = False  # the same launch counted the routing of that top-k (route_and_lay_out's ``count``)
-    # (gate, scale): the same launch computed the shared experts' scale [T] fp32 by that gate (``shared_gate``)
-    scale: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
         """Whether it was started for this forward: the same input memory, routing width, arenas
@@ -750,27 +741,6 @@ class Started:
         return (lay.x.data_ptr() == x.data_ptr() and lay.x.shape == x.shape and lay.x.stride() == x.stride()
                 and lay.x.dtype == x.dtype and lay.top_k == top_k and lay.gate_up is gate_up and lay.down is down
                 and self.options == options)  # fmt: skip
-
-    def routes(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> bool:
-        """Whether its rows were laid out from this very top-k (not, say, from weights scaled after it)."""
-        return self.topk is not None and all(map(_same_tensor, self.topk, (topk_ids, topk_weights)))
-
-    def counts(self, topk_ids: torch.Tensor) -> bool:
-        """Whether the router's launch counted the routing of these very ids (weights scaled after it count alike)."""
-        return self.counted and self.topk is not None and _same_tensor(self.topk[0], topk_ids)
-
-    def scale_for(self, gate: torch.Tensor) -> torch.Tensor | None:
-        """The shared experts' scale the router's launch computed by this very gate weight (any view of its [H]
-        memory), or None."""
-        if self.scale is None:
-            return None
-        g, scale = self.scale
-        return scale if (g.data_ptr(), g.numel(), g.dtype) == (gate.data_ptr(), gate.numel(), gate.dtype) else None
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same memory, shape and dtype (a CUDA graph's replays keep them)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
 
 def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
@@ -792,42 +762,6 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
     return Started(lay, _options(poison, dispatch, shared_apart, split_fit, override))
 
 
-def route_and_lay_out(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool, gate_up: Arena,
-                      down: Arena, n_routed: int, num_token_non_padded: torch.Tensor | None = None,
-                      experts_per_program: int = router.CHUNK,
-                      count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-                      shared_gate: torch.Tensor | None = None) -> tuple:  # fmt: skip
-    """A decode forward's router (router.fused_router: logits, softmax top-k) whose one launch also lays out the
-    forward's rows for the grouped GEMMs and zeroes stream-K's sums, in place of the alignment's launch and the
-    fill's: (weights, ids, logits, started). Pass ``started`` to the forward's :func:`moe_gemms` (or
-    :func:`mx_moe_forward`) with the same ``x``, arenas and the returned top-k; it is None, and the router's
-    launch routes only, where the forward's layout is not one launch per GEMM of routed and shared experts
-    together (the shared experts apart, which the unbalanced decode grid takes) or its rows pass what one
-    program aligns. ``count`` (router_stats.ExpertCounter.kernel_args): where it lays out the rows, the launch also
-    counts the routing (``started.counted``), and the forward need not. ``shared_gate`` (Qwen2-MoE's [H]): there, it
-    also computes the shared experts' scale, which the forward given the same gate takes (``started.scale``)."""
-    t = x.shape[0]
-    x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
-    rows = _rows(t, top_k, gate_up.n_experts, n_routed)[0]
-    lay = None
-    if 0 < rows <= KERNEL_MAX_ROWS:
-        lay = _layout(x, top_k, gate_up, down, n_routed, False, None, None, None, {})
-    if lay is None or lay.apart:
-        return (*router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program), None)
-    al = alignment(t, top_k, gate_up.n_experts, n_routed, lay.bm, True, lay.w, x.device)
-    zero = lay.sums
-    if zero is not None and not router.zeroes_in_launch(t, gate.shape[0], experts_per_program, zero.numel()):
-        zero = None  # too few programs: the forward's fill launch
-    scale = None
-    if shared_gate is not None and lay.slots > top_k:
-        scale = (shared_gate, torch.empty(t, dtype=torch.float32, device=x.device))
-    w, ids, logits = router.fused_router(x, gate, top_k, renormalize, num_token_non_padded, experts_per_program,
-                                         align=al, zero=zero, count=count, shared=scale)  # fmt: skip
-    return w, ids, logits, Started(lay, _options(False, None, None, None, {}), routed=al.outputs()[:3],
-                                   topk=(ids, w), zeroed=zero is not None, counted=count is not None,
-                                   scale=scale)  # fmt: skip
-
-
 def moe_gemms(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -841,7 +775,6 @@ def moe_gemms(
     on_side: Callable[[], None] | None = None,
     split_fit: str | None = None,
     started: Started | None = None,
-    topk_sum: TopKSum | None = None,
     **override,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two grouped GEMMs for top-k routing [T, k] (experts ``n_routed..`` shared: appended to
@@ -853,33 +786,17 @@ def moe_gemms(
     (_shared_apart); ``on_side`` is launched first, on the second stream on a GPU (the shared experts'
     where they launch apart), beside the routed experts' launches (work no output depends on: the
     routing counter); ``split_fit`` replaces MXSERVE_DECODE_SPLIT; ``started``: the shared experts
-    launched already (:func:`start_shared`) or the rows laid out by the router (:func:`route_and_lay_out`, for
-    this very top-k), used where it was started for this forward, else ignored; ``topk_sum``: the forward's top-k sum,
-    given the router's shared scale in place of its gate where the router computed it;
+    launched already (:func:`start_shared`), used where they were started for this forward, else ignored;
     ``override`` replaces fields of the picked tiles."""
     k = topk_ids.shape[1]
     early = started is not None and started.fits(x, k, gate_up, down,
                                                  _options(poison, dispatch, shared_apart, split_fit, override))
-    laid_out = early and started.routes(topk_ids, topk_weights)
-    if early and (laid_out or started.routed is None):  # rows laid out from another top-k are laid out again
+    if early:
         started.taken = True
     lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
                                                split_fit, override)  # fmt: skip
     n_experts = gate_up.n_experts
     main, side = _streams(x.device)
-    if laid_out:  # the router's launch laid out the rows (one launch a GEMM)
-        if topk_sum is not None and topk_sum.gate is not None:
-            scale = started.scale_for(topk_sum.gate[1])
-            if scale is not None:
-                topk_sum.scale, topk_sum.gate = scale, None
-        if on_side is not None:  # the routing counter, beside the launches
-            _beside(main, side, on_side)
-        if lay.sums is not None and not started.zeroed:
-            lay.sums.zero_()
-        lay.experts(*started.routed, 0, lay.slots)
-        if side is not None and on_side is not None:
-            main.wait_stream(side)
-        return lay.inter, lay.out
     if not lay.apart:
         # one launch per GEMM (stream-K, prefill): the routing counter and stream-K's zero fill run beside the
         # alignment, not in line before it (session 19's decode trace: 2.0 and 1.2 us of each layer's 83 at 8
@@ -961,10 +878,10 @@ def mx_moe_forward(
     k = topk_ids.shape[1]
     slots = k + gate_up.n_experts - n_routed
     x = x.to(torch.bfloat16).contiguous()
-    total = TopKSum(k)
+    scale = gate = None
     if slots > k and shared_gate is not None:
-        total.gate = (x, shared_gate.reshape(h).contiguous())
+        gate = (x, shared_gate.reshape(h).contiguous())
     elif slots > k and shared_scale is not None:
-        total.scale = shared_scale.float().reshape(t).contiguous()
-    _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, topk_sum=total, **override)
-    return combine(out.view(out.shape[0], t, slots, h), k, total.scale, total.gate)
+        scale = shared_scale.float().reshape(t).contiguous()
+    _, out = moe_gemms(x, topk_ids, topk_weights, gate_up, down, n_routed, **override)
+    return combine(out.view(out.shape[0], t, slots, h), k, scale, gate)

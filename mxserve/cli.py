@@ -18,7 +18,7 @@ METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
 # the kernels' on/off settings, read as "1" (or "0", for those on by default) by the launches: any other value is
 # refused before serving (README, "GPU kernels")
 KERNEL_SWITCHES = ("MXSERVE_GLUON", "MXSERVE_SHARED_STREAM", "MXSERVE_FUSED_ROUTER", "MXSERVE_SHARED_EARLY",
-                   "MXSERVE_PDL", "MXSERVE_ROUTER_ALIGN")
+                   "MXSERVE_PDL")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:

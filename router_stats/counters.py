@@ -80,8 +80,8 @@ class ExpertCounter:
             self.host.copy_(self.buf, non_blocking=True)
 
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(buffer, bucket bounds, host mirror or None) for a launch that counts (mxkernels.count.count_in_one_program:
-        the counting kernel's, or the fused router's); :meth:`mirrored` after it."""
+        """(buffer, bucket bounds, host mirror or None) for a launch that counts (mxkernels.count.count_routing);
+        :meth:`mirrored` after it."""
         return self.buf, self.bounds, self.host if self.mapped else None
 
     def mirrored(self) -> None:

@@ -96,6 +96,8 @@
 #  38. (only when asked: `start 38`) phase 36's SGLang tests and every kernel GPU test side by side (~13 min), after the
 #      row maxima in gate/up were removed (twenty-sixth session).
 #  39. (only when asked: `start 39`) phase 5's cold start without the metrics run, three warm rounds (~10 min).
+#  40. (only when asked: `start 40 39`) after the twenty-sixth session's removals: the fused router's and the prefill
+#      group_m kernel GPU tests, and Qwen2-MoE's SGLang tests (the fused router with the shared gate) (~7 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -770,6 +772,13 @@ phase38() {
   wait
 }
 
+phase40() {
+  mkdir -p $res/tests
+  kernel_tests "fused_router or prefill_grouped or stream_k" > $res/tests/kernels_router.log 2>&1 &
+  sglang_tests qwen2_moe
+  wait
+}
+
 phase39() {
   python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer $TOKENIZER --out /tmp/cm \
     > /dev/null 2>&1
@@ -793,7 +802,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -295,29 +295,20 @@ def shared_apart_case(device: str, t: int, graph: bool = False, early: bool = Fa
 
 
 def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, graph: bool = False, h: int = 256,
-                      per_program: int = 1, shared_gate: bool = False) -> None:  # fmt: skip
+                      per_program: int = 1) -> None:  # fmt: skip
     """mxkernels.router.fused_router against torch: the logits (rounded to bf16, within two bf16 steps of a
     product in fp32), the top-k of their softmax (ids exact, weights within 1e-6) and its renormalization;
     tokens from num_token_non_padded on route nowhere; the per-token counters are zero again after a launch,
     so a second launch (with ``graph``, a CUDA-graph replay on new tokens) routes alike. ``h``: the hidden size
-    (past 2048 the kernel loops over K); ``per_program``: experts a program (64: one program a token, no counter);
-    ``shared_gate``: a program more per token stores the shared experts' scale, sigmoid(x . gate) in fp32 (within
-    1e-6 of torch's), and the top-k is the same."""
+    (past 2048 the kernel loops over K); ``per_program``: experts a program (64: one program a token, no counter)."""
     from mxkernels import router
 
     gen = torch.Generator().manual_seed(t)
     w = (torch.randn(60, h, generator=gen) * 0.1).to(torch.bfloat16).to(device)
     valid = torch.tensor([max(t - 2, 0)], device=device) if padded else None
-    sgate = (torch.randn(h, generator=gen) * 0.05).to(torch.bfloat16).to(device) if shared_gate else None
-    scale = torch.full((t,), float("nan"), device=device)
-
-    def fused_router(x, *args):
-        return router.fused_router(x, *args, shared=(sgate, scale) if shared_gate else None)
+    fused_router = router.fused_router
 
     def check(x, got) -> None:
-        if shared_gate:
-            want = torch.sigmoid(x.float().cpu() @ sgate.float().cpu())
-            assert torch.allclose(scale.cpu(), want, rtol=0, atol=1e-6), (scale, want)
         weights, ids, logits = (g.cpu() for g in got)
         exact = x.float().cpu() @ w.float().cpu().T
         assert ((logits - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
@@ -347,123 +338,3 @@ def fused_router_case(device: str, t: int, renormalize: bool, padded: bool, grap
         g.replay()
         torch.cuda.synchronize()
         check(x, captured)
-
-
-def router_alignment_case(device: str, t: int, per_program: int, padded: bool, n_shared: int = 4,
-                          graph: bool = False) -> None:  # fmt: skip
-    """The router's launch laying out the rows (router.fused_router's ``align``) lays out what align.route lays out
-    from the top-k it returns: the same padded row count and blocks' experts, each expert's rows, the rows' routing
-    weights; it fills ``zero`` with zeros, and leaves its counters zero, so a second launch (with ``graph``, a
-    CUDA-graph replay on new tokens) lays out alike. It counts the routing as router_stats' counting launch would
-    (``count``), into the counter and its mirror. 60 routed experts of top-4, as Qwen1.5's."""
-    from mxkernels.align import alignment, route
-    from mxkernels.router import _COUNTS, fused_router
-    from router_stats import ExpertCounter
-
-    gen = torch.Generator().manual_seed(t)
-    e, bm = 60 + n_shared, 8
-    gate = (torch.randn(60, 256, generator=gen) * 0.1).to(torch.bfloat16).to(device)
-    valid = torch.tensor([max(t - 2, 0)], device=device) if padded else None
-    al = alignment(t, 4, e, 60, bm, device=device)
-    for buf in (al.sorted_ids, al.block_expert, al.npp):
-        buf.fill_(-7)  # every element read below must be written
-    al.w.fill_(POISON)
-    zero = torch.full((t * 1000,), POISON, device=device)
-    counter, counted = ExpertCounter(60).to(device), ExpertCounter(60)
-    mirror = torch.full_like(counter.buf, -1)  # the host mirror, written by the launch
-
-    def launch():
-        return fused_router(x, gate, 4, True, valid, per_program, align=al, zero=zero,
-                            count=(counter.buf, counter.bounds, mirror))  # fmt: skip
-
-    def check(got) -> None:
-        w, ids = got[0], got[1]
-        want = route(ids, w, e, 60, bm)
-        npp = int(want[2])
-        assert int(al.npp) == npp and torch.equal(al.block_expert, want[1])
-        # rows keep no order within an expert (an atomic cursor each): compare (block's expert, row) pairs
-        n = t * (4 + n_shared)
-        for ids_ in (al.sorted_ids, want[0]):
-            assert (ids_[npp:] == n).all()
-        key = [torch.sort(be.repeat_interleave(bm)[:npp] * (n + 1) + ids_[:npp])[0]
-               for ids_, be in ((al.sorted_ids, al.block_expert), (want[0], want[1]))]  # fmt: skip
-        assert torch.equal(key[0], key[1])
-        assert torch.equal(al.w, want[3])
-        assert (zero == 0).all()
-        assert not _COUNTS[w.device].any()
-        counted.record(ids.cpu())  # every launch so far, counted by the counting launch's torch form
-        assert torch.equal(counter.buf.cpu(), counted.buf) and torch.equal(mirror.cpu(), counted.buf)
-
-    x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device)
-    check(launch())
-    if not graph:
-        x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device)
-        zero.fill_(POISON)
-        check(launch())
-        return
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        captured = launch()
-    for _ in range(2):
-        x.copy_(torch.randn(t, 256, generator=gen).to(torch.bfloat16))
-        zero.fill_(POISON)
-        g.replay()
-        torch.cuda.synchronize()
-        check(captured)
-
-
-def router_lay_out_case(device: str, t: int, n_shared: int, per_program: int = 1, graph: bool = False,
-                        close: bool = False, router_counts: bool = False) -> None:  # fmt: skip
-    """route_and_lay_out (the router's launch laying out the forward's rows and zeroing stream-K's sums) and the
-    forward that takes it compute what the router's launch, the alignment's and the forward's compute: the same
-    top-k, and the layer's outputs bit for bit (``close``: within 1%, stream-K's sums in another order); the routing
-    counter launched beside (``router_counts``: the router's launch) counts every pass. With ``graph``, captured once
-    and replayed on new tokens."""
-    from mxkernels.moe import route_and_lay_out
-    from mxkernels.router import fused_router
-    from router_stats import ExpertCounter
-
-    counter, want = ExpertCounter(8).to(device), ExpertCounter(8)
-    gen = torch.Generator().manual_seed(t)
-    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, n_shared, "rtn", gen, device)
-    gu, dn = (build_arena(list(blocks)).to(device) for blocks in zip(*(e.linears() for e in experts)))
-    gate = (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16).to(device)
-
-    def laid_out(x):
-        w, ids, _, started = route_and_lay_out(x, gate, 2, True, gu, dn, 8, None, per_program,
-                                               count=counter.kernel_args() if router_counts else None)  # fmt: skip
-        assert started is not None, "the router laid out no rows"
-        assert started.counts(ids) == router_counts and not started.counts(ids.clone())
-        if router_counts:
-            counter.mirrored()
-        side = None if router_counts else (lambda: counter.record(ids))
-        out = moe_gemms(x, ids, w, gu, dn, 8, on_side=side, started=started)
-        assert started.taken and out[1] is started.layout.out
-        return ids, out
-
-    def plain(x):
-        w, ids, _ = fused_router(x, gate, 2, True, None, per_program)
-        return ids, moe_gemms(x, ids, w, gu, dn, 8, poison=True)
-
-    def compare(got, x) -> None:
-        ref = plain(x)
-        want.record(ref[0].cpu())
-        assert torch.equal(got[0], ref[0])
-        assert_same_gemms(got[1], ref[1], close)
-
-    def draw():
-        return torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(device)
-
-    x = draw()
-    compare(laid_out(x), x)
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            captured = laid_out(x)
-        for _ in range(2):
-            x.copy_(draw())
-            g.replay()
-            compare(captured, x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    assert counter.snapshot() == want.snapshot()

@@ -338,80 +338,6 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
-def test_the_router_computes_the_shared_scale_for_the_top_k_sum(interpreted_gluon, monkeypatch):
-    # route_and_lay_out given Qwen2-MoE's shared-expert gate: its launch also computes sigmoid(x . gate), and the
-    # forward given the same gate takes it, so the top-k sum's launch scales by it and computes no dot; the layer as
-    # the plain router's, the alignment's and the sum computing the gate (within 1%: the scale's dot and stream-K's
-    # sums in other orders). Another gate weight is not taken for it
-    from kernel_cases import make_experts
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-    from mxkernels.router import fused_router
-
-    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(3)
-    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
-    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
-    router_w = (torch.randn(8, 256, generator=gen) * 0.5).bfloat16()
-    gate = (torch.randn(1, 256, generator=gen) * 0.05).bfloat16()  # as SGLang's Linear(H, 1) weight
-    x = torch.randn(5, 256, generator=gen).bfloat16()
-    launched = []
-    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: launched.append((a[2] is not None,
-                                                                                  a[3] is not None)) or f(*a))
-    w, ids, _ = fused_router(x, router_w, 2, True)
-    want = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate).float()
-    assert launched == [(False, True)]  # the sum computed the gate
-    w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, shared_gate=gate)
-    assert started.scale_for(gate.reshape(-1)) is started.scale[1] and started.scale_for(gate.clone()) is None
-    assert torch.allclose(started.scale[1], torch.sigmoid(x.float() @ gate.float().T).reshape(-1), atol=1e-6)
-    got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
-    assert started.taken and launched == [(False, True), (True, False)]  # the sum took the router's scale
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
-
-
-@pytest.mark.parametrize("t", [1, 3])
-def test_a_decode_layer_with_the_rows_laid_out_by_the_router_launches_no_alignment(interpreted_gluon, monkeypatch, t):
-    # Qwen2-MoE's decode layer on stream-K with the rows laid out by the router (which also zeroes the sums, counts the
-    # routing and computes the shared scale: route_and_lay_out, MXSERVE_ROUTER_ALIGN's path): the router's launch,
-    # gate/up's, the SiLU's, down's and the top-k sum's, nothing else launched (no alignment, no torch fill), and the
-    # layer within 1% of the plain launches' (the plain router, the alignment, the sum computing the gate: the
-    # scale's dot and the sums in other orders)
-    from kernel_cases import make_experts
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-    from mxkernels.router import fused_router
-    from router_stats import ExpertCounter
-
-    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(t)
-    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16", "w3a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
-    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
-    router_w = (torch.randn(8, 256, generator=gen) * 0.5).bfloat16()
-    gate = (torch.randn(1, 256, generator=gen) * 0.05).bfloat16()
-    x = torch.randn(t, 256, generator=gen).bfloat16()
-    w, ids, _ = fused_router(x, router_w, 2, True)
-    want = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate).float()
-
-    launched, fills = [], []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.__name__) or run(
-        self, *a, **kw))  # fmt: skip
-    monkeypatch.setattr(moe, "_zero_and", lambda s, f, g=moe._zero_and: fills.append(s) or g(s, f))
-    counter = ExpertCounter(8)
-    w, ids, _, started = moe.route_and_lay_out(x, router_w, 2, True, gu, dn, 8, count=counter.kernel_args(),
-                                               shared_gate=gate)  # fmt: skip
-    got = moe.mx_moe_forward(x, ids, w, gu, dn, 8, None, gate, started=started).float()
-    assert launched == ["fused_router_kernel", "mx_moe_gemm_gluon_kernel", "silu_mul_kernel",
-                        "mx_moe_gemm_gluon_kernel", "moe_combine_kernel"], launched
-    assert started.taken and started.zeroed and started.counted and not fills
-    assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()).item() < 1e-2
-
-
 @pytest.mark.parametrize("t", [1, 5])
 def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
     # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
@@ -429,25 +355,6 @@ def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted
     # the shared experts' gate/up and down, the routed experts', then one launch per GEMM for the forward that was
     # not started early
     assert taken == [True] * 6
-
-
-@pytest.mark.parametrize("t, per_program, zero_most", [(1, 1, 4096), (5, 64, 4096), (3, 1, 0)])
-def test_gluon_kernel_stream_k_with_the_rows_laid_out_by_the_router(interpreted_gluon, monkeypatch, t, per_program,
-                                                                    zero_most):  # fmt: skip
-    # route_and_lay_out on the stream-K grid (decode's default): the router's launch lays out the rows of routed and
-    # shared experts together and zeroes the sums (zero_most 0: too few programs for it, the forward fills them),
-    # then the forward's one launch per GEMM computes what it computes after the alignment's launch (within 1%)
-    from kernel_cases import router_lay_out_case
-
-    from mxkernels import moe, router
-
-    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
-    monkeypatch.setattr(router, "ZERO_MOST", zero_most)
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    taken = []
-    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
-    router_lay_out_case("cpu", t, 2, per_program, close=True)
-    assert taken == [True] * 4  # both GEMMs of the laid-out forward, then of the plain one
 
 
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])

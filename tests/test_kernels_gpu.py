@@ -416,124 +416,13 @@ def test_routing_counter_writes_its_host_mirror_from_the_kernel_in_a_cuda_graph(
 
 @pytest.mark.parametrize("t", [1, 8, 33])
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("per_program", [1, 8, 64])
+@pytest.mark.parametrize("per_program", [1, 4, 8, 64])
 def test_fused_router_routes_as_softmax_top_k_cuda(t, graph, per_program):
     # the per-token counters' release and acquire across programs; their reset, replayed in a CUDA graph; one
-    # program a token (64) has no counter. At 8 tokens with Qwen2-MoE's shared gate: a program more a token
+    # program a token (64) has no counter
     from kernel_cases import fused_router_case
 
-    fused_router_case("cuda", t, t == 8, t == 33, graph, h=2048 if t == 8 else 4096, per_program=per_program,
-                      shared_gate=t == 8)  # fmt: skip
-
-
-@pytest.mark.parametrize("t", [1, 8, 33])
-@pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("per_program", [1, 64])
-def test_fused_router_lays_out_the_rows_as_the_alignment_launch_cuda(t, graph, per_program):
-    # the second counter's release and acquire across tokens' last programs, the zero fill shared by every
-    # program, both counters zero again for a CUDA-graph replay
-    from kernel_cases import router_alignment_case
-
-    router_alignment_case("cuda", t, per_program, t == 33, graph=graph)
-
-
-@pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("stream_k", ["0", "1"])
-@pytest.mark.parametrize("graph", [False, True])
-def test_the_router_laying_out_the_rows_computes_the_same_layer_cuda(t, stream_k, graph, monkeypatch):
-    # route_and_lay_out then the forward, against the router, the alignment and the forward: on stream-K (shared
-    # experts in the routed launches, the sums zeroed by the router) within 1%; on the unbalanced grid (no shared
-    # experts there: decode launches them apart, and the router routes only) bit for bit
-    from kernel_cases import router_lay_out_case
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
-    router_lay_out_case("cuda", t, 2 if stream_k == "1" else 0, graph=graph, close=stream_k == "1")
-
-
-@pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("graph", [False, True])
-def test_the_router_laying_out_the_rows_counts_them_for_the_layer_cuda(t, graph, monkeypatch):
-    # MixedExperts.route (MXSERVE_ROUTER_ALIGN=1's path) then its forward, on stream-K with shared experts: the router's
-    # launch counts the routing into the layer's counter (its host mirror written by the launch, or copied after it),
-    # and the forward launches no count, so every pass is counted once; with ``graph``, captured and replayed. With
-    # Qwen2-MoE's shared gate (``route_gate``, as the SGLang plugin sets it) the launch computes the shared scale too,
-    # which the forward given that gate takes
-    from kernel_cases import make_experts
-
-    from mxserve.runtime.moe_layer import MixedExperts
-    from router_stats import ExpertCounter
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")  # one launch per GEMM, the shared experts in it: the router lays out
-    gen = torch.Generator().manual_seed(t)
-    experts = make_experts(["w4a16g128", "w2a16g128", "w8a16"], 256, 128, 8, 2, "rtn", gen, "cuda")
-    layer, want = MixedExperts(0, 8, experts), ExpertCounter(8)
-    gate = (torch.randn(8, 256, generator=gen) * 0.5).to(torch.bfloat16).cuda()
-    layer.route_gate = (torch.randn(1, 256, generator=gen) * 0.05).to(torch.bfloat16).cuda()
-    x = torch.randn(t, 256, generator=gen).to(torch.bfloat16).cuda()
-
-    def forward():
-        w, ids, _ = layer.route(x, gate, 2, True)
-        started = layer._started
-        assert started is not None and started.counts(ids) and started.scale_for(layer.route_gate) is not None
-        out = layer.forward(x, ids, w, shared_gate=layer.route_gate)
-        assert started.taken  # no synchronizing check here: the second pass is captured
-        return ids, out
-
-    ids, out = forward()  # the eager pass: the counter moves to the GPU here
-    assert torch.isfinite(out).all()
-    passes = [ids.cpu()]
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            ids, _ = forward()
-        for _ in range(2):
-            x.copy_(torch.randn(t, 256, generator=gen).to(torch.bfloat16))
-            g.replay()
-            torch.cuda.synchronize()
-            passes.append(ids.cpu())
-    torch.cuda.synchronize()
-    for p in passes:
-        want.record(p)
-    assert layer.counter.snapshot() == want.snapshot()
-
-
-@pytest.mark.parametrize("t", [1, 8, 16])
-@pytest.mark.parametrize("graph", [False, True])
-def test_the_top_k_sum_takes_the_routers_shared_scale_cuda(t, graph, monkeypatch):
-    # Qwen1.5's shape (18 experts, 2 shared, top-4) on stream-K: the router's launch lays out the rows and computes
-    # the shared experts' scale by Qwen2-MoE's gate, and the top-k sum takes that scale (no dot of its own), for every
-    # replay of a CUDA graph too; within 1% of the plain router, alignment and sum computing the gate (the sums'
-    # order differs)
-    from mxkernels import moe
-    from mxkernels.router import fused_router
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    gen = torch.Generator().manual_seed(t)
-    gu, dn = _arenas(GLUON_SCHEMES, 2048, 1408, 18, 2, gen)
-    router_w = (torch.randn(18, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
-    gate = (torch.randn(1, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
-    x = torch.randn(t, 2048, generator=gen).to(torch.bfloat16).cuda()
-    sums = []
-    monkeypatch.setattr(moe, "combine", lambda *a, f=moe.combine: sums.append((a[2] is not None, a[3] is not None))
-                        or f(*a))  # fmt: skip
-
-    def layer(x):
-        # no poison: a forward of other launch options than the router's layout lays its rows out again (unwritten
-        # outputs would show as a mismatch here anyway: the buffers are fresh each forward)
-        w, ids, _, started = moe.route_and_lay_out(x, router_w, 4, True, gu, dn, 18, shared_gate=gate)
-        out = moe.mx_moe_forward(x, ids, w, gu, dn, 18, None, gate, started=started)
-        assert started.taken  # no synchronizing check here: the graph's pass is captured
-        return out
-
-    got = layer(x)
-    if graph:
-        got = _replayed(lambda: layer(x), lambda: x.copy_(torch.randn(t, 2048, generator=gen).to(torch.bfloat16)))
-    torch.cuda.synchronize()
-    assert sums and set(sums) == {(True, False)}  # the router's scale, no gate's dot
-    w, ids, _ = fused_router(x, router_w, 4, True)
-    want = moe.mx_moe_forward(x, ids, w, gu, dn, 18, None, gate).float()
-    assert sums[-1] == (False, True) and torch.isfinite(got).all()
-    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+    fused_router_case("cuda", t, t == 8, t == 33, graph, h=2048 if t == 8 else 4096, per_program=per_program)
 
 
 def test_prefill_grouped_order_computes_the_same_layer_cuda():

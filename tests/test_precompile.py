@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "plans" / "refmoe-3.25bit.json"  # 6 layers, 16 routed + 2 shared, mixed schemes
 
 SCRIPT = r"""
-import contextlib, dataclasses, json, os, sys, tempfile
+import contextlib, json, os, sys, tempfile
 from types import SimpleNamespace
 from unittest import mock
 import torch
@@ -99,34 +99,7 @@ def compare_router(h, e, k):
     return {"variants": len(variants), "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
 
 
-def compare_aligned_router(lay, tokens):
-    # the router's launches that lay out a layer's rows (MXSERVE_ROUTER_ALIGN=1): a variant per layout, precompiled
-    # with the layer's and as route_and_lay_out's launches compile them (stream-K: routed and shared rows together);
-    # with Qwen2-MoE's shared gate, the variants that compute the shared experts' scale too
-    pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
-    os.environ["TRITON_CACHE_DIR"] = pre
-    rec = record_variants([lay], tokens, target, 132, codes, aligned=True)
-    variants = [v for v in rec.all() if v.kernel == "router"]
-    compile_variants(variants, target, 2)
-    os.environ["TRITON_CACHE_DIR"] = jit
-    KERNELS["router"].device_caches.clear()
-    with as_on_sm90(lay, codes) as (gu, dn):
-        laid = 0
-        gate = torch.randn(1, lay.hidden).bfloat16() if lay.shared_gate else None  # as the plugin holds it
-        for t in tokens:
-            for renormalize in (False, True):
-                for valid in (None, torch.tensor([t], dtype=torch.int32)):
-                    counter = ExpertCounter(16)  # as the layer counts, into its host mirror
-                    laid += moe.route_and_lay_out(torch.randn(t, 256).bfloat16(), torch.randn(16, 256).bfloat16(), 2,
-                                                  renormalize, gu, dn, 16, valid,
-                                                  count=(counter.buf, counter.bounds, counter.buf),
-                                                  shared_gate=gate)[3].counted
-    return {"variants": len(variants), "laid": laid, "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
-
-
 out["router"] = compare_router(2048, 60, 4)
-out["aligned_router"] = compare_aligned_router(layers[0], [1, 2])
-out["gated_router"] = compare_aligned_router(dataclasses.replace(layers[0], shared_gate=True), [1, 2])
 out["plan"] = compare(layers[0], 2, codes)
 # a layer the Gluon kernel runs (4- and 2-bit experts, groups of 128), at 16 tokens: its decode launches on
 # the unbalanced grid (MXSERVE_STREAM_K=0), and below with the CUDA-core kernels at 1 token
@@ -186,12 +159,6 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
     assert out["router"]["variants"] == 4 and out["router"]["entries"][0] == out["router"]["entries"][1]
-    # every launch laid out its rows (stream-K at 1 and 2 tokens of refmoe's layer), each in a precompiled variant
-    aligned = out["aligned_router"]
-    assert aligned["laid"] == 8 and aligned["variants"] >= 4 and aligned["entries"][0] == aligned["entries"][1]
-    gated = out["gated_router"]
-    assert gated["laid"] == 8 and gated["entries"][0] == gated["entries"][1]
-    assert not set(gated["entries"][0]) & set(aligned["entries"][0])  # every variant its own
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
     for case in ("gluon_fma", "gluon_fma_packed"):

@@ -62,7 +62,6 @@ from sglang.srt.layers.quantization.base_config import (
 )
 
 from mxkernels.pdl import pdl
-from mxkernels.router import aligns as router_aligns
 from mxkernels.router import enabled as router_fused
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
@@ -146,9 +145,8 @@ SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwe
 _EARLY: dict[int, torch.nn.Module] = {}
 # the FusedMoE layers, by id, whose MoE block's router is fused into one launch when the block is first entered
 # (sglang_router.py); the default since the twenty-second session's end-to-end run beside SGLang's router (4% more
-# tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router. Each
-# maps to the experts whose rows that launch lays out too (MXSERVE_ROUTER_ALIGN=1), or None
-_ROUTER: dict[int, MixedExperts | None] = {}
+# tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
+_ROUTER: set[int] = set()
 _HOOKED: list = []  # the pre-hook below's handle while it is registered
 _PDL_SAID: list[bool] = []  # whether the log said MXSERVE_PDL=1 is on (once per process)
 
@@ -162,14 +160,13 @@ def _hook_moe_blocks() -> None:
         _HOOKED.append(torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block))
 
 
-def _fuse_router(layer: torch.nn.Module, lay_out: bool) -> None:
+def _fuse_router(layer: torch.nn.Module) -> None:
     """Have ``layer``'s MoE block route small forwards in one launch (sglang_router.fuse_router), from its
-    first forward on; ``lay_out``: that launch lays out the rows of ``layer``'s experts too."""
+    first forward on."""
     if not _ROUTER:
-        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=0: SGLang's)%s",
-                    ", laying out the experts' rows (MXSERVE_ROUTER_ALIGN=1)" if lay_out else "")  # fmt: skip
+        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=0: SGLang's)")
     _hook_moe_blocks()
-    _ROUTER[id(layer)] = layer.mx if lay_out else None
+    _ROUTER.add(id(layer))
 
 
 def _start_shared_early(layer: torch.nn.Module) -> None:
@@ -187,7 +184,8 @@ def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
     if key in _ROUTER:  # once per block, on its first forward (an eager one: SGLang warms up before capturing)
         from mxserve.engines.sglang_router import fuse_router
 
-        fuse_router(module, _ROUTER.pop(key))
+        _ROUTER.discard(key)
+        fuse_router(module)
         if not _ROUTER and not _EARLY:  # nothing left for the hook: no lookup per module call from now on
             _HOOKED.pop().remove()  # torch calls the hooks from a copy of their table: safe inside one
     layer = _EARLY.get(key)
@@ -342,9 +340,8 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_shared_early(layer)
-            if router_fused():  # the rows laid out where the router's ids are this GPU's experts' own
-                _fuse_router(layer, router_aligns() and ranks[1] == ranks[3] == 1)
-                layer.mx.route_gate = layer.mx_gate  # that launch computes the shared scale by the gate apply() passes
+            if router_fused():
+                _fuse_router(layer)
             if pdl(device) and not _PDL_SAID:
                 _PDL_SAID.append(True)
                 log.warning("mxserve: decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)")

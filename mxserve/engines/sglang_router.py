@@ -8,8 +8,7 @@ hidden states in place of logits (no launch), and the top-k computes logits, sof
 fused (no groups, correction bias, fused shared experts, routed scaling or custom routing function); other
 blocks keep SGLang's router, which the log says once per reason. The fused top-k hands its ids to what
 SGLang's own top-k hands them to besides the MoE layer: the expert-distribution recorder (EPLB, its /metrics) and
-the routed-experts capture, both no-ops unless enabled. With ``MXSERVE_ROUTER_ALIGN=1`` the launch also lays out
-the rows for the experts' grouped GEMMs (mxkernels.moe.route_and_lay_out), in place of the alignment's launch.
+the routed-experts capture, both no-ops unless enabled.
 """
 
 from __future__ import annotations
@@ -47,11 +46,9 @@ def _refusal(gate, topk) -> str | None:
     return None
 
 
-def fuse_router(block: torch.nn.Module, lay_out=None) -> bool:
+def fuse_router(block: torch.nn.Module) -> bool:
     """Route ``block``'s small forwards in one launch (module docstring): its ``gate`` and ``topk`` modules'
-    forwards are replaced on these instances; SGLang's own classes are not touched. ``lay_out``: the block's
-    experts (runtime.moe_layer.MixedExperts), whose coming forward's rows the same launch lays out
-    (``MXSERVE_ROUTER_ALIGN=1``, one GPU: the router's ids are the experts' own)."""
+    forwards are replaced on these instances; SGLang's own classes are not touched."""
     from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
     from sglang.srt.layers.moe import topk as sglang_topk
     from sglang.srt.layers.moe.topk import StandardTopKOutput
@@ -79,8 +76,7 @@ def fuse_router(block: torch.nn.Module, lay_out=None) -> bool:
                    expert_location_dispatch_info=None, **kwargs):  # fmt: skip
         if router_logits is hidden_states:  # the gate left the logits to this launch
             if expert_location_dispatch_info is None and not args and not kwargs:
-                route = fused_router if lay_out is None else lay_out.route
-                w, ids, logits = route(hidden_states, weight, cfg.top_k, cfg.renormalize, num_token_non_padded)
+                w, ids, logits = fused_router(hidden_states, weight, cfg.top_k, cfg.renormalize, num_token_non_padded)
                 if capture is not None:
                     capture(cfg, getattr(topk, "layer_id", None), ids)
                 get_global_expert_distribution_recorder().on_select_experts(topk_ids=ids)

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_codes, slab_capacity
-from mxkernels.moe import mx_moe_forward, route_and_lay_out, start_shared
+from mxkernels.moe import mx_moe_forward, start_shared
 from mxkernels.reference import moe_reference
-from mxkernels.router import fused_router
 from mxserve.models.adapters import MoELayerView
 from mxserve.quant.qlinear import QuantizedLinear
 from router_stats import ExpertCounter
@@ -63,9 +62,6 @@ class MixedExperts:
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
         self._slab: tuple | None = None  # (capacity, codes, rotation seed, min group): see fix_capacity
         self._started = None  # the next forward's shared experts, launched already (start_shared)
-        # Qwen2-MoE's shared-expert gate [H] (the SGLang plugin's), by which the router's launch that lays out the rows
-        # also computes the shared experts' scale, taken by a forward given the same gate (route_and_lay_out)
-        self.route_gate: torch.Tensor | None = None
         self._missed = False  # whether a forward has not taken such a start (logged once)
 
     def forward(
@@ -83,18 +79,14 @@ class MixedExperts:
         started, self._started = self._started, None
         if x.is_cuda:  # the -1 ids and the gate are handled inside the launches: no small ops around them
             gate_up, down = self.arenas(x.device)
-            # the count launches beside the alignment, on the second stream (none to fork when not counting, nor where
-            # the router's launch counted these ids)
-            counted = started is not None and started.counts(topk_ids)
-            count = (lambda: self.record(topk_ids)) if self.counting and not counted else None
+            # the count launches beside the alignment, on the second stream (none to fork when not counting)
+            count = (lambda: self.record(topk_ids)) if self.counting else None
             out = mx_moe_forward(x, topk_ids, topk_weights, gate_up, down, self.n_routed, shared_scale,
                                  shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
-                self._missed = True  # the shared experts ran twice, or the rows were laid out twice: said once a layer
-                what = ("rows laid out by the router were not used (the experts' input or top-k is not the "
-                        "router's)" if started.routed is not None else "shared experts launched early were not used "
-                        "(the experts' input is not the MoE block's)")  # fmt: skip
-                log.warning("layer %d: the %s; the forward launched them again", self.layer_index, what)
+                self._missed = True  # the shared experts ran twice: said once a layer
+                log.warning("layer %d: the shared experts launched early were not used (the experts' input is not the "
+                            "MoE block's); the forward launched them again", self.layer_index)
             return out.to(x.dtype)
         self.record(topk_ids)
         if shared_gate is not None:
@@ -119,26 +111,6 @@ class MixedExperts:
         self._started = None
         if x.is_cuda and self.n_routed < len(self.experts_q):
             self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
-
-    def route(self, x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
-              num_token_non_padded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The coming forward's decode routing of ``x`` by ``gate`` in one launch (mxkernels.router.fused_router:
-        weights, ids, logits) that also lays out its rows for the grouped GEMMs (mxkernels.moe.route_and_lay_out),
-        which the forward takes where it gets the same input and this top-k; a GPU only. With the shared experts
-        started early, the router routes only (their start holds the forward's buffers)."""
-        if self._started is not None or not x.is_cuda:  # off a GPU the forward takes the reference path
-            return fused_router(x, gate, top_k, renormalize, num_token_non_padded)
-        count = None
-        if self.counting:  # where the launch lays out the rows, it counts them too (the forward then does not)
-            if self.counter.device != x.device:
-                self.counter.to(x.device)
-            count = self.counter.kernel_args()
-        w, ids, logits, self._started = route_and_lay_out(x, gate, top_k, renormalize, *self.arenas(x.device),
-                                                          self.n_routed, num_token_non_padded, count=count,
-                                                          shared_gate=self.route_gate)  # fmt: skip
-        if self._started is not None and self._started.counted:
-            self.counter.mirrored()
-        return w, ids, logits
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""

@@ -153,12 +153,11 @@ def _unrotated_input(a: torch.Tensor, arena) -> tuple[torch.Tensor, int]:
 
 def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], target, sms: int, model_codes: int = 0,
                     table=None, specialize_all: bool = False,
-                    routers: Iterable[tuple[int, int, int]] = (), aligned: bool = False) -> Recorder:  # fmt: skip
+                    routers: Iterable[tuple[int, int, int]] = ()) -> Recorder:  # fmt: skip
     """The kernel variants that serving ``layers`` launches at these token counts on a GPU of
     ``sms`` multiprocessors (``table``: its tile table) for ``target``; ``routers``: the (hidden, experts, top-k)
     of the gates whose decode routing SGLang's engine fuses (engines/sglang_router.py), with and without
-    renormalization and SGLang's count of unpadded tokens (what a model's config and SGLang's graphs pick);
-    ``aligned``: their launches lay out the layers' rows too (MXSERVE_ROUTER_ALIGN=1), a variant per layout."""
+    renormalization and SGLang's count of unpadded tokens (what a model's config and SGLang's graphs pick)."""
     rec = Recorder(target, specialize_all)
     tokens = list(tokens)
     cache: dict = {}
@@ -197,17 +196,6 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                 ids = torch.randint(0, e, (t, k), generator=gen)
                 w = torch.rand(t, k, generator=gen)
                 moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e, None, gate)
-                if aligned and t <= fused_router.FUSED_ROUTER_TOKENS:
-                    for renormalize, valid in _router_kinds():
-                        # counting the routing too, into the counter's host mirror (MixedExperts.route), and computing
-                        # the shared experts' scale by the gate
-                        moe.route_and_lay_out(torch.zeros(t, h, dtype=torch.bfloat16),
-                                              torch.zeros(e, h, dtype=torch.bfloat16), k, renormalize, gu, dn, e,
-                                              valid, count=(counter.buf, counter.bounds, counter.buf),
-                                              shared_gate=gate)  # fmt: skip
-                    if gate is not None:  # the forwards that take the router's rows take that scale, not the gate
-                        moe.mx_moe_forward(torch.zeros(t, h, dtype=torch.bfloat16), ids, w, gu, dn, e,
-                                           torch.zeros(t, 1))  # fmt: skip
         for h, e, k in dict.fromkeys(routers):  # one variant whatever the tokens (the grid's only)
             gate = torch.zeros(e, h, dtype=torch.bfloat16)
             for renormalize, valid in _router_kinds():
@@ -286,8 +274,7 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
     # the routers SGLang's engine fuses by default (the gate is whole on every rank: all the layer's experts)
     routers = {(v.hidden, v.n_routed, v.top_k) for v in views} if fused_router.enabled() else set()
     rec = record_variants(layers, DECODE_BATCHES + PREFILL_TOKENS, target, moe.multiprocessors(dev), codes,
-                          tile_table(dev), routers=sorted(routers),
-                          aligned=fused_router.aligns() and tp == ep == 1)  # fmt: skip
+                          tile_table(dev), routers=sorted(routers))  # fmt: skip
     variants = rec.all()
     what = f"{len(variants)} kernel variants"
     if compile_once(variants, target):
