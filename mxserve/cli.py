@@ -19,6 +19,9 @@ METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
 # refused before serving (README, "GPU kernels")
 KERNEL_SWITCHES = ("MXSERVE_GLUON", "MXSERVE_SHARED_STREAM", "MXSERVE_FUSED_ROUTER", "MXSERVE_SHARED_EARLY",
                    "MXSERVE_PDL")
+# opt-ins removed after the H200 timed them (benchmarks/README.md): asked for, they are refused, not silently ignored
+REMOVED_SWITCHES = ("MXSERVE_L2_PREFETCH", "MXSERVE_ROW_AMAX_IN_GEMM", "MXSERVE_SILU_IN_GEMM", "MXSERVE_SUM_IN_GEMM",
+                    "MXSERVE_ROUTER_ALIGN")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
@@ -322,6 +325,10 @@ def cmd_launch(a: argparse.Namespace) -> None:
     for name in KERNEL_SWITCHES:  # "true" or "on" would silently keep the default
         if os.environ.get(name) and os.environ[name] not in ("0", "1"):
             raise MxServeError(f"{name}={os.environ[name]}: 0 or 1")
+    for name in REMOVED_SWITCHES:
+        if os.environ.get(name, "0") not in ("", "0"):
+            raise MxServeError(f"{name}={os.environ[name]}: this option was removed (it did not pay on the H200: "
+                               "benchmarks/README.md); unset it")
     if engine == "sglang" and os.path.isfile(os.path.join(a.model, "config.json")):
         from mxserve.engines.sglang_launch import check_model_type
         from mxserve.models.configs import read_config

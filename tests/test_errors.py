@@ -265,7 +265,8 @@ def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args
 @pytest.mark.parametrize("name, value, allowed", [("MXSERVE_DISPATCH", "per-expert", "single, grouped"),
                                                   ("MXSERVE_STREAM_K", "yes", "auto, 1, 0"),
                                                   ("MXSERVE_PDL", "true", "0 or 1"),
-                                                  ("MXSERVE_FUSED_ROUTER", "off", "0 or 1")])  # fmt: skip
+                                                  ("MXSERVE_FUSED_ROUTER", "off", "0 or 1"),
+                                                  ("MXSERVE_ROUTER_ALIGN", "1", "option was removed")])  # fmt: skip
 def test_launch_unknown_kernel_setting(capsys, monkeypatch, tiny_models, tmp_path, name, value, allowed):
     monkeypatch.setenv(name, value)
     err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "4bit")
