@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from mxserve.jsonio import corrupt, read_versioned, write_json
+from mxserve.jsonio import Versioned
 from mxserve.schemes import Scheme, get_scheme
 
 
@@ -65,29 +65,23 @@ class ProfileEntry:
 
 
 @dataclass
-class KernelProfile:
+class KernelProfile(Versioned):
     device: str
     entries: list[ProfileEntry] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     FORMAT = "mxmoe-kernel-profile"
     VERSION = 1
-
-    def save(self, path: str) -> None:
-        write_json(path, {"format": self.FORMAT, "version": self.VERSION, **asdict(self)})
+    WHAT = "kernel profile"
 
     @classmethod
-    def load(cls, path: str) -> KernelProfile:
-        obj = read_versioned(path, cls.FORMAT, cls.VERSION, "kernel profile")
-        try:
-            entries = [ProfileEntry(**e) for e in obj["entries"]]
-            for e in entries:
-                get_scheme(e.scheme)
-                if e.seconds < 0 or e.tokens < 0:
-                    raise ValueError(f"negative value in {e}")
-            return cls(device=str(obj["device"]), entries=entries, meta=dict(obj.get("meta", {})))
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(path, "kernel profile", e) from None
+    def from_json(cls, obj: dict) -> KernelProfile:
+        entries = [ProfileEntry(**e) for e in obj["entries"]]
+        for e in entries:
+            get_scheme(e.scheme)
+            if e.seconds < 0 or e.tokens < 0:
+                raise ValueError(f"negative value in {e}")
+        return cls(device=str(obj["device"]), entries=entries, meta=dict(obj.get("meta", {})))
 
 
 class MeasuredCostModel(CostModel):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from dataclasses import asdict
+from typing import Any, ClassVar, TypeVar
 
 from mxserve.errors import MxServeError
 
@@ -49,3 +50,34 @@ def read_versioned(path: str, fmt: str, version: int, what: str) -> dict:
 
 def corrupt(path: str, what: str, err: Exception) -> MxServeError:
     return MxServeError(f"{what} file {path} is corrupt: {type(err).__name__}: {err}")
+
+
+V = TypeVar("V", bound="Versioned")
+
+
+class Versioned:
+    """Base of mxserve's data formats (dataclasses): the JSON form is the fields beside ``format`` and
+    ``version``. A subclass names FORMAT, VERSION and WHAT (its name in messages) and reads its fields
+    in ``from_json``; ``load`` turns a malformed file into one clear error."""
+
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+    WHAT: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "version": self.VERSION, **asdict(self)}
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls: type[V], obj: dict) -> V:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls: type[V], path: str) -> V:
+        obj = read_versioned(path, cls.FORMAT, cls.VERSION, cls.WHAT)
+        try:
+            return cls.from_json(obj)
+        except (KeyError, TypeError, ValueError, MxServeError) as e:
+            raise corrupt(path, cls.WHAT, e) from None

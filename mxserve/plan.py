@@ -16,10 +16,10 @@ numbered as in the adapters: routed experts first, then shared-expert slices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mxserve.errors import MxServeError
-from mxserve.jsonio import corrupt, read_versioned, write_json
+from mxserve.jsonio import Versioned
 from mxserve.models.configs import BLOCKS
 from mxserve.schemes import Scheme, get_scheme
 
@@ -43,7 +43,7 @@ class LayerPlan:
 
 
 @dataclass
-class Plan:
+class Plan(Versioned):
     model: str
     model_type: str
     method: str
@@ -58,12 +58,7 @@ class Plan:
 
     FORMAT = "mxmoe-plan"
     VERSION = 1
-
-    def to_json(self) -> dict:
-        return {"format": self.FORMAT, "version": self.VERSION, **asdict(self)}
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_json())
+    WHAT = "plan"
 
     @classmethod
     def from_json(cls, obj: dict) -> Plan:
@@ -83,14 +78,6 @@ class Plan:
         )
         plan.validate()
         return plan
-
-    @classmethod
-    def load(cls, path: str) -> Plan:
-        obj = read_versioned(path, cls.FORMAT, cls.VERSION, "plan")
-        try:
-            return cls.from_json(obj)
-        except (KeyError, TypeError, ValueError, MxServeError) as e:
-            raise corrupt(path, "plan", e) from None
 
     def validate(self) -> None:
         if not self.layers:

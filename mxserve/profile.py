@@ -24,9 +24,9 @@ JSON form::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from mxserve.jsonio import corrupt, read_versioned, write_json
+from mxserve.jsonio import Versioned
 from mxserve.models.configs import BLOCKS
 
 
@@ -55,7 +55,7 @@ class LayerStats:
 
 
 @dataclass
-class CalibrationProfile:
+class CalibrationProfile(Versioned):
     model: str
     model_type: str
     method: str
@@ -68,41 +68,32 @@ class CalibrationProfile:
 
     FORMAT = "mxmoe-calibration"
     VERSION = 1
-
-    def to_json(self) -> dict:
-        return {"format": self.FORMAT, "version": self.VERSION, **asdict(self)}
-
-    def save(self, path: str) -> None:
-        write_json(path, self.to_json())
+    WHAT = "calibration profile"
 
     @classmethod
-    def load(cls, path: str) -> CalibrationProfile:
-        obj = read_versioned(path, cls.FORMAT, cls.VERSION, "calibration profile")
-        try:
-            layers = [
-                LayerStats(
-                    layer=int(lay["layer"]),
-                    n_routed=int(lay["n_routed"]),
-                    top_k=int(lay["top_k"]),
-                    out_energy=float(lay["out_energy"]),
-                    experts=[ExpertStats(**e) for e in lay["experts"]],
-                )
-                for lay in obj["layers"]
-            ]
-            prof = cls(
-                model=obj["model"],
-                model_type=obj["model_type"],
-                method=obj["method"],
-                schemes=list(obj["schemes"]),
-                tokens=int(obj["tokens"]),
-                seq_len=int(obj["seq_len"]),
-                data=list(obj["data"]),
-                hadamard_seed=int(obj["hadamard_seed"]),
-                layers=layers,
+    def from_json(cls, obj: dict) -> CalibrationProfile:
+        layers = [
+            LayerStats(
+                layer=int(lay["layer"]),
+                n_routed=int(lay["n_routed"]),
+                top_k=int(lay["top_k"]),
+                out_energy=float(lay["out_energy"]),
+                experts=[ExpertStats(**e) for e in lay["experts"]],
             )
-            prof.validate()
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(path, "calibration profile", e) from None
+            for lay in obj["layers"]
+        ]
+        prof = cls(
+            model=obj["model"],
+            model_type=obj["model_type"],
+            method=obj["method"],
+            schemes=list(obj["schemes"]),
+            tokens=int(obj["tokens"]),
+            seq_len=int(obj["seq_len"]),
+            data=list(obj["data"]),
+            hadamard_seed=int(obj["hadamard_seed"]),
+            layers=layers,
+        )
+        prof.validate()
         return prof
 
     def validate(self) -> None:

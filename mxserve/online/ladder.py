@@ -22,7 +22,7 @@ included) over all expert weights; see the README's arithmetic.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from mxserve.checkpoint import DOWN, GATE_UP, expert_param, layerwise_blocks, quantize_experts, rotation_seed
 from mxserve.errors import MxServeError
-from mxserve.jsonio import corrupt, read_versioned, write_json
+from mxserve.jsonio import Versioned
 from mxserve.models.layerwise import LayerwiseModel
 from mxserve.plan import LayerPlan
 from mxserve.quant.qlinear import QuantizedLinear, check_method
@@ -42,7 +42,7 @@ TENSOR_FILE = "ladder.safetensors"
 
 
 @dataclass
-class LadderMeta:
+class LadderMeta(Versioned):
     model_type: str
     method: str
     hadamard_seed: int
@@ -53,18 +53,12 @@ class LadderMeta:
 
     FORMAT = "mxmoe-ladder"
     VERSION = 1
-
-    def save(self, path: str) -> None:
-        write_json(path, {"format": self.FORMAT, "version": self.VERSION, **asdict(self)})
+    WHAT = "precision ladder"
 
     @classmethod
-    def load(cls, path: str) -> LadderMeta:
-        obj = read_versioned(path, cls.FORMAT, cls.VERSION, "precision ladder")
-        try:
-            return cls(str(obj["model_type"]), str(obj["method"]), int(obj["hadamard_seed"]),
-                       list(obj["schemes"]), list(obj["data"]), int(obj["nsamples"]), list(obj["layers"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(path, "precision ladder", e) from None
+    def from_json(cls, obj: dict) -> LadderMeta:
+        return cls(str(obj["model_type"]), str(obj["method"]), int(obj["hadamard_seed"]), list(obj["schemes"]),
+                   list(obj["data"]), int(obj["nsamples"]), list(obj["layers"]))
 
 
 def _name(layer: int, scheme: str, expert: int, block: str) -> str:
