@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors
+from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors, make_experts, route
 from sass_tools import disassemble, in_fresh_process
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
@@ -249,20 +249,29 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     # grouped dispatch; =0 never (one row: the CUDA-core products again); =1 always, and the grouped
     # dispatch then refuses; any other value is an error
     from mxkernels import moe
+    from mxkernels.arena import build_arena
 
-    taken = []
-    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    taken, compute = [], []
+    gemm = moe._gemm_gluon  # the interpreted kernel runs where a case checks the arithmetic too; else only noted
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a: taken.append(a[11].stream_k) or (gemm(*a) if compute else None))
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
     monkeypatch.delenv("MXSERVE_STREAM_K", raising=False)
     both = ["w4a16g128", "w2a16g128"]
 
-    def launches(t, names=both, **kw):
+    def launches(t, names=both, arithmetic=False, **kw):
         taken.clear()
-        errs = gemm_errors(names, t, 256, 256, 18, 1, 2, "cpu", seed=4, **kw)
-        assert max(errs.values()) < BOUND
+        compute[:] = [True] if arithmetic else []
+        if arithmetic:
+            errs = gemm_errors(names, t, 256, 256, 18, 1, 2, "cpu", seed=4, **kw)
+            assert max(errs.values()) < BOUND
+        else:
+            gen = torch.Generator().manual_seed(4)
+            experts = make_experts(names, 256, 256, 18, 1, "rtn", gen, "cpu")
+            gu, dn = (build_arena([getattr(e, m) for e in experts]) for m in ("gate_up", "down"))
+            moe.moe_gemms(torch.randn(t, 256, generator=gen).bfloat16(), *route(t, 18, 2, gen), gu, dn, 18, **kw)
         return list(taken)
 
-    assert launches(1) == [True, True]  # 3 rows (top-2 and the shared expert) over 3 experts
+    assert launches(1, arithmetic=True) == [True, True]  # 3 rows (top-2 and the shared expert) over 3 experts
     assert launches(16) == [True, True]  # 48 rows over 16 experts: 3 rows per expert
     assert launches(40) == [False] * 4  # 6 rows per expert: the shared expert launches apart
     # where more than moe.STREAM_K_COSTLY of the weights are in costly codes (here half are 3-bit), only below
@@ -276,7 +285,7 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
     monkeypatch.setenv("MXSERVE_STREAM_K", "0")
     assert launches(1) == [] and launches(16) == [False] * 4
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    assert launches(40) == [True, True]  # the shared expert in the launch
+    assert launches(40, arithmetic=True) == [True, True]  # the shared expert in the launch
     with pytest.raises(ValueError, match="single dispatch"):
         gemm_errors(["w4a16g128", "w8a16"], 24, 256, 256, 18, 1, 2, "cpu", seed=4, dispatch="grouped")
     monkeypatch.setenv("MXSERVE_STREAM_K", "yes")

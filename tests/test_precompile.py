@@ -60,43 +60,74 @@ def as_on_sm90(lay, codes):
         yield gu, dn
 
 
-def compare(lay, t, codes):
-    # precompiled (two processes, as `mxserve launch` does) into one cache ...
-    pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
-    os.environ["TRITON_CACHE_DIR"] = pre
-    variants = record_variants([lay], [t], target, 132, codes).all()
+@contextlib.contextmanager
+def found_in_cache():
+    # the keys of the cache entries that Triton's compiles find already there (a compile that finds none writes one)
+    from triton.compiler import compiler
+    found, make = set(), compiler.get_cache_manager
+
+    def recording(key):
+        manager = make(key)
+        get = manager.get_group
+
+        def get_group(filename):
+            group = get(filename)
+            if group is not None:
+                found.add(manager.key)
+            return group
+
+        manager.get_group = get_group
+        return manager
+
+    with mock.patch.object(compiler, "get_cache_manager", recording):
+        yield found
+
+
+def precompiled_then_launched(variants, launch):
+    # precompiled (two processes, as `mxserve launch` does) into an empty cache; then Triton's own launch path
+    # (JITFunction.run, compile-only launches) over that cache: [what precompiling wrote, what the launches found
+    # there or wrote]. Equal: the launches compiled nothing, and every precompiled variant was launched
+    cache = tempfile.mkdtemp()
+    os.environ["TRITON_CACHE_DIR"] = cache
     compile_variants(variants, target, 2)
-    # ... and what Triton's own launch path (JITFunction.run, compile-only launches) compiles into
-    # another, for the same layer, as on an sm_90 GPU
-    os.environ["TRITON_CACHE_DIR"] = jit
-    for kernel in KERNELS.values():  # what an earlier case's launches compiled is in memory, not in this cache
+    precompiled = sorted(os.listdir(cache))
+    for kernel in KERNELS.values():  # what an earlier case's launches compiled is in memory
         kernel.device_caches.clear()
-    with as_on_sm90(lay, codes) as (gu, dn):
-        # SGLang's plugin hands the top-k sum Qwen2-MoE's shared gate, or nothing (DeepSeek-V2)
-        gate = torch.randn(lay.hidden).bfloat16() if lay.shared_gate else None
-        moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu, dn,
-                           16, None, gate)
-        c = ExpertCounter(16)  # its launch on a GPU (router_stats, writing the host mirror), on SGLang's int32 ids
-        count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16, c.buf.clone())
+    with found_in_cache() as found:
+        launch()
+    return [precompiled, sorted(found | (set(os.listdir(cache)) - set(precompiled)))]
+
+
+def compare(lay, t, codes):
+    variants = record_variants([lay], [t], target, 132, codes).all()
+
+    def launch():
+        with as_on_sm90(lay, codes) as (gu, dn):
+            # SGLang's plugin hands the top-k sum Qwen2-MoE's shared gate, or nothing (DeepSeek-V2)
+            gate = torch.randn(lay.hidden).bfloat16() if lay.shared_gate else None
+            moe.mx_moe_forward(torch.randn(t, 256).bfloat16(), torch.randint(0, 16, (t, 2)), torch.rand(t, 2), gu,
+                               dn, 16, None, gate)
+            c = ExpertCounter(16)  # its launch on a GPU (router_stats, writing the host mirror), on SGLang's int32 ids
+            count_routing(torch.randint(0, 16, (t, 2), dtype=torch.int32), c.buf, c.bounds, 16, c.buf.clone())
+
     return {"variants": len(variants), "kernels": sorted({v.kernel for v in variants}),
-            "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
+            "entries": precompiled_then_launched(variants, launch)}
 
 
 def compare_router(h, e, k):
     # the fused router's variants (SGLang's engine), precompiled and as its launches compile them: with and without
     # renormalization and SGLang's int32 count of unpadded tokens, at any decode batch
-    pre, jit = tempfile.mkdtemp(), tempfile.mkdtemp()
-    os.environ["TRITON_CACHE_DIR"] = pre
     variants = record_variants([], [1], target, 132, 0, routers=[(h, e, k)]).all()
-    compile_variants(variants, target, 2)
-    os.environ["TRITON_CACHE_DIR"] = jit
-    KERNELS["router"].device_caches.clear()
-    with compile_only_launches(target):
-        for renormalize in (False, True):
-            for valid in (None, torch.tensor([1], dtype=torch.int32)):
-                for t in (1, 8, 64):
-                    fused_router(torch.randn(t, h).bfloat16(), torch.randn(e, h).bfloat16(), k, renormalize, valid)
-    return {"variants": len(variants), "entries": [sorted(os.listdir(d)) for d in (pre, jit)]}
+
+    def launch():
+        with compile_only_launches(target):
+            for renormalize in (False, True):
+                for valid in (None, torch.tensor([1], dtype=torch.int32)):
+                    for t in (1, 8, 64):
+                        fused_router(torch.randn(t, h).bfloat16(), torch.randn(e, h).bfloat16(), k, renormalize,
+                                     valid)  # fmt: skip
+
+    return {"variants": len(variants), "entries": precompiled_then_launched(variants, launch)}
 
 
 out["router"] = compare_router(2048, 60, 4)
@@ -151,8 +182,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
     assert out["per-layer/all"]["gemm"] > out["per-layer/first"]["gemm"]
     assert out["levers/all"]["gemm"] < out["per-layer/all"]["gemm"]
     assert out["levers/all"]["silu_mul"] <= out["per-layer/all"]["silu_mul"]
-    # Triton's own launch path compiles exactly the cache entries precompiling made: a server finds
-    # every kernel it launches already compiled, the Gluon kernel's included
+    # Triton's own launch path, on the cache precompiling filled, compiles nothing and finds every entry it
+    # made: a server finds every kernel it launches already compiled, the Gluon kernel's included
     for case in ("plan", "gluon", "gluon_fma", "gluon_fma_packed", "gluon_stream_k", "gluon_stream_k_pdl",
                  "gluon_stream_k_gate", "prefill_fp8"):  # fmt: skip
         precompiled, launched = out[case]["entries"]
