@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 40 41 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -102,6 +102,10 @@
 #  39. (only when asked: `start 39`) phase 5's cold start without the metrics run, three warm rounds (~10 min).
 #  40. (only when asked: `start 40 39`) after the twenty-sixth session's removals: the fused router's and the prefill
 #      group_m kernel GPU tests, and Qwen2-MoE's SGLang tests (the fused router with the shared gate) (~7 min).
+#  41. (only when asked: `start 40 41 39`) what the decode GEMMs' warps wait on, every stall reason (the eighteenth
+#      session's ncu printed only the largest, 2.4 of 6.7 cycles an instruction): ncu on the Gluon launches at 16
+#      tokens (stream-K) and 64 (the unbalanced grid), mixed 3.25 bits, and on Marlin's at 16 where its prebuilt
+#      modules are carried (~3 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -783,6 +787,28 @@ phase40() {
   wait
 }
 
+phase41() {
+  # the decode GEMMs' warp states, each stall reason per issued instruction, with the schedulers' issue rate and the
+  # occupancy (registers): whether the warps wait on loads in flight, on the MMA or on each other's instructions
+  mkdir -p $res/ncu
+  command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
+  local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+    --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+  for t in 16 64; do
+    # shellcheck disable=SC2086
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 6 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+      --tokens $t --loop > $res/ncu/stalls-gluon-qwen15-${t}tok.txt 2>&1
+    say "ncu stalls of the Gluon launches at $t tokens rc=$?"
+  done
+  # Marlin's only where its prebuilt modules came (.tvm-ffi.tar.xz): its JIT build takes about 8 minutes
+  [ -d /tmp/tvmcache ] || { say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"; return 0; }
+  # shellcheck disable=SC2086
+  ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $what \
+    python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 16 --ours-only --layouts '^$' --out /tmp/ncu_ml \
+    > $res/ncu/stalls-marlin-qwen15-16tok.txt 2>&1
+  say "ncu stalls of Marlin's launches at 16 tokens rc=$?"
+}
+
 phase39() {
   python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer $TOKENIZER --out /tmp/cm \
     > /dev/null 2>&1
@@ -806,7 +832,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
