@@ -22,6 +22,12 @@
 #                                                    # ALSO_PLAN=FILE:NAME: a second mxserve server from that plan;
 #                                                    # METRICS=1: the GPTQ copy also with --enable-metrics;
 #                                                    # METRICS_ONLY=1: only the GPTQ copy, with it)
+#   benchmarks/serving_runs.sh multigpu OUT          # two GPUs (issue 14): random weights, Qwen1.5-MoE-A2.7B's shapes
+#                                                    # (LAYERS=4: 4 of its 24 layers); PART=equal: greedy text of an
+#                                                    # all-bf16 plan at --tp 2 and --ep 2 against one GPU; PART=speed:
+#                                                    # output tokens/s of a plan made for each layout (--tp 2 at 4
+#                                                    # bits: down stays 8 bits, its 704 columns a rank are not whole
+#                                                    # groups; --ep 2 at 3.25) on one GPU and on two; both by default
 #   benchmarks/serving_runs.sh gptq-check OUT        # 4 layers: the GPTQ copy on Marlin against its own dequantized fp16
 #   benchmarks/serving_runs.sh refmoe OUT MODEL DATA # refmoe-25m; DATA holds *-calib.txt and *-dev.txt
 #   benchmarks/serving_runs.sh refmoe-greedy OUT MODEL DATA  # only SGLang bf16 vs the all-bf16 plan
@@ -121,6 +127,41 @@ elif [ "$what" = qwen15-24 ]; then
     "${plain[@]}" "${also[@]}" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
     --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
+elif [ "$what" = multigpu ]; then
+  layers=${LAYERS:-24} part=${PART:-both}
+  cfg=benchmarks/configs/qwen1.5-moe-a2.7b.json m=$work/qwen15 m1="$py -m mxserve.cli"
+  [ "$layers" = 24 ] || cfg=benchmarks/configs/qwen1.5-moe-a2.7b-4layers.json m=$work/qwen15-4l
+  [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config $cfg \
+    --tokenizer "${TOKENIZER:-../shared/models/refmoe-25m}" --out "$m"
+  # the plans, from the synthetic profile (random weights: its accuracy means nothing), each made for its layout
+  PYTHONPATH=.:${PYTHONPATH:-} $py benchmarks/synthetic_profile.py --config $cfg --out "$out/profile.json"
+  schemes=bf16,w8a16,w8a8fp8,w4a16g128,w3a16g128,w2a16g128,w1a16g128
+  $m1 plan --profile "$out/profile.json" --budget 16bit --schemes bf16 --out "$out/plan-bf16.json"
+  $m1 plan --profile "$out/profile.json" --budget 4bit --schemes $schemes --tp 2 --out "$out/plan-tp2.json"
+  $m1 plan --profile "$out/profile.json" --budget 3.25bit --schemes $schemes --ep 2 --out "$out/plan-ep2.json"
+  for p in bf16 tp2 ep2; do
+    [ -f "$work/q15-$layers-$p/config.json" ] || $m1 quantize --model "$m" --device cuda --plan "$out/plan-$p.json" \
+      --out "$work/q15-$layers-$p" --quiet
+  done
+  tag="Qwen1.5-MoE-A2.7B, $layers of 24 layers, random weights, one GPU and two"
+  if [ "$part" != speed ]; then
+    # one GPU against two, plain SGLang's too: where random weights leave near ties, its own all-reduce can flip one
+    # (serving.py reports the top-1 minus top-2 log-prob where two texts part)
+    $py benchmarks/serving.py --model "$m" --sglang-ckpt tp2="$m" --plain-args "tp2=--tp-size 2" \
+      --ckpt bf16="$work/q15-$layers-bf16" --ckpt bf16-tp2="$work/q15-$layers-bf16" --launch-args "bf16-tp2=--tp 2" \
+      --ckpt bf16-ep2="$work/q15-$layers-bf16" --launch-args "bf16-ep2=--ep 2" \
+      --compare mxserve-bf16:sglang-bf16 --compare mxserve-bf16-tp2:mxserve-bf16 \
+      --compare mxserve-bf16-ep2:mxserve-bf16 --compare sglang-tp2:sglang-bf16 \
+      --max-tokens 64 --concurrency 8 --rounds 1 --sglang-args "$args" --tag "$tag: greedy text" --out "$out/equal" ||
+      echo "a server of the greedy comparison failed: $out/equal/serving.md"  # the throughput runs go on
+  fi
+  if [ "$part" != equal ]; then
+    $py benchmarks/serving.py --model "$m" --skip-bf16 \
+      --ckpt tp-plan="$work/q15-$layers-tp2" --ckpt tp-plan-tp2="$work/q15-$layers-tp2" \
+      --launch-args "tp-plan-tp2=--tp 2" --ckpt ep-plan="$work/q15-$layers-ep2" \
+      --ckpt ep-plan-ep2="$work/q15-$layers-ep2" --launch-args "ep-plan-ep2=--ep 2" \
+      --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" --tag "$tag: throughput" --out "$out/speed"
+  fi
 elif [ "$what" = gptq-check ]; then
   m=$work/qwen15-4l
   [ -f "$m/config.json" ] || $py benchmarks/random_model.py --config benchmarks/configs/qwen1.5-moe-a2.7b-4layers.json \
@@ -165,6 +206,6 @@ PY
     --compare mxserve-bf16kernel:sglang-bf16 \
     --prompts "$data"/*-dev.txt --n-prompts 16 --max-tokens 64 --sglang-args "$args" --tag refmoe-25m --out "$out"
 else
-  echo "usage: $0 qwen15|qwen15-24|gptq-check|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2
+  echo "usage: $0 qwen15|qwen15-24|multigpu|gptq-check|refmoe|refmoe-greedy OUT [MODEL DATA]" >&2
   exit 2
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs still owed to issue 10, as one chain that outlives a device call.
+# The GPU runs still owed to issues 10 and 14, as one chain that outlives a device call.
 #
 # A device call lasts at most 600 s and returns at most 8 files; a machine left idle for 30 s is
 # given back with everything on it. So the chain runs in the background (setsid) and each call
@@ -106,6 +106,15 @@
 #      session's ncu printed only the largest, 2.4 of 6.7 cycles an instruction): ncu on the Gluon launches at 16
 #      tokens (stream-K) and 64 (the unbalanced grid), mixed 3.25 bits, and on Marlin's at 16 where its prebuilt
 #      modules are carried (~3 min).
+# On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
+#  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
+#      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights in .shr:
+#      MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh, carried in a call of its own first) and on a random-weight
+#      model of Qwen1.5-MoE-A2.7B's shapes (4 of its 24 layers) (~15 min).
+#  43. (only when asked) throughput on one GPU and on two: `serving_runs.sh multigpu` (4 layers, the plans made for
+#      --tp 2 and --ep 2, each on one GPU and on its two) (~7 min).
+#  44. (only when asked) the tests on the tiny model, and the greedy texts of the Qwen1.5-shaped model served by plain
+#      SGLang and by mxserve at --tp-size 2 beside one GPU (where a near tie flips a token, whose it is) (~12 min).
 # In session 5 all kernel GPU tests in phase 1 took 13 min beside the rest (784 s, 37 tests) and held
 # the timed phases back until the machine was taken back: the whole file now runs last.
 set -uo pipefail
@@ -809,6 +818,39 @@ phase41() {
   say "ncu stalls of Marlin's launches at 16 tokens rc=$?"
 }
 
+two_gpus() {
+  local n; n=$(nvidia-smi -L | wc -l)
+  [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
+  [ -f $WORK/qwen15-4l/config.json ] || python3 benchmarks/random_model.py \
+    --config benchmarks/configs/qwen1.5-moe-a2.7b-4layers.json --tokenizer $TOKENIZER --out $WORK/qwen15-4l > /dev/null 2>&1
+}
+
+multigpu_tests() {  # -k EXPRESSION: tests/test_sglang_multigpu.py, the Qwen1.5-shaped model among its models
+  mkdir -p $res/tests
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_MULTIGPU_MODELS=$WORK/qwen15-4l \
+    MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_multigpu.log python3 -m pytest -q -m gpu tests/test_sglang_multigpu.py \
+    -k "$1" --basetemp=/tmp/pt_mg -rA -p no:cacheprovider > $res/tests/multigpu_${2:-main}.log 2>&1
+  say "two-GPU tests ($1) rc=$? $(tail -1 $res/tests/multigpu_${2:-main}.log)"
+}
+
+phase42() {
+  two_gpus || return 1
+  multigpu_tests "not tiny"
+}
+
+phase43() {
+  two_gpus || return 1
+  LAYERS=4 PART=speed benchmarks/serving_runs.sh multigpu $res/multigpu-4l > $res/multigpu-4l-speed.log 2>&1
+  say "one GPU against two, throughput rc=$?"
+}
+
+phase44() {
+  two_gpus || return 1
+  multigpu_tests "tiny" tiny
+  LAYERS=4 PART=equal benchmarks/serving_runs.sh multigpu $res/multigpu-4l > $res/multigpu-4l-equal.log 2>&1
+  say "one GPU against two, greedy texts rc=$?"
+}
+
 phase39() {
   python3 benchmarks/random_model.py --config benchmarks/configs/refmoe-25m.json --tokenizer $TOKENIZER --out /tmp/cm \
     > /dev/null 2>&1
@@ -832,7 +874,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -1,8 +1,11 @@
-"""`mxserve launch --tp 2` and `--ep 2` on two GPUs: issue 14's acceptance on a tiny model.
+"""`mxserve launch --tp 2` and `--ep 2` on two GPUs: issue 14's acceptance.
 
 Needs 2 CUDA GPUs and sglang (on a lent 2-GPU machine: the bundle of ../shared/device); skipped
-otherwise. The tiny Qwen2-MoE has 256 columns of down per expert, so 128 per rank at TP 2: whole
-groups of 128 for the grouped schemes.
+otherwise. Each test runs on a tiny Qwen2-MoE (256 columns of down per expert, so 128 per rank at TP 2:
+whole groups of 128 for the grouped schemes), on refmoe-25m where its weights are on the machine (the
+GPU machine gets them in .shr: MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh), and on each model
+directory MXSERVE_MULTIGPU_MODELS names (comma-separated; scripts/device_runs.sh phase 42 passes a
+random-weight model of Qwen1.5-MoE-A2.7B's shapes).
 """
 
 import json
@@ -14,7 +17,7 @@ import pytest
 import torch
 from test_sglang_gpu import greedy_texts, mxserve_cmd, serving
 
-from conftest import build_tiny
+from conftest import REFMOE, build_tiny
 from mxserve.checkpoint import layout, quantize_to_dir
 from mxserve.models.adapters import moe_layers
 from mxserve.models.loading import load_model
@@ -26,17 +29,28 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 LAYOUTS = [["--tp", "2"], ["--ep", "2"]]  # experts split over both GPUs; whole experts on each
+MODELS = [
+    pytest.param("tiny", id="tiny"),
+    pytest.param(str(REFMOE), id="refmoe-25m", marks=pytest.mark.skipif(
+        not (REFMOE / "model.safetensors").exists(), reason="refmoe-25m's weights are not on this machine")),
+    *(pytest.param(m, id=os.path.basename(m.rstrip("/")))
+      for m in os.environ.get("MXSERVE_MULTIGPU_MODELS", "").split(",") if m),
+]  # fmt: skip
 
 
-def tiny(tmp_path) -> str:
-    return str(build_tiny("qwen2_moe", tmp_path / "src", moe_intermediate_size=256))
+def source(model: str, tmp_path) -> str:
+    """The model directory: the tiny model built here, or a given one."""
+    return str(build_tiny("qwen2_moe", tmp_path / "src", moe_intermediate_size=256)) if model == "tiny" else model
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("flags", LAYOUTS)
-def test_two_gpus_give_the_one_gpu_greedy_text(flags, tmp_path):
+def test_two_gpus_give_the_one_gpu_greedy_text(flags, model, tmp_path):
     pytest.importorskip("sglang")
-    src = tiny(tmp_path)
-    plan = Plan.uniform("tiny", "qwen2_moe", layout(moe_layers(load_model(src))), get_scheme("bf16"), "rtn")
+    src = source(model, tmp_path)
+    loaded = load_model(src)
+    plan = Plan.uniform("tiny", loaded.config.model_type, layout(moe_layers(loaded)), get_scheme("bf16"), "rtn")
+    del loaded
     ckpt = str(tmp_path / "ckpt")
     quantize_to_dir(src, plan, ckpt, progress=False)
     port = 32000 + os.getpid() % 1000
@@ -54,12 +68,13 @@ def _json(url: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("flags", LAYOUTS)
-def test_a_forced_replan_swaps_on_both_ranks_without_a_failed_request(flags, tmp_path):
+def test_a_forced_replan_swaps_on_both_ranks_without_a_failed_request(flags, model, tmp_path):
     pytest.importorskip("sglang")
     import openai
 
-    src = tiny(tmp_path)
+    src = source(model, tmp_path)
     port = 33000 + os.getpid() % 1000
     cmd = mxserve_cmd(src, port, "tiny") + ["--budget", "4.25bit", "--method", "rtn", "--calib-samples", "8",
                                             "--replan-interval", "0", *flags]  # fmt: skip
@@ -68,7 +83,9 @@ def test_a_forced_replan_swaps_on_both_ranks_without_a_failed_request(flags, tmp
         served = _json(admin + "/mxserve/plan")
         new = json.loads(json.dumps(served))
         experts = new["layers"][0]["experts"]
-        b = next(i for i, e in enumerate(experts) if not e["shared"] and e["gate"] != experts[0]["gate"])
+        # expert 0 and one of the later half (the other rank's under --ep 2) trade schemes, so both ranks swap
+        routed = [i for i, e in enumerate(experts) if not e["shared"]]
+        b = next(i for i in routed[len(routed) // 2:] if experts[i]["gate"] != experts[0]["gate"])
         for f in ("gate", "up", "down"):
             experts[0][f], experts[b][f] = experts[b][f], experts[0][f]  # same bits, other experts
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
