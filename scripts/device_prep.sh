@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare, on this CPU machine, what a call on the lent GPU carries (all git-ignored):
 #   .bundle  SGLang 0.5.15 for the device image (../shared/device/build-sglang-bundle.sh), ~46 MB
-#   .shr     the reference model's tokenizer files, for tests (MXSERVE_SHARED=$PWD/.shr), <1 MB (and its weights
-#            with MXSERVE_REFMOE_WEIGHTS=1, 50 MB: below)
+#   .shr     the reference model's tokenizer files, for tests (MXSERVE_SHARED=$PWD/.shr), <1 MB
+#   .refmoe  (MXSERVE_REFMOE_WEIGHTS=1 only) the reference model's weights and config, 50 MB: below
 #   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB;
 #            carried as .pydeps.tar.xz (2.5 MB), which scripts/device_env.sh unpacks
 # A call carries at most 64 MiB, the tracked files included: .bundle, .shr, .pydeps.tar.xz and
@@ -24,15 +24,13 @@ mkdir -p .shr/models/refmoe-25m
 for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
     cp "$shared/models/refmoe-25m/$f" .shr/models/refmoe-25m/
 done
-# MXSERVE_REFMOE_WEIGHTS=1: the model itself too (50 MB), for the GPU tests that serve it (issue 14's on two GPUs).
-# .shr then no longer fits one call beside .bundle: carry [".shr"] in a call of its own first (the machine keeps
-# it while warm), then the others. Without it, the weights are taken out again.
+# MXSERVE_REFMOE_WEIGHTS=1: the model itself too, in .refmoe (50 MB), for the GPU tests that serve it (issue 14's on
+# two GPUs). It does not fit one call beside .bundle: a first call carries [".refmoe"] alone and copies it to
+# /tmp/refmoe, which the machine keeps while warm; scripts/device_env.sh puts it beside the tokenizer files.
 if [ -n "${MXSERVE_REFMOE_WEIGHTS:-}" ]; then
+    mkdir -p .refmoe
     cp "$shared/models/refmoe-25m/config.json" "$shared/models/refmoe-25m/generation_config.json" \
-        "$shared/models/refmoe-25m/model.safetensors" .shr/models/refmoe-25m/
-else
-    rm -f .shr/models/refmoe-25m/model.safetensors .shr/models/refmoe-25m/config.json \
-        .shr/models/refmoe-25m/generation_config.json
+        "$shared/models/refmoe-25m/model.safetensors" .refmoe/
 fi
 
 if [ ! -d .pydeps/pulp ]; then

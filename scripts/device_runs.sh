@@ -108,8 +108,8 @@
 #      modules are carried (~3 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
-#      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights in .shr:
-#      MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh, carried in a call of its own first) and on a random-weight
+#      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
+#      own first: MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh, benchmarks/README.md) and on a random-weight
 #      model of Qwen1.5-MoE-A2.7B's shapes (4 of its 24 layers) (~15 min).
 #  43. (only when asked) throughput on one GPU and on two: `serving_runs.sh multigpu` (4 layers, the plans made for
 #      --tp 2 and --ep 2, each on one GPU and on its two) (~7 min).

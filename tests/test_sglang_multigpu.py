@@ -3,7 +3,7 @@
 Needs 2 CUDA GPUs and sglang (on a lent 2-GPU machine: the bundle of ../shared/device); skipped
 otherwise. Each test runs on a tiny Qwen2-MoE (256 columns of down per expert, so 128 per rank at TP 2:
 whole groups of 128 for the grouped schemes), on refmoe-25m where its weights are on the machine (the
-GPU machine gets them in .shr: MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh), and on each model
+GPU machine gets them from a call of their own: MXSERVE_REFMOE_WEIGHTS=1 scripts/device_prep.sh), and on each model
 directory MXSERVE_MULTIGPU_MODELS names (comma-separated; scripts/device_runs.sh phase 42 passes a
 random-weight model of Qwen1.5-MoE-A2.7B's shapes).
 """
