@@ -116,6 +116,44 @@ def test_corrupt_profile(capsys, tmp_path, content, expect):
     assert expect in one_line(run_err(capsys, "plan", "--profile", bad, "--budget", "4", "--out", tmp_path / "x"))
 
 
+def test_every_data_format_reads_back_what_it_wrote_and_names_a_bad_file(tmp_path):
+    # plan, calibration profile, kernel profile and precision ladder share one versioned JSON form (jsonio.Versioned):
+    # each reads back what it saved; a file of its format with a field of the wrong kind, or of another version, is one
+    # MxServeError naming what it is, not a traceback (an unknown scheme included, which the reading itself raises)
+    import json
+
+    from mxserve.costmodel import KernelProfile, ProfileEntry
+    from mxserve.errors import MxServeError
+    from mxserve.online.ladder import LadderMeta
+    from mxserve.plan import ExpertPlan, LayerPlan, Plan
+    from mxserve.profile import CalibrationProfile, ExpertStats, LayerStats
+
+    shapes = {"gate": [512, 256], "up": [512, 256], "down": [256, 512]}
+    cases = [
+        (Plan("m", "qwen2_moe", "rtn", 0, 4.0, 1.0, 64, "layer",
+              [LayerPlan(0, [ExpertPlan(0, False, "w4a16g128", "w4a16g128", "bf16")])]), "layers", "plan"),
+        (CalibrationProfile("m", "qwen2_moe", "rtn", ["bf16"], 64, 512, ["d.txt"], 0, [LayerStats(
+            0, 1, 1, 1.0, [ExpertStats(0, False, shapes, 1.0, 64, 64, {b: {"bf16": 0.0} for b in shapes})])]),
+         "layers", "calibration profile"),
+        (KernelProfile("H100", [ProfileEntry("w4a16g128", 2048, 1408, 8, 1e-5)]), "entries", "kernel profile"),
+        (LadderMeta("qwen2_moe", "rtn", 0, ["bf16"], [], 4, [{"layer": 0, "shared": [False]}]), "layers",
+         "precision ladder"),
+    ]  # fmt: skip
+    for obj, field, what in cases:
+        path = tmp_path / f"{type(obj).__name__}.json"
+        obj.save(str(path))
+        assert type(obj).load(str(path)) == obj
+        good = json.loads(path.read_text())
+        for bad, says in (({**good, field: 7}, "is corrupt"), ({**good, "version": 9}, "version 9")):
+            path.write_text(json.dumps(bad))
+            with pytest.raises(MxServeError, match=f"{what}.*{says}|{says}.*{what}"):
+                type(obj).load(str(path))
+    unknown = {**cases[2][0].to_json(), "entries": [{**cases[2][0].to_json()["entries"][0], "scheme": "w5a16"}]}
+    (tmp_path / "kp.json").write_text(json.dumps(unknown))
+    with pytest.raises(MxServeError, match="kernel profile file .* is corrupt"):
+        KernelProfile.load(str(tmp_path / "kp.json"))
+
+
 def test_missing_and_corrupt_plan(capsys, tiny_models, tmp_path):
     err = one_line(
         run_err(
