@@ -519,3 +519,19 @@ def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
     for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16"):
         with pytest.raises(argparse.ArgumentTypeError):
             profile_layer.tile_setting(bad)
+
+
+def test_sass_census_counts_programs_by_registers_and_diffs_dumps(tmp_path: Path, capsys):
+    # benchmarks/sass_census.py: programs of 4 warps an SM by registers (taken 8 a thread at a time) under a cap,
+    # and the variants whose opcodes differ between two dumps (exit 1 where any does, or one dump lacks a variant)
+    census = pytest.importorskip("sass_census", reason="needs Triton's Gluon")
+    assert [census.programs_an_sm(r, None) for r in (64, 80, 128, 130, 168, 178)] == [8, 6, 4, 3, 3, 2]
+    assert census.programs_an_sm(64, 4) == 4
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"k1": ["LDG", "HMMA"], "k2": ["EXIT"]}))
+    b.write_text(json.dumps({"k1": ["LDG", "HMMA"], "k2": ["EXIT"]}))
+    assert census.diff(str(a), str(b)) == 0 and "2 of 2 variants the same" in capsys.readouterr().out
+    b.write_text(json.dumps({"k1": ["LDG", "LOP3", "HMMA"], "k2": ["EXIT"], "k3": []}))
+    assert census.diff(str(a), str(b)) == 1
+    out = capsys.readouterr().out
+    assert "k1: 2 -> 3 instructions" in out and "k3: only in" in out and "1 of 2 variants the same" in out

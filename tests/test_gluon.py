@@ -11,14 +11,10 @@ import re
 import pytest
 import torch
 from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors, make_experts, route
-from sass_tools import disassemble, in_fresh_process
+from sass_tools import GLUON_POINTERS as POINTERS
+from sass_tools import compile_decode, disassemble, in_fresh_process, k_loop, loops
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
-
-POINTERS = {"a_ptr": "*bf16", "out_ptr": "*fp32", "sorted_ids_ptr": "*i64", "block_expert_ptr": "*i64",
-            "num_post_pad_ptr": "*i64", "route_w_ptr": "*fp32", "meta_ptr": "*i64", "wi_ptr": "*i32",
-            "wb_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16"}  # fmt: skip
-
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
           stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
@@ -28,27 +24,8 @@ def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
                   stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from mxkernels.moe_gemm_gluon import WARPS, mx_moe_gemm_gluon_kernel
-
-    params = mx_moe_gemm_gluon_kernel.arg_names
-    # by default bf16, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
-              "STREAM_K": stream_k, "PDL": pdl}  # fmt: skip
-    sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
-    # as the launcher's arguments specialize on real shapes (every N of the served models is a multiple of 16)
-    aligned = set(POINTERS) | {"stride_am", "K", "N"}
-    src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
-                         {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
-    from mxkernels.moe import STREAM_K_REGISTERS
-
-    cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
-    options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
-    return disassemble(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options),
-                        f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")
+    return disassemble(compile_decode(gate_up, skip_pad, codes, bm, bn, stream_k, pdl),
+                       f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -64,29 +41,12 @@ def test_gluon_kernel_feeds_the_mma_from_registers(gate_up, skip_pad):
     assert not re.search(r"\bLDG\.E\.U16\b.*\bR\d+\.64\+0x", sass), "activations loaded one by one"
 
 
-def _loops(sass: str, innermost: bool = False) -> list[list[str]]:
-    """The instructions of each of a kernel's loops, from a backward branch's target to it, longest first;
-    ``innermost``: only loops with no loop inside (stream-K's K loops sit in a loop over units)."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
-    at = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    loops = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := re.search(r"BRA (0x[0-9a-f]+)", ln))
-             and int(m.group(1), 16) < a]  # fmt: skip
-    if innermost:
-        loops = [(lo, hi) for lo, hi in loops if not any(lo <= o[0] and o[1] < hi for o in loops if o != (lo, hi))]
-    return [[ln for ln, a in zip(lines, at) if lo <= a <= hi] for lo, hi in sorted(loops, key=lambda t: t[0] - t[1])]
-
-
-def _k_loop(sass: str, innermost: bool = False) -> list[str]:
-    """The instructions of a kernel's longest loop (its K loop); ``innermost``: see _loops."""
-    return _loops(sass, innermost)[0]
-
-
 @pytest.mark.parametrize("codes", [0b1, 0b10000, 0b1000])
 def test_gluon_kernel_loop_carries_whole_registers(codes):
     # the K loop carries the next tile's activations (and bf16 weights) as int32 words and the arena's
     # codes come in pairs (k, k + 1): no 16-bit repacking. Before, the loop of the w4 gate/up kernel at
     # 8 rows had 42 PRMT of 275 instructions (236 now); that of bf16 experts 129 of 200 (126 now)
-    loop = _k_loop(_sass(True, False, codes, 8))
+    loop = k_loop(_sass(True, False, codes, 8))
     prmt = sum(bool(re.search(r"\bPRMT\b", ln)) for ln in loop)
     assert prmt <= 8, (prmt, len(loop))
     assert sum(bool(re.search(r"\bHMMA\.16816\.F32\.BF16\b", ln)) for ln in loop) >= 16
@@ -100,7 +60,7 @@ def test_gluon_kernel_joins_the_3_bit_planes_before_one_mma():
     def count(loop, op):
         return sum(bool(re.search(rf"\b{op}\b", ln)) for ln in loop)
 
-    w3, w4 = (_k_loop(_sass(True, False, codes, 8, 64, True), innermost=True) for codes in (0b1000, 0b10000))
+    w3, w4 = (k_loop(_sass(True, False, codes, 8, 64, True), innermost=True) for codes in (0b1000, 0b10000))
     assert count(w3, r"HMMA\.16816\.F32\.BF16") == count(w4, r"HMMA\.16816\.F32\.BF16")
     assert count(w3, "FFMA") == count(w4, "FFMA")
     assert count(w3, "LOP3") <= 2 * count(w4, "LOP3"), (count(w3, "LOP3"), count(w4, "LOP3"))
@@ -115,10 +75,10 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     # whole-register one
     sass = _sass(gate_up, False, codes, 8, bn, True)
     assert len(re.findall(r"\b(STL|LDL)\b", sass)) <= (8 if gate_up else 0), "spills"
-    for loop in _loops(sass, innermost=True):
+    for loop in loops(sass, innermost=True):
         assert not any(re.search(r"\b(STL|LDL)\b", ln) for ln in loop), "a spill in a K loop"
     assert re.search(r"\bREDG\.E\.ADD\.F32", sass) and not re.search(r"\bATOMG?\b", sass)
-    inner = _k_loop(sass, innermost=True)
+    inner = k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
 

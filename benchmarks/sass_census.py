@@ -1,0 +1,171 @@
+"""The decode kernels' sm_90 code, read on a machine without a GPU: registers, and what a K tile costs.
+
+    python3 benchmarks/sass_census.py table [--out FILE.md]   # registers, programs an SM, the K loop's instructions
+    python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant, in order
+    python3 benchmarks/sass_census.py diff A.json B.json      # the variants whose code differs between two dumps
+
+A dump before and a diff after a kernel change show which variants it changed, opcode by opcode (the twenty-sixth
+session's removals were checked so). The Triton release sets the code: this machine's venv and the lent GPU's image
+(3.6) differ, so compare dumps of one release, and read the registers of the table as this release's.
+Needs Triton's cuobjdump (the wheel carries it) and no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from sass_tools import compile_decode, disassemble, k_loop, loops, opcodes, resources  # noqa: E402
+
+# kernel code sets (moe_gemm_gluon.KERNEL_CODES: bit 0 bf16, 1 to 4 w1 to w4, 5 w8) and the BN the launch takes
+# for them (moe._as_gluon: two MMA tiles of rows a warp for narrow sets)
+CODE_SETS = {
+    "w4 + w2 (the layer benchmark's mixed)": (0b10100, 128),
+    "w4": (0b10000, 128),
+    "w2": (0b00100, 128),
+    "w3": (0b01000, 64),
+    "w8": (0b100000, 64),
+    "bf16": (0b1, 64),
+    "w8, w4, w3, w2 (the served plan's)": (0b111100, 64),
+}
+BITS = {0: 16, 1: 1, 2: 2, 3: 3, 4: 4, 5: 8}
+WARPS = 4
+REGISTERS_AN_SM = 65536
+
+
+def programs_an_sm(regs: int, most: int | None) -> int:
+    """Programs of WARPS warps that an SM's registers hold (a warp's registers are taken 256 at a time)."""
+    fit = REGISTERS_AN_SM // (-(-regs // 8) * 8 * 32 * WARPS)
+    return min(fit, most) if most else fit
+
+
+def _mix(loop: list[str]) -> dict[str, int]:
+    ops = Counter(op.split(".")[0] for op in opcodes("\n".join(loop)))
+    return {"all": len(loop), "HMMA": ops["HMMA"], "LOP3 + SHF": ops["LOP3"] + ops["SHF"], "LDG": ops["LDG"]}
+
+
+def table() -> str:
+    from mxkernels.moe import STREAM_K_MOST
+
+    rows = ["| code set | GEMM | grid | BN | registers | stack | programs an SM | K loop: instructions (HMMA, "
+            "LOP3 + SHF, LDG) | code bytes a warp's tile | instructions a byte |",
+            "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+    for name, (codes, bn) in CODE_SETS.items():
+        for gate_up in (True, False):
+            for stream_k in (True, False):
+                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k)
+                res = resources(compiled)
+                sass = disassemble(compiled, "census")
+                inner = loops(sass, innermost=True)
+                single = bin(codes).count("1") == 1
+                cells = "; ".join(str(len(lp)) for lp in inner)
+                per_byte = ""
+                if single:  # one K loop: its mix, and the codes a warp loads a tile
+                    loop = k_loop(sass, innermost=True)
+                    mix = _mix(loop)
+                    cells = f"{mix['all']} ({mix['HMMA']}, {mix['LOP3 + SHF']}, {mix['LDG']})"
+                    nbytes = bn // WARPS * 128 * BITS[codes.bit_length() - 1] // 8 * (2 if gate_up else 1)
+                    per_byte = f"{nbytes} | {mix['all'] / nbytes:.3f}"
+                else:
+                    per_byte = " | "
+                most = STREAM_K_MOST if stream_k else None
+                grid = "stream-K" if stream_k else "unbalanced"
+                rows.append(f"| {name} | {'gate/up' if gate_up else 'down'} | {grid} | {bn} | {res['reg']} | "
+                            f"{res['stack']} | {programs_an_sm(res['reg'], most)} | {cells} | {per_byte} |")
+                print(rows[-1], flush=True)
+    import triton
+
+    head = (f"sm_90 code of the Gluon decode kernel (8 rows a block), Triton {triton.__version__}, compiled on a CPU "
+            "by `python3 benchmarks/sass_census.py table`. Programs an SM: what the registers allow (stream-K: at most "
+            "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed.\n\n")  # fmt: skip
+    return head + "\n".join(rows) + "\n"
+
+
+def _router_variants():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mxkernels.router import fused_router_kernel
+
+    params = fused_router_kernel.arg_names
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "count_ptr": "*i32",
+                "topk_w_ptr": "*fp32", "topk_ids_ptr": "*i32", "valid_ptr": "*i64"}  # fmt: skip
+    for bn, warps, bk in ((1, 1, 2048), (4, 4, 2048), (64, 16, 512)):  # 1 and 4 experts a program; all at once
+        for pdl in (False, True):
+            for valid in (False, True):
+                for renorm in (False, True):
+                    consts = {"TOPK": 4, "KP": 4, "NP": 64, "BN": bn, "BK": bk, "RENORMALIZE": renorm,
+                              "HAS_VALID": valid, "ALONE": bn >= 64, "PDL": pdl}  # fmt: skip
+                    sig = {p: pointers.get(p, "constexpr" if p in consts else "i32") for p in params}
+                    aligned = set(pointers) | {"stride_x", "K"}
+                    src = ASTSource(fused_router_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
+                                    {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})
+                    opts = {"num_warps": warps, **({"launch_pdl": True} if pdl else {})}
+                    yield f"router-{bn}-{pdl}-{valid}-{renorm}", triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                                                              options=opts)  # fmt: skip
+
+
+def _gemm_variants():
+    for gate_up in (True, False):
+        for stream_k in (True, False):
+            for codes, bn, bm in ((0b111101, 64, 16), (0b10100, 128, 8), (0b10000, 64, 8)):
+                for pdl in (0, 1, 2):
+                    yield f"gluon-{gate_up}-{stream_k}-{codes}-{bn}-{bm}-{pdl}", compile_decode(
+                        gate_up, False, codes, bm, bn, stream_k, pdl)  # fmt: skip
+
+
+def dump(path: str) -> None:
+    out = {}
+    for key, compiled in (*_gemm_variants(), *_router_variants()):
+        out[key] = opcodes(disassemble(compiled, "dump"))
+    with open(path, "w") as f:
+        json.dump(out, f)
+    print(f"{len(out)} variants, {sum(map(len, out.values()))} instructions: {path}")
+
+
+def diff(a: str, b: str) -> int:
+    with open(a) as f:
+        old = json.load(f)
+    with open(b) as f:
+        new = json.load(f)
+    changed = [k for k in old if k in new and old[k] != new[k]]
+    for k in changed:
+        print(f"{k}: {len(old[k])} -> {len(new[k])} instructions")
+    for k in sorted(set(old) ^ set(new)):
+        print(f"{k}: only in {a if k in old else b}")
+    print(f"{len(old.keys() & new.keys()) - len(changed)} of {len(old.keys() & new.keys())} variants the same")
+    return 1 if changed or set(old) != set(new) else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--out", help="also write the table (Markdown) here")
+    d = sub.add_parser("dump")
+    d.add_argument("path")
+    c = sub.add_parser("diff")
+    c.add_argument("a")
+    c.add_argument("b")
+    a = ap.parse_args()
+    if a.what == "table":
+        text = table()
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        return 0
+    if a.what == "dump":
+        dump(a.path)
+        return 0
+    return diff(a.a, a.b)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
