@@ -306,6 +306,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # of weights in flight (down reached 34% of bandwidth at 8 tokens); and capped at 80 (6 fit; a few spills)
     "stream-K, down uncapped, as many an SM as fit": {"stream_k": True, "down_tiles": {"per_sm": 8, "maxnreg": 255}},
     "stream-K, down at 80 registers, 6 an SM": {"stream_k": True, "down_tiles": {"per_sm": 6, "maxnreg": 80}},
+    # stream-K's gate/up capped at 128 registers, so 4 programs share an SM where its uncapped 167 to 178 (w4 and w2,
+    # BN 128; sm_90, Triton 3.9) let 2 or 3: 8 bytes of stack, one spill instruction in its K loops and 1 to 3% more
+    # instructions there (benchmarks/results/sass_census_s27.md; twenty-seventh session, not yet timed)
+    "stream-K, gate/up at 128 registers, 4 an SM": {"stream_k": True, "maxnreg": 128},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

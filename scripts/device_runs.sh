@@ -105,7 +105,8 @@
 #  41. (only when asked: `start 40 41 39`) what the decode GEMMs' warps wait on, every stall reason (the eighteenth
 #      session's ncu printed only the largest, 2.4 of 6.7 cycles an instruction): ncu on the Gluon launches at 16
 #      tokens (stream-K) and 64 (the unbalanced grid), mixed 3.25 bits, and on Marlin's at 16 where its prebuilt
-#      modules are carried (~3 min).
+#      modules are carried; then stream-K's gate/up capped at 128 registers (4 programs an SM) timed beside the
+#      picked layout at 1 to 16 tokens (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -810,12 +811,21 @@ phase41() {
     say "ncu stalls of the Gluon launches at $t tokens rc=$?"
   done
   # Marlin's only where its prebuilt modules came (.tvm-ffi.tar.xz): its JIT build takes about 8 minutes
-  [ -d /tmp/tvmcache ] || { say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"; return 0; }
-  # shellcheck disable=SC2086
-  ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $what \
-    python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 16 --ours-only --layouts '^$' --out /tmp/ncu_ml \
-    > $res/ncu/stalls-marlin-qwen15-16tok.txt 2>&1
-  say "ncu stalls of Marlin's launches at 16 tokens rc=$?"
+  if [ -d /tmp/tvmcache ]; then
+    # shellcheck disable=SC2086
+    ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $what \
+      python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 16 --ours-only --layouts '^$' \
+      --out /tmp/ncu_ml > $res/ncu/stalls-marlin-qwen15-16tok.txt 2>&1
+    say "ncu stalls of Marlin's launches at 16 tokens rc=$?"
+  else
+    say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"
+  fi
+  # more warps an SM on stream-K's gate/up: capped at 128 registers, 4 programs an SM (the census, not yet timed),
+  # beside the picked layout, every model shape, both routings
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 --ours-only --no-marlin \
+    --layouts '^(Gluon, stream-K|stream-K, gate/up at 128 registers, 4 an SM)$' --out $res/layer_gate_up_cap \
+    > $res/layer_gate_up_cap.log 2>&1
+  say "moe_layer stream-K gate/up at 128 registers rc=$?"
 }
 
 two_gpus() {
