@@ -1,6 +1,6 @@
 """The decode kernels' sm_90 code, read on a machine without a GPU: registers, and what a K tile costs.
 
-    python3 benchmarks/sass_census.py table [--out FILE.md]   # registers, programs an SM, the K loop's instructions
+    python3 benchmarks/sass_census.py table [--maxnreg N] [--out FILE.md]   # registers, programs an SM, K loops
     python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant, in order
     python3 benchmarks/sass_census.py diff A.json B.json      # the variants whose code differs between two dumps
 
@@ -50,19 +50,20 @@ def _mix(loop: list[str]) -> dict[str, int]:
     return {"all": len(loop), "HMMA": ops["HMMA"], "LOP3 + SHF": ops["LOP3"] + ops["SHF"], "LDG": ops["LDG"]}
 
 
-def table() -> str:
+def table(maxnreg: int | None = None) -> str:
     from mxkernels.moe import STREAM_K_MOST
 
-    rows = ["| code set | GEMM | grid | BN | registers | stack | programs an SM | K loop: instructions (HMMA, "
-            "LOP3 + SHF, LDG) | code bytes a warp's tile | instructions a byte |",
-            "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+    rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
+            "instructions (HMMA, LOP3 + SHF, LDG) | code bytes a warp's tile | instructions a byte |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
     for name, (codes, bn) in CODE_SETS.items():
         for gate_up in (True, False):
             for stream_k in (True, False):
-                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k)
+                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k, maxnreg=maxnreg)
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
                 inner = loops(sass, innermost=True)
+                spills = sum(op.split(".")[0] in ("LDL", "STL") for lp in inner for op in opcodes("\n".join(lp)))
                 single = bin(codes).count("1") == 1
                 cells = "; ".join(str(len(lp)) for lp in inner)
                 per_byte = ""
@@ -77,13 +78,14 @@ def table() -> str:
                 most = STREAM_K_MOST if stream_k else None
                 grid = "stream-K" if stream_k else "unbalanced"
                 rows.append(f"| {name} | {'gate/up' if gate_up else 'down'} | {grid} | {bn} | {res['reg']} | "
-                            f"{res['stack']} | {programs_an_sm(res['reg'], most)} | {cells} | {per_byte} |")
+                            f"{res['stack']} | {spills} | {programs_an_sm(res['reg'], most)} | {cells} | {per_byte} |")
                 print(rows[-1], flush=True)
     import triton
 
     head = (f"sm_90 code of the Gluon decode kernel (8 rows a block), Triton {triton.__version__}, compiled on a CPU "
             "by `python3 benchmarks/sass_census.py table`. Programs an SM: what the registers allow (stream-K: at most "
-            "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed.\n\n")  # fmt: skip
+            "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed. Spills: LDL and STL in the K "
+            "loops." + (f" Every variant capped at {maxnreg} registers." if maxnreg else "") + "\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
 
 
@@ -149,6 +151,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     t = sub.add_parser("table")
     t.add_argument("--out", help="also write the table (Markdown) here")
+    t.add_argument("--maxnreg", type=int, help="cap every variant's registers (stream-K's own cap otherwise)")
     d = sub.add_parser("dump")
     d.add_argument("path")
     c = sub.add_parser("diff")
@@ -156,7 +159,7 @@ def main() -> int:
     c.add_argument("b")
     a = ap.parse_args()
     if a.what == "table":
-        text = table()
+        text = table(a.maxnreg)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)

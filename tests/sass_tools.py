@@ -63,9 +63,9 @@ def resources(compiled) -> dict[str, int]:
 
 
 def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                   stream_k: bool = False, pdl: int = 0):  # fmt: skip
+                   stream_k: bool = False, pdl: int = 0, maxnreg: int | None = None):  # fmt: skip
     """The Gluon decode kernel compiled for sm_90 as its launches compile it (by default with bf16, w2, w3, w4
-    and w8 experts), under stream-K's register cap."""
+    and w8 experts), under stream-K's register cap or ``maxnreg``'s."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -81,7 +81,7 @@ def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101,
     aligned = set(GLUON_POINTERS) | {"stride_am", "K", "N"}
     src = GluonASTSource(mx_moe_gemm_gluon_kernel, sig, {(params.index(p),): v for p, v in consts.items()},
                          {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in aligned})  # fmt: skip
-    cap = STREAM_K_REGISTERS[gate_up] if stream_k else None
+    cap = maxnreg or (STREAM_K_REGISTERS[gate_up] if stream_k else None)
     options = {"num_warps": WARPS, **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
