@@ -16,6 +16,7 @@ from sass_tools import compile_decode, disassemble, in_fresh_process, k_loop, lo
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
+
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
           stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
     call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl})"
