@@ -497,6 +497,8 @@ phase23() {
     --section LaunchStats --metrics sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max"
   local m
   for t in 16 64; do
+    # a forward's launches, twice at 16 tokens (stream-K: gate/up and down, the shared experts inside), once at 64 (the
+    # shared experts' launches apart)
     # shellcheck disable=SC2086
     ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 12 --launch-count 4 $sections \
       python3 benchmarks/profile_layer.py --tokens $t --loop > $res/ncu/ncu-ours-qwen15-${t}tok.txt 2>&1
@@ -536,6 +538,8 @@ phase24() {
     --section LaunchStats --metrics sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max"
   mkdir -p $res/ncu
   for t in 16 64; do
+    # a forward's launches, twice at 16 tokens (stream-K: gate/up and down, the shared experts inside), once at 64 (the
+    # shared experts' launches apart)
     # shellcheck disable=SC2086
     MXSERVE_STREAM_K=1 ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 6 --launch-count 2 $sections \
       python3 benchmarks/profile_layer.py --tokens $t --loop > $res/ncu/ncu-stream-k-qwen15-${t}tok.txt 2>&1
@@ -805,8 +809,10 @@ phase41() {
   local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
     --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
   for t in 16 64; do
+    # a forward's launches, twice at 16 tokens (stream-K: gate/up and down, the shared experts inside), once at 64 (the
+    # shared experts' launches apart)
     # shellcheck disable=SC2086
-    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 6 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py \
       --tokens $t --loop > $res/ncu/stalls-gluon-qwen15-${t}tok.txt 2>&1
     say "ncu stalls of the Gluon launches at $t tokens rc=$?"
   done
