@@ -827,9 +827,10 @@ phase41() {
     say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"
   fi
   # more warps an SM on stream-K's gate/up: capped at 128 registers, 4 programs an SM (the census, not yet timed),
-  # beside the picked layout, every model shape, both routings
+  # beside the picked layout, every model shape, both routings; the mixed layer, w4, and the served plan's tiers
   python3 benchmarks/moe_layer.py --tokens 1 8 16 --ours-only --no-marlin \
-    --layouts '^(Gluon, stream-K|stream-K, gate/up at 128 registers, 4 an SM)$' --out $res/layer_gate_up_cap \
+    --layouts '^(Gluon, stream-K|stream-K, gate/up at 128 registers, 4 an SM)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_gate_up_cap \
     > $res/layer_gate_up_cap.log 2>&1
   say "moe_layer stream-K gate/up at 128 registers rc=$?"
 }
