@@ -310,6 +310,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # BN 128; sm_90, Triton 3.9) let 2 or 3: 8 bytes of stack, one spill instruction in its K loops and 1 to 3% more
     # instructions there (benchmarks/results/sass_census_s27.md; twenty-seventh session, not yet timed)
     "stream-K, gate/up at 128 registers, 4 an SM": {"stream_k": True, "maxnreg": 128},
+    # and one MMA tile of rows a warp (BN 64) at 80 registers, 6 programs an SM: the w4 + w2 gate/up kernel keeps 16
+    # bytes of stack and 2 spill instructions in its K loops, 3% more instructions (102 registers uncapped: 4 an SM);
+    # the served plan's wide code set spills (78 instructions): this is for narrow sets (the tenth session's cap of 80
+    # on the unbalanced grid: faster at 2 tokens on Mixtral, slower where it spilled)
+    "stream-K, BN 64, at 80 registers, 6 an SM": {"stream_k": True, "bn": 64, "maxnreg": 80, "per_sm": 6},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

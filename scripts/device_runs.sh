@@ -105,8 +105,8 @@
 #  41. (only when asked: `start 40 41 39`) what the decode GEMMs' warps wait on, every stall reason (the eighteenth
 #      session's ncu printed only the largest, 2.4 of 6.7 cycles an instruction): ncu on the Gluon launches at 16
 #      tokens (stream-K) and 64 (the unbalanced grid), mixed 3.25 bits, and on Marlin's at 16 where its prebuilt
-#      modules are carried; then stream-K's gate/up capped at 128 registers (4 programs an SM) timed beside the
-#      picked layout at 1 to 16 tokens (~6 min).
+#      modules are carried; then stream-K with more programs an SM (gate/up capped at 128 registers, 4 an SM; BN 64
+#      at 80, 6) timed beside the picked layout at 1 to 16 tokens (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -826,10 +826,10 @@ phase41() {
   else
     say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"
   fi
-  # more warps an SM on stream-K's gate/up: capped at 128 registers, 4 programs an SM (the census, not yet timed),
+  # more warps an SM on stream-K: gate/up capped at 128 registers, 4 programs an SM; BN 64 at 80, 6 (the census),
   # beside the picked layout, every model shape, both routings; the mixed layer, w4, and the served plan's tiers
   python3 benchmarks/moe_layer.py --tokens 1 8 16 --ours-only --no-marlin \
-    --layouts '^(Gluon, stream-K|stream-K, gate/up at 128 registers, 4 an SM)$' \
+    --layouts '^(Gluon, stream-K|stream-K, gate/up at 128 registers, 4 an SM|stream-K, BN 64, at 80 registers, 6 an SM)$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_gate_up_cap \
     > $res/layer_gate_up_cap.log 2>&1
   say "moe_layer stream-K gate/up at 128 registers rc=$?"
