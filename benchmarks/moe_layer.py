@@ -315,6 +315,18 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the served plan's wide code set spills (78 instructions): this is for narrow sets (the tenth session's cap of 80
     # on the unbalanced grid: faster at 2 tokens on Mixtral, slower where it spilled)
     "stream-K, BN 64, at 80 registers, 6 an SM": {"stream_k": True, "bn": 64, "maxnreg": 80, "per_sm": 6},
+    # the next K tile's loads kept before this tile's MMAs (Tiles.early): in the sm_90 code of the picked layout
+    # (ptxas 12.8, the lent image's) gate/up issues them after most of its MMAs, 13 to 130 of 420 to 450 instructions
+    # before the loop's end, where early leaves about 400; for 222 to 228 registers at BN 128 (2 programs an SM, where
+    # 3 run), 128 at BN 64 (4 an SM) and 198 for the served plan's code set, 164 under a cap of 168 without spills
+    # (benchmarks/results/sass_census_s28_ptxas128_*.md; twenty-eighth session, not yet timed)
+    "Gluon, loads first": {"early": True},
+    "Gluon, BN 64, loads first": {"bn": 64, "early": True},
+    "Gluon, loads first, at 168 registers": {"early": True, "maxnreg": 168},
+    # 1 and 2-bit codes unpacked 7 or 3 fields a shift, in place, the activations scaled to match (Tiles.place): the
+    # w2 K loop's shifts 114 -> 34, its instructions 3 to 7% fewer (same census)
+    "Gluon, 2-bit codes in place": {"place": True},
+    "Gluon, BN 64, loads first, 2-bit codes in place": {"bn": 64, "early": True, "place": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -1,6 +1,7 @@
 """The decode kernels' sm_90 code, read on a machine without a GPU: registers, and what a K tile costs.
 
-    python3 benchmarks/sass_census.py table [--maxnreg N] [--out FILE.md]   # registers, programs an SM, K loops
+    python3 benchmarks/sass_census.py [--ptxas P] table [--maxnreg N] [--place] [--early] [--out FILE.md]
+                                                              # registers, programs an SM, K loops
     python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant, in order
     python3 benchmarks/sass_census.py diff A.json B.json      # the variants whose code differs between two dumps
 
@@ -50,22 +51,33 @@ def _mix(loop: list[str]) -> dict[str, int]:
     return {"all": len(loop), "HMMA": ops["HMMA"], "LOP3 + SHF": ops["LOP3"] + ops["SHF"], "LDG": ops["LDG"]}
 
 
-def table(maxnreg: int | None = None) -> str:
+def look_ahead(loop: list[str]) -> str:
+    """Instructions of a K loop after its last global load: how far ahead of their use (the next tile's
+    products, at the loop's top) the next tile's loads are issued, at most ("-": a loop without loads)."""
+    ops = opcodes("\n".join(loop))
+    loads = [i for i, op in enumerate(ops) if op.startswith("LDG")]
+    return str(len(ops) - 1 - loads[-1]) if loads else "-"
+
+
+def table(maxnreg: int | None = None, place: bool = False, early: bool = False) -> str:
     from mxkernels.moe import STREAM_K_MOST
 
     rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
-            "instructions (HMMA, LOP3 + SHF, LDG) | code bytes a warp's tile | instructions a byte |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+            "instructions (HMMA, LOP3 + SHF, LDG) | after the last load | code bytes a warp's tile | "
+            "instructions a byte |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
     for name, (codes, bn) in CODE_SETS.items():
         for gate_up in (True, False):
             for stream_k in (True, False):
-                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k, maxnreg=maxnreg)
+                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k, maxnreg=maxnreg, place=place,
+                                          early=early)  # fmt: skip
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
                 inner = loops(sass, innermost=True)
                 spills = sum(op.split(".")[0] in ("LDL", "STL") for lp in inner for op in opcodes("\n".join(lp)))
                 single = bin(codes).count("1") == 1
                 cells = "; ".join(str(len(lp)) for lp in inner)
+                ahead = "; ".join(str(look_ahead(lp)) for lp in inner)
                 per_byte = ""
                 if single:  # one K loop: its mix, and the codes a warp loads a tile
                     loop = k_loop(sass, innermost=True)
@@ -78,15 +90,30 @@ def table(maxnreg: int | None = None) -> str:
                 most = STREAM_K_MOST if stream_k else None
                 grid = "stream-K" if stream_k else "unbalanced"
                 rows.append(f"| {name} | {'gate/up' if gate_up else 'down'} | {grid} | {bn} | {res['reg']} | "
-                            f"{res['stack']} | {spills} | {programs_an_sm(res['reg'], most)} | {cells} | {per_byte} |")
+                            f"{res['stack']} | {spills} | {programs_an_sm(res['reg'], most)} | {cells} | {ahead} | "
+                            f"{per_byte} |")  # fmt: skip
                 print(rows[-1], flush=True)
     import triton
 
     head = (f"sm_90 code of the Gluon decode kernel (8 rows a block), Triton {triton.__version__}, compiled on a CPU "
-            "by `python3 benchmarks/sass_census.py table`. Programs an SM: what the registers allow (stream-K: at most "
+            f"by `python3 benchmarks/sass_census.py {' '.join(sys.argv[1:])}`. Programs an SM: what the registers "
+            "allow (stream-K: at most "
             "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed. Spills: LDL and STL in the K "
-            "loops." + (f" Every variant capped at {maxnreg} registers." if maxnreg else "") + "\n\n")  # fmt: skip
+            "loops. After the last load: the K loop's instructions after its last global load (how far ahead of "
+            "the next tile's products its loads go)." + (f" Every variant capped at {maxnreg} registers." if maxnreg
+                                                           else "")
+            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early)) if on) + "."
+               if place or early else "")
+            + f" ptxas {_ptxas_version()}.\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
+
+
+def _ptxas_version() -> str:
+    """The release of the ptxas that compiles sm_90 here: Triton 3.9 takes its ptxas-blackwell (13.x), 3.6 (the
+    lent GPU's image) its ptxas (12.8). ``--ptxas`` points both at one binary."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).version
 
 
 def _router_variants():
@@ -152,14 +179,20 @@ def main() -> int:
     t = sub.add_parser("table")
     t.add_argument("--out", help="also write the table (Markdown) here")
     t.add_argument("--maxnreg", type=int, help="cap every variant's registers (stream-K's own cap otherwise)")
+    t.add_argument("--place", action="store_true", help="1 and 2-bit fields in place (moe.Tiles.place)")
+    t.add_argument("--early", action="store_true", help="the next tile's loads before the products (Tiles.early)")
+    ap.add_argument("--ptxas", help="compile with this ptxas (e.g. Triton 3.6's, which the lent GPU's image runs: "
+                                    "pip download triton==3.6.0 --no-deps; unzip its triton/backends/nvidia/bin)")
     d = sub.add_parser("dump")
     d.add_argument("path")
     c = sub.add_parser("diff")
     c.add_argument("a")
     c.add_argument("b")
     a = ap.parse_args()
+    if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
+        os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
     if a.what == "table":
-        text = table(a.maxnreg)
+        text = table(a.maxnreg, a.place, a.early)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)

@@ -73,6 +73,12 @@ class Tiles:
     # stream-K: at most this many programs an SM (0: STREAM_K_MOST), as many as their registers let share it; with
     # ``maxnreg`` the register cap in place of STREAM_K_REGISTERS' (NO_CAP: none)
     per_sm: int = 0
+    # the Gluon MMA kernel, 1 and 2-bit codes: 7 or 3 fields unpacked a shift, each left in place (128 + 2^(B j) q) and
+    # the activations scaled by 2^-(B j) to match (moe_gemm_gluon._pairs): a third fewer instructions to unpack 2 bits
+    place: bool = False
+    # the Gluon MMA kernel: the next K tile's loads kept before this tile's products (a branch between them: ptxas
+    # otherwise sinks gate/up's loads past most of its MMAs, moe_gemm_gluon._expert), for more registers
+    early: bool = False
 
 
 # blocks a prefill launch's programs take at a time over every N tile (Tiles.group_m), unless a tile table entry or an
@@ -82,7 +88,7 @@ PREFILL_GROUP_M = 8
 
 # fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
 # layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
-DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm")
+DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm", "place", "early")
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -354,7 +360,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
             n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
-                  num_warps=WARPS)  # fmt: skip
+                  num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
+                  **({"EARLY": True} if tiles.early else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -362,8 +369,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         cap = tiles.maxnreg or STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
-               a_all.device)  # fmt: skip
+        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most, tiles.place,
+               tiles.early, a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg

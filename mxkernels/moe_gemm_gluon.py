@@ -58,6 +58,7 @@ MAGIC = 0x43004300
 _ASM = gl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
+_MINUS_128 = gl.constexpr(0xC300C300 - (1 << 32))  # two bf16 -128, as an int32
 
 
 def eligible(codes_mask: int, k: int, min_group: int) -> bool:
@@ -121,29 +122,67 @@ def _halves(q):
 
 
 @gluon.jit
-def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0):
+def _codes(words, magic, B: gl.constexpr, A_OP: gl.constexpr, M: gl.constexpr = 0, OFF: gl.constexpr = 0,
+           G: gl.constexpr = 1):  # fmt: skip
     """[BN, 4, B] words of B-bit codes -> [BN, 128] bf16 128 + code in the A operand's layout, k in
-    the order of ``_chunk_order``; with M, 128 + the M-bit field at bit OFF of each code."""
-    return _operand(_pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1), A_OP)
+    the order of ``_chunk_order``; with M, 128 + the M-bit field at bit OFF of each code; with G, G
+    fields a shift, in place (``_pairs``)."""
+    return _operand(_pairs(words, magic, B, B if M == 0 else M, OFF, 0, 16 // B, 1, G=G), A_OP)
+
+
+@gluon.constexpr_function
+def _per_shift(bits):
+    """Fields of ``bits`` a shift when each stays in place (``_pairs``' G): as many as bf16's 7 bits of
+    mantissa hold, 7 of 1 bit, 3 of 2 and 1 of 4."""
+    return (7 - bits) // bits + 1
 
 
 @gluon.jit
 def _pairs(w, magic, B: gl.constexpr, M: gl.constexpr, OFF: gl.constexpr, T: gl.constexpr, N: gl.constexpr,
-           STEP: gl.constexpr, AT: gl.constexpr = 0, MASKED: gl.constexpr = True):  # fmt: skip
+           STEP: gl.constexpr, AT: gl.constexpr = 0, MASKED: gl.constexpr = True, G: gl.constexpr = 1):  # fmt: skip
     """Fields of M bits at bit OFF of codes T, T + STEP, .. (N of them) of B bits in each word's low
     half, each with its partner 16 bits up (in the arena's pairs, codes 2T and 2T + 1), as two bf16
     128 + field in an int32 (one shift and one LOP3): [..., 2, .., 2], the last dimension the lowest bit
-    of the index. Without MASKED only shifted, the field at bit AT of each half (``_codes3``)."""
+    of the index. Without MASKED only shifted, the field at bit AT of each half (``_codes3``).
+    G > 1 (1 and 2-bit codes): G codes a shift, code T left at bit p = B (T % G) of the shifted word, so
+    128 + 2^p code (p + B <= 7, bf16's bits of mantissa), with the activations scaled by 2^-p
+    (``_placed_acts``): 128 a 2^-p + code a. 2 bits: 2 shifts and 8 LOP3 a word, against 7 and 8."""
     if N == 1:
         if MASKED:
-            return ((w >> (T * B + OFF)) & (((1 << M) - 1) * 0x10001)) | magic
+            PL: gl.constexpr = B * (T % G)
+            return ((w >> (T * B + OFF - PL)) & ((((1 << M) - 1) << PL) * 0x10001)) | magic
         elif T * B + OFF >= AT:
             return w >> (T * B + OFF - AT)
         else:
             return w << (AT - T * B - OFF)
     else:
-        return gl.join(_pairs(w, magic, B, M, OFF, T, N // 2, 2 * STEP, AT, MASKED),
-                       _pairs(w, magic, B, M, OFF, T + STEP, N // 2, 2 * STEP, AT, MASKED))  # fmt: skip
+        return gl.join(_pairs(w, magic, B, M, OFF, T, N // 2, 2 * STEP, AT, MASKED, G),
+                       _pairs(w, magic, B, M, OFF, T + STEP, N // 2, 2 * STEP, AT, MASKED, G))  # fmt: skip
+
+
+@gluon.jit
+def _place_sums(w, B: gl.constexpr, T: gl.constexpr, N: gl.constexpr, STEP: gl.constexpr, G: gl.constexpr):
+    """``_pairs``' tree with G as a constant A operand (registers only) whose MMA with the placed
+    activations a' (``_placed_acts``) gives, in the rows g of each MMA tile, sum(a) (2^p, p the code's
+    place), and in the rows g + 8, -128 sum(a') (``_row_halves``)."""
+    if N == 1:
+        WL: gl.constexpr = _weight_lanes(B, w.shape[0])
+        r = gl.arange(0, w.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))[:, None, None]
+        unscale = ((127 + B * (T % G)) << 7) * 0x10001  # two bf16 2^p
+        return gl.where((r & 8) != 0, _MINUS_128, unscale) + gl.zeros_like(w)
+    else:
+        return gl.join(_place_sums(w, B, T, N // 2, 2 * STEP, G), _place_sums(w, B, T + STEP, N // 2, 2 * STEP, G))
+
+
+@gluon.jit
+def _row_halves(x, MMA: gl.constexpr):
+    """[BN, BM] in the MMA's layout -> its rows g and its rows g + 8 of each 16, each in both
+    (one lane holds both: registers renamed only)."""
+    y = gl.permute(gl.reshape(x, [x.shape[0] // 16, 2, 8, x.shape[1]]), [0, 2, 3, 1])
+    lo, hi = gl.split(y)
+    lo = gl.reshape(gl.permute(gl.join(lo, lo), [0, 3, 1, 2]), [x.shape[0], x.shape[1]])
+    hi = gl.reshape(gl.permute(gl.join(hi, hi), [0, 3, 1, 2]), [x.shape[0], x.shape[1]])
+    return gl.convert_layout(lo, MMA, assert_trivial=True), gl.convert_layout(hi, MMA, assert_trivial=True)
 
 
 @gluon.jit
@@ -191,7 +230,7 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
 
 @gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
-            MMA: gl.constexpr):  # fmt: skip
+            MMA: gl.constexpr, PLACE: gl.constexpr = False):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
     (``_product``): 1 and 0 for bf16. ``gpr``: groups per row; ``inv_tpg``: 1 / (K tiles per group)."""
     if BITS == 16:
@@ -203,8 +242,8 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN:
         # tile in the sm_90 SASS): (tile + 1/2) / (tiles per group) is at least 1 / (2 tiles per group) from a
         # whole number, far more than fp32's error on quotients below 2^13
         g = rows * gpr + (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
-        # 8 bits: 16 (128 + hi) + (128 + lo); otherwise 128 + code
-        offset: gl.constexpr = 2176.0 if BITS == 8 else 128.0
+        # 8 bits: 16 (128 + hi) + (128 + lo); otherwise 128 + code; codes in place: none (``_product``)
+        offset: gl.constexpr = 2176.0 if BITS == 8 else (0.0 if PLACE and BITS <= 2 else 128.0)
         return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
 
 
@@ -232,9 +271,30 @@ def _act_operand(words, B_OP: gl.constexpr):
 
 
 @gluon.jit
+def _placed_acts(words, B: gl.constexpr):
+    """[4, 16, BM] activation words (``_acts``) each times 2^-p, p the place of its pair's code in the
+    shifted word (``_pairs`` with G): (128 + 2^p q) a 2^-p = 128 a 2^-p + q a. One packed bf16 multiply
+    a word, exact (a power of two; bf16 has fp32's exponents)."""
+    G: gl.constexpr = _per_shift(B)
+    XL: gl.constexpr = _lane_tokens(words.shape[2])
+    u = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))[None, :, None]  # the pair of a chunk
+    e = B * ((u % (16 // B)) % G)
+    if _ASM:  # times the two bf16 2^-e, plus -0 (so that a zero keeps its sign)
+        f = ((127 - e) << 7) * 0x10001 + gl.zeros_like(words)
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $1, $2, z; }", "=r,r,r", [words, f],
+            dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        x = (_halves(words).to(gl.float32) * (1.0 / (1 << e).to(gl.float32))[:, :, :, None]).to(gl.bfloat16)
+        lo, hi = gl.split(x)
+        lo = lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return lo | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16)
+
+
+@gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
-          SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False):  # fmt: skip
+          SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w.
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
@@ -246,24 +306,32 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
         wx = w
     if WAIT:
-        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
     else:
         a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
-        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA)
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE)
     return w, wx, s, z, a
 
 
 @gluon.jit
-def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr):
+def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr,
+             PLACE: gl.constexpr = False):  # fmt: skip
     """One tile's [BN, BM] fp32 result: W.a for bf16, s (Q.a - z sum(a)) for codes, Q the codes as
-    the MMA gets them and z the zero point plus their offset (``_scales``)."""
+    the MMA gets them and z the zero point plus their offset (``_scales``). PLACE (1 and 2 bits): the
+    codes in place, ``a`` the placed activations a' (``_placed_acts``), z the zero point alone:
+    s (Q'.a' - 128 sum(a') - z sum(a)), both sums from one MMA of a constant (``_place_sums``)."""
     r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
     if BITS == 16:
         wq = gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
         return mma_v2(wq, a, r)
+    elif PLACE and BITS <= 2:
+        G: gl.constexpr = _per_shift(BITS)
+        asum, off = _row_halves(mma_v2(_operand(_place_sums(w, BITS, 0, 16 // BITS, 1, G), A_OP), a, r), MMA)
+        q = mma_v2(_codes(w, magic, BITS, A_OP, G=G), a, r)
+        return (q + (off - z[:, None] * asum)) * s[:, None]
     else:
         asum = mma_v2(ones, a, r)  # every row: the tile's sum of each token's activations
         if BITS == 8:  # 128 + code does not fit bf16's 8 bits: the high and the low nibble apart
@@ -276,13 +344,32 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 
 
 @gluon.jit
+def _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: gl.constexpr, GATE_UP: gl.constexpr,
+              A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, PLACE: gl.constexpr):  # fmt: skip
+    """One K tile's products added into the sums (gate and up for GATE_UP), from the activation words ``a``."""
+    if PLACE and BITS <= 2:
+        ab = _act_operand(_placed_acts(a, BITS), B_OP)
+    else:
+        ab = _act_operand(a, B_OP)
+    acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+    if GATE_UP:
+        acc2 += _product(w2, wx2, s2, z2, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+    return acc, acc2
+
+
+@gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+            B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
+            PLACE: gl.constexpr = False, EARLY: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
-    tile's loads in registers while this tile's products run. (Loading the weights two tiles ahead
-    in registers, through a cp.async ring in shared memory, or asking L2 for the run's tiles with bulk prefetches,
-    was measured slower on the H200: benchmarks/README.md.)"""
+    tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
+    issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
+    instructions after the last load, benchmarks/results/sass_census_s28_*.md), so they have little time to
+    arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 60
+    more registers). (Loading the weights two tiles ahead in registers, through a cp.async ring in shared
+    memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
+    benchmarks/README.md.)"""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -291,23 +378,28 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
-                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT)  # fmt: skip
+                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
+                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
-            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks,
-                                            stride_am, kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD)  # fmt: skip
-        ab = _act_operand(a, B_OP)
-        acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA)
-        if GATE_UP:
-            acc2 += _product(w2, wx2, s2, z2, ab, ones, magic, BITS, A_OP, MMA)
+            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
+                                            kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE)  # fmt: skip
+        if EARLY:
+            # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
+            # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
+            if kn >= 0:
+                acc, acc2 = _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
+                                      B_OP, MMA, PLACE)  # fmt: skip
+        else:
+            acc, acc2 = _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP, B_OP,
+                                  MMA, PLACE)  # fmt: skip
         w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
     return acc, acc2
 
@@ -317,7 +409,8 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
-           A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr):  # fmt: skip
+           A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
+           EARLY: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -359,7 +452,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT)  # fmt: skip
+                                        SKIP_PAD, WAIT, PLACE, EARLY)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -391,7 +484,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              zp_ptr, N, K, num_valid, a_div, split, code_splits, magic, GATE_UP: gl.constexpr,
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                             PDL: gl.constexpr = 0):  # fmt: skip
+                             PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
+                             EARLY: gl.constexpr = False):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -430,7 +524,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -448,7 +542,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

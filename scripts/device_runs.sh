@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 40 41 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 45 41 40 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -107,6 +107,11 @@
 #      tokens (stream-K) and 64 (the unbalanced grid), mixed 3.25 bits, and on Marlin's at 16 where its prebuilt
 #      modules are carried; then stream-K with more programs an SM (gate/up capped at 128 registers, 4 an SM; BN 64
 #      at 80, 6) timed beside the picked layout at 1 to 16 tokens (~6 min).
+#  45. (only when asked: `start 45`, one GPU) the twenty-eighth session's decode options: their kernel GPU tests, ncu's
+#      stall reasons at 16 tokens with the next tile's loads kept first (Tiles.early: ptxas sinks them past most of
+#      gate/up's MMAs otherwise) beside the picked layout, then the layer at 1, 8, 16 and 64 tokens with those loads
+#      first, and with 1 and 2-bit codes unpacked in place (Tiles.place), beside the picked layout and Marlin where
+#      its prebuilt modules are carried (~8 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -835,6 +840,32 @@ phase41() {
   say "moe_layer stream-K gate/up at 128 registers rc=$?"
 }
 
+phase45() {
+  mkdir -p $res/tests $res/ncu
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "options_real_shapes" -rA -p no:cacheprovider \
+    > $res/tests/gluon_options.log 2>&1
+  say "the decode options' GPU tests rc=$? $(tail -1 $res/tests/gluon_options.log)"
+  if command -v ncu > /dev/null; then
+    local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+      --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+    for set in "" "--set early=true" "--set bn=64 --set early=true"; do
+      local tag; tag=$(echo "picked $set" | tr -d ' -' | tr '=' '_')
+      # shellcheck disable=SC2086
+      ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py \
+        --tokens 16 --loop $set > $res/ncu/stalls-gluon-qwen15-16tok-$tag.txt 2>&1
+      say "ncu stalls at 16 tokens ($tag) rc=$?"
+    done
+  fi
+  local marlin="--no-marlin"
+  [ -d /tmp/tvmcache ] && marlin=""
+  # shellcheck disable=SC2086
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 $marlin \
+    --layouts '^Gluon, (loads first|BN 64, loads first|loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_early_place \
+    > $res/layer_early_place.log 2>&1
+  say "moe_layer loads first and codes in place rc=$?"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -891,7 +922,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -38,6 +38,7 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
     zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
+    zeros_like = staticmethod(lambda *a, **k: tl.zeros_like(*a, **k))
     full = staticmethod(_drop_layout(lambda *a, **k: tl.full(*a, **k)))
     convert_layout = staticmethod(lambda x, layout, assert_trivial=False: x)
     load = staticmethod(lambda *a, **k: tl.load(*a, **k))

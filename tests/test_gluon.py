@@ -18,15 +18,15 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl})"
+          stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {place}, {early})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, pdl: int = 0) -> str:  # fmt: skip
-    return disassemble(compile_decode(gate_up, skip_pad, codes, bm, bn, stream_k, pdl),
-                       f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}")  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False) -> str:  # fmt: skip
+    return disassemble(compile_decode(gate_up, skip_pad, codes, bm, bn, stream_k, pdl, place=place, early=early),
+                       f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(place)}{int(early)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -65,6 +65,31 @@ def test_gluon_kernel_joins_the_3_bit_planes_before_one_mma():
     assert count(w3, r"HMMA\.16816\.F32\.BF16") == count(w4, r"HMMA\.16816\.F32\.BF16")
     assert count(w3, "FFMA") == count(w4, "FFMA")
     assert count(w3, "LOP3") <= 2 * count(w4, "LOP3"), (count(w3, "LOP3"), count(w4, "LOP3"))
+
+
+def _count(loop: list[str], op: str) -> int:
+    return sum(bool(re.search(rf"\b{op}\b", ln)) for ln in loop)
+
+
+def test_gluon_kernel_unpacks_2_bit_codes_three_fields_a_shift_in_place():
+    # Tiles.place: of a word's 8 pairs of 2-bit codes, 3 share a shift, each left at its own place (128 + 4^j q),
+    # and the activations are scaled by 4^-j to match (one packed bf16 multiply a word, HMUL2): the w2 gate/up
+    # loop's shifts fall from 114 to 34 (sm_90 SASS), with as many MMAs (both sums from one of them)
+    base, place = (k_loop(_sass(True, False, 0b100, 8, 128, True, place=p), innermost=True) for p in (False, True))
+    assert _count(place, r"HMMA\.16816\.F32\.BF16") == _count(base, r"HMMA\.16816\.F32\.BF16")
+    assert 2 * _count(place, r"SHF\.[\w.]+") < _count(base, r"SHF\.[\w.]+"), (_count(place, r"SHF\.[\w.]+"),
+                                                                         _count(base, r"SHF\.[\w.]+"))  # fmt: skip
+    assert _count(place, r"HMUL2\.BF16_V2") >= 8 and not _count(base, r"HMUL2\.BF16_V2")
+    assert len(place) < len(base), (len(place), len(base))
+
+
+def test_gluon_kernel_early_issues_the_next_tiles_loads_before_this_tiles_mmas():
+    # Tiles.early: in the gate/up K loop every global load (the next tile's) comes before the first MMA, so the
+    # loads have the whole tile's products to arrive in (ptxas otherwise sinks most of them past the MMAs)
+    loop = k_loop(_sass(True, False, 0b10000, 8, 128, True, early=True), innermost=True)
+    loads = [i for i, ln in enumerate(loop) if re.search(r"\bLDG\.E", ln)]
+    mmas = [i for i, ln in enumerate(loop) if re.search(r"\bHMMA\b", ln)]
+    assert len(loads) >= 8 and len(mmas) >= 16 and max(loads) < min(mmas), (loads, mmas)
 
 
 @pytest.mark.parametrize("gate_up", [True, False])
@@ -121,6 +146,25 @@ def interpreted_gluon(monkeypatch):
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: kernel)
 
 
+def _spied(monkeypatch, record) -> list:
+    """The launches of the (interpreted) Gluon kernel from here on, each as ``record(grid, its keywords)``."""
+    from mxkernels import moe
+
+    seen = []
+    kernel = moe._gluon_kernel()
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(record(grid, kw))
+                return kernel[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
+    return seen
+
+
 # each block shape unsplit, and split with an empty split for the 8-row blocks the launch picks; the
 # padding slots loading no activations (skip_pad), at 8 and 16 rows per block; K split by each expert's
 # bits (split_bits: bf16 experts 3 ways, 8-bit 2, the narrower ones 1, the rest of their programs zeros)
@@ -141,6 +185,23 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
     for key, e in errs.items():
         assert e < BOUND, (key, e)
     assert bool(taken) == split_bits and all(taken)  # every launch got its splits per code
+
+
+# Tiles.place (1 and 2-bit codes in place, the activations scaled to match) and Tiles.early (the loads
+# fenced from the products by a branch) on both grids, BN 128 (two MMA tiles of rows a warp: the sums' row
+# halves) and 64, gate/up's options apart from down's
+@pytest.mark.parametrize("opts", [
+    {"place": True, "bn": 128, "split": 3}, {"place": True, "early": True, "bn": 64, "stream_k": True},
+    {"early": True, "bn": 128, "split": 1, "down_tiles": {"early": False}}])  # fmt: skip
+def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkeypatch):
+    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False)))
+    errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=13, bm=8, **{**GLUON, **opts})
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+    down = {**opts, **opts.get("down_tiles", {})}  # each GEMM's launches (the shared expert's among them) so
+    assert set(launches) == {(True, opts.get("place", False), opts.get("early", False)),
+                             (False, down.get("place", False), down.get("early", False))}, launches
 
 
 def test_gluon_kernel_grouped_dispatch_in_the_interpreter(interpreted_gluon):
@@ -178,18 +239,7 @@ def test_gluon_kernel_stream_k_in_the_interpreter(interpreted_gluon, t, h, bm, b
     # register cap (down_tiles: per_sm, maxnreg; moe.NO_CAP none) on its grid and launch, gate/up's as they were
     from mxkernels import moe
 
-    launches = []
-    kernel = moe._gluon_kernel()
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launches.append((grid, kw.get("STREAM_K"), kw.get("maxnreg")))
-                return kernel[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
+    launches = _spied(monkeypatch, lambda grid, kw: (grid, kw.get("STREAM_K"), kw.get("maxnreg")))
     extra = {"down_tiles": down} if down else {}
     errs = gemm_errors(GLUON_SCHEMES, t, h, 256, 18, 1, 2, "cpu", seed=t, bm=bm, bn=bn, stream_k=True, **GLUON,
                        **extra)  # fmt: skip

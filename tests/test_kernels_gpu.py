@@ -101,6 +101,18 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     assert moe._PER_SM and all(1 <= n <= moe.STREAM_K_MOST for n in moe._PER_SM.values()), moe._PER_SM
 
 
+@pytest.mark.parametrize("t, opts", [
+    (16, {"place": True, "stream_k": True}), (16, {"early": True, "stream_k": True}),
+    (64, {"early": True, "place": True, "bn": 64}), (16, {"early": True, "stream_k": True, "bn": 64, "maxnreg": 168})])
+def test_gluon_kernel_options_real_shapes(t, opts):
+    # Tiles.place (1 and 2-bit codes unpacked in place, the activations scaled by the packed bf16 multiply) and
+    # Tiles.early (the next tile's loads fenced before the products), on both grids: the schemes it runs, mixed
+    errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=41 + t, bm=8, **{**GLUON, **opts})
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < 2e-2, (key, opts, e)
+
+
 @pytest.mark.parametrize("t, down", [(8, {"per_sm": 8, "maxnreg": 255}), (16, {"per_sm": 6, "maxnreg": 80})])
 def test_gluon_kernel_stream_k_down_with_more_programs_an_sm(t, down):
     # the down GEMM's stream-K grid with more programs an SM (down_tiles: uncapped, as many as its registers let share
