@@ -316,13 +316,14 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # on the unbalanced grid: faster at 2 tokens on Mixtral, slower where it spilled)
     "stream-K, BN 64, at 80 registers, 6 an SM": {"stream_k": True, "bn": 64, "maxnreg": 80, "per_sm": 6},
     # the next K tile's loads kept before this tile's MMAs (Tiles.early): in the sm_90 code of the picked layout
-    # (ptxas 12.8, the lent image's) gate/up issues them after most of its MMAs, 13 to 130 of 420 to 450 instructions
-    # before the loop's end, where early leaves about 400; for 222 to 228 registers at BN 128 (2 programs an SM, where
-    # 3 run), 128 at BN 64 (4 an SM) and 198 for the served plan's code set, 164 under a cap of 168 without spills
+    # (ptxas 12.8, the lent image's) gate/up issues them after most of its MMAs, 13 to 130 of 360 to 455 instructions
+    # before the loop's end, where early leaves 214 to 410; for 222 to 228 registers at BN 128 (2 programs an SM,
+    # where 3 run), 128 for w4 + w2 at BN 64 (4 an SM), and 198 for the served plan's code set at BN 64, 164 under a
+    # cap of 168 without spills (3 an SM; capped at 168, BN 128 spills)
     # (benchmarks/results/sass_census_s28_ptxas128_*.md; twenty-eighth session, not yet timed)
     "Gluon, loads first": {"early": True},
     "Gluon, BN 64, loads first": {"bn": 64, "early": True},
-    "Gluon, loads first, at 168 registers": {"early": True, "maxnreg": 168},
+    "Gluon, BN 64, loads first, at 168 registers": {"bn": 64, "early": True, "maxnreg": 168},
     # 1 and 2-bit codes unpacked 7 or 3 fields a shift, in place, the activations scaled to match (Tiles.place): the
     # w2 K loop's shifts 114 -> 34, its instructions 3 to 7% fewer (same census)
     "Gluon, 2-bit codes in place": {"place": True},

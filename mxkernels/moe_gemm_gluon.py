@@ -366,7 +366,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
     issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
     instructions after the last load, benchmarks/results/sass_census_s28_*.md), so they have little time to
-    arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 60
+    arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 70
     more registers). (Loading the weights two tiles ahead in registers, through a cp.async ring in shared
     memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
     benchmarks/README.md.)"""

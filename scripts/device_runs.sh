@@ -860,7 +860,7 @@ phase45() {
   [ -d /tmp/tvmcache ] && marlin=""
   # shellcheck disable=SC2086
   python3 benchmarks/moe_layer.py --tokens 1 8 16 64 $marlin \
-    --layouts '^Gluon, (loads first|BN 64, loads first|loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
+    --layouts '^Gluon, (loads first|BN 64, loads first|BN 64, loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_early_place \
     > $res/layer_early_place.log 2>&1
   say "moe_layer loads first and codes in place rc=$?"

@@ -189,10 +189,11 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
 
 # Tiles.place (1 and 2-bit codes in place, the activations scaled to match) and Tiles.early (the loads
 # fenced from the products by a branch) on both grids, BN 128 (two MMA tiles of rows a warp: the sums' row
-# halves) and 64, gate/up's options apart from down's
+# halves) and 64, gate/up's options apart from down's. K is two tiles: split 3 leaves runs of one tile and an
+# empty one; stream-K's runs start and end anywhere
 @pytest.mark.parametrize("opts", [
     {"place": True, "bn": 128, "split": 3}, {"place": True, "early": True, "bn": 64, "stream_k": True},
-    {"early": True, "bn": 128, "split": 1, "down_tiles": {"early": False}}])  # fmt: skip
+    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": False}}])  # fmt: skip
 def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkeypatch):
     launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False)))
     errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=13, bm=8, **{**GLUON, **opts})
