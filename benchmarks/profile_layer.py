@@ -22,7 +22,6 @@ down) shows as two rows:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -41,30 +40,17 @@ from moe_layer import (  # noqa: E402
     tiered_plan,
 )
 
-from mxkernels.moe import DOWN_FIELDS, Tiles, mx_moe_forward  # noqa: E402
+from mxkernels.moe import mx_moe_forward, tile_overrides  # noqa: E402
+from mxkernels.moe import tile_setting as moe_tile_setting  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
 
 
 def tile_setting(text: str) -> tuple[str, int | bool]:
-    """``FIELD=VALUE`` for --set: a field of mxkernels.moe.Tiles (``down_tiles.FIELD``: the down GEMM's alone, one of
-    DOWN_FIELDS), an integer or true/false."""
-    field, _, value = text.partition("=")
-    fields = [f.name for f in dataclasses.fields(Tiles)] + [f"down_tiles.{f}" for f in DOWN_FIELDS]
-    if field not in fields or not value:
-        raise argparse.ArgumentTypeError(f"--set FIELD=VALUE, FIELD one of {', '.join(fields)}")
-    if value.lower() in ("true", "false"):
-        return field, value.lower() == "true"
+    """--set's ``FIELD=VALUE`` (mxkernels.moe.tile_setting), refused as an argparse error."""
     try:
-        return field, int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--set {text}: an integer or true/false") from None
-
-
-def tile_overrides(settings: list[tuple[str, int | bool]]) -> dict:
-    """--set's settings as mx_moe_forward's tile overrides ("down_tiles.FIELD" ones under "down_tiles")."""
-    out: dict = {f: v for f, v in settings if not f.startswith("down_tiles.")}
-    down = {f.removeprefix("down_tiles."): v for f, v in settings if f.startswith("down_tiles.")}
-    return {**out, "down_tiles": down} if down else out
+        return moe_tile_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--set {e}") from None
 
 
 def per_launch(events: list[tuple[float, str, float]], reps: int) -> list[tuple[str, float]]:

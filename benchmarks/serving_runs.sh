@@ -13,7 +13,8 @@
 #                                                    # STREAM_K=1: also on the stream-K decode grid; ROUTER=1:
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
-#                                                    # PDL=1: also with programmatic dependent launches)
+#                                                    # PDL=1: also with programmatic dependent launches;
+#                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -104,6 +105,10 @@ elif [ "$what" = qwen15-24 ]; then
   # (MXSERVE_STREAM_K; by default below 4 rows per expert)
   [ -z "${STREAM_K:-}" ] || grouped+=(--ckpt "$name-stream-k-$STREAM_K=$work/q15-24-$name"
     --server-env "mxserve-$name-stream-k-$STREAM_K=MXSERVE_STREAM_K=$STREAM_K")
+  # DECODE_TILES=SETTINGS adds a server whose decode launches take those tile fields (MXSERVE_DECODE_TILES, e.g.
+  # bn=64,early=true: a moe_layer.py variant; benchmarks/pick_decode_tiles.py picks one from a layer run)
+  [ -z "${DECODE_TILES:-}" ] || grouped+=(--ckpt "$name-decode-tiles=$work/q15-24-$name"
+    --server-env "mxserve-$name-decode-tiles=MXSERVE_DECODE_TILES=$DECODE_TILES")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")

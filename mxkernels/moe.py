@@ -92,6 +92,37 @@ DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "gro
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
+
+
+def tile_setting(text: str) -> tuple[str, int | bool]:
+    """``FIELD=VALUE``: a field of Tiles (``down_tiles.FIELD``: the down GEMM's alone, one of DOWN_FIELDS), an
+    integer or true/false (profile_layer.py's --set, MXSERVE_DECODE_TILES)."""
+    field, _, value = text.strip().partition("=")
+    fields = [f.name for f in dataclasses.fields(Tiles)] + [f"down_tiles.{f}" for f in DOWN_FIELDS]
+    if field not in fields or not value:
+        raise ValueError(f"{text!r}: FIELD=VALUE, FIELD one of {', '.join(fields)}")
+    if value.lower() in ("true", "false"):
+        return field, value.lower() == "true"
+    try:
+        return field, int(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: an integer or true/false") from None
+
+
+def tile_overrides(settings: list[tuple[str, int | bool]]) -> dict:
+    """``tile_setting``'s settings as mx_moe_forward's tile overrides ("down_tiles.FIELD" ones under "down_tiles")."""
+    out: dict = {f: v for f, v in settings if not f.startswith("down_tiles.")}
+    down = {f.removeprefix("down_tiles."): v for f, v in settings if f.startswith("down_tiles.")}
+    return {**out, "down_tiles": down} if down else out
+
+
+def decode_tiles() -> dict:
+    """MXSERVE_DECODE_TILES (read per launch, as MXSERVE_STREAM_K): comma-separated ``tile_setting``s for the
+    decode launches (at most DECODE_ROWS rows per expert), e.g. ``early=true,bn=64``, so that a server runs an
+    option the layer benchmark times (benchmarks/moe_layer.py's variants) without a code change; a forward's own
+    override wins field by field."""
+    text = os.environ.get("MXSERVE_DECODE_TILES", "")
+    return tile_overrides([tile_setting(t) for t in text.split(",") if t.strip()]) if text.strip() else {}
 # rows per expert (expected under uniform routing) up to which decode takes CUDA-core products, one
 # row per program: on the H200 they won at 1 and 2 tokens on every benchmarked shape and lost from
 # 1.5 to 1.7 under skewed routing (benchmarks/results/moe_layer_h200.md, "Decode layouts")
@@ -632,6 +663,9 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         table = tile_table(dev)
         tuned = table.lookup(gate_up.k, down.k, codes_class(codes), rows / active) if table else None
         override = {**(tuned or {}), **override}
+    elif env := decode_tiles():
+        down_env = {**env.pop("down_tiles", {}), **override.get("down_tiles", {})}
+        override = {**env, **override, **({"down_tiles": down_env} if down_env else {})}
     down_only = override.pop("down_tiles", None) or {}  # the down GEMM's own fields (DOWN_FIELDS)
     if set(down_only) - set(DOWN_FIELDS):
         raise ValueError(f"the down GEMM's own tiles take {', '.join(DOWN_FIELDS)}, not {sorted(down_only)}")

@@ -322,6 +322,13 @@ def cmd_launch(a: argparse.Namespace) -> None:
 
             if os.environ[name] not in getattr(moe, allowed):
                 raise MxServeError(f"{name}={os.environ[name]}: one of {', '.join(getattr(moe, allowed))}")
+    if os.environ.get("MXSERVE_DECODE_TILES"):  # decode's tile fields, read by every decode launch
+        from mxkernels import moe
+
+        try:
+            moe.decode_tiles()
+        except ValueError as e:
+            raise MxServeError(f"MXSERVE_DECODE_TILES={os.environ['MXSERVE_DECODE_TILES']}: {e}") from None
     for name in KERNEL_SWITCHES:  # "true" or "on" would silently keep the default
         if os.environ.get(name) and os.environ[name] not in ("0", "1"):
             raise MxServeError(f"{name}={os.environ[name]}: 0 or 1")

@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 45 41 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 45 46 41 40 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -112,6 +112,10 @@
 #      gate/up's MMAs otherwise) beside the picked layout, then the layer at 1, 8, 16 and 64 tokens with those loads
 #      first, and with 1 and 2-bit codes unpacked in place (Tiles.place), beside the picked layout and Marlin where
 #      its prebuilt modules are carried (~8 min).
+#  46. (only when asked: `start 45 46`) end to end with phase 45's winner: the 24-layer checkpoints and the GPTQ copy,
+#      then benchmarks/pick_decode_tiles.py takes the variant of the served plan's tiers fastest against the picked
+#      layout (geometric mean over 1 to 64 tokens, both routings, under 0.97x), and serves it as MXSERVE_DECODE_TILES
+#      beside the default and the GPTQ copy on Marlin (~12 min; nothing served where no variant won).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -866,6 +870,20 @@ phase45() {
   say "moe_layer loads first and codes in place rc=$?"
 }
 
+phase46() {
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  local tiles
+  tiles=$(python3 benchmarks/pick_decode_tiles.py $res/layer_early_place/moe_layer.json --layer "ours served" \
+    2> $res/pick_decode_tiles.log)
+  say "phase 45's pick: '${tiles}' rc=$? ($(tr '\n' ';' < $res/pick_decode_tiles.log))"
+  [ -n "$tiles" ] || { say "no decode variant beat the picked layout: nothing served"; return 0; }
+  env NO_BF16=1 MX_GPTQ=1 DECODE_TILES="$tiles" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
+    $res/e2e_tiles > $res/e2e_tiles.log 2>&1
+  say "e2e mxserve, mxserve with MXSERVE_DECODE_TILES=$tiles, GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -922,7 +940,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 phase46 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -517,7 +517,7 @@ def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
     sets = [profile_layer.tile_setting(t) for t in ("group_m=8", "down_tiles.group_m=16", "down_tiles.bn=256")]
     assert profile_layer.tile_overrides(sets) == {"group_m": 8, "down_tiles": {"group_m": 16, "bn": 256}}
     for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16"):
-        with pytest.raises(argparse.ArgumentTypeError):
+        with pytest.raises(argparse.ArgumentTypeError, match="--set"):
             profile_layer.tile_setting(bad)
 
 
@@ -535,3 +535,29 @@ def test_sass_census_counts_programs_by_registers_and_diffs_dumps(tmp_path: Path
     assert census.diff(str(a), str(b)) == 1
     out = capsys.readouterr().out
     assert "k1: 2 -> 3 instructions" in out and "k3: only in" in out and "1 of 2 variants the same" in out
+
+
+def test_pick_decode_tiles_serves_the_fastest_tile_variant_against_the_picked_layout(capsys):
+    # benchmarks/pick_decode_tiles.py: of a layer's variants, the one with the lowest geometric mean of its times over
+    # the picked layout's, cell by cell, as an MXSERVE_DECODE_TILES setting; launch modes (PDL) and other layers'
+    # rows never; nothing where none is under the bound
+    import pick_decode_tiles as p
+
+    rows = []
+    for rt in ("skewed", "uniform"):
+        for t, base in ((8, 100.0), (16, 200.0)):
+            for variant, us in (("ours served", base), ("ours served (Gluon, loads first)", 0.95 * base),
+                                ("ours served (Gluon, BN 64, loads first)", (0.88 if t == 8 else 0.92) * base),
+                                ("ours served (PDL)", 0.5 * base), ("ours mixed (Gluon, loads first)", 0.1 * base)):
+                rows.append({"model": "m", "routing": rt, "tokens": t, "variant": variant, "seconds": us * 1e-6})
+    rows.append({"model": "m", "routing": "skewed", "tokens": 64, "variant": "ours served (Gluon, loads first)",
+                 "seconds": 1e-6})  # no picked row at 64 tokens: not compared
+    variants = {"Gluon, loads first": {"early": True}, "Gluon, BN 64, loads first": {"bn": 64, "early": True},
+                "PDL": {"pdl": True}}
+    assert p.pick(rows, variants, "ours served", "m", [8, 16, 64], 0.97) == "bn=64,early=true"
+    assert p.pick(rows, variants, "ours served", "m", [8, 16, 64], 0.85) == ""
+    err = capsys.readouterr().err
+    assert "PDL: 0.500x the picked layout's time (not a tile setting)" in err
+    assert "Gluon, loads first: 0.950x" in err
+    assert p.setting({"early": True, "down_tiles": {"early": False}}) == "early=true,down_tiles.early=false"
+    assert p.setting({"dispatch": "grouped"}) is None and p.setting({"pdl": True}) is None

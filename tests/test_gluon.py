@@ -205,6 +205,24 @@ def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkey
                              (False, down.get("place", False), down.get("early", False))}, launches
 
 
+def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted_gluon, monkeypatch):
+    # MXSERVE_DECODE_TILES: decode's tile fields for a server (a moe_layer.py variant, no code change);
+    # down_tiles.FIELD the down GEMM's alone; a forward's own override wins field by field; a bad one is refused
+    from mxkernels import moe
+
+    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False)))
+    monkeypatch.setenv("MXSERVE_DECODE_TILES", "early=true, place=true,down_tiles.early=false")
+    errs = gemm_errors(["w2a16g128", "w4a16g128"], 8, 256, 256, 6, 1, 2, "cpu", seed=5, bm=8, **GLUON)
+    assert errs and all(e < BOUND for e in errs.values()), errs
+    assert set(launches) == {(True, True, True), (False, True, False)}, launches
+    launches.clear()
+    gemm_errors(["w2a16g128"], 8, 256, 256, 6, 1, 2, "cpu", seed=5, bm=8, place=False, **GLUON)
+    assert set(launches) == {(True, False, True), (False, False, False)}, launches
+    monkeypatch.setenv("MXSERVE_DECODE_TILES", "early=yes")
+    with pytest.raises(ValueError, match="an integer or true/false"):
+        moe.decode_tiles()
+
+
 def test_gluon_kernel_grouped_dispatch_in_the_interpreter(interpreted_gluon):
     # one launch per group of codes (moe.code_groups): each launch's programs skip the other
     # groups' experts, and every output element is written (the outputs are NaN-poisoned)
