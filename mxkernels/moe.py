@@ -74,7 +74,7 @@ class Tiles:
     # ``maxnreg`` the register cap in place of STREAM_K_REGISTERS' (NO_CAP: none)
     per_sm: int = 0
     # the Gluon MMA kernel, 1 and 2-bit codes: 7 or 3 fields unpacked a shift, each left in place (128 + 2^(B j) q) and
-    # the activations scaled by 2^-(B j) to match (moe_gemm_gluon._pairs): a third fewer instructions to unpack 2 bits
+    # the activations scaled by 2^-(B j) to match (moe_gemm_gluon._pairs): 2 bits, a third fewer shifts and masks
     place: bool = False
     # the Gluon MMA kernel: the next K tile's loads kept before this tile's products (a branch between them: ptxas
     # otherwise sinks gate/up's loads past most of its MMAs, moe_gemm_gluon._expert), for more registers
@@ -123,6 +123,8 @@ def decode_tiles() -> dict:
     override wins field by field."""
     text = os.environ.get("MXSERVE_DECODE_TILES", "")
     return tile_overrides([tile_setting(t) for t in text.split(",") if t.strip()]) if text.strip() else {}
+
+
 # rows per expert (expected under uniform routing) up to which decode takes CUDA-core products, one
 # row per program: on the H200 they won at 1 and 2 tokens on every benchmarked shape and lost from
 # 1.5 to 1.7 under skewed routing (benchmarks/results/moe_layer_h200.md, "Decode layouts")
