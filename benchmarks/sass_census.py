@@ -2,7 +2,8 @@
 
     python3 benchmarks/sass_census.py [--ptxas P] table [--maxnreg N] [--place] [--early] [--out FILE.md]
                                                               # registers, programs an SM, K loops
-    python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant, in order
+    python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant (and of the
+                                                              # opt-in place and early on one code set), in order
     python3 benchmarks/sass_census.py diff A.json B.json      # the variants whose code differs between two dumps
 
 A dump before and a diff after a kernel change show which variants it changed, opcode by opcode (the twenty-sixth
@@ -148,6 +149,10 @@ def _gemm_variants():
                 for pdl in (0, 1, 2):
                     yield f"gluon-{gate_up}-{stream_k}-{codes}-{bn}-{bm}-{pdl}", compile_decode(
                         gate_up, False, codes, bm, bn, stream_k, pdl)  # fmt: skip
+            # the opt-in options (moe.Tiles.place, .early) on the layer benchmark's mixed code set
+            for opt in ("place", "early"):
+                yield f"gluon-{gate_up}-{stream_k}-20-128-8-0-{opt}", compile_decode(
+                    gate_up, False, 0b10100, 8, 128, stream_k, **{opt: True})  # fmt: skip
 
 
 def dump(path: str) -> None:
