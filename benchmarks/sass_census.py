@@ -78,7 +78,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False) 
                 spills = sum(op.split(".")[0] in ("LDL", "STL") for lp in inner for op in opcodes("\n".join(lp)))
                 single = bin(codes).count("1") == 1
                 cells = "; ".join(str(len(lp)) for lp in inner)
-                ahead = "; ".join(str(look_ahead(lp)) for lp in inner)
+                ahead = "; ".join(look_ahead(lp) for lp in inner)
                 per_byte = ""
                 if single:  # one K loop: its mix, and the codes a warp loads a tile
                     loop = k_loop(sass, innermost=True)
