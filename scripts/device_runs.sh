@@ -863,7 +863,8 @@ phase45() {
   local marlin="--no-marlin"
   [ -d /tmp/tvmcache ] && marlin=""
   # shellcheck disable=SC2086
-  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 $marlin \
+  # ours alone (Marlin stays where carried: the target's peer), to leave phase 46 its time
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin \
     --layouts '^Gluon, (loads first|BN 64, loads first|BN 64, loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_early_place \
     > $res/layer_early_place.log 2>&1
