@@ -872,13 +872,14 @@ phase45() {
 }
 
 phase46() {
-  prep MX_GPTQ=1
-  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  # the pick first: the checkpoints (minutes) only where a variant won
   local tiles
   tiles=$(python3 benchmarks/pick_decode_tiles.py $res/layer_early_place/moe_layer.json --layer "ours served" \
     2> $res/pick_decode_tiles.log)
   say "phase 45's pick: '${tiles}' rc=$? ($(tr '\n' ';' < $res/pick_decode_tiles.log))"
   [ -n "$tiles" ] || { say "no decode variant beat the picked layout: nothing served"; return 0; }
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   env NO_BF16=1 MX_GPTQ=1 DECODE_TILES="$tiles" SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
     $res/e2e_tiles > $res/e2e_tiles.log 2>&1
   say "e2e mxserve, mxserve with MXSERVE_DECODE_TILES=$tiles, GPTQ on Marlin rc=$?"
