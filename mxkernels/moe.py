@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -402,8 +403,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         cap = tiles.maxnreg or STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
-        key = (kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most, tiles.place,
-               tiles.early, a_all.device)  # fmt: skip
+        key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
+                      tiles.place, tiles.early, a_all.device)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -420,10 +421,29 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
 STREAM_K_REGISTERS = {True: None, False: 128}
 STREAM_K_MOST = 4
 NO_CAP = 255  # Tiles.maxnreg of a stream-K launch: no register cap (ptxas's own choice)
-_PER_SM: dict = {}
 
 
-def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: tuple, most: int = STREAM_K_MOST) -> int:
+class GridKey(NamedTuple):
+    """What sets a stream-K kernel variant's registers, hence its programs an SM (named: tests read its fields)."""
+
+    kernel: object
+    gate_up: bool
+    codes: int
+    bn: int
+    bm: int
+    skip_pad: bool
+    pdl: int
+    cap: int | None
+    most: int
+    place: bool
+    early: bool
+    device: torch.device
+
+
+_PER_SM: dict[GridKey, int] = {}
+
+
+def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: GridKey, most: int = STREAM_K_MOST) -> int:
     """How many programs of this stream-K kernel variant (``key``: what sets its registers) share an SM
     (64K registers), at most ``most``: from its compiled registers, taken once (compiled and loaded, not launched).
     ``most`` off a GPU (the interpreter, precompile's recording and compile-only launches): the

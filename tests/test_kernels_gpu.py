@@ -124,7 +124,7 @@ def test_gluon_kernel_stream_k_down_with_more_programs_an_sm(t, down):
                        **GLUON)  # fmt: skip
     for key, e in errs.items():
         assert e < 2e-2, (key, t, e)
-    grids = {key[-2]: n for key, n in moe._PER_SM.items() if not key[1]}  # the down kernels': by their most an SM
+    grids = {key.most: n for key, n in moe._PER_SM.items() if not key.gate_up}  # the down kernels': by their most an SM
     assert grids and all(1 <= n <= down["per_sm"] for n in grids.values()) and down["per_sm"] in grids, moe._PER_SM
 
 
