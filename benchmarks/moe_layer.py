@@ -328,6 +328,16 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # w2 K loop's shifts 114 -> 34, its instructions 3 to 7% fewer (same census)
     "Gluon, 2-bit codes in place": {"place": True},
     "Gluon, BN 64, loads first, 2-bit codes in place": {"bn": 64, "early": True, "place": True},
+    # the loads kept first at the picked layout's programs an SM (twenty-ninth session's ncu on the H100: with the loads
+    # first the warps waited on them 1.31 cycles an instruction against 3.58, but at 228 registers 2 programs an SM ran
+    # where 3 had, and the schedulers issued on 40% of cycles either way). Narrow code sets (BN 128) at 168 registers,
+    # 3 an SM, as picked: w4 + w2 gate/up keeps 3 spill instructions, 24 stack bytes and its loads first (410 of 504
+    # instructions after the last load); the down GEMM kept at stream-K's 128 (4 an SM). Wide ones (BN 64, the served
+    # plan's) at 128, 4 an SM, as picked: 21 to 23 spill instructions over its 4 K loops (of 1,400)
+    # (sass_census.py --ptxas P table --early --maxnreg 168 / 128: results/sass_census_s29_ptxas128_early_*.md)
+    "Gluon, loads first, at 168 registers, down at 128": {"early": True, "maxnreg": 168,
+                                                          "down_tiles": {"maxnreg": 128}},
+    "Gluon, loads first, at 128 registers": {"early": True, "maxnreg": 128},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

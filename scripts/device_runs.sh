@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 41 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 47 48 41 40 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -116,6 +116,11 @@
 #      then benchmarks/pick_decode_tiles.py takes the variant of the served plan's tiers fastest against the picked
 #      layout (geometric mean over 1 to 64 tokens, both routings, under 0.97x), and serves it as MXSERVE_DECODE_TILES
 #      beside the default and the GPTQ copy on Marlin (~12 min; nothing served where no variant won).
+#  47. (only when asked: `start 47 48`, one GPU) the twenty-ninth session's variants: the loads kept first at the picked
+#      layout's programs an SM (BN 128 at 168 registers with down at 128; the served plan's BN 64 at 128), a few
+#      spills each: their GPU tests, ncu at 16 tokens, the layer at 1 to 64 tokens beside the picked layout, the 1 and
+#      2-bit codes in place again, and Marlin where carried (~6 min).
+#  48. (only when asked: `start 47 48`) phase 46 on phase 47's layer: the served plan's winner, if any, end to end.
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -871,12 +876,12 @@ phase45() {
   say "moe_layer loads first and codes in place rc=$?"
 }
 
-phase46() {
+phase46() {  # [DIR]: the layer results to pick from (phase 45's; phase 48 gives phase 47's)
   # the pick first: the checkpoints (minutes) only where a variant won
-  local tiles
-  tiles=$(python3 benchmarks/pick_decode_tiles.py $res/layer_early_place/moe_layer.json --layer "ours served" \
-    2> $res/pick_decode_tiles.log)
-  say "phase 45's pick: '${tiles}' rc=$? ($(tr '\n' ';' < $res/pick_decode_tiles.log))"
+  local tiles dir=${1:-layer_early_place}
+  tiles=$(python3 benchmarks/pick_decode_tiles.py $res/$dir/moe_layer.json --layer "ours served" \
+    2> $res/pick_decode_tiles_$dir.log)
+  say "the pick of $dir: '${tiles}' rc=$? ($(tr '\n' ';' < $res/pick_decode_tiles_$dir.log))"
   [ -n "$tiles" ] || { say "no decode variant beat the picked layout: nothing served"; return 0; }
   prep MX_GPTQ=1
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
@@ -885,6 +890,33 @@ phase46() {
   say "e2e mxserve, mxserve with MXSERVE_DECODE_TILES=$tiles, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
 }
+
+phase47() {
+  # the loads kept first at the picked layout's programs an SM (capped registers, a few spills): their GPU tests, ncu
+  # at 16 tokens (the mixed layer: BN 128 at 168, down at 128), the layer beside the picked layout and Marlin
+  mkdir -p $res/tests $res/ncu
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "options_real_shapes" -rA -p no:cacheprovider \
+    > $res/tests/gluon_options_capped.log 2>&1
+  say "the decode options' GPU tests rc=$? $(tail -1 $res/tests/gluon_options_capped.log)"
+  if command -v ncu > /dev/null; then
+    local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+      --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+    # shellcheck disable=SC2086
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py \
+      --tokens 16 --loop --set early=true --set maxnreg=168 --set down_tiles.maxnreg=128 \
+      > $res/ncu/stalls-gluon-qwen15-16tok-early-168.txt 2>&1
+    say "ncu stalls at 16 tokens (loads first at 168 registers) rc=$?"
+  fi
+  local marlin="--no-marlin"
+  [ -d /tmp/tvmcache ] && marlin=""
+  # shellcheck disable=SC2086
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin \
+    --layouts '^Gluon, (loads first, at 168 registers, down at 128|loads first, at 128 registers|2-bit codes in place)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_capped > $res/layer_capped.log 2>&1
+  say "moe_layer loads first at capped registers rc=$?"
+}
+
+phase48() { phase46 layer_capped; }
 
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
@@ -942,7 +974,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 phase46 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 phase46 phase47 phase48 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
