@@ -849,31 +849,38 @@ phase41() {
   say "moe_layer stream-K gate/up at 128 registers rc=$?"
 }
 
-phase45() {
+decode_options() {  # LABEL LAYOUTS [NCU_SETTINGS...]: the decode options' GPU tests, ncu's stall reasons at 16 tokens
+  # under each setting (profile_layer.py --set ...; "" the picked layout), then the layer at 1 to 64 tokens with the
+  # moe_layer variants LAYOUTS matches beside the picked layout, and Marlin where its prebuilt modules came
+  local label=$1 layouts=$2 set tag marlin="--no-marlin"
+  shift 2
   mkdir -p $res/tests $res/ncu
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "options_real_shapes" -rA -p no:cacheprovider \
-    > $res/tests/gluon_options.log 2>&1
-  say "the decode options' GPU tests rc=$? $(tail -1 $res/tests/gluon_options.log)"
+    > $res/tests/gluon_options_$label.log 2>&1
+  say "the decode options' GPU tests rc=$? $(tail -1 $res/tests/gluon_options_$label.log)"
   if command -v ncu > /dev/null; then
     local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
       --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
-    for set in "" "--set early=true" "--set bn=64 --set early=true"; do
-      local tag; tag=$(echo "picked $set" | tr -d ' -' | tr '=' '_')
+    for set in "$@"; do
+      tag=$(echo "picked $set" | tr -d ' -' | tr '=' '_')
       # shellcheck disable=SC2086
       ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py \
         --tokens 16 --loop $set > $res/ncu/stalls-gluon-qwen15-16tok-$tag.txt 2>&1
       say "ncu stalls at 16 tokens ($tag) rc=$?"
     done
   fi
-  local marlin="--no-marlin"
   [ -d /tmp/tvmcache ] && marlin=""
   # shellcheck disable=SC2086
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin --layouts "$layouts" \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_$label > $res/layer_$label.log 2>&1
+  say "moe_layer $label rc=$?"
+}
+
+phase45() {
   # ours alone (Marlin stays where carried: the target's peer), to leave phase 46 its time
-  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin \
-    --layouts '^Gluon, (loads first|BN 64, loads first|BN 64, loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_early_place \
-    > $res/layer_early_place.log 2>&1
-  say "moe_layer loads first and codes in place rc=$?"
+  decode_options early_place \
+    '^Gluon, (loads first|BN 64, loads first|BN 64, loads first, at 168 registers|2-bit codes in place|BN 64, loads first, 2-bit codes in place)$' \
+    "" "--set early=true" "--set bn=64 --set early=true"
 }
 
 phase46() {  # [DIR]: the layer results to pick from (phase 45's; phase 48 gives phase 47's)
@@ -892,28 +899,11 @@ phase46() {  # [DIR]: the layer results to pick from (phase 45's; phase 48 gives
 }
 
 phase47() {
-  # the loads kept first at the picked layout's programs an SM (capped registers, a few spills): their GPU tests, ncu
-  # at 16 tokens (the mixed layer: BN 128 at 168, down at 128), the layer beside the picked layout and Marlin
-  mkdir -p $res/tests $res/ncu
-  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "options_real_shapes" -rA -p no:cacheprovider \
-    > $res/tests/gluon_options_capped.log 2>&1
-  say "the decode options' GPU tests rc=$? $(tail -1 $res/tests/gluon_options_capped.log)"
-  if command -v ncu > /dev/null; then
-    local what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
-      --section LaunchStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
-    # shellcheck disable=SC2086
-    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py \
-      --tokens 16 --loop --set early=true --set maxnreg=168 --set down_tiles.maxnreg=128 \
-      > $res/ncu/stalls-gluon-qwen15-16tok-early-168.txt 2>&1
-    say "ncu stalls at 16 tokens (loads first at 168 registers) rc=$?"
-  fi
-  local marlin="--no-marlin"
-  [ -d /tmp/tvmcache ] && marlin=""
-  # shellcheck disable=SC2086
-  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin \
-    --layouts '^Gluon, (loads first, at 168 registers, down at 128|loads first, at 128 registers|2-bit codes in place)$' \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_capped > $res/layer_capped.log 2>&1
-  say "moe_layer loads first at capped registers rc=$?"
+  # the loads kept first at the picked layout's programs an SM (capped registers, a few spills); ncu on the mixed
+  # layer's (BN 128 at 168, down at 128); the codes in place again
+  decode_options capped \
+    '^Gluon, (loads first, at 168 registers, down at 128|loads first, at 128 registers|2-bit codes in place)$' \
+    "--set early=true --set maxnreg=168 --set down_tiles.maxnreg=128"
 }
 
 phase48() { phase46 layer_capped; }
@@ -974,7 +964,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 phase45 phase46 phase47 phase48 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
