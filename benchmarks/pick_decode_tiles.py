@@ -29,7 +29,7 @@ def setting(override: dict) -> str | None:
     parts = []
     for field, value in override.items():
         if field == "down_tiles" and isinstance(value, dict):
-            parts += [f"down_tiles.{f}={str(v).lower()}" for f, v in value.items()]
+            parts += [f"down_tiles.{f}={'picked' if v is None else str(v).lower()}" for f, v in value.items()]
         elif isinstance(value, (bool, int)):
             parts.append(f"{field}={str(value).lower()}")
         else:

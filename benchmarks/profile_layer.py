@@ -45,7 +45,7 @@ from mxkernels.moe import tile_setting as moe_tile_setting  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
 
 
-def tile_setting(text: str) -> tuple[str, int | bool]:
+def tile_setting(text: str) -> tuple[str, int | bool | None]:
     """--set's ``FIELD=VALUE`` (mxkernels.moe.tile_setting), refused as an argparse error."""
     try:
         return moe_tile_setting(text)

@@ -95,19 +95,29 @@ DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "gro
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
 
 
-def tile_setting(text: str) -> tuple[str, int | bool]:
+def tile_setting(text: str) -> tuple[str, int | bool | None]:
     """``FIELD=VALUE``: a field of Tiles (``down_tiles.FIELD``: the down GEMM's alone, one of DOWN_FIELDS), an
-    integer or true/false (profile_layer.py's --set, MXSERVE_DECODE_TILES)."""
+    integer or true/false, or for a down_tiles field "picked" (None: the picked layout's value, not the layer's
+    override) (profile_layer.py's --set, MXSERVE_DECODE_TILES)."""
     field, _, value = text.strip().partition("=")
     fields = [f.name for f in dataclasses.fields(Tiles)] + [f"down_tiles.{f}" for f in DOWN_FIELDS]
     if field not in fields or not value:
         raise ValueError(f"{text!r}: FIELD=VALUE, FIELD one of {', '.join(fields)}")
     if value.lower() in ("true", "false"):
         return field, value.lower() == "true"
+    if value.lower() == "picked" and field.startswith("down_tiles."):
+        return field, None
     try:
         return field, int(value)
     except ValueError:
-        raise ValueError(f"{text!r}: an integer or true/false") from None
+        raise ValueError(f"{text!r}: an integer or true/false (down_tiles.FIELD: or picked)") from None
+
+
+def down_override(override: dict, down_only: dict) -> dict:
+    """The down GEMM's override: the layer's fields, then its own (``down_only``), where None drops the layer's
+    field so the down GEMM takes the picked layout's (gate/up's options alone)."""
+    both = {**override, **down_only}
+    return {f: v for f, v in both.items() if not (f in down_only and v is None)}
 
 
 def tile_overrides(settings: list[tuple[str, int | bool]]) -> dict:
@@ -697,7 +707,8 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         override = {"fma": False, **override, "stream_k": sk}
     fit = _split_fit(split_fit)
     t_gu = pick_tiles(rows, active, min_group, gate_up.n // 2, gate_up.k, codes, sms, fit, **override)
-    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **{**override, **down_only})
+    ov_dn = down_override(override, down_only)
+    t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **ov_dn)
     if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
         packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
         t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
@@ -712,7 +723,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, ov), bm=whole.bm)
                  if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
 
-    l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, {**override, **down_only})
+    l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, ov_dn)
     bm, split_gu, split_dn = l_gu[0][1].bm, l_gu[0][1].split, l_dn[0][1].split  # alike in every launch
     stream_k = any(t.stream_k and t.gluon for _, t in l_gu + l_dn)
     if stream_k and len(l_gu) + len(l_dn) > 2:

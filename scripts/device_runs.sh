@@ -900,10 +900,12 @@ phase46() {  # [DIR]: the layer results to pick from (phase 45's; phase 48 gives
 
 phase47() {
   # the loads kept first at the picked layout's programs an SM (capped registers, a few spills); ncu on the mixed
-  # layer's (BN 128 at 168, down at 128); the codes in place again
+  # layer's (BN 128 at 168, down at 128); gate/up alone at BN 64 with its loads first, down as picked; the codes in
+  # place again
   decode_options capped \
-    '^Gluon, (loads first, at 168 registers, down at 128|loads first, at 128 registers|2-bit codes in place)$' \
-    "--set early=true --set maxnreg=168 --set down_tiles.maxnreg=128"
+    '^Gluon, (loads first, at 168 registers, down at 128|loads first, at 128 registers|gate/up at BN 64, loads first, down as picked|2-bit codes in place)$' \
+    "--set early=true --set maxnreg=168 --set down_tiles.maxnreg=128" \
+    "--set bn=64 --set early=true --set down_tiles.bn=picked --set down_tiles.early=picked"
 }
 
 phase48() { phase46 layer_capped; }

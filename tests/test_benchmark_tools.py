@@ -516,7 +516,8 @@ def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
     assert profile_layer.tile_setting("kmajor=false") == ("kmajor", False)
     sets = [profile_layer.tile_setting(t) for t in ("group_m=8", "down_tiles.group_m=16", "down_tiles.bn=256")]
     assert profile_layer.tile_overrides(sets) == {"group_m": 8, "down_tiles": {"group_m": 16, "bn": 256}}
-    for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16"):
+    assert profile_layer.tile_setting("down_tiles.early=picked") == ("down_tiles.early", None)
+    for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16", "bn=picked"):
         with pytest.raises(argparse.ArgumentTypeError, match="--set"):
             profile_layer.tile_setting(bad)
 
@@ -560,4 +561,6 @@ def test_pick_decode_tiles_serves_the_fastest_tile_variant_against_the_picked_la
     assert "PDL: 0.500x the picked layout's time (not a tile setting)" in err
     assert "Gluon, loads first: 0.950x" in err
     assert p.setting({"early": True, "down_tiles": {"early": False}}) == "early=true,down_tiles.early=false"
+    # None: the down GEMM takes the picked layout's value, as MXSERVE_DECODE_TILES reads it back
+    assert p.setting({"bn": 64, "down_tiles": {"bn": None}}) == "bn=64,down_tiles.bn=picked"
     assert p.setting({"dispatch": "grouped"}) is None and p.setting({"pdl": True}) is None

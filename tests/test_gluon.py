@@ -193,16 +193,20 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
 # empty one; stream-K's runs start and end anywhere
 @pytest.mark.parametrize("opts", [
     {"place": True, "bn": 128, "split": 3}, {"place": True, "early": True, "bn": 64, "stream_k": True},
-    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": False}}])  # fmt: skip
+    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": False}},
+    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": None, "bn": None}}])  # fmt: skip
 def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkeypatch):
-    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False)))
+    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False),
+                                                     kw["BN"]))  # fmt: skip
     errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=13, bm=8, **{**GLUON, **opts})
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < BOUND, (key, e)
-    down = {**opts, **opts.get("down_tiles", {})}  # each GEMM's launches (the shared expert's among them) so
-    assert set(launches) == {(True, opts.get("place", False), opts.get("early", False)),
-                             (False, down.get("place", False), down.get("early", False))}, launches
+    # each GEMM's launches (the shared expert's among them) so; a down field of None: the picked layout's (the
+    # wide code set's BN 64, no early loads)
+    down = {k: v for k, v in {**opts, **opts.get("down_tiles", {})}.items() if v is not None}
+    assert set(launches) == {(True, opts.get("place", False), opts.get("early", False), opts["bn"]),
+                             (False, down.get("place", False), down.get("early", False), down.get("bn", 64))}, launches
 
 
 def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted_gluon, monkeypatch):
