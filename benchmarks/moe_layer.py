@@ -338,8 +338,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, loads first, at 168 registers, down at 128": {"early": True, "maxnreg": 168,
                                                           "down_tiles": {"maxnreg": 128}},
     "Gluon, loads first, at 128 registers": {"early": True, "maxnreg": 128},
-    # gate/up alone at BN 64 with its loads first (4 an SM), the down GEMM as picked: in that ncu gate/up took 42.9 us
-    # so against 44.8 picked, but the down GEMM at BN 64 28.8 against 24.3 (moe.down_override: None, the picked value)
+    # gate/up alone at BN 64 with its loads first (4 an SM), the down GEMM as picked (None: moe.down_override). In the
+    # twenty-ninth session's ncu (H100, 16 tokens) gate/up took 42.9 us so against 44.8 picked, but the down GEMM at
+    # BN 64 28.8 against 24.3. Timed in the thirtieth (H200): 1.004x the picked layout's time on the mixed layer
     "Gluon, gate/up at BN 64, loads first, down as picked": {"bn": 64, "early": True,
                                                              "down_tiles": {"bn": None, "early": None}},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts

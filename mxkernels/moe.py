@@ -120,7 +120,7 @@ def down_override(override: dict, down_only: dict) -> dict:
     return {f: v for f, v in both.items() if not (f in down_only and v is None)}
 
 
-def tile_overrides(settings: list[tuple[str, int | bool]]) -> dict:
+def tile_overrides(settings: list[tuple[str, int | bool | None]]) -> dict:
     """``tile_setting``'s settings as mx_moe_forward's tile overrides ("down_tiles.FIELD" ones under "down_tiles")."""
     out: dict = {f: v for f, v in settings if not f.startswith("down_tiles.")}
     down = {f.removeprefix("down_tiles."): v for f, v in settings if f.startswith("down_tiles.")}
