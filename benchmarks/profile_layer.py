@@ -11,6 +11,13 @@ kernels wait on):
         --section MemoryWorkloadAnalysis --section WarpStateStats \\
         python3 benchmarks/profile_layer.py --model qwen1.5-moe-a2.7b --tokens 16 --loop
 
+``--scheme marlin`` runs SGLang's Marlin MoE (w4a16g128, as moe_layer.py's baseline) on the same shape and routing
+instead of ours, so ncu reads both kernels the same way (the kernel name ``marlin_moe``, demangled):
+
+    ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 8 --launch-count 4 \
+        --section WarpStateStats python3 benchmarks/profile_layer.py --model mixtral-8x7b --uniform \
+        --scheme marlin --loop
+
 ``--set FIELD=VALUE`` overrides a field of the launches' tiles (mxkernels.moe.Tiles, e.g. ``group_m=8``), and
 ``--launches`` lists each launch of a forward in its order, so that a kernel launched twice (gate/up, then
 down) shows as two rows:
@@ -33,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import (  # noqa: E402
     PREFILL_LAYOUT,
     layer_arenas,
+    marlin_impl,
+    marlin_weights,
     mixed_plan,
     parse_plan,
     random_experts,
@@ -40,6 +49,7 @@ from moe_layer import (  # noqa: E402
     tiered_plan,
 )
 
+from mxkernels.align import extend_routing  # noqa: E402
 from mxkernels.moe import mx_moe_forward, tile_overrides  # noqa: E402
 from mxkernels.moe import tile_setting as moe_tile_setting  # noqa: E402
 from mxkernels.shapes import MODEL_SHAPES  # noqa: E402
@@ -53,6 +63,12 @@ def tile_setting(text: str) -> tuple[str, int | bool | None]:
         raise argparse.ArgumentTypeError(f"--set {e}") from None
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """Refuse what the Marlin baseline has no way to take: it is one kernel with one layout and scheme."""
+    if a.scheme == "marlin" and (a.plan or a.set or a.layout != "auto"):
+        raise SystemExit("profile_layer.py: --scheme marlin (SGLang's Marlin MoE) takes no --plan, --set or --layout")
+
+
 def per_launch(events: list[tuple[float, str, float]], reps: int) -> list[tuple[str, float]]:
     """(name, device us) of each launch of one forward, in launch order, averaged over ``reps`` forwards from
     ``events`` (start, name, device us) of all of them: a forward launches the same kernels in the same order."""
@@ -63,11 +79,29 @@ def per_launch(events: list[tuple[float, str, float]], reps: int) -> list[tuple[
     return [(events[i][1], sum(events[r * per + i][2] for r in range(reps)) / reps) for i in range(per)]
 
 
+def marlin_forward(m: dict, tokens: int, skewed: bool, gen, dev) -> tuple:
+    """SGLang's Marlin MoE over a layer of shape ``m`` (shared experts as routed slots, as moe_layer.py times it):
+    the forward and its bits a weight."""
+    fused_marlin_moe, how = marlin_impl()
+    if fused_marlin_moe is None:
+        raise SystemExit(f"profile_layer.py: SGLang's Marlin MoE did not import ({how})")
+    h, e, ne, k = m["hidden"], m["experts"], m["experts"] + m["shared"], m["top_k"]
+    random_experts(m, dev, gen)  # the generator's draws as ours take them: the same tokens and routing
+    mw = marlin_weights(ne, h, m["inter"], dev)
+    x = torch.randn(tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
+    ids, w = routing(tokens, e, k, skewed, gen, dev)
+    ide, we = extend_routing(ids, w, ne, e)
+    logits = torch.zeros(tokens, ne, device=dev)  # read for its shape only
+    ids32 = ide.to(torch.int32)
+    return (lambda: fused_marlin_moe(x, *mw[:4], logits, we, ids32, num_bits=4, **mw[4])), 4 + 20 / 128
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen1.5-moe-a2.7b", choices=list(MODEL_SHAPES))
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--scheme", default="mixed", help="mixed, or one scheme for every expert")
+    ap.add_argument("--scheme", default="mixed", help="mixed, one scheme for every expert, or marlin (SGLang's "
+                    "Marlin MoE, w4a16g128)")
     ap.add_argument("--plan", type=parse_plan, help="LABEL=SCHEME:WEIGHT,... popularity tiers, as moe_layer.py's "
                     "--plan (e.g. the served plan's: served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7)")
     ap.add_argument("--layout", choices=("auto", "prefill"), default="auto")
@@ -77,23 +111,27 @@ def main() -> None:
                     help="a field of the launches' tiles (mxkernels.moe.Tiles), e.g. group_m=8; repeatable")
     ap.add_argument("--launches", action="store_true", help="each launch of a forward in order, not per kernel")
     a = ap.parse_args()
+    check_args(a)
     m = MODEL_SHAPES[a.model]
     h, e, s, k = m["hidden"], m["experts"], m["shared"], m["top_k"]
     ne = e + s
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    gu, dn = random_experts(m, dev, gen)
-    if a.plan:
-        plan = tiered_plan(e, ne, k, not a.uniform, dev, a.plan[1])
+    if a.scheme == "marlin":
+        fwd, bits = marlin_forward(m, a.tokens, not a.uniform, gen, dev)
     else:
-        plan = mixed_plan(e, ne, k, not a.uniform, dev) if a.scheme == "mixed" else [a.scheme] * ne
-    ag, ad, bits = layer_arenas(gu, dn, plan)
-    x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
-    ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
-    override = {**(PREFILL_LAYOUT if a.layout == "prefill" else {}), **tile_overrides(a.set)}
+        gu, dn = random_experts(m, dev, gen)
+        if a.plan:
+            plan = tiered_plan(e, ne, k, not a.uniform, dev, a.plan[1])
+        else:
+            plan = mixed_plan(e, ne, k, not a.uniform, dev) if a.scheme == "mixed" else [a.scheme] * ne
+        ag, ad, bits = layer_arenas(gu, dn, plan)
+        x = torch.randn(a.tokens, h, device=dev, dtype=torch.bfloat16, generator=gen)
+        ids, w = routing(a.tokens, e, k, not a.uniform, gen, dev)
+        override = {**(PREFILL_LAYOUT if a.layout == "prefill" else {}), **tile_overrides(a.set)}
 
-    def fwd():
-        return mx_moe_forward(x, ids, w, ag, ad, e, **override)
+        def fwd():
+            return mx_moe_forward(x, ids, w, ag, ad, e, **override)
 
     for _ in range(3):
         fwd()

@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 41 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 49 41 40 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -910,6 +910,32 @@ phase47() {
 
 phase48() { phase46 layer_capped; }
 
+phase49() {
+  # our w4a16g128 layer against Marlin's at the same bits, shape and routing (thirtieth session: 0.73x Marlin's speed
+  # on Mixtral uniform at 16 tokens, 0.92x on Qwen1.5): each kernel's time per launch, then under ncu its stall
+  # reasons, issue rate, executed instructions (InstructionStats) and memory throughput, read the same way
+  # (profile_layer.py --scheme marlin): whether Marlin executes fewer instructions a byte or hides more latency
+  mkdir -p $res/ncu
+  [ -d /tmp/tvmcache ] || { say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): phase 49 needs it"; return 1; }
+  local model scheme name what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats
+    --section Occupancy --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis
+    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+  for model in mixtral-8x7b qwen1.5-moe-a2.7b; do
+    for scheme in w4a16g128 marlin; do
+      python3 benchmarks/profile_layer.py --model $model --uniform --tokens 16 --scheme $scheme --launches \
+        > $res/ncu/w4-$scheme-$model-16tok-uniform-launches.txt 2>&1
+      say "launch times $scheme $model rc=$?"
+      command -v ncu > /dev/null || continue
+      name="--kernel-name regex:mx_moe_gemm_gluon"
+      [ $scheme = marlin ] && name="--kernel-name-base demangled --kernel-name regex:marlin_moe"
+      # shellcheck disable=SC2086
+      ncu $name --launch-skip 8 --launch-count 4 $what python3 benchmarks/profile_layer.py --model $model --uniform \
+        --tokens 16 --scheme $scheme --loop > $res/ncu/w4-$scheme-$model-16tok-uniform.txt 2>&1
+      say "ncu $scheme $model rc=$?"
+    done
+  done
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -966,7 +992,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -520,6 +520,40 @@ def test_profile_layer_lists_each_launch_in_order_and_takes_tile_settings():
     for bad in ("groupm=8", "group_m=", "bn=wide", "down_tiles.bm=16", "bn=picked"):
         with pytest.raises(argparse.ArgumentTypeError, match="--set"):
             profile_layer.tile_setting(bad)
+    # --scheme marlin: SGLang's one kernel, so no plan, tile setting or layout of ours applies to it
+    args = dict(scheme="marlin", plan=None, set=[], layout="auto")
+    profile_layer.check_args(argparse.Namespace(**args))
+    profile_layer.check_args(argparse.Namespace(**{**args, "scheme": "w4a16g128", "set": [("bn", 64)]}))
+    for extra in ({"set": [("bn", 64)]}, {"layout": "prefill"}, {"plan": ("served", {"w4a16g128": 1})}):
+        with pytest.raises(SystemExit, match="takes no --plan, --set or --layout"):
+            profile_layer.check_args(argparse.Namespace(**{**args, **extra}))
+
+
+def test_profile_layer_gives_marlin_the_tokens_and_routing_ours_get(monkeypatch):
+    # --scheme marlin: SGLang's kernel is called as moe_layer.py calls it, on the same tokens and the same top-k
+    # (shared experts as routed slots) that our layer gets from the same seed
+    import profile_layer
+    import torch
+    from moe_layer import random_experts, routing
+
+    calls = []
+    monkeypatch.setattr(profile_layer, "marlin_impl", lambda: (lambda *a, **kw: calls.append((a, kw)), None))
+    m = {"hidden": 256, "inter": 128, "experts": 8, "top_k": 2, "shared": 1}
+    fwd, bits = profile_layer.marlin_forward(m, 5, True, torch.Generator().manual_seed(0), "cpu")
+    fwd()
+    (x, w1, w2, s1, s2, logits, weights, ids), kw = calls[0]
+    gen = torch.Generator().manual_seed(0)
+    gu, dn = random_experts(m, "cpu", gen)
+    x_ours = torch.randn(5, 256, dtype=torch.bfloat16, generator=gen)
+    ids_ours, w_ours = routing(5, 8, 2, True, gen, "cpu")
+    assert torch.equal(x, x_ours) and torch.equal(ids[:, :2].long(), ids_ours.long())
+    assert ids.shape == (5, 3) and ids.dtype == torch.int32 and (ids[:, 2] == 8).all()  # the shared slot
+    assert torch.allclose(weights[:, :2], w_ours.float()) and kw["num_bits"] == 4 and logits.shape == (5, 9)
+    assert (w1.shape, w2.shape, s1.shape, s2.shape) == ((9, 16, 512), (9, 8, 512), (9, 2, 256), (9, 1, 256))
+    assert bits == 4 + 20 / 128  # Marlin's bits a weight as moe_layer.py counts them (w4, group-128 scales and zeros)
+    monkeypatch.setattr(profile_layer, "marlin_impl", lambda: (None, "ImportError: no sglang"))
+    with pytest.raises(SystemExit, match="did not import .ImportError: no sglang"):
+        profile_layer.marlin_forward(m, 5, True, torch.Generator().manual_seed(0), "cpu")
 
 
 def test_sass_census_counts_programs_by_registers_and_diffs_dumps(tmp_path: Path, capsys):
