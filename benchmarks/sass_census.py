@@ -5,6 +5,9 @@
     python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant (and of the
                                                               # opt-in place and early on one code set), in order
     python3 benchmarks/sass_census.py diff A.json B.json      # the variants whose code differs between two dumps
+    python3 benchmarks/sass_census.py marlin MODULE.so [--out FILE.md]
+                                                              # SGLang's Marlin MoE (its prebuilt module, from
+                                                              # .tvm-ffi.tar.xz): the main loop of each uint4 kernel
 
 A dump before and a diff after a kernel change show which variants it changed, opcode by opcode (the twenty-sixth
 session's removals were checked so). The Triton release sets the code: this machine's venv and the lent GPU's image
@@ -17,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from sass_tools import compile_decode, disassemble, k_loop, loops, opcodes, resources  # noqa: E402
+from sass_tools import _cuobjdump, compile_decode, disassemble, k_loop, loops, opcodes, resources  # noqa: E402
 
 # kernel code sets (moe_gemm_gluon.KERNEL_CODES: bit 0 bf16, 1 to 4 w1 to w4, 5 w8) and the BN the launch takes
 # for them (moe._as_gluon: two MMA tiles of rows a warp for narrow sets)
@@ -107,6 +112,66 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False) 
                if place or early else "")
             + f" ptxas {_ptxas_version()}.\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
+
+
+# Marlin's template arguments in order (sglang's marlin_moe::Marlin): the weights' and the activations' ScalarType ids,
+# then the block's shape; uint4 with zero points (the moe_layer.py baseline's) is sgl_kernel.scalar_type's
+# scalar_types.uint4.id: 4 mantissa bits (<< 8) and IEEE_754 NaNs (1 << 50)
+MARLIN_ARGS = ("b_type", "c_type", "threads", "m_blocks", "n_blocks", "k_blocks", "m_block_size_8", "stages",
+               "group_blocks", "zp_float")  # fmt: skip
+MARLIN_UINT4 = (1 << 50) | (4 << 8)
+
+
+def marlin_args(mangled: str) -> dict[str, int] | None:
+    """A Marlin kernel's template arguments from its mangled name (Ll<n>E, Li<n>E with n<k> for -k, Lb<0|1>E)."""
+    if "marlin_moe6MarlinI" not in mangled:
+        return None
+    vals = [int(v.replace("n", "-")) for v in re.findall(r"L[lib](n?\d+)E", mangled.split("MarlinI", 1)[1])]
+    return dict(zip(MARLIN_ARGS, vals)) if len(vals) >= len(MARLIN_ARGS) else None
+
+
+def marlin_rows(sass: str, res_usage: str) -> list[dict]:
+    """Per uint4 Marlin kernel of one row block (decode): registers, and its main loop: instructions, the mix, and
+    the weights a thread takes an iteration (its stages of K x N tiles)."""
+    regs = {m.group(1): int(m.group(2)) for m in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+)", res_usage)}
+    rows = []
+    for part in sass.split("Function : ")[1:]:
+        name = part.split(None, 1)[0]
+        a = marlin_args(name)
+        if not a or a["b_type"] != MARLIN_UINT4 or a["m_blocks"] != 1:
+            continue
+        # the main loop: the most MMAs, and of the loops around it (the one over slices) the shortest
+        best = max(loops(part), key=lambda lp: (sum(op.startswith("HMMA") for op in opcodes("\n".join(lp))), -len(lp)),
+                   default=[])  # fmt: skip
+        ops = Counter(op.split(".")[0] for op in opcodes("\n".join(best)))
+        weights = a["k_blocks"] * 16 * a["n_blocks"] * 16 * a["stages"] // a["threads"]
+        rows.append({**a, "registers": regs.get(name), "loop": len(best), "weights": weights,
+                     **{op: ops[op] for op in ("HMMA", "LOP3", "SHF", "HADD2", "HMUL2", "PRMT", "LDGSTS", "LDS",
+                                               "LDSM", "LDG")}})  # fmt: skip
+    return rows
+
+
+def marlin_table(module: str) -> str:
+    """``marlin_rows`` of a built Marlin MoE module (its .so: the sm_90 cubin inside), as Markdown."""
+    tool = _cuobjdump()
+    sass = subprocess.run([tool, "-sass", module], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([tool, "-res-usage", module], capture_output=True, text=True, check=True).stdout
+    rows = marlin_rows(sass, usage)
+    if not rows:
+        raise SystemExit(f"sass_census.py: no uint4 Marlin MoE kernel of one row block in {module}")
+    cols = ("HMMA", "LOP3", "SHF", "HADD2", "HMUL2", "PRMT", "LDGSTS", "LDS", "LDSM", "LDG")
+    out = [f"Main loops of SGLang's Marlin MoE, uint4 with zero points, one block of rows (decode), from "
+           f"`python3 benchmarks/sass_census.py {' '.join(sys.argv[1:])}`. Weights: a thread's, an iteration "
+           "(stages x K x N of the block over its threads).\n",
+           "| threads | N x K a stage | rows 8 | stages | group blocks | registers | loop | weights | instructions a "
+           "weight | " + " | ".join(cols) + " |",
+           "|" + "---:|" * (9 + len(cols))]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["group_blocks"], r["threads"], r["m_block_size_8"])):
+        rows8 = "yes" if r["m_block_size_8"] else "no"
+        out.append(f"| {r['threads']} | {r['n_blocks'] * 16} x {r['k_blocks'] * 16} | {rows8} "
+                   f"| {r['stages']} | {r['group_blocks']} | {r['registers']} | {r['loop']} | {r['weights']} | "
+                   f"{r['loop'] / r['weights']:.2f} | " + " | ".join(str(r[c]) for c in cols) + " |")  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def _ptxas_version() -> str:
@@ -193,6 +258,9 @@ def main() -> int:
     c = sub.add_parser("diff")
     c.add_argument("a")
     c.add_argument("b")
+    m = sub.add_parser("marlin")
+    m.add_argument("module", help="the Marlin MoE module's .so (tvmcache/sgl_kernel_jit_moe_wna16_marlin_*/)")
+    m.add_argument("--out", help="also write the table (Markdown) here")
     a = ap.parse_args()
     if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
         os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
@@ -204,6 +272,13 @@ def main() -> int:
         return 0
     if a.what == "dump":
         dump(a.path)
+        return 0
+    if a.what == "marlin":
+        text = marlin_table(a.module)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
         return 0
     return diff(a.a, a.b)
 

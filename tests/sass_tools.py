@@ -90,10 +90,11 @@ def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101,
 
 def loops(sass: str, innermost: bool = False) -> list[list[str]]:
     """The instructions of each of a kernel's loops, from a backward branch's target to it, longest first;
-    ``innermost``: only loops with no loop inside (stream-K's K loops sit in a loop over units)."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
-    at = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    found = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := re.search(r"BRA (0x[0-9a-f]+)", ln))
+    ``innermost``: only loops with no loop inside (stream-K's K loops sit in a loop over units). A branch may take
+    a second predicate (``BRA P1, 0x..``), and a large kernel's addresses more than 4 digits (Marlin's)."""
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", ln)]
+    at = [int(re.search(r"/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
+    found = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := re.search(r"BRA (?:!?U?P\w+, )?(0x[0-9a-f]+)", ln))
              and int(m.group(1), 16) < a]  # fmt: skip
     if innermost:
         found = [(lo, hi) for lo, hi in found if not any(lo <= o[0] and o[1] < hi for o in found if o != (lo, hi))]
@@ -108,4 +109,4 @@ def k_loop(sass: str, innermost: bool = False) -> list[str]:
 def opcodes(sass: str) -> list[str]:
     """The opcode (with its modifiers) of each instruction of a listing, predicates left out."""
     return [m.group(1) for ln in sass.splitlines()
-            if (m := re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ln))]  # fmt: skip
+            if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ln))]  # fmt: skip

@@ -572,6 +572,34 @@ def test_sass_census_counts_programs_by_registers_and_diffs_dumps(tmp_path: Path
     assert "k1: 2 -> 3 instructions" in out and "k3: only in" in out and "1 of 2 variants the same" in out
 
 
+def test_sass_census_reads_marlins_main_loop():
+    # sass_census.py marlin: of a Marlin module's kernels, the uint4 ones of one row block; of each, the innermost loop
+    # with the most MMAs, closed by a branch on two predicates (BRA P1, 0x..) at a 5-digit address, not the slice loop
+    # around it; the weights a thread takes an iteration from the template (stages x K x N over the threads)
+    census = pytest.importorskip("sass_census", reason="needs Triton's Gluon")
+
+    def fn(args: str, body: list[tuple[int, str]]) -> str:
+        name = f"_ZN6device10marlin_moe6MarlinI13__nv_bfloat16{args}EEEvPK4int4"
+        return f"\n\tFunction : {name}\n" + "\n".join(f"        /*{a:04x}*/   {ins} ;" for a, ins in body)
+
+    uint4 = "Ll1125899906843648ELl1125899906909960ELi256ELi1ELi8ELi8ELb1ELi4ELi8ELb0E"
+    body = [(0xFFE0, "MOV R1, R2"), (0xFFF0, "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]"),
+            (0x10000, "LDS.128 R8, [R3]"), (0x10010, "LOP3.LUT R9, R8, 0xf000f, RZ, 0xc0, !PT"),
+            (0x10020, "HADD2.BF16_V2 R9, R9, R10"), (0x10030, "HMMA.16816.F32.BF16 R12, R8, R10, R12"),
+            (0x10040, "@!P0 BRA P1, 0xfff0"), (0x10050, "STG.E [R2], R12"), (0x10060, "@P0 BRA 0xffe0"),
+            (0x10070, "EXIT")]  # fmt: skip
+    other = "Ll1125899907892224ELl1125899906909960ELi256ELi1ELi8ELi8ELb1ELi4ELi8ELb0E"  # uint4b8: not ours
+    blocks4 = uint4.replace("ELi1ELi8", "ELi4ELi8")  # 4 row blocks: prefill
+    sass = fn(uint4, body) + fn(other, body) + fn(blocks4, body)
+    usage = f" Function _ZN6device10marlin_moe6MarlinI13__nv_bfloat16{uint4}EEEvPK4int4:\n  REG:128 STACK:32\n"
+    [row] = census.marlin_rows(sass, usage)
+    assert (row["threads"], row["n_blocks"], row["k_blocks"], row["m_block_size_8"], row["group_blocks"]) == (
+        256, 8, 8, 1, 8)
+    assert row["registers"] == 128 and row["weights"] == 128 * 128 * 4 // 256
+    assert row["loop"] == 6 and (row["HMMA"], row["LOP3"], row["HADD2"], row["LDGSTS"], row["LDS"]) == (1, 1, 1, 1, 1)
+    assert census.marlin_args("_ZN3foo3barEv") is None
+
+
 def test_pick_decode_tiles_serves_the_fastest_tile_variant_against_the_picked_layout(capsys):
     # benchmarks/pick_decode_tiles.py: of a layer's variants, the one with the lowest geometric mean of its times over
     # the picked layout's, cell by cell, as an MXSERVE_DECODE_TILES setting; launch modes (PDL) and other layers'
