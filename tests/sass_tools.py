@@ -94,7 +94,8 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
     a second predicate (``BRA P1, 0x..``), and a large kernel's addresses more than 4 digits (Marlin's)."""
     lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", ln)]
     at = [int(re.search(r"/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
-    found = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := re.search(r"BRA (?:!?U?P\w+, )?(0x[0-9a-f]+)", ln))
+    branch = re.compile(r"BRA (?:!?U?P\w+, )?(0x[0-9a-f]+)")
+    found = [(int(m.group(1), 16), a) for ln, a in zip(lines, at) if (m := branch.search(ln))
              and int(m.group(1), 16) < a]  # fmt: skip
     if innermost:
         found = [(lo, hi) for lo, hi in found if not any(lo <= o[0] and o[1] < hi for o in found if o != (lo, hi))]
