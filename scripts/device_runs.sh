@@ -914,7 +914,8 @@ phase49() {
   # our w4a16g128 layer against Marlin's at the same bits, shape and routing (thirtieth session: 0.73x Marlin's speed
   # on Mixtral uniform at 16 tokens, 0.92x on Qwen1.5): each kernel's time per launch, then under ncu its stall
   # reasons, issue rate, executed instructions (InstructionStats) and memory throughput, read the same way
-  # (profile_layer.py --scheme marlin): whether Marlin executes fewer instructions a byte or hides more latency
+  # (profile_layer.py --scheme marlin): where each kernel's warps wait (Marlin's SASS runs twice our instructions a
+  # weight: results/sass_census_s30_marlin_uint4.md), and the memory traffic each keeps going
   mkdir -p $res/ncu
   [ -d /tmp/tvmcache ] || { say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): phase 49 needs it"; return 1; }
   local model scheme name what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats
