@@ -705,7 +705,10 @@ def main() -> None:
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "command": "python3 benchmarks/moe_layer.py " + " ".join(sys.argv[1:]),
+        # the kernel settings in the environment too (MXSERVE_TILED_CODES=0 ...): not the shared data's path, no key
+        "command": " ".join([*(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MXSERVE_")
+                               and k != "MXSERVE_SHARED" and not k.endswith("_KEY")),
+                             "python3 benchmarks/moe_layer.py", *sys.argv[1:]]),  # fmt: skip
         "ceilings": ceilings(dev),
     }
     import triton

@@ -4,7 +4,8 @@ Every expert of a layer, whatever its scheme, lives in a few typed buffers (an
 arena per GEMM: fused gate/up, and down):
 
 - ``wi``: int32 packed codes of integer schemes (bit planes, see packing.py), in the kernels'
-  paired order within each word (packing.kernel_order: codes k and k + 1 16 bits apart);
+  paired order within each word (packing.kernel_order: codes k and k + 1 16 bits apart); where K is a
+  multiple of 128, tiled (``Arena.tiled``, :func:`tile_words`): each block of 16 rows by 128 k contiguous;
 - ``wb``: bf16 weights of bf16 experts; ``wf``: fp8 e4m3 weights;
 - ``sc`` / ``zp``: bf16 scales and zeros.
 
@@ -16,11 +17,12 @@ Hadamard-rotated. Offsets count elements of the buffer they index.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
-from mxserve.quant.packing import kernel_order
+from mxserve.quant.packing import kernel_order, planes
 
 # Kernel codes: what the kernel's branch for an expert does.
 CODE_BF16 = 0
@@ -28,6 +30,36 @@ CODE_WONLY = {1: 1, 2: 2, 3: 3, 4: 4, 8: 5}  # weight-only int, by bits: dequant
 CODE_FP8 = 6  # w8a8 fp8: per-token fp8 activations, fp8 MMA
 CODE_WA_INT = {4: 7, 8: 8}  # w4a4 / w8a8 int: per-token int activations, int8 MMA
 N_CODES = 9
+
+# The tiled order of the codes (tile_words): blocks of TILE_ROWS rows (one MMA tile of the decode kernel's weight rows)
+# by TILE_K k (its K tile). Row by row, a decode program read 64 bytes of each of its rows per K tile at 4 bits,
+# rows a whole row of codes apart (2 KB at K 4096): on the H100 its gate/up kept DRAM 56% busy, its warps waiting on
+# loads, where Marlin's contiguous tiles kept 73%. Tiled, 75%, and the w4 decode layer took 0.85x its time (geometric
+# mean of 32 cells; benchmarks/README.md, thirty-first session). MXSERVE_TILED_CODES=0 keeps the rows (to measure both).
+TILE_ROWS = 16
+TILE_K = 128
+
+
+def tiles_codes(k: int) -> bool:
+    """Whether an arena of input size ``k`` keeps its codes tiled (MXSERVE_TILED_CODES, default on)."""
+    return k % TILE_K == 0 and os.environ.get("MXSERVE_TILED_CODES", "1") != "0"
+
+
+def tile_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Packed rows [N, K*bits/32] (K a multiple of 128) -> the tiled order, flat: row groups of 16 (the last padded
+    with zero rows), in each its K tiles of 128, in each tile every plane (low first) row by row, so that word j of
+    the tile's row n of the plane of width p at bit ``low`` sits at (n // 16) 16 R + t 64 bits + 64 low + (n % 16) 4 p
+    + j, R = K bits / 32 and t the K tile. The kernels compute that address."""
+    n = words.shape[0]
+    words = torch.cat([words, words.new_zeros(-n % TILE_ROWS, words.shape[1])]) if n % TILE_ROWS else words
+    groups, tiles = words.shape[0] // TILE_ROWS, k // TILE_K
+    parts, col = [], 0
+    for p in planes(bits):
+        width = k * p // 32
+        plane = words[:, col:col + width].reshape(groups, TILE_ROWS, tiles, 4 * p)
+        parts.append(plane.permute(0, 2, 1, 3).reshape(groups, tiles, TILE_ROWS * 4 * p))
+        col += width
+    return torch.cat(parts, dim=2).reshape(-1)
 
 
 def kernel_code(scheme) -> int:
@@ -68,11 +100,17 @@ class Arena:
     # experts per kernel code (index c: code c), kept beside ``meta`` so that a launch's layout reads it without
     # a device sync (moe._stream_k: the share of costly codes)
     code_counts: tuple[int, ...] = ()
+    tiled: bool = False  # ``wi`` in the tiled order (tile_words), not row by row
 
     @property
     def kernel_mask(self) -> int:
         """The CODES the kernel is compiled with."""
         return self.codes_mask | self.extra_codes
+
+    @property
+    def k128(self) -> int:
+        """The Triton kernels' K128: 0 (K not a multiple of 128), 1 (codes row by row in 16-byte words), 2 (tiled)."""
+        return 2 if self.tiled else int(self.k % 128 == 0)
 
     @property
     def n_experts(self) -> int:
@@ -90,6 +128,7 @@ class Arena:
             min_group=self.min_group,
             extra_codes=self.extra_codes,
             code_counts=self.code_counts,
+            tiled=self.tiled,
             **moved,
         )
 
@@ -99,18 +138,22 @@ class Arena:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in ("wi", "wb", "wf", "sc", "zp"))
 
 
-def _weights(ql, code: int, device=None) -> torch.Tensor:
+def _weights(ql, code: int, tiled: bool, device=None) -> torch.Tensor:
     """A block's weights as the kernels read them (on ``device``, where the repacking then runs):
-    integer codes repacked in pairs, bf16 and fp8 as they are. Checkpoints keep packing.py's order,
-    so any checkpoint loads into this layout."""
+    integer codes repacked in pairs (and ``tiled``: tile_words), bf16 and fp8 as they are. Checkpoints keep
+    packing.py's order, so any checkpoint loads into this layout."""
     w = ql.qweight if device is None else ql.qweight.to(device)
-    return w if code in (CODE_BF16, CODE_FP8) else kernel_order(w, ql.scheme.w_bits, ql.k)
+    if code in (CODE_BF16, CODE_FP8):
+        return w
+    w = kernel_order(w, ql.scheme.w_bits, ql.k)
+    return tile_words(w, ql.scheme.w_bits, ql.k) if tiled else w
 
 
 def build_arena(linears: list, extra_codes: int = 0) -> Arena:
     """Pack QuantizedLinear blocks of equal shape (one per expert) into one arena; the kernel
     also compiles the branches of ``extra_codes`` (Arena.extra_codes)."""
     n, k = linears[0].n, linears[0].k
+    tiled = tiles_codes(k)
     wi, wb, wf, sc, zp = [], [], [], [], []
     sizes = dict.fromkeys(("wi", "wb", "wf", "sc", "zp"), 0)
     meta = []
@@ -138,7 +181,7 @@ def build_arena(linears: list, extra_codes: int = 0) -> Arena:
         code = kernel_code(ql.scheme)
         mask |= 1 << code
         name, parts = {CODE_BF16: ("wb", wb), CODE_FP8: ("wf", wf)}.get(code, ("wi", wi))
-        w_off = put(name, parts, _weights(ql, code))
+        w_off = put(name, parts, _weights(ql, code, tiled))
         s_off = put("sc", sc, ql.scales) if ql.scales is not None else 0
         z_off = put("zp", zp, ql.zeros) if ql.zeros is not None else 0
         group = ql.scheme.group or k
@@ -163,6 +206,7 @@ def build_arena(linears: list, extra_codes: int = 0) -> Arena:
         min_group,
         extra_codes=extra_codes & ~mask,
         code_counts=_counts(m[0] for m in meta),
+        tiled=tiled,
     )
 
 
@@ -183,9 +227,12 @@ _BUFFERS = (("wi", torch.int32), ("wb", torch.bfloat16), ("wf", torch.float8_e4m
 
 def slab_capacity(budget_bits: float, linears: list) -> int:
     """Bytes a layer slab needs for any plan within ``budget_bits`` per weight: the budget's bytes
-    (bits per weight count scales and zeros) plus alignment padding for every tensor."""
+    (bits per weight count scales and zeros) plus alignment padding for every tensor, and for the tiled codes' rows
+    padded to 16 (tile_words; at most 8 bits a code)."""
     params = sum(ql.n * ql.k for ql in linears)
-    return (math.ceil(budget_bits * params / 8) + 3 * SLAB_ALIGN * (len(linears) + 1)) // SLAB_ALIGN * SLAB_ALIGN
+    pad_rows = sum(-ql.n % TILE_ROWS * ql.k for ql in linears if tiles_codes(ql.k))
+    total = math.ceil(budget_bits * params / 8) + pad_rows + 3 * SLAB_ALIGN * (len(linears) + 1)
+    return total // SLAB_ALIGN * SLAB_ALIGN
 
 
 def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotation_seed: int | None,
@@ -204,13 +251,14 @@ def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotati
     arenas = []
     for linears in (gate_up, down):
         n, k = linears[0].n, linears[0].k
+        tiled = tiles_codes(k)
         meta = []
         for ql in linears:
             code = kernel_code(ql.scheme)
             if not codes_mask & (1 << code):
                 raise ValueError(f"scheme {ql.scheme.name} is not among the slab's compiled kernel codes")
             offs = []
-            weights = (_weights(ql, code, device), {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi"))
+            weights = (_weights(ql, code, tiled, device), {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi"))
             for t, name in (weights, (ql.scales, "sc"), (ql.zeros, "zp")):
                 if t is None:
                     offs.append(0)
@@ -223,7 +271,8 @@ def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotati
                 used += -(-b.numel() // SLAB_ALIGN) * SLAB_ALIGN
             meta.append([code, *offs, ql.scheme.group or k, int(ql.hadamard_seed is not None)])
         arenas.append(Arena(n, k, torch.tensor(meta, dtype=torch.int64, device=device), *views.values(),
-                            codes_mask, rotation_seed, min_group, raw=raw, code_counts=_counts(m[0] for m in meta)))
+                            codes_mask, rotation_seed, min_group, raw=raw, code_counts=_counts(m[0] for m in meta),
+                            tiled=tiled))
     return arenas[0], arenas[1]
 
 
@@ -231,8 +280,9 @@ def copy_slab(dst: tuple[Arena, Arena], src: tuple[Arena, Arena]) -> None:
     """Write ``src``'s weights into ``dst``'s buffers in place (same capacity, same kernel variant)."""
     if dst[0].raw is None or src[0].raw is None or dst[0].raw.numel() != src[0].raw.numel():
         raise ValueError("both sides must be slabs of one capacity")
-    if dst[0].codes_mask != src[0].codes_mask or dst[0].rotation_seed != src[0].rotation_seed:
-        raise ValueError("slabs compiled for different kernel codes or rotations")
+    if (dst[0].codes_mask, dst[0].rotation_seed, dst[0].tiled, dst[1].tiled) != \
+            (src[0].codes_mask, src[0].rotation_seed, src[0].tiled, src[1].tiled):
+        raise ValueError("slabs compiled for different kernel codes, rotations or code orders")
     dst[0].raw.copy_(src[0].raw)
     for d, s in zip(dst, src):
         d.meta.copy_(s.meta)

@@ -113,7 +113,7 @@ def dequantize(arena: Arena, scratch: torch.Tensor, first: int = 0, count: int |
     grid = (count, triton.cdiv(arena.n, bn), triton.cdiv(arena.k, bk))
     dequant_kernel[grid](arena.meta, meta, arena.wi, arena.wb, arena.sc, arena.zp, scratch, arena.n, arena.k,
                          arena.n_experts, first, int(first == 0), CODES=arena.codes_mask & (WONLY_MASK | 1), BN=bn,
-                         BK=bk, K128=arena.k % 128 == 0, F32=INTERPRET, EP=triton.next_power_of_2(arena.n_experts),
+                         BK=bk, K128=arena.k128, F32=INTERPRET, EP=triton.next_power_of_2(arena.n_experts),
                          SKIP_CODE=SKIP, num_warps=warps)  # fmt: skip
     view = dequantized_view(arena)
     if first:  # no activations to quantize for the fp8 and integer experts: the first chunk's launches run them

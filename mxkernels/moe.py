@@ -358,7 +358,7 @@ def _gemm_triton(a, a_all, rot_off, amax, a8, arena: Arena, out, sorted_ids, blo
         SWAP=2 if tiles.fma else int(tiles.swap),  # moe_gemm.FMA
         SCALE_AFTER=tiles.scale_after,
         F32=INTERPRET,
-        K128=arena.k % 128 == 0,
+        K128=arena.k128,
         PREFETCH=tiles.prefetch,
         FOLD_Z=tiles.fold_zero and tiles.fma,
         KMAJOR=tiles.kmajor,
@@ -405,7 +405,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
-                  **({"EARLY": True} if tiles.early else {}))  # fmt: skip
+                  **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -505,7 +505,7 @@ def _gemm_gluon_fma(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert,
         a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0, sorted_ids,
         block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp, n, arena.k,
         num_valid, a_div, tiles.split, 1, GATE_UP=gate_up, CODES=codes & KERNEL_CODES, BN=BN,
-        PARTIAL=tiles.split > 1, PACKED=tiles.packed, ASM=not INTERPRET, num_warps=WARPS,
+        PARTIAL=tiles.split > 1, PACKED=tiles.packed, ASM=not INTERPRET, num_warps=WARPS, TILED=arena.tiled,
     )  # fmt: skip
 
 

@@ -137,11 +137,18 @@ def _load_w(w_ptr, w_off, cols, mask_n, offs_k, k0, K, SWAP: tl.constexpr):
 
 @triton.jit
 def _plane_words(wi_ptr, base, cols, k0, row_words, mask_n, P: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-                 K128: tl.constexpr):  # fmt: skip
+                 K128: tl.constexpr, BITS: tl.constexpr = 0):  # fmt: skip
     """The packed words of one bit plane of width P for a K tile, each loaded once (K-contiguous).
     With K128 (K % 128 == 0, so K tiles never pass K) the load needs no K mask and its rows start
-    at 16-byte multiples: 16-byte loads."""
+    at 16-byte multiples: 16-byte loads. K128 == 2: the codes are tiled (arena.tile_words; BITS the
+    code's width, BK a divisor of 128, so the tile lies in one of 128), ``base`` the plane's offset in a tile."""
     PER: tl.constexpr = 32 // P
+    if K128 == 2:
+        wk = (k0 % 128) // PER + tl.arange(0, BK // PER)
+        n, k = _nk(cols, wk, SWAP)
+        mn, _ = _nk(mask_n, wk, SWAP)
+        row = (n >> 4) * (16 * row_words) + (n & 15) * (4 * P)
+        return tl.load(wi_ptr + base + (k0 // 128) * (64 * BITS) + row + k, mask=mn, other=0)
     wk = k0 // PER + tl.arange(0, BK // PER)
     n, k = _nk(cols, wk, SWAP)
     mn, _ = _nk(mask_n, wk, SWAP)
@@ -185,15 +192,15 @@ def _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS: tl.constexpr, BK: tl.co
     # with K128 so that the compiler sees multiples of 4 words
     if K128:
         row_words = K // 128 * (4 * BITS)
-        plane1 = K // 128 * 8
+        plane1 = 16 * 8 if K128 == 2 else K // 128 * 8  # tiled: after the 2-bit plane's 16 rows of a tile
     else:
         row_words = K * BITS // 32
         plane1 = K * 2 // 32
     if BITS == 3:
-        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, 2, BK, SWAP, K128)
-        lo = _plane_words(wi_ptr, w_off + plane1, cols, k0, row_words, mask_n, 1, BK, SWAP, K128)
+        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, 2, BK, SWAP, K128, BITS)
+        lo = _plane_words(wi_ptr, w_off + plane1, cols, k0, row_words, mask_n, 1, BK, SWAP, K128, BITS)
     else:
-        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, BITS, BK, SWAP, K128)
+        hi = _plane_words(wi_ptr, w_off, cols, k0, row_words, mask_n, BITS, BK, SWAP, K128, BITS)
         lo = hi
     return hi, lo
 
@@ -526,7 +533,7 @@ def mx_moe_gemm_kernel(
     SWAP: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     F32: tl.constexpr,
-    K128: tl.constexpr = False,
+    K128: tl.constexpr = False,  # Arena.k128: 1 where K % 128 == 0, 2 where the codes are tiled too
     PREFETCH: tl.constexpr = False,  # weight-only codes: load the next K tile first (CUDA-core path)
     FOLD_Z: tl.constexpr = False,  # weight-only codes: zero points off each weight (CUDA-core path)
     KMAJOR: tl.constexpr = False,  # weight-only prefill (SWAP 0): dequantized K-major, transposed into the MMA

@@ -211,11 +211,12 @@ def _operand(pairs, A_OP: gl.constexpr):
 
 @gluon.jit
 def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, P: gl.constexpr = 0,
-                 LOW: gl.constexpr = 0):  # fmt: skip
+                 LOW: gl.constexpr = 0, TILED: gl.constexpr = False):  # fmt: skip
     """One K tile's bf16 weights, or codes of one bit plane (P bits wide, LOW bits below it, whose
     planes come first in a row; P 0: the whole code), of rows ``rb + r0 ..``, in the lanes' layout.
     Rows past N (a partial tile) read row N - 1, whose results are never stored, so no load needs
-    a mask."""
+    a mask. TILED: the codes in arena.tile_words' order, where a warp's 16 rows of a K tile are one
+    contiguous block (lanes of 8 rows load 512 bytes in a row at 4 bits)."""
     WL: gl.constexpr = _weight_lanes(BITS if P == 0 else P, BN)
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))[None, :, None]
     r = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL))), N - 1)[:, None, None]
@@ -225,6 +226,9 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
     else:
         W: gl.constexpr = BITS if P == 0 else P
         i = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))[None, None, :]
+        if TILED:
+            tile = wi_ptr + (r >> 4) * (K // 32 * BITS * 16) + (r & 15) * (4 * W) + 64 * LOW + (k0 >> 7) * (64 * BITS)
+            return tile + c * W + i
         return wi_ptr + r * (K // 32 * BITS) + K // 32 * LOW + (k0 >> 5) * W + c * W + i  # k0 >= 0: a shift
 
 
@@ -294,16 +298,17 @@ def _placed_acts(words, B: gl.constexpr):
 @gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
-          SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False):  # fmt: skip
+          SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False,
+          TILED: gl.constexpr = False):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w.
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
     scales load first, then the program waits for that launch."""
     if BITS == 3:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0))
-        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2))
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
+        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
     else:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN))
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
         wx = w
     if WAIT:
         s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE)
@@ -361,7 +366,7 @@ def _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: gl.
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
-            PLACE: gl.constexpr = False, EARLY: gl.constexpr = False):  # fmt: skip
+            PLACE: gl.constexpr = False, EARLY: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
     issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
@@ -369,7 +374,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 70
     more registers). (Loading the weights two tiles ahead in registers, through a cp.async ring in shared
     memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
-    benchmarks/README.md.)"""
+    benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)"""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -378,19 +383,20 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
-                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE)  # fmt: skip
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE)  # fmt: skip
+                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED)  # fmt: skip
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE)  # fmt: skip
+                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
-                                            kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE)  # fmt: skip
+                                            kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE,
+                                            TILED=TILED)  # fmt: skip
         if EARLY:
             # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
             # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
@@ -410,7 +416,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
-           EARLY: gl.constexpr):  # fmt: skip
+           EARLY: gl.constexpr, TILED: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -452,7 +458,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PLACE, EARLY)  # fmt: skip
+                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -485,7 +491,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
-                             EARLY: gl.constexpr = False):  # fmt: skip
+                             EARLY: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -524,7 +530,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -542,7 +548,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -181,7 +181,7 @@ def _rows(rb, r0, N, BN: gl.constexpr):
 
 @gluon.jit
 def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, P: gl.constexpr = 0,
-             LOW: gl.constexpr = 0):  # fmt: skip
+             LOW: gl.constexpr = 0, TILED: gl.constexpr = False):  # fmt: skip
     """One K tile of weight rows: [BN, 4, 32] bf16, or [BN, 4, W] words of one bit plane (P bits
     wide with LOW bits of planes before it in a row; P 0: the whole code, W = its bits)."""
     W: gl.constexpr = 32 if BITS == 16 else (BITS if P == 0 else P)
@@ -191,20 +191,24 @@ def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.conste
     i = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
     if BITS == 16:
         ptr = wb_ptr + r * K + k0 + c * 32 + i
+    elif TILED:  # arena.tile_words' order
+        tile = wi_ptr + (r >> 4) * (K // 32 * BITS * 16) + (r & 15) * (4 * W) + 64 * LOW + k0 // 128 * (64 * BITS)
+        ptr = tile + c * W + i
     else:
         ptr = wi_ptr + r * (K // 32 * BITS) + K // 32 * LOW + k0 // 32 * W + c * W + i
     return gl.load(ptr)
 
 
 @gluon.jit
-def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.constexpr):
+def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.constexpr, BN: gl.constexpr,
+          TILED: gl.constexpr):  # fmt: skip
     """Loads of one K tile of rows rb + r0 ..: weights (3 bits: both planes), scale, zero point plus
     the codes' offset (1 and 0 for bf16)."""
     if BITS == 3:
-        w = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0)
-        wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2)
+        w = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED)
+        wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED)
     else:
-        w = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN)
+        w = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED)
         wx = w
     if BITS == 16:
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, _lanes(32))))
@@ -264,7 +268,8 @@ def _product(w, wx, s, z, a, one, BITS: gl.constexpr, PK: gl.constexpr, ASM: gl.
 
 @gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, tok, r0, N, K, group, k_lo, k_hi, one, BITS: gl.constexpr,
-            BN: gl.constexpr, GATE_UP: gl.constexpr, PACKED: gl.constexpr, ASM: gl.constexpr):  # fmt: skip
+            BN: gl.constexpr, GATE_UP: gl.constexpr, PACKED: gl.constexpr, ASM: gl.constexpr,
+            TILED: gl.constexpr):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next tile's
     loads in registers while this tile's products run. Returns the rows' sums [BN] (and up's)."""
     P2: gl.constexpr = gl.SliceLayout(2, _lanes(32))
@@ -273,17 +278,17 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, tok, r0, N, K, group, k_lo, 
     acc2 = gl.zeros([BN, 4], gl.float32, layout=P2)
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
-    w, wx, s, z = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, 0, r0, N, k0, K, group, BITS, BN)
+    w, wx, s, z = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, 0, r0, N, k0, K, group, BITS, BN, TILED)
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
-        w2, wx2, s2, z2 = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN)
+        w2, wx2, s2, z2 = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, k0, K, group, BITS, BN, TILED)
     a = _acts(a_base, tok, k0, PK)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-        wn, wxn, sn, zn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN)
+        wn, wxn, sn, zn = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, 0, r0, N, kn, K, group, BITS, BN, TILED)
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
-            w2n, wx2n, s2n, z2n = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN)
+            w2n, wx2n, s2n, z2n = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, r0, N, kn, K, group, BITS, BN, TILED)
         an = _acts(a_base, tok, kn, PK)
         acc += _product(w, wx, s, z, a, one, BITS, PK, ASM)
         if GATE_UP:
@@ -297,7 +302,8 @@ def mx_moe_gemm_gluon_fma_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om
                                  block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
                                  zp_ptr, N, K, num_valid, a_div, split, one, GATE_UP: gl.constexpr,
                                  CODES: gl.constexpr, BN: gl.constexpr, PARTIAL: gl.constexpr,
-                                 PACKED: gl.constexpr = False, ASM: gl.constexpr = True):  # fmt: skip
+                                 PACKED: gl.constexpr = False, ASM: gl.constexpr = True,
+                                 TILED: gl.constexpr = False):  # fmt: skip
     # eligible(): K is a multiple of 128 and the activations contiguous rows of K. Said, so that a
     # lane's chunk loads 16 bytes at a time
     K = gl.multiple_of(K, 128)
@@ -334,7 +340,7 @@ def mx_moe_gemm_gluon_fma_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om
             if code == c:
                 res, up = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base, tok,
                                   pid_n * BN, N, K, group, k_lo, k_hi, one, c + 16 * (c == 0) + 3 * (c == 5), BN,
-                                  GATE_UP, PACKED, ASM)  # fmt: skip
+                                  GATE_UP, PACKED, ASM, TILED)  # fmt: skip
     cols = pid_n * BN + gl.arange(0, BN, layout=P1)
     out = out_ptr + gl.program_id(2) * split_stride + row * stride_om + cols
     if GATE_UP:

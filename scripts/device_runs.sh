@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 49 41 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 50 40 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -121,6 +121,10 @@
 #      spills each: their GPU tests, ncu at 16 tokens, the layer at 1 to 64 tokens beside the picked layout, the 1 and
 #      2-bit codes in place again, and Marlin where carried (~6 min).
 #  48. (only when asked: `start 47 48`) phase 46 on phase 47's layer: the served plan's winner, if any, end to end.
+#  49. (only when asked: `start 49`) our w4 layer against Marlin's under ncu, 16 tokens, uniform routing (~4 min).
+#  50. (only when asked: `start 50`) the codes tiled (arena.tile_words) against row by row: launch times, ncu, the
+#      layer at 1 to 64 tokens both ways beside Marlin, the layout's GPU tests (~12 min).
+#  51. (only when asked: `start 51`) the decode variants on the tiled codes, and pick_decode_tiles.py's pick (~7 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -937,6 +941,54 @@ phase49() {
   done
 }
 
+phase50() {
+  # the codes tiled (arena.tile_words, MXSERVE_TILED_CODES, default on) against row by row (=0): phase 49's ncu had our
+  # warps waiting on their loads (long scoreboard 7.5 cycles an instruction) with DRAM 56% busy, Marlin's 73% from
+  # contiguous tiles. Launch times and ncu at 16 tokens (w4, both routings' uniform), then the layer at 1 to 64 tokens
+  # both ways with Marlin, then the GPU tests of the layout (every scheme, odd sizes, stream-K, slabs, checkpoints)
+  mkdir -p $res/ncu $res/tests
+  local model tiled what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats
+    --section Occupancy --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis
+    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+  for model in mixtral-8x7b qwen1.5-moe-a2.7b; do
+    for tiled in 1 0; do
+      MXSERVE_TILED_CODES=$tiled python3 benchmarks/profile_layer.py --model $model --uniform --tokens 16 \
+        --scheme w4a16g128 --launches > $res/ncu/w4-tiled$tiled-$model-16tok-uniform-launches.txt 2>&1
+      say "launch times w4 tiled=$tiled $model rc=$?"
+    done
+    [ -d /tmp/tvmcache ] && python3 benchmarks/profile_layer.py --model $model --uniform --tokens 16 --scheme marlin \
+      --launches > $res/ncu/w4-marlin-$model-16tok-uniform-launches.txt 2>&1
+    command -v ncu > /dev/null || continue
+    # shellcheck disable=SC2086
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+      --model $model --uniform --tokens 16 --scheme w4a16g128 --loop > $res/ncu/w4-tiled1-$model-16tok-uniform.txt 2>&1
+    say "ncu tiled $model rc=$?"
+  done
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only --layouts '^$' --out $res/layer_tiled \
+    > $res/layer_tiled.log 2>&1
+  say "moe_layer tiled rc=$?"
+  MXSERVE_TILED_CODES=0 python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only --layouts '^$' \
+    --out $res/layer_rows > $res/layer_rows.log 2>&1
+  say "moe_layer row by row rc=$?"
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -rA -p no:cacheprovider -k "all_schemes or odd_sizes or \
+gluon_kernel_real_shapes or stream_k_real_shapes or fma_kernel_real_shapes or slab or mixed_checkpoint or one_token" \
+    > $res/tests/kernels_tiled.log 2>&1
+  say "the tiled layout's GPU tests rc=$? $(tail -1 $res/tests/kernels_tiled.log)"
+}
+
+phase51() {
+  # the decode variants again on the tiled codes (the picks were made row by row): the served plan's tiers too, for
+  # benchmarks/pick_decode_tiles.py
+  python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only \
+    --layouts '^Gluon, (stream-K|BM 8, BN 64|loads first|2-bit codes in place|gate/up at BN 64, loads first, down as picked)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_tiled_variants \
+    > $res/layer_tiled_variants.log 2>&1
+  say "moe_layer tiled variants rc=$?"
+  python3 benchmarks/pick_decode_tiles.py $res/layer_tiled_variants/moe_layer.json --layer "ours served" \
+    > $res/pick_tiled_variants.txt 2>&1
+  say "the pick: $(tr '\n' ';' < $res/pick_tiled_variants.txt)"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -993,7 +1045,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

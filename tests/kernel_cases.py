@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 
 from mxkernels.align import extend_routing
@@ -77,6 +80,28 @@ def _as_kernel(ql, xin: torch.Tensor) -> torch.Tensor:
     if ql.hadamard_seed is not None:
         xin = rotate(xin, ql.hadamard_seed).to(torch.bfloat16).float()
     return torch.nn.functional.linear(quantize_activation(xin, ql.scheme), ql.dequantize())
+
+
+def code_orders_agree(names, t, h, i, n_experts, k, device, seed, **tiles) -> tuple[float, list]:
+    """One layer's GEMMs on arenas with the codes tiled where they can be (arena.tile_words) and row by row
+    (MXSERVE_TILED_CODES=0), same experts and inputs: the largest difference of their outputs (inf where they
+    leave different elements unwritten), and each side's (gate/up, down) ``Arena.tiled``."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(names, h, i, n_experts, 1, "rtn", gen, device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    topk_ids, topk_w = route(t, n_experts, k, gen)
+    outs, orders = [], []
+    for tiled in ("1", "0"):
+        with mock.patch.dict(os.environ, {"MXSERVE_TILED_CODES": tiled}):
+            gu = build_arena([e.gate_up for e in experts]).to(device)
+            dn = build_arena([e.down for e in experts]).to(device)
+        orders.append((gu.tiled, dn.tiled))
+        inter, out = moe_gemms(x, topk_ids.to(device), topk_w.to(device), gu, dn, n_experts, poison=True, **tiles)
+        outs.append(torch.cat([inter.float().reshape(-1), out.float().reshape(-1)]).cpu())
+    a, b = outs
+    if not torch.equal(a.isnan(), b.isnan()):  # rows a launch leaves unwritten stay poisoned in both
+        return float("inf"), orders
+    return (a - b).nan_to_num().abs().max().item(), orders
 
 
 def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn", extra_codes=0,

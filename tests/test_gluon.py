@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from kernel_cases import GLUON, GLUON_SCHEMES, gemm_errors, make_experts, route
+from kernel_cases import GLUON, GLUON_SCHEMES, code_orders_agree, gemm_errors, make_experts, route
 from sass_tools import GLUON_POINTERS as POINTERS
 from sass_tools import compile_decode, disassemble, in_fresh_process, k_loop, loops
 
@@ -207,6 +207,13 @@ def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkey
     down = {k: v for k, v in {**opts, **opts.get("down_tiles", {})}.items() if v is not None}
     assert set(launches) == {(True, opts.get("place", False), opts.get("early", False), opts["bn"]),
                              (False, down.get("place", False), down.get("early", False), down.get("bn", 64))}, launches
+
+
+def test_gluon_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon):
+    # arena.tile_words (TILED): every code width's planes at their tiled addresses, BN 128 (two MMA tiles of rows
+    # a warp, so the rows of two 16-row groups); the same sums, bit for bit, as on codes row by row
+    diff, orders = code_orders_agree(GLUON_SCHEMES, 12, 256, 256, 10, 2, "cpu", seed=7, bm=8, bn=128, **GLUON)
+    assert orders == [(True, True), (False, False)] and diff == 0, (orders, diff)
 
 
 def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted_gluon, monkeypatch):
@@ -448,6 +455,11 @@ def test_gluon_fma_kernel_packed_arithmetic_in_the_interpreter(interpreted_gluon
         assert e < BOUND, (key, t, split, e)
 
 
+def test_gluon_fma_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon_fma):
+    diff, orders = code_orders_agree(GLUON_SCHEMES, 3, 256, 128, 8, 2, "cpu", seed=2, split=2, **GLUON_FMA)
+    assert orders == [(True, True), (False, False)] and diff == 0, (orders, diff)
+
+
 def test_gluon_fma_kernel_rotated_inputs_and_a_model_wide_code_set(interpreted_gluon_fma):
     errs = gemm_errors(["bf16", "w4a16g128", "w3a16g128"], 3, 128, 128, 4, 1, 2, "cpu", seed=4, method="gptq-had",
                        extra_codes=(1 << 6) | (1 << 7), split=2, **GLUON_FMA)  # fmt: skip
@@ -491,7 +503,8 @@ def _compile_sass_fma(gate_up: bool, codes: int, packed: bool) -> str:
 
     params = mx_moe_gemm_gluon_fma_kernel.arg_names
     # default: the served plan's code set, w1, w2, w3, w4 and w8 experts
-    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": 64, "PARTIAL": True, "PACKED": packed, "ASM": True}
+    consts = {"GATE_UP": gate_up, "CODES": codes, "BN": 64, "PARTIAL": True, "PACKED": packed, "ASM": True,
+              "TILED": True}  # fmt: skip
     sig = {p: POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     aligned = set(POINTERS) | {"stride_am", "K"}
     src = GluonASTSource(mx_moe_gemm_gluon_fma_kernel, sig, {(params.index(p),): v for p, v in consts.items()},

@@ -308,11 +308,40 @@ def test_bf16_layer_rounds_like_unfused_sglang(t, h, i, n_exp, n_shared, k):
     assert worst_ulps <= 4, worst_ulps
 
 
+@pytest.mark.parametrize("layout", ["prefill", "decode"])
+def test_codes_tiled_and_row_by_row_give_the_same_layer(layout):
+    # arena.tile_words: the kernels address the tiled codes (every integer code, weight-only and w4a4 / w8a8,
+    # through the same plane loads) and compute bit for bit what they compute on the rows. I = 96 (groups of 32):
+    # down's K is not a multiple of 128, so its codes stay in rows beside gate/up's tiled ones
+    from kernel_cases import code_orders_agree
+
+    for names, h, i, down_tiled in ((ALL, 256, 128, True), (SMALL_GROUPS, 128, 96, False)):
+        diff, orders = code_orders_agree(names, 9, h, i, 10, 2, "cpu", seed=3, **LAYOUTS[layout])
+        assert diff == 0, (layout, h, i, diff)
+        assert orders == [(True, down_tiled), (False, False)], orders
+
+
 def test_slab_runs_any_plan_and_swaps_in_place():
     from kernel_cases import slab_swap_case
 
     before, after = slab_swap_case("cpu")
     assert before == 0 and after == 0  # the same kernel math as plain arenas, bit for bit
+
+
+def test_slab_swap_refuses_slabs_of_another_code_order(monkeypatch):
+    # a slab's codes tiled (arena.tile_words) and another's in rows: copying one over the other would leave the
+    # kernel reading every code at the wrong address
+    from mxkernels.arena import build_slab, copy_slab
+    from mxserve.quant.qlinear import quantize_linear
+    from mxserve.schemes import get_scheme
+
+    ql = quantize_linear(torch.randn(128, 128), get_scheme("w4a16g128"))
+    tiled = build_slab([ql], [ql], 1 << 16, 1 << 4, None, 128)
+    monkeypatch.setenv("MXSERVE_TILED_CODES", "0")
+    rows = build_slab([ql], [ql], 1 << 16, 1 << 4, None, 128)
+    assert tiled[0].tiled and not rows[0].tiled
+    with pytest.raises(ValueError, match="code orders"):
+        copy_slab(tiled, rows)
 
 
 def test_slab_refuses_a_plan_over_its_capacity():

@@ -180,3 +180,27 @@ def test_gptq_column_loop_stays_a_few_ops_per_column():
     with Count():
         gptq(w, h, family_for(get_scheme("w4a16g128")))
     assert Count.n < 16 * 512, Count.n
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_tiled_codes_sit_where_the_kernels_address_them(bits):
+    # arena.tile_words' address of word j of a K tile's row n in the plane of width p at bit `low`:
+    # (n // 16) 16 R + t 64 bits + 64 low + (n % 16) 4 p + j, as the Triton and Gluon kernels compute it; the
+    # last row group (N = 40: 8 rows) padded with zero rows
+    from mxkernels.arena import tile_words
+    from mxserve.quant.packing import planes
+
+    n, k = 40, 384
+    words = torch.randint(-(2**31), 2**31 - 1, (n, k * bits // 32), dtype=torch.int32)
+    tiled = tile_words(words, bits, k)
+    r = k * bits // 32
+    assert tiled.shape == (48 * r,)
+    col = low = 0
+    for p in planes(bits):
+        for t in range(k // 128):
+            for row in range(48):
+                at = row // 16 * 16 * r + t * 64 * bits + 64 * low + row % 16 * 4 * p
+                want = words[row, col + 4 * p * t : col + 4 * p * (t + 1)] if row < n else torch.zeros(4 * p)
+                assert torch.equal(tiled[at : at + 4 * p], want.to(torch.int32)), (p, t, row)
+        col += k * p // 32
+        low += p
