@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 50 40 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 52 6 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -125,6 +125,9 @@
 #  50. (only when asked: `start 50`) the codes tiled (arena.tile_words) against row by row: launch times, ncu, the
 #      layer at 1 to 64 tokens both ways beside Marlin, the layout's GPU tests (~12 min).
 #  51. (only when asked: `start 51`) the decode variants on the tiled codes, and pick_decode_tiles.py's pick (~7 min).
+#  52. (only when asked: `start 52 6 39`) the tiled codes served: Qwen2-MoE's and DeepSeek-V2's SGLang tests, the layer's
+#      8 and 16-row blocks, end to end beside the GPTQ copy on Marlin (~20 min); then the kernel profile (6), cold
+#      start (39).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -989,6 +992,24 @@ phase51() {
   say "the pick: $(tr '\n' ';' < $res/pick_tiled_variants.txt)"
 }
 
+phase52() {
+  # the tiled codes served (thirty-first session: the w4 layer 0.85x its time, the mixed 0.89x, on the H100): the
+  # SGLang tests of Qwen2-MoE and DeepSeek-V2 on them (the tiny models' K is 128), the 8 and 16-row blocks against the
+  # picked ones (a block of 8 rows reads an expert's weights twice when it gets more than 8; now that the weights come
+  # at 75% of DRAM's peak, that may cost more than the padding of 16), then end to end: the committed 3.25-bit plan of
+  # the 24-layer Qwen1.5-shaped model, tiled as served by default, beside the GPTQ copy on Marlin (~20 min)
+  sglang_tests qwen2_moe deepseek_v2
+  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts '^Gluon, (BM 16|BM 8)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_tiled_bm > $res/layer_tiled_bm.log 2>&1
+  say "moe_layer tiled, BM 8 and 16 rc=$?"
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_tiled \
+    > $res/e2e_tiled.log 2>&1
+  say "e2e mxserve (codes tiled) beside the GPTQ copy on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1045,7 +1066,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -166,7 +166,8 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
     # stand-in inputs are zeros and their Hadamard-rotated copy is not computed: that arithmetic was
     # 95% of a real-size plan's recording (about 50 s per Qwen1.5 layer on 2 cores).
     patches = [*rec.patches(), mock.patch.object(moe, "_rotated_input", _unrotated_input),
-               mock.patch("mxkernels.arena.kernel_order", lambda words, bits, k: words),  # codes read by no one
+               mock.patch("mxkernels.arena.kernel_order", lambda words, bits, k: words),  # codes read by no one,
+               mock.patch("mxkernels.arena.tile_words", lambda words, bits, k: words),  # nor copied tile by tile
                mock.patch.object(moe, "multiprocessors", lambda dev: sms),
                mock.patch.object(moe, "tile_table", lambda dev: table),
                mock.patch.object(moe, "_runs_gluon", lambda dev: target.arch >= 80),
