@@ -405,7 +405,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
             n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
-                  **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}))  # fmt: skip
+                  **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
+                  **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -414,7 +415,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
-                      tiles.place, tiles.early, a_all.device)  # fmt: skip
+                      tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0))  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -448,6 +449,8 @@ class GridKey(NamedTuple):
     place: bool
     early: bool
     device: torch.device
+    tiled: bool = False
+    group_m: int = 0
 
 
 _PER_SM: dict[GridKey, int] = {}

@@ -484,6 +484,20 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                 gl.store(out, res.to(gl.bfloat16), mask=mask)
 
 
+@gluon.jit
+def _grouped(i, blocks, n_tiles, splits, GROUP_M: gl.constexpr):
+    """Work item ``i`` -> (block, N tile, split), GROUP_M blocks at a time over every N tile and split
+    (Tiles.group_m). An expert with more rows than a block has blocks side by side (the rows sorted by expert);
+    taken N tile first, its blocks read each N tile's weights a whole row of N tiles apart, after most of
+    those bytes have left L2. Taken so, they read it at once, the later ones from L2 (expert_reads.py: at 64
+    tokens each active expert gets 1.26 to 2.4 blocks under skewed routing, and a shared expert 4 or 8)."""
+    per = GROUP_M * n_tiles * splits
+    first = (i // per) * GROUP_M
+    size = gl.minimum(blocks - first, GROUP_M)  # the last group: the blocks left
+    r = i - (i // per) * per
+    return first + r % size, (r // size) % n_tiles, (r // size) // n_tiles
+
+
 @gluon.jit(do_not_specialize=["num_valid", "split", "code_splits", "magic"])
 def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr,
                              block_expert_ptr, num_post_pad_ptr, route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr,
@@ -491,7 +505,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              CODES: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, PARTIAL: gl.constexpr,
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
-                             EARLY: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
+                             EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
+                             GROUP_M: gl.constexpr = 0):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -524,12 +539,16 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         stop = gl.cdiv(end, k_tiles)
         if end <= start:  # no share (fewer K tiles than programs)
             stop = first
-        for unit in range(first, stop):  # (block, N tile) pairs, N tile fastest
+        for unit in range(first, stop):  # (block, N tile) pairs, N tile fastest (GROUP_M: _grouped)
             lo = (gl.maximum(start, unit * k_tiles) - unit * k_tiles) * _BK
             hi = (gl.minimum(end, unit * k_tiles + k_tiles) - unit * k_tiles) * _BK
+            pid_m = unit // n_tiles
+            pid_n = unit % n_tiles
+            if GROUP_M > 1:  # an expert's blocks one after the other in a run, the later ones reading L2
+                pid_m, pid_n, _s = _grouped(unit, total // (n_tiles * k_tiles), n_tiles, 1, GROUP_M)
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
-                   unit // n_tiles, unit % n_tiles, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
+                   pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
                    MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
@@ -541,9 +560,12 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         n_tiles = gl.num_programs(1)
         splits = gl.num_programs(2)
         lin = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1) + n_tiles * gl.program_id(2))
-        pid_n = lin % n_tiles
-        pid_s = (lin // n_tiles) % splits
-        pid_m = lin // (n_tiles * splits)
+        if GROUP_M > 1:
+            pid_m, pid_n, pid_s = _grouped(lin, gl.num_programs(0), n_tiles, splits, GROUP_M)
+        else:
+            pid_n = lin % n_tiles
+            pid_s = (lin // n_tiles) % splits
+            pid_m = lin // (n_tiles * splits)
         if pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,

@@ -126,8 +126,8 @@
 #      layer at 1 to 64 tokens both ways beside Marlin, the layout's GPU tests (~12 min).
 #  51. (only when asked: `start 51`) the decode variants on the tiled codes, and pick_decode_tiles.py's pick (~7 min).
 #  52. (only when asked: `start 52 6 39`) the tiled codes served: Qwen2-MoE's and DeepSeek-V2's SGLang tests, the layer's
-#      8 and 16-row blocks, end to end beside the GPTQ copy on Marlin (~20 min); then the kernel profile (6), cold
-#      start (39).
+#      8 and 16-row blocks and its blocks 2 or 4 at a time, end to end beside the GPTQ copy on Marlin (~20 min); then
+#      the kernel profile (6), cold start (39).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -995,13 +995,14 @@ phase51() {
 phase52() {
   # the tiled codes served (thirty-first session: the w4 layer 0.85x its time, the mixed 0.89x, on the H100): the
   # SGLang tests of Qwen2-MoE and DeepSeek-V2 on them (the tiny models' K is 128), the 8 and 16-row blocks against the
-  # picked ones (a block of 8 rows reads an expert's weights twice when it gets more than 8; now that the weights come
-  # at 75% of DRAM's peak, that may cost more than the padding of 16), then end to end: the committed 3.25-bit plan of
+  # picked ones and the blocks taken 2 or 4 at a time over every N tile (Tiles.group_m: an expert with more rows than
+  # a block reads its weights once per block, 1.43 times on average for Mixtral at 64 tokens; side by side, the later
+  # blocks read them from L2), then end to end: the committed 3.25-bit plan of
   # the 24-layer Qwen1.5-shaped model, tiled as served by default, beside the GPTQ copy on Marlin (~20 min)
   sglang_tests qwen2_moe deepseek_v2
-  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts '^Gluon, (BM 16|BM 8)$' \
+  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts '^Gluon, (BM 16|BM 8|blocks [24] at a time)$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_tiled_bm > $res/layer_tiled_bm.log 2>&1
-  say "moe_layer tiled, BM 8 and 16 rc=$?"
+  say "moe_layer tiled, BM 8 and 16, blocks 2 and 4 at a time rc=$?"
   prep MX_GPTQ=1
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
   env NO_BF16=1 MX_GPTQ=1 SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_tiled \

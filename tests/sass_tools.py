@@ -78,7 +78,7 @@ def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101,
     params = mx_moe_gemm_gluon_kernel.arg_names
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
               "STREAM_K": stream_k, "PDL": pdl, "PLACE": place,
-              "EARLY": early, "TILED": tiled}  # fmt: skip
+              "EARLY": early, "TILED": tiled, "GROUP_M": 0}  # fmt: skip
     sig = {p: GLUON_POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     # as the launcher's arguments specialize on real shapes (every N of the served models is a multiple of 16)
     aligned = set(GLUON_POINTERS) | {"stride_am", "K", "N"}

@@ -626,3 +626,16 @@ def test_pick_decode_tiles_serves_the_fastest_tile_variant_against_the_picked_la
     # None: the down GEMM takes the picked layout's value, as MXSERVE_DECODE_TILES reads it back
     assert p.setting({"bn": 64, "down_tiles": {"bn": None}}) == "bn=64,down_tiles.bn=picked"
     assert p.setting({"dispatch": "grouped"}) is None and p.setting({"pdl": True}) is None
+
+
+def test_expert_reads_counts_a_block_per_bm_rows_of_an_expert():
+    # an expert routed more rows than a block holds is read once per block: one expert, top-1, 20 tokens in blocks
+    # of 8 is read 3 times; few rows over many experts (2 tokens, top-2 of 64 experts) once each; more tokens than a
+    # block's rows under the benchmark's skewed routing, more than once on average
+    from expert_reads import expected_reads
+
+    assert expected_reads(1, 1, 20, 8, False, draws=3) == (1.0, 3.0)
+    active, blocks = expected_reads(64, 2, 2, 8, False, draws=20)
+    assert 3 <= active <= 4 and blocks == active
+    active, blocks = expected_reads(8, 2, 64, 16, True, draws=50)
+    assert blocks / active > 1.2, (active, blocks)

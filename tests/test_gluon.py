@@ -189,15 +189,18 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
 
 # Tiles.place (1 and 2-bit codes in place, the activations scaled to match) and Tiles.early (the loads
 # fenced from the products by a branch) on both grids, BN 128 (two MMA tiles of rows a warp: the sums' row
-# halves) and 64, gate/up's options apart from down's. K is two tiles: split 3 leaves runs of one tile and an
-# empty one; stream-K's runs start and end anywhere
+# halves) and 64, gate/up's options apart from down's; Tiles.group_m (blocks taken a few at a time over every N
+# tile, the last group of the grid's blocks shorter; on stream-K, of the (block, N tile) units). K is two tiles:
+# split 3 leaves runs of one tile and an empty one; stream-K's runs start and end anywhere
 @pytest.mark.parametrize("opts", [
     {"place": True, "bn": 128, "split": 3}, {"place": True, "early": True, "bn": 64, "stream_k": True},
     {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": False}},
-    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": None, "bn": None}}])  # fmt: skip
+    {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": None, "bn": None}},
+    {"group_m": 4, "bn": 64, "split": 3}, {"group_m": 3, "bn": 128},
+    {"group_m": 2, "bn": 64, "stream_k": True}])  # fmt: skip
 def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkeypatch):
     launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False),
-                                                     kw["BN"]))  # fmt: skip
+                                                     kw["BN"], kw.get("GROUP_M", 0), grid[0]))  # fmt: skip
     errs = gemm_errors(GLUON_SCHEMES, 24, 256, 256, 18, 1, 2, "cpu", seed=13, bm=8, **{**GLUON, **opts})
     assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
@@ -205,8 +208,12 @@ def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkey
     # each GEMM's launches (the shared expert's among them) so; a down field of None: the picked layout's (the
     # wide code set's BN 64, no early loads)
     down = {k: v for k, v in {**opts, **opts.get("down_tiles", {})}.items() if v is not None}
-    assert set(launches) == {(True, opts.get("place", False), opts.get("early", False), opts["bn"]),
-                             (False, down.get("place", False), down.get("early", False), down.get("bn", 64))}, launches
+    g = opts.get("group_m", 0)
+    assert {lc[:5] for lc in launches} == {(True, opts.get("place", False), opts.get("early", False), opts["bn"], g),
+                                           (False, down.get("place", False), down.get("early", False),
+                                            down.get("bn", 64), g)}, launches  # fmt: skip
+    if g and not opts.get("stream_k"):  # some launch's grid of blocks is not a whole number of groups
+        assert any(lc[5] % g for lc in launches), launches
 
 
 def test_gluon_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon):
