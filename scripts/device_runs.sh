@@ -224,7 +224,7 @@ phase5() {
 
 phase6() {
   timeout 600 python3 -m mxserve.cli profile --models qwen1.5-moe-a2.7b deepseek-v2-lite \
-    --out $res/h200-kernel-profile.json > $res/profile.log 2>&1
+    --out $res/kernel-profile.json > $res/profile.log 2>&1
   say "kernel profile rc=$?"
 }
 
