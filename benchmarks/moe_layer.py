@@ -343,9 +343,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # BN 64 28.8 against 24.3. Timed in the thirtieth (H200): 1.004x the picked layout's time on the mixed layer
     "Gluon, gate/up at BN 64, loads first, down as picked": {"bn": 64, "early": True,
                                                              "down_tiles": {"bn": None, "early": None}},
-    # GROUP_M blocks at a time over every N tile on the unbalanced grid (Tiles.group_m): an expert's blocks read each
-    # N tile's weights at once, the later ones from L2 (with 16-row blocks Mixtral's experts at 64 tokens get 1.43
-    # blocks each on average; thirty-first session, not yet timed)
+    # GROUP_M blocks at a time over every N tile (Tiles.group_m; on stream-K, of its units): an expert's blocks read
+    # each N tile's weights at once, the later ones from L2 (with 16-row blocks Mixtral's experts at 64 tokens get 1.43
+    # blocks each on average, benchmarks/expert_reads.py; thirty-first session, not yet timed)
     "Gluon, blocks 2 at a time": {"group_m": 2},
     "Gluon, blocks 4 at a time": {"group_m": 4},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts

@@ -69,7 +69,8 @@ class Tiles:
     # STREAM_K); one launch per GEMM, shared experts included. Decode's default below STREAM_K_ROWS
     stream_k: bool = False
     # the Triton kernel unswapped (prefill): programs taken GROUP_M blocks at a time over every N tile, so the rows
-    # each block reads stay in L2 for its N tiles (moe_gemm.py); 0 keeps the launch's own order (block fastest)
+    # each block reads stay in L2 for its N tiles (moe_gemm.py); 0 keeps the launch's own order (block fastest). The
+    # Gluon decode kernel (opt-in, both grids): so an expert's blocks read its weights at once (moe_gemm_gluon._grouped)
     group_m: int = 0
     # stream-K: at most this many programs an SM (0: STREAM_K_MOST), as many as their registers let share it; with
     # ``maxnreg`` the register cap in place of STREAM_K_REGISTERS' (NO_CAP: none)
