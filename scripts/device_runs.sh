@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 52 6 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 53 52 6 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -128,6 +128,8 @@
 #  52. (only when asked: `start 52 6 39`) the tiled codes served: Qwen2-MoE's and DeepSeek-V2's SGLang tests, the layer's
 #      8 and 16-row blocks and its blocks 2 or 4 at a time, end to end beside the GPTQ copy on Marlin (~20 min); then
 #      the kernel profile (6), cold start (39).
+#  53. (only when asked: `start 53 52 6 39`) ncu's DRAM bytes of the tiled w4 layer, Mixtral at 16 and 64 tokens, the
+#      blocks as launched and 4 at a time (~4 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1011,6 +1013,25 @@ phase52() {
   pkill -f "[s]glang.launch_server"
 }
 
+phase53() {
+  # where the tiled w4 layer's DRAM bytes go (thirty-first session: Mixtral's gate/up at 16 tokens moved 541 MB where
+  # its weights take 499; re-reads explain about 1% there, 43% at 64 tokens): bytes read and written, by ncu, at 16 and
+  # 64 tokens, the blocks as launched and 4 at a time (Tiles.group_m) (~4 min)
+  mkdir -p $res/ncu
+  command -v ncu > /dev/null || { say "no ncu on this image"; return 1; }
+  local t g what="--section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_hit_rate.pct"
+  for t in 16 64; do
+    for g in 0 4; do
+      # shellcheck disable=SC2086
+      ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+        --model mixtral-8x7b --uniform --tokens $t --scheme w4a16g128 --loop --set group_m=$g \
+        > $res/ncu/bytes-w4-mixtral-${t}tok-uniform-group$g.txt 2>&1
+      say "ncu DRAM bytes, Mixtral w4, $t tokens, group_m=$g rc=$?"
+    done
+  done
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1067,7 +1088,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
