@@ -7,7 +7,8 @@ arena per GEMM: fused gate/up, and down):
   paired order within each word (packing.kernel_order: codes k and k + 1 16 bits apart); where K is a
   multiple of 128, tiled (``Arena.tiled``, :func:`tile_words`): each block of 16 rows by 128 k contiguous;
 - ``wb``: bf16 weights of bf16 experts; ``wf``: fp8 e4m3 weights;
-- ``sc`` / ``zp``: bf16 scales and zeros.
+- ``sc`` / ``zp``: bf16 scales and zeros [N, groups]; a tiled arena's weight-only experts keep them tiled too
+  (:func:`tile_rows`: a K tile's 16 scales of a row group side by side, one 32-byte sector).
 
 ``meta`` [E, 6] int64 holds per expert: kernel code, weight offset, scale
 offset, zero offset, group size (K for per-channel) and whether its input is
@@ -62,6 +63,17 @@ def tile_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return torch.cat(parts, dim=2).reshape(-1)
 
 
+def tile_rows(t: torch.Tensor) -> torch.Tensor:
+    """Scales or zeros [N, groups] -> row groups of 16 (the last padded), in each its groups, in each the 16 rows',
+    flat: (n // 16) 16 G + g 16 + n % 16 for row n's group g of G. A decode program's K tile reads the 16 of each row
+    group it covers as one 32-byte sector, where row by row each row's came from a sector of its own (2 of its 32
+    bytes used, the rest only if it stayed in cache until the row's next 15 groups; benchmarks/README.md,
+    thirty-first session). Per-channel ones (one group) keep their order."""
+    n, g = t.shape
+    t = torch.cat([t, t.new_zeros(-n % TILE_ROWS, g)]) if n % TILE_ROWS else t
+    return t.reshape(-1, TILE_ROWS, g).transpose(1, 2).reshape(-1)
+
+
 def kernel_code(scheme) -> int:
     if scheme.family == "none":
         return CODE_BF16
@@ -100,7 +112,7 @@ class Arena:
     # experts per kernel code (index c: code c), kept beside ``meta`` so that a launch's layout reads it without
     # a device sync (moe._stream_k: the share of costly codes)
     code_counts: tuple[int, ...] = ()
-    tiled: bool = False  # ``wi`` in the tiled order (tile_words), not row by row
+    tiled: bool = False  # ``wi`` in the tiled order (tile_words) and weight-only scales and zeros so (tile_rows)
 
     @property
     def kernel_mask(self) -> int:
@@ -149,6 +161,12 @@ def _weights(ql, code: int, tiled: bool, device=None) -> torch.Tensor:
     return tile_words(w, ql.scheme.w_bits, ql.k) if tiled else w
 
 
+def _group_scales(t: torch.Tensor | None, code: int, tiled: bool) -> torch.Tensor | None:
+    """A block's scales or zeros as the kernels read them: a tiled arena's weight-only experts' in tile_rows' order
+    (the others', per channel, as they are)."""
+    return tile_rows(t) if t is not None and tiled and code in CODE_WONLY.values() else t
+
+
 def build_arena(linears: list, extra_codes: int = 0) -> Arena:
     """Pack QuantizedLinear blocks of equal shape (one per expert) into one arena; the kernel
     also compiles the branches of ``extra_codes`` (Arena.extra_codes)."""
@@ -182,8 +200,8 @@ def build_arena(linears: list, extra_codes: int = 0) -> Arena:
         mask |= 1 << code
         name, parts = {CODE_BF16: ("wb", wb), CODE_FP8: ("wf", wf)}.get(code, ("wi", wi))
         w_off = put(name, parts, _weights(ql, code, tiled))
-        s_off = put("sc", sc, ql.scales) if ql.scales is not None else 0
-        z_off = put("zp", zp, ql.zeros) if ql.zeros is not None else 0
+        s_off = put("sc", sc, _group_scales(ql.scales, code, tiled)) if ql.scales is not None else 0
+        z_off = put("zp", zp, _group_scales(ql.zeros, code, tiled)) if ql.zeros is not None else 0
         group = ql.scheme.group or k
         if ql.scheme.family == "int":
             min_group = min(min_group, group)
@@ -227,10 +245,10 @@ _BUFFERS = (("wi", torch.int32), ("wb", torch.bfloat16), ("wf", torch.float8_e4m
 
 def slab_capacity(budget_bits: float, linears: list) -> int:
     """Bytes a layer slab needs for any plan within ``budget_bits`` per weight: the budget's bytes
-    (bits per weight count scales and zeros) plus alignment padding for every tensor, and for the tiled codes' rows
-    padded to 16 (tile_words; at most 8 bits a code)."""
+    (bits per weight count scales and zeros) plus alignment padding for every tensor, and for the tiled codes' and
+    scales' rows padded to 16 (tile_words, tile_rows; at most 8 bits a code, 4 bytes of scale and zero a group)."""
     params = sum(ql.n * ql.k for ql in linears)
-    pad_rows = sum(-ql.n % TILE_ROWS * ql.k for ql in linears if tiles_codes(ql.k))
+    pad_rows = sum(-ql.n % TILE_ROWS * 2 * ql.k for ql in linears if tiles_codes(ql.k))  # codes, scales, zeros
     total = math.ceil(budget_bits * params / 8) + pad_rows + 3 * SLAB_ALIGN * (len(linears) + 1)
     return total // SLAB_ALIGN * SLAB_ALIGN
 
@@ -259,7 +277,8 @@ def build_slab(gate_up: list, down: list, capacity: int, codes_mask: int, rotati
                 raise ValueError(f"scheme {ql.scheme.name} is not among the slab's compiled kernel codes")
             offs = []
             weights = (_weights(ql, code, tiled, device), {CODE_BF16: "wb", CODE_FP8: "wf"}.get(code, "wi"))
-            for t, name in (weights, (ql.scales, "sc"), (ql.zeros, "zp")):
+            for t, name in (weights, (_group_scales(ql.scales, code, tiled), "sc"),
+                            (_group_scales(ql.zeros, code, tiled), "zp")):
                 if t is None:
                     offs.append(0)
                     continue

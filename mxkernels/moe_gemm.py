@@ -292,12 +292,16 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 @triton.jit
 def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS: tl.constexpr,
                 SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr, FOLD_Z: tl.constexpr,
-                KMAJOR: tl.constexpr = False):  # fmt: skip
+                KMAJOR: tl.constexpr = False, TILED: tl.constexpr = False):  # fmt: skip
     """A K tile's product from its codes ``q``. FOLD_Z (CUDA-core products): the zero point is taken off
     each weight (one add per weight) instead of off the sum (z * sum(a): a reduction of the tile's
-    activations over the whole program, two barriers per K tile in the sm_90 SASS)."""
+    activations over the whole program, two barriers per K tile in the sm_90 SASS). TILED: the scales and
+    zeros in arena.tile_rows' order."""
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
-    g = cols * ngroups + k0 // group
+    if TILED:
+        g = (cols >> 4) * (16 * ngroups) + (k0 // group) * 16 + (cols & 15)
+    else:
+        g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
     if SCALE_AFTER:
@@ -351,11 +355,12 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
                 u_hi2, u_lo2 = _int_words(wi_ptr, w_off, cols + n_up, nk, K, mask_n, BITS, BK, SWAP, K128)
             asum = tl.sum(a.to(tl.float32), axis=1)
             acc += _wonly_step(a, asum, _wonly_codes(g_hi, g_lo, one, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off, z_off,
-                               ngroups, group, cols, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z)  # fmt: skip
+                               ngroups, group, cols, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z,
+                               TILED=K128 == 2)  # fmt: skip
             if PAIR:
                 acc2 += _wonly_step(a, asum, _wonly_codes(u_hi, u_lo, one, BITS, BK, SWAP), sc_ptr, zp_ptr, s_off,
                                     z_off, ngroups, group, cols + n_up, mask_n, k0, BITS, SWAP, SCALE_AFTER, F32,
-                                    FOLD_Z)  # fmt: skip
+                                    FOLD_Z, TILED=K128 == 2)  # fmt: skip
             a, g_hi, g_lo, u_hi, u_lo = a_next, g_hi2, g_lo2, u_hi2, u_lo2
     else:
         # KMAJOR (prefill, weights on the N side): the codes unpacked as [BN, BK], each thread's along K,
@@ -367,12 +372,12 @@ def _mm_wonly(a_ptr, rows, mask_m, stride_am, wi_ptr, sc_ptr, zp_ptr, w_off, s_o
             hi, lo = _int_words(wi_ptr, w_off, cols, k0, K, mask_n, BITS, BK, WS, K128)
             q = _wonly_codes(hi, lo, one, BITS, BK, WS)
             acc += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS,
-                               SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR)  # fmt: skip
+                               SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR, K128 == 2)  # fmt: skip
             if PAIR:
                 hi, lo = _int_words(wi_ptr, w_off, cols + n_up, k0, K, mask_n, BITS, BK, WS, K128)
                 q = _wonly_codes(hi, lo, one, BITS, BK, WS)
                 acc2 += _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols + n_up, mask_n,
-                                    k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR)  # fmt: skip
+                                    k0, BITS, SWAP, SCALE_AFTER, F32, FOLD_Z, KMAJOR, K128 == 2)  # fmt: skip
     return acc, acc2
 
 

@@ -234,9 +234,10 @@ def _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.co
 
 @gluon.jit
 def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN: gl.constexpr,
-            MMA: gl.constexpr, PLACE: gl.constexpr = False):  # fmt: skip
+            MMA: gl.constexpr, PLACE: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
-    (``_product``): 1 and 0 for bf16. ``gpr``: groups per row; ``inv_tpg``: 1 / (K tiles per group)."""
+    (``_product``): 1 and 0 for bf16. ``gpr``: groups per row; ``inv_tpg``: 1 / (K tiles per group). TILED:
+    scales and zeros in arena.tile_rows' order (a row group's 16 of a K tile in one sector)."""
     if BITS == 16:
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         return s, s
@@ -245,7 +246,11 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN:
         # the tile's group, k0 // group, without the integer division by a runtime value (13 instructions a
         # tile in the sm_90 SASS): (tile + 1/2) / (tiles per group) is at least 1 / (2 tiles per group) from a
         # whole number, far more than fp32's error on quotients below 2^13
-        g = rows * gpr + (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
+        tg = (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
+        if TILED:
+            g = (rows >> 4) * (16 * gpr) + tg * 16 + (rows & 15)
+        else:
+            g = rows * gpr + tg
         # 8 bits: 16 (128 + hi) + (128 + lo); otherwise 128 + code; codes in place: none (``_product``)
         offset: gl.constexpr = 2176.0 if BITS == 8 else (0.0 if PLACE and BITS <= 2 else 128.0)
         return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
@@ -311,13 +316,13 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
         wx = w
     if WAIT:
-        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE)
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
         a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
     else:
         a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
-        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE)
+        s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
     return w, wx, s, z, a
 
 

@@ -214,7 +214,11 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.cons
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, _lanes(32))))
         z = s * 0.0
     else:
-        g = _rows(rb, r0, N, BN) * (K // group) + k0 // group
+        rows = _rows(rb, r0, N, BN)
+        if TILED:  # arena.tile_rows' order
+            g = (rows >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (rows & 15)
+        else:
+            g = rows * (K // group) + k0 // group
         offset: gl.constexpr = 256.0 if BITS == 8 else (512.0 if BITS == 3 else 128.0)
         s = gl.load(sc_ptr + g).to(gl.float32)
         z = gl.load(zp_ptr + g).to(gl.float32) + offset

@@ -204,3 +204,19 @@ def test_tiled_codes_sit_where_the_kernels_address_them(bits):
                 assert torch.equal(tiled[at : at + 4 * p], want.to(torch.int32)), (p, t, row)
         col += k * p // 32
         low += p
+
+
+def test_tiled_scales_sit_where_the_kernels_address_them():
+    # arena.tile_rows: row n's group g of G at (n // 16) 16 G + g 16 + n % 16, as the kernels compute it, the last
+    # row group padded; one group per row (per channel) keeps the rows' order
+    from mxkernels.arena import tile_rows
+
+    t = torch.randn(40, 6).to(torch.bfloat16)
+    tiled = tile_rows(t)
+    assert tiled.shape == (48 * 6,)
+    for n in range(48):
+        for g in range(6):
+            want = t[n, g] if n < 40 else torch.tensor(0.0, dtype=torch.bfloat16)
+            assert tiled[n // 16 * 16 * 6 + g * 16 + n % 16] == want, (n, g)
+    one = torch.randn(32, 1).to(torch.bfloat16)
+    assert torch.equal(tile_rows(one), one.reshape(-1))
