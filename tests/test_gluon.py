@@ -196,8 +196,7 @@ def test_gluon_kernel_arithmetic_in_the_interpreter(interpreted_gluon, split, bm
     {"place": True, "bn": 128, "split": 3}, {"place": True, "early": True, "bn": 64, "stream_k": True},
     {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": False}},
     {"early": True, "bn": 128, "split": 3, "down_tiles": {"early": None, "bn": None}},
-    {"group_m": 4, "bn": 64, "split": 3}, {"group_m": 3, "bn": 128},
-    {"group_m": 2, "bn": 64, "stream_k": True}])  # fmt: skip
+    {"group_m": 4, "bn": 64, "split": 3}, {"group_m": 2, "bn": 128, "stream_k": True}])  # fmt: skip
 def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkeypatch):
     launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False),
                                                      kw["BN"], kw.get("GROUP_M", 0), grid[0]))  # fmt: skip
