@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 53 52 6 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 54 53 6 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -130,6 +130,8 @@
 #      the kernel profile (6), cold start (39).
 #  53. (only when asked: `start 53 52 6 39`) ncu's DRAM bytes of the tiled w4 layer, Mixtral at 16 and 64 tokens, the
 #      blocks as launched and 4 at a time (~4 min).
+#  54. (only when asked: `start 54 53`) the scales tiled and the blocks 2 or 4 at a time: the layer beside every baseline
+#      at 1, 16 and 64 tokens, their GPU tests beside the checkpoints, end to end beside the GPTQ copy (~22 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1032,6 +1034,28 @@ phase53() {
   done
 }
 
+phase54() {
+  # the thirty-first session's last changes on the GPU (weight-only scales and zeros tiled with the codes, the default;
+  # the Gluon decode kernel's blocks taken 2 or 4 at a time, Tiles.group_m, opt-in): the layer at 1, 16 and 64 tokens
+  # beside every baseline in one run (SGLang bf16, fp8, Marlin w4a16g128: issue 10's acceptance table) with the
+  # served plan's tiers and the blocks 2 or 4 at a time; then their GPU tests beside the 24-layer checkpoints and the
+  # GPTQ copy; then end to end, the default beside the GPTQ copy on Marlin, and the pick if a variant won (~22 min)
+  python3 benchmarks/moe_layer.py --tokens 1 16 64 --layouts '^Gluon, blocks [24] at a time$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s32 > $res/layer_s32.log 2>&1
+  say "moe_layer, every baseline, blocks 2 and 4 at a time rc=$?"
+  prep_beside "all_schemes or odd_sizes or gluon_kernel_real_shapes or options_real_shapes or fma_kernel_real_shapes \
+or one_token or mixed_checkpoint or slab" kernels_s32.log MX_GPTQ=1 || return 1
+  say "GPU tests: $(tail -1 $res/tests/kernels_s32.log)"
+  local tiles
+  tiles=$(python3 benchmarks/pick_decode_tiles.py $res/layer_s32/moe_layer.json --layer "ours served" --tokens 1 16 64 \
+    2> $res/pick_s32.log)
+  say "the pick: '${tiles}' ($(tr '\n' ';' < $res/pick_s32.log))"
+  env NO_BF16=1 MX_GPTQ=1 ${tiles:+DECODE_TILES="$tiles"} SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh \
+    qwen15-24 $res/e2e_s32 > $res/e2e_s32.log 2>&1
+  say "e2e mxserve (scales tiled${tiles:+, and with $tiles}) beside the GPTQ copy on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1088,7 +1112,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

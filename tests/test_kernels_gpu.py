@@ -105,7 +105,8 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     (16, {"place": True, "stream_k": True}), (16, {"early": True, "stream_k": True}),
     (64, {"early": True, "place": True, "bn": 64}), (16, {"early": True, "stream_k": True, "bn": 64, "maxnreg": 168}),
     (16, {"early": True, "stream_k": True, "bn": 128, "maxnreg": 168}),  # capped: spills (sass_census_s29_*)
-    (16, {"early": True, "stream_k": True, "maxnreg": 128})])
+    (16, {"early": True, "stream_k": True, "maxnreg": 128}),
+    (64, {"group_m": 4}), (64, {"group_m": 2, "stream_k": True})])  # an expert's blocks side by side, both grids
 def test_gluon_kernel_options_real_shapes(t, opts):
     # Tiles.place (1 and 2-bit codes unpacked in place, the activations scaled by the packed bf16 multiply) and
     # Tiles.early (the next tile's loads fenced before the products), on both grids: the schemes it runs, mixed
