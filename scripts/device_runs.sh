@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 54 53 6 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 55 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -132,6 +132,8 @@
 #      blocks as launched and 4 at a time (~4 min).
 #  54. (only when asked: `start 54 53`) the scales tiled and the blocks 2 or 4 at a time: the layer beside every baseline
 #      at 1, 16 and 64 tokens, their GPU tests beside the checkpoints, end to end beside the GPTQ copy (~22 min).
+#  55. (only when asked: `start 55 39`) a plan priced with the H100's kernel profile of the thirty-second session
+#      (r = 0.25, 8 tokens: 3% w3) served beside the committed plan and the GPTQ copy on Marlin (~10 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -178,6 +180,7 @@ prep_beside() {  # TESTS LOG PLAN_ENV...: the 24-layer checkpoints of that plan 
   kernel_tests "$1" > $res/tests/$2 2>&1
   wait
   local name; name=$(printf '%s\n' "${@:3}" | sed -n 's/^NAME=//p')
+  name=${name:-3.25bit}  # serving_runs.sh's name for the committed plan (thirty-second session: missed, no end to end)
   [ -f /tmp/w/q15-24-$name/config.json ] || { say "no 24-layer checkpoint $name (prep failed)"; return 1; }
 }
 
@@ -1056,6 +1059,19 @@ or one_token or mixed_checkpoint or slab" kernels_s32.log MX_GPTQ=1 || return 1
   pkill -f "[s]glang.launch_server"
 }
 
+phase55() {
+  # issue 10 item 4 with the thirty-second session's H100 kernel profile (results/h100-kernel-profile-s32.json): priced
+  # with it at r = 0.25 for 8-token forwards, the 24-layer plan at 3.25 bits is 3% w3 (r = 1: 43%), its predicted
+  # decode time 15% lower (benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100.json). Served beside the committed plan
+  # and the GPTQ copy on Marlin (~6 min on checkpoints made before; ~10 with them)
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100.json:3.25bit-r0.25-t8-h100 \
+    SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_r_h100 > $res/e2e_r_h100.log 2>&1
+  say "e2e mxserve at r = 1 and r = 0.25 (H100 profile), GPTQ on Marlin rc=$?"
+  pkill -f "[s]glang.launch_server"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1112,7 +1128,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
