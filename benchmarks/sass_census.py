@@ -65,7 +65,7 @@ def look_ahead(loop: list[str]) -> str:
     return str(len(ops) - 1 - loads[-1]) if loads else "-"
 
 
-def table(maxnreg: int | None = None, place: bool = False, early: bool = False) -> str:
+def table(maxnreg: int | None = None, place: bool = False, early: bool = False, bm: int = 8) -> str:
     from mxkernels.moe import STREAM_K_MOST
 
     rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
@@ -75,7 +75,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False) 
     for name, (codes, bn) in CODE_SETS.items():
         for gate_up in (True, False):
             for stream_k in (True, False):
-                compiled = compile_decode(gate_up, False, codes, 8, bn, stream_k, maxnreg=maxnreg, place=place,
+                compiled = compile_decode(gate_up, False, codes, bm, bn, stream_k, maxnreg=maxnreg, place=place,
                                           early=early)  # fmt: skip
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
@@ -101,7 +101,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False) 
                 print(rows[-1], flush=True)
     import triton
 
-    head = (f"sm_90 code of the Gluon decode kernel (8 rows a block), Triton {triton.__version__}, compiled on a CPU "
+    head = (f"sm_90 code of the Gluon decode kernel ({bm} rows a block), Triton {triton.__version__}, compiled on a CPU "
             f"by `python3 benchmarks/sass_census.py {' '.join(sys.argv[1:])}`. Programs an SM: what the registers "
             "allow (stream-K: at most "
             "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed. Spills: LDL and STL in the K "
@@ -251,6 +251,7 @@ def main() -> int:
     t.add_argument("--maxnreg", type=int, help="cap every variant's registers (stream-K's own cap otherwise)")
     t.add_argument("--place", action="store_true", help="1 and 2-bit fields in place (moe.Tiles.place)")
     t.add_argument("--early", action="store_true", help="the next tile's loads before the products (Tiles.early)")
+    t.add_argument("--bm", type=int, default=8, help="rows a block (the MMA's N: 8, 16; 32 asks what it would cost)")
     ap.add_argument("--ptxas", help="compile with this ptxas (e.g. Triton 3.6's, which the lent GPU's image runs: "
                                     "pip download triton==3.6.0 --no-deps; unzip its triton/backends/nvidia/bin)")
     d = sub.add_parser("dump")
@@ -265,7 +266,7 @@ def main() -> int:
     if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
         os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
     if a.what == "table":
-        text = table(a.maxnreg, a.place, a.early)
+        text = table(a.maxnreg, a.place, a.early, a.bm)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)
