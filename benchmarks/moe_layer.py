@@ -345,9 +345,16 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
                                                              "down_tiles": {"bn": None, "early": None}},
     # GROUP_M blocks at a time over every N tile (Tiles.group_m; on stream-K, of its units): an expert's blocks read
     # each N tile's weights at once, the later ones from L2 (with 16-row blocks Mixtral's experts at 64 tokens get 1.43
-    # blocks each on average, benchmarks/expert_reads.py; thirty-first session, not yet timed)
+    # blocks each on average, benchmarks/expert_reads.py). Thirty-second session (H100): 0.98 to 1.05x the picked
+    # layout's time; the 64-token launch is bound by the blocks' unpacking, not by DRAM (benchmarks/README.md)
     "Gluon, blocks 2 at a time": {"group_m": 2},
     "Gluon, blocks 4 at a time": {"group_m": 4},
+    # the activations through shared memory (Tiles.staged), which frees the registers that hold them a tile ahead:
+    # blocks of 32 rows (an expert's weights unpacked once for 32 of its rows; gate/up at BN 64 holds 206 registers
+    # without spills, where held in registers it takes 254), and the picked layout so staged
+    "Gluon, staged": {"staged": True},
+    "Gluon, BM 32, staged": {"bm": 32, "staged": True},
+    "Gluon, BM 32, BN 64, staged": {"bm": 32, "bn": 64, "staged": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -101,8 +101,8 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
                 print(rows[-1], flush=True)
     import triton
 
-    head = (f"sm_90 code of the Gluon decode kernel ({bm} rows a block), Triton {triton.__version__}, compiled on a CPU "
-            f"by `python3 benchmarks/sass_census.py {' '.join(sys.argv[1:])}`. Programs an SM: what the registers "
+    head = (f"sm_90 code of the Gluon decode kernel ({bm} rows a block), Triton {triton.__version__}, compiled on a "
+            f"CPU by `python3 benchmarks/sass_census.py {' '.join(sys.argv[1:])}`. Programs an SM: what the registers "
             "allow (stream-K: at most "
             "moe.STREAM_K_MOST). Several codes: one K loop each, their lengths listed. Spills: LDL and STL in the K "
             "loops. After the last load: the K loop's instructions after its last global load (how far ahead of "

@@ -81,6 +81,9 @@ class Tiles:
     # the Gluon MMA kernel: the next K tile's loads kept before this tile's products (a branch between them: ptxas
     # otherwise sinks gate/up's loads past most of its MMAs, moe_gemm_gluon._expert), for more registers
     early: bool = False
+    # the Gluon MMA kernel: the activations through shared memory (cp.async, moe_gemm_gluon._stage), not held a tile
+    # ahead in registers; lets a block take 32 rows (bm=32), so that an expert's weights are unpacked once for them
+    staged: bool = False
 
 
 # blocks a prefill launch's programs take at a time over every N tile (Tiles.group_m), unless a tile table entry or an
@@ -393,9 +396,11 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     from mxkernels.moe_gemm_gluon import KERNEL_CODES, MAGIC, WARPS, eligible
 
     bn = gluon_bn(tiles)
-    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in (8, 16):
+    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or \
+            tiles.bm not in ((8, 16, 32) if tiles.staged else (8, 16)):
         raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
-                         "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block")
+                         "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block (32 with staged "
+                         "activations)")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
     codes &= KERNEL_CODES
@@ -407,7 +412,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
-                  **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}))  # fmt: skip
+                  **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
+                  **({"STAGED": True} if tiles.staged else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -416,7 +422,8 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
-                      tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0))  # fmt: skip
+                      tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0),
+                      tiles.staged)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -452,6 +459,7 @@ class GridKey(NamedTuple):
     device: torch.device
     tiled: bool = False
     group_m: int = 0
+    staged: bool = False
 
 
 _PER_SM: dict[GridKey, int] = {}
@@ -469,6 +477,9 @@ def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: GridKey, most: int 
         compiled._init_handles()  # loads the module, as its first launch would: its registers are known then
         per_warp = -(-compiled.n_regs * 32 // 256) * 256  # registers are given to warps 256 at a time
         fit = 65536 // (per_warp * consts["num_warps"])
+        shared = compiled.metadata.shared  # Tiles.staged: its activation ring
+        if shared:
+            fit = min(fit, torch.cuda.get_device_properties(args[0].device).shared_memory_per_multiprocessor // shared)
         if fit < 1:
             raise ValueError(f"stream-K: a kernel of {compiled.n_regs} registers a thread fits no SM")
         _PER_SM[key] = min(fit, most)

@@ -40,7 +40,7 @@ import os
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
@@ -59,6 +59,13 @@ _ASM = gl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 _MINUS_128 = gl.constexpr(0xC300C300 - (1 << 32))  # two bf16 -128, as an int32
+# Tiles.staged: K tiles of activations in flight through shared memory (one barrier a tile: the buffer a copy
+# lands in was last read three tiles before; a power of two for the shared layout's bases)
+STAGES = 4
+_STAGES = gl.constexpr(STAGES)
+# Triton 3.6's names, then 3.9's
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 
 def eligible(codes_mask: int, k: int, min_group: int) -> bool:
@@ -97,6 +104,23 @@ def _lane_tokens(bm):
     warps = [[0, 0, 0] for _ in _powers(WARPS, 0, 3)]
     return gl.DistributedLinearLayout(regs, [[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warps, [],
                                       [4, 16, bm])  # fmt: skip
+
+
+@gluon.constexpr_function
+def _staged_rows(bm):
+    """[2 bm, 32] words of a K tile's activations in shared memory (Tiles.staged), a token t's 64 in rows 2t and
+    2t + 1 of 128 bytes (32 banks), held as ``_lane_tokens`` holds them: row 2t + c // 2, column 16 (c % 2) + j.
+    With the rows swizzled 16 bytes at a time (``_STAGED``), the 8 lanes of a quarter warp (tokens 2m and 2m + 1,
+    c 0 to 3) read 8 different 16-byte bank groups."""
+    regs = [[0, 1], [0, 2], [0, 4], [0, 8]] + [[16 * t[0], 0] for t in _powers(bm // 8, 0, 2)]
+    warps = [[0, 0] for _ in _powers(WARPS, 0, 2)]
+    return gl.DistributedLinearLayout(regs, [[0, 16], [1, 0], [2, 0], [4, 0], [8, 0]], warps, [], [2 * bm, 32])
+
+
+# [STAGES, 2 BM, 32] words: rows of 128 bytes whose 16-byte vectors are XORed with the row's low 3 bits
+_STAGED = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))  # of one stage: an allocation's first dim is its ring
+# the copy into it: 16 bytes a lane, a row by 8 lanes
+_COPY = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0]))
 
 
 @gluon.jit
@@ -304,11 +328,12 @@ def _placed_acts(words, B: gl.constexpr):
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
           SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False,
-          TILED: gl.constexpr = False):  # fmt: skip
+          TILED: gl.constexpr = False, ACTS: gl.constexpr = True):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w.
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
-    scales load first, then the program waits for that launch."""
+    scales load first, then the program waits for that launch. Without ACTS (Tiles.staged: they come through
+    shared memory, ``_stage``) ``toks`` stands in for them."""
     if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
@@ -319,11 +344,33 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
         s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
+        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD) if ACTS else toks
     else:
-        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD)
+        a = _acts(a_base, toks, stride_am, k0, BM, SKIP_PAD) if ACTS else toks
         s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
     return w, wx, s, z, a
+
+
+@gluon.jit
+def _stage(buf, a_base, tok_rows, stride_am, k0):
+    """One K tile's activations of the block's tokens copied into the shared memory ``buf`` ([2 BM, 32] words,
+    ``_staged_rows``), asynchronously, as one commit group. ``tok_rows``: each row's token, in _COPY's rows."""
+    r = gl.arange(0, tok_rows.shape[0], layout=gl.SliceLayout(1, _COPY))[:, None]
+    col = gl.arange(0, 32, layout=gl.SliceLayout(0, _COPY))[None, :]
+    rows = (a_base + tok_rows[:, None] * stride_am + k0).to(gl.pointer_type(gl.int32)) + (r % 2) * 32
+    _async_load(buf, rows + col)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _staged_words(buf, BM: gl.constexpr):
+    """A staged K tile's activations (``_stage``) as ``_acts`` gives them: [4, 16, BM] words (registers renamed
+    only after the load)."""
+    x = buf.load(_staged_rows(BM))
+    gl.static_assert(gl.bank_conflicts(x.type, buf.type) == 0, "the staged activations' loads conflict in banks")
+    x = gl.reshape(x, [BM, 2, 2, 16])  # (token, c // 2, c % 2, j)
+    x = gl.reshape(gl.permute(x, [1, 2, 3, 0]), [4, 16, BM])
+    return gl.convert_layout(x, _lane_tokens(BM), assert_trivial=True)
 
 
 @gluon.jit
@@ -371,7 +418,8 @@ def _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: gl.
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
-            PLACE: gl.constexpr = False, EARLY: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
+            PLACE: gl.constexpr = False, EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
+            STAGED: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
     issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
@@ -379,7 +427,12 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 70
     more registers). (Loading the weights two tiles ahead in registers, through a cp.async ring in shared
     memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
-    benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)"""
+    benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)
+    STAGED: the activations are copied one tile ahead (cp.async) into a ring of STAGES buffers in shared memory,
+    and read where their
+    tile's products need them, so the look-ahead holds no registers for them (4 BM a thread otherwise): blocks of
+    32 rows fit, whose expert's weights are unpacked once for twice the rows (benchmarks/README.md, thirty-second
+    session: at 64 tokens the launch is bound by the blocks' repeated unpacking, not by DRAM)."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -388,30 +441,49 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
-                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED)  # fmt: skip
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED, not STAGED)  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
-                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED)  # fmt: skip
+                                   gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED,
+                                   not STAGED)  # fmt: skip
+    if STAGED:  # after _tile's wait for the launch before (WAIT), whose output the activations are
+        acts = gl.allocate_shared_memory(gl.int32, [_STAGES, 2 * BM, 32], _STAGED)
+        t = gl.maximum(toks, 0)  # padding: token 0's row (SKIP_PAD's -1 loads nothing in _acts)
+        tok_rows = gl.convert_layout(gl.reshape(gl.join(t, t), [2 * BM]), gl.SliceLayout(1, _COPY))
+        _stage(acts.index(0), a_base, tok_rows, stride_am, k0)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED)  # fmt: skip
+                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
+                                    ACTS=not STAGED)  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
                                             kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE,
-                                            TILED=TILED)  # fmt: skip
+                                            TILED=TILED, ACTS=not STAGED)  # fmt: skip
+        words = a  # this tile's activations
+        if STAGED:
+            # tile i + 1 into the buffer read at tile i - 3, which every warp left at the last barrier; then tile
+            # i's copies, every thread's, are done and seen
+            i = (k0 - k_lo) // _BK
+            _stage(acts.index((i + 1) % _STAGES), a_base, tok_rows, stride_am, kn)
+            async_copy.wait_group(1)
+            _cta_barrier()
+            words = _staged_words(acts.index(i % _STAGES), BM)
         if EARLY:
             # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
             # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
             if kn >= 0:
-                acc, acc2 = _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
-                                      B_OP, MMA, PLACE)  # fmt: skip
+                acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP,
+                                      A_OP, B_OP, MMA, PLACE)  # fmt: skip
         else:
-            acc, acc2 = _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP, B_OP,
-                                  MMA, PLACE)  # fmt: skip
+            acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
+                                  B_OP, MMA, PLACE)  # fmt: skip
         w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
+    if STAGED:  # no copy left in flight, and no warp still reading, when a stream-K unit after this one stages
+        async_copy.wait_group(0)
+        _cta_barrier()
     return acc, acc2
 
 
@@ -421,7 +493,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
-           EARLY: gl.constexpr, TILED: gl.constexpr):  # fmt: skip
+           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -463,7 +535,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED)  # fmt: skip
+                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -511,7 +583,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
                              EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
-                             GROUP_M: gl.constexpr = 0):  # fmt: skip
+                             GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -554,7 +626,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -575,7 +647,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 55 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 56 55 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -133,7 +133,10 @@
 #  54. (only when asked: `start 54 53`) the scales tiled and the blocks 2 or 4 at a time: the layer beside every baseline
 #      at 1, 16 and 64 tokens, their GPU tests beside the checkpoints, end to end beside the GPTQ copy (~22 min).
 #  55. (only when asked: `start 55 39`) a plan priced with the H100's kernel profile of the thirty-second session
-#      (r = 0.25, 8 tokens: 3% w3) served beside the committed plan and the GPTQ copy on Marlin (~10 min).
+#      (r = 0.25, 8 tokens: 3% w3) served beside the committed plan and the GPTQ copy on Marlin, and phase 56's pick if
+#      one won (~10 to 13 min).
+#  56. (only when asked: `start 56 55 39`) the activations through shared memory (Tiles.staged) and 32-row blocks: their
+#      GPU tests, the layer at 8 to 64 tokens beside the picked layout and Marlin, the pick, ncu at Mixtral's 64 (~9 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1066,10 +1069,37 @@ phase55() {
   # and the GPTQ copy on Marlin (~6 min on checkpoints made before; ~10 with them)
   prep MX_GPTQ=1
   [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  # and the committed plan with phase 56's pick (Tiles.staged), where one won
+  local tiles; tiles=$(cat $res/pick_staged.setting 2> /dev/null)
   env NO_BF16=1 MX_GPTQ=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100.json:3.25bit-r0.25-t8-h100 \
-    SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_r_h100 > $res/e2e_r_h100.log 2>&1
-  say "e2e mxserve at r = 1 and r = 0.25 (H100 profile), GPTQ on Marlin rc=$?"
+    ${tiles:+DECODE_TILES="$tiles"} SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_r_h100 \
+    > $res/e2e_r_h100.log 2>&1
+  say "e2e mxserve at r = 1 and r = 0.25 (H100 profile)${tiles:+, r = 1 with $tiles}, GPTQ on Marlin rc=$?"
   pkill -f "[s]glang.launch_server"
+}
+
+phase56() {
+  # the activations through shared memory (Tiles.staged, thirty-second session, built after the budget): its GPU
+  # tests; the layer at 8, 16 and 64 tokens with it, at the picked blocks and at 32 rows (BN as picked and 64), beside
+  # the picked layout and Marlin, with the served plan's tiers, and the pick; then Mixtral's 64-token w4 launches
+  # under ncu staged at 32 rows, BN 64, beside phase 53's files (~9 min)
+  mkdir -p $res/ncu $res/tests
+  kernel_tests "options_real_shapes" > $res/tests/kernels_staged.log 2>&1
+  say "staged GPU tests: $(tail -1 $res/tests/kernels_staged.log)"
+  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts '^Gluon, (staged|BM 32, staged|BM 32, BN 64, staged)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_staged > $res/layer_staged.log 2>&1
+  say "moe_layer staged rc=$?"
+  python3 benchmarks/pick_decode_tiles.py $res/layer_staged/moe_layer.json --layer "ours served" --tokens 8 16 64 \
+    > $res/pick_staged.setting 2> $res/pick_staged.txt
+  say "the pick: '$(cat $res/pick_staged.setting)' ($(tr '\n' ';' < $res/pick_staged.txt))"
+  command -v ncu > /dev/null || return 0
+  local what="--section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section WarpStateStats
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct"
+  # shellcheck disable=SC2086
+  ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+    --model mixtral-8x7b --uniform --tokens 64 --scheme w4a16g128 --loop --set staged=true --set bm=32 --set bn=64 \
+    > $res/ncu/bytes-w4-mixtral-64tok-uniform-staged-bm32-bn64.txt 2>&1
+  say "ncu staged, Mixtral w4, 64 tokens rc=$?"
 }
 
 two_gpus() {
@@ -1128,7 +1158,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -24,6 +24,32 @@ class _Layout:
         pass
 
 
+class _SharedMemory:
+    """Shared memory as the interpreter sees it: each index of the allocation's first dimension (a ring's
+    buffer) holds the tensor last copied into it, read back whole (the layouts dropped, so are its own)."""
+
+    type = None  # what gl.bank_conflicts would read
+
+    def __init__(self, buffers: dict | None = None, at: int | None = None) -> None:
+        self.buffers = {} if buffers is None else buffers
+        self.at = at
+
+    def index(self, i):
+        return _SharedMemory(self.buffers, int(i.handle.data.reshape(-1)[0]) if hasattr(i, "handle") else int(i))
+
+    def store(self, value) -> None:
+        self.buffers[self.at] = value
+
+    def load(self, layout=None):
+        return self.buffers[self.at]
+
+
+class async_copy:  # noqa: N801 - stands in for gluon's nvidia.ampere.async_copy: copies at once
+    async_load = staticmethod(lambda smem, pointer, mask=None, **k: smem.store(tl.load(pointer, mask=mask)))
+    commit_group = staticmethod(lambda: None)
+    wait_group = staticmethod(lambda n=0: None)
+
+
 def _drop_layout(f):
     def call(*args, layout=None, **kwargs):
         return f(*args, **kwargs)
@@ -36,6 +62,11 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     float32, bfloat16, int16, int32, int64, uint32 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64, tl.uint32
     pointer_type = tl.pointer_type
     NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
+    SwizzledSharedLayout = _Layout
+    allocate_shared_memory = staticmethod(lambda dtype, shape, layout: _SharedMemory())
+    thread_barrier = staticmethod(lambda: None)
+    static_assert = staticmethod(lambda cond, msg="": None)  # a compile-time check: tests/test_gluon.py compiles
+    bank_conflicts = staticmethod(lambda distr_ty, shared_ty: 0)
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
     zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
     zeros_like = staticmethod(lambda *a, **k: tl.zeros_like(*a, **k))
@@ -74,13 +105,14 @@ def interpreted_kernel(module: str = "moe_gemm_gluon", kernel: str = "mx_moe_gem
     """A Gluon kernel of mxkernels from its module's own source, with this file's stand-ins imported."""
     real = importlib.import_module(f"mxkernels.{module}")
     src = inspect.getsource(real)
+    src = src.replace("ampere import async_copy, mma_v2\n", "ampere import mma_v2\n")
     for line in ("from triton.experimental import gluon\n", "from triton.experimental.gluon import language as gl\n",
                  "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n"):  # fmt: skip
         assert line in src or (line.endswith("mma_v2\n") and "mma_v2" not in src), line  # no MMA: no import
         src = src.replace(line, "")
     src = src.replace("from __future__ import annotations\n",
                       "from __future__ import annotations\nimport triton.language as tl  # noqa\n"
-                      "from gluon_shim import gl, gluon, mma_v2  # noqa\n")  # fmt: skip
+                      "from gluon_shim import async_copy, gl, gluon, mma_v2  # noqa\n")  # fmt: skip
     # the interpreter knows constexpr parameters and static loops by these names
     src = src.replace("gl.constexpr", "tl.constexpr").replace("gl.static_range", "tl.static_range")
     path = Path(tempfile.mkdtemp()) / f"{module}_interpreted.py"

@@ -104,6 +104,25 @@ def code_orders_agree(names, t, h, i, n_experts, k, device, seed, **tiles) -> tu
     return (a - b).nan_to_num().abs().max().item(), orders
 
 
+def layouts_agree(names, t, h, i, n_experts, k, device, seed, a: dict, b: dict) -> float:
+    """One layer's GEMMs in two tile settings (``a``, ``b``: moe.Tiles fields), same arenas and inputs: the largest
+    difference of their outputs (inf where they leave different elements unwritten)."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(names, h, i, n_experts, 1, "rtn", gen, device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    topk_ids, topk_w = route(t, n_experts, k, gen)
+    gu = build_arena([e.gate_up for e in experts]).to(device)
+    dn = build_arena([e.down for e in experts]).to(device)
+    outs = []
+    for tiles in (a, b):
+        inter, out = moe_gemms(x, topk_ids.to(device), topk_w.to(device), gu, dn, n_experts, poison=True, **tiles)
+        outs.append(torch.cat([inter.float().reshape(-1), out.float().sum(0).reshape(-1)]).cpu())
+    u, v = outs
+    if not torch.equal(u.isnan(), v.isnan()):
+        return float("inf")
+    return (u - v).nan_to_num().abs().max().item()
+
+
 def gemm_errors(names, t, h, i, n_experts, n_shared, k, device, seed, method="rtn", extra_codes=0,
                 **tiles) -> dict[str, float]:  # fmt: skip
     """Per scheme: relative error of each GEMM of the kernel against the reference on the same inputs

@@ -10,9 +10,9 @@ import re
 
 import pytest
 import torch
-from kernel_cases import GLUON, GLUON_SCHEMES, code_orders_agree, gemm_errors, make_experts, route
+from kernel_cases import GLUON, GLUON_SCHEMES, code_orders_agree, gemm_errors, layouts_agree, make_experts, route
 from sass_tools import GLUON_POINTERS as POINTERS
-from sass_tools import compile_decode, disassemble, in_fresh_process, k_loop, loops
+from sass_tools import compile_decode, disassemble, in_fresh_process, k_loop, loops, resources
 
 gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
@@ -90,6 +90,63 @@ def test_gluon_kernel_early_issues_the_next_tiles_loads_before_this_tiles_mmas()
     loads = [i for i, ln in enumerate(loop) if re.search(r"\bLDG\.E", ln)]
     mmas = [i for i, ln in enumerate(loop) if re.search(r"\bHMMA\b", ln)]
     assert len(loads) >= 8 and len(mmas) >= 16 and max(loads) < min(mmas), (loads, mmas)
+
+
+def _staged_census() -> str:
+    """Registers and stack of the w4 gate/up kernel at 32 rows a block and BN 64, activations held in registers a
+    tile ahead, then staged; and the staged one's K loop: its copies into shared memory, 16-byte shared loads,
+    spill instructions."""
+    import re
+
+    held, staged = (compile_decode(True, codes=0b10000, bm=32, bn=64, staged=s) for s in (False, True))
+    loop = k_loop(disassemble(staged, "staged"), innermost=True)
+    count = [sum(bool(re.search(p, ln)) for ln in loop) for p in (r"\bLDGSTS\b", r"\bLDS\.128\b", r"\b(STL|LDL)\b")]
+    return " ".join(str(v) for v in (*resources(held).values(), *resources(staged).values(), *count))
+
+
+def test_gluon_kernel_staged_activations_free_the_registers_of_32_row_blocks():
+    # Tiles.staged: a K tile's activations copied 16 bytes a lane (LDGSTS) into shared memory and read back 16 bytes
+    # a lane without bank conflicts (the kernel asserts gl.bank_conflicts == 0 as it compiles: _staged_words), no
+    # longer held a tile ahead in registers. At 32 rows a block the kernel then needs fewer registers, and spills
+    # nothing (Triton 3.6's ptxas: 206 against 254, benchmarks/README.md, thirty-second session)
+    census = in_fresh_process("test_gluon", "_staged_census()")
+    regs_held, _, regs, stack, copies, loads, spills = map(int, census.split())
+    assert copies >= 1 and loads >= 8 and spills == 0 and stack == 0, (copies, loads, spills, stack)
+    assert regs < regs_held - 16, (regs, regs_held)
+
+
+def _bank_conflicts_probe(swizzled: bool) -> str:
+    """Compiles a kernel that loads [64, 32] words from shared memory in the staged activations' register layout
+    (moe_gemm_gluon._staged_rows at 32 rows a block), from the kernel's swizzled layout or a plain one, and asserts
+    as it compiles that the loads have bank conflicts exactly where the layout is the plain one."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mxkernels import moe_gemm_gluon as m
+
+    @gluon.jit
+    def probe(out_ptr, SWIZZLED: gl.constexpr):
+        L: gl.constexpr = m._staged_rows(32)
+        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        buf = gl.allocate_shared_memory(gl.int32, [64, 32], m._STAGED if SWIZZLED else plain)
+        x = buf.load(L)
+        gl.static_assert((gl.bank_conflicts(x.type, buf.type) == 0) == SWIZZLED)
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, L))[:, None]
+        gl.store(out_ptr + r * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :], x)
+
+    src = GluonASTSource(probe, {"out_ptr": "*i32", "SWIZZLED": "constexpr"}, {(1,): swizzled})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return "compiled"
+
+
+@pytest.mark.parametrize("swizzled", [True, False])
+def test_staged_activations_swizzle_is_what_spares_the_bank_conflicts(swizzled):
+    # the 8 lanes of a quarter warp read tokens 2m and 2m + 1, 16 bytes of each quarter of a 256-byte row: plain,
+    # 4 of them share a bank group; the rows' 16-byte vectors XORed with their low 3 bits spread them over all 8
+    assert in_fresh_process("test_gluon", f"_bank_conflicts_probe({swizzled})") == "compiled"
 
 
 @pytest.mark.parametrize("gate_up", [True, False])
@@ -213,6 +270,39 @@ def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkey
                                             down.get("bn", 64), g)}, launches  # fmt: skip
     if g and not opts.get("stream_k"):  # some launch's grid of blocks is not a whole number of groups
         assert any(lc[5] % g for lc in launches), launches
+
+
+# Tiles.staged: each K tile's activations copied one tile ahead into a ring of 4 shared-memory buffers
+# (moe_gemm_gluon._stage), read back where the tile's products need them. K of 5 tiles wraps the ring; split 2 and
+# stream-K start runs inside K. The same sums, bit for bit, as the activations loaded into registers (a tile read
+# from another buffer, or a token's two rows of words swapped, would differ)
+@pytest.mark.parametrize("tiles", [
+    {"bm": 16, "bn": 64, "split": 1}, {"bm": 16, "bn": 128, "split": 2, "skip_pad": True},
+    {"bm": 8, "bn": 64, "stream_k": True}])  # fmt: skip
+def test_gluon_kernel_staged_activations_give_the_same_layer(interpreted_gluon, tiles, monkeypatch):
+    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STAGED", False), kw["BM"]))
+    diff = layouts_agree(GLUON_SCHEMES[:3], 16, 640, 640, 4, 2, "cpu", seed=5, a={**GLUON, **tiles},
+                         b={**GLUON, **tiles, "staged": True})  # fmt: skip
+    assert diff == 0, diff
+    assert set(launches) == {(False, tiles["bm"]), (True, tiles["bm"])}, launches
+
+
+# 32-row blocks, which only staging allows (held in registers a tile ahead, 32 tokens' activations spill:
+# benchmarks/sass_census.py table --bm 32), on both grids; 8 experts of about 16 rows, so most take one block
+@pytest.mark.parametrize("stream_k", [False, True])
+def test_gluon_kernel_32_row_blocks_staged_in_the_interpreter(interpreted_gluon, stream_k, monkeypatch):
+    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STAGED", False), kw["BM"]))
+    errs = gemm_errors(GLUON_SCHEMES, 64, 640, 256, 8, 1, 2, "cpu", seed=9,
+                       **{**GLUON, "bm": 32, "bn": 64, "staged": True, "stream_k": stream_k})  # fmt: skip
+    assert len({key.split("/")[0] for key in errs}) >= 6, errs.keys()  # 9 experts' 18 GEMMs: most schemes
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+    assert set(launches) == {(True, 32)}, launches
+
+
+def test_gluon_kernel_takes_32_row_blocks_only_staged(interpreted_gluon):
+    with pytest.raises(ValueError, match="32 with staged activations"):
+        gemm_errors(GLUON_SCHEMES[:2], 8, 256, 256, 4, 1, 2, "cpu", seed=3, **{**GLUON, "bm": 32})
 
 
 def test_gluon_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon):
