@@ -59,8 +59,8 @@ _ASM = gl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _WARPS = gl.constexpr(WARPS)
 _BK = gl.constexpr(BK)
 _MINUS_128 = gl.constexpr(0xC300C300 - (1 << 32))  # two bf16 -128, as an int32
-# Tiles.staged: K tiles of activations in flight through shared memory (one barrier a tile: the buffer a copy
-# lands in was last read three tiles before; a power of two for the shared layout's bases)
+# Tiles.staged: the ring of K tiles of activations in shared memory. The buffer a copy lands in was last read three
+# tiles before, so one barrier a tile orders them (the sm_90 K loop holds a second: Triton's own hazard analysis)
 STAGES = 4
 _STAGES = gl.constexpr(STAGES)
 # Triton 3.6's names, then 3.9's
@@ -429,10 +429,10 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
     benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)
     STAGED: the activations are copied one tile ahead (cp.async) into a ring of STAGES buffers in shared memory,
-    and read where their
-    tile's products need them, so the look-ahead holds no registers for them (4 BM a thread otherwise): blocks of
-    32 rows fit, whose expert's weights are unpacked once for twice the rows (benchmarks/README.md, thirty-second
-    session: at 64 tokens the launch is bound by the blocks' repeated unpacking, not by DRAM)."""
+    and read where their tile's products need them, so the look-ahead holds no registers for them (4 BM a thread
+    otherwise): blocks of 32 rows fit, whose expert's weights are unpacked once for twice the rows
+    (benchmarks/README.md, thirty-second session: at 64 tokens the launch is bound by the blocks' repeated
+    unpacking, not by DRAM)."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)

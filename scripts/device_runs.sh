@@ -1086,8 +1086,8 @@ phase56() {
   mkdir -p $res/ncu $res/tests
   kernel_tests "options_real_shapes" > $res/tests/kernels_staged.log 2>&1
   say "staged GPU tests: $(tail -1 $res/tests/kernels_staged.log)"
-  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only --layouts '^Gluon, (staged|BM 32, staged|BM 32, BN 64, staged)$' \
-    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_staged > $res/layer_staged.log 2>&1
+  python3 benchmarks/moe_layer.py --tokens 8 16 64 --ours-only \
+    --layouts '^Gluon, (staged|BM 32, staged|BM 32, BN 64, staged)$' --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_staged > $res/layer_staged.log 2>&1
   say "moe_layer staged rc=$?"
   python3 benchmarks/pick_decode_tiles.py $res/layer_staged/moe_layer.json --layer "ours served" --tokens 8 16 64 \
     > $res/pick_staged.setting 2> $res/pick_staged.txt

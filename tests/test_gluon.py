@@ -96,8 +96,6 @@ def _staged_census() -> str:
     """Registers and stack of the w4 gate/up kernel at 32 rows a block and BN 64, activations held in registers a
     tile ahead, then staged; and the staged one's K loop: its copies into shared memory, 16-byte shared loads,
     spill instructions."""
-    import re
-
     held, staged = (compile_decode(True, codes=0b10000, bm=32, bn=64, staged=s) for s in (False, True))
     loop = k_loop(disassemble(staged, "staged"), innermost=True)
     count = [sum(bool(re.search(p, ln)) for ln in loop) for p in (r"\bLDGSTS\b", r"\bLDS\.128\b", r"\b(STL|LDL)\b")]
