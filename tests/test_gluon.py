@@ -276,7 +276,7 @@ def test_gluon_kernel_options_in_the_interpreter(interpreted_gluon, opts, monkey
 # from another buffer, or a token's two rows of words swapped, would differ)
 @pytest.mark.parametrize("tiles", [
     {"bm": 16, "bn": 64, "split": 1}, {"bm": 16, "bn": 128, "split": 2, "skip_pad": True},
-    {"bm": 8, "bn": 64, "stream_k": True}])  # fmt: skip
+    {"bm": 16, "bn": 64, "stream_k": True}])  # fmt: skip
 def test_gluon_kernel_staged_activations_give_the_same_layer(interpreted_gluon, tiles, monkeypatch):
     launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STAGED", False), kw["BM"]))
     diff = layouts_agree(GLUON_SCHEMES[:3], 16, 640, 640, 4, 2, "cpu", seed=5, a={**GLUON, **tiles},
