@@ -65,7 +65,8 @@ def look_ahead(loop: list[str]) -> str:
     return str(len(ops) - 1 - loads[-1]) if loads else "-"
 
 
-def table(maxnreg: int | None = None, place: bool = False, early: bool = False, bm: int = 8) -> str:
+def table(maxnreg: int | None = None, place: bool = False, early: bool = False, bm: int = 8,
+          staged: bool = False) -> str:
     from mxkernels.moe import STREAM_K_MOST
 
     rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
@@ -76,7 +77,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
         for gate_up in (True, False):
             for stream_k in (True, False):
                 compiled = compile_decode(gate_up, False, codes, bm, bn, stream_k, maxnreg=maxnreg, place=place,
-                                          early=early)  # fmt: skip
+                                          early=early, staged=staged)  # fmt: skip
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
                 inner = loops(sass, innermost=True)
@@ -108,8 +109,8 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
             "loops. After the last load: the K loop's instructions after its last global load (how far ahead of "
             "the next tile's products its loads go)." + (f" Every variant capped at {maxnreg} registers." if maxnreg
                                                            else "")
-            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early)) if on) + "."
-               if place or early else "")
+            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early), ("staged", staged)) if on)
+               + "." if place or early or staged else "")
             + f" ptxas {_ptxas_version()}.\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
 
@@ -251,7 +252,8 @@ def main() -> int:
     t.add_argument("--maxnreg", type=int, help="cap every variant's registers (stream-K's own cap otherwise)")
     t.add_argument("--place", action="store_true", help="1 and 2-bit fields in place (moe.Tiles.place)")
     t.add_argument("--early", action="store_true", help="the next tile's loads before the products (Tiles.early)")
-    t.add_argument("--bm", type=int, default=8, help="rows a block (the MMA's N: 8, 16; 32 asks what it would cost)")
+    t.add_argument("--bm", type=int, default=8, help="rows a block (the MMA's N: 8, 16; 32 staged)")
+    t.add_argument("--staged", action="store_true", help="the activations through shared memory (Tiles.staged)")
     ap.add_argument("--ptxas", help="compile with this ptxas (e.g. Triton 3.6's, which the lent GPU's image runs: "
                                     "pip download triton==3.6.0 --no-deps; unzip its triton/backends/nvidia/bin)")
     d = sub.add_parser("dump")
@@ -266,7 +268,7 @@ def main() -> int:
     if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
         os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
     if a.what == "table":
-        text = table(a.maxnreg, a.place, a.early, a.bm)
+        text = table(a.maxnreg, a.place, a.early, a.bm, a.staged)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)
