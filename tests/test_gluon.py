@@ -286,13 +286,13 @@ def test_gluon_kernel_staged_activations_give_the_same_layer(interpreted_gluon, 
 
 
 # 32-row blocks, which only staging allows (held in registers a tile ahead, 32 tokens' activations spill:
-# benchmarks/sass_census.py table --bm 32), on both grids; 8 experts of about 16 rows, so most take one block
+# benchmarks/sass_census.py table --bm 32), on both grids; 6 experts of about 16 rows, so most take one block
 @pytest.mark.parametrize("stream_k", [False, True])
 def test_gluon_kernel_32_row_blocks_staged_in_the_interpreter(interpreted_gluon, stream_k, monkeypatch):
     launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STAGED", False), kw["BM"]))
-    errs = gemm_errors(GLUON_SCHEMES, 64, 640, 256, 8, 1, 2, "cpu", seed=9,
+    errs = gemm_errors(GLUON_SCHEMES, 48, 384, 256, 6, 1, 2, "cpu", seed=9,
                        **{**GLUON, "bm": 32, "bn": 64, "staged": True, "stream_k": stream_k})  # fmt: skip
-    assert len({key.split("/")[0] for key in errs}) >= 6, errs.keys()  # 9 experts' 18 GEMMs: most schemes
+    assert len({key.split("/")[0] for key in errs}) >= 6, errs.keys()  # 7 experts' 14 GEMMs: most schemes
     for key, e in errs.items():
         assert e < BOUND, (key, e)
     assert set(launches) == {(True, 32)}, launches
