@@ -351,8 +351,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, blocks 4 at a time": {"group_m": 4},
     # the activations through shared memory (Tiles.staged), which frees the registers that hold them a tile ahead:
     # blocks of 32 rows (an expert's weights unpacked once for 32 of its rows; gate/up at BN 64 holds 206 registers
-    # without spills, where held in registers it takes 254), and the picked layout so staged
+    # without spills, where held in registers it takes 254), and the picked layout so staged. Thirty-third session
+    # (H100): 32 rows 2.1x the picked layout's time; staged at the picked block 0.85 to 0.98x on Mixtral from 16
+    # tokens, up to 1.18x elsewhere, so the default since (moe.STAGED_ROWS); "held" is the picked layout without it
     "Gluon, staged": {"staged": True},
+    "Gluon, held": {"staged": False},
     "Gluon, BM 32, staged": {"bm": 32, "staged": True},
     "Gluon, BM 32, BN 64, staged": {"bm": 32, "bn": 64, "staged": True},
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts

@@ -82,8 +82,21 @@ class Tiles:
     # otherwise sinks gate/up's loads past most of its MMAs, moe_gemm_gluon._expert), for more registers
     early: bool = False
     # the Gluon MMA kernel: the activations through shared memory (cp.async, moe_gemm_gluon._stage), not held a tile
-    # ahead in registers; lets a block take 32 rows (bm=32), so that an expert's weights are unpacked once for them
+    # ahead in registers (decode's default on large layers: STAGED_ROWS); lets a block take 32 rows (bm=32), which
+    # took 2.1x the time (H100, thirty-third session)
     staged: bool = False
+
+
+# the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
+# where the launch's active experts hold at least STAGED_WEIGHTS_PER_SM weights per SM (expected under uniform
+# routing; gate/up's, and the down GEMM follows). On the H100 (thirty-third session,
+# results/moe_layer_h100_s33_staged.md) Mixtral's layer at 16 and 64 tokens (4 and 16 rows, 7.0M weights an SM)
+# took 0.86 to 0.98x the picked layout's time (mixed 3.25 bits, w4 and the served plan's tiers, both routings); at 8
+# tokens (2.3 rows) 0.93 to 1.04x; the other shapes (Qwen1.5-MoE, DeepSeek-V2-Lite, Qwen3-30B-A3B: at most 3.1M
+# weights an SM at 64 tokens) 0.96 to 1.18x, mostly 1.0 to 1.06x. Long K runs per program hide the ring's fill, and
+# full blocks load the most activations
+STAGED_ROWS = 4.0
+STAGED_WEIGHTS_PER_SM = 4 << 20
 
 
 # blocks a prefill launch's programs take at a time over every N tile (Tiles.group_m), unless a tile table entry or an
@@ -625,19 +638,21 @@ def _gluon_fma(dev: torch.device, gate_up: Arena, down: Arena, override: dict) -
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
-def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dict) -> Tiles:
+def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dict, staged: bool = False) -> Tiles:
     """The decode tiles on the Gluon kernel: two MMA tiles of rows per warp for narrow code sets, 8
     rows per block up to 8 rows per expert (12 for narrow code sets: Qwen1.5-MoE at 64 tokens, 8.5
     rows, runs 9 to 18% faster so), and no more K splits than its 128-deep tiles (H200,
-    results/moe_layer_h200_layouts.md). ``codes``: the launch's (the block is the one both GEMMs'
-    codes give: they share the alignment's)."""
+    results/moe_layer_h200_layouts.md); ``staged`` unless the override says (STAGED_ROWS). ``codes``:
+    the launch's (the block is the one both GEMMs' codes give: they share the alignment's)."""
     from mxkernels.moe_gemm_gluon import BK, BN, NARROW_CODES
 
     narrow = not codes & ~NARROW_CODES
     bn = override.get("bn", 2 * BN if narrow else BN)
     bm = override.get("bm", 8 if per_expert <= (12 if narrow else 8) else 16)
+    staged = override.get("staged", staged)
     split = 1 if tiles.stream_k else min(tiles.split, max(1, k // BK))  # stream-K: K is dealt out whole
-    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"))
+    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"),
+                               staged=staged)  # fmt: skip
 
 
 @dataclass
@@ -658,8 +673,8 @@ class _Layout:
     out: torch.Tensor
     w: torch.Tensor  # the rows' routing weights, which the alignment fills
     sums: torch.Tensor | None = None  # stream-K's fp32 sums, to be zeroed before its launches
-    # stream-K with the shared experts started early: recorded on their stream once ``sums`` is zeroed, so that
-    # the routed launches wait for the zeroing alone, not for the shared experts' launches after it
+    # stream-K on a GPU: recorded on the second stream once ``sums`` is zeroed, so that the launches wait for the
+    # zeroing alone, not for what follows it there (the shared experts started early, the routing counter)
     zeroed: torch.cuda.Event | None = None
 
 
@@ -728,14 +743,15 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
         t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
+    staged = per_expert >= STAGED_ROWS and active * gate_up.n * gate_up.k / sms >= STAGED_WEIGHTS_PER_SM
 
     def launches(arena: Arena, tiles: Tiles, ov: dict) -> list[tuple[int, Tiles]]:
         """(codes, tiles) per launch: the Gluon kernel's rows per warp follow each launch's codes,
         its block the whole layer's (the two GEMMs share the alignment's); ``ov``: this GEMM's override."""
-        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, ov) if gluon else tiles
+        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, ov, staged) if gluon else tiles
         if _dispatch(dispatch) != "grouped":
             return [(arena.kernel_mask, whole)]
-        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, ov), bm=whole.bm)
+        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, ov, staged), bm=whole.bm)
                  if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
 
     l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, ov_dn)
@@ -786,7 +802,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
         gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
 
-    zeroed = torch.cuda.Event() if apart and sums is not None and dev.type == "cuda" else None
+    zeroed = torch.cuda.Event() if sums is not None and dev.type == "cuda" else None
     return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed)
 
 
@@ -892,11 +908,16 @@ def moe_gemms(
         # requests, against 3.6 for the alignment)
         fork = on_side is not None or lay.sums is not None
         if fork:
-            _beside(main, side, lambda: _zero_and(lay.sums, on_side))
+            _beside(main, side, lambda: _zero_and(lay.sums, lay.zeroed, on_side))
         ids = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3]
-        if side is not None and fork:
-            main.wait_stream(side)  # the sums zeroed before the launches add into them
+        if lay.zeroed is not None:
+            # the sums zeroed before the launches add into them; the counter after the zero fill is no launch's
+            # input, so they do not wait for it (in the thirty-third session's decode trace at 1 request it ended
+            # 1.6 us after the alignment, and the gate/up launch waited for it)
+            main.wait_event(lay.zeroed)
         lay.experts(*ids, 0, lay.slots)
+        if side is not None and fork:
+            main.wait_stream(side)  # joined back after the launches (a CUDA graph's capture needs every fork joined)
         return lay.inter, lay.out
     if not early:
         # the shared experts need no routing: their launches go first, on a second stream where there
@@ -912,9 +933,11 @@ def moe_gemms(
     return lay.inter, lay.out
 
 
-def _zero_and(sums: torch.Tensor | None, launch: Callable[[], None] | None) -> None:
+def _zero_and(sums: torch.Tensor | None, zeroed: torch.cuda.Event | None, launch: Callable[[], None] | None) -> None:
     if sums is not None:
         sums.zero_()
+        if zeroed is not None:
+            zeroed.record()
     if launch is not None:
         launch()
 

@@ -428,6 +428,44 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
         gemm_errors(both, 24, 256, 256, 18, 1, 2, "cpu", seed=4)
 
 
+def test_gluon_decode_stages_activations_for_full_blocks_of_large_layers(interpreted_gluon, monkeypatch):
+    # Tiles.staged by default from moe.STAGED_ROWS rows per expert where the active experts' gate/up weights
+    # come to moe.STAGED_WEIGHTS_PER_SM an SM (the interpreter's GPU: 4 SMs), both GEMMs alike, on either grid;
+    # MXSERVE_DECODE_TILES' staged=false keeps it off; prefill never takes it
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    taken = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a: taken.append(a[11].staged))
+    monkeypatch.setattr(moe, "_gemm_triton", lambda *a: taken.append(None))
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.delenv("MXSERVE_DECODE_TILES", raising=False)
+    gen = torch.Generator().manual_seed(4)
+    experts = make_experts(["w4a16g128", "w2a16g128"], 256, 256, 18, 1, "rtn", gen, "cpu")
+    gu, dn = (build_arena([getattr(e, m) for e in experts]) for m in ("gate_up", "down"))
+
+    def launches(t):
+        taken.clear()
+        moe.moe_gemms(torch.randn(t, 256, generator=gen).bfloat16(), *route(t, 18, 2, gen), gu, dn, 18)
+        return list(taken)
+
+    # gate/up weights 512 x 256 an expert; expected active (moe.expected_active) at 16 tokens 16.1 (527888 an SM, 3
+    # rows per expert), at 40 tokens 18.8 (616499 an SM, 6.3 rows)
+    monkeypatch.setattr(moe, "STAGED_WEIGHTS_PER_SM", 500_000)
+    assert launches(16) == [False, False]  # stream-K, below STAGED_ROWS
+    assert launches(40) == [True] * 4  # the unbalanced grid, the shared expert apart
+    monkeypatch.setattr(moe, "STAGED_ROWS", 2.0)
+    assert launches(16) == [True, True]  # stream-K staged
+    assert launches(1) == [False, False]  # 3 rows over 2.9 experts: 96484 weights an SM
+    monkeypatch.setattr(moe, "STAGED_WEIGHTS_PER_SM", 620_000)
+    assert launches(40) == [False] * 4
+    monkeypatch.setattr(moe, "STAGED_WEIGHTS_PER_SM", 500_000)
+    monkeypatch.setenv("MXSERVE_DECODE_TILES", "staged=false")
+    assert launches(40) == [False] * 4
+    monkeypatch.delenv("MXSERVE_DECODE_TILES")
+    assert launches(400) == [None, None]  # 60 rows per expert: prefill, on the Triton kernel
+
+
 def test_costly_share_weighs_each_arena_by_its_size_and_follows_a_slab_swap():
     # the share of a layer's weights in costly codes (3 and 8 bits, bf16) that picks the stream-K bound, read
     # from counts kept on the host (no device sync at a launch), which a swap into a slab carries over
