@@ -160,6 +160,24 @@ def span(path: str, start: str, end: str) -> tuple[float, int]:
     return _median(out), len(out)
 
 
+def sections(path: str, boundary: str, marker: str) -> dict[str, tuple[float, int]]:
+    """The gaps between consecutive GPU kernels named like ``boundary`` (from one's end to the next one's start;
+    e.g. a decoder layer's two RMSNorms), by whether a kernel named like one of ``marker``'s '|'-separated names
+    starts inside: {"with": (median us, count), "without": ...}. With the norms and the router it splits each
+    layer into its MoE section and its attention section alike in any server, whatever its MoE kernels."""
+    gpu = [e for e in _gpu(_events(path), path) if e.get("cat") == "kernel"]
+    names = [m for m in marker.split("|") if m]
+    at = [i for i, e in enumerate(gpu) if boundary in e["name"]]
+    gaps: dict[str, list[float]] = {"with": [], "without": []}
+    for i, j in zip(at, at[1:]):
+        end = float(gpu[i]["ts"]) + float(gpu[i]["dur"])
+        inside = any(m in e["name"] for e in gpu[i + 1 : j] for m in names)
+        gaps["with" if inside else "without"].append(float(gpu[j]["ts"]) - end)
+    if not gaps["with"]:
+        raise ValueError(f"{path}: no gap between kernels named like {boundary!r} holds one named like {marker!r}")
+    return {k: (round(_median(v), 1), len(v)) for k, v in gaps.items() if v}
+
+
 def _post(url: str, body: dict) -> None:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
@@ -232,8 +250,16 @@ def main() -> None:
     ap.add_argument("--span", nargs=2, metavar=("START", "END"),
                     help="the median decode step (between CUDA-graph launches) and the median time from each "
                          "event named like START to the end of the next one named like END")  # fmt: skip
+    ap.add_argument("--sections", nargs=2, metavar=("BOUNDARY", "MARKER"),
+                    help="the median gap between kernels named like BOUNDARY, those holding a kernel named like "
+                         "MARKER ('|' between names) and the others: e.g. RMSNorm 'router|moe_align' splits each "
+                         "layer into its MoE and attention sections")  # fmt: skip
     a = ap.parse_args()
-    if a.span:
+    if a.sections:
+        got = sections(a.trace, *a.sections)
+        for k, (us, n) in got.items():
+            print(f"between {a.sections[0]} kernels, {k} {a.sections[1]}: {us} us (median of {n})")
+    elif a.span:
         us, n = span(a.trace, *a.span)
         print(f"decode step {step_period(a.trace):.1f} us (median between graph launches); "
               f"{a.span[0]} .. {a.span[1]}: {us:.1f} us (median of {n})")

@@ -250,6 +250,30 @@ def test_decode_trace_sums_gpu_events_per_step(tmp_path: Path):
     assert decode_trace.sequence(str(path), "gemm", 0) == layer
 
 
+def test_decode_trace_splits_layers_into_sections_between_norms(tmp_path: Path):
+    import json
+
+    import decode_trace
+
+    def ev(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    # three layers of: norm, attention (10 us after the norm's end), norm, router + GEMM (router at 20 us after it);
+    # the MoE gaps 30, 32, 34 us, the attention gaps 10 us
+    events, t = [], 0
+    for moe in (30, 32, 34):
+        events += [ev("FusedAddRMSNorm", t, 2), ev("attn", t + 2, 10), ev("FusedAddRMSNorm", t + 12, 2),
+                   ev("fused_router_kernel", t + 14, 4), ev("gemm", t + 18, moe - 4)]  # fmt: skip
+        t += 14 + moe
+    events.append(ev("FusedAddRMSNorm", t, 2))
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    got = decode_trace.sections(str(tmp_path / "t.json"), "RMSNorm", "router|moe_align")
+    assert got == {"with": (32.0, 3), "without": (10.0, 3)}
+    assert decode_trace.sections(str(tmp_path / "t.json"), "RMSNorm", "gemm|x")["with"] == (32.0, 3)
+    with pytest.raises(ValueError, match="holds one named like 'marlin'"):
+        decode_trace.sections(str(tmp_path / "t.json"), "RMSNorm", "marlin")
+
+
 def test_decode_trace_times_each_distinct_launch_of_a_kernel(tmp_path: Path):
     import json
 
