@@ -10,6 +10,9 @@
 [ -d /tmp/pydeps/.pydeps ] || { mkdir -p /tmp/pydeps && tar xJf .pydeps.tar.xz -C /tmp/pydeps; } || return 1
 [ -d /tmp/standins ] || python3 scripts/import_standins.py /tmp/standins cutlass cuda \
     --for sglang.jit_kernel.dsa sglang.jit_kernel.cutedsl_fp8_paged_mqa_logits >/dev/null || return 1
+t=.shr/models/refmoe-25m/tokenizer.json
+[ -f $t ] || python3 -c "import lzma, sys; open(sys.argv[1], 'wb').write(lzma.open(sys.argv[1] + '.xz').read())" $t \
+    || return 1
 # refmoe-25m's weights where a first call left them (scripts/device_prep.sh, MXSERVE_REFMOE_WEIGHTS=1)
 [ ! -f /tmp/refmoe/model.safetensors ] || cp -n /tmp/refmoe/* .shr/models/refmoe-25m/
 export PYTHONPATH=/tmp/site:/tmp/pydeps/.pydeps:/tmp/standins MXSERVE_SHARED=$PWD/.shr TVM_FFI_CACHE_DIR=/tmp/tvmcache \

@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 56 55 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 57 55 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -1102,6 +1102,31 @@ phase56() {
   say "ncu staged, Mixtral w4, 64 tokens rc=$?"
 }
 
+phase57() {
+  # the thirty-third session's staged default (moe.STAGED_ROWS: Mixtral from 16 tokens) beside every baseline, the
+  # picked layout held beside it ("Gluon, held"); the GPU tests of the default paths; then what bounds the 1-token
+  # GEMMs (end to end at 1 request, our MoE section asks 31 us of 37.7): ncu of Qwen1.5's 1-token launches, the layer
+  # benchmark's mixed set (w4 + w2) and the served plan's tiers, Marlin's beside (~10 min)
+  mkdir -p $res/ncu $res/tests
+  python3 benchmarks/moe_layer.py --tokens 1 16 64 --layouts '^Gluon, (held|staged)$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s34 > $res/layer_s34.log 2>&1
+  say "moe_layer, every baseline, staged by default rc=$?"
+  kernel_tests "all_schemes or odd_sizes or gluon_kernel_real_shapes or options_real_shapes or counts_routing" > $res/tests/kernels_s34.log 2>&1
+  say "kernel tests: $(tail -1 $res/tests/kernels_s34.log)"
+  command -v ncu > /dev/null || return 0
+  local what="--section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section WarpStateStats
+    --section Occupancy --metrics dram__bytes_read.sum,sm__cycles_active.avg,sm__cycles_active.max"
+  local s
+  for s in mixed served marlin; do
+    local args="--scheme $s"
+    [ $s = served ] && args="--plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7"
+    # shellcheck disable=SC2086
+    ncu --kernel-name regex:'mx_moe_gemm_gluon|Marlin' --launch-skip 8 --launch-count 2 $what python3 \
+      benchmarks/profile_layer.py --tokens 1 $args --loop > $res/ncu/qwen15-1tok-$s.txt 2>&1
+    say "ncu 1 token, $s rc=$?"
+  done
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1158,7 +1183,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
