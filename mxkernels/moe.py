@@ -91,7 +91,7 @@ class Tiles:
 # where the launch's active experts hold at least STAGED_WEIGHTS_PER_SM weights per SM (expected under uniform
 # routing; gate/up's, and the down GEMM follows). On the H100 (thirty-third session,
 # results/moe_layer_h100_s33_staged.md) Mixtral's layer at 16 and 64 tokens (4 and 16 rows, 7.0M weights an SM)
-# took 0.86 to 0.98x the picked layout's time (mixed 3.25 bits, w4 and the served plan's tiers, both routings); at 8
+# took 0.85 to 0.98x the picked layout's time (mixed 3.25 bits, w4 and the served plan's tiers, both routings); at 8
 # tokens (2.3 rows) 0.93 to 1.04x; the other shapes (Qwen1.5-MoE, DeepSeek-V2-Lite, Qwen3-30B-A3B: at most 3.1M
 # weights an SM at 64 tokens) 0.96 to 1.18x, mostly 1.0 to 1.06x. Long K runs per program hide the ring's fill, and
 # full blocks load the most activations

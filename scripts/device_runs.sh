@@ -1108,7 +1108,10 @@ phase57() {
   # GEMMs (end to end at 1 request, our MoE section asks 31 us of 37.7): ncu of Qwen1.5's 1-token launches, the layer
   # benchmark's mixed set (w4 + w2) and the served plan's tiers, Marlin's beside (~10 min)
   mkdir -p $res/ncu $res/tests
-  python3 benchmarks/moe_layer.py --tokens 1 16 64 --layouts '^Gluon, (held|staged)$' \
+  # (and two stream-K variants that keep more weight bytes in flight an SM: at 1 token a program's K tiles take about
+  # one DRAM round trip each, benchmarks/README.md, thirty-third session)
+  python3 benchmarks/moe_layer.py --tokens 1 16 64 \
+    --layouts '^(Gluon, (held|staged)|stream-K, BN 128|stream-K, gate/up at 128 registers, 4 an SM)$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s34 > $res/layer_s34.log 2>&1
   say "moe_layer, every baseline, staged by default rc=$?"
   kernel_tests "all_schemes or odd_sizes or gluon_kernel_real_shapes or options_real_shapes or counts_routing" > $res/tests/kernels_s34.log 2>&1
