@@ -818,12 +818,7 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
     ``on_side``; the routed experts' launches write the other rows of the same buffers."""
 
     def launch() -> None:
-        if lay.sums is not None:  # stream-K: zeroed before either stream's launches add into them
-            lay.sums.zero_()
-            if lay.zeroed is not None:
-                lay.zeroed.record()
-        if on_side is not None:
-            on_side()
+        _zero_and(lay.sums, lay.zeroed, on_side)  # stream-K: zeroed before either stream's launches add into them
         ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.bm, lay.w)
         lay.experts(*ids, lay.top_k, lay.slots - lay.top_k)
 
@@ -934,6 +929,7 @@ def moe_gemms(
 
 
 def _zero_and(sums: torch.Tensor | None, zeroed: torch.cuda.Event | None, launch: Callable[[], None] | None) -> None:
+    """Stream-K's sums zeroed (``zeroed`` recorded once they are), then ``launch`` (the routing counter)."""
     if sums is not None:
         sums.zero_()
         if zeroed is not None:

@@ -430,9 +430,9 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)
     STAGED: the activations are copied one tile ahead (cp.async) into a ring of STAGES buffers in shared memory,
     and read where their tile's products need them, so the look-ahead holds no registers for them (4 BM a thread
-    otherwise): blocks of 32 rows fit, whose expert's weights are unpacked once for twice the rows
-    (benchmarks/README.md, thirty-second session: at 64 tokens the launch is bound by the blocks' repeated
-    unpacking, not by DRAM)."""
+    otherwise). ptxas then issues the weights' loads at the top of the K loop, which pays on layers whose programs
+    walk long K runs (decode's default there: moe.STAGED_ROWS). Blocks of 32 rows fit too, but took 2.1x the time
+    (H100; benchmarks/README.md, thirty-third session)."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
