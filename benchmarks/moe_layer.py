@@ -346,7 +346,8 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # GROUP_M blocks at a time over every N tile (Tiles.group_m; on stream-K, of its units): an expert's blocks read
     # each N tile's weights at once, the later ones from L2 (with 16-row blocks Mixtral's experts at 64 tokens get 1.43
     # blocks each on average, benchmarks/expert_reads.py). Thirty-second session (H100): 0.98 to 1.05x the picked
-    # layout's time; the 64-token launch is bound by the blocks' unpacking, not by DRAM (benchmarks/README.md)
+    # layout's time; the 64-token launch is not bound by DRAM, and 32-row blocks, which unpack each expert's weights
+    # once, took 2.1x the time (thirty-third session; benchmarks/README.md)
     "Gluon, blocks 2 at a time": {"group_m": 2},
     "Gluon, blocks 4 at a time": {"group_m": 4},
     # the activations through shared memory (Tiles.staged), which frees the registers that hold them a tile ahead:
