@@ -1106,15 +1106,23 @@ phase57() {
   # the thirty-third session's staged default (moe.STAGED_ROWS: Mixtral from 16 tokens) beside every baseline, the
   # picked layout held beside it ("Gluon, held"); the GPU tests of the default paths; then what bounds the 1-token
   # GEMMs (end to end at 1 request, our MoE section asks 31 us of 37.7): ncu of Qwen1.5's 1-token launches, the layer
-  # benchmark's mixed set (w4 + w2) and the served plan's tiers, Marlin's beside (~10 min)
+  # benchmark's mixed set (w4 + w2) and the served plan's tiers, Marlin's beside, and the ring's (~13 min)
   mkdir -p $res/ncu $res/tests
+  # first the codes through a ring of shared memory (Tiles.ring, thirty-fourth session, CPU-built): 2 or 3 K tiles in
+  # flight a program where one was, at 1 and 8 tokens beside the picked layout (~2 min)
+  python3 benchmarks/moe_layer.py --tokens 1 8 --ours-only \
+    --layouts '^stream-K, codes .*$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_ring > $res/layer_ring.log 2>&1
+  say "moe_layer, the ring at 1 and 8 tokens rc=$?"
+  kernel_tests "options_real_shapes" > $res/tests/kernels_ring.log 2>&1
+  say "ring GPU tests: $(tail -1 $res/tests/kernels_ring.log)"
   # (and two stream-K variants that keep more weight bytes in flight an SM: at 1 token a program's K tiles take about
   # one DRAM round trip each, benchmarks/README.md, thirty-third session)
   python3 benchmarks/moe_layer.py --tokens 1 16 64 \
-    --layouts '^(Gluon, (held|staged)|stream-K, BN 128|stream-K, gate/up at 128 registers, 4 an SM)$' \
+    --layouts '^(Gluon, (held|staged)|stream-K, BN 128|stream-K, gate/up at 128 registers, 4 an SM|Gluon, codes 3 tiles ahead \(ring 4\))$' \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s34 > $res/layer_s34.log 2>&1
   say "moe_layer, every baseline, staged by default rc=$?"
-  kernel_tests "all_schemes or odd_sizes or gluon_kernel_real_shapes or options_real_shapes or counts_routing" > $res/tests/kernels_s34.log 2>&1
+  kernel_tests "all_schemes or odd_sizes or gluon_kernel_real_shapes or counts_routing" > $res/tests/kernels_s34.log 2>&1
   say "kernel tests: $(tail -1 $res/tests/kernels_s34.log)"
   command -v ncu > /dev/null || return 0
   local what="--section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section WarpStateStats
@@ -1128,6 +1136,11 @@ phase57() {
       benchmarks/profile_layer.py --tokens 1 $args --loop > $res/ncu/qwen15-1tok-$s.txt 2>&1
     say "ncu 1 token, $s rc=$?"
   done
+  # shellcheck disable=SC2086
+  ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 2 $what python3 benchmarks/profile_layer.py \
+    --tokens 1 --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --loop --set ring=4 --set staged=false \
+    > $res/ncu/qwen15-1tok-served-ring4.txt 2>&1
+  say "ncu 1 token, served, ring 4 rc=$?"
 }
 
 two_gpus() {
