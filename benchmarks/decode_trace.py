@@ -24,6 +24,12 @@ GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def _events(path: str) -> list[dict]:
+    """A trace's events; ``path`` may be the folder the profiler wrote it into (serving.py's trace-* folders)."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.json*")))
+        if len(found) != 1:
+            raise ValueError(f"{path}: a folder of one trace (*.json or *.json.gz), not {len(found)}")
+        path = found[0]
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)
@@ -255,6 +261,13 @@ def main() -> None:
                          "MARKER ('|' between names) and the others: e.g. RMSNorm 'router|moe_align' splits each "
                          "layer into its MoE and attention sections")  # fmt: skip
     a = ap.parse_args()
+    try:
+        _report(a)
+    except (OSError, ValueError) as e:  # an unreadable or empty trace: a message, not a traceback
+        raise SystemExit(f"decode_trace.py: {e}") from None
+
+
+def _report(a) -> None:
     if a.sections:
         got = sections(a.trace, *a.sections)
         for k, (us, n) in got.items():

@@ -359,17 +359,8 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, held": {"staged": False},
     "Gluon, BM 32, staged": {"bm": 32, "staged": True},
     "Gluon, BM 32, BN 64, staged": {"bm": 32, "bn": 64, "staged": True},
-    # the codes' K tiles 2 or 3 ahead through a ring of shared memory (Tiles.ring: cp.async, no registers held while in
-    # flight). At 1 token a program's K tile is a few MMAs, and the GEMMs ran at half the copy ceiling, about a DRAM
-    # round trip a tile with one ahead (thirty-third session). A ring at 2 tokens and more, on codes row by row, was
-    # slower (2026-12-03); the codes are tiled since, and 1 token on stream-K was not timed with one
-    "stream-K, codes 2 tiles ahead (ring 3)": {"stream_k": True, "ring": 3, "staged": False},
-    "stream-K, codes 3 tiles ahead (ring 4)": {"stream_k": True, "ring": 4, "staged": False},
-    # narrow code sets' gate/up (BN 128) take 178 to 180 registers with the ring (2 programs an SM), 162 to 164 under
-    # a cap of 168 without spills (3, as held); Triton 3.6's ptxas, tests/test_gluon.py's _ring_census
-    "stream-K, codes 3 tiles ahead (ring 4), at 168 registers": {"stream_k": True, "ring": 4, "staged": False,
-                                                                 "maxnreg": 168, "down_tiles": {"maxnreg": None}},
-    "Gluon, codes 3 tiles ahead (ring 4)": {"ring": 4, "staged": False},
+    # (the codes' K tiles 2 or 3 ahead through a ring of shared memory, Tiles.ring, thirty-fourth session: stream-K at
+    # 1 and 8 tokens and the picked grid at 16 and 64, 1.03 to 1.25x the picked layout's time on the H100; removed)
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts
     # of 14336 x 4096 then spread over the SMs by K tiles)
     "Gluon, BM 8, stream-K": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "stream_k": True},

@@ -1,7 +1,7 @@
 """The decode kernels' sm_90 code, read on a machine without a GPU: registers, and what a K tile costs.
 
     python3 benchmarks/sass_census.py [--ptxas P] table [--maxnreg N] [--place] [--early] [--bm N] [--staged]
-                                                      [--ring N] [--out FILE.md]
+                                                      [--out FILE.md]
                                                               # registers, programs an SM, K loops
     python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant (and of the
                                                               # opt-in place and early on one code set), in order
@@ -71,7 +71,7 @@ def look_ahead(loop: list[str]) -> str:
 
 
 def table(maxnreg: int | None = None, place: bool = False, early: bool = False, bm: int = 8,
-          staged: bool = False, ring: int = 0) -> str:
+          staged: bool = False) -> str:
     from mxkernels.moe import STREAM_K_MOST
 
     rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
@@ -82,7 +82,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
         for gate_up in (True, False):
             for stream_k in (True, False):
                 compiled = compile_decode(gate_up, False, codes, bm, bn, stream_k, maxnreg=maxnreg, place=place,
-                                          early=early, staged=staged, ring=ring)  # fmt: skip
+                                          early=early, staged=staged)  # fmt: skip
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
                 inner = loops(sass, innermost=True)
@@ -114,9 +114,8 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
             "loops. After the last load: the K loop's instructions after its last global load (how far ahead of "
             "the next tile's products its loads go)." + (f" Every variant capped at {maxnreg} registers." if maxnreg
                                                            else "")
-            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early), ("staged", staged),
-                                                         (f"ring {ring}", ring)) if on)
-               + "." if place or early or staged or ring else "")
+            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early), ("staged", staged)) if on)
+               + "." if place or early or staged else "")
             + f" ptxas {_ptxas_version()}.\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
 
@@ -260,7 +259,6 @@ def main() -> int:
     t.add_argument("--early", action="store_true", help="the next tile's loads before the products (Tiles.early)")
     t.add_argument("--bm", type=int, default=8, help="rows a block (the MMA's N: 8, 16; 32 staged)")
     t.add_argument("--staged", action="store_true", help="the activations through shared memory (Tiles.staged)")
-    t.add_argument("--ring", type=int, default=0, help="the codes' K tiles through a ring of N (Tiles.ring)")
     ap.add_argument("--ptxas", help="compile with this ptxas (e.g. Triton 3.6's, which the lent GPU's image runs: "
                                     "pip download triton==3.6.0 --no-deps; unzip its triton/backends/nvidia/bin)")
     d = sub.add_parser("dump")
@@ -275,7 +273,7 @@ def main() -> int:
     if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
         os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
     if a.what == "table":
-        text = table(a.maxnreg, a.place, a.early, a.bm, a.staged, a.ring)
+        text = table(a.maxnreg, a.place, a.early, a.bm, a.staged)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)

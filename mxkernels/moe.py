@@ -85,10 +85,6 @@ class Tiles:
     # ahead in registers (decode's default on large layers: STAGED_ROWS); lets a block take 32 rows (bm=32), which
     # took 2.1x the time (H100, thirty-third session)
     staged: bool = False
-    # the Gluon MMA kernel: the codes' K tiles (not bf16's) ``ring`` - 1 ahead through a ring of shared memory
-    # (cp.async, moe_gemm_gluon._expert_ring), where registers held one; 0 off. Not with staged (both count cp.async
-    # groups). For 1 token, whose programs wait about a DRAM round trip a tile (thirty-third session); not yet timed
-    ring: int = 0
 
 
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
@@ -110,8 +106,7 @@ PREFILL_GROUP_M = 8
 
 # fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
 # layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
-DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm", "place", "early",
-               "ring")
+DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm", "place", "early")
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -414,9 +409,6 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     from mxkernels.moe_gemm_gluon import KERNEL_CODES, MAGIC, WARPS, eligible
 
     bn = gluon_bn(tiles)
-    if tiles.ring and (tiles.ring < 2 or tiles.staged):
-        raise ValueError(f"ring={tiles.ring}: the codes' K tiles through a ring of 2 or more stages, not with staged "
-                         "activations")
     if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or \
             tiles.bm not in ((8, 16, 32) if tiles.staged else (8, 16)):
         raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
@@ -434,7 +426,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
-                  **({"STAGED": True} if tiles.staged else {}), **({"RING": tiles.ring} if tiles.ring else {}))
+                  **({"STAGED": True} if tiles.staged else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -444,7 +436,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
                       tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0),
-                      tiles.staged, tiles.ring)  # fmt: skip
+                      tiles.staged)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -481,7 +473,6 @@ class GridKey(NamedTuple):
     tiled: bool = False
     group_m: int = 0
     staged: bool = False
-    ring: int = 0
 
 
 _PER_SM: dict[GridKey, int] = {}
@@ -499,7 +490,7 @@ def _stream_k_per_sm(kernel, args: tuple, consts: dict, key: GridKey, most: int 
         compiled._init_handles()  # loads the module, as its first launch would: its registers are known then
         per_warp = -(-compiled.n_regs * 32 // 256) * 256  # registers are given to warps 256 at a time
         fit = 65536 // (per_warp * consts["num_warps"])
-        shared = compiled.metadata.shared  # Tiles.staged, Tiles.ring: their rings
+        shared = compiled.metadata.shared  # Tiles.staged: its activation ring
         if shared:
             fit = min(fit, torch.cuda.get_device_properties(args[0].device).shared_memory_per_multiprocessor // shared)
         if fit < 1:
@@ -658,7 +649,7 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
     narrow = not codes & ~NARROW_CODES
     bn = override.get("bn", 2 * BN if narrow else BN)
     bm = override.get("bm", 8 if per_expert <= (12 if narrow else 8) else 16)
-    staged = override.get("staged", staged and not override.get("ring"))  # a ring asked for: not staged
+    staged = override.get("staged", staged)
     split = 1 if tiles.stream_k else min(tiles.split, max(1, k // BK))  # stream-K: K is dealt out whole
     return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"),
                                staged=staged)  # fmt: skip

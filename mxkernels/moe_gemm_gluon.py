@@ -119,9 +119,6 @@ def _staged_rows(bm):
 
 # [STAGES, 2 BM, 32] words: rows of 128 bytes whose 16-byte vectors are XORed with the row's low 3 bits
 _STAGED = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))  # of one stage: an allocation's first dim is its ring
-# Tiles.ring: [RING, BN, 4, W] words of a weight matrix's K tiles, each lane's W words contiguous as in the tiled
-# arena (a quarter warp's 16-byte reads at 4 bits: 8 bank groups), a stage's layout
-_RING = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
 # the copy into it: 16 bytes a lane, a row by 8 lanes
 _COPY = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0]))
 
@@ -331,17 +328,13 @@ def _placed_acts(words, B: gl.constexpr):
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
           SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False,
-          TILED: gl.constexpr = False, ACTS: gl.constexpr = True, WEIGHTS: gl.constexpr = True):  # fmt: skip
+          TILED: gl.constexpr = False, ACTS: gl.constexpr = True):  # fmt: skip
     """Loads of one K tile (weights, scales, activations): everything the products need, so the
     next tile's can be in flight during these. 3 bits: the two planes (w, wx); otherwise wx is w.
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
     scales load first, then the program waits for that launch. Without ACTS (Tiles.staged: they come through
-    shared memory, ``_stage``) ``toks`` stands in for them; without WEIGHTS (Tiles.ring: ``_expert_ring``), for
-    the weights."""
-    if not WEIGHTS:
-        w = toks
-        wx = toks
-    elif BITS == 3:
+    shared memory, ``_stage``) ``toks`` stands in for them."""
+    if BITS == 3:
         w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
         wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
     else:
@@ -433,8 +426,10 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     instructions after the last load, benchmarks/results/sass_census_s28_*.md), so they have little time to
     arrive; EARLY puts a branch between loads and products, which keeps the loads first (for 30 to 70
     more registers). (Loading the weights two tiles ahead in registers, through a cp.async ring in shared
-    memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200:
-    benchmarks/README.md. What paid was the codes' order in memory, TILED: arena.tile_words.)
+    memory, or asking L2 for the run's tiles with bulk prefetches, was measured slower on the H200; the
+    cp.async ring again on the H100 with the codes tiled, 2 or 3 tiles ahead at 1 to 64 tokens, 1.03 to 1.25x
+    the time: benchmarks/README.md, thirty-fourth session. What paid was the codes' order in memory, TILED:
+    arena.tile_words.)
     STAGED: the activations are copied one tile ahead (cp.async) into a ring of STAGES buffers in shared memory,
     and read where their tile's products need them, so the look-ahead holds no registers for them (4 BM a thread
     otherwise). ptxas then issues the weights' loads at the top of the K loop, which pays on layers whose programs
@@ -495,106 +490,12 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
 
 
 @gluon.jit
-def _ring_copy(ring, ring_x, slot, wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr,
-               TILED: gl.constexpr):  # fmt: skip
-    """Tile ``k0``'s codes of rows ``rb + r0 ..`` copied (cp.async) into ``slot`` of the ring, each lane its own
-    words, as ``_weight_ptrs`` lays them out (3 bits: the 2-bit plane into ``ring``, the 1-bit one into ``ring_x``)."""
-    if BITS == 3:
-        _async_load(ring.index(slot), _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
-        _async_load(ring_x.index(slot), _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
-    else:
-        _async_load(ring.index(slot), _weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
-
-
-@gluon.jit
-def _ring_read(ring, ring_x, slot, BITS: gl.constexpr, BN: gl.constexpr):
-    """A slot's codes back in the lanes' layout, as ``_tile`` loads them: (w, wx)."""
-    if BITS == 3:
-        return ring.index(slot).load(_weight_lanes(2, BN)), ring_x.index(slot).load(_weight_lanes(1, BN))
-    else:
-        w = ring.index(slot).load(_weight_lanes(BITS, BN))
-        return w, w
-
-
-@gluon.jit
-def _ring_alloc(RING: gl.constexpr, BITS: gl.constexpr, BN: gl.constexpr):
-    """A ring of RING K tiles of one weight matrix's codes (and its 1-bit plane's at 3 bits; else that is the ring)."""
-    W: gl.constexpr = 2 if BITS == 3 else BITS
-    ring = gl.allocate_shared_memory(gl.int32, [RING, BN, 4, W], _RING)
-    ring_x = ring
-    if BITS == 3:
-        ring_x = gl.allocate_shared_memory(gl.int32, [RING, BN, 4, 1], _RING)
-    return ring, ring_x
-
-
-@gluon.jit
-def _expert_ring(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
-                 BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
-                 B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
-                 PLACE: gl.constexpr, TILED: gl.constexpr, RING: gl.constexpr):  # fmt: skip
-    """``_expert`` (codes, not bf16) with the weights RING - 1 K tiles ahead in shared memory (Tiles.ring), copied
-    by cp.async, which holds no registers while in flight; scales and activations (L2 hits) stay one tile ahead in
-    registers. At 1 token a K tile's products are a few MMAs, so a program held one tile in flight and waited a
-    DRAM round trip a tile (benchmarks/README.md, thirty-third session); Marlin keeps 4 stages so. Each lane copies
-    and reads back only its own words, and a slot is refilled one tile after it was read."""
-    ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
-    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    gpr = K // group
-    inv_tpg = 1.0 / (group // _BK).to(gl.float32)
-    last = gl.minimum(k_hi, K) - _BK  # the run's last tile: the copies past it take it again (unused)
-    ring, ring_x = _ring_alloc(RING, BITS, BN)
-    ring2, ring2_x = ring, ring_x
-    if GATE_UP:  # rows [N, 2N) of the fused weight are up
-        ring2, ring2_x = _ring_alloc(RING, BITS, BN)
-    for t in gl.static_range(RING - 1):
-        kt = gl.minimum(k_lo + t * _BK, last)
-        _ring_copy(ring, ring_x, t, wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN, TILED)
-        if GATE_UP:
-            _ring_copy(ring2, ring2_x, t, wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN, TILED)
-        async_copy.commit_group()
-    k0 = gl.minimum(k_lo, last)
-    _w, _wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
-                             BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED, WEIGHTS=False)  # fmt: skip
-    s2, z2 = s, z
-    if GATE_UP:
-        _w, _wx, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K, gpr,
-                                   inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED, WEIGHTS=False)  # fmt: skip
-    for k0 in range(k_lo, k_hi, _BK):
-        i = (k0 - k_lo) // _BK
-        async_copy.wait_group(RING - 2)  # tile i's copies (the i-th group) have landed
-        w, wx = _ring_read(ring, ring_x, i % RING, BITS, BN)
-        w2, wx2 = w, wx
-        if GATE_UP:
-            w2, wx2 = _ring_read(ring2, ring2_x, i % RING, BITS, BN)
-        kt = gl.minimum(k0 + (RING - 1) * _BK, last)  # into the slot read one tile ago
-        _ring_copy(ring, ring_x, (i + RING - 1) % RING, wi_ptr, wb_ptr, 0, r0, N, kt, K, BITS, BN, TILED)
-        if GATE_UP:
-            _ring_copy(ring2, ring2_x, (i + RING - 1) % RING, wi_ptr, wb_ptr, N, r0, N, kt, K, BITS, BN, TILED)
-        async_copy.commit_group()
-        kn = gl.minimum(k0 + _BK, last)
-        _w, _wx, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K, gpr,
-                                    inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
-                                    WEIGHTS=False)  # fmt: skip
-        s2n, z2n = sn, zn
-        if GATE_UP:
-            _w, _wx, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, kn, K,
-                                          gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
-                                          WEIGHTS=False)  # fmt: skip
-        acc, acc2 = _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP, B_OP,
-                              MMA, PLACE)  # fmt: skip
-        s, z, a, s2, z2 = sn, zn, an, s2n, z2n
-    async_copy.wait_group(0)  # no copy in flight into shared memory that a stream-K unit after this one takes
-    return acc, acc2
-
-
-@gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
-           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, RING: gl.constexpr):  # fmt: skip
+           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -636,16 +537,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
         for c in gl.static_range(0, 6):  # bf16 (code 0) and weight-only 1, 2, 3, 4 and 8 bits (code 5)
             if (CODES >> c) & 1:
                 if code == c:
-                    if RING > 1 and c != 0:  # the codes through shared memory (bf16's weights: registers)
-                        acc, acc2 = _expert_ring(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off,
-                                                 a_base, pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
-                                                 c + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA, SKIP_PAD, WAIT,
-                                                 PLACE, TILED, RING)  # fmt: skip
-                    else:
-                        acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
-                                            pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
-                                            c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                            SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED)  # fmt: skip
+                    acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
+                                        pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
+                                        c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
+                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -693,8 +588,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
                              EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
-                             GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False,
-                             RING: gl.constexpr = 0):  # fmt: skip
+                             GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -737,7 +631,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, RING)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -758,7 +652,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, RING)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

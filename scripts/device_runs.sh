@@ -10,7 +10,7 @@
 #
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN): rerun, `mxserve launch`
-# refuses them and a kernel benchmark measures the default in their place. Next: `start 57 55 39`.
+# refuses them and a kernel benchmark measures the default in their place. Next: `start 58 39`.
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -1143,6 +1143,31 @@ phase57() {
   say "ncu 1 token, served, ring 4 rc=$?"
 }
 
+phase58() {
+  # the thirty-fourth session's ring of codes (2 or 3 K tiles in flight a program) lost at 1 token, so bytes in flight do
+  # not bound it. Under ncu the 1-token GEMMs' SM throughput is 29 to 33% of peak, each warp stalled 2.6 to 3.0 cycles an
+  # instruction on L1TEX (global loads) whether the codes come from registers or the ring, and the SMs are active 69 to
+  # 79% of the launch. Which loads the warps wait on: ncu's stall samples per SASS instruction (source page) of the served
+  # plan's 1-token gate/up and down launches; then, at 1 and 8 tokens, the options that move loads (~4 min)
+  mkdir -p $res/ncu
+  local plan="served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7"
+  if command -v ncu > /dev/null; then
+    ncu --kernel-name regex:mx_moe_gemm_gluon --launch-skip 8 --launch-count 2 --section WarpStateStats \
+      --section SourceCounters -f -o $res/ncu/qwen15-1tok-served-source python3 benchmarks/profile_layer.py --tokens 1 \
+      --plan $plan --loop > $res/ncu/qwen15-1tok-served-source.log 2>&1
+    ncu -i $res/ncu/qwen15-1tok-served-source.ncu-rep --page source --csv --print-source sass \
+      > $res/ncu/qwen15-1tok-served-sass.csv 2> $res/ncu/qwen15-1tok-served-sass.err
+    say "ncu stall samples by SASS instruction, 1 token rc=$?"
+    # the report only where its export failed (it is read here with ncu's own tools)
+    [ -s $res/ncu/qwen15-1tok-served-sass.csv ] && rm -f $res/ncu/qwen15-1tok-served-source.ncu-rep
+    xz -9 $res/ncu/qwen15-1tok-served-sass.csv
+  fi
+  python3 benchmarks/moe_layer.py --tokens 1 8 --ours-only \
+    --layouts '^(Gluon, loads first|Gluon, BN 64, loads first|Gluon, staged|Gluon, held)$' --plan $plan \
+    --out $res/layer_loads > $res/layer_loads.log 2>&1
+  say "moe_layer, loads first and staged at 1 and 8 tokens rc=$?"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1199,7 +1224,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

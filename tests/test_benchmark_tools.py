@@ -272,6 +272,11 @@ def test_decode_trace_splits_layers_into_sections_between_norms(tmp_path: Path):
     assert decode_trace.sections(str(tmp_path / "t.json"), "RMSNorm", "gemm|x")["with"] == (32.0, 3)
     with pytest.raises(ValueError, match="holds one named like 'marlin'"):
         decode_trace.sections(str(tmp_path / "t.json"), "RMSNorm", "marlin")
+    # the folder serving.py's profiler wrote the trace into reads as the trace; a folder of two traces is refused
+    assert decode_trace.sections(str(tmp_path), "RMSNorm", "router|moe_align") == got
+    (tmp_path / "u.json.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="a folder of one trace"):
+        decode_trace.sections(str(tmp_path), "RMSNorm", "router|moe_align")
 
 
 def test_decode_trace_times_each_distinct_launch_of_a_kernel(tmp_path: Path):

@@ -285,56 +285,6 @@ def test_gluon_kernel_staged_activations_give_the_same_layer(interpreted_gluon, 
     assert set(launches) == {(False, tiles["bm"]), (True, tiles["bm"])}, launches
 
 
-# Tiles.ring: the codes' K tiles 1 to 3 ahead through a ring of shared memory (moe_gemm_gluon._expert_ring), bf16's
-# in registers as before. Split 2 and stream-K start runs inside K. The same sums, bit
-# for bit, as the codes held a tile ahead in registers (a slot refilled before it was read, or read from the wrong
-# one, would differ: the interpreter's copies land at once)
-@pytest.mark.parametrize("tiles", [
-    {"bm": 8, "bn": 64, "split": 1, "ring": 3}, {"bm": 16, "bn": 128, "split": 2, "ring": 4, "skip_pad": True},
-    {"bm": 8, "bn": 64, "stream_k": True, "ring": 4}, {"bm": 8, "bn": 128, "stream_k": True, "ring": 2}])  # fmt: skip
-def test_gluon_kernel_ring_of_codes_gives_the_same_layer(interpreted_gluon, tiles, monkeypatch):
-    launches = _spied(monkeypatch, lambda grid, kw: kw.get("RING", 0))
-    # bf16 (in registers beside the ring), w3 (two planes, two rings), w8 (the widest ring) and w4; gate/up's K of 5
-    # tiles wraps every ring, down's of 2 is shorter than all but the first
-    diff = layouts_agree(["bf16", "w3a16g128", "w8a16", "w4a16g128"], 8, 640, 256, 4, 2, "cpu", seed=5,
-                         a={**GLUON, **tiles, "ring": 0}, b={**GLUON, **tiles})  # fmt: skip
-    assert diff == 0, diff
-    assert set(launches) == {0, tiles["ring"]}, launches
-
-
-@pytest.mark.parametrize("tiles", [{"ring": 1}, {"ring": 3, "staged": True}])
-def test_gluon_kernel_refuses_a_ring_it_cannot_run(interpreted_gluon, tiles):
-    with pytest.raises(ValueError, match="ring of 2 or more stages, not with staged"):
-        gemm_errors(GLUON_SCHEMES[:2], 8, 256, 256, 4, 1, 2, "cpu", seed=3, **{**GLUON, "bm": 8, **tiles})
-
-
-def _ring_census(codes: int, bn: int) -> str:
-    """The stream-K gate/up kernel at 8 rows a block, codes held a tile ahead in registers, then through a ring of 4:
-    registers of each, the ring's shared memory, and over the ring's innermost loops the copies into shared memory,
-    shared loads, global loads and spill instructions, then the held kernel's global loads."""
-    held, ring = (compile_decode(True, codes=codes, bm=8, bn=bn, stream_k=True, ring=r) for r in (0, 4))
-    count = [[sum(bool(re.search(p, ln)) for loop in loops(disassemble(c, f"ring{r}"), innermost=True) for ln in loop)
-              for p in (r"\bLDGSTS\b", r"\bLDS(\.\d+)?\b", r"\bLDG\.E", r"\b(STL|LDL)\b")]
-             for c, r in ((ring, 4), (held, 0))]  # fmt: skip
-    values = (resources(held)["reg"], resources(ring)["reg"], ring.metadata.shared, *count[0], count[1][2])
-    return " ".join(str(v) for v in values)
-
-
-@pytest.mark.parametrize("codes, bn", [(0b10100, 128), (0b111100, 64)])
-def test_gluon_kernel_ring_copies_the_codes_into_shared_memory(codes, bn):
-    # every code's K loop copies its next tiles into the ring (LDGSTS) and reads this one back (LDS), so of its global
-    # loads only the scales' and activations' are left in the loops; no spills, and registers about as held (the
-    # narrow set at BN 128: 180 against 168 in Triton 3.9's code, the served plan's set 128 against 136). The ring:
-    # 4 tiles of gate's and up's codes of the widest code (w4 at BN 128, w8 at BN 64: 64 KB), one allocation for all
-    # codes' branches, not one each
-    census = in_fresh_process("test_gluon", f"_ring_census({codes}, {bn})")
-    regs_held, regs, shared, copies, lds, ldg, spills, ldg_held = map(int, census.split())
-    assert copies >= 4 and lds >= 4 and spills == 0, census
-    assert ldg < ldg_held, census
-    assert regs <= regs_held + 16, census
-    assert shared == 4 * 2 * bn * 128 * (8 if codes >> 5 else 4) // 8, census
-
-
 # 32-row blocks, which only staging allows (held in registers a tile ahead, 32 tokens' activations spill:
 # benchmarks/sass_census.py table --bm 32), on both grids; 6 experts of about 16 rows, so most take one block
 @pytest.mark.parametrize("stream_k", [False, True])
@@ -481,7 +431,7 @@ def test_gluon_kernel_stream_k_by_rows_by_environment_and_single_dispatch_only(i
 def test_gluon_decode_stages_activations_for_full_blocks_of_large_layers(interpreted_gluon, monkeypatch):
     # Tiles.staged by default from moe.STAGED_ROWS rows per expert where the active experts' gate/up weights
     # come to moe.STAGED_WEIGHTS_PER_SM an SM (the interpreter's GPU: 4 SMs), both GEMMs alike, on either grid;
-    # MXSERVE_DECODE_TILES' staged=false keeps it off, and so does a ring asked for; prefill never takes it
+    # MXSERVE_DECODE_TILES' staged=false keeps it off; prefill never takes it
     from mxkernels import moe
     from mxkernels.arena import build_arena
 
@@ -511,8 +461,6 @@ def test_gluon_decode_stages_activations_for_full_blocks_of_large_layers(interpr
     assert launches(40) == [False] * 4
     monkeypatch.setattr(moe, "STAGED_WEIGHTS_PER_SM", 500_000)
     monkeypatch.setenv("MXSERVE_DECODE_TILES", "staged=false")
-    assert launches(40) == [False] * 4
-    monkeypatch.setenv("MXSERVE_DECODE_TILES", "ring=4")  # the codes through a ring (Tiles.ring) take its place
     assert launches(40) == [False] * 4
     monkeypatch.delenv("MXSERVE_DECODE_TILES")
     assert launches(400) == [None, None]  # 60 rows per expert: prefill, on the Triton kernel

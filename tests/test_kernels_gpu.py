@@ -108,15 +108,12 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     (16, {"early": True, "stream_k": True, "maxnreg": 128}),
     (64, {"group_m": 4}), (64, {"group_m": 2, "stream_k": True}),  # an expert's blocks side by side, both grids
     (16, {"staged": True}), (64, {"staged": True, "bm": 32, "bn": 64}),  # the activations through shared memory
-    (64, {"staged": True, "bm": 32, "stream_k": True}),
-    # the codes through a ring of shared memory (Tiles.ring), on both grids, capped so at BN 128
-    (1, {"ring": 4, "stream_k": True, "bm": 8}), (3, {"ring": 3, "stream_k": True, "bm": 8, "bn": 64}),
-    (16, {"ring": 4, "stream_k": True, "maxnreg": 168}), (64, {"ring": 4})])
+    (64, {"staged": True, "bm": 32, "stream_k": True})])
 def test_gluon_kernel_options_real_shapes(t, opts):
     # Tiles.place (1 and 2-bit codes unpacked in place, the activations scaled by the packed bf16 multiply) and
     # Tiles.early (the next tile's loads fenced before the products), on both grids: the schemes it runs, mixed
     errs = gemm_errors(GLUON_SCHEMES, t, 2048, 1408, 18, 2, 4, "cuda", seed=41 + t, **{"bm": 8, **GLUON, **opts})
-    assert t < 16 or {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
     for key, e in errs.items():
         assert e < 2e-2, (key, opts, e)
 
