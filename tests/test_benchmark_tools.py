@@ -591,7 +591,7 @@ def test_sass_census_counts_programs_by_registers_and_diffs_dumps(tmp_path: Path
     census = pytest.importorskip("sass_census", reason="needs Triton's Gluon")
     assert [census.programs_an_sm(r, None) for r in (64, 80, 128, 130, 168, 178)] == [8, 6, 4, 3, 3, 2]
     assert census.programs_an_sm(64, 4) == 4
-    # and by shared memory (Tiles.ring at 4 stages of w8 gate/up: 64 KB a program, 3 in the H100's 228 KB)
+    # and by shared memory (the staged activations' ring; 64 KB a program: 3 in the H100's 228 KB)
     assert [census.programs_an_sm(128, 4, shared) for shared in (0, 48 << 10, 64 << 10, 128 << 10)] == [4, 4, 3, 1]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"k1": ["LDG", "HMMA"], "k2": ["EXIT"]}))
