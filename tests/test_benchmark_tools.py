@@ -117,6 +117,13 @@ def test_moe_layer_benchmark_plans_by_popularity_tiers():
     assert all(plan[x] == "w8a16" for x in top)
     assert moe_layer.mixed_plan(16, 18, 2, True, cpu) == moe_layer.tiered_plan(
         16, 18, 2, True, cpu, [("w4a16g128", 1), ("w2a16g128", 1)])
+    # and so do those of the routing timed, drawn from a generator in any state: the mixed plan's w4 half of the
+    # experts gets most of its rows (a draw with its own order of popularity gave them about half)
+    mixed = moe_layer.mixed_plan(60, 60, 4, True, cpu)
+    for seed in (0, 1, 2):
+        ids, _ = moe_layer.routing(4096, 60, 4, True, torch.Generator().manual_seed(seed), cpu)
+        rows = torch.bincount(ids.reshape(-1), minlength=60)
+        assert sum(int(rows[x]) for x in range(60) if mixed[x] == "w4a16g128") > 0.9 * ids.numel()
 
 
 def test_import_standins_answer_only_the_named_importers(tmp_path):
