@@ -677,3 +677,23 @@ def test_expert_reads_counts_a_block_per_bm_rows_of_an_expert():
     assert 3 <= active <= 4 and blocks == active
     active, blocks = expected_reads(8, 2, 64, 16, True, draws=50)
     assert blocks / active > 1.2, (active, blocks)
+
+
+def test_skewed_bytes_counts_the_experts_a_launch_reads_and_the_fixs_undercount():
+    # benchmarks/skewed_bytes.py: a launch reads its active routed experts and every shared one, each at its scheme's
+    # bits with the scales; under the mixed plan, the routing that follows the plan's order of popularity reads more
+    # bytes than the draws with an order of their own did (about half the popular experts were w2)
+    import torch
+    from skewed_bytes import layer_bytes, ratio
+
+    from mxserve.schemes import get_scheme
+
+    plan = ["w4a16g128", "w2a16g128", "w4a16g128", "bf16"]  # 3 routed experts, 1 shared (bf16)
+    per = {sc: (get_scheme(sc).bits_per_weight(256) * 2 * 128 * 256 + get_scheme(sc).bits_per_weight(128) * 256 * 128)
+           / 8 for sc in set(plan)}  # fmt: skip
+    assert layer_bytes(plan, torch.tensor([[0, 2], [2, 0]]), 3, 256, 128) == 2 * per["w4a16g128"] + per["bf16"]
+    assert layer_bytes(plan, torch.tensor([[1]]), 3, 256, 128) == per["w2a16g128"] + per["bf16"]
+    shape = {"hidden": 256, "inter": 128, "experts": 32, "shared": 0, "top_k": 2}
+    from moe_layer import mixed_plan
+
+    assert ratio(shape, mixed_plan(32, 32, 2, True, "cpu"), 16, 8) > 1.1
