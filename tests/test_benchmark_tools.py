@@ -117,6 +117,10 @@ def test_moe_layer_benchmark_plans_by_popularity_tiers():
     assert all(plan[x] == "w8a16" for x in top)
     assert moe_layer.mixed_plan(16, 18, 2, True, cpu) == moe_layer.tiered_plan(
         16, 18, 2, True, cpu, [("w4a16g128", 1), ("w2a16g128", 1)])
+    # a cell's draws are its own, whatever ran before it: the same cell draws the same routing, another cell another
+    same = [moe_layer.routing(4, 16, 2, True, moe_layer.cell_generator("m", True, 4, cpu), cpu)[0] for _ in range(2)]
+    other = moe_layer.routing(4, 16, 2, True, moe_layer.cell_generator("m", True, 5, cpu), cpu)[0]
+    assert torch.equal(*same) and not torch.equal(same[0], other)
     # and so do those of the routing timed, drawn from a generator in any state: the mixed plan's w4 half of the
     # experts gets most of its rows (a draw with its own order of popularity gave them about half)
     mixed = moe_layer.mixed_plan(60, 60, 4, True, cpu)
