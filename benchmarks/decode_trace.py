@@ -23,10 +23,15 @@ from collections.abc import Callable
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def _traces(folder: str) -> list[str]:
+    """The trace files (plain or gzip JSON) the profiler wrote into ``folder``."""
+    return sorted(glob.glob(os.path.join(folder, "*.json*")))
+
+
 def _events(path: str) -> list[dict]:
     """A trace's events; ``path`` may be the folder the profiler wrote it into (serving.py's trace-* folders)."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "*.json*")))
+        found = _traces(path)
         if len(found) != 1:
             raise ValueError(f"{path}: a folder of one trace (*.json or *.json.gz), not {len(found)}")
         path = found[0]
@@ -194,7 +199,7 @@ def _written_trace(folder: str, timeout: float) -> str:
     """The trace file once the profiler has finished writing it (its size stops changing)."""
     t0, last = time.time(), None
     while time.time() - t0 < timeout:
-        found = sorted(glob.glob(os.path.join(folder, "*.json*")))
+        found = _traces(folder)
         if found:
             size = os.path.getsize(found[-1])
             if size and size == last:
