@@ -701,3 +701,44 @@ def test_skewed_bytes_counts_the_experts_a_launch_reads_and_the_fixs_undercount(
     from moe_layer import mixed_plan
 
     assert ratio(shape, mixed_plan(32, 32, 2, True, "cpu"), 16, 8) > 1.1
+
+
+def _ncu_source_csv(path: Path, rows: list[tuple[str, int, int, int]]) -> None:
+    """An ncu source-page export of one kernel: (instruction, samples, times run, long_sb samples) a row."""
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_long_sb",
+            "stall_wait", "stall_long_sb (Not Issued)"]  # fmt: skip
+    lines = ['"Kernel Name","mx_moe_gemm_gluon_kernel",', ",".join(f'"{h}"' for h in head)]
+    for i, (text, samples, run, long_sb) in enumerate(rows):
+        cells = [hex(0x7F0000A00000 + 16 * i), f"      {text}", samples, run, long_sb, samples - long_sb, long_sb]
+        lines.append(",".join(f'"{c}"' for c in cells))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_ncu_stalls_names_the_load_a_loop_head_waits_for(tmp_path: Path, capsys):
+    import ncu_stalls
+
+    # a prologue loads R16 once; the loop reloads it at its tail, and its head waits for it: in the iterations after
+    # the first the wait is on the tail's load, not the prologue's
+    _ncu_source_csv(tmp_path / "k.csv", [
+        ("LDG.E.128 R16, desc[UR12][R64.64]", 0, 10, 0),
+        ("SHF.R.U32.HI R41, RZ, 0x4, R16", 30, 50, 28),
+        ("FADD R20, R74, R20", 2, 50, 0),
+        ("LDG.E.U16 R50, desc[UR12][R36.64]", 1, 50, 0),
+        ("PRMT R113, R51, 0x5410, R50", 9, 50, 9),
+        ("LDG.E.128 R16, desc[UR12][R42.64]", 0, 50, 0),
+        ("@!P0  BRA 0x7f91f3ca4590", 0, 50, 0),
+        ("EXIT", 1, 10, 0)])  # fmt: skip
+    (k,) = ncu_stalls.read(str(tmp_path / "k.csv"))
+    assert [x.samples for x in k.instrs] == [0, 30, 2, 1, 9, 0, 0, 1]
+    load, before = ncu_stalls.producer(k, 1)  # around the back edge: the tail's load, then the branch
+    assert load.text == "LDG.E.128 R16, desc[UR12][R42.64]" and before == 2
+    load, before = ncu_stalls.producer(k, 4)
+    assert load.text == "LDG.E.U16 R50, desc[UR12][R36.64]" and before == 1
+    assert ncu_stalls.producer(k, 2) is None  # R20 and R74: no load writes them
+    assert ncu_stalls.main([str(tmp_path / "k.csv"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "43 samples" in out and "| 50 | 6 | 42 | 98% |" in out  # the loop: 6 instructions, 42 of 43 samples
+    assert out.count("LDG.E.128 R16, desc[UR12][R42.64]") == 1  # the head's row names its load
+    (tmp_path / "bad.csv").write_text("not,ncu\n")
+    assert ncu_stalls.main([str(tmp_path / "bad.csv")]) == 2
+    assert "no kernel" in capsys.readouterr().err
