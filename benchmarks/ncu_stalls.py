@@ -69,7 +69,7 @@ def read(path: str) -> list[Kernel]:
 
 
 def _dest_and_sources(text: str) -> tuple[set[int], set[int]]:
-    """Registers an instruction writes (its first operand) and reads (the rest; a 128-bit load writes 4)."""
+    """Registers an instruction writes (its first operand; a 128-bit load and an MMA's fp32 sums 4) and reads."""
     body = re.sub(r"^@!?U?P\w+\s+", "", text)
     op, _, args = body.partition(" ")
     parts = [p.strip() for p in args.split(",")]
@@ -78,6 +78,10 @@ def _dest_and_sources(text: str) -> tuple[set[int], set[int]]:
     dest = {int(r) for r in _REG.findall(parts[0])} if not op.startswith(("ST", "RED", "ATOM", "BRA", "ISETP",
                                                                           "FSETP")) else set()  # fmt: skip
     width = {".64": 2, ".128": 4}.get(next((w for w in (".128", ".64") if w in op), ""), 1)
+    if op.startswith("HMMA") and ".F32" in op:  # m16n8k16 fp32 sums: 4 registers
+        width = 4
+    elif op.startswith(("IMAD.WIDE", "CS2R")):
+        width = 2
     if dest and width > 1:
         first = min(dest)
         dest = set(range(first, first + width))

@@ -735,6 +735,8 @@ def test_ncu_stalls_names_the_load_a_loop_head_waits_for(tmp_path: Path, capsys)
     load, before = ncu_stalls.producer(k, 4)
     assert load.text == "LDG.E.U16 R50, desc[UR12][R36.64]" and before == 1
     assert ncu_stalls.producer(k, 2) is None  # R20 and R74: no load writes them
+    # an MMA's fp32 sums take 4 registers: one of them read after it comes from the MMA, not from an earlier load
+    assert ncu_stalls._dest_and_sources("HMMA.16816.F32.BF16 R16, R16, R74, R64")[0] == {16, 17, 18, 19}
     assert ncu_stalls.main([str(tmp_path / "k.csv"), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "43 samples" in out and "| 50 | 6 | 42 | 98% |" in out  # the loop: 6 instructions, 42 of 43 samples
