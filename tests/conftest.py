@@ -22,6 +22,34 @@ import torch
 # triton.jit decorates them, i.e. before any test imports mxkernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpret_helpers_without_repatching() -> None:
+    """Triton's interpreter patches triton.language again at every call of a @triton.jit helper inside a kernel
+    (the launch has already patched it, and the helper's patch is never undone): inspect.getmembers over the language
+    per call, a quarter of a Gluon interpreter test's time (cProfile). Where every language module the helper sees is
+    patched already, the launch's patch stands; otherwise Triton's own patch runs."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang", None)
+    if patch is None or getattr(patch, "_mx_once", False) or not hasattr(interpreter, "_LangPatchScope"):
+        return
+
+    def patch_once(fn):
+        langs = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if langs and all(not tl.core.is_builtin(getattr(v, "load", None)) for v in langs):
+            return interpreter._LangPatchScope()  # nothing to undo: the launch's scope undoes its own
+        return patch(fn)
+
+    patch_once._mx_once = True
+    interpreter._patch_lang = patch_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_helpers_without_repatching()
 # under pytest-xdist (the README's test command: a worker per core), torch's threads in one worker, and
 # in the servers it starts, would contend with the other worker for the same cores
 if os.environ.get("PYTEST_XDIST_WORKER"):
