@@ -371,6 +371,16 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, held": {"staged": False},
     "Gluon, BM 32, staged": {"bm": 32, "staged": True},
     "Gluon, BM 32, BN 64, staged": {"bm": 32, "bn": 64, "staged": True},
+    # the products as warpgroup MMAs (Tiles.wgmma, sm_90): one wgmma a 16-deep slice of all the block's tokens and the 4
+    # warps' 64 rows, so a block's MMA instructions do not grow with its rows (mma_v2's doubled at 32 rows above), the
+    # activations copied once a program into shared memory (every warp loads them all, held); at the picked block, 32
+    # and 64 rows
+    "Gluon, wgmma": {"wgmma": True, "bn": 64, "staged": False},
+    "Gluon, wgmma, BM 32": {"wgmma": True, "bn": 64, "staged": False, "bm": 32},
+    "Gluon, wgmma, BM 64": {"wgmma": True, "bn": 64, "staged": False, "bm": 64},
+    # capped so 3 programs share an SM (the served code set's gate/up holds 254 uncapped at 16 rows, 2 an SM)
+    "Gluon, wgmma, at 168 registers": {"wgmma": True, "bn": 64, "staged": False, "maxnreg": 168},
+    "Gluon, wgmma, BM 32, at 168 registers": {"wgmma": True, "bn": 64, "staged": False, "bm": 32, "maxnreg": 168},
     # (the codes' K tiles 2 or 3 ahead through a ring of shared memory, Tiles.ring, thirty-fourth session: stream-K at
     # 1 and 8 tokens and the picked grid at 16 and 64, 1.03 to 1.25x the picked layout's time on the H100; removed)
     # and forced at every token count (at 1 token the picked layout is the CUDA-core one: Mixtral's 2 experts

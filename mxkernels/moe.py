@@ -85,6 +85,9 @@ class Tiles:
     # ahead in registers (decode's default on large layers: STAGED_ROWS); lets a block take 32 rows (bm=32), which
     # took 2.1x the time (H100, thirty-third session)
     staged: bool = False
+    # the Gluon MMA kernel on sm_90: the products as warpgroup MMAs (wgmma) of the 4 warps' 64 rows (BN 64) and all the
+    # block's tokens, the activations copied into shared memory (moe_gemm_gluon._products_wg); blocks of 8 to 64 rows
+    wgmma: bool = False
 
 
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
@@ -409,11 +412,16 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     from mxkernels.moe_gemm_gluon import KERNEL_CODES, MAGIC, WARPS, eligible
 
     bn = gluon_bn(tiles)
-    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or \
-            tiles.bm not in ((8, 16, 32) if tiles.staged else (8, 16)):
+    blocks = (8, 16, 32, 64) if tiles.wgmma else (8, 16, 32) if tiles.staged else (8, 16)
+    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in blocks:
         raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block (32 with staged "
-                         "activations)")
+                         "activations, up to 64 with warpgroup MMAs)")
+    if tiles.wgmma and (bn != 64 or tiles.place or tiles.staged):
+        raise ValueError("the Gluon kernel's warpgroup MMAs take 64 rows of weights a program (bn 64), neither "
+                         "codes in place nor the staged activations")
+    if tiles.wgmma and a_all.is_cuda and torch.cuda.get_device_capability(a_all.device)[0] != 9:
+        raise ValueError("the Gluon kernel's warpgroup MMAs (wgmma) run on sm_90 GPUs only (H100, H200)")
     if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
         a_all = a_all.contiguous()
     codes &= KERNEL_CODES
@@ -426,7 +434,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
-                  **({"STAGED": True} if tiles.staged else {}))  # fmt: skip
+                  **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -436,7 +444,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
                       tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0),
-                      tiles.staged)  # fmt: skip
+                      tiles.staged, tiles.wgmma)  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -473,6 +481,7 @@ class GridKey(NamedTuple):
     tiled: bool = False
     group_m: int = 0
     staged: bool = False
+    wgmma: bool = False
 
 
 _PER_SM: dict[GridKey, int] = {}

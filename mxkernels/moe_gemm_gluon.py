@@ -41,6 +41,7 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 WARPS = 4  # along the weight rows: 16 rows per warp and MMA tile
 BN = 16 * WARPS  # weight rows per program: one MMA tile per warp (128: two)
@@ -121,6 +122,17 @@ def _staged_rows(bm):
 _STAGED = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))  # of one stage: an allocation's first dim is its ring
 # the copy into it: 16 bytes a lane, a row by 8 lanes
 _COPY = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0]))
+# Tiles.wgmma: a K tile's activations as the warpgroup MMA reads its B operand, [BM, 128] bf16 (K-major rows of 256
+# bytes, swizzled 128 bytes wide), copied in as [BM, 64] int32 words (pairs of k) in a ring of WG_STAGES buffers, one
+# tile ahead: the buffer a copy lands in was last read two tiles before, so one barrier a tile orders them
+WG_STAGES = 3
+_WG_STAGES = gl.constexpr(WG_STAGES)
+_WG_B = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+_WG_WORDS = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+# the copy: 4 bytes a lane (the words change order, _stage_wg), a warp along a token's 64 words
+_WG_COPY = gl.constexpr(gl.BlockedLayout([1, 1], [1, 32], [WARPS, 1], [1, 0]))
+# Triton 3.6's name of a shared memory view's reinterpret, then 3.9's
+_OLD_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "_reinterpret"))
 
 
 @gluon.jit
@@ -304,6 +316,27 @@ def _act_operand(words, B_OP: gl.constexpr):
 
 
 @gluon.jit
+def _stage_wg(buf, a_base, tok_rows, stride_am, k0):
+    """One K tile's activations of the block's tokens copied into ``buf`` ([BM, 64] int32, Tiles.wgmma), k in
+    ``_chunk_order`` (the A operand's): word 4u + c of a row is pair u of lane chunk c, word 16c + u of the tile in
+    memory. Asynchronously (cp.async, 4 bytes a copy), one commit group. ``tok_rows``: each row's token."""
+    d = gl.arange(0, 64, layout=gl.SliceLayout(0, _WG_COPY))[None, :]
+    rows = (a_base + tok_rows[:, None] * stride_am + k0).to(gl.pointer_type(gl.int32))
+    _async_load(buf, rows + ((d % 4) * 16 + d // 4))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _wg_operand(buf, BM: gl.constexpr):
+    """A staged K tile (``_stage_wg``) as the warpgroup MMA's B operand: [128, BM] bf16 in shared memory."""
+    if _OLD_REINTERPRET:
+        rows = buf._reinterpret(gl.bfloat16, [BM, _BK], _WG_B)
+    else:
+        rows = buf.reinterpret(gl.bfloat16, [BM, _BK], _WG_B)
+    return rows.permute([1, 0])
+
+
+@gluon.jit
 def _placed_acts(words, B: gl.constexpr):
     """[4, 16, BM] activation words (``_acts``) each times 2^-p, p the place of its pair's code in the
     shifted word (``_pairs`` with G): (128 + 2^p q) a 2^-p = 128 a 2^-p + q a. One packed bf16 multiply
@@ -402,15 +435,67 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
 
 @gluon.jit
 def _products(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: gl.constexpr, GATE_UP: gl.constexpr,
-              A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, PLACE: gl.constexpr):  # fmt: skip
-    """One K tile's products added into the sums (gate and up for GATE_UP), from the activation words ``a``."""
-    if PLACE and BITS <= 2:
-        ab = _act_operand(_placed_acts(a, BITS), B_OP)
+              A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, PLACE: gl.constexpr,
+              WG: gl.constexpr = False):  # fmt: skip
+    """One K tile's products added into the sums (gate and up for GATE_UP), from the activation words ``a`` (WG: the
+    tile's activations in shared memory, as the warpgroup MMA's B operand)."""
+    if WG:
+        acc, acc2 = _products_wg(w, wx, s, z, a, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP, MMA)
     else:
-        ab = _act_operand(a, B_OP)
-    acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+        if PLACE and BITS <= 2:
+            ab = _act_operand(_placed_acts(a, BITS), B_OP)
+        else:
+            ab = _act_operand(a, B_OP)
+        acc += _product(w, wx, s, z, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+        if GATE_UP:
+            acc2 += _product(w2, wx2, s2, z2, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+    return acc, acc2
+
+
+@gluon.jit
+def _issue_wg(w, wx, magic, b, r, BITS: gl.constexpr, A_OP: gl.constexpr):
+    """A tile's weights times its activations ``b`` (shared memory) as warpgroup MMAs, issued, not waited for: their
+    token and A operands (registers the MMAs read until waited for: the wait keeps them alive). Codes as ``_product``
+    takes them; 8 bits in one sum: the high nibble's codes as bf16 2048 + 16 hi (an exponent 4 higher than 128's), so
+    both MMAs add into one accumulator, 2176 + code a pair."""
+    if BITS == 16:
+        x = gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
+        return warpgroup_mma(x, b, r, use_acc=False, is_async=True), x, x
+    elif BITS == 8:
+        hi = _codes(w, magic + 0x02000200, 8, A_OP, 4, 4)
+        lo = _codes(w, magic, 8, A_OP, 4, 0)
+        t = warpgroup_mma(hi, b, r, use_acc=False, is_async=True)
+        return warpgroup_mma(lo, b, t, is_async=True), hi, lo
+    elif BITS == 3:
+        x = _codes3(w, wx, magic, A_OP)
+        return warpgroup_mma(x, b, r, use_acc=False, is_async=True), x, x
+    else:
+        x = _codes(w, magic, BITS, A_OP)
+        return warpgroup_mma(x, b, r, use_acc=False, is_async=True), x, x
+
+
+@gluon.jit
+def _products_wg(w, wx, s, z, b, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: gl.constexpr, GATE_UP: gl.constexpr,
+                 A_OP: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+    """``_products`` as warpgroup MMAs (Tiles.wgmma), all of a tile's issued before one wait: ``b`` the activations'
+    tile and ``ones`` a tile of ones, both in shared memory (held there, a constant A operand takes registers or is
+    made again each tile). Codes: s (Q.b - z sum(b)), as ``_product``."""
+    r = gl.zeros([acc.shape[0], acc.shape[1]], gl.float32, layout=MMA)
+    t, x, xh = _issue_wg(w, wx, magic, b, r, BITS, A_OP)
+    t2, x2, x2h = t, x, xh
     if GATE_UP:
-        acc2 += _product(w2, wx2, s2, z2, ab, ones, magic, BITS, A_OP, MMA, PLACE)
+        t2, x2, x2h = _issue_wg(w2, wx2, magic, b, r, BITS, A_OP)
+    if BITS == 16:
+        q, q2, x, xh, x2, x2h = warpgroup_mma_wait(0, deps=[t, t2, x, xh, x2, x2h])
+        acc += q
+        if GATE_UP:
+            acc2 += q2
+    else:
+        ts = warpgroup_mma(ones, b, r, use_acc=False, is_async=True)
+        q, q2, asum, x, xh, x2, x2h = warpgroup_mma_wait(0, deps=[t, t2, ts, x, xh, x2, x2h])
+        acc += (q - z[:, None] * asum) * s[:, None]
+        if GATE_UP:
+            acc2 += (q2 - z2[:, None] * asum) * s2[:, None]
     return acc, acc2
 
 
@@ -419,7 +504,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
             PLACE: gl.constexpr = False, EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
-            STAGED: gl.constexpr = False):  # fmt: skip
+            STAGED: gl.constexpr = False, WG: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
     issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
@@ -434,8 +519,18 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     and read where their tile's products need them, so the look-ahead holds no registers for them (4 BM a thread
     otherwise). ptxas then issues the weights' loads at the top of the K loop, which pays on layers whose programs
     walk long K runs (decode's default there: moe.STAGED_ROWS). Blocks of 32 rows fit too, but took 2.1x the time
-    (H100; benchmarks/README.md, thirty-third session)."""
+    (H100; benchmarks/README.md, thirty-third session).
+    WG (Tiles.wgmma, sm_90): the products as warpgroup MMAs, the weights' codes still unpacked into registers (the A
+    operand), each tile's activations copied one tile ahead into shared memory (the B operand, ``_stage_wg``). One
+    wgmma takes a 16-deep slice of all BM tokens for the 4 warps' 64 rows, where mma_v2 takes 8 tokens of one warp's
+    16 rows: at 32 or 64 rows a block the MMAs stop growing with the rows, which doubled the 32-row blocks' time
+    above, and no warp loads the activations every other warp loads too. Measured on the H100 (thirty-sixth session,
+    benchmarks/README.md) it lost: 1.15x the held layout's time at the picked block, 1.48x at 32 rows and 3.3x at 64
+    (geometric means); the issued MMAs keep their A operands and results live until the wait, 191 to 254 registers a
+    thread at 16 rows where mma_v2 holds 130 to 168. Opt-in."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
+    if WG:
+        ones = gl.allocate_shared_memory(gl.bfloat16, [BN, _BK], _WG_B, value=ones)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     acc2 = gl.zeros([BN, BM], gl.float32, layout=MMA)
     gpr = K // group  # groups per row of scales
@@ -443,27 +538,31 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     # an empty split still loads one valid tile (unused), so no load needs a mask
     k0 = gl.minimum(k_lo, K - _BK)
     w, wx, s, z, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k0, K, gpr,
-                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED, not STAGED)  # fmt: skip
+                           inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED, not (STAGED or WG))  # fmt: skip
     w2, wx2, s2, z2 = w, wx, s, z
     if GATE_UP:  # rows [N, 2N) of the fused weight are up: same loop, same activations
         w2, wx2, s2, z2, a = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am, k0, K,
                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, WAIT, PLACE, TILED,
-                                   not STAGED)  # fmt: skip
+                                   not (STAGED or WG))  # fmt: skip
     if STAGED:  # after _tile's wait for the launch before (WAIT), whose output the activations are
         acts = gl.allocate_shared_memory(gl.int32, [_STAGES, 2 * BM, 32], _STAGED)
         t = gl.maximum(toks, 0)  # padding: token 0's row (SKIP_PAD's -1 loads nothing in _acts)
         tok_rows = gl.convert_layout(gl.reshape(gl.join(t, t), [2 * BM]), gl.SliceLayout(1, _COPY))
         _stage(acts.index(0), a_base, tok_rows, stride_am, k0)
+    if WG:  # as STAGED's ring
+        ring = gl.allocate_shared_memory(gl.int32, [_WG_STAGES, BM, 64], _WG_WORDS)
+        wg_toks = gl.convert_layout(gl.maximum(toks, 0), gl.SliceLayout(1, _WG_COPY))
+        _stage_wg(ring.index(0), a_base, wg_toks, stride_am, k0)
     for k0 in range(k_lo, k_hi, _BK):
         kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
         wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
                                     gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
-                                    ACTS=not STAGED)  # fmt: skip
+                                    ACTS=not (STAGED or WG))  # fmt: skip
         w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
         if GATE_UP:
             w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
                                             kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE,
-                                            TILED=TILED, ACTS=not STAGED)  # fmt: skip
+                                            TILED=TILED, ACTS=not (STAGED or WG))  # fmt: skip
         words = a  # this tile's activations
         if STAGED:
             # tile i + 1 into the buffer read at tile i - 3, which every warp left at the last barrier; then tile
@@ -473,17 +572,27 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
             async_copy.wait_group(1)
             _cta_barrier()
             words = _staged_words(acts.index(i % _STAGES), BM)
+        if WG:
+            i = (k0 - k_lo) // _BK
+            _stage_wg(ring.index((i + 1) % _WG_STAGES), a_base, wg_toks, stride_am, kn)
+            async_copy.wait_group(1)
+            fence_async_shared()  # the copies seen by the MMA's reads of shared memory (the async proxy)
+            _cta_barrier()
+            words = _wg_operand(ring.index(i % _WG_STAGES), BM)
         if EARLY:
             # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
             # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
             if kn >= 0:
                 acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP,
-                                      A_OP, B_OP, MMA, PLACE)  # fmt: skip
+                                      A_OP, B_OP, MMA, PLACE, WG)  # fmt: skip
         else:
             acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
-                                  B_OP, MMA, PLACE)  # fmt: skip
+                                  B_OP, MMA, PLACE, WG)  # fmt: skip
         w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
     if STAGED:  # no copy left in flight, and no warp still reading, when a stream-K unit after this one stages
+        async_copy.wait_group(0)
+        _cta_barrier()
+    if WG:  # as STAGED
         async_copy.wait_group(0)
         _cta_barrier()
     return acc, acc2
@@ -495,7 +604,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
-           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr):  # fmt: skip
+           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, WG: gl.constexpr = False):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
@@ -540,7 +649,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED)  # fmt: skip
+                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED, WG)  # fmt: skip
         ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
@@ -588,14 +697,20 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              SKIP_PAD: gl.constexpr = False, STREAM_K: gl.constexpr = False,
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
                              EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
-                             GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False):  # fmt: skip
+                             GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False,
+                             WGMMA: gl.constexpr = False):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
     if PDL == 1:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
+    if WGMMA:  # Tiles.wgmma: one warpgroup MMA of all BM tokens (the 4 warps' rows); its B from shared memory
+        gl.static_assert(not (PLACE or STAGED), "wgmma takes neither placed codes nor the staged ring")
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1],
+                                                      instr_shape=[16, BM, 16])  # fmt: skip
+    else:
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)  # weights [BN, BK]
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)  # tokens [BK, BM]
     # eligible(): K is a multiple of 128, and the activations are contiguous rows of K. Said, so that
@@ -631,7 +746,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA)  # fmt: skip
     else:
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
@@ -652,7 +767,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

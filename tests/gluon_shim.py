@@ -43,11 +43,40 @@ class _SharedMemory:
     def load(self, layout=None):
         return self.buffers[self.at]
 
+    def _reinterpret(self, dtype, shape, layout):
+        """int32 words as bf16 (Tiles.wgmma's ring): each word's two halves, the low one first."""
+        assert dtype == tl.bfloat16
+        return _View(self, lambda x: tl.reshape(
+            tl.join(x.to(tl.int16), (x >> 16).to(tl.int16)).to(tl.bfloat16, bitcast=True), shape))
+
+    def permute(self, order):
+        return _View(self, lambda x: tl.permute(x, order))
+
+
+class _View:
+    """A view of shared memory (reinterpreted or permuted): what its load gives, made from the buffer's."""
+
+    def __init__(self, base, f) -> None:
+        self.base, self.f = base, f
+
+    def load(self, layout=None):
+        return self.f(self.base.load())
+
+    def permute(self, order):
+        return _View(self, lambda x: tl.permute(x, order))
+
 
 class async_copy:  # noqa: N801 - stands in for gluon's nvidia.ampere.async_copy: copies at once
     async_load = staticmethod(lambda smem, pointer, mask=None, **k: smem.store(tl.load(pointer, mask=mask)))
     commit_group = staticmethod(lambda: None)
     wait_group = staticmethod(lambda n=0: None)
+
+
+def _alloc(value):
+    smem = _SharedMemory(at=0)
+    if value is not None:
+        smem.store(value)
+    return smem
 
 
 def _drop_layout(f):
@@ -62,8 +91,9 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     float32, bfloat16, int16, int32, int64, uint32 = tl.float32, tl.bfloat16, tl.int16, tl.int32, tl.int64, tl.uint32
     pointer_type = tl.pointer_type
     NVMMADistributedLayout = DotOperandLayout = SliceLayout = BlockedLayout = DistributedLinearLayout = _Layout
-    SwizzledSharedLayout = _Layout
-    allocate_shared_memory = staticmethod(lambda dtype, shape, layout: _SharedMemory())
+    SwizzledSharedLayout = NVMMASharedLayout = _Layout
+    shared_memory_descriptor = _SharedMemory  # Triton 3.6's (its reinterpret is _reinterpret)
+    allocate_shared_memory = staticmethod(lambda dtype, shape, layout, value=None: _alloc(value))
     thread_barrier = staticmethod(lambda: None)
     static_assert = staticmethod(lambda cond, msg="": None)  # a compile-time check: tests/test_gluon.py compiles
     bank_conflicts = staticmethod(lambda distr_ty, shared_ty: 0)
@@ -101,18 +131,35 @@ def mma_v2(a, b, acc):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
 
+def warpgroup_mma(a, b, acc, use_acc=True, is_async=False):
+    """Done at once: the result stands for its own token. Either operand may be in shared memory."""
+    a, b = (x.load() if hasattr(x, "load") else x for x in (a, b))
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc if use_acc else tl.zeros_like(acc))
+
+
+def warpgroup_mma_wait(num_outstanding=0, deps=None):
+    return tuple(deps) if len(deps) > 1 else deps[0]
+
+
+def fence_async_shared():
+    pass
+
+
 def interpreted_kernel(module: str = "moe_gemm_gluon", kernel: str = "mx_moe_gemm_gluon_kernel"):
     """A Gluon kernel of mxkernels from its module's own source, with this file's stand-ins imported."""
     real = importlib.import_module(f"mxkernels.{module}")
     src = inspect.getsource(real)
     src = src.replace("ampere import async_copy, mma_v2\n", "ampere import mma_v2\n")
+    src = src.replace("from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, "
+                      "warpgroup_mma_wait\n", "")
     for line in ("from triton.experimental import gluon\n", "from triton.experimental.gluon import language as gl\n",
                  "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n"):  # fmt: skip
         assert line in src or (line.endswith("mma_v2\n") and "mma_v2" not in src), line  # no MMA: no import
         src = src.replace(line, "")
     src = src.replace("from __future__ import annotations\n",
                       "from __future__ import annotations\nimport triton.language as tl  # noqa\n"
-                      "from gluon_shim import async_copy, gl, gluon, mma_v2  # noqa\n")  # fmt: skip
+                      "from gluon_shim import async_copy, fence_async_shared, gl, gluon, mma_v2  # noqa\n"
+                      "from gluon_shim import warpgroup_mma, warpgroup_mma_wait  # noqa\n")  # fmt: skip
     # the interpreter knows constexpr parameters and static loops by these names
     src = src.replace("gl.constexpr", "tl.constexpr").replace("gl.static_range", "tl.static_range")
     path = Path(tempfile.mkdtemp()) / f"{module}_interpreted.py"

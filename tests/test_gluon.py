@@ -42,6 +42,27 @@ def test_gluon_kernel_feeds_the_mma_from_registers(gate_up, skip_pad):
     assert not re.search(r"\bLDG\.E\.U16\b.*\bR\d+\.64\+0x", sass), "activations loaded one by one"
 
 
+def _wgmma_census() -> str:
+    """Tiles.wgmma's w4 + w2 gate/up kernel at 32 rows a block: its registers and stack bytes, then its K loop's
+    warpgroup MMAs of 32 tokens, 4-byte copies into shared memory, legacy MMAs and global loads of 16 bytes."""
+    compiled = compile_decode(True, codes=0b10100, bm=32, bn=64, wgmma=True)
+    loop = k_loop(disassemble(compiled, "wgmma"), innermost=True)
+    ops = [r"HGMMA\.64x32x16\.F32\.BF16", r"LDGSTS\.E\b", r"HMMA", r"LDG\.E\.128"]
+    count = [sum(bool(re.search(rf"\b{op}", ln)) for ln in loop) for op in ops]
+    return " ".join(str(v) for v in (*resources(compiled).values(), *count))
+
+
+def test_gluon_kernel_warpgroup_mma_reads_activations_copied_once_a_program():
+    # Tiles.wgmma: a K tile's products as warpgroup MMAs of all the block's tokens (8 k16 slices each of gate, up and
+    # the activations' sum), their B operand the tile's activations copied 4 bytes at a time into shared memory (the
+    # words change order to the A operand's K order: _stage_wg), one copy a word for the program, not one a warp
+    regs, stack, wgmma, copies, hmma, wide = map(int, in_fresh_process("test_gluon", "_wgmma_census()").split())
+    assert stack == 0 and regs <= 255, (regs, stack)
+    assert wgmma == 24 and hmma == 0, (wgmma, hmma)
+    assert copies == 32 * 64 // 128, copies  # 32 tokens x 64 words over 128 threads
+    assert wide >= 4, wide  # the codes still 16 bytes a lane (w4: gate and up, rows g and g + 8)
+
+
 @pytest.mark.parametrize("codes", [0b1, 0b10000, 0b1000])
 def test_gluon_kernel_loop_carries_whole_registers(codes):
     # the K loop carries the next tile's activations (and bf16 weights) as int32 words and the arena's
@@ -298,9 +319,31 @@ def test_gluon_kernel_32_row_blocks_staged_in_the_interpreter(interpreted_gluon,
     assert set(launches) == {(True, 32)}, launches
 
 
+# Tiles.wgmma: the products as warpgroup MMAs, each K tile's activations copied into a ring of 3 buffers in the A
+# operand's K order (K of 5 tiles wraps it), blocks of 16 and 64 rows, both grids; every scheme the kernel runs (8 bits
+# in one sum: the high nibble's codes as 2048 + 16 hi)
+@pytest.mark.parametrize("bm, stream_k", [(16, True), (64, False)])
+def test_gluon_kernel_warpgroup_mma_in_the_interpreter(interpreted_gluon, bm, stream_k, monkeypatch):
+    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("WGMMA", False), kw["BM"]))
+    errs = gemm_errors(GLUON_SCHEMES, 48, 640, 256, 18, 2, 4, "cpu", seed=13,
+                       **{**GLUON, "bm": bm, "bn": 64, "wgmma": True, "stream_k": stream_k})  # fmt: skip
+    assert {key.split("/")[0] for key in errs} == set(GLUON_SCHEMES), errs.keys()
+    for key, e in errs.items():
+        assert e < BOUND, (key, e)
+    assert set(launches) == {(True, bm)}, launches
+
+
 def test_gluon_kernel_takes_32_row_blocks_only_staged(interpreted_gluon):
     with pytest.raises(ValueError, match="32 with staged activations"):
         gemm_errors(GLUON_SCHEMES[:2], 8, 256, 256, 4, 1, 2, "cpu", seed=3, **{**GLUON, "bm": 32})
+
+
+@pytest.mark.parametrize("opts, message", [({"bm": 128}, "up to 64 with warpgroup MMAs"), ({"bn": 128}, "bn 64"),
+                                           ({"place": True}, "codes in place"), ({"staged": True}, "staged")])
+def test_gluon_kernel_warpgroup_mma_refuses_what_it_does_not_run(interpreted_gluon, opts, message):
+    with pytest.raises(ValueError, match=message):
+        gemm_errors(GLUON_SCHEMES[:2], 8, 256, 256, 4, 1, 2, "cpu", seed=3,
+                    **{**GLUON, "bn": 64, "wgmma": True, **opts})  # fmt: skip
 
 
 def test_gluon_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon):

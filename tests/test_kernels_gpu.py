@@ -108,7 +108,11 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     (16, {"early": True, "stream_k": True, "maxnreg": 128}),
     (64, {"group_m": 4}), (64, {"group_m": 2, "stream_k": True}),  # an expert's blocks side by side, both grids
     (16, {"staged": True}), (64, {"staged": True, "bm": 32, "bn": 64}),  # the activations through shared memory
-    (64, {"staged": True, "bm": 32, "stream_k": True})])
+    (64, {"staged": True, "bm": 32, "stream_k": True}),
+    # the products as warpgroup MMAs (Tiles.wgmma), blocks of 8 to 64 rows, both grids
+    (16, {"wgmma": True, "bn": 64}), (64, {"wgmma": True, "bm": 32, "bn": 64}),
+    (64, {"wgmma": True, "bm": 64, "bn": 64, "stream_k": True}),
+    (16, {"wgmma": True, "bm": 16, "bn": 64, "stream_k": True})])
 def test_gluon_kernel_options_real_shapes(t, opts):
     # Tiles.place (1 and 2-bit codes unpacked in place, the activations scaled by the packed bf16 multiply) and
     # Tiles.early (the next tile's loads fenced before the products), on both grids: the schemes it runs, mixed
