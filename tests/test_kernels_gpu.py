@@ -110,9 +110,10 @@ def test_gluon_kernel_stream_k_real_shapes(t, bm, bn):
     (16, {"staged": True}), (64, {"staged": True, "bm": 32, "bn": 64}),  # the activations through shared memory
     (64, {"staged": True, "bm": 32, "stream_k": True}),
     # the products as warpgroup MMAs (Tiles.wgmma), blocks of 8 to 64 rows, both grids
-    (16, {"wgmma": True, "bn": 64}), (64, {"wgmma": True, "bm": 32, "bn": 64}),
-    (64, {"wgmma": True, "bm": 64, "bn": 64, "stream_k": True}),
-    (16, {"wgmma": True, "bm": 16, "bn": 64, "stream_k": True})])
+    pytest.param(16, {"wgmma": True, "bn": 64}, id="wgmma-bm8"),
+    pytest.param(64, {"wgmma": True, "bm": 32, "bn": 64}, id="wgmma-bm32"),
+    pytest.param(64, {"wgmma": True, "bm": 64, "bn": 64, "stream_k": True}, id="wgmma-bm64-stream-k"),
+    pytest.param(16, {"wgmma": True, "bm": 16, "bn": 64, "stream_k": True}, id="wgmma-bm16-stream-k")])
 def test_gluon_kernel_options_real_shapes(t, opts):
     # Tiles.place (1 and 2-bit codes unpacked in place, the activations scaled by the packed bf16 multiply) and
     # Tiles.early (the next tile's loads fenced before the products), on both grids: the schemes it runs, mixed
