@@ -1,6 +1,7 @@
 """The decode kernels' sm_90 code, read on a machine without a GPU: registers, and what a K tile costs.
 
     python3 benchmarks/sass_census.py [--ptxas P] table [--maxnreg N] [--place] [--early] [--bm N] [--staged]
+                                                      [--wgmma]
                                                       [--out FILE.md]
                                                               # registers, programs an SM, K loops
     python3 benchmarks/sass_census.py dump FILE.json          # the opcodes of every default variant (and of the
@@ -59,7 +60,8 @@ def programs_an_sm(regs: int, most: int | None, shared: int = 0) -> int:
 
 def _mix(loop: list[str]) -> dict[str, int]:
     ops = Counter(op.split(".")[0] for op in opcodes("\n".join(loop)))
-    return {"all": len(loop), "HMMA": ops["HMMA"], "LOP3 + SHF": ops["LOP3"] + ops["SHF"], "LDG": ops["LDG"]}
+    return {"all": len(loop), "MMA": ops["HMMA"] + ops["HGMMA"], "LOP3 + SHF": ops["LOP3"] + ops["SHF"],
+            "LDG": ops["LDG"]}
 
 
 def look_ahead(loop: list[str]) -> str:
@@ -71,18 +73,20 @@ def look_ahead(loop: list[str]) -> str:
 
 
 def table(maxnreg: int | None = None, place: bool = False, early: bool = False, bm: int = 8,
-          staged: bool = False) -> str:
+          staged: bool = False, wgmma: bool = False) -> str:
+    """``wgmma`` (Tiles.wgmma): every code set at BN 64, the one its warpgroup MMAs take."""
     from mxkernels.moe import STREAM_K_MOST
 
     rows = ["| code set | GEMM | grid | BN | registers | stack | spills in K loops | programs an SM | K loop: "
-            "instructions (HMMA, LOP3 + SHF, LDG) | after the last load | code bytes a warp's tile | "
+            "instructions (HMMA or HGMMA, LOP3 + SHF, LDG) | after the last load | code bytes a warp's tile | "
             "instructions a byte |",
             "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
     for name, (codes, bn) in CODE_SETS.items():
+        bn = 64 if wgmma else bn
         for gate_up in (True, False):
             for stream_k in (True, False):
                 compiled = compile_decode(gate_up, False, codes, bm, bn, stream_k, maxnreg=maxnreg, place=place,
-                                          early=early, staged=staged)  # fmt: skip
+                                          early=early, staged=staged, wgmma=wgmma)  # fmt: skip
                 res = resources(compiled)
                 sass = disassemble(compiled, "census")
                 inner = loops(sass, innermost=True)
@@ -94,7 +98,7 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
                 if single:  # one K loop: its mix, and the codes a warp loads a tile
                     loop = k_loop(sass, innermost=True)
                     mix = _mix(loop)
-                    cells = f"{mix['all']} ({mix['HMMA']}, {mix['LOP3 + SHF']}, {mix['LDG']})"
+                    cells = f"{mix['all']} ({mix['MMA']}, {mix['LOP3 + SHF']}, {mix['LDG']})"
                     nbytes = bn // WARPS * 128 * BITS[codes.bit_length() - 1] // 8 * (2 if gate_up else 1)
                     per_byte = f"{nbytes} | {mix['all'] / nbytes:.3f}"
                 else:
@@ -114,8 +118,9 @@ def table(maxnreg: int | None = None, place: bool = False, early: bool = False, 
             "loops. After the last load: the K loop's instructions after its last global load (how far ahead of "
             "the next tile's products its loads go)." + (f" Every variant capped at {maxnreg} registers." if maxnreg
                                                            else "")
-            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early), ("staged", staged)) if on)
-               + "." if place or early or staged else "")
+            + (" Options: " + ", ".join(o for o, on in (("place", place), ("early", early), ("staged", staged),
+                                                         ("wgmma", wgmma)) if on)
+               + "." if place or early or staged or wgmma else "")
             + f" ptxas {_ptxas_version()}.\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n"
 
@@ -259,6 +264,7 @@ def main() -> int:
     t.add_argument("--early", action="store_true", help="the next tile's loads before the products (Tiles.early)")
     t.add_argument("--bm", type=int, default=8, help="rows a block (the MMA's N: 8, 16; 32 staged)")
     t.add_argument("--staged", action="store_true", help="the activations through shared memory (Tiles.staged)")
+    t.add_argument("--wgmma", action="store_true", help="the products as warpgroup MMAs, BN 64 (Tiles.wgmma)")
     ap.add_argument("--ptxas", help="compile with this ptxas (e.g. Triton 3.6's, which the lent GPU's image runs: "
                                     "pip download triton==3.6.0 --no-deps; unzip its triton/backends/nvidia/bin)")
     d = sub.add_parser("dump")
@@ -273,7 +279,7 @@ def main() -> int:
     if a.ptxas:  # Triton 3.9 compiles sm_90 with its ptxas-blackwell, 3.6 with ptxas
         os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = os.path.abspath(a.ptxas)
     if a.what == "table":
-        text = table(a.maxnreg, a.place, a.early, a.bm, a.staged)
+        text = table(a.maxnreg, a.place, a.early, a.bm, a.staged, a.wgmma)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)

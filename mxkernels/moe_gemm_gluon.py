@@ -526,8 +526,9 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     16 rows: at 32 or 64 rows a block the MMAs stop growing with the rows, which doubled the 32-row blocks' time
     above, and no warp loads the activations every other warp loads too. Measured on the H100 (thirty-sixth session,
     benchmarks/README.md) it lost: 1.15x the held layout's time at the picked block, 1.48x at 32 rows and 3.3x at 64
-    (geometric means); the issued MMAs keep their A operands and results live until the wait, 191 to 254 registers a
-    thread at 16 rows where mma_v2 holds 130 to 168. Opt-in."""
+    (geometric means): the issued MMAs keep their A operands and results live until the wait (at 16 rows the served
+    plan's gate/up holds 254 registers, 2 programs an SM, where mma_v2 holds 168, 3), and it takes 64 rows a
+    program, 4.9 instructions a row of a K tile where the held narrow sets' 128 take 4.0. Opt-in."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     if WG:
         ones = gl.allocate_shared_memory(gl.bfloat16, [BN, _BK], _WG_B, value=ones)
