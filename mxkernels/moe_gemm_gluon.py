@@ -239,6 +239,12 @@ def _codes3(lo, hi, magic, A_OP: gl.constexpr):
 
 
 @gluon.jit
+def _bf16_operand(w, A_OP: gl.constexpr):
+    """[BN, 4, 16] words of two bf16 weights (``_weight_ptrs``, bf16 experts) -> [BN, 128] in the A operand's layout."""
+    return gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
+
+
+@gluon.jit
 def _operand(pairs, A_OP: gl.constexpr):
     """[BN, 4, ...] int32 registers of two bf16 (``_pairs``) -> [BN, 128] bf16 in the A operand's layout."""
     q = gl.reshape(_halves(pairs), [pairs.shape[0], 4, 8, 2, 2])
@@ -415,8 +421,7 @@ def _product(w, wx, s, z, a, ones, magic, BITS: gl.constexpr, A_OP: gl.constexpr
     s (Q'.a' - 128 sum(a') - z sum(a)), both sums from one MMA of a constant (``_place_sums``)."""
     r = gl.zeros([ones.shape[0], a.shape[1]], gl.float32, layout=MMA)
     if BITS == 16:
-        wq = gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
-        return mma_v2(wq, a, r)
+        return mma_v2(_bf16_operand(w, A_OP), a, r)
     elif PLACE and BITS <= 2:
         G: gl.constexpr = _per_shift(BITS)
         asum, off = _row_halves(mma_v2(_operand(_place_sums(w, BITS, 0, 16 // BITS, 1, G), A_OP), a, r), MMA)
@@ -459,7 +464,7 @@ def _issue_wg(w, wx, magic, b, r, BITS: gl.constexpr, A_OP: gl.constexpr):
     takes them; 8 bits in one sum: the high nibble's codes as bf16 2048 + 16 hi (an exponent 4 higher than 128's), so
     both MMAs add into one accumulator, 2176 + code a pair."""
     if BITS == 16:
-        x = gl.convert_layout(_chunk_order(gl.reshape(_halves(w), [w.shape[0], 4, 32])), A_OP, assert_trivial=True)
+        x = _bf16_operand(w, A_OP)
         return warpgroup_mma(x, b, r, use_acc=False, is_async=True), x, x
     elif BITS == 8:
         hi = _codes(w, magic + 0x02000200, 8, A_OP, 4, 4)
