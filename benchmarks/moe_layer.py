@@ -296,6 +296,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout with the shared experts inside the routed experts' launches (as before the
     # seventh session), not in launches of their own on a second stream
     "shared in the routed launches": {"shared_apart": False},
+    # the shared experts' launches apart in the routed experts' block (as before the thirty-seventh session), not in
+    # one picked from their own rows, every token's (Tiles.shared_own): at 64 tokens Qwen1.5-MoE's 4 shared slices
+    # took 32 blocks of 8 rows, as many as its ~60 routed experts; and so off stream-K (16 tokens)
+    "Gluon, shared experts in the layer's block": {"shared_own": False},
+    "no stream-K, shared experts in the layer's block": {"stream_k": False, "shared_own": False},
     # the Gluon kernel on a grid of the programs the SMs hold, each GEMM's K tiles dealt out in equal runs
     # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop).
     # Picked below moe.STREAM_K_ROWS rows per expert since the eighteenth session: forced here, and the

@@ -88,6 +88,9 @@ class Tiles:
     # the Gluon MMA kernel on sm_90: the products as warpgroup MMAs (wgmma) of the 4 warps' 64 rows (BN 64) and all the
     # block's tokens, the activations copied into shared memory (moe_gemm_gluon._products_wg); blocks of 8 to 64 rows
     wgmma: bool = False
+    # the shared experts' launches apart (decode): their block picked from their own rows, every token's (_layout);
+    # false: the routed experts' block, as before the thirty-seventh session
+    shared_own: bool = True
 
 
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
@@ -676,6 +679,7 @@ class _Layout:
     top_k: int
     slots: int
     bm: int
+    shared_bm: int  # the shared experts' block where they launch apart
     apart: bool
     experts: Callable[..., None]
     inter: torch.Tensor
@@ -754,13 +758,14 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
     staged = per_expert >= STAGED_ROWS and active * gate_up.n * gate_up.k / sms >= STAGED_WEIGHTS_PER_SM
 
-    def launches(arena: Arena, tiles: Tiles, ov: dict) -> list[tuple[int, Tiles]]:
+    def launches(arena: Arena, tiles: Tiles, ov: dict, rows_each: float = per_expert) -> list[tuple[int, Tiles]]:
         """(codes, tiles) per launch: the Gluon kernel's rows per warp follow each launch's codes,
-        its block the whole layer's (the two GEMMs share the alignment's); ``ov``: this GEMM's override."""
-        whole = _as_gluon(tiles, per_expert, arena.k, gcodes, ov, staged) if gluon else tiles
+        its block the whole layer's (the two GEMMs share the alignment's); ``ov``: this GEMM's override;
+        ``rows_each``: the rows of each expert the launches run (the shared experts': every token)."""
+        whole = _as_gluon(tiles, rows_each, arena.k, gcodes, ov, staged) if gluon else tiles
         if _dispatch(dispatch) != "grouped":
             return [(arena.kernel_mask, whole)]
-        return [(g, dataclasses.replace(_as_gluon(tiles, per_expert, arena.k, g, ov, staged), bm=whole.bm)
+        return [(g, dataclasses.replace(_as_gluon(tiles, rows_each, arena.k, g, ov, staged), bm=whole.bm)
                  if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
 
     l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, ov_dn)
@@ -774,6 +779,12 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # read are the shared experts'; Marlin's server runs its shared expert there: benchmarks/README.md,
     # twenty-first session)
     apart = not dq and (early or not stream_k) and _shared_apart(slots - top_k, per_expert, shared_apart)
+    # apart, the shared experts' launches take their own block by the same rule as the routed ones, from their own
+    # rows: every token's. At 64 tokens Qwen1.5-MoE's 4 shared slices took 32 blocks of 8 rows (as many as the ~60
+    # routed experts' blocks), each unpacking its slice's weights again (benchmarks/README.md, thirty-seventh session)
+    s_gu, s_dn = (launches(gate_up, t_gu, override, x.shape[0]), launches(down, t_dn, ov_dn, x.shape[0])) \
+        if apart and t_gu.shared_own else (l_gu, l_dn)  # fmt: skip
+    shared_bm = s_gu[0][1].bm
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     sums = None
     if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
@@ -787,8 +798,10 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
 
-    def experts(ids, block_expert, num_post_pad, first: int, count: int) -> None:
-        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token."""
+    def experts(ids, block_expert, num_post_pad, first: int, count: int, shared: bool = False) -> None:
+        """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token (``shared``: the
+        shared experts' launches apart, in blocks of shared_bm)."""
+        gu_launches, dn_launches = (s_gu, s_dn) if shared else (l_gu, l_dn)
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
         chunk = dequant_chunk(src_gu, src_dn) if dq else 0
@@ -801,7 +814,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
                       static=not dq)  # fmt: skip
 
-        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, l_gu)
+        gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, gu_launches)
         if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
@@ -809,10 +822,11 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                 PDL=pdl(dev), **launch(dev),
             )  # fmt: skip
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
-        gemm(inter, down, src_dn, out, 1, False, l_dn, (slots, first, count) if count < slots else None)
+        gemm(inter, down, src_dn, out, 1, False, dn_launches, (slots, first, count) if count < slots else None)
 
     zeroed = torch.cuda.Event() if sums is not None and dev.type == "cuda" else None
-    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, apart, experts, inter, out, w, sums, zeroed)
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, shared_bm, apart, experts, inter, out, w, sums,
+                   zeroed)  # fmt: skip
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -828,8 +842,8 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
 
     def launch() -> None:
         _zero_and(lay.sums, lay.zeroed, on_side)  # stream-K: zeroed before either stream's launches add into them
-        ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.bm, lay.w)
-        lay.experts(*ids, lay.top_k, lay.slots - lay.top_k)
+        ids = shared_rows(lay.x.shape[0], lay.top_k, lay.gate_up.n_experts, lay.n_routed, lay.shared_bm, lay.w)
+        lay.experts(*ids, lay.top_k, lay.slots - lay.top_k, shared=True)
 
     _beside(*_streams(lay.x.device), launch)
 

@@ -563,6 +563,25 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_gluon, monkeypatch, own):
+    # 16 tokens off stream-K: the routed experts get about 6 rows each, so 8-row blocks; the shared experts every
+    # token's 16, so their launches apart take 16-row blocks (Tiles.shared_own; false: the layer's 8) and compute what
+    # the one launch of both computes, every element written: in the layer's block bit for bit, in their own within 1%
+    # (the interpreter's products of another block shape round at another step)
+    from kernel_cases import shared_apart_case
+
+    from mxkernels import moe
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
+    blocks = []
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: blocks.append(a[11].bm) or f(*a))
+    shared_apart_case("cpu", 16, close=own, shared_own=own)
+    # the shared experts' gate/up and down, the routed experts', then the one launch per GEMM of both
+    assert blocks == [16 if own else 8] * 2 + [8] * 4
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
     # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
