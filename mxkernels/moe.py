@@ -91,6 +91,9 @@ class Tiles:
     # the shared experts' launches apart (decode): their block picked from their own rows, every token's (_layout);
     # false: the routed experts' block, as before the thirty-seventh session
     shared_own: bool = True
+    # ... and that block forced (0: picked so): 8, 16, or 32 with the activations staged (moe_gemm_gluon: 32-row blocks
+    # take them through shared memory)
+    shared_bm: int = 0
 
 
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
@@ -782,8 +785,10 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # apart, the shared experts' launches take their own block by the same rule as the routed ones, from their own
     # rows: every token's. At 64 tokens Qwen1.5-MoE's 4 shared slices took 32 blocks of 8 rows (as many as the ~60
     # routed experts' blocks), each unpacking its slice's weights again (benchmarks/README.md, thirty-seventh session)
-    s_gu, s_dn = (launches(gate_up, t_gu, override, x.shape[0]), launches(down, t_dn, ov_dn, x.shape[0])) \
-        if apart and t_gu.shared_own else (l_gu, l_dn)  # fmt: skip
+    sb = t_gu.shared_bm
+    forced = {"bm": sb, **({"staged": True} if sb > 16 else {})} if sb else {}
+    s_gu, s_dn = (launches(gate_up, t_gu, {**override, **forced}, x.shape[0]),
+                  launches(down, t_dn, {**ov_dn, **forced}, x.shape[0])) if apart and t_gu.shared_own else (l_gu, l_dn)
     shared_bm = s_gu[0][1].bm
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     sums = None

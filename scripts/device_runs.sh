@@ -1231,6 +1231,19 @@ phase63() {
   say "moe_layer, the shared experts' own block rc=$?"
 }
 
+phase64() {
+  # the shared experts' launches in 32-row blocks (staged) beside their own picked block (16) and the layer's (8), at 32
+  # and 64 tokens, with its GPU tests (~3 min)
+  mkdir -p $res/tests
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "shared_experts_on_a_second_stream" -rA -p no:cacheprovider \
+    > $res/tests/kernels_shared_block32.log 2>&1
+  say "GPU tests of the shared experts apart rc=$? $(tail -1 $res/tests/kernels_shared_block32.log)"
+  python3 benchmarks/moe_layer.py --tokens 32 64 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
+    --layouts "^(Gluon, held|Gluon, shared experts in (the layer's block|32-row blocks))\$" \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s37_shared32 > $res/layer_s37_shared32.log 2>&1
+  say "moe_layer, the shared experts in 32-row blocks rc=$?"
+}
+
 two_gpus() {
   local n; n=$(nvidia-smi -L | wc -l)
   [ "$n" -ge 2 ] || { say "issue 14's phases need 2 GPUs; this machine has $n"; return 1; }
@@ -1287,7 +1300,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 phase63 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 phase63 phase64 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

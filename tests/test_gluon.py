@@ -563,12 +563,13 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
-@pytest.mark.parametrize("own", [True, False])
-def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_gluon, monkeypatch, own):
+@pytest.mark.parametrize("tiles, shared_block", [({}, 16), ({"shared_own": False}, 8), ({"shared_bm": 32}, 32)])
+def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_gluon, monkeypatch, tiles,
+                                                                   shared_block):  # fmt: skip
     # 16 tokens off stream-K: the routed experts get about 6 rows each, so 8-row blocks; the shared experts every
-    # token's 16, so their launches apart take 16-row blocks (Tiles.shared_own; false: the layer's 8) and compute what
-    # the one launch of both computes, every element written: in the layer's block bit for bit, in their own within 1%
-    # (the interpreter's products of another block shape round at another step)
+    # token's 16, so their launches apart take 16-row blocks (Tiles.shared_own; false: the layer's 8; or forced: 32,
+    # staged) and compute what the one launch of both computes, every element written: in the layer's block bit for
+    # bit, in another within 1% (the interpreter's products of another block shape round at another step)
     from kernel_cases import shared_apart_case
 
     from mxkernels import moe
@@ -576,10 +577,11 @@ def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
     monkeypatch.setenv("MXSERVE_STREAM_K", "0")
     blocks = []
-    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: blocks.append(a[11].bm) or f(*a))
-    shared_apart_case("cpu", 16, close=own, shared_own=own)
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: blocks.append((a[11].bm, a[11].staged))
+                        or f(*a))  # fmt: skip
+    shared_apart_case("cpu", 16, close=shared_block != 8, **tiles)
     # the shared experts' gate/up and down, the routed experts', then the one launch per GEMM of both
-    assert blocks == [16 if own else 8] * 2 + [8] * 4
+    assert blocks == [(shared_block, shared_block == 32)] * 2 + [(8, False)] * 4
 
 
 @pytest.mark.parametrize("t", [1, 5])

@@ -206,11 +206,13 @@ def test_grouped_dispatch_real_shapes(t, names, tiles):
 
 @pytest.mark.parametrize("t,tiles,early", [(1, {}, False), (8, {}, False), (8, {"gluon": False}, False),
                                            (16, LAYOUTS["decode"], False), (1, {}, True), (8, {}, True),
-                                           (16, {}, False), (16, {}, True)])  # fmt: skip
+                                           (16, {}, False), (16, {}, True),
+                                           (40, {"shared_bm": 32}, False)])  # fmt: skip
 @pytest.mark.parametrize("graph", [False, True])
 def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, early, graph, monkeypatch):
     # the decode picks without stream-K (CUDA-core products at 1 token, the Gluon kernel at 8; at 16 the shared
-    # experts' own launches in 16-row blocks, the routed ones' in 8: Tiles.shared_own), the Triton MMA layout;
+    # experts' own launches in 16-row blocks, the routed ones' in 8: Tiles.shared_own; at 40 in 32, staged), the
+    # Triton MMA layout;
     # eager, and captured in a CUDA graph (fork and join of the second stream) then replayed;
     # early: the shared experts launched before the top-k (start_shared, MXSERVE_SHARED_EARLY). Stream-K
     # keeps the shared experts in its launch and adds its sums in any order: off, for these bit-for-bit checks
