@@ -303,7 +303,6 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "no stream-K, shared experts in the layer's block": {"stream_k": False, "shared_own": False},
     # the shared experts' rows are every token's, so their blocks have no padding rows: 32 rows (staged) at 64 tokens
     "Gluon, shared experts in 32-row blocks": {"shared_bm": 32},
-    "Gluon, shared experts in 16-row blocks": {"shared_bm": 16},
     # the Gluon kernel on a grid of the programs the SMs hold, each GEMM's K tiles dealt out in equal runs
     # (Tiles.stream_k; the seventeenth session's ncu: few warps per SM, each program as long as its K loop).
     # Picked below moe.STREAM_K_ROWS rows per expert since the eighteenth session: forced here, and the

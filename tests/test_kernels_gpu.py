@@ -212,8 +212,7 @@ def test_grouped_dispatch_real_shapes(t, names, tiles):
 def test_shared_experts_on_a_second_stream_compute_what_one_launch_computes(t, tiles, early, graph, monkeypatch):
     # the decode picks without stream-K (CUDA-core products at 1 token, the Gluon kernel at 8; at 16 the shared
     # experts' own launches in 16-row blocks, the routed ones' in 8: Tiles.shared_own; at 40 in 32, staged), the
-    # Triton MMA layout;
-    # eager, and captured in a CUDA graph (fork and join of the second stream) then replayed;
+    # Triton MMA layout; eager, and captured in a CUDA graph (fork and join of the second stream) then replayed;
     # early: the shared experts launched before the top-k (start_shared, MXSERVE_SHARED_EARLY). Stream-K
     # keeps the shared experts in its launch and adds its sums in any order: off, for these bit-for-bit checks
     from kernel_cases import shared_apart_case
