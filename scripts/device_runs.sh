@@ -1217,14 +1217,18 @@ phase62() {
   say "moe_layer, warpgroup MMAs at 168 registers rc=$?"
 }
 
+shared_tests() {  # LOG: the GPU tests of the shared experts' own launches (apart against one launch, bit for bit)
+  mkdir -p $res/tests
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "shared_experts_on_a_second_stream" -rA -p no:cacheprovider \
+    > $res/tests/$1.log 2>&1
+  say "GPU tests of the shared experts apart rc=$? $(tail -1 $res/tests/$1.log)"
+}
+
 phase63() {
   # the shared experts' launches in blocks of their own rows (Tiles.shared_own, thirty-seventh session): their GPU tests
   # (apart against one launch, bit for bit, eager and in CUDA graphs), then the layer beside every baseline at 16 and 64
   # tokens on the two shapes with shared experts, the layer's block beside it, and off stream-K at 16 tokens (~4 min)
-  mkdir -p $res/tests
-  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "shared_experts_on_a_second_stream" -rA -p no:cacheprovider \
-    > $res/tests/kernels_shared_block.log 2>&1
-  say "GPU tests of the shared experts apart rc=$? $(tail -1 $res/tests/kernels_shared_block.log)"
+  shared_tests kernels_shared_block
   python3 benchmarks/moe_layer.py --tokens 16 64 --models qwen1.5-moe-a2.7b deepseek-v2-lite \
     --layouts "^(Gluon, held|Gluon, shared experts in the layer's block|no stream-K|no stream-K, shared experts in the layer's block)\$" \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s37_shared > $res/layer_s37_shared.log 2>&1
@@ -1235,10 +1239,7 @@ phase64() {
   # the shared experts' launches in 32-row blocks (staged) beside their own picked block (16) and the layer's (8), and
   # every block at 16 rows (the skewed cells' popular experts unpack their weights once for 16 rows, not 8), at 32 and
   # 64 tokens, with its GPU tests (~4 min)
-  mkdir -p $res/tests
-  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "shared_experts_on_a_second_stream" -rA -p no:cacheprovider \
-    > $res/tests/kernels_shared_block32.log 2>&1
-  say "GPU tests of the shared experts apart rc=$? $(tail -1 $res/tests/kernels_shared_block32.log)"
+  shared_tests kernels_shared_block32
   python3 benchmarks/moe_layer.py --tokens 32 64 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite qwen3-30b-a3b \
     --layouts "^(Gluon, held|Gluon, BM 16|Gluon, shared experts in (the layer's block|32-row blocks))\$" \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s37_shared32 > $res/layer_s37_shared32.log 2>&1
@@ -1309,7 +1310,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 phase63 phase64 phase65 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
