@@ -584,11 +584,12 @@ def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_
     assert blocks == [(shared_block, shared_block == 32)] * 2 + [(8, False)] * 4
 
 
-@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("t", [1, 5, 16])
 def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted_gluon, monkeypatch, t):
     # start_shared (MXSERVE_SHARED_EARLY's hook) on the stream-K grid: the shared experts get launches of their own
-    # (the sums zeroed first), then the forward's routed launches add into the same sums; together they compute
-    # what one launch of both computes, every element written (the fp32 sums in another order: within 1%)
+    # (the sums zeroed first; at 16 tokens in 16-row blocks, the routed experts' in 8), then the forward's routed
+    # launches add into the same sums; together they compute what one launch of both computes, every element written
+    # (the fp32 sums in another order: within 1%)
     from kernel_cases import shared_apart_case
 
     from mxkernels import moe
@@ -596,11 +597,12 @@ def test_gluon_kernel_stream_k_with_the_shared_experts_started_early(interpreted
     monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
     taken = []
-    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append(a[11].stream_k) or f(*a))
+    monkeypatch.setattr(moe, "_gemm_gluon", lambda *a, f=moe._gemm_gluon: taken.append((a[11].stream_k, a[11].bm))
+                        or f(*a))  # fmt: skip
     shared_apart_case("cpu", t, early=True, close=True)
     # the shared experts' gate/up and down, the routed experts', then one launch per GEMM for the forward that was
     # not started early
-    assert taken == [True] * 6
+    assert taken == [(True, 16 if t == 16 else 8)] * 2 + [(True, 8)] * 4
 
 
 @pytest.mark.parametrize("grid", [{"split": 2}, {"stream_k": True}])

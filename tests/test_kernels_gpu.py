@@ -227,11 +227,12 @@ def test_padded_slots_and_the_shared_gate_inside_the_launches_cuda(monkeypatch):
     check_padded_slots_and_shared_gate("cuda")
 
 
-@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("t", [1, 8, 16])
 @pytest.mark.parametrize("graph", [False, True])
 def test_shared_experts_started_early_on_the_stream_k_grid(t, graph, monkeypatch):
-    # MXSERVE_SHARED_EARLY under stream-K: the shared experts' own stream-K launches on the second stream, the sums
-    # zeroed there first and the routed launches waiting for that alone (an event); eager, and in a CUDA graph
+    # MXSERVE_SHARED_EARLY under stream-K: the shared experts' own stream-K launches on the second stream (at 16 tokens
+    # in 16-row blocks, Tiles.shared_own), the sums zeroed there first and the routed launches waiting for that alone
+    # (an event); eager, and in a CUDA graph
     from kernel_cases import shared_apart_case
 
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
