@@ -226,7 +226,7 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl)
-MODES = ("pdl",)
+MODES = ("pdl", "shared_early")
 
 
 def in_modes(fn, modes: dict):
@@ -242,6 +242,17 @@ def in_modes(fn, modes: dict):
             pdl.ENABLED = False
 
     return run
+
+
+def early_start(x, top_k: int, gate_up, down, n_routed: int, tiles: dict, modes: dict) -> dict:
+    """The forward's ``started`` where ``modes`` asks for the shared experts started early ("shared_early": launched
+    before the top-k exists, as the SGLang plugin does under MXSERVE_SHARED_EARLY; mxkernels.moe.start_shared), in the
+    same graph as the forward."""
+    if not modes.get("shared_early"):
+        return {}
+    from mxkernels.moe import start_shared
+
+    return {"started": start_shared(x, top_k, gate_up, down, n_routed, **tiles)}
 
 
 def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
@@ -316,6 +327,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the picked layout with every launch of the layer a programmatic dependent launch (MXSERVE_PDL=1, mxkernels/pdl.py;
     # twenty-second session): the down GEMM's first K tile loaded while the launch before ends
     "PDL": {"pdl": True},
+    # the shared experts started before the forward's routing (start_shared; MXSERVE_SHARED_EARLY=1 in a server): on
+    # stream-K launches of their own, in blocks of their own rows (Tiles.shared_own: 16 from 13 tokens), where without
+    # it they stay in stream-K's one launch per GEMM in the routed experts' block (thirty-seventh session)
+    "shared experts started early": {"shared_early": True},
     # (the GEMMs' L2 prefetch, MXSERVE_L2_PREFETCH, twenty-third session: 1.8 to 2x the layer's time on the H200,
     # removed in the twenty-fifth: results/moe_layer_h200_s25_decode.md; the SiLU in stream-K's gate/up launch and
     # the top-k sum in its down launch, MXSERVE_SILU_IN_GEMM and MXSERVE_SUM_IN_GEMM, twenty-third and twenty-fifth
@@ -556,7 +571,8 @@ def run_model(name: str, tokens, dev, gen, sgl, results: list, shapes: dict | No
                         if any(ov.get(m) for m in MODES):  # not tile fields: the launches' modes, captured and run
                             tiles = {f: v for f, v in ov.items() if f not in MODES}
                             fn = in_modes(lambda ag=ag, ad=ad, tiles=tiles: mx_moe_forward(
-                                x, ids, w, ag, ad, e, **tiles), ov)  # fmt: skip
+                                x, ids, w, ag, ad, e, **tiles, **early_start(x, ids.shape[1], ag, ad, e, tiles, ov)),
+                                ov)  # fmt: skip
                         job(f"{vname} ({label})", fn, ag.nbytes() + ad.nbytes(), bits)
             if mw is not None:
                 logits = torch.zeros(t, ne, device=dev)  # read for its shape only

@@ -520,6 +520,29 @@ def test_moe_layer_benchmark_runs_layouts_in_their_launch_modes():
     assert moe_layer.DECODE_VARIANTS["PDL"] == {"pdl": True}
 
 
+def test_moe_layer_benchmark_starts_the_shared_experts_early_in_its_mode():
+    # the "shared_early" mode launches the shared experts before the forward (start_shared), which takes that start
+    # and computes what the forward alone computes; without the mode nothing is started
+    import moe_layer
+    import torch
+    from kernel_cases import make_experts, route
+
+    from mxkernels.arena import build_arena
+    from mxkernels.moe import mx_moe_forward
+
+    gen = torch.Generator().manual_seed(3)
+    experts = make_experts(["w4a16g128", "w2a16g128"], 256, 128, 8, 2, "rtn", gen, "cpu")
+    gu, dn = (build_arena(list(blocks)) for blocks in zip(*(e.linears() for e in experts)))
+    ids, w = route(6, 8, 2, gen, skew=False)
+    x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
+    assert moe_layer.early_start(x, 2, gu, dn, 8, {}, moe_layer.DECODE_VARIANTS["PDL"]) == {}
+    mode = moe_layer.DECODE_VARIANTS["shared experts started early"]
+    kw = moe_layer.early_start(x, 2, gu, dn, 8, {}, mode)
+    got = mx_moe_forward(x, ids, w, gu, dn, 8, **kw)
+    assert kw["started"].taken
+    assert torch.equal(got, mx_moe_forward(x, ids, w, gu, dn, 8))
+
+
 def test_tile_tuning_takes_a_grid_of_its_own():
     # tune_tiles.py --grid: the candidates' values per field, group_m (the blocks a program group takes) among them;
     # a misspelt field or a value that is not an integer is an error naming the fields, not a traceback
