@@ -42,6 +42,7 @@ Under SGLang these live in the scheduler process and reach SGLang's own
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 from router_stats.counters import FORWARD_TOKEN_BUCKETS, CounterSnapshot
@@ -136,6 +137,8 @@ class MxMetrics:
         for o in OUTCOMES:
             self.replans.labels(o).inc(0)  # every outcome exists from the start, at 0
         self._last: dict[int, CounterSnapshot] = {}
+        self._series: dict[tuple, list] = {}  # (metric name, layer[, window]) -> each expert's labelled series
+        self._shares_sent: dict[tuple[str, str], list[float]] = {}
         self._hist_last: list[int] = []
         self._hist_tokens = 0
         self._schemes: dict[tuple[str, str, str], str] = {}
@@ -145,22 +148,36 @@ class MxMetrics:
         self.window_seconds.labels("sliding").set(window)
         self.window_seconds.labels("ewma").set(halflife)
 
+    def _experts(self, metric, n: int, *key: str) -> list:
+        """Each of ``n`` experts' series of ``metric`` under ``key`` (layer[, window]), labelled once: ``labels()``
+        costs more than the write itself, and a fold writes thousands of series while holding the GIL of the process
+        it runs in (under SGLang, the scheduler's)."""
+        got = self._series.get((metric._name, *key))
+        if got is None or len(got) != n:
+            got = self._series[(metric._name, *key)] = [metric.labels(key[0], str(e), *key[1:]) for e in range(n)]
+        return got
+
     def update_routing(self, stats: RoutingStats, first_hist: list[int]) -> None:
-        """Export a fold: counter increments since the last one, shares, the forward histogram."""
+        """Export a fold: counter increments since the last one, shares (those that moved), the forward histogram."""
         for lay in stats.layers:
             li = str(lay.layer)
             last = self._last.get(lay.layer)
             prev_counts = last.counts if last else [0] * len(lay.cumulative)
+            routed = self._experts(self.routed, len(lay.cumulative), li)
             for e, (c, p) in enumerate(zip(lay.cumulative, prev_counts)):
-                if c > p:
-                    self.routed.labels(li, str(e)).inc(c - p)
-                elif last is None:
-                    self.routed.labels(li, str(e)).inc(0)
+                if c > p or last is None:  # every expert's series exists from the first fold, at 0
+                    routed[e].inc(max(c - p, 0))
             self.layer_tokens.labels(li).inc(max(lay.tokens - (last.tokens if last else 0), 0))
             self._last[lay.layer] = CounterSnapshot(list(lay.cumulative), lay.tokens, 0, [])
             for window, shares in (("sliding", lay.window_share), ("ewma", lay.ewma_share)):
+                series = self._experts(self.share, len(shares), li, window)
+                sent = self._shares_sent.get((li, window))
+                fresh = sent is None or len(sent) != len(shares)
                 for e, s in enumerate(shares):
-                    self.share.labels(li, str(e), window).set(s)
+                    # the EWMA's numerator and denominator decay alike: an idle fold moves its shares in the last bits
+                    if fresh or not math.isclose(sent[e], s, rel_tol=1e-12):
+                        series[e].set(s)
+                self._shares_sent[(li, window)] = list(shares)
         self.tpf.labels("sliding").set(stats.tokens_per_forward_window)
         self.tpf.labels("ewma").set(stats.tokens_per_forward_ewma)
         self._observe_forwards(first_hist, stats.layers[0].tokens if stats.layers else 0)

@@ -767,3 +767,13 @@ def test_ncu_stalls_names_the_load_a_loop_head_waits_for(tmp_path: Path, capsys)
     (tmp_path / "bad.csv").write_text("not,ncu\n")
     assert ncu_stalls.main([str(tmp_path / "bad.csv")]) == 2
     assert "no kernel" in capsys.readouterr().err
+
+
+def test_stats_fold_benchmark_times_busy_and_idle_folds_in_multiprocess_mode():
+    import stats_fold
+
+    row = stats_fold._one("mixtral-8x7b", 16, 2)
+    assert row["layers"] == 32 and row["experts"] == 8 and row["tokens_between_folds"] == 16
+    assert row["busy_ms"] > 0 and row["idle_ms"] > 0
+    table = stats_fold.markdown({"cpu": "c", "commit": "x", "command": "python3 s", "rows": [row]})
+    assert f"| mixtral-8x7b | 32 | 8 | 16 | {row['busy_ms']} | {row['idle_ms']} |" in table

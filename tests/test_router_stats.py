@@ -132,6 +132,39 @@ def test_metrics_export_counts_shares_histogram_and_precision():
     assert s[("mxserve_plan_info", (("method", "rtn"), ("plan_id", rs.precision().plan_id)))] == 1
 
 
+def test_a_fold_writes_only_the_series_that_moved(monkeypatch):
+    """Under SGLang a fold holds the scheduler process's GIL while it writes: an idle fold writes no share (the EWMA's
+    shares only jitter in their last bits as it decays), a busy one only the experts' series that changed, and what is
+    exported still equals the statistics."""
+    import prometheus_client.metrics as pm
+
+    reg = CollectorRegistry()
+    counter = ExpertCounter(4)
+    layer = _Layer(0, counter, _experts([("w4a16g128", "w4a16g128")] * 4))
+    rs = RouterStats(lambda: [layer], MxMetrics(reg), lambda: (4.25, "rtn"), window=60, halflife=30)
+    counter.record(torch.tensor([[0, 1], [0, 2]]))
+    rs.fold()
+    writes: list[tuple[str, dict]] = []
+    for cls, op in ((pm.Gauge, "set"), (pm.Counter, "inc")):
+        orig = getattr(cls, op)
+        monkeypatch.setattr(cls, op, lambda self, v=1, _o=orig: (writes.append((self._name, self._labelvalues)),
+                                                                 _o(self, v))[1])  # fmt: skip
+    rs.fold()  # nothing routed since the last fold
+    assert [w for w in writes if w[0] in ("mxserve_expert_load_share", "mxserve_expert_routed_tokens")] == []
+    counter.record(torch.tensor([[3, 3]]))  # only expert 3 gets tokens: every share moves, one count
+    rs.fold()
+    routed = [w[1] for w in writes if w[0] == "mxserve_expert_routed_tokens"]
+    assert routed == [("0", "3")]
+    assert len([w for w in writes if w[0] == "mxserve_expert_load_share"]) == 8
+    s = samples(generate_latest(reg).decode())
+    st = rs.latest().layers[0]
+    for e in range(4):
+        for window, shares in (("sliding", st.window_share), ("ewma", st.ewma_share)):
+            assert s[("mxserve_expert_load_share", (("expert", str(e)), ("layer", "0"), ("window", window)))] == \
+                pytest.approx(shares[e], rel=1e-12)
+        assert s[("mxserve_expert_routed_tokens_total", (("expert", str(e)), ("layer", "0")))] == st.cumulative[e]
+
+
 _MULTIPROC_CHILD = """
 import sys, torch
 from router_stats import ExpertCounter, process_stats
