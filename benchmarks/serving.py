@@ -14,6 +14,9 @@ concurrency with ``ignore_eos`` so every request generates exactly
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``
   (with ``--launch-args name=ARGS`` added, e.g. ``--bf16-layers kernel``).
 
+``--latency-requests N`` (default 8) then streams N requests one at a time: the time to each one's
+first token (queueing, prefill, the HTTP path) and per output token after it, so a gap in
+tokens/s splits into what each request costs beside its decode steps and the steps themselves.
 ``--profile-steps N`` then traces N decode steps of each server with SGLang's profiler
 (decode_trace.py: each kernel's GPU time per step); ``--server-env NAME=VAR=VALUE`` sets
 an environment variable for one server (e.g. mxserve's MXSERVE_DISPATCH).
@@ -127,6 +130,45 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
     return {"concurrency": conc, "requests": n, **mid, "rounds": [r["output_tok_per_s"] for r in runs]}
 
 
+def stream_once(base: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion (``ignore_eos``): seconds to its first token, and per token after it to its last."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    t0 = time.perf_counter()
+    first = last = None
+    chunks, usage = 0, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[len("data: "):])
+            usage = obj.get("usage") or usage
+            if any(c.get("text") for c in obj.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+    if first is None:
+        raise RuntimeError(f"{model}: a streamed completion returned no text")
+    n = (usage or {}).get("completion_tokens") or chunks  # a server without usage in streams: one chunk a token
+    return {"ttft_s": first - t0, "tpot_s": (last - first) / max(n - 1, 1), "tokens": n}
+
+
+def stream_latency(base: str, model: str, prompts: list[str], max_tokens: int, n: int) -> dict:
+    """Medians over ``n`` streamed requests sent one at a time (after one not counted): where a request's time goes
+    beside the decode steps (time to first token: queueing, prefill, the HTTP path) and the decode rate itself."""
+    stream_once(base, model, prompts[0], 8)
+    runs = [stream_once(base, model, prompts[i % len(prompts)], max_tokens) for i in range(n)]
+
+    def med(key: str) -> float:
+        return sorted(r[key] for r in runs)[(n - 1) // 2]
+
+    return {"requests": n, "ttft_ms": round(med("ttft_s") * 1e3, 2), "tpot_ms": round(med("tpot_s") * 1e3, 3),
+            "tokens": med("tokens"), "ttft_ms_each": [round(r["ttft_s"] * 1e3, 2) for r in runs]}
+
+
 def top2_margins(lp: dict | None) -> list[float] | None:
     """Per generated token, log p(top 1) - log p(top 2): how near a tie each greedy choice was."""
     if not lp or not lp.get("top_logprobs"):
@@ -205,6 +247,9 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                 r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens, a.rounds)
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
+            if a.latency_requests:
+                rec["latency"] = stream_latency(base, name, prompts, a.max_tokens, a.latency_requests)
+                print(f"[{name}] streamed, one at a time: {rec['latency']}", flush=True)
             for conc in a.profile_concurrency if a.profile_steps else []:
                 try:  # what a decode step launches on the GPU (decode_trace.py)
                     prof = decode_trace.profile_decode(
@@ -259,6 +304,18 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {s['name']} | {s['startup_s']} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |"
         )
+    timed = [s for s in res["servers"] if s.get("latency")]
+    if timed:
+        n = timed[0]["latency"]["requests"]
+        lines += ["", f"One request at a time, streamed, {res['max_tokens']} tokens (ignore_eos; median of {n}): "
+                      "time to the first token (queueing, prefill, the HTTP path), then time per output token.", "",
+                  "| server | first token (ms) | per output token (ms) | output tokens/s while decoding |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for s in timed:
+            lat = s["latency"]
+            rate = round(1e3 / lat["tpot_ms"], 1) if lat["tpot_ms"] > 0 else "-"  # one token: no step after it
+            lines.append(f"| {s['name']} | {lat['ttft_ms']} | {lat['tpot_ms']} | {rate} |")
+
     def parts(eq: dict, b: str) -> None:
         for d in eq.get("differences", []):
             m = d.get("b_margin_there")
@@ -308,6 +365,9 @@ def main() -> int:
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed rounds per concurrency, after a warm-up wave; the median is reported")
+    ap.add_argument("--latency-requests", type=int, default=8,
+                    help="after the throughput, this many streamed requests one at a time: time to the first token "
+                         "and per output token (0: none)")  # fmt: skip
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the throughput, trace this many decode steps per server (SGLang's /start_profile)")
     ap.add_argument("--profile-concurrency", type=int, nargs="+", default=[1, 8],

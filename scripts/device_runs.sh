@@ -11,7 +11,7 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 66 67 60`.
+# unknown field. Next: `start 68` (then `wait` in a second call).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -138,6 +138,8 @@
 #      one won (~10 to 13 min).
 #  56. (only when asked: `start 56 55 39`) the activations through shared memory (Tiles.staged) and 32-row blocks: their
 #      GPU tests, the layer at 8 to 64 tokens beside the picked layout and Marlin, the pick, ncu at Mixtral's 64 (~9 min).
+#  68. (only when asked: `start 68`) end to end after the routing-statistics fold change, the GPTQ copy with and without
+#      --enable-metrics, every server's requests also streamed one at a time (~12 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1217,6 +1219,20 @@ phase62() {
   say "moe_layer, warpgroup MMAs at 168 registers rc=$?"
 }
 
+phase68() {
+  # end to end after the thirty-eighth session's fold change (router_stats writes half as much, a fold in SGLang's
+  # scheduler process holding its GIL), with the GPTQ copy on Marlin also under --enable-metrics, which mxserve launch
+  # always passes, and each server's requests streamed one at a time (serving.py: time to the first token, time per
+  # output token): in the thirty-eighth session's run mxserve's requests took about 9 ms more beside their decode steps
+  # than the GPTQ copy's, its decode steps 0.90x the time (phase 55; ~12 min: two calls)
+  prep MX_GPTQ=1
+  [ -f /tmp/w/q15-24-3.25bit/config.json ] || { say "no 24-layer checkpoint (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 METRICS=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100.json:3.25bit-r0.25-t8-h100 \
+    SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_s38 > $res/e2e_s38.log 2>&1
+  say "e2e mxserve at r = 1 and r = 0.25, the GPTQ copy with and without --enable-metrics rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+}
+
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
   mkdir -p $res/tests
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "${2:-shared_experts_on_a_second_stream}" -rA -p no:cacheprovider \
@@ -1326,7 +1342,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

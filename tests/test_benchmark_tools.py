@@ -42,6 +42,7 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     class Args:
         startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests, rounds = 120, 6, 6, [1, 4], 4, 2
         profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
+        latency_requests = 3
 
     port = serving.free_port()
     assert port + 10000 <= 65535
@@ -57,10 +58,15 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     assert all(r["output_tokens"] > 0 for r in rec["throughput"])
     # two timed rounds after the warm-up wave, the lower reported (the median of two)
     assert all(len(r["rounds"]) == 2 and r["output_tok_per_s"] == min(r["rounds"]) for r in rec["throughput"])
+    # streamed one at a time: the first token's time, then each one's after it (a bf16 step is well under a second)
+    lat = rec["latency"]
+    assert lat["requests"] == 3 and len(lat["ttft_ms_each"]) == 3 and 1 <= lat["tokens"] <= 6
+    assert 0 < lat["ttft_ms"] < 60_000 and 0 <= lat["tpot_ms"] < 1_000
     own = {"x": serving.compare_greedy(["a", "hello"], rec)}
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 6, "concurrency": [1, 4],
                               "servers": [rec], "equal": [], "self": own})
     assert "| x |" in table and "0 of 2 identical" in table
+    assert f"| x | {lat['ttft_ms']} | {lat['tpot_ms']} |" in table
     first = rec["throughput"][0]
     assert f"| {first['output_tok_per_s']} ({first['rounds'][0]} / {first['rounds'][1]}) |" in table
 
