@@ -137,7 +137,7 @@ class MxMetrics:
         for o in OUTCOMES:
             self.replans.labels(o).inc(0)  # every outcome exists from the start, at 0
         self._last: dict[int, CounterSnapshot] = {}
-        self._series: dict[tuple, list] = {}  # (metric name, layer[, window]) -> each expert's labelled series
+        self._series: dict[tuple, list] = {}  # (metric, layer[, window]) -> each expert's labelled series
         self._shares_sent: dict[tuple[str, str], list[float]] = {}
         self._hist_last: list[int] = []
         self._hist_tokens = 0
@@ -152,9 +152,9 @@ class MxMetrics:
         """Each of ``n`` experts' series of ``metric`` under ``key`` (layer[, window]), labelled once: ``labels()``
         costs more than the write itself, and a fold writes thousands of series while holding the GIL of the process
         it runs in (under SGLang, the scheduler's)."""
-        got = self._series.get((metric._name, *key))
+        got = self._series.get((metric, *key))
         if got is None or len(got) != n:
-            got = self._series[(metric._name, *key)] = [metric.labels(key[0], str(e), *key[1:]) for e in range(n)]
+            got = self._series[(metric, *key)] = [metric.labels(key[0], str(e), *key[1:]) for e in range(n)]
         return got
 
     def update_routing(self, stats: RoutingStats, first_hist: list[int]) -> None:
