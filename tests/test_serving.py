@@ -45,6 +45,17 @@ def test_openai_completion_and_streamed_chat(server):
     full = c.chat.completions.create(model="refmoe-25m", max_tokens=10, temperature=0,
                                      messages=[{"role": "user", "content": "Speak, Hamlet."}])
     assert full.choices[0].message.content == text  # streaming and not streaming agree (greedy)
+    # stream_options.include_usage: a last chunk with the counts and no choices, on both endpoints
+    for stream in (c.completions.create(model="refmoe-25m", prompt="def main():", max_tokens=5, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}),
+                   c.chat.completions.create(model="refmoe-25m", max_tokens=5, stream=True, temperature=0,
+                                             messages=[{"role": "user", "content": "Speak."}],
+                                             stream_options={"include_usage": True})):  # fmt: skip
+        got = list(stream)
+        assert got[-1].choices == [] and got[-1].usage.completion_tokens == 5
+        assert got[-1].usage.total_tokens == got[-1].usage.prompt_tokens + 5 and got[-1].usage.prompt_tokens > 0
+        assert all(ch.usage is None for ch in got[:-1])
+    assert list(c.completions.create(model="refmoe-25m", prompt="x", max_tokens=2, stream=True))[-1].choices
     assert "serving refmoe-25m" in log.read_text()
 
 

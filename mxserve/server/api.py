@@ -35,12 +35,17 @@ PROTECTED = ("/v1", "/mxserve", "/metrics")  # what needs the API key when one i
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # OpenAI's: a last chunk with the usage and no choices
+
+
 class _Sampling(BaseModel):
     model: str = Field(description="the served model's name (GET /v1/models)")
     max_tokens: int | None = Field(default=None)
     temperature: float = 1.0
     top_p: float = 1.0
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
@@ -203,8 +208,9 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         latency.labels(endpoint).observe(time.perf_counter() - t0)
         return _trim(tok.decode(ids, skip_special_tokens=True), params.stop), reason, len(ids)
 
-    async def stream(prompt_ids, params, make_chunk, endpoint: str) -> AsyncIterator[str]:
-        """SSE chunks; the engine runs in a thread and hands tokens over through a queue."""
+    async def stream(prompt_ids, params, make_chunk, endpoint: str, usage: bool = False) -> AsyncIterator[str]:
+        """SSE chunks; the engine runs in a thread and hands tokens over through a queue. ``usage``: a last chunk
+        with the token counts and no choices (``stream_options.include_usage``)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -242,6 +248,12 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
         tokens_total.inc(len(ids))
         latency.labels(endpoint).observe(time.perf_counter() - t0)
         yield _sse(make_chunk(None, reason))
+        if usage:
+            last = make_chunk(None, None)
+            last["choices"] = []
+            last["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(ids),
+                             "total_tokens": len(prompt_ids) + len(ids)}
+            yield _sse(last)
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions", responses=error_responses(400, 401, 404))
@@ -256,7 +268,8 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
 
         if req.stream:
-            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk, "/v1/completions")),
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk, "/v1/completions", usage)),
                                      media_type="text/event-stream")
         text, reason, n = await asyncio.to_thread(run, prompt_ids, params, "/v1/completions")
         body = chunk(text, reason)
@@ -282,7 +295,8 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
         if req.stream:
-            return StreamingResponse(stream(list(prompt_ids), params, chunk, "/v1/chat/completions"),
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(stream(list(prompt_ids), params, chunk, "/v1/chat/completions", usage),
                                      media_type="text/event-stream")
         text, reason, n = await asyncio.to_thread(run, list(prompt_ids), params, "/v1/chat/completions")
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
