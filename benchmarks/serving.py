@@ -14,6 +14,8 @@ concurrency with ``ignore_eos`` so every request generates exactly
 - ``mxserve-<name>`` for each ``--ckpt name=DIR``: ``mxserve launch --engine sglang``
   (with ``--launch-args name=ARGS`` added, e.g. ``--bf16-layers kernel``).
 
+SGLang's own decode rate (its ``Decode batch`` log line) while each concurrency's rounds ran is
+kept beside the throughput (``log_decode``: median and 90th percentile tokens/s, full batches).
 ``--latency-requests N`` (default 8) then streams N requests one at a time: the time to each one's
 first token (queueing, prefill, the HTTP path) and per output token after it, so a gap in
 tokens/s splits into what each request costs beside its decode steps and the steps themselves.
@@ -169,6 +171,19 @@ def stream_latency(base: str, model: str, prompts: list[str], max_tokens: int, n
             "tokens": med("tokens"), "ttft_ms_each": [round(r["ttft_s"] * 1e3, 2) for r in runs]}
 
 
+DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+
+
+def log_decode_rate(text: str, conc: int) -> dict | None:
+    """SGLang's own decode rate (its ``Decode batch`` log line, every 40 steps by default) over the lines of ``text``
+    with ``conc`` requests running: median and 90th percentile tokens/s, no profiler. A line whose 40 steps took in a
+    prefill or a request's end reads lower, so the upper percentile is the steady rate; None where none logged."""
+    rates = sorted(float(m[2]) for m in DECODE_LOG.finditer(text) if int(m[1]) == conc)
+    if not rates:
+        return None
+    return {"lines": len(rates), "median": rates[(len(rates) - 1) // 2], "p90": rates[int(0.9 * (len(rates) - 1))]}
+
+
 def top2_margins(lp: dict | None) -> list[float] | None:
     """Per generated token, log p(top 1) - log p(top 2): how near a tie each greedy choice was."""
     if not lp or not lp.get("top_logprobs"):
@@ -244,7 +259,14 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             rec["greedy_batched"] = [c["text"] for c in batched]
             rec["throughput"] = []
             for conc in a.concurrency:
+                log.flush()
+                start = os.path.getsize(log_path)
                 r = throughput(base, name, prompts, conc, max(a.min_requests, 2 * conc), a.max_tokens, a.rounds)
+                with open(log_path, errors="replace") as f:  # what the server logged while these rounds ran
+                    f.seek(start)
+                    logged = log_decode_rate(f.read(), conc)
+                if logged:
+                    r["log_decode"] = logged
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
             if a.latency_requests:
@@ -304,6 +326,16 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {s['name']} | {s['startup_s']} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |"
         )
+    logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
+    if logged:
+        lines += ["", "Decode rate from each server's own log while the timed rounds ran (SGLang's `Decode batch` "
+                      "line, every 40 steps, at full batch; no profiler): median / 90th percentile tokens/s.", "",
+                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
+                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
+        for s in logged:
+            got = {r["concurrency"]: r.get("log_decode") for r in s["throughput"]}
+            cells = [f"{g['median']} / {g['p90']}" if g else "" for g in (got.get(c) for c in res["concurrency"])]
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
     timed = [s for s in res["servers"] if s.get("latency")]
     if timed:
         n = timed[0]["latency"]["requests"]

@@ -783,3 +783,19 @@ def test_stats_fold_benchmark_times_busy_and_idle_folds_in_multiprocess_mode():
     assert row["busy_ms"] > 0 and row["idle_ms"] > 0
     table = stats_fold.markdown({"cpu": "c", "commit": "x", "command": "python3 s", "rows": [row]})
     assert f"| mixtral-8x7b | 32 | 8 | 16 | {row['busy_ms']} | {row['idle_ms']} |" in table
+
+
+def test_serving_reads_sglangs_own_decode_rate_from_its_log():
+    """The decode rate SGLang logs every 40 steps (no profiler), at a full batch only, and its table."""
+    line = ("[2026-12-06 05:56:49] Decode batch, #running-req: {n}, #token: 14, token usage: 0.00, cuda graph: True, "
+            "gen throughput (token/s): {r}, #queue-req: 0\n")
+    text = "".join(line.format(n=n, r=r) for n, r in [(1, 480.5), (1, 300.0), (2, 900.0), (1, 486.25), (1, 470.0)])
+    got = serving.log_decode_rate("Prefill batch, #new-seq: 1\n" + text, 1)
+    assert got == {"lines": 4, "median": 470.0, "p90": 480.5}
+    assert serving.log_decode_rate(text, 8) is None
+    rec = {"name": "s", "startup_s": 1.0, "throughput": [
+        {"concurrency": 1, "output_tok_per_s": 400.0, "rounds": [400.0], "log_decode": got},
+        {"concurrency": 8, "output_tok_per_s": 2000.0, "rounds": [2000.0]}]}
+    table = serving.markdown({"tag": "t", "device": "d", "command": "c", "max_tokens": 8, "concurrency": [1, 8],
+                              "servers": [rec], "equal": [], "self": {}})
+    assert "| s | 470.0 / 480.5 |  |" in table
