@@ -8,7 +8,8 @@ arena per GEMM: fused gate/up, and down):
   multiple of 128, tiled (``Arena.tiled``, :func:`tile_words`): each block of 16 rows by 128 k contiguous;
 - ``wb``: bf16 weights of bf16 experts; ``wf``: fp8 e4m3 weights;
 - ``sc`` / ``zp``: bf16 scales and zeros [N, groups]; a tiled arena's weight-only experts keep them tiled too
-  (:func:`tile_rows`: a K tile's 16 scales of a row group side by side, one 32-byte sector).
+  (:func:`tile_rows`: a K tile's 16 scales of a row group side by side, one 32-byte sector, rows r and r + 8
+  adjacent).
 
 ``meta`` [E, 6] int64 holds per expert: kernel code, weight offset, scale
 offset, zero offset, group size (K for per-channel) and whether its input is
@@ -64,14 +65,21 @@ def tile_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def tile_rows(t: torch.Tensor) -> torch.Tensor:
-    """Scales or zeros [N, groups] -> row groups of 16 (the last padded), in each its groups, in each the 16 rows',
-    flat: (n // 16) 16 G + g 16 + n % 16 for row n's group g of G. A decode program's K tile reads the 16 of each row
-    group it covers as one 32-byte sector, where row by row each row's came from a sector of its own (2 of its 32
-    bytes used, the rest only if it stayed in cache until the row's next 15 groups; benchmarks/README.md,
-    thirty-first session). Per-channel ones (one group) keep their order."""
+    """Scales or zeros [N, groups] -> row groups of 16 (the last padded), in each its groups, in each the 16 rows'
+    in pair order: flat (n // 16) 16 G + g 16 + pair_slot(n % 16) for row n's group g of G. A decode program's K
+    tile reads the 16 of each row group it covers as one 32-byte sector, where row by row each row's came from a
+    sector of its own (2 of its 32 bytes used, the rest only if it stayed in cache until the row's next 15 groups;
+    benchmarks/README.md, thirty-first session). Pair order puts rows r and r + 8 side by side, the two rows of a
+    group that one lane of an MMA tile holds, so the Gluon decode kernel loads both in one 4-byte load."""
     n, g = t.shape
     t = torch.cat([t, t.new_zeros(-n % TILE_ROWS, g)]) if n % TILE_ROWS else t
-    return t.reshape(-1, TILE_ROWS, g).transpose(1, 2).reshape(-1)
+    # rows (half, r % 8) -> groups first, then slots (r % 8, half)
+    return t.reshape(-1, 2, TILE_ROWS // 2, g).permute(0, 3, 2, 1).reshape(-1)
+
+
+def pair_slot(r: int) -> int:
+    """Where row ``r`` (of 16) of a row group sits in tile_rows' pair order (the kernels compute the same)."""
+    return (r & 7) * 2 + ((r >> 3) & 1)
 
 
 def kernel_code(scheme) -> int:

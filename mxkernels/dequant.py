@@ -73,7 +73,7 @@ def dequant_kernel(meta_ptr, meta_out_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, out_p
                 q = _int_unpack(hi, lo, c + 3 * (c == 5), BK, 1)
                 g = cols * (K // group) + k0 // group  # BK is at most the smallest group: one per tile
                 if K128 == 2:  # arena.tile_rows' order
-                    g = (cols >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (cols & 15)
+                    g = (cols >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (cols & 7) * 2 + ((cols >> 3) & 1)
                 s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
                 z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
                 tl.store(out, _bf16((q.to(tl.float32) - z[:, None]) * s[:, None], F32), mask=mask)

@@ -299,7 +299,7 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
     zeros in arena.tile_rows' order."""
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
     if TILED:
-        g = (cols >> 4) * (16 * ngroups) + (k0 // group) * 16 + (cols & 15)
+        g = (cols >> 4) * (16 * ngroups) + (k0 // group) * 16 + (cols & 7) * 2 + ((cols >> 3) & 1)
     else:
         g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)

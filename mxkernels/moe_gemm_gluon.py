@@ -279,23 +279,49 @@ def _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS: gl.constexpr, BN:
             MMA: gl.constexpr, PLACE: gl.constexpr = False, TILED: gl.constexpr = False):  # fmt: skip
     """One K tile's scale per row, and its zero point plus the offset the codes carry into the MMA
     (``_product``): 1 and 0 for bf16. ``gpr``: groups per row; ``inv_tpg``: 1 / (K tiles per group). TILED:
-    scales and zeros in arena.tile_rows' order (a row group's 16 of a K tile in one sector)."""
+    scales and zeros in arena.tile_rows' order (a row group's 16 of a K tile in one sector, rows r and r + 8
+    side by side: ``_pair_loads``)."""
     if BITS == 16:
         s = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         return s, s
     else:
-        rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
         # the tile's group, k0 // group, without the integer division by a runtime value (13 instructions a
         # tile in the sm_90 SASS): (tile + 1/2) / (tiles per group) is at least 1 / (2 tiles per group) from a
         # whole number, far more than fp32's error on quotients below 2^13
         tg = (((k0 >> 7).to(gl.float32) + 0.5) * inv_tpg).to(gl.int32)
-        if TILED:
-            g = (rows >> 4) * (16 * gpr) + tg * 16 + (rows & 15)
-        else:
-            g = rows * gpr + tg
         # 8 bits: 16 (128 + hi) + (128 + lo); otherwise 128 + code; codes in place: none (``_product``)
         offset: gl.constexpr = 2176.0 if BITS == 8 else (0.0 if PLACE and BITS <= 2 else 128.0)
+        if TILED:
+            s, z = _pair_loads(sc_ptr, zp_ptr, rb, r0, N, tg, gpr, BN, MMA)
+            return s, z + offset
+        rows = rb + gl.minimum(r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
+        g = rows * gpr + tg
         return gl.load(sc_ptr + g).to(gl.float32), gl.load(zp_ptr + g).to(gl.float32) + offset
+
+
+@gluon.jit
+def _pair_loads(sc_ptr, zp_ptr, rb, r0, N, tg, gpr, BN: gl.constexpr, MMA: gl.constexpr):
+    """The tiled scales and zeros of rows ``rb + r0 ..`` for K group ``tg``, as fp32 in the MMA's row layout. A lane
+    holds rows g and g + 8 of each 16 (the MMA tile's), which arena.tile_rows puts side by side: one 4-byte load a
+    row group for both, where a load per row with its own address took about 70 of gate/up's 510 instructions a K
+    tile (sm_90 SASS, Triton 3.6: 16 two-byte loads, each with its address and a register for its element size).
+    Row groups past the rows' last (a partial tile) read the last one's, whose results are never stored."""
+    PL: gl.constexpr = gl.BlockedLayout([1, 1, 2], [1, 8, 4], [_WARPS, 1, 1], [2, 1, 0])
+    grp = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))[:, None, None]
+    r8 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))[None, :, None]
+    half = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, PL)))[None, None, :]
+    groups = (rb >> 4) + gl.minimum((r0 >> 4) + grp, (N - 1) >> 4)
+    at = groups * (16 * gpr) + tg * 16 + r8 * 2 + half
+    s = _row_order(gl.load(sc_ptr + at).to(gl.float32), BN, MMA)
+    z = _row_order(gl.load(zp_ptr + at).to(gl.float32), BN, MMA)
+    return s, z
+
+
+@gluon.jit
+def _row_order(x, BN: gl.constexpr, MMA: gl.constexpr):
+    """[BN / 16, 8, 2] values of (row group, r % 8, r // 8 % 2) -> [BN] in the MMA's row layout (registers renamed
+    only)."""
+    return gl.convert_layout(gl.reshape(gl.permute(x, [0, 2, 1]), [BN]), gl.SliceLayout(1, MMA), assert_trivial=True)
 
 
 @gluon.jit

@@ -216,7 +216,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.cons
     else:
         rows = _rows(rb, r0, N, BN)
         if TILED:  # arena.tile_rows' order
-            g = (rows >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (rows & 15)
+            g = (rows >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (rows & 7) * 2 + ((rows >> 3) & 1)
         else:
             g = rows * (K // group) + k0 // group
         offset: gl.constexpr = 256.0 if BITS == 8 else (512.0 if BITS == 3 else 128.0)

@@ -11,7 +11,7 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 68` (then `wait` in a second call).
+# unknown field. Next: `start 69 68` (then `wait` in further calls).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -140,6 +140,8 @@
 #      GPU tests, the layer at 8 to 64 tokens beside the picked layout and Marlin, the pick, ncu at Mixtral's 64 (~9 min).
 #  68. (only when asked: `start 68`) end to end after the routing-statistics fold change, the GPTQ copy with and without
 #      --enable-metrics, every server's requests also streamed one at a time (~12 min).
+#  69. (only when asked: `start 69 68`) the scales and zeros in pair order: their kernel GPU tests, then the layer beside
+#      every baseline at 1, 16 and 64 tokens (~9 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1219,6 +1221,20 @@ phase62() {
   say "moe_layer, warpgroup MMAs at 168 registers rc=$?"
 }
 
+phase69() {
+  # the thirty-eighth session's scales and zeros in pair order (arena.tile_rows: rows r and r + 8 of a row group side
+  # by side, one 4-byte load a lane where each row took a 2-byte load with its own address; sm_90 SASS: 7 to 10% fewer
+  # instructions in the weight-only K loops, 4 programs an SM for the served plan's code set where 3 fit): the kernel
+  # GPU tests that read tiled scales (every scheme, the Gluon kernel on real shapes on both grids), then the layer
+  # beside every baseline at 1, 16 and 64 tokens (phase 59's command; ~9 min)
+  mkdir -p $res/tests
+  kernel_tests "all_schemes or gluon_kernel_real_shapes or gluon_kernel_stream_k_real_shapes" > $res/tests/kernels_pairs.log 2>&1
+  say "GPU tests, scales in pair order: $(tail -1 $res/tests/kernels_pairs.log)"
+  python3 benchmarks/moe_layer.py --tokens 1 16 64 --layouts '^Gluon, held$' \
+    --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_s38 > $res/layer_s38.log 2>&1
+  say "moe_layer, every baseline, scales in pair order rc=$?"
+}
+
 phase68() {
   # end to end after the thirty-eighth session's fold change (router_stats writes half as much, a fold in SGLang's
   # scheduler process holding its GIL), with the GPTQ copy on Marlin also under --enable-metrics, which mxserve launch
@@ -1342,7 +1358,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

@@ -348,7 +348,8 @@ def test_gluon_kernel_warpgroup_mma_refuses_what_it_does_not_run(interpreted_glu
 
 def test_gluon_kernel_reads_the_codes_tiled_as_row_by_row(interpreted_gluon):
     # arena.tile_words (TILED): every code width's planes at their tiled addresses, BN 128 (two MMA tiles of rows
-    # a warp, so the rows of two 16-row groups); the same sums, bit for bit, as on codes row by row
+    # a warp, so the rows of two 16-row groups), scales and zeros a pair of rows a load (tile_rows' pair order);
+    # the same sums, bit for bit, as on codes row by row
     diff, orders = code_orders_agree(GLUON_SCHEMES, 12, 256, 256, 10, 2, "cpu", seed=7, bm=8, bn=128, **GLUON)
     assert orders == [(True, True), (False, False)] and diff == 0, (orders, diff)
 

@@ -207,16 +207,17 @@ def test_tiled_codes_sit_where_the_kernels_address_them(bits):
 
 
 def test_tiled_scales_sit_where_the_kernels_address_them():
-    # arena.tile_rows: row n's group g of G at (n // 16) 16 G + g 16 + n % 16, as the kernels compute it, the last
-    # row group padded; one group per row (per channel) keeps the rows' order
-    from mxkernels.arena import tile_rows
+    # arena.tile_rows: row n's group g of G at (n // 16) 16 G + g 16 + pair_slot(n % 16), as the kernels compute it,
+    # rows r and r + 8 of a row group side by side (one lane of an MMA tile holds both), the last row group padded
+    from mxkernels.arena import pair_slot, tile_rows
 
+    assert [pair_slot(r) for r in range(16)] == [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15]
     t = torch.randn(40, 6).to(torch.bfloat16)
     tiled = tile_rows(t)
     assert tiled.shape == (48 * 6,)
     for n in range(48):
         for g in range(6):
             want = t[n, g] if n < 40 else torch.tensor(0.0, dtype=torch.bfloat16)
-            assert tiled[n // 16 * 16 * 6 + g * 16 + n % 16] == want, (n, g)
-    one = torch.randn(32, 1).to(torch.bfloat16)
-    assert torch.equal(tile_rows(one), one.reshape(-1))
+            assert tiled[n // 16 * 16 * 6 + g * 16 + pair_slot(n % 16)] == want, (n, g)
+    one = torch.randn(32, 1).to(torch.bfloat16)  # one group per row (per channel): only the pairs' order
+    assert torch.equal(tile_rows(one), one.reshape(2, 2, 8).transpose(1, 2).reshape(-1))
