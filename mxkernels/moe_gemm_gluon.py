@@ -305,7 +305,8 @@ def _pair_loads(sc_ptr, zp_ptr, rb, r0, N, tg, gpr, BN: gl.constexpr, MMA: gl.co
     holds rows g and g + 8 of each 16 (the MMA tile's), which arena.tile_rows puts side by side: one 4-byte load a
     row group for both, where a load per row with its own address took about 70 of gate/up's 510 instructions a K
     tile (sm_90 SASS, Triton 3.6: 16 two-byte loads, each with its address and a register for its element size).
-    Row groups past the rows' last (a partial tile) read the last one's, whose results are never stored."""
+    Row groups past the rows' last (a partial tile) read the last one's, whose results are never stored. ``rb`` (0,
+    or up's first row: N) is a whole number of row groups, as this kernel's K, and so every N, is a multiple of 128."""
     PL: gl.constexpr = gl.BlockedLayout([1, 1, 2], [1, 8, 4], [_WARPS, 1, 1], [2, 1, 0])
     grp = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))[:, None, None]
     r8 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))[None, :, None]
