@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from mxkernels.arena import CODE_WONLY, Arena
-from mxkernels.moe_gemm import INTERPRET, _bf16, _int_unpack, _int_words
+from mxkernels.moe_gemm import INTERPRET, _bf16, _int_unpack, _int_words, tiled_scale_at
 
 WONLY_MASK = sum(1 << c for c in CODE_WONLY.values())  # the kernel codes this path dequantizes
 BN, WARPS = 64, 4  # a program's rows of one expert's weight and its warps
@@ -73,7 +73,7 @@ def dequant_kernel(meta_ptr, meta_out_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, out_p
                 q = _int_unpack(hi, lo, c + 3 * (c == 5), BK, 1)
                 g = cols * (K // group) + k0 // group  # BK is at most the smallest group: one per tile
                 if K128 == 2:  # arena.tile_rows' order
-                    g = (cols >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (cols & 7) * 2 + ((cols >> 3) & 1)
+                    g = tiled_scale_at(cols, K // group, k0 // group)
                 s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)
                 z = tl.load(zp_ptr + z_off + g, mask=mask_n, other=0.0).to(tl.float32)
                 tl.store(out, _bf16((q.to(tl.float32) - z[:, None]) * s[:, None], F32), mask=mask)

@@ -290,6 +290,13 @@ def _mm_bf16(a_ptr, rows, mask_m, stride_am, wb_ptr, w_off, cols, n_up, mask_n, 
 
 
 @triton.jit
+def tiled_scale_at(rows, ngroups, g):
+    """Row ``rows``' scale or zero of group ``g`` in arena.tile_rows' order: its row group's 16 of that group, rows r
+    and r + 8 side by side (arena.pair_slot)."""
+    return (rows >> 4) * (16 * ngroups) + g * 16 + (rows & 7) * 2 + ((rows >> 3) & 1)
+
+
+@triton.jit
 def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, mask_n, k0, BITS: tl.constexpr,
                 SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, F32: tl.constexpr, FOLD_Z: tl.constexpr,
                 KMAJOR: tl.constexpr = False, TILED: tl.constexpr = False):  # fmt: skip
@@ -299,7 +306,7 @@ def _wonly_step(a, asum, q, sc_ptr, zp_ptr, s_off, z_off, ngroups, group, cols, 
     zeros in arena.tile_rows' order."""
     # BK never exceeds the smallest group of the layer (pick_tiles), so a tile has one group
     if TILED:
-        g = (cols >> 4) * (16 * ngroups) + (k0 // group) * 16 + (cols & 7) * 2 + ((cols >> 3) & 1)
+        g = tiled_scale_at(cols, ngroups, k0 // group)
     else:
         g = cols * ngroups + k0 // group
     s = tl.load(sc_ptr + s_off + g, mask=mask_n, other=0.0).to(tl.float32)

@@ -215,7 +215,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, rb, r0, N, k0, K, group, BITS: gl.cons
         z = s * 0.0
     else:
         rows = _rows(rb, r0, N, BN)
-        if TILED:  # arena.tile_rows' order
+        if TILED:  # arena.tile_rows' order (as moe_gemm.tiled_scale_at, which the Triton kernels call)
             g = (rows >> 4) * (16 * (K // group)) + (k0 // group) * 16 + (rows & 7) * 2 + ((rows >> 3) & 1)
         else:
             g = rows * (K // group) + k0 // group

@@ -46,6 +46,10 @@ class _Sampling(BaseModel):
     top_p: float = 1.0
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
@@ -268,8 +272,8 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
 
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk, "/v1/completions", usage)),
+            return StreamingResponse(_skip_first(stream(prompt_ids, params, chunk, "/v1/completions",
+                                                        req.include_usage)),
                                      media_type="text/event-stream")
         text, reason, n = await asyncio.to_thread(run, prompt_ids, params, "/v1/completions")
         body = chunk(text, reason)
@@ -295,8 +299,7 @@ def create_app(engine: EmbeddedEngine, served_model_name: str, api_key: str | No
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream(list(prompt_ids), params, chunk, "/v1/chat/completions", usage),
+            return StreamingResponse(stream(list(prompt_ids), params, chunk, "/v1/chat/completions", req.include_usage),
                                      media_type="text/event-stream")
         text, reason, n = await asyncio.to_thread(run, list(prompt_ids), params, "/v1/chat/completions")
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
