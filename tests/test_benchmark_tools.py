@@ -27,6 +27,51 @@ def test_margins_and_where_texts_part():
     assert eq["differences"] == [{"prompt": 0, "char": 3, "token": 1, "b_margin_there": 0.0625}]
 
 
+def _sse_server(chunks: list[dict], gap_s: float):
+    """An HTTP server that streams ``chunks`` as SSE, ``gap_s`` apart: the wire format alone, as SGLang writes it."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for c in chunks:
+                time.sleep(gap_s)
+                self.wfile.write(f"data: {json.dumps(c)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_a_streamed_token_without_text_still_counts():
+    """A random-weight model's tokens often decode to nothing alone, and SGLang streams their empty deltas (the
+    thirty-ninth session's GPU run failed on that): the first token is the first chunk with a choice, text or not."""
+    steps = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in ["", "", "ab", ""]]
+    srv = _sse_server(steps + [{"choices": [], "usage": {"completion_tokens": 4}}], gap_s=0.05)
+    try:
+        got = serving.stream_once(f"http://127.0.0.1:{srv.server_port}", "m", "p", 4)
+    finally:
+        srv.shutdown()
+    assert got["tokens"] == 4
+    assert 0.04 < got["ttft_s"] < 1.0 and 0.03 < got["tpot_s"] < 1.0
+    srv = _sse_server([{"choices": [], "usage": {"completion_tokens": 0}}], gap_s=0)
+    try:
+        with pytest.raises(RuntimeError, match="no chunk with a choice"):
+            serving.stream_once(f"http://127.0.0.1:{srv.server_port}", "m", "p", 4)
+    finally:
+        srv.shutdown()
+
+
 def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     """One server through the whole benchmark: health, openai client, greedy, throughput, shutdown."""
     from mxserve.checkpoint import layout, quantize_to_dir
