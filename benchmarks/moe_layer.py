@@ -292,6 +292,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "MMA, split x2": "double",
     "Gluon, BM 16": {"fma": False, "gluon": True, "maxnreg": None, "bm": 16},
     "Gluon, BM 8": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8},
+    # 16-row blocks held to 3 programs an SM, or on 64-row tiles: uncapped, w4 gate/up holds 178 registers at 16 rows
+    # (2 an SM) where 8 rows hold 136 (3) or 128 under stream-K (4); whether that, not the instructions (475 a K tile
+    # against 385: 0.62x a row), is what makes 16-row blocks 1.1 to 1.4x the time (thirty-ninth session)
+    "Gluon, BM 16, at 168 registers": {"fma": False, "gluon": True, "maxnreg": 168, "bm": 16},
+    "Gluon, BM 16, BN 64": {"fma": False, "gluon": True, "maxnreg": None, "bm": 16, "bn": 64},
     "Gluon, BM 8, unsplit": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "split": 1},
     "Gluon, BM 8, 80 registers": {"fma": False, "gluon": True, "maxnreg": 80, "bm": 8},
     "Gluon, BM 8, BN 128": {"fma": False, "gluon": True, "maxnreg": None, "bm": 8, "bn": 128},

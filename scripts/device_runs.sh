@@ -11,7 +11,7 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 70 68` (then `wait` in further calls).
+# unknown field. Next: `start 70 71 68` (then `wait` in further calls).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -142,6 +142,8 @@
 #      --enable-metrics, every server's requests also streamed one at a time (~12 min).
 #  69. (only when asked: `start 69 68`) the scales and zeros in pair order: their kernel GPU tests, then the layer beside
 #      every baseline at 1, 16 and 64 tokens (~9 min).
+#  71. (only when asked: `start 71`) 16-row blocks capped at 168 registers or on 64-row tiles, beside the held 8 and
+#      the uncapped 16, at 16 and 64 tokens (~4 min): is it their registers that make them slow?
 #  70. (only when asked: `start 70 68`) the GPU tests of the pair order the thirty-ninth session's budget left: the
 #      CUDA-core layouts and the whole layer, beside the SGLang tests of phase 60 (~8 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
@@ -1262,6 +1264,18 @@ phase70() {
   wait
 }
 
+phase71() {
+  # 16-row blocks: under skewed routing most rows sit in a few experts (Qwen3 at 64 tokens: 62 rows in one), each
+  # unpacked again by every 8-row block; 16-row blocks take 0.62x the K-loop instructions a row, so counted in
+  # instructions they would cut the skewed 64-token cells' work by 6 to 10% (by 17 to 20% taken per expert), yet
+  # measured 1.18 to 1.24x the time (thirty-seventh session). Uncapped they hold 178 registers (2 programs an SM):
+  # capped at 168 (3 an SM, 5 spills in gate/up's K loop) or on 64-row tiles, beside the held 8 and the uncapped 16
+  python3 benchmarks/moe_layer.py --tokens 16 64 --ours-only \
+    --layouts '^Gluon, (held|BM 16|BM 16, at 168 registers|BM 16, BN 64)$' --out $res/layer_s39_bm16 \
+    > $res/layer_s39_bm16.log 2>&1
+  say "moe_layer, 16-row blocks by registers rc=$?"
+}
+
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
   mkdir -p $res/tests
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "${2:-shared_experts_on_a_second_stream}" -rA -p no:cacheprovider \
@@ -1371,7 +1385,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
