@@ -324,14 +324,10 @@ def markdown(res: dict) -> str:
         "|---|---|" + "---|" * len(res["concurrency"]),
     ]
     for s in res["servers"]:
-        if "error" in s:
-            error = s["error"][:300].replace("|", "/")
-            lines.append(f"| {s['name']} | failed: {error} |" + " |" * len(res["concurrency"]))
-            continue
-        tp = {r["concurrency"]: _cell(r) for r in s["throughput"]}
-        lines.append(
-            f"| {s['name']} | {s['startup_s']} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |"
-        )
+        # a server that failed part way keeps the concurrencies it served before
+        tp = {r["concurrency"]: _cell(r) for r in s.get("throughput", [])}
+        first = f"failed: {s['error'][:300].replace('|', '/')}" if "error" in s else s["startup_s"]
+        lines.append(f"| {s['name']} | {first} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |")
     logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
     if logged:
         lines += ["", "Decode rate from each server's own log while the timed rounds ran (SGLang's `Decode batch` "

@@ -128,6 +128,12 @@ def test_run_server_reports_why_a_server_died(tmp_path: Path):
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1],
                               "servers": [rec], "equal": [], "self": {}})
     assert "| dead | failed: RuntimeError: server exited with 1 (AssertionError: scale dtype" in table
+    # one that died after its first concurrency: the table keeps what it measured
+    part = {"name": "part", "error": "RuntimeError: server exited with -9", "startup_s": 3.0,
+            "throughput": [{"concurrency": 1, "output_tok_per_s": 41.5, "rounds": [41.5]}]}
+    table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1, 8],
+                              "servers": [part], "equal": [], "self": {}})
+    assert "| part | failed: RuntimeError: server exited with -9 | 41.5 |  |" in table
 
 
 def test_moe_layer_benchmark_takes_any_expert_shape():
