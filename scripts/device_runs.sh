@@ -142,10 +142,10 @@
 #      --enable-metrics, every server's requests also streamed one at a time (~12 min).
 #  69. (only when asked: `start 69 68`) the scales and zeros in pair order: their kernel GPU tests, then the layer beside
 #      every baseline at 1, 16 and 64 tokens (~9 min).
+#  70. (only when asked: `start 70 68`) the GPU tests of the pair order the thirty-ninth session's budget left: the
+#      CUDA-core layouts and the whole layer, then the SGLang tests of phase 60 (~8 min).
 #  71. (only when asked: `start 71`) 16-row blocks capped at 168 registers or on 64-row tiles, beside the held 8 and
 #      the uncapped 16, at 16 and 64 tokens (~4 min): is it their registers that make them slow?
-#  70. (only when asked: `start 70 68`) the GPU tests of the pair order the thirty-ninth session's budget left: the
-#      CUDA-core layouts and the whole layer, beside the SGLang tests of phase 60 (~8 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1256,12 +1256,11 @@ phase68() {
 phase70() {
   # the scales and zeros in pair order (thirty-eighth session), tested on the H100 in the thirty-ninth but for these:
   # the CUDA-core layouts that read them (the Triton kernel's fma-prefetch and fma-fold), the whole layer, and the
-  # SGLang tests of Qwen2-MoE and DeepSeek-V2 (phase 60, last run before the pair order), side by side (~8 min)
+  # SGLang tests of Qwen2-MoE and DeepSeek-V2 (phase 60, last run before the pair order), one after the other (~10 min)
   mkdir -p $res/tests
-  (kernel_tests "every_layout and (fma-prefetch or fma-fold) or whole_layer" > $res/tests/kernels_pairs_rest.log 2>&1
-   say "GPU tests, the pair order's rest: $(tail -1 $res/tests/kernels_pairs_rest.log)") &
+  kernel_tests "every_layout and (fma-prefetch or fma-fold) or whole_layer" > $res/tests/kernels_pairs_rest.log 2>&1
+  say "GPU tests, the pair order's rest: $(tail -1 $res/tests/kernels_pairs_rest.log)"
   phase60
-  wait
 }
 
 phase71() {
