@@ -186,6 +186,17 @@ def log_decode_rate(text: str, conc: int) -> dict | None:
     return {"lines": len(rates), "median": rates[(len(rates) - 1) // 2], "p90": rates[int(0.9 * (len(rates) - 1))]}
 
 
+def beside_steps_ms(r: dict) -> float | None:
+    """Of a timed round's mean request latency, the milliseconds its decode steps at SGLang's logged rate do not explain
+    (prefill, the HTTP path, the scheduler's gaps): a step at full batch takes ``concurrency / rate`` seconds, and a
+    request of n tokens waits for n - 1 of them after its first. None where nothing was logged."""
+    logged = r.get("log_decode")
+    if not logged or not r.get("requests"):
+        return None
+    steps_s = (r["output_tokens"] / r["requests"] - 1) * r["concurrency"] / logged["median"]
+    return round((r["mean_latency_s"] - steps_s) * 1e3, 1)
+
+
 def top2_margins(lp: dict | None) -> list[float] | None:
     """Per generated token, log p(top 1) - log p(top 2): how near a tie each greedy choice was."""
     if not lp or not lp.get("top_logprobs"):
@@ -337,6 +348,14 @@ def markdown(res: dict) -> str:
         for s in logged:
             got = {r["concurrency"]: r.get("log_decode") for r in s["throughput"]}
             cells = [f"{g['median']} / {g['p90']}" if g else "" for g in (got.get(c) for c in res["concurrency"])]
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+        lines += ["", "Each request's time beside its decode steps: the round's mean latency less its tokens' steps at "
+                      "the logged median rate (ms; prefill, the HTTP path, the scheduler's gaps).", "",
+                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
+                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
+        for s in logged:
+            got = {r["concurrency"]: beside_steps_ms(r) for r in s["throughput"]}
+            cells = ["" if got.get(c) is None else str(got[c]) for c in res["concurrency"]]
             lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
     timed = [s for s in res["servers"] if s.get("latency")]
     if timed:

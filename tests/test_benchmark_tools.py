@@ -844,9 +844,13 @@ def test_serving_reads_sglangs_own_decode_rate_from_its_log():
     got = serving.log_decode_rate("Prefill batch, #new-seq: 1\n" + text, 1)
     assert got == {"lines": 4, "median": 470.0, "p90": 480.5}
     assert serving.log_decode_rate(text, 8) is None
+    # 8 requests of 48 tokens in 0.13 s each: 47 steps at 470 tokens/s take 100 ms, 30 ms are left beside them
+    one = {"concurrency": 1, "requests": 8, "output_tokens": 384, "mean_latency_s": 0.13, "output_tok_per_s": 400.0,
+           "rounds": [400.0], "log_decode": got}
     rec = {"name": "s", "startup_s": 1.0, "throughput": [
-        {"concurrency": 1, "output_tok_per_s": 400.0, "rounds": [400.0], "log_decode": got},
-        {"concurrency": 8, "output_tok_per_s": 2000.0, "rounds": [2000.0]}]}
+        one, {"concurrency": 8, "output_tok_per_s": 2000.0, "rounds": [2000.0]}]}
+    assert serving.beside_steps_ms(one) == 30.0 and serving.beside_steps_ms(rec["throughput"][1]) is None
     table = serving.markdown({"tag": "t", "device": "d", "command": "c", "max_tokens": 8, "concurrency": [1, 8],
                               "servers": [rec], "equal": [], "self": {}})
     assert "| s | 470.0 / 480.5 |  |" in table
+    assert "| s | 30.0 |  |" in table
