@@ -50,7 +50,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.procs import stop, wait_up  # noqa: E402
+from benchmarks.procs import precompile_settled, stop, wait_up  # noqa: E402
 from benchmarks.serving import DEFAULT_SGLANG_ARGS, free_port  # noqa: E402
 from mxserve.runtime.launch_stamp import STAMPS  # noqa: E402
 
@@ -99,16 +99,6 @@ def launch(name: str, cmd: list[str], env: dict, port: int, out: str, triton: st
     if (own := launcher_seconds(open(log).read())) is not None:
         row["launcher_seconds"] = own  # mxserve's own share, before SGLang starts
     return row
-
-
-# the launcher's lines that end its precompile step: done, failed, or done by an earlier launch (without
-# the last, a warm launch was timed to this script's timeout: 601.5 s on the H200, ready after 30)
-PRECOMPILE_ENDS = ("phase precompile", "precompiling the kernels failed", "precompiled by an earlier launch")
-
-
-def precompile_settled(log_text: str) -> bool:
-    """Whether an mxserve launch's log shows its precompile step over."""
-    return any(m in log_text for m in PRECOMPILE_ENDS)
 
 
 def launcher_seconds(log_text: str) -> float | None:

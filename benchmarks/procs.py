@@ -35,3 +35,13 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# the launcher's lines that end its precompile step: done, failed, or done by an earlier launch (without
+# the last, a warm launch was timed to cold_start.py's timeout: 601.5 s on the H200, ready after 30)
+PRECOMPILE_ENDS = ("phase precompile", "precompiling the kernels failed", "precompiled by an earlier launch")
+
+
+def precompile_settled(log_text: str) -> bool:
+    """Whether an mxserve launch's log shows its precompile step over."""
+    return any(m in log_text for m in PRECOMPILE_ENDS)

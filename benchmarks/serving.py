@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_trace  # noqa: E402
+from procs import precompile_settled  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the lent GPU's SGLang bundle was seen working with (../shared/device/README.md)
@@ -89,6 +90,26 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
         except OSError:
             time.sleep(1)
     raise RuntimeError("server did not become healthy")
+
+
+def wait_precompiled(log_path: str, proc: subprocess.Popen, timeout: float) -> float | None:
+    """Seconds until an `mxserve launch` (its log says it started SGLang) logs its precompile step over; None for
+    other servers. SGLang can answer /health while the launcher still compiles kernel variants, a process per core:
+    a server timed then shares the CPU with them (thirty-ninth session: the second mxserve server of a run, ready
+    after 76 s, compiled for 88, over all of its timed rounds)."""
+    t0 = time.time()
+    while True:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+        if "mxserve: starting SGLang" not in text:
+            return None
+        if precompile_settled(text):
+            return round(time.time() - t0, 1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} while its kernels precompiled")
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"its kernels still precompiling {timeout:.0f} s after it was healthy")
+        time.sleep(1)
 
 
 def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool, logprobs: int = 0) -> dict:
@@ -262,6 +283,11 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
         try:
             rec["startup_s"] = round(wait_healthy(base, proc, a.startup_timeout), 1)
             print(f"[{name}] healthy after {rec['startup_s']} s", flush=True)
+            log.flush()
+            waited = wait_precompiled(log_path, proc, a.startup_timeout)
+            if waited is not None:  # measured once the launcher's compiles are over
+                rec["precompile_after_health_s"] = waited
+                print(f"[{name}] its kernels precompiled {waited} s after that", flush=True)
             rec["openai"] = openai_check(base, name)
             greedy = [complete(base, name, p, a.greedy_tokens, False, logprobs=2)["choices"][0] for p in prompts]
             rec["greedy"] = [c["text"] for c in greedy]
@@ -337,7 +363,9 @@ def markdown(res: dict) -> str:
     for s in res["servers"]:
         # a server that failed part way keeps the concurrencies it served before
         tp = {r["concurrency"]: _cell(r) for r in s.get("throughput", [])}
-        first = f"failed: {s['error'][:300].replace('|', '/')}" if "error" in s else s["startup_s"]
+        first = f"failed: {s['error'][:300].replace('|', '/')}" if "error" in s else str(s["startup_s"])
+        if s.get("precompile_after_health_s"):  # timed after these: the launcher still compiled once healthy
+            first += f" (+{s['precompile_after_health_s']} compiling)"
         lines.append(f"| {s['name']} | {first} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |")
     logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
     if logged:

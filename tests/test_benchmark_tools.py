@@ -72,6 +72,39 @@ def test_a_streamed_token_without_text_still_counts():
         srv.shutdown()
 
 
+def test_an_mxserve_server_is_timed_once_its_kernels_are_compiled(tmp_path: Path):
+    """SGLang can be healthy while `mxserve launch` still compiles: the benchmark waits for the launcher's line that
+    ends its precompile step; a server that is no mxserve launch (no "starting SGLang" line) waits for nothing."""
+    import subprocess
+    import time
+
+    log = tmp_path / "s.log"
+    script = ("import sys, time; print('mxserve: starting SGLang on http://x (model m)', flush=True); time.sleep(1.5); "
+              "print('mxserve: phase precompile: 1.5 s, peak GPU 0.00 GiB', flush=True); time.sleep(30)")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=f)
+    try:
+        time.sleep(0.5)
+        waited = serving.wait_precompiled(str(log), proc, 20)
+        assert waited is not None and 0.5 <= waited < 10
+        assert "phase precompile" in log.read_text()
+    finally:
+        proc.kill()
+    plain = tmp_path / "p.log"
+    plain.write_text("[2026-12-06] Load weight begin\n")
+    assert serving.wait_precompiled(str(plain), proc, 20) is None
+    # a launcher that dies first: said, not waited on
+    log.write_text("mxserve: starting SGLang on http://x\n")
+    proc.wait()
+    with pytest.raises(RuntimeError, match="while its kernels precompiled"):
+        serving.wait_precompiled(str(log), proc, 20)
+    rec = {"name": "m", "startup_s": 76.1, "precompile_after_health_s": 12.0,
+           "throughput": [{"concurrency": 1, "output_tok_per_s": 41.5, "rounds": [41.5]}]}
+    table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1],
+                              "servers": [rec], "equal": [], "self": {}})
+    assert "| m | 76.1 (+12.0 compiling) | 41.5 |" in table
+
+
 def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     """One server through the whole benchmark: health, openai client, greedy, throughput, shutdown."""
     from mxserve.checkpoint import layout, quantize_to_dir

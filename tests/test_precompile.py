@@ -294,3 +294,22 @@ def test_a_warm_launch_compiles_nothing_and_spawns_no_compilers(tmp_path):
     for key in ("stamp", "other"):
         assert Path(out[key]).parent == tmp_path / "mxserve-precompiled" and Path(out[key]).is_file()
     assert out["stamp"] != out["other"]
+
+
+def test_compile_workers_run_at_the_lowest_priority():
+    """The launcher's compile workers may still run once SGLang serves: each lowers itself to nice 19 first, the
+    initializer compile_variants gives its pool."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from unittest import mock
+
+    from mxserve.runtime import precompile
+
+    before = os.nice(0)
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=precompile.in_background) as pool:
+        assert pool.submit(os.nice, 0).result() == 19
+    assert os.nice(0) == before  # this process untouched
+    with mock.patch.object(precompile, "ProcessPoolExecutor") as pool:
+        pool.return_value.__enter__.return_value.map.return_value = []
+        precompile.compile_variants(["a", "b"], None, 2)
+    assert pool.call_args.kwargs["initializer"] is precompile.in_background
