@@ -234,10 +234,15 @@ def in_background() -> None:
     os.nice(19 - os.nice(0))
 
 
+def compile_workers(n: int, workers: int | None = None) -> int:
+    """How many processes compile ``n`` variants: ``workers``, else one per core, at most one per variant."""
+    return max(1, min(workers or os.cpu_count() or 1, n))
+
+
 def compile_variants(variants: list[Variant], target, workers: int | None = None) -> list[tuple[float, bytes]]:
     """Compile ``variants`` (into Triton's cache), ``workers`` at a time (processes of the lowest priority,
     ``in_background``); (seconds, cubin) each."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(variants)))
+    workers = compile_workers(len(variants), workers)
     if workers == 1:
         return [_compile(v, target) for v in variants]
     # spawned workers: a forked copy of a process that touched CUDA must not use it
@@ -287,8 +292,15 @@ def precompile(plan, views, skip_bf16_layers: bool, codes: int, tp: int = 1, ep:
                           tile_table(dev), routers=sorted(routers))  # fmt: skip
     variants = rec.all()
     what = f"{len(variants)} kernel variants"
-    if compile_once(variants, target):
-        log(f"compiled {what} in {time.perf_counter() - t0:.1f} s (Triton {triton.__version__}, sm_{target.arch})")
+    recorded = time.perf_counter() - t0
+    seconds = compile_once(variants, target)
+    if seconds is not None:
+        # where the time went: on the H100 a 24-layer Qwen1.5 plan's 44 variants took 62.9 s in 16 processes beside
+        # SGLang's start, where one core of the development machine compiles them one after another in 46 s (Triton
+        # 3.9 there, 3.6 on the H100; thirty-ninth session)
+        log(f"compiled {what} in {time.perf_counter() - t0:.1f} s (Triton {triton.__version__}, sm_{target.arch}): "
+            f"recorded in {recorded:.1f} s, then {sum(seconds):.1f} s of compiling in "
+            f"{compile_workers(len(variants))} processes, the longest {max(seconds, default=0):.1f} s")
     else:
         log(f"{what} compiled by an earlier launch, in Triton's cache ({time.perf_counter() - t0:.1f} s)")
     return len(variants)
@@ -308,15 +320,16 @@ def stamp_path(variants: list[Variant], target) -> str:
     return os.path.join(knobs.cache.dir, STAMPS, h.hexdigest())
 
 
-def compile_once(variants: list[Variant], target, workers: int | None = None) -> bool:
-    """Compile ``variants`` unless a launch before compiled this very set into the same Triton cache;
-    whether it compiled. A warm launch so spawns no compilers: each imports torch and Triton (16 of
-    them cost a warm `mxserve launch` about 16 s beside SGLang's start; benchmarks/README.md)."""
+def compile_once(variants: list[Variant], target, workers: int | None = None) -> list[float] | None:
+    """Compile ``variants`` unless a launch before compiled this very set into the same Triton cache: each
+    one's compile seconds, or None where none was compiled. A warm launch so spawns no compilers: each imports
+    torch and Triton (16 of them cost a warm `mxserve launch` about 16 s beside SGLang's start;
+    benchmarks/README.md)."""
     stamp = stamp_path(variants, target)
     if os.path.isfile(stamp):
-        return False
-    compile_variants(variants, target, workers)
+        return None
+    done = compile_variants(variants, target, workers)
     os.makedirs(os.path.dirname(stamp), exist_ok=True)
     with open(stamp, "w") as f:
         f.write(f"{len(variants)} variants\n")
-    return True
+    return [t for t, _ in done or []]
