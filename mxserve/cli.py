@@ -54,7 +54,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_plan(a: argparse.Namespace) -> None:
     from mxserve.costmodel import cost_model
-    from mxserve.planner import solve_plan
+    from mxserve.planner import decode_reads_line, solve_plan
     from mxserve.profile import CalibrationProfile
     from mxserve.schemes import parse_budget, parse_schemes
 
@@ -94,6 +94,9 @@ def cmd_plan(a: argparse.Namespace) -> None:
     s = res.plan.summary
     shares = ", ".join(f"{k} {v:.0%}" for k, v in s["schemes"].items())
     print(f"plan: avg bits {s['avg_bits']:.3f}, L {s['L']:.5g}, T {s['T'] * 1e3:.4f} ms (r={a.r:g}); {shares}")
+    reads = decode_reads_line(s)
+    if reads:
+        print(f"decode: {reads}")
     print(f"solved in {res.seconds:.2f} s; wrote {a.out}")
     if a.plot:
         from mxserve.plots import plot_plan

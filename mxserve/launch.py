@@ -123,7 +123,7 @@ def resolve(s: LaunchSettings) -> Resolved:
     from mxserve.costmodel import cost_model
     from mxserve.models.configs import FORMAT_VERSION
     from mxserve.plan import Plan
-    from mxserve.planner import solve_plan
+    from mxserve.planner import decode_reads_line, solve_plan
     from mxserve.profile import CalibrationProfile
     from mxserve.schemes import parse_budget, parse_schemes
 
@@ -161,6 +161,9 @@ def resolve(s: LaunchSettings) -> Resolved:
         plan = res.plan
         shares = ", ".join(f"{k} {v:.0%}" for k, v in plan.summary["schemes"].items())
         log(f"plan: {plan.summary['avg_bits']:.3f} avg bits (budget {budget:g}) in {res.seconds:.1f} s: {shares}")
+        reads = decode_reads_line(plan.summary)
+        if reads:
+            log(f"decode: {reads}")
     out = os.path.join(cache_root(), f"ckpt-{_key(fp, plan.to_json(), FORMAT_VERSION)}")
     if os.path.isfile(os.path.join(out, "config.json")):
         log(f"quantized checkpoint from cache: {out}")

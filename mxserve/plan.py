@@ -7,10 +7,12 @@ JSON form::
      "tokens": 64, "granularity": "layer",
      "layers": [{"layer": 0, "experts": [{"expert": 0, "shared": false,
                   "gate": "w4a16g128", "up": "w4a16g128", "down": "w3a16g128"}, ...]}],
-     "summary": {"avg_bits": 3.249, "L": 0.0123, "T": 1.2e-4, "schemes": {"w4a16g128": 0.4, ...}},
+     "summary": {"avg_bits": 3.249, "L": 0.0123, "T": 1.2e-4, "schemes": {"w4a16g128": 0.4, ...},
+                 "decode_mb_per_token": 929.0, "decode_mb_shared": 610.1, "decode_mb_uniform_w4a16g128": 882.4},
      "data": ["shakespeare-calib.txt", ...]}
 
-Gate and up always share a scheme: they run as one fused GEMM. Experts are
+The summary is what the planner reports (``decode_mb_*``: planner.decode_reads; absent from plans made
+before it). Gate and up always share a scheme: they run as one fused GEMM. Experts are
 numbered as in the adapters: routed experts first, then shared-expert slices.
 """
 

@@ -263,3 +263,36 @@ def test_kernel_profile_launch_computes_each_experts_product(scheme, tokens):
     got = out.float().sum(0)  # split-K partials, or the one bf16 output
     want = torch.cat([a[i * tokens:(i + 1) * tokens].float() @ lin.dequantize().T for i, lin in enumerate(linears)])
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_plan_says_what_a_decoded_token_reads():
+    """Expected expert bytes a decoded token reads: each block's bytes in its scheme times the chance a token is
+    routed to its expert, a shared expert every token. With a shared expert at 8 bits, a plan of fewer average bits
+    than w4a16g128 can read more a token than the uniform 4-bit model."""
+    from mxserve.planner import decode_reads_line
+
+    prof = synthetic_profile(freqs=(0.2, 0.1, 0.05))
+    for st in prof.layers:  # a shared expert of the routed experts' shape, and its errors far larger
+        st.experts.append(ExpertStats(expert=3, shared=True, shapes=dict(st.experts[0].shapes), freq=1.0,
+                                      routed_tokens=1000, calib_tokens=1000,
+                                      err={b: {s: 100 * v for s, v in st.experts[0].err[b].items()}
+                                           for b in ("gate", "up", "down")}))  # fmt: skip
+    plan = solve_plan(prof, 3.25).plan
+    s = plan.summary
+    want = shared = 0.0
+    for lay, st in zip(plan.layers, prof.layers):
+        for ep, es in zip(lay.experts, st.experts):
+            p = 1.0 if es.shared else es.freq
+            for b in ("gate", "up", "down"):
+                n, k = es.shapes[b]
+                mb = p * get_scheme(getattr(ep, b)).bits_per_weight(k) * n * k / 8e6
+                want += mb
+                shared += mb if es.shared else 0.0
+    assert s["decode_mb_per_token"] == pytest.approx(want, abs=1e-3)
+    assert s["decode_mb_shared"] == pytest.approx(shared, abs=1e-3) and shared > 0
+    w4 = sum((1.0 if es.shared else es.freq) * 4.25 * n * k / 8e6 for st in prof.layers for es in st.experts
+             for n, k in es.shapes.values())  # fmt: skip
+    assert s["decode_mb_uniform_w4a16g128"] == pytest.approx(w4, abs=1e-3)
+    # the sensitive shared expert took the bits: below 4 bits on average, more bytes a token than 4 bits
+    assert s["avg_bits"] <= 3.25 + 1e-9 and s["decode_mb_per_token"] > s["decode_mb_uniform_w4a16g128"]
+    assert f"reads {want:.4g} MB" in decode_reads_line(s) and decode_reads_line({"avg_bits": 3.0}) is None
