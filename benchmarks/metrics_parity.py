@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERIES = ("mxserve_expert_routed_tokens_total", "mxserve_layer_tokens_total", "mxserve_expert_load_share",
           "mxserve_forward_tokens_bucket", "mxserve_tokens_per_forward", "mxserve_expert_block_bits",
           "mxserve_expert_block_scheme", "mxserve_plan_avg_bits", "mxserve_plan_info", "mxserve_replans_total",
-          "mxserve_swap_seconds_bucket")
+          "mxserve_swap_seconds_bucket", "mxserve_decode_bytes_per_token")
 
 
 def scrape(base: str) -> dict[str, dict[tuple, float]]:

@@ -23,6 +23,9 @@ Precision (what the blocks actually hold, read from the runtime layers):
 - ``mxserve_expert_block_bits{layer,expert,block}``: bits per weight, scale/zero overhead included;
 - ``mxserve_expert_block_scheme{layer,expert,block,scheme}``: 1 for the scheme in use, 0 for one used before;
 - ``mxserve_plan_avg_bits``, ``mxserve_plan_budget_bits``;
+- ``mxserve_decode_bytes_per_token{window}``: expert weight bytes a decoded token reads, expected under the observed
+  routing (each routed expert's bytes times the chance a token picks it, the shared experts' whole): what decode
+  bandwidth the plan costs, which the average bits do not tell (planner.decode_reads for the same under calibration);
 - ``mxserve_plan_info{plan_id,method}``: 1 for the plan served now (0 for earlier ones);
 - ``mxserve_plan_changes_total``: plans applied after start (re-plans, uploads).
 
@@ -121,6 +124,9 @@ class MxMetrics:
                             ["layer", "expert", "block", "scheme"], **gauge)
         self.avg_bits = Gauge("mxserve_plan_avg_bits", "Average bits per expert weight of the served plan", **gauge)
         self.budget_bits = Gauge("mxserve_plan_budget_bits", "Bit budget of the served plan", **gauge)
+        self.decode_bytes = Gauge("mxserve_decode_bytes_per_token",
+                                  "Expert weight bytes a decoded token reads, expected under the observed routing",
+                                  ["window"], **gauge)  # fmt: skip
         self.plan_info = Gauge("mxserve_plan_info", "The served plan (1) and earlier ones (0)",
                                ["plan_id", "method"], **gauge)
         self.plan_changes = Counter("mxserve_plan_changes", "Plans applied after start", registry=reg)
@@ -143,6 +149,7 @@ class MxMetrics:
         self._hist_tokens = 0
         self._schemes: dict[tuple[str, str, str], str] = {}
         self._plan: tuple[str, str] | None = None
+        self._expert_bytes: dict[int, dict[int, float]] = {}  # layer -> expert -> bytes of its blocks
 
     def set_windows(self, window: float, halflife: float) -> None:
         self.window_seconds.labels("sliding").set(window)
@@ -181,6 +188,20 @@ class MxMetrics:
         self.tpf.labels("sliding").set(stats.tokens_per_forward_window)
         self.tpf.labels("ewma").set(stats.tokens_per_forward_ewma)
         self._observe_forwards(first_hist, stats.layers[0].tokens if stats.layers else 0)
+        self._export_decode_bytes(stats)
+
+    def _export_decode_bytes(self, stats: RoutingStats) -> None:
+        """``mxserve_decode_bytes_per_token`` from a fold's observed frequencies (tokens routed to an expert over
+        tokens through its layer) and the served blocks' bytes; nothing before the precision or any traffic."""
+        if not self._expert_bytes or not any(lay.tokens for lay in stats.layers):
+            return
+        for window in WINDOWS:
+            total = 0.0
+            for lay in stats.layers:
+                freq = lay.window_freq if window == "sliding" else lay.ewma_freq
+                for e, b in self._expert_bytes.get(lay.layer, {}).items():
+                    total += b if e >= len(freq) else b * min(freq[e], 1.0)  # past the routed ones: shared
+            self.decode_bytes.labels(window).set(total)
 
     def _observe_forwards(self, hist: list[int], tokens: int) -> None:
         """Add the device histogram's new counts to the Prometheus histogram.
@@ -212,6 +233,10 @@ class MxMetrics:
         for key, scheme in now.items():
             self.scheme.labels(*key, scheme).set(1)
         self._schemes = now
+        self._expert_bytes = {}
+        for b in p.blocks:
+            per = self._expert_bytes.setdefault(b.layer, {})
+            per[b.expert] = per.get(b.expert, 0.0) + b.bits * b.params / 8
         self.avg_bits.set(p.avg_bits)
         self.budget_bits.set(p.budget_bits)
         plan = (p.plan_id, p.method)

@@ -67,12 +67,13 @@ class RouterStats:
             snaps = {m.layer_index: m.counter.snapshot() for m in layers}
             stats = self.windows.fold(time.time(), snaps)
             if self.metrics is not None:
-                first = snaps[min(snaps)].forward_hist if snaps else []
-                self.metrics.update_routing(stats, first)
+                # the precision first: the routing's export prices the served blocks (mxserve_decode_bytes_per_token)
                 versions = tuple((m.layer_index, getattr(m, "version", 0)) for m in layers)
                 if versions != self._versions:
                     self.metrics.set_precision(precision_of(layers, *self.plan_meta()))
                     self._versions = versions
+                first = snaps[min(snaps)].forward_hist if snaps else []
+                self.metrics.update_routing(stats, first)
             self._latest = stats
             return stats
 

@@ -132,6 +132,33 @@ def test_metrics_export_counts_shares_histogram_and_precision():
     assert s[("mxserve_plan_info", (("method", "rtn"), ("plan_id", rs.precision().plan_id)))] == 1
 
 
+def test_the_decode_bytes_a_token_reads_follow_the_routing_and_the_plan():
+    """mxserve_decode_bytes_per_token: each routed expert's bytes times the chance a token picks it (tokens routed to
+    it over the layer's), the shared experts' (past the routed ones) whole; it moves with the routing and a swap."""
+    reg = CollectorRegistry()
+    counter = ExpertCounter(2)  # two routed experts, then a shared one
+    layer = _Layer(0, counter, _experts([("w4a16g128", "w2a16g128"), ("w2a16g128", "w2a16g128"), ("w8a16", "w8a16")]))
+    rs = RouterStats(lambda: [layer], MxMetrics(reg), lambda: (4.0, "rtn"), window=60, halflife=30)
+
+    def read(window="sliding"):
+        return samples(generate_latest(reg).decode()).get(("mxserve_decode_bytes_per_token", (("window", window),)))
+
+    def expert_bytes(e):
+        return sum(b.bits * b.params / 8 for b in rs.precision().blocks if b.expert == e)
+
+    rs.fold()
+    assert read() is None  # no traffic yet: nothing to weigh the routed experts by
+    counter.record(torch.tensor([[0], [0], [0], [1]]))  # top-1: expert 0 takes 3 of 4 tokens
+    rs.fold()
+    want = 0.75 * expert_bytes(0) + 0.25 * expert_bytes(1) + expert_bytes(2)
+    assert read() == pytest.approx(want) and read("ewma") == pytest.approx(want)
+    layer.experts_q = _experts([("w2a16g128", "w2a16g128")] * 3)  # a swap to fewer bits: fewer bytes a token
+    layer.version += 1
+    rs.fold()
+    assert read() == pytest.approx(0.75 * expert_bytes(0) + 0.25 * expert_bytes(1) + expert_bytes(2))
+    assert read() < want
+
+
 def test_a_fold_writes_only_the_series_that_moved(monkeypatch):
     """Under SGLang a fold holds the scheduler process's GIL while it writes: an idle fold writes no share (the EWMA's
     shares only jitter in their last bits as it decays), a busy one only the experts' series that changed, and what is

@@ -123,6 +123,12 @@ def build() -> dm.Dashboard:
             "a step is a plan change.", "short",
             q("mxserve_plan_avg_bits", "average bits"), q("mxserve_plan_budget_bits", "budget", "B")))
         .with_panel(ts(
+            "Expert bytes a decoded token reads", "Expected expert weight bytes one decoded token reads under the "
+            "observed routing: each routed expert's bytes times the chance a token picks it, the shared experts' "
+            "whole. The decode bandwidth the plan costs, which its average bits do not show.", "decbytes",
+            q('mxserve_decode_bytes_per_token{window="ewma"}', "EWMA"),
+            q('mxserve_decode_bytes_per_token{window="sliding"}', "sliding window", "B")))
+        .with_panel(ts(
             "Blocks per scheme", "How many expert blocks (gate_up and down of every expert) hold each scheme.",
             "short", q("sum by (scheme) (mxserve_expert_block_scheme)", "{{scheme}}")))
         .with_row(db.Row("Batch regime and requests"))
