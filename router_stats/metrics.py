@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from dataclasses import dataclass
 
 from router_stats.counters import FORWARD_TOKEN_BUCKETS, CounterSnapshot
@@ -149,7 +150,8 @@ class MxMetrics:
         self._hist_tokens = 0
         self._schemes: dict[tuple[str, str, str], str] = {}
         self._plan: tuple[str, str] | None = None
-        self._expert_bytes: dict[int, dict[int, float]] = {}  # layer -> expert -> bytes of its blocks
+        self._expert_bytes: dict[int, list[float]] = {}  # layer -> each expert's bytes (plan order: shared last)
+        self._decode_tokens = 0  # tokens through every layer at the last export of mxserve_decode_bytes_per_token
 
     def set_windows(self, window: float, halflife: float) -> None:
         self.window_seconds.labels("sliding").set(window)
@@ -192,15 +194,19 @@ class MxMetrics:
 
     def _export_decode_bytes(self, stats: RoutingStats) -> None:
         """``mxserve_decode_bytes_per_token`` from a fold's observed frequencies (tokens routed to an expert over
-        tokens through its layer) and the served blocks' bytes; nothing before the precision or any traffic."""
-        if not self._expert_bytes or not any(lay.tokens for lay in stats.layers):
+        tokens through its layer) and the served blocks' bytes; nothing before the precision or any traffic, and
+        nothing new where no token came since the last export under the same precision (an idle fold)."""
+        tokens = sum(lay.tokens for lay in stats.layers)
+        if not self._expert_bytes or not tokens or tokens == self._decode_tokens:
             return
+        self._decode_tokens = tokens
         for window in WINDOWS:
             total = 0.0
             for lay in stats.layers:
                 freq = lay.window_freq if window == "sliding" else lay.ewma_freq
-                for e, b in self._expert_bytes.get(lay.layer, {}).items():
-                    total += b if e >= len(freq) else b * min(freq[e], 1.0)  # past the routed ones: shared
+                b = self._expert_bytes.get(lay.layer, [])
+                # the experts past the routed ones are the shared ones, read by every token
+                total += sum(map(operator.mul, b[: len(freq)], freq)) + sum(b[len(freq) :])
             self.decode_bytes.labels(window).set(total)
 
     def _observe_forwards(self, hist: list[int], tokens: int) -> None:
@@ -233,10 +239,12 @@ class MxMetrics:
         for key, scheme in now.items():
             self.scheme.labels(*key, scheme).set(1)
         self._schemes = now
-        self._expert_bytes = {}
+        per: dict[int, dict[int, float]] = {}
         for b in p.blocks:
-            per = self._expert_bytes.setdefault(b.layer, {})
-            per[b.expert] = per.get(b.expert, 0.0) + b.bits * b.params / 8
+            got = per.setdefault(b.layer, {})
+            got[b.expert] = got.get(b.expert, 0.0) + b.bits * b.params / 8
+        self._expert_bytes = {lay: [got.get(e, 0.0) for e in range(max(got) + 1)] for lay, got in per.items()}
+        self._decode_tokens = 0  # priced again at the next fold
         self.avg_bits.set(p.avg_bits)
         self.budget_bits.set(p.budget_bits)
         plan = (p.plan_id, p.method)
