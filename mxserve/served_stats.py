@@ -25,6 +25,7 @@ class ServedStats:
     avg_bits: float | None = None
     budget_bits: float | None = None
     tokens_per_forward: float | None = None
+    decode_bytes: dict[str, float] = field(default_factory=dict)  # window -> expert bytes a decoded token reads
 
     @property
     def layers(self) -> list[int]:
@@ -54,6 +55,8 @@ def parse_metrics(text: str) -> ServedStats:
                 st.budget_bits = s.value
             elif s.name == "mxserve_tokens_per_forward" and lab.get("window") == "sliding":
                 st.tokens_per_forward = s.value
+            elif s.name == "mxserve_decode_bytes_per_token":
+                st.decode_bytes[lab["window"]] = s.value
     return st
 
 
@@ -83,6 +86,8 @@ def render(st: ServedStats, window: str = "sliding", top: int = 4) -> str:
         head.append(f"plan: {st.avg_bits:.3f} avg bits (budget {st.budget_bits or 0:g})")
     if st.tokens_per_forward is not None:
         head.append(f"{st.tokens_per_forward:.1f} tokens per forward (sliding window)")
+    if window in st.decode_bytes:
+        head.append(f"a decoded token reads {st.decode_bytes[window] / 1e6:.4g} MB of expert weights ({window})")
     if head:
         lines.append("; ".join(head))
     shares = st.shares.get(window, {})

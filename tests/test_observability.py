@@ -118,10 +118,19 @@ REFMOE_K = {"gate_up": 256, "down": 256}  # refmoe-25m: hidden 256, expert width
 
 def test_stats_command_prints_load_and_precision(served_refmoe, capsys, tmp_path):
     from mxserve.cli import main
+    from mxserve.served_stats import parse_metrics
 
+    # traffic, then a fold: the live decode read is exported
+    httpx.post(served_refmoe + "/v1/completions", json={"model": "refmoe-25m", "prompt": "To be", "max_tokens": 4},
+               timeout=60).raise_for_status()  # fmt: skip
+    deadline = time.time() + 20
+    while "sliding" not in parse_metrics(httpx.get(served_refmoe + "/metrics", timeout=30).text).decode_bytes:
+        assert time.time() < deadline, "no mxserve_decode_bytes_per_token after traffic"
+        time.sleep(0.5)
     png = tmp_path / "served.png"
     assert main(["stats", "--url", served_refmoe, "--plot", str(png)]) == 0
     out = capsys.readouterr().out.splitlines()
+    assert "MB of expert weights (sliding)" in out[0]
     rows = [ln.split() for ln in out if ln.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == [str(i) for i in range(6)]  # one row per MoE layer
     plan = httpx.get(served_refmoe + "/mxserve/plan", timeout=30).json()
