@@ -46,13 +46,13 @@ class _Sampling(BaseModel):
     top_p: float = 1.0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
 
     @field_validator("max_tokens")
     @classmethod
