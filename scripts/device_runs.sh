@@ -146,6 +146,9 @@
 #      CUDA-core layouts and the whole layer, then the SGLang tests of phase 60 (~8 min).
 #  71. (only when asked: `start 71`) 16-row blocks capped at 168 registers or on 64-row tiles, beside the held 8 and
 #      the uncapped 16, at 16 and 64 tokens (~4 min): is it their registers that make them slow?
+#  72. (only when asked: `start 72 60 71`) issue 10 item 4 with the current kernels: the kernel profile (phase 6), the
+#      24-layer plan at r = 0.25 priced with it, its checkpoint beside the pair order's last kernel tests, then end to
+#      end: the committed plan, that plan, the GPTQ copy with and without --enable-metrics (~14 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1275,6 +1278,30 @@ phase71() {
   say "moe_layer, 16-row blocks by registers rc=$?"
 }
 
+phase72() {
+  # issue 10 item 4 with the thirty-ninth session's kernels: this GPU's kernel profile (the last, h100-kernel-profile-s32,
+  # timed kernels since replaced), the 24-layer plan at 3.25 bits and r = 0.25 for 8-token forwards priced with it,
+  # built with the other checkpoints beside the kernel tests of the pair order's rest (phase 70's), then served beside
+  # the committed plan and the GPTQ copy with and without --enable-metrics (phase 68's run; ~14 min)
+  mkdir -p $res/plans
+  phase6
+  [ -f $res/kernel-profile.json ] || return 1
+  PYTHONPATH=.:$PYTHONPATH python3 benchmarks/synthetic_profile.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \
+    --layers 24 --out $res/plans/synthetic-24l.json > $res/plans/plan.log 2>&1
+  python3 -m mxserve.cli plan --profile $res/plans/synthetic-24l.json --budget 3.25bit --r 0.25 --tokens 8 \
+    --schemes $PLAN_SCHEMES --kernel-profile $res/kernel-profile.json \
+    --out $res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json >> $res/plans/plan.log 2>&1
+  say "plan rc=$?"
+  [ -f $res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json ] || return 1
+  local also=$res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-r0.25-t8-s40
+  prep_beside "every_layout and (fma-prefetch or fma-fold) or whole_layer" kernels_pairs_rest.log ALSO_PLAN=$also || return 1
+  say "GPU tests, the pair order's rest: $(tail -1 $res/tests/kernels_pairs_rest.log)"
+  env NO_BF16=1 MX_GPTQ=1 METRICS=1 ALSO_PLAN=$also SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
+    $res/e2e_s40 > $res/e2e_s40.log 2>&1
+  say "e2e mxserve at r = 1 and r = 0.25 (this profile), the GPTQ copy with and without --enable-metrics rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+}
+
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
   mkdir -p $res/tests
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "${2:-shared_experts_on_a_second_stream}" -rA -p no:cacheprovider \
@@ -1384,7 +1411,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 phase72 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
