@@ -31,8 +31,8 @@ from mxserve.runtime.moe_layer import plan_kernel_codes
 from mxkernels.count import count_routing
 from mxkernels.router import fused_router
 from router_stats import ExpertCounter
-from mxserve.runtime.precompile import (DECODE_BATCHES, KERNELS, LayerKernels, _stand_in, compile_variants,
-                                        plan_layers, record_variants)
+from mxserve.runtime.precompile import (DECODE_BATCHES, KERNELS, LayerKernels, Recorder, _stand_in,
+                                        compile_variants, plan_layers, record_variants)
 
 plan = Plan.load(sys.argv[1])
 views = [SimpleNamespace(index=x.layer, hidden=256, intermediate=256, n_routed=16, top_k=2) for x in plan.layers]
@@ -165,6 +165,15 @@ out["prefill_fp8"] = compare(LayerKernels(256, 256, 16, 2, fp8, fp8), 2100, 0)
 os.environ["MXSERVE_STREAM_K"] = "0"
 rec = record_variants(layers[:1], [1], target, 132, codes)
 out["grids"] = [[k, list(g)] for k, _, g in rec.launches if k.startswith("gemm")]
+# the intra-op threads each recorded launch saw, and the caller's afterwards
+torch.set_num_threads(2)
+seen, recorder_run = [], Recorder._run
+def counted_run(self, name, kern):
+    run = recorder_run(self, name, kern)
+    return lambda *a, **kw: (seen.append(torch.get_num_threads()), run(*a, **kw))[1]
+with mock.patch.object(Recorder, "_run", counted_run):
+    record_variants(layers[:1], [1, 16], target, 132, codes)
+out["threads"] = [sorted(set(seen)), torch.get_num_threads()]
 print(json.dumps(out))
 """
 
@@ -190,6 +199,8 @@ def test_one_kernel_variant_set_per_model_and_the_launch_finds_it_compiled(tmp_p
         assert len(precompiled) >= out[case]["variants"] >= 3, case
         assert launched == precompiled, case
     assert out["router"]["variants"] == 4 and out["router"]["entries"][0] == out["router"]["entries"][1]
+    # recorded on one thread (beside SGLang's start a thread a core made it 6 to 10x slower), the caller's count kept
+    assert out["threads"] == [[1], 2]
     assert "gemm_gluon" in out["plan"]["kernels"]  # the refmoe plan's 3- and 8-bit experts too
     assert "gemm_gluon" in out["gluon"]["kernels"] and "gemm" not in out["gluon"]["kernels"]
     for case in ("gluon_fma", "gluon_fma_packed"):
