@@ -14,7 +14,17 @@ import torch
 
 from mxkernels.align import route
 from mxkernels.arena import build_arena
-from mxkernels.moe import _as_gluon, _gemm, _gluon_decode, _split_fit, gluon_codes, multiprocessors, pick_tiles
+from mxkernels.moe import (
+    _as_gluon,
+    _gemm,
+    _gluon_decode,
+    _split_fit,
+    _stream_k,
+    costly_share,
+    gluon_codes,
+    multiprocessors,
+    pick_tiles,
+)
 
 
 def random_expert_weights(n: int, k: int, n_experts: int, scheme, device, seed: int = 0) -> list:
@@ -31,24 +41,31 @@ def expert_gemm(
     scheme, n: int, k: int, tokens: int, n_experts: int = 8, device: str = "cuda", linears: list | None = None
 ) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor, list]:
     """One launch of ``n_experts`` experts' [tokens, K] x [K, N] GEMMs in ``scheme`` (down-GEMM path),
-    in the layout that serving picks for that many rows per expert (the Gluon kernel where moe_gemms
-    takes it), on the unbalanced grid: a stream-K share depends on every expert of the layer's launch,
-    which one scheme's launch does not have. Returns the launch, its input [E*tokens, K] (expert-major
-    rows), its output and the experts' weights."""
+    in the layout and on the grid that serving picks for that many rows per expert (moe_gemms: the Gluon
+    kernel where it takes it, on the stream-K grid below STREAM_K_ROWS, whose balance is then this
+    scheme's alone). Until the fortieth session the profile kept the unbalanced grid, so its 1-token
+    times were those of a launch serving no longer makes: on the H100, w4 2.4 us an expert at 1 token and
+    1.2 at 4 (benchmarks/README.md). Returns the launch, its input [E*tokens, K] (expert-major rows),
+    its output and the experts' weights."""
     linears = linears or random_expert_weights(n, k, n_experts, scheme, device)
     arena = build_arena(linears).to(device)
     dev = torch.device(device)
     e = arena.n_experts
     ids = torch.arange(e, device=device).repeat_interleave(tokens)
     rows = ids.numel()
-    gluon = _gluon_decode(dev, tokens, arena, arena, {})
+    sk = _stream_k(tokens, None, {}, costly_share(arena))
+    gluon = _gluon_decode(dev, tokens, arena, arena, {}, sk)
     tiles = pick_tiles(rows, e, arena.min_group, n, k, arena.codes_mask, multiprocessors(dev), _split_fit(None),
-                       **({"fma": False} if gluon else {}))  # fmt: skip
+                       **({"fma": False, "stream_k": sk} if gluon else {}))  # fmt: skip
     if gluon:
         tiles = _as_gluon(tiles, tokens, k, gluon_codes(arena), {})
     sorted_ids, block_expert, npp, w = route(ids[:, None], torch.ones(rows, 1, device=device), e, e, tiles.bm)
     a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-    out = torch.empty(tiles.split, rows, n, device=device, dtype=torch.float32 if tiles.split > 1 else torch.bfloat16)
+    if tiles.stream_k:  # the programs add fp32 sums into the output (moe_gemms zeroes it beside the alignment)
+        out = torch.zeros(1, rows, n, device=device, dtype=torch.float32)
+    else:
+        out = torch.empty(tiles.split, rows, n, device=device,
+                          dtype=torch.float32 if tiles.split > 1 else torch.bfloat16)  # fmt: skip
 
     def run() -> None:
         _gemm(a, arena, out, sorted_ids, block_expert, npp, w, rows, 1, False, [(arena.kernel_mask, tiles)])

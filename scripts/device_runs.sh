@@ -146,9 +146,11 @@
 #      CUDA-core layouts and the whole layer, then the SGLang tests of phase 60 (~8 min).
 #  71. (only when asked: `start 71`) 16-row blocks capped at 168 registers or on 64-row tiles, beside the held 8 and
 #      the uncapped 16, at 16 and 64 tokens (~4 min): is it their registers that make them slow?
-#  72. (only when asked: `start 72 60 71`) issue 10 item 4 with the current kernels: the kernel profile (phase 6), the
-#      24-layer plan at r = 0.25 priced with it, its checkpoint beside the pair order's last kernel tests, then end to
-#      end: the committed plan, that plan, the GPTQ copy with and without --enable-metrics (~14 min).
+#  72. (only when asked: `start 72 60 71`, fortieth session) issue 10 item 4 with the current kernels: the kernel profile
+#      (phase 6), the 24-layer plan at r = 0.25 priced with it for PLAN_TOKENS (8) forwards, its checkpoint beside the
+#      pair order's last kernel tests, then end to end: the committed plan, that plan, the GPTQ copy with and without
+#      --enable-metrics (~14 min). Next (`env PLAN_TOKENS=1 scripts/device_runs.sh start 72`): with the profile's
+#      1-row launches on the stream-K grid (fixed after the fortieth session's run) and the recording on one thread.
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1288,16 +1290,17 @@ phase72() {
   [ -f $res/kernel-profile.json ] || return 1
   PYTHONPATH=.:$PYTHONPATH python3 benchmarks/synthetic_profile.py --config benchmarks/configs/qwen1.5-moe-a2.7b.json \
     --layers 24 --out $res/plans/synthetic-24l.json > $res/plans/plan.log 2>&1
-  python3 -m mxserve.cli plan --profile $res/plans/synthetic-24l.json --budget 3.25bit --r 0.25 --tokens 8 \
+  local t=${PLAN_TOKENS:-8}  # the forwards the plan is priced for (the fortieth session's run: 8)
+  python3 -m mxserve.cli plan --profile $res/plans/synthetic-24l.json --budget 3.25bit --r 0.25 --tokens $t \
     --schemes $PLAN_SCHEMES --kernel-profile $res/kernel-profile.json \
-    --out $res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json >> $res/plans/plan.log 2>&1
+    --out $res/plans/qwen15-24l-3.25bit-r0.25-t$t-profiled.json >> $res/plans/plan.log 2>&1
   say "plan rc=$?"
-  [ -f $res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json ] || return 1
-  local also=$res/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-r0.25-t8-s40
+  [ -f $res/plans/qwen15-24l-3.25bit-r0.25-t$t-profiled.json ] || return 1
+  local also=$res/plans/qwen15-24l-3.25bit-r0.25-t$t-profiled.json:3.25bit-r0.25-t$t-profiled
   prep_beside "every_layout and (fma-prefetch or fma-fold) or whole_layer" kernels_pairs_rest.log ALSO_PLAN=$also || return 1
   say "GPU tests, the pair order's rest: $(tail -1 $res/tests/kernels_pairs_rest.log)"
   env NO_BF16=1 MX_GPTQ=1 METRICS=1 ALSO_PLAN=$also SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 \
-    $res/e2e_s40 > $res/e2e_s40.log 2>&1
+    $res/e2e_profiled > $res/e2e_profiled.log 2>&1
   say "e2e mxserve at r = 1 and r = 0.25 (this profile), the GPTQ copy with and without --enable-metrics rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }

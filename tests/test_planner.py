@@ -265,6 +265,29 @@ def test_kernel_profile_launch_computes_each_experts_product(scheme, tokens):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("tokens, stream_k", [(1, True), (8, False)])
+def test_kernel_profile_times_the_grid_serving_launches(tokens, stream_k, monkeypatch):
+    """On a GPU serving runs a launch of one row per expert on the Gluon kernel's stream-K grid (moe_gemms);
+    the profile must time that launch. Until the fortieth session it timed the unbalanced grid there, whose
+    1-token times were twice its 4-token ones, and the planner priced decode with them."""
+    import torch
+
+    from mxkernels import moe, profile
+
+    launched = []
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the decision as on a GPU; the launch recorded
+    monkeypatch.setattr(profile, "multiprocessors", lambda dev: 132)
+    monkeypatch.setattr(profile, "_gemm", lambda *args: launched.extend(args[10]))
+    monkeypatch.delenv("MXSERVE_STREAM_K", raising=False)
+    run, _, out, _ = profile.expert_gemm(get_scheme("w4a16g128"), 256, 256, tokens, n_experts=8, device="cpu")
+    run()
+    [(_, tiles)] = launched
+    assert tiles.gluon and tiles.stream_k == stream_k
+    # stream-K's programs add fp32 sums into one output; split K, fp32 partials a split; else bf16
+    want = (torch.float32, 1) if stream_k else (torch.float32 if tiles.split > 1 else torch.bfloat16, tiles.split)
+    assert (out.dtype, out.shape[0]) == want
+
+
 def test_the_plan_says_what_a_decoded_token_reads():
     """Expected expert bytes a decoded token reads: each block's bytes in its scheme times the chance a token is
     routed to its expert, a shared expert every token. With a shared expert at 8 bits, a plan of fewer average bits
