@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -45,3 +46,15 @@ PRECOMPILE_ENDS = ("phase precompile", "precompiling the kernels failed", "preco
 def precompile_settled(log_text: str) -> bool:
     """Whether an mxserve launch's log shows its precompile step over."""
     return any(m in log_text for m in PRECOMPILE_ENDS)
+
+
+# the launcher's line that says what its precompile did: how many variants, recorded and compiled in how long
+# (runtime/precompile.py), or that an earlier launch compiled them (launch.py)
+PRECOMPILE_SAYS = re.compile(r"mxserve: ((?:compiled \d+ kernel variants|\d+ kernel variants compiled by|kernels "
+                             r"precompiled by an earlier launch)[^\n]*)")
+
+
+def precompile_summary(log_text: str) -> str | None:
+    """What an mxserve launch's log says its precompile did, or None (another server, or the step not over)."""
+    m = PRECOMPILE_SAYS.search(log_text)
+    return m.group(1).strip() if m else None

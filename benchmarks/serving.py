@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_trace  # noqa: E402
-from procs import precompile_settled  # noqa: E402
+from procs import precompile_settled, precompile_summary  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the lent GPU's SGLang bundle was seen working with (../shared/device/README.md)
@@ -288,6 +288,10 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
             if waited is not None:  # measured once the launcher's compiles are over
                 rec["precompile_after_health_s"] = waited
                 print(f"[{name}] its kernels precompiled {waited} s after that", flush=True)
+            with open(log_path, errors="replace") as f:
+                said = precompile_summary(f.read())
+            if said:  # what the launcher's precompile took (the recording apart from the compiling)
+                rec["precompile"] = said
             rec["openai"] = openai_check(base, name)
             greedy = [complete(base, name, p, a.greedy_tokens, False, logprobs=2)["choices"][0] for p in prompts]
             rec["greedy"] = [c["text"] for c in greedy]
@@ -367,6 +371,10 @@ def markdown(res: dict) -> str:
         if s.get("precompile_after_health_s"):  # timed after these: the launcher still compiled once healthy
             first += f" (+{s['precompile_after_health_s']} compiling)"
         lines.append(f"| {s['name']} | {first} | " + " | ".join(tp.get(c, "") for c in res["concurrency"]) + " |")
+    said = [s for s in res["servers"] if s.get("precompile")]
+    if said:
+        lines += ["", "Each mxserve launcher's precompile, as its log says:", ""]
+        lines += [f"- {s['name']}: {s['precompile']}" for s in said]
     logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
     if logged:
         lines += ["", "Decode rate from each server's own log while the timed rounds ran (SGLang's `Decode batch` "

@@ -98,11 +98,21 @@ def test_an_mxserve_server_is_timed_once_its_kernels_are_compiled(tmp_path: Path
     proc.wait()
     with pytest.raises(RuntimeError, match="while its kernels precompiled"):
         serving.wait_precompiled(str(log), proc, 20)
-    rec = {"name": "m", "startup_s": 76.1, "precompile_after_health_s": 12.0,
+    # what the launcher's precompile took, from its log line (runtime/precompile.py's, launch.py's when warm)
+    from procs import precompile_summary
+
+    line = ("compiled 44 kernel variants in 44.7 s (Triton 3.6.0, sm_90): recorded in 33.0 s, then 49.2 s of "
+            "compiling in 16 processes, the longest 4.7 s")
+    said = precompile_summary(f"[x] Capturing num tokens (num_tokens=512)mxserve: {line}\nmxserve: phase precompile")
+    assert said == line
+    assert precompile_summary("mxserve: kernels precompiled by an earlier launch like this one: nothing to compile\n")
+    assert precompile_summary("mxserve: phase precompile: 1.5 s\n[x] Load weight begin") is None
+    rec = {"name": "m", "startup_s": 76.1, "precompile_after_health_s": 12.0, "precompile": said,
            "throughput": [{"concurrency": 1, "output_tok_per_s": 41.5, "rounds": [41.5]}]}
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1],
                               "servers": [rec], "equal": [], "self": {}})
     assert "| m | 76.1 (+12.0 compiling) | 41.5 |" in table
+    assert f"- m: {line}" in table
 
 
 def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):

@@ -162,9 +162,9 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
     tokens = list(tokens)
     cache: dict = {}
     # One intra-op thread: a recording is thousands of small tensor ops, and `mxserve launch` records beside SGLang's
-    # start, whose processes keep the cores busy. There torch's thread pool (a thread a core) waits on its slowest
-    # thread at every op: on the H100 (16 cores) Qwen1.5's 24 layers took 33 and 69 s to record, 5.3 s here on 2 idle
-    # cores; here with 2 cores kept busy, 18.0 s at 2 threads and 9.0 s at 1 (refmoe-25m: 5.2 and 0.7 s).
+    # start, whose processes keep the cores busy, where torch's thread pool (a thread a core) waits on its slowest
+    # thread at every op. On the H100 (16 cores) Qwen1.5's 24 layers took 33 and 69 s to record, 5.3 s on 2 idle cores
+    # here; here with both cores kept busy, 18.0 s at 2 threads and 9.0 s at 1 (refmoe-25m: 5.2 and 0.7 s).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # the launch path as on that GPU: its multiprocessors, its tile table, and the Gluon kernel's
