@@ -4,7 +4,7 @@ At one request a decode step reads each shared expert whole and each routed expe
 time follows those bytes, not the average bits: the default 3.25-bit plans give the always-read shared
 experts 4 and 8 bits and read more a token than a uniform 4-bit model (benchmarks/README.md, thirty-ninth
 session). This makes plans whose latency term is those bytes alone (the roofline without its per-expert
-overhead, which on small shapes outweighs every byte and leaves r without effect), for 1-token forwards, at
+overhead, which on small shapes outweighs every byte and leaves r almost without effect), for 1-token forwards, at
 each r and granularity asked; quantizes each with `mxserve quantize` and measures it with `mxserve eval` on the
 held-out text, as the accuracy table does (benchmarks README, fortieth session).
 
