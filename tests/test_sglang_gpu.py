@@ -115,6 +115,22 @@ def test_sglang_engine_serves_mixed_checkpoint(arch, tmp_path):
         urllib.request.urlopen(urllib.request.Request(base + "/flush_cache", method="POST"), timeout=30)
         again = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0, **more)
         assert again.choices[0].text == comp.choices[0].text
+        # the live decode read, priced from this engine's folded routing counts (the embedded engine's is tested on
+        # the CPU: test_observability)
+        assert decode_bytes(base) > 0
+
+
+def decode_bytes(base: str, wait_s: float = 30.0) -> float:
+    """The server's ``mxserve_decode_bytes_per_token{window="sliding"}`` once a fold after traffic exported it."""
+    from mxserve.served_stats import parse_metrics
+
+    deadline = time.time() + wait_s
+    while True:
+        got = parse_metrics(urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()).decode_bytes
+        if "sliding" in got:
+            return got["sliding"]
+        assert time.time() < deadline, "no mxserve_decode_bytes_per_token after traffic"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
