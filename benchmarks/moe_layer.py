@@ -325,6 +325,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # layouts picked before (the unbalanced grid; at one row per expert the CUDA-core products) beside it
     "Gluon, stream-K": {"stream_k": True},
     "no stream-K": {"stream_k": False},
+    # one token's rows straight from its top-k, a block a row (MXSERVE_TOPK_ROWS=1 in a server; forty-first session):
+    # no alignment launch, and stream-K's programs wait for no row count before their first weights. At other token
+    # counts the same launches as "Gluon, stream-K"
+    "stream-K, top-k rows": {"stream_k": True, "topk_rows": True},
     # stream-K with one and with two MMA tiles of rows per warp, whatever the codes (the picked: two for narrow code
     # sets, one for the others): whether costly layers lose on stream-K for their tiles' width (twenty-first session)
     "stream-K, BN 64": {"stream_k": True, "bn": 64},

@@ -318,14 +318,16 @@ _ACT_QUANT_CODES = (1 << 6) | (1 << 7) | (1 << 8)
 
 def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid, a_div, gate_up,
           launches: list[tuple[int, Tiles]], *, slots: tuple[int, int, int] | None = None,
-          static: bool = True) -> None:  # fmt: skip
+          static: bool = True, topk: tuple[int, int] | None = None) -> None:  # fmt: skip
     """One grouped GEMM into ``out``: [rows, N] bf16, or [split, rows, N] fp32 partial sums
     (gate | up side by side for gate_up) when the split is > 1; one kernel launch per (codes, tiles)
     of ``launches``, each running the experts whose code is among its codes (moe_gemms). ``slots``
     (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
-    dependent launch the down GEMM loads them before it waits (pdl.py)."""
+    dependent launch the down GEMM loads them before it waits (pdl.py). ``topk`` (top_k, n_routed): one token's
+    rows straight from its top-k (``sorted_ids``: the top-k ids; ``route_w``: their weights), on the Gluon kernel's
+    stream-K grid only (_layout's topk_rows)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -340,7 +342,7 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                             a_div, gate_up, tiles, n, codes)  # fmt: skip
         elif tiles.gluon:
             _gemm_gluon(a_all, rot_off, arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                        a_div, gate_up, tiles, n, codes, static)  # fmt: skip
+                        a_div, gate_up, tiles, n, codes, static, topk)  # fmt: skip
         else:
             _gemm_triton(a, a_all, rot_off, amax, a8, arena, out, sorted_ids, block_expert, num_post_pad, route_w,
                          num_valid, a_div, gate_up, tiles, n, codes)  # fmt: skip
@@ -411,7 +413,8 @@ def _gluon_kernel():
 
 
 def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w, num_valid,
-                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True) -> None:  # fmt: skip
+                a_div, gate_up, tiles: Tiles, n: int, codes: int, static: bool = True,
+                topk: tuple[int, int] | None = None) -> None:  # fmt: skip
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
@@ -441,6 +444,10 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
                   **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
+    if topk:  # one token's rows straight from its top-k (moe_gemm_gluon._block's TOPK)
+        if not tiles.stream_k or tiles.fma:
+            raise ValueError("the top-k's rows straight are dealt out on the Gluon kernel's stream-K grid only")
+        consts.update(TOPK=topk[0], N_ROUTED=topk[1])
     if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
@@ -450,7 +457,7 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
         most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
                       tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0),
-                      tiles.staged, tiles.wgmma)  # fmt: skip
+                      tiles.staged, tiles.wgmma, consts.get("TOPK", 0), consts.get("N_ROUTED", 0))  # fmt: skip
         grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
@@ -488,6 +495,8 @@ class GridKey(NamedTuple):
     group_m: int = 0
     staged: bool = False
     wgmma: bool = False
+    topk: int = 0
+    n_routed: int = 0
 
 
 _PER_SM: dict[GridKey, int] = {}
@@ -692,6 +701,7 @@ class _Layout:
     # stream-K on a GPU: recorded on the second stream once ``sums`` is zeroed, so that the launches wait for the
     # zeroing alone, not for what follows it there (the shared experts started early, the routing counter)
     zeroed: torch.cuda.Event | None = None
+    topk_rows: bool = False  # one token: the launches take the top-k's rows straight, with no alignment (TOPK_ROWS)
 
 
 def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
@@ -732,6 +742,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     override = dict(override)
     src_gu, src_dn = gate_up, down
     dq = _dequant_first(per_expert, gate_up, down, override.pop("dequant", None))
+    topk_asked = override.pop("topk_rows", None)
     if dq:  # the GEMMs run the views; dequantize() writes their weights as the forward launches
         gate_up, down = dequant.dequantized_view(gate_up), dequant.dequantized_view(down)
     min_group = min(gate_up.min_group, down.min_group)
@@ -802,10 +813,14 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
         out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
+    topk_rows = (x.shape[0] == 1 and stream_k and not apart and _topk_rows(topk_asked)
+                 and all(t.gluon and not t.fma for _, t in l_gu + l_dn))  # fmt: skip
 
-    def experts(ids, block_expert, num_post_pad, first: int, count: int, shared: bool = False) -> None:
+    def experts(ids, block_expert, num_post_pad, first: int, count: int, shared: bool = False,
+                topk: tuple[torch.Tensor, int] | None = None) -> None:  # fmt: skip
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token (``shared``: the
-        shared experts' launches apart, in blocks of shared_bm)."""
+        shared experts' launches apart, in blocks of shared_bm); ``topk`` (the top-k weights and n_routed; ``ids``
+        the top-k ids): one token's rows straight from its top-k, a block a row (topk_rows)."""
         gu_launches, dn_launches = (s_gu, s_dn) if shared else (l_gu, l_dn)
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
@@ -816,8 +831,9 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         def gemm(a, arena: Arena, src: Arena, dst, a_div: int, gu: bool, launches, mine=None) -> None:
             for e0 in range(0, src.n_experts, chunk) if dq else (0,):
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
-                _gemm(a, view, dst, ids, block_expert, num_post_pad, w, rows, a_div, gu, launches, slots=mine,
-                      static=not dq)  # fmt: skip
+                _gemm(a, view, dst, ids, block_expert, num_post_pad, w if topk is None else topk[0], rows, a_div,
+                      gu, launches, slots=mine, static=not dq,
+                      topk=None if topk is None else (ids.shape[-1], topk[1]))  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, gu_launches)
         if ws is not None:
@@ -831,7 +847,20 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 
     zeroed = torch.cuda.Event() if sums is not None and dev.type == "cuda" else None
     return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, shared_bm, apart, experts, inter, out, w, sums,
-                   zeroed)  # fmt: skip
+                   zeroed, topk_rows)  # fmt: skip
+
+
+# MXSERVE_TOPK_ROWS=1 (opt-in until timed): a one-token forward on the stream-K grid (decode at 1 request) takes each
+# (token, slot) row as a block of its own, its expert read from the top-k in the GEMMs' launches, so the alignment's
+# launch leaves the path from the router to the first GEMM (2.6 us of a layer's 37.5 in the forty-first session's
+# trace at 1 request: the GEMM started 8.3 us after the norm) and stream-K's programs wait for no row count
+TOPK_ROWS = "MXSERVE_TOPK_ROWS"
+
+
+def _topk_rows(asked: bool | None) -> bool:
+    """Whether one-token forwards take the top-k's rows straight: ``asked`` (an override's topk_rows), else
+    MXSERVE_TOPK_ROWS (read per forward, as MXSERVE_STREAM_K)."""
+    return os.environ.get(TOPK_ROWS, "0") == "1" if asked is None else bool(asked)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -932,13 +961,17 @@ def moe_gemms(
         fork = on_side is not None or lay.sums is not None
         if fork:
             _beside(main, side, lambda: _zero_and(lay.sums, lay.zeroed, on_side))
-        ids = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3]
+        if lay.topk_rows:  # no alignment: a block a row, each launch reading its expert from the top-k
+            top = topk_ids.contiguous()
+            ids, rows_from = (top, top, top), (topk_weights.contiguous(), n_routed)
+        else:
+            ids, rows_from = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3], None
         if lay.zeroed is not None:
             # the sums zeroed before the launches add into them; the counter after the zero fill is no launch's
             # input, so they do not wait for it (in the thirty-third session's decode trace at 1 request it ended
             # 1.6 us after the alignment, and the gate/up launch waited for it)
             main.wait_event(lay.zeroed)
-        lay.experts(*ids, 0, lay.slots)
+        lay.experts(*ids, 0, lay.slots, topk=rows_from)
         if side is not None and fork:
             main.wait_stream(side)  # joined back after the launches (a CUDA graph's capture needs every fork joined)
         return lay.inter, lay.out

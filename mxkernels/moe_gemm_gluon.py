@@ -637,11 +637,18 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
-           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, WG: gl.constexpr = False):  # fmt: skip
+           EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, WG: gl.constexpr = False,
+           TOPK: gl.constexpr = 0, N_ROUTED: gl.constexpr = 0):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
-    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert."""
-    expert = gl.load(block_expert_ptr + pid_m)
+    ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert.
+    TOPK (one token, the top-k's width): block ``pid_m`` is row ``pid_m`` alone, and its expert the top-k's
+    (``sorted_ids_ptr``: the top-k ids [TOPK]; ``route_w_ptr``: their weights) or a shared one past it."""
+    if TOPK:  # slot pid_m of the one token: a routed one's expert from the top-k (-1: expert 0, weight 0)
+        picked = gl.load(sorted_ids_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.int32)
+        expert = gl.where(pid_m < TOPK, gl.maximum(picked, 0), N_ROUTED + pid_m - TOPK)
+    else:
+        expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
     # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
     # compile of this kernel in tests/test_gluon.py cannot call
@@ -656,7 +663,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     group = gl.load(meta + 4).to(gl.int32)
     rotated = gl.load(meta + 5)
     XL: gl.constexpr = _lane_tokens(BM)
-    ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
+    if TOPK:  # the block's one row, then padding
+        ids_x = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))) == 0, pid_m, num_valid)
+    else:
+        ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
     if ((CODES >> code) & 1) != 0:  # else another launch's expert (a dispatch per group of codes: moe.py)
         # the Hadamard-rotated copy, for rotated experts
         a_base = a_ptr + gl.multiple_of(rotated * a_rot_off, 128)
@@ -683,7 +693,10 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
                                         SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED, WG)  # fmt: skip
-        ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
+        if TOPK:
+            ids = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)) == 0, pid_m, num_valid)
+        else:
+            ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
         out = out_ptr + pid_s * split_stride + ids[None, :] * stride_om + rows_o[:, None]
         if GATE_UP:
@@ -699,7 +712,12 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                 u = acc2.to(gl.bfloat16).to(gl.float32)
                 gl.store(out, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16), mask=mask)
         else:
-            res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
+            if TOPK:  # the routed slot's top-k weight (a padded token's -1: none), a shared one's 1
+                w = gl.load(route_w_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.float32)
+                w = gl.where(pid_m < TOPK, gl.where(picked < 0, 0.0, w), 1.0)
+                res = acc * gl.where(ids < num_valid, w, 0.0)[None, :]
+            else:
+                res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
             if STREAM_K:
                 gl.atomic_add(out, res, mask=mask, sem="relaxed")
             elif PARTIAL:
@@ -731,7 +749,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              PDL: gl.constexpr = 0, PLACE: gl.constexpr = False,
                              EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
                              GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False,
-                             WGMMA: gl.constexpr = False):  # fmt: skip
+                             WGMMA: gl.constexpr = False, TOPK: gl.constexpr = 0,
+                             N_ROUTED: gl.constexpr = 0):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -759,7 +778,10 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         # grid so: benchmarks/README.md, seventeenth session)
         n_tiles = gl.cdiv(N, BN)
         k_tiles = K // _BK
-        total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
+        if TOPK:  # one token: a block a row, and no alignment's count to wait for
+            total = num_valid * n_tiles * k_tiles
+        else:
+            total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
         programs = gl.num_programs(0)
         pid = gl.program_id(0)
         share = total // programs
@@ -779,8 +801,9 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, TOPK, N_ROUTED)  # fmt: skip
     else:
+        gl.static_assert(TOPK == 0, "the top-k's rows straight (TOPK) are dealt out on the stream-K grid only")
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
         # blocks past num_post_pad return at once. Programs are taken N tile first, then split, then block:
         # the GPU hands programs out in launch order, so the real blocks' programs (the first ones) spread

@@ -151,6 +151,10 @@
 #      pair order's last kernel tests, then end to end: the committed plan, that plan, the GPTQ copy with and without
 #      --enable-metrics (~14 min). Next (`env PLAN_TOKENS=1 scripts/device_runs.sh start 72`): with the profile's
 #      1-row launches on the stream-K grid (fixed after the fortieth session's run) and the recording on one thread.
+#  73. (only when asked: `start 73`, written in the forty-first session) one token's rows straight from its top-k
+#      (MXSERVE_TOPK_ROWS=1: no alignment launch at one request): its kernel GPU tests beside the checkpoints of the
+#      forty-first session's 1-token plan, the layer at 1 token on it and beside the default, its SGLang test, then
+#      end to end: that plan with and without it, and the GPTQ copy (~15 min, two or three calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1305,6 +1309,26 @@ phase72() {
   pkill -f "[s]glang.launch_server" || true
 }
 
+phase73() {
+  # MXSERVE_TOPK_ROWS (forty-first session): the kernel GPU tests of the top-k's rows and of stream-K beside the
+  # checkpoints of the 1-token plan priced by the forty-first session's profile; the layer at 1 token (its tiers and the
+  # mixed plan, every model); the SGLang test; end to end, that plan with and without it beside the GPTQ copy
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  prep_beside "top_k_rows_straight or stream_k or programmatic" kernels_topk_rows.log PLAN=$plan NAME=3.25bit-t1 \
+    || return 1
+  say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_topk_rows.log)"
+  python3 benchmarks/moe_layer.py --tokens 1 --ours-only --layouts '^(Gluon, stream-K|stream-K, top-k rows)$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_topk_rows > $res/layer_topk_rows.log 2>&1
+  say "moe_layer at 1 token, the top-k's rows rc=$?"
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k top_k_rows --basetemp=/tmp/pt_topk -rA -p no:cacheprovider > $res/tests/sglang_topk_rows.log 2>&1
+  say "SGLang test of the top-k's rows rc=$? $(tail -1 $res/tests/sglang_topk_rows.log)"
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 TOPK_ROWS=1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_topk_rows > $res/e2e_topk_rows.log 2>&1
+  say "e2e the 1-token plan with and without the top-k's rows, the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+}
+
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
   mkdir -p $res/tests
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "${2:-shared_experts_on_a_second_stream}" -rA -p no:cacheprovider \
@@ -1414,7 +1438,7 @@ case "${1:-}" in
     mkdir -p $res
     phases="$*"
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 phase72 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 phase72 phase73 two_gpus multigpu_tests phase42 phase43 phase44);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &

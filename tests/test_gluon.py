@@ -564,6 +564,51 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
     assert ((out - ref).norm() / ref.norm()).item() < BOUND
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch, padded):
+    # MXSERVE_TOPK_ROWS=1: at one token the stream-K launches read each slot's expert from the top-k (a block a
+    # row: top-2 then 2 shared experts), with no alignment launch; the layer must equal the aligned one's and the
+    # reference. ``padded``: SGLang's padded token, top-k ids -1, routes nowhere (its routed slots weigh 0)
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.reference import moe_reference
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the interpreter stands in for the GPU
+    monkeypatch.delenv("MXSERVE_STREAM_K", raising=False)  # one token: stream-K by default
+    gen = torch.Generator().manual_seed(3)
+    experts = make_experts(["w4a16g128", "w3a16g128", "bf16", "w2a16g128", "w8a16"], 256, 256, 14, 2, "rtn", gen,
+                           "cpu")  # fmt: skip
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(1, 256, generator=gen).bfloat16()
+    ids, w = route(1, 12, 2, gen, skew=False)
+    if padded:
+        ids = torch.full_like(ids, -1)
+    scale = torch.sigmoid(torch.randn(1, 1, generator=gen))
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STREAM_K"), kw.get("TOPK", 0), kw.get("N_ROUTED", 0)))
+    outs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("MXSERVE_TOPK_ROWS", on)
+        aligned.clear(), launches.clear()
+        outs[on] = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale).float()
+        assert aligned == ([] if on == "1" else [1])
+        assert launches == [(True, 2 if on == "1" else 0, 12 if on == "1" else 0)] * 2  # gate/up, down
+    dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
+    ref = moe_reference(x.float(), ids.clamp(min=0), w * (ids >= 0), [e.linears() for e in experts], dense, 12,
+                        scale)  # fmt: skip
+    for out in outs.values():
+        assert ((out - ref).norm() / ref.norm()).item() < BOUND
+    # stream-K adds its sums in any order: the two agree to rounding, not bit for bit
+    assert ((outs["1"] - outs["0"]).norm() / outs["0"].norm()).item() < 1e-2
+    # an override asks for it per forward, whatever the environment says
+    aligned.clear()
+    moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, topk_rows=True)
+    assert aligned == []
+
+
 @pytest.mark.parametrize("tiles, shared_block", [({}, 16), ({"shared_own": False}, 8), ({"shared_bm": 32}, 32)])
 def test_the_shared_experts_launches_take_a_block_of_their_own_rows(interpreted_gluon, monkeypatch, tiles,
                                                                    shared_block):  # fmt: skip

@@ -289,6 +289,55 @@ def test_programmatic_dependent_launch_computes_what_plain_launches_do(t, stream
         assert torch.equal(a, b), (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, monkeypatch):
+    # MXSERVE_TOPK_ROWS=1 at Qwen1.5-MoE's shapes (60 routed experts, top-4, 4 shared, every scheme the Gluon kernel
+    # runs): each slot a block, its expert read from the fused router's top-k in both stream-K launches, no
+    # alignment; eager, and captured in a CUDA graph replayed on a new token. The same layer as the aligned launches
+    # to within stream-K's order of sums. ``padded``: SGLang's padded token (-1 ids) adds nothing but its shared part
+    from kernel_cases import make_experts
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.router import fused_router
+
+    gen = torch.Generator().manual_seed(41)
+    names = ["w4a16g128", "w3a16g128", "w2a16g128", "w8a16", "bf16", "w1a16g128"]
+    experts = make_experts(names, 2048, 1408, 60, 4, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gate = (torch.randn(60, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+
+    def layer(x):
+        w, ids, _ = fused_router(x, gate, 4, False)
+        if padded:
+            ids = torch.full_like(ids, -1)
+        return moe.mx_moe_forward(x, ids, w, gu, dn, 60)
+
+    def draw():
+        return torch.randn(1, 2048, generator=gen).to(torch.bfloat16).cuda()
+
+    x = draw()
+    monkeypatch.setenv("MXSERVE_TOPK_ROWS", "1")
+    got = layer(x)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = layer(x)
+        x.copy_(draw())
+        g.replay()
+    torch.cuda.synchronize()
+    assert aligned == []
+    monkeypatch.setenv("MXSERVE_TOPK_ROWS", "0")
+    want = layer(x).float()
+    assert aligned
+    a = got.float()
+    assert torch.isfinite(a).all()
+    assert ((a - want).norm() / want.norm()).item() < 1e-2
+
+
 def test_padded_slots_on_the_stream_k_grid_cuda():
     # SGLang's -1 ids under stream-K (decode's default below 4 rows per expert): a padded token's slots add
     # nothing anywhere, to within the order its sums are added in

@@ -170,6 +170,16 @@ def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
     assert "Traceback" not in open(tmp_path / "stream_k.log").read()
 
 
+def test_one_token_top_k_rows_serve_in_sglang(tmp_path):
+    """MXSERVE_TOPK_ROWS=1: decode at one request (SGLang's batch-1 CUDA graph) takes each slot's expert from the
+    fused router's top-k in the stream-K launches, with no alignment launch; batched forwards align as before. Its
+    sums are added in any order (stream-K), so its text is not held to the default's: every token's log-probability
+    finite, one prompt at a time and all at once, with and without it."""
+    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_ROWS")
+    assert all(len(texts[v][b]) == len(PROMPTS) for v in ("0", "1") for b in (False, True))
+    assert "Traceback" not in open(tmp_path / "MXSERVE_TOPK_ROWS1.log").read()
+
+
 PROMPTS = [
     "To be, or not to be",
     "def main():\n    ",
