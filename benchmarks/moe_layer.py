@@ -226,7 +226,7 @@ def mixed_plan(e: int, ne: int, k: int, skewed: bool, dev) -> list[str]:
 
 
 # layout fields that are launch modes, not tile fields: programmatic dependent launches (mxkernels.pdl)
-MODES = ("pdl", "shared_early")
+MODES = ("pdl", "shared_early", "zero_early")
 
 
 def in_modes(fn, modes: dict):
@@ -246,13 +246,16 @@ def in_modes(fn, modes: dict):
 
 def early_start(x, top_k: int, gate_up, down, n_routed: int, tiles: dict, modes: dict) -> dict:
     """The forward's ``started`` where ``modes`` asks for the shared experts started early ("shared_early": launched
-    before the top-k exists, as the SGLang plugin does under MXSERVE_SHARED_EARLY; mxkernels.moe.start_shared), in the
-    same graph as the forward."""
-    if not modes.get("shared_early"):
-        return {}
-    from mxkernels.moe import start_shared
+    before the top-k exists, as the SGLang plugin does under MXSERVE_SHARED_EARLY; mxkernels.moe.start_shared), or
+    stream-K's sums zeroed so ("zero_early": one token taking the top-k's rows straight, as the plugin does under
+    MXSERVE_TOPK_ROWS; mxkernels.moe.start_zero_fill), in the same graph as the forward."""
+    from mxkernels.moe import start_shared, start_zero_fill
 
-    return {"started": start_shared(x, top_k, gate_up, down, n_routed, **tiles)}
+    if modes.get("shared_early"):
+        return {"started": start_shared(x, top_k, gate_up, down, n_routed, **tiles)}
+    if modes.get("zero_early"):
+        return {"started": start_zero_fill(x, top_k, gate_up, down, n_routed, **tiles)}
+    return {}
 
 
 def parse_plan(text: str) -> tuple[str, list[tuple[str, int]]]:
@@ -326,9 +329,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     "Gluon, stream-K": {"stream_k": True},
     "no stream-K": {"stream_k": False},
     # one token's rows straight from its top-k, a block a row (MXSERVE_TOPK_ROWS=1 in a server; forty-first session):
-    # no alignment launch, and stream-K's programs wait for no row count before their first weights. At other token
-    # counts the same launches as "Gluon, stream-K"
-    "stream-K, top-k rows": {"stream_k": True, "topk_rows": True},
+    # no alignment launch, and stream-K's programs wait for no row count before their first weights; the sums zeroed
+    # before the forward, as the server's MoE block does before its router. At other token counts the same launches
+    # as "Gluon, stream-K"
+    "stream-K, top-k rows": {"stream_k": True, "topk_rows": True, "zero_early": True},
     # stream-K with one and with two MMA tiles of rows per warp, whatever the codes (the picked: two for narrow code
     # sets, one for the others): whether costly layers lose on stream-K for their tiles' width (twenty-first session)
     "stream-K, BN 64": {"stream_k": True, "bn": 64},

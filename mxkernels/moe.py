@@ -885,11 +885,13 @@ def _shared_experts(lay: _Layout, on_side: Callable[[], None] | None) -> None:
 @dataclass
 class Started:
     """A forward's launches begun before its :func:`moe_gemms` (``started=``), into the buffers of its layout: its
-    shared experts launched before the top-k exists (:func:`start_shared`). The forward takes it where it fits."""
+    shared experts launched before the top-k exists (:func:`start_shared`), or stream-K's sums zeroed then
+    (:func:`start_zero_fill`, ``zeroed``). The forward takes it where it fits."""
 
     layout: _Layout
     options: tuple  # _options of the forward it was started for
     taken: bool = False  # set by the forward that launched the routed experts into its buffers
+    zeroed: bool = False  # only the sums' zero fill was started (the shared experts stay in the forward's launches)
 
     def fits(self, x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, options: tuple) -> bool:
         """Whether it was started for this forward: the same input memory, routing width, arenas
@@ -917,6 +919,25 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
         return None
     _shared_experts(lay, None)
     return Started(lay, _options(poison, dispatch, shared_apart, split_fit, override))
+
+
+def start_zero_fill(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
+                    dispatch: str | None = None, shared_apart: bool | None = None, split_fit: str | None = None,
+                    **override) -> Started | None:  # fmt: skip
+    """Zero stream-K's sums of a one-token forward of ``x`` [1, H] that takes the top-k's rows straight (topk_rows)
+    now, before the router's top-k exists, on the second stream: its first GEMM then waits for the router alone,
+    where the fill ran after it (the forty-first session's trace at 1 request: router 4.2 us, fill 1.0, then the
+    alignment's 2.6 before the GEMM). None for other forwards. Pass the result to the forward's :func:`moe_gemms`
+    (or :func:`mx_moe_forward`) as ``started``."""
+    if x.shape[0] != 1:
+        return None  # before any buffer is allocated: prefill passes come here too
+    x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
+    lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
+    if not lay.topk_rows:
+        return None
+    main, side = _streams(x.device)
+    _beside(main, side, lambda: _zero_and(lay.sums, lay.zeroed, None))
+    return Started(lay, _options(poison, dispatch, shared_apart, split_fit, override), zeroed=True)
 
 
 def moe_gemms(
@@ -957,10 +978,11 @@ def moe_gemms(
     if not lay.apart:
         # one launch per GEMM (stream-K, prefill): the routing counter and stream-K's zero fill run beside the
         # alignment, not in line before it (session 19's decode trace: 2.0 and 1.2 us of each layer's 83 at 8
-        # requests, against 3.6 for the alignment)
+        # requests, against 3.6 for the alignment); the fill not again where it was started before the router
+        zero = None if early and started.zeroed else lay.sums
         fork = on_side is not None or lay.sums is not None
         if fork:
-            _beside(main, side, lambda: _zero_and(lay.sums, lay.zeroed, on_side))
+            _beside(main, side, lambda: _zero_and(zero, lay.zeroed, on_side))
         if lay.topk_rows:  # no alignment: a block a row, each launch reading its expert from the top-k
             top = topk_ids.contiguous()
             ids, rows_from = (top, top, top), (topk_weights.contiguous(), n_routed)
@@ -990,7 +1012,8 @@ def moe_gemms(
 
 
 def _zero_and(sums: torch.Tensor | None, zeroed: torch.cuda.Event | None, launch: Callable[[], None] | None) -> None:
-    """Stream-K's sums zeroed (``zeroed`` recorded once they are), then ``launch`` (the routing counter)."""
+    """Stream-K's sums zeroed (``zeroed`` recorded once they are; neither where ``sums`` is None), then ``launch``
+    (the routing counter)."""
     if sums is not None:
         sums.zero_()
         if zeroed is not None:

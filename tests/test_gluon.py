@@ -607,6 +607,30 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     aligned.clear()
     moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, topk_rows=True)
     assert aligned == []
+    # the sums zeroed as the MoE block starts (start_zero_fill, the SGLang plugin's hook): the forward takes that
+    # start and zeroes nothing again; none for other token counts or without the top-k's rows
+    fills = []
+    monkeypatch.setattr(moe, "_zero_and", lambda sums, *a, f=moe._zero_and: fills.append(sums is not None) or
+                        f(sums, *a))  # fmt: skip
+    started = moe.start_zero_fill(x, 2, gu, dn, 12)
+    assert started is not None and started.zeroed and fills == [True]
+    out = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, started=started).float()
+    assert started.taken and fills == [True, False]
+    assert ((out - ref).norm() / ref.norm()).item() < BOUND
+    assert moe.start_zero_fill(torch.cat([x, x]), 2, gu, dn, 12) is None
+    # the layer benchmark's variant starts it so too (its "zero_early" mode), the forward asking for the rows itself
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import moe_layer
+
+    monkeypatch.setenv("MXSERVE_TOPK_ROWS", "0")
+    assert moe.start_zero_fill(x, 2, gu, dn, 12) is None
+    mode = moe_layer.DECODE_VARIANTS["stream-K, top-k rows"]
+    tiles = {f: v for f, v in mode.items() if f not in moe_layer.MODES}
+    started = moe_layer.early_start(x, 2, gu, dn, 12, tiles, mode)["started"]
+    moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, started=started, **tiles)
+    assert started.zeroed and started.taken
 
 
 @pytest.mark.parametrize("tiles, shared_block", [({}, 16), ({"shared_own": False}, 8), ({"shared_bm": 32}, 32)])

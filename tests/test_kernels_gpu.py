@@ -289,13 +289,14 @@ def test_programmatic_dependent_launch_computes_what_plain_launches_do(t, stream
         assert torch.equal(a, b), (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("padded", [False, True])
-def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, monkeypatch):
+@pytest.mark.parametrize("graph, padded, early", [(False, False, False), (True, False, False), (True, False, True),
+                                                  (True, True, True), (False, True, True)])  # fmt: skip
+def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, early, monkeypatch):
     # MXSERVE_TOPK_ROWS=1 at Qwen1.5-MoE's shapes (60 routed experts, top-4, 4 shared, every scheme the Gluon kernel
     # runs): each slot a block, its expert read from the fused router's top-k in both stream-K launches, no
     # alignment; eager, and captured in a CUDA graph replayed on a new token. The same layer as the aligned launches
-    # to within stream-K's order of sums. ``padded``: SGLang's padded token (-1 ids) adds nothing but its shared part
+    # to within stream-K's order of sums. ``padded``: SGLang's padded token (-1 ids) adds nothing but its shared part;
+    # ``early``: the sums zeroed on the second stream before the router (start_zero_fill, the SGLang plugin's hook)
     from kernel_cases import make_experts
 
     from mxkernels import moe
@@ -311,10 +312,13 @@ def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, monkeypatch
     monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
 
     def layer(x):
+        started = moe.start_zero_fill(x, 4, gu, dn, 60) if early else None
         w, ids, _ = fused_router(x, gate, 4, False)
         if padded:
             ids = torch.full_like(ids, -1)
-        return moe.mx_moe_forward(x, ids, w, gu, dn, 60)
+        out = moe.mx_moe_forward(x, ids, w, gu, dn, 60, started=started)
+        assert started is None or started.taken
+        return out
 
     def draw():
         return torch.randn(1, 2048, generator=gen).to(torch.bfloat16).cuda()

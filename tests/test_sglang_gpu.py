@@ -172,12 +172,15 @@ def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
 
 def test_one_token_top_k_rows_serve_in_sglang(tmp_path):
     """MXSERVE_TOPK_ROWS=1: decode at one request (SGLang's batch-1 CUDA graph) takes each slot's expert from the
-    fused router's top-k in the stream-K launches, with no alignment launch; batched forwards align as before. Its
-    sums are added in any order (stream-K), so its text is not held to the default's: every token's log-probability
-    finite, one prompt at a time and all at once, with and without it."""
+    fused router's top-k in the stream-K launches, with no alignment launch, stream-K's sums zeroed as the MoE block
+    starts; batched forwards align as before. Its sums are added in any order (stream-K), so its text is not held to
+    the default's: every token's log-probability finite, one prompt at a time and all at once, with and without it,
+    and every one-token forward took the zero fill started for it."""
     texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_ROWS")
     assert all(len(texts[v][b]) == len(PROMPTS) for v in ("0", "1") for b in (False, True))
-    assert "Traceback" not in open(tmp_path / "MXSERVE_TOPK_ROWS1.log").read()
+    log = open(tmp_path / "MXSERVE_TOPK_ROWS1.log").read()
+    assert "take the top-k's rows straight" in log
+    assert "Traceback" not in log and "were not used" not in log
 
 
 PROMPTS = [

@@ -61,6 +61,7 @@ from sglang.srt.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
+from mxkernels.moe import TOPK_ROWS
 from mxkernels.pdl import pdl
 from mxkernels.router import enabled as router_fused
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
@@ -141,8 +142,9 @@ SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwe
 # MXSERVE_SHARED_EARLY=1 (opt-in until an end-to-end run in repeated rounds shows it pays: its one timed round
 # lost at 8 and 32 requests while its traced steps ran faster; benchmarks/README.md, eleventh session; on the
 # stream-K grid too since the twenty-first session, not yet timed there): the FusedMoE layers, by id, whose shared
-# experts launch when their MoE block is entered, before its router
-_EARLY: dict[int, torch.nn.Module] = {}
+# experts launch when their MoE block is entered, before its router (True); under MXSERVE_TOPK_ROWS=1 (opt-in), the
+# layers whose one-token forwards zero stream-K's sums then (False)
+_EARLY: dict[int, tuple[torch.nn.Module, bool]] = {}
 # the FusedMoE layers, by id, whose MoE block's router is fused into one launch when the block is first entered
 # (sglang_router.py); the default since the twenty-second session's end-to-end run beside SGLang's router (4% more
 # tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
@@ -169,14 +171,17 @@ def _fuse_router(layer: torch.nn.Module) -> None:
     _ROUTER.add(id(layer))
 
 
-def _start_shared_early(layer: torch.nn.Module) -> None:
-    """Have ``layer``'s shared experts launch as soon as its MoE block is entered: on their own stream,
-    beside the router's product, its top-k and the alignment, as SGLang runs its own shared MLP
+def _start_early(layer: torch.nn.Module, shared: bool) -> None:
+    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: with ``shared`` its
+    shared experts, on their own stream, beside the router's product, its top-k and the alignment, as SGLang runs
+    its own shared MLP; else, at one token taking the top-k's rows straight, stream-K's zero fill, beside the router
     (_hook_moe_blocks; CUDA-graph captures hold the early launches)."""
-    if not _EARLY:
+    if not any(s == shared for _, s in _EARLY.values()):
         _hook_moe_blocks()
-        log.warning("mxserve: the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts")
-    _EARLY[id(layer)] = layer
+        log.warning("mxserve: %s", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts"
+                    if shared else "one-token forwards take the top-k's rows straight, with no alignment launch "
+                    "(MXSERVE_TOPK_ROWS=1)")  # fmt: skip
+    _EARLY[id(layer)] = (layer, shared)
 
 
 def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
@@ -188,10 +193,10 @@ def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
         fuse_router(module)
         if not _ROUTER and not _EARLY:  # nothing left for the hook: no lookup per module call from now on
             _HOOKED.pop().remove()  # torch calls the hooks from a copy of their table: safe inside one
-    layer = _EARLY.get(key)
-    if layer is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+    early = _EARLY.get(key)
+    if early is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
         x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
-        layer.mx.start_shared(x.reshape(-1, x.shape[-1]), layer.top_k)
+        early[0].mx.start_early(x.reshape(-1, x.shape[-1]), early[0].top_k, early[1])
 
 
 class SharedInLaunch(LinearMethodBase):
@@ -339,7 +344,9 @@ class MxMoEMethod(FusedMoEMethodBase):
         else:
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
-                _start_shared_early(layer)
+                _start_early(layer, True)
+            elif ranks[1] == ranks[3] == 1 and os.environ.get(TOPK_ROWS) == "1":
+                _start_early(layer, False)
             if router_fused():
                 _fuse_router(layer)
             if pdl(device) and not _PDL_SAID:

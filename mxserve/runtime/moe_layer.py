@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mxkernels.arena import build_arena, build_slab, copy_slab, kernel_codes, slab_capacity
-from mxkernels.moe import mx_moe_forward, start_shared
+from mxkernels.moe import mx_moe_forward, start_shared, start_zero_fill
 from mxkernels.reference import moe_reference
 from mxserve.models.adapters import MoELayerView
 from mxserve.quant.qlinear import QuantizedLinear
@@ -61,7 +61,7 @@ class MixedExperts:
         self._dense_key: tuple | None = None
         self._arenas: tuple | None = None  # (gate_up, down) packed for the kernels, per device
         self._slab: tuple | None = None  # (capacity, codes, rotation seed, min group): see fix_capacity
-        self._started = None  # the next forward's shared experts, launched already (start_shared)
+        self._started = None  # what the next forward launched already (start_early)
         self._missed = False  # whether a forward has not taken such a start (logged once)
 
     def forward(
@@ -85,8 +85,9 @@ class MixedExperts:
                                  shared_gate, on_side=count, started=started)  # fmt: skip
             if started is not None and not started.taken and not self._missed:
                 self._missed = True  # the shared experts ran twice: said once a layer
-                log.warning("layer %d: the shared experts launched early were not used (the experts' input is not the "
-                            "MoE block's); the forward launched them again", self.layer_index)
+                log.warning("layer %d: the launches started early (%s) were not used (the experts' input is not the "
+                            "MoE block's); the forward launched them again", self.layer_index,
+                            "the zero fill" if started.zeroed else "the shared experts")  # fmt: skip
             return out.to(x.dtype)
         self.record(topk_ids)
         if shared_gate is not None:
@@ -104,13 +105,18 @@ class MixedExperts:
             shared_scale,
         )
 
-    def start_shared(self, x: torch.Tensor, top_k: int) -> None:
-        """Launch the shared experts of the coming forward of ``x`` now, before the router's top-k exists
-        (on their own stream, at decode; a GPU only): they then run beside the router. The forward takes
-        them where it gets the same input (mxkernels.moe.start_shared); otherwise it launches them itself."""
+    def start_early(self, x: torch.Tensor, top_k: int, shared: bool) -> None:
+        """Launch what the coming forward of ``x`` can now, before the router's top-k exists (a GPU only): with
+        ``shared`` its shared experts (on their own stream, at decode: mxkernels.moe.start_shared), else, for one
+        token taking the top-k's rows straight, stream-K's zero fill (mxkernels.moe.start_zero_fill). They then run
+        beside the router. The forward takes them where it gets the same input; otherwise it launches them itself."""
         self._started = None
-        if x.is_cuda and self.n_routed < len(self.experts_q):
+        if not x.is_cuda:
+            return
+        if shared and self.n_routed < len(self.experts_q):
             self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
+        elif not shared:
+            self._started = start_zero_fill(x, top_k, *self.arenas(x.device), self.n_routed)
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""
