@@ -18,15 +18,18 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 
 
 def _sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-          stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False) -> str:  # fmt: skip
-    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {place}, {early})"
+          stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False,
+          topk: int = 0) -> str:  # fmt: skip
+    call = f"_compile_sass({gate_up}, {skip_pad}, {codes}, {bm}, {bn}, {stream_k}, {pdl}, {place}, {early}, {topk})"
     return in_fresh_process("test_gluon", call)
 
 
 def _compile_sass(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
-                  stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False) -> str:  # fmt: skip
-    return disassemble(compile_decode(gate_up, skip_pad, codes, bm, bn, stream_k, pdl, place=place, early=early),
-                       f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(place)}{int(early)}")  # fmt: skip
+                  stream_k: bool = False, pdl: int = 0, place: bool = False, early: bool = False,
+                  topk: int = 0) -> str:  # fmt: skip
+    return disassemble(compile_decode(gate_up, skip_pad, codes, bm, bn, stream_k, pdl, place=place, early=early,
+                                      topk=topk, n_routed=60 if topk else 0),
+                       f"{int(gate_up)}{int(skip_pad)}{int(stream_k)}{pdl}{int(place)}{int(early)}{topk}")  # fmt: skip
 
 
 @pytest.mark.parametrize("gate_up, skip_pad", [(True, False), (False, False), (True, True)])
@@ -183,6 +186,20 @@ def test_gluon_kernel_stream_k_fits_its_register_cap_and_reduces_without_waiting
     inner = k_loop(sass, innermost=True)
     assert sum(bool(re.search(r"\bHMMA\b", ln)) for ln in inner) >= 8
     assert sum(bool(re.search(r"\bPRMT\b", ln)) for ln in inner) <= 8 * bn // 64, len(inner)
+
+
+def test_gluon_kernel_takes_the_top_k_rows_with_fewer_loads_before_its_weights():
+    # MXSERVE_TOPK_ROWS (one token, stream-K): each block's expert is read from the top-k, and the work dealt out
+    # from the row count the launch passes, so no program loads the alignment's row count or sorted ids: fewer
+    # global loads before its first weights (the 16-byte code loads), and no spill
+    before = {}
+    for topk in (0, 4):
+        sass = _sass(False, True, 0b10000, 8, 128, True, topk=topk)
+        lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", ln)]
+        first = next(i for i, ln in enumerate(lines) if "LDG.E.128" in ln)
+        before[topk] = sum(bool(re.search(r"\bLDG\b", ln)) for ln in lines[:first])
+        assert not re.search(r"\b(STL|LDL)\b", sass), "spills"
+    assert before[4] <= before[0] - 2, before  # the row count and the sorted ids
 
 
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])

@@ -239,6 +239,20 @@ def test_shared_experts_started_early_on_the_stream_k_grid(t, graph, monkeypatch
     shared_apart_case("cuda", t, graph, True, close=True)
 
 
+def run_eager_or_replayed(layer, x: torch.Tensor, draw, graph: bool):
+    """``layer(x)``, or with ``graph`` captured in a CUDA graph over ``x``, which is then refilled by ``draw()`` and
+    the graph replayed: its outputs (synchronized)."""
+    got = layer(x)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = layer(x)
+        x.copy_(draw())
+        g.replay()
+    torch.cuda.synchronize()
+    return got
+
+
 @pytest.mark.parametrize("t", [1, 8])
 @pytest.mark.parametrize("stream_k", ["0", "1"])
 @pytest.mark.parametrize("graph", [False, True])
@@ -270,14 +284,7 @@ def test_programmatic_dependent_launch_computes_what_plain_launches_do(t, stream
 
     x = draw()
     monkeypatch.setattr(pdl, "ENABLED", True)
-    got = layer(x)
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = layer(x)
-        x.copy_(draw())
-        g.replay()
-    torch.cuda.synchronize()
+    got = run_eager_or_replayed(layer, x, draw, graph)
     monkeypatch.setattr(pdl, "ENABLED", False)
     want = layer(x)
     assert torch.equal(got[0], want[0])
@@ -325,14 +332,7 @@ def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, early, monk
 
     x = draw()
     monkeypatch.setenv("MXSERVE_TOPK_ROWS", "1")
-    got = layer(x)
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = layer(x)
-        x.copy_(draw())
-        g.replay()
-    torch.cuda.synchronize()
+    got = run_eager_or_replayed(layer, x, draw, graph)
     assert aligned == []
     monkeypatch.setenv("MXSERVE_TOPK_ROWS", "0")
     want = layer(x).float()
