@@ -620,6 +620,8 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
         assert ((out - ref).norm() / ref.norm()).item() < BOUND
     # stream-K adds its sums in any order: the two agree to rounding, not bit for bit
     assert ((outs["1"] - outs["0"]).norm() / outs["0"].norm()).item() < 1e-2
+    if padded:
+        return
     # an override asks for it per forward, whatever the environment says
     aligned.clear()
     moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, topk_rows=True)
