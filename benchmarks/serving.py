@@ -272,6 +272,19 @@ def openai_check(base: str, model: str) -> dict:
     return {"completion": comp.choices[0].text, "streamed_chat": chat}
 
 
+def live_decode_bytes(base: str) -> float | None:
+    """The expert weight bytes a decoded token reads, as an mxserve server's live gauge says after its traffic
+    (``mxserve_decode_bytes_per_token{window="sliding"}``: the served blocks' bytes under the routing it counted);
+    None where the server exports no such series (plain SGLang) or no /metrics."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:  # no /metrics (404) or no answer: no gauge
+        return None
+    m = re.search(r'^mxserve_decode_bytes_per_token\{[^}]*window="sliding"[^}]*\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_dir: str,
                env: dict[str, str] | None = None) -> dict:  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -312,6 +325,9 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                     r["log_decode"] = logged
                 print(f"[{name}] {r}", flush=True)
                 rec["throughput"].append(r)
+            read = live_decode_bytes(base)
+            if read is not None:  # relates the throughput to the bytes each plan reads under the served routing
+                rec["decode_bytes_per_token"] = read
             if a.latency_requests:
                 try:  # the throughput above stands without it
                     rec["latency"] = stream_latency(base, name, prompts, a.max_tokens, a.latency_requests)
@@ -375,6 +391,11 @@ def markdown(res: dict) -> str:
     if said:
         lines += ["", "Each mxserve launcher's precompile, as its log says:", ""]
         lines += [f"- {s['name']}: {s['precompile']}" for s in said]
+    read = [s for s in res["servers"] if s.get("decode_bytes_per_token")]
+    if read:
+        lines += ["", "Expert weights a decoded token reads, from each mxserve server's live "
+                      "`mxserve_decode_bytes_per_token` (sliding window) after its timed rounds:", ""]  # fmt: skip
+        lines += [f"- {s['name']}: {s['decode_bytes_per_token'] / 1e6:.1f} MB" for s in read]
     logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
     if logged:
         lines += ["", "Decode rate from each server's own log while the timed rounds ran (SGLang's `Decode batch` "

@@ -155,6 +155,10 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
                               "servers": [rec], "equal": [], "self": own})
     assert "| x |" in table and "0 of 2 identical" in table
     assert f"| x | {lat['ttft_ms']} | {lat['tpot_ms']} |" in table
+    # the server's live decode read after its rounds (mxserve_decode_bytes_per_token), beside its throughput
+    assert rec["decode_bytes_per_token"] > 0
+    assert f"- x: {rec['decode_bytes_per_token'] / 1e6:.1f} MB" in table
+    assert serving.live_decode_bytes(f"http://127.0.0.1:{serving.free_port()}") is None  # no server there: none
     first = rec["throughput"][0]
     assert f"| {first['output_tok_per_s']} ({first['rounds'][0]} / {first['rounds'][1]}) |" in table
 
