@@ -152,9 +152,10 @@
 #      --enable-metrics (~14 min). Next (`env PLAN_TOKENS=1 scripts/device_runs.sh start 72`): with the profile's
 #      1-row launches on the stream-K grid (fixed after the fortieth session's run) and the recording on one thread.
 #  73. (only when asked: `start 73`, written in the forty-first session) one token's rows straight from its top-k
-#      (MXSERVE_TOPK_ROWS=1: no alignment launch at one request): its kernel GPU tests beside the checkpoints of the
-#      forty-first session's 1-token plan, the layer at 1 token on it and beside the default, its SGLang test, then
-#      end to end: that plan with and without it, and the GPTQ copy (~15 min, two or three calls).
+#      (MXSERVE_TOPK_ROWS=1: no alignment launch at one request) and the down GEMM on 128-row tiles (one wave at 8
+#      requests): the kernel GPU tests beside the checkpoints of the forty-first session's 1-token plan, the layer at 1
+#      and 8 tokens, end to end (that plan alone, with each, and the GPTQ copy), then the SGLang test (~22 min, three
+#      calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1311,22 +1312,24 @@ phase72() {
 
 phase73() {
   # MXSERVE_TOPK_ROWS (forty-first session): the kernel GPU tests of the top-k's rows and of stream-K beside the
-  # checkpoints of the 1-token plan priced by the forty-first session's profile; the layer at 1 token (its tiers and the
-  # mixed plan, every model); the SGLang test; end to end, that plan with and without it beside the GPTQ copy
+  # checkpoints of the 1-token plan priced by the forty-first session's profile; the layer at 1 and 8 tokens (its tiers
+  # and the mixed plan, every model), the down GEMM on 128-row tiles beside; end to end, that plan with and without
+  # the top-k's rows and with the down GEMM's 128-row tiles, beside the GPTQ copy; the SGLang test last
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   prep_beside "top_k_rows_straight or stream_k or programmatic" kernels_topk_rows.log PLAN=$plan NAME=3.25bit-t1 \
     || return 1
   say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_topk_rows.log)"
-  python3 benchmarks/moe_layer.py --tokens 1 --ours-only --layouts '^(Gluon, stream-K|stream-K, top-k rows)$' \
+  python3 benchmarks/moe_layer.py --tokens 1 8 --ours-only \
+    --layouts '^(Gluon, stream-K|stream-K, top-k rows|down BN 128)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_topk_rows > $res/layer_topk_rows.log 2>&1
-  say "moe_layer at 1 token, the top-k's rows rc=$?"
+  say "moe_layer at 1 and 8 tokens, the top-k's rows, down on 128-row tiles rc=$?"
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 TOPK_ROWS=1 DECODE_TILES=down_tiles.bn=128 \
+    SGLANG_ARGS="$LEAN_ARGS" benchmarks/serving_runs.sh qwen15-24 $res/e2e_topk_rows > $res/e2e_topk_rows.log 2>&1
+  say "e2e the 1-token plan, with the top-k's rows, with down on 128-row tiles; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k top_k_rows --basetemp=/tmp/pt_topk -rA -p no:cacheprovider > $res/tests/sglang_topk_rows.log 2>&1
   say "SGLang test of the top-k's rows rc=$? $(tail -1 $res/tests/sglang_topk_rows.log)"
-  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 TOPK_ROWS=1 SGLANG_ARGS="$LEAN_ARGS" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e_topk_rows > $res/e2e_topk_rows.log 2>&1
-  say "e2e the 1-token plan with and without the top-k's rows, the GPTQ copy rc=$?"
-  pkill -f "[s]glang.launch_server" || true
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)

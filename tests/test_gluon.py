@@ -384,6 +384,14 @@ def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted
     launches.clear()
     gemm_errors(["w2a16g128"], 8, 256, 256, 6, 1, 2, "cpu", seed=5, bm=8, place=False, **GLUON)
     assert set(launches) == {(True, False, True), (False, False, False)}, launches
+    # the down GEMM alone on 128-row tiles where a wide code set (3 and 8 bits) takes 64 (phase 73's server), the
+    # shared experts' launches apart too
+    tiles = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw["BN"]))
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)  # the launches as picked: the interpreter for the GPU
+    monkeypatch.setenv("MXSERVE_DECODE_TILES", "down_tiles.bn=128")
+    errs = gemm_errors(["w4a16g128", "w3a16g128", "w8a16", "w2a16g128"], 8, 256, 256, 16, 2, 4, "cpu", seed=2)
+    assert errs and all(e < BOUND for e in errs.values()), errs
+    assert tiles == [(True, 64), (False, 128)] * 2, tiles
     monkeypatch.setenv("MXSERVE_DECODE_TILES", "early=yes")
     with pytest.raises(ValueError, match="an integer or true/false"):
         moe.decode_tiles()
