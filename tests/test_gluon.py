@@ -592,7 +592,7 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
 @pytest.mark.parametrize("padded", [False, True])
 def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch, padded):
     # MXSERVE_TOPK_ROWS=1: at one token the stream-K launches read each slot's expert from the top-k (a block a
-    # row: top-2 then 2 shared experts), with no alignment launch; the layer must equal the aligned one's and the
+    # row: top-2 then 4 shared experts), with no alignment launch; the layer must equal the aligned one's and the
     # reference. ``padded``: SGLang's padded token, top-k ids -1, routes nowhere (its routed slots weigh 0)
     from kernel_cases import make_experts, route
 
