@@ -337,6 +337,11 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # requests the served 1-token plan's down launches were 960 programs of 72 registers, 7 an SM (924 at once), and
     # took 21 us against gate/up's 28; at 128 rows 480 programs of 128 registers, 4 an SM (528): one wave
     "down BN 128": {"down_tiles": {"bn": 128}},
+    # ... and gate/up capped at 96 registers, so 5 programs share an SM where its 104 let 4: about 660 then fit at once,
+    # the 8-request layer's routed and shared gate/up programs (about 572 and 88); 6 spill instructions in its K loops
+    # of about 360 (the served code set, Triton 3.6's ptxas); the down GEMM uncapped as picked
+    "gate/up at 96 registers": {"maxnreg": 96, "down_tiles": {"maxnreg": None}},
+    "gate/up at 96 registers, down BN 128": {"maxnreg": 96, "down_tiles": {"maxnreg": None, "bn": 128}},
     # stream-K with one and with two MMA tiles of rows per warp, whatever the codes (the picked: two for narrow code
     # sets, one for the others): whether costly layers lose on stream-K for their tiles' width (twenty-first session)
     "stream-K, BN 64": {"stream_k": True, "bn": 64},

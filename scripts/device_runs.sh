@@ -1320,7 +1320,7 @@ phase73() {
     || return 1
   say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_topk_rows.log)"
   python3 benchmarks/moe_layer.py --tokens 1 8 --ours-only \
-    --layouts '^(Gluon, stream-K|stream-K, top-k rows|down BN 128)$' \
+    --layouts '^(Gluon, stream-K|stream-K, top-k rows|down BN 128|gate/up at 96 registers(, down BN 128)?)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_topk_rows > $res/layer_topk_rows.log 2>&1
   say "moe_layer at 1 and 8 tokens, the top-k's rows, down on 128-row tiles rc=$?"
   env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 TOPK_ROWS=1 DECODE_TILES=down_tiles.bn=128 \
