@@ -272,17 +272,24 @@ def openai_check(base: str, model: str) -> dict:
     return {"completion": comp.choices[0].text, "streamed_chat": chat}
 
 
-def live_decode_bytes(base: str) -> float | None:
+def live_decode_bytes(base: str, wait_s: float = 30.0) -> float | None:
     """The expert weight bytes a decoded token reads, as an mxserve server's live gauge says after its traffic
-    (``mxserve_decode_bytes_per_token{window="sliding"}``: the served blocks' bytes under the routing it counted);
-    None where the server exports no such series (plain SGLang) or no /metrics."""
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-            text = r.read().decode(errors="replace")
-    except OSError:  # no /metrics (404) or no answer: no gauge
-        return None
-    m = re.search(r'^mxserve_decode_bytes_per_token\{[^}]*window="sliding"[^}]*\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else None
+    (``mxserve_decode_bytes_per_token{window="sliding"}``: the served blocks' bytes under the routing it counted),
+    waiting up to ``wait_s`` for the statistics fold that exports it; None where the server exports no mxserve
+    series (plain SGLang), no /metrics, or no such gauge by then."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+                text = r.read().decode(errors="replace")
+        except OSError:  # no /metrics (404) or no answer: no gauge
+            return None
+        m = re.search(r'^mxserve_decode_bytes_per_token\{[^}]*window="sliding"[^}]*\} (\S+)$', text, re.M)
+        if m:
+            return float(m.group(1))
+        if "mxserve_layer_tokens_total" not in text or time.time() > deadline:
+            return None  # not an mxserve server, or no fold exported it in time
+        time.sleep(0.5)
 
 
 def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_dir: str,
