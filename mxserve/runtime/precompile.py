@@ -166,7 +166,6 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
     # thread at every op. On the H100 (16 cores) Qwen1.5's 24 layers took 33 and 69 s to record, 5.3 s on 2 idle cores
     # here; here with both cores kept busy, 18.0 s at 2 threads and 9.0 s at 1 (refmoe-25m: 5.2 and 0.7 s).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     # the launch path as on that GPU: its multiprocessors, its tile table, and the Gluon kernel's
     # decode launches (recorded like the others, not run). A recorded launch reads no value, so the
     # stand-in inputs are zeros and their Hadamard-rotated copy is not computed: that arithmetic was
@@ -183,6 +182,7 @@ def record_variants(layers: Iterable[LayerKernels], tokens: Iterable[int], targe
                                  lambda: moe_gemm_gluon_fma.mx_moe_gemm_gluon_fma_kernel)]  # fmt: skip
     for p in patches:
         p.start()
+    torch.set_num_threads(1)
     try:
         gen = torch.Generator().manual_seed(0)
         for lay in dict.fromkeys(layers):  # equal layers launch equal variants
