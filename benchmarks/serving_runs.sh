@@ -15,7 +15,7 @@
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
 #                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES;
-#                                                    # TOPK_ROWS=1: also with MXSERVE_TOPK_ROWS=1)
+#                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -110,10 +110,10 @@ elif [ "$what" = qwen15-24 ]; then
   # bn=64,early=true: a moe_layer.py variant; benchmarks/pick_decode_tiles.py picks one from a layer run)
   [ -z "${DECODE_TILES:-}" ] || grouped+=(--ckpt "$name-decode-tiles=$work/q15-24-$name"
     --server-env "mxserve-$name-decode-tiles=MXSERVE_DECODE_TILES=$DECODE_TILES")
-  # TOPK_ROWS=1 adds a server whose one-token forwards take the top-k's rows straight, with no alignment launch
-  # (MXSERVE_TOPK_ROWS=1)
-  [ -z "${TOPK_ROWS:-}" ] || grouped+=(--ckpt "$name-topk-rows=$work/q15-24-$name"
-    --server-env "mxserve-$name-topk-rows=MXSERVE_TOPK_ROWS=$TOPK_ROWS")
+  # TOPK_ROWS=0 (or 1) adds a server whose one-token forwards align their rows (take the top-k's rows straight, with
+  # no alignment launch: the default since the forty-second session; MXSERVE_TOPK_ROWS)
+  [ -z "${TOPK_ROWS:-}" ] || grouped+=(--ckpt "$name-topk-rows-$TOPK_ROWS=$work/q15-24-$name"
+    --server-env "mxserve-$name-topk-rows-$TOPK_ROWS=MXSERVE_TOPK_ROWS=$TOPK_ROWS")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")

@@ -813,7 +813,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
         out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
-    topk_rows = (x.shape[0] == 1 and stream_k and not apart and _topk_rows(topk_asked)
+    topk_rows = (x.shape[0] == 1 and stream_k and not apart and topk_rows_on(topk_asked)
                  and all(t.gluon and not t.fma for _, t in l_gu + l_dn))  # fmt: skip
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int, shared: bool = False,
@@ -850,17 +850,19 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                    zeroed, topk_rows)  # fmt: skip
 
 
-# MXSERVE_TOPK_ROWS=1 (opt-in until timed): a one-token forward on the stream-K grid (decode at 1 request) takes each
-# (token, slot) row as a block of its own, its expert read from the top-k in the GEMMs' launches, so the alignment's
-# launch leaves the path from the router to the first GEMM (2.6 us of a layer's 37.5 in the forty-first session's
-# trace at 1 request: the GEMM started 8.3 us after the norm) and stream-K's programs wait for no row count
+# MXSERVE_TOPK_ROWS (on by default since the forty-second session; 0: aligned): a one-token forward on the stream-K
+# grid (decode at 1 request) takes each (token, slot) row as a block of its own, its expert read from the top-k in
+# the GEMMs' launches, so the alignment's launch leaves the path from the router to the first GEMM and stream-K's
+# programs wait for no row count. Measured on the H100 (benchmarks/README.md): the Qwen1.5-MoE layer at 1 token
+# 22 us where aligned 26; end to end at 1 request, SGLang's logged decode rate 4% higher, per output token 1.93 ms
+# where 2.06
 TOPK_ROWS = "MXSERVE_TOPK_ROWS"
 
 
-def _topk_rows(asked: bool | None) -> bool:
+def topk_rows_on(asked: bool | None = None) -> bool:
     """Whether one-token forwards take the top-k's rows straight: ``asked`` (an override's topk_rows), else
-    MXSERVE_TOPK_ROWS (read per forward, as MXSERVE_STREAM_K)."""
-    return os.environ.get(TOPK_ROWS, "0") == "1" if asked is None else bool(asked)
+    MXSERVE_TOPK_ROWS (read per forward, as MXSERVE_STREAM_K; unset: on)."""
+    return os.environ.get(TOPK_ROWS, "1") != "0" if asked is None else bool(asked)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:

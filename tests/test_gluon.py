@@ -591,9 +591,9 @@ def test_gluon_kernel_stream_k_whole_layer_in_the_interpreter(interpreted_gluon,
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch, padded):
-    # MXSERVE_TOPK_ROWS=1: at one token the stream-K launches read each slot's expert from the top-k (a block a
-    # row: top-2 then 4 shared experts), with no alignment launch; the layer must equal the aligned one's and the
-    # reference. ``padded``: SGLang's padded token, top-k ids -1, routes nowhere (its routed slots weigh 0)
+    # MXSERVE_TOPK_ROWS (on unless 0): at one token the stream-K launches read each slot's expert from the top-k (a
+    # block a row: top-2 then 4 shared experts), with no alignment launch; the layer must equal the aligned one's and
+    # the reference. ``padded``: SGLang's padded token, top-k ids -1, routes nowhere (its routed slots weigh 0)
     from kernel_cases import make_experts, route
 
     from mxkernels import moe
@@ -615,8 +615,12 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
     launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STREAM_K"), kw.get("TOPK", 0), kw.get("N_ROUTED", 0)))
     outs = {}
-    for on in ("0", "1"):
-        monkeypatch.setenv("MXSERVE_TOPK_ROWS", on)
+    for set_to in ("0", "1", None):  # unset: on, the default since the forty-second session
+        if set_to is None:
+            monkeypatch.delenv("MXSERVE_TOPK_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("MXSERVE_TOPK_ROWS", set_to)
+        on = set_to or "1"
         aligned.clear(), launches.clear()
         outs[on] = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale).float()
         assert aligned == ([] if on == "1" else [1])

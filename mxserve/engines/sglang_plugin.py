@@ -61,11 +61,12 @@ from sglang.srt.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
-from mxkernels.moe import TOPK_ROWS
+from mxkernels.moe import topk_rows_on
 from mxkernels.pdl import pdl
 from mxkernels.router import enabled as router_fused
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
 from mxserve.engines import BF16_LAYERS, sglang_swap
+from mxserve.engines.block_hooks import BlockHooks
 from mxserve.models.adapters import join_shared
 from mxserve.models.configs import FORMAT_VERSION, QUANT_METHOD
 from mxserve.parallel.sharding import rank_experts
@@ -139,64 +140,49 @@ class MxMoEConfig(QuantizationConfig):
 
 
 SHARED_MLP_PREFIX = ".shared_experts."  # DeepSeek-V2's separate shared MLP (Qwen2-MoE's is "shared_expert")
-# MXSERVE_SHARED_EARLY=1 (opt-in until an end-to-end run in repeated rounds shows it pays: its one timed round
-# lost at 8 and 32 requests while its traced steps ran faster; benchmarks/README.md, eleventh session; on the
-# stream-K grid too since the twenty-first session, not yet timed there): the FusedMoE layers, by id, whose shared
-# experts launch when their MoE block is entered, before its router (True); under MXSERVE_TOPK_ROWS=1 (opt-in), the
-# layers whose one-token forwards zero stream-K's sums then (False)
-_EARLY: dict[int, tuple[torch.nn.Module, bool]] = {}
-# the FusedMoE layers, by id, whose MoE block's router is fused into one launch when the block is first entered
-# (sglang_router.py); the default since the twenty-second session's end-to-end run beside SGLang's router (4% more
-# tokens/s at 1 request, 2.5% at 8; benchmarks/README.md), MXSERVE_FUSED_ROUTER=0 keeps SGLang's router
-_ROUTER: set[int] = set()
-_HOOKED: list = []  # the pre-hook below's handle while it is registered
-_PDL_SAID: list[bool] = []  # whether the log said MXSERVE_PDL=1 is on (once per process)
+# Work on entry to the MoE blocks (block_hooks.py): the router fused into one launch on a block's first entry
+# (sglang_router.py; the default since the twenty-second session's end-to-end run beside SGLang's router: 4% more
+# tokens/s at 1 request, 2.5% at 8; benchmarks/README.md; MXSERVE_FUSED_ROUTER=0 keeps SGLang's router), and on
+# every entry what needs no routing (_start_early)
+_BLOCKS = BlockHooks()
+_SAID: set[str] = set()  # what the log said is on (once per process)
 
 
-def _hook_moe_blocks() -> None:
-    """The forward pre-hook on every module that finds a layer's MoE block as the module whose ``experts`` is
-    the layer (SGLang creates Qwen2-MoE's router without a quantization config, so no method of ours runs
-    before it): a dict lookup per module call in eager passes (prefill), CUDA-graph replays run no hooks. With
-    only routers to fuse, it is removed once each block has been entered."""
-    if not _HOOKED:
-        _HOOKED.append(torch.nn.modules.module.register_module_forward_pre_hook(_before_moe_block))
+def _say(what: str, line: str) -> None:
+    if what not in _SAID:
+        _SAID.add(what)
+        log.warning("mxserve: %s", line)
 
 
 def _fuse_router(layer: torch.nn.Module) -> None:
     """Have ``layer``'s MoE block route small forwards in one launch (sglang_router.fuse_router), from its
-    first forward on."""
-    if not _ROUTER:
-        log.warning("mxserve: MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=0: SGLang's)")
-    _hook_moe_blocks()
-    _ROUTER.add(id(layer))
+    first forward on (an eager one: SGLang warms up before capturing)."""
+    from mxserve.engines.sglang_router import fuse_router
+
+    _say("router", "MoE routers fused into one launch at decode (MXSERVE_FUSED_ROUTER=0: SGLang's)")
+    _BLOCKS.on_first(layer, fuse_router)
 
 
 def _start_early(layer: torch.nn.Module, shared: bool) -> None:
-    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: with ``shared`` its
-    shared experts, on their own stream, beside the router's product, its top-k and the alignment, as SGLang runs
-    its own shared MLP; else, at one token taking the top-k's rows straight, stream-K's zero fill, beside the router
-    (_hook_moe_blocks; CUDA-graph captures hold the early launches)."""
-    if not any(s == shared for _, s in _EARLY.values()):
-        _hook_moe_blocks()
-        log.warning("mxserve: %s", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts"
-                    if shared else "one-token forwards take the top-k's rows straight, with no alignment launch "
-                    "(MXSERVE_TOPK_ROWS=1)")  # fmt: skip
-    _EARLY[id(layer)] = (layer, shared)
+    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: with ``shared``
+    (MXSERVE_SHARED_EARLY=1) its shared experts, on their own stream, beside the router's product, its top-k and
+    the alignment, as SGLang runs its own shared MLP; else (the top-k's rows straight at one token,
+    MXSERVE_TOPK_ROWS) stream-K's zero fill, beside the router. CUDA-graph captures hold the early launches.
 
+    MXSERVE_SHARED_EARLY stays opt-in until an end-to-end run in repeated rounds shows it pays: its one timed
+    round lost at 8 and 32 requests while its traced steps ran faster (benchmarks/README.md, eleventh session)."""
+    if shared:
+        _say("shared", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts")
+    else:
+        _say("topk", "one-token forwards take the top-k's rows straight, with no alignment launch "
+             "(MXSERVE_TOPK_ROWS=0: aligned)")  # fmt: skip
 
-def _before_moe_block(module: torch.nn.Module, args: tuple) -> None:
-    key = id(module._modules.get("experts"))
-    if key in _ROUTER:  # once per block, on its first forward (an eager one: SGLang warms up before capturing)
-        from mxserve.engines.sglang_router import fuse_router
+    def start(block: torch.nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+            x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
+            layer.mx.start_early(x.reshape(-1, x.shape[-1]), layer.top_k, shared)
 
-        _ROUTER.discard(key)
-        fuse_router(module)
-        if not _ROUTER and not _EARLY:  # nothing left for the hook: no lookup per module call from now on
-            _HOOKED.pop().remove()  # torch calls the hooks from a copy of their table: safe inside one
-    early = _EARLY.get(key)
-    if early is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-        x = args[0]  # the block's hidden states, which its experts get (the same memory, as [T, H])
-        early[0].mx.start_early(x.reshape(-1, x.shape[-1]), early[0].top_k, early[1])
+    _BLOCKS.on_each(layer, start)
 
 
 class SharedInLaunch(LinearMethodBase):
@@ -345,13 +331,12 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_early(layer, True)
-            elif ranks[1] == ranks[3] == 1 and os.environ.get(TOPK_ROWS) == "1":
+            elif ranks[1] == ranks[3] == 1 and topk_rows_on():
                 _start_early(layer, False)
             if router_fused():
                 _fuse_router(layer)
-            if pdl(device) and not _PDL_SAID:
-                _PDL_SAID.append(True)
-                log.warning("mxserve: decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)")
+            if pdl(device):
+                _say("pdl", "decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)")
         layer.mx_loaded = {}
 
     def apply(self, layer: torch.nn.Module, dispatch_output) -> Any:
