@@ -230,6 +230,30 @@ def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, 
     return {"concurrency": concurrency, "trace": os.path.basename(path), **summarize(path, steps)}
 
 
+def profile_prefill(base: str, prompt: str, folder: str, complete: Callable[[str, int], object],
+                    timeout: float = 180) -> dict:  # fmt: skip
+    """Trace the one forward pass that prefills ``prompt`` alone (a request of one output token, sent to an idle
+    server: the profiler's next step is its prefill); the summary, with the trace file's path. Its span against its
+    busy time shows whether the GPU waits for the host to launch an eager pass's kernels."""
+    os.makedirs(folder, exist_ok=True)
+    _post(base + "/start_profile", {"output_dir": folder, "num_steps": 1, "activities": ["GPU"], "with_stack": False})
+    complete(prompt, 1)
+    path = _written_trace(folder, timeout)
+    return {"prompt_chars": len(prompt), "trace": os.path.basename(path), **summarize(path, 1)}
+
+
+def prefill_markdown(profiled: list[tuple[str, dict]]) -> list[str]:
+    """Each server's traced prefill (profile_prefill) as one row of a Markdown table."""
+    lines = ["| server | GPU span (us) | GPU busy (us) | busy share | GPU events | longest kernel |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, prof in profiled:
+        top = prof["top"][0] if prof["top"] else ["-", 0.0, 0]
+        share = prof["busy_us_per_step"] / prof["span_us_per_step"] if prof["span_us_per_step"] else 0.0
+        lines.append(f"| {name} | {prof['span_us_per_step']} | {prof['busy_us_per_step']} | {share:.0%} | "
+                     f"{prof['events_per_step']} | `{top[0][:60]}` {top[1]} us |")  # fmt: skip
+    return lines + [""]
+
+
 def markdown(name: str, prof: dict, rows: int = 12) -> list[str]:
     """A server's profile as Markdown lines."""
     step = f"; a step every {prof['step_us']} us (median between CUDA-graph launches)" if prof.get("step_us") else ""

@@ -352,6 +352,15 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                           flush=True)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - the throughput stands without it
                     rec.setdefault("decode_profile_errors", []).append(f"{type(e).__name__}: {e}")
+            if a.profile_prefill:
+                try:  # how long one prompt's eager prefill keeps the GPU waiting on the host (decode_trace.py)
+                    rec["prefill_profile"] = decode_trace.profile_prefill(
+                        base, prompts[0], os.path.join(log_dir, f"trace-{name}-prefill"),
+                        lambda p, n: complete(base, name, p, n, ignore_eos=True))  # fmt: skip
+                    print(f"[{name}] prefill profile: {rec['prefill_profile']['span_us_per_step']} us GPU span",
+                          flush=True)  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - the throughput stands without it
+                    rec["prefill_profile_error"] = f"{type(e).__name__}: {e}"
         except Exception as e:  # record and go on to the next server
             rec["error"] = f"{type(e).__name__}: {e}"
             print(f"[{name}] FAILED: {rec['error']}", flush=True)
@@ -448,6 +457,11 @@ def markdown(res: dict) -> str:
         for s in profiled:
             for prof in s["decode_profile"]:
                 lines += decode_trace.markdown(s["name"], prof)
+    prefilled = [(s["name"], s["prefill_profile"]) for s in res["servers"] if s.get("prefill_profile")]
+    if prefilled:
+        lines += ["", "## One prompt's prefill on the GPU (SGLang's profiler, an idle server; decode_trace.py)", "",
+                  "From the pass's first GPU event to its last; busy: the time some GPU event ran.", ""]
+        lines += decode_trace.prefill_markdown(prefilled)
     for eq in res["equal"]:
         must = " (required)" if eq.get("required", True) else ""
         lines += ["", f"Greedy equality{must} {eq['a']} vs {eq['b']}: {eq['same']} of {eq['total']} prompts identical."]
@@ -492,6 +506,8 @@ def main() -> int:
                     help="after the throughput, trace this many decode steps per server (SGLang's /start_profile)")
     ap.add_argument("--profile-concurrency", type=int, nargs="+", default=[1, 8],
                     help="requests decoding together while traced (default 1 and 8)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="after the throughput, trace the prefill of one prompt per server (SGLang's /start_profile)")
     ap.add_argument("--sglang-args", default=DEFAULT_SGLANG_ARGS)
     ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument("--tag", default="refmoe-25m")

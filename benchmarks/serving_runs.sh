@@ -4,7 +4,7 @@
 #
 #   benchmarks/serving_runs.sh qwen15 OUT            # random weights, Qwen1.5-MoE-A2.7B layers (4 of 24)
 #   benchmarks/serving_runs.sh qwen15-24 OUT         # all 24 layers, against SGLang bf16, fp8 and a GPTQ copy on Marlin
-#                                                    # (each server's decode steps traced; GROUPED=1: mxserve
+#                                                    # (each server's decode steps and one prefill traced; GROUPED=1: mxserve
 #                                                    # also with one launch per group of codes; GLUON_FMA=1:
 #                                                    # also with the Gluon CUDA-core kernel at 1 token; =packed:
 #                                                    # with its packed bf16 arithmetic; SPLIT=waves: also
@@ -134,8 +134,8 @@ elif [ "$what" = qwen15-24 ]; then
   plain=(--ckpt "$name=$work/q15-24-$name")
   [ -z "${NO_PLAIN:-}" ] || plain=()
   $py benchmarks/serving.py --model "$m" "${baselines[@]}" \
-    "${plain[@]}" "${also[@]}" "${grouped[@]}" --profile-steps 20 --startup-timeout "${STARTUP_TIMEOUT:-420}" \
-    --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
+    "${plain[@]}" "${also[@]}" "${grouped[@]}" --profile-steps 20 --profile-prefill \
+    --startup-timeout "${STARTUP_TIMEOUT:-420}" --max-tokens 128 --concurrency 1 8 32 --sglang-args "$args" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights" --out "$out"
 elif [ "$what" = multigpu ]; then
   layers=${LAYERS:-24} part=${PART:-both}

@@ -156,6 +156,12 @@
 #      requests): the kernel GPU tests beside the checkpoints of the forty-first session's 1-token plan, the layer at 1
 #      and 8 tokens, end to end (that plan alone, with each, and the GPTQ copy), then the SGLang test (~22 min, three
 #      calls).
+#  74. (only when asked: `start 74`, written in the forty-second session) with the top-k's rows the default and the
+#      MoE-block hooks per block: their kernel GPU tests beside the checkpoints of the 1-token plan; end to end, that
+#      plan as served by default, with the shared experts started before the router and on the stream-K grid at
+#      every decode size (the shared experts' own launches end the MoE section at 8 requests), beside the GPTQ copy,
+#      each server's prefill of one prompt traced; then the SGLang tests of the top-k's rows and of the fused router
+#      (~24 min, three calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1330,6 +1336,23 @@ phase73() {
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k top_k_rows --basetemp=/tmp/pt_topk -rA -p no:cacheprovider > $res/tests/sglang_topk_rows.log 2>&1
   say "SGLang test of the top-k's rows rc=$? $(tail -1 $res/tests/sglang_topk_rows.log)"
+}
+
+phase74() {
+  # the top-k's rows the default and the MoE-block hooks per block (forty-second session): the kernel GPU tests of the
+  # top-k's rows beside the checkpoints of the forty-first session's 1-token plan; end to end, that plan by default,
+  # with its shared experts started before the router (EARLY=1) and on the stream-K grid at 8 and 32 requests too
+  # (STREAM_K=1), beside the GPTQ copy, each server's prefill of one prompt traced; the SGLang tests last
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  prep_beside "top_k_rows_straight" kernels_topk_default.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_topk_default.log)"
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 EARLY=1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s43 > $res/e2e_s43.log 2>&1
+  say "e2e the 1-token plan by default, its shared experts early, on the stream-K grid; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k "top_k_rows or fused_router" --basetemp=/tmp/pt_hooks -rA -p no:cacheprovider > $res/tests/sglang_hooks.log 2>&1
+  say "SGLang tests of the top-k's rows and the fused router rc=$? $(tail -1 $res/tests/sglang_hooks.log)"
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)

@@ -1,5 +1,6 @@
 """The serving benchmark's own logic, on the CPU, so a GPU run does not find its bugs."""
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     class Args:
         startup_timeout, greedy_tokens, max_tokens, concurrency, min_requests, rounds = 120, 6, 6, [1, 4], 4, 2
         profile_steps, profile_concurrency = 0, [1]  # the embedded engine has no /start_profile
+        profile_prefill = False
         latency_requests = 3
 
     port = serving.free_port()
@@ -442,23 +444,18 @@ def test_decode_trace_times_steps_from_graph_launches_and_spans_between_kernels(
         decode_trace.step_period(str(tmp_path / "eager.json"))
 
 
-def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
-    """profile_decode against a stand-in for SGLang's /start_profile: each of the batch's requests
-    has its own prompt (copies of one greedy request would route alike), and the trace it gets
-    back is summed per step."""
+@contextlib.contextmanager
+def profiler_standin(steps: int, events: list[dict]):
+    """A stand-in for SGLang's /start_profile that asks for ``steps`` GPU steps and writes ``events`` as the trace;
+    yields its base URL."""
     import gzip
     import http.server
-    import json
     import threading
-
-    import decode_trace
 
     class Profiler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server interface
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            assert self.path == "/start_profile" and body["num_steps"] == 2 and body["activities"] == ["GPU"]
-            events = [{"ph": "X", "cat": cat, "name": name, "ts": t, "dur": 5} for t in (0, 10)
-                      for cat, name in (("kernel", "gemm"), ("cuda_runtime", "cudaGraphLaunch"))]  # fmt: skip
+            assert self.path == "/start_profile" and body["num_steps"] == steps and body["activities"] == ["GPU"]
             with gzip.open(Path(body["output_dir"]) / "1-TP-0.trace.json.gz", "wt") as f:
                 json.dump({"traceEvents": events}, f)
             self.send_response(200)
@@ -470,14 +467,48 @@ def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Profiler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sent = []
     try:
-        prof = decode_trace.profile_decode(f"http://127.0.0.1:{server.server_port}", ["a", "b", "c"], 4, 2,
-                                           str(tmp_path / "trace"), lambda p, n: sent.append((p, n)), timeout=30)
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
+    """profile_decode against a stand-in for SGLang's /start_profile: each of the batch's requests
+    has its own prompt (copies of one greedy request would route alike), and the trace it gets
+    back is summed per step."""
+    import decode_trace
+
+    events = [{"ph": "X", "cat": cat, "name": name, "ts": t, "dur": 5} for t in (0, 10)
+              for cat, name in (("kernel", "gemm"), ("cuda_runtime", "cudaGraphLaunch"))]  # fmt: skip
+    sent = []
+    with profiler_standin(2, events) as base:
+        prof = decode_trace.profile_decode(base, ["a", "b", "c"], 4, 2, str(tmp_path / "trace"),
+                                           lambda p, n: sent.append((p, n)), timeout=30)  # fmt: skip
     assert sorted(p for p, _ in sent) == ["a", "a", "b", "c"] and all(n > 2 for _, n in sent)
     assert prof["concurrency"] == 4 and prof["steps"] == 2 and prof["top"] == [["gemm", 5.0, 1.0]]
+
+
+def test_profile_prefill_traces_one_prompt_and_reports_its_idle_gpu(tmp_path: Path):
+    """profile_prefill: one step traced, one request of one output token; an eager pass whose kernels run 10 us of a
+    40 us span reads as the GPU busy a quarter of it."""
+    import decode_trace
+
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d}
+              for n, t, d in (("norm", 0, 2), ("gemm", 12, 6), ("norm", 38, 2))]  # fmt: skip
+    sent = []
+    with profiler_standin(1, events) as base:
+        prof = decode_trace.profile_prefill(base, "To be", str(tmp_path / "trace"), lambda p, n: sent.append((p, n)),
+                                            timeout=30)  # fmt: skip
+    assert sent == [("To be", 1)]
+    assert prof["steps"] == 1 and prof["span_us_per_step"] == 40.0 and prof["busy_us_per_step"] == 10.0
+    row = "| mx | 40.0 | 10.0 | 25% | 3.0 | `gemm` 6.0 us |"
+    assert decode_trace.prefill_markdown([("mx", prof)])[2] == row
+    # serving.py's report: the servers whose prefill was traced, in that table
+    recs = [{"name": "mx", "startup_s": 1.0, "prefill_profile": prof}, {"name": "copy", "startup_s": 1.0}]
+    table = serving.markdown({"tag": "t", "device": "d", "command": "c", "max_tokens": 4, "concurrency": [1],
+                              "servers": recs, "equal": [], "self": {}})  # fmt: skip
+    assert "One prompt's prefill on the GPU" in table and row in table and "| copy | " not in table.split("prefill")[-1]
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
