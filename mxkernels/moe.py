@@ -96,6 +96,20 @@ class Tiles:
     shared_bm: int = 0
 
 
+_TILE_FIELDS = frozenset(f.name for f in dataclasses.fields(Tiles))
+
+
+def _replace(tiles: Tiles, **changes) -> Tiles:
+    """``dataclasses.replace`` for Tiles without its walk over the fields and ``__init__``: an eager forward's
+    Python (prefill: SGLang captures no decode graph for it) replaces tiles 8 times, which took a third of its
+    Python's time (on this project's CPU, kernels stubbed: 240 to 360 us a layer)."""
+    unknown = changes.keys() - _TILE_FIELDS
+    if unknown:
+        raise TypeError(f"Tiles has no field {', '.join(sorted(unknown))}")
+    new = object.__new__(Tiles)
+    new.__dict__.update(tiles.__dict__, **changes)  # frozen: no __setattr__, the instance dict is its state
+    return new
+
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
 # where the launch's active experts hold at least STAGED_WEIGHTS_PER_SM weights per SM (expected under uniform
 # routing; gate/up's, and the down GEMM follows). On the H100 (thirty-third session,
@@ -276,7 +290,7 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         # the next K tile's loads first: never slower on the H200 (results/moe_layer_h200.md)
         tiles = Tiles(1, 64, bk, 4, 3, split, True, True, fma=True, prefetch=True)
         if fit == "waves":  # 128 registers: no spill for the served plans' code set (sm_90 SASS)
-            tiles = dataclasses.replace(tiles, split=wave_split(work, -(-k // bk), sms), maxnreg=128)
+            tiles = _replace(tiles, split=wave_split(work, -(-k // bk), sms), maxnreg=128)
     elif per_expert <= DECODE_ROWS and codes_mask != 1:
         # few rows per expert: weights on the MMA's M side, K split until the GPU is full; an
         # all-bf16 layer keeps the unsplit layout, whose stores round exactly as SGLang's
@@ -298,8 +312,8 @@ def pick_tiles(rows: int, n_experts: float, min_group: int, n: int, k: int, code
         tiles = Tiles(64, 128, 64, 4, kmajor=True, group_m=PREFILL_GROUP_M)
     else:
         tiles = Tiles(128, 128, 64, 8, kmajor=True, group_m=PREFILL_GROUP_M)
-    tiles = dataclasses.replace(tiles, **override) if override else tiles
-    return dataclasses.replace(tiles, bk=max(32, min(tiles.bk, min_group)))  # one scale per K tile
+    tiles = _replace(tiles, **override) if override else tiles
+    return _replace(tiles, bk=max(32, min(tiles.bk, min_group)))  # one scale per K tile
 
 
 def _rotated_input(a: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, int]:
@@ -675,7 +689,7 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
     bm = override.get("bm", 8 if per_expert <= (12 if narrow else 8) else 16)
     staged = override.get("staged", staged)
     split = 1 if tiles.stream_k else min(tiles.split, max(1, k // BK))  # stream-K: K is dealt out whole
-    return dataclasses.replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"),
+    return _replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"),
                                staged=staged)  # fmt: skip
 
 
@@ -768,7 +782,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     t_dn = pick_tiles(rows, active, min_group, down.n, down.k, codes, sms, fit, **ov_dn)
     if t_gu.fma and _gluon_fma(dev, gate_up, down, override):
         packed = os.environ.get("MXSERVE_GLUON_FMA") == "packed"
-        t_gu, t_dn = (dataclasses.replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
+        t_gu, t_dn = (_replace(t, gluon=True, packed=packed) for t in (t_gu, t_dn))
     gcodes = gluon_codes(gate_up) | gluon_codes(down)
     staged = per_expert >= STAGED_ROWS and active * gate_up.n * gate_up.k / sms >= STAGED_WEIGHTS_PER_SM
 
@@ -779,7 +793,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         whole = _as_gluon(tiles, rows_each, arena.k, gcodes, ov, staged) if gluon else tiles
         if _dispatch(dispatch) != "grouped":
             return [(arena.kernel_mask, whole)]
-        return [(g, dataclasses.replace(_as_gluon(tiles, rows_each, arena.k, g, ov, staged), bm=whole.bm)
+        return [(g, _replace(_as_gluon(tiles, rows_each, arena.k, g, ov, staged), bm=whole.bm)
                  if gluon else whole) for g in code_groups(arena.kernel_mask) if g & arena.codes_mask]  # fmt: skip
 
     l_gu, l_dn = launches(gate_up, t_gu, override), launches(down, t_dn, ov_dn)
