@@ -157,7 +157,8 @@
 #      and 8 tokens, end to end (that plan alone, with each, and the GPTQ copy), then the SGLang test (~22 min, three
 #      calls).
 #  74. (only when asked: `start 74`, written in the forty-second session) with the top-k's rows the default and the
-#      MoE-block hooks per block: their kernel GPU tests beside the checkpoints of the 1-token plan; end to end, that
+#      MoE-block hooks per block: the host's time of an eager forward (benchmarks/host_overhead.py); their kernel GPU
+#      tests beside the checkpoints of the 1-token plan; end to end, that
 #      plan as served by default, with the shared experts started before the router and on the stream-K grid at
 #      every decode size (the shared experts' own launches end the MoE section at 8 requests), beside the GPTQ copy,
 #      each server's prefill of one prompt traced; then the SGLang tests of the top-k's rows and of the fused router
@@ -1344,6 +1345,9 @@ phase74() {
   # with its shared experts started before the router (EARLY=1) and on the stream-K grid at 8 and 32 requests too
   # (STREAM_K=1), beside the GPTQ copy, each server's prefill of one prompt traced; the SGLang tests last
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  # the host's time of an eager forward on this machine's CPU, the GPU's buffers (seconds)
+  python3 benchmarks/host_overhead.py --tokens 1 8 20 64 --out $res/host_overhead > $res/host_overhead.log 2>&1
+  say "host time of an eager forward rc=$?"
   prep_beside "top_k_rows_straight" kernels_topk_default.log PLAN=$plan NAME=3.25bit-t1 || return 1
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_topk_default.log)"
   env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 EARLY=1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \

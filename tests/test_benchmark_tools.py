@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -932,3 +933,25 @@ def test_serving_reads_sglangs_own_decode_rate_from_its_log():
                               "servers": [rec], "equal": [], "self": {}})
     assert "| s | 470.0 / 480.5 |  |" in table
     assert "| s | 30.0 |  |" in table
+
+
+def test_host_overhead_counts_an_eager_forwards_launches_without_running_them(tmp_path: Path):
+    """host_overhead.py on the CPU (Qwen1.5's expert counts, small widths): each forward's launches are counted and
+    stubbed (a launch that ran would need a GPU or the interpreter); one token takes the top-k's rows straight, so no
+    alignment launch, where 8 tokens align."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MXSERVE_TOPK_ROWS")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--small", "--tokens", "1",
+                          "8", "--reps", "3", "--device", "cpu", "--out", str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "host_overhead.json").read_text())
+    one, eight = res["rows"]
+    assert one["tokens"] == 1 and one["host_us"] > 0 and one["kernels"]["mx_moe_gemm_gluon_kernel"] == 2
+    assert "moe_align_kernel" not in one["kernels"] and eight["kernels"]["moe_align_kernel"] == 1
+    assert one["launches"] == sum(one["kernels"].values())
+    assert "| 8 | " in (tmp_path / "host_overhead.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--tokens", "0", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "positive" in bad.stderr
