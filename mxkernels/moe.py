@@ -100,15 +100,16 @@ _TILE_FIELDS = frozenset(f.name for f in dataclasses.fields(Tiles))
 
 
 def _replace(tiles: Tiles, **changes) -> Tiles:
-    """``dataclasses.replace`` for Tiles without its walk over the fields and ``__init__``: an eager forward's
-    Python (prefill: SGLang captures no decode graph for it) replaces tiles 8 times, which took a third of its
-    Python's time (on this project's CPU, kernels stubbed: 240 to 360 us a layer)."""
+    """``dataclasses.replace`` for Tiles without its walk over the fields and ``__init__``: an eager forward
+    (prefill: SGLang replays graphs for decode only) replaces tiles up to 8 times; with this its host time fell
+    from 149-188 to 120-154 us (benchmarks/host_overhead.py on this project's CPU, Qwen1.5's expert counts)."""
     unknown = changes.keys() - _TILE_FIELDS
     if unknown:
         raise TypeError(f"Tiles has no field {', '.join(sorted(unknown))}")
     new = object.__new__(Tiles)
     new.__dict__.update(tiles.__dict__, **changes)  # frozen: no __setattr__, the instance dict is its state
     return new
+
 
 # the Gluon decode kernel's activations through shared memory (Tiles.staged) at STAGED_ROWS rows per expert or more
 # where the launch's active experts hold at least STAGED_WEIGHTS_PER_SM weights per SM (expected under uniform
@@ -690,7 +691,7 @@ def _as_gluon(tiles: Tiles, per_expert: float, k: int, codes: int, override: dic
     staged = override.get("staged", staged)
     split = 1 if tiles.stream_k else min(tiles.split, max(1, k // BK))  # stream-K: K is dealt out whole
     return _replace(tiles, gluon=True, bm=bm, bn=bn, split=split, maxnreg=override.get("maxnreg"),
-                               staged=staged)  # fmt: skip
+                    staged=staged)  # fmt: skip
 
 
 @dataclass
