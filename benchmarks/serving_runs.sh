@@ -88,7 +88,8 @@ elif [ "$what" = qwen15-24 ]; then
   # (MXSERVE_GLUON_FMA=1, or =packed for its packed bf16 arithmetic)
   [ -z "${GLUON_FMA:-}" ] || grouped+=(--ckpt "$name-gluon-fma=$work/q15-24-$name"
     --server-env "mxserve-$name-gluon-fma=MXSERVE_GLUON_FMA=$GLUON_FMA")
-  # EARLY=1 adds a server whose shared experts launch as their MoE block starts (MXSERVE_SHARED_EARLY=1)
+  # EARLY=1 adds a server whose shared experts launch as their MoE block starts, from 2 tokens (MXSERVE_SHARED_EARLY=1;
+  # one token takes the top-k's rows where they apply)
   [ -z "${EARLY:-}" ] || grouped+=(--ckpt "$name-shared-early=$work/q15-24-$name"
     --server-env "mxserve-$name-shared-early=MXSERVE_SHARED_EARLY=1")
   # ROUTER=1 adds a server whose MoE blocks route decode forwards in one launch (MXSERVE_FUSED_ROUTER=1, since made

@@ -161,8 +161,8 @@
 #      tests beside the checkpoints of the 1-token plan; end to end, that
 #      plan as served by default, with the shared experts started before the router and on the stream-K grid at
 #      every decode size (the shared experts' own launches end the MoE section at 8 requests), beside the GPTQ copy,
-#      each server's prefill of one prompt traced; then the SGLang tests of the top-k's rows and of the fused router
-#      (~24 min, three calls).
+#      each server's prefill of one prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of
+#      the shared experts started early (~26 min, three calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1357,6 +1357,11 @@ phase74() {
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k "top_k_rows or fused_router" --basetemp=/tmp/pt_hooks -rA -p no:cacheprovider > $res/tests/sglang_hooks.log 2>&1
   say "SGLang tests of the top-k's rows and the fused router rc=$? $(tail -1 $res/tests/sglang_hooks.log)"
+  # the shared experts started early from 2 tokens, the top-k's rows at one (MixedExperts.start_early)
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k "shared_experts_launched_early and qwen2_moe" --basetemp=/tmp/pt_early -rA -p no:cacheprovider \
+    > $res/tests/sglang_early.log 2>&1
+  say "SGLang test of the shared experts started early rc=$? $(tail -1 $res/tests/sglang_early.log)"
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)

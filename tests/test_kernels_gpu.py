@@ -342,6 +342,31 @@ def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, early, monk
     assert ((a - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("tokens, want", [(1, "zero fill"), (8, "shared experts")])
+def test_top_k_rows_straight_before_the_shared_experts_started_early_cuda(tokens, want, monkeypatch):
+    # MixedExperts.start_early with the shared experts asked early (MXSERVE_SHARED_EARLY=1 in the SGLang plugin): one
+    # token takes the top-k's rows (the zero fill started), more tokens start the shared experts; either start is taken
+    # by the forward, which equals the one started nothing to within stream-K's order of sums
+    from kernel_cases import make_experts, route
+
+    from mxserve.runtime.moe_layer import MixedExperts
+
+    monkeypatch.delenv("MXSERVE_TOPK_ROWS", raising=False)
+    gen = torch.Generator().manual_seed(43)
+    experts = make_experts(["w4a16g128", "w3a16g128", "w2a16g128", "bf16"], 2048, 1408, 60, 4, "rtn", gen, "cuda")
+    layer = MixedExperts(0, 60, experts)
+    x = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16).cuda()
+    ids, w = route(tokens, 60, 4, gen, skew=False)
+    ids, w = ids.cuda().to(torch.int32), w.cuda()
+    want_out = layer.forward(x, ids, w).float()
+    layer.start_early(x, 4, True)
+    started = layer._started
+    assert started is not None and ("zero fill" if started.zeroed else "shared experts") == want
+    got = layer.forward(x, ids, w).float()
+    assert started.taken and torch.isfinite(got).all()
+    assert ((got - want_out).norm() / want_out.norm()).item() < 1e-2
+
+
 def test_padded_slots_on_the_stream_k_grid_cuda():
     # SGLang's -1 ids under stream-K (decode's default below 4 rows per expert): a padded token's slots add
     # nothing anywhere, to within the order its sums are added in

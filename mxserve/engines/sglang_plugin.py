@@ -164,15 +164,17 @@ def _fuse_router(layer: torch.nn.Module) -> None:
 
 
 def _start_early(layer: torch.nn.Module, shared: bool) -> None:
-    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: with ``shared``
-    (MXSERVE_SHARED_EARLY=1) its shared experts, on their own stream, beside the router's product, its top-k and
-    the alignment, as SGLang runs its own shared MLP; else (the top-k's rows straight at one token,
-    MXSERVE_TOPK_ROWS) stream-K's zero fill, beside the router. CUDA-graph captures hold the early launches.
+    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: at one token taking the
+    top-k's rows straight (MXSERVE_TOPK_ROWS), stream-K's zero fill, beside the router; else, with ``shared``
+    (MXSERVE_SHARED_EARLY=1), its shared experts, on their own stream, beside the router's product, its top-k and
+    the alignment, as SGLang runs its own shared MLP (MixedExperts.start_early). CUDA-graph captures hold the early
+    launches.
 
     MXSERVE_SHARED_EARLY stays opt-in until an end-to-end run in repeated rounds shows it pays: its one timed
     round lost at 8 and 32 requests while its traced steps ran faster (benchmarks/README.md, eleventh session)."""
     if shared:
-        _say("shared", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts")
+        _say("shared", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts "
+             "(one token: the top-k's rows, where they apply)")  # fmt: skip
     else:
         _say("topk", "one-token forwards take the top-k's rows straight, with no alignment launch "
              "(MXSERVE_TOPK_ROWS=0: aligned)")  # fmt: skip

@@ -106,17 +106,18 @@ class MixedExperts:
         )
 
     def start_early(self, x: torch.Tensor, top_k: int, shared: bool) -> None:
-        """Launch what the coming forward of ``x`` can now, before the router's top-k exists (a GPU only): with
-        ``shared`` its shared experts (on their own stream, at decode: mxkernels.moe.start_shared), else, for one
-        token taking the top-k's rows straight, stream-K's zero fill (mxkernels.moe.start_zero_fill). They then run
+        """Launch what the coming forward of ``x`` can now, before the router's top-k exists (a GPU only): for one
+        token taking the top-k's rows straight, stream-K's zero fill (mxkernels.moe.start_zero_fill); else, with
+        ``shared``, its shared experts (on their own stream, at decode: mxkernels.moe.start_shared). They then run
         beside the router. The forward takes them where it gets the same input; otherwise it launches them itself."""
         self._started = None
         if not x.is_cuda:
             return
-        if shared and self.n_routed < len(self.experts_q):
-            self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
-        elif not shared:
+        if not shared or x.shape[0] == 1:  # one token: the top-k's rows where they apply (H100: 22 us a layer where
+            # aligned took 26, the shared experts then in the one launch; benchmarks/README.md, forty-second session)
             self._started = start_zero_fill(x, top_k, *self.arenas(x.device), self.n_routed)
+        if self._started is None and shared and self.n_routed < len(self.experts_q):
+            self._started = start_shared(x, top_k, *self.arenas(x.device), self.n_routed)
 
     def record(self, topk_ids: torch.Tensor) -> None:
         """Count one forward pass's routing (the engine may run the math elsewhere)."""
