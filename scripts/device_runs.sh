@@ -158,11 +158,11 @@
 #      calls).
 #  74. (only when asked: `start 74`, written in the forty-second session) with the top-k's rows the default and the
 #      MoE-block hooks per block: the host's time of an eager forward (benchmarks/host_overhead.py); their kernel GPU
-#      tests beside the checkpoints of the 1-token plan; end to end, that
-#      plan as served by default, with the shared experts started before the router and on the stream-K grid at
-#      every decode size (the shared experts' own launches end the MoE section at 8 requests), beside the GPTQ copy,
-#      each server's prefill of one prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of
-#      the shared experts started early (~26 min, three calls).
+#      tests beside the checkpoints of the 1-token plan; end to end, that plan as served by default, with the shared
+#      experts started before the router from 2 tokens and on the stream-K grid at every decode size (the shared
+#      experts' own launches end the MoE section at 8 requests), beside the GPTQ copy, each server's prefill of one
+#      prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of the shared experts
+#      started early (~26 min, three calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
