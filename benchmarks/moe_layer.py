@@ -337,6 +337,12 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # requests the served 1-token plan's down launches were 960 programs of 72 registers, 7 an SM (924 at once), and
     # took 21 us against gate/up's 28; at 128 rows 480 programs of 128 registers, 4 an SM (528): one wave
     "down BN 128": {"down_tiles": {"bn": 128}},
+    # the down GEMM's K split (forty-second session): at 8 requests the routed down launch took 20 us mean, 0.87x
+    # Marlin's routed down, each of its ~1000 programs walking all 11 K tiles one round trip after another; on
+    # 128-row tiles (half the programs) it was no faster, so fewer K tiles a program (partial sums in fp32, added by
+    # the top-k sum's launch) and more programs in flight
+    "down split 2": {"down_tiles": {"split": 2}},
+    "down split 3": {"down_tiles": {"split": 3}},
     # ... and gate/up capped at 96 registers, so 5 programs share an SM where its 104 let 4: about 660 then fit at once,
     # the 8-request layer's routed and shared gate/up programs (about 572 and 88); 6 spill instructions in its K loops
     # of about 360 (the served code set, Triton 3.6's ptxas); the down GEMM uncapped as picked

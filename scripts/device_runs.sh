@@ -157,12 +157,13 @@
 #      and 8 tokens, end to end (that plan alone, with each, and the GPTQ copy), then the SGLang test (~22 min, three
 #      calls).
 #  74. (only when asked: `start 74`, written in the forty-second session) with the top-k's rows the default and the
-#      MoE-block hooks per block: the host's time of an eager forward (benchmarks/host_overhead.py); their kernel GPU
+#      MoE-block hooks per block: the host's time of an eager forward (benchmarks/host_overhead.py); the layer at 8 and
+#      16 tokens with the down GEMM's K split in 2 and 3 and the shared experts started early; their kernel GPU
 #      tests beside the checkpoints of the 1-token plan; end to end, that plan as served by default, with the shared
 #      experts started before the router from 2 tokens and on the stream-K grid at every decode size (the shared
 #      experts' own launches end the MoE section at 8 requests), beside the GPTQ copy, each server's prefill of one
 #      prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of the shared experts
-#      started early (~26 min, three calls).
+#      started early (~27 min, three calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1348,6 +1349,11 @@ phase74() {
   # the host's time of an eager forward on this machine's CPU, the GPU's buffers (seconds)
   python3 benchmarks/host_overhead.py --tokens 1 8 20 64 --out $res/host_overhead > $res/host_overhead.log 2>&1
   say "host time of an eager forward rc=$?"
+  # at 8 and 16 tokens, the down GEMM's K split and the shared experts started early, beside stream-K (about a minute)
+  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
+    --layouts '^(Gluon, stream-K|down split [23]|shared experts started early)$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s43 > $res/layer_s43.log 2>&1
+  say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the shared experts early rc=$?"
   prep_beside "top_k_rows_straight" kernels_topk_default.log PLAN=$plan NAME=3.25bit-t1 || return 1
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_topk_default.log)"
   env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 EARLY=1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \

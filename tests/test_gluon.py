@@ -392,6 +392,17 @@ def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted
     errs = gemm_errors(["w4a16g128", "w3a16g128", "w8a16", "w2a16g128"], 8, 256, 256, 16, 2, 4, "cpu", seed=2)
     assert errs and all(e < BOUND for e in errs.values()), errs
     assert tiles == [(True, 64), (False, 128)] * 2, tiles
+    # ... and its K split in two (the layer variant "down split 2": at 8 requests the routed down GEMM took 0.87x
+    # Marlin's time, forty-second session), gate/up's split as picked
+    splits = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], grid[2] if len(grid) > 2 else 1))
+    case = (["w4a16g128", "w3a16g128", "w8a16", "w2a16g128"], 8, 256, 256, 16, 2, 4, "cpu")
+    monkeypatch.delenv("MXSERVE_DECODE_TILES")
+    gemm_errors(*case, seed=2)
+    picked, _ = list(splits), splits.clear()
+    monkeypatch.setenv("MXSERVE_DECODE_TILES", "down_tiles.split=2")
+    errs = gemm_errors(*case, seed=2)
+    assert errs and all(e < BOUND for e in errs.values()), errs
+    assert splits == [(True, picked[0][1]), (False, 2)] * 2 and picked[1][1] != 2, (picked, splits)
     monkeypatch.setenv("MXSERVE_DECODE_TILES", "early=yes")
     with pytest.raises(ValueError, match="an integer or true/false"):
         moe.decode_tiles()
