@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,6 +121,9 @@ class Arena:
     # a device sync (moe._stream_k: the share of costly codes)
     code_counts: tuple[int, ...] = ()
     tiled: bool = False  # ``wi`` in the tiled order (tile_words) and weight-only scales and zeros so (tile_rows)
+    # a forward's picked tiles and launches by token count and settings (moe._pick_cached); not copied by
+    # dataclasses.replace, whose arena may differ
+    picks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def kernel_mask(self) -> int:

@@ -744,18 +744,35 @@ def _options(poison: bool, dispatch: str | None, shared_apart: bool | None, spli
     return poison, dispatch, shared_apart, split_fit, tuple(sorted(override.items()))
 
 
-def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool,
-            dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict,
-            early: bool = False) -> _Layout:  # fmt: skip
-    """The launches of a forward of ``x`` [T, H] with ``top_k`` routed experts per token (moe_gemms):
-    everything but the routing itself, so the shared experts can launch before the top-k exists (``early``:
-    start_shared's layout)."""
-    alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
+class _Picked(NamedTuple):
+    """What a forward's launches are, apart from its buffers: the same for every forward of a token count on
+    one pair of arenas under the same settings, so picked once (_pick_cached) and replayed."""
+
+    src_dn: Arena  # the down arena picked for (not gate_up: kept on it, the pick would make a reference cycle that
+    # holds a dropped layer's GPU memory until Python's cycle collector runs)
+    dq: bool  # the GEMMs run dequantized views (made per forward: a view copies the arena's fields)
+    slots: int
+    rows: int
+    bm: int
+    shared_bm: int
+    split_gu: int
+    split_dn: int
+    stream_k: bool
+    apart: bool
+    topk_rows: bool
+    l_gu: list  # (codes, tiles) per launch: the routed (or all) rows' GEMMs
+    l_dn: list
+    s_gu: list  # the shared experts' launches apart
+    s_dn: list
+
+
+def _pick(tokens: int, dev: torch.device, top_k: int, gate_up: Arena, down: Arena, n_routed: int, dispatch: str | None,
+          shared_apart: bool | None, split_fit: str | None, override: dict, early: bool) -> _Picked:  # fmt: skip
+    """The tiles and launches of a forward of ``tokens`` tokens (_layout)."""
     slots = top_k + gate_up.n_experts - n_routed
-    rows, active, per_expert = _rows(x.shape[0], top_k, gate_up.n_experts, n_routed)
-    dev = x.device
+    rows, active, per_expert = _rows(tokens, top_k, gate_up.n_experts, n_routed)
     override = dict(override)
-    src_gu, src_dn = gate_up, down
+    src_dn = down
     dq = _dequant_first(per_expert, gate_up, down, override.pop("dequant", None))
     topk_asked = override.pop("topk_rows", None)
     if dq:  # the GEMMs run the views; dequantize() writes their weights as the forward launches
@@ -813,30 +830,79 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
     # routed experts' blocks), each unpacking its slice's weights again (benchmarks/README.md, thirty-seventh session)
     sb = t_gu.shared_bm
     forced = {"bm": sb, **({"staged": True} if sb > 16 else {})} if sb else {}
-    s_gu, s_dn = (launches(gate_up, t_gu, {**override, **forced}, x.shape[0]),
-                  launches(down, t_dn, {**ov_dn, **forced}, x.shape[0])) if apart and t_gu.shared_own else (l_gu, l_dn)
-    shared_bm = s_gu[0][1].bm
+    s_gu, s_dn = (launches(gate_up, t_gu, {**override, **forced}, tokens),
+                  launches(down, t_dn, {**ov_dn, **forced}, tokens)) if apart and t_gu.shared_own else (l_gu, l_dn)
+    if stream_k:
+        split_gu = 1
+    topk_rows = (tokens == 1 and stream_k and not apart and topk_rows_on(topk_asked)
+                 and all(t.gluon and not t.fma for _, t in l_gu + l_dn))  # fmt: skip
+    return _Picked(src_dn, dq, slots, rows, bm, s_gu[0][1].bm, split_gu, split_dn, stream_k,
+                   apart, topk_rows, l_gu, l_dn, s_gu, s_dn)  # fmt: skip
+
+
+# what else a pick reads, so that a cached one is taken only under the same: the settings read per forward
+_PICK_ENV = ("MXSERVE_DECODE_TILES", "MXSERVE_DECODE_SPLIT", "MXSERVE_DISPATCH", "MXSERVE_STREAM_K",
+             "MXSERVE_GLUON_FMA", "MXSERVE_TOPK_ROWS")  # fmt: skip
+# and this module's tunables and hooks (tests and benchmarks set them; a swap of the slab's codes shows in
+# code_counts, which the key holds)
+_PICK_GLOBALS = ("GLUON_DECODE", "PREFILL_DEQUANT", "DEQUANT_SCRATCH_MB", "SHARED_APART", "STAGED_ROWS",
+                 "STAGED_WEIGHTS_PER_SM", "DECODE_ROWS", "_runs_gluon", "tile_table", "pick_tiles")  # fmt: skip
+PICKS_KEPT = 256  # picks kept per arena (a prefill's token counts vary; the oldest half goes when full)
+
+
+def _pick_cached(t: int, dev: torch.device, top_k: int, gate_up: Arena, down: Arena, n_routed: int,
+                 dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict,
+                 early: bool) -> _Picked:  # fmt: skip
+    """_pick, kept on ``gate_up`` for the next forward of the same: an eager forward (every prefill) spent about
+    half its host time picking (benchmarks/host_overhead.py). Not kept for an ``override`` (benchmarks, tests)."""
+    if override:
+        return _pick(t, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override, early)
+    g = globals()
+    key = (t, dev, top_k, id(down), gate_up.code_counts, down.code_counts, n_routed, dispatch, shared_apart,
+           split_fit, early, *map(os.environ.get, _PICK_ENV), *(g[n] for n in _PICK_GLOBALS))  # fmt: skip
+    picks = gate_up.picks
+    hit = picks.get(key)
+    if hit is not None and hit.src_dn is down:
+        return hit
+    if len(picks) >= PICKS_KEPT:
+        for old in list(picks)[: PICKS_KEPT // 2]:
+            del picks[old]
+    picks[key] = hit = _pick(t, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override,
+                             early)  # fmt: skip
+    return hit
+
+
+def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool,
+            dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict,
+            early: bool = False) -> _Layout:  # fmt: skip
+    """The launches of a forward of ``x`` [T, H] with ``top_k`` routed experts per token (moe_gemms):
+    everything but the routing itself, so the shared experts can launch before the top-k exists (``early``:
+    start_shared's layout)."""
+    alloc = (lambda *s, **kw: torch.full(s, float("nan"), **kw)) if poison else torch.empty
+    dev = x.device
+    p = _pick_cached(x.shape[0], dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override,
+                     early)  # fmt: skip
+    src_gu, src_dn, rows, slots, dq = gate_up, down, p.rows, p.slots, p.dq
+    if dq:
+        gate_up, down = dequant.dequantized_view(gate_up), dequant.dequantized_view(down)
     inter = alloc(rows, gate_up.n // 2, dtype=torch.bfloat16, device=dev)
     sums = None
-    if stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
+    if p.stream_k:  # fp32 sums that the programs add into: gate | up, then SiLU (split 1); the expert outputs.
         # One buffer, so one fill kernel zeroes both (moe_gemms: beside the alignment)
         sums = torch.empty(rows * (gate_up.n + down.n), dtype=torch.float32, device=dev)
         ws = sums[: rows * gate_up.n].view(1, rows, gate_up.n)
         out = sums[rows * gate_up.n :].view(1, rows, down.n)
-        split_gu = 1
     else:
-        ws = alloc(split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if split_gu > 1 else None
-        out = alloc(split_dn, rows, down.n, dtype=torch.float32 if split_dn > 1 else torch.bfloat16, device=dev)
+        ws = alloc(p.split_gu, rows, gate_up.n, dtype=torch.float32, device=dev) if p.split_gu > 1 else None
+        out = alloc(p.split_dn, rows, down.n, dtype=torch.float32 if p.split_dn > 1 else torch.bfloat16, device=dev)
     w = torch.empty(rows, dtype=torch.float32, device=dev)
-    topk_rows = (x.shape[0] == 1 and stream_k and not apart and topk_rows_on(topk_asked)
-                 and all(t.gluon and not t.fma for _, t in l_gu + l_dn))  # fmt: skip
 
     def experts(ids, block_expert, num_post_pad, first: int, count: int, shared: bool = False,
                 topk: tuple[torch.Tensor, int] | None = None) -> None:  # fmt: skip
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token (``shared``: the
         shared experts' launches apart, in blocks of shared_bm); ``topk`` (the top-k weights and n_routed; ``ids``
         the top-k ids): one token's rows straight from its top-k, a block a row (topk_rows)."""
-        gu_launches, dn_launches = (s_gu, s_dn) if shared else (l_gu, l_dn)
+        gu_launches, dn_launches = (p.s_gu, p.s_dn) if shared else (p.l_gu, p.l_dn)
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
         chunk = dequant_chunk(src_gu, src_dn) if dq else 0
@@ -854,15 +920,15 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
         if ws is not None:
             block = min(1024, triton.next_power_of_2(gate_up.n // 2))
             silu_mul_kernel[(rows // slots * count, triton.cdiv(gate_up.n // 2, block))](
-                ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=split_gu, BLOCK=block, F32=INTERPRET,
+                ws, inter, rows, gate_up.n // 2, slots, first, count, SPLIT=p.split_gu, BLOCK=block, F32=INTERPRET,
                 PDL=pdl(dev), **launch(dev),
             )  # fmt: skip
         # the intermediate's rows of these slots only: the other launches (a second stream) write the rest
         gemm(inter, down, src_dn, out, 1, False, dn_launches, (slots, first, count) if count < slots else None)
 
     zeroed = torch.cuda.Event() if sums is not None and dev.type == "cuda" else None
-    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, bm, shared_bm, apart, experts, inter, out, w, sums,
-                   zeroed, topk_rows)  # fmt: skip
+    return _Layout(x, src_gu, src_dn, n_routed, top_k, slots, p.bm, p.shared_bm, p.apart, experts, inter, out, w,
+                   sums, zeroed, p.topk_rows)  # fmt: skip
 
 
 # MXSERVE_TOPK_ROWS (on by default since the forty-second session; 0: aligned): a one-token forward on the stream-K

@@ -1346,7 +1346,8 @@ phase74() {
   # with its shared experts started before the router (EARLY=1) and on the stream-K grid at 8 and 32 requests too
   # (STREAM_K=1), beside the GPTQ copy, each server's prefill of one prompt traced; the SGLang tests last
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
-  # the host's time of an eager forward on this machine's CPU, the GPU's buffers (seconds)
+  # the host's time of an eager forward on this machine's CPU, the GPU's buffers, the launches' picks kept (the
+  # forty-third session's default) and picked afresh in every forward (seconds)
   python3 benchmarks/host_overhead.py --tokens 1 8 20 64 --out $res/host_overhead > $res/host_overhead.log 2>&1
   say "host time of an eager forward rc=$?"
   # at 8 and 16 tokens, the down GEMM's K split and the shared experts started early, beside stream-K (about a minute)

@@ -442,3 +442,74 @@ def test_grouped_program_order_computes_what_the_launch_order_computes():
     for got in outs[1:]:
         for a, b in zip(got, outs[0]):
             assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_a_forwards_launches_are_picked_once_per_token_count_and_replayed(monkeypatch):
+    # an eager forward (every prefill) spent about half its host time picking tiles (benchmarks/host_overhead.py):
+    # the picks are kept on the arena, taken again by a forward of the same token count and settings, and picked
+    # anew when a setting read per forward or the slab's plan (swapped in place) changes
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_slab, copy_slab, kernel_code
+    from mxserve.schemes import get_scheme
+
+    gen = torch.Generator().manual_seed(3)
+    picked = []
+    monkeypatch.setattr(moe, "pick_tiles", lambda *a, f=moe.pick_tiles, **kw: picked.append(a[0]) or f(*a, **kw))
+    names = ["w4a16g128", "w2a16g128", "bf16", "w8a16"]
+    codes = sum({1 << kernel_code(get_scheme(s)) for s in names})
+    plans = [make_experts(names[i : i + 2], 128, 128, 6, 1, "rtn", gen, "cpu") for i in (0, 2)]
+
+    def slab(experts):
+        return build_slab([e.gate_up for e in experts], [e.down for e in experts], 1 << 22, codes, None, 128)
+
+    served = slab(plans[0])
+    data = {t: (torch.randn(t, 128, generator=gen).to(torch.bfloat16), *route(t, 6, 2, gen)) for t in (3, 5)}
+
+    def forward(t, arenas=served):
+        x, ids, w = data[t]
+        return moe.mx_moe_forward(x, ids, w, *arenas, 6)
+
+    first = forward(3)
+    assert len(picked) == 2  # gate/up's tiles and down's
+    assert torch.equal(forward(3), first) and len(picked) == 2  # replayed, the same launches
+    forward(5)
+    assert len(picked) == 4 and len(served[0].picks) == 2  # a pick per token count
+    monkeypatch.setenv("MXSERVE_DISPATCH", "grouped")  # read per forward: picked anew under it
+    grouped = forward(3)
+    assert len(picked) == 6
+    monkeypatch.delenv("MXSERVE_DISPATCH")
+    forward(3)
+    assert len(picked) == 6  # the single dispatch's pick again
+    assert (grouped.float() - first.float()).abs().max().item() < 1e-2
+    copy_slab(served, slab(plans[1]))  # another plan in the same buffers: its code counts differ
+    swapped = forward(3)
+    assert len(picked) == 8
+    assert torch.equal(swapped, forward(3, slab(plans[1])))
+
+
+def test_a_dropped_layers_picks_do_not_hold_its_memory():
+    # the picks live on the gate/up arena; a reference back to it would keep a swapped-out layer's GPU memory
+    # until Python's cycle collector ran
+    import gc
+    import weakref
+
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    gen = torch.Generator().manual_seed(4)
+    experts = make_experts(["w4a16g128"], 128, 128, 4, 1, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    ids, w = route(2, 4, 2, gen)
+    moe.mx_moe_forward(torch.randn(2, 128, generator=gen).to(torch.bfloat16), ids, w, gu, dn, 4)
+    assert gu.picks
+    refs = weakref.ref(gu), weakref.ref(dn)
+    gc.disable()
+    try:
+        del gu, dn
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
