@@ -433,50 +433,70 @@ def _gemm_gluon(a_all, rot_off, arena: Arena, out, sorted_ids, block_expert, num
     """_gemm's launch on the Gluon kernel (bf16 and weight-only experts, groups of whole 128s). Of
     ``codes`` (the model's, or a group of them: one variant per model, as the Triton kernel) it
     compiles the branches it has and needs none of the others: no expert of the arena uses them."""
-    from mxkernels.moe_gemm_gluon import KERNEL_CODES, MAGIC, WARPS, eligible
+    from mxkernels.moe_gemm_gluon import MAGIC
+
+    if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
+        a_all = a_all.contiguous()
+    dev = a_all.device
+    kernel = _gluon_kernel()
+    bn, codes, splits, consts, key, most = _gluon_launch(kernel, tiles, codes, gate_up, static, topk, arena.codes_mask,
+                                                         arena.k, arena.min_group, arena.tiled, dev,
+                                                         pdl(dev) and gluon_has_it())  # fmt: skip
+    args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
+            sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
+            n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+    if key is None:
+        grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
+    else:  # exactly the programs the SMs hold at once: a second wave would undo the balance
+        grid = (multiprocessors(dev) * _stream_k_per_sm(kernel, args, consts, key, most),)
+    kernel[grid](*args, **consts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool, topk: tuple[int, int] | None,
+                  codes_mask: int, k: int, min_group: int, tiled: bool, dev: torch.device,
+                  pdl_on: bool) -> tuple:  # fmt: skip
+    """What a Gluon launch takes besides its tensors, checked and built once per launch configuration (an eager
+    forward, every prefill, launches 2 to 4 of them a layer): the program's rows of weights, the compiled codes,
+    the K splits per code, the kernel's constants (``pdl_on``: its programmatic launch), and for stream-K the key of
+    its grid and the most programs an SM."""
+    from mxkernels.moe_gemm_gluon import KERNEL_CODES, WARPS, eligible
 
     bn = gluon_bn(tiles)
     blocks = (8, 16, 32, 64) if tiles.wgmma else (8, 16, 32) if tiles.staged else (8, 16)
-    if not eligible(arena.codes_mask, arena.k, arena.min_group) or not tiles.swap or tiles.bm not in blocks:
+    if not eligible(codes_mask, k, min_group) or not tiles.swap or tiles.bm not in blocks:
         raise ValueError("the Gluon kernel runs bf16 and weight-only experts with groups of whole 128s, K a "
                          "multiple of 128, weights on the MMA's M side and 8 or 16 rows per block (32 with staged "
                          "activations, up to 64 with warpgroup MMAs)")
     if tiles.wgmma and (bn != 64 or tiles.place or tiles.staged):
         raise ValueError("the Gluon kernel's warpgroup MMAs take 64 rows of weights a program (bn 64), neither "
                          "codes in place nor the staged activations")
-    if tiles.wgmma and a_all.is_cuda and torch.cuda.get_device_capability(a_all.device)[0] != 9:
+    if tiles.wgmma and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] != 9:
         raise ValueError("the Gluon kernel's warpgroup MMAs (wgmma) run on sm_90 GPUs only (H100, H200)")
-    if a_all.stride(-1) != 1 or a_all.stride(0) % 128:  # the kernel loads rows of K as 16-byte aligned
-        a_all = a_all.contiguous()
     codes &= KERNEL_CODES
-    splits = code_splits(arena.codes_mask & codes, tiles.split) if tiles.split_bits else 0
-    kernel = _gluon_kernel()
-    args = (a_all, rot_off, a_all.stride(0), out, out.stride(-2), out.stride(0) if tiles.split > 1 else 0,
-            sorted_ids, block_expert, num_post_pad, route_w, arena.meta, arena.wi, arena.wb, arena.sc, arena.zp,
-            n, arena.k, num_valid, a_div, tiles.split, splits, MAGIC)  # fmt: skip
+    splits = code_splits(codes_mask & codes, tiles.split) if tiles.split_bits else 0
     consts = dict(GATE_UP=gate_up, CODES=codes, BN=bn, BM=tiles.bm, PARTIAL=tiles.split > 1, SKIP_PAD=tiles.skip_pad,
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
-                  **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if arena.tiled else {}),
+                  **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
                   **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
     if topk:  # one token's rows straight from its top-k (moe_gemm_gluon._block's TOPK)
         if not tiles.stream_k or tiles.fma:
             raise ValueError("the top-k's rows straight are dealt out on the Gluon kernel's stream-K grid only")
         consts.update(TOPK=topk[0], N_ROUTED=topk[1])
-    if pdl(a_all.device) and gluon_has_it():  # the kernel's PDL modes: moe_gemm_gluon.py
+    if pdl_on:  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
-    grid = (block_expert.numel(), triton.cdiv(n, bn), tiles.split)
-    if tiles.stream_k:  # exactly the programs the SMs hold at once: a second wave would undo the balance
+    key = None
+    most = tiles.per_sm or STREAM_K_MOST
+    if tiles.stream_k:
         cap = tiles.maxnreg or STREAM_K_REGISTERS[gate_up]
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
-        most = tiles.per_sm or STREAM_K_MOST
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
-                      tiles.place, tiles.early, a_all.device, arena.tiled, consts.get("GROUP_M", 0),
+                      tiles.place, tiles.early, dev, tiled, consts.get("GROUP_M", 0),
                       tiles.staged, tiles.wgmma, consts.get("TOPK", 0), consts.get("N_ROUTED", 0))  # fmt: skip
-        grid = (multiprocessors(a_all.device) * _stream_k_per_sm(kernel, args, consts, key, most),)
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
-    kernel[grid](*args, **consts)
+    return bn, codes, splits, consts, key, most
 
 
 # stream-K launches (Tiles.stream_k): the register cap by GEMM (gate_up: True). The sm_90 code of the gate/up

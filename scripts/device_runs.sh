@@ -1371,6 +1371,26 @@ phase74() {
   say "SGLang test of the shared experts started early rc=$? $(tail -1 $res/tests/sglang_early.log)"
 }
 
+phase75() {
+  # phase 74 cut to the forty-third session's budget (~13 min; phase 74 never ran: it was missing from the functions
+  # the chain declares): the host's time of an eager forward with the launches' picks kept and afresh; the 1-token
+  # plan's checkpoints beside the GPU test of the early start's choice; end to end, that plan by default beside the
+  # GPTQ copy, each server's prefill of one prompt traced; the SGLang tests of the top-k's rows and the fused router
+  # (the MoE-block hooks per block)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  python3 benchmarks/host_overhead.py --tokens 1 8 20 64 --out $res/host_overhead > $res/host_overhead.log 2>&1
+  say "host time of an eager forward rc=$?"
+  prep_beside "top_k_rows_straight_before" kernels_early_choice.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  say "GPU test of the early start's choice: $(tail -1 $res/tests/kernels_early_choice.log)"
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s43 > $res/e2e_s43.log 2>&1
+  say "e2e the 1-token plan by default; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k "top_k_rows or fused_router" --basetemp=/tmp/pt_hooks -rA -p no:cacheprovider > $res/tests/sglang_hooks.log 2>&1
+  say "SGLang tests of the top-k's rows and the fused router rc=$? $(tail -1 $res/tests/sglang_hooks.log)"
+}
+
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
   mkdir -p $res/tests
   python3 -m pytest -q -m gpu tests/test_kernels_gpu.py -k "${2:-shared_experts_on_a_second_stream}" -rA -p no:cacheprovider \
@@ -1479,8 +1499,10 @@ case "${1:-}" in
     [ $# -gt 0 ] || { echo "no chain runs on this machine (a fresh one?): name the phases to start one" >&2; exit 3; }
     mkdir -p $res
     phases="$*"
+    # every function goes to the chain (a list of them left phase 74 out: rc 127 in the forty-third session)
+    for p in $phases; do declare -F phase$p > /dev/null || { echo "no phase $p" >&2; exit 2; }; done
     say "chain of phases $phases started on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    setsid bash -c "source scripts/device_env.sh; $(declare -f say kernel_tests sglang_tests prep prep_beside e2e_early phase1 phase2 phase3 phase4 phase5 phase6 phase7 phase8 phase9 phase10 phase11 phase12 phase13 phase14 phase15 phase16 phase17 phase18 phase19 phase20 phase21 phase22 phase23 phase24 phase25 phase26 phase28 phase29 phase30 phase31 phase32 phase33 phase34 phase35 phase36_sglang phase36 phase37 phase38 phase39 phase40 phase41 decode_options phase45 phase46 phase47 phase48 phase49 phase50 phase51 phase52 phase53 phase54 phase55 phase56 phase57 phase58 phase59 phase60 phase61 phase62 shared_tests phase63 phase64 phase65 phase66 phase67 phase68 phase69 phase70 phase71 phase72 phase73 two_gpus multigpu_tests phase42 phase43 phase44);
+    setsid bash -c "source scripts/device_env.sh; $(declare -f);
       res=$res; SMALL='$SMALL'; LEAN_ARGS='$LEAN_ARGS'; for p in $phases; do phase\$p; say \"phase \$p done rc=\$?\"; done;
       say 'chain ended'; touch $res/ended" \
       > $res/chain.log 2>&1 < /dev/null &
