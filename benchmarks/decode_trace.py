@@ -232,12 +232,14 @@ def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, 
 
 def profile_prefill(base: str, prompt: str, folder: str, complete: Callable[[str, int], object],
                     timeout: float = 180) -> dict:  # fmt: skip
-    """Trace the one forward pass that prefills ``prompt`` alone (a request of one output token, sent to an idle
-    server: the profiler's next step is its prefill); the summary, with the trace file's path. Its span against its
-    busy time shows whether the GPU waits for the host to launch an eager pass's kernels."""
+    """Trace the one forward pass that prefills ``prompt`` alone (sent to an idle server); the summary, with the trace
+    file's path. Its span against its busy time shows whether the GPU waits for the host to launch an eager pass's
+    kernels. SGLang's profiler stops as the last of its steps begins, after that batch's preparation: one step held
+    only the prefill's preparation (the forty-third session's run: 12 copies, no kernel), and 20 steps of decode hold
+    19. So two steps, and a request of two output tokens, whose decode step begins the second."""
     os.makedirs(folder, exist_ok=True)
-    _post(base + "/start_profile", {"output_dir": folder, "num_steps": 1, "activities": ["GPU"], "with_stack": False})
-    complete(prompt, 1)
+    _post(base + "/start_profile", {"output_dir": folder, "num_steps": 2, "activities": ["GPU"], "with_stack": False})
+    complete(prompt, 2)
     path = _written_trace(folder, timeout)
     return {"prompt_chars": len(prompt), "trace": os.path.basename(path), **summarize(path, 1)}
 

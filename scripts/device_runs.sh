@@ -11,7 +11,7 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 73` (then `wait` in further calls: the one-token top-k rows, tested and timed; benchmarks/README.md).
+# unknown field. Next: `start 76` (then `wait` in further calls; benchmarks/README.md, the forty-third session).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -163,7 +163,14 @@
 #      experts started before the router from 2 tokens and on the stream-K grid at every decode size (the shared
 #      experts' own launches end the MoE section at 8 requests), beside the GPTQ copy, each server's prefill of one
 #      prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of the shared experts
-#      started early (~27 min, three calls).
+#      started early (~27 min, three calls). Never ran: the chain's list of functions lacked it (forty-third session).
+#  75. (only when asked: `start 75`, forty-third session) phase 74 cut to that session's budget: the host time with the
+#      launches' picks kept and afresh, the early start's GPU test, end to end by default beside the GPTQ copy, the
+#      SGLang tests of the top-k's rows and the fused router (~11 min, two calls).
+#  76. (only when asked: `start 76`, next) what phase 75 left of 74: the layer with the down GEMM's K split in 2 and 3
+#      at 8 and 16 tokens, the kernel GPU tests of the top-k's rows and stream-K beside the checkpoints, end to end
+#      by default and on the stream-K grid beside the GPTQ copy with the prefill traced over two profiler steps, the
+#      SGLang test of the shared experts started early (~15 min, two calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1389,6 +1396,29 @@ phase75() {
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k "top_k_rows or fused_router" --basetemp=/tmp/pt_hooks -rA -p no:cacheprovider > $res/tests/sglang_hooks.log 2>&1
   say "SGLang tests of the top-k's rows and the fused router rc=$? $(tail -1 $res/tests/sglang_hooks.log)"
+}
+
+phase76() {
+  # what phase 75 left of phase 74 (forty-third session): the layer at 8 and 16 tokens with the down GEMM's K split in
+  # 2 and 3; the 1-token plan's checkpoints beside the Gluon kernel's GPU tests of the launch picks kept (stream-K,
+  # the top-k's rows); end to end, that plan by default and on the stream-K grid at every decode size beside the GPTQ
+  # copy, each server's prefill traced over two profiler steps (decode_trace.profile_prefill); the SGLang test of the
+  # shared experts started early (~15 min, two calls)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
+    --layouts '^(Gluon, stream-K|down split [23])$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
+  say "moe_layer at 8 and 16 tokens, the down GEMM's K split rc=$?"
+  prep_beside "top_k_rows_straight or stream_k" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_s44.log)"
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s44 > $res/e2e_s44.log 2>&1
+  say "e2e the 1-token plan by default and on the stream-K grid; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
+    -k "shared_experts_launched_early and qwen2_moe" --basetemp=/tmp/pt_early -rA -p no:cacheprovider \
+    > $res/tests/sglang_early.log 2>&1
+  say "SGLang test of the shared experts started early rc=$? $(tail -1 $res/tests/sglang_early.log)"
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)

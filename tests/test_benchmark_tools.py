@@ -491,17 +491,17 @@ def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
 
 
 def test_profile_prefill_traces_one_prompt_and_reports_its_idle_gpu(tmp_path: Path):
-    """profile_prefill: one step traced, one request of one output token; an eager pass whose kernels run 10 us of a
-    40 us span reads as the GPU busy a quarter of it."""
+    """profile_prefill: two profiler steps (SGLang stops as the second begins), one request of two output tokens; an
+    eager pass whose kernels run 10 us of a 40 us span reads as the GPU busy a quarter of it."""
     import decode_trace
 
     events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d}
               for n, t, d in (("norm", 0, 2), ("gemm", 12, 6), ("norm", 38, 2))]  # fmt: skip
     sent = []
-    with profiler_standin(1, events) as base:
+    with profiler_standin(2, events) as base:
         prof = decode_trace.profile_prefill(base, "To be", str(tmp_path / "trace"), lambda p, n: sent.append((p, n)),
                                             timeout=30)  # fmt: skip
-    assert sent == [("To be", 1)]
+    assert sent == [("To be", 2)]
     assert prof["steps"] == 1 and prof["span_us_per_step"] == 40.0 and prof["busy_us_per_step"] == 10.0
     row = "| mx | 40.0 | 10.0 | 25% | 3.0 | `gemm` 6.0 us |"
     assert decode_trace.prefill_markdown([("mx", prof)])[2] == row
