@@ -163,7 +163,8 @@
 #      experts started before the router from 2 tokens and on the stream-K grid at every decode size (the shared
 #      experts' own launches end the MoE section at 8 requests), beside the GPTQ copy, each server's prefill of one
 #      prompt traced; then the SGLang tests of the top-k's rows, of the fused router and of the shared experts
-#      started early (~27 min, three calls). Never ran: the chain's list of functions lacked it (forty-third session).
+#      started early (~27 min, three calls). Never ran: the chain's list of functions lacked it (forty-third session);
+#      removed, its parts ran as phase 75 or wait as phase 76.
 #  75. (only when asked: `start 75`, forty-third session) phase 74 cut to that session's budget: the host time with the
 #      launches' picks kept and afresh, the early start's GPU test, end to end by default beside the GPTQ copy, the
 #      SGLang tests of the top-k's rows and the fused router (~11 min, two calls).
@@ -1347,37 +1348,6 @@ phase73() {
   say "SGLang test of the top-k's rows rc=$? $(tail -1 $res/tests/sglang_topk_rows.log)"
 }
 
-phase74() {
-  # the top-k's rows the default and the MoE-block hooks per block (forty-second session): the kernel GPU tests of the
-  # top-k's rows beside the checkpoints of the forty-first session's 1-token plan; end to end, that plan by default,
-  # with its shared experts started before the router (EARLY=1) and on the stream-K grid at 8 and 32 requests too
-  # (STREAM_K=1), beside the GPTQ copy, each server's prefill of one prompt traced; the SGLang tests last
-  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
-  # the host's time of an eager forward on this machine's CPU, the GPU's buffers, the launches' picks kept (the
-  # forty-third session's default) and picked afresh in every forward (seconds)
-  python3 benchmarks/host_overhead.py --tokens 1 8 20 64 --out $res/host_overhead > $res/host_overhead.log 2>&1
-  say "host time of an eager forward rc=$?"
-  # at 8 and 16 tokens, the down GEMM's K split and the shared experts started early, beside stream-K (about a minute)
-  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
-    --layouts '^(Gluon, stream-K|down split [23]|shared experts started early)$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s43 > $res/layer_s43.log 2>&1
-  say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the shared experts early rc=$?"
-  prep_beside "top_k_rows_straight" kernels_topk_default.log PLAN=$plan NAME=3.25bit-t1 || return 1
-  say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_topk_default.log)"
-  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 EARLY=1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s43 > $res/e2e_s43.log 2>&1
-  say "e2e the 1-token plan by default, its shared experts early, on the stream-K grid; the GPTQ copy rc=$?"
-  pkill -f "[s]glang.launch_server" || true
-  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
-    -k "top_k_rows or fused_router" --basetemp=/tmp/pt_hooks -rA -p no:cacheprovider > $res/tests/sglang_hooks.log 2>&1
-  say "SGLang tests of the top-k's rows and the fused router rc=$? $(tail -1 $res/tests/sglang_hooks.log)"
-  # the shared experts started early from 2 tokens, the top-k's rows at one (MixedExperts.start_early)
-  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
-    -k "shared_experts_launched_early and qwen2_moe" --basetemp=/tmp/pt_early -rA -p no:cacheprovider \
-    > $res/tests/sglang_early.log 2>&1
-  say "SGLang test of the shared experts started early rc=$? $(tail -1 $res/tests/sglang_early.log)"
-}
-
 phase75() {
   # phase 74 cut to the forty-third session's budget (~13 min; phase 74 never ran: it was missing from the functions
   # the chain declares): the host's time of an eager forward with the launches' picks kept and afresh; the 1-token
@@ -1401,8 +1371,8 @@ phase75() {
 phase76() {
   # what phase 75 left of phase 74 (forty-third session): the layer at 8 and 16 tokens with the down GEMM's K split in
   # 2 and 3 and with the shared experts in the routed launches (their own launches ended the MoE section at 8
-  # requests; started early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's GPU tests of the launch picks kept (stream-K,
-  # the top-k's rows); end to end, that plan by default and on the stream-K grid at every decode size beside the GPTQ
+  # requests; started early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's
+  # GPU tests of the launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and on the stream-K grid at every decode size beside the GPTQ
   # copy, each server's prefill traced over two profiler steps (decode_trace.profile_prefill); the SGLang test of the
   # shared experts started early (~15 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
