@@ -870,15 +870,15 @@ _PICK_GLOBALS = ("GLUON_DECODE", "PREFILL_DEQUANT", "DEQUANT_SCRATCH_MB", "SHARE
 PICKS_KEPT = 256  # picks kept per arena (a prefill's token counts vary; the oldest half goes when full)
 
 
-def _pick_cached(t: int, dev: torch.device, top_k: int, gate_up: Arena, down: Arena, n_routed: int,
+def _pick_cached(tokens: int, dev: torch.device, top_k: int, gate_up: Arena, down: Arena, n_routed: int,
                  dispatch: str | None, shared_apart: bool | None, split_fit: str | None, override: dict,
                  early: bool) -> _Picked:  # fmt: skip
     """_pick, kept on ``gate_up`` for the next forward of the same: an eager forward (every prefill) spent about
     half its host time picking (benchmarks/host_overhead.py). Not kept for an ``override`` (benchmarks, tests)."""
     if override:
-        return _pick(t, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override, early)
+        return _pick(tokens, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override, early)
     g = globals()
-    key = (t, dev, top_k, id(down), gate_up.code_counts, down.code_counts, n_routed, dispatch, shared_apart,
+    key = (tokens, dev, top_k, id(down), gate_up.code_counts, down.code_counts, n_routed, dispatch, shared_apart,
            split_fit, early, *map(os.environ.get, _PICK_ENV), *(g[n] for n in _PICK_GLOBALS))  # fmt: skip
     picks = gate_up.picks
     hit = picks.get(key)
@@ -887,7 +887,7 @@ def _pick_cached(t: int, dev: torch.device, top_k: int, gate_up: Arena, down: Ar
     if len(picks) >= PICKS_KEPT:
         for old in list(picks)[: PICKS_KEPT // 2]:
             del picks[old]
-    picks[key] = hit = _pick(t, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override,
+    picks[key] = hit = _pick(tokens, dev, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit, override,
                              early)  # fmt: skip
     return hit
 
