@@ -1372,9 +1372,9 @@ phase76() {
   # what phase 75 left of phase 74 (forty-third session): the layer at 8 and 16 tokens with the down GEMM's K split in
   # 2 and 3 and with the shared experts in the routed launches (their own launches ended the MoE section at 8
   # requests; started early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's
-  # GPU tests of the launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and on the stream-K grid at every decode size beside the GPTQ
-  # copy, each server's prefill traced over two profiler steps (decode_trace.profile_prefill); the SGLang test of the
-  # shared experts started early (~15 min, two calls)
+  # GPU tests of the launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and on the
+  # stream-K grid at every decode size beside the GPTQ copy, each server's prefill traced over two profiler steps
+  # (decode_trace.profile_prefill); the SGLang test of the shared experts started early (~15 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches)$' \
