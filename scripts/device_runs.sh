@@ -171,7 +171,8 @@
 #  76. (only when asked: `start 76`, next) what phase 75 left of 74: the layer with the down GEMM's K split in 2 and 3
 #      at 8 and 16 tokens, the kernel GPU tests of the top-k's rows and stream-K beside the checkpoints, end to end
 #      by default and on the stream-K grid beside the GPTQ copy with the prefill traced over two profiler steps, the
-#      SGLang test of the shared experts started early (~15 min, two calls).
+#      statistics folded every 5 s beside every 1 s, the SGLang test of the shared experts started early (~18 min,
+#      two calls).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1374,7 +1375,8 @@ phase76() {
   # requests; started early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's
   # GPU tests of the launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and on the
   # stream-K grid at every decode size beside the GPTQ copy, each server's prefill traced over two profiler steps
-  # (decode_trace.profile_prefill); the SGLang test of the shared experts started early (~15 min, two calls)
+  # (decode_trace.profile_prefill); the statistics folded every 5 s beside every 1 s at 1 and 8 requests; the SGLang
+  # test of the shared experts started early (~18 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches)$' \
@@ -1385,6 +1387,16 @@ phase76() {
   env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 STREAM_K=1 SGLANG_ARGS="$LEAN_ARGS" \
     benchmarks/serving_runs.sh qwen15-24 $res/e2e_s44 > $res/e2e_s44.log 2>&1
   say "e2e the 1-token plan by default and on the stream-K grid; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+  # the routing statistics folded every 5 s beside every 1 s (the default): a busy fold of Qwen1.5's 24 x 60 experts
+  # holds the scheduler process's GIL about 8 ms on this project's CPU; at 1 request each of ours spent 15.3 ms beside
+  # its decode steps where the copy's 9.7, with the first token as fast (forty-third session)
+  python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt 3.25bit-t1=/tmp/w/q15-24-3.25bit-t1 \
+    --ckpt 3.25bit-t1-fold5=/tmp/w/q15-24-3.25bit-t1 --launch-args "3.25bit-t1-fold5=--stats-interval 5" \
+    --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
+    --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: statistics folded every 5 s" --out $res/e2e_fold5 \
+    > $res/e2e_fold5.log 2>&1
+  say "e2e the statistics folded every 5 s beside every 1 s rc=$?"
   pkill -f "[s]glang.launch_server" || true
   MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" python3 -m pytest -q -m gpu tests/test_sglang_gpu.py \
     -k "shared_experts_launched_early and qwen2_moe" --basetemp=/tmp/pt_early -rA -p no:cacheprovider \
