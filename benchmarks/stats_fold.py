@@ -7,6 +7,7 @@ does them: every MoE layer of the model, its experts' counters fed ``--tokens`` 
 or none (idle), in multiprocess mode.
 
     python3 benchmarks/stats_fold.py --out benchmarks/results/stats-fold    # writes stats_fold.{json,md}
+    python3 benchmarks/stats_fold.py --models qwen1.5-moe-a2.7b --stall-seconds 12 --out OUT   # and the stalls
 """
 
 from __future__ import annotations
@@ -68,14 +69,78 @@ def time_folds(model: str, tokens: int, folds: int, seed: int = 0) -> dict:
             "busy_ms": round(statistics.median(busy) * 1e3, 2), "idle_ms": round(statistics.median(idle) * 1e3, 2)}
 
 
-def _one(model: str, tokens: int, folds: int) -> dict:
-    """One model in a process of its own, as the scheduler has one metrics registry and multiprocess folder."""
+# the scheduler's loop as the stall measurement stands it in: Python between decode steps, then a wait on the GPU
+# (the GIL let go), about a decode step at 1 request on the H100 (1.9 ms)
+STEP_PYTHON_S, STEP_WAIT_S = 0.0003, 0.0016
+
+
+def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yields: bool = True) -> dict:
+    """What folds every second cost a loop of decode steps in the same process: the milliseconds a second by which
+    steps ran late (longer than the median by more than 0.5 ms), and the longest step. ``folding`` False: the loop
+    alone (its own jitter); ``yields`` False: the fold keeps the GIL through its writes (before the forty-third
+    session). The counts each fold reads are added to the host mirrors directly, as the GPU's counting kernel does."""
+    import threading
+
+    import torch
+
+    import router_stats.metrics as rm
+    from router_stats import MxMetrics, RouterStats
+
+    if not yields:
+        rm.yield_gil = lambda: None
+    shape = MODEL_SHAPES[model]
+    layers = [_Layer(i, shape["experts"]) for i in range(MOE_LAYERS[model])]
+    stats = RouterStats(lambda: layers, MxMetrics(), interval=1.0)
+    gen = torch.Generator().manual_seed(0)
+    deltas = []
+    for _ in layers:  # one interval's routing per layer, counted as the counter does
+        probe = _Layer(0, shape["experts"]).counter
+        probe.record(torch.randint(0, shape["experts"], (tokens, shape["top_k"]), generator=gen))
+        deltas.append(probe.buf.clone())
+    stop = threading.Event()
+
+    def fold_every_second() -> None:
+        while not stop.wait(1.0):
+            for lay, d in zip(layers, deltas):
+                lay.counter.buf.add_(d)
+            stats.fold()
+
+    stats.fold()
+    if folding:
+        threading.Thread(target=fold_every_second, daemon=True).start()
+    periods, last, end = [], time.perf_counter(), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < STEP_PYTHON_S:
+            pass
+        time.sleep(STEP_WAIT_S)
+        now = time.perf_counter()
+        periods.append(now - last)
+        last = now
+    stop.set()
+    mid = statistics.median(periods)
+    late = sum(p - mid for p in periods if p > mid + 5e-4)
+    return {"stalled_ms_per_s": round(late * 1e3 / seconds, 2), "longest_step_ms": round(max(periods) * 1e3, 2),
+            "median_step_ms": round(mid * 1e3, 3)}
+
+
+def _in_process(call: str) -> dict:
+    """``stats_fold.CALL`` in a process of its own, as the scheduler has one metrics registry and multiprocess
+    folder."""
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": d}
         code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-                f"import stats_fold; print(json.dumps(stats_fold.time_folds({model!r}, {tokens}, {folds})))")
+                f"import stats_fold; print(json.dumps(stats_fold.{call}))")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _one(model: str, tokens: int, folds: int, stall_s: float) -> dict:
+    row = _in_process(f"time_folds({model!r}, {tokens}, {folds})")
+    if stall_s > 0:  # the loop alone, beside folds that keep the GIL, beside folds that let it go after each layer
+        for key, args in (("alone", "False"), ("held", "True, False"), ("yielding", "True, True")):
+            row[f"stall_{key}"] = _in_process(f"scheduler_stalls({model!r}, {tokens}, {stall_s}, {args})")
+    return row
 
 
 def markdown(res: dict) -> str:
@@ -87,6 +152,20 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         cells = (r["model"], r["layers"], r["experts"], r["tokens_between_folds"], r["busy_ms"], r["idle_ms"])
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    stalled = [r for r in res["rows"] if "stall_alone" in r]
+    if stalled:
+        lines += ["", f"A loop of decode steps in the same process ({STEP_PYTHON_S * 1e3:g} ms of Python, then "
+                  f"{STEP_WAIT_S * 1e3:g} ms waiting with the GIL let go), {res['stall_s']:g} s, a busy fold every "
+                  "second beside it: the milliseconds a second its steps ran late (over the median by more than "
+                  "0.5 ms), and its longest step. Held: the fold keeps the GIL through its writes (before the "
+                  "forty-third session); yielding: it lets the GIL go after each layer (router_stats.metrics."
+                  "yield_gil).", "",
+                  "| model | loop alone: late ms/s | folds held: late ms/s | longest step ms | folds yielding: late "
+                  "ms/s | longest step ms |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in stalled:
+            a, h, y = r["stall_alone"], r["stall_held"], r["stall_yielding"]
+            lines.append(f"| {r['model']} | {a['stalled_ms_per_s']} | {h['stalled_ms_per_s']} | {h['longest_step_ms']} "
+                         f"| {y['stalled_ms_per_s']} | {y['longest_step_ms']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -95,13 +174,16 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(MOE_LAYERS), choices=list(MOE_LAYERS))
     ap.add_argument("--tokens", type=int, default=64, help="tokens each layer routes between two folds")
     ap.add_argument("--folds", type=int, default=9)
+    ap.add_argument("--stall-seconds", type=float, default=0.0,
+                    help="also time a loop of decode steps beside folds every second, this long per case (0: not)")
     ap.add_argument("--out", required=True, help="folder for stats_fold.json and stats_fold.md")
     a = ap.parse_args()
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     res = {"command": " ".join(["python3", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]), "commit": commit,
-           "cpu": cpu, "rows": [_one(m, a.tokens, a.folds) for m in a.models]}  # fmt: skip
+           "cpu": cpu, "stall_s": a.stall_seconds,
+           "rows": [_one(m, a.tokens, a.folds, a.stall_seconds) for m in a.models]}  # fmt: skip
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "stats_fold.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import time
 from dataclasses import dataclass
 
 from router_stats.counters import FORWARD_TOKEN_BUCKETS, CounterSnapshot
@@ -97,6 +98,16 @@ def precision_of(layers, budget_bits: float, method: str) -> Precision:
                 blocks.append(BlockPrecision(layer.layer_index, e, block, ql.scheme.name,
                                              ql.scheme.bits_per_weight(ql.k), ql.n * ql.k))
     return Precision(blocks, budget_bits, method)
+
+
+def yield_gil() -> None:
+    """Let a thread waiting for the GIL run now. A fold runs in a thread of SGLang's scheduler process and held the
+    GIL for its whole series writes (about 8 ms a busy fold of Qwen1.5-MoE's 24 x 60 experts on this project's CPU),
+    so the scheduler, back from a decode step, waited up to Python's switch interval (5 ms) to launch the next; with
+    the GIL let go after each layer it waits a layer's writes at most (benchmarks/stats_fold.py's stall columns)."""
+    # a sleep lets the GIL go for the kernel's timer slack (about 76 us here), long enough for a waiting thread to
+    # take it; os.sched_yield (1 us) let it go too briefly: the fold mostly took it straight back
+    time.sleep(0)
 
 
 class MxMetrics:
@@ -187,6 +198,7 @@ class MxMetrics:
                     if fresh or not math.isclose(sent[e], s, rel_tol=1e-12):
                         series[e].set(s)
                 self._shares_sent[(li, window)] = list(shares)
+            yield_gil()
         self.tpf.labels("sliding").set(stats.tokens_per_forward_window)
         self.tpf.labels("ewma").set(stats.tokens_per_forward_ewma)
         self._observe_forwards(first_hist, stats.layers[0].tokens if stats.layers else 0)

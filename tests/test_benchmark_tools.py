@@ -908,11 +908,17 @@ def test_ncu_stalls_names_the_load_a_loop_head_waits_for(tmp_path: Path, capsys)
 def test_stats_fold_benchmark_times_busy_and_idle_folds_in_multiprocess_mode():
     import stats_fold
 
-    row = stats_fold._one("mixtral-8x7b", 16, 2)
+    row = stats_fold._one("mixtral-8x7b", 16, 2, 1.2)  # and a loop of decode steps beside folds, 1.2 s a case
     assert row["layers"] == 32 and row["experts"] == 8 and row["tokens_between_folds"] == 16
     assert row["busy_ms"] > 0 and row["idle_ms"] > 0
-    table = stats_fold.markdown({"cpu": "c", "commit": "x", "command": "python3 s", "rows": [row]})
+    for case in ("alone", "held", "yielding"):  # the loop's lateness: no timing compared here (a shared CI machine)
+        st = row[f"stall_{case}"]
+        assert st["stalled_ms_per_s"] >= 0 and st["longest_step_ms"] >= st["median_step_ms"] > 0
+    table = stats_fold.markdown({"cpu": "c", "commit": "x", "command": "python3 s", "stall_s": 1.2, "rows": [row]})
     assert f"| mixtral-8x7b | 32 | 8 | 16 | {row['busy_ms']} | {row['idle_ms']} |" in table
+    held, ylds = row["stall_held"], row["stall_yielding"]
+    assert (f"| mixtral-8x7b | {row['stall_alone']['stalled_ms_per_s']} | {held['stalled_ms_per_s']} | "
+            f"{held['longest_step_ms']} | {ylds['stalled_ms_per_s']} | {ylds['longest_step_ms']} |") in table
 
 
 def test_serving_reads_sglangs_own_decode_rate_from_its_log():

@@ -192,6 +192,40 @@ def test_a_fold_writes_only_the_series_that_moved(monkeypatch):
         assert s[("mxserve_expert_routed_tokens_total", (("expert", str(e)), ("layer", "0")))] == st.cumulative[e]
 
 
+def test_a_fold_lets_a_waiting_thread_run_between_layers():
+    """Under SGLang the fold shares the scheduler process's GIL: a thread that wants it (the scheduler, back from a
+    decode step) gets it after the layer being written, not after the whole fold. With Python's switch interval
+    made long, only the fold's own letting go can hand the GIL over before it ends."""
+    import threading
+
+    reg = CollectorRegistry()
+    layers = [_Layer(i, ExpertCounter(4), _experts([("w4a16g128", "w4a16g128")] * 4)) for i in range(6)]
+    metrics = MxMetrics(reg)
+    rs = RouterStats(lambda: layers, metrics, lambda: (4.25, "rtn"), window=60, halflife=30)
+    rs.fold()
+    for lay in layers:
+        lay.counter.record(torch.tensor([[0, 1], [2, 3]]))
+    waiting, go, seen = threading.Event(), threading.Event(), []
+
+    def scheduler():
+        waiting.set()
+        go.wait()  # back from the GPU: it wants the GIL now
+        seen.append(sum(metrics._last[lay.layer_index].tokens == 2 for lay in layers))  # layers exported so far
+
+    thread = threading.Thread(target=scheduler)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        thread.start()
+        waiting.wait()
+        go.set()
+        rs.fold()
+    finally:
+        sys.setswitchinterval(old)
+        thread.join(10)
+    assert seen and seen[0] < len(layers), seen  # it ran before the fold's last layer was written
+
+
 _MULTIPROC_CHILD = """
 import sys, torch
 from router_stats import ExpertCounter, process_stats
