@@ -43,8 +43,10 @@ def time_folds(model: str, tokens: int, folds: int, seed: int = 0) -> dict:
     """Median milliseconds of a busy fold (``tokens`` routed tokens per layer since the last) and an idle one."""
     import torch
 
+    import router_stats.metrics as rm
     from router_stats import MxMetrics, RouterStats
 
+    rm.yield_gil = lambda: None  # the fold's own work, with the GIL held: not its sleeps, when the GIL is free
     shape = MODEL_SHAPES[model]
     layers = [_Layer(i, shape["experts"]) for i in range(MOE_LAYERS[model])]
     stats = RouterStats(lambda: layers, MxMetrics(), interval=1.0)
@@ -76,7 +78,8 @@ STEP_PYTHON_S, STEP_WAIT_S = 0.0003, 0.0016
 
 def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yields: bool = True) -> dict:
     """What folds every second cost a loop of decode steps in the same process: the milliseconds a second by which
-    steps ran late (longer than the median by more than 0.5 ms), and the longest step. ``folding`` False: the loop
+    steps ran late (longer than the median by more than 0.5 ms; the median second, and the mean), and the longest
+    step. ``folding`` False: the loop
     alone (its own jitter); ``yields`` False: the fold keeps the GIL through its writes (before the forty-third
     session). The counts each fold reads are added to the host mirrors directly, as the GPU's counting kernel does."""
     import threading
@@ -106,22 +109,31 @@ def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yie
             stats.fold()
 
     stats.fold()
+    folder = threading.Thread(target=fold_every_second, daemon=True)
     if folding:
-        threading.Thread(target=fold_every_second, daemon=True).start()
-    periods, last, end = [], time.perf_counter(), time.perf_counter() + seconds
-    while time.perf_counter() < end:
+        folder.start()
+    start = last = time.perf_counter()
+    periods, ends = [], []
+    while last < start + seconds:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < STEP_PYTHON_S:
             pass
         time.sleep(STEP_WAIT_S)
         now = time.perf_counter()
         periods.append(now - last)
+        ends.append(now - start)
         last = now
     stop.set()
+    if folding:  # joined: a daemon thread cut at exit inside torch's C++ aborts the process
+        folder.join()
     mid = statistics.median(periods)
-    late = sum(p - mid for p in periods if p > mid + 5e-4)
-    return {"stalled_ms_per_s": round(late * 1e3 / seconds, 2), "longest_step_ms": round(max(periods) * 1e3, 2),
-            "median_step_ms": round(mid * 1e3, 3)}
+    late = [0.0] * int(seconds + 1)  # per second of the loop: a rare pause (the cycle collector) stays in its second
+    for p, at in zip(periods, ends):
+        if p > mid + 5e-4:
+            late[min(int(at), len(late) - 1)] += p - mid
+    return {"stalled_ms_per_s": round(statistics.median(late[: int(seconds)] or late) * 1e3, 2),
+            "stalled_ms_per_s_mean": round(sum(late) * 1e3 / seconds, 2),
+            "longest_step_ms": round(max(periods) * 1e3, 2), "median_step_ms": round(mid * 1e3, 3)}
 
 
 def _in_process(call: str) -> dict:
@@ -156,10 +168,10 @@ def markdown(res: dict) -> str:
     if stalled:
         lines += ["", f"A loop of decode steps in the same process ({STEP_PYTHON_S * 1e3:g} ms of Python, then "
                   f"{STEP_WAIT_S * 1e3:g} ms waiting with the GIL let go), {res['stall_s']:g} s, a busy fold every "
-                  "second beside it: the milliseconds a second its steps ran late (over the median by more than "
-                  "0.5 ms), and its longest step. Held: the fold keeps the GIL through its writes (before the "
-                  "forty-third session); yielding: it lets the GIL go after each layer (router_stats.metrics."
-                  "yield_gil).", "",
+                  "second beside it: the milliseconds its steps ran late (over the median by more than 0.5 ms) in the "
+                  "median second of the loop, and its longest step. Held: the fold keeps the GIL through its writes "
+                  "(before the forty-third session); yielding: it lets the GIL go after each layer "
+                  "(router_stats.metrics.yield_gil).", "",
                   "| model | loop alone: late ms/s | folds held: late ms/s | longest step ms | folds yielding: late "
                   "ms/s | longest step ms |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in stalled:
