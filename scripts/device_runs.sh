@@ -1389,8 +1389,9 @@ phase76() {
   say "e2e the 1-token plan by default and on the stream-K grid; the GPTQ copy rc=$?"
   pkill -f "[s]glang.launch_server" || true
   # the routing statistics folded every 5 s beside every 1 s (the default): a busy fold of Qwen1.5's 24 x 60 experts
-  # holds the scheduler process's GIL about 8 ms on this project's CPU; at 1 request each of ours spent 15.3 ms beside
-  # its decode steps where the copy's 9.7, with the first token as fast (forty-third session)
+  # takes the scheduler process's GIL about 8 ms on this project's CPU (since the forty-third session a layer's writes
+  # at a time); at 1 request each of ours spent 15.3 ms beside its decode steps where the copy's 9.7, with the first
+  # token as fast (forty-third session)
   python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt 3.25bit-t1=/tmp/w/q15-24-3.25bit-t1 \
     --ckpt 3.25bit-t1-fold5=/tmp/w/q15-24-3.25bit-t1 --launch-args "3.25bit-t1-fold5=--stats-interval 5" \
     --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
