@@ -79,9 +79,9 @@ STEP_PYTHON_S, STEP_WAIT_S = 0.0003, 0.0016
 def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yields: bool = True) -> dict:
     """What folds every second cost a loop of decode steps in the same process: the milliseconds a second by which
     steps ran late (longer than the median by more than 0.5 ms; the median second, and the mean), and the longest
-    step. ``folding`` False: the loop
-    alone (its own jitter); ``yields`` False: the fold keeps the GIL through its writes (before the forty-third
-    session). The counts each fold reads are added to the host mirrors directly, as the GPU's counting kernel does."""
+    step. ``folding`` False: the loop alone (its own jitter); ``yields`` False: the fold keeps the GIL through its
+    writes (before the forty-third session). The counts each fold reads are added to the host mirrors directly, as
+    the GPU's counting kernel does."""
     import threading
 
     import torch

@@ -192,11 +192,10 @@ def test_a_fold_writes_only_the_series_that_moved(monkeypatch):
         assert s[("mxserve_expert_routed_tokens_total", (("expert", str(e)), ("layer", "0")))] == st.cumulative[e]
 
 
-def test_a_fold_lets_a_waiting_thread_run_between_layers():
-    """Under SGLang the fold shares the scheduler process's GIL: a thread that wants it (the scheduler, back from a
-    decode step) gets it after the layer being written, not after the whole fold. With Python's switch interval
-    made long, only the fold's own letting go can hand the GIL over before it ends."""
-    import threading
+def test_a_fold_lets_the_gil_go_after_each_layers_writes(monkeypatch):
+    """Under SGLang the fold shares the scheduler process's GIL: it lets it go after each layer's series are written,
+    so the scheduler, back from a decode step, waits one layer's writes, not the whole fold."""
+    import router_stats.metrics as rm
 
     reg = CollectorRegistry()
     layers = [_Layer(i, ExpertCounter(4), _experts([("w4a16g128", "w4a16g128")] * 4)) for i in range(6)]
@@ -205,25 +204,39 @@ def test_a_fold_lets_a_waiting_thread_run_between_layers():
     rs.fold()
     for lay in layers:
         lay.counter.record(torch.tensor([[0, 1], [2, 3]]))
-    waiting, go, seen = threading.Event(), threading.Event(), []
+    exported = []  # at each letting go: the layers whose new counts are written
+    monkeypatch.setattr(rm, "yield_gil", lambda: exported.append(sum(metrics._last[i].tokens == 2 for i in range(6))))
+    rs.fold()
+    assert exported == [1, 2, 3, 4, 5, 6]
 
-    def scheduler():
-        waiting.set()
-        go.wait()  # back from the GPU: it wants the GIL now
-        seen.append(sum(metrics._last[lay.layer_index].tokens == 2 for lay in layers))  # layers exported so far
 
-    thread = threading.Thread(target=scheduler)
+def test_letting_the_gil_go_hands_it_to_a_waiting_thread():
+    """yield_gil hands the GIL over: with Python's switch interval made long, a thread that wants it runs only when
+    the holder lets it go (after one or more of the holder's calls, as the OS wakes the waiter)."""
+    import threading
+
+    from router_stats.metrics import yield_gil
+
+    go, ran = threading.Event(), threading.Event()
+
+    def waiter():
+        go.wait()  # waits without the GIL; woken, it needs the GIL back to go on
+        ran.set()
+
     old = sys.getswitchinterval()
     sys.setswitchinterval(30.0)
+    thread = threading.Thread(target=waiter)
     try:
-        thread.start()
-        waiting.wait()
+        thread.start()  # it runs until it waits for ``go``
         go.set()
-        rs.fold()
+        calls = 0
+        while not ran.is_set() and calls < 20000:  # about 1.5 s of 76 us sleeps at most
+            yield_gil()
+            calls += 1
     finally:
         sys.setswitchinterval(old)
         thread.join(10)
-    assert seen and seen[0] < len(layers), seen  # it ran before the fold's last layer was written
+    assert ran.is_set() and calls < 20000, calls
 
 
 _MULTIPROC_CHILD = """
