@@ -170,8 +170,9 @@ def _start_early(layer: torch.nn.Module, shared: bool) -> None:
     the alignment, as SGLang runs its own shared MLP (MixedExperts.start_early). CUDA-graph captures hold the early
     launches.
 
-    MXSERVE_SHARED_EARLY stays opt-in until an end-to-end run in repeated rounds shows it pays: its one timed
-    round lost at 8 and 32 requests while its traced steps ran faster (benchmarks/README.md, eleventh session)."""
+    MXSERVE_SHARED_EARLY stays opt-in: its one timed round lost at 8 and 32 requests while its traced steps ran
+    faster (benchmarks/README.md, eleventh session), and from 2 tokens at 8 requests it served 0.98x the default
+    with the same decode rate (forty-third session)."""
     if shared:
         _say("shared", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts "
              "(one token: the top-k's rows, where they apply)")  # fmt: skip
