@@ -15,7 +15,8 @@
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
 #                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES;
-#                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so)
+#                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so;
+#                                                    # FOLD=SECONDS: also with the statistics folded so often)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -115,6 +116,10 @@ elif [ "$what" = qwen15-24 ]; then
   # no alignment launch: the default since the forty-second session; MXSERVE_TOPK_ROWS)
   [ -z "${TOPK_ROWS:-}" ] || grouped+=(--ckpt "$name-topk-rows-$TOPK_ROWS=$work/q15-24-$name"
     --server-env "mxserve-$name-topk-rows-$TOPK_ROWS=MXSERVE_TOPK_ROWS=$TOPK_ROWS")
+  # FOLD=SECONDS adds a server whose routing statistics are folded every SECONDS (mxserve launch --stats-interval;
+  # 1 by default): what the fold, in the scheduler process, costs the steps beside it
+  [ -z "${FOLD:-}" ] || grouped+=(--ckpt "$name-fold$FOLD=$work/q15-24-$name"
+    --launch-args "$name-fold$FOLD=--stats-interval $FOLD")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")
