@@ -333,6 +333,10 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # before the forward, as the server's MoE block does before its router. At other token counts the same launches
     # as "Gluon, stream-K"
     "stream-K, top-k rows": {"stream_k": True, "topk_rows": True, "zero_early": True},
+    # the routed slots straight from the top-k on the grid (MXSERVE_TOPK_GRID=1 in a server; forty-fourth session): a
+    # program row per routed slot, the slot that leads a block of its expert's slots finding them in the top-k, so no
+    # alignment launch; beside "no stream-K", the same grid aligned
+    "grid, top-k rows": {"stream_k": False, "topk_grid": True},
     # the down GEMM on 128-row tiles where the code set takes 64 (bf16, 3 or 8 bits; forty-first session): at 8
     # requests the served 1-token plan's down launches were 960 programs of 72 registers, 7 an SM (924 at once), and
     # took 21 us against gate/up's 28; at 128 rows 480 programs of 128 registers, 4 an SM (528): one wave

@@ -340,9 +340,10 @@ def _gemm(a, arena: Arena, out, sorted_ids, block_expert, num_post_pad, route_w,
     (slots per token, first, count): ``a``'s rows are (token, slot) rows and the launches read those of
     slots first..first+count-1 only (the activations quantized per token are those rows'). ``static``:
     ``arena``'s weights are not the launch before's (not dequantized just now), so under programmatic
-    dependent launch the down GEMM loads them before it waits (pdl.py). ``topk`` (top_k, n_routed): one token's
-    rows straight from its top-k (``sorted_ids``: the top-k ids; ``route_w``: their weights), on the Gluon kernel's
-    stream-K grid only (_layout's topk_rows)."""
+    dependent launch the down GEMM loads them before it waits (pdl.py). ``topk`` (top_k, n_routed, slots per token,
+    routed slots): the rows straight from the top-k (``sorted_ids`` and ``block_expert``: the top-k ids; ``route_w``:
+    their weights), on the Gluon kernel: one token's on the stream-K grid, the routed slots' on the grid, a program
+    row per slot (_layout's topk_rows)."""
     a_all, rot_off = _rotated_input(a, arena)
     # placeholders, read only by the branches of codes that quantize activations: empty, since a
     # filled one is a kernel per launch (4 of a decode layer's 8 at 16 tokens, about 3 us on the H200)
@@ -480,10 +481,16 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
                   **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
-    if topk:  # one token's rows straight from its top-k (moe_gemm_gluon._block's TOPK)
-        if not tiles.stream_k or tiles.fma:
-            raise ValueError("the top-k's rows straight are dealt out on the Gluon kernel's stream-K grid only")
+    if topk and tiles.fma:
+        raise ValueError("the top-k's rows straight are taken by the Gluon kernel's MMA layouts only")
+    if topk and tiles.stream_k:  # one token's rows straight from its top-k (moe_gemm_gluon._block's TOPK)
+        if topk[3] != topk[0]:
+            raise ValueError("stream-K takes one token's rows straight from the top-k, not more tokens'")
         consts.update(TOPK=topk[0], N_ROUTED=topk[1])
+    elif topk:  # the grid: the routed slots' blocks found in the top-k (moe_gemm_gluon._topk_block)
+        if topk[3] > TOPK_GRID_SLOTS:
+            raise ValueError(f"the grid takes at most {TOPK_GRID_SLOTS} routed slots straight from the top-k")
+        consts.update(GRID_TOPK=topk[0], SLOTS=topk[2], SP=max(32, triton.next_power_of_2(topk[3])))
     if pdl_on:  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     key = None
@@ -736,7 +743,9 @@ class _Layout:
     # stream-K on a GPU: recorded on the second stream once ``sums`` is zeroed, so that the launches wait for the
     # zeroing alone, not for what follows it there (the shared experts started early, the routing counter)
     zeroed: torch.cuda.Event | None = None
-    topk_rows: bool = False  # one token: the launches take the top-k's rows straight, with no alignment (TOPK_ROWS)
+    # the launches take the top-k's rows straight, with no alignment: one token's on stream-K (TOPK_ROWS), or the
+    # routed slots' on the grid (TOPK_GRID)
+    topk_rows: bool = False
 
 
 def _rows(t: int, top_k: int, n_experts: int, n_routed: int) -> tuple[int, float, float]:
@@ -794,7 +803,7 @@ def _pick(tokens: int, dev: torch.device, top_k: int, gate_up: Arena, down: Aren
     override = dict(override)
     src_dn = down
     dq = _dequant_first(per_expert, gate_up, down, override.pop("dequant", None))
-    topk_asked = override.pop("topk_rows", None)
+    topk_asked, grid_asked = override.pop("topk_rows", None), override.pop("topk_grid", None)
     if dq:  # the GEMMs run the views; dequantize() writes their weights as the forward launches
         gate_up, down = dequant.dequantized_view(gate_up), dequant.dequantized_view(down)
     min_group = min(gate_up.min_group, down.min_group)
@@ -854,15 +863,19 @@ def _pick(tokens: int, dev: torch.device, top_k: int, gate_up: Arena, down: Aren
                   launches(down, t_dn, {**ov_dn, **forced}, tokens)) if apart and t_gu.shared_own else (l_gu, l_dn)
     if stream_k:
         split_gu = 1
-    topk_rows = (tokens == 1 and stream_k and not apart and topk_rows_on(topk_asked)
-                 and all(t.gluon and not t.fma for _, t in l_gu + l_dn))  # fmt: skip
+    # the top-k's rows straight: one token's on stream-K, its shared experts in the launches (a block a row); or on the
+    # grid the routed slots' (the shared experts, if any, in launches of their own)
+    one = tokens == 1 and stream_k and not apart and topk_rows_on(topk_asked)
+    grid = (not stream_k and (apart or slots == top_k) and tokens * top_k <= TOPK_GRID_SLOTS
+            and topk_grid_on(grid_asked))  # fmt: skip
+    topk_rows = (one or grid) and all(t.gluon and not t.fma for _, t in l_gu + l_dn)
     return _Picked(src_dn, dq, slots, rows, bm, s_gu[0][1].bm, split_gu, split_dn, stream_k,
                    apart, topk_rows, l_gu, l_dn, s_gu, s_dn)  # fmt: skip
 
 
 # what else a pick reads, so that a cached one is taken only under the same: the settings read per forward
 _PICK_ENV = ("MXSERVE_DECODE_TILES", "MXSERVE_DECODE_SPLIT", "MXSERVE_DISPATCH", "MXSERVE_STREAM_K",
-             "MXSERVE_GLUON_FMA", "MXSERVE_TOPK_ROWS")  # fmt: skip
+             "MXSERVE_GLUON_FMA", "MXSERVE_TOPK_ROWS", "MXSERVE_TOPK_GRID")  # fmt: skip
 # and this module's tunables and hooks (tests and benchmarks set them; a swap of the slab's codes shows in
 # code_counts, which the key holds)
 _PICK_GLOBALS = ("GLUON_DECODE", "PREFILL_DEQUANT", "DEQUANT_SCRATCH_MB", "SHARED_APART", "STAGED_ROWS",
@@ -921,7 +934,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                 topk: tuple[torch.Tensor, int] | None = None) -> None:  # fmt: skip
         """Both GEMMs for the rows that ``ids`` lays out: slots first..first+count-1 of each token (``shared``: the
         shared experts' launches apart, in blocks of shared_bm); ``topk`` (the top-k weights and n_routed; ``ids``
-        the top-k ids): one token's rows straight from its top-k, a block a row (topk_rows)."""
+        the top-k ids): the rows straight from the top-k (topk_rows)."""
         gu_launches, dn_launches = (p.s_gu, p.s_dn) if shared else (p.l_gu, p.l_dn)
         # dequantized first: one scratch buffer, gate/up's weights then down's, chunk by chunk of experts
         # where the layer's largest GEMM in bf16 passes DEQUANT_SCRATCH_MB (the launches are in order)
@@ -934,7 +947,7 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
                 view = dequant.dequantize(src, scratch, e0, min(chunk, src.n_experts - e0)) if dq else arena
                 _gemm(a, view, dst, ids, block_expert, num_post_pad, w if topk is None else topk[0], rows, a_div,
                       gu, launches, slots=mine, static=not dq,
-                      topk=None if topk is None else (ids.shape[-1], topk[1]))  # fmt: skip
+                      topk=None if topk is None else (ids.shape[-1], topk[1], slots, ids.numel()))  # fmt: skip
 
         gemm(x, gate_up, src_gu, inter if ws is None else ws, slots, True, gu_launches)
         if ws is not None:
@@ -958,12 +971,26 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 # 22 us where aligned 26; end to end at 1 request, SGLang's logged decode rate 4% higher, per output token 1.93 ms
 # where 2.06
 TOPK_ROWS = "MXSERVE_TOPK_ROWS"
+# MXSERVE_TOPK_GRID=1 (opt-in, not yet timed on a GPU): decode forwards on the grid (not stream-K) take the routed
+# slots straight from the top-k too, at any token count up to TOPK_GRID_SLOTS routed slots: the launches have a
+# program row per routed slot, and the slot that leads a block of its expert's slots finds them in the top-k
+# (moe_gemm_gluon._topk_block), so no alignment launch stands between the router and the first GEMM (at 8 requests
+# the forty-third session's trace had the alignment's 2.9 us there, the routed gate/up starting 11.5 us after the
+# norm). The shared experts keep launches of their own, as on the grid they have by default
+TOPK_GRID = "MXSERVE_TOPK_GRID"
+TOPK_GRID_SLOTS = 128  # each program reads every routed slot's expert: at most this many (a reduction's width)
 
 
 def topk_rows_on(asked: bool | None = None) -> bool:
     """Whether one-token forwards take the top-k's rows straight: ``asked`` (an override's topk_rows), else
     MXSERVE_TOPK_ROWS (read per forward, as MXSERVE_STREAM_K; unset: on)."""
     return os.environ.get(TOPK_ROWS, "1") != "0" if asked is None else bool(asked)
+
+
+def topk_grid_on(asked: bool | None = None) -> bool:
+    """Whether forwards on the grid take the routed slots straight from the top-k: ``asked`` (an override's
+    topk_grid), else MXSERVE_TOPK_GRID (read per forward; unset: off)."""
+    return os.environ.get(TOPK_GRID, "0") == "1" if asked is None else bool(asked)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -1086,7 +1113,7 @@ def moe_gemms(
         fork = on_side is not None or lay.sums is not None
         if fork:
             _beside(main, side, lambda: _zero_and(zero, lay.zeroed, on_side))
-        if lay.topk_rows:  # no alignment: a block a row, each launch reading its expert from the top-k
+        if lay.topk_rows:  # no alignment: each launch reads its blocks' experts from the top-k
             top = topk_ids.contiguous()
             ids, rows_from = (top, top, top), (topk_weights.contiguous(), n_routed)
         else:
@@ -1108,7 +1135,11 @@ def moe_gemms(
         _beside(main, side, on_side)
     if lay.zeroed is not None:
         main.wait_event(lay.zeroed)
-    lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
+    if lay.topk_rows:  # the grid's routed slots straight from the top-k: no alignment
+        top = topk_ids.contiguous()
+        lay.experts(top, top, top, 0, k, topk=(topk_weights.contiguous(), n_routed))
+    else:
+        lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out

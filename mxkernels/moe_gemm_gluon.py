@@ -632,21 +632,54 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
 
 
 @gluon.jit
+def _topk_block(ids_ptr, pid_m, num_valid, L: gl.constexpr, TOPK: gl.constexpr, SLOTS: gl.constexpr,
+                SP: gl.constexpr, BM: gl.constexpr):  # fmt: skip
+    """GRID_TOPK: the block that routed slot ``pid_m`` of the top-k ([T, TOPK] ids) leads, with no alignment. An
+    expert's slots, in order, make blocks of BM: slot ``pid_m`` leads one where its rank among its expert's slots is
+    a multiple of BM, and the block's rows (layout ``L``) are that slot and the expert's next BM - 1 slots, numbered as
+    the alignment numbers rows (token * SLOTS + slot), ``num_valid`` past the expert's last. A padded token's slot
+    (-1) is expert 0's, as the alignment takes it. Returns (leads, expert, rows)."""
+    # every slot in each warp (SP / 32 a lane, the warps alike): a reduction is a warp's, with no shared memory
+    gl.static_assert(SP >= 32, "GRID_TOPK reads at least a warp's 32 slots")
+    S1: gl.constexpr = gl.BlockedLayout([SP // 32], [32], [_WARPS], [0])
+    j = gl.arange(0, SP, layout=S1)
+    n = (num_valid // SLOTS) * TOPK  # the routed slots
+    e = gl.maximum(gl.load(ids_ptr + j, mask=j < n, other=0).to(gl.int32), 0)
+    me = gl.maximum(gl.load(ids_ptr + pid_m).to(gl.int32), 0)
+    same = (e == me) & (j < n)
+    rank = gl.sum((same & (j < pid_m)).to(gl.int32), axis=0)
+    m = gl.arange(0, BM, layout=L)
+    rows = gl.where(m == 0, (pid_m // TOPK) * SLOTS + pid_m % TOPK, num_valid)
+    at = pid_m
+    for i in gl.static_range(1, BM):  # each next slot of the expert: BM - 1 reductions over the top-k
+        at = gl.min(gl.where(same & (j > at), j, SP), axis=0)
+        rows = gl.where(m == i, gl.where(at < n, (at // TOPK) * SLOTS + at % TOPK, num_valid), rows)
+    return rank % BM == 0, me, rows
+
+
+@gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
            split, code_splits, k_lo, k_hi, GATE_UP: gl.constexpr, CODES: gl.constexpr, BN: gl.constexpr,
            BM: gl.constexpr, PARTIAL: gl.constexpr, SKIP_PAD: gl.constexpr, STREAM_K: gl.constexpr, MMA: gl.constexpr,
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
            EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, WG: gl.constexpr = False,
-           TOPK: gl.constexpr = 0, N_ROUTED: gl.constexpr = 0):  # fmt: skip
+           TOPK: gl.constexpr = 0, N_ROUTED: gl.constexpr = 0, GRID_TOPK: gl.constexpr = 0,
+           SLOTS: gl.constexpr = 0, SP: gl.constexpr = 0):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert.
     TOPK (one token, the top-k's width): block ``pid_m`` is row ``pid_m`` alone, and its expert the top-k's
-    (``sorted_ids_ptr``: the top-k ids [TOPK]; ``route_w_ptr``: their weights) or a shared one past it."""
+    (``sorted_ids_ptr``: the top-k ids [TOPK]; ``route_w_ptr``: their weights) or a shared one past it.
+    GRID_TOPK (the grid, any tokens, the top-k's width; routed slots only): block ``pid_m`` is the one routed slot
+    ``pid_m`` leads (_topk_block; ``route_w_ptr``: the top-k weights), or nothing."""
+    XL: gl.constexpr = _lane_tokens(BM)
     if TOPK:  # slot pid_m of the one token: a routed one's expert from the top-k (-1: expert 0, weight 0)
         picked = gl.load(sorted_ids_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.int32)
         expert = gl.where(pid_m < TOPK, gl.maximum(picked, 0), N_ROUTED + pid_m - TOPK)
+    elif GRID_TOPK:
+        leads, expert, ids_x = _topk_block(sorted_ids_ptr, pid_m, num_valid,
+                                           gl.SliceLayout(0, gl.SliceLayout(1, XL)), GRID_TOPK, SLOTS, SP, BM)
     else:
         expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
@@ -662,12 +695,14 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     z_off = gl.multiple_of(gl.load(meta + 3), 16)
     group = gl.load(meta + 4).to(gl.int32)
     rotated = gl.load(meta + 5)
-    XL: gl.constexpr = _lane_tokens(BM)
+    run = ((CODES >> code) & 1) != 0  # else another launch's expert (a dispatch per group of codes: moe.py)
     if TOPK:  # the block's one row, then padding
         ids_x = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))) == 0, pid_m, num_valid)
+    elif GRID_TOPK:
+        run = run & leads
     else:
         ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
-    if ((CODES >> code) & 1) != 0:  # else another launch's expert (a dispatch per group of codes: moe.py)
+    if run:
         # the Hadamard-rotated copy, for rotated experts
         a_base = a_ptr + gl.multiple_of(rotated * a_rot_off, 128)
         rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
@@ -695,6 +730,8 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                                         SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED, WG)  # fmt: skip
         if TOPK:
             ids = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)) == 0, pid_m, num_valid)
+        elif GRID_TOPK:
+            ids = gl.convert_layout(ids_x, gl.SliceLayout(0, MMA))
         else:
             ids = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)))
         mask = (rows_o < N)[:, None] & (ids < num_valid)[None, :]
@@ -715,6 +752,11 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             if TOPK:  # the routed slot's top-k weight (a padded token's -1: none), a shared one's 1
                 w = gl.load(route_w_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.float32)
                 w = gl.where(pid_m < TOPK, gl.where(picked < 0, 0.0, w), 1.0)
+                res = acc * gl.where(ids < num_valid, w, 0.0)[None, :]
+            elif GRID_TOPK:  # the row's top-k weight (a padded token's -1: none)
+                slot = gl.where(ids < num_valid, (ids // SLOTS) * GRID_TOPK + ids % SLOTS, 0)
+                w = gl.load(route_w_ptr + slot).to(gl.float32)
+                w = gl.where(gl.load(sorted_ids_ptr + slot).to(gl.int32) < 0, 0.0, w)
                 res = acc * gl.where(ids < num_valid, w, 0.0)[None, :]
             else:
                 res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
@@ -750,7 +792,8 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
                              GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False,
                              WGMMA: gl.constexpr = False, TOPK: gl.constexpr = 0,
-                             N_ROUTED: gl.constexpr = 0):  # fmt: skip
+                             N_ROUTED: gl.constexpr = 0, GRID_TOPK: gl.constexpr = 0, SLOTS: gl.constexpr = 0,
+                             SP: gl.constexpr = 0):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -776,6 +819,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         # pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and 64 tokens:
         # 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin strides a fixed
         # grid so: benchmarks/README.md, seventeenth session)
+        gl.static_assert(GRID_TOPK == 0, "stream-K takes one token's rows straight (TOPK), not the grid's GRID_TOPK")
         n_tiles = gl.cdiv(N, BN)
         k_tiles = K // _BK
         if TOPK:  # one token: a block a row, and no alignment's count to wait for
@@ -819,7 +863,12 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             pid_n = lin % n_tiles
             pid_s = (lin // n_tiles) % splits
             pid_m = lin // (n_tiles * splits)
-        if pid_m * BM < gl.load(num_post_pad_ptr):
+        if GRID_TOPK:  # a program row per routed slot (moe.py's topk_rows): those that lead no block do nothing
+            _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
+                   route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
+                   pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, 0, 0, GRID_TOPK, SLOTS, SP)  # fmt: skip
+        elif pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,

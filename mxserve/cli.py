@@ -18,7 +18,7 @@ METHOD_CHOICES = ("rtn", "gptq", "gptq-had")
 # the kernels' on/off settings, read as "1" (or "0", for those on by default) by the launches: any other value is
 # refused before serving (README, "GPU kernels")
 KERNEL_SWITCHES = ("MXSERVE_GLUON", "MXSERVE_SHARED_STREAM", "MXSERVE_FUSED_ROUTER", "MXSERVE_SHARED_EARLY",
-                   "MXSERVE_PDL", "MXSERVE_TILED_CODES", "MXSERVE_TOPK_ROWS")
+                   "MXSERVE_PDL", "MXSERVE_TILED_CODES", "MXSERVE_TOPK_ROWS", "MXSERVE_TOPK_GRID")
 # opt-ins removed after the H200 timed them (benchmarks/README.md): asked for, they are refused, not silently ignored
 REMOVED_SWITCHES = ("MXSERVE_L2_PREFETCH", "MXSERVE_ROW_AMAX_IN_GEMM", "MXSERVE_SILU_IN_GEMM", "MXSERVE_SUM_IN_GEMM",
                     "MXSERVE_ROUTER_ALIGN")

@@ -1376,13 +1376,15 @@ phase76() {
   # early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's GPU tests of the
   # launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and with the statistics folded
   # every 5 s in place of every 1 s, beside the GPTQ copy, each server's prefill traced over two profiler steps
-  # (decode_trace.profile_prefill) (~10 min, two calls)
+  # (decode_trace.profile_prefill); the routed slots straight from the top-k on the grid (MXSERVE_TOPK_GRID, written
+  # in the forty-fourth session) in the layer beside the grid aligned, and its GPU tests (~11 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
-    --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches)$' \
+    --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches|no stream-K|grid, top-k rows)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
   say "moe_layer at 8 and 16 tokens, the down GEMM's K split rc=$?"
-  prep_beside "top_k_rows_straight or stream_k" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  prep_beside "top_k_rows_straight or stream_k or routed_slots_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 \
+    || return 1
   say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_s44.log)"
   # the statistics folded every 5 s (FOLD=5) beside every 1 s: a busy fold of Qwen1.5's 24 x 60 experts takes the
   # scheduler process's GIL about 8 ms on this project's CPU (since the forty-third session a layer's writes at a

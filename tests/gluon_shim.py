@@ -117,6 +117,8 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     split = staticmethod(lambda *a, **k: tl.split(*a, **k))
     broadcast = staticmethod(lambda *a, **k: tl.broadcast(*a, **k))
     reduce = staticmethod(lambda *a, **k: tl.reduce(*a, **k))
+    sum = staticmethod(lambda *a, **k: tl.sum(*a, **k))
+    min = staticmethod(lambda *a, **k: tl.min(*a, **k))
     permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
     reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
 

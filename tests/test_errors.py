@@ -306,6 +306,7 @@ def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args
                                                   ("MXSERVE_FUSED_ROUTER", "off", "0 or 1"),
                                                   ("MXSERVE_TILED_CODES", "rows", "0 or 1"),
                                                   ("MXSERVE_TOPK_ROWS", "on", "0 or 1"),
+                                                  ("MXSERVE_TOPK_GRID", "yes", "0 or 1"),
                                                   ("MXSERVE_ROUTER_ALIGN", "1", "option was removed"),
                                                   ("MXSERVE_DECODE_TILES", "early=yes", "an integer or true/false"),
                                                   ("MXSERVE_DECODE_TILES", "erly=1", "FIELD one of")])  # fmt: skip

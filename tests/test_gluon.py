@@ -202,6 +202,26 @@ def test_gluon_kernel_takes_the_top_k_rows_with_fewer_loads_before_its_weights()
     assert before[4] <= before[0] - 2, before  # the row count and the sorted ids
 
 
+def _grid_topk_census(gate_up: bool, sp: int) -> str:
+    """The grid's top-k rows kernel (w2, w3, w4 experts, 8-row blocks, top-4 of 8 slots a token, ``sp`` slots read):
+    its registers and stack bytes, then its shared-memory loads and stores, barriers, spills and warp reductions."""
+    compiled = compile_decode(gate_up, True, 0b11100, 8, 64, grid_topk=4, slots=8, sp=sp)
+    sass = disassemble(compiled, f"grid_topk{int(gate_up)}{sp}")
+    ops = ["LDS", "STS", "BAR", "STL|LDL", "REDUX"]
+    return " ".join(str(v) for v in (*resources(compiled).values(),
+                                      *(len(re.findall(rf"\b({op})\b", sass)) for op in ops)))  # fmt: skip
+
+
+@pytest.mark.parametrize("gate_up, sp", [(True, 32), (False, 128)])
+def test_gluon_kernel_finds_the_grids_blocks_in_the_top_k_with_warp_reductions(gate_up, sp):
+    # MXSERVE_TOPK_GRID: each program reads every routed slot's expert and finds its block's slots with a warp's
+    # reductions (redux.sync: one count, then BM - 1 minimums), no shared memory, barrier or spill
+    regs, stack, lds, sts, bar, spills, redux = map(int, in_fresh_process(
+        "test_gluon", f"_grid_topk_census({gate_up}, {sp})").split())  # fmt: skip
+    assert stack == 0 and spills == 0 and lds == sts == bar == 0, (stack, spills, lds, sts, bar)
+    assert redux >= 8, redux
+
+
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
 def test_gluon_kernel_waits_for_the_launch_before_where_its_pdl_mode_says(gate_up, pdl):
     # programmatic dependent launch (mxkernels/pdl.py): griddepcontrol.wait is ACQBULK in the sm_90 code and
@@ -673,6 +693,61 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     started = moe_layer.early_start(x, 2, gu, dn, 12, tiles, mode)["started"]
     moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, started=started, **tiles)
     assert started.zeroed and started.taken
+
+
+@pytest.mark.parametrize("t, n_shared, tiles", [(3, 2, {}), (9, 2, {}), (20, 0, {}), (9, 2, {"staged": True}),
+                                                (20, 0, {"bm": 16, "split": 2})])  # fmt: skip
+def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_gluon, monkeypatch, t, n_shared,
+                                                                 tiles):  # fmt: skip
+    # MXSERVE_TOPK_GRID=1: on the grid (not stream-K) the launches have a program row per routed slot, and each slot
+    # that leads a block of its expert's slots finds them in the top-k; no alignment. The layer must equal the aligned
+    # one bit for bit (the same blocks of 8, rows in another order), every element written, with a padded token (-1)
+    # and, at 20 tokens, one expert taking 14 slots (two blocks of 8); the shared experts (if any) in launches of their
+    # own; also with the activations staged, and in 16-row blocks with K split (the gate/up's partial sums)
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
+    gen = torch.Generator().manual_seed(t)
+    experts = make_experts(["w4a16g128", "w3a16g128", "bf16", "w2a16g128", "w8a16"], 256, 256, 12, n_shared, "rtn",
+                           gen, "cpu")  # fmt: skip
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(t, 256, generator=gen).bfloat16()
+    ids, w = route(t, 12, 2, gen)
+    ids[-1] = -1  # SGLang's padded token: routes nowhere
+    if t == 20:
+        ids[:14, 0] = 5
+        ids[:14, 1] = torch.where(ids[:14, 1] == 5, 6, ids[:14, 1])
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+    launches = _spied(monkeypatch, lambda grid, kw: (grid[0], kw.get("GRID_TOPK", 0), kw.get("SLOTS", 0),
+                                                     kw.get("SP", 0), kw.get("STREAM_K", False), kw["BM"],
+                                                     kw.get("STAGED", False)))  # fmt: skip
+    got = {}
+    for on in ("0", "1"):
+        if not tiles:  # the switch; with tiles an override, which asks for it itself
+            monkeypatch.setenv("MXSERVE_TOPK_GRID", on)
+        aligned.clear(), launches.clear()
+        got[on] = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, **({"topk_grid": on == "1"} if tiles else {}),
+                                **tiles)  # fmt: skip
+        assert aligned == ([] if on == "1" else [1])
+        routed = [v for v in launches if v[1]]
+        want = (t * 2, 2, 2 + n_shared, 32 if t < 16 else 64, False, tiles.get("bm", 8), "staged" in tiles)
+        assert routed == ([want] * 2 if on == "1" else [])
+    for a, b in zip(got["1"], got["0"]):
+        assert not a.isnan().any()
+        assert torch.equal(a, b)
+    # an override asks for it per forward; stream-K keeps the aligned rows beyond one token
+    aligned.clear()
+    moe.moe_gemms(x, ids, w, gu, dn, 12, topk_grid=False)
+    assert aligned == [1]
+    monkeypatch.setenv("MXSERVE_STREAM_K", "1")
+    aligned.clear()
+    moe.moe_gemms(x, ids, w, gu, dn, 12, topk_grid=True, shared_apart=False)
+    assert aligned == [1]
 
 
 @pytest.mark.parametrize("tiles, shared_block", [({}, 16), ({"shared_own": False}, 8), ({"shared_bm": 32}, 32)])

@@ -342,6 +342,48 @@ def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, early, monk
     assert ((a - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("tokens, graph", [(8, False), (8, True), (16, False), (32, True)])
+def test_the_grid_takes_the_routed_slots_straight_from_the_top_k_cuda(tokens, graph, monkeypatch):
+    # MXSERVE_TOPK_GRID=1 at Qwen1.5-MoE's shapes (60 routed experts, top-4, 4 shared, every scheme the Gluon kernel
+    # runs), off stream-K: a program row per routed slot, each leading slot finding its expert's others in the fused
+    # router's top-k, no alignment; eager, and captured in a CUDA graph replayed on new tokens. The grid's sums are
+    # added in a fixed order, so the layer equals the aligned launches' bit for bit; a padded token (-1) and the
+    # skewed router (some experts past one 8-row block) included
+    from kernel_cases import make_experts
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+    from mxkernels.router import fused_router
+
+    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
+    gen = torch.Generator().manual_seed(47)
+    names = ["w4a16g128", "w3a16g128", "w2a16g128", "w8a16", "bf16", "w1a16g128"]
+    experts = make_experts(names, 2048, 1408, 60, 4, "rtn", gen, "cuda")
+    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
+    gate = (torch.randn(60, 2048, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    gate[:4] *= 8.0  # a few popular experts: at 16 and 32 tokens some take more than one block
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+
+    def layer(x):
+        w, ids, _ = fused_router(x, gate, 4, False)
+        ids[-1] = -1
+        return moe.mx_moe_forward(x, ids, w, gu, dn, 60, poison=True)
+
+    def draw():
+        return torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16).cuda()
+
+    x = draw()
+    monkeypatch.setenv("MXSERVE_TOPK_GRID", "1")
+    got = run_eager_or_replayed(layer, x, draw, graph)
+    assert aligned == []
+    monkeypatch.setenv("MXSERVE_TOPK_GRID", "0")
+    want = layer(x)
+    assert aligned
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("tokens, want", [(1, "zero fill"), (8, "shared experts")])
 def test_top_k_rows_straight_before_the_shared_experts_started_early_cuda(tokens, want, monkeypatch):
     # MixedExperts.start_early with the shared experts asked early (MXSERVE_SHARED_EARLY=1 in the SGLang plugin): one
