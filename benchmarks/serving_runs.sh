@@ -16,7 +16,8 @@
 #                                                    # PDL=1: also with programmatic dependent launches;
 #                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES;
 #                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so;
-#                                                    # FOLD=SECONDS: also with the statistics folded so often)
+#                                                    # FOLD=SECONDS: also with the statistics folded so often;
+#                                                    # TOPK_GRID=1: also with MXSERVE_TOPK_GRID=1)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
 #                                                    # FP8_ONLY=1: SGLang fp8 the only baseline; MX_GPTQ=1: the
@@ -116,6 +117,10 @@ elif [ "$what" = qwen15-24 ]; then
   # no alignment launch: the default since the forty-second session; MXSERVE_TOPK_ROWS)
   [ -z "${TOPK_ROWS:-}" ] || grouped+=(--ckpt "$name-topk-rows-$TOPK_ROWS=$work/q15-24-$name"
     --server-env "mxserve-$name-topk-rows-$TOPK_ROWS=MXSERVE_TOPK_ROWS=$TOPK_ROWS")
+  # TOPK_GRID=1 adds a server whose decode forwards on the grid take the routed slots straight from the top-k
+  # (MXSERVE_TOPK_GRID=1: no alignment launch)
+  [ -z "${TOPK_GRID:-}" ] || grouped+=(--ckpt "$name-topk-grid=$work/q15-24-$name"
+    --server-env "mxserve-$name-topk-grid=MXSERVE_TOPK_GRID=$TOPK_GRID")
   # FOLD=SECONDS adds a server whose routing statistics are folded every SECONDS (mxserve launch --stats-interval;
   # 1 by default): what the fold, in the scheduler process, costs the steps beside it
   [ -z "${FOLD:-}" ] || grouped+=(--ckpt "$name-fold$FOLD=$work/q15-24-$name"

@@ -1377,7 +1377,8 @@ phase76() {
   # launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and with the statistics folded
   # every 5 s in place of every 1 s, beside the GPTQ copy, each server's prefill traced over two profiler steps
   # (decode_trace.profile_prefill); the routed slots straight from the top-k on the grid (MXSERVE_TOPK_GRID, written
-  # in the forty-fourth session) in the layer beside the grid aligned, and its GPU tests (~11 min, two calls)
+  # in the forty-fourth session) in the layer beside the grid aligned, its GPU tests, and end to end where they
+  # passed (~13 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches|no stream-K|grid, top-k rows)$' \
@@ -1390,9 +1391,12 @@ phase76() {
   # scheduler process's GIL about 8 ms on this project's CPU (since the forty-third session a layer's writes at a
   # time); at 1 request each of ours spent 15.3 ms beside its decode steps where the copy's 9.7, with the first token
   # as fast (forty-third session)
-  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 FOLD=5 SGLANG_ARGS="$LEAN_ARGS" \
+  # and with the grid's routed slots straight from the top-k (MXSERVE_TOPK_GRID=1) where its GPU tests passed
+  local grid=1
+  grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log || grid=
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 FOLD=5 TOPK_GRID=$grid SGLANG_ARGS="$LEAN_ARGS" \
     benchmarks/serving_runs.sh qwen15-24 $res/e2e_s44 > $res/e2e_s44.log 2>&1
-  say "e2e the 1-token plan by default and with the statistics folded every 5 s; the GPTQ copy rc=$?"
+  say "e2e the 1-token plan by default, with the statistics folded every 5 s${grid:+ and with MXSERVE_TOPK_GRID=1}; the GPTQ copy rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }
 
