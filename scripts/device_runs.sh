@@ -168,11 +168,12 @@
 #  75. (only when asked: `start 75`, forty-third session) phase 74 cut to that session's budget: the host time with the
 #      launches' picks kept and afresh, the early start's GPU test, end to end by default beside the GPTQ copy, the
 #      SGLang tests of the top-k's rows and the fused router (~11 min, two calls).
-#  76. (only when asked: `start 76`, forty-fourth session) what phase 75 left of 74: the layer with the down GEMM's K
-#      split in 2 and 3 and on the stream-K grid at 8 and 16 tokens, the kernel GPU tests of the top-k's rows and
-#      stream-K beside the checkpoints, end to end by default and with the statistics folded every 5 s beside the GPTQ
-#      copy with the prefill traced over two profiler steps (~10 min, two calls; stream-K end to end and the SGLang
-#      test of the shared experts started early left out for the budget).
+#  76. (only when asked: `start 76`, forty-fourth session) what phase 75 left of 74, cut to that session's budget:
+#      the layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, on the stream-K grid and with the grid's
+#      routed slots straight from the top-k (MXSERVE_TOPK_GRID); the GPU tests of the top-k's rows beside the
+#      checkpoints; end to end at 1 and 8 requests by default, with MXSERVE_TOPK_GRID=1 and with the statistics
+#      folded every 5 s (~9 min, two calls; stream-K end to end, the GPTQ copy and the SGLang test of the shared
+#      experts started early left out).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1370,33 +1371,32 @@ phase75() {
 }
 
 phase76() {
-  # what phase 75 left of phase 74 (forty-third session), cut to the forty-fourth session's budget (1469 s left when
-  # a machine came): the layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, with the shared experts in
-  # the routed launches, and on the stream-K grid (their own launches ended the MoE section at 8 requests; started
-  # early they did not pay end to end); the 1-token plan's checkpoints beside the Gluon kernel's GPU tests of the
-  # launch picks kept (stream-K, the top-k's rows); end to end, that plan by default and with the statistics folded
-  # every 5 s in place of every 1 s, beside the GPTQ copy, each server's prefill traced over two profiler steps
-  # (decode_trace.profile_prefill); the routed slots straight from the top-k on the grid (MXSERVE_TOPK_GRID, written
-  # in the forty-fourth session) in the layer beside the grid aligned, its GPU tests, and end to end where they
-  # passed (~13 min, two calls)
-  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  # what phase 75 left of phase 74 (forty-third session), cut to the forty-fourth session's budget (1109 s left after
+  # the machines that did not come): the layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, with the
+  # shared experts in the routed launches, on the stream-K grid, and with the grid's routed slots straight from the
+  # top-k (MXSERVE_TOPK_GRID, written in the forty-fourth session) beside the grid aligned; the 1-token plan's
+  # checkpoints beside the GPU tests of the top-k's rows (one token's and the grid's); end to end at 1 and 8 requests,
+  # that plan by default, with MXSERVE_TOPK_GRID=1 where its GPU tests passed, and with the statistics folded every 5 s
+  # in place of every 1 s (a busy fold of Qwen1.5's 24 x 60 experts takes the scheduler process's GIL about 8 ms on
+  # this project's CPU, since the forty-third session a layer's writes at a time; at 1 request each of ours spent
+  # 15.3 ms beside its decode steps where the GPTQ copy's 9.7, the first token as fast); the copy itself is not served
+  # again (the forty-third session's run has it beside the default) (~9 min, two calls)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches|no stream-K|grid, top-k rows)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
-  say "moe_layer at 8 and 16 tokens, the down GEMM's K split rc=$?"
-  prep_beside "top_k_rows_straight or stream_k or routed_slots_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 \
-    || return 1
-  say "GPU tests, the top-k's rows and stream-K: $(tail -1 $res/tests/kernels_s44.log)"
-  # the statistics folded every 5 s (FOLD=5) beside every 1 s: a busy fold of Qwen1.5's 24 x 60 experts takes the
-  # scheduler process's GIL about 8 ms on this project's CPU (since the forty-third session a layer's writes at a
-  # time); at 1 request each of ours spent 15.3 ms beside its decode steps where the copy's 9.7, with the first token
-  # as fast (forty-third session)
-  # and with the grid's routed slots straight from the top-k (MXSERVE_TOPK_GRID=1) where its GPU tests passed
-  local grid=1
-  grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log || grid=
-  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 FOLD=5 TOPK_GRID=$grid SGLANG_ARGS="$LEAN_ARGS" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s44 > $res/e2e_s44.log 2>&1
-  say "e2e the 1-token plan by default, with the statistics folded every 5 s${grid:+ and with MXSERVE_TOPK_GRID=1}; the GPTQ copy rc=$?"
+  say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the grid's top-k rows rc=$?"
+  prep_beside "routed_slots_straight or top_k_rows_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_s44.log)"
+  local grid=()
+  grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log &&
+    grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1")
+  python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" \
+    --ckpt "3.25bit-t1-fold5=$ckpt" --launch-args "3.25bit-t1-fold5=--stats-interval 5" \
+    --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
+    --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: the grid's top-k rows; statistics folded every 5 s" \
+    --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
+  say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1} and with the statistics folded every 5 s rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }
 
