@@ -695,15 +695,15 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     assert started.zeroed and started.taken
 
 
-@pytest.mark.parametrize("t, n_shared, tiles", [(3, 2, {}), (9, 2, {}), (20, 0, {}), (9, 2, {"staged": True}),
+@pytest.mark.parametrize("t, n_shared, tiles", [(3, 2, {}), (20, 0, {}), (9, 2, {"staged": True}),
                                                 (20, 0, {"bm": 16, "split": 2})])  # fmt: skip
 def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_gluon, monkeypatch, t, n_shared,
                                                                  tiles):  # fmt: skip
     # MXSERVE_TOPK_GRID=1: on the grid (not stream-K) the launches have a program row per routed slot, and each slot
     # that leads a block of its expert's slots finds them in the top-k; no alignment. The layer must equal the aligned
     # one bit for bit (the same blocks of 8, rows in another order), every element written, with a padded token (-1)
-    # and, at 20 tokens, one expert taking 14 slots (two blocks of 8); the shared experts (if any) in launches of their
-    # own; also with the activations staged, and in 16-row blocks with K split (the gate/up's partial sums)
+    # and, at 20 tokens, one expert taking 18 slots (three blocks of 8, two of 16); the shared experts (if any) in
+    # launches of their own; also with the activations staged, and in 16-row blocks with K split (partial sums)
     from kernel_cases import make_experts, route
 
     from mxkernels import moe
@@ -719,8 +719,8 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_glu
     ids, w = route(t, 12, 2, gen)
     ids[-1] = -1  # SGLang's padded token: routes nowhere
     if t == 20:
-        ids[:14, 0] = 5
-        ids[:14, 1] = torch.where(ids[:14, 1] == 5, 6, ids[:14, 1])
+        ids[:18, 0] = 5
+        ids[:18, 1] = torch.where(ids[:18, 1] == 5, 6, ids[:18, 1])
     aligned = []
     monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
     launches = _spied(monkeypatch, lambda grid, kw: (grid[0], kw.get("GRID_TOPK", 0), kw.get("SLOTS", 0),
@@ -740,6 +740,8 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_glu
     for a, b in zip(got["1"], got["0"]):
         assert not a.isnan().any()
         assert torch.equal(a, b)
+    if t != 3:
+        return
     # an override asks for it per forward; stream-K keeps the aligned rows beyond one token
     aligned.clear()
     moe.moe_gemms(x, ids, w, gu, dn, 12, topk_grid=False)
