@@ -1372,21 +1372,21 @@ phase75() {
 
 phase76() {
   # what phase 75 left of phase 74 (forty-third session), cut to the forty-fourth session's budget (1109 s left after
-  # the machines that did not come): the layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, with the
+  # the machines that did not come, then 704): Qwen1.5-MoE's layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, with the
   # shared experts in the routed launches, on the stream-K grid, and with the grid's routed slots straight from the
   # top-k (MXSERVE_TOPK_GRID, written in the forty-fourth session) beside the grid aligned; the 1-token plan's
-  # checkpoints beside the GPU tests of the top-k's rows (one token's and the grid's); end to end at 1 and 8 requests,
+  # checkpoints beside the GPU tests of the grid's top-k rows; end to end at 1 and 8 requests,
   # that plan by default, with MXSERVE_TOPK_GRID=1 where its GPU tests passed, and with the statistics folded every 5 s
   # in place of every 1 s (a busy fold of Qwen1.5's 24 x 60 experts takes the scheduler process's GIL about 8 ms on
   # this project's CPU, since the forty-third session a layer's writes at a time; at 1 request each of ours spent
   # 15.3 ms beside its decode steps where the GPTQ copy's 9.7, the first token as fast); the copy itself is not served
   # again (the forty-third session's run has it beside the default) (~9 min, two calls)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
-  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b deepseek-v2-lite \
+  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches|no stream-K|grid, top-k rows)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
   say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the grid's top-k rows rc=$?"
-  prep_beside "routed_slots_straight or top_k_rows_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
+  prep_beside "routed_slots_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_s44.log)"
   local grid=()
   grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log &&
