@@ -1390,7 +1390,8 @@ phase76() {
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_s44.log)"
   local grid=()
   grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log &&
-    grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1")
+    grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1"
+          --compare "mxserve-3.25bit-t1:mxserve-3.25bit-t1-topk-grid")
   python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" \
     --ckpt "3.25bit-t1-fold5=$ckpt" --launch-args "3.25bit-t1-fold5=--stats-interval 5" \
     --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
