@@ -174,6 +174,9 @@
 #      checkpoints; end to end at 1 and 8 requests by default, with MXSERVE_TOPK_GRID=1 and with the statistics
 #      folded every 5 s (~9 min, two calls; stream-K end to end, the GPTQ copy and the SGLang test of the shared
 #      experts started early left out).
+#  77. (only when asked: `start 77`, forty-fourth session) phase 76 cut to about 5 minutes: Qwen1.5's layer at 8 and
+#      16 tokens, the grid aligned beside its top-k rows and the down GEMM's K split, then the grid's top-k GPU tests
+#      (~3 min, one call).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1399,6 +1402,20 @@ phase76() {
     --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
   say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1} and with the statistics folded every 5 s rc=$?"
   pkill -f "[s]glang.launch_server" || true
+}
+
+phase77() {
+  # phase 76 cut to what about 5 minutes hold (the forty-fourth session: 434 s of device time left after the machines
+  # that did not come): Qwen1.5-MoE's layer at 8 and 16 tokens, the grid aligned ("no stream-K") beside its routed
+  # slots straight from the top-k (MXSERVE_TOPK_GRID) and the down GEMM's K split in 2 and 3; then the grid's top-k
+  # GPU tests (~3 min, one call)
+  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b \
+    --layouts '^(no stream-K|grid, top-k rows|down split [23])$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
+  say "moe_layer at 8 and 16 tokens, the grid's top-k rows, the down GEMM's K split rc=$?"
+  mkdir -p $res/tests
+  kernel_tests "routed_slots_straight" > $res/tests/kernels_s44.log 2>&1
+  say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_s44.log)"
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
