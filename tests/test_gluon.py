@@ -696,14 +696,14 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
 
 
 @pytest.mark.parametrize("t, n_shared, tiles", [(3, 2, {}), (20, 0, {}), (9, 2, {"staged": True}),
-                                                (20, 0, {"bm": 16, "split": 2})])  # fmt: skip
+                                                (20, 0, {"bm": 16})])  # fmt: skip
 def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_gluon, monkeypatch, t, n_shared,
                                                                  tiles):  # fmt: skip
     # MXSERVE_TOPK_GRID=1: on the grid (not stream-K) the launches have a program row per routed slot, and each slot
     # that leads a block of its expert's slots finds them in the top-k; no alignment. The layer must equal the aligned
     # one bit for bit (the same blocks of 8, rows in another order), every element written, with a padded token (-1)
     # and, at 20 tokens, one expert taking 18 slots (three blocks of 8, two of 16); the shared experts (if any) in
-    # launches of their own; also with the activations staged, and in 16-row blocks with K split (partial sums)
+    # launches of their own; also with the activations staged, and in 16-row blocks
     from kernel_cases import make_experts, route
 
     from mxkernels import moe
