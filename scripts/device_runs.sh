@@ -1375,11 +1375,11 @@ phase75() {
 
 phase76() {
   # what phase 75 left of phase 74 (forty-third session), cut to the forty-fourth session's budget (1109 s left after
-  # the machines that did not come, then 704): Qwen1.5-MoE's layer at 8 and 16 tokens with the down GEMM's K split in 2 and 3, with the
-  # shared experts in the routed launches, on the stream-K grid, and with the grid's routed slots straight from the
-  # top-k (MXSERVE_TOPK_GRID, written in the forty-fourth session) beside the grid aligned; the 1-token plan's
-  # checkpoints beside the GPU tests of the grid's top-k rows; end to end at 1 and 8 requests,
-  # that plan by default, with MXSERVE_TOPK_GRID=1 where its GPU tests passed, and with the statistics folded every 5 s
+  # the machines that did not come, then 704): Qwen1.5-MoE's layer at 8 and 16 tokens with the down GEMM's K split
+  # in 2 and 3, with the shared experts in the routed launches, on the stream-K grid, and with the grid's routed slots
+  # straight from the top-k (MXSERVE_TOPK_GRID, written in the forty-fourth session) beside the grid aligned; the
+  # 1-token plan's checkpoints beside the GPU tests of the grid's top-k rows; end to end at 1 and 8 requests, that
+  # plan by default, with MXSERVE_TOPK_GRID=1 where its GPU tests passed, and with the statistics folded every 5 s
   # in place of every 1 s (a busy fold of Qwen1.5's 24 x 60 experts takes the scheduler process's GIL about 8 ms on
   # this project's CPU, since the forty-third session a layer's writes at a time; at 1 request each of ours spent
   # 15.3 ms beside its decode steps where the GPTQ copy's 9.7, the first token as fast); the copy itself is not served
