@@ -1103,7 +1103,6 @@ def moe_gemms(
         started.taken = True
     lay = started.layout if early else _layout(x, k, gate_up, down, n_routed, poison, dispatch, shared_apart,
                                                split_fit, override)  # fmt: skip
-    n_experts = gate_up.n_experts
     main, side = _streams(x.device)
     if not lay.apart:
         # one launch per GEMM (stream-K, prefill): the routing counter and stream-K's zero fill run beside the
@@ -1113,11 +1112,7 @@ def moe_gemms(
         fork = on_side is not None or lay.sums is not None
         if fork:
             _beside(main, side, lambda: _zero_and(zero, lay.zeroed, on_side))
-        if lay.topk_rows:  # no alignment: each launch reads its blocks' experts from the top-k
-            top = topk_ids.contiguous()
-            ids, rows_from = (top, top, top), (topk_weights.contiguous(), n_routed)
-        else:
-            ids, rows_from = route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, w=lay.w)[:3], None
+        ids, rows_from = _routed_rows(lay, topk_ids, topk_weights, n_routed, shared=True)
         if lay.zeroed is not None:
             # the sums zeroed before the launches add into them; the counter after the zero fill is no launch's
             # input, so they do not wait for it (in the thirty-third session's decode trace at 1 request it ended
@@ -1135,14 +1130,23 @@ def moe_gemms(
         _beside(main, side, on_side)
     if lay.zeroed is not None:
         main.wait_event(lay.zeroed)
-    if lay.topk_rows:  # the grid's routed slots straight from the top-k: no alignment
-        top = topk_ids.contiguous()
-        lay.experts(top, top, top, 0, k, topk=(topk_weights.contiguous(), n_routed))
-    else:
-        lay.experts(*route(topk_ids, topk_weights, n_experts, n_routed, lay.bm, shared=False, w=lay.w)[:3], 0, k)
+    ids, rows_from = _routed_rows(lay, topk_ids, topk_weights, n_routed, shared=False)
+    lay.experts(*ids, 0, k, topk=rows_from)
     if side is not None:
         main.wait_stream(side)
     return lay.inter, lay.out
+
+
+def _routed_rows(lay: _Layout, topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_routed: int,
+                 shared: bool) -> tuple[tuple, tuple | None]:  # fmt: skip
+    """The rows the routed launches take: the top-k's own where they take them straight (no alignment: each launch
+    reads its blocks' experts from the top-k ids; ``topk_rows``), else the alignment's, ``shared``: with the shared
+    slots. Returns (sorted ids, block experts, padded count) and the ``topk`` argument of ``lay.experts``."""
+    if lay.topk_rows:
+        top = topk_ids.contiguous()
+        return (top, top, top), (topk_weights.contiguous(), n_routed)
+    rows = route(topk_ids, topk_weights, lay.gate_up.n_experts, n_routed, lay.bm, shared=shared, w=lay.w)
+    return rows[:3], None
 
 
 def _zero_and(sums: torch.Tensor | None, zeroed: torch.cuda.Event | None, launch: Callable[[], None] | None) -> None:
