@@ -684,7 +684,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
         expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
     # helper: under TRITON_INTERPRET (CI) that becomes an interpreted function, which the sm_90
-    # compile of this kernel in tests/test_gluon.py cannot call
+    # compile of this kernel in tests/test_gluon_sass.py cannot call
     meta = meta_ptr + expert * 6
     code = gl.load(meta).to(gl.int32)
     # the row's other fields and the block's token ids load beside the code, not after the branch on it: one

@@ -2,7 +2,7 @@
 
 Layouts decide where values live, not what they are, so with every layout removed the kernel's
 arithmetic, indexing and masking run in the interpreter like any Triton kernel. What this cannot
-check (the layouts themselves, the compiled code) is left to tests/test_gluon.py (sm_90 SASS) and
+check (the layouts themselves, the compiled code) is left to tests/test_gluon_sass.py (sm_90 SASS) and
 the GPU tests.
 """
 
@@ -95,7 +95,7 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     shared_memory_descriptor = _SharedMemory  # Triton 3.6's (its reinterpret is _reinterpret)
     allocate_shared_memory = staticmethod(lambda dtype, shape, layout, value=None: _alloc(value))
     thread_barrier = staticmethod(lambda: None)
-    static_assert = staticmethod(lambda cond, msg="": None)  # a compile-time check: tests/test_gluon.py compiles
+    static_assert = staticmethod(lambda cond, msg="": None)  # a compile-time check: tests/test_gluon_sass.py compiles
     bank_conflicts = staticmethod(lambda distr_ty, shared_ty: 0)
     arange = staticmethod(_drop_layout(lambda *a, **k: tl.arange(*a, **k)))
     zeros = staticmethod(_drop_layout(lambda *a, **k: tl.zeros(*a, **k)))
