@@ -177,6 +177,9 @@
 #  77. (only when asked: `start 77`, forty-fourth session) phase 76 cut to about 5 minutes: Qwen1.5's layer at 8 and
 #      16 tokens, the grid aligned beside its top-k rows and the down GEMM's K split, then the grid's top-k GPU tests
 #      (~3 min, one call).
+#  78. (only when asked: `start 77 78`, forty-fifth session) phase 76's end to end after phase 77: the 1-token plan's
+#      checkpoints, then serving.py at 1 and 8 requests by default, with MXSERVE_TOPK_GRID=1 where phase 77's GPU tests
+#      passed, and with the statistics folded every 5 s (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1391,6 +1394,13 @@ phase76() {
   say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the grid's top-k rows rc=$?"
   prep_beside "routed_slots_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_s44.log)"
+  e2e_s44 $plan $ckpt
+}
+
+e2e_s44() {  # PLAN CKPT: phase 76's end to end (serving.py at 1 and 8 requests): by default, with MXSERVE_TOPK_GRID=1
+  # where the GPU tests of the grid's top-k rows passed ($res/tests/kernels_s44.log), and with the statistics folded
+  # every 5 s
+  local plan=$1 ckpt=$2
   local grid=()
   grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log &&
     grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1"
@@ -1402,6 +1412,16 @@ phase76() {
     --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
   say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1} and with the statistics folded every 5 s rc=$?"
   pkill -f "[s]glang.launch_server" || true
+}
+
+phase78() {
+  # phase 76's end to end after phase 77 (forty-fifth session: 1034 s of device time left after the machines that did
+  # not come, so the layer and its tests first, in a call of their own): the 1-token plan's checkpoints (no GPTQ copy:
+  # it is not served), then e2e_s44 (~6 min)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
+  prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  e2e_s44 $plan $ckpt
 }
 
 phase77() {
