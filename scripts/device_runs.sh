@@ -180,6 +180,8 @@
 #  78. (only when asked: `start 77 78`, forty-fifth session) phase 76's end to end after phase 77: the 1-token plan's
 #      checkpoints, then serving.py at 1 and 8 requests by default, with MXSERVE_TOPK_GRID=1 where phase 77's GPU tests
 #      passed, and with the statistics folded every 5 s (~6 min).
+#  79. (only when asked: `start 79`, forty-fifth session) phase 77 at 8 tokens only, the grid aligned beside its top-k
+#      rows, then the grid's top-k GPU tests (~2.5 min, one call).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1436,6 +1438,18 @@ phase77() {
   mkdir -p $res/tests
   kernel_tests "routed_slots_straight" > $res/tests/kernels_s44.log 2>&1
   say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_s44.log)"
+}
+
+phase79() {
+  # phase 77 cut to what 364 s of device time hold (forty-fifth session): the layer at 8 tokens, the grid aligned beside
+  # its routed slots straight from the top-k, then the grid's top-k GPU tests (~2.5 min, one call)
+  python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b \
+    --layouts '^(no stream-K|grid, top-k rows)$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s45 > $res/layer_s45.log 2>&1
+  say "moe_layer at 8 tokens, the grid's top-k rows rc=$?"
+  mkdir -p $res/tests
+  kernel_tests "routed_slots_straight" > $res/tests/kernels_s45.log 2>&1
+  say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_s45.log)"
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
