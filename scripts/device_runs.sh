@@ -1392,7 +1392,7 @@ phase76() {
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b \
     --layouts '^(Gluon, stream-K|down split [23]|shared in the routed launches|no stream-K|grid, top-k rows)$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_s44 > $res/layer_s44.log 2>&1
   say "moe_layer at 8 and 16 tokens, the down GEMM's K split, the grid's top-k rows rc=$?"
   prep_beside "routed_slots_straight" kernels_s44.log PLAN=$plan NAME=3.25bit-t1 || return 1
   say "GPU tests, the top-k's rows: $(tail -1 $res/tests/kernels_s44.log)"
@@ -1433,7 +1433,7 @@ phase77() {
   # GPU tests (~3 min, one call)
   python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b \
     --layouts '^(no stream-K|grid, top-k rows|down split [23])$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s44 > $res/layer_s44.log 2>&1
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_s44 > $res/layer_s44.log 2>&1
   say "moe_layer at 8 and 16 tokens, the grid's top-k rows, the down GEMM's K split rc=$?"
   mkdir -p $res/tests
   kernel_tests "routed_slots_straight" > $res/tests/kernels_s44.log 2>&1
@@ -1442,10 +1442,12 @@ phase77() {
 
 phase79() {
   # phase 77 cut to what 364 s of device time hold (forty-fifth session): the layer at 8 tokens, the grid aligned beside
-  # its routed slots straight from the top-k, then the grid's top-k GPU tests (~2.5 min, one call)
+  # its routed slots straight from the top-k, then the grid's top-k GPU tests (~2.5 min, one call). Phases 76, 77 and 79
+  # leave Marlin out of the layer (--no-marlin): they compare our layouts, and without .tvm-ffi.tar.xz carried its JIT
+  # build would take about 8 minutes of the call
   python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b \
     --layouts '^(no stream-K|grid, top-k rows)$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s45 > $res/layer_s45.log 2>&1
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_s45 > $res/layer_s45.log 2>&1
   say "moe_layer at 8 tokens, the grid's top-k rows rc=$?"
   mkdir -p $res/tests
   kernel_tests "routed_slots_straight" > $res/tests/kernels_s45.log 2>&1
