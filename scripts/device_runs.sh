@@ -1426,18 +1426,22 @@ phase78() {
   e2e_s44 $plan $ckpt
 }
 
+grid_topk_runs() {  # NAME TOKENS LAYOUTS: Qwen1.5-MoE's layer at TOKENS with those layouts (Marlin left out), then the
+  # GPU tests of the grid's top-k rows ($res/layer_NAME, $res/tests/kernels_NAME.log)
+  python3 benchmarks/moe_layer.py --tokens $2 --ours-only --models qwen1.5-moe-a2.7b --layouts "$3" \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_$1 > $res/layer_$1.log 2>&1
+  say "moe_layer at $2 tokens, $3 rc=$?"
+  mkdir -p $res/tests
+  kernel_tests "routed_slots_straight" > $res/tests/kernels_$1.log 2>&1
+  say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_$1.log)"
+}
+
 phase77() {
   # phase 76 cut to what about 5 minutes hold (the forty-fourth session: 434 s of device time left after the machines
   # that did not come): Qwen1.5-MoE's layer at 8 and 16 tokens, the grid aligned ("no stream-K") beside its routed
   # slots straight from the top-k (MXSERVE_TOPK_GRID) and the down GEMM's K split in 2 and 3; then the grid's top-k
   # GPU tests (~3 min, one call)
-  python3 benchmarks/moe_layer.py --tokens 8 16 --ours-only --models qwen1.5-moe-a2.7b \
-    --layouts '^(no stream-K|grid, top-k rows|down split [23])$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_s44 > $res/layer_s44.log 2>&1
-  say "moe_layer at 8 and 16 tokens, the grid's top-k rows, the down GEMM's K split rc=$?"
-  mkdir -p $res/tests
-  kernel_tests "routed_slots_straight" > $res/tests/kernels_s44.log 2>&1
-  say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_s44.log)"
+  grid_topk_runs s44 "8 16" '^(no stream-K|grid, top-k rows|down split [23])$'
 }
 
 phase79() {
@@ -1445,13 +1449,7 @@ phase79() {
   # its routed slots straight from the top-k, then the grid's top-k GPU tests (~2.5 min, one call). Phases 76, 77 and 79
   # leave Marlin out of the layer (--no-marlin): they compare our layouts, and without .tvm-ffi.tar.xz carried its JIT
   # build would take about 8 minutes of the call
-  python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b \
-    --layouts '^(no stream-K|grid, top-k rows)$' \
-    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --no-marlin --out $res/layer_s45 > $res/layer_s45.log 2>&1
-  say "moe_layer at 8 tokens, the grid's top-k rows rc=$?"
-  mkdir -p $res/tests
-  kernel_tests "routed_slots_straight" > $res/tests/kernels_s45.log 2>&1
-  say "GPU tests, the grid's top-k rows: $(tail -1 $res/tests/kernels_s45.log)"
+  grid_topk_runs s45 8 '^(no stream-K|grid, top-k rows)$'
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)
