@@ -487,7 +487,7 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
         if topk[3] != topk[0]:
             raise ValueError("stream-K takes one token's rows straight from the top-k, not more tokens'")
         consts.update(TOPK=topk[0], N_ROUTED=topk[1])
-    elif topk:  # the grid: the routed slots' blocks found in the top-k (moe_gemm_gluon._topk_block)
+    elif topk:  # the grid: the routed slots' blocks found in the top-k (moe_gemm_gluon._topk_lead)
         if topk[3] > TOPK_GRID_SLOTS:
             raise ValueError(f"the grid takes at most {TOPK_GRID_SLOTS} routed slots straight from the top-k")
         consts.update(GRID_TOPK=topk[0], SLOTS=topk[2], SP=max(32, triton.next_power_of_2(topk[3])))
@@ -974,7 +974,7 @@ TOPK_ROWS = "MXSERVE_TOPK_ROWS"
 # MXSERVE_TOPK_GRID=1 (opt-in, not yet timed on a GPU): decode forwards on the grid (not stream-K) take the routed
 # slots straight from the top-k too, at any token count up to TOPK_GRID_SLOTS routed slots: the launches have a
 # program row per routed slot, and the slot that leads a block of its expert's slots finds them in the top-k
-# (moe_gemm_gluon._topk_block), so no alignment launch stands between the router and the first GEMM (at 8 requests
+# (moe_gemm_gluon._topk_lead), so no alignment launch stands between the router and the first GEMM (at 8 requests
 # the forty-third session's trace had the alignment's 2.9 us there, the routed gate/up starting 11.5 us after the
 # norm). The shared experts keep launches of their own, as on the grid they have by default
 TOPK_GRID = "MXSERVE_TOPK_GRID"

@@ -631,30 +631,46 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     return acc, acc2
 
 
+@gluon.constexpr_function
+def _topk_slots(sp):
+    """[sp]: every routed slot in each warp (sp / 32 a lane, the warps alike): a reduction is a warp's, with no
+    shared memory."""
+    return gl.BlockedLayout([sp // 32], [32], [WARPS], [0])
+
+
 @gluon.jit
-def _topk_block(ids_ptr, pid_m, num_valid, L: gl.constexpr, TOPK: gl.constexpr, SLOTS: gl.constexpr,
-                SP: gl.constexpr, BM: gl.constexpr):  # fmt: skip
-    """GRID_TOPK: the block that routed slot ``pid_m`` of the top-k ([T, TOPK] ids) leads, with no alignment. An
+def _topk_lead(ids_ptr, pid_m, num_valid, TOPK: gl.constexpr, SLOTS: gl.constexpr, SP: gl.constexpr,
+               BM: gl.constexpr):  # fmt: skip
+    """GRID_TOPK: whether routed slot ``pid_m`` of the top-k ([T, TOPK] ids) leads a block, with no alignment. An
     expert's slots, in order, make blocks of BM: slot ``pid_m`` leads one where its rank among its expert's slots is
-    a multiple of BM, and the block's rows (layout ``L``) are that slot and the expert's next BM - 1 slots, numbered as
-    the alignment numbers rows (token * SLOTS + slot), ``num_valid`` past the expert's last. A padded token's slot
-    (-1) is expert 0's, as the alignment takes it. Returns (leads, expert, rows)."""
-    # every slot in each warp (SP / 32 a lane, the warps alike): a reduction is a warp's, with no shared memory
+    a multiple of BM. A padded token's slot (-1) is expert 0's, as the alignment takes it. Returns (leads, expert,
+    same): ``same``, which slots are the expert's (_topk_rows takes it)."""
     gl.static_assert(SP >= 32, "GRID_TOPK reads at least a warp's 32 slots")
-    S1: gl.constexpr = gl.BlockedLayout([SP // 32], [32], [_WARPS], [0])
+    S1: gl.constexpr = _topk_slots(SP)
     j = gl.arange(0, SP, layout=S1)
     n = (num_valid // SLOTS) * TOPK  # the routed slots
     e = gl.maximum(gl.load(ids_ptr + j, mask=j < n, other=0).to(gl.int32), 0)
     me = gl.maximum(gl.load(ids_ptr + pid_m).to(gl.int32), 0)
     same = (e == me) & (j < n)
     rank = gl.sum((same & (j < pid_m)).to(gl.int32), axis=0)
+    return rank % BM == 0, me, same
+
+
+@gluon.jit
+def _topk_rows(same, pid_m, num_valid, L: gl.constexpr, TOPK: gl.constexpr, SLOTS: gl.constexpr,
+               SP: gl.constexpr, BM: gl.constexpr):  # fmt: skip
+    """The rows (layout ``L``) of the block that slot ``pid_m`` leads (_topk_lead; ``same``: its expert's slots):
+    that slot and the expert's next BM - 1, numbered as the alignment numbers rows (token * SLOTS + slot),
+    ``num_valid`` past the expert's last. Only a leader builds them: the grid's other programs return at once."""
+    j = gl.arange(0, SP, layout=_topk_slots(SP))
+    n = (num_valid // SLOTS) * TOPK
     m = gl.arange(0, BM, layout=L)
     rows = gl.where(m == 0, (pid_m // TOPK) * SLOTS + pid_m % TOPK, num_valid)
     at = pid_m
-    for i in gl.static_range(1, BM):  # each next slot of the expert: BM - 1 reductions over the top-k
+    for i in gl.static_range(1, BM):  # each next slot of the expert: a warp's reduction (redux.sync) each
         at = gl.min(gl.where(same & (j > at), j, SP), axis=0)
         rows = gl.where(m == i, gl.where(at < n, (at // TOPK) * SLOTS + at % TOPK, num_valid), rows)
-    return rank % BM == 0, me, rows
+    return rows
 
 
 @gluon.jit
@@ -672,14 +688,13 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     TOPK (one token, the top-k's width): block ``pid_m`` is row ``pid_m`` alone, and its expert the top-k's
     (``sorted_ids_ptr``: the top-k ids [TOPK]; ``route_w_ptr``: their weights) or a shared one past it.
     GRID_TOPK (the grid, any tokens, the top-k's width; routed slots only): block ``pid_m`` is the one routed slot
-    ``pid_m`` leads (_topk_block; ``route_w_ptr``: the top-k weights), or nothing."""
+    ``pid_m`` leads (_topk_lead, _topk_rows; ``route_w_ptr``: the top-k weights), or nothing."""
     XL: gl.constexpr = _lane_tokens(BM)
     if TOPK:  # slot pid_m of the one token: a routed one's expert from the top-k (-1: expert 0, weight 0)
         picked = gl.load(sorted_ids_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.int32)
         expert = gl.where(pid_m < TOPK, gl.maximum(picked, 0), N_ROUTED + pid_m - TOPK)
     elif GRID_TOPK:
-        leads, expert, ids_x = _topk_block(sorted_ids_ptr, pid_m, num_valid,
-                                           gl.SliceLayout(0, gl.SliceLayout(1, XL)), GRID_TOPK, SLOTS, SP, BM)
+        leads, expert, same = _topk_lead(sorted_ids_ptr, pid_m, num_valid, GRID_TOPK, SLOTS, SP, BM)
     else:
         expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
@@ -703,6 +718,9 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     else:
         ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
     if run:
+        if GRID_TOPK:  # the rows of a leader's block only
+            ids_x = _topk_rows(same, pid_m, num_valid, gl.SliceLayout(0, gl.SliceLayout(1, XL)), GRID_TOPK, SLOTS,
+                               SP, BM)  # fmt: skip
         # the Hadamard-rotated copy, for rotated experts
         a_base = a_ptr + gl.multiple_of(rotated * a_rot_off, 128)
         rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
