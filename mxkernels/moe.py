@@ -483,14 +483,15 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
                   **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
     if topk and tiles.fma:
         raise ValueError("the top-k's rows straight are taken by the Gluon kernel's MMA layouts only")
-    if topk and tiles.stream_k:  # one token's rows straight from its top-k (moe_gemm_gluon._block's TOPK)
-        if topk[3] != topk[0]:
-            raise ValueError("stream-K takes one token's rows straight from the top-k, not more tokens'")
+    if topk and tiles.stream_k and topk[3] == topk[0]:  # one token's rows straight (moe_gemm_gluon._block's TOPK)
         consts.update(TOPK=topk[0], N_ROUTED=topk[1])
-    elif topk:  # the grid: the routed slots' blocks found in the top-k (moe_gemm_gluon._topk_lead)
-        if topk[3] > TOPK_GRID_SLOTS:
-            raise ValueError(f"the grid takes at most {TOPK_GRID_SLOTS} routed slots straight from the top-k")
-        consts.update(GRID_TOPK=topk[0], SLOTS=topk[2], SP=max(32, triton.next_power_of_2(topk[3])))
+    elif topk:  # the routed slots' blocks found in the top-k (moe_gemm_gluon._topk_lead; on stream-K _topk_leaders)
+        widest = TOPK_STREAM_K_SLOTS if tiles.stream_k else TOPK_GRID_SLOTS
+        if topk[3] > widest:
+            raise ValueError(f"at most {widest} routed slots are taken straight from the top-k"
+                             f"{' on stream-K' if tiles.stream_k else ''}")  # fmt: skip
+        consts.update(GRID_TOPK=topk[0], SLOTS=topk[2], SP=max(32, triton.next_power_of_2(topk[3])),
+                      **({"N_ROUTED": topk[1]} if tiles.stream_k else {}))  # fmt: skip
     if pdl_on:  # the kernel's PDL modes: moe_gemm_gluon.py
         consts.update(PDL=2 if static and not gate_up else 1, launch_pdl=True)
     key = None
@@ -500,7 +501,8 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
         consts.update(STREAM_K=True, **({"maxnreg": cap} if cap and cap != NO_CAP else {}))
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
                       tiles.place, tiles.early, dev, tiled, consts.get("GROUP_M", 0),
-                      tiles.staged, tiles.wgmma, consts.get("TOPK", 0), consts.get("N_ROUTED", 0))  # fmt: skip
+                      tiles.staged, tiles.wgmma, consts.get("TOPK", 0), consts.get("N_ROUTED", 0),
+                      consts.get("GRID_TOPK", 0), consts.get("SLOTS", 0), consts.get("SP", 0))  # fmt: skip
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
     return bn, codes, splits, consts, key, most
@@ -539,6 +541,9 @@ class GridKey(NamedTuple):
     wgmma: bool = False
     topk: int = 0
     n_routed: int = 0
+    grid_topk: int = 0
+    slots: int = 0
+    sp: int = 0
 
 
 _PER_SM: dict[GridKey, int] = {}
@@ -863,12 +868,14 @@ def _pick(tokens: int, dev: torch.device, top_k: int, gate_up: Arena, down: Aren
                   launches(down, t_dn, {**ov_dn, **forced}, tokens)) if apart and t_gu.shared_own else (l_gu, l_dn)
     if stream_k:
         split_gu = 1
-    # the top-k's rows straight: one token's on stream-K, its shared experts in the launches (a block a row); or on the
-    # grid the routed slots' (the shared experts, if any, in launches of their own)
+    # the top-k's rows straight: one token's on stream-K, its shared experts in the launches (a block a row); or more
+    # tokens' routed slots, on the grid (the shared experts, if any, in launches of their own) or on stream-K (the
+    # shared experts' blocks after the routed ones)
     one = tokens == 1 and stream_k and not apart and topk_rows_on(topk_asked)
-    grid = (not stream_k and (apart or slots == top_k) and tokens * top_k <= TOPK_GRID_SLOTS
-            and topk_grid_on(grid_asked))  # fmt: skip
-    topk_rows = (one or grid) and all(t.gluon and not t.fma for _, t in l_gu + l_dn)
+    many = (tokens > 1 and topk_grid_on(grid_asked)
+            and (not stream_k and (apart or slots == top_k) and tokens * top_k <= TOPK_GRID_SLOTS
+                 or stream_k and not apart and tokens * top_k <= TOPK_STREAM_K_SLOTS))  # fmt: skip
+    topk_rows = (one or many) and all(t.gluon and not t.fma for _, t in l_gu + l_dn)
     return _Picked(src_dn, dq, slots, rows, bm, s_gu[0][1].bm, split_gu, split_dn, stream_k,
                    apart, topk_rows, l_gu, l_dn, s_gu, s_dn)  # fmt: skip
 
@@ -971,14 +978,20 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 # 22 us where aligned 26; end to end at 1 request, SGLang's logged decode rate 4% higher, per output token 1.93 ms
 # where 2.06
 TOPK_ROWS = "MXSERVE_TOPK_ROWS"
-# MXSERVE_TOPK_GRID=1 (opt-in, not yet timed on a GPU): decode forwards on the grid (not stream-K) take the routed
-# slots straight from the top-k too, at any token count up to TOPK_GRID_SLOTS routed slots: the launches have a
-# program row per routed slot, and the slot that leads a block of its expert's slots finds them in the top-k
-# (moe_gemm_gluon._topk_lead), so no alignment launch stands between the router and the first GEMM (at 8 requests
-# the forty-third session's trace had the alignment's 2.9 us there, the routed gate/up starting 11.5 us after the
-# norm). The shared experts keep launches of their own, as on the grid they have by default
+# MXSERVE_TOPK_GRID=1 (opt-in, not yet timed on a GPU): decode forwards of more than one token take the routed slots
+# straight from the top-k too, up to TOPK_GRID_SLOTS routed slots, so no alignment launch stands between the router
+# and the first GEMM (at 8 requests the forty-third session's trace had the alignment's 2.9 us there, the routed
+# gate/up starting 11.5 us after the norm). On the grid the launches have a program row per routed slot, and the slot
+# that leads a block of its expert's slots finds them in the top-k (moe_gemm_gluon._topk_lead); the shared experts
+# keep launches of their own, as on the grid they have by default. On stream-K (the default below STREAM_K_ROWS rows
+# per expert, so at 8 requests) every program finds all the leaders (_topk_leaders) and deals out their blocks, then
+# the shared experts' blocks of tokens, in the same launch
 TOPK_GRID = "MXSERVE_TOPK_GRID"
-TOPK_GRID_SLOTS = 128  # each program reads every routed slot's expert: at most this many (a reduction's width)
+# each program reads every routed slot's expert (a reduction's width): at most this many
+TOPK_GRID_SLOTS = 128
+# ... and on stream-K it counts them pairwise: at 64 slots the sm_90 code holds the registers of the aligned
+# launches (100 for gate/up, 96 for down; w2, w3 and w4 experts), at 128 gate/up held 174 (tests/test_gluon_sass.py)
+TOPK_STREAM_K_SLOTS = 64
 
 
 def topk_rows_on(asked: bool | None = None) -> bool:
@@ -988,7 +1001,7 @@ def topk_rows_on(asked: bool | None = None) -> bool:
 
 
 def topk_grid_on(asked: bool | None = None) -> bool:
-    """Whether forwards on the grid take the routed slots straight from the top-k: ``asked`` (an override's
+    """Whether forwards of more tokens take the routed slots straight from the top-k: ``asked`` (an override's
     topk_grid), else MXSERVE_TOPK_GRID (read per forward; unset: off)."""
     return os.environ.get(TOPK_GRID, "0") == "1" if asked is None else bool(asked)
 
@@ -1054,17 +1067,19 @@ def start_shared(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_rou
 def start_zero_fill(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: int, poison: bool = False,
                     dispatch: str | None = None, shared_apart: bool | None = None, split_fit: str | None = None,
                     **override) -> Started | None:  # fmt: skip
-    """Zero stream-K's sums of a one-token forward of ``x`` [1, H] that takes the top-k's rows straight (topk_rows)
-    now, before the router's top-k exists, on the second stream: its first GEMM then waits for the router alone,
-    where the fill ran after it (the forty-first session's trace at 1 request: router 4.2 us, fill 1.0, then the
-    alignment's 2.6 before the GEMM). None for other forwards. Pass the result to the forward's :func:`moe_gemms`
-    (or :func:`mx_moe_forward`) as ``started``."""
-    if x.shape[0] != 1:
+    """Zero stream-K's sums of a forward of ``x`` [T, H] that takes the top-k's rows straight (topk_rows: one token,
+    or more under MXSERVE_TOPK_GRID) now, before the router's top-k exists, on the second stream: its first GEMM then
+    waits for the router alone, where the fill ran after it (the forty-first session's trace at 1 request: router
+    4.2 us, fill 1.0, then the alignment's 2.6 before the GEMM). None for other forwards. Pass the result to the
+    forward's :func:`moe_gemms` (or :func:`mx_moe_forward`) as ``started``."""
+    if x.shape[0] != 1 and (x.shape[0] * top_k > TOPK_STREAM_K_SLOTS or not topk_grid_on(override.get("topk_grid"))):
         return None  # before any buffer is allocated: prefill passes come here too
+    p = _pick_cached(x.shape[0], x.device, top_k, gate_up, down, n_routed, dispatch, shared_apart, split_fit,
+                     override, False)  # fmt: skip
+    if not (p.topk_rows and p.stream_k):  # the grid's top-k rows add into no zeroed sums
+        return None
     x = x.to(torch.bfloat16).contiguous()  # as mx_moe_forward gives it to moe_gemms
     lay = _layout(x, top_k, gate_up, down, n_routed, poison, dispatch, shared_apart, split_fit, override)
-    if not lay.topk_rows:
-        return None
     main, side = _streams(x.device)
     _beside(main, side, lambda: _zero_and(lay.sums, lay.zeroed, None))
     return Started(lay, _options(poison, dispatch, shared_apart, split_fit, override), zeroed=True)

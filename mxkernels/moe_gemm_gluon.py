@@ -673,6 +673,39 @@ def _topk_rows(same, pid_m, num_valid, L: gl.constexpr, TOPK: gl.constexpr, SLOT
     return rows
 
 
+@gluon.constexpr_function
+def _topk_pairs(sp):
+    """[sp, sp]: slot i (rows, over the warps) against slot j (columns, over the lanes)."""
+    return gl.BlockedLayout([1, sp // 32], [1, 32], [WARPS, 1], [1, 0])
+
+
+@gluon.jit
+def _topk_leaders(ids_ptr, num_valid, TOPK: gl.constexpr, SLOTS: gl.constexpr, SP: gl.constexpr,
+                  BM: gl.constexpr):  # fmt: skip
+    """Stream-K's GRID_TOPK: which routed slots of the top-k lead a block (as _topk_lead finds for one), how many
+    leaders come up to each, and how many there are: every program deals out the same blocks, so each finds them all
+    (a slot's rank among its expert's: the slots before it of the same expert, counted pairwise)."""
+    P: gl.constexpr = _topk_pairs(SP)
+    i = gl.arange(0, SP, layout=gl.SliceLayout(1, P))
+    j = gl.arange(0, SP, layout=gl.SliceLayout(0, P))
+    n = (num_valid // SLOTS) * TOPK
+    ei = gl.maximum(gl.load(ids_ptr + i, mask=i < n, other=0).to(gl.int32), 0)
+    ej = gl.maximum(gl.load(ids_ptr + j, mask=j < n, other=0).to(gl.int32), 0)
+    rank = gl.sum(((ei[:, None] == ej[None, :]) & (j[None, :] < i[:, None])).to(gl.int32), axis=1)
+    # into every warp (a scan takes no sliced layout; _topk_nth's reductions are then a warp's)
+    lead = gl.convert_layout(((rank % BM == 0) & (i < n)).to(gl.int32), _topk_slots(SP))
+    return lead, gl.cumsum(lead, axis=0), gl.sum(lead, axis=0)
+
+
+@gluon.jit
+def _topk_nth(lead, upto, leaders, b, n, SP: gl.constexpr):
+    """Stream-K's GRID_TOPK block ``b``: the slot of the ``b``-th leader (_topk_leaders), and past the ``leaders``
+    the shared experts' blocks, numbered from ``n`` (the routed slots) on (_block)."""
+    i = gl.arange(0, SP, layout=_topk_slots(SP))
+    at = gl.min(gl.where((lead != 0) & (upto == b + 1), i, SP), axis=0)
+    return gl.where(b < leaders, at, n + b - leaders)
+
+
 @gluon.jit
 def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
            route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m, pid_n, pid_s,
@@ -687,14 +720,22 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert.
     TOPK (one token, the top-k's width): block ``pid_m`` is row ``pid_m`` alone, and its expert the top-k's
     (``sorted_ids_ptr``: the top-k ids [TOPK]; ``route_w_ptr``: their weights) or a shared one past it.
-    GRID_TOPK (the grid, any tokens, the top-k's width; routed slots only): block ``pid_m`` is the one routed slot
-    ``pid_m`` leads (_topk_lead, _topk_rows; ``route_w_ptr``: the top-k weights), or nothing."""
+    GRID_TOPK (any tokens, the top-k's width): block ``pid_m`` is the one routed slot ``pid_m`` leads (_topk_lead,
+    _topk_rows; ``route_w_ptr``: the top-k weights), or nothing; on stream-K (only leaders come: _topk_nth) past the
+    routed slots a shared expert's block of tokens (N_ROUTED: the first shared expert)."""
     XL: gl.constexpr = _lane_tokens(BM)
     if TOPK:  # slot pid_m of the one token: a routed one's expert from the top-k (-1: expert 0, weight 0)
         picked = gl.load(sorted_ids_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.int32)
         expert = gl.where(pid_m < TOPK, gl.maximum(picked, 0), N_ROUTED + pid_m - TOPK)
     elif GRID_TOPK:
-        leads, expert, same = _topk_lead(sorted_ids_ptr, pid_m, num_valid, GRID_TOPK, SLOTS, SP, BM)
+        n = (num_valid // SLOTS) * GRID_TOPK
+        leads, expert, same = _topk_lead(sorted_ids_ptr, gl.minimum(pid_m, n - 1), num_valid, GRID_TOPK, SLOTS, SP,
+                                         BM)  # fmt: skip
+        if STREAM_K:  # past the routed slots, the shared experts' blocks: each expert's tokens, BM at a time
+            per = gl.cdiv(num_valid // SLOTS, BM)
+            sb = pid_m - n
+            expert = gl.where(sb >= 0, N_ROUTED + sb // per, expert)
+            leads = leads | (sb >= 0)
     else:
         expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
@@ -719,8 +760,16 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
         ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
     if run:
         if GRID_TOPK:  # the rows of a leader's block only
-            ids_x = _topk_rows(same, pid_m, num_valid, gl.SliceLayout(0, gl.SliceLayout(1, XL)), GRID_TOPK, SLOTS,
-                               SP, BM)  # fmt: skip
+            L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, XL))
+            if STREAM_K:
+                if pid_m >= n:  # a shared expert's block of tokens: each token's row of that expert
+                    tok = ((pid_m - n) % per) * BM + gl.arange(0, BM, layout=L)
+                    ids_x = gl.where(tok < num_valid // SLOTS, tok * SLOTS + GRID_TOPK + (pid_m - n) // per,
+                                     num_valid)  # fmt: skip
+                else:
+                    ids_x = _topk_rows(same, pid_m, num_valid, L, GRID_TOPK, SLOTS, SP, BM)
+            else:
+                ids_x = _topk_rows(same, pid_m, num_valid, L, GRID_TOPK, SLOTS, SP, BM)
         # the Hadamard-rotated copy, for rotated experts
         a_base = a_ptr + gl.multiple_of(rotated * a_rot_off, 128)
         rows_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
@@ -771,10 +820,11 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                 w = gl.load(route_w_ptr + gl.minimum(pid_m, TOPK - 1)).to(gl.float32)
                 w = gl.where(pid_m < TOPK, gl.where(picked < 0, 0.0, w), 1.0)
                 res = acc * gl.where(ids < num_valid, w, 0.0)[None, :]
-            elif GRID_TOPK:  # the row's top-k weight (a padded token's -1: none)
-                slot = gl.where(ids < num_valid, (ids // SLOTS) * GRID_TOPK + ids % SLOTS, 0)
+            elif GRID_TOPK:  # the row's top-k weight (a padded token's -1: none), a shared expert's 1
+                routed = ids % SLOTS < GRID_TOPK
+                slot = gl.where((ids < num_valid) & routed, (ids // SLOTS) * GRID_TOPK + ids % SLOTS, 0)
                 w = gl.load(route_w_ptr + slot).to(gl.float32)
-                w = gl.where(gl.load(sorted_ids_ptr + slot).to(gl.int32) < 0, 0.0, w)
+                w = gl.where(routed, gl.where(gl.load(sorted_ids_ptr + slot).to(gl.int32) < 0, 0.0, w), 1.0)
                 res = acc * gl.where(ids < num_valid, w, 0.0)[None, :]
             else:
                 res = acc * gl.load(route_w_ptr + ids, mask=ids < num_valid, other=0.0)[None, :]
@@ -837,11 +887,15 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         # pair's K, so every program adds its sums into the zeroed fp32 output (ncu at 16 and 64 tokens:
         # 2 of 3 grid rows without work and each program as long as its whole K loop; Marlin strides a fixed
         # grid so: benchmarks/README.md, seventeenth session)
-        gl.static_assert(GRID_TOPK == 0, "stream-K takes one token's rows straight (TOPK), not the grid's GRID_TOPK")
+        gl.static_assert(TOPK == 0 or GRID_TOPK == 0, "one token's rows (TOPK) or any tokens' (GRID_TOPK)")
         n_tiles = gl.cdiv(N, BN)
         k_tiles = K // _BK
         if TOPK:  # one token: a block a row, and no alignment's count to wait for
             total = num_valid * n_tiles * k_tiles
+        elif GRID_TOPK:  # any tokens: the blocks that routed slots lead, then the shared experts' (_block)
+            lead, upto, leaders = _topk_leaders(sorted_ids_ptr, num_valid, GRID_TOPK, SLOTS, SP, BM)
+            shared = (SLOTS - GRID_TOPK) * gl.cdiv(num_valid // SLOTS, BM)
+            total = (leaders + shared) * n_tiles * k_tiles
         else:
             total = (gl.load(num_post_pad_ptr).to(gl.int32) // BM) * n_tiles * k_tiles
         programs = gl.num_programs(0)
@@ -860,10 +914,13 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             pid_n = unit % n_tiles
             if GROUP_M > 1:  # an expert's blocks one after the other in a run, the later ones reading L2
                 pid_m, pid_n, _s = _grouped(unit, total // (n_tiles * k_tiles), n_tiles, 1, GROUP_M)
+            if GRID_TOPK:
+                pid_m = _topk_nth(lead, upto, leaders, pid_m, (num_valid // SLOTS) * GRID_TOPK, SP)
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
-                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, TOPK, N_ROUTED)  # fmt: skip
+                   MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, TOPK, N_ROUTED, GRID_TOPK, SLOTS,
+                   SP)  # fmt: skip
     else:
         gl.static_assert(TOPK == 0, "the top-k's rows straight (TOPK) are dealt out on the stream-K grid only")
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);

@@ -182,6 +182,10 @@
 #      passed, and with the statistics folded every 5 s (~6 min).
 #  79. (only when asked: `start 79`, forty-fifth session) phase 77 at 8 tokens only, the grid aligned beside its top-k
 #      rows, then the grid's top-k GPU tests (~2.5 min, one call).
+#  80. (only when asked: `start 80 81`, forty-sixth session) the layer at 8 and 16 tokens, stream-K and the grid each
+#      aligned and with the top-k rows (stream-K's uncapped and at 168 registers), then the GPU tests of both (~3.5 min).
+#  81. (after 80) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
+#      MXSERVE_TOPK_GRID=1 (now stream-K's top-k rows at 8 requests) and with the statistics folded every 5 s (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1399,12 +1403,12 @@ phase76() {
   e2e_s44 $plan $ckpt
 }
 
-e2e_s44() {  # PLAN CKPT: phase 76's end to end (serving.py at 1 and 8 requests): by default, with MXSERVE_TOPK_GRID=1
-  # where the GPU tests of the grid's top-k rows passed ($res/tests/kernels_s44.log), and with the statistics folded
-  # every 5 s
-  local plan=$1 ckpt=$2
+e2e_s44() {  # PLAN CKPT [TESTS]: phase 76's end to end (serving.py at 1 and 8 requests): by default, with
+  # MXSERVE_TOPK_GRID=1 where the GPU tests of the top-k rows passed ($res/tests/TESTS, kernels_s44.log unless
+  # given), and with the statistics folded every 5 s
+  local plan=$1 ckpt=$2 tests=$res/tests/${3:-kernels_s44.log}
   local grid=()
-  grep -q " passed" $res/tests/kernels_s44.log && ! grep -Eq " (failed|error)" $res/tests/kernels_s44.log &&
+  grep -q " passed" $tests && ! grep -Eq " (failed|error)" $tests &&
     grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1"
           --compare "mxserve-3.25bit-t1:mxserve-3.25bit-t1-topk-grid")
   python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" \
@@ -1450,6 +1454,23 @@ phase79() {
   # leave Marlin out of the layer (--no-marlin): they compare our layouts, and without .tvm-ffi.tar.xz carried its JIT
   # build would take about 8 minutes of the call
   grid_topk_runs s45 8 '^(no stream-K|grid, top-k rows)$'
+}
+
+phase80() {
+  # the forty-sixth session's: MXSERVE_TOPK_GRID on stream-K too (stream-K is the default at 8 and 16 tokens, so phase
+  # 78's server with MXSERVE_TOPK_GRID=1 at 8 requests ran the aligned stream-K launches as before). Qwen1.5-MoE's
+  # layer at 8 and 16 tokens: stream-K aligned and with the top-k rows (uncapped and gate/up at 168 registers), the
+  # grid aligned and with them; then the GPU tests of the top-k rows on both (~3.5 min, one call)
+  grid_topk_runs s46 "8 16" '^(Gluon, stream-K|no stream-K|grid, top-k rows|stream-K, top-k rows beyond one token.*)$'
+}
+
+phase81() {
+  # phase 78 gated on phase 80's tests: the 1-token plan's checkpoints, then serving.py at 1 and 8 requests by default,
+  # with MXSERVE_TOPK_GRID=1 (stream-K's top-k rows at 8 requests) and with the statistics folded every 5 s (~6 min)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
+  prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  e2e_s44 $plan $ckpt kernels_s46.log
 }
 
 shared_tests() {  # LOG [-k EXPRESSION]: the GPU tests of the shared experts' own launches (against one launch)

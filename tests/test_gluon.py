@@ -512,14 +512,60 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_glu
         assert torch.equal(a, b)
     if t != 3:
         return
-    # an override asks for it per forward; stream-K keeps the aligned rows beyond one token
+    # an override asks for it per forward
     aligned.clear()
     moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, topk_grid=False)
     assert aligned == [1]
+
+
+@pytest.mark.parametrize("t, n_shared", [(20, 2), (6, 0)])
+def test_stream_k_takes_the_routed_slots_straight_from_the_top_k(interpreted_gluon, monkeypatch, t, n_shared):
+    # MXSERVE_TOPK_GRID=1 on stream-K beyond one token: every program finds the blocks that routed slots lead
+    # (_topk_leaders) and deals out their K tiles, then the shared experts' blocks of tokens (2 at 20 tokens, 8 rows
+    # each), in one launch per GEMM and no alignment. Stream-K adds its sums in any order, so the layer equals the
+    # aligned one to rounding; with a padded token (-1) and, at 20 tokens, one expert taking 18 slots (three blocks)
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
     monkeypatch.setenv("MXSERVE_STREAM_K", "1")
-    aligned.clear()
-    moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True, topk_grid=True, shared_apart=False)
-    assert aligned == [1]
+    gen = torch.Generator().manual_seed(t + 1)
+    experts = make_experts(["w4a16g128", "w3a16g128", "bf16", "w2a16g128", "w8a16"], 256, 256, 12, n_shared, "rtn",
+                           gen, "cpu")  # fmt: skip
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(t, 256, generator=gen).bfloat16()
+    ids, w = route(t, 12, 2, gen)
+    ids[-1] = -1
+    if t == 20:
+        ids[:18, 0] = 5
+        ids[:18, 1] = torch.where(ids[:18, 1] == 5, 6, ids[:18, 1])
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("GRID_TOPK", 0), kw.get("SLOTS", 0), kw.get("SP", 0),
+                                                     kw.get("N_ROUTED", 0), kw.get("STREAM_K", False)))  # fmt: skip
+    got = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("MXSERVE_TOPK_GRID", on)
+        aligned.clear(), launches.clear()
+        got[on] = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True)
+        assert aligned == ([] if on == "1" else [1])
+        want = (2, 2 + n_shared, 64 if t == 20 else 32, 12, True) if on == "1" else (0, 0, 0, 0, True)
+        assert launches == [want] * 2
+    for a, b in zip(got["1"], got["0"]):
+        assert not a.isnan().any()
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    if t != 6:
+        return
+    # the sums zeroed as the MoE block starts (start_zero_fill, the SGLang plugin's hook), taken by the forward; none
+    # without MXSERVE_TOPK_GRID beyond one token
+    started = moe.start_zero_fill(x, 2, gu, dn, 12)
+    assert started is not None and started.zeroed
+    inter, out = moe.moe_gemms(x, ids, w, gu, dn, 12, started=started)
+    assert started.taken and torch.equal(out, got["1"][1])
+    monkeypatch.setenv("MXSERVE_TOPK_GRID", "0")
+    assert moe.start_zero_fill(x, 2, gu, dn, 12) is None
 
 
 @pytest.mark.parametrize("tiles, shared_block", [({}, 16), ({"shared_own": False}, 8), ({"shared_bm": 32}, 32)])

@@ -219,6 +219,39 @@ def test_gluon_kernel_finds_the_grids_blocks_in_the_top_k_with_warp_reductions(g
     assert redux >= 8, redux
 
 
+def _stream_k_topk_resources(gate_up: bool, codes: int, sp: int) -> str:
+    """Registers, stack bytes and spill instructions of the stream-K kernel (``codes``' experts, 8-row blocks) aligned
+    (``sp`` 0) and with ``sp`` routed slots taken straight from the top-k (top-4 of 5 slots a token, 60 routed)."""
+    topk = {"grid_topk": 4, "slots": 5, "sp": sp, "n_routed": 60} if sp else {}
+    compiled = compile_decode(gate_up, True, codes, 8, 64, stream_k=True, **topk)
+    sass = disassemble(compiled, f"sk_topk{int(gate_up)}{codes}{sp}")
+    return " ".join(str(v) for v in (*resources(compiled).values(), len(re.findall(r"\b(STL|LDL)\b", sass))))
+
+
+def _per_sm(regs: int) -> int:
+    """Programs of 4 warps an SM holds at ``regs`` registers a thread (64K registers, given 256 a warp at a time),
+    at most moe.STREAM_K_MOST (as moe._stream_k_per_sm counts)."""
+    from mxkernels.moe import STREAM_K_MOST
+
+    return min(STREAM_K_MOST, 65536 // (-(-regs * 32 // 256) * 256 * 4))
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+def test_stream_k_finds_the_top_ks_blocks_without_spills(gate_up):
+    # MXSERVE_TOPK_GRID on stream-K: every program counts the routed slots pairwise (up to moe.TOPK_STREAM_K_SLOTS,
+    # 64) to find the blocks it deals out. No spill at 32 or 64 slots; with the narrow codes (w2, w3, w4) as many
+    # programs an SM as the aligned launch. With bf16 and w8 beside them the gate/up kernel held 174 registers at 32
+    # slots where aligned 168 (Triton 3.6): 2 programs an SM, not 3. Which pays is for the GPU to say (moe_layer.py's
+    # "stream-K, top-k rows beyond one token" and its 168-register variant); here, at least 2
+    for codes, sps in ((0b11100, (0, 64)), (0b111101, (32, 64))):
+        got = {sp: tuple(map(int, in_fresh_process(
+            "test_gluon_sass", f"_stream_k_topk_resources({gate_up}, {codes}, {sp})").split())) for sp in sps}
+        for sp in sps[1:] if sps[0] == 0 else sps:
+            regs, stack, spills = got[sp]
+            assert stack == 0 and spills == 0, (codes, got)
+            assert _per_sm(regs) == _per_sm(got[0][0]) if 0 in got else _per_sm(regs) >= 2, (codes, got)
+
+
 @pytest.mark.parametrize("gate_up, pdl", [(True, 1), (False, 2), (False, 0)])
 def test_gluon_kernel_waits_for_the_launch_before_where_its_pdl_mode_says(gate_up, pdl):
     # programmatic dependent launch (mxkernels/pdl.py): griddepcontrol.wait is ACQBULK in the sm_90 code and

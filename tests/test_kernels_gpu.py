@@ -342,20 +342,22 @@ def test_one_token_takes_the_top_k_rows_straight_cuda(graph, padded, early, monk
     assert ((a - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("tokens, graph", [(8, False), (8, True), (16, False), (32, True)])
-def test_the_grid_takes_the_routed_slots_straight_from_the_top_k_cuda(tokens, graph, monkeypatch):
+@pytest.mark.parametrize("tokens, graph, stream_k", [(8, False, "0"), (8, True, "0"), (16, False, "0"), (32, True, "0"),
+                                                     (8, True, "1"), (16, False, "1")])  # fmt: skip
+def test_the_grid_takes_the_routed_slots_straight_from_the_top_k_cuda(tokens, graph, stream_k, monkeypatch):
     # MXSERVE_TOPK_GRID=1 at Qwen1.5-MoE's shapes (60 routed experts, top-4, 4 shared, every scheme the Gluon kernel
     # runs), off stream-K: a program row per routed slot, each leading slot finding its expert's others in the fused
     # router's top-k, no alignment; eager, and captured in a CUDA graph replayed on new tokens. The grid's sums are
     # added in a fixed order, so the layer equals the aligned launches' bit for bit; a padded token (-1) and the
-    # skewed router (some experts past one 8-row block) included
+    # skewed router (some experts past one 8-row block) included. On stream-K every program finds all the leading
+    # slots, the shared experts' blocks after them in the same launches: equal to rounding (its sums' order)
     from kernel_cases import make_experts
 
     from mxkernels import moe
     from mxkernels.arena import build_arena
     from mxkernels.router import fused_router
 
-    monkeypatch.setenv("MXSERVE_STREAM_K", "0")
+    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
     gen = torch.Generator().manual_seed(47)
     names = ["w4a16g128", "w3a16g128", "w2a16g128", "w8a16", "bf16", "w1a16g128"]
     experts = make_experts(names, 2048, 1408, 60, 4, "rtn", gen, "cuda")
@@ -381,7 +383,10 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k_cuda(tokens, gr
     want = layer(x)
     assert aligned
     assert torch.isfinite(got).all()
-    assert torch.equal(got, want)
+    if stream_k == "0":
+        assert torch.equal(got, want)
+    else:
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("tokens, want", [(1, "zero fill"), (8, "shared experts")])
