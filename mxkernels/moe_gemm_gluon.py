@@ -735,7 +735,6 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
             per = gl.cdiv(num_valid // SLOTS, BM)
             sb = pid_m - n
             expert = gl.where(sb >= 0, N_ROUTED + sb // per, expert)
-            leads = leads | (sb >= 0)
     else:
         expert = gl.load(block_expert_ptr + pid_m)
     # the expert's meta row (arena.py), read as mx_moe_gemm_kernel reads it. Not a shared @triton.jit
@@ -755,7 +754,8 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
     if TOPK:  # the block's one row, then padding
         ids_x = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))) == 0, pid_m, num_valid)
     elif GRID_TOPK:
-        run = run & leads
+        if not STREAM_K:  # stream-K deals out the leaders' blocks alone (_topk_nth)
+            run = run & leads
     else:
         ids_x = gl.load(sorted_ids_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL))))
     if run:
