@@ -25,23 +25,42 @@ def interpreted_gluon(monkeypatch):
     monkeypatch.setattr(moe, "_gluon_kernel", lambda: kernel)
 
 
-def _spied(monkeypatch, record) -> list:
-    """The launches of the (interpreted) Gluon kernel from here on, each as ``record(grid, its keywords)``."""
+def _spied(monkeypatch, record, run: bool = True) -> list:
+    """The launches of the (interpreted) Gluon kernel from here on, each as ``record(grid, its keywords)``; with
+    ``run`` false they are recorded only (what a launch is given, not what it computes)."""
     from mxkernels import moe
 
     seen = []
-    kernel = moe._gluon_kernel()
+    kernel = getattr(moe._gluon_kernel, "real", None) or moe._gluon_kernel()  # not a spy set before
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 seen.append(record(grid, kw))
-                return kernel[grid](*args, **kw)
+                return kernel[grid](*args, **kw) if run else None
 
             return launch
 
-    monkeypatch.setattr(moe, "_gluon_kernel", lambda: Spy())
+    def spied():
+        return Spy()
+
+    spied.real = kernel
+    monkeypatch.setattr(moe, "_gluon_kernel", spied)
     return seen
+
+
+def _launched(names, t, n_experts, n_shared, k, seed, **tiles) -> None:
+    """A forward of gemm_errors' case (H = I = 256) for its launches alone (_spied with ``run`` false)."""
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(names, 256, 256, n_experts, n_shared, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(t, 256, generator=gen).to(torch.bfloat16)
+    moe.moe_gemms(x, *route(t, n_experts, k, gen), gu, dn, n_experts, **tiles)
 
 
 # each block shape unsplit, and split with an empty split for the 8-row blocks the launch picks; the
@@ -167,8 +186,9 @@ def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted
     errs = gemm_errors(["w2a16g128", "w4a16g128"], 8, 256, 256, 6, 1, 2, "cpu", seed=5, bm=8, **GLUON)
     assert errs and all(e < BOUND for e in errs.values()), errs
     assert set(launches) == {(True, True, True), (False, True, False)}, launches
-    launches.clear()
-    gemm_errors(["w2a16g128"], 8, 256, 256, 6, 1, 2, "cpu", seed=5, bm=8, place=False, **GLUON)
+    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("PLACE", False), kw.get("EARLY", False)),
+                      run=False)  # fmt: skip
+    _launched(["w2a16g128"], 8, 6, 1, 2, 5, bm=8, place=False, **GLUON)
     assert set(launches) == {(True, False, True), (False, False, False)}, launches
     # the down GEMM alone on 128-row tiles where a wide code set (3 and 8 bits) takes 64 (phase 73's server), the
     # shared experts' launches apart too
@@ -180,11 +200,11 @@ def test_decode_tiles_from_the_environment_reach_the_decode_launches(interpreted
     assert tiles == [(True, 64), (False, 128)] * 2, tiles
     # ... and its K split in two (the layer variant "down split 2": at 8 requests the routed down GEMM took 0.87x
     # Marlin's time, forty-second session), gate/up's split as picked
-    splits = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], grid[2] if len(grid) > 2 else 1))
+    picked = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], grid[2] if len(grid) > 2 else 1), run=False)
     case = (["w4a16g128", "w3a16g128", "w8a16", "w2a16g128"], 8, 256, 256, 16, 2, 4, "cpu")
     monkeypatch.delenv("MXSERVE_DECODE_TILES")
-    gemm_errors(*case, seed=2)
-    picked, _ = list(splits), splits.clear()
+    _launched(case[0], 8, 16, 2, 4, 2)
+    splits = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], grid[2] if len(grid) > 2 else 1))
     monkeypatch.setenv("MXSERVE_DECODE_TILES", "down_tiles.split=2")
     errs = gemm_errors(*case, seed=2)
     assert errs and all(e < BOUND for e in errs.values()), errs
@@ -410,7 +430,6 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     scale = torch.sigmoid(torch.randn(1, 1, generator=gen))
     aligned = []
     monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
-    launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STREAM_K"), kw.get("TOPK", 0), kw.get("N_ROUTED", 0)))
     outs = {}
     for set_to in ("0", "1", None):  # unset: on, the default since the forty-second session
         if set_to is None:
@@ -418,8 +437,13 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
         else:
             monkeypatch.setenv("MXSERVE_TOPK_ROWS", set_to)
         on = set_to or "1"
-        aligned.clear(), launches.clear()
-        outs[on] = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale).float()
+        # "1" and unset make the same launches: those of "1" recorded only (the interpreter's time)
+        launches = _spied(monkeypatch, lambda grid, kw: (kw.get("STREAM_K"), kw.get("TOPK", 0), kw.get("N_ROUTED", 0)),
+                          run=set_to != "1")  # fmt: skip
+        aligned.clear()
+        out = moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale).float()
+        if set_to != "1":
+            outs[on] = out
         assert aligned == ([] if on == "1" else [1])
         assert launches == [(True, 2 if on == "1" else 0, 12 if on == "1" else 0)] * 2  # gate/up, down
     dense = [(e.gate_up.dequantize(), e.down.dequantize()) for e in experts]
@@ -431,10 +455,12 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
     assert ((outs["1"] - outs["0"]).norm() / outs["0"].norm()).item() < 1e-2
     if padded:
         return
-    # an override asks for it per forward, whatever the environment says
+    # an override asks for it per forward, whatever the environment says (its launches recorded only)
+    _spied(monkeypatch, lambda grid, kw: None, run=False)
     aligned.clear()
     moe.mx_moe_forward(x, ids, w, gu, dn, 12, scale, topk_rows=True)
     assert aligned == []
+    _spied(monkeypatch, lambda grid, kw: None)
     # the sums zeroed as the MoE block starts (start_zero_fill, the SGLang plugin's hook): the forward takes that
     # start and zeroes nothing again; none for other token counts or without the top-k's rows
     fills = []
@@ -454,6 +480,7 @@ def test_one_token_takes_the_top_k_rows_straight(interpreted_gluon, monkeypatch,
 
     monkeypatch.setenv("MXSERVE_TOPK_ROWS", "0")
     assert moe.start_zero_fill(x, 2, gu, dn, 12) is None
+    _spied(monkeypatch, lambda grid, kw: None, run=False)
     mode = moe_layer.DECODE_VARIANTS["stream-K, top-k rows"]
     tiles = {f: v for f, v in mode.items() if f not in moe_layer.MODES}
     started = moe_layer.early_start(x, 2, gu, dn, 12, tiles, mode)["started"]
