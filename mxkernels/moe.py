@@ -989,8 +989,9 @@ TOPK_ROWS = "MXSERVE_TOPK_ROWS"
 TOPK_GRID = "MXSERVE_TOPK_GRID"
 # each program reads every routed slot's expert (a reduction's width): at most this many
 TOPK_GRID_SLOTS = 128
-# ... and on stream-K it counts them pairwise: at 64 slots the sm_90 code holds the registers of the aligned
-# launches (100 for gate/up, 96 for down; w2, w3 and w4 experts), at 128 gate/up held 174 (tests/test_gluon_sass.py)
+# ... and on stream-K it counts them pairwise: at 64 slots the sm_90 code keeps as many programs an SM as the aligned
+# launches with w2, w3 and w4 experts (gate/up 128 registers where 100, 4 either way; down 96 where 95), at 128
+# gate/up held 174 and stack (tests/test_gluon_sass.py)
 TOPK_STREAM_K_SLOTS = 64
 
 
