@@ -184,7 +184,8 @@
 #      rows, then the grid's top-k GPU tests (~2.5 min, one call).
 #  80. (only when asked: `start 80 81`, forty-sixth session) the layer at 8 and 16 tokens, stream-K and the grid each
 #      aligned and with the top-k rows (stream-K's uncapped and at 168 registers), then the GPU tests of both (~3.5 min).
-#  81. (after 80) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
+#  82. (only when asked: `start 82 81`, forty-sixth session) phase 80 at 8 tokens, stream-K only (~3 min).
+#  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (now stream-K's top-k rows at 8 requests) and with the statistics folded every 5 s (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
@@ -1462,6 +1463,12 @@ phase80() {
   # layer at 8 and 16 tokens: stream-K aligned and with the top-k rows (uncapped and gate/up at 168 registers), the
   # grid aligned and with them; then the GPU tests of the top-k rows on both (~3.5 min, one call)
   grid_topk_runs s46 "8 16" '^(Gluon, stream-K|no stream-K|grid, top-k rows|stream-K, top-k rows beyond one token.*)$'
+}
+
+phase82() {
+  # phase 80 cut to what is left after the machines that did not come (forty-sixth session, 884 s): 8 tokens, stream-K
+  # aligned and with the top-k rows (uncapped and at 168 registers), then the same GPU tests (~3 min); then phase 81
+  grid_topk_runs s46 8 '^(Gluon, stream-K|stream-K, top-k rows beyond one token.*)$'
 }
 
 phase81() {
