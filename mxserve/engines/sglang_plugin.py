@@ -61,7 +61,7 @@ from sglang.srt.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
-from mxkernels.moe import topk_rows_on
+from mxkernels.moe import topk_grid_on, topk_rows_on
 from mxkernels.pdl import pdl
 from mxkernels.router import enabled as router_fused
 from mxserve.checkpoint import DOWN, GATE_UP, SHARED_GATE, expert_param, read_experts
@@ -164,8 +164,9 @@ def _fuse_router(layer: torch.nn.Module) -> None:
 
 
 def _start_early(layer: torch.nn.Module, shared: bool) -> None:
-    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: at one token taking the
-    top-k's rows straight (MXSERVE_TOPK_ROWS), stream-K's zero fill, beside the router; else, with ``shared``
+    """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: for a forward taking the
+    top-k's rows straight on stream-K (one token: MXSERVE_TOPK_ROWS; more: MXSERVE_TOPK_GRID=1), stream-K's zero
+    fill, beside the router; else, with ``shared``
     (MXSERVE_SHARED_EARLY=1), its shared experts, on their own stream, beside the router's product, its top-k and
     the alignment, as SGLang runs its own shared MLP (MixedExperts.start_early). CUDA-graph captures hold the early
     launches.
@@ -177,8 +178,12 @@ def _start_early(layer: torch.nn.Module, shared: bool) -> None:
         _say("shared", "the shared experts launch early (MXSERVE_SHARED_EARLY=1), as their MoE block starts "
              "(one token: the top-k's rows, where they apply)")  # fmt: skip
     else:
-        _say("topk", "one-token forwards take the top-k's rows straight, with no alignment launch "
-             "(MXSERVE_TOPK_ROWS=0: aligned)")  # fmt: skip
+        said = ["one-token forwards take the top-k's rows straight, with no alignment launch (MXSERVE_TOPK_ROWS=0: "
+                "aligned)"] if topk_rows_on() else []  # fmt: skip
+        if topk_grid_on():
+            said.append("decode forwards of more tokens take the routed slots straight from the top-k "
+                        "(MXSERVE_TOPK_GRID=1)")  # fmt: skip
+        _say("topk", "; ".join(said))
 
     def start(block: torch.nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
@@ -334,7 +339,7 @@ class MxMoEMethod(FusedMoEMethodBase):
             layer.mx.arenas(device)  # pack once now, before SGLang captures CUDA graphs
             if layer.mx_has_shared and ranks[1] == ranks[3] == 1 and os.environ.get("MXSERVE_SHARED_EARLY") == "1":
                 _start_early(layer, True)
-            elif ranks[1] == ranks[3] == 1 and topk_rows_on():
+            elif ranks[1] == ranks[3] == 1 and (topk_rows_on() or topk_grid_on()):
                 _start_early(layer, False)
             if router_fused():
                 _fuse_router(layer)
