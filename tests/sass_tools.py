@@ -71,7 +71,8 @@ def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101,
     ``tiled``: the codes in arena.tile_words' order (Arena.tiled, where K is a multiple of 128); ``staged``: the
     activations through shared memory (Tiles.staged); ``wgmma``: the products as warpgroup MMAs (Tiles.wgmma);
     ``topk``, ``n_routed``: one token's rows straight from its top-k (stream-K; moe.TOPK_ROWS); ``grid_topk``,
-    ``slots``, ``sp``: any tokens' rows straight from their top-k on the grid (moe_gemm_gluon._topk_lead)."""
+    ``slots``, ``sp``: any tokens' rows straight from their top-k (moe_gemm_gluon._topk_lead; with stream_k
+    _topk_leaders)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
