@@ -337,11 +337,12 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # program row per routed slot, the slot that leads a block of its expert's slots finding them in the top-k, so no
     # alignment launch; beside "no stream-K", the same grid aligned
     "grid, top-k rows": {"stream_k": False, "topk_grid": True},
-    # ... and on stream-K (its default below moe.STREAM_K_ROWS rows per expert: Qwen1.5-MoE at 8 and 16 tokens; forty-
-    # sixth session): every program finds the blocks that routed slots lead and deals out their K tiles, the shared
-    # experts' blocks after them, the sums zeroed before the forward (as the server's MoE block does under
-    # MXSERVE_TOPK_GRID=1); beside "Gluon, stream-K", the same launches aligned. Its gate/up kernel held 174
-    # registers (2 programs an SM) where aligned 168 (3) with bf16 and w8 experts: also capped at 168 (a spill or two)
+    # ... and on stream-K (its default below moe.STREAM_K_ROWS rows per expert, STREAM_K_ROWS_COSTLY for plans such as
+    # the served t1 plan, whose 8 and 16 tokens then take the grid; forty-sixth session): every program finds the
+    # blocks that routed slots lead and deals out their K tiles, the shared experts' blocks after them, the sums
+    # zeroed before the forward (as the server's MoE block does under MXSERVE_TOPK_GRID=1); beside "Gluon, stream-K",
+    # the same launches aligned. Its gate/up kernel held 174 registers (2 programs an SM) where aligned 168 (3) with
+    # bf16 and w8 experts: also capped at 168 (a spill or two)
     "stream-K, top-k rows beyond one token": {"stream_k": True, "topk_grid": True, "zero_early": True},
     "stream-K, top-k rows beyond one token, gate/up at 168 registers": {
         "stream_k": True, "topk_grid": True, "zero_early": True, "maxnreg": 168, "down_tiles": {"maxnreg": None}},

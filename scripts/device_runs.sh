@@ -184,9 +184,11 @@
 #      rows, then the grid's top-k GPU tests (~2.5 min, one call).
 #  80. (only when asked: `start 80 81`, forty-sixth session) the layer at 8 and 16 tokens, stream-K and the grid each
 #      aligned and with the top-k rows (stream-K's uncapped and at 168 registers), then the GPU tests of both (~3.5 min).
-#  82. (only when asked: `start 82 81`, forty-sixth session) phase 80 at 8 tokens, stream-K only (~3 min).
+#  82. (only when asked: `start 82 81`) phase 80 at 8 tokens: the grid (served there) and stream-K, each aligned and
+#      with the top-k rows, then the same GPU tests (~3 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
-#      MXSERVE_TOPK_GRID=1 (now stream-K's top-k rows at 8 requests) and with the statistics folded every 5 s (~6 min).
+#      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
+#      with the statistics folded every 5 s (~6 min).
 # On a machine of two GPUs (a kind such as nvidia-h100-x2), issue 14's runs:
 #  42. (only when asked: `start 42 43`) the two-GPU tests (tests/test_sglang_multigpu.py: greedy text at --tp 2 and
 #      --ep 2 against one GPU, a forced swap on both ranks under load) on refmoe-25m (its weights from a call of their
@@ -1458,22 +1460,23 @@ phase79() {
 }
 
 phase80() {
-  # the forty-sixth session's: MXSERVE_TOPK_GRID on stream-K too (stream-K is the default at 8 and 16 tokens, so phase
-  # 78's server with MXSERVE_TOPK_GRID=1 at 8 requests ran the aligned stream-K launches as before). Qwen1.5-MoE's
+  # the forty-sixth session's: MXSERVE_TOPK_GRID on stream-K too (stream-K takes 8 and 16 tokens for plans with a tenth
+  # or less of their weights in costly codes; the served t1 plan's 37% keep them on the grid). Qwen1.5-MoE's
   # layer at 8 and 16 tokens: stream-K aligned and with the top-k rows (uncapped and gate/up at 168 registers), the
   # grid aligned and with them; then the GPU tests of the top-k rows on both (~3.5 min, one call)
   grid_topk_runs s46 "8 16" '^(Gluon, stream-K|no stream-K|grid, top-k rows|stream-K, top-k rows beyond one token.*)$'
 }
 
 phase82() {
-  # phase 80 cut to what is left after the machines that did not come (forty-sixth session, 884 s): 8 tokens, stream-K
-  # aligned and with the top-k rows (uncapped and at 168 registers), then the same GPU tests (~3 min); then phase 81
-  grid_topk_runs s46 8 '^(Gluon, stream-K|stream-K, top-k rows beyond one token.*)$'
+  # phase 80 cut to what a short lease holds: 8 tokens, the grid (the served t1 plan's layout there) and stream-K, each
+  # aligned and with the top-k rows, then the same GPU tests (~3 min); then phase 81
+  grid_topk_runs s46 8 '^(Gluon, stream-K|no stream-K|grid, top-k rows|stream-K, top-k rows beyond one token)$'
 }
 
 phase81() {
   # phase 78 gated on phase 80's tests: the 1-token plan's checkpoints, then serving.py at 1 and 8 requests by default,
-  # with MXSERVE_TOPK_GRID=1 (stream-K's top-k rows at 8 requests) and with the statistics folded every 5 s (~6 min)
+  # with MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the t1 plan's 37% of costly codes keep 8 tokens off
+  # stream-K) and with the statistics folded every 5 s (~6 min)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
   prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
   [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
