@@ -186,6 +186,8 @@
 #      aligned and with the top-k rows (stream-K's uncapped and at 168 registers), then the GPU tests of both (~3.5 min).
 #  82. (only when asked: `start 82 81`) phase 80 at 8 tokens: the grid (served there) and stream-K, each aligned and
 #      with the top-k rows, then the same GPU tests (~3 min).
+#  83. (only when asked: `start 83`, forty-seventh session) stream-K's top-k rows without gl.cumsum: their two GPU
+#      tests, then the layer at 8 tokens, stream-K aligned beside them (~2 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1471,6 +1473,19 @@ phase82() {
   # phase 80 cut to what a short lease holds: 8 tokens, the grid (the served t1 plan's layout there) and stream-K, each
   # aligned and with the top-k rows, then the same GPU tests (~3 min); then phase 81
   grid_topk_runs s46 8 '^(Gluon, stream-K|no stream-K|grid, top-k rows|stream-K, top-k rows beyond one token)$'
+}
+
+phase83() {
+  # the forty-seventh session's: stream-K's top-k rows without gl.cumsum (Triton 3.6's Gluon has none; phase 82's two
+  # stream-K cases failed to compile): those GPU tests first, then the layer at 8 tokens, stream-K aligned beside its
+  # top-k rows (~2 min)
+  mkdir -p $res/tests
+  kernel_tests "routed_slots_straight and (True-1 or False-1)" > $res/tests/kernels_s47.log 2>&1
+  say "GPU tests, stream-K's top-k rows: $(tail -1 $res/tests/kernels_s47.log)"
+  python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b --no-marlin \
+    --layouts '^(Gluon, stream-K|stream-K, top-k rows beyond one token)$' \
+    --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s47 > $res/layer_s47.log 2>&1
+  say "moe_layer at 8 tokens, stream-K aligned and with the top-k rows rc=$?"
 }
 
 phase81() {
