@@ -341,8 +341,9 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the served t1 plan, whose 8 and 16 tokens then take the grid; forty-sixth session): every program finds the
     # blocks that routed slots lead and deals out their K tiles, the shared experts' blocks after them, the sums
     # zeroed before the forward (as the server's MoE block does under MXSERVE_TOPK_GRID=1); beside "Gluon, stream-K",
-    # the same launches aligned. Its gate/up kernel held 174 registers (2 programs an SM) where aligned 168 (3) with
-    # bf16 and w8 experts: also capped at 168 (a spill or two)
+    # the same launches aligned. With bf16 and w8 experts its gate/up kernel held 174 registers (2 programs an SM) where
+    # aligned 168 (3) under Triton 3.9 (this machine's); under 3.6 (the device's) 168 either way, without the spills
+    # the cap would cost under 3.9 (forty-seventh session)
     "stream-K, top-k rows beyond one token": {"stream_k": True, "topk_grid": True, "zero_early": True},
     "stream-K, top-k rows beyond one token, gate/up at 168 registers": {
         "stream_k": True, "topk_grid": True, "zero_early": True, "maxnreg": 168, "down_tiles": {"maxnreg": None}},

@@ -680,11 +680,16 @@ def _topk_pairs(sp):
 
 
 @gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
 def _topk_leaders(ids_ptr, num_valid, TOPK: gl.constexpr, SLOTS: gl.constexpr, SP: gl.constexpr,
                   BM: gl.constexpr):  # fmt: skip
-    """Stream-K's GRID_TOPK: for each routed slot of the top-k, b + 1 where it leads the b-th block (as _topk_lead
-    finds for one; 0 where it leads none), and how many blocks there are: every program deals out the same blocks, so
-    each finds them all (a slot's rank among its expert's, and the leaders up to it, counted pairwise)."""
+    """Stream-K's GRID_TOPK: for each routed slot of the top-k, how many of the slots up to it lead a block (as
+    _topk_lead finds for one), and how many blocks there are: every program deals out the same blocks, so
+    each finds them all (a slot's rank among its expert's slots counted pairwise, then the leaders up to it scanned)."""
     P: gl.constexpr = _topk_pairs(SP)
     i = gl.arange(0, SP, layout=gl.SliceLayout(1, P))
     j = gl.arange(0, SP, layout=gl.SliceLayout(0, P))
@@ -692,22 +697,21 @@ def _topk_leaders(ids_ptr, num_valid, TOPK: gl.constexpr, SLOTS: gl.constexpr, S
     ei = gl.maximum(gl.load(ids_ptr + i, mask=i < n, other=0).to(gl.int32), 0)
     ej = gl.maximum(gl.load(ids_ptr + j, mask=j < n, other=0).to(gl.int32), 0)
     rank = gl.sum(((ei[:, None] == ej[None, :]) & (j[None, :] < i[:, None])).to(gl.int32), axis=1)
-    lead = ((rank % BM == 0) & (i < n)).to(gl.int32)
-    # Triton 3.6's Gluon (the device's) has no scan: gl.cumsum came in a later release
-    upto = gl.sum(gl.convert_layout(lead, gl.SliceLayout(0, P))[None, :] * (j[None, :] <= i[:, None]).to(gl.int32),
-                  axis=1)  # fmt: skip
-    # one array, not two, kept over the program's K loops (two spilled at 96 registers); in every warp, so that
-    # _topk_nth's reduction is a warp's
-    nth = gl.convert_layout(lead * upto, _topk_slots(SP))
-    return nth, gl.max(nth, axis=0)
+    # into every warp (a scan takes no sliced layout; _topk_nth's reduction is then a warp's)
+    lead = gl.convert_layout(((rank % BM == 0) & (i < n)).to(gl.int32), _topk_slots(SP))
+    # the leaders up to each slot (Triton 3.6's Gluon, the device's, has the scan but not gl.cumsum): the b-th leader
+    # is the first slot with b + 1. One array kept over the program's K loops (the leaders beside it, or the count
+    # taken as its maximum, spilled there at 96 registers with w2 to w4)
+    return gl.associative_scan(lead, 0, _add), gl.sum(lead, axis=0)
 
 
 @gluon.jit
-def _topk_nth(nth, leaders, b, n, SP: gl.constexpr):
-    """Stream-K's GRID_TOPK block ``b``: the slot that leads it (_topk_leaders' ``nth``), and past the ``leaders``
-    the shared experts' blocks, numbered from ``n`` (the routed slots) on (_block)."""
+def _topk_nth(upto, leaders, b, n, SP: gl.constexpr):
+    """Stream-K's GRID_TOPK block ``b``: the slot that leads it, the first whose leaders up to it (``upto``,
+    _topk_leaders') are b + 1, and past the ``leaders`` the shared experts' blocks, numbered from ``n`` (the routed
+    slots) on (_block)."""
     i = gl.arange(0, SP, layout=_topk_slots(SP))
-    at = gl.min(gl.where(nth == b + 1, i, SP), axis=0)
+    at = gl.min(gl.where(upto == b + 1, i, SP), axis=0)
     return gl.where(b < leaders, at, n + b - leaders)
 
 
@@ -898,7 +902,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
         if TOPK:  # one token: a block a row, and no alignment's count to wait for
             total = num_valid * n_tiles * k_tiles
         elif GRID_TOPK:  # any tokens: the blocks that routed slots lead, then the shared experts' (_block)
-            nth, leaders = _topk_leaders(sorted_ids_ptr, num_valid, GRID_TOPK, SLOTS, SP, BM)
+            upto, leaders = _topk_leaders(sorted_ids_ptr, num_valid, GRID_TOPK, SLOTS, SP, BM)
             shared = (SLOTS - GRID_TOPK) * gl.cdiv(num_valid // SLOTS, BM)
             total = (leaders + shared) * n_tiles * k_tiles
         else:
@@ -920,7 +924,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             if GROUP_M > 1:  # an expert's blocks one after the other in a run, the later ones reading L2
                 pid_m, pid_n, _s = _grouped(unit, total // (n_tiles * k_tiles), n_tiles, 1, GROUP_M)
             if GRID_TOPK:
-                pid_m = _topk_nth(nth, leaders, pid_m, (num_valid // SLOTS) * GRID_TOPK, SP)
+                pid_m = _topk_nth(upto, leaders, pid_m, (num_valid // SLOTS) * GRID_TOPK, SP)
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, 0, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,

@@ -186,8 +186,9 @@
 #      aligned and with the top-k rows (stream-K's uncapped and at 168 registers), then the GPU tests of both (~3.5 min).
 #  82. (only when asked: `start 82 81`) phase 80 at 8 tokens: the grid (served there) and stream-K, each aligned and
 #      with the top-k rows, then the same GPU tests (~3 min).
-#  83. (only when asked: `start 83`, forty-seventh session) stream-K's top-k rows without gl.cumsum: their two GPU
-#      tests, then the layer at 8 tokens, stream-K aligned beside them (~2 min).
+#  83. (only when asked: `start 83 84`, forty-seventh session) stream-K's top-k rows without gl.cumsum: the six GPU
+#      tests of the top-k rows, then the layer at 8 tokens, stream-K aligned beside them (~2.5 min).
+#  84. (after 83) phase 81 gated on phase 83's tests (~6 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1477,15 +1478,24 @@ phase82() {
 
 phase83() {
   # the forty-seventh session's: stream-K's top-k rows without gl.cumsum (Triton 3.6's Gluon has none; phase 82's two
-  # stream-K cases failed to compile): those GPU tests first, then the layer at 8 tokens, stream-K aligned beside its
-  # top-k rows (~2 min)
+  # stream-K cases failed to compile, its four grid cases passed): the six GPU tests of the top-k rows, then the layer at
+  # 8 tokens, stream-K aligned beside its top-k rows (~2.5 min)
   mkdir -p $res/tests
-  kernel_tests "routed_slots_straight and (True-1 or False-1)" > $res/tests/kernels_s47.log 2>&1
-  say "GPU tests, stream-K's top-k rows: $(tail -1 $res/tests/kernels_s47.log)"
+  kernel_tests "routed_slots_straight" > $res/tests/kernels_s47.log 2>&1
+  say "GPU tests, the top-k rows on the grid and on stream-K: $(tail -1 $res/tests/kernels_s47.log)"
   python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b --no-marlin \
     --layouts '^(Gluon, stream-K|stream-K, top-k rows beyond one token)$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s47 > $res/layer_s47.log 2>&1
   say "moe_layer at 8 tokens, stream-K aligned and with the top-k rows rc=$?"
+}
+
+phase84() {
+  # after 83: phase 81's end to end gated on phase 83's tests (MXSERVE_TOPK_GRID=1 beside the default at 1 and 8
+  # requests, the statistics folded every 5 s: no change in phase 81's run, so this server stays as a repeat) (~6 min)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
+  prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  e2e_s44 $plan $ckpt kernels_s47.log
 }
 
 phase81() {
