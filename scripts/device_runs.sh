@@ -189,7 +189,7 @@
 #  83. (only when asked: `start 83 84`, forty-seventh session) stream-K's top-k rows without gl.cumsum: the six GPU
 #      tests of the top-k rows (and of the down GEMM two tiles ahead), then the layer at 8 tokens: stream-K and the grid,
 #      each aligned and with the top-k rows, and the down GEMM's K split in 2 and 3 or two tiles ahead (~4 min).
-#  84. (after 83) phase 81 gated on phase 83's tests (~6 min).
+#  84. (after 83) phase 81 gated on phase 83's tests, without the server folding its statistics every 5 s (~4.5 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1410,16 +1410,16 @@ phase76() {
   e2e_s44 $plan $ckpt
 }
 
-e2e_s44() {  # PLAN CKPT [TESTS]: phase 76's end to end (serving.py at 1 and 8 requests): by default, with
+e2e_s44() {  # PLAN CKPT [TESTS [NO_FOLD5]]: phase 76's end to end (serving.py at 1 and 8 requests): by default, with
   # MXSERVE_TOPK_GRID=1 where the GPU tests of the top-k rows passed ($res/tests/TESTS, kernels_s44.log unless
-  # given), and with the statistics folded every 5 s
+  # given), and with the statistics folded every 5 s (not if a fourth argument is given: phase 81 timed it)
   local plan=$1 ckpt=$2 tests=$res/tests/${3:-kernels_s44.log}
-  local grid=()
+  local grid=() fold=(--ckpt "3.25bit-t1-fold5=$ckpt" --launch-args "3.25bit-t1-fold5=--stats-interval 5")
+  [ -n "${4:-}" ] && fold=()
   grep -q " passed" $tests && ! grep -Eq " (failed|error)" $tests &&
     grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1"
           --compare "mxserve-3.25bit-t1:mxserve-3.25bit-t1-topk-grid")
-  python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" \
-    --ckpt "3.25bit-t1-fold5=$ckpt" --launch-args "3.25bit-t1-fold5=--stats-interval 5" \
+  python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" "${fold[@]}" \
     --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: the grid's top-k rows; statistics folded every 5 s" \
     --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
@@ -1496,11 +1496,11 @@ phase83() {
 
 phase84() {
   # after 83: phase 81's end to end gated on phase 83's tests (MXSERVE_TOPK_GRID=1 beside the default at 1 and 8
-  # requests, the statistics folded every 5 s: no change in phase 81's run, so this server stays as a repeat) (~6 min)
+  # requests; the statistics folded every 5 s left out: phase 81's run found no change) (~4.5 min)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
   prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
   [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
-  e2e_s44 $plan $ckpt kernels_s47.log
+  e2e_s44 $plan $ckpt kernels_s47.log no-fold5
 }
 
 phase81() {
