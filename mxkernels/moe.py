@@ -94,7 +94,7 @@ class Tiles:
     # ... and that block forced (0: picked so): 8, 16, or 32 with the activations staged (moe_gemm_gluon: 32-row blocks
     # take them through shared memory)
     shared_bm: int = 0
-    # the Gluon MMA kernel's down GEMM (down_tiles.ahead): 2, each K tile's loads two tiles before its products
+    # the Gluon MMA kernel's down GEMM (down_tiles.ahead): 2, each K tile's weights loaded two tiles before its products
     # (moe_gemm_gluon._ahead2), 1 the one tile of every other launch
     ahead: int = 1
 

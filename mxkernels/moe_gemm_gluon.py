@@ -391,6 +391,18 @@ def _placed_acts(words, B: gl.constexpr):
 
 
 @gluon.jit
+def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr):
+    """One K tile's weights (_tile's): 3 bits, the two planes (w, wx); otherwise wx is w."""
+    if BITS == 3:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
+        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
+    else:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
+        wx = w
+    return w, wx
+
+
+@gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
           SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False,
@@ -400,12 +412,7 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
     scales load first, then the program waits for that launch. Without ACTS (Tiles.staged: they come through
     shared memory, ``_stage``) ``toks`` stands in for them."""
-    if BITS == 3:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
-        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
-    else:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
-        wx = w
+    w, wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED)
     if WAIT:
         s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
         tl.extra.cuda.gdc_wait()
@@ -537,18 +544,20 @@ def _ahead2(w, wx, s, z, a, acc, ones, wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r
             A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, PLACE: gl.constexpr,
             EARLY: gl.constexpr, TILED: gl.constexpr):  # fmt: skip
     """_expert's K loop for the down GEMM (Tiles.ahead 2), from its first tile's loads (``w``.. ``a``, at ``k0``):
-    each tile's loads, weights, scales and activations, issued two tiles before its products. At 8 requests the
-    routed down launch walks 11 K tiles a program, one round trip after another, and read about 1.3 TB/s (the
-    forty-third session's trace); its 72 registers leave room for a second tile in flight. The tile after the
-    last loads the last again (from cache), as _expert's does; a run of one tile (or none) loads its own twice."""
+    each tile's weights loaded two tiles before its products, its scales and activations one (L1 and L2 hits after
+    a block's first N tile). At 8 requests the routed down launch walks 11 K tiles a program, one round trip after
+    another, at about 1.3 TB/s (the forty-third session's trace). Under Triton 3.6 the served code set's kernel
+    holds 105 registers where 72 (all of a tile's loads two ahead: 128), so 4 programs an SM where 7; capped at 96,
+    5 with no spill in the K loops: 10 tiles of codes in flight an SM where 7. The tile after the last loads the last
+    again (from cache), as _expert's does; a run of one tile (or none) loads its own twice."""
     k1 = gl.maximum(gl.minimum(k0 + _BK, k_hi - _BK), k0)
-    w1, wx1, s1, z1, a1 = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, k1, K, gpr,
-                                inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED)  # fmt: skip
+    w1, wx1 = _weights(wi_ptr, wb_ptr, 0, r0, N, k1, K, BITS, BN, TILED)
     acc2 = acc
     for kt in range(k_lo, k_hi, _BK):
-        kn = gl.minimum(kt + 2 * _BK, k_hi - _BK)
-        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K, gpr,
-                                    inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED)  # fmt: skip
+        kn = gl.minimum(kt + _BK, k_hi - _BK)
+        wn, wxn = _weights(wi_ptr, wb_ptr, 0, r0, N, gl.minimum(kt + 2 * _BK, k_hi - _BK), K, BITS, BN, TILED)
+        an = _acts(a_base, toks, stride_am, kn, BM, SKIP_PAD)
+        sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
         if EARLY:  # as _expert's: a branch keeps the loads above the products
             if kn >= 0:
                 acc, acc2 = _products(w, wx, s, z, a, w, wx, s, z, acc, acc2, ones, magic, BITS, False, A_OP, B_OP,
@@ -556,8 +565,8 @@ def _ahead2(w, wx, s, z, a, acc, ones, wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r
         else:
             acc, acc2 = _products(w, wx, s, z, a, w, wx, s, z, acc, acc2, ones, magic, BITS, False, A_OP, B_OP, MMA,
                                   PLACE)  # fmt: skip
-        w, wx, s, z, a = w1, wx1, s1, z1, a1
-        w1, wx1, s1, z1, a1 = wn, wxn, sn, zn, an
+        w, wx, s, z, a = w1, wx1, sn, zn, an
+        w1, wx1 = wn, wxn
     return acc, acc2
 
 
@@ -591,7 +600,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     (geometric means): the issued MMAs keep their A operands and results live until the wait (at 16 rows the served
     plan's gate/up holds 254 registers, 2 programs an SM, where mma_v2 holds 168, 3), and it takes 64 rows a
     program, 4.9 instructions a row of a K tile where the held narrow sets' 128 take 4.0. Opt-in.
-    AHEAD 2 (Tiles.ahead, the down GEMM alone: _ahead2): every load two tiles ahead."""
+    AHEAD 2 (Tiles.ahead, the down GEMM alone: _ahead2): the weights two tiles ahead."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     if WG:
         ones = gl.allocate_shared_memory(gl.bfloat16, [BN, _BK], _WG_B, value=ones)
