@@ -153,9 +153,12 @@ def tile_setting(text: str) -> tuple[str, int | bool | None]:
     if value.lower() == "picked" and field.startswith("down_tiles."):
         return field, None
     try:
-        return field, int(value)
+        number = int(value)
     except ValueError:
         raise ValueError(f"{text!r}: an integer or true/false (down_tiles.FIELD: or picked)") from None
+    if field.endswith("ahead") and number not in ((1, 2) if field.startswith("down_tiles.") else (1,)):
+        raise ValueError(f"{text!r}: K tiles loaded ahead, 1, or 2 for the down GEMM alone (down_tiles.ahead=2)")
+    return field, number
 
 
 def down_override(override: dict, down_only: dict) -> dict:
