@@ -357,11 +357,6 @@ DECODE_VARIANTS = {  # the others timed before are in results/moe_layer_h200.jso
     # the top-k sum's launch) and more programs in flight
     "down split 2": {"down_tiles": {"split": 2}},
     "down split 3": {"down_tiles": {"split": 3}},
-    # ... or its programs' weights loaded two K tiles ahead (Tiles.ahead; forty-eighth session): under Triton 3.6 the
-    # served code set's down kernel then holds 105 registers where 72 (4 programs an SM where 7: 8 tiles of codes in
-    # flight an SM where 7), capped at 96 (no spill in its K loops) 5 an SM, 10 tiles
-    "down two tiles ahead": {"down_tiles": {"ahead": 2}},
-    "down two tiles ahead at 96 registers": {"down_tiles": {"ahead": 2, "maxnreg": 96}},
     # ... and gate/up capped at 96 registers, so 5 programs share an SM where its 104 let 4: about 660 then fit at once,
     # the 8-request layer's routed and shared gate/up programs (about 572 and 88); 6 spill instructions in its K loops
     # of about 360 (the served code set, Triton 3.6's ptxas); the down GEMM uncapped as picked

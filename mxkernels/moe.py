@@ -94,9 +94,6 @@ class Tiles:
     # ... and that block forced (0: picked so): 8, 16, or 32 with the activations staged (moe_gemm_gluon: 32-row blocks
     # take them through shared memory)
     shared_bm: int = 0
-    # the Gluon MMA kernel's down GEMM (down_tiles.ahead): 2, each K tile's weights loaded two tiles before its products
-    # (moe_gemm_gluon._ahead2), 1 the one tile of every other launch
-    ahead: int = 1
 
 
 _TILE_FIELDS = frozenset(f.name for f in dataclasses.fields(Tiles))
@@ -133,8 +130,7 @@ PREFILL_GROUP_M = 8
 
 # fields an override (or a tile table entry) may set for the down GEMM alone, under "down_tiles": those that leave the
 # layout both GEMMs share as it is (the alignment's block, BM; the orientation; the kernel)
-DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm", "place", "early",
-               "ahead")
+DOWN_FIELDS = ("bn", "bk", "warps", "stages", "split", "maxnreg", "kmajor", "group_m", "per_sm", "place", "early")
 
 
 DECODE_ROWS = 16  # rows per expert up to which a launch takes the decode layout
@@ -153,12 +149,9 @@ def tile_setting(text: str) -> tuple[str, int | bool | None]:
     if value.lower() == "picked" and field.startswith("down_tiles."):
         return field, None
     try:
-        number = int(value)
+        return field, int(value)
     except ValueError:
         raise ValueError(f"{text!r}: an integer or true/false (down_tiles.FIELD: or picked)") from None
-    if field.endswith("ahead") and number not in ((1, 2) if field.startswith("down_tiles.") else (1,)):
-        raise ValueError(f"{text!r}: K tiles loaded ahead, 1, or 2 for the down GEMM alone (down_tiles.ahead=2)")
-    return field, number
 
 
 def down_override(override: dict, down_only: dict) -> dict:
@@ -479,9 +472,6 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
     if tiles.wgmma and (bn != 64 or tiles.place or tiles.staged):
         raise ValueError("the Gluon kernel's warpgroup MMAs take 64 rows of weights a program (bn 64), neither "
                          "codes in place nor the staged activations")
-    if tiles.ahead not in (1, 2) or tiles.ahead == 2 and (gate_up or tiles.staged or tiles.wgmma):
-        raise ValueError(f"the Gluon kernel loads 1 or 2 K tiles ahead, 2 in the down GEMM alone (down_tiles.ahead) "
-                         f"with its activations in registers, not {tiles.ahead}{' in gate/up' if gate_up else ''}")
     if tiles.wgmma and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] != 9:
         raise ValueError("the Gluon kernel's warpgroup MMAs (wgmma) run on sm_90 GPUs only (H100, H200)")
     codes &= KERNEL_CODES
@@ -490,8 +480,7 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
                   num_warps=WARPS, **({"PLACE": True} if tiles.place else {}),
                   **({"EARLY": True} if tiles.early else {}), **({"TILED": True} if tiled else {}),
                   **({"GROUP_M": tiles.group_m} if tiles.group_m > 1 else {}),
-                  **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}),
-                  **({"AHEAD": 2} if tiles.ahead == 2 else {}))  # fmt: skip
+                  **({"STAGED": True} if tiles.staged else {}), **({"WGMMA": True} if tiles.wgmma else {}))  # fmt: skip
     if topk and tiles.fma:
         raise ValueError("the top-k's rows straight are taken by the Gluon kernel's MMA layouts only")
     if topk and tiles.stream_k and topk[3] == topk[0]:  # one token's rows straight (moe_gemm_gluon._block's TOPK)
@@ -513,7 +502,7 @@ def _gluon_launch(kernel, tiles: Tiles, codes: int, gate_up: bool, static: bool,
         key = GridKey(kernel, gate_up, codes, bn, tiles.bm, tiles.skip_pad, consts.get("PDL", 0), cap, most,
                       tiles.place, tiles.early, dev, tiled, consts.get("GROUP_M", 0),
                       tiles.staged, tiles.wgmma, consts.get("TOPK", 0), consts.get("N_ROUTED", 0),
-                      consts.get("GRID_TOPK", 0), consts.get("SLOTS", 0), consts.get("SP", 0), tiles.ahead)  # fmt: skip
+                      consts.get("GRID_TOPK", 0), consts.get("SLOTS", 0), consts.get("SP", 0))  # fmt: skip
     elif tiles.maxnreg:
         consts["maxnreg"] = tiles.maxnreg
     return bn, codes, splits, consts, key, most
@@ -555,7 +544,6 @@ class GridKey(NamedTuple):
     grid_topk: int = 0
     slots: int = 0
     sp: int = 0
-    ahead: int = 1
 
 
 _PER_SM: dict[GridKey, int] = {}

@@ -391,18 +391,6 @@ def _placed_acts(words, B: gl.constexpr):
 
 
 @gluon.jit
-def _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr):
-    """One K tile's weights (_tile's): 3 bits, the two planes (w, wx); otherwise wx is w."""
-    if BITS == 3:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
-        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
-    else:
-        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
-        wx = w
-    return w, wx
-
-
-@gluon.jit
 def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0, K, gpr, inv_tpg,
           BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
           SKIP_PAD: gl.constexpr, WAIT: gl.constexpr = False, PLACE: gl.constexpr = False,
@@ -412,7 +400,12 @@ def _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, rb, r0, N, toks, stride_am, k0
     WAIT: the activations are the launch before's (programmatic dependent launch, pdl.py): the weights and
     scales load first, then the program waits for that launch. Without ACTS (Tiles.staged: they come through
     shared memory, ``_stage``) ``toks`` stands in for them."""
-    w, wx = _weights(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED)
+    if BITS == 3:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 2, 0, TILED))
+        wx = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, 1, 2, TILED))
+    else:
+        w = gl.load(_weight_ptrs(wi_ptr, wb_ptr, rb, r0, N, k0, K, BITS, BN, TILED=TILED))
+        wx = w
     if WAIT:
         s, z = _scales(sc_ptr, zp_ptr, rb, r0, N, k0, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
         tl.extra.cuda.gdc_wait()
@@ -539,43 +532,11 @@ def _products_wg(w, wx, s, z, b, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS: 
 
 
 @gluon.jit
-def _ahead2(w, wx, s, z, a, acc, ones, wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, N, toks, stride_am, K, gpr,
-            inv_tpg, k0, k_lo, k_hi, magic, BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-            A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, PLACE: gl.constexpr,
-            EARLY: gl.constexpr, TILED: gl.constexpr):  # fmt: skip
-    """_expert's K loop for the down GEMM (Tiles.ahead 2), from its first tile's loads (``w``.. ``a``, at ``k0``):
-    each tile's weights loaded two tiles before its products, its scales and activations one (L1 and L2 hits after
-    a block's first N tile). At 8 requests the routed down launch walks 11 K tiles a program, one round trip after
-    another, at about 1.3 TB/s (the forty-third session's trace). Under Triton 3.6 the served code set's kernel
-    holds 105 registers where 72 (all of a tile's loads two ahead: 128), so 4 programs an SM where 7; capped at 96,
-    5 with no spill in the K loops: 10 tiles of codes in flight an SM where 7. The tile after the last loads the last
-    again (from cache), as _expert's does; a run of one tile (or none) loads its own twice."""
-    k1 = gl.maximum(gl.minimum(k0 + _BK, k_hi - _BK), k0)
-    w1, wx1 = _weights(wi_ptr, wb_ptr, 0, r0, N, k1, K, BITS, BN, TILED)
-    acc2 = acc
-    for kt in range(k_lo, k_hi, _BK):
-        kn = gl.minimum(kt + _BK, k_hi - _BK)
-        wn, wxn = _weights(wi_ptr, wb_ptr, 0, r0, N, gl.minimum(kt + 2 * _BK, k_hi - _BK), K, BITS, BN, TILED)
-        an = _acts(a_base, toks, stride_am, kn, BM, SKIP_PAD)
-        sn, zn = _scales(sc_ptr, zp_ptr, 0, r0, N, kn, gpr, inv_tpg, BITS, BN, MMA, PLACE, TILED)
-        if EARLY:  # as _expert's: a branch keeps the loads above the products
-            if kn >= 0:
-                acc, acc2 = _products(w, wx, s, z, a, w, wx, s, z, acc, acc2, ones, magic, BITS, False, A_OP, B_OP,
-                                      MMA, PLACE)  # fmt: skip
-        else:
-            acc, acc2 = _products(w, wx, s, z, a, w, wx, s, z, acc, acc2, ones, magic, BITS, False, A_OP, B_OP, MMA,
-                                  PLACE)  # fmt: skip
-        w, wx, s, z, a = w1, wx1, sn, zn, an
-        w1, wx1 = wn, wxn
-    return acc, acc2
-
-
-@gluon.jit
 def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, group, k_lo, k_hi, magic,
             BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, GATE_UP: gl.constexpr, A_OP: gl.constexpr,
             B_OP: gl.constexpr, MMA: gl.constexpr, SKIP_PAD: gl.constexpr, WAIT: gl.constexpr,
             PLACE: gl.constexpr = False, EARLY: gl.constexpr = False, TILED: gl.constexpr = False,
-            STAGED: gl.constexpr = False, WG: gl.constexpr = False, AHEAD: gl.constexpr = 1):  # fmt: skip
+            STAGED: gl.constexpr = False, WG: gl.constexpr = False):  # fmt: skip
     """The K loop over [k_lo, k_hi) of one expert (gate and up together for GATE_UP), the next
     tile's loads in registers while this tile's products run (PLACE: ``_product``). In one block, ptxas
     issues gate/up's loads after most of its MMAs (sm_90 SASS, ptxas 12.8 and 13.4: 13 to 130 of 360 to 455
@@ -599,8 +560,7 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
     benchmarks/README.md) it lost: 1.15x the held layout's time at the picked block, 1.48x at 32 rows and 3.3x at 64
     (geometric means): the issued MMAs keep their A operands and results live until the wait (at 16 rows the served
     plan's gate/up holds 254 registers, 2 programs an SM, where mma_v2 holds 168, 3), and it takes 64 rows a
-    program, 4.9 instructions a row of a K tile where the held narrow sets' 128 take 4.0. Opt-in.
-    AHEAD 2 (Tiles.ahead, the down GEMM alone: _ahead2): the weights two tiles ahead."""
+    program, 4.9 instructions a row of a K tile where the held narrow sets' 128 take 4.0. Opt-in."""
     ones = gl.full([BN, _BK], 1.0, gl.bfloat16, layout=A_OP)
     if WG:
         ones = gl.allocate_shared_memory(gl.bfloat16, [BN, _BK], _WG_B, value=ones)
@@ -626,48 +586,42 @@ def _expert(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, toks, stride_am, N, K, g
         ring = gl.allocate_shared_memory(gl.int32, [_WG_STAGES, BM, 64], _WG_WORDS)
         wg_toks = gl.convert_layout(gl.maximum(toks, 0), gl.SliceLayout(1, _WG_COPY))
         _stage_wg(ring.index(0), a_base, wg_toks, stride_am, k0)
-    if AHEAD == 2:
-        gl.static_assert(not (GATE_UP or STAGED or WG), "two tiles ahead: the down GEMM's loads in registers only")
-        acc, acc2 = _ahead2(w, wx, s, z, a, acc, ones, wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, r0, N, toks,
-                            stride_am, K, gpr, inv_tpg, k0, k_lo, k_hi, magic, BITS, BN, BM, A_OP, B_OP, MMA,
-                            SKIP_PAD, PLACE, EARLY, TILED)  # fmt: skip
-    else:
-        for k0 in range(k_lo, k_hi, _BK):
-            kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
-            wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
-                                        gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
-                                        ACTS=not (STAGED or WG))  # fmt: skip
-            w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
-            if GATE_UP:
-                w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
-                                                kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE,
-                                                TILED=TILED, ACTS=not (STAGED or WG))  # fmt: skip
-            words = a  # this tile's activations
-            if STAGED:
-                # tile i + 1 into the buffer read at tile i - 3, which every warp left at the last barrier; then tile
-                # i's copies, every thread's, are done and seen
-                i = (k0 - k_lo) // _BK
-                _stage(acts.index((i + 1) % _STAGES), a_base, tok_rows, stride_am, kn)
-                async_copy.wait_group(1)
-                _cta_barrier()
-                words = _staged_words(acts.index(i % _STAGES), BM)
-            if WG:
-                i = (k0 - k_lo) // _BK
-                _stage_wg(ring.index((i + 1) % _WG_STAGES), a_base, wg_toks, stride_am, kn)
-                async_copy.wait_group(1)
-                fence_async_shared()  # the copies seen by the MMA's reads of shared memory (the async proxy)
-                _cta_barrier()
-                words = _wg_operand(ring.index(i % _WG_STAGES), BM)
-            if EARLY:
-                # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
-                # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
-                if kn >= 0:
-                    acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP,
-                                          A_OP, B_OP, MMA, PLACE, WG)  # fmt: skip
-            else:
-                acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
-                                      B_OP, MMA, PLACE, WG)  # fmt: skip
-            w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
+    for k0 in range(k_lo, k_hi, _BK):
+        kn = gl.minimum(k0 + _BK, k_hi - _BK)  # the last tile loads itself again, from cache
+        wn, wxn, sn, zn, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, 0, r0, N, toks, stride_am, kn, K,
+                                    gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE, TILED=TILED,
+                                    ACTS=not (STAGED or WG))  # fmt: skip
+        w2n, wx2n, s2n, z2n = wn, wxn, sn, zn
+        if GATE_UP:
+            w2n, wx2n, s2n, z2n, an = _tile(wi_ptr, wb_ptr, sc_ptr, zp_ptr, a_base, N, r0, N, toks, stride_am,
+                                            kn, K, gpr, inv_tpg, BITS, BN, BM, MMA, SKIP_PAD, PLACE=PLACE,
+                                            TILED=TILED, ACTS=not (STAGED or WG))  # fmt: skip
+        words = a  # this tile's activations
+        if STAGED:
+            # tile i + 1 into the buffer read at tile i - 3, which every warp left at the last barrier; then tile
+            # i's copies, every thread's, are done and seen
+            i = (k0 - k_lo) // _BK
+            _stage(acts.index((i + 1) % _STAGES), a_base, tok_rows, stride_am, kn)
+            async_copy.wait_group(1)
+            _cta_barrier()
+            words = _staged_words(acts.index(i % _STAGES), BM)
+        if WG:
+            i = (k0 - k_lo) // _BK
+            _stage_wg(ring.index((i + 1) % _WG_STAGES), a_base, wg_toks, stride_am, kn)
+            async_copy.wait_group(1)
+            fence_async_shared()  # the copies seen by the MMA's reads of shared memory (the async proxy)
+            _cta_barrier()
+            words = _wg_operand(ring.index(i % _WG_STAGES), BM)
+        if EARLY:
+            # never false (a K loop that runs has k_hi >= 128), but neither compiler knows, and ptxas schedules
+            # within a block: the loads above stay above (a condition fixed for the loop, magic's, was unswitched)
+            if kn >= 0:
+                acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP,
+                                      A_OP, B_OP, MMA, PLACE, WG)  # fmt: skip
+        else:
+            acc, acc2 = _products(w, wx, s, z, words, w2, wx2, s2, z2, acc, acc2, ones, magic, BITS, GATE_UP, A_OP,
+                                  B_OP, MMA, PLACE, WG)  # fmt: skip
+        w, wx, s, z, a, w2, wx2, s2, z2 = wn, wxn, sn, zn, an, w2n, wx2n, s2n, z2n
     if STAGED:  # no copy left in flight, and no warp still reading, when a stream-K unit after this one stages
         async_copy.wait_group(0)
         _cta_barrier()
@@ -769,7 +723,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
            A_OP: gl.constexpr, B_OP: gl.constexpr, WAIT: gl.constexpr, PLACE: gl.constexpr,
            EARLY: gl.constexpr, TILED: gl.constexpr, STAGED: gl.constexpr, WG: gl.constexpr = False,
            TOPK: gl.constexpr = 0, N_ROUTED: gl.constexpr = 0, GRID_TOPK: gl.constexpr = 0,
-           SLOTS: gl.constexpr = 0, SP: gl.constexpr = 0, AHEAD: gl.constexpr = 1):  # fmt: skip
+           SLOTS: gl.constexpr = 0, SP: gl.constexpr = 0):  # fmt: skip
     """Block ``pid_m``'s rows times N tile ``pid_n`` over one K range: split ``pid_s`` of ``split``
     (by the expert's bits where ``code_splits`` says), or with STREAM_K [k_lo, k_hi), added into fp32
     ``out`` with atomics (several programs share a tile's K). Nothing for another launch's expert.
@@ -849,7 +803,7 @@ def _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted
                     acc, acc2 = _expert(wi_ptr + w_off, wb_ptr + w_off, sc_ptr + s_off, zp_ptr + z_off, a_base,
                                         pid_n * BN, toks, stride_am, N, K, group, k_a, k_b, magic,
                                         c + 16 * (c == 0) + 3 * (c == 5), BN, BM, GATE_UP, A_OP, B_OP, MMA,
-                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED, WG, AHEAD)  # fmt: skip
+                                        SKIP_PAD, WAIT, PLACE, EARLY, TILED, STAGED, WG)  # fmt: skip
         if TOPK:
             ids = gl.where(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)) == 0, pid_m, num_valid)
         elif GRID_TOPK:
@@ -916,7 +870,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                              GROUP_M: gl.constexpr = 0, STAGED: gl.constexpr = False,
                              WGMMA: gl.constexpr = False, TOPK: gl.constexpr = 0,
                              N_ROUTED: gl.constexpr = 0, GRID_TOPK: gl.constexpr = 0, SLOTS: gl.constexpr = 0,
-                             SP: gl.constexpr = 0, AHEAD: gl.constexpr = 1):  # fmt: skip
+                             SP: gl.constexpr = 0):  # fmt: skip
     # PDL (programmatic dependent launch, pdl.py): 1, everything waits for the launch before (the alignment, for
     # gate/up); 2, only the activations do (down: the blocks are the alignment's, two or more launches back), so
     # the first K tile's weights load while that launch ends
@@ -975,7 +929,7 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic,
                    pid_m, pid_n, 0, 1, 0, lo, hi, GATE_UP, CODES, BN, BM, True, SKIP_PAD, True,
                    MMA, A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, TOPK, N_ROUTED, GRID_TOPK, SLOTS,
-                   SP, AHEAD)  # fmt: skip
+                   SP)  # fmt: skip
     else:
         gl.static_assert(TOPK == 0, "the top-k's rows straight (TOPK) are dealt out on the stream-K grid only")
         # The grid is (blocks, N tiles, splits), sized for the most blocks a batch can have (CUDA graphs);
@@ -997,13 +951,12 @@ def mx_moe_gemm_gluon_kernel(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, sp
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, 0, 0, GRID_TOPK, SLOTS, SP,
-                   AHEAD)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, 0, 0, GRID_TOPK, SLOTS, SP)  # fmt: skip
         elif pid_m * BM < gl.load(num_post_pad_ptr):
             _block(a_ptr, a_rot_off, stride_am, out_ptr, stride_om, split_stride, sorted_ids_ptr, block_expert_ptr,
                    route_w_ptr, meta_ptr, wi_ptr, wb_ptr, sc_ptr, zp_ptr, N, K, num_valid, a_div, magic, pid_m,
                    pid_n, pid_s, split, code_splits, 0, 0, GATE_UP, CODES, BN, BM, PARTIAL, SKIP_PAD, False, MMA,
-                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA, AHEAD=AHEAD)  # fmt: skip
+                   A_OP, B_OP, PDL == 2, PLACE, EARLY, TILED, STAGED, WGMMA)  # fmt: skip
     if PDL == 2:  # every program waits before it ends, those with no work too (pdl.py's rule); again: at once
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

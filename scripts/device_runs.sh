@@ -187,9 +187,11 @@
 #  82. (only when asked: `start 82 81`) phase 80 at 8 tokens: the grid (served there) and stream-K, each aligned and
 #      with the top-k rows, then the same GPU tests (~3 min).
 #  83. (only when asked: `start 83 84`, forty-seventh session) stream-K's top-k rows without gl.cumsum: the six GPU
-#      tests of the top-k rows (and of the down GEMM two tiles ahead), then the layer at 8 tokens: stream-K and the grid,
-#      each aligned and with the top-k rows, and the down GEMM's K split in 2 and 3 or two tiles ahead (~4 min).
+#      tests of the top-k rows, then the layer at 8 tokens: stream-K and the grid, each aligned and with the top-k rows,
+#      and the down GEMM's K split in 2 and 3 (~4 min; ran in the forty-eighth session).
 #  84. (after 83) phase 81 gated on phase 83's tests, without the server folding its statistics every 5 s (~4.5 min).
+#  85. (only when asked: `start 85`, forty-eighth session) phase 84 alone on a fresh machine, gated on phase 83's
+#      committed test log (~5 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1481,15 +1483,13 @@ phase83() {
   # the forty-seventh session's: stream-K's top-k rows without gl.cumsum (Triton 3.6's Gluon has none; phase 82's two
   # stream-K cases failed to compile, its four grid cases passed): the six GPU tests of the top-k rows, then the layer at
   # 8 tokens, stream-K aligned beside its top-k rows, the grid (picked there) aligned and with its top-k rows, and the
-  # down GEMM's K split in 2 and 3 (the forty-second session's variants, never run) or its loads two K tiles ahead
-  # (forty-eighth session; its GPU tests after the top-k rows', in a log of their own) (~4.5 min)
+  # down GEMM's K split in 2 and 3 (the forty-second session's variants) (~4 min). Ran in the forty-eighth session with
+  # the down GEMM's weights two tiles ahead too (its GPU tests and layer variants; removed after: they did not pay)
   mkdir -p $res/tests
   kernel_tests "routed_slots_straight" > $res/tests/kernels_s47.log 2>&1
   say "GPU tests, the top-k rows on the grid and on stream-K: $(tail -1 $res/tests/kernels_s47.log)"
-  kernel_tests "two_tiles_ahead" > $res/tests/kernels_s48_ahead.log 2>&1  # apart: phase 84 gates on the first log
-  say "GPU tests, the down GEMM two tiles ahead: $(tail -1 $res/tests/kernels_s48_ahead.log)"
   python3 benchmarks/moe_layer.py --tokens 8 --ours-only --models qwen1.5-moe-a2.7b --no-marlin \
-    --layouts '^(Gluon, stream-K|stream-K, top-k rows beyond one token|no stream-K|grid, top-k rows|down split [23]|down two tiles ahead.*)$' \
+    --layouts '^(Gluon, stream-K|stream-K, top-k rows beyond one token|no stream-K|grid, top-k rows|down split [23])$' \
     --plan t1=w4a16g128:7,w8a16:1,w3a16g128:9,w2a16g128:8 --out $res/layer_s47 > $res/layer_s47.log 2>&1
   say "moe_layer at 8 tokens, stream-K aligned and with the top-k rows rc=$?"
 }
@@ -1501,6 +1501,18 @@ phase84() {
   prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
   [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
   e2e_s44 $plan $ckpt kernels_s47.log no-fold5
+}
+
+phase85() {
+  # phase 84 on a fresh machine (forty-eighth session: the device budget ended after its default server): the GPU tests
+  # of the top-k rows passed in phase 83 (benchmarks/results/gpu_tests_h100_s48_topk.log, the gate's log), so the
+  # 1-token plan's checkpoint, then end to end at 1 and 8 requests by default and with MXSERVE_TOPK_GRID=1 (~5 min)
+  mkdir -p $res/tests
+  cp benchmarks/results/gpu_tests_h100_s48_topk.log $res/tests/
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
+  prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  e2e_s44 $plan $ckpt gpu_tests_h100_s48_topk.log no-fold5
 }
 
 phase81() {

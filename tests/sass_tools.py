@@ -65,15 +65,14 @@ def resources(compiled) -> dict[str, int]:
 def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101, bm: int = 16, bn: int = 64,
                    stream_k: bool = False, pdl: int = 0, maxnreg: int | None = None, place: bool = False,
                    early: bool = False, tiled: bool = True, staged: bool = False, wgmma: bool = False,
-                   topk: int = 0, n_routed: int = 0, grid_topk: int = 0, slots: int = 0, sp: int = 0,
-                   ahead: int = 1):  # fmt: skip
+                   topk: int = 0, n_routed: int = 0, grid_topk: int = 0, slots: int = 0, sp: int = 0):  # fmt: skip
     """The Gluon decode kernel compiled for sm_90 as its launches compile it (by default with bf16, w2, w3, w4
     and w8 experts), under stream-K's register cap or ``maxnreg``'s; ``place``, ``early``: moe.Tiles' options;
     ``tiled``: the codes in arena.tile_words' order (Arena.tiled, where K is a multiple of 128); ``staged``: the
     activations through shared memory (Tiles.staged); ``wgmma``: the products as warpgroup MMAs (Tiles.wgmma);
     ``topk``, ``n_routed``: one token's rows straight from its top-k (stream-K; moe.TOPK_ROWS); ``grid_topk``,
     ``slots``, ``sp``: any tokens' rows straight from their top-k (moe_gemm_gluon._topk_lead; with stream_k
-    _topk_leaders); ``ahead``: the down GEMM's K tiles loaded ahead (Tiles.ahead)."""
+    _topk_leaders)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -85,7 +84,7 @@ def compile_decode(gate_up: bool, skip_pad: bool = False, codes: int = 0b111101,
     consts = {"GATE_UP": gate_up, "CODES": codes, "BN": bn, "BM": bm, "PARTIAL": not gate_up, "SKIP_PAD": skip_pad,
               "STREAM_K": stream_k, "PDL": pdl, "PLACE": place,
               "EARLY": early, "TILED": tiled, "GROUP_M": 0, "STAGED": staged, "WGMMA": wgmma, "TOPK": topk,
-              "N_ROUTED": n_routed, "GRID_TOPK": grid_topk, "SLOTS": slots, "SP": sp, "AHEAD": ahead}  # fmt: skip
+              "N_ROUTED": n_routed, "GRID_TOPK": grid_topk, "SLOTS": slots, "SP": sp}  # fmt: skip
     sig = {p: GLUON_POINTERS.get(p, "constexpr" if p in consts else "i32") for p in params}
     # as the launcher's arguments specialize on real shapes (every N of the served models is a multiple of 16)
     aligned = set(GLUON_POINTERS) | {"stride_am", "K", "N"}

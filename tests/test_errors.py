@@ -309,8 +309,7 @@ def test_launch_parallel_errors(capsys, monkeypatch, tiny_models, tmp_path, args
                                                   ("MXSERVE_TOPK_GRID", "yes", "0 or 1"),
                                                   ("MXSERVE_ROUTER_ALIGN", "1", "option was removed"),
                                                   ("MXSERVE_DECODE_TILES", "early=yes", "an integer or true/false"),
-                                                  ("MXSERVE_DECODE_TILES", "erly=1", "FIELD one of"),
-                                                  ("MXSERVE_DECODE_TILES", "ahead=2", "GEMM alone")])  # fmt: skip
+                                                  ("MXSERVE_DECODE_TILES", "erly=1", "FIELD one of")])  # fmt: skip
 def test_launch_unknown_kernel_setting(capsys, monkeypatch, tiny_models, tmp_path, name, value, allowed):
     monkeypatch.setenv(name, value)
     err = launch_err(capsys, monkeypatch, tmp_path, "--model", tiny_models["qwen2_moe"], "--budget", "4bit")

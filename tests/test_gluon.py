@@ -128,21 +128,6 @@ def test_gluon_kernel_staged_activations_give_the_same_layer(interpreted_gluon, 
     assert set(launches) == {(False, tiles["bm"]), (True, tiles["bm"])}, launches
 
 
-# Tiles.ahead 2 (the down GEMM's loads two K tiles ahead of its products, moe_gemm_gluon._ahead2) on both grids: the
-# down GEMM's K of 3 tiles whole (with the loads fenced, early), and on stream-K in runs that start and end anywhere
-# (one tile, two, three). The same sums, bit for bit, as one tile ahead (the tile after next loaded one tile short, or
-# carried in the wrong place, would differ); gate/up keeps one tile, and refuses two
-@pytest.mark.parametrize("tiles", [{"bn": 64, "split": 1, "early": True}, {"bn": 128, "stream_k": True}])
-def test_the_down_gemm_two_tiles_ahead_gives_the_same_layer(interpreted_gluon, tiles, monkeypatch):
-    launches = _spied(monkeypatch, lambda grid, kw: (kw["GATE_UP"], kw.get("AHEAD", 1)))
-    diff = layouts_agree(GLUON_SCHEMES, 12, 256, 384, 8, 2, "cpu", seed=7, a={**GLUON, "bm": 8, **tiles},
-                         b={**GLUON, "bm": 8, **tiles, "down_tiles": {"ahead": 2}})  # fmt: skip
-    assert diff == 0, diff
-    assert set(launches) == {(True, 1), (False, 1), (False, 2)}, launches
-    with pytest.raises(ValueError, match="2 in the down GEMM alone"):
-        layouts_agree(GLUON_SCHEMES[:2], 4, 256, 256, 2, 1, "cpu", seed=7, a={**GLUON, "bm": 8, "ahead": 2}, b={})
-
-
 # 32-row blocks, which only staging allows (held in registers a tile ahead, 32 tokens' activations spill:
 # benchmarks/sass_census.py table --bm 32), on both grids; 6 experts of about 16 rows, so most take one block
 @pytest.mark.parametrize("stream_k", [False, True])

@@ -389,52 +389,6 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k_cuda(tokens, gr
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("tokens, graph, stream_k", [(8, True, "0"), (16, False, "0"), (8, False, "1"), (1, True, "1")])
-def test_the_down_gemm_two_tiles_ahead_cuda(tokens, graph, stream_k, monkeypatch):
-    # MXSERVE_DECODE_TILES=down_tiles.ahead=2 (as a server takes it) at Qwen1.5-MoE's shapes, every scheme the Gluon
-    # kernel runs, a padded token beside others: the down GEMM's loads two K tiles ahead (moe_gemm_gluon._ahead2),
-    # its 11 K tiles whole on the grid (the sums in a fixed order: bit for bit the one-tile launches') and in
-    # stream-K's runs (to rounding), one token's top-k rows among them; eager and replayed in a CUDA graph
-    from kernel_cases import make_experts, route
-
-    from mxkernels import moe
-    from mxkernels.arena import build_arena
-
-    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
-    gen = torch.Generator().manual_seed(48)
-    names = ["w4a16g128", "w3a16g128", "w2a16g128", "w8a16", "bf16", "w1a16g128"]
-    experts = make_experts(names, 2048, 1408, 60, 4, "rtn", gen, "cuda")
-    gu, dn = (build_arena(list(blocks)).to("cuda") for blocks in zip(*(e.linears() for e in experts)))
-    ids, w = (t.cuda() for t in route(tokens, 60, 4, gen))
-    if tokens > 1:
-        ids[-1] = -1
-    ahead = []
-    monkeypatch.setattr(moe, "_gluon_launch", lambda k, t, *a, f=moe._gluon_launch, **kw: ahead.append(t.ahead) or
-                        f(k, t, *a, **kw))  # fmt: skip
-
-    def layer(x):
-        return moe.mx_moe_forward(x, ids, w, gu, dn, 60, poison=True)
-
-    def draw():
-        return torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16).cuda()
-
-    x = draw()
-    want = layer(x)
-    assert set(ahead) == {1}
-    ahead.clear()
-    monkeypatch.setenv("MXSERVE_DECODE_TILES", "down_tiles.ahead=2")
-    got = run_eager_or_replayed(layer, x, draw, graph)
-    assert set(ahead) == {1, 2}
-    if graph:
-        monkeypatch.delenv("MXSERVE_DECODE_TILES")
-        want = layer(x)  # x refilled by the replays
-    assert torch.isfinite(got).all()
-    if stream_k == "0":
-        assert torch.equal(got, want)
-    else:
-        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
-
-
 @pytest.mark.parametrize("tokens, want", [(1, "zero fill"), (8, "shared experts")])
 def test_top_k_rows_straight_before_the_shared_experts_started_early_cuda(tokens, want, monkeypatch):
     # MixedExperts.start_early with the shared experts asked early (MXSERVE_SHARED_EARLY=1 in the SGLang plugin): one
