@@ -1417,13 +1417,14 @@ e2e_s44() {  # PLAN CKPT [TESTS [NO_FOLD5]]: phase 76's end to end (serving.py a
   # given), and with the statistics folded every 5 s (not if a fourth argument is given: phase 81 timed it)
   local plan=$1 ckpt=$2 tests=$res/tests/${3:-kernels_s44.log}
   local grid=() fold=(--ckpt "3.25bit-t1-fold5=$ckpt" --launch-args "3.25bit-t1-fold5=--stats-interval 5")
-  [ -n "${4:-}" ] && fold=()
+  local tag="the grid's top-k rows; statistics folded every 5 s"
+  [ -n "${4:-}" ] && fold=() && tag="the grid's top-k rows"
   grep -q " passed" $tests && ! grep -Eq " (failed|error)" $tests &&
     grid=(--ckpt "3.25bit-t1-topk-grid=$ckpt" --server-env "mxserve-3.25bit-t1-topk-grid=MXSERVE_TOPK_GRID=1"
           --compare "mxserve-3.25bit-t1:mxserve-3.25bit-t1-topk-grid")
   python3 benchmarks/serving.py --model /tmp/w/qwen15 --skip-bf16 --ckpt "3.25bit-t1=$ckpt" "${grid[@]}" "${fold[@]}" \
     --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
-    --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: the grid's top-k rows; statistics folded every 5 s" \
+    --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: $tag" \
     --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
   say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1} and with the statistics folded every 5 s rc=$?"
   pkill -f "[s]glang.launch_server" || true
