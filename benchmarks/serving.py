@@ -18,7 +18,10 @@ SGLang's own decode rate (its ``Decode batch`` log line) while each concurrency'
 kept beside the throughput (``log_decode``: median and 90th percentile tokens/s, full batches).
 ``--latency-requests N`` (default 8) then streams N requests one at a time: the time to each one's
 first token (queueing, prefill, the HTTP path) and per output token after it, so a gap in
-tokens/s splits into what each request costs beside its decode steps and the steps themselves.
+tokens/s splits into what each request costs beside its decode steps and the steps themselves;
+and N more, not streamed, through SGLang's own ``/generate``: the client's time beside the
+server's ``e2e_latency`` (its tokenizer manager's, from the request's arrival to its last output),
+so a request's time beside the steps splits again into the server's and the HTTP path's.
 ``--profile-steps N`` then traces N decode steps of each server with SGLang's profiler
 (decode_trace.py: each kernel's GPU time per step); ``--server-env NAME=VAR=VALUE`` sets
 an environment variable for one server (e.g. mxserve's MXSERVE_DISPATCH).
@@ -43,6 +46,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -194,6 +198,40 @@ def stream_latency(base: str, model: str, prompts: list[str], max_tokens: int, n
             "tokens": med("tokens"), "ttft_ms_each": [round(r["ttft_s"] * 1e3, 2) for r in runs]}
 
 
+def native_once(base: str, prompt: str, max_tokens: int) -> dict:
+    """One request through SGLang's own ``/generate``, not streamed (``ignore_eos``): the client's seconds, and the
+    server's ``meta_info.e2e_latency`` (from the request's arrival in its tokenizer manager to the last output)."""
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+    req = urllib.request.Request(base + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            out = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # mxserve's embedded engine serves the OpenAI routes alone
+            raise RuntimeError("no /generate route: not an SGLang server") from None
+        raise
+    client = time.perf_counter() - t0
+    meta = (out[0] if isinstance(out, list) else out).get("meta_info", {})
+    if not isinstance(meta.get("e2e_latency"), (int, float)):
+        raise RuntimeError("/generate's answer has no meta_info.e2e_latency (an SGLang older than the bundle's?)")
+    return {"client_s": client, "server_s": float(meta["e2e_latency"]), "tokens": meta.get("completion_tokens")}
+
+
+def native_latency(base: str, prompts: list[str], max_tokens: int, n: int) -> dict:
+    """Medians over ``n`` requests through ``/generate`` sent one at a time (after one not counted): the client's
+    time, the server's own, and the time outside the server (the HTTP path and JSON) of each request."""
+    native_once(base, prompts[0], 8)
+    runs = [native_once(base, prompts[i % len(prompts)], max_tokens) for i in range(n)]
+
+    def med(values: list[float]) -> float:
+        return round(sorted(values)[(n - 1) // 2] * 1e3, 2)
+
+    return {"requests": n, "client_ms": med([r["client_s"] for r in runs]),
+            "server_ms": med([r["server_s"] for r in runs]),
+            "outside_ms": med([r["client_s"] - r["server_s"] for r in runs]), "tokens": runs[0]["tokens"]}
+
+
 DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
 
 
@@ -342,6 +380,12 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                 except Exception as e:  # noqa: BLE001
                     rec["latency_error"] = f"{type(e).__name__}: {e}"
                     print(f"[{name}] streamed latency failed: {rec['latency_error']}", flush=True)
+                try:
+                    rec["native"] = native_latency(base, prompts, a.max_tokens, a.latency_requests)
+                    print(f"[{name}] through /generate, one at a time: {rec['native']}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    rec["native_error"] = f"{type(e).__name__}: {e}"
+                    print(f"[{name}] /generate latency failed: {rec['native_error']}", flush=True)
             for conc in a.profile_concurrency if a.profile_steps else []:
                 try:  # what a decode step launches on the GPU (decode_trace.py)
                     prof = decode_trace.profile_decode(
@@ -441,9 +485,24 @@ def markdown(res: dict) -> str:
             lat = s["latency"]
             rate = round(1e3 / lat["tpot_ms"], 1) if lat["tpot_ms"] > 0 else "-"  # one token: no step after it
             lines.append(f"| {s['name']} | {lat['ttft_ms']} | {lat['tpot_ms']} | {rate} |")
+    native = [s for s in res["servers"] if s.get("native")]
+    if native:
+        n = native[0]["native"]["requests"]
+        lines += ["", f"One request at a time through SGLang's own `/generate`, not streamed, {res['max_tokens']} "
+                      f"tokens (ignore_eos; median of {n}): the client's time, the server's `e2e_latency` (arrival to "
+                      "last output), and each request's time outside the server (the HTTP path, JSON).", "",
+                  "| server | client (ms) | server (ms) | outside the server (ms) | streamed: first + the rest (ms) |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for s in native:
+            nat, lat = s["native"], s.get("latency")
+            # what the streamed medians predict for a whole request: its first token, then a step a token
+            pred = round(lat["ttft_ms"] + (res["max_tokens"] - 1) * lat["tpot_ms"], 2) if lat else "-"
+            lines.append(f"| {s['name']} | {nat['client_ms']} | {nat['server_ms']} | {nat['outside_ms']} | {pred} |")
     for s in res["servers"]:
         if s.get("latency_error"):
             lines += ["", f"{s['name']}: the streamed requests failed ({s['latency_error']}); its throughput stands."]
+        if s.get("native_error"):
+            lines += ["", f"{s['name']}: the requests through /generate failed ({s['native_error']})."]
 
     def parts(eq: dict, b: str) -> None:
         for d in eq.get("differences", []):

@@ -74,6 +74,64 @@ def test_a_streamed_token_without_text_still_counts():
         srv.shutdown()
 
 
+def _json_server(answer, delay_s: float, seen: list):
+    """An HTTP server that answers every POST with ``answer`` as JSON after ``delay_s`` (404 for None), keeping each
+    request's path and body in ``seen``."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            time.sleep(delay_s)
+            data = json.dumps(answer).encode()
+            self.send_response(404 if answer is None else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_requests_through_sglang_generate_split_the_servers_time_from_the_http_paths():
+    """SGLang's own /generate answers with meta_info.e2e_latency (its tokenizer manager's time for the request): the
+    client's time less it is the HTTP path's. A server answering after 60 ms that says it took 20: 40 ms outside."""
+    seen: list = []
+    answer = {"text": "ab", "meta_info": {"e2e_latency": 0.02, "completion_tokens": 4}}
+    srv = _json_server(answer, 0.06, seen)
+    try:
+        got = serving.native_latency(f"http://127.0.0.1:{srv.server_port}", ["p", "q"], 4, 3)
+    finally:
+        srv.shutdown()
+    assert got["requests"] == 3 and got["tokens"] == 4 and got["server_ms"] == 20.0
+    assert 60 <= got["client_ms"] < 1000 and 40 <= got["outside_ms"] < 980
+    assert abs(got["client_ms"] - got["server_ms"] - got["outside_ms"]) < 1.0
+    # a warm-up of 8 tokens first, then the prompts in turn, every one to /generate, greedy, to its full length
+    assert [(path, b["text"], b["sampling_params"]["max_new_tokens"]) for path, b in seen] == [
+        ("/generate", "p", 8), ("/generate", "p", 4), ("/generate", "q", 4), ("/generate", "p", 4)]
+    assert all(b["sampling_params"]["ignore_eos"] and b["sampling_params"]["temperature"] == 0 for _, b in seen)
+    for bad, why in (({"text": "ab", "meta_info": {}}, "no meta_info.e2e_latency"), (None, "not an SGLang server")):
+        srv = _json_server(bad, 0, [])
+        try:
+            with pytest.raises(RuntimeError, match=why):
+                serving.native_once(f"http://127.0.0.1:{srv.server_port}", "p", 4)
+        finally:
+            srv.shutdown()
+    # the report: each request beside what the streamed medians predict (first token, then 3 steps of 2 ms)
+    rec = {"name": "m", "startup_s": 1.0, "throughput": [], "native": got,
+           "latency": {"requests": 3, "ttft_ms": 10.0, "tpot_ms": 2.0, "tokens": 4, "ttft_ms_each": [10.0] * 3}}
+    table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 4, "concurrency": [1],
+                              "servers": [rec], "equal": [], "self": {}})
+    assert f"| m | {got['client_ms']} | 20.0 | {got['outside_ms']} | 16.0 |" in table
+
+
 def test_an_mxserve_server_is_timed_once_its_kernels_are_compiled(tmp_path: Path):
     """SGLang can be healthy while `mxserve launch` still compiles: the benchmark waits for the launcher's line that
     ends its precompile step; a server that is no mxserve launch (no "starting SGLang" line) waits for nothing."""
@@ -153,6 +211,8 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     lat = rec["latency"]
     assert lat["requests"] == 3 and len(lat["ttft_ms_each"]) == 3 and 1 <= lat["tokens"] <= 6
     assert 0 < lat["ttft_ms"] < 60_000 and 0 <= lat["tpot_ms"] < 1_000
+    # SGLang's own /generate is not the embedded engine's: said, and the rest stands
+    assert "native" not in rec and "not an SGLang server" in rec["native_error"]
     own = {"x": serving.compare_greedy(["a", "hello"], rec)}
     table = serving.markdown({"tag": "t", "device": "cpu", "command": "c", "max_tokens": 6, "concurrency": [1, 4],
                               "servers": [rec], "equal": [], "self": own})
