@@ -1507,7 +1507,8 @@ phase84() {
 phase85() {
   # phase 84 on a fresh machine (forty-eighth session: the device budget ended after its default server): the GPU tests
   # of the top-k rows passed in phase 83 (benchmarks/results/gpu_tests_h100_s48_topk.log, the gate's log), so the
-  # 1-token plan's checkpoint, then end to end at 1 and 8 requests by default and with MXSERVE_TOPK_GRID=1 (~5 min)
+  # 1-token plan's checkpoint, then end to end at 1 and 8 requests by default and with MXSERVE_TOPK_GRID=1, each server's
+  # requests also timed through SGLang's /generate beside its own e2e_latency (serving.py; ~5 min)
   mkdir -p $res/tests
   cp benchmarks/results/gpu_tests_h100_s48_topk.log $res/tests/
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json ckpt=/tmp/w/q15-24-3.25bit-t1
