@@ -29,11 +29,21 @@ def test_margins_and_where_texts_part():
     assert eq["differences"] == [{"prompt": 0, "char": 3, "token": 1, "b_margin_there": 0.0625}]
 
 
+def _serve(handler):
+    """``handler`` (a BaseHTTPRequestHandler class, its log kept quiet) on a free local port, in a thread."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    handler.log_message = lambda self, *args: None
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 def _sse_server(chunks: list[dict], gap_s: float):
     """An HTTP server that streams ``chunks`` as SSE, ``gap_s`` apart: the wire format alone, as SGLang writes it."""
-    import threading
     import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -47,12 +57,7 @@ def _sse_server(chunks: list[dict], gap_s: float):
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
 
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
+    return _serve(Handler)
 
 
 def test_a_streamed_token_without_text_still_counts():
@@ -77,9 +82,8 @@ def test_a_streamed_token_without_text_still_counts():
 def _json_server(answer, delay_s: float, seen: list):
     """An HTTP server that answers every POST with ``answer`` as JSON after ``delay_s`` (404 for None), keeping each
     request's path and body in ``seen``."""
-    import threading
     import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -92,12 +96,7 @@ def _json_server(answer, delay_s: float, seen: list):
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
+    return _serve(Handler)
 
 
 def test_requests_through_sglang_generate_split_the_servers_time_from_the_http_paths():
