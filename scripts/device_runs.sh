@@ -1426,7 +1426,7 @@ e2e_s44() {  # PLAN CKPT [TESTS [NO_FOLD5]]: phase 76's end to end (serving.py a
     --startup-timeout 300 --max-tokens 128 --concurrency 1 8 --sglang-args "$LEAN_ARGS" \
     --tag "Qwen1.5-MoE-A2.7B, all 24 layers, random weights: $tag" \
     --out $res/e2e_s44 > $res/e2e_s44.log 2>&1
-  say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1} and with the statistics folded every 5 s rc=$?"
+  say "e2e by default${grid:+, with MXSERVE_TOPK_GRID=1}${fold:+, with the statistics folded every 5 s} rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }
 
