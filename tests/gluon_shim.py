@@ -119,7 +119,6 @@ class gl:  # noqa: N801 - stands in for the module triton.experimental.gluon.lan
     reduce = staticmethod(lambda *a, **k: tl.reduce(*a, **k))
     sum = staticmethod(lambda *a, **k: tl.sum(*a, **k))
     min = staticmethod(lambda *a, **k: tl.min(*a, **k))
-    max = staticmethod(lambda *a, **k: tl.max(*a, **k))
     associative_scan = staticmethod(lambda *a, **k: tl.associative_scan(*a, **k))
     permute = staticmethod(lambda *a, **k: tl.permute(*a, **k))
     reshape = staticmethod(lambda *a, **k: tl.reshape(*a, **k))
