@@ -978,14 +978,17 @@ def _layout(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_routed: 
 # 22 us where aligned 26; end to end at 1 request, SGLang's logged decode rate 4% higher, per output token 1.93 ms
 # where 2.06
 TOPK_ROWS = "MXSERVE_TOPK_ROWS"
-# MXSERVE_TOPK_GRID=1 (opt-in, not yet timed on a GPU): decode forwards of more than one token take the routed slots
-# straight from the top-k too, up to TOPK_GRID_SLOTS routed slots, so no alignment launch stands between the router
-# and the first GEMM (at 8 requests the forty-third session's trace had the alignment's 2.9 us there, the routed
-# gate/up starting 11.5 us after the norm). On the grid the launches have a program row per routed slot, and the slot
-# that leads a block of its expert's slots finds them in the top-k (moe_gemm_gluon._topk_lead); the shared experts
-# keep launches of their own, as on the grid they have by default. On stream-K (the default below STREAM_K_ROWS rows
-# per expert, so at 8 requests) every program finds all the leaders (_topk_leaders) and deals out their blocks, then
-# the shared experts' blocks of tokens, in the same launch
+# MXSERVE_TOPK_GRID (the default since the forty-ninth session; =0: aligned): decode forwards of more than one token
+# take the routed slots straight from the top-k too, up to TOPK_GRID_SLOTS routed slots, so no alignment launch
+# stands between the router and the first GEMM (at 8 requests the forty-third session's trace had the alignment's
+# 2.9 us there, the routed gate/up starting 11.5 us after the norm). On the grid the launches have a program row per
+# routed slot, and the slot that leads a block of its expert's slots finds them in the top-k
+# (moe_gemm_gluon._topk_lead); the shared experts keep launches of their own, as on the grid they have by default.
+# On stream-K (the default below STREAM_K_ROWS rows per expert) every program finds all the leaders (_topk_leaders)
+# and deals out their blocks, then the shared experts' blocks of tokens, in the same launch. Measured on the H100
+# (benchmarks/README.md, forty-seventh to forty-ninth sessions): the Qwen1.5-MoE layer at 8 tokens 0.95 to 1.00x the
+# aligned launches' time; end to end at 8 requests 2798.5 output tokens/s where aligned 2764.9 (each timed round
+# above the aligned server's best), at 1 request level
 TOPK_GRID = "MXSERVE_TOPK_GRID"
 # each program reads every routed slot's expert (a reduction's width): at most this many
 TOPK_GRID_SLOTS = 128
@@ -1003,8 +1006,8 @@ def topk_rows_on(asked: bool | None = None) -> bool:
 
 def topk_grid_on(asked: bool | None = None) -> bool:
     """Whether forwards of more tokens take the routed slots straight from the top-k: ``asked`` (an override's
-    topk_grid), else MXSERVE_TOPK_GRID (read per forward; unset: off)."""
-    return os.environ.get(TOPK_GRID, "0") == "1" if asked is None else bool(asked)
+    topk_grid), else MXSERVE_TOPK_GRID (read per forward; unset: on)."""
+    return os.environ.get(TOPK_GRID, "1") != "0" if asked is None else bool(asked)
 
 
 def _streams(dev: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
@@ -1069,8 +1072,8 @@ def start_zero_fill(x: torch.Tensor, top_k: int, gate_up: Arena, down: Arena, n_
                     dispatch: str | None = None, shared_apart: bool | None = None, split_fit: str | None = None,
                     **override) -> Started | None:  # fmt: skip
     """Zero stream-K's sums of a forward of ``x`` [T, H] that takes the top-k's rows straight (topk_rows: one token,
-    or more under MXSERVE_TOPK_GRID) now, before the router's top-k exists, on the second stream: its first GEMM then
-    waits for the router alone, where the fill ran after it (the forty-first session's trace at 1 request: router
+    or more unless MXSERVE_TOPK_GRID=0) now, before the router's top-k exists, on the second stream: its first GEMM
+    then waits for the router alone, where the fill ran after it (the forty-first session's trace at 1 request: router
     4.2 us, fill 1.0, then the alignment's 2.6 before the GEMM). None for other forwards. Pass the result to the
     forward's :func:`moe_gemms` (or :func:`mx_moe_forward`) as ``started``."""
     if x.shape[0] != 1 and (x.shape[0] * top_k > TOPK_STREAM_K_SLOTS or not topk_grid_on(override.get("topk_grid"))):

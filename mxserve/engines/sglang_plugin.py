@@ -165,7 +165,7 @@ def _fuse_router(layer: torch.nn.Module) -> None:
 
 def _start_early(layer: torch.nn.Module, shared: bool) -> None:
     """Have ``layer``'s MoE block, as soon as it is entered, launch what needs no routing: for a forward taking the
-    top-k's rows straight on stream-K (one token: MXSERVE_TOPK_ROWS; more: MXSERVE_TOPK_GRID=1), stream-K's zero
+    top-k's rows straight on stream-K (one token: MXSERVE_TOPK_ROWS; more: MXSERVE_TOPK_GRID), stream-K's zero
     fill, beside the router; else, with ``shared``
     (MXSERVE_SHARED_EARLY=1), its shared experts, on their own stream, beside the router's product, its top-k and
     the alignment, as SGLang runs its own shared MLP (MixedExperts.start_early). CUDA-graph captures hold the early
@@ -182,7 +182,7 @@ def _start_early(layer: torch.nn.Module, shared: bool) -> None:
                 "aligned)"] if topk_rows_on() else []  # fmt: skip
         if topk_grid_on():
             said.append("decode forwards of more tokens take the routed slots straight from the top-k "
-                        "(MXSERVE_TOPK_GRID=1)")  # fmt: skip
+                        "(MXSERVE_TOPK_GRID=0: aligned)")  # fmt: skip
         _say("topk", "; ".join(said))
 
     def start(block: torch.nn.Module, args: tuple) -> None:

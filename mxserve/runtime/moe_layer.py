@@ -107,7 +107,7 @@ class MixedExperts:
 
     def start_early(self, x: torch.Tensor, top_k: int, shared: bool) -> None:
         """Launch what the coming forward of ``x`` can now, before the router's top-k exists (a GPU only): for a
-        forward taking the top-k's rows straight on stream-K (one token; more under MXSERVE_TOPK_GRID=1), stream-K's
+        forward taking the top-k's rows straight on stream-K (one token; more unless MXSERVE_TOPK_GRID=0), stream-K's
         zero fill (mxkernels.moe.start_zero_fill); else, with
         ``shared``, its shared experts (on their own stream, at decode: mxkernels.moe.start_shared). They then run
         beside the router. The forward takes them where it gets the same input; otherwise it launches them itself."""
