@@ -140,6 +140,9 @@ def build_tiny(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
 
 # every canonical scheme, for checkpoints that mix them all in each layer
 MIX = ("w4a16g128", "w3a16g128", "w8a8fp8", "bf16", "w2a16g128", "w8a16", "w4a4", "w1a16g128")
+# the schemes the Gluon decode kernel runs (moe_gemm_gluon.KERNEL_CODES): a layer that mixes in w8a8fp8 or w4a4 decodes
+# on the other kernels, so stream-K and the top-k's rows are tested on layers of these alone
+GLUON_MIX = ("w4a16g128", "w3a16g128", "bf16", "w2a16g128", "w8a16", "w1a16g128")
 
 # what DeepSeek-V2's own config.json holds and transformers' DeepseekV2Config does not (SGLang
 # reads them); a routed scaling factor that is not 1, so a method that skips it fails; DeepSeek-V2's
@@ -168,8 +171,8 @@ def sglang_tiny(arch: str, tmp_path: Path) -> str:
     return str(build_tiny(arch, tmp_path / "src", **SGLANG_TINY[arch]))
 
 
-def mixed_plan(model):
-    """A plan giving a layer's experts every scheme of MIX, gate/up and down shifted apart."""
+def mixed_plan(model, mix: tuple[str, ...] = MIX):
+    """A plan giving a layer's experts every scheme of ``mix``, gate/up and down shifted apart."""
     from mxserve.checkpoint import layout
     from mxserve.models.adapters import moe_layers
     from mxserve.plan import Plan
@@ -178,8 +181,8 @@ def mixed_plan(model):
     plan = Plan.uniform("tiny", model.config.model_type, layout(moe_layers(model)), get_scheme("w4a16g128"), "rtn")
     for lay in plan.layers:
         for ep in lay.experts:
-            ep.gate = ep.up = MIX[(ep.expert + lay.layer) % len(MIX)]
-            ep.down = MIX[(ep.expert + lay.layer + 3) % len(MIX)]
+            ep.gate = ep.up = mix[(ep.expert + lay.layer) % len(mix)]
+            ep.down = mix[(ep.expert + lay.layer + 3) % len(mix)]
     return plan
 
 

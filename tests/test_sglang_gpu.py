@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import MIX, mixed_plan, sglang_tiny
+from conftest import GLUON_MIX, MIX, mixed_plan, sglang_tiny
 from mxserve.checkpoint import layout, quantize_to_dir
 from mxserve.models.adapters import moe_layers
 from mxserve.models.loading import load_model
@@ -159,10 +159,11 @@ def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
     """MXSERVE_STREAM_K=1 (decode's default below 4 rows per expert): every Gluon decode launch on the
     stream-K grid, zero-filled fp32 sums and all, captured in SGLang's CUDA graphs. Its sums are added in
     any order, so its text is not held to another's; every token's log-probability must be finite, one
-    prompt at a time and all at once."""
+    prompt at a time and all at once. The plan mixes the Gluon kernel's schemes alone (with w8a8fp8 or w4a4 in a
+    layer, its decode runs on other kernels)."""
     src = sglang_tiny(arch, tmp_path)
     ckpt = str(tmp_path / "ckpt")
-    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
+    quantize_to_dir(src, mixed_plan(load_model(src), GLUON_MIX), ckpt, progress=False)
     port = 33000 + os.getpid() % 1000
     with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "stream_k.log"), MXSERVE_STREAM_K="1") as base:
         for batched in (False, True):
@@ -175,12 +176,33 @@ def test_one_token_top_k_rows_serve_in_sglang(tmp_path):
     fused router's top-k in the stream-K launches, with no alignment launch, stream-K's sums zeroed as the MoE block
     starts; batched forwards align as before. Its sums are added in any order (stream-K), so its text is not held to
     the default's: every token's log-probability finite, one prompt at a time and all at once, with and without it,
-    and every one-token forward took the zero fill started for it."""
-    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_ROWS")
+    and every one-token forward took the zero fill started for it (the Gluon kernel's schemes alone in the plan)."""
+    texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_ROWS", mix=GLUON_MIX)
     assert all(len(texts[v][b]) == len(PROMPTS) for v in ("0", "1") for b in (False, True))
     log = open(tmp_path / "MXSERVE_TOPK_ROWS1.log").read()
     assert "take the top-k's rows straight" in log
     assert "Traceback" not in log and "were not used" not in log
+
+
+def test_routed_slots_straight_from_the_top_k_serve_in_sglang(tmp_path):
+    """MXSERVE_TOPK_GRID (the default): decode forwards of more than one token take the routed slots straight from
+    the fused router's top-k, with no alignment launch (a plan of the Gluon kernel's schemes alone). Off stream-K
+    the grid adds its sums in a fixed order, so one prompt at a time (its prefill through the top-k's slots) the
+    texts equal the aligned launches' (MXSERVE_TOPK_GRID=0); all at once, SGLang's batches follow the requests'
+    arrival, so there every token's log-probability must be finite. On stream-K (decode's default) the same, and
+    every forward took the zero fill started for it."""
+    texts, ckpt, port = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_GRID", mix=GLUON_MIX,
+                                          MXSERVE_STREAM_K="0")  # fmt: skip
+    assert texts["1"][False] == texts["0"][False]
+    assert len(texts["1"][True]) == len(PROMPTS)
+    said = "routed slots straight from the top-k"
+    log = open(tmp_path / "MXSERVE_TOPK_GRID1.log").read()
+    assert said in log and "Traceback" not in log
+    assert said not in open(tmp_path / "MXSERVE_TOPK_GRID0.log").read()
+    with serving(mxserve_cmd(ckpt, port, "tiny"), port, str(tmp_path / "topk_sk.log"), MXSERVE_STREAM_K="1") as base:
+        assert len(greedy_texts(base, "tiny", True)) == len(PROMPTS)
+    log = open(tmp_path / "topk_sk.log").read()
+    assert said in log and "Traceback" not in log and "were not used" not in log
 
 
 PROMPTS = [
@@ -217,14 +239,16 @@ def test_programmatic_dependent_launch_serves_the_same_text(tmp_path):
     assert "programmatic dependent launches" not in open(tmp_path / "MXSERVE_PDL0.log").read()
 
 
-def texts_served_with(tmp_path, arch: str, var: str, tokens: dict | None = None, **env: str) -> tuple[dict, str, int]:
-    """A tiny ``arch`` model's mixed-plan checkpoint served with the environment variable ``var`` "0", then "1"
+def texts_served_with(tmp_path, arch: str, var: str, tokens: dict | None = None, mix: tuple[str, ...] = MIX,
+                      **env: str) -> tuple[dict, str, int]:  # fmt: skip
+    """A tiny ``arch`` model's checkpoint of a plan mixing ``mix`` served with the environment variable ``var`` "0",
+    then "1"
     (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)
     and all at once (True); also the checkpoint and the port, for more servers. ``tokens``: filled with each
     server's tokens through each MoE layer after those requests ({value: {layer: tokens}}, from /metrics)."""
     src = sglang_tiny(arch, tmp_path)
     ckpt = str(tmp_path / "ckpt")
-    quantize_to_dir(src, mixed_plan(load_model(src)), ckpt, progress=False)
+    quantize_to_dir(src, mixed_plan(load_model(src), mix), ckpt, progress=False)
     port = 32000 + os.getpid() % 1000
     texts = {}
     for value in ("0", "1"):
