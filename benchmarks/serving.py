@@ -151,8 +151,12 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
             res = list(ex.map(one, jobs))
         wall = time.perf_counter() - t0
         toks = sum(r[0] for r in res)
+        # the spread as well as the mean: a few requests held up (a scheduler's stall) or all a little longer
+        ms = sorted(r[1] * 1e3 for r in res)
+        spread = {"min": round(ms[0], 1), "median": round(ms[(n - 1) // 2], 1), "max": round(ms[-1], 1)}
         runs.append({"seconds": round(wall, 3), "output_tok_per_s": round(toks / wall, 1),
-                     "mean_latency_s": round(sum(r[1] for r in res) / n, 3), "output_tokens": toks})
+                     "mean_latency_s": round(sum(r[1] for r in res) / n, 3), "output_tokens": toks,
+                     "latency_ms": spread})  # fmt: skip
     mid = sorted(runs, key=lambda r: r["output_tok_per_s"])[(rounds - 1) // 2]  # the median (lower of two)
     return {"concurrency": conc, "requests": n, **mid, "rounds": [r["output_tok_per_s"] for r in runs]}
 
@@ -473,6 +477,16 @@ def markdown(res: dict) -> str:
         for s in logged:
             got = {r["concurrency"]: beside_steps_ms(r) for r in s["throughput"]}
             cells = ["" if got.get(c) is None else str(got[c]) for c in res["concurrency"]]
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    spread = [s for s in res["servers"] if any(r.get("latency_ms") for r in s.get("throughput", []))]
+    if spread:
+        lines += ["", "Each request's latency in the reported round: least / median / most (ms).", "",
+                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
+                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
+        for s in spread:
+            got = {r["concurrency"]: r.get("latency_ms") for r in s["throughput"]}
+            cells = [f"{g['min']} / {g['median']} / {g['max']}" if g else ""
+                     for g in (got.get(c) for c in res["concurrency"])]  # fmt: skip
             lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
     timed = [s for s in res["servers"] if s.get("latency")]
     if timed:

@@ -223,6 +223,14 @@ def test_run_server_against_the_embedded_engine(tiny_models, tmp_path: Path):
     assert serving.live_decode_bytes(f"http://127.0.0.1:{serving.free_port()}") is None  # no server there: none
     first = rec["throughput"][0]
     assert f"| {first['output_tok_per_s']} ({first['rounds'][0]} / {first['rounds'][1]}) |" in table
+    # each round's requests spread out: least <= median <= most, the mean among them, and in the report
+    for r in rec["throughput"]:
+        ms = r["latency_ms"]
+        assert 0 < ms["min"] <= ms["median"] <= ms["max"]
+        assert ms["min"] - 0.1 <= r["mean_latency_s"] * 1e3 <= ms["max"] + 0.1
+    spread = " | ".join(f"{r['latency_ms']['min']} / {r['latency_ms']['median']} / {r['latency_ms']['max']}"
+                        for r in rec["throughput"])  # fmt: skip
+    assert f"| x | {spread} |" in table
 
 
 def test_run_server_reports_why_a_server_died(tmp_path: Path):
