@@ -192,6 +192,13 @@
 #  84. (after 83) phase 81 gated on phase 83's tests, without the server folding its statistics every 5 s (~4.5 min).
 #  85. (only when asked: `start 85`, forty-eighth session) phase 84 alone on a fresh machine, gated on phase 83's
 #      committed test log (~5 min).
+#  86. (only when asked: `start 86`, forty-ninth session) the acceptance run with MXSERVE_TOPK_GRID the default: the
+#      1-token plan's checkpoint and the GPTQ copy, then end to end at 1, 8 and 32 requests, each server's requests
+#      also through SGLang's /generate, decode steps traced (~7 min; ran in the forty-ninth session).
+#  87. (only when asked: `start 87`, after the forty-ninth session) phase 86 with a third server whose statistics are
+#      folded every hour (none in the timed rounds): whether the fold's stalls are the time beside the steps that
+#      ours loses against the copy (5 to 24 ms a request), each round's least / median / most latency beside the mean;
+#      then the SGLang stream-K test of DeepSeek-V2 on the Gluon kernel's schemes (~12 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1515,6 +1522,35 @@ phase85() {
   prep MX_ONLY=1 PLAN=$plan NAME=3.25bit-t1
   [ -f $ckpt/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
   e2e_s44 $plan $ckpt gpu_tests_h100_s48_topk.log no-fold5
+}
+
+phase86() {
+  # phase 75's end to end with the grid's top-k rows the default (phase 85: 2798.5 against 2764.9 tokens/s at 8
+  # requests, level at 1): the 1-token plan beside the GPTQ copy on Marlin at 1, 8 and 32 requests (~7 min)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s49 > $res/e2e_s49.log 2>&1
+  say "e2e the 1-token plan by default (the grid's top-k rows); the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+}
+
+phase87() {
+  # phase 86 with the statistics fold out of the timed rounds in a third server (--stats-interval 3600), then the
+  # SGLang stream-K test of DeepSeek-V2, its plan now of the Gluon kernel's schemes alone (~12 min)
+  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
+  prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
+  [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
+  env NO_BF16=1 MX_GPTQ=1 FOLD=3600 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/e2e_fold > $res/e2e_fold.log 2>&1
+  say "e2e the 1-token plan, and folded every hour; the GPTQ copy rc=$?"
+  pkill -f "[s]glang.launch_server" || true
+  mkdir -p $res/tests
+  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_sk_ds.log \
+    python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "stream_k_decode_serves_in_sglang and deepseek_v2" \
+    --basetemp=/tmp/pt_sk_ds -rA -p no:cacheprovider > $res/tests/sglang_stream_k_deepseek_v2.log 2>&1
+  say "SGLang stream-K test, DeepSeek-V2 rc=$? $(tail -1 $res/tests/sglang_stream_k_deepseek_v2.log)"
 }
 
 phase81() {
