@@ -1010,11 +1010,12 @@ def test_serving_reads_sglangs_own_decode_rate_from_its_log():
 
 def test_host_overhead_counts_an_eager_forwards_launches_without_running_them(tmp_path: Path):
     """host_overhead.py on the CPU (Qwen1.5's expert counts, small widths): each forward's launches are counted and
-    stubbed (a launch that ran would need a GPU or the interpreter); one token takes the top-k's rows straight, so no
-    alignment launch, where 8 tokens align."""
+    stubbed (a launch that ran would need a GPU or the interpreter); one token and 8 take the top-k's rows straight
+    (MXSERVE_TOPK_ROWS, MXSERVE_TOPK_GRID: both on by default), so no alignment launch."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MXSERVE_TOPK_ROWS")}
+    unset = ("TRITON_INTERPRET", "MXSERVE_TOPK_ROWS", "MXSERVE_TOPK_GRID")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--small", "--tokens", "1",
                           "8", "--reps", "3", "--device", "cpu", "--out", str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=300)  # fmt: skip
@@ -1023,7 +1024,8 @@ def test_host_overhead_counts_an_eager_forwards_launches_without_running_them(tm
     one, eight = res["rows"]
     assert one["tokens"] == 1 and one["kernels"]["mx_moe_gemm_gluon_kernel"] == 2
     assert all(r["host_us"] > 0 and r["host_us_fresh_picks"] > 0 for r in res["rows"])  # picks kept and afresh
-    assert "moe_align_kernel" not in one["kernels"] and eight["kernels"]["moe_align_kernel"] == 1
+    assert eight["tokens"] == 8 and eight["kernels"]["mx_moe_gemm_gluon_kernel"] >= 2
+    assert "moe_align_kernel" not in one["kernels"] and "moe_align_kernel" not in eight["kernels"]
     assert one["launches"] == sum(one["kernels"].values())
     assert "| 8 | " in (tmp_path / "host_overhead.md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--tokens", "0", "--out",
