@@ -174,9 +174,10 @@ def test_stream_k_decode_serves_in_sglang(arch, tmp_path):
 def test_one_token_top_k_rows_serve_in_sglang(tmp_path):
     """MXSERVE_TOPK_ROWS=1: decode at one request (SGLang's batch-1 CUDA graph) takes each slot's expert from the
     fused router's top-k in the stream-K launches, with no alignment launch, stream-K's sums zeroed as the MoE block
-    starts; batched forwards align as before. Its sums are added in any order (stream-K), so its text is not held to
-    the default's: every token's log-probability finite, one prompt at a time and all at once, with and without it,
-    and every one-token forward took the zero fill started for it (the Gluon kernel's schemes alone in the plan)."""
+    starts; batched forwards take the routed slots from the top-k either way (MXSERVE_TOPK_GRID). Its sums are added
+    in any order (stream-K), so its text is not held to the default's: every token's log-probability finite, one
+    prompt at a time and all at once, with and without it, and every one-token forward took the zero fill started
+    for it (the Gluon kernel's schemes alone in the plan)."""
     texts, _, _ = texts_served_with(tmp_path, "qwen2_moe", "MXSERVE_TOPK_ROWS", mix=GLUON_MIX)
     assert all(len(texts[v][b]) == len(PROMPTS) for v in ("0", "1") for b in (False, True))
     log = open(tmp_path / "MXSERVE_TOPK_ROWS1.log").read()
