@@ -199,6 +199,8 @@
 #      folded every hour (none in the timed rounds): whether the fold's stalls are the time beside the steps that
 #      ours loses against the copy (5 to 24 ms a request), each round's least / median / most latency beside the mean;
 #      then the SGLang stream-K test of DeepSeek-V2 on the Gluon kernel's schemes (~12 min).
+#  88. (only when asked: `start 88`, after the forty-ninth session) the SGLang tests of the shared experts launched
+#      early, Qwen2-MoE and DeepSeek-V2 side by side, now on the Gluon kernel's schemes (~5 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1551,6 +1553,19 @@ phase87() {
     python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "stream_k_decode_serves_in_sglang and deepseek_v2" \
     --basetemp=/tmp/pt_sk_ds -rA -p no:cacheprovider > $res/tests/sglang_stream_k_deepseek_v2.log 2>&1
   say "SGLang stream-K test, DeepSeek-V2 rc=$? $(tail -1 $res/tests/sglang_stream_k_deepseek_v2.log)"
+}
+
+phase88() {
+  # the shared experts launched early in SGLang, their plan now of the Gluon kernel's schemes alone (forty-ninth
+  # session: before, w8a8fp8 and w4a4 in every layer kept decode off the Gluon kernel); both archs side by side
+  mkdir -p $res/tests
+  for a in qwen2_moe deepseek_v2; do
+    (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_early_$a.log \
+      python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "shared_experts_launched_early and $a" \
+      --basetemp=/tmp/pt_early_$a -rA -p no:cacheprovider > $res/tests/sglang_shared_early_$a.log 2>&1
+     say "SGLang shared-early test, $a rc=$? $(tail -1 $res/tests/sglang_shared_early_$a.log)") &
+  done
+  wait
 }
 
 phase81() {
