@@ -545,6 +545,41 @@ def test_the_grid_takes_the_routed_slots_straight_from_the_top_k(interpreted_glu
     assert aligned == [1]
 
 
+@pytest.mark.parametrize("stream_k", ["0", "1"])
+def test_the_top_k_slots_skip_the_slots_another_rank_holds(interpreted_gluon, monkeypatch, stream_k):
+    # under expert parallelism a rank's top-k marks the slots routed to other ranks' experts -1, some of a token's
+    # slots and not others (SGLang's dispatcher); the routed slots straight from the top-k (MXSERVE_TOPK_GRID, the
+    # default) must skip those and equal the aligned launches: bit for bit on the grid, to rounding on stream-K
+    from kernel_cases import make_experts, route
+
+    from mxkernels import moe
+    from mxkernels.arena import build_arena
+
+    monkeypatch.setattr(moe, "_runs_gluon", lambda dev: True)
+    monkeypatch.setenv("MXSERVE_STREAM_K", stream_k)
+    gen = torch.Generator().manual_seed(5)
+    experts = make_experts(["w4a16g128", "w3a16g128", "w2a16g128"], 256, 256, 12, 0, "rtn", gen, "cpu")
+    gu, dn = build_arena([e.gate_up for e in experts]), build_arena([e.down for e in experts])
+    x = torch.randn(7, 256, generator=gen).bfloat16()
+    ids, w = route(7, 12, 2, gen)
+    ids[torch.rand(ids.shape, generator=gen) < 0.4] = -1
+    assert ((ids < 0).sum(1) == 1).any()  # some tokens with one slot here and one on another rank
+    aligned = []
+    monkeypatch.setattr(moe, "route", lambda *a, f=moe.route, **kw: aligned.append(1) or f(*a, **kw))
+    got = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("MXSERVE_TOPK_GRID", on)
+        aligned.clear()
+        got[on] = moe.moe_gemms(x, ids, w, gu, dn, 12, poison=True)
+        assert aligned == ([] if on == "1" else [1])
+    for a, b in zip(got["1"], got["0"]):
+        assert not a.isnan().any()
+        if stream_k == "0":
+            assert torch.equal(a, b)
+        else:
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("t, n_shared", [(20, 2), (6, 0)])
 def test_stream_k_takes_the_routed_slots_straight_from_the_top_k(interpreted_gluon, monkeypatch, t, n_shared):
     # MXSERVE_TOPK_GRID=1 on stream-K beyond one token: every program finds the blocks that routed slots lead
