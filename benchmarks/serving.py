@@ -21,7 +21,10 @@ first token (queueing, prefill, the HTTP path) and per output token after it, so
 tokens/s splits into what each request costs beside its decode steps and the steps themselves;
 and N more, not streamed, through SGLang's own ``/generate``: the client's time beside the
 server's ``e2e_latency`` (its tokenizer manager's, from the request's arrival to its last output),
-so a request's time beside the steps splits again into the server's and the HTTP path's.
+so a request's time beside the steps splits again into the server's and the HTTP path's. Around each timed round
+the servers' own request histograms (SGLang's, where ``--enable-metrics`` exports them) give the round's mean end to
+end, first token, queue time and scheduler stages (``server_ms``), beside the client's mean and each round's least,
+median and most request latency (``latency_ms``).
 ``--profile-steps N`` then traces N decode steps of each server with SGLang's profiler
 (decode_trace.py: each kernel's GPU time per step); ``--server-env NAME=VAR=VALUE`` sets
 an environment variable for one server (e.g. mxserve's MXSERVE_DISPATCH).
@@ -129,6 +132,49 @@ def complete(base: str, model: str, prompt: str, max_tokens: int, ignore_eos: bo
         return json.load(r)
 
 
+# SGLang's own per-request histograms (servers run with --enable-metrics, as `mxserve launch` always does): the
+# tokenizer manager's end to end, first token and between tokens, the scheduler's queue time and its stages
+SERVER_HISTOGRAMS = {"sglang:e2e_request_latency_seconds": "e2e", "sglang:time_to_first_token_seconds": "first_token",
+                     "sglang:inter_token_latency_seconds": "inter_token", "sglang:queue_time_seconds": "queue"}
+STAGE_HISTOGRAM = "sglang:per_stage_req_latency_seconds"
+
+
+def server_histograms(base: str) -> dict[str, list[float]] | None:
+    """{name: [sum seconds, count]} of SGLang's request histograms on ``base``'s /metrics (SERVER_HISTOGRAMS, and each
+    stage of STAGE_HISTOGRAM as ``stage:NAME``), summed over their other labels; None where there are none (no
+    --enable-metrics, or not an SGLang server)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    got: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in SERVER_HISTOGRAMS and fam.name != STAGE_HISTOGRAM:
+            continue
+        for smp in fam.samples:
+            part = 0 if smp.name.endswith("_sum") else 1 if smp.name.endswith("_count") else None
+            if part is None:
+                continue
+            key = f"stage:{smp.labels.get('stage', '')}" if fam.name == STAGE_HISTOGRAM else SERVER_HISTOGRAMS[fam.name]
+            got.setdefault(key, [0.0, 0.0])[part] += smp.value
+    return got or None
+
+
+def histogram_means(before: dict | None, after: dict | None) -> dict | None:
+    """Each histogram's mean (ms) and observations between two server_histograms scrapes; None without both."""
+    if not before or not after:
+        return None
+    out = {}
+    for key, (total, count) in after.items():
+        t0, c0 = before.get(key, (0.0, 0.0))
+        if count > c0:
+            out[key] = {"mean_ms": round((total - t0) / (count - c0) * 1e3, 2), "n": int(count - c0)}
+    return out or None
+
+
 def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max_tokens: int,
                rounds: int = 1) -> dict:
     """Output tokens/s of ``n`` requests, ``conc`` at a time, over ``rounds`` timed rounds (the median
@@ -146,6 +192,7 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
         list(ex.map(lambda p: complete(base, model, p, 8, ignore_eos=True), jobs[:conc]))
     runs = []
     for _ in range(rounds):
+        before = server_histograms(base)  # outside the timed span
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as ex:
             res = list(ex.map(one, jobs))
@@ -156,7 +203,7 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
         spread = {"min": round(ms[0], 1), "median": round(ms[(n - 1) // 2], 1), "max": round(ms[-1], 1)}
         runs.append({"seconds": round(wall, 3), "output_tok_per_s": round(toks / wall, 1),
                      "mean_latency_s": round(sum(r[1] for r in res) / n, 3), "output_tokens": toks,
-                     "latency_ms": spread})  # fmt: skip
+                     "latency_ms": spread, "server_ms": histogram_means(before, server_histograms(base))})  # fmt: skip
     mid = sorted(runs, key=lambda r: r["output_tok_per_s"])[(rounds - 1) // 2]  # the median (lower of two)
     return {"concurrency": conc, "requests": n, **mid, "rounds": [r["output_tok_per_s"] for r in runs]}
 
@@ -488,6 +535,23 @@ def markdown(res: dict) -> str:
             cells = [f"{g['min']} / {g['median']} / {g['max']}" if g else ""
                      for g in (got.get(c) for c in res["concurrency"])]  # fmt: skip
             lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    own = [s for s in res["servers"] if any(r.get("server_ms") for r in s.get("throughput", []))]
+    if own:
+        stages = sorted({k for s in own for r in s["throughput"] for k in (r.get("server_ms") or {})
+                         if k.startswith("stage:")})  # fmt: skip
+        keys = ["e2e", "first_token", "inter_token", "queue", *stages]
+        lines += ["", "SGLang's own means in the reported round, from its request histograms (servers with "
+                      "--enable-metrics; `mxserve launch` always passes it), beside the client's mean (ms): "
+                      "end to end (the tokenizer manager's), first token, between tokens, the scheduler's queue, "
+                      "and its stages.", "",
+                  "| server | conc | client | " + " | ".join(k.removeprefix("stage:") for k in keys) + " |",
+                  "|---|---:|---:|" + "---:|" * len(keys)]  # fmt: skip
+        for s in own:
+            for r in s["throughput"]:
+                got = r.get("server_ms") or {}
+                cells = [str(got[k]["mean_ms"]) if k in got else "" for k in keys]
+                lines.append(f"| {s['name']} | {r['concurrency']} | {round(r['mean_latency_s'] * 1e3, 1)} | "
+                             + " | ".join(cells) + " |")  # fmt: skip
     timed = [s for s in res["servers"] if s.get("latency")]
     if timed:
         n = timed[0]["latency"]["requests"]

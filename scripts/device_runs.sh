@@ -197,8 +197,9 @@
 #      also through SGLang's /generate, decode steps traced (~7 min; ran in the forty-ninth session).
 #  87. (only when asked: `start 87`, after the forty-ninth session) phase 86 with a third server whose statistics are
 #      folded every hour (none in the timed rounds): whether the fold's stalls are the time beside the steps that
-#      ours loses against the copy (5 to 24 ms a request), each round's least / median / most latency beside the mean;
-#      then the SGLang stream-K test of DeepSeek-V2 on the Gluon kernel's schemes (~12 min).
+#      ours loses against the copy (5 to 24 ms a request), each round's least / median / most latency beside the mean
+#      and SGLang's own request histograms (the copy with --enable-metrics, as mxserve always runs); then the SGLang
+#      stream-K test of DeepSeek-V2 on the Gluon kernel's schemes (~12 min).
 #  88. (only when asked: `start 88`, after the forty-ninth session) the SGLang tests of the shared experts launched
 #      early, Qwen2-MoE and DeepSeek-V2 side by side, now on the Gluon kernel's schemes (~5 min).
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
@@ -1544,7 +1545,9 @@ phase87() {
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
   [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
-  env NO_BF16=1 MX_GPTQ=1 FOLD=3600 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+  # the GPTQ copy with --enable-metrics (the thirty-ninth session: no cost), so both servers export SGLang's request
+  # histograms, which serving.py reads around each round
+  env NO_BF16=1 METRICS_ONLY=1 FOLD=3600 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
     benchmarks/serving_runs.sh qwen15-24 $res/e2e_fold > $res/e2e_fold.log 2>&1
   say "e2e the 1-token plan, and folded every hour; the GPTQ copy rc=$?"
   pkill -f "[s]glang.launch_server" || true

@@ -988,6 +988,62 @@ def test_stats_fold_benchmark_times_busy_and_idle_folds_in_multiprocess_mode():
             f"{held['longest_step_ms']} | {ylds['stalled_ms_per_s']} | {ylds['longest_step_ms']} |") in table
 
 
+def _histograms(e2e: tuple[float, int], stages: dict[str, tuple[float, int]]) -> str:
+    """SGLang's request histograms as its /metrics writes them (two label sets for e2e, as two schedulers would)."""
+    lines = ["# TYPE sglang:e2e_request_latency_seconds histogram"]
+    for model, share in (("a", 0.25), ("b", 0.75)):
+        lines += [f'sglang:e2e_request_latency_seconds_bucket{{le="+Inf",model_name="{model}"}} {e2e[1] * share}',
+                  f'sglang:e2e_request_latency_seconds_sum{{model_name="{model}"}} {e2e[0] * share}',
+                  f'sglang:e2e_request_latency_seconds_count{{model_name="{model}"}} {e2e[1] * share}']  # fmt: skip
+    lines.append("# TYPE sglang:per_stage_req_latency_seconds histogram")
+    for stage, (total, count) in stages.items():
+        lines += [f'sglang:per_stage_req_latency_seconds_sum{{model_name="a",stage="{stage}"}} {total}',
+                  f'sglang:per_stage_req_latency_seconds_count{{model_name="a",stage="{stage}"}} {count}']  # fmt: skip
+    lines += ["# TYPE mxserve_load_share gauge", 'mxserve_load_share{layer="0",expert="0"} 0.5']
+    return "\n".join(lines) + "\n"
+
+
+def test_serving_reads_sglangs_request_histograms_around_each_round():
+    """serving.py scrapes SGLang's request histograms before and after a timed round: each one's mean over the
+    round's requests (the tokenizer manager's end to end, the scheduler's stages), summed over label sets; a server
+    without them (no --enable-metrics) gives none, and the report's table holds the means beside the client's."""
+    from http.server import BaseHTTPRequestHandler
+
+    scrapes = [_histograms((2.0, 8), {"prefill_forward": (0.08, 8)}),
+               _histograms((3.3, 12), {"prefill_forward": (0.10, 12), "request_process": (0.02, 4)})]  # fmt: skip
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = scrapes.pop(0).encode() if scrapes else b""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = _serve(Handler)
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        before, after = serving.server_histograms(base), serving.server_histograms(base)
+        assert before == {"e2e": [2.0, 8.0], "stage:prefill_forward": [0.08, 8.0]}
+        assert serving.server_histograms(base) is None  # a scrape with none of them
+    finally:
+        srv.shutdown()
+    means = serving.histogram_means(before, after)
+    # 1.3 s over 4 requests; 0.02 s over 4 prefill passes; a stage first seen in the round counts from zero
+    assert means == {"e2e": {"mean_ms": 325.0, "n": 4}, "stage:prefill_forward": {"mean_ms": 5.0, "n": 4},
+                     "stage:request_process": {"mean_ms": 5.0, "n": 4}}  # fmt: skip
+    assert serving.histogram_means(None, after) is None
+    assert serving.server_histograms(f"http://127.0.0.1:{serving.free_port()}") is None  # no server: none
+    rec = {"name": "s", "startup_s": 1.0, "throughput": [
+        {"concurrency": 8, "output_tok_per_s": 2000.0, "rounds": [2000.0], "mean_latency_s": 0.3305,
+         "server_ms": means}]}  # fmt: skip
+    table = serving.markdown({"tag": "t", "device": "gpu", "command": "c", "max_tokens": 128, "concurrency": [8],
+                              "servers": [rec], "equal": [], "self": {}})  # fmt: skip
+    assert "| server | conc | client | e2e | first_token | inter_token | queue | prefill_forward | request_process |" \
+        in table
+    assert "| s | 8 | 330.5 | 325.0 |  |  |  | 5.0 | 5.0 |" in table
+
+
 def test_serving_reads_sglangs_own_decode_rate_from_its_log():
     """The decode rate SGLang logs every 40 steps (no profiler), at a full batch only, and its table."""
     line = ("[2026-12-06 05:56:49] Decode batch, #running-req: {n}, #token: 14, token usage: 0.00, cuda graph: True, "
