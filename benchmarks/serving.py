@@ -479,6 +479,18 @@ def _cell(r: dict) -> str:
     return f"{r['output_tok_per_s']}" + (f" ({' / '.join(map(str, rounds))})" if len(rounds) > 1 else "")
 
 
+def _per_concurrency(res: dict, servers: list[dict], intro: str, cell) -> list[str]:
+    """A table of a row per server and a column per concurrency, each cell ``cell(that throughput record)`` (None:
+    empty), after ``intro``."""
+    lines = ["", intro, "", "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
+             "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
+    for s in servers:
+        got = {r["concurrency"]: cell(r) for r in s["throughput"]}
+        lines.append(f"| {s['name']} | " + " | ".join("" if got.get(c) is None else str(got[c])
+                                                     for c in res["concurrency"]) + " |")  # fmt: skip
+    return lines
+
+
 def markdown(res: dict) -> str:
     lines = [
         f"# Serving throughput: {res['tag']}",
@@ -509,32 +521,18 @@ def markdown(res: dict) -> str:
         lines += [f"- {s['name']}: {s['decode_bytes_per_token'] / 1e6:.1f} MB" for s in read]
     logged = [s for s in res["servers"] if any(r.get("log_decode") for r in s.get("throughput", []))]
     if logged:
-        lines += ["", "Decode rate from each server's own log while the timed rounds ran (SGLang's `Decode batch` "
-                      "line, every 40 steps, at full batch; no profiler): median / 90th percentile tokens/s.", "",
-                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
-                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
-        for s in logged:
-            got = {r["concurrency"]: r.get("log_decode") for r in s["throughput"]}
-            cells = [f"{g['median']} / {g['p90']}" if g else "" for g in (got.get(c) for c in res["concurrency"])]
-            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
-        lines += ["", "Each request's time beside its decode steps: the round's mean latency less its tokens' steps at "
-                      "the logged median rate (ms; prefill, the HTTP path, the scheduler's gaps).", "",
-                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
-                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
-        for s in logged:
-            got = {r["concurrency"]: beside_steps_ms(r) for r in s["throughput"]}
-            cells = ["" if got.get(c) is None else str(got[c]) for c in res["concurrency"]]
-            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+        lines += _per_concurrency(res, logged, "Decode rate from each server's own log while the timed rounds ran "
+                                  "(SGLang's `Decode batch` line, every 40 steps, at full batch; no profiler): "
+                                  "median / 90th percentile tokens/s.",
+                                  lambda r: f"{g['median']} / {g['p90']}" if (g := r.get("log_decode")) else None)
+        lines += _per_concurrency(res, logged, "Each request's time beside its decode steps: the round's mean latency "
+                                  "less its tokens' steps at the logged median rate (ms; prefill, the HTTP path, the "
+                                  "scheduler's gaps).", beside_steps_ms)  # fmt: skip
     spread = [s for s in res["servers"] if any(r.get("latency_ms") for r in s.get("throughput", []))]
     if spread:
-        lines += ["", "Each request's latency in the reported round: least / median / most (ms).", "",
-                  "| server | " + " | ".join(f"conc {c}" for c in res["concurrency"]) + " |",
-                  "|---|" + "---|" * len(res["concurrency"])]  # fmt: skip
-        for s in spread:
-            got = {r["concurrency"]: r.get("latency_ms") for r in s["throughput"]}
-            cells = [f"{g['min']} / {g['median']} / {g['max']}" if g else ""
-                     for g in (got.get(c) for c in res["concurrency"])]  # fmt: skip
-            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+        lines += _per_concurrency(res, spread, "Each request's latency in the reported round: least / median / most "
+                                  "(ms).", lambda r: f"{g['min']} / {g['median']} / {g['max']}"
+                                  if (g := r.get("latency_ms")) else None)  # fmt: skip
     own = [s for s in res["servers"] if any(r.get("server_ms") for r in s.get("throughput", []))]
     if own:
         stages = sorted({k for s in own for r in s["throughput"] for k in (r.get("server_ms") or {})

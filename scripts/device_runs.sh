@@ -225,12 +225,14 @@ SMALL="--attention-backend triton --sampling-backend pytorch --grammar-backend n
 
 say() { echo "$(date +%T) $*" >> $res/status.txt; }
 
-sglang_tests() {  # ARCH...: tests/test_sglang_gpu.py for each, side by side
+sglang_tests() {  # ARCH...: tests/test_sglang_gpu.py for each, side by side; K=EXPRESSION: only its tests (their logs
+  # named K_ARCH)
   mkdir -p $res/tests
   for a in "$@"; do
-    (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_$a.log \
-      python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k $a --basetemp=/tmp/pt_$a -rA -p no:cacheprovider \
-      > $res/tests/$a.log 2>&1; say "tests $a rc=$? $(tail -1 $res/tests/$a.log)") &
+    local n=${K:+${K}_}$a
+    (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_$n.log \
+      python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "${K:+$K and }$a" --basetemp=/tmp/pt_$n -rA \
+      -p no:cacheprovider > $res/tests/$n.log 2>&1; say "tests ${K:+$K }$a rc=$? $(tail -1 $res/tests/$n.log)") &
   done
   wait
 }
@@ -1527,48 +1529,36 @@ phase85() {
   e2e_s44 $plan $ckpt gpu_tests_h100_s48_topk.log no-fold5
 }
 
-phase86() {
-  # phase 75's end to end with the grid's top-k rows the default (phase 85: 2798.5 against 2764.9 tokens/s at 8
-  # requests, level at 1): the 1-token plan beside the GPTQ copy on Marlin at 1, 8 and 32 requests (~7 min)
+e2e_t1_gptq() {  # OUT ENV...: the 1-token plan's checkpoint and the GPTQ copy, then serving_runs.sh qwen15-24 at 1, 8
+  # and 32 requests into $res/OUT with those settings added (serving_runs.sh's NO_BF16, METRICS_ONLY, FOLD, ...)
   local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
   prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
   [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
-  env NO_BF16=1 MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e_s49 > $res/e2e_s49.log 2>&1
-  say "e2e the 1-token plan by default (the grid's top-k rows); the GPTQ copy rc=$?"
+  env NO_BF16=1 "${@:2}" PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+    benchmarks/serving_runs.sh qwen15-24 $res/$1 > $res/$1.log 2>&1
+  say "e2e the 1-token plan beside the GPTQ copy (${*:2}) rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }
 
+phase86() {
+  # phase 75's end to end with the grid's top-k rows the default (phase 85: 2798.5 against 2764.9 tokens/s at 8
+  # requests, level at 1): the 1-token plan beside the GPTQ copy on Marlin at 1, 8 and 32 requests (~7 min)
+  e2e_t1_gptq e2e_s49 MX_GPTQ=1
+}
+
 phase87() {
-  # phase 86 with the statistics fold out of the timed rounds in a third server (--stats-interval 3600), then the
-  # SGLang stream-K test of DeepSeek-V2, its plan now of the Gluon kernel's schemes alone (~12 min)
-  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
-  prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
-  [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
-  # the GPTQ copy with --enable-metrics (the thirty-ninth session: no cost), so both servers export SGLang's request
-  # histograms, which serving.py reads around each round
-  env NO_BF16=1 METRICS_ONLY=1 FOLD=3600 PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
-    benchmarks/serving_runs.sh qwen15-24 $res/e2e_fold > $res/e2e_fold.log 2>&1
-  say "e2e the 1-token plan, and folded every hour; the GPTQ copy rc=$?"
-  pkill -f "[s]glang.launch_server" || true
-  mkdir -p $res/tests
-  MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_sk_ds.log \
-    python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "stream_k_decode_serves_in_sglang and deepseek_v2" \
-    --basetemp=/tmp/pt_sk_ds -rA -p no:cacheprovider > $res/tests/sglang_stream_k_deepseek_v2.log 2>&1
-  say "SGLang stream-K test, DeepSeek-V2 rc=$? $(tail -1 $res/tests/sglang_stream_k_deepseek_v2.log)"
+  # phase 86 with the statistics fold out of the timed rounds in a third server (--stats-interval 3600), the GPTQ copy
+  # with --enable-metrics (the thirty-ninth session: no cost) so that both servers export SGLang's request histograms,
+  # which serving.py reads around each round; then the SGLang stream-K test of DeepSeek-V2, its plan now of the Gluon
+  # kernel's schemes alone (~12 min)
+  e2e_t1_gptq e2e_fold METRICS_ONLY=1 FOLD=3600
+  K=stream_k_decode_serves_in_sglang sglang_tests deepseek_v2
 }
 
 phase88() {
   # the shared experts launched early in SGLang, their plan now of the Gluon kernel's schemes alone (forty-ninth
   # session: before, w8a8fp8 and w4a4 in every layer kept decode off the Gluon kernel); both archs side by side
-  mkdir -p $res/tests
-  for a in qwen2_moe deepseek_v2; do
-    (MXSERVE_TEST_SGLANG_ARGS="$SMALL --max-total-tokens 16384" MXSERVE_TEST_SERVER_LOGS=$res/tests/servers_early_$a.log \
-      python3 -m pytest -q -m gpu tests/test_sglang_gpu.py -k "shared_experts_launched_early and $a" \
-      --basetemp=/tmp/pt_early_$a -rA -p no:cacheprovider > $res/tests/sglang_shared_early_$a.log 2>&1
-     say "SGLang shared-early test, $a rc=$? $(tail -1 $res/tests/sglang_shared_early_$a.log)") &
-  done
-  wait
+  K=shared_experts_launched_early sglang_tests qwen2_moe deepseek_v2
 }
 
 phase81() {
