@@ -17,6 +17,7 @@
 #                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES;
 #                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so;
 #                                                    # FOLD=SECONDS: also with the statistics folded so often;
+#                                                    # FOLD_THREAD=1: also folded in the scheduler's thread;
 #                                                    # TOPK_GRID=1: also with MXSERVE_TOPK_GRID=1)
 #                                                    # (PREP_ONLY=1: write the model and checkpoints, serve nothing;
 #                                                    # MX_ONLY=1: no GPTQ copy, and mxserve's server alone;
@@ -125,6 +126,10 @@ elif [ "$what" = qwen15-24 ]; then
   # 1 by default): what the fold, in the scheduler process, costs the steps beside it
   [ -z "${FOLD:-}" ] || grouped+=(--ckpt "$name-fold$FOLD=$work/q15-24-$name"
     --launch-args "$name-fold$FOLD=--stats-interval $FOLD")
+  # FOLD_THREAD=1 adds a server that folds its statistics in a thread of SGLang's scheduler (MXSERVE_STATS_FOLD=thread:
+  # the default before the fiftieth session; since, a fold process of its own, router_stats/apart.py)
+  [ -z "${FOLD_THREAD:-}" ] || grouped+=(--ckpt "$name-fold-thread=$work/q15-24-$name"
+    --server-env "mxserve-$name-fold-thread=MXSERVE_STATS_FOLD=thread")
   # SPLIT=waves adds a server whose decode launches split K by waves (MXSERVE_DECODE_SPLIT=waves)
   [ -z "${SPLIT:-}" ] || grouped+=(--ckpt "$name-split-$SPLIT=$work/q15-24-$name"
     --server-env "mxserve-$name-split-$SPLIT=MXSERVE_DECODE_SPLIT=$SPLIT")

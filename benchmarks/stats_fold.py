@@ -1,10 +1,12 @@
 """What one routing-statistics fold costs the process it runs in, per model shape (CPU).
 
-Under SGLang the fold (router_stats.service.RouterStats) runs in a thread of the scheduler process every
-``--stats-interval`` seconds and writes prometheus_client's multiprocess files; while it runs it holds that
-process's GIL, which the scheduler's own loop needs between decode steps. This times folds the way the scheduler
-does them: every MoE layer of the model, its experts' counters fed ``--tokens`` routed tokens between folds (busy),
-or none (idle), in multiprocess mode.
+Under SGLang the fold ran in a thread of the scheduler process (router_stats.service.RouterStats, now
+``MXSERVE_STATS_FOLD=thread``) every ``--stats-interval`` seconds and wrote prometheus_client's multiprocess files;
+while it ran it held that process's GIL, which the scheduler's own loop needs between decode steps. Since the
+fiftieth session a fold process does that work (router_stats.apart) and the scheduler only publishes the counters.
+This times folds the way the scheduler did them: every MoE layer of the model, its experts' counters fed
+``--tokens`` routed tokens between folds (busy), or none (idle), in multiprocess mode; with ``--stall-seconds``, a
+stand-in for the scheduler's loop beside folds held, yielding and apart.
 
     python3 benchmarks/stats_fold.py --out benchmarks/results/stats-fold    # writes stats_fold.{json,md}
     python3 benchmarks/stats_fold.py --models qwen1.5-moe-a2.7b --stall-seconds 12 --out OUT   # and the stalls
@@ -76,12 +78,14 @@ def time_folds(model: str, tokens: int, folds: int, seed: int = 0) -> dict:
 STEP_PYTHON_S, STEP_WAIT_S = 0.0003, 0.0016
 
 
-def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yields: bool = True) -> dict:
+def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yields: bool = True,
+                     apart: bool = False) -> dict:  # fmt: skip
     """What folds every second cost a loop of decode steps in the same process: the milliseconds a second by which
     steps ran late (longer than the median by more than 0.5 ms; the median second, and the mean), and the longest
     step. ``folding`` False: the loop alone (its own jitter); ``yields`` False: the fold keeps the GIL through its
-    writes (before the forty-third session). The counts each fold reads are added to the host mirrors directly, as
-    the GPU's counting kernel does."""
+    writes (before the forty-third session); ``apart``: this process only publishes the counters to a fold process
+    (router_stats.apart, the default under SGLang since the fiftieth session). The counts each fold reads are added
+    to the host mirrors directly, as the GPU's counting kernel does."""
     import threading
 
     import torch
@@ -93,7 +97,14 @@ def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yie
         rm.yield_gil = lambda: None
     shape = MODEL_SHAPES[model]
     layers = [_Layer(i, shape["experts"]) for i in range(MOE_LAYERS[model])]
-    stats = RouterStats(lambda: layers, MxMetrics(), interval=1.0)
+    if apart:
+        from router_stats.apart import FoldApart
+
+        stats = FoldApart(lambda: layers, lambda: (0.0, ""), interval=3600).start()  # published by the loop below
+        fold = stats.publish
+    else:
+        stats = RouterStats(lambda: layers, MxMetrics(), interval=1.0)
+        fold = stats.fold
     gen = torch.Generator().manual_seed(0)
     deltas = []
     for _ in layers:  # one interval's routing per layer, counted as the counter does
@@ -106,9 +117,9 @@ def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yie
         while not stop.wait(1.0):
             for lay, d in zip(layers, deltas):
                 lay.counter.buf.add_(d)
-            stats.fold()
+            fold()
 
-    stats.fold()
+    fold()
     folder = threading.Thread(target=fold_every_second, daemon=True)
     if folding:
         folder.start()
@@ -126,6 +137,8 @@ def scheduler_stalls(model: str, tokens: int, seconds: float, folding: bool, yie
     stop.set()
     if folding:  # joined: a daemon thread cut at exit inside torch's C++ aborts the process
         folder.join()
+    if apart:
+        stats.stop()
     mid = statistics.median(periods)
     late = [0.0] * int(seconds + 1)  # per second of the loop: a rare pause (the cycle collector) stays in its second
     for p, at in zip(periods, ends):
@@ -150,7 +163,8 @@ def _in_process(call: str) -> dict:
 def _one(model: str, tokens: int, folds: int, stall_s: float) -> dict:
     row = _in_process(f"time_folds({model!r}, {tokens}, {folds})")
     if stall_s > 0:  # the loop alone, beside folds that keep the GIL, beside folds that let it go after each layer
-        for key, args in (("alone", "False"), ("held", "True, False"), ("yielding", "True, True")):
+        for key, args in (("alone", "False"), ("held", "True, False"), ("yielding", "True, True"),
+                          ("apart", "True, True, True")):  # fmt: skip
             row[f"stall_{key}"] = _in_process(f"scheduler_stalls({model!r}, {tokens}, {stall_s}, {args})")
     return row
 
@@ -171,13 +185,17 @@ def markdown(res: dict) -> str:
                   "second beside it: the milliseconds its steps ran late (over the median by more than 0.5 ms) in the "
                   "median second of the loop, and its longest step. Held: the fold keeps the GIL through its writes "
                   "(before the forty-third session); yielding: it lets the GIL go after each layer "
-                  "(router_stats.metrics.yield_gil).", "",
+                  "(router_stats.metrics.yield_gil); apart: the loop's process only publishes the counters, a fold "
+                  "process folds and writes (router_stats.apart).", "",
                   "| model | loop alone: late ms/s | folds held: late ms/s | longest step ms | folds yielding: late "
-                  "ms/s | longest step ms |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "ms/s | longest step ms | folds apart: late ms/s | longest step ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in stalled:
             a, h, y = r["stall_alone"], r["stall_held"], r["stall_yielding"]
+            p = r.get("stall_apart", {})
             lines.append(f"| {r['model']} | {a['stalled_ms_per_s']} | {h['stalled_ms_per_s']} | {h['longest_step_ms']} "
-                         f"| {y['stalled_ms_per_s']} | {y['longest_step_ms']} |")  # fmt: skip
+                         f"| {y['stalled_ms_per_s']} | {y['longest_step_ms']} | {p.get('stalled_ms_per_s', '-')} "
+                         f"| {p.get('longest_step_ms', '-')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

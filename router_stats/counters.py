@@ -15,22 +15,11 @@ asynchronous copy per forward does. Counts are cumulative; the window logic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-# Upper bounds of the tokens-per-forward histogram (Prometheus ``le`` buckets; +Inf after).
-FORWARD_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+from router_stats.snapshot import FORWARD_TOKEN_BUCKETS, CounterSnapshot
 
-
-@dataclass
-class CounterSnapshot:
-    """Cumulative counts of one layer since the counter was made."""
-
-    counts: list[int]  # tokens routed to each routed expert
-    tokens: int  # tokens through the layer
-    forwards: int  # forward passes with at least one token
-    forward_hist: list[int]  # forward passes per tokens bucket (FORWARD_TOKEN_BUCKETS, then +Inf)
+__all__ = ["FORWARD_TOKEN_BUCKETS", "CounterSnapshot", "ExpertCounter"]
 
 
 class ExpertCounter:
@@ -91,9 +80,7 @@ class ExpertCounter:
 
     def snapshot(self) -> CounterSnapshot:
         """The counts as of the last forward whose copy has landed (no CUDA call)."""
-        v = self.host.tolist()
-        e = self.n_experts
-        return CounterSnapshot(v[:e], v[e], v[e + 1], v[e + 2 :])
+        return CounterSnapshot.from_buffer(self.host.tolist(), self.n_experts)
 
     def to(self, device: torch.device | str) -> ExpertCounter:
         self.buf = self.buf.to(device)

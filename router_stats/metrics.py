@@ -50,7 +50,7 @@ import operator
 import time
 from dataclasses import dataclass
 
-from router_stats.counters import FORWARD_TOKEN_BUCKETS, CounterSnapshot
+from router_stats.snapshot import FORWARD_TOKEN_BUCKETS, CounterSnapshot
 from router_stats.windows import RoutingStats
 
 WINDOWS = ("sliding", "ewma")
@@ -87,6 +87,15 @@ class Precision:
         """A short hash of every block's scheme: equal ids, equal plans."""
         key = ";".join(f"{b.layer}.{b.expert}.{b.block}={b.scheme}" for b in self.blocks)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def to_json(self) -> dict:
+        """The blocks as rows (layer, expert, block, scheme, bits, params): what the fold process is sent."""
+        return {"budget_bits": self.budget_bits, "method": self.method,
+                "blocks": [[b.layer, b.expert, b.block, b.scheme, b.bits, b.params] for b in self.blocks]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Precision:
+        return cls([BlockPrecision(*row) for row in d["blocks"]], d["budget_bits"], d["method"])
 
 
 def precision_of(layers, budget_bits: float, method: str) -> Precision:

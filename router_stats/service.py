@@ -2,10 +2,10 @@
 
 One :class:`RouterStats` per serving process holds the windows (windows.py)
 and the metrics (metrics.py). The embedded engine makes one for its app; under
-SGLang the plugin attaches each layer to the scheduler process's instance
-(:func:`process_stats`), which exports into SGLang's multiprocess metrics.
-Readers (the admin API, the re-planner) call :meth:`RouterStats.latest` or
-:meth:`RouterStats.fold`.
+SGLang the plugin attaches each layer to the scheduler process's statistics
+(:func:`process_stats`), which export into SGLang's multiprocess metrics from a
+fold process of their own (apart.py). Readers (the admin API, the re-planner)
+call :meth:`RouterStats.latest` or :meth:`RouterStats.fold`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from router_stats.apart import FoldApart
 from router_stats.metrics import MxMetrics, Precision, precision_of
 from router_stats.windows import RoutingStats, RoutingWindows
 
@@ -107,34 +108,44 @@ class RouterStats:
                 log.exception("router_stats: fold failed")
 
 
-_process: RouterStats | None = None
+# the fold in a process of its own (apart.py) unless MXSERVE_STATS_FOLD=thread folds in this one, as before
+FOLD_ENV = "MXSERVE_STATS_FOLD"
+_process: RouterStats | FoldApart | None = None
+_process_metrics: MxMetrics | None = None
 _process_layers: dict[int, object] = {}
 _process_plan: list = [0.0, ""]
 
 
 def process_metrics() -> MxMetrics | None:
-    """This process's metrics, when it exports (see :func:`process_stats`)."""
-    return _process.metrics if _process is not None else None
+    """This process's metrics, when it exports (see :func:`process_stats`): under SGLang the swaps' and re-plans'
+    series, which the scheduler writes itself."""
+    return _process_metrics
 
 
-def process_stats(layer, budget_bits: float, method: str) -> RouterStats | None:
-    """Attach a runtime layer to this process's RouterStats (SGLang's scheduler).
+def process_stats(layer, budget_bits: float, method: str) -> RouterStats | FoldApart | None:
+    """Attach a runtime layer to this process's routing statistics (SGLang's scheduler).
 
     Exports only when SGLang runs with metrics (``--enable-metrics``, which
     ``mxserve launch`` sets): prometheus_client is then in multiprocess mode
-    and SGLang's ``/metrics`` reads what this process writes.
+    and SGLang's ``/metrics`` reads what this process and its fold process write.
+    The fold runs in a process of its own (:class:`~router_stats.apart.FoldApart`);
+    ``MXSERVE_STATS_FOLD=thread`` folds in a thread of this one (:class:`RouterStats`).
     """
-    global _process
+    global _process, _process_metrics
     _process_layers[layer.layer_index] = layer
     _process_plan[:] = [budget_bits, method]
     if _process is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         env = os.environ.get
-        _process = RouterStats(
-            lambda: list(_process_layers.values()),
-            MxMetrics(),
-            lambda: (_process_plan[0], _process_plan[1]),
-            interval=float(env("MXSERVE_STATS_INTERVAL", "1")),
-            window=float(env("MXSERVE_STATS_WINDOW", "60")),
-            halflife=float(env("MXSERVE_STATS_HALFLIFE", "30")),
-        ).start()
+        mode = env(FOLD_ENV, "process")
+        if mode not in ("process", "thread"):
+            raise ValueError(f"{FOLD_ENV}={mode}: 'process' (the default) or 'thread'")
+        settings = dict(interval=float(env("MXSERVE_STATS_INTERVAL", "1")),
+                        window=float(env("MXSERVE_STATS_WINDOW", "60")),
+                        halflife=float(env("MXSERVE_STATS_HALFLIFE", "30")))  # fmt: skip
+        layers, plan = (lambda: list(_process_layers.values())), (lambda: (_process_plan[0], _process_plan[1]))
+        _process_metrics = MxMetrics()
+        if mode == "thread":
+            _process = RouterStats(layers, _process_metrics, plan, **settings).start()
+        else:
+            _process = FoldApart(layers, plan, **settings).start()
     return _process

@@ -28,7 +28,7 @@ import collections
 import math
 from dataclasses import dataclass, field
 
-from router_stats.counters import CounterSnapshot
+from router_stats.snapshot import CounterSnapshot
 
 
 @dataclass

@@ -202,6 +202,11 @@
 #      stream-K test of DeepSeek-V2 on the Gluon kernel's schemes (~12 min).
 #  88. (only when asked: `start 88`, after the forty-ninth session) the SGLang tests of the shared experts launched
 #      early, Qwen2-MoE and DeepSeek-V2 side by side, now on the Gluon kernel's schemes (~5 min).
+#  89. (only when asked: `start 89`, after the fiftieth session) the acceptance run with the statistics folded in a
+#      process of their own (router_stats/apart.py, the default since the fiftieth session), a server folding in the
+#      scheduler's thread beside it (MXSERVE_STATS_FOLD=thread) and the GPTQ copy with --enable-metrics, at 1, 8 and
+#      32 requests; then the SGLang tests of the mixed checkpoints, which read the live decode bytes from /metrics,
+#      Qwen2-MoE and DeepSeek-V2 side by side (~12 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1559,6 +1564,14 @@ phase88() {
   # the shared experts launched early in SGLang, their plan now of the Gluon kernel's schemes alone (forty-ninth
   # session: before, w8a8fp8 and w4a4 in every layer kept decode off the Gluon kernel); both archs side by side
   K=shared_experts_launched_early sglang_tests qwen2_moe deepseek_v2
+}
+
+phase89() {
+  # phase 87's run with the fold apart by default (phase 87: folded every second in the scheduler's thread, a request
+  # that met a fold took up to 16 ms longer; folded hourly, 1.02x at 1 and 8 requests), beside the old thread, then
+  # the SGLang tests whose assertions read the series the fold process now writes
+  e2e_t1_gptq e2e_apart METRICS_ONLY=1 FOLD_THREAD=1
+  K=mixed_checkpoint sglang_tests qwen2_moe deepseek_v2
 }
 
 phase81() {

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -249,30 +250,122 @@ from test_router_stats import _experts
 c = ExpertCounter(2)
 rs = process_stats(L(0, c, _experts([("w3a16g128", "bf16"), ("w1a16g128", "w8a16")])), 3.25, "gptq-had")
 c.record(torch.tensor([[0, 1], [1, 1]]))
-rs.fold()
+if sys.argv[2] == "thread":
+    rs.fold()
+else:  # published to the fold process, which exports it and exits when the pipe closes
+    rs.publish()
+    assert rs.stop() == 0
+print(type(rs).__name__)
 """
 
 
-def test_multiprocess_export_reaches_another_process(tmp_path):
-    """SGLang's path: a scheduler process writes, the HTTP process's MultiProcessCollector reads."""
-    mp = tmp_path / "prom"
-    mp.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp), PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", _MULTIPROC_CHILD, os.path.join(ROOT, "tests")], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+def _multiprocess_samples(env: dict) -> dict:
+    """What SGLang's HTTP process serves: every process's files in PROMETHEUS_MULTIPROC_DIR, collected."""
     code = ("from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
             "reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)\n"
             "print(generate_latest(reg).decode())")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    s = samples(r.stdout)
+    return samples(r.stdout)
+
+
+@pytest.mark.parametrize("mode,folder", [(None, "FoldApart"), ("process", "FoldApart"), ("thread", "RouterStats")])
+def test_multiprocess_export_reaches_another_process(tmp_path, mode, folder):
+    """SGLang's path: the scheduler process counts, its fold process (or, MXSERVE_STATS_FOLD=thread, a thread of
+    its own) writes, the HTTP process's MultiProcessCollector reads; the counts exported once, not by both."""
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp), PYTHONPATH=ROOT)
+    env.pop("MXSERVE_STATS_FOLD", None)
+    if mode:
+        env["MXSERVE_STATS_FOLD"] = mode
+    r = subprocess.run([sys.executable, "-c", _MULTIPROC_CHILD, os.path.join(ROOT, "tests"), mode or "process"],
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [folder]
+    s = _multiprocess_samples(env)
     assert s[("mxserve_expert_routed_tokens_total", (("expert", "1"), ("layer", "0")))] == 3
+    assert s[("mxserve_layer_tokens_total", (("layer", "0"),))] == 2
     assert s[("mxserve_expert_load_share", (("expert", "1"), ("layer", "0"), ("window", "ewma")))] == 0.75
     assert s[("mxserve_expert_block_scheme",
               (("block", "gate_up"), ("expert", "1"), ("layer", "0"), ("scheme", "w1a16g128")))] == 1
+    assert s[("mxserve_plan_budget_bits", ())] == 3.25
+    assert s[("mxserve_stats_window_seconds", (("window", "sliding"),))] == 60
+    assert s[("mxserve_decode_bytes_per_token", (("window", "ewma"),))] > 0
     assert s[("mxserve_forward_tokens_count", ())] == 1
+    assert s[("mxserve_replans_total", (("outcome", "applied"),))] == 0
     assert not any("pid" in dict(k[1]) for k in s)  # gauges are 'mostrecent': no per-process series
+
+
+def test_the_fold_process_exports_each_publication_and_a_swap(tmp_path, monkeypatch):
+    """FoldApart in this process: counts published twice fold into the windows; a plan version's change re-sends
+    the precision (the old scheme drops to 0); sync waits for the export; stop ends the process cleanly."""
+    from router_stats.apart import FoldApart
+
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mp))
+    counter = ExpertCounter(2)
+    layer = _Layer(5, counter, _experts([("w4a16g128", "w2a16g128"), ("bf16", "w8a8fp8")]))
+    apart = FoldApart(lambda: [layer], lambda: (6.0, "rtn"), interval=3600, window=5, halflife=5).start()
+    try:
+        counter.record(torch.tensor([[0, 1], [0, 1], [0, 0]]))
+        apart.publish()
+        apart.sync()
+        s = _multiprocess_samples(dict(os.environ))
+        assert s[("mxserve_expert_routed_tokens_total", (("expert", "0"), ("layer", "5")))] == 4
+        assert s[("mxserve_expert_load_share", (("expert", "0"), ("layer", "5"), ("window", "sliding")))] == 4 / 6
+        old = ("mxserve_expert_block_scheme",
+               (("block", "down"), ("expert", "1"), ("layer", "5"), ("scheme", "w8a8fp8")))
+        assert s[old] == 1
+        layer.experts_q = _experts([("w4a16g128", "w2a16g128"), ("bf16", "w4a16g128")])
+        layer.version += 1
+        counter.record(torch.tensor([[1, 1]]))
+        apart.publish()
+        apart.sync()
+        s = _multiprocess_samples(dict(os.environ))
+        assert s[("mxserve_expert_routed_tokens_total", (("expert", "1"), ("layer", "5")))] == 4
+        assert s[("mxserve_layer_tokens_total", (("layer", "5"),))] == 4
+        assert s[old] == 0 and s[old[:1] + (old[1][:3] + (("scheme", "w4a16g128"),),)] == 1
+    finally:
+        assert apart.stop() == 0
+
+
+def test_the_fold_process_ends_with_the_process_that_publishes(tmp_path):
+    """A scheduler killed outright (SIGKILL, no cleanup) leaves no fold process behind."""
+    code = ("import os, sys, time\n"
+            "from router_stats.apart import FoldApart\n"
+            "a = FoldApart(lambda: [], lambda: (0.0, ''), interval=3600).start()\n"
+            "print(a._proc.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.kill()
+    parent.wait(10)
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        try:  # reaped by init, or by us where this test's process adopted it
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the fold process {child} outlived its publisher")
+
+
+def test_counts_cross_the_pipe_unchanged():
+    from router_stats.apart import pack_counts, unpack_counts
+
+    a, b = ExpertCounter(3), ExpertCounter(5)
+    a.record(torch.tensor([[0, 2], [2, 2]]))
+    b.record(torch.tensor([[4, 1]] * 9))
+    t, snaps = unpack_counts(pack_counts(12.5, [(7, 3, a.host.numpy().tobytes()), (2, 5, b.host.numpy().tobytes())]))
+    assert t == 12.5 and snaps == {7: a.snapshot(), 2: b.snapshot()}
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])
