@@ -110,6 +110,7 @@ class RouterStats:
 
 # the fold in a process of its own (apart.py) unless MXSERVE_STATS_FOLD=thread folds in this one, as before
 FOLD_ENV = "MXSERVE_STATS_FOLD"
+FOLD_MODES = ("process", "thread")
 _process: RouterStats | FoldApart | None = None
 _process_metrics: MxMetrics | None = None
 _process_layers: dict[int, object] = {}
@@ -137,7 +138,7 @@ def process_stats(layer, budget_bits: float, method: str) -> RouterStats | FoldA
     if _process is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         env = os.environ.get
         mode = env(FOLD_ENV, "process")
-        if mode not in ("process", "thread"):
+        if mode not in FOLD_MODES:  # mxserve launch refuses it first (engines/sglang_launch.stats_env)
             raise ValueError(f"{FOLD_ENV}={mode}: 'process' (the default) or 'thread'")
         settings = dict(interval=float(env("MXSERVE_STATS_INTERVAL", "1")),
                         window=float(env("MXSERVE_STATS_WINDOW", "60")),

@@ -310,3 +310,11 @@ def test_a_warm_launch_finds_its_kernels_precompiled_without_importing_torch(qwe
     # benchmarks/cold_start.py counts Triton's entries once the step is over, either way
     settled = _cold_start().precompile_settled
     assert settled(warm.stderr) and settled(cold.stderr) and not settled(warm.stderr.split("kernels precompiled")[0])
+
+
+def test_the_fold_mode_is_checked_before_sglang_starts():
+    """MXSERVE_STATS_FOLD reaches SGLang's scheduler; a misspelt one is refused at launch, not in the scheduler."""
+    assert sglang_launch.stats_env({"MXSERVE_STATS_FOLD": "thread"})["MXSERVE_STATS_FOLD"] == "thread"
+    assert "MXSERVE_STATS_FOLD" not in sglang_launch.stats_env({})
+    with pytest.raises(MxServeError, match="MXSERVE_STATS_FOLD='threads'"):
+        sglang_launch.stats_env({"MXSERVE_STATS_FOLD": "threads"})

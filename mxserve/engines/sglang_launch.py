@@ -129,6 +129,12 @@ def plugin_env(state_dir: str, env: dict[str, str] | None = None) -> dict[str, s
 
 def stats_env(env: dict[str, str], settings=None) -> dict[str, str]:
     """router_stats' settings for the plugin in SGLang's scheduler (router_stats.service.process_stats)."""
+    from router_stats.service import FOLD_ENV, FOLD_MODES
+
+    fold = env.get(FOLD_ENV)
+    if fold is not None and fold not in FOLD_MODES:
+        raise MxServeError(f"{FOLD_ENV}={fold!r}: 'process' (a fold process beside SGLang's scheduler, the default) "
+                           "or 'thread' (a thread of the scheduler)")  # fmt: skip
     if settings is not None:
         env["MXSERVE_STATS_INTERVAL"] = str(settings.interval)
         env["MXSERVE_STATS_WINDOW"] = str(settings.window)
