@@ -3,8 +3,8 @@
 SGLang serves ``POST /start_profile`` (torch profiler, CUPTI): with ``num_steps`` it traces
 that many forward passes and writes a Chrome trace. Kernels replayed from a CUDA graph are
 traced one by one, so the trace shows what each decode step launches and how long each
-kernel runs. :func:`profile_decode` starts ``concurrency`` long requests, waits until they
-decode, traces ``steps`` forward passes and sums the trace per step (:func:`summarize`):
+kernel runs. :func:`profile_decode` starts ``concurrency`` long requests, waits until each
+has streamed the same number of tokens, traces ``steps`` forward passes and sums the trace per step (:func:`summarize`):
 the GPU time of each kernel, the number of kernels and copies, and the span from the first
 kernel's start to the last one's end (busy time plus the gaps between kernels).
 """
@@ -210,24 +210,39 @@ def _written_trace(folder: str, timeout: float) -> str:
 
 
 def profile_decode(base: str, prompts: list[str], concurrency: int, steps: int, folder: str,
-                   complete: Callable[[str, int], object], timeout: float = 180) -> dict:  # fmt: skip
+                   stream: Callable[[str, int, Callable[[], None]], object], timeout: float = 180,
+                   at_token: int = 64) -> dict:  # fmt: skip
     """Trace ``steps`` decode steps of ``concurrency`` requests, each of another of ``prompts``
-    (``complete(prompt, max_tokens)`` sends one); the summary, with the trace file's path. (Copies of
-    one greedy request decode the same tokens, so their batch routes to the same experts, as no real
-    batch does: the fifth session's first traces at 8 requests were such copies.)"""
+    (``stream(prompt, max_tokens, each)`` sends one and calls ``each()`` for every token it streams back); the
+    summary, with the trace file's path. The trace starts once every request has streamed ``at_token`` tokens, so
+    two servers are traced at the same place in their requests: a wait of fixed time found the faster server's
+    requests longer, and their attention slower (the fiftieth session: 40.1 us a layer against the GPTQ copy's 36.3 at
+    1 request, 20% more tokens in its KV cache). (Copies of one greedy request decode the same tokens, so their
+    batch routes to the same experts, as no real batch does: the fifth session's first traces at 8 requests were
+    such copies.)"""
     os.makedirs(folder, exist_ok=True)
-    tokens = 64 * steps + 256  # still decoding when the trace ends, whatever the step time
-    workers = [threading.Thread(target=complete, args=(prompts[i % len(prompts)], tokens), daemon=True)
-               for i in range(concurrency)]  # fmt: skip
+    tokens = 64 * steps + 256 + at_token  # still decoding when the trace ends, whatever the step time
+    counts = [0] * concurrency
+    ready = threading.Event()
+
+    def each(i: int) -> None:
+        counts[i] += 1
+        if min(counts) >= at_token:
+            ready.set()
+
+    workers = [threading.Thread(target=stream, args=(prompts[i % len(prompts)], tokens, lambda i=i: each(i)),
+                                daemon=True) for i in range(concurrency)]  # fmt: skip
     for w in workers:
         w.start()
-    time.sleep(1.0)  # past the prefill: every traced pass decodes the whole batch
+    if not ready.wait(timeout):
+        raise TimeoutError(f"the requests streamed {min(counts)} tokens, not {at_token}, within {timeout:.0f} s")
     _post(base + "/start_profile", {"output_dir": folder, "num_steps": steps, "activities": ["GPU"],
                                     "with_stack": False})
     path = _written_trace(folder, timeout)
     for w in workers:
         w.join(timeout)
-    return {"concurrency": concurrency, "trace": os.path.basename(path), **summarize(path, steps)}
+    return {"concurrency": concurrency, "at_token": at_token, "trace": os.path.basename(path),
+            **summarize(path, steps)}
 
 
 def profile_prefill(base: str, prompt: str, folder: str, complete: Callable[[str, int], object],

@@ -51,6 +51,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -208,28 +209,39 @@ def throughput(base: str, model: str, prompts: list[str], conc: int, n: int, max
     return {"concurrency": conc, "requests": n, **mid, "rounds": [r["output_tok_per_s"] for r in runs]}
 
 
-def stream_once(base: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed completion (``ignore_eos``): seconds to its first token, and per token after it to its last."""
+def stream_chunks(base: str, model: str, prompt: str, max_tokens: int) -> Iterator[dict]:
+    """The chunks of one streamed completion (``ignore_eos``; the last one carries the usage), as they come."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})  # fmt: skip
-    t0 = time.perf_counter()
-    first = last = None
-    chunks, usage = 0, None
     with urllib.request.urlopen(req, timeout=600) as r:
         for raw in r:
             line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[len("data: "):])
-            usage = obj.get("usage") or usage
-            # A chunk with a choice is a token step even with no text: a random-weight model's tokens often decode
-            # to nothing alone (a partial UTF-8 sequence), and SGLang still streams their empty deltas.
-            if obj.get("choices"):
-                last = time.perf_counter()
-                first = first or last
-                chunks += 1
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[len("data: "):])
+
+
+def stream_each(base: str, model: str, prompt: str, max_tokens: int, each: Callable[[], None]) -> None:
+    """One streamed completion, ``each()`` called for every token step it streams (decode_trace.profile_decode)."""
+    for obj in stream_chunks(base, model, prompt, max_tokens):
+        if obj.get("choices"):
+            each()
+
+
+def stream_once(base: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion (``ignore_eos``): seconds to its first token, and per token after it to its last."""
+    t0 = time.perf_counter()
+    first = last = None
+    chunks, usage = 0, None
+    for obj in stream_chunks(base, model, prompt, max_tokens):
+        usage = obj.get("usage") or usage
+        # A chunk with a choice is a token step even with no text: a random-weight model's tokens often decode
+        # to nothing alone (a partial UTF-8 sequence), and SGLang still streams their empty deltas.
+        if obj.get("choices"):
+            last = time.perf_counter()
+            first = first or last
+            chunks += 1
     if first is None:
         raise RuntimeError(f"{model}: a streamed completion sent no chunk with a choice")
     n = (usage or {}).get("completion_tokens") or chunks  # a server without usage in streams: one chunk a token
@@ -441,7 +453,7 @@ def run_server(name: str, cmd: list[str], port: int, a, prompts: list[str], log_
                 try:  # what a decode step launches on the GPU (decode_trace.py)
                     prof = decode_trace.profile_decode(
                         base, prompts, conc, a.profile_steps, os.path.join(log_dir, f"trace-{name}-c{conc}"),
-                        lambda p, n: complete(base, name, p, n, ignore_eos=True))  # fmt: skip
+                        lambda p, n, each: stream_each(base, name, p, n, each))  # fmt: skip
                     rec.setdefault("decode_profile", []).append(prof)
                     print(f"[{name}] decode profile at concurrency {conc}: {prof['span_us_per_step']} us per step",
                           flush=True)  # fmt: skip

@@ -543,18 +543,43 @@ def profiler_standin(steps: int, events: list[dict]):
 
 def test_profile_decode_traces_a_batch_of_different_requests(tmp_path: Path):
     """profile_decode against a stand-in for SGLang's /start_profile: each of the batch's requests
-    has its own prompt (copies of one greedy request would route alike), and the trace it gets
-    back is summed per step."""
+    has its own prompt (copies of one greedy request would route alike), the trace starts only once every request
+    has streamed ``at_token`` tokens (the slowest one too), and the trace it gets back is summed per step."""
+    import threading
+    import time
+
     import decode_trace
 
     events = [{"ph": "X", "cat": cat, "name": name, "ts": t, "dur": 5} for t in (0, 10)
               for cat, name in (("kernel", "gemm"), ("cuda_runtime", "cudaGraphLaunch"))]  # fmt: skip
-    sent = []
+    sent, seen, lock = [], [], threading.Lock()
+    trace = tmp_path / "trace"
+
+    def stream(prompt, n, each):
+        with lock:
+            sent.append((prompt, n))
+            slow = len(sent) == 1  # one request streams at a fifth of the others' rate
+        for k in range(n):
+            if any(trace.glob("*.json*")):  # the tokens this request had streamed when the trace began
+                seen.append(k)
+                return
+            each()
+            time.sleep(0.005 if slow else 0.001)
+
     with profiler_standin(2, events) as base:
-        prof = decode_trace.profile_decode(base, ["a", "b", "c"], 4, 2, str(tmp_path / "trace"),
-                                           lambda p, n: sent.append((p, n)), timeout=30)  # fmt: skip
-    assert sorted(p for p, _ in sent) == ["a", "a", "b", "c"] and all(n > 2 for _, n in sent)
+        prof = decode_trace.profile_decode(base, ["a", "b", "c"], 4, 2, str(trace), stream, timeout=30, at_token=8)
+    assert sorted(p for p, _ in sent) == ["a", "a", "b", "c"] and all(n > 8 for _, n in sent)
+    assert len(seen) == 4 and min(seen) >= 8
     assert prof["concurrency"] == 4 and prof["steps"] == 2 and prof["top"] == [["gemm", 5.0, 1.0]]
+    assert prof["at_token"] == 8
+
+
+def test_profile_decode_says_when_the_requests_do_not_stream(tmp_path: Path):
+    import decode_trace
+
+    with pytest.raises(TimeoutError, match="streamed 0 tokens, not 64"):
+        decode_trace.profile_decode("http://127.0.0.1:9", ["a"], 2, 2, str(tmp_path), lambda p, n, each: None,
+                                    timeout=0.5)  # fmt: skip
 
 
 def test_profile_prefill_traces_one_prompt_and_reports_its_idle_gpu(tmp_path: Path):
