@@ -162,7 +162,7 @@ def _in_process(call: str) -> dict:
 
 def _one(model: str, tokens: int, folds: int, stall_s: float) -> dict:
     row = _in_process(f"time_folds({model!r}, {tokens}, {folds})")
-    if stall_s > 0:  # the loop alone, beside folds that keep the GIL, beside folds that let it go after each layer
+    if stall_s > 0:  # the loop alone; beside folds that keep the GIL, that let it go after each layer, that run apart
         for key, args in (("alone", "False"), ("held", "True, False"), ("yielding", "True, True"),
                           ("apart", "True, True, True")):  # fmt: skip
             row[f"stall_{key}"] = _in_process(f"scheduler_stalls({model!r}, {tokens}, {stall_s}, {args})")
