@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from router_stats.metrics import Precision, precision_of
+from router_stats.metrics import Precision, plan_versions, precision_of
 from router_stats.snapshot import CounterSnapshot
 from router_stats.windows import RoutingWindows
 
@@ -104,7 +104,7 @@ class FoldApart:
         """This process's part of a fold: the precision where a layer's plan changed, then every counter's buffer."""
         with self._lock:
             layers = sorted(self._layers(), key=lambda m: m.layer_index)
-            versions = tuple((m.layer_index, getattr(m, "version", 0)) for m in layers)
+            versions = plan_versions(layers)
             if versions != self._versions:
                 p = precision_of(layers, *self.plan_meta())
                 self._send(frame(b"P", json.dumps(p.to_json()).encode()))

@@ -98,6 +98,11 @@ class Precision:
         return cls([BlockPrecision(*row) for row in d["blocks"]], d["budget_bits"], d["method"])
 
 
+def plan_versions(layers) -> tuple:
+    """(layer index, plan version) of each runtime layer: a change means its precision must be exported again."""
+    return tuple((m.layer_index, getattr(m, "version", 0)) for m in layers)
+
+
 def precision_of(layers, budget_bits: float, method: str) -> Precision:
     """The precision of runtime layers (each with ``layer_index`` and ``experts_q``)."""
     blocks = []

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from router_stats.apart import FoldApart
-from router_stats.metrics import MxMetrics, Precision, precision_of
+from router_stats.metrics import MxMetrics, Precision, plan_versions, precision_of
 from router_stats.windows import RoutingStats, RoutingWindows
 
 log = logging.getLogger("mxserve.router_stats")
@@ -69,7 +69,7 @@ class RouterStats:
             stats = self.windows.fold(time.time(), snaps)
             if self.metrics is not None:
                 # the precision first: the routing's export prices the served blocks (mxserve_decode_bytes_per_token)
-                versions = tuple((m.layer_index, getattr(m, "version", 0)) for m in layers)
+                versions = plan_versions(layers)
                 if versions != self._versions:
                     self.metrics.set_precision(precision_of(layers, *self.plan_meta()))
                     self._versions = versions

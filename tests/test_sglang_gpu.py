@@ -246,8 +246,7 @@ def test_programmatic_dependent_launch_serves_the_same_text(tmp_path):
 def texts_served_with(tmp_path, arch: str, var: str, tokens: dict | None = None, mix: tuple[str, ...] = MIX,
                       **env: str) -> tuple[dict, str, int]:  # fmt: skip
     """A tiny ``arch`` model's checkpoint of a plan mixing ``mix`` served with the environment variable ``var`` "0",
-    then "1"
-    (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)
+    then "1" (server logs: ``tmp_path / f"{var}{value}.log"``): each time its greedy texts one prompt at a time (False)
     and all at once (True); also the checkpoint and the port, for more servers. ``tokens``: filled with each
     server's tokens through each MoE layer after those requests ({value: {layer: tokens}}, from /metrics)."""
     src = sglang_tiny(arch, tmp_path)
