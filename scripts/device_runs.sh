@@ -207,6 +207,8 @@
 #      scheduler's thread beside it (MXSERVE_STATS_FOLD=thread) and the GPTQ copy with --enable-metrics, at 1, 8 and
 #      32 requests; then the SGLang tests of the mixed checkpoints, which read the live decode bytes from /metrics,
 #      Qwen2-MoE and DeepSeek-V2 side by side (~12 min)
+#  90. (only when asked: `start 90`, after phase 89 on the same machine) phase 89's default server and the GPTQ copy
+#      with --enable-metrics again, at 1, 8 and 32 requests (~4 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1572,6 +1574,12 @@ phase89() {
   # the SGLang tests whose assertions read the series the fold process now writes
   e2e_t1_gptq e2e_apart METRICS_ONLY=1 FOLD_THREAD=1
   K=mixed_checkpoint sglang_tests qwen2_moe deepseek_v2
+}
+
+phase90() {
+  # phase 89's default server again beside the GPTQ copy with --enable-metrics, on the same machine: a second
+  # and third reading of 1 request, where phase 89 gave 1.208x by default (~4 min with phase 89's checkpoints)
+  e2e_t1_gptq e2e_repeat METRICS_ONLY=1
 }
 
 phase81() {
