@@ -11,7 +11,7 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 76` (then `wait` in further calls; benchmarks/README.md, the forty-third session).
+# unknown field. Next: `start 91` (then `wait` in further calls; benchmarks/README.md, the fifty-first session).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -209,6 +209,9 @@
 #      Qwen2-MoE and DeepSeek-V2 side by side (~12 min)
 #  90. (only when asked: `start 90`, after phase 89 on the same machine) phase 89's default server and the GPTQ copy
 #      with --enable-metrics again, at 1, 8 and 32 requests (~4 min)
+#  91. (only when asked: `start 91`, after the fifty-first session) the fortieth session's 8-token plan (w2 and w4, 2% w3)
+#      beside the default 1-token plan (37% w3) and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests (~9 min)
+#  92. (only when asked: `start 92`) the same with the 8-token plan of the forty-first session's profile (23% w3) (~9 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1580,6 +1583,20 @@ phase90() {
   # phase 89's default server again beside the GPTQ copy with --enable-metrics, on the same machine: a second
   # and third reading of 1 request, where phase 89 gave 1.208x by default (~4 min with phase 89's checkpoints)
   e2e_t1_gptq e2e_repeat METRICS_ONLY=1
+}
+
+phase91() {
+  # a plan of narrow codes at 8 requests (fifty-first session: 1.2x the step there needs the MoE section 0.70x the
+  # copy's, ours is 0.82x; the layer at 8 tokens under uniform routing took 55 to 59 us on w4 + w2 where 70 to 74 on
+  # the 1-token plan's tiers, 37% w3: forty-eighth session): the fortieth session's 8-token plan (50% w2, 47% w4, 2% w3)
+  # beside the default 1-token plan and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests (~9 min)
+  e2e_t1_gptq e2e_t8 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-t8-s40
+}
+
+phase92() {
+  # phase 91 with the 8-token plan the forty-first session's profile prices (40% w2, 36% w4, 23% w3; planned on the
+  # CPU in the fifty-first session, results/plan-qwen15-24l-r0.25-t8-h100-s41.log) (~9 min)
+  e2e_t1_gptq e2e_t8_s41 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s41.json:3.25bit-t8-s41
 }
 
 phase81() {
