@@ -54,7 +54,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 def cmd_plan(a: argparse.Namespace) -> None:
     from mxserve.costmodel import cost_model
-    from mxserve.planner import decode_reads_line, solve_plan
+    from mxserve.planner import counts_text, decode_reads_line, solve_plan
     from mxserve.profile import CalibrationProfile
     from mxserve.schemes import parse_budget, parse_schemes
 
@@ -84,7 +84,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         print(f"mxserve: warning: {w}", file=sys.stderr)
     res.plan.save(a.out)
     print(
-        f"L/T frontier ({a.granularity} budget {budget:g} bits, {a.tokens} tokens per forward; "
+        f"L/T frontier ({a.granularity} budget {budget:g} bits, {counts_text(a.tokens)} tokens per forward; "
         f"L = relative output error, T = modelled expert GEMM time):"
     )
     print(f"  {'#':>2} {'L':>12} {'T (ms)':>10} {'avg bits':>9}")
@@ -389,6 +389,11 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _token_counts(text: str) -> tuple[int, ...]:
+    """``--tokens``: one forward size, or several comma-separated (the latency term sums one forward of each)."""
+    return tuple(sorted({_positive_int(t.strip()) for t in text.split(",")}))
+
+
 def _seconds(text: str, allow_zero: bool) -> float:
     try:
         v = float(text)
@@ -483,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", required=True, help="calibration profile from `mxserve calibrate`")
     pl.add_argument("--budget", required=True, help="average bits per expert weight: 4bit, 3.25bit or 3.25")
     pl.add_argument("--r", type=float, default=1.0, help="accuracy weight: 1 accuracy only, 0 latency only")
-    pl.add_argument("--tokens", type=int, default=64, help="tokens per forward pass for the latency term")
+    pl.add_argument("--tokens", type=_token_counts, default=(64,),
+                    help="tokens per forward pass for the latency term; several, comma-separated (e.g. 1,8: decode "
+                    "at one request and at eight), price one forward of each, summed")
     pl.add_argument(
         "--granularity",
         default="layer",

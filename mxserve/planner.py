@@ -10,6 +10,9 @@ scope (one layer, or the whole model):
     T = sum x[u, s] * p_e * time(s, N_u, K_u, tokens * freq_e / p_e)   (latency; p_e = 1 - (1 - freq_e)^tokens,
                                                                         the chance the expert runs at all)
 
+Priced for several forward sizes (``tokens`` a list, e.g. 1 and 8: decode at one request and at eight), T is the
+sum of one forward of each size.
+
 The paper minimises r*log L + (1-r)*log T with Gurobi's log constraints. A
 linear solver takes another route: an epsilon-constraint frontier. Solve
 min T, then min L subject to T <= tau for taus from min T up to the T of the
@@ -25,6 +28,7 @@ import math
 import os
 import sys
 import time as _time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,20 +77,30 @@ class FrontierPoint:
     choice: dict[int, str]  # unit index -> scheme
 
 
+def token_counts(tokens: int | Sequence[int]) -> tuple[int, ...]:
+    """The forward sizes a latency term prices: one, or several (sorted, each once), every one at least 1."""
+    counts = tuple(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else (tokens,)
+    if not counts or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in counts):
+        raise MxServeError(f"--tokens must be one or more whole numbers of at least 1, got {tokens}")
+    return tuple(sorted(set(counts)))
+
+
 def layer_units(
     stats: LayerStats,
     layer_pos: int,
     schemes: list[str],
-    tokens: int,
+    tokens: int | Sequence[int],
     cost: CostModel,
     freq: list[float] | None = None,
     tp: int = 1,
     rotated: bool = False,
 ) -> list[Unit]:
-    """The planning units of one layer; ``freq`` overrides the calibration frequencies. With ``tp``
+    """The planning units of one layer; ``freq`` overrides the calibration frequencies; ``tokens``: the forward
+    size the time prices, or several (their times summed: ``token_counts``). With ``tp``
     > 1 a down block keeps only the schemes whose input columns split ``tp`` ways (``rotated``:
     the method rotates every non-bf16 block's input, which no column split keeps)."""
     units = []
+    counts = token_counts(tokens)
     energy = max(stats.out_energy, 1e-30)
     for e in stats.experts:
         f = 1.0 if e.shared else (e.freq if freq is None else freq[e.expert])
@@ -100,7 +114,8 @@ def layer_units(
                     continue
                 if all(s in e.err[p] for p in parts):
                     loss = significant(f * sum(e.err[p][s] for p in parts) / energy)
-                    opts[s] = (sc.bits_per_weight(k), loss, expected_time(cost, sc, n, k, tokens, f))
+                    seconds = sum(expected_time(cost, sc, n, k, t, f) for t in counts)
+                    opts[s] = (sc.bits_per_weight(k), loss, seconds)
             if not opts:
                 raise MxServeError(f"layer {stats.layer} expert {e.expert} {block}: no candidate scheme fits"
                                    + (f" a {tp}-way tensor-parallel split" if tp > 1 else ""))
@@ -244,7 +259,8 @@ def _rank_groups(units: list[Unit], n_routed: int, ep: int) -> list[list[Unit]]:
 
 
 def plan_terms(
-    profile: CalibrationProfile, plan: Plan, tokens: int, cost: CostModel, freqs: list[list[float]] | None = None
+    profile: CalibrationProfile, plan: Plan, tokens: int | Sequence[int], cost: CostModel,
+    freqs: list[list[float]] | None = None,
 ) -> tuple[float, float]:
     """(L, T) of an existing plan under a routing distribution and batch size, as the planner counts them."""
     lv = tv = 0.0
@@ -276,7 +292,7 @@ def solve_plan(
     profile: CalibrationProfile,
     budget: float,
     r: float = 1.0,
-    tokens: int = 64,
+    tokens: int | Sequence[int] = 64,
     granularity: str = "layer",
     cost: CostModel | None = None,
     points: int = 6,
@@ -307,17 +323,16 @@ def solve_plan(
         raise MxServeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if points < 2:
         raise MxServeError(f"--points must be at least 2, got {points}")
-    if tokens < 1:
-        raise MxServeError(f"--tokens must be at least 1, got {tokens}")
+    counts = token_counts(tokens)
     if ep > 1 and granularity != "layer":
         raise MxServeError("--ep plans need per-layer budgets (--granularity layer)")
     t0 = _time.perf_counter()
     cost = cost or RooflineCostModel()
     if isinstance(cost, MeasuredCostModel):  # this solve's shapes only (a controller re-plans with one model)
         cost.missed.clear()
-    schemes, left_out = _decode_kernel_schemes(profile, schemes or profile.schemes, tokens, r)
+    schemes, left_out = _decode_kernel_schemes(profile, schemes or profile.schemes, counts, r)
     units = [
-        layer_units(st, pos, schemes, tokens, cost, None if freqs is None else freqs[pos], tp,
+        layer_units(st, pos, schemes, counts, cost, None if freqs is None else freqs[pos], tp,
                     profile.method == "gptq-had")  # fmt: skip
         for pos, st in enumerate(profile.layers)
     ]
@@ -343,7 +358,7 @@ def solve_plan(
         )
         for j in range(points)
     ]
-    plan = _to_plan(profile, budget, r, tokens, granularity, scopes, [f[j] for f, j in zip(fronts, picks)])
+    plan = _to_plan(profile, budget, r, counts, granularity, scopes, [f[j] for f, j in zip(fronts, picks)])
     if ep > 1:
         plan.summary["ep"] = ep
     if tp > 1:
@@ -353,26 +368,27 @@ def solve_plan(
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
 
 
-def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], tokens: int,
+def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], counts: tuple[int, ...],
                            r: float) -> tuple[list[str], list[str]]:  # fmt: skip
     """The candidate schemes, and a warning naming those left out: at r < 1 for forwards of decode size, the
     schemes the Gluon decode kernel does not run (activation-quantized ones; groups other than whole 128s). A
     layer holding one runs every expert on the Triton kernel, which a per-block latency term cannot price: on
     the H200 a served r = 0.25 plan with w8a8fp8 blocks in 4 of 24 layers spent 754 us of a 3412 us decode
     step on those 4 layers' GEMMs and 1068 us on the other 20's
-    (benchmarks/results/serving-qwen15-24l-h200-s20-r.md). Kept when no candidate would be left."""
+    (benchmarks/results/serving-qwen15-24l-h200-s20-r.md). Kept when no candidate would be left. Priced for several
+    forward sizes, a scheme the kernel refuses at any of them is left out (the plan serves them all)."""
     if r >= 1.0 or not profile.layers:
         return schemes, []
     from mxkernels.moe import decode_kernel_refuses
 
     st = profile.layers[0]
-    refused = [s for s in schemes if decode_kernel_refuses(get_scheme(s), tokens, st.top_k, len(st.experts),
-                                                            st.n_routed)]  # fmt: skip
+    refused = [s for s in schemes if any(decode_kernel_refuses(get_scheme(s), t, st.top_k, len(st.experts),
+                                                                st.n_routed) for t in counts)]  # fmt: skip
     if not refused or len(refused) == len(schemes):
         return schemes, []
     return [s for s in schemes if s not in refused], [
-        f"r={r:g} at {tokens} tokens per forward: {', '.join(refused)} left out; the decode kernel does not run "
-        f"{'it' if len(refused) == 1 else 'them'}, and a layer holding one runs all its experts on the slower "
+        f"r={r:g} at {counts_text(counts)} tokens per forward: {', '.join(refused)} left out; the decode kernel does "
+        f"not run {'it' if len(refused) == 1 else 'them'}, and a layer holding one runs all its experts on the slower "
         f"Triton kernel (plan with --r 1 or for more --tokens to keep {'it' if len(refused) == 1 else 'them'})"]
 
 
@@ -424,7 +440,13 @@ def decode_reads_line(summary: dict) -> str | None:
             f"{summary['decode_mb_uniform_w4a16g128']:.4g} MB")
 
 
-def _to_plan(profile, budget, r, tokens, granularity, scopes: list[_Scope], chosen: list[FrontierPoint]) -> Plan:
+def counts_text(counts: tuple[int, ...]) -> str:
+    """``token_counts`` in words: "8", or "1 + 8" (the latency term sums one forward of each)."""
+    return " + ".join(map(str, counts))
+
+
+def _to_plan(profile, budget, r, counts: tuple[int, ...], granularity, scopes: list[_Scope],
+             chosen: list[FrontierPoint]) -> Plan:  # fmt: skip
     picked: dict[tuple[int, int], dict[str, str]] = {}
     for sc, pt in zip(scopes, chosen):
         for i, s in pt.choice.items():
@@ -449,6 +471,8 @@ def _to_plan(profile, budget, r, tokens, granularity, scopes: list[_Scope], chos
         "schemes": dict(sorted(share.items(), key=lambda kv: -kv[1])),
         **decode_reads(scopes, [pt.choice for pt in chosen]),
     }
+    if len(counts) > 1:  # the plan's ``tokens`` holds one size (format v1): the smallest, and all of them here
+        summary["priced_tokens"] = list(counts)
     return Plan(
         model=profile.model,
         model_type=profile.model_type,
@@ -456,7 +480,7 @@ def _to_plan(profile, budget, r, tokens, granularity, scopes: list[_Scope], chos
         hadamard_seed=profile.hadamard_seed,
         budget_bits=budget,
         r=r,
-        tokens=tokens,
+        tokens=counts[0],
         granularity=granularity,
         layers=layers,
         summary=summary,

@@ -209,9 +209,10 @@
 #      Qwen2-MoE and DeepSeek-V2 side by side (~12 min)
 #  90. (only when asked: `start 90`, after phase 89 on the same machine) phase 89's default server and the GPTQ copy
 #      with --enable-metrics again, at 1, 8 and 32 requests (~4 min)
-#  91. (only when asked: `start 91`, after the fifty-first session) the fortieth session's 8-token plan (w2 and w4, 2% w3)
-#      beside the default 1-token plan (37% w3) and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests (~9 min)
-#  92. (only when asked: `start 92`) the same with the 8-token plan of the forty-first session's profile (23% w3) (~9 min)
+#  91. (only when asked: `start 91`, after the fifty-first session) the 3.25-bit plan of w4 and w2 alone (the narrow
+#      codes) beside the default 1-token plan (37% w3) and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests
+#      (~9 min)
+#  92. (only when asked: `start 92`) the same with the fortieth session's 8-token plan (2% w3, 1% w8) (~9 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1586,17 +1587,19 @@ phase90() {
 }
 
 phase91() {
-  # a plan of narrow codes at 8 requests (fifty-first session: 1.2x the step there needs the MoE section 0.70x the
-  # copy's, ours is 0.82x; the layer at 8 tokens under uniform routing took 55 to 59 us on w4 + w2 where 70 to 74 on
-  # the 1-token plan's tiers, 37% w3: forty-eighth session): the fortieth session's 8-token plan (50% w2, 47% w4, 2% w3)
-  # beside the default 1-token plan and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests (~9 min)
-  e2e_t1_gptq e2e_t8 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-t8-s40
+  # a plan of the narrow codes alone at 8 requests (fifty-first session: 1.2x the step there needs the MoE section 0.70x
+  # the copy's, ours is 0.82x; the layer at 8 tokens under uniform routing took 55 to 59 us on w4 + w2 where 70 to 74 on
+  # the 1-token plan's tiers, 37% w3: forty-eighth session): the 3.25-bit plan of w4 and w2 (--schemes w4a16g128,
+  # w2a16g128,w1a16g128, priced for 1 + 8 tokens) beside the default 1-token plan and the GPTQ copy with
+  # --enable-metrics, at 1, 8 and 32 requests (~9 min)
+  e2e_t1_gptq e2e_narrow METRICS_ONLY=1 \
+    ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json:3.25bit-narrow
 }
 
 phase92() {
-  # phase 91 with the 8-token plan the forty-first session's profile prices (40% w2, 36% w4, 23% w3; planned on the
-  # CPU in the fifty-first session, results/plan-qwen15-24l-r0.25-t8-h100-s41.log) (~9 min)
-  e2e_t1_gptq e2e_t8_s41 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s41.json:3.25bit-t8-s41
+  # phase 91 with the fortieth session's 8-token plan (50% w2, 47% w4, 2% w3, 1% w8: a few costly blocks, in some
+  # layers only) (~9 min)
+  e2e_t1_gptq e2e_t8_s40 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-t8-s40
 }
 
 phase81() {

@@ -210,6 +210,47 @@ def test_float_noise_does_not_flip_a_near_tie():
     assert plans[0] == plans[1]
 
 
+def test_several_forward_sizes_price_one_forward_of_each():
+    """--tokens 1,8: a block's time is its 1-token forward's plus its 8-token forward's, and the plan says so."""
+    from mxserve.costmodel import cost_model
+    from mxserve.planner import layer_units, token_counts
+
+    cost, prof = cost_model(str(H100_PROFILE)), qwen15_profile()
+    st, schemes = prof.layers[0], ["w4a16g128", "w3a16g128", "w2a16g128"]
+    one, eight, both = (layer_units(st, 0, schemes, t, cost) for t in (1, 8, (8, 1)))
+    for u1, u8, ub in zip(one, eight, both):
+        for s in schemes:
+            assert ub.options[s][2] == pytest.approx(u1.options[s][2] + u8.options[s][2])
+            assert ub.options[s][:2] == u1.options[s][:2]  # bits and loss do not depend on the sizes
+    res = solve_plan(prof, 3.25, r=0.25, tokens=[8, 1, 8], cost=cost)
+    assert res.plan.tokens == 1 and res.plan.summary["priced_tokens"] == [1, 8]
+    assert "priced_tokens" not in solve_plan(prof, 3.25, r=0.25, tokens=8, cost=cost).plan.summary
+    for bad in (0, [], [1, 0], 2.5, [1, "8"]):
+        with pytest.raises(MxServeError, match="--tokens"):
+            token_counts(bad)
+    # a scheme the decode kernel refuses at any of the sizes is left out, and the warning names them all
+    res = solve_plan(prof, 5.0, r=0.1, tokens=[8, 8192], cost=cost)
+    assert not {s for e in res.plan.layers[0].experts for s in (e.gate, e.down)} & {"w8a8fp8", "w4a4"}
+    assert any("8 + 8192 tokens per forward" in w for w in res.warnings), res.warnings
+
+
+def test_plan_command_takes_several_forward_sizes(tmp_path, capsys):
+    from mxserve.cli import main
+    from mxserve.plan import Plan
+
+    prof = tmp_path / "profile.json"
+    qwen15_profile().save(str(prof))
+    out = tmp_path / "plan.json"
+    args = ["plan", "--profile", str(prof), "--budget", "3.25", "--r", "0.25", "--kernel-profile", str(H100_PROFILE)]
+    assert main([*args, "--tokens", "8,1", "--out", str(out)]) == 0
+    assert "1 + 8 tokens per forward" in capsys.readouterr().out
+    assert Plan.load(str(out)).summary["priced_tokens"] == [1, 8]
+    for bad, said in (("1,x", "'x' is not an integer"), ("0", "must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--tokens", bad, "--out", str(tmp_path / "no.json")])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_latency_term_charges_an_expert_by_its_chance_to_run():
     from mxserve.costmodel import expected_time
 
