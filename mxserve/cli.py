@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration windows of 512 tokens")
     la.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     la.add_argument("--r", type=float, default=1.0, help="planner accuracy weight (1 accuracy only, 0 latency)")
-    la.add_argument("--plan-tokens", type=_positive_int, default=64, help="tokens per forward the plan targets")
+    la.add_argument("--plan-tokens", type=_token_counts, default=(64,),
+                    help="tokens per forward the plan targets; several, comma-separated, as `plan --tokens`")
     la.add_argument("--kernel-profile", help="measured kernel profile for the planner's latency term")
     la.add_argument("--engine", choices=("embedded", "sglang"),
                     help="default: sglang when a CUDA GPU and sglang are present, else embedded")

@@ -74,7 +74,7 @@ class LaunchSettings:
     method: str = "gptq-had"
     calib_samples: int = 64
     r: float = 1.0
-    tokens: int = 64
+    tokens: int | tuple[int, ...] = 64  # the planner's forward sizes (planner.token_counts)
     kernel_profile: str | None = None
     progress: bool = True
     device: str = "cpu"  # where calibration and quantization run (work_device: auto, cpu or cuda)

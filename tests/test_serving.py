@@ -1,5 +1,6 @@
 """Serving: `mxserve launch` with the embedded engine, through the official openai client."""
 
+import dataclasses
 import os
 import socket
 import time
@@ -12,6 +13,7 @@ import torch
 
 from conftest import REFMOE, start_server
 from mxserve.cli import main
+from mxserve.plan import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +101,6 @@ def test_greedy_bf16_plan_equals_transformers():
     from mxserve.engines.embedded import EmbeddedEngine, SamplingParams
     from mxserve.models.adapters import moe_layers
     from mxserve.models.loading import load_model, load_tokenizer
-    from mxserve.plan import Plan
     from mxserve.schemes import get_scheme
 
     tok = load_tokenizer(str(REFMOE))
@@ -177,6 +178,13 @@ def test_launch_cache_and_errors(tmp_path, monkeypatch, capsys, tiny_models, cal
     assert resolve_checkpoint(s) == first
     err = capsys.readouterr().err
     assert "profile from cache" in err and "checkpoint from cache" in err
+    # a plan priced for decode at one request and at eight (--plan-tokens 1,8): from the same profile, a new checkpoint
+    priced = resolve_checkpoint(dataclasses.replace(s, r=0.25, tokens=(1, 8)))
+    assert priced != first and "profile from cache" in capsys.readouterr().err
+    assert Plan.load(os.path.join(priced, "mxmoe_plan.json")).summary["priced_tokens"] == [1, 8]
+    with pytest.raises(SystemExit) as bad:
+        main(["launch", "--model", str(tiny_models["olmoe"]), "--budget", "4bit", "--plan-tokens", "1,x"])
+    assert bad.value.code == 2 and "'x' is not an integer" in capsys.readouterr().err
     for args, needle in [([], "--budget"), (["--budget", "4bit", "--engine", "sglang"], "CUDA GPU"),
                          (["--budget", "4bit", "--tp", "2"], "--tp"),
                          (["--budget", "4bit", "--engine", "embedded", "--bf16-layers", "kernel"], "SGLang engine")]:

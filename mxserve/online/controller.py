@@ -62,7 +62,8 @@ class Controller:
     """Owns the served plan of one process and every change to it (re-plans and uploads)."""
 
     def __init__(self, profile: CalibrationProfile, plan: Plan, budget: float, r: float, cost: CostModel,
-                 stats, swapper: PlanSwapper, metrics, settings: ReplanSettings, default_tokens: int = 64):
+                 stats, swapper: PlanSwapper, metrics, settings: ReplanSettings,
+                 default_tokens: int | tuple[int, ...] = 64):
         self.profile = profile
         self.plan = plan
         self.budget = budget
@@ -115,7 +116,7 @@ class Controller:
                        swap_seconds=report.seconds, layers_changed=report.layers_changed)
 
     # -- re-planning -------------------------------------------------------------------------------
-    def observed(self) -> tuple[list[list[float]] | None, int]:
+    def observed(self) -> tuple[list[list[float]] | None, int | tuple[int, ...]]:
         """(blended frequencies per layer, tokens per forward) from router_stats; None without traffic."""
         st = self.stats.fold()
         if not st.layers or not any(any(f) for f in st.freqs("ewma")):
@@ -165,7 +166,7 @@ class Controller:
             out.gain, out.solve_seconds = gain, solve_s
             return self._count(out)
 
-    def _gain(self, new: Plan, freqs, tokens: int) -> float:
+    def _gain(self, new: Plan, freqs, tokens: int | tuple[int, ...]) -> float:
         """Relative decrease of L^r * T^(1-r) from the served plan to ``new`` under the observed traffic."""
         lo, to = plan_terms(self.profile, self.plan, tokens, self.cost, freqs)
         ln, tn = plan_terms(self.profile, new, tokens, self.cost, freqs)

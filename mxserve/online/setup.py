@@ -20,7 +20,7 @@ class OnlineSetup:
     cost: CostModel
     ladder_path: str
     settings: ReplanSettings
-    default_tokens: int = 64
+    default_tokens: int | tuple[int, ...] = 64  # the forward sizes priced before traffic shows its own
 
     def controller(self, plan: Plan, layers: list, lock, stats, metrics) -> Controller:
         """A controller over the served runtime layers (MixedExperts); ``lock`` is the engine's forward lock."""
