@@ -5,8 +5,8 @@
 #   .refmoe  (MXSERVE_REFMOE_WEIGHTS=1 only) the reference model's weights and config, 50 MB: below
 #   .pydeps  pulp and highspy for the device's Python 3.12 (PYTHONPATH), CBC binaries left out, ~8 MB;
 #            carried as .pydeps.tar.xz (2.5 MB), which scripts/device_env.sh unpacks
-# A call carries at most 64 MiB, the tracked files included: .bundle, .shr, .pydeps.tar.xz and
-# .tvm-ffi.tar.xz fit (about 65 MB with the tree); refmoe-25m itself does not.
+# A call carries at most 64 MiB, the tracked files included: .bundle, .shr, .pydeps.tar.xz and one of
+# .tvm-ffi.tar.xz / .tvm-ffi-bf16.tar.xz (scripts/marlin_cache.sh) fit; refmoe-25m itself does not.
 # SGLang's Marlin MoE (a baseline of benchmarks/moe_layer.py) is built apart: scripts/marlin_cache.sh.
 # On the device:  source scripts/device_env.sh
 set -euo pipefail

@@ -235,6 +235,8 @@ export PLAN_SCHEMES=bf16,w8a16,w8a8fp8,w4a16g128,w3a16g128,w2a16g128,w1a16g128  
 SMALL="--attention-backend triton --sampling-backend pytorch --grammar-backend none --mem-fraction-static 0.9"
 
 say() { echo "$(date +%T) $*" >> $res/status.txt; }
+# whether moe_layer.py's bf16 Marlin MoE came prebuilt (.tvm-ffi-bf16.tar.xz, scripts/device_env.sh unpacks it)
+marlin_bf16() { compgen -G "/tmp/tvmcache/*moe_wna16_marlin_bf16_t_*" > /dev/null; }
 
 sglang_tests() {  # ARCH...: tests/test_sglang_gpu.py for each, side by side; K=EXPRESSION: only its tests (their logs
   # named K_ARCH)
@@ -928,15 +930,15 @@ phase41() {
       --tokens $t --loop > $res/ncu/stalls-gluon-qwen15-${t}tok.txt 2>&1
     say "ncu stalls of the Gluon launches at $t tokens rc=$?"
   done
-  # Marlin's only where its prebuilt modules came (.tvm-ffi.tar.xz): its JIT build takes about 8 minutes
-  if [ -d /tmp/tvmcache ]; then
+  # Marlin's only where its prebuilt modules came (.tvm-ffi-bf16.tar.xz): its JIT build takes about 8 minutes
+  if marlin_bf16; then
     # shellcheck disable=SC2086
     ncu --kernel-name-base demangled --kernel-name regex:marlin_moe --launch-skip 20 --launch-count 2 $what \
       python3 benchmarks/moe_layer.py --models qwen1.5-moe-a2.7b --tokens 16 --ours-only --layouts '^$' \
       --out /tmp/ncu_ml > $res/ncu/stalls-marlin-qwen15-16tok.txt 2>&1
     say "ncu stalls of Marlin's launches at 16 tokens rc=$?"
   else
-    say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): its stalls not taken"
+    say "no prebuilt Marlin (carry .tvm-ffi-bf16.tar.xz): its stalls not taken"
   fi
   # more warps an SM on stream-K: gate/up capped at 128 registers, 4 programs an SM; BN 64 at 80, 6 (the census),
   # beside the picked layout, every model shape, both routings; the mixed layer, w4, and the served plan's tiers
@@ -967,7 +969,7 @@ decode_options() {  # LABEL LAYOUTS [NCU_SETTINGS...]: the decode options' GPU t
       say "ncu stalls at 16 tokens ($tag) rc=$?"
     done
   fi
-  [ -d /tmp/tvmcache ] && marlin=""
+  marlin_bf16 && marlin=""
   # shellcheck disable=SC2086
   python3 benchmarks/moe_layer.py --tokens 1 8 16 64 --ours-only $marlin --layouts "$layouts" \
     --plan served=w8a16:1,w4a16g128:5,w3a16g128:11,w2a16g128:7 --out $res/layer_$label > $res/layer_$label.log 2>&1
@@ -1015,7 +1017,7 @@ phase49() {
   # (profile_layer.py --scheme marlin): where each kernel's warps wait (Marlin's SASS runs twice our instructions a
   # weight: results/sass_census_s30_marlin_uint4.md), and the memory traffic each keeps going
   mkdir -p $res/ncu
-  [ -d /tmp/tvmcache ] || { say "no prebuilt Marlin (carry .tvm-ffi.tar.xz): phase 49 needs it"; return 1; }
+  marlin_bf16 || { say "no prebuilt Marlin (carry .tvm-ffi-bf16.tar.xz): phase 49 needs it"; return 1; }
   local model scheme name what="--section SpeedOfLight --section WarpStateStats --section SchedulerStats
     --section Occupancy --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis
     --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
@@ -1050,7 +1052,7 @@ phase50() {
         --scheme w4a16g128 --launches > $res/ncu/w4-tiled$tiled-$model-16tok-uniform-launches.txt 2>&1
       say "launch times w4 tiled=$tiled $model rc=$?"
     done
-    [ -d /tmp/tvmcache ] && python3 benchmarks/profile_layer.py --model $model --uniform --tokens 16 --scheme marlin \
+    marlin_bf16 && python3 benchmarks/profile_layer.py --model $model --uniform --tokens 16 --scheme marlin \
       --launches > $res/ncu/w4-marlin-$model-16tok-uniform-launches.txt 2>&1
     command -v ncu > /dev/null || continue
     # shellcheck disable=SC2086
@@ -1484,7 +1486,7 @@ phase77() {
 phase79() {
   # phase 77 cut to what 364 s of device time hold (forty-fifth session): the layer at 8 tokens, the grid aligned beside
   # its routed slots straight from the top-k, then the grid's top-k GPU tests (~2.5 min, one call). Phases 76, 77 and 79
-  # leave Marlin out of the layer (--no-marlin): they compare our layouts, and without .tvm-ffi.tar.xz carried its JIT
+  # leave Marlin out of the layer (--no-marlin): they compare our layouts, and without .tvm-ffi-bf16.tar.xz carried its JIT
   # build would take about 8 minutes of the call
   grid_topk_runs s45 8 '^(no stream-K|grid, top-k rows)$'
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build SGLang's Marlin kernels for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tar.xz
-# (git-ignored), so that a GPU call does not spend minutes of device time on their JIT builds: the
+# Build SGLang's Marlin kernels for sm_90 (H100/H200) on this CPU machine, into .tvm-ffi.tar.xz and
+# .tvm-ffi-bf16.tar.xz (git-ignored), so that a GPU call does not spend minutes of device time on their JIT builds: the
 # MoE kernel (about 460 s each) for bf16 (moe_layer.py's baseline) and fp16 (the GPTQ copy of
 # gptq_copy.py, an fp16 model: SGLang's Marlin MoE wants fp16 activations with GPTQ's fp16 scales),
 # and the fp16 dense GEMM and the repack that the GPTQ copy's shared experts and weight loading
@@ -26,7 +26,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/site" "$work/py/sglang" "$work/tvmcache"
-[ ! -f .tvm-ffi.tar.xz ] || tar xf .tvm-ffi.tar.xz -C "$work"
+for a in .tvm-ffi.tar.xz .tvm-ffi-bf16.tar.xz; do [ ! -f $a ] || tar xf $a -C "$work"; done
 tar xJf .bundle/site.tar.xz -C "$work/site"
 
 # The bundle is for the device's Python 3.12; this machine's Python needs its own builds of the
@@ -75,7 +75,11 @@ for d in "$work"/tvmcache/*/; do
     *) echo "dropping $(basename "$d")"; rm -rf "$d" ;;
   esac
 done
-# xz, without the object files the .so repeats: with .bundle, .shr, .pydeps.tar.xz and the tracked
-# files it must fit a device call's 64 MiB (8.3 MB of about 63)
-tar cJf .tvm-ffi.tar.xz --exclude='*.o' -C "$work" tvmcache
-ls -la .tvm-ffi.tar.xz
+# xz, without the object files the .so repeats, in two archives: with .bundle, .shr, .pydeps.tar.xz and
+# the tracked files a device call's 64 MiB holds one of them, not both (all modules in one archive,
+# 8.3 MB, stopped fitting on 2026-12-07). .tvm-ffi.tar.xz: what serving's fp16 GPTQ copy loads (5.4 MB);
+# .tvm-ffi-bf16.tar.xz: the bf16 Marlin MoE and the repack, what moe_layer.py's baseline loads (3 MB).
+here=$PWD
+(cd "$work" && tar cJf "$here/.tvm-ffi.tar.xz" --exclude='*.o' --exclude='*moe_wna16_marlin_bf16_t_*' tvmcache &&
+  tar cJf "$here/.tvm-ffi-bf16.tar.xz" --exclude='*.o' tvmcache/*moe_wna16_marlin_bf16_t_* tvmcache/*gptq_marlin_repack_*)
+ls -la .tvm-ffi.tar.xz .tvm-ffi-bf16.tar.xz
