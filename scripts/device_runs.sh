@@ -213,6 +213,8 @@
 #      codes) beside the default 1-token plan (37% w3) and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests
 #      (~9 min)
 #  92. (only when asked: `start 92`) the same with the fortieth session's 8-token plan (2% w3, 1% w8) (~9 min)
+#  93. (only when asked: `start 93`) phase 91 without the 1-token plan's server: the narrow plan beside the GPTQ copy
+#      with --enable-metrics, at 1, 8 and 32 requests (~6 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1544,12 +1546,15 @@ phase85() {
 
 e2e_t1_gptq() {  # OUT ENV...: the 1-token plan's checkpoint and the GPTQ copy, then serving_runs.sh qwen15-24 at 1, 8
   # and 32 requests into $res/OUT with those settings added (serving_runs.sh's NO_BF16, METRICS_ONLY, FOLD, ...)
-  local plan=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json
-  prep MX_GPTQ=1 PLAN=$plan NAME=3.25bit-t1
-  [ -f /tmp/w/q15-24-3.25bit-t1/config.json ] || { say "no 24-layer checkpoint 3.25bit-t1 (prep failed)"; return 1; }
-  env NO_BF16=1 "${@:2}" PLAN=$plan NAME=3.25bit-t1 SGLANG_ARGS="$LEAN_ARGS" \
+  e2e_gptq "$1" benchmarks/plans/qwen15-24l-3.25bit-r0.25-t1-h100-s41.json 3.25bit-t1 "${@:2}"
+}
+
+e2e_gptq() {  # OUT PLAN NAME ENV...: e2e_t1_gptq with that plan served (checkpoint /tmp/w/q15-24-NAME)
+  prep MX_GPTQ=1 PLAN="$2" NAME="$3"
+  [ -f /tmp/w/q15-24-$3/config.json ] || { say "no 24-layer checkpoint $3 (prep failed)"; return 1; }
+  env NO_BF16=1 "${@:4}" PLAN="$2" NAME="$3" SGLANG_ARGS="$LEAN_ARGS" \
     benchmarks/serving_runs.sh qwen15-24 $res/$1 > $res/$1.log 2>&1
-  say "e2e the 1-token plan beside the GPTQ copy (${*:2}) rc=$?"
+  say "e2e plan $3 beside the GPTQ copy (${*:4}) rc=$?"
   pkill -f "[s]glang.launch_server" || true
 }
 
@@ -1602,6 +1607,13 @@ phase92() {
   # phase 91 with the fortieth session's 8-token plan (50% w2, 47% w4, 2% w3, 1% w8: a few costly blocks, in some
   # layers only) (~9 min)
   e2e_t1_gptq e2e_t8_s40 METRICS_ONLY=1 ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-t8-h100-s40.json:3.25bit-t8-s40
+}
+
+phase93() {
+  # phase 91 cut to what a congested day's budget holds: the narrow plan (w4 + w2) served alone beside the GPTQ copy
+  # with --enable-metrics at 1, 8 and 32 requests (no 1-token plan's server: its ratios to the copy are the
+  # fifty-first session's three runs) (~6 min)
+  e2e_gptq e2e_narrow_only benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow METRICS_ONLY=1
 }
 
 phase81() {
