@@ -11,7 +11,8 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 91` (then `wait` in further calls; benchmarks/README.md, the fifty-first session).
+# unknown field. Next: `start 93` (the narrow plan beside the GPTQ copy, ~6 min) or, with the budget for it, `start 91`
+# (the same beside the plan with w3, ~9 min); then `wait` in further calls (benchmarks/README.md, the fifty-second session).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
