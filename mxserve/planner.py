@@ -365,6 +365,7 @@ def solve_plan(
         plan.summary["tp"] = tp
     chosen = picks[0] if len(set(picks)) == 1 else None
     warns = sorted({w for sc in scopes for w in sc.warnings}) + _latency_warnings(cost, r) + left_out
+    warns += _stream_k_warnings(profile, plan, counts, r)
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
 
 
@@ -390,6 +391,43 @@ def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], coun
         f"r={r:g} at {counts_text(counts)} tokens per forward: {', '.join(refused)} left out; the decode kernel does "
         f"not run {'it' if len(refused) == 1 else 'them'}, and a layer holding one runs all its experts on the slower "
         f"Triton kernel (plan with --r 1 or for more --tokens to keep {'it' if len(refused) == 1 else 'them'})"]
+
+
+def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[int, ...], r: float) -> list[str]:
+    """Where r < 1 prices forwards whose decode launches take the stream-K grid only in layers with at most
+    moe.STREAM_K_COSTLY of their expert weights in costly codes (bf16, 3 or 8 bits; moe.STREAM_K_ROWS_COSTLY up to
+    STREAM_K_ROWS rows an active expert), and the plan has layers above that share: the latency term prices each block
+    alone and does not see that the layer's whole launch leaves stream-K. On the H100 at 8 tokens the MoE section of
+    Qwen1.5's layer took 60.5 us with the 1-token plan (37% w3) and 56.2 with a plan of w4 and w2 alone
+    (benchmarks/README.md, the fifty-second session). Layers holding a scheme the decode kernel does not run are
+    left to _decode_kernel_schemes' warning."""
+    if r >= 1.0 or not profile.layers:
+        return []
+    from mxkernels.arena import kernel_code
+    from mxkernels.moe import STREAM_K_COSTLY, STREAM_K_ROWS, STREAM_K_ROWS_COSTLY, _rows, decode_kernel_refuses
+    from mxkernels.moe_gemm_gluon import NARROW_CODES
+
+    st0 = profile.layers[0]
+    shape = (st0.top_k, len(st0.experts), st0.n_routed)
+    sizes = [t for t in counts if STREAM_K_ROWS_COSTLY <= _rows(t, *shape)[2] < STREAM_K_ROWS]
+    if not sizes:
+        return []
+    over = 0
+    for lay, st in zip(plan.layers, profile.layers):
+        blocks = [(get_scheme(getattr(ep, b)), es.params(b)) for ep, es in zip(lay.experts, st.experts)
+                  for b in ("gate", "up", "down")]  # fmt: skip
+        if any(decode_kernel_refuses(s, t, *shape) for s, _ in blocks for t in sizes):
+            continue
+        costly = sum(n for s, n in blocks if not NARROW_CODES >> kernel_code(s) & 1)
+        over += costly > STREAM_K_COSTLY * sum(n for _, n in blocks)
+    if not over:
+        return []
+    at = ", ".join(map(str, sizes))
+    return [f"r={r:g} at {at} tokens per forward: {over} of {len(plan.layers)} layers hold more "
+            f"than {STREAM_K_COSTLY:.0%} of their expert weights in 3-bit, 8-bit or bf16 blocks, which keeps those "
+            f"layers' decode launches off the stream-K grid at that size; the latency term prices each block alone "
+            f"and does not see it (on the H100 such a layer's MoE part took 1.08x a w4 + w2 layer's at 8 tokens; "
+            f"--schemes w4a16g128,w2a16g128,w1a16g128 keeps every layer on stream-K)"]  # fmt: skip
 
 
 def _latency_warnings(cost: CostModel, r: float) -> list[str]:

@@ -184,7 +184,7 @@ def test_decode_plans_leave_out_what_the_decode_kernel_does_not_run():
 
     decode = solve_plan(prof, 5.0, r=0.1, tokens=8, cost=cost)
     assert not used(decode) & {"w8a8fp8", "w4a4"}, used(decode)
-    (said,) = decode.warnings
+    (said,) = [w for w in decode.warnings if "left out" in w]
     assert "w8a8fp8, w4a4 left out" in said and "8 tokens" in said
     # kept: accuracy alone (r = 1), prefill-sized forwards, and where nothing else would be left
     assert "w8a8fp8" in used(solve_plan(prof, 5.0, r=0.1, tokens=8192, cost=cost))
@@ -360,3 +360,31 @@ def test_the_plan_says_what_a_decoded_token_reads():
     # the sensitive shared expert took the bits: below 4 bits on average, more bytes a token than 4 bits
     assert s["avg_bits"] <= 3.25 + 1e-9 and s["decode_mb_per_token"] > s["decode_mb_uniform_w4a16g128"]
     assert f"reads {want:.4g} MB" in decode_reads_line(s) and decode_reads_line({"avg_bits": 3.0}) is None
+
+
+def test_layers_that_leave_stream_k_at_decode_are_said():
+    """Priced for 8-token forwards (3 rows an active expert here), a layer with over a tenth of its weights in 3-bit,
+    8-bit or bf16 blocks runs its decode launches off the stream-K grid, which the per-block latency term does not
+    see: the plan says how many layers do. Not for narrow plans, accuracy alone, or sizes the rule does not touch."""
+    from mxkernels.moe import STREAM_K_COSTLY, STREAM_K_ROWS, STREAM_K_ROWS_COSTLY, _rows
+    from mxserve.costmodel import cost_model
+
+    cost, prof = cost_model(str(H100_PROFILE)), qwen15_profile()
+    st = prof.layers[0]
+    assert STREAM_K_ROWS_COSTLY <= _rows(8, st.top_k, len(st.experts), st.n_routed)[2] < STREAM_K_ROWS
+    assert _rows(1, st.top_k, len(st.experts), st.n_routed)[2] < STREAM_K_ROWS_COSTLY
+
+    def costly(res) -> float:
+        blocks = [(getattr(e, b), es.params(b)) for e, es in zip(res.plan.layers[0].experts, st.experts)
+                  for b in ("gate", "up", "down")]  # fmt: skip
+        return sum(n for s, n in blocks if s in ("bf16", "w3a16g128", "w8a16")) / sum(n for _, n in blocks)
+
+    wide = solve_plan(prof, 3.25, r=0.5, tokens=[1, 8], cost=cost, schemes=["w4a16g128", "w3a16g128", "w2a16g128"])
+    said = [w for w in wide.warnings if "stream-K" in w]
+    assert costly(wide) > STREAM_K_COSTLY, costly(wide)
+    assert len(said) == 1 and "at 8 tokens per forward: 1 of 1 layers" in said[0], wide.warnings
+    narrow = solve_plan(prof, 3.25, r=0.5, tokens=[1, 8], cost=cost, schemes=["w4a16g128", "w2a16g128"])
+    assert costly(narrow) == 0 and not [w for w in narrow.warnings if "stream-K" in w]
+    kw = {"cost": cost, "schemes": ["w4a16g128", "w3a16g128", "w2a16g128"]}
+    for res in (solve_plan(prof, 3.25, r=1.0, tokens=8, **kw), solve_plan(prof, 3.25, r=0.5, tokens=1, **kw)):
+        assert not [w for w in res.warnings if "stream-K" in w], res.warnings
