@@ -11,8 +11,8 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 94` (the narrow plan beside the GPTQ copy, by default and with its shared experts started
-# early, ~8 min); then `wait` in further calls (benchmarks/README.md, the fifty-second session).
+# unknown field. Next: `start 94 95` (the narrow plan beside the GPTQ copy, by default, with its shared experts started
+# early and with MXSERVE_PDL=1; ~14 min over two calls), `wait` in the second (benchmarks/README.md, fifty-second session).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -218,6 +218,7 @@
 #      with --enable-metrics, at 1, 8 and 32 requests (~6 min)
 #  94. (only when asked: `start 94`) phase 93 with a third server, the narrow plan with MXSERVE_SHARED_EARLY=1 (the
 #      shared experts apart, started beside the router) (~8 min)
+#  95. (only when asked: `start 95`) phase 93 with a third server, the narrow plan with MXSERVE_PDL=1 (~8 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1626,6 +1627,15 @@ phase94() {
   # block starts, beside the router), beside the default and the GPTQ copy with --enable-metrics (~8 min)
   e2e_gptq e2e_narrow_early benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow \
     METRICS_ONLY=1 EARLY=1
+}
+
+phase95() {
+  # the narrow plan's 8-token MoE section (fifty-second session): 56.2 us, of it about 3 us of gaps between its six
+  # launches (router, GEMMs, SiLU, top-k sum) and each launch's ramp: the same plan with MXSERVE_PDL=1 (programmatic
+  # dependent launches: each launch's programs start while the one before ends), beside the default and the GPTQ
+  # copy with --enable-metrics (~8 min fresh, ~5.5 after phase 94 on the same machine)
+  e2e_gptq e2e_narrow_pdl benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow \
+    METRICS_ONLY=1 PDL=1
 }
 
 phase81() {
