@@ -369,6 +369,11 @@ def solve_plan(
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
 
 
+def _routing_shape(st: LayerStats) -> tuple[int, int, int]:
+    """(top-k, experts with the shared ones, routed experts) of a layer: the arguments of mxkernels.moe's row counts."""
+    return st.top_k, len(st.experts), st.n_routed
+
+
 def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], counts: tuple[int, ...],
                            r: float) -> tuple[list[str], list[str]]:  # fmt: skip
     """The candidate schemes, and a warning naming those left out: at r < 1 for forwards of decode size, the
@@ -382,9 +387,8 @@ def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], coun
         return schemes, []
     from mxkernels.moe import decode_kernel_refuses
 
-    st = profile.layers[0]
-    refused = [s for s in schemes if any(decode_kernel_refuses(get_scheme(s), t, st.top_k, len(st.experts),
-                                                                st.n_routed) for t in counts)]  # fmt: skip
+    shape = _routing_shape(profile.layers[0])
+    refused = [s for s in schemes if any(decode_kernel_refuses(get_scheme(s), t, *shape) for t in counts)]
     if not refused or len(refused) == len(schemes):
         return schemes, []
     return [s for s in schemes if s not in refused], [
@@ -407,8 +411,7 @@ def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[in
     from mxkernels.moe import STREAM_K_COSTLY, STREAM_K_ROWS, STREAM_K_ROWS_COSTLY, _rows, decode_kernel_refuses
     from mxkernels.moe_gemm_gluon import NARROW_CODES
 
-    st0 = profile.layers[0]
-    shape = (st0.top_k, len(st0.experts), st0.n_routed)
+    shape = _routing_shape(profile.layers[0])
     sizes = [t for t in counts if STREAM_K_ROWS_COSTLY <= _rows(t, *shape)[2] < STREAM_K_ROWS]
     if not sizes:
         return []
