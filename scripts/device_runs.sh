@@ -1597,6 +1597,9 @@ phase90() {
   e2e_t1_gptq e2e_repeat METRICS_ONLY=1
 }
 
+# the fifty-first session's 3.25-bit plan of w4 and w2 alone (the narrow codes), priced for 1 + 8 tokens
+NARROW_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json
+
 phase91() {
   # a plan of the narrow codes alone at 8 requests (fifty-first session: 1.2x the step there needs the MoE section 0.70x
   # the copy's, ours is 0.82x; the layer at 8 tokens under uniform routing took 55 to 59 us on w4 + w2 where 70 to 74 on
@@ -1604,7 +1607,7 @@ phase91() {
   # w2a16g128,w1a16g128, priced for 1 + 8 tokens) beside the default 1-token plan and the GPTQ copy with
   # --enable-metrics, at 1, 8 and 32 requests (~9 min)
   e2e_t1_gptq e2e_narrow METRICS_ONLY=1 \
-    ALSO_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json:3.25bit-narrow
+    ALSO_PLAN=$NARROW_PLAN:3.25bit-narrow
 }
 
 phase92() {
@@ -1617,7 +1620,7 @@ phase93() {
   # phase 91 cut to what a congested day's budget holds: the narrow plan (w4 + w2) served alone beside the GPTQ copy
   # with --enable-metrics at 1, 8 and 32 requests (no 1-token plan's server: its ratios to the copy are the
   # fifty-first session's three runs) (~6 min)
-  e2e_gptq e2e_narrow_only benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow METRICS_ONLY=1
+  e2e_gptq e2e_narrow_only $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1
 }
 
 phase94() {
@@ -1625,8 +1628,7 @@ phase94() {
   # session: MoE section 56.2 us, router 4.7, gate/up 24.2, of it about 12.3 MB the shared experts', ~4 us at the copy
   # ceiling): the same plan with MXSERVE_SHARED_EARLY=1 (their own launches on a second stream, started as the MoE
   # block starts, beside the router), beside the default and the GPTQ copy with --enable-metrics (~8 min)
-  e2e_gptq e2e_narrow_early benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow \
-    METRICS_ONLY=1 EARLY=1
+  e2e_gptq e2e_narrow_early $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1
 }
 
 phase95() {
@@ -1634,8 +1636,7 @@ phase95() {
   # launches (router, GEMMs, SiLU, top-k sum) and each launch's ramp: the same plan with MXSERVE_PDL=1 (programmatic
   # dependent launches: each launch's programs start while the one before ends), beside the default and the GPTQ
   # copy with --enable-metrics (~8 min fresh, ~5.5 after phase 94 on the same machine)
-  e2e_gptq e2e_narrow_pdl benchmarks/plans/qwen15-24l-3.25bit-r0.25-narrow-h100-s51.json 3.25bit-narrow \
-    METRICS_ONLY=1 PDL=1
+  e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1
 }
 
 phase81() {
