@@ -46,8 +46,14 @@ def pdl(device: torch.device) -> bool:
 
 @functools.cache
 def gluon_has_it() -> bool:
-    """Whether this Triton's Gluon builds griddepcontrol (seen in 3.9; the Gluon GEMM launches plainly where not:
-    the others still wait for it, as they wait for any plain launch)."""
+    """Whether this Triton's Gluon compiles griddepcontrol. Triton 3.6 (the lent GPUs') writes gdc_wait as inline PTX,
+    which a Gluon kernel compiles as any kernel does (its sm_90 code holds the wait: tests/test_gluon_sass.py); 3.9
+    made it an op of the language's semantic, which Gluon's builder must have too. Until the fifty-third session this
+    asked for the builder's op alone, so on Triton 3.6 the Gluon GEMMs launched plainly under MXSERVE_PDL=1."""
+    from triton.language.semantic import TritonSemantic
+
+    if not hasattr(TritonSemantic, "grid_dependency_wait"):
+        return True  # inline PTX
     try:
         from triton._C.libtriton import gluon_ir
     except ImportError:

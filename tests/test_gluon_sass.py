@@ -268,6 +268,11 @@ def test_gluon_kernel_waits_for_the_launch_before_where_its_pdl_mode_says(gate_u
         assert wait == release == len(lines)
         return
     assert wait < release < mma
+    # so the launches take the kernel's PDL modes with this Triton (pdl.gluon_has_it: on Triton 3.6, the lent GPUs',
+    # it once said no where the wait compiled, and the Gluon GEMMs launched plainly under MXSERVE_PDL=1)
+    from mxkernels.pdl import gluon_has_it
+
+    assert gluon_has_it()
     if pdl == 1:
         assert wait < loads
         return
