@@ -52,6 +52,18 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     )
 
 
+KEEP_STREAM_K_HELP = ("keep each layer's 3-bit, 8-bit and bf16 expert weights within a tenth of its weights, so that "
+                      "its decode launches keep the stream-K grid at 1.5 to 4 rows an expert (a few requests at "
+                      "once), which the latency term, pricing each block alone, does not see")
+
+
+def _costly_cap(a: argparse.Namespace) -> float | None:
+    """--keep-stream-k's cap on each layer's share of 3-bit, 8-bit and bf16 weights (planner.KEEP_STREAM_K)."""
+    from mxserve.planner import KEEP_STREAM_K
+
+    return KEEP_STREAM_K if a.keep_stream_k else None
+
+
 def cmd_plan(a: argparse.Namespace) -> None:
     from mxserve.costmodel import cost_model
     from mxserve.planner import counts_text, decode_reads_line, solve_plan
@@ -79,6 +91,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         solver=a.solver,
         ep=a.ep,
         tp=a.tp,
+        costly_cap=_costly_cap(a),
     )
     for w in res.warnings:
         print(f"mxserve: warning: {w}", file=sys.stderr)
@@ -352,7 +365,7 @@ def cmd_launch(a: argparse.Namespace) -> None:
     settings = LaunchSettings(
         model=a.model, budget=a.budget, plan=a.plan, calib_data=a.calib_data, method=method,
         calib_samples=a.calib_samples, r=a.r, tokens=a.plan_tokens, kernel_profile=a.kernel_profile,
-        progress=not a.quiet, device=a.device, tp=split, ep=a.ep,
+        progress=not a.quiet, device=a.device, tp=split, ep=a.ep, costly_cap=_costly_cap(a),
     )
     if replan and (a.plan or not a.budget):
         raise MxServeError("--replan-interval needs --budget (re-planning solves from the calibration profile)")
@@ -363,7 +376,8 @@ def cmd_launch(a: argparse.Namespace) -> None:
         from mxserve.online.controller import ReplanSettings
 
         online = resolve_online(settings, res, ReplanSettings(a.replan_interval, a.replan_margin,
-                                                              a.replan_min_interval, tp=split, ep=a.ep))  # fmt: skip
+                                                              a.replan_min_interval, tp=split, ep=a.ep,
+                                                              costly_cap=_costly_cap(a)))  # fmt: skip
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     api_key = a.api_key or os.environ.get("MXSERVE_API_KEY")
     stats = StatsSettings(a.stats_interval, a.stats_window, a.stats_halflife)
@@ -429,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--plan-tokens", type=_token_counts, default=(64,),
                     help="tokens per forward the plan targets; several, comma-separated, as `plan --tokens`")
     la.add_argument("--kernel-profile", help="measured kernel profile for the planner's latency term")
+    la.add_argument("--keep-stream-k", action="store_true", help=KEEP_STREAM_K_HELP)
     la.add_argument("--engine", choices=("embedded", "sglang"),
                     help="default: sglang when a CUDA GPU and sglang are present, else embedded")
     la.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -500,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--kernel-profile", help="measured kernel profile from `mxserve profile` (default: roofline)")
     pl.add_argument("--schemes", help="restrict to these calibrated schemes (comma-separated)")
+    pl.add_argument("--keep-stream-k", action="store_true", help=KEEP_STREAM_K_HELP)
     pl.add_argument("--points", type=int, default=6, help="points of the L/T frontier to explore")
     pl.add_argument("--solver", default="auto", choices=("auto", "ilp", "greedy"),
                     help="auto: certified greedy knapsack per layer, the ILP where it is not proven within 1%% "

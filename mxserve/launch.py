@@ -80,6 +80,7 @@ class LaunchSettings:
     device: str = "cpu"  # where calibration and quantization run (work_device: auto, cpu or cuda)
     tp: int = 1  # ways each expert is split over GPUs (parallel.ranks.moe_split): down blocks must split so
     ep: int = 1  # SGLang's expert-parallel size: the budget holds on every group's experts
+    costly_cap: float | None = None  # --keep-stream-k (planner.solve_plan)
 
 
 def work_device(text: str) -> str:
@@ -155,7 +156,8 @@ def resolve(s: LaunchSettings) -> Resolved:
                 prof = calibrate(s.model, data, parse_schemes(None), s.method, nsamples=s.calib_samples,
                                  progress=s.progress, device=device)  # fmt: skip
             prof.save(prof_path)
-        res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile), ep=s.ep, tp=s.tp)
+        res = solve_plan(prof, budget, r=s.r, tokens=s.tokens, cost=cost_model(s.kernel_profile), ep=s.ep, tp=s.tp,
+                         costly_cap=s.costly_cap)
         for w in res.warnings:
             log(f"warning: {w}")
         plan = res.plan

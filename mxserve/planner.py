@@ -24,6 +24,7 @@ latency only, ties broken by accuracy).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -36,7 +37,7 @@ import pulp
 
 from mxserve.costmodel import CostModel, MeasuredCostModel, RooflineCostModel, expected_time
 from mxserve.errors import MxServeError
-from mxserve.mckp import solve_mckp
+from mxserve.mckp import MCKPResult, solve_mckp
 from mxserve.parallel.ranks import column_split_refusal, ep_range
 from mxserve.plan import ExpertPlan, LayerPlan, Plan
 from mxserve.profile import CalibrationProfile, LayerStats
@@ -146,11 +147,12 @@ def _quiet_stdout():
 class _Scope:
     """One integer program over a set of units, re-solved with different objectives."""
 
-    def __init__(self, units: list[Unit], budget: float, time_limit: float):
+    def __init__(self, units: list[Unit], budget: float, time_limit: float, costly_cap: float | None = None):
         self.units = units
         self.total_params = sum(u.params for u in units)
         self.budget = budget
         self.time_limit = time_limit
+        self.costly_cap = costly_cap  # the most share of each layer's weights in costly codes (solve_plan)
         self.warnings: list[str] = []
         min_bits = sum(min(o[0] for o in u.options.values()) * u.params for u in units) / self.total_params
         if budget < min_bits - 1e-9:
@@ -181,6 +183,11 @@ class _Scope:
         prob += pulp.lpSum(
             x[i, s] * (o[0] * u.params) for i, u in enumerate(self.units) for s, o in u.options.items()
         ) <= self.budget * self.total_params * (1 + 1e-9)
+        if self.costly_cap is not None:  # per layer: the stream-K rule looks at one layer's launch
+            for pos in sorted({u.layer_pos for u in self.units}):
+                mine = [(i, u) for i, u in enumerate(self.units) if u.layer_pos == pos]
+                prob += pulp.lpSum(x[i, s] * u.params for i, u in mine for s in u.options if costly(s)) <= (
+                    self.costly_cap * sum(u.params for _, u in mine))
         if t_cap is not None:
             prob += tterm <= t_cap / self.t_scale * (1 + 1e-7) + 1e-12
         if l_cap is not None:
@@ -239,12 +246,59 @@ class _Scope:
         for mu in mus[:points] if points >= 2 else [0.0]:
             # mu None: latency first, accuracy to break ties; 0: accuracy only (latency breaks ties)
             cost = tv + 1e-6 * lv if mu is None else lv + (mu if mu > 0 else 1e-9) * tv
-            res = solve_mckp(w, np.where(np.isfinite(w), cost, np.inf), cap)
-            if mu == 0.0 and exact_at_r1 and res.gap > GAP_TOLERANCE:
+            res = self._within_cap(names, w, np.where(np.isfinite(w), cost, np.inf), cap)
+            # under a cap the greedy plan has no bound to prove it by: the ILP takes the accuracy point
+            if mu == 0.0 and exact_at_r1 and (self.costly_cap is not None or res.gap > GAP_TOLERANCE):
                 out.append(self.solve("L"))
                 continue
             out.append(self.point({i: names[j] for i, j in enumerate(res.choice)}))
         return out
+
+    def _within_cap(self, names: list[str], w: np.ndarray, cost: np.ndarray, cap: float) -> MCKPResult:
+        """solve_mckp, and with ``costly_cap`` (one layer's units: the greedy path's scopes) the least Lagrange
+        multiplier on the costly weights' share whose plan keeps within it, by bisection: the second constraint the
+        greedy walk cannot take (the ILP takes it exactly, and took over a minute on Qwen1.5's 24 layers)."""
+        res = solve_mckp(w, cost, cap)
+        if self.costly_cap is None:
+            return res
+        params = np.array([u.params for u in self.units], dtype=float)
+        heavy = np.outer(params / self.total_params, [costly(s) for s in names])  # share a choice puts in them
+
+        def share(r: MCKPResult) -> float:
+            return float(heavy[np.arange(len(self.units)), r.choice].sum())
+
+        if share(res) <= self.costly_cap + 1e-12:
+            return res
+        lo, hi = 0.0, 1.0
+        best = solve_mckp(w, cost + hi * heavy, cap)
+        while share(best) > self.costly_cap + 1e-12:  # large enough, every costly option loses
+            if hi > 1e30:  # blocks with no other candidate (their narrow schemes not calibrated)
+                raise MxServeError(f"layer {self.units[0].layer_pos}: no plan keeps its 3-bit, 8-bit and bf16 "
+                                   f"weights within {self.costly_cap:.0%} (--keep-stream-k)")  # fmt: skip
+            lo, hi = hi, hi * 4
+            best = solve_mckp(w, cost + hi * heavy, cap)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            r = solve_mckp(w, cost + mid * heavy, cap)
+            if share(r) <= self.costly_cap + 1e-12:
+                hi, best = mid, r
+            else:
+                lo = mid
+        # the multiplier's plan can leave room under the cap (a unit's costly option comes or goes whole): the
+        # single-unit moves that lower the cost and keep both constraints, best first
+        rows, choice = np.arange(len(self.units)), best.choice.copy()
+        bits_left = cap - float(w[rows, choice].sum())
+        heavy_left = self.costly_cap - share(best)
+        for _ in range(len(self.units) * w.shape[1]):
+            now = rows, choice
+            dw, dh = w - w[now][:, None], heavy - heavy[now][:, None]
+            gain = np.where((dw <= bits_left) & (dh <= heavy_left + 1e-12), cost - cost[now][:, None], 0.0)
+            u, j = np.unravel_index(np.argmin(gain), gain.shape)
+            if not gain[u, j] < 0:
+                break
+            bits_left, heavy_left, choice[u] = bits_left - dw[u, j], heavy_left - dh[u, j], j
+        # no bound: the multiplier's is not one of the capped problem
+        return MCKPResult(choice, float(cost[rows, choice].sum()), float(w[rows, choice].sum()), -np.inf)
 
 
 def _rank_groups(units: list[Unit], n_routed: int, ep: int) -> list[list[Unit]]:
@@ -302,6 +356,7 @@ def solve_plan(
     solver: str = "auto",
     ep: int = 1,
     tp: int = 1,
+    costly_cap: float | None = None,
 ) -> PlanResult:
     """Solve the allocation for a calibration profile (optionally re-weighted by observed ``freqs``).
 
@@ -313,7 +368,10 @@ def solve_plan(
     ``ep`` > 1 plans for expert parallel serving: the budget then holds for each rank's
     routed experts of a layer and for the shared experts (on every rank) separately, so
     every GPU's share, and the total, stay within it (per-layer budgets only). ``tp`` > 1 keeps
-    to schemes every down block can be split with (parallel/ranks.column_split_refusal).
+    to schemes every down block can be split with (parallel/ranks.column_split_refusal). ``costly_cap`` (a share,
+    e.g. KEEP_STREAM_K) keeps each layer's weights in costly codes (:func:`costly`) within it, so the layer's decode
+    launches keep the stream-K grid at 1.5 to 4 rows an expert (the ILP: a constraint per layer; the greedy one: a
+    Lagrange multiplier on them, and "auto" solves the accuracy point by the ILP).
     """
     if solver not in SOLVERS:
         raise MxServeError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -326,11 +384,16 @@ def solve_plan(
     counts = token_counts(tokens)
     if ep > 1 and granularity != "layer":
         raise MxServeError("--ep plans need per-layer budgets (--granularity layer)")
+    if costly_cap is not None and not 0.0 <= costly_cap <= 1.0:
+        raise MxServeError(f"the share of costly codes must be within [0, 1], got {costly_cap}")
     t0 = _time.perf_counter()
     cost = cost or RooflineCostModel()
     if isinstance(cost, MeasuredCostModel):  # this solve's shapes only (a controller re-plans with one model)
         cost.missed.clear()
     schemes, left_out = _decode_kernel_schemes(profile, schemes or profile.schemes, counts, r)
+    if costly_cap is not None and all(costly(s) for s in schemes):
+        raise MxServeError(f"--keep-stream-k needs a 1, 2 or 4-bit candidate scheme; {', '.join(schemes)} are all "
+                           "3-bit, 8-bit or bf16")  # fmt: skip
     units = [
         layer_units(st, pos, schemes, counts, cost, None if freqs is None else freqs[pos], tp,
                     profile.method == "gptq-had")  # fmt: skip
@@ -342,7 +405,7 @@ def solve_plan(
         else [[x for u in units for x in u]]
     )
     per_solve = max(1.0, time_limit / max(1, len(groups) * (points + 2)))
-    scopes = [_Scope(g, budget, per_solve) for g in groups]
+    scopes = [_Scope(g, budget, per_solve, costly_cap) for g in groups]
     if solver == "ilp" or granularity == "model":
         fronts = [sc.frontier(points) for sc in scopes]
     else:
@@ -363,9 +426,12 @@ def solve_plan(
         plan.summary["ep"] = ep
     if tp > 1:
         plan.summary["tp"] = tp
+    if costly_cap is not None:
+        plan.summary["costly_cap"] = costly_cap
     chosen = picks[0] if len(set(picks)) == 1 else None
     warns = sorted({w for sc in scopes for w in sc.warnings}) + _latency_warnings(cost, r) + left_out
-    warns += _stream_k_warnings(profile, plan, counts, r)
+    if costly_cap is None:
+        warns += _stream_k_warnings(profile, plan, counts, r)
     return PlanResult(plan, frontier, chosen, _time.perf_counter() - t0, warns)
 
 
@@ -397,6 +463,22 @@ def _decode_kernel_schemes(profile: CalibrationProfile, schemes: list[str], coun
         f"Triton kernel (plan with --r 1 or for more --tokens to keep {'it' if len(refused) == 1 else 'them'})"]
 
 
+# `plan --keep-stream-k`: the share of a layer's expert weights in costly codes up to which its decode launches take
+# the stream-K grid at 1.5 to 4 rows an expert (mxkernels.moe.STREAM_K_COSTLY, kept equal by a test)
+KEEP_STREAM_K = 0.1
+
+
+@functools.cache
+def costly(scheme: str) -> bool:
+    """Whether the decode kernel counts ``scheme``'s weights as costly (bf16, 3 and 8 bits: outside
+    moe_gemm_gluon.NARROW_CODES): their K tiles take 1.5x the instructions of 2 and 4-bit ones, and past
+    STREAM_K_COSTLY of a layer's weights they keep its launches off stream-K between 1.5 and 4 rows an expert."""
+    from mxkernels.arena import kernel_code
+    from mxkernels.moe_gemm_gluon import NARROW_CODES
+
+    return not NARROW_CODES >> kernel_code(get_scheme(scheme)) & 1
+
+
 def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[int, ...], r: float) -> list[str]:
     """Where r < 1 prices forwards whose decode launches take the stream-K grid only in layers with at most
     moe.STREAM_K_COSTLY of their expert weights in costly codes (bf16, 3 or 8 bits; moe.STREAM_K_ROWS_COSTLY up to
@@ -407,9 +489,7 @@ def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[in
     left to _decode_kernel_schemes' warning."""
     if r >= 1.0 or not profile.layers:
         return []
-    from mxkernels.arena import kernel_code
     from mxkernels.moe import STREAM_K_COSTLY, STREAM_K_ROWS, STREAM_K_ROWS_COSTLY, _rows, decode_kernel_refuses
-    from mxkernels.moe_gemm_gluon import NARROW_CODES
 
     shape = _routing_shape(profile.layers[0])
     sizes = [t for t in counts if STREAM_K_ROWS_COSTLY <= _rows(t, *shape)[2] < STREAM_K_ROWS]
@@ -417,12 +497,11 @@ def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[in
         return []
     over = 0
     for lay, st in zip(plan.layers, profile.layers):
-        blocks = [(get_scheme(getattr(ep, b)), es.params(b)) for ep, es in zip(lay.experts, st.experts)
+        blocks = [(getattr(ep, b), es.params(b)) for ep, es in zip(lay.experts, st.experts)
                   for b in ("gate", "up", "down")]  # fmt: skip
-        if any(decode_kernel_refuses(s, t, *shape) for s, _ in blocks for t in sizes):
+        if any(decode_kernel_refuses(get_scheme(s), t, *shape) for s, _ in blocks for t in sizes):
             continue
-        costly = sum(n for s, n in blocks if not NARROW_CODES >> kernel_code(s) & 1)
-        over += costly > STREAM_K_COSTLY * sum(n for _, n in blocks)
+        over += sum(n for s, n in blocks if costly(s)) > STREAM_K_COSTLY * sum(n for _, n in blocks)
     if not over:
         return []
     at = ", ".join(map(str, sizes))
@@ -430,7 +509,8 @@ def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[in
             f"than {STREAM_K_COSTLY:.0%} of their expert weights in 3-bit, 8-bit or bf16 blocks, which keeps those "
             f"layers' decode launches off the stream-K grid at that size; the latency term prices each block alone "
             f"and does not see it (on the H100 such a layer's MoE part took 1.08x a w4 + w2 layer's at 8 tokens; "
-            f"--schemes w4a16g128,w2a16g128,w1a16g128 keeps every layer on stream-K)"]  # fmt: skip
+            f"--keep-stream-k caps that share in every layer, --schemes w4a16g128,w2a16g128,w1a16g128 leaves those "
+            f"codes out)"]  # fmt: skip
 
 
 def _latency_warnings(cost: CostModel, r: float) -> list[str]:

@@ -1,5 +1,6 @@
 """Bad input gives one line on stderr and exit code 2, never a traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -432,3 +433,14 @@ def test_visible_gpus_in_cudas_order():
     assert cuda_order("GPU-bb,GPU-abc", uuids) == [1, 2]  # UUID prefixes
     assert cuda_order("GPU-a", uuids) == []  # ambiguous: invalid
     assert cuda_order("MIG-1234", uuids) is None  # MIG instances: NVML's totals do not apply, CUDA is asked
+
+
+def test_keep_stream_k_needs_a_narrow_scheme(capsys, profile, tmp_path):
+    # `plan --keep-stream-k` caps each layer's 3-bit, 8-bit and bf16 weights: with none of 1, 2 and 4 bits to
+    # take the rest it says so; with them the plan records its cap
+    err = one_line(run_err(capsys, "plan", "--profile", profile, "--budget", "8", "--schemes", "bf16",
+                           "--keep-stream-k", "--out", tmp_path / "x.json"))  # fmt: skip
+    assert "--keep-stream-k needs a 1, 2 or 4-bit candidate" in err and not (tmp_path / "x.json").exists()
+    assert main(["plan", "--profile", str(profile), "--budget", "4", "--keep-stream-k", "--out",
+                 str(tmp_path / "y.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "y.json").read_text())["summary"]["costly_cap"] == 0.1

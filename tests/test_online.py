@@ -454,3 +454,25 @@ def test_sglang_plan_swap_on_two_expert_parallel_ranks(tiny_online, tmp_path, co
 
     _, _, root = tiny_online
     mp.spawn(_swap_rank, args=(str(tmp_path / "store"), str(root), corrupt_on), nprocs=2, join=True)
+
+
+def test_replans_keep_the_launchs_cap_on_costly_codes(tiny_online):
+    # `launch --keep-stream-k`: the controller's re-plans solve under the same cap, and the plan it swaps in says so
+    from mxserve.planner import KEEP_STREAM_K, solve_plan
+
+    client, app, _ = tiny_online
+    ctl = app.state.controller
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "def f(x): return x", "max_tokens": 3})
+    caps = []
+
+    def solve(*a, **k):
+        caps.append(k.get("costly_cap"))
+        return solve_plan(*a, **k)
+
+    ctl.solve, ctl.settings.costly_cap = solve, KEEP_STREAM_K
+    try:
+        r = client.post("/mxserve/replan", json={"force": True})
+    finally:
+        ctl.solve, ctl.settings.costly_cap = solve_plan, None
+    assert caps == [KEEP_STREAM_K] and r.status_code == 200 and r.json()["outcome"] == "applied", r.json()
+    assert client.get("/mxserve/plan").json()["summary"]["costly_cap"] == KEEP_STREAM_K

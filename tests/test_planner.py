@@ -388,3 +388,41 @@ def test_layers_that_leave_stream_k_at_decode_are_said():
     kw = {"cost": cost, "schemes": ["w4a16g128", "w3a16g128", "w2a16g128"]}
     for res in (solve_plan(prof, 3.25, r=1.0, tokens=8, **kw), solve_plan(prof, 3.25, r=0.5, tokens=1, **kw)):
         assert not [w for w in res.warnings if "stream-K" in w], res.warnings
+
+
+def test_keep_stream_k_caps_each_layers_costly_weights():
+    """``costly_cap`` (`plan --keep-stream-k`): a plan of w4, w3 and w2 priced for 1 + 8 tokens keeps at most a tenth of
+    each layer's weights in w3, so the dispatch rule keeps its 8-token launches on stream-K, where the same solve
+    without the cap does not; the greedy path's multiplier and the ILP both keep it, and a cap of 1 changes nothing."""
+    from mxkernels.moe import STREAM_K_COSTLY, _rows, _stream_k
+    from mxserve.costmodel import cost_model
+    from mxserve.planner import KEEP_STREAM_K, costly
+
+    assert KEEP_STREAM_K == STREAM_K_COSTLY
+    assert [costly(s) for s in ("bf16", "w8a16", "w4a16g128", "w3a16g128", "w2a16g128", "w1a16g128")] == [
+        True, True, False, True, False, False]
+    cost, prof = cost_model(str(H100_PROFILE)), qwen15_profile()
+    st = prof.layers[0]
+    per_expert = _rows(8, st.top_k, len(st.experts), st.n_routed)[2]
+
+    def share(res) -> float:
+        blocks = [(getattr(e, b), es.params(b)) for e, es in zip(res.plan.layers[0].experts, st.experts)
+                  for b in ("gate", "up", "down")]  # fmt: skip
+        return sum(n for s, n in blocks if costly(s)) / sum(n for _, n in blocks)
+
+    kw = {"r": 0.5, "tokens": [1, 8], "cost": cost, "schemes": ["w4a16g128", "w3a16g128", "w2a16g128"]}
+    wide = solve_plan(prof, 3.25, **kw)
+    assert share(wide) > STREAM_K_COSTLY and not _stream_k(per_expert, None, {}, share(wide))
+    for solver in ("auto", "greedy", "ilp"):
+        for r in (0.5, 1.0):
+            kept = solve_plan(prof, 3.25, costly_cap=KEEP_STREAM_K, solver=solver, **{**kw, "r": r})
+            assert share(kept) <= KEEP_STREAM_K and _stream_k(per_expert, None, {}, share(kept)), (solver, r)
+            assert kept.plan.summary["costly_cap"] == KEEP_STREAM_K and kept.plan.summary["avg_bits"] <= 3.25 + 1e-9
+            assert not [w for w in kept.warnings if "stream-K" in w], kept.warnings
+            if r == 1.0 and solver != "greedy":  # the ILP's accuracy point fills the room: two w3 down blocks
+                assert share(kept) > 0, solver
+    assert solve_plan(prof, 3.25, costly_cap=1.0, **kw).plan.layers == wide.plan.layers
+    with pytest.raises(MxServeError, match="needs a 1, 2 or 4-bit candidate"):
+        solve_plan(prof, 3.25, costly_cap=KEEP_STREAM_K, **{**kw, "schemes": ["w3a16g128", "w8a16"]})
+    with pytest.raises(MxServeError, match="within \\[0, 1\\]"):
+        solve_plan(prof, 3.25, costly_cap=1.5, **kw)

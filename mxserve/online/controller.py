@@ -42,6 +42,7 @@ class ReplanSettings:
     time_limit: float = 10.0  # solver time limit, seconds
     tp: int = 1  # the serving layout new plans must fit: SGLang's tensor- and expert-parallel sizes
     ep: int = 1
+    costly_cap: float | None = None  # `launch --keep-stream-k`: new plans keep it too (planner.solve_plan)
 
 
 @dataclass
@@ -141,7 +142,7 @@ class Controller:
             try:
                 res = self.solve(self.profile, self.budget, r=self.r, tokens=tokens, cost=self.cost, freqs=freqs,
                                  schemes=self.swapper.ladder.schemes, time_limit=self.settings.time_limit,
-                                 tp=self.settings.tp, ep=self.settings.ep)
+                                 tp=self.settings.tp, ep=self.settings.ep, costly_cap=self.settings.costly_cap)
                 new = res.plan
                 new.data = list(self.plan.data)
                 validate_plan(new, self.swapper.layers(), self.swapper.ladder, self.budget, new.granularity)
