@@ -102,6 +102,9 @@ elif [ "$what" = qwen15-24 ]; then
     --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
+  # EARLY=1 and PDL=1 together also add a server with both
+  [ -z "${EARLY:-}" ] || [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-early-pdl=$work/q15-24-$name"
+    --server-env "mxserve-$name-early-pdl=MXSERVE_SHARED_EARLY=1" --server-env "mxserve-$name-early-pdl=MXSERVE_PDL=1")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"
     --server-env "mxserve-$name-early-router=MXSERVE_SHARED_EARLY=1"
