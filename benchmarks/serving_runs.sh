@@ -14,6 +14,7 @@
 #                                                    # also with each MoE block's decode routing in one launch
 #                                                    # (the default since), ROUTER=0: with SGLang's router;
 #                                                    # PDL=1: also with programmatic dependent launches;
+#                                                    # EARLY_PDL=1: also with the shared experts early and PDL;
 #                                                    # DECODE_TILES=SETTINGS: also with MXSERVE_DECODE_TILES;
 #                                                    # TOPK_ROWS=0 (or 1): also with MXSERVE_TOPK_ROWS so;
 #                                                    # FOLD=SECONDS: also with the statistics folded so often;
@@ -102,8 +103,8 @@ elif [ "$what" = qwen15-24 ]; then
     --server-env "mxserve-$name-$router=MXSERVE_FUSED_ROUTER=$ROUTER")
   # PDL=1 adds a server whose decode MoE launches are programmatic dependent launches (MXSERVE_PDL=1)
   [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-pdl=$work/q15-24-$name" --server-env "mxserve-$name-pdl=MXSERVE_PDL=1")
-  # EARLY=1 and PDL=1 together also add a server with both
-  [ -z "${EARLY:-}" ] || [ -z "${PDL:-}" ] || grouped+=(--ckpt "$name-early-pdl=$work/q15-24-$name"
+  # EARLY_PDL=1 adds a server with both MXSERVE_SHARED_EARLY=1 and MXSERVE_PDL=1
+  [ -z "${EARLY_PDL:-}" ] || grouped+=(--ckpt "$name-early-pdl=$work/q15-24-$name"
     --server-env "mxserve-$name-early-pdl=MXSERVE_SHARED_EARLY=1" --server-env "mxserve-$name-early-pdl=MXSERVE_PDL=1")
   # EARLY=1 and ROUTER=1 together also add a server with both
   [ -z "${EARLY:-}" ] || [ -z "${ROUTER:-}" ] || grouped+=(--ckpt "$name-early-router=$work/q15-24-$name"

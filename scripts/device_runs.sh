@@ -11,8 +11,8 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 96` (the narrow plan beside the GPTQ copy, by default, with its shared experts started
-# early, with MXSERVE_PDL=1 and with both; ~13 min over two calls), `wait` in the second (benchmarks/README.md).
+# unknown field. Next: `start 96` (the narrow plan beside the GPTQ copy, by default, with MXSERVE_PDL=1 and with it and
+# the shared experts started early; ~11 min over two calls), `wait` in the second, then `start 97` (benchmarks/README.md).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -219,9 +219,10 @@
 #  94. (only when asked: `start 94`) phase 93 with a third server, the narrow plan with MXSERVE_SHARED_EARLY=1 (the
 #      shared experts apart, started beside the router) (~8 min)
 #  95. (only when asked: `start 95`) phase 93 with a third server, the narrow plan with MXSERVE_PDL=1 (~8 min)
-#  96. (only when asked: `start 96`) phases 94 and 95 in one run, the Gluon GEMMs programmatic too: the GPU tests of
-#      PDL, then the narrow plan by default, with its shared experts early, with PDL and with both, the plan kept on
-#      stream-K (`plan --keep-stream-k`), beside the GPTQ copy (~16 min over two calls)
+#  96. (only when asked: `start 96`) the Gluon GEMMs programmatic too: the GPU tests of PDL, then the narrow plan by
+#      default, with PDL and with PDL and its shared experts early, beside the GPTQ copy (~11 min over two calls)
+#  97. (only when asked: `start 97`, after 96) the narrow plan with its shared experts early and the plan kept on
+#      stream-K (`plan --keep-stream-k`), beside the GPTQ copy (~6 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
 #      MXSERVE_TOPK_GRID=1 (the grid's top-k rows at 8 requests: the served t1 plan keeps 8 tokens off stream-K) and
 #      with the statistics folded every 5 s (~6 min).
@@ -1647,20 +1648,25 @@ phase95() {
 KEEP_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-keep-h100-s53.json
 
 phase96() {
-  # phases 94 and 95 in one run, with a server of both (a congested pool leaves less device time than their ~14 min
-  # over two runs), and the Gluon GEMMs now programmatic too on the device's Triton 3.6 (pdl.gluon_has_it said no there
-  # before: the fifty-third session); beside them the plan that keeps every layer on stream-K with w3 and w8 in it: the
-  # GPU tests of PDL beside the checkpoints, then the narrow plan by default, with MXSERVE_SHARED_EARLY=1, with
-  # MXSERVE_PDL=1 and with both, the kept plan, and the GPTQ copy with --enable-metrics, at 1, 8 and 32 requests;
-  # without the PDL servers where those tests fail (~16 min fresh, over two calls)
-  local also=ALSO_PLAN=$KEEP_PLAN:3.25bit-keep
-  prep_beside programmatic kernels_pdl.log PLAN=$NARROW_PLAN NAME=3.25bit-narrow $also || return 1
+  # the decode chain's launches all programmatic now (the Gluon GEMMs too, on the device's Triton 3.6: pdl.gluon_has_it
+  # said no there before the fifty-third session): the GPU tests of PDL beside the checkpoints, then the narrow plan by
+  # default, with MXSERVE_PDL=1 and with it and MXSERVE_SHARED_EARLY=1, beside the GPTQ copy with --enable-metrics, at
+  # 1, 8 and 32 requests (~11 min fresh); without the PDL servers where those tests fail
+  prep_beside programmatic kernels_pdl.log PLAN=$NARROW_PLAN NAME=3.25bit-narrow ALSO_PLAN=$KEEP_PLAN:3.25bit-keep ||
+    return 1
   if grep -q "passed" $res/tests/kernels_pdl.log && ! grep -q "failed\|error" $res/tests/kernels_pdl.log; then
-    e2e_gptq e2e_narrow_early_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1 PDL=1 $also
+    e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1 EARLY_PDL=1
   else
     say "the PDL tests did not pass: the narrow plan by default and with its shared experts early only"
-    e2e_gptq e2e_narrow_early $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1 $also
+    e2e_gptq e2e_narrow_early $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1
   fi
+}
+
+phase97() {
+  # after phase 96 on the same machine: the narrow plan with MXSERVE_SHARED_EARLY=1 alone and the plan kept on stream-K
+  # (`plan --keep-stream-k`, w3 and w8 within a tenth of each layer), beside the GPTQ copy with --enable-metrics (~6 min)
+  e2e_gptq e2e_narrow_early_keep $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 NO_PLAIN=1 EARLY=1 \
+    ALSO_PLAN=$KEEP_PLAN:3.25bit-keep
 }
 
 phase81() {
