@@ -11,8 +11,8 @@
 # The phases below 38 are the record of past runs: some name options removed since (MXSERVE_L2_PREFETCH,
 # MXSERVE_ROW_AMAX_IN_GEMM, MXSERVE_SILU_IN_GEMM, MXSERVE_SUM_IN_GEMM, MXSERVE_ROUTER_ALIGN; phase 57's ring, Tiles.ring):
 # rerun, `mxserve launch` refuses them, a kernel benchmark measures the default in their place and `--set` refuses an
-# unknown field. Next: `start 96` (the narrow plan beside the GPTQ copy, by default, with MXSERVE_PDL=1 and with it and
-# the shared experts started early; ~11 min over two calls), `wait` in the second, then `start 97` (benchmarks/README.md).
+# unknown field. Next: `start 96` (the narrow plan beside the GPTQ copy, by default and with MXSERVE_PDL=1; ~9 min), then
+# `start 97` (benchmarks/README.md).
 #
 # `start 3 4 6` runs those phases, in that order (phase 2 needs phase 1's checkpoints); `start` alone
 # does nothing where a chain already runs, and fails on a fresh machine (so the `&& wait` after it
@@ -220,7 +220,7 @@
 #      shared experts apart, started beside the router) (~8 min)
 #  95. (only when asked: `start 95`) phase 93 with a third server, the narrow plan with MXSERVE_PDL=1 (~8 min)
 #  96. (only when asked: `start 96`) the Gluon GEMMs programmatic too: the GPU tests of PDL, then the narrow plan by
-#      default, with PDL and with PDL and its shared experts early, beside the GPTQ copy (~11 min over two calls)
+#      default and with PDL (BOTH=1: and with PDL and its shared experts early), beside the GPTQ copy (~9 min)
 #  97. (only when asked: `start 97`, after 96) the narrow plan with its shared experts early and the plan kept on
 #      stream-K (`plan --keep-stream-k`), beside the GPTQ copy (~6 min)
 #  81. (after 80 or 82) phase 78 gated on phase 80's tests: end to end at 1 and 8 requests, by default, with
@@ -1650,12 +1650,11 @@ KEEP_PLAN=benchmarks/plans/qwen15-24l-3.25bit-r0.25-keep-h100-s53.json
 phase96() {
   # the decode chain's launches all programmatic now (the Gluon GEMMs too, on the device's Triton 3.6: pdl.gluon_has_it
   # said no there before the fifty-third session): the GPU tests of PDL beside the checkpoints, then the narrow plan by
-  # default, with MXSERVE_PDL=1 and with it and MXSERVE_SHARED_EARLY=1, beside the GPTQ copy with --enable-metrics, at
-  # 1, 8 and 32 requests (~11 min fresh); without the PDL servers where those tests fail
-  prep_beside programmatic kernels_pdl.log PLAN=$NARROW_PLAN NAME=3.25bit-narrow ALSO_PLAN=$KEEP_PLAN:3.25bit-keep ||
-    return 1
+  # default and with MXSERVE_PDL=1 (BOTH=1: and with it and MXSERVE_SHARED_EARLY=1), beside the GPTQ copy with
+  # --enable-metrics, at 1, 8 and 32 requests (~9 min fresh, BOTH=1 ~11); without the PDL server where those tests fail
+  prep_beside programmatic kernels_pdl.log PLAN=$NARROW_PLAN NAME=3.25bit-narrow || return 1
   if grep -q "passed" $res/tests/kernels_pdl.log && ! grep -q "failed\|error" $res/tests/kernels_pdl.log; then
-    e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1 EARLY_PDL=1
+    e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1 ${BOTH:+EARLY_PDL=1}
   else
     say "the PDL tests did not pass: the narrow plan by default and with its shared experts early only"
     e2e_gptq e2e_narrow_early $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1
