@@ -1651,10 +1651,11 @@ phase96() {
   # the decode chain's launches all programmatic now (the Gluon GEMMs too, on the device's Triton 3.6: pdl.gluon_has_it
   # said no there before the fifty-third session): the GPU tests of PDL beside the checkpoints, then the narrow plan by
   # default and with MXSERVE_PDL=1 (BOTH=1: and with it and MXSERVE_SHARED_EARLY=1), beside the GPTQ copy with
-  # --enable-metrics, at 1, 8 and 32 requests (~9 min fresh, BOTH=1 ~11); without the PDL server where those tests fail
+  # --enable-metrics, at 1, 8 and 32 requests (~9 min fresh, BOTH=1 ~11; LEAN=1: without the default server, which the
+  # fifty-second session timed beside the copy twice, ~6.5 min); without the PDL server where those tests fail
   prep_beside programmatic kernels_pdl.log PLAN=$NARROW_PLAN NAME=3.25bit-narrow || return 1
   if grep -q "passed" $res/tests/kernels_pdl.log && ! grep -q "failed\|error" $res/tests/kernels_pdl.log; then
-    e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1 ${BOTH:+EARLY_PDL=1}
+    e2e_gptq e2e_narrow_pdl $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 PDL=1 ${BOTH:+EARLY_PDL=1} ${LEAN:+NO_PLAIN=1}
   else
     say "the PDL tests did not pass: the narrow plan by default and with its shared experts early only"
     e2e_gptq e2e_narrow_early $NARROW_PLAN 3.25bit-narrow METRICS_ONLY=1 EARLY=1
