@@ -667,12 +667,18 @@ def _gluon_decode(dev: torch.device, per_expert: float, gate_up: Arena, down: Ar
             and all(eligible(a.codes_mask, a.k, a.min_group) for a in (gate_up, down)))  # fmt: skip
 
 
-def costly_share(*arenas: Arena) -> float:
-    """The share of ``arenas``' weights whose code is costly on the Gluon kernel (outside NARROW_CODES)."""
+def costly_code(code: int) -> bool:
+    """Whether a kernel code (arena.kernel_code) is costly on the Gluon kernel: outside NARROW_CODES (bf16, 3 and 8
+    bits). One place for the dispatch rule below and the planner's `--keep-stream-k` (planner.costly)."""
     from mxkernels.moe_gemm_gluon import NARROW_CODES
 
+    return not NARROW_CODES >> code & 1
+
+
+def costly_share(*arenas: Arena) -> float:
+    """The share of ``arenas``' weights whose code is costly on the Gluon kernel (:func:`costly_code`)."""
     size = sum(a.n * a.k * sum(a.code_counts) for a in arenas)
-    costly = sum(a.n * a.k * n for a in arenas for c, n in enumerate(a.code_counts) if not NARROW_CODES >> c & 1)
+    costly = sum(a.n * a.k * n for a in arenas for c, n in enumerate(a.code_counts) if costly_code(c))
     return costly / size if size else 0.0
 
 

@@ -474,9 +474,9 @@ def costly(scheme: str) -> bool:
     moe_gemm_gluon.NARROW_CODES): their K tiles take 1.5x the instructions of 2 and 4-bit ones, and past
     STREAM_K_COSTLY of a layer's weights they keep its launches off stream-K between 1.5 and 4 rows an expert."""
     from mxkernels.arena import kernel_code
-    from mxkernels.moe_gemm_gluon import NARROW_CODES
+    from mxkernels.moe import costly_code
 
-    return not NARROW_CODES >> kernel_code(get_scheme(scheme)) & 1
+    return costly_code(kernel_code(get_scheme(scheme)))
 
 
 def _stream_k_warnings(profile: CalibrationProfile, plan: Plan, counts: tuple[int, ...], r: float) -> list[str]:
